@@ -1,0 +1,46 @@
+"""Which nn.Linear layers an adapter targets: presets or a regular expression over module names.
+
+Presets (matched against the module's full dotted name):
+- ``qv``   attention query and value projections (the default: cheapest live weights)
+- ``attn`` query, key, value and attention output projections
+- ``all``  every nn.Linear inside the transformer blocks (not heads, poolers or embeddings)
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from edgeadapt.errors import ConfigError
+
+PRESETS = {
+    "qv": r"\.(attention\.self\.(query|value)|self_attn\.(q_proj|v_proj))$",
+    "attn": r"\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+    r"|self_attn\.(q_proj|k_proj|v_proj|o_proj))$",
+    "all": r"\.(layer|layers)\.\d+\.",
+}
+
+
+def resolve_targets(model: nn.Module, spec: str) -> list[str]:
+    """Module names of the nn.Linear layers selected by ``spec`` (a preset or a regex), in
+    model order. Raises ConfigError if the regex is invalid or selects nothing."""
+    pattern = PRESETS.get(spec, spec)
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"--targets {spec!r} is not a valid regular expression: {exc}") from exc
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen = [n for n in linears if regex.search(n)]
+    if not chosen:
+        examples = ", ".join(linears[:4])
+        raise ConfigError(
+            f"--targets {spec!r} matches no nn.Linear layer; presets: {', '.join(PRESETS)}; "
+            f"module names look like: {examples}"
+        )
+    return chosen
+
+
+def target_weight_names(model: nn.Module, spec: str) -> list[str]:
+    """The base weight names (``<module>.weight``) of :func:`resolve_targets`."""
+    return [f"{name}.weight" for name in resolve_targets(model, spec)]
