@@ -1,0 +1,241 @@
+"""``bundle.json``: the versioned manifest of a deployment bundle (schema: docs/design.md,
+checks: docs/format.md §5). Written by export, read by the runtime; problems raise BundleError.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from edgeadapt.errors import BundleError
+from edgeadapt.format.container import atomic_write_bytes
+from edgeadapt.format.fingerprint import fingerprint as _fingerprint
+from edgeadapt.format.types import METHODS
+
+MANIFEST_NAME = "bundle.json"
+FORMAT_NAME = "edgeadapt-bundle"
+FORMAT_VERSION = 1
+KINDS = ("classifier", "causal-lm")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_KNOWN = {"format", "version", "model", "kind", "fingerprint", "targets_spec", "inputs",
+          "weights", "onnx", "executorch", "adapters", "variants"}
+
+
+@dataclass
+class WeightEntry:
+    """One adaptable base weight: torch layout ``shape`` (out, in), dtype, sha256 of its fp32
+    bytes, and where each backend keeps it (``onnx``: {"name", "layout"}; ``executorch``:
+    {"buffer"}), None for a backend not exported."""
+
+    shape: tuple[int, int]
+    dtype: str
+    sha256: str
+    onnx: dict | None = None
+    executorch: dict | None = None
+
+    def to_dict(self) -> dict:
+        d: dict = {"shape": list(self.shape), "dtype": self.dtype, "sha256": self.sha256}
+        if self.onnx is not None:
+            d["onnx"] = self.onnx
+        if self.executorch is not None:
+            d["executorch"] = self.executorch
+        return d
+
+
+@dataclass
+class AdapterEntry:
+    """A registered adapter: ``file`` relative to the bundle, its method, and the graph
+    ``variant`` it needs (None: the base graphs; else a key of Manifest.variants)."""
+
+    file: str
+    method: str
+    variant: str | None = None
+    info: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d: dict = {"file": self.file, "method": self.method}
+        if self.variant is not None:
+            d["variant"] = self.variant
+        return {**d, **self.info}
+
+
+@dataclass
+class Manifest:
+    """The parsed, validated ``bundle.json``.
+
+    variants: key (see :func:`variant_key`) -> {"branch": {...}, "dir": "variants/<key>",
+    "onnx": section, "executorch": section, "weights": {name: {"onnx": ..., "executorch": ...}}}
+    for graphs that carry unfused branches (SiRA; unfused LoRA).
+    """
+
+    model: str
+    kind: str
+    targets_spec: str
+    weights: dict[str, WeightEntry]
+    inputs: list[dict] = field(default_factory=list)
+    onnx: dict | None = None
+    executorch: dict | None = None
+    adapters: dict[str, AdapterEntry] = field(default_factory=dict)
+    variants: dict[str, dict] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the adaptable weights' hashes (edgeadapt.format.fingerprint)."""
+        return _fingerprint({n: w.sha256 for n, w in self.weights.items()})
+
+    def to_dict(self) -> dict:
+        d: dict = {"format": FORMAT_NAME, "version": self.version, "model": self.model,
+                   "kind": self.kind, "fingerprint": self.fingerprint,
+                   "targets_spec": self.targets_spec, "inputs": self.inputs,
+                   "weights": {n: w.to_dict() for n, w in self.weights.items()}}
+        if self.onnx is not None:
+            d["onnx"] = self.onnx
+        if self.executorch is not None:
+            d["executorch"] = self.executorch
+        d["adapters"] = {n: a.to_dict() for n, a in self.adapters.items()}
+        d["variants"] = self.variants
+        return {**d, **self.extra}
+
+
+def variant_key(branch: tuple) -> str:
+    """Name of a graph variant: ``("sira", E, r, top_k, cf)`` -> ``"sira-e4-r8-k2-c1.25"``,
+    ``("lora", r)`` -> ``"lora-r8"``."""
+    if branch and branch[0] == "sira" and len(branch) == 5:
+        _, e, r, k, cf = branch
+        return f"sira-e{int(e)}-r{int(r)}-k{int(k)}-c{float(cf):g}"
+    if branch and branch[0] == "lora" and len(branch) == 2:
+        return f"lora-r{int(branch[1])}"
+    raise BundleError(f"unknown graph branch {branch!r}; expected ('sira', E, r, top_k, "
+                      "capacity_factor) or ('lora', r)")
+
+
+def manifest_path(path: str | os.PathLike) -> Path:
+    """``bundle/`` or ``bundle/bundle.json`` -> the manifest file's path."""
+    p = Path(path)
+    return p / MANIFEST_NAME if p.is_dir() or p.suffix != ".json" else p
+
+
+def write_manifest(path: str | os.PathLike, manifest: Manifest) -> Path:
+    """Validate and write ``manifest`` atomically to ``path`` (bundle dir or json file)."""
+    out = manifest_path(path)
+    data = manifest.to_dict()
+    _validate(data, out)  # never write what the reader would refuse
+    text = json.dumps(data, indent=1, allow_nan=False) + "\n"
+    atomic_write_bytes(out, [text.encode()])
+    return out
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Read and validate ``bundle.json`` (path: the bundle directory or the file)."""
+    p = manifest_path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BundleError(f"{p}: no bundle manifest here; create one with "
+                          "`edgeadapt export base`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{p}: cannot read: {exc}") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise BundleError(f"{p}: not valid JSON: {exc}") from None
+    return _validate(data, p)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _validate(data: object, p: Path) -> Manifest:
+    def fail(msg: str) -> BundleError:
+        return BundleError(f"{p}: {msg}")
+
+    if not isinstance(data, dict):
+        raise fail("manifest is not a JSON object")
+    if data.get("format") != FORMAT_NAME:
+        raise fail(f"format is {data.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = data.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise fail(f"version {version!r} is not a positive integer")
+    if version > FORMAT_VERSION:
+        raise fail(f"version {version} was written by a newer edgeadapt (this one reads up to "
+                   f"{FORMAT_VERSION})")
+    for key in ("model", "targets_spec"):
+        if not isinstance(data.get(key), str):
+            raise fail(f"{key!r} missing or not a string")
+    if data.get("kind") not in KINDS:
+        raise fail(f"kind {data.get('kind')!r} not one of {KINDS}")
+    inputs = data.get("inputs", [])
+    if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
+        raise fail("inputs must be a list of objects")
+    raw_weights = data.get("weights")
+    if not isinstance(raw_weights, dict):
+        raise fail("weights missing or not an object")
+    weights = {}
+    for name, w in raw_weights.items():
+        weights[name] = _weight(name, w, fail)
+    for key in ("onnx", "executorch"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise fail(f"{key!r} section is not an object")
+    variants = data.get("variants", {})
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise fail("variants must map keys to objects")
+    for key, v in variants.items():
+        if "dir" in v:
+            _relative(v["dir"], f"variant {key!r} dir", fail)
+    raw_adapters = data.get("adapters", {})
+    if not isinstance(raw_adapters, dict):
+        raise fail("adapters is not an object")
+    adapters = {}
+    for name, a in raw_adapters.items():
+        if not isinstance(a, dict):
+            raise fail(f"adapter {name!r} entry is not an object")
+        if a.get("method") not in METHODS:
+            raise fail(f"adapter {name!r}: unknown method {a.get('method')!r}")
+        _relative(a.get("file"), f"adapter {name!r} file", fail)
+        variant = a.get("variant")
+        if variant is not None and variant not in variants:
+            raise fail(f"adapter {name!r} needs graph variant {variant!r}, not in the bundle")
+        info = {k: v for k, v in a.items() if k not in ("file", "method", "variant")}
+        adapters[name] = AdapterEntry(file=a["file"], method=a["method"], variant=variant,
+                                      info=info)
+    m = Manifest(model=data["model"], kind=data["kind"], targets_spec=data["targets_spec"],
+                 weights=weights, inputs=inputs, onnx=data.get("onnx"),
+                 executorch=data.get("executorch"), adapters=adapters, variants=variants,
+                 extra={k: v for k, v in data.items() if k not in _KNOWN}, version=version)
+    if data.get("fingerprint") != m.fingerprint:
+        raise fail("fingerprint does not match the weights' sha256 (edited or corrupt manifest)")
+    return m
+
+
+def _weight(name: str, w: object, fail) -> WeightEntry:
+    if not isinstance(w, dict):
+        raise fail(f"weight {name!r} entry is not an object")
+    shape = w.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+            or math.prod(shape) > 2**48):
+        raise fail(f"weight {name!r}: shape {shape!r} is not [out, in]")
+    if not isinstance(w.get("dtype"), str):
+        raise fail(f"weight {name!r}: dtype missing")
+    if not isinstance(w.get("sha256"), str) or not _HEX64.fullmatch(w["sha256"]):
+        raise fail(f"weight {name!r}: sha256 is not 64 lowercase hex digits")
+    for key in ("onnx", "executorch"):
+        if w.get(key) is not None and not isinstance(w[key], dict):
+            raise fail(f"weight {name!r}: {key!r} entry is not an object")
+    return WeightEntry(shape=(shape[0], shape[1]), dtype=w["dtype"], sha256=w["sha256"],
+                       onnx=w.get("onnx"), executorch=w.get("executorch"))
+
+
+def _relative(value: object, what: str, fail) -> None:
+    if not isinstance(value, str) or not value:
+        raise fail(f"{what} missing")
+    pp = PurePosixPath(value)
+    if pp.is_absolute() or ".." in pp.parts or "\\" in value:
+        raise fail(f"{what} {value!r} must be a relative path inside the bundle")
