@@ -1,0 +1,155 @@
+"""The JSON report of ``edgeadapt bench``: its schema, validation, and the issue's target checks.
+
+Required keys (other tools read them; everything else is an extension)::
+
+    {"model": str, "device": str,
+     "forward": [{"backend", "variant", "batch", "seq", "p50_ms", "p90_ms", "p99_ms"}],
+     "switch":  [{"backend", "method", "mode", "p50_ms"}],
+     "floor":   {"shira_switch_ms"}}
+
+Extensions written by the benchmark: ``forward[].ratio_vs_base`` (median of per-round ratios
+against ``base`` of the same backend and shape, interleaved), ``switch[].p90_ms``/``p99_ms``,
+``switch[].ratios`` ({other method: median(other) / median(this)}), ``floor.*`` (bandwidth,
+traffic), ``break_even``, ``memory``, ``skipped``, ``command``, ``targets_spec``.
+The full description lives in docs/bench.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from edgeadapt.errors import ConfigError
+
+VARIANTS = ("base", "shira-live", "shira-repack", "lora-fused", "lora-unfused", "sora-unfused",
+            "sira-unfused", "ort-lora-adapter")
+METHODS = ("shira", "lora-fuse", "reload", "peft-shira-merge", "peft-lora-merge", "ort-adapter")
+BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "executorch", "pytorch")
+
+_FORWARD = {"backend": str, "variant": str, "batch": int, "seq": int,
+            "p50_ms": float, "p90_ms": float, "p99_ms": float}
+_SWITCH = {"backend": str, "method": str, "mode": str, "p50_ms": float}
+
+
+def _check_row(row: Any, spec: Mapping[str, type], where: str) -> None:
+    if not isinstance(row, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(row).__name__}")
+    for key, typ in spec.items():
+        if key not in row:
+            raise ConfigError(f"{where}: missing key {key!r}")
+        value = row[key]
+        if typ is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = ok and math.isfinite(value) and value >= 0.0
+        elif typ is int:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        else:
+            ok = isinstance(value, typ)
+        if not ok:
+            raise ConfigError(f"{where}: {key}={value!r} is not a valid {typ.__name__}")
+
+
+def validate_report(report: Any) -> None:
+    """Raise ConfigError unless ``report`` satisfies the JSON contract above (names of variants
+    and methods included)."""
+    if not isinstance(report, dict):
+        raise ConfigError("a bench report is a JSON object")
+    for key in ("model", "device"):
+        if not isinstance(report.get(key), str):
+            raise ConfigError(f"report: {key!r} must be a string")
+    for key in ("forward", "switch"):
+        if not isinstance(report.get(key), list):
+            raise ConfigError(f"report: {key!r} must be a list")
+    for i, row in enumerate(report["forward"]):
+        _check_row(row, _FORWARD, f"forward[{i}]")
+        if row["variant"] not in VARIANTS:
+            raise ConfigError(f"forward[{i}]: unknown variant {row['variant']!r}")
+        if not row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]:
+            raise ConfigError(f"forward[{i}]: percentiles must satisfy p50 <= p90 <= p99")
+    for i, row in enumerate(report["switch"]):
+        _check_row(row, _SWITCH, f"switch[{i}]")
+        if row["method"] not in METHODS:
+            raise ConfigError(f"switch[{i}]: unknown method {row['method']!r}")
+    floor = report.get("floor")
+    if not isinstance(floor, dict):
+        raise ConfigError("report: 'floor' must be an object")
+    _check_row(floor, {"shira_switch_ms": float}, "floor")
+
+
+def _forward(report: Mapping, backend: str, variant: str, batch: int, seq: int) -> dict | None:
+    for row in report["forward"]:
+        if (row["backend"], row["variant"], row["batch"], row["seq"]) == (backend, variant,
+                                                                          batch, seq):
+            return row
+    return None
+
+
+def _switch(report: Mapping, backend: str, method: str, mode: str | None = None) -> dict | None:
+    for row in report["switch"]:
+        if row["backend"] == backend and row["method"] == method and (
+                mode is None or row["mode"] == mode):
+            return row
+    return None
+
+
+def forward_ratio(report: Mapping, backend: str, variant: str, batch: int, seq: int) -> float:
+    """variant / base forward time of one backend and shape: the row's ``ratio_vs_base`` (median
+    of per-round ratios) when present, else the ratio of the two p50s."""
+    row = _forward(report, backend, variant, batch, seq)
+    base = _forward(report, backend, "base", batch, seq)
+    if row is None or base is None:
+        return float("nan")
+    if "ratio_vs_base" in row:
+        return float(row["ratio_vs_base"])
+    return row["p50_ms"] / base["p50_ms"]
+
+
+def _check(name: str, backend: str, value: float, op: str, threshold: float) -> dict:
+    if math.isnan(value):
+        status = "not measured"
+    else:
+        ok = value <= threshold if op == "<=" else value >= threshold
+        status = "pass" if ok else "miss"
+    return {"target": name, "backend": backend, "value": value, "op": op,
+            "threshold": threshold, "status": status}
+
+
+def check_targets(report: Mapping) -> list[dict]:
+    """The targets of issue 6, evaluated from a report; one row per (target, backend).
+
+    - shira-live / base <= 1.02 at (batch, seq) = (1, 1), (1, 64), (8, 64);
+    - lora-fuse switch / shira switch >= 10; shira switch / floor <= 1.5;
+      reload / shira switch >= 200 (switches in live mode);
+    - sira-unfused / base <= 1.3 at batch 1 on onnxruntime-cpu (every seq measured).
+    Rows whose inputs are absent from the report come out ``not measured``.
+    """
+    rows: list[dict] = []
+    backends = sorted({r["backend"] for r in report["forward"]} |
+                      {r["backend"] for r in report["switch"]})
+    for backend in backends:
+        if backend == "pytorch":
+            continue
+        for batch, seq in ((1, 1), (1, 64), (8, 64)):
+            rows.append(_check(f"shira-live/base {batch}x{seq}", backend,
+                               forward_ratio(report, backend, "shira-live", batch, seq),
+                               "<=", 1.02))
+        shira = _switch(report, backend, "shira", "live")
+        lora = _switch(report, backend, "lora-fuse")
+        reload = _switch(report, backend, "reload")
+        s = shira["p50_ms"] if shira else float("nan")
+        rows.append(_check("lora-fuse/shira switch", backend,
+                           lora["p50_ms"] / s if lora else float("nan"), ">=", 10.0))
+        floor = report["floor"]["shira_switch_ms"]
+        rows.append(_check("shira switch/floor", backend,
+                           s / floor if floor > 0 else float("nan"), "<=", 1.5))
+        rows.append(_check("reload/shira switch", backend,
+                           reload["p50_ms"] / s if reload else float("nan"), ">=", 200.0))
+        if backend == "onnxruntime-cpu":
+            seqs = sorted({r["seq"] for r in report["forward"]
+                           if r["backend"] == backend and r["batch"] == 1})
+            for seq in seqs:
+                rows.append(_check(f"sira-unfused/base 1x{seq}", backend,
+                                   forward_ratio(report, backend, "sira-unfused", 1, seq),
+                                   "<=", 1.3))
+    return rows

@@ -1,0 +1,166 @@
+"""Timing harness: warm-up, interleaved repeated runs, percentiles and ratios.
+
+Every comparison the benchmark reports is a ratio of two cases measured in the *same* run,
+interleaved round by round (A B C, B C A, C A B, ...), so slow drift of the machine (other
+processes, frequency scaling, thermal state) hits every case alike and cancels in the ratio.
+
+Units: every duration returned here is in milliseconds (float).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeadapt.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Percentiles of one case's samples (ms), numpy's linear interpolation between order stats.
+
+    For n sorted samples x_0..x_{n-1}, the q-th percentile is x at position q/100 * (n - 1),
+    interpolated linearly between its two neighbours.
+    """
+
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    n: int
+
+    @classmethod
+    def of(cls, samples_ms: Sequence[float]) -> Stats:
+        x = np.asarray(samples_ms, dtype=np.float64)
+        if x.size == 0:
+            raise ConfigError("no samples to summarise: repeats must be >= 1")
+        p50, p90, p99 = np.percentile(x, [50, 90, 99])
+        return cls(float(p50), float(p90), float(p99), float(x.mean()), int(x.size))
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"p50_ms": self.p50_ms, "p90_ms": self.p90_ms, "p99_ms": self.p99_ms,
+                "mean_ms": self.mean_ms, "n": self.n}
+
+
+def ratio_of_medians(a_ms: Sequence[float], b_ms: Sequence[float]) -> float:
+    """median(a) / median(b): how many times slower case a is than case b."""
+    b = float(np.median(np.asarray(b_ms, dtype=np.float64)))
+    if b <= 0.0:
+        raise ConfigError("ratio against a case whose median time is not positive")
+    return float(np.median(np.asarray(a_ms, dtype=np.float64))) / b
+
+
+def paired_ratios(a_ms: Sequence[float], b_ms: Sequence[float]) -> np.ndarray:
+    """Per-round ratios a_i / b_i of two interleaved cases (same round i = same machine state).
+
+    a_ms, b_ms: (n,) samples of the two cases from the same interleaved run, round by round.
+    """
+    a = np.asarray(a_ms, dtype=np.float64)
+    b = np.asarray(b_ms, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ConfigError(
+            f"paired ratios need two equally long, non-empty sample lists; got {a.shape}, {b.shape}"
+        )
+    if np.any(b <= 0.0):
+        raise ConfigError("paired ratio against a non-positive sample")
+    return a / b
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A comparison of case ``num`` against case ``den`` from one interleaved run.
+
+    of_medians = median(num) / median(den); paired_median = median_i(num_i / den_i);
+    paired_p10 / paired_p90: the spread of the per-round ratios.
+    """
+
+    num: str
+    den: str
+    of_medians: float
+    paired_median: float
+    paired_p10: float
+    paired_p90: float
+
+    @classmethod
+    def of(cls, samples: Mapping[str, Sequence[float]], num: str, den: str) -> Ratio:
+        pr = paired_ratios(samples[num], samples[den])
+        p10, p50, p90 = np.percentile(pr, [10, 50, 90])
+        return cls(num, den, ratio_of_medians(samples[num], samples[den]),
+                   float(p50), float(p10), float(p90))
+
+    def as_dict(self) -> dict[str, float | str]:
+        return {"num": self.num, "den": self.den, "ratio_of_medians": self.of_medians,
+                "paired_median": self.paired_median, "paired_p10": self.paired_p10,
+                "paired_p90": self.paired_p90}
+
+
+def interleaved_order(names: Sequence[str], round_index: int) -> list[str]:
+    """The order of the cases in round ``round_index``: the list rotated by the round number,
+    so that no case always runs first (right after a cold gap) or always after the same one."""
+    k = round_index % len(names)
+    return list(names[k:]) + list(names[:k])
+
+
+def time_interleaved(
+    cases: Mapping[str, Callable[[], object]],
+    *,
+    repeats: int,
+    warmup: int = 3,
+    inner: int = 1,
+    progress: Callable[[int], object] | None = None,
+    clock: Callable[[], int] = time.perf_counter_ns,
+) -> dict[str, list[float]]:
+    """Run every case ``warmup`` times, then ``repeats`` interleaved rounds; return ms samples.
+
+    cases: name -> zero-argument callable (one forward, or one full switch).
+    inner: calls per timed sample (the sample is their mean), for calls too short to time alone.
+    progress: called with 1 after each timed call of a case (e.g. ``tqdm.update``).
+    clock: a nanosecond clock (injectable for tests).
+    Returns name -> list of ``repeats`` durations in ms, in round order, so samples of two
+    cases at the same position were taken in the same round.
+    """
+    if repeats < 1 or warmup < 0 or inner < 1:
+        raise ConfigError(f"repeats must be >= 1, warmup >= 0, inner >= 1; got "
+                          f"{repeats}, {warmup}, {inner}")
+    names = list(cases)
+    for _ in range(warmup):
+        for name in names:
+            cases[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in interleaved_order(names, r):
+            fn = cases[name]
+            t0 = clock()
+            for _ in range(inner):
+                fn()
+            samples[name].append((clock() - t0) / 1e6 / inner)
+            if progress is not None:
+                progress(1)
+    return samples
+
+
+def summarise(samples: Mapping[str, Sequence[float]]) -> dict[str, Stats]:
+    """name -> :class:`Stats` of its samples."""
+    return {name: Stats.of(xs) for name, xs in samples.items()}
+
+
+def break_even_runs(live_forward_ms: float, repack_forward_ms: float,
+                    live_switch_ms: float, repack_switch_ms: float) -> float:
+    """Runs per switch above which repack mode beats live mode.
+
+    Cost per switch cycle with n runs: live = s_live + n * f_live; repack = s_repack + n *
+    f_repack. Repack wins when n > (s_repack - s_live) / (f_live - f_repack). Returns ``inf``
+    when live forwards are not slower (repack never wins), and 0.0 when repack switches are not
+    dearer (repack always wins).
+    """
+    extra_switch = repack_switch_ms - live_switch_ms
+    saving_per_run = live_forward_ms - repack_forward_ms
+    if saving_per_run <= 0.0:
+        return float("inf")
+    if extra_switch <= 0.0:
+        return 0.0
+    return extra_switch / saving_per_run
+

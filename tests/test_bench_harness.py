@@ -1,0 +1,236 @@
+"""The benchmark harness on synthetic timings: percentiles, interleaving, ratios, the floor, the
+JSON schema and the target checks, all against hand-computed values."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+
+from edgeadapt.bench.floor import (
+    backend_positions,
+    floor_ms,
+    measure_bandwidth,
+    switch_traffic,
+    touched_lines,
+)
+from edgeadapt.bench.schema import check_targets, validate_report
+from edgeadapt.bench.timing import (
+    Ratio,
+    Stats,
+    break_even_runs,
+    interleaved_order,
+    paired_ratios,
+    ratio_of_medians,
+    time_interleaved,
+)
+from edgeadapt.errors import ConfigError
+
+
+def test_percentiles_by_hand():
+    s = Stats.of([10, 9, 8, 7, 6, 5, 4, 3, 2, 1])
+    # sorted 1..10; position q/100 * 9: p50 -> 4.5 -> 5.5; p90 -> 8.1 -> 9.1; p99 -> 8.91 -> 9.91
+    assert s.p50_ms == pytest.approx(5.5)
+    assert s.p90_ms == pytest.approx(9.1)
+    assert s.p99_ms == pytest.approx(9.91)
+    assert s.mean_ms == pytest.approx(5.5)
+    assert s.n == 10
+    with pytest.raises(ConfigError):
+        Stats.of([])
+
+
+def test_ratio_arithmetic_by_hand():
+    a, b = [3.0, 8.0, 5.0], [1.0, 2.0, 4.0]
+    assert ratio_of_medians(a, b) == pytest.approx(5.0 / 2.0)
+    np.testing.assert_allclose(paired_ratios(a, b), [3.0, 4.0, 1.25])
+    r = Ratio.of({"a": a, "b": b}, "a", "b")
+    assert r.of_medians == pytest.approx(2.5)
+    assert r.paired_median == pytest.approx(3.0)
+    # sorted paired ratios [1.25, 3, 4]: p10 at position 0.2 -> 1.6; p90 at 1.8 -> 3.8
+    assert r.paired_p10 == pytest.approx(1.6)
+    assert r.paired_p90 == pytest.approx(3.8)
+    with pytest.raises(ConfigError):
+        paired_ratios([1.0, 2.0], [1.0])
+    with pytest.raises(ConfigError):
+        ratio_of_medians([1.0], [0.0])
+
+
+def test_interleaved_order_rotates():
+    names = ["A", "B", "C"]
+    assert [interleaved_order(names, r) for r in range(4)] == [
+        ["A", "B", "C"], ["B", "C", "A"], ["C", "A", "B"], ["A", "B", "C"]]
+
+
+class _FakeMachine:
+    """A virtual clock: each case advances it by its cost times a drift that grows per call."""
+
+    def __init__(self, drift_per_call: float):
+        self.now_ns = 0
+        self.calls: list[str] = []
+        self.drift_per_call = drift_per_call
+
+    def clock(self) -> int:
+        return self.now_ns
+
+    def case(self, name: str, cost_ms: float):
+        def run():
+            factor = 1.0 + self.drift_per_call * len(self.calls)
+            self.calls.append(name)
+            self.now_ns += int(round(cost_ms * factor * 1e6))
+        return run
+
+
+def test_time_interleaved_samples_and_order():
+    m = _FakeMachine(drift_per_call=0.0)
+    ticks = []
+    out = time_interleaved({"A": m.case("A", 2.0), "B": m.case("B", 5.0)}, repeats=3,
+                           warmup=2, clock=m.clock, progress=ticks.append)
+    assert out == {"A": [2.0, 2.0, 2.0], "B": [5.0, 5.0, 5.0]}
+    # two warm-up rounds in declaration order, then rounds rotated: AB, BA, AB
+    assert m.calls == ["A", "B", "A", "B", "A", "B", "B", "A", "A", "B"]
+    assert len(ticks) == 6
+
+
+def test_time_interleaved_inner_mean():
+    m = _FakeMachine(drift_per_call=0.0)
+    out = time_interleaved({"A": m.case("A", 3.0)}, repeats=2, warmup=0, inner=4,
+                           clock=m.clock)
+    assert out == {"A": [3.0, 3.0]}
+    assert len(m.calls) == 8
+
+
+def test_interleaving_cancels_drift_in_paired_ratios():
+    # The machine slows down 5% per call; B costs exactly 2x A. Measured back to back (all A,
+    # then all B) the ratio would be inflated by the drift; interleaved, each round's pair sees
+    # nearly the same machine.
+    m = _FakeMachine(drift_per_call=0.05)
+    out = time_interleaved({"A": m.case("A", 1.0), "B": m.case("B", 2.0)}, repeats=40,
+                           warmup=0, clock=m.clock)
+    r = Ratio.of(out, "B", "A")
+    assert r.paired_median == pytest.approx(2.0, rel=0.06)
+    sequential_a = [1.0 * (1 + 0.05 * i) for i in range(40)]
+    sequential_b = [2.0 * (1 + 0.05 * (40 + i)) for i in range(40)]
+    assert ratio_of_medians(sequential_b, sequential_a) > 2.0 * 1.5
+
+
+def test_time_interleaved_rejects_bad_counts():
+    with pytest.raises(ConfigError):
+        time_interleaved({"A": lambda: None}, repeats=0)
+
+
+def test_break_even_by_hand():
+    # repack costs 1000 ms more per switch and saves 0.2 ms per run -> 5000 runs per switch
+    assert break_even_runs(10.2, 10.0, 2.0, 1002.0) == pytest.approx(5000.0)
+    assert break_even_runs(10.0, 10.0, 2.0, 1002.0) == math.inf
+    assert break_even_runs(11.0, 10.0, 5.0, 4.0) == 0.0
+
+
+def test_backend_positions_transposed():
+    # (out=4, in=32): torch flat i = r * 32 + c -> transposed flat c * 4 + r
+    idx = np.array([0, 1, 32, 127])
+    np.testing.assert_array_equal(backend_positions(idx, (4, 32), "as-is"), idx)
+    np.testing.assert_array_equal(backend_positions(idx, (4, 32), "transposed"),
+                                  [0, 4, 1, 127])
+    with pytest.raises(ConfigError):
+        backend_positions(idx, (4, 32), "diagonal")
+
+
+def test_touched_lines_by_hand():
+    # float32: 16 per 64-byte line. positions 0, 1 share line 0; 17 -> 1; 40 -> 2; 127 -> 7
+    assert touched_lines(np.array([0, 1, 17, 40, 127]), 4) == 4
+    assert touched_lines(np.array([], dtype=np.int64), 4) == 0
+    assert touched_lines(np.array([0, 8]), 8) == 2
+
+
+def test_switch_traffic_by_hand():
+    shapes = {"w": (4, 32)}
+    t = switch_traffic({"w": np.array([0, 1, 17])}, {"w": np.array([1, 40, 127])}, shapes)
+    # union {0, 1, 17, 40, 127} -> lines {0, 1, 2, 7}: 4 lines read + written = 512 bytes
+    # streams: 6 indices * 8 + 3 new values * 4 + 5 saved base values * 4 = 80 bytes
+    assert (t.lines, t.line_bytes, t.stream_bytes, t.total_bytes, t.positions) == (
+        4, 512, 80, 592, 5)
+    # the layout matters: torch positions 0 and 32 are two lines as-is, one line transposed
+    as_is = switch_traffic({"w": np.array([0])}, {"w": np.array([32])}, shapes)
+    trans = switch_traffic({"w": np.array([0])}, {"w": np.array([32])}, shapes,
+                           layouts={"w": "transposed"})
+    assert (as_is.lines, trans.lines) == (2, 1)
+    # switching from the base touches only the new adapter's positions
+    base = switch_traffic({}, {"w": np.array([0, 32])}, shapes)
+    assert base.stream_bytes == 2 * 8 + 2 * 4 + 2 * 4
+
+
+def test_floor_ms_and_bandwidth():
+    t = switch_traffic({}, {"w": np.array([0])}, {"w": (1, 16)})  # 1 line + 16 stream bytes
+    assert floor_ms(t, 144e3) == pytest.approx(1.0)
+    with pytest.raises(ConfigError):
+        floor_ms(t, 0.0)
+    bw = measure_bandwidth(nbytes=1 << 20, repeats=2)
+    assert 1e8 < bw < 1e13
+
+
+def _report() -> dict:
+    fwd = []
+    for (b, s), times in {(1, 1): (10.0, 10.1, 12.0), (1, 64): (20.0, 20.2, 30.0),
+                          (8, 64): (40.0, 42.0, 44.0)}.items():
+        for variant, t in zip(("base", "shira-live", "sira-unfused"), times, strict=True):
+            fwd.append({"backend": "onnxruntime-cpu", "variant": variant, "batch": b,
+                        "seq": s, "p50_ms": t, "p90_ms": t * 1.1, "p99_ms": t * 1.2})
+    sw = [{"backend": "onnxruntime-cpu", "method": m, "mode": mode, "p50_ms": t}
+          for m, mode, t in (("shira", "live", 2.0), ("lora-fuse", "live", 30.0),
+                             ("reload", "repack", 300.0))]
+    return {"model": "synthetic", "device": "test cpu", "forward": fwd, "switch": sw,
+            "floor": {"shira_switch_ms": 1.5}}
+
+
+def test_schema_accepts_valid_and_survives_json():
+    rep = _report()
+    validate_report(rep)
+    validate_report(json.loads(json.dumps(rep)))
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda r: r.pop("model"),
+    lambda r: r.pop("floor"),
+    lambda r: r["forward"][0].pop("p90_ms"),
+    lambda r: r["forward"][0].update(variant="shira-magic"),
+    lambda r: r["forward"][0].update(batch=0),
+    lambda r: r["forward"][0].update(p50_ms=float("nan")),
+    lambda r: r["forward"][0].update(p50_ms=100.0),  # p50 > p90
+    lambda r: r["switch"][0].update(method="teleport"),
+    lambda r: r["switch"][0].pop("mode"),
+    lambda r: r["floor"].update(shira_switch_ms="fast"),
+])
+def test_schema_rejects_broken(mutate):
+    rep = copy.deepcopy(_report())
+    mutate(rep)
+    with pytest.raises(ConfigError):
+        validate_report(rep)
+
+
+def test_check_targets_by_hand():
+    rows = {(r["target"], r["backend"]): r for r in check_targets(_report())}
+    cpu = "onnxruntime-cpu"
+    assert rows[("shira-live/base 1x1", cpu)]["value"] == pytest.approx(1.01)
+    assert rows[("shira-live/base 1x1", cpu)]["status"] == "pass"
+    assert rows[("shira-live/base 8x64", cpu)]["value"] == pytest.approx(1.05)
+    assert rows[("shira-live/base 8x64", cpu)]["status"] == "miss"
+    assert rows[("lora-fuse/shira switch", cpu)]["value"] == pytest.approx(15.0)
+    assert rows[("lora-fuse/shira switch", cpu)]["status"] == "pass"
+    assert rows[("shira switch/floor", cpu)]["value"] == pytest.approx(2.0 / 1.5)
+    assert rows[("shira switch/floor", cpu)]["status"] == "pass"
+    assert rows[("reload/shira switch", cpu)]["value"] == pytest.approx(150.0)
+    assert rows[("reload/shira switch", cpu)]["status"] == "miss"
+    assert rows[("sira-unfused/base 1x1", cpu)]["value"] == pytest.approx(1.2)
+    assert rows[("sira-unfused/base 1x64", cpu)]["status"] == "miss"  # 30 / 20 = 1.5
+
+
+def test_check_targets_prefers_paired_ratio_and_flags_missing():
+    rep = _report()
+    rep["forward"][1]["ratio_vs_base"] = 1.5  # shira-live 1x1: paired median overrides p50s
+    rep["switch"] = [r for r in rep["switch"] if r["method"] != "reload"]
+    rows = {(r["target"], r["backend"]): r for r in check_targets(rep)}
+    assert rows[("shira-live/base 1x1", "onnxruntime-cpu")]["value"] == 1.5
+    assert rows[("reload/shira switch", "onnxruntime-cpu")]["status"] == "not measured"
