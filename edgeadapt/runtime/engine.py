@@ -1,0 +1,472 @@
+"""The backend-neutral switch engine (numpy only, no torch).
+
+A backend hands the engine a :class:`WeightStore`: for every *live* weight (one an adapter may
+touch) a writable numpy array that aliases the buffer the backend computes with, plus its layout,
+and two hooks, ``run`` and ``commit``. The engine then applies fused adapters in place:
+
+- SHiRA   ``W[idx] = W0[idx] + sum_k s_k * v_k``   from saved base values ``W0[idx]``, never by
+  adding and subtracting, so any sequence of switches returns the base bit for bit. Overlapping
+  positions of fused adapters add their deltas. A switch is one sorted scatter over the union of
+  outgoing and incoming positions: outgoing-only positions get their base value back, incoming
+  ones their new value. Memory kept for restore: the base values at the active positions
+  (4 bytes per position for fp32 weights, plus the int64 positions: 12 bytes per position).
+- LoRA / pruned SoRA   ``W = W0 + sum_k s_k * B_k @ A_k``   over the touched matrices; the
+  original of each touched matrix is kept while an adapter is active (4 * out * in bytes per
+  fp32 matrix: the whole matrix, against SHiRA's 1%) and written back for an exact restore.
+
+Layouts: ``"as-is"`` buffers are (out, in) like PyTorch; ``"transposed"`` buffers are (in, out).
+Torch flat index ``i = r * in + c`` is backend flat index ``i`` (as-is) or ``c * out + r``
+(transposed); see :func:`to_backend_index`.
+
+Switches are transactional: everything is validated and every new value computed (and checked
+finite) before the first write; if the store's ``commit`` fails the old values are written back.
+Runs take a readers-writer lock shared and the write + commit of a switch take it exclusive, so
+no run ever sees half-applied weights.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgeadapt.errors import (
+    AdapterFormatError,
+    FingerprintMismatchError,
+    SwitchError,
+    TargetMismatchError,
+)
+from edgeadapt.format.fingerprint import weight_sha256
+from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta, SiraBranch
+from edgeadapt.runtime.locks import ReadWriteLock
+
+LAYOUTS = ("as-is", "transposed")
+
+
+# ---------------------------------------------------------------------------------------------
+# The interface a backend implements
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LiveWeight:
+    """One live weight as the backend holds it.
+
+    array: writable, C-contiguous numpy array aliasing the backend's buffer (edits must be seen
+        by the next ``run`` after ``commit``); shape ``shape`` if layout is "as-is", the reverse
+        if "transposed".
+    shape: PyTorch shape (out, in).
+    sha256: expected sha256 of the base weight (fp32, torch layout) from bundle.json, or None to
+        skip the fingerprint check.
+    """
+
+    name: str
+    array: np.ndarray
+    layout: str
+    shape: tuple[int, int]
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        self.shape = (int(self.shape[0]), int(self.shape[1]))
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"{self.name}: layout {self.layout!r} not in {LAYOUTS}")
+        want = self.shape if self.layout == "as-is" else self.shape[::-1]
+        if tuple(self.array.shape) != want:
+            raise ValueError(f"{self.name}: buffer shape {self.array.shape} != {want}")
+        if not (self.array.flags.c_contiguous and self.array.flags.writeable):
+            raise ValueError(f"{self.name}: buffer must be C-contiguous and writable")
+
+    def torch_view(self) -> np.ndarray:
+        """The weight in PyTorch layout (out, in) (a view, transposed if needed)."""
+        return self.array if self.layout == "as-is" else self.array.T
+
+
+class WeightStore(ABC):
+    """What a backend supplies to the engine. Implementations: ONNX Runtime, ExecuTorch, numpy.
+
+    The engine calls ``run`` with the readers lock held shared and ``commit`` with it held
+    exclusive, right after writing into the arrays of ``live_weights()``.
+    """
+
+    @abstractmethod
+    def live_weights(self) -> dict[str, LiveWeight]:
+        """Torch weight name -> :class:`LiveWeight`; the same arrays for the store's lifetime."""
+
+    @abstractmethod
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """One forward pass with the current weights; numpy in, numpy out."""
+
+    def commit(self, changes: dict[str, np.ndarray | None]) -> None:  # noqa: B027 - optional hook
+        """Make the edits visible to the backend (no-op when the arrays are read directly).
+
+        changes: weight name -> sorted int64 *backend* flat indices written, or None when the
+        whole array was rewritten. Repack stores rebuild their session/program here; device
+        stores copy the changed values to the device.
+        """
+
+
+def to_backend_index(indices: np.ndarray, shape: tuple[int, int], layout: str) -> np.ndarray:
+    """Map torch flat indices ``r * in + c`` of an (out, in) weight to backend flat indices."""
+    idx = np.asarray(indices, dtype=np.int64)
+    if layout == "as-is":
+        return idx
+    out, inp = shape
+    return (idx % inp) * out + idx // inp
+
+
+# ---------------------------------------------------------------------------------------------
+# Validated, backend-mapped adapters
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One adapter's delta on one weight, in backend coordinates.
+
+    Sparse: idx (K,) sorted int64 backend flat indices, val (K,) float32.
+    Dense: A (r, in), B (out, r) float32 (torch orientation).
+    """
+
+    idx: np.ndarray | None = None
+    val: np.ndarray | None = None
+    A: np.ndarray | None = None
+    B: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PreparedAdapter:
+    """An adapter checked against a store and mapped to its layouts; reuse it for every switch."""
+
+    name: str
+    method: str
+    scale: float
+    targets: dict[str, _Target]
+
+
+def _check_finite(arr: np.ndarray, what: str) -> None:
+    if not np.isfinite(arr).all():
+        raise AdapterFormatError(f"{what}: non-finite values (NaN or inf)")
+
+
+def prepare_adapter(adapter: Adapter, live: dict[str, LiveWeight], name: str) -> PreparedAdapter:
+    """Validate ``adapter`` completely against the live weights and map it to backend indices.
+
+    Raises TargetMismatchError (weight not live), FingerprintMismatchError (other base),
+    AdapterFormatError (bad shapes, indices, non-finite values), SwitchError (SiRA: unfused only).
+    """
+    if not math.isfinite(adapter.scale):
+        raise AdapterFormatError(f"adapter {name!r}: scale {adapter.scale} is not finite")
+    missing = sorted(set(adapter.targets) - set(live))
+    if missing:
+        raise TargetMismatchError(
+            f"adapter {name!r} touches weights that are not live in this runtime: {missing}; "
+            "re-export the base with --targets covering them"
+        )
+    targets: dict[str, _Target] = {}
+    for wname, delta in adapter.targets.items():
+        lw = live[wname]
+        where = f"adapter {name!r}, weight {wname!r}"
+        shape = tuple(int(s) for s in adapter.shapes.get(wname, ()))
+        if shape != lw.shape:
+            raise FingerprintMismatchError(
+                f"{where}: shape {shape} != base shape {lw.shape} (adapter for another base?)"
+            )
+        if lw.sha256 is not None:
+            got = adapter.weight_sha256.get(wname)
+            if got != lw.sha256:
+                raise FingerprintMismatchError(
+                    f"{where}: trained on a base weight with sha256 {got}, this base has "
+                    f"{lw.sha256}"
+                )
+        targets[wname] = _prepare_target(delta, lw, where)
+    return PreparedAdapter(name, adapter.method, float(adapter.scale), targets)
+
+
+def _prepare_target(delta: object, lw: LiveWeight, where: str) -> _Target:
+    out, inp = lw.shape
+    if isinstance(delta, ShiraDelta):
+        idx = np.asarray(delta.indices)
+        val = np.asarray(delta.values)
+        if idx.ndim != 1 or val.shape != idx.shape or not np.issubdtype(idx.dtype, np.integer):
+            raise AdapterFormatError(f"{where}: SHiRA indices/values must be equal-length 1-D")
+        idx = idx.astype(np.int64)
+        if idx.size and (idx[0] < 0 or idx[-1] >= out * inp or np.any(np.diff(idx) <= 0)):
+            raise AdapterFormatError(
+                f"{where}: SHiRA indices must be strictly increasing in [0, {out * inp})"
+            )
+        val = val.astype(np.float32)
+        _check_finite(val, where)
+        bidx = to_backend_index(idx, lw.shape, lw.layout)
+        if lw.layout != "as-is":
+            order = np.argsort(bidx, kind="stable")
+            bidx, val = bidx[order], val[order]
+        return _Target(idx=bidx, val=val)
+    if isinstance(delta, LoraDelta):
+        A = np.asarray(delta.A, dtype=np.float32)
+        B = np.asarray(delta.B, dtype=np.float32)
+        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != inp or B.shape[0] != out \
+                or A.shape[0] != B.shape[1]:
+            raise AdapterFormatError(
+                f"{where}: LoRA A {A.shape} / B {B.shape} do not fit weight {(out, inp)}"
+            )
+        _check_finite(A, where + " (A)")
+        _check_finite(B, where + " (B)")
+        return _Target(A=A, B=B)
+    if isinstance(delta, SiraBranch):
+        raise SwitchError(f"{where}: SiRA routes per token and cannot be fused; load the "
+                          "runtime with mode='unfused'")
+    raise AdapterFormatError(f"{where}: unknown delta type {type(delta).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """New values for one weight and the engine state after the switch."""
+
+    union: np.ndarray | None  # sparse write: backend flat indices (sorted)
+    vals: np.ndarray | None  # sparse write: values at union
+    full: np.ndarray | None  # dense write: whole new array
+    sparse_state: tuple[np.ndarray, np.ndarray] | None  # (idx, base values) after switch
+    dense_state: np.ndarray | None  # original matrix kept after switch
+
+
+@dataclass
+class _Combined:
+    idx: np.ndarray | None = None
+    delta: np.ndarray | None = None
+    B: list[np.ndarray] = field(default_factory=list)
+    A: list[np.ndarray] = field(default_factory=list)
+
+
+class SwitchEngine:
+    """Applies fused adapters in place on a :class:`WeightStore`; thread-safe.
+
+    ``switch([(prepared, scale), ...])`` makes exactly those adapters active (empty: base);
+    ``run(inputs)`` forwards through the store with the readers lock held.
+    """
+
+    def __init__(self, store: WeightStore, verify_base: bool = False) -> None:
+        self.store = store
+        self.live = store.live_weights()
+        self.lock = ReadWriteLock()
+        self._switch_mutex = threading.Lock()
+        self._sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._dense: dict[str, np.ndarray] = {}
+        self._active: tuple[tuple[str, float], ...] = ()
+        if verify_base:
+            self.verify_base()
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def active(self) -> tuple[tuple[str, float], ...]:
+        """(name, scale) of the adapters now applied; () for the base model."""
+        return self._active
+
+    def prepare(self, adapter: Adapter, name: str) -> PreparedAdapter:
+        return prepare_adapter(adapter, self.live, name)
+
+    def verify_base(self) -> None:
+        """Check every live weight hashes to its expected sha256 (only valid at base state)."""
+        for name, lw in self.live.items():
+            if lw.sha256 is not None and weight_sha256(lw.torch_view()) != lw.sha256:
+                raise FingerprintMismatchError(
+                    f"live weight {name!r} does not match the bundle's sha256"
+                )
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        with self.lock.shared():
+            return self.store.run(inputs)
+
+    def restore_memory_bytes(self) -> int:
+        """Bytes kept now to restore the base exactly (positions + base values + matrices)."""
+        sparse = sum(i.nbytes + v.nbytes for i, v in self._sparse.values())
+        return sparse + sum(a.nbytes for a in self._dense.values())
+
+    def switch(self, adapters: list[tuple[PreparedAdapter, float]]) -> None:
+        """Make ``adapters`` (prepared, scale) the active set; [] returns to the base.
+
+        All new values are computed before the first write; on failure nothing changes.
+        """
+        for prep, scale in adapters:
+            if not math.isfinite(scale):
+                raise SwitchError(f"scale {scale} for adapter {prep.name!r} is not finite")
+            unknown = set(prep.targets) - set(self.live)
+            if unknown:
+                raise SwitchError(f"adapter {prep.name!r} was prepared for another store")
+        with self._switch_mutex:
+            # Only switches write the arrays, and they are serialised by _switch_mutex, so the
+            # plan can be computed while runs go on.
+            with np.errstate(over="ignore", invalid="ignore"):  # caught by the finite checks
+                plans = self._plan(adapters)
+            with self.lock.exclusive():
+                undo = self._write(plans)
+                try:
+                    self.store.commit(self._changes(plans))
+                except Exception as exc:
+                    self._write_back(undo)
+                    self.store.commit({name: None for name in undo})
+                    raise SwitchError(f"backend commit failed, switch undone: {exc}") from exc
+            for name, plan in plans.items():
+                self._sparse.pop(name, None)
+                self._dense.pop(name, None)
+                if plan.sparse_state is not None:
+                    self._sparse[name] = plan.sparse_state
+                if plan.dense_state is not None:
+                    self._dense[name] = plan.dense_state
+            self._active = tuple((p.name, float(s)) for p, s in adapters)
+
+    # -- planning --------------------------------------------------------------------------
+
+    def _combine(self, adapters: list[tuple[PreparedAdapter, float]]) -> dict[str, _Combined]:
+        parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        combined: dict[str, _Combined] = {}
+        for prep, scale in adapters:
+            s = np.float32(scale)
+            for name, t in prep.targets.items():
+                c = combined.setdefault(name, _Combined())
+                if t.idx is not None:
+                    parts.setdefault(name, []).append((t.idx, s * t.val))
+                else:
+                    c.B.append(s * t.B)
+                    c.A.append(t.A)
+        for name, ps in parts.items():
+            c = combined[name]
+            if len(ps) == 1:
+                c.idx, c.delta = ps[0]
+            else:
+                idx, inv = np.unique(np.concatenate([p[0] for p in ps]), return_inverse=True)
+                delta = np.zeros(idx.size, dtype=np.float32)
+                np.add.at(delta, inv, np.concatenate([p[1] for p in ps]))
+                c.idx, c.delta = idx, delta
+        return combined
+
+    def _plan(self, adapters: list[tuple[PreparedAdapter, float]]) -> dict[str, _Plan]:
+        combined = self._combine(adapters)
+        plans: dict[str, _Plan] = {}
+        for name in sorted(set(combined) | set(self._sparse) | set(self._dense)):
+            c = combined.get(name, _Combined())
+            lw = self.live[name]
+            if c.B or name in self._dense:
+                plans[name] = self._plan_dense(name, lw, c)
+            else:
+                plans[name] = self._plan_sparse(name, lw, c)
+        return plans
+
+    def _plan_sparse(self, name: str, lw: LiveWeight, c: _Combined) -> _Plan:
+        flat = lw.array.reshape(-1)
+        cur_idx, cur_base = self._sparse.get(name, (_EMPTY_IDX, flat[:0]))
+        new_idx = c.idx if c.idx is not None else _EMPTY_IDX
+        union = np.union1d(cur_idx, new_idx) if cur_idx.size else new_idx
+        base = flat[union]  # a copy: base wherever the weight is untouched
+        if cur_idx.size:
+            pos = np.searchsorted(union, cur_idx)
+            base[pos] = cur_base
+        vals = base.copy()
+        new_pos = np.searchsorted(union, new_idx)
+        new_base = base[new_pos]
+        if new_idx.size:
+            vals[new_pos] = (new_base.astype(np.float32) + c.delta).astype(vals.dtype)
+            _check_finite_result(vals[new_pos], name)
+        state = (new_idx, new_base) if new_idx.size else None
+        return _Plan(union=union, vals=vals, full=None, sparse_state=state, dense_state=None)
+
+    def _plan_dense(self, name: str, lw: LiveWeight, c: _Combined) -> _Plan:
+        if name in self._dense:
+            original = self._dense[name]
+        else:
+            original = lw.array.copy()
+            if name in self._sparse:
+                idx, base = self._sparse[name]
+                original.reshape(-1)[idx] = base
+        if c.B:
+            B = np.concatenate(c.B, axis=1)
+            A = np.concatenate(c.A, axis=0)
+            delta = B @ A if lw.layout == "as-is" else A.T @ B.T
+            new = (original.astype(np.float32) + delta).astype(original.dtype)
+        else:
+            new = original.copy()
+        sparse_state = None
+        if c.idx is not None and c.idx.size:
+            flat_new, flat_orig = new.reshape(-1), original.reshape(-1)
+            flat_new[c.idx] = (flat_new[c.idx].astype(np.float32) + c.delta).astype(new.dtype)
+            if not c.B:
+                sparse_state = (c.idx, flat_orig[c.idx])
+        _check_finite_result(new, name)
+        dense_state = original if c.B else None
+        return _Plan(union=None, vals=None, full=new, sparse_state=sparse_state,
+                     dense_state=dense_state)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _write(self, plans: dict[str, _Plan]) -> dict[str, tuple]:
+        undo: dict[str, tuple] = {}
+        for name, plan in plans.items():
+            arr = self.live[name].array
+            if plan.full is not None:
+                undo[name] = (None, arr.copy())
+                np.copyto(arr, plan.full)
+            else:
+                flat = arr.reshape(-1)
+                undo[name] = (plan.union, flat[plan.union])
+                flat[plan.union] = plan.vals
+        return undo
+
+    def _write_back(self, undo: dict[str, tuple]) -> None:
+        for name, (idx, vals) in undo.items():
+            arr = self.live[name].array
+            if idx is None:
+                np.copyto(arr, vals)
+            else:
+                arr.reshape(-1)[idx] = vals
+
+    @staticmethod
+    def _changes(plans: dict[str, _Plan]) -> dict[str, np.ndarray | None]:
+        return {n: (None if p.full is not None else p.union) for n, p in plans.items()}
+
+
+_EMPTY_IDX = np.zeros(0, dtype=np.int64)
+
+
+def _check_finite_result(vals: np.ndarray, name: str) -> None:
+    if not np.isfinite(vals).all():
+        raise SwitchError(f"weight {name!r}: the adapted values overflow (inf/NaN); lower the "
+                          "scale")
+
+
+class ArrayStore(WeightStore):
+    """A plain numpy store: the reference backend for tests and for checking other stores.
+
+    weights: torch name -> (out, in) float array (used as-is, edited in place).
+    forward: optional callable(inputs, weights) -> np.ndarray for ``run``.
+    """
+
+    def __init__(self, weights: dict[str, np.ndarray], layouts: dict[str, str] | None = None,
+                 sha256: dict[str, str] | None = None, forward=None) -> None:
+        layouts = layouts or {}
+        sha256 = sha256 or {}
+        self._live = {}
+        for name, w in weights.items():
+            layout = layouts.get(name, "as-is")
+            arr = np.ascontiguousarray(w if layout == "as-is" else np.asarray(w).T).copy()
+            self._live[name] = LiveWeight(name, arr, layout, tuple(np.shape(w)), sha256.get(name))
+        self._forward = forward
+        self.commits: list[dict[str, np.ndarray | None]] = []
+
+    def live_weights(self) -> dict[str, LiveWeight]:
+        return self._live
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if self._forward is None:
+            raise SwitchError("this ArrayStore has no forward function")
+        return self._forward(inputs, {n: lw.torch_view() for n, lw in self._live.items()})
+
+    def commit(self, changes: dict[str, np.ndarray | None]) -> None:
+        self.commits.append(changes)

@@ -1,0 +1,277 @@
+"""Switch engine on a plain numpy store: values against hand-computed references, exact return
+to base after any sequence of switches (hypothesis), transactional failures, concurrency."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgeadapt.errors import (
+    AdapterFormatError,
+    FingerprintMismatchError,
+    SwitchError,
+    TargetMismatchError,
+)
+from edgeadapt.format.fingerprint import weight_sha256
+from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta, SiraBranch
+from edgeadapt.runtime.engine import ArrayStore, SwitchEngine, to_backend_index
+
+SHAPES = {"w.q": (6, 5), "w.v": (6, 5), "w.o": (4, 6)}
+
+
+def base_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+
+
+def shas(weights):
+    return {n: weight_sha256(w) for n, w in weights.items()}
+
+
+def shira(weights, names, density, seed, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    targets = {}
+    for n in names:
+        size = int(np.prod(SHAPES[n]))
+        k = max(1, int(density * size))
+        idx = np.sort(rng.choice(size, k, replace=False)).astype(np.int64)
+        targets[n] = ShiraDelta(idx, rng.standard_normal(k).astype(dtype))
+    return Adapter("shira", targets, {n: SHAPES[n] for n in names},
+                   {n: weight_sha256(weights[n]) for n in names})
+
+
+def lora(weights, names, rank, seed):
+    rng = np.random.default_rng(seed)
+    targets = {n: LoraDelta(rng.standard_normal((rank, SHAPES[n][1])).astype(np.float32),
+                            rng.standard_normal((SHAPES[n][0], rank)).astype(np.float32))
+               for n in names}
+    return Adapter("lora", targets, {n: SHAPES[n] for n in names},
+                   {n: weight_sha256(weights[n]) for n in names})
+
+
+def reference(weights, adapters_scales):
+    """Independent reference: dense float64 sum of every delta, in torch layout."""
+    out = {n: w.astype(np.float64) for n, w in weights.items()}
+    for ad, s in adapters_scales:
+        for n, d in ad.targets.items():
+            if isinstance(d, ShiraDelta):
+                out[n].reshape(-1)[d.indices] += s * d.values.astype(np.float64)
+            else:
+                out[n] += s * (d.B.astype(np.float64) @ d.A.astype(np.float64))
+    return out
+
+
+def store_weights(store):
+    return {n: lw.torch_view().copy() for n, lw in store.live_weights().items()}
+
+
+LAYOUT_CHOICES = [{}, {"w.q": "transposed", "w.o": "transposed"}]
+
+
+def test_backend_index_maps_torch_positions():
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    t = np.ascontiguousarray(w.T)
+    idx = np.arange(12)
+    assert np.array_equal(t.reshape(-1)[to_backend_index(idx, (3, 4), "transposed")],
+                          w.reshape(-1))
+    assert np.array_equal(to_backend_index(idx, (3, 4), "as-is"), idx)
+
+
+@pytest.mark.parametrize("layouts", LAYOUT_CHOICES)
+def test_switch_values_match_reference(layouts):
+    w0 = base_weights()
+    store = ArrayStore(w0, layouts, shas(w0))
+    eng = SwitchEngine(store, verify_base=True)
+    a = shira(w0, ["w.q", "w.v"], 0.3, 1)
+    b = shira(w0, ["w.q", "w.o"], 0.3, 2)  # overlaps a on w.q
+    c = lora(w0, ["w.v", "w.o"], 2, 3)
+    pa, pb, pc = (eng.prepare(x, n) for x, n in ((a, "a"), (b, "b"), (c, "c")))
+    for combo in ([(a, 1.0)], [(a, 1.0), (b, 0.5)], [(c, 0.7)], [(a, 1.0), (c, 1.0)],
+                  [(b, -2.0), (c, 0.25), (a, 1.0)]):
+        prep = {id(a): pa, id(b): pb, id(c): pc}
+        eng.switch([(prep[id(ad)], s) for ad, s in combo])
+        ref = reference(w0, combo)
+        got = store_weights(store)
+        for n in SHAPES:
+            np.testing.assert_allclose(got[n], ref[n], rtol=1e-5, atol=1e-5)
+    eng.switch([])
+    for n, w in store_weights(store).items():
+        assert np.array_equal(w.view(np.uint32), w0[n].view(np.uint32))
+    assert eng.restore_memory_bytes() == 0
+
+
+def test_single_shira_is_exactly_w0_plus_value():
+    w0 = base_weights()
+    store = ArrayStore(w0)
+    eng = SwitchEngine(store)
+    a = shira(w0, ["w.q"], 0.5, 4)
+    eng.switch([(eng.prepare(a, "a"), 1.0)])
+    d = a.targets["w.q"]
+    got = store.live_weights()["w.q"].array.reshape(-1)
+    want = w0["w.q"].reshape(-1).copy()
+    want[d.indices] = want[d.indices] + d.values
+    assert np.array_equal(got, want)
+    # a sparse switch writes the union of positions once and reports it to commit
+    assert np.array_equal(store.commits[-1]["w.q"], d.indices)
+
+
+def test_lora_restore_memory_is_whole_matrix():
+    w0 = base_weights()
+    eng = SwitchEngine(ArrayStore(w0))
+    eng.switch([(eng.prepare(lora(w0, ["w.v"], 2, 0), "l"), 1.0)])
+    assert eng.restore_memory_bytes() == w0["w.v"].nbytes
+    eng.switch([(eng.prepare(shira(w0, ["w.v"], 0.2, 0), "s"), 1.0)])
+    assert eng.restore_memory_bytes() == 6 * 12  # 6 positions x (int64 + float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    layout=st.sampled_from(LAYOUT_CHOICES),
+    steps=st.lists(
+        st.one_of(
+            st.none(),
+            st.lists(st.tuples(st.integers(0, 4), st.sampled_from([1.0, 0.5, -1.0, 3.0])),
+                     min_size=1, max_size=3),
+        ),
+        min_size=1, max_size=8,
+    ),
+)
+def test_any_switch_sequence_returns_base_bit_exact(layout, steps):
+    w0 = base_weights(7)
+    store = ArrayStore(w0, layout, shas(w0))
+    eng = SwitchEngine(store)
+    adapters = [shira(w0, ["w.q", "w.v"], 0.2, 1), shira(w0, ["w.q", "w.o"], 0.5, 2, np.float16),
+                lora(w0, ["w.v"], 2, 3), lora(w0, ["w.q", "w.o"], 1, 4),
+                shira(w0, ["w.o"], 1.0, 5)]
+    preps = [eng.prepare(a, f"a{i}") for i, a in enumerate(adapters)]
+    for step in steps:
+        combo = [] if step is None else [(preps[i], s) for i, s in step]
+        eng.switch(combo)
+        if step is not None:
+            ref = reference(w0, [(adapters[i], s) for i, s in step])
+            for n, w in store_weights(store).items():
+                np.testing.assert_allclose(w, ref[n], rtol=1e-4, atol=1e-4)
+    eng.switch([])
+    for n, w in store_weights(store).items():
+        assert np.array_equal(w.view(np.uint32), w0[n].view(np.uint32)), n
+
+
+def _hash_store(store):
+    return {n: weight_sha256(lw.array) for n, lw in store.live_weights().items()}
+
+
+def test_bad_adapters_raise_typed_errors_and_leave_weights():
+    w0 = base_weights()
+    store = ArrayStore(w0, {"w.q": "transposed"}, shas(w0))
+    eng = SwitchEngine(store)
+    good = eng.prepare(shira(w0, ["w.q"], 0.3, 1), "good")
+    eng.switch([(good, 1.0)])
+    before = _hash_store(store)
+
+    other = shira(base_weights(99), ["w.q"], 0.3, 1)
+    with pytest.raises(FingerprintMismatchError):
+        eng.prepare(other, "other")
+    nan = shira(w0, ["w.v"], 0.3, 1)
+    nan.targets["w.v"].values[0] = np.nan
+    with pytest.raises(AdapterFormatError):
+        eng.prepare(nan, "nan")
+    oob = shira(w0, ["w.v"], 0.3, 1)
+    oob.targets["w.v"].indices[-1] = 30
+    with pytest.raises(AdapterFormatError):
+        eng.prepare(oob, "oob")
+    unsorted = shira(w0, ["w.v"], 0.3, 1)
+    unsorted.targets["w.v"].indices[[0, 1]] = unsorted.targets["w.v"].indices[[1, 0]]
+    with pytest.raises(AdapterFormatError):
+        eng.prepare(unsorted, "unsorted")
+    not_live = Adapter("shira", {"w.x": ShiraDelta(np.array([0]), np.ones(1, np.float32))},
+                       {"w.x": (2, 2)}, {"w.x": "0" * 64})
+    with pytest.raises(TargetMismatchError):
+        eng.prepare(not_live, "x")
+    bad_lora = lora(w0, ["w.v"], 2, 0)
+    bad_lora.targets["w.v"] = LoraDelta(np.ones((2, 4), np.float32), np.ones((6, 2), np.float32))
+    with pytest.raises(AdapterFormatError):
+        eng.prepare(bad_lora, "badlora")
+    sira = Adapter("sira", {"w.v": SiraBranch(np.ones((2, 5), np.float32),
+                                               np.ones((2, 1, 5), np.float32),
+                                               np.ones((2, 6, 1), np.float32), 1, 1.0)},
+                   {"w.v": (6, 5)}, {"w.v": weight_sha256(w0["w.v"])})
+    with pytest.raises(SwitchError):
+        eng.prepare(sira, "sira")
+    with pytest.raises(SwitchError):  # overflow to inf in the second adapter's weight
+        eng.switch([(good, 1.0), (eng.prepare(shira(w0, ["w.o"], 0.3, 2), "b"), 1e39)])
+    assert _hash_store(store) == before
+    assert eng.active == (("good", 1.0),)
+
+
+class FailingStore(ArrayStore):
+    fail = False
+
+    def commit(self, changes):
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("device lost")
+        super().commit(changes)
+
+
+def test_commit_failure_rolls_back():
+    w0 = base_weights()
+    store = FailingStore(w0)
+    eng = SwitchEngine(store)
+    a = eng.prepare(shira(w0, ["w.q"], 0.3, 1), "a")
+    c = eng.prepare(lora(w0, ["w.v"], 2, 1), "c")
+    eng.switch([(a, 1.0)])
+    before = _hash_store(store)
+    store.fail = True
+    with pytest.raises(SwitchError):
+        eng.switch([(c, 1.0)])
+    assert _hash_store(store) == before and eng.active == (("a", 1.0),)
+    eng.switch([])
+    assert all(np.array_equal(w, w0[n]) for n, w in store_weights(store).items())
+
+
+def _mlp(inputs, w):
+    """Slow enough forward that reads each weight several times (a torn read would show)."""
+    x = inputs["x"]
+    h = np.tanh(x @ w["w.q"].T) + np.tanh(x @ w["w.v"].T)
+    return np.tanh(h @ w["w.o"].T)
+
+
+def test_runs_never_see_half_applied_weights():
+    w0 = base_weights()
+    store = ArrayStore(w0, {"w.v": "transposed"}, forward=_mlp)
+    eng = SwitchEngine(store)
+    preps = [eng.prepare(shira(w0, list(SHAPES), 0.5, 1), "a"),
+             eng.prepare(lora(w0, ["w.q", "w.o"], 2, 2), "b")]
+    x = {"x": np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)}
+    states = [[], [(preps[0], 1.0)], [(preps[1], 1.0)], [(preps[0], 0.5), (preps[1], 1.0)]]
+    valid = []
+    for s in states:
+        eng.switch(s)
+        valid.append(eng.run(x))
+    eng.switch([])
+    errors, outputs, stop = [], [], threading.Event()
+
+    def reader():
+        try:
+            while not stop.is_set():
+                outputs.append(eng.run(x))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        eng.switch(states[rng.integers(len(states))])
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(outputs) > 10
+    for y in outputs:
+        assert any(np.array_equal(y, v) for v in valid)
