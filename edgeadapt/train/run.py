@@ -1,0 +1,140 @@
+"""A training run on disk (``runs/<x>/``), written atomically, no pickle.
+
+- ``adapter.safetensors``: the raw adapter tensors from ``edgeadapt.adapters.adapter_state``
+  (empty for ``--method none``).
+- ``head.safetensors``: a classifier's trained head (``classifier.*``), when there is one.
+- ``adapter.json``: ``{"method", "config", "model", "task", "targets", "weight_sha256",
+  "edgeadapt_version", "num_labels", "labels", "max_len", "seed", "head"}``.
+- ``metrics.json``: what training measured (see ``edgeadapt.train.trainer.train``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from edgeadapt import __version__
+from edgeadapt.errors import AdapterFormatError, FingerprintMismatchError
+from edgeadapt.format.fingerprint import weight_sha256
+from edgeadapt.models import LoadedModel, load_model
+
+ADAPTER_FILE, HEAD_FILE, INFO_FILE, METRICS_FILE = (
+    "adapter.safetensors", "head.safetensors", "adapter.json", "metrics.json")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a run is an ordinary readable file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    write_atomic(path, st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+def head_parameters(lm: LoadedModel) -> dict[str, torch.nn.Parameter]:
+    """A classifier's task head: every parameter outside the pretrained backbone
+    (``base_model_prefix``), e.g. ``classifier.weight`` / ``classifier.bias`` of MiniLM.
+    Causal LMs have none (the generative classifier reuses the LM head)."""
+    if lm.kind != "classifier":
+        return {}
+    prefix = getattr(lm.model, "base_model_prefix", "") + "."
+    return {n: p for n, p in lm.model.named_parameters() if not n.startswith(prefix)}
+
+
+def base_weight_hashes(lm: LoadedModel, names: list[str]) -> dict[str, str]:
+    """sha256 of each named base weight (fp32, (out, in)): the adapter's fingerprint."""
+    params = dict(lm.model.named_parameters())
+    return {n: weight_sha256(params[n].detach().float().cpu().numpy()) for n in names}
+
+
+def save_run(out: Path, lm: LoadedModel, info: dict[str, Any],
+             adapter: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
+    """Write the run's four files into ``out`` (``info`` gets the version and head fields)."""
+    out = Path(out)
+    head = head_parameters(lm)
+    info = {**info, "edgeadapt_version": __version__, "head": HEAD_FILE if head else None}
+    write_tensors(out / ADAPTER_FILE, adapter)
+    if head:
+        write_tensors(out / HEAD_FILE, head)
+    write_json(out / INFO_FILE, info)
+    write_json(out / METRICS_FILE, metrics)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdapterFormatError(f"{path} is missing: not a training run directory") from None
+    except json.JSONDecodeError as exc:
+        raise AdapterFormatError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(path.read_bytes())
+    except FileNotFoundError:
+        raise AdapterFormatError(f"{path} is missing: not a complete training run") from None
+    except Exception as exc:  # safetensors raises its own error types on corrupt headers
+        raise AdapterFormatError(f"{path} is not a valid safetensors file: {exc}") from exc
+
+
+def load_run(path: str | Path) -> tuple[LoadedModel, dict[str, Any]]:
+    """Rebuild a run: its base model with the adapter attached and loaded, and the head.
+
+    Returns ``(lm, info)`` with ``info`` = adapter.json plus ``"metrics"`` (metrics.json, if
+    present). Raises AdapterFormatError on missing or corrupt files and FingerprintMismatchError
+    when the base weights differ from the ones the adapter was trained on.
+    """
+    from edgeadapt.adapters import config_from_dict, load_adapter_state
+
+    path = Path(path)
+    info = _read_json(path / INFO_FILE)
+    lm = load_model(info["model"], num_labels=info.get("num_labels") or 2,
+                    seed=info.get("seed", 0))
+    found = base_weight_hashes(lm, list(info.get("weight_sha256", {})))
+    for name, expected in info.get("weight_sha256", {}).items():
+        if found[name] != expected:
+            raise FingerprintMismatchError(
+                f"{path}: base weight {name} differs from the one the adapter was trained on "
+                f"(model {info['model']!r}); use the same base model")
+    if info["method"] != "none":
+        load_adapter_state(lm.model, config_from_dict(info["config"]),
+                           _read_tensors(path / ADAPTER_FILE))
+    if info.get("head"):
+        head = head_parameters(lm)
+        state = _read_tensors(path / info["head"])
+        if set(state) != set(head):
+            raise AdapterFormatError(f"{path / info['head']}: tensors {sorted(state)} do not "
+                                     f"match the model's head {sorted(head)}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if tensor.shape != head[name].shape:
+                    raise AdapterFormatError(f"{path / info['head']}: {name} has shape "
+                                             f"{tuple(tensor.shape)}, the model's "
+                                             f"{tuple(head[name].shape)}")
+                head[name].copy_(tensor)
+    lm.model.eval()
+    if (path / METRICS_FILE).exists():
+        info["metrics"] = _read_json(path / METRICS_FILE)
+    return lm, info
