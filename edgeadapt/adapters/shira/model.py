@@ -1,0 +1,85 @@
+"""Choose SHiRA masks, swap target nn.Linear layers for SHiRA layers, extract and apply deltas."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeadapt.adapters.base import swap_linears
+from edgeadapt.adapters.shira.config import ShiraConfig
+from edgeadapt.adapters.shira.layer import ShiraLinear
+from edgeadapt.adapters.shira.masks import mask_budget, select_mask
+from edgeadapt.errors import ConfigError
+from edgeadapt.format.types import ShiraDelta
+
+
+def calibration_grads(model: nn.Module, names: list[str],
+                      calib: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """dL/dW of each target weight (module name -> (out, in)) for the loss ``calib()``.
+
+    Only the target weights are differentiated (``torch.autograd.grad``): no ``.grad`` field of
+    the model is touched, and each weight's ``requires_grad`` is restored afterwards.
+    """
+    weights = [model.get_submodule(n).weight for n in names]
+    before = [w.requires_grad for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            loss = calib()
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ConfigError("shira: calib() must return a scalar loss tensor")
+            grads = torch.autograd.grad(loss, weights, allow_unused=True)
+    finally:
+        for w, flag in zip(weights, before, strict=True):
+            w.requires_grad_(flag)
+    missing = [n for n, g in zip(names, grads, strict=True) if g is None]
+    if missing:
+        raise ConfigError(f"shira: the calibration loss does not depend on {missing[0]!r}")
+    return {n: g.detach() for n, g in zip(names, grads, strict=True)}
+
+
+def choose_masks(model: nn.Module, names: list[str], config: ShiraConfig,
+                 calib: Callable[[], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Module name -> sorted flat indices of its mask (see :mod:`.masks`)."""
+    grads = {}
+    if config.mask in ("grad", "snip"):
+        if calib is None:
+            raise ConfigError(f"shira: mask {config.mask!r} needs a calibration loss: "
+                              "attach(model, config, calib=lambda: loss)")
+        grads = calibration_grads(model, names, calib)
+    masks = {}
+    for i, name in enumerate(names):
+        w = model.get_submodule(name).weight.detach()
+        k = mask_budget((w.shape[0], w.shape[1]), config.density, config.budget_rank)
+        masks[name] = select_mask(config.mask, w, k, grad=grads.get(name), seed=config.seed + i,
+                                  axis=config.struct_axis).to(w.device)
+    return masks
+
+
+def attach_shira(model: nn.Module, names: list[str], config: ShiraConfig,
+                 calib: Callable[[], torch.Tensor] | None = None,
+                 masks: dict[str, torch.Tensor] | None = None) -> None:
+    """Replace each named nn.Linear with a :class:`ShiraLinear`; ``masks`` (e.g. from a
+    checkpoint) skips mask selection."""
+    if masks is None:
+        masks = choose_masks(model, names, config, calib)
+    swap_linears(model, names, lambda n, lin: ShiraLinear(lin, masks[n]))
+
+
+def shira_delta(layer: ShiraLinear) -> ShiraDelta:
+    """Numpy ``ShiraDelta``: int64 flat indices and float32 values."""
+    return ShiraDelta(indices=layer.shira_indices.cpu().numpy().astype(np.int64),
+                      values=layer.shira_values.detach().float().cpu().numpy().copy())
+
+
+@torch.no_grad()
+def fuse_shira(weight: torch.Tensor, delta: ShiraDelta, scale: float) -> None:
+    """``W.flat[indices] += scale * values`` in place."""
+    idx = torch.from_numpy(np.asarray(delta.indices, dtype=np.int64)).to(weight.device)
+    vals = torch.from_numpy(np.asarray(delta.values, dtype=np.float32)).to(weight.device)
+    flat = weight.view(-1)
+    flat[idx] += (scale * vals).to(weight.dtype)
