@@ -53,7 +53,8 @@ def _encode_values(x: np.ndarray, st_dtype: str, where: str) -> np.ndarray:
         out = f32_to_bf16_bits(x32)
         back = bf16_bits_to_f32(out)
     else:
-        out = x32.astype(np.float16 if st_dtype == "F16" else np.float32)
+        with np.errstate(over="ignore"):  # overflow is reported just below
+            out = x32.astype(np.float16 if st_dtype == "F16" else np.float32)
         back = out
     if not np.all(np.isfinite(back)):
         raise AdapterFormatError(f"refusing to write {where}: values overflow {st_dtype}")

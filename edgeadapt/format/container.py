@@ -198,7 +198,7 @@ def read_container(path: str | os.PathLike, expected_format: str | None = None) 
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise fail(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise fail(f"tensor {name!r}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
             raise fail(f"tensor {name!r}: shape {shape!r} is not a list of non-negative ints")
