@@ -1,0 +1,342 @@
+"""ONNX Runtime weight stores (numpy only, no torch unless CUDA buffers are bound through it).
+
+The bundle's ONNX graph has the *live* weights (those adapters may touch) as graph inputs; every
+other weight is a constant initializer that ONNX Runtime prepacks. Three stores:
+
+- :class:`OrtLiveStore` (CPU, ``mode="live"``): the runtime owns one numpy buffer per live
+  weight, wraps it once in an aliasing ``OrtValue`` and binds it to every IOBinding it makes;
+  the engine edits the buffer in place, the next run reads it. ``commit`` is a no-op.
+- :class:`OrtRepackStore` (``mode="repack"``): the live weights are turned back into
+  initializers supplied with ``SessionOptions.add_initializer`` (aliasing the host buffers), so
+  every weight is prepacked; ``commit`` re-creates the session (packing once per switch).
+- :class:`OrtCudaStore` (``device="cuda"``): host mirrors for the engine, device buffers bound
+  by pointer; ``commit`` copies the changed values to the device and synchronises.
+
+Prepacking ignores later edits of a packed buffer (docs/runtime.md), which is why live weights
+are graph inputs and repack rebuilds.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from edgeadapt.errors import BundleError, ConfigError, MissingPackageError
+from edgeadapt.format.manifest import Manifest
+from edgeadapt.runtime.engine import LiveWeight, WeightStore
+
+try:
+    import onnxruntime as ort
+except ImportError:  # pragma: no cover - exercised only where onnxruntime is absent
+    ort = None
+
+_NP_DTYPES = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float16": np.float16,
+              "bool": np.bool_}
+
+
+def _require_ort():
+    if ort is None:
+        raise MissingPackageError("onnxruntime is not installed: pip install onnxruntime")
+    return ort
+
+
+def session_options(threads: int | None, extra: dict[str, str] | None = None):
+    """Options for every session: spinning stopped when idle (several sessions in a process),
+    ``threads`` intra-op threads (None: ONNX Runtime's default), prepacking left on."""
+    so = _require_ort().SessionOptions()
+    so.add_session_config_entry("session.force_spinning_stop", "1")
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+    for k, v in (extra or {}).items():
+        so.add_session_config_entry(k, v)
+    return so
+
+
+def read_live_weights(bundle_dir: Path, manifest: Manifest, section: dict | None = None,
+                      weights: dict | None = None) -> dict[str, LiveWeight]:
+    """Runtime-owned, writable copies of the live weights in their ONNX layout.
+
+    section: the manifest's "onnx" section (or a variant's); weights: per torch name the
+    {"name", "layout"} entries (default: the manifest's). Tensors in the live-weights
+    safetensors file may be keyed by graph input name or torch name, in either layout.
+    """
+    from safetensors.numpy import load_file  # torch-free
+
+    section = manifest.onnx if section is None else section
+    if not section or "live_weights" not in section:
+        raise BundleError(f"{bundle_dir}: bundle.json has no onnx live_weights file")
+    path = bundle_dir / section["live_weights"]
+    try:
+        tensors = load_file(str(path))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: cannot read the live weights: {exc}") from None
+    live = {}
+    for name, entry in manifest.weights.items():
+        onnx = (weights or {}).get(name, {}).get("onnx") if weights else entry.onnx
+        if onnx is None:
+            raise BundleError(f"{bundle_dir}: weight {name!r} has no onnx entry in bundle.json")
+        arr = tensors.get(onnx["name"], tensors.get(name))
+        if arr is None:
+            raise BundleError(f"{path}: no tensor for live weight {name!r} ({onnx['name']!r})")
+        out, inp = entry.shape
+        want = (out, inp) if onnx["layout"] == "as-is" else (inp, out)
+        if arr.shape != want and arr.shape == want[::-1]:
+            arr = arr.T
+        if arr.shape != want:
+            raise BundleError(f"{path}: live weight {name!r} has shape {arr.shape}, "
+                              f"expected {want}")
+        buf = np.array(arr, dtype=np.float32, order="C", copy=True)
+        live[name] = LiveWeight(name, buf, onnx["layout"], entry.shape, entry.sha256)
+    return live
+
+
+class _OrtStoreBase(WeightStore):
+    """Shared input handling: names and dtypes from bundle.json, first graph output returned."""
+
+    def __init__(self, model_path: Path, live: dict[str, LiveWeight], inputs: list[dict],
+                 input_names: dict[str, str]) -> None:
+        self.model_path = model_path
+        self._live = live
+        self._input_specs = {i["name"]: i for i in inputs}
+        self.graph_names = input_names  # torch name -> graph input/initializer name
+
+    def live_weights(self) -> dict[str, LiveWeight]:
+        return self._live
+
+    def _feeds(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._input_specs:
+            unknown = sorted(set(inputs) - set(self._input_specs))
+            missing = sorted(set(self._input_specs) - set(inputs))
+            if unknown or missing:
+                raise ConfigError(f"run: inputs must be {sorted(self._input_specs)}; unknown "
+                                  f"{unknown}, missing {missing}")
+        feeds = {}
+        for name, x in inputs.items():
+            dt = _NP_DTYPES.get(self._input_specs.get(name, {}).get("dtype", ""))
+            feeds[name] = np.ascontiguousarray(x, dtype=dt)
+        return feeds
+
+
+class OrtLiveStore(_OrtStoreBase):
+    """CPU live mode: live weights are graph inputs bound once per IOBinding to runtime-owned
+    buffers (aliasing OrtValues); one IOBinding per calling thread."""
+
+    mode = "live"
+
+    def __init__(self, model_path: Path, live: dict[str, LiveWeight], inputs: list[dict],
+                 input_names: dict[str, str], threads: int | None = None,
+                 extra_inputs: dict[str, np.ndarray] | None = None) -> None:
+        super().__init__(model_path, live, inputs, input_names)
+        rt = _require_ort()
+        self.session = rt.InferenceSession(str(model_path), session_options(threads),
+                                           providers=["CPUExecutionProvider"])
+        self.output_name = self.session.get_outputs()[0].name
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        missing = sorted(n for n in input_names.values() if n not in graph_inputs)
+        if missing:
+            raise BundleError(f"{model_path}: live weights {missing} are not graph inputs")
+        # Never rebind: these OrtValues alias the buffers the engine edits.
+        self._values = {input_names[n]: rt.OrtValue.ortvalue_from_numpy(lw.array)
+                        for n, lw in live.items()}
+        self.extra_inputs = extra_inputs if extra_inputs is not None else {}
+        self._extra_values = {k: rt.OrtValue.ortvalue_from_numpy(v)
+                              for k, v in self.extra_inputs.items()}
+        self._local = threading.local()
+
+    def _binding(self):
+        b = getattr(self._local, "binding", None)
+        if b is None:
+            b = self.session.io_binding()
+            for name, value in {**self._values, **self._extra_values}.items():
+                b.bind_ortvalue_input(name, value)
+            self._local.binding = b
+        return b
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        b = self._binding()
+        for name, x in self._feeds(inputs).items():
+            b.bind_cpu_input(name, x)
+        b.bind_output(self.output_name, "cpu")
+        self.session.run_with_iobinding(b)
+        out = b.copy_outputs_to_cpu()[0]
+        b.clear_binding_outputs()
+        return out
+
+
+def _graph_with_initializers(model_path: Path, names: list[str]) -> bytes:
+    """The model with the given graph inputs turned into (placeholder) initializers; the
+    placeholders are overridden with ``add_initializer`` at every session build."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    by_name = {i.name: i for i in model.graph.input}
+    for name in names:
+        vi = by_name.get(name)
+        if vi is None:
+            raise BundleError(f"{model_path}: {name!r} is not a graph input")
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        model.graph.input.remove(vi)
+        model.graph.initializer.append(
+            numpy_helper.from_array(np.zeros(dims, dtype=np.float32), name))
+    return model.SerializeToString()
+
+
+class OrtRepackStore(_OrtStoreBase):
+    """Repack mode: every weight an initializer, prepacked; ``commit`` rebuilds the session.
+
+    Memory: the host copy of the live weights, the model proto with placeholders, and ONNX
+    Runtime's packed weights. The old session is replaced under the engine's exclusive lock.
+    """
+
+    mode = "repack"
+
+    def __init__(self, model_path: Path, live: dict[str, LiveWeight], inputs: list[dict],
+                 input_names: dict[str, str], threads: int | None = None) -> None:
+        super().__init__(model_path, live, inputs, input_names)
+        self.threads = threads
+        self._proto = _graph_with_initializers(model_path, [input_names[n] for n in live])
+        self.rebuilds = 0
+        self.session = self._build()
+        self.output_name = self.session.get_outputs()[0].name
+
+    def _build(self):
+        rt = _require_ort()
+        so = session_options(self.threads, {
+            "session.model_external_initializers_file_folder_path":
+                str(self.model_path.parent)})
+        values = []
+        for n, lw in self._live.items():
+            ov = rt.OrtValue.ortvalue_from_numpy(lw.array)
+            values.append(ov)
+            so.add_initializer(self.graph_names[n], ov)
+        session = rt.InferenceSession(self._proto, so, providers=["CPUExecutionProvider"])
+        self._keep = values  # the session may read the unpacked initializers
+        return session
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run([self.output_name], self._feeds(inputs))[0]
+
+    def commit(self, changes: dict[str, np.ndarray | None]) -> None:
+        if changes:
+            self.session = self._build()
+            self.rebuilds += 1
+
+
+class OrtCudaStore(_OrtStoreBase):
+    """CUDA live mode: device buffers bound by pointer; host mirrors are what the engine edits.
+
+    With torch importable the device buffers are torch CUDA tensors bound with
+    ``bind_input(buffer_ptr=...)`` and sparse changes are scattered on the device; without
+    torch they are CUDA OrtValues refreshed whole with ``update_inplace``. Memory: the host
+    mirror plus the device copy of every live weight.
+    """
+
+    mode = "live"
+
+    def __init__(self, model_path: Path, live: dict[str, LiveWeight], inputs: list[dict],
+                 input_names: dict[str, str], threads: int | None = None,
+                 device_id: int = 0, extra_inputs: dict[str, np.ndarray] | None = None) -> None:
+        super().__init__(model_path, live, inputs, input_names)
+        rt = _require_ort()
+        if "CUDAExecutionProvider" not in rt.get_available_providers():
+            raise MissingPackageError("device='cuda' needs onnxruntime-gpu with the CUDA "
+                                      "execution provider")
+        self.device_id = device_id
+        providers = [("CUDAExecutionProvider", {"device_id": device_id}),
+                     "CPUExecutionProvider"]
+        self.session = rt.InferenceSession(str(model_path), session_options(threads),
+                                           providers=providers)
+        if self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise MissingPackageError("the CUDA execution provider failed to start (CUDA 13 / "
+                                      "cuDNN 9 libraries missing?)")
+        self.output_name = self.session.get_outputs()[0].name
+        self._torch = _try_import_torch()
+        self._device: dict[str, object] = {}
+        for n, lw in live.items():
+            if self._torch is not None:
+                t = self._torch.from_numpy(lw.array).to(f"cuda:{device_id}").contiguous()
+                self._device[n] = t
+            else:
+                self._device[n] = rt.OrtValue.ortvalue_from_numpy(lw.array, "cuda", device_id)
+        self.extra_inputs = extra_inputs if extra_inputs is not None else {}
+        self._local = threading.local()
+
+    def _binding(self):
+        b = getattr(self._local, "binding", None)
+        if b is None:
+            b = self.session.io_binding()
+            for n, dev in self._device.items():
+                if self._torch is not None:
+                    b.bind_input(self.graph_names[n], "cuda", self.device_id, np.float32,
+                                 list(dev.shape), dev.data_ptr())
+                else:
+                    b.bind_ortvalue_input(self.graph_names[n], dev)
+            self._local.binding = b
+        return b
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        b = self._binding()
+        for name, x in {**self._feeds(inputs), **self.extra_inputs}.items():
+            b.bind_cpu_input(name, x)
+        b.bind_output(self.output_name, "cuda", self.device_id)
+        b.synchronize_inputs()
+        self.session.run_with_iobinding(b)
+        out = b.copy_outputs_to_cpu()[0]
+        b.clear_binding_outputs()
+        return out
+
+    def commit(self, changes: dict[str, np.ndarray | None]) -> None:
+        torch = self._torch
+        for n, idx in changes.items():
+            host = self._live[n].array
+            dev = self._device[n]
+            if torch is None:
+                dev.update_inplace(host)
+            elif idx is None:
+                dev.copy_(torch.from_numpy(host))
+            else:
+                flat = dev.view(-1)
+                i = torch.from_numpy(idx).to(flat.device)
+                flat[i] = torch.from_numpy(host.reshape(-1)[idx]).to(flat.device)
+        if torch is not None:
+            torch.cuda.synchronize(self.device_id)
+
+
+def _try_import_torch():
+    if os.environ.get("EDGEADAPT_NO_TORCH"):
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def open_store(bundle_dir: Path, manifest: Manifest, device: str = "cpu", mode: str = "live",
+               threads: int | None = None) -> WeightStore:
+    """The ONNX Runtime store for ``bundle_dir``: live or repack on CPU, live on CUDA."""
+    section = manifest.onnx
+    if not section or "file" not in section:
+        raise BundleError(f"{bundle_dir}: bundle.json has no onnx section; export with "
+                          "--formats onnx")
+    model_path = bundle_dir / section["file"]
+    if not model_path.is_file():
+        raise BundleError(f"{model_path}: the bundle's ONNX model is missing")
+    live = read_live_weights(bundle_dir, manifest)
+    names = {n: manifest.weights[n].onnx["name"] for n in live}
+    if device == "cuda":
+        if mode != "live":
+            raise ConfigError("device='cuda' supports mode='live' only (cuBLAS reads raw "
+                              "weights, so there is nothing to repack)")
+        return OrtCudaStore(model_path, live, manifest.inputs, names, threads)
+    if device != "cpu":
+        raise ConfigError(f"device {device!r}: choose 'cpu' or 'cuda'")
+    if mode == "live":
+        return OrtLiveStore(model_path, live, manifest.inputs, names, threads)
+    if mode == "repack":
+        return OrtRepackStore(model_path, live, manifest.inputs, names, threads)
+    raise ConfigError(f"mode {mode!r}: choose 'live' or 'repack'")

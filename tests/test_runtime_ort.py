@@ -1,0 +1,242 @@
+"""ONNX Runtime stores on a torch-free toy bundle (edgeadapt.runtime.toy): outputs after every
+switch against an independent numpy forward with the same adapters, exact return to base,
+typed errors with weights untouched, concurrency, no torch import, and a proof that the output
+check catches stale prepacked weights."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgeadapt.errors import (
+    AdapterFormatError,
+    FingerprintMismatchError,
+    TargetMismatchError,
+    UnknownNameError,
+)
+from edgeadapt.format import (
+    Adapter,
+    AdapterEntry,
+    LoraDelta,
+    ShiraDelta,
+    read_adapter,
+    write_adapter,
+)
+from edgeadapt.format.fingerprint import weight_sha256
+from edgeadapt.runtime import load
+from edgeadapt.runtime.toy import toy_forward, toy_weights, write_toy_bundle
+
+DIMS = [16, 24, 24, 20, 6]
+LIVE = ["layers.0.weight", "layers.1.weight", "layers.2.weight"]  # layers.3 stays constant
+ATOL = 1e-4
+
+
+def _shira(w0, names, density, seed):
+    rng = np.random.default_rng(seed)
+    targets = {}
+    for n in names:
+        size = w0[n].size
+        idx = np.sort(rng.choice(size, max(1, int(density * size)), replace=False))
+        targets[n] = ShiraDelta(idx.astype(np.int64),
+                                rng.standard_normal(idx.size).astype(np.float32) * 0.3)
+    return Adapter("shira", targets, {n: w0[n].shape for n in names},
+                   {n: weight_sha256(w0[n]) for n in names})
+
+
+def _lora(w0, names, rank, seed):
+    rng = np.random.default_rng(seed)
+    targets = {n: LoraDelta(rng.standard_normal((rank, w0[n].shape[1])).astype(np.float32) * .2,
+                            rng.standard_normal((w0[n].shape[0], rank)).astype(np.float32) * .2)
+               for n in names}
+    return Adapter("lora", targets, {n: w0[n].shape for n in names},
+                   {n: weight_sha256(w0[n]) for n in names})
+
+
+ADAPTERS = {
+    "a": lambda w: _shira(w, ["layers.0.weight", "layers.1.weight"], 0.05, 1),
+    "b": lambda w: _shira(w, ["layers.1.weight", "layers.2.weight"], 0.3, 2),
+    "c": lambda w: _lora(w, ["layers.0.weight", "layers.2.weight"], 2, 3),
+    "far": lambda w: _shira(w, ["layers.3.weight"], 0.1, 4),  # touches a constant weight
+}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toy_bundle")
+    w0 = toy_weights(DIMS, seed=0)
+    (out / "adapters").mkdir()
+    entries = {}
+    for name, make in ADAPTERS.items():
+        ad = make(w0)
+        write_adapter(out / "adapters" / f"{name}.eadp", ad, value_dtype="float16")
+        entries[name] = (f"adapters/{name}.eadp", ad.method)
+    other = _shira(toy_weights(DIMS, seed=5), ["layers.0.weight"], 0.1, 9)  # another base
+    write_adapter(out / "adapters" / "other.eadp", other)
+    entries["other"] = ("adapters/other.eadp", "shira")
+    write_toy_bundle(out, w0, LIVE, entries)
+    return out
+
+
+def reference_logits(bundle: Path, active: list[tuple[str, float]], x: np.ndarray):
+    """Independent reference: the adapters read back from their files, applied densely in
+    float64 to the original weights, through the numpy forward."""
+    w = {n: v.astype(np.float64) for n, v in toy_weights(DIMS, seed=0).items()}
+    for name, s in active:
+        ad = read_adapter(bundle / "adapters" / f"{name}.eadp")
+        for t, d in ad.targets.items():
+            if isinstance(d, ShiraDelta):
+                w[t].reshape(-1)[d.indices] += s * d.values
+            else:
+                w[t] += s * (d.B.astype(np.float64) @ d.A)
+    return toy_forward(x, w)
+
+
+def outputs_match(got: np.ndarray, want: np.ndarray) -> bool:
+    """The parity check every switch test uses."""
+    return got.shape == want.shape and bool(np.allclose(got, want, atol=ATOL, rtol=1e-4))
+
+
+def buffer_hashes(rt) -> dict[str, str]:
+    return {n: hashlib.sha256(lw.array.tobytes()).hexdigest()
+            for n, lw in rt.store.live_weights().items()}
+
+
+X = np.random.default_rng(42).standard_normal((8, DIMS[0])).astype(np.float32)
+SEQUENCE = [["a"], ["b"], ["a", "b"], ["c"], ["a", "c"], None, ["b", "c", "a"], ["c"], None]
+
+
+@pytest.mark.parametrize("mode", ["live", "repack"])
+def test_outputs_follow_every_switch(bundle, mode):
+    rt = load(bundle, mode=mode, threads=1)
+    assert rt.mode == mode
+    base = rt.run(x=X)
+    assert outputs_match(base, reference_logits(bundle, [], X))
+    for step in SEQUENCE:
+        scales = None if step is None else [1.0 - 0.25 * i for i in range(len(step))]
+        rt.switch(step, scales)
+        active = [] if step is None else list(zip(step, scales, strict=True))
+        assert rt.active == tuple(n for n, _ in active)
+        got = rt.run(x=X)
+        assert outputs_match(got, reference_logits(bundle, active, X)), (mode, step)
+    assert np.array_equal(rt.run(x=X), base)  # back at base: bit-identical output
+
+
+def test_check_detects_stale_prepacked_weights(bundle):
+    """Edit weights under a prepacked session without rebuilding: the check must fail."""
+    rt = load(bundle, mode="repack", threads=1)
+    rt.store.commit = lambda changes: None  # skip the rebuild that repack mode needs
+    rt.switch(["a", "c"])
+    stale = rt.run(x=X)
+    assert not outputs_match(stale, reference_logits(bundle, [("a", 1.0), ("c", 1.0)], X))
+    assert outputs_match(stale, reference_logits(bundle, [], X))  # still the base
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.one_of(st.none(), st.lists(st.sampled_from("abc"), min_size=1,
+                                                     max_size=3, unique=True)),
+                      min_size=1, max_size=6),
+       scale=st.sampled_from([1.0, 0.5, -2.0]))
+def test_random_switches_return_to_base_bit_exact(bundle, steps, scale):
+    rt = load(bundle, mode="live", threads=1)
+    before = buffer_hashes(rt)
+    base = rt.run(x=X)
+    for step in steps:
+        rt.switch(step, None if step is None else [scale] * len(step))
+    rt.switch(None)
+    assert buffer_hashes(rt) == before
+    assert np.array_equal(rt.run(x=X), base)
+
+
+def test_bad_switches_leave_weights_untouched(bundle, tmp_path):
+    rt = load(bundle, mode="live", threads=1)
+    rt.switch(["a", "c"])
+    before, out = buffer_hashes(rt), rt.run(x=X)
+    with pytest.raises(UnknownNameError):
+        rt.switch("nope")
+    with pytest.raises(FingerprintMismatchError):
+        rt.switch("other")
+    with pytest.raises(TargetMismatchError):
+        rt.switch(["b", "far"])
+    # a corrupt file: a truncated copy registered under a new name
+    good = (bundle / "adapters" / "b.eadp").read_bytes()
+    (tmp_path / "b_trunc.eadp").write_bytes(good[: len(good) // 2])
+    rt.manifest.adapters["broken"] = AdapterEntry(file=str(tmp_path / "b_trunc.eadp"),
+                                                  method="shira")
+    with pytest.raises(AdapterFormatError):
+        rt.switch(["a", "broken"])
+    assert buffer_hashes(rt) == before
+    assert rt.active == ("a", "c")
+    assert np.array_equal(rt.run(x=X), out)
+
+
+def test_concurrent_runs_see_whole_states(bundle):
+    rt = load(bundle, mode="live", threads=1)
+    states = [None, ["a"], ["c"], ["a", "b"]]
+    valid = []
+    for s in states:
+        rt.switch(s)
+        valid.append(rt.run(x=X))
+    errors, outputs, stop = [], [], threading.Event()
+
+    def reader():
+        try:
+            while not stop.is_set():
+                outputs.append(rt.run(x=X))
+        except Exception as exc:  # pragma: no cover - reported by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        rt.switch(states[rng.integers(len(states))])
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors and len(outputs) > 10
+    assert all(any(np.array_equal(y, v) for v in valid) for y in outputs)
+
+
+def test_auto_mode_reports_its_choice(bundle):
+    assert load(bundle, mode="auto").mode == "live"
+    rt = load(bundle, mode="auto", runs_per_switch=1e5, batch=64)
+    assert rt.mode == "repack" and "batch 64" in rt.mode_reason
+    rt.switch("a")
+    assert rt.store.rebuilds == 1
+    assert outputs_match(rt.run(x=X), reference_logits(bundle, [("a", 1.0)], X))
+
+
+NO_TORCH = f"""
+import sys
+sys.modules['torch'] = None  # any `import torch` now raises ImportError
+import numpy as np
+import edgeadapt.runtime as r
+rt = r.load(sys.argv[1], backend='onnxruntime', mode=sys.argv[2], threads=1)
+x = np.ones((2, {DIMS[0]}), np.float32)
+base = rt.run(x=x)
+rt.switch(['a', 'c'], scales=[1.0, 0.5])
+assert not np.array_equal(rt.run(x=x), base)
+rt.switch(None)
+assert np.array_equal(rt.run(x=x), base)
+assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules
+               if sys.modules[m] is not None)
+print('ok')
+"""
+
+
+@pytest.mark.parametrize("mode", ["live", "repack"])
+def test_ort_path_imports_no_torch(bundle, mode):
+    res = subprocess.run([sys.executable, "-c", NO_TORCH, str(bundle), mode],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
