@@ -1,0 +1,323 @@
+"""ExecuTorch (XNNPACK) export of a base model in the layout the in-place runtime needs.
+
+Two programs per variant:
+
+- ``model[.<variant>].pte`` ("live"): each live weight (torch name, (out, in)) is a *mutable
+  buffer*, shared between methods (``MemoryPlanningPass(share_mutable_buffers=True)``), kept with
+  its initial values (``InitializedMutableBufferPass``) and named in the program
+  (``emit_mutable_buffer_names=True``). A second method, ``touch``, mutates the buffers
+  (``w.mul_(1)``); it is never run, it only makes the buffers memory-planned so that
+  ``method.get_attribute(name)`` returns a tensor aliasing the planned memory the forward reads.
+  The XNNPACK partition is selective (:mod:`edgeadapt.export.executorch_partition`): only the
+  linears whose weight is a buffer read it at run time; every other weight stays constant and
+  packed.
+- ``model.const.pte`` ("repack", base only): the same graph with every weight constant (what
+  XNNPACK packs at load). For each live weight the byte offset of its fp32 data in the file and
+  its layout are recorded, found by value; the repack runtime rewrites those bytes in a host copy
+  of the file and reloads the program.
+
+Shapes: one ``forward(input_ids[, attention_mask])`` with dynamic ``batch`` in [1, max_batch]
+and ``seq`` in [1, max_seq] (upper bounds memory-plan the activations).
+
+Branch variants add unfused branches around every live weight, built from the adapters
+package's own layers (never a second implementation), with every branch tensor a mutable buffer
+initialised to zeros (so the loaded program is the base model):
+
+- ``("lora", r)``: :class:`~edgeadapt.adapters.LoraLinear` with alpha = r (scaling 1):
+  ``y = x W^T + b + (x A^T) B^T``; A (r, in), B (out, r). The runtime zero-pads smaller ranks.
+- ``("sira", E, r, top_k, capacity_factor)``: :class:`~edgeadapt.adapters.SiraLinear` with
+  alpha = r: router (E, in), A (E, r, in), B (E, out, r); top_k and capacity_factor static.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeadapt.errors import ConfigError, ExportError
+from edgeadapt.models import LoadedModel, LogitsModule
+
+# Prefix LogitsModule puts in front of every torch name of the model.
+PREFIX = "model."
+TOUCH_METHOD = "touch"
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants and files
+# ---------------------------------------------------------------------------------------------
+
+
+def variant_name(branch: tuple | None) -> str | None:
+    """``None`` (base) | ``"lora-r8"`` | ``"sira-e4-r4-k2-cf1.5"``. Raises ConfigError."""
+    if branch is None:
+        return None
+    kind = branch[0] if branch else None
+    if kind == "lora" and len(branch) == 2 and _posint(branch[1]):
+        return f"lora-r{branch[1]}"
+    if kind == "sira" and len(branch) == 5 and all(_posint(v) for v in branch[1:4]):
+        E, r, k, cf = branch[1:]
+        if k > E or not (isinstance(cf, (int, float)) and cf > 0 and math.isfinite(cf)):
+            raise ConfigError(f"sira branch {branch!r}: need top_k <= E and capacity_factor > 0")
+        return f"sira-e{E}-r{r}-k{k}-cf{float(cf):g}"
+    raise ConfigError(f"branch {branch!r}: expected None, ('lora', r) or "
+                      "('sira', E, r, top_k, capacity_factor)")
+
+
+def _posint(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def pte_file_names(branch: tuple | None) -> tuple[str, str]:
+    """(live program, constant-weight program) file names of a variant."""
+    v = variant_name(branch)
+    stem = "model" if v is None else f"model.{v}"
+    return f"{stem}.pte", f"{stem}.const.pte"
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the module to export
+# ---------------------------------------------------------------------------------------------
+
+
+def _to_buffer(module: nn.Module, attr: str, zero: bool = False) -> None:
+    """Turn parameter ``module.<attr>`` into a buffer of the same name (a copy)."""
+    value = getattr(module, attr).detach().clone()
+    if zero:
+        value.zero_()
+    del module._parameters[attr]
+    module.register_buffer(attr, value)
+
+
+def _branch_layer(linear: nn.Linear, branch: tuple) -> nn.Module:
+    from edgeadapt.adapters import LoraLinear, SiraLinear
+
+    if branch[0] == "lora":
+        r = branch[1]
+        return LoraLinear(linear, r=r, alpha=float(r)).eval()
+    E, r, top_k, cf = branch[1:]
+    return SiraLinear(linear, E, r, alpha=float(r), top_k=top_k,
+                      capacity_factor=float(cf)).eval()
+
+
+def branch_param_names(branch: tuple | None) -> tuple[str, ...]:
+    """Names of the branch tensors inside each adapted layer."""
+    if branch is None:
+        return ()
+    return ("lora_A", "lora_B") if branch[0] == "lora" else ("sira_router", "sira_A", "sira_B")
+
+
+def build_live_model(lm: LoadedModel, live_weights: list[str], branch: tuple | None
+                     ) -> LoadedModel:
+    """A deep copy of ``lm`` whose live weights (and branch tensors, zeroed) are buffers."""
+    from edgeadapt.adapters.base import replace_module
+
+    model = copy.deepcopy(lm.model)
+    for wname in live_weights:
+        mname = wname.removesuffix(".weight")
+        linear = model.get_submodule(mname)
+        if branch is not None:
+            layer = _branch_layer(linear, branch)
+            replace_module(model, mname, layer)
+            for p in branch_param_names(branch):
+                _to_buffer(layer, p, zero=True)
+            linear = layer
+        _to_buffer(linear, "weight")
+    return dataclasses.replace(lm, model=model)
+
+
+def check_live_weights(lm: LoadedModel, live_weights: list[str]) -> None:
+    """Every live weight must be the (out, in) weight of an nn.Linear of the model."""
+    if not live_weights:
+        raise ConfigError("live_weights is empty: nothing would be editable")
+    for wname in live_weights:
+        mname, _, leaf = wname.rpartition(".")
+        try:
+            module = lm.model.get_submodule(mname)
+        except AttributeError:
+            raise ConfigError(f"live weight {wname!r} is not in model {lm.name!r}") from None
+        if leaf != "weight" or not isinstance(module, nn.Linear):
+            raise ConfigError(f"live weight {wname!r} is not the weight of an nn.Linear")
+
+
+class _Touch(nn.Module):
+    """Mutates every live buffer (``w.mul_(1)``) so the buffers get memory-planned."""
+
+    def __init__(self, wrapper: nn.Module, buffers: list[str]):
+        super().__init__()
+        self.model = wrapper.model
+        self.names = [b.removeprefix(PREFIX) for b in buffers]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name in self.names:
+            self.model.get_buffer(name).mul_(1.0)
+        return x + 1.0
+
+
+def _input_names(lm: LoadedModel) -> list[str]:
+    return ["input_ids", "attention_mask"] if lm.kind == "classifier" else ["input_ids"]
+
+
+def _example(lm: LoadedModel, batch: int, seq: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    from edgeadapt.models import example_inputs
+
+    ex = example_inputs(lm, batch=batch, seq=seq, seed=seed)
+    return tuple(ex[n] for n in _input_names(lm))
+
+
+def _export_forward(lm: LoadedModel, max_batch: int, max_seq: int):
+    wrapper = LogitsModule(lm)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    seq = torch.export.Dim("seq", min=1, max=max_seq)
+    names = _input_names(lm)
+    example = _example(lm, 2, min(8, max_seq))
+    try:
+        ep = torch.export.export(wrapper, example, strict=False,
+                                 dynamic_shapes=tuple({0: batch, 1: seq} for _ in names))
+    except Exception as exc:  # torch raises many kinds; report them as one
+        raise ExportError(f"torch.export of {lm.name} failed: {exc}") from exc
+    return wrapper, ep
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering
+# ---------------------------------------------------------------------------------------------
+
+
+def _lower_live(lm: LoadedModel, buffers: list[str], max_batch: int, max_seq: int) -> bytes:
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+
+    from edgeadapt.export.executorch_partition import selective_partitioner
+
+    wrapper, ep = _export_forward(lm, max_batch, max_seq)
+    ep_touch = torch.export.export(_Touch(wrapper, buffers), (torch.zeros(1),), strict=False)
+    wanted = set(buffers)
+    placeholders = sorted(
+        {ph for e in (ep, ep_touch) for ph, b in e.graph_signature.inputs_to_buffers.items()
+         if b in wanted})
+    edge = to_edge_transform_and_lower({"forward": ep, TOUCH_METHOD: ep_touch},
+                                       partitioner=[selective_partitioner()])
+    prog = edge.to_executorch(ExecutorchBackendConfig(
+        passes=[InitializedMutableBufferPass(placeholders)],
+        memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+        emit_mutable_buffer_names=True,
+    ))
+    return bytes(prog.buffer)
+
+
+def _lower_const(lm: LoadedModel, max_batch: int, max_seq: int) -> bytes:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    _, ep = _export_forward(lm, max_batch, max_seq)
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    return bytes(edge.to_executorch().buffer)
+
+
+def locate_weight(blob: bytes, weight: np.ndarray) -> dict[str, Any]:
+    """Byte offset and layout of ``weight`` (out, in) fp32 inside ``blob``, found by value.
+
+    Tries the torch layout, then the transpose. Raises ExportError unless exactly one match.
+    """
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    for layout, arr in (("as-is", w), ("transposed", np.ascontiguousarray(w.T))):
+        data = arr.tobytes()
+        at = blob.find(data)
+        if at >= 0:
+            if blob.find(data, at + 1) >= 0:
+                raise ExportError("weight bytes occur twice in the constant program: the "
+                                  "repack offset would be ambiguous")
+            return {"offset": at, "layout": layout}
+    raise ExportError("weight bytes not found in the constant program (packed or converted at "
+                      "export?): repack mode cannot rewrite it")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
+               branch: tuple | None = None, *, max_batch: int = 8, max_seq: int = 64,
+               repack: bool = True, verify: bool = True) -> dict:
+    """Export ``lm`` to ExecuTorch with ``live_weights`` editable in place; see the module doc.
+
+    Writes ``model[.<variant>].pte`` (and, for the base, ``model.const.pte`` when ``repack``:
+    branch variants are the unfused mode and always live) into ``out_dir``;
+    when ``verify``, runs them with ``executorch.runtime`` and compares with PyTorch (max
+    relative error <= 1e-4, after random edits written through ``get_attribute`` too), else
+    raises ExportError. Returns::
+
+        {"section": {"file", "methods", "inputs", "max_batch", "max_seq", "branch",
+                     "branch_buffers": {weight: {param: buffer}},
+                     "repack": {"file", "weights": {weight: {"offset", "layout"}}} | None},
+         "weights": {weight: {"buffer": name, "shape": [out, in]}},
+         "verify": {"base", "edited", ...: worst relative error}}      # when verify
+    """
+    check_live_weights(lm, live_weights)
+    if max_batch < 2 or max_seq < 2:
+        raise ConfigError(f"max_batch ({max_batch}) and max_seq ({max_seq}) must be >= 2")
+    variant_name(branch)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    live_file, const_file = pte_file_names(branch)
+    params = branch_param_names(branch)
+
+    live_lm = build_live_model(lm, list(live_weights), branch)
+    weight_buffers = {w: PREFIX + w for w in live_weights}
+    branch_buffers = {w: {p: PREFIX + w.removesuffix("weight") + p for p in params}
+                      for w in live_weights} if branch is not None else {}
+    all_buffers = list(weight_buffers.values()) + [
+        b for d in branch_buffers.values() for b in d.values()]
+    with torch.no_grad():
+        blob = _lower_live(live_lm, all_buffers, max_batch, max_seq)
+    _write_atomic(out_dir / live_file, blob)
+
+    repack_info = None
+    if repack and branch is None:
+        with torch.no_grad():
+            const_blob = _lower_const(lm, max_batch, max_seq)
+        repack_info = {"file": const_file, "weights": {
+            w: locate_weight(const_blob, lm.model.get_parameter(w).detach().numpy())
+            for w in live_weights}}
+        _write_atomic(out_dir / const_file, const_blob)
+
+    section = {
+        "file": live_file,
+        "methods": {"forward": "forward", "touch": TOUCH_METHOD},
+        "inputs": [{"name": n, "dtype": "int64", "shape": ["batch", "seq"]}
+                   for n in _input_names(lm)],
+        "max_batch": max_batch, "max_seq": max_seq,
+        "branch": None if branch is None else list(branch),
+        "branch_buffers": branch_buffers,
+        "repack": repack_info,
+    }
+    weights = {w: {"buffer": weight_buffers[w],
+                   "shape": list(lm.model.get_parameter(w).shape)} for w in live_weights}
+    result = {"section": section, "weights": weights}
+    if verify:
+        from edgeadapt.export.executorch_verify import verify_export
+
+        result["verify"] = verify_export(live_lm, out_dir, result)
+    return result

@@ -1,0 +1,115 @@
+"""Export-time checks of an ExecuTorch export: the programs run and match PyTorch, and every
+recorded buffer name / byte offset holds the weight it claims (checked by value and by edits).
+
+Relative error: ``max |y_et - y_pt| / max |y_pt|`` <= 1e-4 (fp32), else ExportError.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeadapt.errors import ExportError
+from edgeadapt.models import LoadedModel, LogitsModule
+
+MAX_REL_ERR = 1e-4
+
+
+def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    """``max |got - ref| / max |ref|``."""
+    ref = np.asarray(ref, dtype=np.float64)
+    return float(np.abs(np.asarray(got, dtype=np.float64) - ref).max()
+                 / max(np.abs(ref).max(), 1e-30))
+
+
+def check_shapes(max_batch: int, max_seq: int) -> list[tuple[int, int]]:
+    """The (batch, seq) shapes checked: 1x1, 1 x max_seq, max_batch x max_seq."""
+    return [(1, 1), (1, max_seq), (max_batch, max_seq)]
+
+
+def _inputs(lm: LoadedModel, names: list[str], batch: int, seq: int, seed: int
+            ) -> dict[str, np.ndarray]:
+    from edgeadapt.models import example_inputs
+
+    ex = example_inputs(lm, batch=batch, seq=seq, seed=seed)
+    return {n: ex[n].numpy() for n in names}
+
+
+def compare(store, lm: LoadedModel, shapes: list[tuple[int, int]], what: str,
+            seed: int = 0) -> float:
+    """Worst relative error of ``store.run`` against ``lm`` over ``shapes``; ExportError past
+    the tolerance."""
+    wrapper = LogitsModule(lm)
+    worst = 0.0
+    for b, s in shapes:
+        inp = _inputs(lm, store.input_names, b, s, seed)
+        with torch.no_grad():
+            ref = wrapper(**{k: torch.from_numpy(v) for k, v in inp.items()}).numpy()
+        got = store.run(inp)
+        if got.shape != ref.shape:
+            raise ExportError(f"{what}: output shape {got.shape} != PyTorch {ref.shape}")
+        err = rel_err(got, ref)
+        worst = max(worst, err)
+        if not err <= MAX_REL_ERR:
+            raise ExportError(f"{what}: batch {b} x seq {s}: max relative error {err:.3g} > "
+                              f"{MAX_REL_ERR:g} against PyTorch")
+    return worst
+
+
+def random_edit(live_lm: LoadedModel, store, seed: int = 1) -> None:
+    """Write random new values into every live weight and branch tensor of ``store`` and the
+    same values into ``live_lm`` (whose live weights and branch tensors are buffers)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = live_lm.model
+    with torch.no_grad():
+        for w, lw in store.live_weights().items():
+            buf = model.get_buffer(w)
+            new = buf + 0.5 * buf.std() * torch.randn(buf.shape, generator=gen)
+            buf.copy_(new)
+            lw.torch_view()[...] = new.numpy()
+        for w, params in store.branch_tensors().items():
+            prefix = w.removesuffix("weight")
+            for p, arr in params.items():
+                buf = model.get_buffer(prefix + p)
+                new = 0.05 * torch.randn(buf.shape, generator=gen)
+                buf.copy_(new)
+                arr[...] = new.numpy()
+    store.commit({w: None for w in store.live_weights()})
+
+
+def verify_export(live_lm: LoadedModel, out_dir: Path, result: dict) -> dict[str, float]:
+    """Load the written programs and check them (module doc). ``live_lm`` is edited in place.
+
+    Returns the worst relative errors {"base", "edited", "repack_base", "repack_edited"}.
+    """
+    from edgeadapt.runtime.executorch_backend import ExecutorchStore
+
+    section, weights = result["section"], result["weights"]
+    buffers = {w: info["buffer"] for w, info in weights.items()}
+    shapes = {w: tuple(info["shape"]) for w, info in weights.items()}
+    grid = check_shapes(section["max_batch"], section["max_seq"])
+    errs: dict[str, float] = {}
+
+    store = ExecutorchStore(out_dir, section, buffers, shapes, mode="live")
+    for w, lw in store.live_weights().items():
+        if not np.array_equal(lw.array, live_lm.model.get_buffer(w).numpy()):
+            raise ExportError(f"buffer {buffers[w]!r} does not hold weight {w!r}")
+    errs["base"] = compare(store, live_lm, grid, "executorch live program")
+    repack = section.get("repack") is not None
+    if repack:
+        const = ExecutorchStore(out_dir, section, buffers, shapes, mode="repack")
+        for w, lw in const.live_weights().items():
+            if not np.array_equal(lw.torch_view(), live_lm.model.get_buffer(w).numpy()):
+                raise ExportError(f"repack offset of {w!r} does not hold the weight")
+        errs["repack_base"] = compare(const, live_lm, grid[:1], "executorch constant program")
+    random_edit(live_lm, store)
+    errs["edited"] = compare(store, live_lm, grid[:2], "executorch live program after edits")
+    if repack:
+        for w, lw in const.live_weights().items():
+            lw.torch_view()[...] = live_lm.model.get_buffer(w).numpy()
+        const.commit({w: None for w in const.live_weights()})
+        errs["repack_edited"] = compare(const, live_lm, grid[:2],
+                                        "executorch constant program after repack")
+    return errs

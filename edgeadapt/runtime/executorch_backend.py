@@ -1,0 +1,164 @@
+"""The ExecuTorch weight store: live weights edited in place inside a loaded XNNPACK program.
+
+Two modes (see docs/export_executorch.md):
+
+- ``live``: loads ``section["file"]`` once. Each live weight is a shared mutable buffer of the
+  program; ``method.get_attribute(buffer)`` returns a tensor aliasing the planned memory the
+  forward reads (XNNPACK reads these linears' weights at run time, packing them per call), and
+  its ``.numpy()`` is the writable (out, in) array handed to the engine. ``commit`` is a no-op.
+  Branch tensors (LoRA A/B, SiRA router/A/B) of a branch variant are exposed the same way by
+  :meth:`ExecutorchStore.branch_tensors`.
+- ``repack``: keeps a host copy of the all-constant program (``section["repack"]["file"]``) and
+  hands the engine numpy views into that copy at the byte offsets recorded (and verified by
+  value) at export. ``commit`` reloads the program from the edited bytes, so XNNPACK packs every
+  weight again: each switch costs one copy of the program plus one load (packing), and every
+  forward then runs at the all-constant speed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeadapt.errors import BundleError, ConfigError
+from edgeadapt.runtime.engine import LiveWeight, WeightStore
+
+MODES = ("live", "repack")
+
+
+def _runtime():
+    try:
+        from executorch.runtime import Runtime
+    except ImportError as exc:  # pragma: no cover - executorch is a declared dependency
+        from edgeadapt.errors import MissingPackageError
+
+        raise MissingPackageError("backend 'executorch' needs: pip install executorch") from exc
+    return Runtime.get()
+
+
+class ExecutorchStore(WeightStore):
+    """A loaded ExecuTorch program plus numpy arrays aliasing its live weights.
+
+    directory: folder holding the .pte files.  section: the ``"section"`` dict returned by
+    :func:`edgeadapt.export.executorch.export_pte` (bundle.json's ``"executorch"`` entry).
+    buffers: torch weight name -> mutable buffer name.  shapes: weight -> (out, in).
+    sha256: weight -> base sha256 (checked by the engine), or None.
+    """
+
+    def __init__(self, directory: str | Path, section: dict[str, Any], buffers: dict[str, str],
+                 shapes: dict[str, tuple[int, int]], sha256: dict[str, str] | None = None,
+                 mode: str = "live") -> None:
+        if mode not in MODES:
+            raise ConfigError(f"executorch mode {mode!r} not in {MODES}")
+        self.directory = Path(directory)
+        self.section = section
+        self.mode = mode
+        self.input_names = [i["name"] for i in section["inputs"]]
+        self.max_batch = int(section["max_batch"])
+        self.max_seq = int(section["max_seq"])
+        sha256 = sha256 or {}
+        self._keep: list[Any] = []      # tensors whose memory the numpy arrays alias
+        self._branch: dict[str, dict[str, np.ndarray]] = {}
+        if mode == "live":
+            self._program = _runtime().load_program(self._path(section["file"]))
+            self._method = self._program.load_method(section["methods"]["forward"])
+            arrays = {w: self._attribute(b) for w, b in buffers.items()}
+            for w, params in section.get("branch_buffers", {}).items():
+                self._branch[w] = {p: self._attribute(b) for p, b in params.items()}
+            layouts = dict.fromkeys(buffers, "as-is")
+        else:
+            repack = section.get("repack")
+            if not repack:
+                raise BundleError("this ExecuTorch export has no constant program for repack "
+                                  "mode (branch variant, or exported with repack=False)")
+            self._blob = bytearray(self._path(repack["file"]).read_bytes())
+            arrays, layouts = {}, {}
+            for w in buffers:
+                info = repack["weights"][w]
+                out, inp = shapes[w]
+                layouts[w] = info["layout"]
+                shape = (out, inp) if info["layout"] == "as-is" else (inp, out)
+                arrays[w] = np.frombuffer(self._blob, dtype=np.float32, count=out * inp,
+                                          offset=int(info["offset"])).reshape(shape)
+            self._load_from_blob()
+        self._live = {w: LiveWeight(w, arrays[w], layouts[w], tuple(shapes[w]), sha256.get(w))
+                      for w in buffers}
+
+    # -- WeightStore ---------------------------------------------------------------------------
+
+    def live_weights(self) -> dict[str, LiveWeight]:
+        return self._live
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits of one forward; inputs: int64 (batch, seq) arrays named as in the section."""
+        import torch
+
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise ConfigError(f"executorch run: missing inputs {missing}")
+        args = []
+        for name in self.input_names:
+            arr = np.ascontiguousarray(inputs[name], dtype=np.int64)
+            if arr.ndim != 2 or not (1 <= arr.shape[0] <= self.max_batch
+                                     and 1 <= arr.shape[1] <= self.max_seq):
+                raise ConfigError(
+                    f"executorch run: {name} has shape {arr.shape}; this program takes "
+                    f"(batch <= {self.max_batch}, seq <= {self.max_seq}) — re-export with "
+                    "larger max_batch / max_seq")
+            args.append(torch.from_numpy(arr))
+        return self._method.execute(args)[0].numpy()
+
+    def commit(self, changes: dict[str, np.ndarray | None]) -> None:
+        """Live: nothing to do (the program reads the buffers). Repack: reload the program."""
+        if self.mode == "repack" and changes:
+            self._load_from_blob()
+
+    # -- extras --------------------------------------------------------------------------------
+
+    def branch_tensors(self) -> dict[str, dict[str, np.ndarray]]:
+        """Branch variant: weight -> {param: writable array aliasing its buffer} (zero = off)."""
+        return self._branch
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _path(self, name: str) -> Path:
+        path = self.directory / name
+        if not path.is_file():
+            raise BundleError(f"ExecuTorch program {path} is missing")
+        return path
+
+    def _attribute(self, buffer: str) -> np.ndarray:
+        try:
+            tensor = self._method._method.get_attribute(buffer)
+        except RuntimeError as exc:
+            raise BundleError(f"ExecuTorch program has no mutable buffer {buffer!r}: {exc}"
+                              ) from exc
+        self._keep.append(tensor)
+        arr = tensor.numpy()
+        if not arr.flags.writeable:
+            raise BundleError(f"buffer {buffer!r} is not writable")
+        return arr
+
+    def _load_from_blob(self) -> None:
+        program = _runtime().load_program(bytes(self._blob))
+        method = program.load_method(self.section["methods"]["forward"])
+        self._program, self._method = program, method
+
+
+def open_store(directory: str | Path, manifest: dict[str, Any], mode: str = "live",
+               section: dict[str, Any] | None = None) -> ExecutorchStore:
+    """An :class:`ExecutorchStore` from a bundle.json dict (its ``"executorch"`` section unless
+    ``section`` names another variant's)."""
+    section = section or manifest.get("executorch")
+    if not section:
+        raise BundleError("bundle has no ExecuTorch program; re-export with --formats pte")
+    weights = manifest.get("weights", {})
+    try:
+        buffers = {w: info["executorch"]["buffer"] for w, info in weights.items()}
+        shapes = {w: tuple(info["shape"]) for w, info in weights.items()}
+    except (KeyError, TypeError) as exc:
+        raise BundleError(f"bundle.json weights lack ExecuTorch buffer names: {exc}") from exc
+    sha = {w: info["sha256"] for w, info in weights.items() if "sha256" in info}
+    return ExecutorchStore(directory, section, buffers, shapes, sha, mode)
