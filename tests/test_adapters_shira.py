@@ -22,7 +22,7 @@ from edgeadapt.adapters import (
     trainable_parameters,
 )
 from edgeadapt.adapters.shira.masks import mask_budget, select_mask
-from edgeadapt.errors import ConfigError, UnknownNameError
+from edgeadapt.errors import AdapterFormatError, ConfigError, UnknownNameError
 from edgeadapt.models import example_inputs, forward, load_model
 
 torch.set_num_threads(1)
@@ -250,6 +250,10 @@ def test_checkpoint_round_trip_keeps_masks_and_values():
         torch.testing.assert_close(forward(fresh, inputs), forward(lm, inputs), rtol=0, atol=0)
     for k, v in adapter_state(fresh.model).items():
         assert torch.equal(v, state[k])
+    key = next(k for k in state if k.endswith("shira_indices"))
+    for bad in (state[key].flip(0), state[key] + 10**6, state[key][:0]):
+        with pytest.raises(AdapterFormatError, match="indices"):
+            load_adapter_state(load_model("tiny-smollm2").model, config, {**state, key: bad})
 
 
 def test_bad_configs_are_config_errors():

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from edgeadapt.adapters import (
@@ -73,6 +75,19 @@ def test_route_matches_loop_reference_and_respects_capacity(T, E, k, cf):
     assert torch.all((gates != 0).sum(1) <= k)
     if cf >= E / k:   # capacity >= T: nothing is dropped, each token's weights sum to 1
         torch.testing.assert_close(gates.sum(1), torch.ones(T, dtype=torch.float64))
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 24), E=st.integers(1, 6), data=st.data())
+def test_route_property_matches_reference(T, E, data):
+    k = data.draw(st.integers(1, E))
+    cf = data.draw(st.floats(0.05, 3.0))
+    seed = data.draw(st.integers(0, 2**16))
+    probs = torch.softmax(torch.randn(T, E, dtype=torch.float64,
+                                      generator=torch.Generator().manual_seed(seed)), -1)
+    gates = route(probs, k, expert_capacity(cf, k, T, E))
+    torch.testing.assert_close(gates, reference_gates(probs, k, cf), rtol=1e-12, atol=1e-12)
+    assert int((gates != 0).sum(0).max()) <= expert_capacity(cf, k, T, E)
 
 
 def test_zero_probabilities_are_never_routed():

@@ -169,6 +169,17 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
             for name, layer in adapted_layers(model) for k, v in layer.adapter_tensors().items()}
 
 
+def _checked_indices(key: str, idx: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+    """SHiRA indices from a checkpoint: 1-D, strictly increasing, inside the weight."""
+    idx = idx.to(torch.int64)
+    size = linear.weight.numel()
+    if idx.dim() != 1 or idx.numel() == 0 or bool((idx[1:] <= idx[:-1]).any()) \
+            or int(idx[0]) < 0 or int(idx[-1]) >= size:
+        raise AdapterFormatError(f"adapter state {key!r}: SHiRA indices must be a non-empty, "
+                                 f"strictly increasing 1-D list inside [0, {size})")
+    return idx
+
+
 def load_adapter_state(model: nn.Module, config: AdapterConfig,
                        state: dict[str, torch.Tensor]) -> list[str]:
     """Attach ``config`` to ``model`` and load ``state`` (from :func:`adapter_state`) into it.
@@ -183,7 +194,7 @@ def load_adapter_state(model: nn.Module, config: AdapterConfig,
             key = f"{name}.shira_indices"
             if key not in state:
                 raise AdapterFormatError(f"adapter state lacks {key!r}")
-            masks[name] = state[key].to(torch.int64)
+            masks[name] = _checked_indices(key, state[key], model.get_submodule(name))
     names = _attach(model, config, masks=masks)
     expected: dict[str, torch.Tensor] = {
         f"{name}.{k}": v for name, layer in adapted_layers(model)
