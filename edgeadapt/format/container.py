@@ -73,6 +73,9 @@ def atomic_write_bytes(path: str | os.PathLike, chunks: list[bytes | memoryview]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)

@@ -1,0 +1,153 @@
+"""``export_adapter``: a training run -> ``adapters/<name>.eadp`` registered in a bundle.
+
+Checks, before anything is written: every weight the adapter touches is adaptable in the bundle
+(TargetMismatchError naming them and the ``--targets`` to re-export with) and was trained on the
+bundle's base (per-weight sha256, FingerprintMismatchError). SiRA adapters (and LoRA / SoRA
+with ``unfused=True``) need a graph variant carrying the branches; it is exported into the
+bundle the first time it is needed and recorded under ``variants`` in bundle.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from edgeadapt.errors import ConfigError, ExportError, TargetMismatchError
+from edgeadapt.export.bundle import (
+    FORMATS,
+    _normalise_section,
+    base_weight_entries,
+    run_exporters,
+)
+from edgeadapt.format.adapter_file import VALUE_DTYPES, check_against_manifest, read_adapter
+from edgeadapt.format.adapter_file import write_adapter as _write_adapter
+from edgeadapt.format.manifest import (
+    AdapterEntry,
+    Manifest,
+    read_manifest,
+    variant_key,
+    write_manifest,
+)
+from edgeadapt.format.types import Adapter, LoraDelta, SiraBranch
+
+log = logging.getLogger("edgeadapt.export")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def load_run_adapter(run_dir: str | Path) -> tuple[Adapter, dict[str, Any]]:
+    """The numpy Adapter of a training run (``edgeadapt.train.load_run`` + ``extract``), with
+    the run's base weight hashes, and the run info (adapter.json)."""
+    from edgeadapt.adapters import extract
+    from edgeadapt.train import load_run
+
+    lm, info = load_run(run_dir)
+    if info.get("method") == "none":
+        raise ConfigError(f"{run_dir}: a head-only run (method 'none') has no adapter to export")
+    adapter = extract(lm.model, weight_sha256=info.get("weight_sha256") or None)
+    adapter.meta.update({k: info[k] for k in ("task", "model") if info.get(k) is not None})
+    adapter.meta["run"] = Path(run_dir).name
+    return adapter, info
+
+
+def check_targets(adapter: Adapter, manifest: Manifest, info: dict[str, Any],
+                  where: str) -> None:
+    """TargetMismatchError unless every target is a live weight of the bundle."""
+    missing = sorted(n for n in adapter.targets if n not in manifest.weights)
+    if not missing:
+        return
+    spec = (info.get("config") or {}).get("targets") or info.get("targets_spec")
+    if not isinstance(spec, str):
+        modules = sorted(n.removesuffix(".weight") for n in adapter.targets)
+        spec = "(" + "|".join(re.escape(m) for m in modules) + ")$"
+    raise TargetMismatchError(
+        f"{where}: the adapter touches {len(missing)} weight(s) the bundle does not expose as "
+        f"adaptable: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. The bundle "
+        f"was exported with --targets {manifest.targets_spec!r}; re-export the base with "
+        f"--targets '{spec}'")
+
+
+def branch_for(adapter: Adapter, unfused: bool) -> tuple | None:
+    """The graph branch an adapter needs: SiRA ``("sira", E, r, top_k, cf)`` (always),
+    LoRA/SoRA ``("lora", max rank)`` when ``unfused``, else None (fused switching)."""
+    deltas = list(adapter.targets.values())
+    if adapter.method == "sira":
+        shapes = {(d.num_experts, int(d.A.shape[1]), d.top_k, float(d.capacity_factor))
+                  for d in deltas if isinstance(d, SiraBranch)}
+        if len(shapes) != 1:
+            raise ExportError(f"SiRA targets differ in (E, r, top_k, capacity_factor): "
+                              f"{sorted(shapes)}; one graph variant needs them equal")
+        return ("sira", *shapes.pop())
+    if unfused and adapter.method in ("lora", "sora"):
+        rank = max((d.rank for d in deltas if isinstance(d, LoraDelta)), default=0)
+        if rank < 1:
+            raise ExportError("every rank of this adapter was pruned: nothing to run unfused")
+        return ("lora", rank)
+    if unfused:
+        raise ConfigError(f"{adapter.method} adapters have no unfused graph variant")
+    return None
+
+
+def ensure_variant(bundle: Path, manifest: Manifest, branch: tuple, check: bool = True) -> str:
+    """Export the graph variant carrying ``branch`` into the bundle if it is not there yet;
+    record it in ``manifest.variants`` (not written here). Returns its key."""
+    from edgeadapt.models import load_model
+
+    key = variant_key(branch)
+    if key in manifest.variants:
+        return key
+    lm = load_model(manifest.model, num_labels=manifest.extra.get("num_labels") or 2,
+                    seed=int(manifest.extra.get("seed") or 0))
+    live = list(manifest.weights)
+    reloaded = base_weight_entries(lm, live)
+    changed = [n for n in live if reloaded[n].sha256 != manifest.weights[n].sha256]
+    if changed:
+        raise ExportError(f"{bundle}: reloading base model {manifest.model!r} gives different "
+                          f"weights ({changed[0]} ...) than the bundle; re-export the base")
+    formats = [f for f, (key_, _, _) in FORMATS.items() if getattr(manifest, key_) is not None]
+    results = run_exporters(lm, bundle, live, formats, branch=branch, check=check)
+    variant: dict[str, Any] = {"branch": {"kind": branch[0], "spec": list(branch)},
+                               "weights": {n: {} for n in live}}
+    for sec, res in results.items():
+        variant[sec] = _normalise_section(sec, res["section"])
+        for name, entry in res["weights"].items():
+            variant["weights"][name][sec] = entry
+    manifest.variants[key] = variant
+    return key
+
+
+def export_adapter(run_dir: str | Path, bundle: str | Path, name: str,
+                   value_dtype: str = "float16", *, unfused: bool = False,
+                   check: bool = True) -> Path:
+    """Write ``bundle/adapters/<name>.eadp`` from a training run and register it in
+    ``bundle.json``; returns the file's path.
+
+    value_dtype: ``float16`` | ``bfloat16`` | ``float32`` for the stored values.
+    unfused: for LoRA / SoRA, also export (once) a graph variant with LoRA branches, so the
+        adapter can run without weight edits. SiRA always gets its variant.
+    """
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"adapter name {name!r}: use letters, digits, '_', '.', '-' (max 64)")
+    if value_dtype not in VALUE_DTYPES:
+        raise ConfigError(f"--dtype {value_dtype!r}: choose from {', '.join(VALUE_DTYPES)}")
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    adapter, info = load_run_adapter(run_dir)
+    where = f"run {run_dir}"
+    check_targets(adapter, manifest, info, where)
+    check_against_manifest(adapter, manifest, where)
+
+    branch = branch_for(adapter, unfused)
+    variant = ensure_variant(bundle, manifest, branch, check) if branch is not None else None
+    rel = f"adapters/{name}.eadp"
+    path = _write_adapter(bundle / rel, adapter, value_dtype)
+    read_adapter(path, manifest)  # what the runtime will do: fail here, not on the device
+    if name in manifest.adapters:
+        log.info("replacing adapter %r in %s", name, bundle)
+    manifest.adapters[name] = AdapterEntry(
+        file=rel, method=adapter.method, variant=variant,
+        info={"value_dtype": value_dtype, "targets": len(adapter.targets),
+              **({"task": adapter.meta["task"]} if "task" in adapter.meta else {})})
+    write_manifest(bundle, manifest)
+    return path

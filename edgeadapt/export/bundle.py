@@ -1,0 +1,144 @@
+"""``export_base``: a base model -> a deployment bundle (graphs + ``bundle.json``).
+
+Steps: load the model, resolve ``targets`` to the adaptable (live) base weight names, hash each
+(sha256 of its fp32 bytes, torch layout), call every backend exporter with those live weights,
+and write ``bundle.json`` with, per weight, where each backend keeps it. Backend exporters:
+:func:`edgeadapt.export.onnx.export_onnx` and :func:`edgeadapt.export.executorch.export_pte`,
+each returning ``{"section": {...}, "weights": {name: {...}}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from edgeadapt.errors import ConfigError, EdgeAdaptError, ExportError
+from edgeadapt.format.manifest import Manifest, WeightEntry, read_manifest, write_manifest
+
+log = logging.getLogger("edgeadapt.export")
+
+#: --formats name -> (bundle.json section key, module, function).
+FORMATS = {"onnx": ("onnx", "edgeadapt.export.onnx", "export_onnx"),
+           "pte": ("executorch", "edgeadapt.export.executorch", "export_pte")}
+
+
+def backend_exporter(fmt: str) -> Callable[..., dict] | None:
+    """The exporter function of ``fmt`` ("onnx" | "pte"), or None if it cannot be imported."""
+    import importlib
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; use {', '.join(FORMATS)}")
+    _, module, func = FORMATS[fmt]
+    try:
+        return getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as exc:
+        log.warning("skipping %s: its exporter is not available (%s)", fmt, exc)
+        return None
+
+
+def parse_formats(formats: str | Iterable[str]) -> list[str]:
+    """``"onnx,pte"`` or an iterable -> validated list of format names."""
+    items = [f.strip() for f in formats.split(",")] if isinstance(formats, str) else list(formats)
+    items = [f for f in items if f]
+    bad = [f for f in items if f not in FORMATS]
+    if bad or not items:
+        raise ConfigError(f"--formats {','.join(items) or '(empty)'}: choose from "
+                          f"{', '.join(FORMATS)}")
+    return items
+
+
+def base_weight_entries(lm: Any, names: list[str]) -> dict[str, WeightEntry]:
+    """Shape, dtype and sha256 (fp32 bytes, torch layout) of each named base weight."""
+    from edgeadapt.format.fingerprint import weight_sha256
+
+    params = dict(lm.model.named_parameters())
+    return {n: WeightEntry(shape=tuple(params[n].shape), dtype="float32",
+                           sha256=weight_sha256(params[n].detach().float().cpu().numpy()))
+            for n in names}
+
+
+def run_exporters(lm: Any, out: Path, live: list[str], formats: list[str],
+                  branch: tuple | None = None, check: bool = True) -> dict[str, dict]:
+    """Call each available backend exporter; returns {section key: exporter result}."""
+    results = {}
+    for fmt in formats:
+        exporter = backend_exporter(fmt)
+        if exporter is None:
+            continue
+        kwargs = {"check": check} if fmt == "onnx" else {"verify": check}
+        log.info("exporting %s%s ...", fmt, "" if branch is None else f" with branch {branch}")
+        results[FORMATS[fmt][0]] = exporter(lm, out, live, branch, **kwargs)
+    if not results:
+        raise ExportError(f"no backend exporter available for formats {formats}")
+    return results
+
+
+def _normalise_section(key: str, section: dict) -> dict:
+    """bundle.json names the ONNX live-weights file ``live_weights`` (docs/design.md)."""
+    if key == "onnx" and "live_weights" not in section and "live_weights_file" in section:
+        section = {**section, "live_weights": section["live_weights_file"]}
+    return section
+
+
+def export_base(model: str | Path | Any, out: str | Path,
+                formats: str | Iterable[str] = ("onnx", "pte"), targets: str = "qv", *,
+                num_labels: int = 2, seed: int = 0, check: bool = True) -> Path:
+    """Export a base model to the bundle directory ``out`` and return ``out``.
+
+    model: a registry name (``smollm2`` | ``minilm`` | ``tiny-*``), a Hugging Face directory, or
+        an already loaded :class:`~edgeadapt.models.LoadedModel`.
+    formats: ``"onnx"`` and/or ``"pte"`` (a format whose exporter is missing is skipped with a
+        warning; none available -> ExportError).
+    targets: preset (``qv`` | ``attn`` | ``all``) or regex over nn.Linear module names; those
+        weights are live (editable in place), every other weight stays constant.
+    check: let each exporter verify its graph against PyTorch (ExportError on mismatch).
+    Adapters already registered in ``out`` are kept if they still fit the new base.
+    """
+    from edgeadapt.models import load_model, target_weight_names
+
+    fmts = parse_formats(formats)
+    lm = model if hasattr(model, "model") and hasattr(model, "kind") else load_model(
+        str(model), num_labels=num_labels, seed=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    live = target_weight_names(lm.model, targets)
+    weights = base_weight_entries(lm, live)
+    results = run_exporters(lm, out, live, fmts, check=check)
+    sections = {}
+    for key, res in results.items():
+        sections[key] = _normalise_section(key, res["section"])
+        for name, entry in res["weights"].items():
+            setattr(weights[name], key, entry)
+    inputs = next((s["inputs"] for s in sections.values() if s.get("inputs")), [])
+    extra = {"num_labels": getattr(lm.model.config, "num_labels", None) if
+             lm.kind == "classifier" else None, "seed": seed}
+    manifest = Manifest(model=lm.name, kind=lm.kind, targets_spec=targets, weights=weights,
+                        inputs=inputs, onnx=sections.get("onnx"),
+                        executorch=sections.get("executorch"), extra=extra)
+    _keep_fitting_adapters(out, manifest)
+    write_manifest(out, manifest)
+    log.info("wrote %s: %d live weights, formats %s", out / "bundle.json", len(live),
+             ", ".join(sections))
+    return out
+
+
+def _keep_fitting_adapters(out: Path, manifest: Manifest) -> None:
+    """Carry over fused adapters of a previous bundle.json that still fit (graph variants are
+    invalidated by re-exporting the base, so adapters that need one are dropped)."""
+    from edgeadapt.format.adapter_file import read_adapter
+
+    try:
+        old = read_manifest(out)
+    except EdgeAdaptError:
+        return
+    for name, entry in old.adapters.items():
+        try:
+            if entry.variant is not None:
+                raise ExportError("its graph variant must be re-exported")
+            read_adapter(out / entry.file, manifest)
+        except EdgeAdaptError as exc:
+            log.warning("dropping adapter %r from the re-exported bundle: %s", name, exc)
+            continue
+        manifest.adapters[name] = entry

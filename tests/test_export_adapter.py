@@ -1,0 +1,142 @@
+"""Export orchestration: bundle.json from a tiny base, adapters from training runs.
+
+References: the base weights hashed here with hashlib; the run's own PyTorch model (adapter
+layers attached) against a fresh base with the exported file applied by the adapters package's
+PyTorch reference (``apply_adapter_torch``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgeadapt.adapters import (
+    LoraConfig,
+    ShiraConfig,
+    SiraConfig,
+    adapter_state,
+    apply_adapter_torch,
+    attach,
+)
+from edgeadapt.errors import ConfigError, FingerprintMismatchError, TargetMismatchError
+from edgeadapt.export import export_adapter
+from edgeadapt.export.cli import export
+from edgeadapt.format import read_adapter, read_manifest
+from edgeadapt.models import example_inputs, forward, load_model, target_weight_names
+from edgeadapt.train.run import base_weight_hashes, save_run
+
+torch.set_num_threads(1)
+MODEL = "tiny-smollm2"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A base bundle exported through the CLI (ONNX only, parity check left to the exporter's
+    own tests to keep this file fast)."""
+    out = tmp_path_factory.mktemp("bundle")
+    res = CliRunner().invoke(export, ["base", "--model", MODEL, "--out", str(out), "--formats",
+                                      "onnx", "--no-check"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return out
+
+
+def make_run(path, config, seed=0):
+    """A run directory as the trainer writes it, with random (non-zero) adapter values."""
+    lm = load_model(MODEL, seed=seed)
+    names = attach(lm.model, config)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    weights = [n if n.endswith(".weight") else f"{n}.weight" for n in names]
+    fresh = load_model(MODEL, seed=seed)
+    info = {"method": config.method, "config": config.to_dict(), "model": MODEL, "task": "t",
+            "targets": weights, "weight_sha256": base_weight_hashes(fresh, weights),
+            "seed": seed}
+    save_run(path, lm, info, adapter_state(lm.model), {})
+    return lm
+
+
+def test_base_manifest(bundle):
+    m = read_manifest(bundle)
+    base = load_model(MODEL)
+    params = dict(base.model.named_parameters())
+    expected = target_weight_names(base.model, "qv")
+    assert sorted(m.weights) == sorted(expected) and m.targets_spec == "qv"
+    for name, w in m.weights.items():
+        arr = params[name].detach().numpy()
+        assert w.sha256 == hashlib.sha256(np.ascontiguousarray(arr, np.float32).tobytes()
+                                          ).hexdigest()
+        assert w.shape == arr.shape and w.onnx["layout"] in ("as-is", "transposed")
+    assert (bundle / m.onnx["file"]).is_file() and m.kind == "causal-lm"
+
+
+@pytest.mark.parametrize(("config", "dtype"), [
+    (ShiraConfig(mask="random", density=0.05), "float32"),
+    (LoraConfig(r=2), "float32"),
+    (ShiraConfig(mask="random", density=0.05), "float16"),
+])
+def test_export_adapter_matches_the_run(bundle, tmp_path, config, dtype):
+    run_model = make_run(tmp_path / "run", config)
+    name = f"{config.method}-{dtype}"
+    path = export_adapter(tmp_path / "run", bundle, name, dtype)
+    m = read_manifest(bundle)
+    assert m.adapters[name].file == f"adapters/{name}.eadp" and path == bundle / m.adapters[
+        name].file
+    assert m.adapters[name].method == config.method and m.adapters[name].variant is None
+    adapter = read_adapter(path, m)
+    base = load_model(MODEL)
+    apply_adapter_torch(base.model, adapter)
+    x = example_inputs(base, batch=2, seq=8, seed=3)
+    with torch.no_grad():
+        got, want = forward(base, x), forward(run_model, x)
+    tol = 1e-5 if dtype == "float32" else 2e-3  # fp16 storage rounds the values
+    assert torch.allclose(got, want, atol=tol, rtol=tol), (got - want).abs().max()
+    if dtype != "float32":  # and the rounding did change something: the check can fail
+        exact = read_adapter(export_adapter(tmp_path / "run", bundle, "exact", "float32"), m)
+        assert not np.array_equal(
+            next(iter(exact.targets.values())).values, next(iter(adapter.targets.values())).values)
+
+
+def test_targets_outside_bundle(bundle, tmp_path):
+    make_run(tmp_path / "run", LoraConfig(r=2, targets="attn"))
+    with pytest.raises(TargetMismatchError, match=r"k_proj.*--targets 'attn'"):
+        export_adapter(tmp_path / "run", bundle, "wide")
+    assert "wide" not in read_manifest(bundle).adapters
+
+
+def test_other_base_model(bundle, tmp_path):
+    make_run(tmp_path / "run", ShiraConfig(density=0.05), seed=1)
+    with pytest.raises(FingerprintMismatchError, match="different base model"):
+        export_adapter(tmp_path / "run", bundle, "other")
+    assert not (bundle / "adapters" / "other.eadp").exists()
+
+
+def test_cli_adapter(bundle, tmp_path):
+    make_run(tmp_path / "run", ShiraConfig(density=0.02))
+    runner = CliRunner()
+    res = runner.invoke(export, ["adapter", str(tmp_path / "run"), "--bundle", str(bundle),
+                                 "--name", "cli", "--dtype", "bfloat16"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    data = json.loads((bundle / "bundle.json").read_text())
+    assert data["adapters"]["cli"]["value_dtype"] == "bfloat16"
+    bad = runner.invoke(export, ["adapter", str(tmp_path / "run"), "--bundle", str(bundle),
+                                 "--name", "../evil"])
+    assert isinstance(bad.exception, ConfigError)
+
+
+@pytest.mark.slow
+def test_sira_adapter_gets_a_graph_variant(bundle, tmp_path):
+    make_run(tmp_path / "run", SiraConfig(num_experts=3, r=2, top_k=2))
+    path = export_adapter(tmp_path / "run", bundle, "sira")
+    m = read_manifest(bundle)
+    key = m.adapters["sira"].variant
+    assert key is not None and key.startswith("sira-e3-r2-k2")
+    assert (bundle / m.variants[key]["onnx"]["file"]).is_file()
+    assert read_adapter(path, m).method == "sira"
