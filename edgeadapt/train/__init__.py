@@ -4,7 +4,14 @@ The ``edgeadapt train`` and ``edgeadapt quickstart`` commands live in :mod:`.cli
 """
 
 from edgeadapt.train.run import load_run, save_run
-from edgeadapt.train.trainer import METHODS, TrainConfig, adapter_config, describe, train
+from edgeadapt.train.trainer import (
+    METHODS,
+    TrainConfig,
+    TrainResult,
+    adapter_config,
+    describe,
+    train,
+)
 
-__all__ = ["METHODS", "TrainConfig", "adapter_config", "describe", "load_run", "save_run",
-           "train"]
+__all__ = ["METHODS", "TrainConfig", "TrainResult", "adapter_config", "describe", "load_run",
+           "save_run", "train"]

@@ -119,11 +119,21 @@ def _count(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
-          ) -> dict[str, Any]:
-    """Train one run; write it to ``out`` (rank 0) if given. Returns the metrics dict.
+@dataclasses.dataclass
+class TrainResult:
+    """metrics: what metrics.json holds (on rank 0; ``{}`` on other ranks). lm: the trained
+    model, adapter attached, in eval mode. targets: the adapted base weight names."""
 
-    Also usable as a library call: ``train(TrainConfig(model="tiny-minilm", ...))``.
+    metrics: dict[str, Any]
+    lm: LoadedModel
+    targets: list[str]
+
+
+def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
+          ) -> TrainResult:
+    """Train one run; write it to ``out`` (rank 0) if given.
+
+    Also usable as a library call: ``train(TrainConfig(model="tiny-minilm", ...)).metrics``.
     """
     from edgeadapt.adapters import (
         adapter_state,
@@ -258,7 +268,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
                     "max_len": cfg.max_len, "seed": cfg.seed}
             save_run(Path(out), lm, info, adapter_state(lm.model) if config else {}, metrics)
     barrier(world)
-    return metrics
+    return TrainResult(metrics if world.main else {}, lm, targets)
 
 
 def sora_summary(lm: LoadedModel, ranks: dict[str, int], config) -> dict[str, Any]:
