@@ -58,6 +58,10 @@ def _open_store(backend: str, bundle_dir: Path, manifest: Manifest, device: str,
     if backend not in BACKENDS:
         raise UnknownNameError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     module = importlib.import_module(f"edgeadapt.runtime.{backend}_backend")
+    if backend == "executorch":
+        if device != "cpu":
+            raise ConfigError("backend 'executorch' runs on device='cpu' only")
+        return module.open_store(bundle_dir, manifest.to_dict(), mode=mode)
     return module.open_store(bundle_dir, manifest, device=device, mode=mode, threads=threads)
 
 

@@ -1,0 +1,187 @@
+"""``edgeadapt.runtime.load`` on bundles exported from tiny transformers: after every switch the
+ONNX Runtime output equals the PyTorch model carrying the same adapters
+(``edgeadapt.adapters.apply_adapter_torch``), the base comes back bit for bit, bad switches
+leave the weights untouched, and the parity check catches stale prepacked weights."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edgeadapt.adapters import apply_adapter_torch  # noqa: E402
+from edgeadapt.errors import (  # noqa: E402
+    ConfigError,
+    FingerprintMismatchError,
+    UnknownNameError,
+)
+from edgeadapt.export.bundle import export_base  # noqa: E402
+from edgeadapt.format import (  # noqa: E402
+    Adapter,
+    AdapterEntry,
+    LoraDelta,
+    ShiraDelta,
+    read_adapter,
+    read_manifest,
+    weight_sha256,
+    write_adapter,
+    write_manifest,
+)
+from edgeadapt.models import example_inputs, forward, load_model  # noqa: E402
+from edgeadapt.runtime import choose_mode, load  # noqa: E402
+
+RTOL = 1e-4
+
+
+def _adapters(lm, names, seed):
+    """Hand-made SHiRA (5%), a second overlapping SHiRA and a rank-2 LoRA on the live weights."""
+    rng = np.random.default_rng(seed)
+    params = dict(lm.model.named_parameters())
+    w = {n: params[n].detach().numpy() for n in names}
+    sha = {n: weight_sha256(v) for n, v in w.items()}
+    shapes = {n: tuple(v.shape) for n, v in w.items()}
+
+    def shira(sel, density):
+        t = {}
+        for n in sel:
+            idx = np.sort(rng.choice(w[n].size, int(density * w[n].size), replace=False))
+            t[n] = ShiraDelta(idx.astype(np.int64), (1.0 * rng.standard_normal(idx.size))
+                              .astype(np.float32))
+        return Adapter("shira", t, {n: shapes[n] for n in sel}, {n: sha[n] for n in sel})
+
+    lora = {n: LoraDelta((0.5 * rng.standard_normal((2, w[n].shape[1]))).astype(np.float32),
+                         (0.5 * rng.standard_normal((w[n].shape[0], 2))).astype(np.float32))
+            for n in names[::2]}
+    return {"s1": shira(names, 0.05), "s2": shira(names[: len(names) // 2 + 1], 0.2),
+            "l1": Adapter("lora", lora, {n: shapes[n] for n in lora}, {n: sha[n] for n in lora})}
+
+
+@pytest.fixture(scope="module", params=["tiny-smollm2", "tiny-minilm"])
+def exported(request, tmp_path_factory):
+    torch.set_num_threads(1)
+    lm = load_model(request.param, num_labels=2, seed=0)
+    out = tmp_path_factory.mktemp(request.param)
+    export_base(lm, out, formats="onnx", targets="qv", check=False)
+    manifest = read_manifest(out)
+    (out / "adapters").mkdir()
+    for name, ad in _adapters(lm, sorted(manifest.weights), seed=1).items():
+        write_adapter(out / "adapters" / f"{name}.eadp", ad, value_dtype="float32")
+        manifest.adapters[name] = AdapterEntry(file=f"adapters/{name}.eadp", method=ad.method)
+    write_manifest(out, manifest)
+    return lm, out
+
+
+def torch_reference(lm, bundle, active, inputs):
+    """The PyTorch model carrying the same adapters (read back from the bundle's files)."""
+    ref = copy.deepcopy(lm)
+    manifest = read_manifest(bundle)
+    for name, scale in active:
+        apply_adapter_torch(ref.model, read_adapter(bundle / manifest.adapters[name].file),
+                            scale)
+    with torch.no_grad():
+        return forward(ref, inputs).numpy()
+
+
+def parity(got, want) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def _inputs(lm):
+    t = example_inputs(lm, batch=2, seq=7, seed=3)
+    return t, {k: v.numpy() for k, v in t.items()}
+
+
+@pytest.mark.parametrize("mode", ["live", "repack"])
+def test_every_switch_matches_pytorch(exported, mode):
+    lm, bundle = exported
+    t_in, np_in = _inputs(lm)
+    rt = load(bundle, backend="onnxruntime", mode=mode, threads=1)
+    base = rt.run(**np_in)
+    assert parity(base, torch_reference(lm, bundle, [], t_in)) <= RTOL
+    for names, scales in [("s1", None), (["s1", "s2"], [1.0, 0.5]), ("l1", None),
+                          (["l1", "s2"], [0.5, -1.0]), (None, None), (["s2"], [2.0])]:
+        rt.switch(names, scales)
+        active = list(zip(rt.active, scales or [1.0] * len(rt.active), strict=True))
+        want = torch_reference(lm, bundle, active, t_in)
+        got = rt.run(**np_in)
+        assert parity(got, want) <= RTOL, (mode, names)
+        if names is None:
+            assert np.array_equal(got, base)
+        else:
+            # the adapter's effect is well above the backend-vs-PyTorch error
+            assert parity(got, base) > 10 * parity(got, want)
+    rt.switch(None)
+    assert np.array_equal(rt.run(**np_in), base)
+
+
+def test_parity_check_fails_on_stale_packed_weights(exported):
+    """Prepacked weights edited without a rebuild keep the old output: the check must say so."""
+    lm, bundle = exported
+    t_in, np_in = _inputs(lm)
+    rt = load(bundle, mode="repack", threads=1)
+    rt.store.commit = lambda changes: None  # edit the host copy, skip the repack
+    rt.switch("s1")
+    assert parity(rt.run(**np_in), torch_reference(lm, bundle, [("s1", 1.0)], t_in)) > RTOL
+
+
+def test_refused_switch_leaves_weights(exported, tmp_path):
+    lm, bundle = exported
+    rt = load(bundle, mode="live", threads=1)
+    rt.switch("s1")
+
+    def hashes():
+        return {n: hashlib.sha256(lw.array.tobytes()).hexdigest()
+                for n, lw in rt.store.live_weights().items()}
+
+    before = hashes()
+    with pytest.raises(UnknownNameError):
+        rt.switch(["s1", "missing"])
+    ad = read_adapter(bundle / "adapters" / "s2.eadp")
+    other = replace(ad, weight_sha256={n: "0" * 64 for n in ad.weight_sha256})
+    write_adapter(tmp_path / "other.eadp", other)
+    rt.manifest.adapters["other"] = AdapterEntry(file=str(tmp_path / "other.eadp"),
+                                                 method="shira")
+    with pytest.raises(FingerprintMismatchError):
+        rt.switch(["s1", "other"])
+    with pytest.raises(ConfigError):
+        rt.switch(["s1", "s2"], scales=[1.0])
+    assert hashes() == before and rt.active == ("s1",)
+
+
+def test_choose_mode_policy():
+    assert choose_mode(None, None)[0] == "live"
+    assert choose_mode(10, 64)[0] == "live"
+    assert choose_mode(1e4, 1)[0] == "live"
+    assert choose_mode(1e4, 64)[0] == "repack"
+
+
+def test_load_rejects_bad_options(exported):
+    _, bundle = exported
+    with pytest.raises(UnknownNameError):
+        load(bundle, backend="tflite")
+    with pytest.raises(ConfigError):
+        load(bundle, mode="sometimes")
+    with pytest.raises(ConfigError):
+        load(bundle, device="tpu")
+
+
+@pytest.mark.gpu
+def test_cuda_switch_matches_pytorch(exported):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or \
+            not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    lm, bundle = exported
+    t_in, np_in = _inputs(lm)
+    rt = load(bundle, device="cuda")
+    base = rt.run(**np_in)
+    for names in ["s1", ["s1", "l1"], None]:
+        rt.switch(names)
+        active = [(n, 1.0) for n in rt.active]
+        assert parity(rt.run(**np_in), torch_reference(lm, bundle, active, t_in)) <= 1e-3
+    assert np.array_equal(rt.run(**np_in), base)
