@@ -235,6 +235,7 @@ class _Plan:
     full: np.ndarray | None  # dense write: whole new array
     sparse_state: tuple[np.ndarray, np.ndarray] | None  # (idx, base values) after switch
     dense_state: np.ndarray | None  # original matrix kept after switch
+    old: np.ndarray | None = None  # sparse write: the values at union before it
 
 
 @dataclass
@@ -364,19 +365,18 @@ class SwitchEngine:
         flat = lw.array.reshape(-1)
         cur_idx, cur_base = self._sparse.get(name, (_EMPTY_IDX, flat[:0]))
         new_idx = c.idx if c.idx is not None else _EMPTY_IDX
-        union = np.union1d(cur_idx, new_idx) if cur_idx.size else new_idx
-        base = flat[union]  # a copy: base wherever the weight is untouched
-        if cur_idx.size:
-            pos = np.searchsorted(union, cur_idx)
-            base[pos] = cur_base
+        union, cur_pos, new_pos = merge_sorted(cur_idx, new_idx)
+        old = flat[union]  # a copy: the values now, kept to undo a failed commit
+        base = old.copy()  # base wherever the weight is untouched
+        base[cur_pos] = cur_base
         vals = base.copy()
-        new_pos = np.searchsorted(union, new_idx)
         new_base = base[new_pos]
         if new_idx.size:
             vals[new_pos] = (new_base.astype(np.float32) + c.delta).astype(vals.dtype)
             _check_finite_result(vals[new_pos], name)
         state = (new_idx, new_base) if new_idx.size else None
-        return _Plan(union=union, vals=vals, full=None, sparse_state=state, dense_state=None)
+        return _Plan(union=union, vals=vals, full=None, sparse_state=state, dense_state=None,
+                     old=old)
 
     def _plan_dense(self, name: str, lw: LiveWeight, c: _Combined) -> _Plan:
         if name in self._dense:
@@ -415,7 +415,7 @@ class SwitchEngine:
                 np.copyto(arr, plan.full)
             else:
                 flat = arr.reshape(-1)
-                undo[name] = (plan.union, flat[plan.union])
+                undo[name] = (plan.union, plan.old)
                 flat[plan.union] = plan.vals
         return undo
 
@@ -433,6 +433,28 @@ class SwitchEngine:
 
 
 _EMPTY_IDX = np.zeros(0, dtype=np.int64)
+
+
+def merge_sorted(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Union of two sorted, duplicate-free int64 arrays and where each element of ``a`` and of
+    ``b`` lands in it: ``union[pos_a] == a``, ``union[pos_b] == b``.
+
+    A stable argsort of the concatenation is timsort, linear for two sorted runs (np.union1d
+    hashes and re-sorts, ~10x slower here).
+    """
+    if not a.size:
+        return b, _EMPTY_IDX, np.arange(b.size, dtype=np.int64)
+    if not b.size:
+        return a, np.arange(a.size, dtype=np.int64), _EMPTY_IDX
+    cat = np.concatenate([a, b])
+    order = np.argsort(cat, kind="stable")
+    s = cat[order]
+    keep = np.empty(s.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    pos = np.empty(cat.size, dtype=np.int64)
+    pos[order] = np.cumsum(keep) - 1
+    return s[keep], pos[: a.size], pos[a.size:]
 
 
 def _check_finite_result(vals: np.ndarray, name: str) -> None:
