@@ -192,7 +192,12 @@ def _export_forward(lm: LoadedModel, max_batch: int, max_seq: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def _lower_live(lm: LoadedModel, buffers: list[str], max_batch: int, max_seq: int) -> bytes:
+PARTITIONS = ("selective", "all-constant")
+
+
+def _lower_live(lm: LoadedModel, buffers: list[str], max_batch: int, max_seq: int,
+                partition: str) -> bytes:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
@@ -206,7 +211,9 @@ def _lower_live(lm: LoadedModel, buffers: list[str], max_batch: int, max_seq: in
         {ph for e in (ep, ep_touch) for ph, b in e.graph_signature.inputs_to_buffers.items()
          if b in wanted})
     edge = to_edge_transform_and_lower({"forward": ep, TOUCH_METHOD: ep_touch},
-                                       partitioner=[selective_partitioner()])
+                                       partitioner=[selective_partitioner()
+                                                    if partition == "selective"
+                                                    else XnnpackPartitioner()])
     prog = edge.to_executorch(ExecutorchBackendConfig(
         passes=[InitializedMutableBufferPass(placeholders)],
         memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
@@ -260,14 +267,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
                branch: tuple | None = None, *, max_batch: int = 8, max_seq: int = 64,
-               repack: bool = True, verify: bool = True) -> dict:
+               repack: bool = True, verify: bool = True, partition: str = "selective"
+               ) -> dict:
     """Export ``lm`` to ExecuTorch with ``live_weights`` editable in place; see the module doc.
 
     Writes ``model[.<variant>].pte`` (and, for the base, ``model.const.pte`` when ``repack``:
     branch variants are the unfused mode and always live) into ``out_dir``;
     when ``verify``, runs them with ``executorch.runtime`` and compares with PyTorch (max
     relative error <= 1e-4, after random edits written through ``get_attribute`` too), else
-    raises ExportError. Returns::
+    raises ExportError. ``partition="all-constant"`` lowers with the stock XNNPACK partitioner,
+    which packs even the buffers at load so edits are silently ignored: it exists to show that
+    the verification catches stale weights (it then raises ExportError), not for deployment.
+    Returns::
 
         {"section": {"file", "methods", "inputs", "max_batch", "max_seq", "branch",
                      "branch_buffers": {weight: {param: buffer}},
@@ -279,6 +290,8 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     if max_batch < 2 or max_seq < 2:
         raise ConfigError(f"max_batch ({max_batch}) and max_seq ({max_seq}) must be >= 2")
     variant_name(branch)
+    if partition not in PARTITIONS:
+        raise ConfigError(f"partition {partition!r} not in {PARTITIONS}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     live_file, const_file = pte_file_names(branch)
@@ -291,7 +304,7 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     all_buffers = list(weight_buffers.values()) + [
         b for d in branch_buffers.values() for b in d.values()]
     with torch.no_grad():
-        blob = _lower_live(live_lm, all_buffers, max_batch, max_seq)
+        blob = _lower_live(live_lm, all_buffers, max_batch, max_seq, partition)
     _write_atomic(out_dir / live_file, blob)
 
     repack_info = None

@@ -1,0 +1,160 @@
+"""ExecuTorch weight store: parity with PyTorch, in-place edits through get_attribute views,
+repack mode, and the stale-output failure the checks must catch.
+
+Reference everywhere: the original PyTorch model with the same edit applied by
+``edgeadapt.adapters.apply_adapter_torch`` (independent of the ExecuTorch path). Exports use a
+one-block Llama (seconds to lower) shared by a module-scoped fixture.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("executorch")
+
+from edgeadapt.adapters import apply_adapter_torch  # noqa: E402
+from edgeadapt.errors import BundleError, ConfigError  # noqa: E402
+from edgeadapt.export.executorch import export_pte  # noqa: E402
+from edgeadapt.export.executorch_verify import rel_err  # noqa: E402
+from edgeadapt.format.types import Adapter, ShiraDelta  # noqa: E402
+from edgeadapt.models import LoadedModel, LogitsModule, example_inputs  # noqa: E402
+from edgeadapt.models import target_weight_names as twn  # noqa: E402
+from edgeadapt.runtime.executorch_backend import ExecutorchStore  # noqa: E402
+
+MAX_BATCH, MAX_SEQ = 4, 8
+
+
+def one_block_llama(seed: int = 0) -> LoadedModel:
+    """A 1-block Llama (hidden 32): the same architecture as tiny-smollm2, cheaper to lower."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True, use_cache=False)
+    model = LlamaForCausalLM(cfg).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=None, name="one-block-llama", kind="causal-lm")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.set_num_threads(1)
+    lm = one_block_llama()
+    out = tmp_path_factory.mktemp("pte")
+    live = twn(lm.model, "qv")
+    result = export_pte(lm, out, live, max_batch=MAX_BATCH, max_seq=MAX_SEQ)
+    return lm, out, result
+
+
+def store_of(exported, mode: str) -> ExecutorchStore:
+    lm, out, result = exported
+    w = result["weights"]
+    return ExecutorchStore(out, result["section"], {k: v["buffer"] for k, v in w.items()},
+                           {k: tuple(v["shape"]) for k, v in w.items()}, mode=mode)
+
+
+def torch_logits(lm: LoadedModel, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    with torch.no_grad():
+        return LogitsModule(lm)(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
+
+
+def inputs_of(lm: LoadedModel, batch: int, seq: int, seed: int = 3) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in example_inputs(lm, batch, seq, seed).items()}
+
+
+def sparse_adapter(lm: LoadedModel, density: float = 0.05, seed: int = 0) -> Adapter:
+    """A SHiRA-style adapter on every q/v weight with random positions and sizeable values."""
+    rng = np.random.default_rng(seed)
+    targets, shapes = {}, {}
+    for w in twn(lm.model, "qv"):
+        W = lm.model.get_parameter(w)
+        n = W.numel()
+        idx = np.sort(rng.choice(n, size=max(1, int(density * n)), replace=False))
+        vals = rng.standard_normal(idx.size).astype(np.float32) * float(W.std()) * 3
+        targets[w], shapes[w] = ShiraDelta(idx.astype(np.int64), vals), tuple(W.shape)
+    return Adapter("shira", targets, shapes, {})
+
+
+def write_sparse(store: ExecutorchStore, adapter: Adapter) -> None:
+    """The engine's write: W[idx] = W0[idx] + v on the store's arrays (torch flat indices)."""
+    for w, d in adapter.targets.items():
+        view = store.live_weights()[w].torch_view()
+        rows, cols = np.divmod(d.indices, view.shape[1])
+        view[rows, cols] += d.values
+
+
+def reference(lm: LoadedModel, adapter: Adapter) -> LoadedModel:
+    ref = dataclasses.replace(lm, model=copy.deepcopy(lm.model))
+    apply_adapter_torch(ref.model, adapter)
+    return ref
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, MAX_SEQ), (MAX_BATCH, MAX_SEQ), (3, 5)])
+def test_base_parity(exported, shape):
+    lm = exported[0]
+    store = store_of(exported, "live")
+    inp = inputs_of(lm, *shape)
+    assert rel_err(store.run(inp), torch_logits(lm, inp)) <= 1e-4
+
+
+def test_only_live_weights_are_buffers(exported):
+    lm, _, result = exported
+    store = store_of(exported, "live")
+    assert set(store.live_weights()) == set(twn(lm.model, "qv"))
+    for w, lw in store.live_weights().items():      # mapping by value
+        assert np.array_equal(lw.array, lm.model.get_parameter(w).numpy())
+    k_proj = "model." + twn(lm.model, r"\.k_proj$")[0]
+    with pytest.raises(BundleError):
+        store._attribute(k_proj)
+    assert result["section"]["repack"]["file"].endswith(".const.pte")
+
+
+def test_live_edit_matches_torch_and_reverts(exported):
+    lm = exported[0]
+    store = store_of(exported, "live")
+    adapter = sparse_adapter(lm)
+    base_copy = {w: lw.array.copy() for w, lw in store.live_weights().items()}
+    inp = inputs_of(lm, 2, MAX_SEQ)
+    base_out = store.run(inp)
+    write_sparse(store, adapter)
+    store.commit({w: None for w in adapter.targets})
+    ref = torch_logits(reference(lm, adapter), inp)
+    got = store.run(inp)
+    assert rel_err(got, ref) <= 1e-4
+    assert rel_err(base_out, ref) > 1e-2          # the edit matters: a stale run would fail
+    for w, lw in store.live_weights().items():     # back to base
+        lw.array[...] = base_copy[w]
+    assert rel_err(store.run(inp), torch_logits(lm, inp)) <= 1e-4
+
+
+def test_repack_stale_until_commit_then_matches(exported):
+    lm = exported[0]
+    store = store_of(exported, "repack")
+    adapter = sparse_adapter(lm, seed=1)
+    inp = inputs_of(lm, 2, MAX_SEQ)
+    write_sparse(store, adapter)
+    ref = torch_logits(reference(lm, adapter), inp)
+    # Constant, packed XNNPACK weights: editing the source bytes changes nothing until reload.
+    stale = store.run(inp)
+    assert rel_err(stale, torch_logits(lm, inp)) <= 1e-4
+    assert rel_err(stale, ref) > 1e-2
+    store.commit({w: None for w in adapter.targets})
+    assert rel_err(store.run(inp), ref) <= 1e-4
+
+
+def test_run_rejects_shapes_past_the_bounds(exported):
+    lm = exported[0]
+    store = store_of(exported, "live")
+    with pytest.raises(ConfigError):
+        store.run(inputs_of(lm, MAX_BATCH + 1, 2))
+    with pytest.raises(ConfigError):
+        store.run(inputs_of(lm, 1, MAX_SEQ + 1))
+    with pytest.raises(ConfigError):
+        store.run({})
