@@ -1,0 +1,109 @@
+"""Presenting a bench report: the terminal table, the JSON file, the PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from edgeadapt.bench.schema import check_targets, validate_report
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def table(report: dict) -> str:
+    """Forward rows (p50 / p90 / p99, ratio to base), switch rows, floor, targets, skipped."""
+    lines = [f"model {report['model']} on {report['device']}", "",
+             f"{'backend':<18}{'variant':<18}{'BxS':>7}{'p50 ms':>10}{'p90 ms':>10}"
+             f"{'p99 ms':>10}{'x base':>8}"]
+    for r in report["forward"]:
+        lines.append(f"{r['backend']:<18}{r['variant']:<18}{r['batch']:>3}x{r['seq']:<3}"
+                     f"{_fmt(r['p50_ms']):>10}{_fmt(r['p90_ms']):>10}{_fmt(r['p99_ms']):>10}"
+                     f"{_fmt(r.get('ratio_vs_base')):>8}")
+    lines += ["", f"{'backend':<18}{'switch':<18}{'mode':<9}{'p50 ms':>10}"]
+    for r in report["switch"]:
+        lines.append(f"{r['backend']:<18}{r['method']:<18}{r['mode']:<9}"
+                     f"{_fmt(r['p50_ms'], 4):>10}")
+    fl = report["floor"]
+    lines += ["", f"SHiRA switch floor {_fmt(fl['shira_switch_ms'], 4)} ms "
+              f"({fl.get('total_bytes', '?')} bytes at {_fmt(fl.get('bandwidth_GBps'), 1)} GB/s)"]
+    for r in report.get("break_even", []):
+        v = r["runs_per_switch"]
+        lines.append(f"live vs repack break-even {r['backend']} {r['batch']}x{r['seq']}: "
+                      + ("repack never wins" if r.get("repack_never_wins") else
+                         f"{_fmt(v, 0)} runs per switch"))
+    lines += ["", "targets (issue 6):"]
+    for t in check_targets(report):
+        lines.append(f"  {t['status']:<13}{t['backend']:<18}{t['target']:<28}"
+                     f"{_fmt(t['value'])} {t['op']} {t['threshold']:g}")
+    for s in report.get("skipped", []):
+        lines.append(f"skipped: {s['backend']} {s['what']}: {s['reason']}")
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, report: dict) -> Path:
+    """Validate and write the report atomically (indent 1, no NaN)."""
+    validate_report(report)
+    out = Path(path)
+    text = json.dumps(report, indent=1, allow_nan=False, default=float) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=out.parent or ".", prefix=out.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, out)
+    return out
+
+
+def plot(path: str | os.PathLike, report: dict) -> Path:
+    """Two panels: forward time relative to base per variant and shape (one group per backend),
+    and switch time per method (log scale) with the floor as a line. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
+    shapes = sorted({(r["backend"], r["batch"], r["seq"]) for r in report["forward"]})
+    variants = [v for v in dict.fromkeys(r["variant"] for r in report["forward"])
+                if v != "base"]
+    width = 0.8 / max(len(shapes), 1)
+    for i, (backend, b, s) in enumerate(shapes):
+        vals = []
+        for v in variants:
+            row = next((r for r in report["forward"] if (r["backend"], r["variant"], r["batch"],
+                        r["seq"]) == (backend, v, b, s)), None)
+            vals.append(row.get("ratio_vs_base", math.nan) if row else math.nan)
+        ax1.bar([j + i * width for j in range(len(variants))], vals, width,
+                label=f"{backend} {b}x{s}")
+    ax1.axhline(1.0, color="black", lw=0.8)
+    ax1.axhline(1.02, color="green", lw=0.8, ls="--", label="target 1.02 (shira-live)")
+    ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(variants))], variants, rotation=30,
+                   ha="right")
+    ax1.set_ylabel("forward time / base (median of paired ratios)")
+    ax1.set_title("Forward latency relative to the packed base")
+    ax1.legend(fontsize=7)
+    rows = report["switch"]
+    labels = [f"{r['backend']}\n{r['method']} ({r['mode']})" for r in rows]
+    ax2.barh(range(len(rows)), [r["p50_ms"] for r in rows], color="tab:orange")
+    ax2.axvline(report["floor"]["shira_switch_ms"], color="red", ls="--",
+                label="SHiRA switch memory-traffic floor")
+    ax2.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("full switch p50 (ms, log)")
+    ax2.set_title("Switch cost (undo previous + apply next)")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"edgeadapt bench: {report['model']} ({report.get('targets_spec', '')}) on "
+                 f"{report['device']}", fontsize=9)
+    fig.tight_layout()
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=out.parent or ".", prefix=out.name + ".", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

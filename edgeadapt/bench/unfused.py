@@ -1,0 +1,84 @@
+"""Unfused forward cases on ONNX Runtime CPU: the bundle's branch variant graphs (LoRA, SiRA).
+
+Each variant graph is the base with a branch on every live weight; its live-weight inputs are
+made prepacked initializers (base values) and the adapter's tensors are fed per run
+(:class:`~edgeadapt.bench.ort_adapter.OrtBranchSession`). Pruned SoRA runs through the LoRA
+variant (its rank dimension is dynamic). The LoRA variant also serves ONNX Runtime's own adapter
+API, the ``ort-lora-adapter`` peer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from edgeadapt.bench.adapters import AdapterSet
+from edgeadapt.bench.ort_adapter import OrtBranchSession, branch_feeds, write_ort_adapter
+from edgeadapt.errors import BundleError
+from edgeadapt.format.manifest import Manifest
+
+Case = tuple[Callable[[dict], np.ndarray], str | None]
+
+
+def _variant_session(bundle: Path, manifest: Manifest, key: str, threads: int
+                     ) -> tuple[OrtBranchSession, dict]:
+    from safetensors.numpy import load_file
+
+    v = manifest.variants[key]
+    section = v.get("onnx")
+    if not section or "file" not in section:
+        raise BundleError(f"variant {key!r} has no onnx section")
+    root = bundle / v.get("dir", "")
+    root = root if (root / section["file"]).is_file() else bundle
+    live_file = section.get("live_weights") or section.get("live_weights_file")
+    if not live_file:
+        raise BundleError(f"variant {key!r}: no live-weights file named")
+    tensors = load_file(str(root / live_file))
+    names = []
+    for w, entry in manifest.weights.items():
+        onnx = (v.get("weights", {}).get(w, {}) or {}).get("onnx") or entry.onnx or {}
+        if onnx.get("name") not in tensors:
+            raise BundleError(f"variant {key!r}: live weight {w!r} not in {live_file}")
+        names.append(onnx["name"])
+    session = OrtBranchSession(root / section["file"], {n: tensors[n] for n in names}, threads)
+    return session, section.get("branch_inputs", {})
+
+
+def unfused_cases(bundle: Path, manifest: Manifest, aset: AdapterSet, scratch: Path,
+                  threads: int) -> tuple[dict[str, Case], tuple | None, dict[str, str]]:
+    """(variant -> (run, adapter name), the ort-adapter peer (session, [two adapter files]) or
+    None, what was skipped -> why)."""
+    cases: dict[str, Case] = {}
+    skipped: dict[str, str] = {}
+    peer = None
+    lora_key = next((k for k in manifest.variants if k.startswith("lora-")), None)
+    if lora_key is None:
+        for what in ("lora-unfused", "sora-unfused", "ort-lora-adapter"):
+            skipped[what] = "the bundle has no LoRA branch variant (edgeadapt export adapter)"
+    else:
+        sess, names = _variant_session(bundle, manifest, lora_key, threads)
+        for variant, method in (("lora-unfused", "lora"), ("sora-unfused", "sora")):
+            chosen = aset.of(method, fused=False)
+            if not chosen:
+                skipped[variant] = f"no unfused {method} adapter"
+                continue
+            feeds = branch_feeds(aset.adapters[chosen[0]], names)
+            cases[variant] = ((lambda x, s=sess, f=feeds: s.run(x, f)), chosen[0])
+        loras = (aset.of("lora", fused=False) + aset.of("lora"))[:2]
+        files = [write_ort_adapter(scratch / f"{n}.onnx_adapter", aset.adapters[n], names)
+                 for n in loras]
+        adapter_sess, _ = _variant_session(bundle, manifest, lora_key, threads)
+        adapter_sess.activate(adapter_sess.load(files[0]))
+        cases["ort-lora-adapter"] = ((lambda x, s=adapter_sess: s.run(x)), loras[0])
+        peer = (adapter_sess, files)
+    sira_key = next((k for k in manifest.variants if k.startswith("sira-")), None)
+    sira = aset.of("sira", fused=False)
+    if sira_key is None or not sira:
+        skipped["sira-unfused"] = "the bundle has no SiRA branch variant"
+    else:
+        sess, names = _variant_session(bundle, manifest, sira_key, threads)
+        feeds = branch_feeds(aset.adapters[sira[0]], names)
+        cases["sira-unfused"] = ((lambda x, s=sess, f=feeds: s.run(x, f)), sira[0])
+    return cases, peer, skipped

@@ -1,0 +1,93 @@
+"""`edgeadapt bench` end to end on a tiny bundle: every variant checked against PyTorch before it
+is timed, the JSON contract, skipped backends, the plot; and the refusal to time a variant whose
+output is wrong."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgeadapt.bench.schema import METHODS, VARIANTS, validate_report
+from edgeadapt.errors import ParityError
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    torch.set_num_threads(1)
+    from edgeadapt.export.adapter import ensure_variant
+    from edgeadapt.export.bundle import export_base
+    from edgeadapt.format.manifest import read_manifest, write_manifest
+
+    out = tmp_path_factory.mktemp("bundle")
+    export_base("tiny-smollm2", out, formats=("onnx",), targets="qv")
+    m = read_manifest(out)
+    # the benchmark checks every variant against PyTorch itself before timing it
+    ensure_variant(out, m, ("lora", 8), check=False)
+    ensure_variant(out, m, ("sira", 3, 2, 2, 1.25), check=False)
+    write_manifest(out, m)
+    return out
+
+
+def test_cli_end_to_end(tiny_bundle, tmp_path):
+    from edgeadapt.bench.cli import bench
+
+    js, png = tmp_path / "out.json", tmp_path / "out.png"
+    res = CliRunner().invoke(bench, [
+        str(tiny_bundle), "--backends", "onnxruntime-cpu,onnxruntime-cuda", "--shapes",
+        "1x1,2x8", "--repeats", "3", "--switch-repeats", "4", "--reload-repeats", "2",
+        "--warmup", "1", "--json", str(js), "--plot", str(png)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rep = json.loads(js.read_text())
+    validate_report(rep)
+    assert rep["model"] == "tiny-smollm2"
+    cpu = {(r["variant"], r["batch"], r["seq"]) for r in rep["forward"]
+           if r["backend"] == "onnxruntime-cpu"}
+    assert cpu == {(v, b, s) for v in VARIANTS for b, s in ((1, 1), (2, 8))}
+    # every timed variant was first checked against PyTorch at every shape
+    checked = {(r["variant"], r["batch"]) for r in rep["parity"]}
+    assert checked == {(v, b) for v in VARIANTS for b in (1, 2)}
+    assert all(r["max_rel_error"] <= 1e-3 for r in rep["parity"])
+    methods = {(r["backend"], r["method"], r["mode"]) for r in rep["switch"]}
+    assert {("onnxruntime-cpu", "shira", "live"), ("onnxruntime-cpu", "shira", "repack"),
+            ("onnxruntime-cpu", "lora-fuse", "live"), ("onnxruntime-cpu", "reload", "repack"),
+            ("onnxruntime-cpu", "ort-adapter", "unfused"), ("pytorch", "peft-shira-merge",
+            "merge"), ("pytorch", "peft-lora-merge", "merge")} <= methods
+    assert {m for _, m, _ in methods} <= set(METHODS)
+    base = [r for r in rep["forward"] if r["variant"] == "base"]
+    assert all(r["ratio_vs_base"] == 1.0 for r in base)
+    assert rep["floor"]["shira_switch_ms"] > 0 and rep["floor"]["bandwidth_GBps"] > 0
+    # a LoRA switch keeps whole matrices for exact restore, SHiRA only its positions
+    mem = next(r for r in rep["memory"] if r["runtime"] == "live after switches")
+    assert 0 < mem["restore_bytes_shira"] < mem["restore_bytes_lora"]
+    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers() or \
+            not torch.cuda.is_available():
+        assert any(s["backend"] == "onnxruntime-cuda" for s in rep["skipped"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "targets (issue 6)" in res.output
+
+
+def test_refuses_to_time_a_wrong_fused_variant(tiny_bundle, monkeypatch):
+    """A deliberately wrong weight in the live runtime (as a stale packed buffer would give):
+    the parity check before timing raises ParityError and nothing is timed."""
+    from edgeadapt.bench.run import BenchOptions, run_bench
+    from edgeadapt.runtime.api import Runtime
+
+    original = Runtime.switch
+
+    def broken_switch(self, names, scales=None):
+        original(self, names, scales)
+        if self.mode == "live" and names:
+            lw = next(iter(self.store.live_weights().values()))
+            lw.array.reshape(-1)[:: 7] += np.float32(0.5)  # the wrong weight
+
+    monkeypatch.setattr(Runtime, "switch", broken_switch)
+    timed = []
+    with pytest.raises(ParityError, match="shira-live"):
+        run_bench(tiny_bundle, BenchOptions(backends=["onnxruntime-cpu"], shapes=[(1, 4)],
+                                            repeats=2, peers=False),
+                  progress=timed.append)
+    assert timed == []
