@@ -71,7 +71,7 @@ def adapter_options(method: str, given: dict[str, Any], seed: int) -> dict[str, 
 @click.option("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--lr", type=float, default=None, help="adapter learning rate [2e-3]")
-@click.option("--head-lr", type=float, default=2e-3, show_default=True)
+@click.option("--head-lr", type=float, default=1e-2, show_default=True)
 @click.option("--max-train", type=int, default=None, help="training examples (LM: blocks)")
 @click.option("--max-test", type=int, default=None, help="test examples (LM: blocks)")
 @click.option("--max-len", type=int, default=64, show_default=True, help="tokens per example")

@@ -53,7 +53,7 @@ class TrainConfig:
     steps: int | None = None          # overrides epochs
     batch_size: int = 16
     lr: float | None = None           # adapter lr (default per method)
-    head_lr: float = 2e-3
+    head_lr: float = 1e-2
     gate_lr: float | None = None      # SoRA gates (default: lr)
     max_train: int | None = None
     max_test: int | None = None
