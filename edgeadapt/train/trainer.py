@@ -37,7 +37,7 @@ from edgeadapt.train.run import base_weight_hashes, head_parameters, save_run
 
 METHODS = ("shira", "lora", "sora", "sira", "none")
 SCHEDULES = ("linear", "log", "exp")
-DEFAULT_LR = {"shira": 2e-3, "lora": 2e-3, "sora": 2e-3, "sira": 2e-3, "none": 2e-3}
+DEFAULT_LR = 2e-3  # adapter learning rate of every method unless --lr says otherwise
 
 
 @dataclasses.dataclass
@@ -183,7 +183,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
     gate_ids = {id(g) for g in gates}
     params = [p for p in trainable_parameters(lm.model)] if config is not None else []
     params = [p for p in params if id(p) not in gate_ids]
-    lr = cfg.lr or DEFAULT_LR[cfg.method]
+    lr = cfg.lr or DEFAULT_LR
     groups = [g for g in ({"params": params, "lr": lr}, {"params": head, "lr": cfg.head_lr})
               if g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0) if groups else None
@@ -288,7 +288,13 @@ def describe(metrics: dict[str, Any]) -> str:
     test = metrics["test"]
     value = (f"accuracy {test['accuracy']:.4f}" if "accuracy" in test
              else f"perplexity {test['perplexity']:.2f}")
-    return (f"{metrics['method']:>5}: {value}  ({metrics['trainable_params']:,} adapter + "
+    line = (f"{metrics['method']:>5}: {value}  ({metrics['trainable_params']:,} adapter + "
             f"{metrics['head_params']:,} head params, {metrics['train_s']:.0f} s training)")
+    if "sora" in metrics:
+        s = metrics["sora"]
+        line += (f"\n       live rank {s['live_rank_total']} of {s['r_max'] * len(s['live_ranks'])}"
+                 f"; parameters {s['params_before']:,} before pruning, {s['params_after']:,} "
+                 "after")
+    return line
 
 
