@@ -230,10 +230,14 @@ def test_lora_variant_drives_ort_adapter_api(smollm2_qv, tmp_path):
 def test_sira_variant_matches_torch_sira_layers(tmp_path):
     E, r, k, cf = 4, 2, 2, 1.0
     lm = load_model("tiny-minilm")
-    live = target_weight_names(lm.model, "qv")
-    res = export_onnx(lm, tmp_path, live, ("sira", E, r, k, cf), check=False)
+    targets = target_weight_names(lm.model, "qv")
+    # No live weights here (every base weight constant), branches on q/v: the layout a peer
+    # without in-place edits uses; the LoRA test covers live weights plus a branch.
+    res = export_onnx(lm, tmp_path, [], ("sira", E, r, k, cf), branch_targets=targets,
+                      check=False)
     sec = res["section"]
-    assert sec["file"] == "model.sira-e4-r2-k2-c1.onnx"
+    assert sec["file"] == "model.sira-e4-r2-k2-c1.onnx" and res["weights"] == {}
+    assert set(sec["branch_inputs"]) == set(targets)
     stored = load_file(str(tmp_path / sec["live_weights_file"]))
     rng = np.random.default_rng(3)
     ref_lm = copy.deepcopy(lm)

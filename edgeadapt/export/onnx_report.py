@@ -1,0 +1,132 @@
+"""Real-model ONNX export run: parity of the exported base with PyTorch, and the forward cost of
+live q/v weights versus an all-constant graph (a sanity check of the BACKENDS.md leads).
+
+    python -m edgeadapt.export.onnx_report --models minilm,smollm2 --out /tmp/onnx_real \
+        --latency smollm2 --repeats 40 --json onnx_report.json
+
+The all-constant graph is the exported q/v-live graph with the live inputs put back as constant
+initializers (same nodes, every weight packable), so the ratio isolates the cost of live weights.
+Timings alternate A B A B ... (order flipped every round) on one thread, so drift cancels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from safetensors.numpy import load_file
+
+from edgeadapt.export.onnx_check import BoundSession, session
+
+CASES = ((1, 1), (1, 64), (8, 64))
+
+
+def constant_copy(model_path: Path, live_file: Path) -> bytes:
+    """The graph at ``model_path`` with its live inputs turned back into constant initializers
+    holding their base values (serialised; weights inline, fine below 2 GiB)."""
+    proto = onnx.load(str(model_path))
+    values = load_file(str(live_file))
+    kept = [i for i in proto.graph.input if i.name not in values]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    proto.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in values.items())
+    return proto.SerializeToString()
+
+
+def time_interleaved(runs: dict[str, callable], repeats: int, warmup: int = 3) -> dict:
+    """p50 / p90 (ms) per named zero-argument callable, timed in alternating order."""
+    names = list(runs)
+    for _ in range(warmup):
+        for n in names:
+            runs[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(repeats):
+        for n in names if i % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            runs[n]()
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    return {n: {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90))}
+            for n, t in times.items()}
+
+
+def live_vs_constant(out: Path, section: dict, vocab: int, repeats: int, threads: int) -> list:
+    """Forward latency of the live graph (inputs bound once) vs its all-constant copy."""
+    live_values = load_file(str(out / section["live_weights_file"]))
+    live = BoundSession(session(out / section["file"], threads), live_values)
+    const_bytes = constant_copy(out / section["file"], out / section["live_weights_file"])
+    const = BoundSession(session_from_bytes(const_bytes, threads), {})
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch, seq in CASES:
+        feeds = {"input_ids": rng.integers(5, vocab, (batch, seq), dtype=np.int64)}
+        if any(i["name"] == "attention_mask" for i in section["inputs"]):
+            feeds["attention_mask"] = np.ones((batch, seq), np.int64)
+        np.testing.assert_allclose(live.run(feeds), const.run(feeds), rtol=1e-4, atol=1e-4)
+        t = time_interleaved({"live": lambda f=feeds: live.run(f),
+                              "constant": lambda f=feeds: const.run(f)}, repeats)
+        rows.append({"batch": batch, "seq": seq, **{f"{k}_{m}": v[m] for k, v in t.items()
+                                                     for m in ("p50_ms", "p90_ms")},
+                     "ratio_p50": t["live"]["p50_ms"] / t["constant"]["p50_ms"]})
+    return rows
+
+
+def session_from_bytes(data: bytes, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
+    return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="minilm,smollm2")
+    ap.add_argument("--targets", default="qv")
+    ap.add_argument("--out", default="/tmp/onnx_real")
+    ap.add_argument("--latency", default="smollm2", help="models to time (comma list or '')")
+    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from edgeadapt.export.onnx import export_onnx
+    from edgeadapt.models import load_model, target_weight_names
+
+    torch.set_num_threads(args.threads)
+    report = {"onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__,
+              "threads": args.threads, "models": {}}
+    for name in [m for m in args.models.split(",") if m]:
+        lm = load_model(name)
+        out = Path(args.out) / f"{name}-{args.targets}"
+        live = target_weight_names(lm.model, args.targets)
+        t0 = time.perf_counter()
+        res = export_onnx(lm, out, live, threads=args.threads)
+        sec = res["section"]
+        entry = {"export_s": time.perf_counter() - t0, "live_weights": len(live),
+                 "live_params": int(sum(np.prod(w["shape"]) for w in res["weights"].values())),
+                 "params": int(sum(p.numel() for p in lm.model.parameters())),
+                 "layouts": sorted({w["layout"] for w in res["weights"].values()}),
+                 "parity": sec["parity"], "opset": sec["opset"], "ir_version": sec["ir_version"]}
+        if name in args.latency.split(","):
+            entry["latency"] = live_vs_constant(out, sec, lm.vocab_size, args.repeats,
+                                                args.threads)
+        report["models"][name] = entry
+        print(json.dumps({name: entry}, indent=1), flush=True)
+        del lm, res
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
