@@ -16,14 +16,26 @@ from edgeadapt.errors import ParityError
 
 
 @pytest.fixture(scope="module")
+def base_bundle(tmp_path_factory):
+    """A tiny ONNX bundle without graph variants (fused variants only)."""
+    torch.set_num_threads(1)
+    from edgeadapt.export.bundle import export_base
+
+    out = tmp_path_factory.mktemp("base-bundle")
+    export_base("tiny-smollm2", out, formats=("onnx",), targets="qv", check=False)
+    return out
+
+
+@pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
+    """A tiny ONNX bundle with LoRA and SiRA branch variants (every forward variant)."""
     torch.set_num_threads(1)
     from edgeadapt.export.adapter import ensure_variant
     from edgeadapt.export.bundle import export_base
     from edgeadapt.format.manifest import read_manifest, write_manifest
 
     out = tmp_path_factory.mktemp("bundle")
-    export_base("tiny-smollm2", out, formats=("onnx",), targets="qv")
+    export_base("tiny-smollm2", out, formats=("onnx",), targets="qv", check=False)
     m = read_manifest(out)
     # the benchmark checks every variant against PyTorch itself before timing it
     ensure_variant(out, m, ("lora", 8), check=False)
@@ -32,6 +44,32 @@ def tiny_bundle(tmp_path_factory):
     return out
 
 
+def test_cli_fused_variants_and_skips(base_bundle, tmp_path):
+    from edgeadapt.bench.cli import bench
+
+    js = tmp_path / "out.json"
+    res = CliRunner().invoke(bench, [
+        str(base_bundle), "--backends", "onnxruntime-cpu", "--shapes", "1x4", "--repeats", "2",
+        "--switch-repeats", "3", "--reload-repeats", "1", "--warmup", "1", "--no-peers",
+        "--json", str(js)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rep = json.loads(js.read_text())
+    validate_report(rep)
+    assert {r["variant"] for r in rep["forward"]} == {"base", "shira-live", "shira-repack",
+                                                      "lora-fused"}
+    skipped = {s["what"] for s in rep["skipped"]}
+    assert {"lora-unfused", "sira-unfused", "ort-lora-adapter"} <= skipped
+    assert rep["command"].startswith("edgeadapt bench")
+
+
+def test_cli_rejects_bad_shapes(base_bundle):
+    from edgeadapt.bench.cli import bench
+
+    res = CliRunner().invoke(bench, [str(base_bundle), "--shapes", "1by4"])
+    assert res.exit_code == 2 and "--shapes" in res.output
+
+
+@pytest.mark.slow
 def test_cli_end_to_end(tiny_bundle, tmp_path):
     from edgeadapt.bench.cli import bench
 
@@ -70,7 +108,7 @@ def test_cli_end_to_end(tiny_bundle, tmp_path):
     assert "targets (issue 6)" in res.output
 
 
-def test_refuses_to_time_a_wrong_fused_variant(tiny_bundle, monkeypatch):
+def test_refuses_to_time_a_wrong_fused_variant(base_bundle, monkeypatch):
     """A deliberately wrong weight in the live runtime (as a stale packed buffer would give):
     the parity check before timing raises ParityError and nothing is timed."""
     from edgeadapt.bench.run import BenchOptions, run_bench
@@ -87,7 +125,7 @@ def test_refuses_to_time_a_wrong_fused_variant(tiny_bundle, monkeypatch):
     monkeypatch.setattr(Runtime, "switch", broken_switch)
     timed = []
     with pytest.raises(ParityError, match="shira-live"):
-        run_bench(tiny_bundle, BenchOptions(backends=["onnxruntime-cpu"], shapes=[(1, 4)],
+        run_bench(base_bundle, BenchOptions(backends=["onnxruntime-cpu"], shapes=[(1, 4)],
                                             repeats=2, peers=False),
                   progress=timed.append)
     assert timed == []
