@@ -1,0 +1,52 @@
+"""Prepare a benchmark bundle: export a base model and the branch variant graphs the unfused
+cases need, without any training run (the benchmark synthesises the adapters itself).
+
+    python -m edgeadapt.bench.prepare smollm2 bundles/smollm2-qv --targets qv --formats onnx,pte
+
+Variants: a LoRA branch graph (its rank dimension is dynamic: it serves LoRA, pruned SoRA and
+ONNX Runtime's adapter API) and a SiRA graph with ``(experts, rank, top_k, capacity_factor)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("model")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--targets", default="qv", show_default=True)
+@click.option("--formats", default="onnx,pte", show_default=True)
+@click.option("--lora-rank", default=16, show_default=True)
+@click.option("--sira", default="4,4,2,1.25", show_default=True,
+              help="experts,rank,top_k,capacity_factor of the SiRA variant ('' for none)")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Let the exporters verify the graphs against PyTorch.")
+def main(model: str, out: str, targets: str, formats: str, lora_rank: int, sira: str,
+         check: bool) -> None:
+    """Export MODEL to OUT with the branch variants `edgeadapt bench` times."""
+    import torch
+
+    from edgeadapt.export.adapter import ensure_variant
+    from edgeadapt.export.bundle import export_base
+    from edgeadapt.format.manifest import read_manifest, write_manifest
+
+    torch.set_num_threads(2)
+    bundle = Path(out)
+    export_base(model, bundle, formats=formats.split(","), targets=targets, check=check)
+    manifest = read_manifest(bundle)
+    branches: list[tuple] = [("lora", lora_rank)]
+    if sira:
+        e, r, k, cf = sira.split(",")
+        branches.append(("sira", int(e), int(r), int(k), float(cf)))
+    for branch in branches:
+        key = ensure_variant(bundle, manifest, branch, check)
+        click.echo(f"variant {key}")
+    write_manifest(bundle, manifest)
+    click.echo(f"wrote {bundle / 'bundle.json'}")
+
+
+if __name__ == "__main__":
+    main()
