@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeadapt.errors import ExportError
+from edgeadapt.errors import BundleError, ExportError
 from edgeadapt.models import LoadedModel, LogitsModule
 
 MAX_REL_ERR = 1e-4
@@ -92,7 +92,11 @@ def verify_export(live_lm: LoadedModel, out_dir: Path, result: dict) -> dict[str
     grid = check_shapes(section["max_batch"], section["max_seq"])
     errs: dict[str, float] = {}
 
-    store = ExecutorchStore(out_dir, section, buffers, shapes, mode="live")
+    try:
+        store = ExecutorchStore(out_dir, section, buffers, shapes, mode="live")
+    except BundleError as exc:
+        raise ExportError(f"the forward method does not read the live weights as mutable "
+                          f"buffers (packed as constants?): {exc}") from exc
     for w, lw in store.live_weights().items():
         if not np.array_equal(lw.array, live_lm.model.get_buffer(w).numpy()):
             raise ExportError(f"buffer {buffers[w]!r} does not hold weight {w!r}")
