@@ -7,8 +7,9 @@ same random token batch (causal-LM next-token loss, AdamW):
 - step time: forward + backward + optimizer step, both models in this process, measured in
   interleaved rounds (A then B, then B then A, ...) so load drift hits both; median per step.
 - peak memory: each method in its own subprocess; Linux's peak-RSS counter (VmHWM) is reset
-  via /proc/self/clear_refs after the model is loaded and the adapter attached, so the number
-  is the peak of training alone; reported as the rise above the resident size before training.
+  via /proc/self/clear_refs after the model is loaded, the adapter attached and one no-grad
+  forward has paged in every weight, so the number is the peak of training alone (activations,
+  gradients, optimizer state); reported as the rise above the resident size before training.
 
     PYTHONPATH=. .venv/bin/python benchmarks/shira_train_cost.py --model smollm2 --rank 8
 """
@@ -62,7 +63,11 @@ def _step(lm, opt, ids: torch.Tensor) -> None:
 def measure_memory(method: str, args: argparse.Namespace) -> dict:
     """Peak RSS rise (MiB) over ``args.steps`` training steps, in this (fresh) process."""
     lm, opt, ids, n_params = _setup(method, args)
+    from edgeadapt.models import forward
+
     lm.model.train()
+    with torch.no_grad():
+        forward(lm, {"input_ids": ids})   # page in every (mmap-loaded) weight before measuring
     rss_before = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")   # reset VmHWM to the current RSS
     for _ in range(args.steps):

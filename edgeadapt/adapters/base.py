@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from edgeadapt.errors import ConfigError
 
 
-def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
+def option(default: Any, help: str) -> Any:
     """A dataclass field that carries its own help text (``field.metadata["help"]``)."""
     return dataclasses.field(default=default, metadata={"help": help})
 
@@ -86,10 +86,6 @@ class AdaptedLinear(nn.Module):
     def trainable(self) -> list[nn.Parameter]:
         """Parameters for the main optimizer (default: every adapter parameter)."""
         return [p for n, p in self.named_parameters(recurse=False) if n not in ("weight", "bias")]
-
-
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
