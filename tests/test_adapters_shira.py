@@ -93,6 +93,22 @@ def test_layer_starts_at_base_and_never_writes_base_weight():
     assert layer.shira_values.abs().min() > 0
 
 
+def test_fused_training_restores_base_bit_for_bit():
+    # values so large that (w + v) - v != w in float32: only an exact restore passes
+    torch.manual_seed(2)
+    base = nn.Linear(9, 7)
+    base.weight.requires_grad_(False)
+    W0 = base.weight.detach().clone()
+    idx = torch.tensor([1, 8, 20, 62])
+    layer = ShiraLinear(base, idx)
+    with torch.no_grad():
+        layer.shira_values.copy_(torch.tensor([1e8, -3e7, 0.1234567, 7.0]))
+    x = torch.randn(5, 9, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.equal(base.weight, W0)
+    assert x.grad is not None and layer.shira_values.grad is not None
+
+
 # --- mask definitions ---------------------------------------------------------------------------
 
 def _mask_of(lm, name):

@@ -199,3 +199,15 @@ def test_whole_model_with_sira_exports():
     program = torch.export.export(module, (), inputs)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(**inputs), module(**inputs))
+
+
+def test_layer_runs_in_onnx_runtime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    layer = _layer(E=4, k=2, cf=0.75).eval()
+    x = torch.randn(2, 7, 10)
+    path = tmp_path / "sira.onnx"
+    torch.onnx.export(layer, (x,), str(path), dynamo=True, verbose=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), layer(x), rtol=1e-5, atol=1e-5)
