@@ -131,7 +131,10 @@ def test_sira_branch_variant_matches_torch(tmp_path):
         t = store.branch_tensors()[w]
         t["sira_router"][...], t["sira_A"][...], t["sira_B"][...] = br.router, br.A, br.B
     ref = _branch_reference(lm, Adapter("sira", targets, shapes, {}))
-    for shape in [(1, 1), (2, 8), (1, 5)]:        # capacity depends on the token count
+    assert sorted(result["section"]["methods"]["static"]) == ["1x1", "1x8", "2x8"]
+    with pytest.raises(ConfigError):               # static shapes only
+        store.run(inputs_of(lm, 1, 5))
+    for shape in [(1, 1), (2, 8), (1, 8)]:        # capacity depends on the token count
         inp = inputs_of(lm, *shape)
         assert rel_err(store.run(inp), torch_logits(ref, inp)) <= 1e-4, shape
     assert rel_err(torch_logits(lm, inp), torch_logits(ref, inp)) > 1e-2

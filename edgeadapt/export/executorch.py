@@ -173,6 +173,27 @@ def _example(lm: LoadedModel, batch: int, seq: int, seed: int = 0) -> tuple[torc
     return tuple(ex[n] for n in _input_names(lm))
 
 
+def static_shapes(max_batch: int, max_seq: int) -> list[tuple[int, int]]:
+    """The (batch, seq) shapes a static-shape variant (SiRA) gets one method each for."""
+    return sorted({(1, 1), (1, max_seq), (max_batch, max_seq)})
+
+
+def static_method(batch: int, seq: int) -> str:
+    return f"forward_{batch}x{seq}"
+
+
+def _export_static(lm: LoadedModel, shapes: list[tuple[int, int]]):
+    wrapper = LogitsModule(lm)
+    eps = {}
+    for b, s in shapes:
+        try:
+            eps[static_method(b, s)] = torch.export.export(wrapper, _example(lm, b, s),
+                                                           strict=False)
+        except Exception as exc:  # torch raises many kinds; report them as one
+            raise ExportError(f"torch.export of {lm.name} at {b}x{s} failed: {exc}") from exc
+    return wrapper, eps
+
+
 def _export_forward(lm: LoadedModel, max_batch: int, max_seq: int):
     wrapper = LogitsModule(lm)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
@@ -196,7 +217,7 @@ PARTITIONS = ("selective", "all-constant")
 
 
 def _lower_live(lm: LoadedModel, buffers: list[str], max_batch: int, max_seq: int,
-                partition: str) -> bytes:
+                partition: str, shapes: list[tuple[int, int]] | None) -> bytes:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -204,13 +225,18 @@ def _lower_live(lm: LoadedModel, buffers: list[str], max_batch: int, max_seq: in
 
     from edgeadapt.export.executorch_partition import selective_partitioner
 
-    wrapper, ep = _export_forward(lm, max_batch, max_seq)
-    ep_touch = torch.export.export(_Touch(wrapper, buffers), (torch.zeros(1),), strict=False)
+    if shapes is None:
+        wrapper, ep = _export_forward(lm, max_batch, max_seq)
+        methods = {"forward": ep}
+    else:
+        wrapper, methods = _export_static(lm, shapes)
+    methods[TOUCH_METHOD] = torch.export.export(_Touch(wrapper, buffers), (torch.zeros(1),),
+                                                strict=False)
     wanted = set(buffers)
     placeholders = sorted(
-        {ph for e in (ep, ep_touch) for ph, b in e.graph_signature.inputs_to_buffers.items()
+        {ph for e in methods.values() for ph, b in e.graph_signature.inputs_to_buffers.items()
          if b in wanted})
-    edge = to_edge_transform_and_lower({"forward": ep, TOUCH_METHOD: ep_touch},
+    edge = to_edge_transform_and_lower(methods,
                                        partitioner=[selective_partitioner()
                                                     if partition == "selective"
                                                     else XnnpackPartitioner()])
@@ -297,6 +323,9 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     live_file, const_file = pte_file_names(branch)
     params = branch_param_names(branch)
 
+    # SiRA's capacity ceil(cf * k * T / E) becomes a float sym op on a dynamic token count,
+    # which ExecuTorch cannot run: SiRA variants get one static method per shape instead.
+    shapes = static_shapes(max_batch, max_seq) if branch and branch[0] == "sira" else None
     live_lm = build_live_model(lm, list(live_weights), branch)
     weight_buffers = {w: PREFIX + w for w in live_weights}
     branch_buffers = {w: {p: PREFIX + w.removesuffix("weight") + p for p in params}
@@ -304,7 +333,7 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     all_buffers = list(weight_buffers.values()) + [
         b for d in branch_buffers.values() for b in d.values()]
     with torch.no_grad():
-        blob = _lower_live(live_lm, all_buffers, max_batch, max_seq, partition)
+        blob = _lower_live(live_lm, all_buffers, max_batch, max_seq, partition, shapes)
     _write_atomic(out_dir / live_file, blob)
 
     repack_info = None
@@ -318,7 +347,8 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
 
     section = {
         "file": live_file,
-        "methods": {"forward": "forward", "touch": TOUCH_METHOD},
+        "methods": {"forward": "forward" if shapes is None else None, "touch": TOUCH_METHOD,
+                    "static": {f"{b}x{s}": static_method(b, s) for b, s in shapes or []}},
         "inputs": [{"name": n, "dtype": "int64", "shape": ["batch", "seq"]}
                    for n in _input_names(lm)],
         "max_batch": max_batch, "max_seq": max_seq,

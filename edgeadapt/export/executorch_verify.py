@@ -89,7 +89,9 @@ def verify_export(live_lm: LoadedModel, out_dir: Path, result: dict) -> dict[str
     section, weights = result["section"], result["weights"]
     buffers = {w: info["buffer"] for w, info in weights.items()}
     shapes = {w: tuple(info["shape"]) for w, info in weights.items()}
-    grid = check_shapes(section["max_batch"], section["max_seq"])
+    static = section["methods"].get("static")
+    grid = ([tuple(int(v) for v in k.split("x")) for k in static] if static
+            else check_shapes(section["max_batch"], section["max_seq"]))
     errs: dict[str, float] = {}
 
     try:

@@ -63,7 +63,7 @@ class ExecutorchStore(WeightStore):
         self._branch: dict[str, dict[str, np.ndarray]] = {}
         if mode == "live":
             self._program = _runtime().load_program(self._path(section["file"]))
-            self._method = self._program.load_method(section["methods"]["forward"])
+            self._load_methods()
             arrays = {w: self._attribute(b) for w, b in buffers.items()}
             for w, params in section.get("branch_buffers", {}).items():
                 self._branch[w] = {p: self._attribute(b) for p, b in params.items()}
@@ -108,7 +108,13 @@ class ExecutorchStore(WeightStore):
                     f"(batch <= {self.max_batch}, seq <= {self.max_seq}) — re-export with "
                     "larger max_batch / max_seq")
             args.append(torch.from_numpy(arr))
-        return self._method.execute(args)[0].numpy()
+        method = self._method
+        if self._static:
+            method = self._static.get(tuple(args[0].shape))
+            if method is None:
+                raise ConfigError(f"executorch run: this program has static shapes "
+                                  f"{sorted(self._static)} only, got {tuple(args[0].shape)}")
+        return method.execute(args)[0].numpy()
 
     def commit(self, changes: dict[str, np.ndarray | None]) -> None:
         """Live: nothing to do (the program reads the buffers). Repack: reload the program."""
@@ -142,9 +148,17 @@ class ExecutorchStore(WeightStore):
         return arr
 
     def _load_from_blob(self) -> None:
-        program = _runtime().load_program(bytes(self._blob))
-        method = program.load_method(self.section["methods"]["forward"])
-        self._program, self._method = program, method
+        self._program = _runtime().load_program(bytes(self._blob))
+        self._load_methods()
+
+    def _load_methods(self) -> None:
+        """Dynamic-shape programs have one ``forward``; static ones (SiRA) one method per
+        "BxS" shape, all sharing the mutable buffers."""
+        methods = self.section["methods"]
+        self._static = {tuple(int(v) for v in k.split("x")): self._program.load_method(m)
+                        for k, m in (methods.get("static") or {}).items()}
+        self._method = (self._program.load_method(methods["forward"]) if methods.get("forward")
+                        else next(iter(self._static.values())))
 
 
 def open_store(directory: str | Path, manifest: dict[str, Any], mode: str = "live",
