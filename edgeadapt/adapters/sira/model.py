@@ -40,8 +40,9 @@ def insert_sira(linear: nn.Linear, branch: SiraBranch, scale: float = 1.0) -> Si
     """A :class:`SiraLinear` (eval mode) around ``linear`` holding ``branch``'s weights, its B
     multiplied by ``scale``."""
     E, r = branch.A.shape[0], branch.A.shape[1]
-    layer = SiraLinear(linear, E, r, alpha=float(r), top_k=branch.top_k,
-                       capacity_factor=branch.capacity_factor)       # alpha / r = 1: B is folded
+    with torch.random.fork_rng(devices=[]):   # the init is overwritten: leave the RNG alone
+        layer = SiraLinear(linear, E, r, alpha=float(r), top_k=branch.top_k,
+                           capacity_factor=branch.capacity_factor)   # alpha / r = 1: B is folded
     dev, dt = linear.weight.device, linear.weight.dtype
     with torch.no_grad():
         layer.sira_router.copy_(torch.as_tensor(branch.router, dtype=dt, device=dev))
