@@ -158,3 +158,26 @@ def test_run_rejects_shapes_past_the_bounds(exported):
         store.run(inputs_of(lm, 1, MAX_SEQ + 1))
     with pytest.raises(ConfigError):
         store.run({})
+
+
+@pytest.mark.parametrize("mode", ["live", "repack"])
+def test_switch_engine_on_store(exported, mode):
+    """The backend-neutral engine drives the store: SHiRA switches equal PyTorch, and any
+    sequence ends with the base weights bit-identical."""
+    from edgeadapt.runtime.engine import SwitchEngine
+
+    lm = exported[0]
+    store = store_of(exported, mode)
+    engine = SwitchEngine(store)
+    base = {w: lw.array.copy() for w, lw in store.live_weights().items()}
+    a, b = sparse_adapter(lm, seed=2), sparse_adapter(lm, seed=3)
+    pa, pb = engine.prepare(a, "a"), engine.prepare(b, "b")
+    inp = inputs_of(lm, 2, MAX_SEQ)
+    for active in ([pa], [pb], [pa, pb], []):
+        engine.switch([(p, 1.0) for p in active])
+        ref = lm
+        for p in active:
+            ref = reference(ref, a if p is pa else b)
+        assert rel_err(engine.run(inp), torch_logits(ref, inp)) <= 1e-4
+    for w, lw in store.live_weights().items():
+        assert np.array_equal(lw.array, base[w])
