@@ -167,13 +167,11 @@ def test_struct_mask_is_every_fth_line_plus_diagonal_closest_to_budget(shape, k,
     out_f, in_f = shape
     idx = select_mask("struct", torch.randn(shape), k, axis=axis)
 
+    i, j = torch.arange(out_f)[:, None], torch.arange(in_f)[None, :]
+
     def pattern(f):
-        m = torch.zeros(shape, dtype=torch.bool)
-        for i in range(out_f):
-            for j in range(in_f):
-                line = i if axis == "row" else j
-                m[i, j] = line % f == 0 or i == j
-        return m
+        line = i if axis == "row" else j
+        return (line % f == 0) | (i == j)
 
     lines = out_f if axis == "row" else in_f
     candidates = {f: pattern(f) for f in range(1, lines + 1)}
