@@ -106,6 +106,12 @@ def test_fused_training_restores_base_bit_for_bit():
     x = torch.randn(5, 9, requires_grad=True)
     layer(x).sum().backward()
     assert torch.equal(base.weight, W0)
+    with torch.inference_mode():
+        y = layer(x.detach())
+    assert torch.equal(base.weight, W0)
+    dense = W0.reshape(-1).clone()
+    dense[idx] += layer.shira_values.detach()
+    torch.testing.assert_close(y, F.linear(x.detach(), dense.reshape(7, 9), base.bias))
     assert x.grad is not None and layer.shira_values.grad is not None
 
 

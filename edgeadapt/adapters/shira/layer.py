@@ -11,10 +11,11 @@ base weight is bit-for-bit what it was, and the extra work is O(K), not O(out * 
 gradient is the *sampled* product ``(g^T x)[rows, cols]`` (``torch.sparse.sampled_addmm``: K dot
 products of length N).
 
-Alternatives measured on one CPU thread (N=512 tokens, 576x576 weight, K = 8 * (576 + 576), the
-budget of a LoRA r=8), extra cost per forward over the plain GEMM: torch.sparse CSR product
-x S^T ~1.3 ms (plus transposes; 1.16x LoRA's whole-model step time on SmolLM2), gather/index_add
-~45 ms, dense delta materialised per call ~3.5 ms; fused in place: two K-scatters, ~0.05 ms.
+Alternatives measured on one thread of the shared 2-core CPU, 576x576 weight, K = 8 * (576 + 576)
+(the budget of a LoRA r=8), extra time per forward over the plain GEMM: a torch.sparse CSR product
+x S^T +1.5 ms at N=512 tokens (the transposes around the kernel dominate; it made SmolLM2's whole
+training step 1.16x LoRA's), gather + index_add +44 ms at N=512, a dense delta built per call
++3.7 ms at N=128; fused in place: gather + two K-scatters, ~0.3 ms. See docs/train_cost.md.
 
 Caveat of the in-place fusion: the weight holds W0 + S *during* this layer's forward/backward
 kernels, so the same weight must not be read concurrently by another thread (nn.DataParallel);
