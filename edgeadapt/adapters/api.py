@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -133,8 +134,19 @@ def apply_adapter_torch(model: nn.Module, adapter: Adapter, scale: float = 1.0) 
     place: SHiRA ``W.flat[idx] += scale * v``; LoRA / SoRA ``W += scale * B @ A``; SiRA inserts
     SiRA layers (numpy weights, B multiplied by scale) in place of the target nn.Linear layers.
 
-    ``adapter.scale`` is not applied: pass it as ``scale`` if wanted.
+    ``adapter.scale`` is not applied: pass it as ``scale`` if wanted. A task head
+    (``adapter.head``) replaces the model's head weight and is never scaled.
     """
+    for wname, value in adapter.head.items():
+        try:
+            weight = model.get_parameter(wname)
+        except AttributeError:
+            raise TargetMismatchError(f"adapter head {wname!r} is not in the model") from None
+        if tuple(weight.shape) != tuple(value.shape):
+            raise TargetMismatchError(f"adapter head {wname!r}: model has {tuple(weight.shape)}, "
+                                      f"adapter has {tuple(value.shape)}")
+        with torch.no_grad():
+            weight.copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
     for wname, delta in adapter.targets.items():
         mname = wname.removesuffix(".weight")
         try:

@@ -46,9 +46,25 @@ def load_run_adapter(run_dir: str | Path) -> tuple[Adapter, dict[str, Any]]:
     if info.get("method") == "none":
         raise ConfigError(f"{run_dir}: a head-only run (method 'none') has no adapter to export")
     adapter = extract(lm.model, weight_sha256=info.get("weight_sha256") or None)
+    adapter.head = run_head(lm, run_dir)
     adapter.meta.update({k: info[k] for k in ("task", "model") if info.get(k) is not None})
     adapter.meta["run"] = Path(run_dir).name
     return adapter, info
+
+
+def run_head(lm: Any, run_dir: str | Path) -> dict:
+    """A classifier run's trained head matrices (Adapter.head). Head biases are not carried,
+    so a run whose head bias moved from its zero init is refused rather than exported wrong."""
+    from edgeadapt.models import head_weight_names
+
+    names = head_weight_names(lm.model, lm.kind)
+    moved = [n for n, p in lm.model.named_parameters()
+             if n.removesuffix(".bias") + ".weight" in names and n.endswith(".bias")
+             and bool(p.detach().abs().max() > 0)]
+    if moved:
+        raise ExportError(f"run {run_dir}: its head bias {moved} was trained; edgeadapt carries "
+                          "bias-free heads (retrain with this version of edgeadapt)")
+    return {n: lm.model.get_parameter(n).detach().float().cpu().numpy().copy() for n in names}
 
 
 def check_targets(adapter: Adapter, manifest: Manifest, info: dict[str, Any],

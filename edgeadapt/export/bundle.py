@@ -92,18 +92,20 @@ def export_base(model: str | Path | Any, out: str | Path,
     formats: ``"onnx"`` and/or ``"pte"`` (a format whose exporter is missing is skipped with a
         warning; none available -> ExportError).
     targets: preset (``qv`` | ``attn`` | ``all``) or regex over nn.Linear module names; those
-        weights are live (editable in place), every other weight stays constant.
+        weights are live (editable in place), every other weight stays constant. A
+        classifier's head matrix is live as well (``heads`` in bundle.json).
     check: let each exporter verify its graph against PyTorch (ExportError on mismatch).
     Adapters already registered in ``out`` are kept if they still fit the new base.
     """
-    from edgeadapt.models import load_model, target_weight_names
+    from edgeadapt.models import head_weight_names, load_model, target_weight_names
 
     fmts = parse_formats(formats)
     lm = model if hasattr(model, "model") and hasattr(model, "kind") else load_model(
         str(model), num_labels=num_labels, seed=seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    live = target_weight_names(lm.model, targets)
+    heads = head_weight_names(lm.model, lm.kind)  # live too: each adapter brings its head
+    live = target_weight_names(lm.model, targets) + heads
     weights = base_weight_entries(lm, live)
     results = run_exporters(lm, out, live, fmts, check=check)
     sections = {}
@@ -116,7 +118,7 @@ def export_base(model: str | Path | Any, out: str | Path,
              lm.kind == "classifier" else None, "seed": seed}
     manifest = Manifest(model=lm.name, kind=lm.kind, targets_spec=targets, weights=weights,
                         inputs=inputs, onnx=sections.get("onnx"),
-                        executorch=sections.get("executorch"), extra=extra)
+                        executorch=sections.get("executorch"), heads=heads, extra=extra)
     _keep_fitting_adapters(out, manifest)
     write_manifest(out, manifest)
     log.info("wrote %s: %d live weights, formats %s", out / "bundle.json", len(live),

@@ -118,6 +118,18 @@ def write_adapter(path: str | os.PathLike, adapter: Adapter, value_dtype: str = 
             entry.update(experts=e, rank=r, top_k=int(delta.top_k),
                          capacity_factor=float(delta.capacity_factor))
         targets.append(entry)
+    heads = []
+    for name, arr in adapter.head.items():
+        where = f"head {name!r}"
+        if "/" in name or not name or name in adapter.targets:
+            raise AdapterFormatError(f"{where}: head names must be non-empty, without '/', and "
+                                     "not also a target")
+        arr = np.asarray(arr)
+        if arr.ndim != 2 or 0 in arr.shape:
+            raise AdapterFormatError(f"{where}: a head is a non-empty (out, in) matrix, got shape "
+                                     f"{arr.shape}")
+        tensors[f"{name}/head"] = Tensor("F32", _encode_values(arr, "F32", where))
+        heads.append({"name": name, "shape": [int(arr.shape[0]), int(arr.shape[1])]})
     metadata = {
         "format": FORMAT_NAME,
         "version": str(FORMAT_VERSION),
@@ -126,6 +138,7 @@ def write_adapter(path: str | os.PathLike, adapter: Adapter, value_dtype: str = 
         "scale": repr(float(adapter.scale)),
         "fingerprint": fingerprint({t["name"]: t["sha256"] for t in targets}),
         "targets": json.dumps(targets, allow_nan=False),
+        "head": json.dumps(heads),
         "meta": json.dumps(adapter.meta, allow_nan=False, default=_jsonable),
     }
     write_container(path, tensors, metadata)
@@ -259,6 +272,26 @@ def _decode(md: dict[str, str], tensors: dict[str, np.ndarray], dtypes: dict[str
         out.targets[name] = _decode_delta(method, parts, entry, st, out_f, in_f, where)
         out.shapes[name] = (out_f, in_f)
         out.weight_sha256[name] = sha
+    # "head" is optional so that files written before heads existed still read.
+    heads = _json(md, "head", list) if "head" in md else []
+    for i, entry in enumerate(heads):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name or "/" in name or name in out.targets \
+                or name in out.head:
+            raise _InvalidError(f"head[{i}]: bad or repeated weight name {name!r}")
+        if (not isinstance(shape, list) or len(shape) != 2
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 2**24
+                           for d in shape)):
+            raise _InvalidError(f"head {name!r}: shape {shape!r} is not [out, in]")
+        key = f"{name}/head"
+        if key not in tensors:
+            raise _InvalidError(f"head {name!r}: tensor {key!r} missing")
+        expected_names.add(key)
+        arr, dt = tensors[key], dtypes[key]
+        if tuple(arr.shape) != tuple(shape):
+            raise _InvalidError(f"head {name!r}: tensor shape {list(arr.shape)} != {shape}")
+        out.head[name] = _values(arr, dt, "F32", f"head {name!r}")
     extra = sorted(set(tensors) - expected_names)
     if extra:
         raise _InvalidError(f"tensors not belonging to any target: {extra[:5]}")
@@ -328,6 +361,18 @@ def check_against_manifest(adapter: Adapter, manifest: Manifest, where: str = "a
             f"{where}: touches weights the bundle does not expose as adaptable: "
             f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} (bundle targets_spec "
             f"{manifest.targets_spec!r}; re-export the base with a --targets that covers them)")
+    heads = set(manifest.heads)
+    stray = sorted(n for n in adapter.head if n not in heads)
+    if stray:
+        raise TargetMismatchError(
+            f"{where}: carries a task head for {', '.join(stray)}, which the bundle does not "
+            f"expose as a live head (bundle heads: {sorted(heads) or 'none'}; a causal-lm bundle "
+            "has no head: train the adapter on the bundle's model)")
+    for name, arr in adapter.head.items():
+        if tuple(arr.shape) != tuple(manifest.weights[name].shape):
+            raise AdapterFormatError(f"{where}: head {name!r} has shape {list(arr.shape)}, the "
+                                     f"bundle's {list(manifest.weights[name].shape)} (another "
+                                     "number of labels?)")
     for name in adapter.targets:
         w = manifest.weights[name]
         if tuple(adapter.shapes[name]) != tuple(w.shape):

@@ -22,7 +22,7 @@ FORMAT_VERSION = 1
 KINDS = ("classifier", "causal-lm")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _KNOWN = {"format", "version", "model", "kind", "fingerprint", "targets_spec", "inputs",
-          "weights", "onnx", "executorch", "adapters", "variants"}
+          "weights", "onnx", "executorch", "adapters", "variants", "heads"}
 
 
 @dataclass
@@ -70,6 +70,8 @@ class Manifest:
     variants: key (see :func:`variant_key`) -> {"branch": {...}, "dir": "variants/<key>",
     "onnx": section, "executorch": section, "weights": {name: {"onnx": ..., "executorch": ...}}}
     for graphs that carry unfused branches (SiRA; unfused LoRA).
+    heads: names in ``weights`` that are a classifier's task head: live like the adaptable
+    weights, but replaced by an adapter's head rather than changed by a delta.
     """
 
     model: str
@@ -81,6 +83,7 @@ class Manifest:
     executorch: dict | None = None
     adapters: dict[str, AdapterEntry] = field(default_factory=dict)
     variants: dict[str, dict] = field(default_factory=dict)
+    heads: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
     version: int = FORMAT_VERSION
 
@@ -100,6 +103,8 @@ class Manifest:
             d["executorch"] = self.executorch
         d["adapters"] = {n: a.to_dict() for n, a in self.adapters.items()}
         d["variants"] = self.variants
+        if self.heads:
+            d["heads"] = list(self.heads)
         return {**d, **self.extra}
 
 
@@ -189,6 +194,9 @@ def _validate(data: object, p: Path) -> Manifest:
     for key, v in variants.items():
         if "dir" in v:
             _relative(v["dir"], f"variant {key!r} dir", fail)
+    heads = data.get("heads", [])
+    if not isinstance(heads, list) or not all(isinstance(h, str) and h in weights for h in heads):
+        raise fail("heads must be a list of names from weights")
     raw_adapters = data.get("adapters", {})
     if not isinstance(raw_adapters, dict):
         raise fail("adapters is not an object")
@@ -208,7 +216,8 @@ def _validate(data: object, p: Path) -> Manifest:
     m = Manifest(model=data["model"], kind=data["kind"], targets_spec=data["targets_spec"],
                  weights=weights, inputs=inputs, onnx=data.get("onnx"),
                  executorch=data.get("executorch"), adapters=adapters, variants=variants,
-                 extra={k: v for k, v in data.items() if k not in _KNOWN}, version=version)
+                 heads=heads, extra={k: v for k, v in data.items() if k not in _KNOWN},
+                 version=version)
     if data.get("fingerprint") != m.fingerprint:
         raise fail("fingerprint does not match the weights' sha256 (edited or corrupt manifest)")
     return m

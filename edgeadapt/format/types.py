@@ -82,6 +82,11 @@ class Adapter:
         layout, C order): ties the adapter to the exact base it was trained on.
     scale: default strength applied at inference (1.0 = as trained).
     meta: free-form JSON-able information (task, metrics, ranks kept, ...).
+    head: a classifier's task head, weight name -> trained (out, in) float32 values, e.g.
+        ``{"classifier.weight": (labels, hidden)}``. Unlike the deltas above a head *replaces*
+        the bundle's head weight (heads are new per task, not a change of a pretrained one) and
+        is never scaled; when adapters are fused, the first one that carries a head supplies it.
+        Heads train without bias (the bias stays at its zero init), so a head is one matrix.
     """
 
     method: str
@@ -90,3 +95,4 @@ class Adapter:
     weight_sha256: dict[str, str]
     scale: float = 1.0
     meta: dict = field(default_factory=dict)
+    head: dict[str, np.ndarray] = field(default_factory=dict)

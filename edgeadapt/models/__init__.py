@@ -8,9 +8,15 @@ from edgeadapt.models.registry import (
     cache_dir,
     load_model,
 )
-from edgeadapt.models.targets import PRESETS, resolve_targets, target_weight_names
+from edgeadapt.models.targets import (
+    PRESETS,
+    head_weight_names,
+    resolve_targets,
+    target_weight_names,
+)
 
 __all__ = [
     "PRESETS", "REAL_MODELS", "TINY_MODELS", "LoadedModel", "LogitsModule", "cache_dir",
-    "example_inputs", "forward", "load_model", "resolve_targets", "target_weight_names",
+    "example_inputs", "forward", "head_weight_names", "load_model", "resolve_targets",
+    "target_weight_names",
 ]

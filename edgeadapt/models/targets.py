@@ -44,3 +44,14 @@ def resolve_targets(model: nn.Module, spec: str) -> list[str]:
 def target_weight_names(model: nn.Module, spec: str) -> list[str]:
     """The base weight names (``<module>.weight``) of :func:`resolve_targets`."""
     return [f"{name}.weight" for name in resolve_targets(model, spec)]
+
+
+def head_weight_names(lm_model: nn.Module, kind: str) -> list[str]:
+    """A classifier's task-head matrices: the 2-D parameters outside the pretrained backbone
+    (``base_model_prefix``), e.g. ``["classifier.weight"]`` for MiniLM. Causal LMs have none
+    (the generative classifier reads the LM head). Head biases stay at their zero init, so a
+    task head is carried as these matrices alone (edgeadapt.format.types.Adapter.head)."""
+    if kind != "classifier":
+        return []
+    prefix = getattr(lm_model, "base_model_prefix", "") + "."
+    return [n for n, p in lm_model.named_parameters() if not n.startswith(prefix) and p.dim() == 2]

@@ -13,6 +13,8 @@ and two hooks, ``run`` and ``commit``. The engine then applies fused adapters in
 - LoRA / pruned SoRA   ``W = W0 + sum_k s_k * B_k @ A_k``   over the touched matrices; the
   original of each touched matrix is kept while an adapter is active (4 * out * in bytes per
   fp32 matrix: the whole matrix, against SHiRA's 1%) and written back for an exact restore.
+- Task head (classifiers)   ``W = H``   the first active adapter's head replaces the head weight;
+  the original is kept like a LoRA-touched matrix (labels x hidden floats: a few KiB).
 
 Layouts: ``"as-is"`` buffers are (out, in) like PyTorch; ``"transposed"`` buffers are (in, out).
 Torch flat index ``i = r * in + c`` is backend flat index ``i`` (as-is) or ``c * out + r``
@@ -144,6 +146,7 @@ class PreparedAdapter:
     method: str
     scale: float
     targets: dict[str, _Target]
+    head: dict[str, np.ndarray] = field(default_factory=dict)  # backend layout, float32
 
 
 def _check_finite(arr: np.ndarray, what: str) -> None:
@@ -182,7 +185,27 @@ def prepare_adapter(adapter: Adapter, live: dict[str, LiveWeight], name: str) ->
                     f"{lw.sha256}"
                 )
         targets[wname] = _prepare_target(delta, lw, where)
-    return PreparedAdapter(name, adapter.method, float(adapter.scale), targets)
+    return PreparedAdapter(name, adapter.method, float(adapter.scale), targets,
+                           _prepare_head(adapter, live, name))
+
+
+def _prepare_head(adapter: Adapter, live: dict[str, LiveWeight], name: str
+                  ) -> dict[str, np.ndarray]:
+    """The adapter's task head in backend layout (a full replacement; see Adapter.head)."""
+    head: dict[str, np.ndarray] = {}
+    for wname, arr in adapter.head.items():
+        where = f"adapter {name!r}, head {wname!r}"
+        if wname not in live:
+            raise TargetMismatchError(f"{where}: not a live weight of this runtime")
+        if wname in adapter.targets:
+            raise AdapterFormatError(f"{where}: a weight cannot be both a head and a target")
+        arr = np.asarray(arr, dtype=np.float32)
+        lw = live[wname]
+        if arr.shape != lw.shape:
+            raise FingerprintMismatchError(f"{where}: shape {arr.shape} != {lw.shape}")
+        _check_finite(arr, where)
+        head[wname] = np.ascontiguousarray(arr if lw.layout == "as-is" else arr.T)
+    return head
 
 
 def _prepare_target(delta: object, lw: LiveWeight, where: str) -> _Target:
@@ -244,6 +267,7 @@ class _Combined:
     delta: np.ndarray | None = None
     B: list[np.ndarray] = field(default_factory=list)
     A: list[np.ndarray] = field(default_factory=list)
+    head: np.ndarray | None = None  # full replacement, backend layout
 
 
 class SwitchEngine:
@@ -330,6 +354,10 @@ class SwitchEngine:
         parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         combined: dict[str, _Combined] = {}
         for prep, scale in adapters:
+            for name, arr in prep.head.items():  # the first adapter with a head supplies it
+                c = combined.setdefault(name, _Combined())
+                if c.head is None:
+                    c.head = arr
             s = np.float32(scale)
             for name, t in prep.targets.items():
                 c = combined.setdefault(name, _Combined())
@@ -355,7 +383,7 @@ class SwitchEngine:
         for name in sorted(set(combined) | set(self._sparse) | set(self._dense)):
             c = combined.get(name, _Combined())
             lw = self.live[name]
-            if c.B or name in self._dense:
+            if c.B or c.head is not None or name in self._dense:
                 plans[name] = self._plan_dense(name, lw, c)
             else:
                 plans[name] = self._plan_sparse(name, lw, c)
@@ -386,7 +414,9 @@ class SwitchEngine:
             if name in self._sparse:
                 idx, base = self._sparse[name]
                 original.reshape(-1)[idx] = base
-        if c.B:
+        if c.head is not None:
+            new = c.head.astype(original.dtype)
+        elif c.B:
             B = np.concatenate(c.B, axis=1)
             A = np.concatenate(c.A, axis=0)
             delta = B @ A if lw.layout == "as-is" else A.T @ B.T
@@ -400,7 +430,7 @@ class SwitchEngine:
             if not c.B:
                 sparse_state = (c.idx, flat_orig[c.idx])
         _check_finite_result(new, name)
-        dense_state = original if c.B else None
+        dense_state = original if (c.B or c.head is not None) else None
         return _Plan(union=None, vals=None, full=new, sparse_state=sparse_state,
                      dense_state=dense_state)
 
