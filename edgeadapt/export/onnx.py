@@ -239,5 +239,6 @@ def _write_live_file(out_dir: Path, values: dict[str, np.ndarray], variant: str 
     tmp = out_dir / f".{name}.tmp{os.getpid()}"
     save_file({k: np.ascontiguousarray(v) for k, v in values.items()}, str(tmp),
               metadata={"format": "edgeadapt-onnx-live-weights", "layout": "backend"})
+    os.chmod(tmp, 0o644)  # safetensors creates it 0600; the bundle's other files are 0644
     os.replace(tmp, out_dir / name)
     return name
