@@ -19,7 +19,7 @@ import click
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--targets", default="qv", show_default=True)
 @click.option("--formats", default="onnx,pte", show_default=True)
-@click.option("--lora-rank", default=16, show_default=True)
+@click.option("--lora-rank", default=16, show_default=True, help="0 for no LoRA variant.")
 @click.option("--sira", default="4,4,2,1.25", show_default=True,
               help="experts,rank,top_k,capacity_factor of the SiRA variant ('' for none)")
 @click.option("--check/--no-check", default=True, show_default=True,
@@ -37,7 +37,7 @@ def main(model: str, out: str, targets: str, formats: str, lora_rank: int, sira:
     bundle = Path(out)
     export_base(model, bundle, formats=formats.split(","), targets=targets, check=check)
     manifest = read_manifest(bundle)
-    branches: list[tuple] = [("lora", lora_rank)]
+    branches: list[tuple] = [("lora", lora_rank)] if lora_rank > 0 else []
     if sira:
         e, r, k, cf = sira.split(",")
         branches.append(("sira", int(e), int(r), int(k), float(cf)))
