@@ -7,6 +7,7 @@ adapters decide what trains.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from edgeadapt.errors import MissingPackageError, UnknownNameError
+from edgeadapt.models.classifier import MeanPoolClassifier
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REAL_MODELS = ("minilm", "smollm2")
@@ -28,8 +30,8 @@ TINY_MODELS = ("tiny-minilm", "tiny-smollm2")
 class LoadedModel:
     """A base model plus what the rest of the pipeline needs to drive it.
 
-    kind: ``"classifier"`` -> logits (batch, num_labels); ``"causal-lm"`` -> logits
-    (batch, seq, vocab).
+    kind: ``"classifier"`` (a :class:`MeanPoolClassifier`) -> logits (batch, num_labels);
+    ``"causal-lm"`` -> logits (batch, seq, vocab).
     """
 
     model: nn.Module
@@ -103,6 +105,18 @@ def smollm2_fp32_dir() -> Path:
     return out
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _finish(model: nn.Module, tokenizer: Any | None, name: str, kind: str) -> LoadedModel:
     model.config.use_cache = False
     model.eval()
@@ -112,7 +126,7 @@ def _finish(model: nn.Module, tokenizer: Any | None, name: str, kind: str) -> Lo
 
 
 def _tiny_minilm(num_labels: int) -> LoadedModel:
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import AutoTokenizer, BertConfig, BertModel
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
@@ -121,9 +135,10 @@ def _tiny_minilm(num_labels: int) -> LoadedModel:
         tokenizer, vocab = None, 30522
     config = BertConfig(
         vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
+        intermediate_size=64, max_position_embeddings=128,
     )
-    return _finish(BertForSequenceClassification(config), tokenizer, "tiny-minilm", "classifier")
+    model = MeanPoolClassifier(BertModel(config, add_pooling_layer=False), num_labels)
+    return _finish(model, tokenizer, "tiny-minilm", "classifier")
 
 
 def _tiny_smollm2() -> LoadedModel:
@@ -138,12 +153,7 @@ def _tiny_smollm2() -> LoadedModel:
 
 
 def _from_dir(path: Path, num_labels: int, name: str) -> LoadedModel:
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path)
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
@@ -152,10 +162,10 @@ def _from_dir(path: Path, num_labels: int, name: str) -> LoadedModel:
     if causal:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         return _finish(model, tokenizer, name, "causal-lm")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, dtype=torch.float32
-    )
-    return _finish(model, tokenizer, name, "classifier")
+    extra = {"add_pooling_layer": False} if config.model_type == "bert" else {}
+    with _quiet_transformers():  # its load report lists the dropped pooler as "unexpected"
+        encoder = AutoModel.from_pretrained(path, dtype=torch.float32, **extra)
+    return _finish(MeanPoolClassifier(encoder, num_labels), tokenizer, name, "classifier")
 
 
 def load_model(name: str, *, num_labels: int = 2, seed: int = 0) -> LoadedModel:
