@@ -33,6 +33,8 @@ RUNS: dict[str, list[str]] = {
                              "--budget-rank", "8"],
     "rt1k-shira-snip-b8-2ep": [*SMALL_RT, "--method", "shira", "--mask", "snip",
                                "--budget-rank", "8", "--epochs", "2"],
+    "rt1k-lora-r8-2ep": [*SMALL_RT, "--method", "lora", "--rank", "8", "--epochs", "2"],
+    "rt1k-none-2ep": [*SMALL_RT, "--method", "none", "--epochs", "2"],
     # issue 3: SoRA r_max=16 + linear scheduler vs LoRA r=16
     "rt1k-lora-r16": [*SMALL_RT, "--method", "lora", "--rank", "16"],
     "rt1k-sora-r16-linear": [*SMALL_RT, "--method", "sora", "--rank", "16", "--xi", "1e-3",
