@@ -23,7 +23,7 @@ from safetensors.torch import save as st_save
 from edgeadapt import __version__
 from edgeadapt.errors import AdapterFormatError, FingerprintMismatchError
 from edgeadapt.format.fingerprint import weight_sha256
-from edgeadapt.models import LoadedModel, load_model
+from edgeadapt.models import LoadedModel, head_weight_names, load_model
 
 ADAPTER_FILE, HEAD_FILE, INFO_FILE, METRICS_FILE = (
     "adapter.safetensors", "head.safetensors", "adapter.json", "metrics.json")
@@ -53,13 +53,12 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def head_parameters(lm: LoadedModel) -> dict[str, torch.nn.Parameter]:
-    """A classifier's task head: every parameter outside the pretrained backbone
-    (``base_model_prefix``), e.g. ``classifier.weight`` / ``classifier.bias`` of MiniLM.
-    Causal LMs have none (the generative classifier reuses the LM head)."""
-    if lm.kind != "classifier":
-        return {}
-    prefix = getattr(lm.model, "base_model_prefix", "") + "."
-    return {n: p for n, p in lm.model.named_parameters() if not n.startswith(prefix)}
+    """A classifier's task head: its matrices (``edgeadapt.models.head_weight_names``, e.g.
+    ``classifier.weight``). The head bias is not trained: it keeps its zero init, so the
+    deployed head is one matrix the runtime swaps in place (Adapter.head). Causal LMs have
+    none (the generative classifier reuses the LM head)."""
+    params = dict(lm.model.named_parameters())
+    return {n: params[n] for n in head_weight_names(lm.model, lm.kind)}
 
 
 def base_weight_hashes(lm: LoadedModel, names: list[str]) -> dict[str, str]:
