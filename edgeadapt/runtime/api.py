@@ -4,6 +4,7 @@
     rt.switch("sentiment")                              # fused, in place
     rt.switch(["sentiment", "politics"], scales=[1.0, 0.5])
     rt.switch(None)                                     # the base, bit for bit
+    rt.switch("sira_adapter")      # an adapter with a graph variant: unfused, branches as inputs
     logits = rt.run(input_ids=ids, attention_mask=mask)
 
 The ONNX Runtime path imports no torch. Errors are typed (edgeadapt.errors) and a refused
@@ -22,8 +23,11 @@ import numpy as np
 
 from edgeadapt.errors import ConfigError, SwitchError, UnknownNameError
 from edgeadapt.format.adapter_file import read_adapter
-from edgeadapt.format.manifest import Manifest, read_manifest
+from edgeadapt.format.manifest import AdapterEntry, Manifest, read_manifest
+from edgeadapt.format.types import Adapter
 from edgeadapt.runtime.engine import PreparedAdapter, SwitchEngine, WeightStore
+from edgeadapt.runtime.locks import ReadWriteLock
+from edgeadapt.runtime.unfused import OrtVariantSession, PreparedBranches, prepare_branches
 
 BACKENDS = ("onnxruntime", "executorch")
 MODES = ("live", "repack", "auto")
@@ -68,20 +72,36 @@ def _open_store(backend: str, bundle_dir: Path, manifest: Manifest, device: str,
 class Runtime:
     """A loaded bundle whose live weights are switched in place. Thread-safe: ``run`` may be
     called from many threads while another thread switches; a run sees the old or the new
-    adapter set, never a mixture."""
+    adapter set, never a mixture.
+
+    Adapters whose bundle entry names a graph ``variant`` (SiRA; LoRA / SoRA exported with
+    ``unfused=True``) run *unfused*: the switch returns fused weights to the base, binds the
+    adapter's branch tensors to the variant's session (created once, on first use, sharing the
+    live-weight buffers) and routes ``run`` through it until the next switch.
+    """
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, store: WeightStore, backend: str,
-                 device: str, mode: str, mode_reason: str, verify_base: bool = True) -> None:
+                 device: str, mode: str, mode_reason: str, verify_base: bool = True,
+                 threads: int | None = None) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.store = store
         self.backend = backend
         self.device = device
-        self.mode = mode
+        self.fused_mode = mode
         self.mode_reason = mode_reason
+        self.threads = threads
         self.engine = SwitchEngine(store, verify_base=verify_base)
         self._prepared: dict[str, PreparedAdapter] = {}
+        self._branches: dict[str, PreparedBranches] = {}
+        self._variants: dict[str, OrtVariantSession] = {}
         self._cache_lock = threading.Lock()
+        self._switch_lock = threading.Lock()  # one switch at a time
+        # Taken shared by run, exclusive when the route (base graph <-> variant) changes;
+        # always acquired before the engine's lock.
+        self._route_lock = ReadWriteLock()
+        self._route: OrtVariantSession | None = None
+        self._route_active: tuple[tuple[str, float], ...] = ()
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -93,11 +113,28 @@ class Runtime:
     @property
     def active(self) -> tuple[str, ...]:
         """Names of the adapters applied now, in switch order; () for the base model."""
-        return tuple(name for name, _ in self.engine.active)
+        return tuple(name for name, _ in self.active_scales)
 
     @property
     def active_scales(self) -> tuple[tuple[str, float], ...]:
-        return self.engine.active
+        return self._route_active if self._route is not None else self.engine.active
+
+    @property
+    def active_variant(self) -> str | None:
+        """Key of the graph variant runs go through (an unfused adapter is active), or None."""
+        route = self._route
+        return None if route is None else route.key
+
+    @property
+    def mode(self) -> str:
+        """``"unfused"`` while an unfused adapter is active, else the fused mode in use
+        (``"live"`` or ``"repack"``, see ``mode_reason``)."""
+        return "unfused" if self._route is not None else self.fused_mode
+
+    def is_unfused(self, name: str) -> bool:
+        """Whether adapter ``name`` runs unfused (its bundle entry names a graph variant)."""
+        entry = self._entry(name)
+        return entry.variant is not None or entry.method == "sira"
 
     def restore_memory_bytes(self) -> int:
         """Extra memory held now to restore the base exactly (see docs/runtime.md)."""
@@ -111,18 +148,68 @@ class Runtime:
             prep = self._prepared.get(name)
         if prep is not None:
             return prep
-        entry = self.manifest.adapters.get(name)
-        if entry is None:
-            raise UnknownNameError(f"no adapter named {name!r} in {self.bundle_dir}; the "
-                                   f"bundle has: {', '.join(self.adapters) or '(none)'}")
+        entry = self._entry(name)
         if entry.variant is not None or entry.method == "sira":
             raise SwitchError(f"adapter {name!r} ({entry.method}) runs unfused in graph variant "
-                              f"{entry.variant!r}; fused switching cannot apply it")
+                              f"{entry.variant!r}; fused switching cannot apply it (switch to it "
+                              "alone: rt.switch(name))")
         adapter = read_adapter(self.bundle_dir / entry.file, self.manifest)
         prep = self.engine.prepare(adapter, name)
         with self._cache_lock:
             self._prepared[name] = prep
         return prep
+
+    def _entry(self, name: str) -> AdapterEntry:
+        entry = self.manifest.adapters.get(name) if isinstance(name, str) else None
+        if entry is None:
+            raise UnknownNameError(f"no adapter named {name!r} in {self.bundle_dir}; the "
+                                   f"bundle has: {', '.join(self.adapters) or '(none)'}")
+        return entry
+
+    def prepare_unfused(self, name: str) -> PreparedBranches:
+        """Read and validate unfused adapter ``name`` against its graph variant (cached)."""
+        with self._cache_lock:
+            pb = self._branches.get(name)
+        if pb is not None:
+            return pb
+        entry = self._entry(name)
+        if entry.variant is None:
+            raise SwitchError(f"adapter {name!r} ({entry.method}) has no graph variant in the "
+                              "bundle; export it with unfused=True (SiRA always has one)")
+        adapter = read_adapter(self.bundle_dir / entry.file, self.manifest)
+        pb = prepare_branches(adapter, name, self.manifest, entry.variant)
+        if pb.head:  # validated now, applied by the engine at switch time
+            self.engine.prepare(_head_only_from(pb), name)
+        with self._cache_lock:
+            self._branches[name] = pb
+        return pb
+
+    def _variant_session(self, key: str) -> OrtVariantSession:
+        sess = self._variants.get(key)  # only switches (serialised) create sessions
+        if sess is not None:
+            return sess
+        if self.backend != "onnxruntime":
+            raise SwitchError(f"unfused adapters (graph variant {key!r}) run on backend "
+                              f"'onnxruntime' only so far, not {self.backend!r}")
+        if self.device != "cpu":
+            raise SwitchError(f"unfused adapters (graph variant {key!r}) run on device='cpu' "
+                              "only so far")
+        sess = OrtVariantSession(self.bundle_dir, self.manifest, key,
+                                 self.store.live_weights(), self.threads)
+        self._variants[key] = sess
+        return sess
+
+    def _switch_unfused(self, name: str, scale: float | None) -> None:
+        pb = self.prepare_unfused(name)
+        sess = self._variant_session(pb.variant)
+        s = pb.scale if scale is None else float(scale)
+        feeds = pb.feeds(s)
+        head = [(self.engine.prepare(_head_only_from(pb), name), 1.0)] if pb.head else []
+        with self._route_lock.exclusive():
+            self.engine.switch(head)  # fused edits back to base (the task head, if any, on)
+            sess.set_branches(feeds)
+            self._route = sess
+            self._route_active = ((name, s),)
 
     def switch(self, names: str | Sequence[str] | None,
                scales: float | Sequence[float] | None = None) -> None:
@@ -153,13 +240,37 @@ class Runtime:
         for s in scale_list:
             if s is not None and not math.isfinite(s):
                 raise ConfigError(f"switch: scale {s} is not finite")
-        preps = [self.prepare(n) for n in names]
-        self.engine.switch([(p, p.scale if s is None else s) for p, s in
-                            zip(preps, scale_list, strict=True)])
+        unfused = [n for n in names if self.is_unfused(n)]
+        if unfused and len(names) != 1:
+            raise ConfigError(f"switch: adapter(s) {unfused} run unfused (graph variant) and can "
+                              f"only be active alone; got {names}")
+        with self._switch_lock:
+            if unfused:
+                self._switch_unfused(names[0], scale_list[0])
+                return
+            preps = [self.prepare(n) for n in names]
+            pairs = [(p, p.scale if s is None else s) for p, s in
+                     zip(preps, scale_list, strict=True)]
+            if self._route is None:
+                self.engine.switch(pairs)  # plans while runs go on
+                return
+            with self._route_lock.exclusive():  # leave the variant and fuse atomically
+                self.engine.switch(pairs)
+                self._route = None
+                self._route_active = ()
 
     def run(self, **inputs: np.ndarray) -> np.ndarray:
         """One forward pass with the active adapters; numpy arrays in, logits out."""
-        return self.engine.run(inputs)
+        with self._route_lock.shared():
+            route = self._route
+            if route is None:
+                return self.engine.run(inputs)
+            return route.run(self.store._feeds(inputs))
+
+
+def _head_only_from(pb: PreparedBranches) -> Adapter:
+    """The part of an unfused adapter the engine applies: its task head (no deltas)."""
+    return Adapter(pb.method, {}, {}, {}, head=pb.head)
 
 
 def load(bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
@@ -187,4 +298,5 @@ def load(bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cp
     else:
         chosen, reason = mode, "requested"
     store = _open_store(backend, bundle, manifest, device, chosen, threads)
-    return Runtime(bundle, manifest, store, backend, device, chosen, reason, verify_base)
+    return Runtime(bundle, manifest, store, backend, device, chosen, reason, verify_base,
+                   threads)
