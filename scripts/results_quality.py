@@ -1,10 +1,12 @@
 """Quality runs behind docs/results.md: each is one `edgeadapt train` command.
 
     PYTHONPATH=. .venv/bin/python scripts/results_quality.py [run names...]   # trains missing runs
-    PYTHONPATH=. .venv/bin/python scripts/results_quality.py --table          # markdown table
+    PYTHONPATH=. .venv/bin/python scripts/results_quality.py --table          # markdown tables
 
-Runs land in runs/res/<name>/ (skipped when their metrics.json exists); each is trained in its
-own process with one torch thread (the machine is shared).
+Runs land in runs/mp/<name>/ (skipped when their metrics.json exists; "mp": the mean-pooling
+MiniLM classifier; the older pooler-head runs were in runs/res/); each is trained in its own
+process with one torch thread (the machine is shared), one after another. To use two cores,
+start two copies with disjoint run names. The fusion table comes from scripts/results_fusion.py.
 """
 
 from __future__ import annotations
@@ -14,34 +16,34 @@ import subprocess
 import sys
 from pathlib import Path
 
-OUT = Path("runs/res")
-SMALL_RT = ["--model", "minilm", "--task", "rt-sentiment", "--max-train", "1000",
-            "--max-test", "500", "--max-len", "64", "--epochs", "1", "--seed", "0"]
-MIX = ["--model", "minilm", "--task", "rt+politics", "--max-train", "1000", "--max-test", "500",
-       "--max-len", "64", "--epochs", "1", "--seed", "0"]
+OUT = Path("runs/mp")
+
+
+def _base(task: str, epochs: int) -> list[str]:
+    return ["--model", "minilm", "--task", task, "--max-train", "1000", "--max-test", "500",
+            "--max-len", "64", "--epochs", str(epochs), "--seed", "0"]
+
+
+RT2, RT1, POL2, MIX1 = (_base("rt-sentiment", 2), _base("rt-sentiment", 1),
+                        _base("politics", 2), _base("rt+politics", 1))
+SHIRA = ["--method", "shira", "--mask", "snip", "--budget-rank", "8"]
 
 RUNS: dict[str, list[str]] = {
-    # issue 2: SHiRA vs the frozen encoder (and LoRA at the same parameter budget)
-    "rt1k-none": [*SMALL_RT, "--method", "none"],
-    "rt1k-shira-snip-b8": [*SMALL_RT, "--method", "shira", "--mask", "snip", "--budget-rank", "8"],
-    "rt1k-lora-r8": [*SMALL_RT, "--method", "lora", "--rank", "8"],
-    "rt1k-shira-snip-b8-lr1e-2": [*SMALL_RT, "--method", "shira", "--mask", "snip",
-                                  "--budget-rank", "8", "--lr", "1e-2"],
-    "rt1k-shira-snip-b8-lr5e-3": [*SMALL_RT, "--method", "shira", "--mask", "snip",
-                                  "--budget-rank", "8", "--lr", "5e-3"],
-    "rt1k-shira-random-b8": [*SMALL_RT, "--method", "shira", "--mask", "random",
-                             "--budget-rank", "8"],
-    "rt1k-shira-snip-b8-2ep": [*SMALL_RT, "--method", "shira", "--mask", "snip",
-                               "--budget-rank", "8", "--epochs", "2"],
-    "rt1k-lora-r8-2ep": [*SMALL_RT, "--method", "lora", "--rank", "8", "--epochs", "2"],
-    "rt1k-none-2ep": [*SMALL_RT, "--method", "none", "--epochs", "2"],
-    # issue 3: SoRA r_max=16 + linear scheduler vs LoRA r=16
-    "rt1k-lora-r16": [*SMALL_RT, "--method", "lora", "--rank", "16"],
-    "rt1k-sora-r16-linear": [*SMALL_RT, "--method", "sora", "--rank", "16", "--xi", "1e-3",
-                             "--sora-schedule", "linear", "--sora-xi-max", "1.5e-2"],
+    # issue 2: SHiRA vs the frozen encoder, and LoRA at the same parameter budget (2 epochs)
+    "rt-none-2ep": [*RT2, "--method", "none"],
+    "rt-shira-snip-b8-2ep": [*RT2, *SHIRA],
+    "rt-lora-r8-2ep": [*RT2, "--method", "lora", "--rank", "8"],
+    # issue 3: SoRA r_max=16 + linear sparsifying scheduler vs LoRA r=16 (1 epoch)
+    "rt-lora-r16-1ep": [*RT1, "--method", "lora", "--rank", "16"],
+    "rt-sora-r16-linear-1ep": [*RT1, "--method", "sora", "--rank", "16", "--xi", "1e-3",
+                               "--sora-schedule", "linear", "--sora-xi-max", "1.5e-2"],
     # issue 3: SiRA (E=4, r=2, top-2) vs LoRA r=10: both 7,680 parameters per q/v matrix
-    "mix-lora-r10": [*MIX, "--method", "lora", "--rank", "10"],
-    "mix-sira-e4r2": [*MIX, "--method", "sira", "--experts", "4", "--rank", "2", "--top-k", "2"],
+    "mix-lora-r10-1ep": [*MIX1, "--method", "lora", "--rank", "10"],
+    "mix-sira-e4r2-1ep": [*MIX1, "--method", "sira", "--experts", "4", "--rank", "2",
+                          "--top-k", "2"],
+    # issue 7 section 2: the politics halves of the fusion pairs (rt halves: issue-2 runs)
+    "pol-shira-snip-b8-2ep": [*POL2, *SHIRA],
+    "pol-lora-r8-2ep": [*POL2, "--method", "lora", "--rank", "8"],
 }
 
 
@@ -59,27 +61,48 @@ def train(name: str) -> None:
                        check=False)
 
 
+def _metrics(name: str) -> dict | None:
+    path = OUT / name / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def table() -> str:
-    rows = ["| run | test metric | adapter params | train s | command |", "|---|---|---|---|---|"]
+    rows = ["| run | test accuracy | adapter params | train s | command |",
+            "|---|---|---|---|---|"]
     for name in RUNS:
-        path = OUT / name / "metrics.json"
-        if not path.exists():
+        m = _metrics(name)
+        if m is None:
+            rows.append(f"| {name} | (not run) | | | `{' '.join(command(name))}` |")
             continue
-        m = json.loads(path.read_text())
-        test = m["test"]
-        value = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k.startswith("accuracy"))
+        value = ", ".join(f"{k} {v:.3f}" for k, v in m["test"].items()
+                          if k.startswith("accuracy"))
         if "sora" in m:
-            value += (f"; live rank {m['sora']['live_rank_total']}/"
-                      f"{m['sora']['r_max'] * len(m['sora']['live_ranks'])}, params after "
-                      f"pruning {m['sora']['params_after']:,}")
+            s = m["sora"]
+            value += (f"; live rank {s['live_rank_total']}/{s['r_max'] * len(s['live_ranks'])},"
+                      f" params after pruning {s['params_after']:,}")
         rows.append(f"| {name} | {value} | {m['trainable_params']:,} | {m['train_s']:.0f} | "
                     f"`{' '.join(command(name))}` |")
+    return "\n".join(rows)
+
+
+def sora_stages(name: str = "rt-sora-r16-linear-1ep") -> str:
+    m = _metrics(name)
+    if m is None or "sora" not in m:
+        return "(SoRA run missing)"
+    total = m["sora"]["r_max"] * len(m["sora"]["live_ranks"])
+    rows = [f"| stage | steps | xi | live rank (of {total}) | test accuracy |",
+            "|---|---|---|---|---|"]
+    for st in m.get("stages", []):
+        rows.append(f"| {st.get('stage')} | {st.get('step')} | {st.get('xi', 0):.4f} | "
+                    f"{st.get('live_rank_total')} | {st.get('accuracy', float('nan')):.3f} |")
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
     if "--table" in sys.argv:
         print(table())
+        print()
+        print(sora_stages())
     else:
         OUT.mkdir(parents=True, exist_ok=True)
         for run_name in sys.argv[1:] or RUNS:
