@@ -1,0 +1,241 @@
+"""Unfused mode on ONNX Runtime: SiRA and LoRA (ranks padded) through the bundle's graph variants.
+
+Reference: the PyTorch model carrying the same adapter read back from the bundle's file
+(``apply_adapter_torch``: SiRA layers inserted, LoRA fused into the weights). Base output and
+base weights are checked bit for bit against the freshly loaded runtime and the bundle's hashes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edgeadapt.adapters import apply_adapter_torch  # noqa: E402
+from edgeadapt.errors import ConfigError, SwitchError, UnknownNameError  # noqa: E402
+from edgeadapt.export.adapter import ensure_variant  # noqa: E402
+from edgeadapt.export.bundle import export_base  # noqa: E402
+from edgeadapt.format import (  # noqa: E402
+    read_adapter,
+    read_manifest,
+    write_adapter,
+    write_manifest,
+)
+from edgeadapt.format.fingerprint import weight_sha256  # noqa: E402
+from edgeadapt.format.manifest import AdapterEntry  # noqa: E402
+from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta, SiraBranch  # noqa: E402
+from edgeadapt.models import example_inputs, forward, load_model  # noqa: E402
+from edgeadapt.runtime import load  # noqa: E402
+
+RTOL = 1e-4
+SIRA = ("sira", 3, 2, 2, 1.25)
+
+
+def _adapters(lm, names, seed=1):
+    """SiRA on three of the live weights, LoRA with per-weight ranks 3/1 (pruned-SoRA-like, on
+    every other weight), a fused SHiRA, and a SiRA whose top_k does not fit the variant."""
+    rng = np.random.default_rng(seed)
+    params = dict(lm.model.named_parameters())
+    w = {n: params[n].detach().numpy() for n in names}
+    sha = {n: weight_sha256(v) for n, v in w.items()}
+    shapes = {n: tuple(v.shape) for n, v in w.items()}
+
+    def f32(*shape, s=0.5):
+        return (s * rng.standard_normal(shape)).astype(np.float32)
+
+    def sira(sel, top_k=2):
+        t = {n: SiraBranch(f32(3, w[n].shape[1], s=1.0), f32(3, 2, w[n].shape[1]),
+                           f32(3, w[n].shape[0], 2), top_k, 1.25) for n in sel}
+        return Adapter("sira", t, {n: shapes[n] for n in sel}, {n: sha[n] for n in sel})
+
+    lora = {n: LoraDelta(f32(r, w[n].shape[1]), f32(w[n].shape[0], r))
+            for n, r in zip(names[::2], (3, 1), strict=False)}
+    idx = {n: np.sort(rng.choice(w[n].size, w[n].size // 20, replace=False)) for n in names}
+    shira = {n: ShiraDelta(i.astype(np.int64), f32(i.size, s=1.0)) for n, i in idx.items()}
+    return {"sira": (sira(names[:3]), "sira"),
+            "lora": (Adapter("lora", lora, {n: shapes[n] for n in lora},
+                             {n: sha[n] for n in lora}, scale=0.8), "lora"),
+            "s1": (Adapter("shira", shira, shapes, sha), None),
+            "sira_bad": (sira(names[:1], top_k=1), "sira")}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.set_num_threads(1)
+    lm = load_model("tiny-smollm2", seed=0)
+    out = tmp_path_factory.mktemp("unfused")
+    export_base(lm, out, formats="onnx", targets="qv", check=False)
+    manifest = read_manifest(out)
+    keys = {"sira": ensure_variant(out, manifest, SIRA, check=False),
+            "lora": ensure_variant(out, manifest, ("lora", 4), check=False)}
+    (out / "adapters").mkdir()
+    for name, (ad, kind) in _adapters(lm, sorted(manifest.weights)).items():
+        write_adapter(out / "adapters" / f"{name}.eadp", ad, value_dtype="float32")
+        manifest.adapters[name] = AdapterEntry(file=f"adapters/{name}.eadp", method=ad.method,
+                                               variant=keys.get(kind))
+    write_manifest(out, manifest)
+    return lm, out, keys
+
+
+def torch_reference(lm, bundle, active, inputs):
+    ref = copy.deepcopy(lm)
+    manifest = read_manifest(bundle)
+    for name, scale in active:
+        apply_adapter_torch(ref.model, read_adapter(bundle / manifest.adapters[name].file),
+                            scale)
+    with torch.no_grad():
+        return forward(ref, inputs).numpy()
+
+
+def parity(got, want) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def _inputs(lm):
+    t = example_inputs(lm, batch=2, seq=7, seed=3)
+    return t, {k: v.numpy() for k, v in t.items()}
+
+
+def _hashes(rt):
+    return {n: hashlib.sha256(lw.array.tobytes()).hexdigest()
+            for n, lw in rt.store.live_weights().items()}
+
+
+@pytest.mark.parametrize("mode", ["live", "repack"])
+def test_unfused_switches_match_pytorch(exported, mode):
+    lm, bundle, keys = exported
+    t_in, np_in = _inputs(lm)
+    rt = load(bundle, mode=mode, threads=1)
+    base = rt.run(**np_in)
+    h0 = _hashes(rt)
+    seq = [("sira", None, keys["sira"]), ("lora", None, keys["lora"]),
+           ("lora", 0.5, keys["lora"]), ("s1", None, None), ("sira", 2.0, keys["sira"]),
+           (["s1"], [0.5], None), (None, None, None)]
+    for names, scale, variant in seq:
+        rt.switch(names, scale)
+        assert rt.active_variant == variant
+        assert rt.mode == ("unfused" if variant else mode)
+        want = torch_reference(lm, bundle, rt.active_scales, t_in)
+        got = rt.run(**np_in)
+        assert parity(got, want) <= RTOL, (mode, names, scale)
+        if names is None:
+            assert np.array_equal(got, base)
+        else:
+            assert parity(got, base) > 10 * parity(got, want), names
+        if variant:  # unfused: the base weights are exactly the base
+            assert _hashes(rt) == h0
+    lora_scale = dict(rt.prepare_unfused("lora").feeds(0.5).items())
+    b_name = next(iter(read_manifest(bundle).variants[keys["lora"]]["onnx"]["branch_inputs"]
+                       .values()))["B"]
+    np.testing.assert_array_equal(lora_scale[b_name],
+                                  rt.prepare_unfused("lora").tensors[b_name] * np.float32(0.5))
+
+
+def test_sira_then_fused_then_base_is_bit_identical(exported):
+    lm, bundle, _ = exported
+    _, np_in = _inputs(lm)
+    rt = load(bundle, threads=1)
+    base = rt.run(**np_in)
+    manifest = read_manifest(bundle)
+    rt.switch("sira")
+    rt.switch("s1")
+    assert rt.active == ("s1",) and rt.active_variant is None
+    rt.switch(None)
+    assert np.array_equal(rt.run(**np_in), base)
+    for name, lw in rt.store.live_weights().items():
+        assert weight_sha256(lw.torch_view()) == manifest.weights[name].sha256
+
+
+def test_bad_unfused_switches_are_refused_untouched(exported):
+    lm, bundle, _ = exported
+    _, np_in = _inputs(lm)
+    rt = load(bundle, threads=1)
+    rt.switch("s1")
+    fused_out, h_fused = rt.run(**np_in), _hashes(rt)
+    for names, err, text in [(["sira", "s1"], ConfigError, "alone"),
+                             (["lora", "sira"], ConfigError, "alone"),
+                             (["s1", "lora"], ConfigError, "alone"),
+                             ("nope", UnknownNameError, "nope"),
+                             (["sira", "nope"], UnknownNameError, "nope"),
+                             ("sira_bad", SwitchError, "does not fit")]:
+        with pytest.raises(err, match=text):
+            rt.switch(names)
+        assert rt.active == ("s1",) and rt.active_variant is None
+        assert _hashes(rt) == h_fused
+        assert np.array_equal(rt.run(**np_in), fused_out)
+    rt.switch("sira")
+    sira_out = rt.run(**np_in)
+    with pytest.raises(ConfigError, match="alone"):
+        rt.switch(["sira", "s1"])
+    assert rt.active_variant is not None and np.array_equal(rt.run(**np_in), sira_out)
+    with pytest.raises(SwitchError, match="fused switching"):
+        rt.prepare("sira")
+
+
+def test_runs_during_unfused_switches_see_whole_states(exported):
+    lm, bundle, _ = exported
+    _, np_in = _inputs(lm)
+    rt = load(bundle, threads=1)
+    states = [None, "s1", "sira", "lora"]
+    valid = []
+    for s in states:
+        rt.switch(s)
+        valid.append(rt.run(**np_in))
+    errors, outs = [], []
+    stop = threading.Event()
+
+    def reader():
+        try:
+            while not stop.is_set():
+                outs.append(rt.run(**np_in))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        rt.switch(states[int(rng.integers(len(states)))])
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert outs
+    assert all(any(np.array_equal(o, v) for v in valid) for o in outs)
+
+
+def test_unfused_path_imports_no_torch(exported, tmp_path):
+    lm, bundle, _ = exported
+    t_in, np_in = _inputs(lm)
+    np.save(tmp_path / "ids.npy", np_in["input_ids"])
+    np.save(tmp_path / "want.npy", torch_reference(lm, bundle, [("sira", 1.0)], t_in))
+    code = f"""
+import sys, json
+sys.modules['torch'] = None
+import numpy as np
+from edgeadapt.runtime import load
+rt = load({str(bundle)!r}, threads=1)
+x = np.load({str(tmp_path / 'ids.npy')!r}); want = np.load({str(tmp_path / 'want.npy')!r})
+base = rt.run(input_ids=x)
+rt.switch('sira'); got = rt.run(input_ids=x)
+rt.switch(None)
+print(json.dumps({{"err": float(np.abs(got - want).max() / np.abs(want).max()),
+                  "base": bool(np.array_equal(rt.run(input_ids=x), base)),
+                  "torch": 'torch' in sys.modules and sys.modules['torch'] is not None}}))
+"""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["err"] <= RTOL and out["base"] and not out["torch"]
