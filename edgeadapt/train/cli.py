@@ -113,19 +113,30 @@ def _threads(threads: int | None) -> None:
 
 @click.command()
 @click.option("--out", default="runs/quickstart", show_default=True,
-              type=click.Path(file_okay=False), help="where the runs are written")
-@click.option("--max-train", type=int, default=600, show_default=True)
-@click.option("--max-test", type=int, default=500, show_default=True)
+              type=click.Path(file_okay=False), help="where the runs and the bundle are written")
+@click.option("--max-train", type=int, default=400, show_default=True,
+              help="training examples per adapter")
+@click.option("--max-test", type=int, default=200, show_default=True,
+              help="test examples per task")
 @click.option("--epochs", type=float, default=1.0, show_default=True)
 @click.option("--model", default="minilm", show_default=True)
+@click.option("--formats", default="onnx,pte", show_default=True,
+              help="backends to export and run: onnx (ONNX Runtime), pte (ExecuTorch)")
+@click.option("--repeats", type=int, default=10, show_default=True,
+              help="timed forwards and switches per table cell (median)")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def quickstart(out: str, max_train: int, max_test: int, epochs: float, model: str,
-               threads: int, progress: bool) -> None:
-    """Train SHiRA and LoRA on MiniLM + Rotten Tomatoes and compare with the frozen model."""
-    from edgeadapt.train.quickstart import QuickstartConfig, run_quickstart
+               formats: str, repeats: int, threads: int, progress: bool) -> None:
+    """The whole pipeline on MiniLM: train SHiRA per task (sentiment, politics) and LoRA, SoRA,
+    SiRA baselines, export one bundle, switch adapters in place on ONNX Runtime and ExecuTorch
+    (checked against PyTorch), fuse the two SHiRA adapters, and print one summary table."""
+    from edgeadapt.export.bundle import parse_formats
+    from edgeadapt.pipeline import QuickstartConfig, run_quickstart
 
     _threads(threads)
     run_quickstart(QuickstartConfig(out=out, model=model, max_train=max_train,
-                                    max_test=max_test, epochs=epochs, progress=progress),
+                                    max_test=max_test, epochs=epochs,
+                                    formats=tuple(parse_formats(formats)), repeats=repeats,
+                                    threads=threads, progress=progress),
                    echo=click.echo)
