@@ -239,3 +239,40 @@ print(json.dumps({{"err": float(np.abs(got - want).max() / np.abs(want).max()),
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["err"] <= RTOL and out["base"] and not out["torch"]
+
+
+@pytest.mark.slow
+def test_unfused_classifier_adapter_brings_its_head(tmp_path):
+    """A SiRA adapter on tiny MiniLM carrying a trained head: the head is swapped in (fused,
+    the engine) while the branches run unfused; None restores base output bit for bit."""
+    torch.set_num_threads(1)
+    lm = load_model("tiny-minilm", num_labels=2, seed=0)
+    export_base(lm, tmp_path, formats="onnx", targets="qv", check=False)
+    manifest = read_manifest(tmp_path)
+    key = ensure_variant(tmp_path, manifest, SIRA, check=False)
+    params = {n: p.detach().numpy() for n, p in lm.model.named_parameters()}
+    rng = np.random.default_rng(0)
+    tw = [n for n in manifest.weights if "query" in n]
+    hw = [n for n in manifest.weights if n.startswith("classifier")]
+    assert tw and hw
+
+    def f32(*shape, s=0.5):
+        return (s * rng.standard_normal(shape)).astype(np.float32)
+
+    t = {n: SiraBranch(f32(3, params[n].shape[1], s=1.0), f32(3, 2, params[n].shape[1]),
+                       f32(3, params[n].shape[0], 2), 2, 1.25) for n in tw}
+    ad = Adapter("sira", t, {n: params[n].shape for n in tw},
+                 {n: weight_sha256(params[n]) for n in tw},
+                 head={n: f32(*params[n].shape, s=1.0) for n in hw})
+    (tmp_path / "adapters").mkdir()
+    write_adapter(tmp_path / "adapters" / "h.eadp", ad, value_dtype="float32")
+    manifest.adapters["h"] = AdapterEntry(file="adapters/h.eadp", method="sira", variant=key)
+    write_manifest(tmp_path, manifest)
+    t_in, np_in = _inputs(lm)
+    rt = load(tmp_path, threads=1)
+    base = rt.run(**np_in)
+    rt.switch("h")
+    got, want = rt.run(**np_in), torch_reference(lm, tmp_path, [("h", 1.0)], t_in)
+    assert parity(got, want) <= RTOL and parity(got, base) > 10 * parity(got, want)
+    rt.switch(None)
+    assert np.array_equal(rt.run(**np_in), base)
