@@ -27,7 +27,12 @@ from edgeadapt.format.manifest import AdapterEntry, Manifest, read_manifest
 from edgeadapt.format.types import Adapter
 from edgeadapt.runtime.engine import PreparedAdapter, SwitchEngine, WeightStore
 from edgeadapt.runtime.locks import ReadWriteLock
-from edgeadapt.runtime.unfused import OrtVariantSession, PreparedBranches, prepare_branches
+from edgeadapt.runtime.unfused import (
+    OrtVariantSession,
+    PreparedBranches,
+    VariantRoute,
+    prepare_branches,
+)
 
 BACKENDS = ("onnxruntime", "executorch")
 MODES = ("live", "repack", "auto")
@@ -94,13 +99,13 @@ class Runtime:
         self.engine = SwitchEngine(store, verify_base=verify_base)
         self._prepared: dict[str, PreparedAdapter] = {}
         self._branches: dict[str, PreparedBranches] = {}
-        self._variants: dict[str, OrtVariantSession] = {}
+        self._variants: dict[str, VariantRoute] = {}
         self._cache_lock = threading.Lock()
         self._switch_lock = threading.Lock()  # one switch at a time
         # Taken shared by run, exclusive when the route (base graph <-> variant) changes;
         # always acquired before the engine's lock.
         self._route_lock = ReadWriteLock()
-        self._route: OrtVariantSession | None = None
+        self._route: VariantRoute | None = None
         self._route_active: tuple[tuple[str, float], ...] = ()
 
     # -- queries ---------------------------------------------------------------------------
@@ -177,25 +182,29 @@ class Runtime:
             raise SwitchError(f"adapter {name!r} ({entry.method}) has no graph variant in the "
                               "bundle; export it with unfused=True (SiRA always has one)")
         adapter = read_adapter(self.bundle_dir / entry.file, self.manifest)
-        pb = prepare_branches(adapter, name, self.manifest, entry.variant)
+        pb = prepare_branches(adapter, name, self.manifest, entry.variant,
+                              "executorch" if self.backend == "executorch" else "onnx")
         if pb.head:  # validated now, applied by the engine at switch time
             self.engine.prepare(_head_only_from(pb), name)
         with self._cache_lock:
             self._branches[name] = pb
         return pb
 
-    def _variant_session(self, key: str) -> OrtVariantSession:
+    def _variant_session(self, key: str) -> VariantRoute:
         sess = self._variants.get(key)  # only switches (serialised) create sessions
         if sess is not None:
             return sess
-        if self.backend != "onnxruntime":
-            raise SwitchError(f"unfused adapters (graph variant {key!r}) run on backend "
-                              f"'onnxruntime' only so far, not {self.backend!r}")
         if self.device != "cpu":
             raise SwitchError(f"unfused adapters (graph variant {key!r}) run on device='cpu' "
                               "only so far")
-        sess = OrtVariantSession(self.bundle_dir, self.manifest, key,
-                                 self.store.live_weights(), self.threads)
+        if self.backend == "executorch":
+            from edgeadapt.runtime.executorch_unfused import EtVariantProgram
+
+            sess = EtVariantProgram(self.bundle_dir, self.manifest, key)
+        else:
+            sess = OrtVariantSession(self.bundle_dir, self.manifest, key,
+                                     self.store.live_weights(), self.threads,
+                                     getattr(self.store, "_feeds", None))
         self._variants[key] = sess
         return sess
 
@@ -265,7 +274,7 @@ class Runtime:
             route = self._route
             if route is None:
                 return self.engine.run(inputs)
-            return route.run(self.store._feeds(inputs))
+            return route.run(inputs)
 
 
 def _head_only_from(pb: PreparedBranches) -> Adapter:

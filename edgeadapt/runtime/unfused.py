@@ -26,8 +26,10 @@ paths never disagree; the branch tensors are overridable initializers, bound wit
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -103,7 +105,11 @@ def prepare_branches(adapter: Adapter, name: str, manifest: Manifest, key: str,
     section = variant_spec(manifest, key, backend)
     branch = manifest.variants[key].get("branch", {})
     kind = branch.get("kind")
-    names = section.get("branch_inputs") or section.get("branch_buffers") or {}
+    # ONNX: {"A": input, ...}; ExecuTorch: {"lora_A": buffer, ...} -> {"A": buffer, ...}
+    names = {w: {k.split("_", 1)[1] if k.startswith(("lora_", "sira_")) else k: v
+                 for k, v in d.items()}
+             for w, d in (section.get("branch_inputs") or section.get("branch_buffers")
+                          or {}).items()}
     if kind not in KIND_METHODS or not names:
         raise BundleError(f"graph variant {key!r}: unknown branch kind {kind!r} or no branch "
                           "inputs recorded")
@@ -119,6 +125,11 @@ def prepare_branches(adapter: Adapter, name: str, manifest: Manifest, key: str,
     spec = branch.get("spec") or []
     rmax = max((d.rank for d in adapter.targets.values() if isinstance(d, LoraDelta)),
                default=0)
+    if kind == "lora" and backend != "onnx":  # fixed-size branch buffers: pad to the variant's
+        if rmax > int(spec[1]):
+            raise SwitchError(f"adapter {name!r}: LoRA rank {rmax} exceeds the rank "
+                              f"{spec[1]} of variant {key!r}'s {backend} buffers")
+        rmax = int(spec[1])
     tensors: dict[str, np.ndarray] = {}
     scaled: set[str] = set()
     for wname, inputs in names.items():
@@ -175,7 +186,8 @@ class OrtVariantSession:
     """
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, key: str,
-                 live: dict[str, LiveWeight], threads: int | None = None) -> None:
+                 live: dict[str, LiveWeight], threads: int | None = None,
+                 prepare_inputs: Callable[[dict], dict] | None = None) -> None:
         from edgeadapt.runtime.onnxruntime_backend import _require_ort, session_options
 
         ort = _require_ort()
@@ -206,11 +218,11 @@ class OrtVariantSession:
         self._branch: dict[str, object] = {}
         self._gen = 0
         self._local = threading.local()
-        self.inputs = {i["name"]: i for i in section.get("inputs") or manifest.inputs}
+        self._prepare_inputs = prepare_inputs or (lambda x: x)
 
     def set_branches(self, feeds: dict[str, np.ndarray]) -> None:
         """Make ``feeds`` (graph input name -> float32 tensor) the branch tensors of later runs.
-        The arrays are kept alive here (their OrtValues alias them)."""
+        The arrays are kept alive here (their OrtValues alias them). Call with runs excluded."""
         self._keep = feeds
         self._branch = {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
         self._gen += 1
@@ -229,13 +241,23 @@ class OrtVariantSession:
             loc.gen = self._gen
         return b
 
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """One forward; ``feeds`` are the model inputs already converted by the fused store."""
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """One forward; model inputs checked and converted as the fused store does."""
         b = self._binding()
-        for name, x in feeds.items():
+        for name, x in self._prepare_inputs(inputs).items():
             b.bind_cpu_input(name, x)
         b.bind_output(self.output_name, "cpu")
         self.session.run_with_iobinding(b)
         out = b.copy_outputs_to_cpu()[0]
         b.clear_binding_outputs()
         return out
+
+
+class VariantRoute(Protocol):
+    """What ``Runtime.run`` routes through while an unfused adapter is active."""
+
+    key: str
+
+    def set_branches(self, feeds: dict[str, np.ndarray]) -> None: ...
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
