@@ -112,7 +112,8 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
          f"examples per task, {qc.epochs:g} epoch, sequences <= {qc.max_len} tokens")
 
     # 1. train ----------------------------------------------------------------------------
-    rows: dict[str, Row] = {}
+    rows = {"base": Row("base", "-", "-", note="no adapter: the exported model as it loads")}
+    trained = []
     for name, task, fields in adapter_runs(qc):
         stage(f"training {name} ({fields['method']} on {task})")
         cfg = TrainConfig(model=qc.model, task=task, max_train=qc.max_train,
@@ -121,30 +122,36 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
         metrics = train(cfg, out=out / name, progress=qc.progress).metrics
         rows[name] = Row(name, fields["method"], task, params=_adapter_params(metrics),
                          acc_torch=metrics["test"]["accuracy"])
+        trained.append(name)
 
     # 2. export ---------------------------------------------------------------------------
     stage(f"exporting the base model ({', '.join(qc.formats)})")
     bundle = export_base(qc.model, out / "bundle", formats=qc.formats, targets="qv",
                          seed=qc.seed, check=False)  # step 3 checks every adapter instead
-    for name in rows:
+    for name in trained:
         stage(f"exporting adapter {name}")
         path = export_adapter(out / name, bundle, name, check=False)
         rows[name].file_bytes = path.stat().st_size
     manifest = read_manifest(bundle)
     adapters = {name: read_adapter(bundle / manifest.adapters[name].file, manifest)
-                for name in rows}
+                for name in trained}
 
     # test sets, tokenised as in training, and the PyTorch reference of any adapter set
     base = load_model(qc.model, num_labels=2, seed=qc.seed)
     tests = {task: encode_task(base, load_task(task, seed=qc.seed, max_train=1,
                                                max_test=qc.max_test), qc.max_len).test
-             for task in sorted({r.task for r in rows.values()})}
+             for task in sorted({rows[n].task for n in trained})}
     pad_id = getattr(base.tokenizer, "pad_token_id", None) or 0
     batches = {task: eval_batches(data, qc.max_len, pad_id) for task, data in tests.items()}
     probe = {task: b[0][0] for task, b in batches.items()}  # parity inputs: a real test batch
 
+    references: dict[str, Any] = {}  # "+"-joined adapter names -> PyTorch model carrying them
+
     def reference(names: list[str], inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return torch_logits(base, [adapters[n] for n in names], inputs)
+        key = "+".join(names)
+        if key not in references:
+            references[key] = with_adapters(base, [adapters[n] for n in names])
+        return torch_logits(references[key], inputs)
 
     fusions = [["rt", "politics"], ["politics", "rt"]]  # each task with its own head first
     for names in fusions:
@@ -158,7 +165,6 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
         stage(f"loading the bundle with {backend}")
         rt = load(bundle, backend=backend, mode="live", threads=qc.threads)
         one = {k: v[:1] for k, v in probe["rt-sentiment"].items()}  # batch 1 x max_len
-        rows.setdefault("base", Row("base", "-", "-", note="no adapter: the exported model"))
         rows["base"].forward_ms[backend] = forward_ms(rt, one, qc.repeats)
         for name, row in rows.items():
             if name == "base":
@@ -177,7 +183,7 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
                 raise ParityError(f"{backend} with adapter(s) {names}: logits differ from "
                                   f"PyTorch by {row.parity[backend]:.2e} (relative) > "
                                   f"{qc.tolerance:g}")
-            row.acc[backend] = accuracy([rt.run(**x) for x, _ in batches[row.task]],
+            row.acc[backend] = accuracy([rt.run(**b) for b, _ in batches[row.task]],
                                         batches[row.task])
             row.forward_ms[backend] = forward_ms(rt, one, qc.repeats)
         rt.switch(None)
@@ -187,7 +193,6 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
         fused, alone = rows["+".join(names)], rows[names[0]]
         fused.note = fusion_note(fused, alone)
     table = list(rows.values())
-    table.insert(0, table.pop(list(rows).index("base")))
     echo("")
     echo(format_table(table, [BACKENDS[f] for f in qc.formats]))
     echo(f"\ntotal {time.perf_counter() - started:.0f} s; runs and bundle in {out}/ "
@@ -243,22 +248,26 @@ def accuracy(logits: list[np.ndarray], batches: list[tuple[Any, tuple]]) -> floa
     return right / max(total, 1)
 
 
-def torch_logits(base: Any, adapters: list[Any], inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """PyTorch reference: a copy of ``base`` with ``adapters`` applied at their own scales.
-
-    Deltas add up in any order; heads replace each other, so the first adapter is applied last
-    (its head wins, as in the runtime).
-    """
-    import torch
-
+def with_adapters(base: Any, adapters: list[Any]) -> Any:
+    """The PyTorch reference: a copy of ``base`` (LoadedModel) with ``adapters`` applied at
+    their own scales. Deltas add up in any order; heads replace each other, so the first
+    adapter is applied last (its head wins, as in the runtime)."""
     from edgeadapt.adapters import apply_adapter_torch
-    from edgeadapt.models import forward
 
     ref = copy.deepcopy(base)
     for adapter in reversed(adapters):
         apply_adapter_torch(ref.model, adapter, adapter.scale)
+    return ref
+
+
+def torch_logits(lm: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Logits of a LoadedModel for numpy inputs."""
+    import torch
+
+    from edgeadapt.models import forward
+
     with torch.no_grad():
-        return forward(ref, {k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
+        return forward(lm, {k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
 
 
 def rel_error(got: np.ndarray, want: np.ndarray) -> float:
