@@ -194,7 +194,7 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
         fused.note = fusion_note(fused, alone)
     table = list(rows.values())
     echo("")
-    echo(format_table(table, [BACKENDS[f] for f in qc.formats]))
+    echo(format_table(table, [BACKENDS[f] for f in qc.formats], qc.max_len))
     echo(f"\ntotal {time.perf_counter() - started:.0f} s; runs and bundle in {out}/ "
          f"(try: edgeadapt.runtime.load('{bundle}').switch('rt'))")
     return table
@@ -313,7 +313,7 @@ def _cell(value: Any, fmt: str) -> str:
     return value if isinstance(value, str) else format(value, fmt)
 
 
-def format_table(rows: list[Row], backends: list[str]) -> str:
+def format_table(rows: list[Row], backends: list[str], seq: int = 64) -> str:
     """One row per adapter (and the base model, and each fused pair), a legend underneath."""
     short = {"onnxruntime": "ORT", "executorch": "ET"}
     head = ["adapter", "method", "task", "params", "file KB", "acc PyTorch"]
@@ -342,8 +342,8 @@ def format_table(rows: list[Row], backends: list[str]) -> str:
         "adapter file in the bundle (fp16 values).",
         "acc: test accuracy; PyTorch = the trained run (fused rows: the PyTorch model with both "
         "adapters), ORT / ET = through ONNX Runtime / ExecuTorch after switching in place.",
-        "fwd ms: median forward, batch 1 x 64 tokens; switch ms: median rt.switch(...) from the "
-        "base model, weights edited in place.",
+        f"fwd ms: median forward, batch 1 x {seq} tokens; switch ms: median rt.switch(...) from "
+        "the base model (fused: weights edited in place; SiRA: its graph variant's branches).",
         "err: max |runtime logits - PyTorch logits| / max |PyTorch logits| on a test batch "
         "(same adapter file, applied by apply_adapter_torch).",
         f"{PENDING}: this runtime does not yet switch to unfused adapters (SiRA's routed experts "
