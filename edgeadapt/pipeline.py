@@ -127,7 +127,8 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
     # 2. export ---------------------------------------------------------------------------
     stage(f"exporting the base model ({', '.join(qc.formats)})")
     bundle = export_base(qc.model, out / "bundle", formats=qc.formats, targets="qv",
-                         seed=qc.seed, check=False)  # step 3 checks every adapter instead
+                         seed=qc.seed, check=False,  # step 3 checks every adapter instead
+                         pte_repack=False)  # the quickstart runs live: no constant program
     for name in trained:
         stage(f"exporting adapter {name}")
         path = export_adapter(out / name, bundle, name, check=False)

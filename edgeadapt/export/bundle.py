@@ -60,14 +60,20 @@ def base_weight_entries(lm: Any, names: list[str]) -> dict[str, WeightEntry]:
 
 
 def run_exporters(lm: Any, out: Path, live: list[str], formats: list[str],
-                  branch: tuple | None = None, check: bool = True) -> dict[str, dict]:
-    """Call each available backend exporter; returns {section key: exporter result}."""
+                  branch: tuple | None = None, check: bool = True,
+                  pte_repack: bool = True) -> dict[str, dict]:
+    """Call each available backend exporter; returns {section key: exporter result}.
+
+    pte_repack: also write ExecuTorch's all-constant program that repack mode reloads (a second
+    full lowering; skip it for bundles that only run live)."""
     results = {}
     for fmt in formats:
         exporter = backend_exporter(fmt)
         if exporter is None:
             continue
         kwargs = {"check": check} if fmt == "onnx" else {"verify": check}
+        if fmt == "pte" and branch is None:
+            kwargs["repack"] = pte_repack
         log.info("exporting %s%s ...", fmt, "" if branch is None else f" with branch {branch}")
         results[FORMATS[fmt][0]] = exporter(lm, out, live, branch, **kwargs)
     if not results:
@@ -84,7 +90,8 @@ def _normalise_section(key: str, section: dict) -> dict:
 
 def export_base(model: str | Path | Any, out: str | Path,
                 formats: str | Iterable[str] = ("onnx", "pte"), targets: str = "qv", *,
-                num_labels: int = 2, seed: int = 0, check: bool = True) -> Path:
+                num_labels: int = 2, seed: int = 0, check: bool = True,
+                pte_repack: bool = True) -> Path:
     """Export a base model to the bundle directory ``out`` and return ``out``.
 
     model: a registry name (``smollm2`` | ``minilm`` | ``tiny-*``), a Hugging Face directory, or
@@ -95,6 +102,7 @@ def export_base(model: str | Path | Any, out: str | Path,
         weights are live (editable in place), every other weight stays constant. A
         classifier's head matrix is live as well (``heads`` in bundle.json).
     check: let each exporter verify its graph against PyTorch (ExportError on mismatch).
+    pte_repack: write ExecuTorch's constant-weight program for repack mode (False: live only).
     Adapters already registered in ``out`` are kept if they still fit the new base.
     """
     from edgeadapt.models import head_weight_names, load_model, target_weight_names
@@ -107,7 +115,7 @@ def export_base(model: str | Path | Any, out: str | Path,
     heads = head_weight_names(lm.model, lm.kind)  # live too: each adapter brings its head
     live = target_weight_names(lm.model, targets) + heads
     weights = base_weight_entries(lm, live)
-    results = run_exporters(lm, out, live, fmts, check=check)
+    results = run_exporters(lm, out, live, fmts, check=check, pte_repack=pte_repack)
     sections = {}
     for key, res in results.items():
         sections[key] = _normalise_section(key, res["section"])
