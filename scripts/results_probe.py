@@ -4,8 +4,10 @@ to convergence) for docs/results.md: which pooled feature the ~0.74 of ASSETS.md
     PYTHONPATH=. .venv/bin/python scripts/results_probe.py
 
 Features of the 2,000 / 1,000 Rotten Tomatoes split (max_len 64): the BERT pooler output (what
-BertForSequenceClassification's head sees, so what `--method none` trains on), the mean of the
-last hidden states (sentence-transformers' pooling), and the raw [CLS] state.
+BertForSequenceClassification's head sees; edgeadapt classified it before MeanPoolClassifier),
+the mean of the last hidden states (sentence-transformers' pooling, what `--method none` now
+trains on), and the raw [CLS] state. The encoder is loaded here with its pooler, which
+``edgeadapt.models`` drops.
 """
 
 from __future__ import annotations
@@ -13,18 +15,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
+from transformers import AutoTokenizer, BertModel
 
-from edgeadapt.models import load_model
+from edgeadapt.models.registry import minilm_path
 from edgeadapt.tasks import load_task
 
 
-def features(lm, examples) -> dict[str, np.ndarray]:
+def features(bert, tokenizer, examples) -> dict[str, np.ndarray]:
     out: dict[str, list[torch.Tensor]] = {"pooler": [], "mean": [], "cls": []}
     for i in range(0, len(examples), 64):
-        batch = lm.tokenizer([e.text for e in examples[i:i + 64]], truncation=True,
+        batch = tokenizer([e.text for e in examples[i:i + 64]], truncation=True,
                              max_length=64, padding=True, return_tensors="pt")
         with torch.no_grad():
-            o = lm.model.bert(**batch)
+            o = bert(**batch)
         mask = batch["attention_mask"][..., None].float()
         out["pooler"].append(o.pooler_output)
         out["mean"].append((o.last_hidden_state * mask).sum(1) / mask.sum(1))
@@ -34,9 +37,11 @@ def features(lm, examples) -> dict[str, np.ndarray]:
 
 def main() -> None:
     torch.set_num_threads(1)
-    lm = load_model("minilm")
+    path = minilm_path()
+    bert, tokenizer = BertModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     task = load_task("rt-sentiment", max_train=2000, max_test=1000)
-    train, test = features(lm, task.train), features(lm, task.test)
+    train = features(bert, tokenizer, task.train)
+    test = features(bert, tokenizer, task.test)
     y_train = np.array([e.label for e in task.train])
     y_test = np.array([e.label for e in task.test])
     for name in train:
