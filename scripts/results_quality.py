@@ -47,6 +47,7 @@ RUNS: dict[str, list[str]] = {
     # issue 7 section 2: the politics halves of the fusion pairs (rt halves: issue-2 runs)
     "pol-shira-snip-b8-2ep": [*POL2, *SHIRA],
     "pol-lora-r8-2ep": [*POL2, "--method", "lora", "--rank", "8"],
+    "pol-none-2ep": [*POL2, "--method", "none"],
 }
 
 
