@@ -124,7 +124,7 @@ def plot(results: list[dict], path: str) -> None:
     ax.set_ylim(0.4, 1.0)
     ax.set_ylabel("test accuracy (500 examples)")
     ax.set_title("MiniLM: rt-sentiment + politics adapters fused (seed 0)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
