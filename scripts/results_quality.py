@@ -36,6 +36,7 @@ RUNS: dict[str, list[str]] = {
     # a second seed for the frozen-vs-SHiRA pair (training subsample, order, mask calibration)
     "rt-none-2ep-s1": [*RT2[:-1], "1", "--method", "none"],
     "rt-shira-snip-b8-2ep-s1": [*RT2[:-1], "1", *SHIRA],
+    "rt-lora-r8-2ep-s1": [*RT2[:-1], "1", "--method", "lora", "--rank", "8"],
     # issue 3: SoRA r_max=16 + linear sparsifying scheduler vs LoRA r=16 (1 epoch)
     "rt-lora-r16-1ep": [*RT1, "--method", "lora", "--rank", "16"],
     "rt-sora-r16-linear-1ep": [*RT1, "--method", "sora", "--rank", "16", "--xi", "1e-3",
