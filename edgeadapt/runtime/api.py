@@ -216,7 +216,7 @@ class Runtime:
         head = [(self.engine.prepare(_head_only_from(pb), name), 1.0)] if pb.head else []
         with self._route_lock.exclusive():
             self.engine.switch(head)  # fused edits back to base (the task head, if any, on)
-            sess.set_branches(feeds)
+            sess.set_branches(feeds, pb.head)
             self._route = sess
             self._route_active = ((name, s),)
 

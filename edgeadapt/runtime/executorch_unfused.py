@@ -52,18 +52,37 @@ class EtVariantProgram:
         self._by_buffer = {section["branch_buffers"][w][p]: arr
                            for w, params in self.store.branch_tensors().items()
                            for p, arr in params.items()}
+        # This program's own copy of the task head: the engine swaps heads in the base
+        # program only, so an unfused classifier adapter's head is written here too.
+        self._heads = {w: lw for w, lw in self.store.live_weights().items()
+                       if w in manifest.heads}
+        self._head_base = {w: lw.array.copy() for w, lw in self._heads.items()}
 
-    def set_branches(self, feeds: dict[str, np.ndarray]) -> None:
+    def set_branches(self, feeds: dict[str, np.ndarray],
+                     head: dict[str, np.ndarray] | None = None) -> None:
         """Write ``feeds`` (buffer name -> tensor) into the branch buffers; every shape is
-        checked before the first write; buffers not named are zeroed (branch off)."""
+        checked before the first write; buffers not named are zeroed (branch off). ``head``
+        (torch layout, validated by the engine) replaces this program's head weights; heads
+        not given get their base values back."""
         for name, value in feeds.items():
             arr = self._by_buffer.get(name)
             if arr is None or arr.shape != value.shape:
                 raise BundleError(f"variant {self.key!r}: branch buffer {name!r} "
                                   f"{None if arr is None else arr.shape} cannot take "
                                   f"{value.shape}")
+        for w, lw in self._heads.items():
+            value = (head or {}).get(w)
+            if value is not None and tuple(value.shape) != lw.shape:
+                raise BundleError(f"variant {self.key!r}: head {w!r} {value.shape} does not fit "
+                                  f"{lw.shape}")
         for name, arr in self._by_buffer.items():
             arr[...] = feeds.get(name, 0.0)
+        for w, lw in self._heads.items():
+            value = (head or {}).get(w)
+            if value is None:
+                lw.array[...] = self._head_base[w]
+            else:
+                lw.array[...] = value if lw.layout == "as-is" else value.T
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self.store.run(inputs)

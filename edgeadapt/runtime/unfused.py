@@ -220,9 +220,12 @@ class OrtVariantSession:
         self._local = threading.local()
         self._prepare_inputs = prepare_inputs or (lambda x: x)
 
-    def set_branches(self, feeds: dict[str, np.ndarray]) -> None:
+    def set_branches(self, feeds: dict[str, np.ndarray],
+                     head: dict[str, np.ndarray] | None = None) -> None:
         """Make ``feeds`` (graph input name -> float32 tensor) the branch tensors of later runs.
-        The arrays are kept alive here (their OrtValues alias them). Call with runs excluded."""
+        The arrays are kept alive here (their OrtValues alias them). Call with runs excluded.
+        ``head`` is not needed here: this session reads the engine's live buffers, where the
+        engine has already put the adapter's head."""
         self._keep = feeds
         self._branch = {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
         self._gen += 1
@@ -258,6 +261,7 @@ class VariantRoute(Protocol):
 
     key: str
 
-    def set_branches(self, feeds: dict[str, np.ndarray]) -> None: ...
+    def set_branches(self, feeds: dict[str, np.ndarray],
+                     head: dict[str, np.ndarray] | None = None) -> None: ...
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
