@@ -342,13 +342,17 @@ def format_table(rows: list[Row], backends: list[str], seq: int = 64) -> str:
         "params: trainable adapter parameters (SoRA: after pruning its dead ranks); file KB: the "
         "adapter file in the bundle (fp16 values).",
         "acc: test accuracy; PyTorch = the trained run (fused rows: the PyTorch model with both "
-        "adapters), ORT / ET = through ONNX Runtime / ExecuTorch after switching in place.",
+        "adapters), ORT / ET = through ONNX Runtime / ExecuTorch after switching in place, on "
+        "batches padded to the exported shapes (SiRA counts pad tokens against expert "
+        "capacity, so its runtime accuracy can differ a little from the run's).",
         f"fwd ms: median forward, batch 1 x {seq} tokens; switch ms: median rt.switch(...) from "
         "the base model (fused: weights edited in place; SiRA: its graph variant's branches).",
         "err: max |runtime logits - PyTorch logits| / max |PyTorch logits| on a test batch "
         "(same adapter file, applied by apply_adapter_torch).",
-        f"{PENDING}: this runtime does not yet switch to unfused adapters (SiRA's routed experts "
-        "run in their own graph variant).",
+        *([f"{PENDING}: this runtime does not yet switch to unfused adapters (SiRA's routed "
+           "experts run in their own graph variant)."]
+          if any(PENDING in (r.acc.get(b), r.switch_ms.get(b)) for r in rows for b in backends)
+          else []),
         "fused rows (a+b): both SHiRA adapters at once, scored on a's task with a's head; note "
         "compares with a alone.",
     ]
