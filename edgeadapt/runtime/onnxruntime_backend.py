@@ -156,14 +156,19 @@ class OrtLiveStore(_OrtStoreBase):
         return b
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        b = self._binding()
-        for name, x in self._feeds(inputs).items():
-            b.bind_cpu_input(name, x)
-        b.bind_output(self.output_name, "cpu")
-        self.session.run_with_iobinding(b)
-        out = b.copy_outputs_to_cpu()[0]
-        b.clear_binding_outputs()
-        return out
+        return run_bound(self.session, self._binding(), self._feeds(inputs), self.output_name)
+
+
+def run_bound(session, binding, feeds: dict[str, np.ndarray], output_name: str) -> np.ndarray:
+    """One forward through ``binding`` (weights already bound to it): bind the model inputs
+    ``feeds`` on the CPU, run, return the single output as numpy."""
+    for name, x in feeds.items():
+        binding.bind_cpu_input(name, x)
+    binding.bind_output(output_name, "cpu")
+    session.run_with_iobinding(binding)
+    out = binding.copy_outputs_to_cpu()[0]
+    binding.clear_binding_outputs()
+    return out
 
 
 def _graph_with_initializers(model_path: Path, names: list[str]) -> bytes:

@@ -246,14 +246,10 @@ class OrtVariantSession:
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """One forward; model inputs checked and converted as the fused store does."""
-        b = self._binding()
-        for name, x in self._prepare_inputs(inputs).items():
-            b.bind_cpu_input(name, x)
-        b.bind_output(self.output_name, "cpu")
-        self.session.run_with_iobinding(b)
-        out = b.copy_outputs_to_cpu()[0]
-        b.clear_binding_outputs()
-        return out
+        from edgeadapt.runtime.onnxruntime_backend import run_bound
+
+        return run_bound(self.session, self._binding(), self._prepare_inputs(inputs),
+                         self.output_name)
 
 
 class VariantRoute(Protocol):
