@@ -283,6 +283,9 @@ class SwitchEngine:
         self.lock = ReadWriteLock()
         self._switch_mutex = threading.Lock()
         self._sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        # Merge plans of recent (outgoing, incoming) position arrays per weight: switching back
+        # and forth among a few adapters re-uses them instead of re-sorting (see _merge_plan).
+        self._merges: dict[str, list[tuple[np.ndarray, np.ndarray, tuple]]] = {}
         self._dense: dict[str, np.ndarray] = {}
         self._active: tuple[tuple[str, float], ...] = ()
         if verify_base:
@@ -393,7 +396,7 @@ class SwitchEngine:
         flat = lw.array.reshape(-1)
         cur_idx, cur_base = self._sparse.get(name, (_EMPTY_IDX, flat[:0]))
         new_idx = c.idx if c.idx is not None else _EMPTY_IDX
-        union, cur_pos, new_pos = merge_sorted(cur_idx, new_idx)
+        union, cur_pos, new_pos = self._merge_plan(name, cur_idx, new_idx)
         old = flat[union]  # a copy: the values now, kept to undo a failed commit
         base = old.copy()  # base wherever the weight is untouched
         base[cur_pos] = cur_base
@@ -405,6 +408,21 @@ class SwitchEngine:
         state = (new_idx, new_base) if new_idx.size else None
         return _Plan(union=union, vals=vals, full=None, sparse_state=state, dense_state=None,
                      old=old)
+
+    def _merge_plan(self, name: str, cur_idx: np.ndarray, new_idx: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`merge_sorted` of two position arrays, remembered per weight for the last
+        ``MERGE_CACHE`` pairs. Entries hold the arrays themselves and match by identity: a
+        prepared adapter's positions never change, so the same pair gives the same plan."""
+        cache = self._merges.setdefault(name, [])
+        for a, b, plan in cache:
+            if a is cur_idx and b is new_idx:
+                return plan
+        plan = merge_sorted(cur_idx, new_idx)
+        cache.append((cur_idx, new_idx, plan))
+        if len(cache) > MERGE_CACHE:
+            cache.pop(0)
+        return plan
 
     def _plan_dense(self, name: str, lw: LiveWeight, c: _Combined) -> _Plan:
         if name in self._dense:
@@ -463,6 +481,8 @@ class SwitchEngine:
 
 
 _EMPTY_IDX = np.zeros(0, dtype=np.int64)
+#: merge plans kept per weight (each ~24 bytes per position of the pair's union)
+MERGE_CACHE = 4
 
 
 def merge_sorted(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
