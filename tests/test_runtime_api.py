@@ -5,7 +5,6 @@ leave the weights untouched, and the parity check catches stale prepacked weight
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from dataclasses import replace
 
@@ -14,7 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edgeadapt.adapters import apply_adapter_torch  # noqa: E402
+from runtime_reference import example_pair, parity, torch_reference  # noqa: E402
+
 from edgeadapt.errors import (  # noqa: E402
     ConfigError,
     FingerprintMismatchError,
@@ -32,7 +32,7 @@ from edgeadapt.format import (  # noqa: E402
     write_adapter,
     write_manifest,
 )
-from edgeadapt.models import example_inputs, forward, load_model  # noqa: E402
+from edgeadapt.models import load_model  # noqa: E402
 from edgeadapt.runtime import choose_mode, load  # noqa: E402
 
 RTOL = 1e-4
@@ -76,30 +76,10 @@ def exported(request, tmp_path_factory):
     return lm, out
 
 
-def torch_reference(lm, bundle, active, inputs):
-    """The PyTorch model carrying the same adapters (read back from the bundle's files)."""
-    ref = copy.deepcopy(lm)
-    manifest = read_manifest(bundle)
-    for name, scale in active:
-        apply_adapter_torch(ref.model, read_adapter(bundle / manifest.adapters[name].file),
-                            scale)
-    with torch.no_grad():
-        return forward(ref, inputs).numpy()
-
-
-def parity(got, want) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-def _inputs(lm):
-    t = example_inputs(lm, batch=2, seq=7, seed=3)
-    return t, {k: v.numpy() for k, v in t.items()}
-
-
 @pytest.mark.parametrize("mode", ["live", "repack"])
 def test_every_switch_matches_pytorch(exported, mode):
     lm, bundle = exported
-    t_in, np_in = _inputs(lm)
+    t_in, np_in = example_pair(lm)
     rt = load(bundle, backend="onnxruntime", mode=mode, threads=1)
     base = rt.run(**np_in)
     assert parity(base, torch_reference(lm, bundle, [], t_in)) <= RTOL
@@ -122,7 +102,7 @@ def test_every_switch_matches_pytorch(exported, mode):
 def test_parity_check_fails_on_stale_packed_weights(exported):
     """Prepacked weights edited without a rebuild keep the old output: the check must say so."""
     lm, bundle = exported
-    t_in, np_in = _inputs(lm)
+    t_in, np_in = example_pair(lm)
     rt = load(bundle, mode="repack", threads=1)
     rt.store.commit = lambda changes: None  # edit the host copy, skip the repack
     rt.switch("s1")
@@ -177,7 +157,7 @@ def test_cuda_switch_matches_pytorch(exported):
             not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     lm, bundle = exported
-    t_in, np_in = _inputs(lm)
+    t_in, np_in = example_pair(lm)
     rt = load(bundle, device="cuda")
     base = rt.run(**np_in)
     for names in ["s1", ["s1", "l1"], None]:

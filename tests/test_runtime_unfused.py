@@ -7,7 +7,6 @@ base weights are checked bit for bit against the freshly loaded runtime and the 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -20,12 +19,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edgeadapt.adapters import apply_adapter_torch  # noqa: E402
+from runtime_reference import example_pair, parity, torch_reference  # noqa: E402
+
 from edgeadapt.errors import ConfigError, SwitchError, UnknownNameError  # noqa: E402
 from edgeadapt.export.adapter import ensure_variant  # noqa: E402
 from edgeadapt.export.bundle import export_base  # noqa: E402
 from edgeadapt.format import (  # noqa: E402
-    read_adapter,
     read_manifest,
     write_adapter,
     write_manifest,
@@ -33,7 +32,7 @@ from edgeadapt.format import (  # noqa: E402
 from edgeadapt.format.fingerprint import weight_sha256  # noqa: E402
 from edgeadapt.format.manifest import AdapterEntry  # noqa: E402
 from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta, SiraBranch  # noqa: E402
-from edgeadapt.models import example_inputs, forward, load_model  # noqa: E402
+from edgeadapt.models import load_model  # noqa: E402
 from edgeadapt.runtime import load  # noqa: E402
 
 RTOL = 1e-4
@@ -86,25 +85,6 @@ def exported(tmp_path_factory):
     return lm, out, keys
 
 
-def torch_reference(lm, bundle, active, inputs):
-    ref = copy.deepcopy(lm)
-    manifest = read_manifest(bundle)
-    for name, scale in active:
-        apply_adapter_torch(ref.model, read_adapter(bundle / manifest.adapters[name].file),
-                            scale)
-    with torch.no_grad():
-        return forward(ref, inputs).numpy()
-
-
-def parity(got, want) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-def _inputs(lm):
-    t = example_inputs(lm, batch=2, seq=7, seed=3)
-    return t, {k: v.numpy() for k, v in t.items()}
-
-
 def _hashes(rt):
     return {n: hashlib.sha256(lw.array.tobytes()).hexdigest()
             for n, lw in rt.store.live_weights().items()}
@@ -113,7 +93,7 @@ def _hashes(rt):
 @pytest.mark.parametrize("mode", ["live", "repack"])
 def test_unfused_switches_match_pytorch(exported, mode):
     lm, bundle, keys = exported
-    t_in, np_in = _inputs(lm)
+    t_in, np_in = example_pair(lm)
     rt = load(bundle, mode=mode, threads=1)
     base = rt.run(**np_in)
     h0 = _hashes(rt)
@@ -142,7 +122,7 @@ def test_unfused_switches_match_pytorch(exported, mode):
 
 def test_sira_then_fused_then_base_is_bit_identical(exported):
     lm, bundle, _ = exported
-    _, np_in = _inputs(lm)
+    _, np_in = example_pair(lm)
     rt = load(bundle, threads=1)
     base = rt.run(**np_in)
     manifest = read_manifest(bundle)
@@ -157,7 +137,7 @@ def test_sira_then_fused_then_base_is_bit_identical(exported):
 
 def test_bad_unfused_switches_are_refused_untouched(exported):
     lm, bundle, _ = exported
-    _, np_in = _inputs(lm)
+    _, np_in = example_pair(lm)
     rt = load(bundle, threads=1)
     rt.switch("s1")
     fused_out, h_fused = rt.run(**np_in), _hashes(rt)
@@ -183,7 +163,7 @@ def test_bad_unfused_switches_are_refused_untouched(exported):
 
 def test_runs_during_unfused_switches_see_whole_states(exported):
     lm, bundle, _ = exported
-    _, np_in = _inputs(lm)
+    _, np_in = example_pair(lm)
     rt = load(bundle, threads=1)
     states = [None, "s1", "sira", "lora"]
     valid = []
@@ -216,7 +196,7 @@ def test_runs_during_unfused_switches_see_whole_states(exported):
 
 def test_unfused_path_imports_no_torch(exported, tmp_path):
     lm, bundle, _ = exported
-    t_in, np_in = _inputs(lm)
+    t_in, np_in = example_pair(lm)
     np.save(tmp_path / "ids.npy", np_in["input_ids"])
     np.save(tmp_path / "want.npy", torch_reference(lm, bundle, [("sira", 1.0)], t_in))
     code = f"""
@@ -268,7 +248,7 @@ def test_unfused_classifier_adapter_brings_its_head(tmp_path):
     write_adapter(tmp_path / "adapters" / "h.eadp", ad, value_dtype="float32")
     manifest.adapters["h"] = AdapterEntry(file="adapters/h.eadp", method="sira", variant=key)
     write_manifest(tmp_path, manifest)
-    t_in, np_in = _inputs(lm)
+    t_in, np_in = example_pair(lm)
     rt = load(tmp_path, threads=1)
     base = rt.run(**np_in)
     rt.switch("h")
