@@ -19,16 +19,43 @@ from pathlib import Path
 OUT = Path("runs/mp")
 
 
-def _base(task: str, epochs: int) -> list[str]:
-    return ["--model", "minilm", "--task", task, "--max-train", "1000", "--max-test", "500",
-            "--max-len", "64", "--epochs", str(epochs), "--seed", "0"]
+def _base(task: str, epochs: int, train: int = 1000, test: int = 500) -> list[str]:
+    return ["--model", "minilm", "--task", task, "--max-train", str(train), "--max-test",
+            str(test), "--max-len", "64", "--epochs", str(epochs), "--seed", "0"]
 
 
 RT2, RT1, POL2, MIX1 = (_base("rt-sentiment", 2), _base("rt-sentiment", 1),
                         _base("politics", 2), _base("rt+politics", 1))
 SHIRA = ["--method", "shira", "--mask", "snip", "--budget-rank", "8"]
+# section 1 at the larger budget: 2,000 train / 1,000 test, 2 epochs (seed set per run)
+RT2K = _base("rt-sentiment", 2, 2000, 1000)[:-2]
+
+
+def _rt2k(seed: int, *method: str) -> list[str]:
+    return [*RT2K, "--seed", str(seed), *method]
+
+
+def _shira_all(mask: str, *extra: str) -> list[str]:
+    return ["--method", "shira", "--targets", "all", "--mask", mask, "--budget-rank", "8", *extra]
 
 RUNS: dict[str, list[str]] = {
+    # issue 2 at 2,000 / 1,000: frozen probe vs SHiRA on all encoder Linear layers (36 matrices,
+    # budget = LoRA r=8 on each), LoRA r=8 on the same targets, SHiRA q/v only (issue 7)
+    "rt2k-none-s0": _rt2k(0, "--method", "none"),
+    "rt2k-none-s1": _rt2k(1, "--method", "none"),
+    "rt2k-shira-all-snip-b8-s0": _rt2k(0, *_shira_all("snip")),
+    "rt2k-shira-all-snip-b8-s1": _rt2k(1, *_shira_all("snip")),
+    "rt2k-lora-all-r8-s0": _rt2k(0, "--method", "lora", "--targets", "all", "--rank", "8"),
+    "rt2k-lora-all-r8-s1": _rt2k(1, "--method", "lora", "--targets", "all", "--rank", "8"),
+    "rt2k-shira-qv-snip-b8-s0": _rt2k(0, *SHIRA),
+    "rt2k-shira-qv-snip-b8-s1": _rt2k(1, *SHIRA),
+    # issue 7 item 1: the other mask kinds, seed 0, same setting as SHiRA-all
+    "rt2k-shira-all-random-b8-s0": _rt2k(0, *_shira_all("random")),
+    "rt2k-shira-all-wm-b8-s0": _rt2k(0, *_shira_all("wm")),
+    "rt2k-shira-all-grad-b8-s0": _rt2k(0, *_shira_all("grad")),
+    "rt2k-shira-all-struct-b8-s0": _rt2k(0, *_shira_all("struct")),
+    # one lever on the margin: SHiRA's adapter lr 5e-3 instead of 2e-3
+    "rt2k-shira-all-snip-b8-lr5e-3-s0": _rt2k(0, *_shira_all("snip", "--lr", "5e-3")),
     # issue 2: SHiRA vs the frozen encoder, and LoRA at the same parameter budget (2 epochs)
     "rt-none-2ep": [*RT2, "--method", "none"],
     "rt-shira-snip-b8-2ep": [*RT2, *SHIRA],
@@ -71,13 +98,14 @@ def _metrics(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def table() -> str:
-    rows = ["| run | test accuracy | adapter params | train s | command |",
-            "|---|---|---|---|---|"]
-    for name in RUNS:
+def table(names: list[str] | None = None) -> str:
+    """Markdown table of `names` (default: every run); "wall s" includes loading and evaluation."""
+    rows = ["| run | test accuracy | adapter params | train s | wall s | command |",
+            "|---|---|---|---|---|---|"]
+    for name in names or RUNS:
         m = _metrics(name)
         if m is None:
-            rows.append(f"| {name} | (not run) | | | `{' '.join(command(name))}` |")
+            rows.append(f"| {name} | (not run) | | | | `{' '.join(command(name))}` |")
             continue
         value = ", ".join(f"{k} {v:.3f}" for k, v in m["test"].items()
                           if k.startswith("accuracy"))
@@ -86,7 +114,7 @@ def table() -> str:
             value += (f"; live rank {s['live_rank_total']}/{s['r_max'] * len(s['live_ranks'])},"
                       f" params after pruning {s['params_after']:,}")
         rows.append(f"| {name} | {value} | {m['trainable_params']:,} | {m['train_s']:.0f} | "
-                    f"`{' '.join(command(name))}` |")
+                    f"{m.get('wall_s', float('nan')):.0f} | `{' '.join(command(name))}` |")
     return "\n".join(rows)
 
 
@@ -105,7 +133,9 @@ def sora_stages(name: str = "rt-sora-r16-linear-1ep") -> str:
 
 if __name__ == "__main__":
     if "--table" in sys.argv:
-        print(table())
+        print(table([n for n in RUNS if n.startswith("rt2k-")]))
+        print()
+        print(table([n for n in RUNS if not n.startswith("rt2k-")]))
         print()
         print(sora_stages())
     else:
