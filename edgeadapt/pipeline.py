@@ -131,7 +131,8 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
                          pte_repack=False)  # the quickstart runs live: no constant program
     for name in trained:
         stage(f"exporting adapter {name}")
-        path = export_adapter(out / name, bundle, name, check=False)
+        path = export_adapter(out / name, bundle, name, check=False,  # step 3 checks
+                              pte_shapes=run_shapes(qc))
         rows[name].file_bytes = path.stat().st_size
     manifest = read_manifest(bundle)
     adapters = {name: read_adapter(bundle / manifest.adapters[name].file, manifest)
@@ -208,6 +209,13 @@ def _stage_timer(echo: Callable[[str], Any]) -> Callable[[str], None]:
     """echo(what) with the seconds since the quickstart began."""
     t0 = time.perf_counter()
     return lambda what: echo(f"[{time.perf_counter() - t0:5.0f} s] {what}")
+
+
+def run_shapes(qc: QuickstartConfig) -> list[tuple[int, int]]:
+    """The (batch, seq) shapes the quickstart runs on a backend: timed forwards at 1 x max_len,
+    checks and evaluation at EVAL_BATCH x max_len. SiRA's static-shape ExecuTorch program is
+    lowered for these only (one full lowering per shape)."""
+    return [(1, qc.max_len), (EVAL_BATCH, qc.max_len)]
 
 
 def _adapter_params(metrics: dict[str, Any]) -> int:

@@ -140,3 +140,48 @@ def test_sira_adapter_gets_a_graph_variant(bundle, tmp_path):
     assert key is not None and key.startswith("sira-e3-r2-k2")
     assert (bundle / m.variants[key]["onnx"]["file"]).is_file()
     assert read_adapter(path, m).method == "sira"
+
+
+@pytest.mark.slow
+def test_sira_variant_with_a_shape_subset_grows_on_demand(tmp_path):
+    """``pte_shapes``: SiRA's static-shape ExecuTorch variant is lowered for the asked shapes
+    only; a later adapter asking for another shape re-lowers it with the union (ONNX graph
+    kept), and the runtime switched to the adapter matches PyTorch with the adapter file
+    applied at every recorded shape."""
+    pytest.importorskip("executorch")
+    from edgeadapt.export import export_base
+    from edgeadapt.runtime import load
+
+    out = export_base(MODEL, tmp_path / "bundle", formats=("onnx", "pte"), check=False,
+                      pte_repack=False)
+    make_run(tmp_path / "run", SiraConfig(num_experts=3, r=2, top_k=2))
+    export_adapter(tmp_path / "run", out, "s1", check=False, pte_shapes=[(1, 8)])
+    m = read_manifest(out)
+    key = m.adapters["s1"].variant
+    assert m.variants[key]["executorch"]["methods"]["static"] == {"1x8": "forward_1x8"}
+    onnx_section = m.variants[key]["onnx"]
+    pte = out / m.variants[key]["executorch"]["file"]
+    export_adapter(tmp_path / "run", out, "s2", check=True, pte_shapes=[(2, 8)])  # verified
+    m = read_manifest(out)
+    assert m.adapters["s2"].variant == key
+    assert sorted(m.variants[key]["executorch"]["methods"]["static"]) == ["1x8", "2x8"]
+    assert m.variants[key]["onnx"] == onnx_section
+    mtime = pte.stat().st_mtime_ns
+    export_adapter(tmp_path / "run", out, "s3", check=False, pte_shapes=[(1, 8)])  # covered
+    assert pte.stat().st_mtime_ns == mtime
+
+    adapter = read_adapter(out / m.adapters["s2"].file, m)
+    ref = load_model(MODEL)
+    apply_adapter_torch(ref.model, adapter, adapter.scale)
+    names = [i["name"] for i in m.inputs]
+    rt = load(out, backend="executorch", mode="live", threads=1)
+    rt.switch("s2")
+    for shape in [(1, 8), (2, 8)]:
+        x = {k: v for k, v in example_inputs(ref, batch=shape[0], seq=shape[1], seed=5).items()
+             if k in names}
+        with torch.no_grad():
+            want = forward(ref, x).numpy()
+            base = forward(load_model(MODEL), x).numpy()
+        got = rt.run(**{k: v.numpy() for k, v in x.items()})
+        assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max(), shape
+        assert np.abs(base - want).max() > 1e-2 * np.abs(want).max()  # the adapter shows

@@ -18,7 +18,13 @@ pytest.importorskip("executorch")
 
 from edgeadapt.adapters import apply_adapter_torch  # noqa: E402
 from edgeadapt.errors import ConfigError, ExportError  # noqa: E402
-from edgeadapt.export.executorch import export_pte, pte_file_names, variant_name  # noqa: E402
+from edgeadapt.export.executorch import (  # noqa: E402
+    check_static_shapes,
+    export_pte,
+    pte_file_names,
+    static_shapes,
+    variant_name,
+)
 from edgeadapt.export.executorch_verify import rel_err  # noqa: E402
 from edgeadapt.format.types import Adapter, LoraDelta, SiraBranch  # noqa: E402
 from edgeadapt.models import target_weight_names as twn  # noqa: E402
@@ -112,14 +118,9 @@ def test_lora_branch_variant_matches_fused_torch(tmp_path):
     assert rel_err(torch_logits(lm, inp), torch_logits(ref, inp)) > 1e-2
 
 
-@pytest.mark.slow
-def test_sira_branch_variant_matches_torch(tmp_path):
-    lm = one_block_llama()
-    live = twn(lm.model, "qv")
-    E, r, k, cf = 4, 2, 2, 1.0
-    result = export_pte(lm, tmp_path, live, ("sira", E, r, k, cf), max_batch=2, max_seq=8)
-    store = _store(tmp_path, result)
-    rng = np.random.default_rng(1)
+def _random_sira(lm, store, live, E, r, k, cf, seed=1):
+    """Random SiRA branches written into ``store`` and the PyTorch reference carrying them."""
+    rng = np.random.default_rng(seed)
     targets, shapes = {}, {}
     for w in live:
         out, n_in = lm.model.get_parameter(w).shape
@@ -130,7 +131,17 @@ def test_sira_branch_variant_matches_torch(tmp_path):
         targets[w], shapes[w] = br, (out, n_in)
         t = store.branch_tensors()[w]
         t["sira_router"][...], t["sira_A"][...], t["sira_B"][...] = br.router, br.A, br.B
-    ref = _branch_reference(lm, Adapter("sira", targets, shapes, {}))
+    return _branch_reference(lm, Adapter("sira", targets, shapes, {}))
+
+
+@pytest.mark.slow
+def test_sira_branch_variant_matches_torch(tmp_path):
+    lm = one_block_llama()
+    live = twn(lm.model, "qv")
+    E, r, k, cf = 4, 2, 2, 1.0
+    result = export_pte(lm, tmp_path, live, ("sira", E, r, k, cf), max_batch=2, max_seq=8)
+    store = _store(tmp_path, result)
+    ref = _random_sira(lm, store, live, E, r, k, cf)
     assert sorted(result["section"]["methods"]["static"]) == ["1x1", "1x8", "2x8"]
     with pytest.raises(ConfigError):               # static shapes only
         store.run(inputs_of(lm, 1, 5))
@@ -138,3 +149,42 @@ def test_sira_branch_variant_matches_torch(tmp_path):
         inp = inputs_of(lm, *shape)
         assert rel_err(store.run(inp), torch_logits(ref, inp)) <= 1e-4, shape
     assert rel_err(torch_logits(lm, inp), torch_logits(ref, inp)) > 1e-2
+
+
+@pytest.mark.slow
+def test_sira_variant_with_chosen_static_shapes(tmp_path):
+    """``static=``: the program has exactly the asked methods (the export-time verification
+    runs on them), they match PyTorch, and any other shape is refused."""
+    lm = one_block_llama()
+    live = twn(lm.model, "qv")
+    E, r, k, cf = 3, 2, 2, 1.25
+    result = export_pte(lm, tmp_path, live, ("sira", E, r, k, cf), max_batch=2, max_seq=8,
+                        static=[(2, 5), (2, 5)])
+    assert result["section"]["methods"]["static"] == {"2x5": "forward_2x5"}
+    assert result["verify"]["base"] <= 1e-4
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(tmp_path / result["section"]["file"])
+    assert set(program.method_names) == {"forward_2x5", "touch"}
+    store = _store(tmp_path, result)
+    ref = _random_sira(lm, store, live, E, r, k, cf, seed=3)
+    inp = inputs_of(lm, 2, 5)
+    assert rel_err(store.run(inp), torch_logits(ref, inp)) <= 1e-4
+    assert rel_err(torch_logits(lm, inp), torch_logits(ref, inp)) > 1e-2
+    for other in [(1, 5), (2, 8), (1, 1)]:
+        with pytest.raises(ConfigError):
+            store.run(inputs_of(lm, *other))
+
+
+def test_static_shapes_are_validated_before_lowering(tmp_path):
+    lm = one_block_llama()
+    live = twn(lm.model, "qv")
+    sira = ("sira", 2, 1, 1, 1.0)
+    for bad in [[], [(3, 8)], [(1, 9)], [(0, 4)], [(1,)], [(True, 4)], 5]:
+        with pytest.raises(ConfigError):
+            export_pte(lm, tmp_path, live, sira, max_batch=2, max_seq=8, static=bad)
+    for branch in [None, ("lora", 2)]:            # dynamic-shape programs take no shapes
+        with pytest.raises(ConfigError, match="SiRA"):
+            export_pte(lm, tmp_path, live, branch, max_batch=2, max_seq=8, static=[(1, 8)])
+    assert check_static_shapes([(2, 8), (1, 1), (2, 8)], 2, 8) == [(1, 1), (2, 8)]
+    assert check_static_shapes(static_shapes(8, 64), 8, 64) == [(1, 1), (1, 64), (8, 64)]

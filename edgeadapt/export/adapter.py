@@ -18,6 +18,7 @@ from edgeadapt.errors import ConfigError, ExportError, TargetMismatchError
 from edgeadapt.export.bundle import (
     FORMATS,
     _normalise_section,
+    backend_exporter,
     base_weight_entries,
     run_exporters,
 )
@@ -105,13 +106,31 @@ def branch_for(adapter: Adapter, unfused: bool) -> tuple | None:
     return None
 
 
-def ensure_variant(bundle: Path, manifest: Manifest, branch: tuple, check: bool = True) -> str:
+def ensure_variant(bundle: Path, manifest: Manifest, branch: tuple, check: bool = True,
+                   pte_shapes: list[tuple[int, int]] | None = None) -> str:
     """Export the graph variant carrying ``branch`` into the bundle if it is not there yet;
-    record it in ``manifest.variants`` (not written here). Returns its key."""
+    record it in ``manifest.variants`` (not written here). Returns its key.
+
+    pte_shapes: the (batch, seq) shapes the ExecuTorch program of a *static-shape* variant
+    (SiRA) must run, one lowered method each (default: 1x1, 1 x max_seq, max_batch x max_seq,
+    :func:`edgeadapt.export.executorch.static_shapes`); dynamic-shape programs (LoRA) run every
+    shape up to the maxima and ignore it. A recorded variant whose ExecuTorch program lacks a
+    requested shape gets that program re-lowered with the union of its shapes and the new ones
+    (its ONNX graph, dynamic, is kept).
+    """
     from edgeadapt.models import load_model
 
     key = variant_key(branch)
-    if key in manifest.variants:
+    static = branch[0] == "sira" and "pte" in _formats(manifest)
+    redo: list[str] = []
+    if key not in manifest.variants:
+        redo = _formats(manifest)
+    elif static:
+        have = _static_of(manifest.variants[key])
+        want = set(_pte_static(manifest, pte_shapes))
+        if have is not None and not want <= have:
+            redo, pte_shapes = ["pte"], sorted(have | want)
+    if not redo:
         return key
     lm = load_model(manifest.model, num_labels=manifest.extra.get("num_labels") or 2,
                     seed=int(manifest.extra.get("seed") or 0))
@@ -121,27 +140,66 @@ def ensure_variant(bundle: Path, manifest: Manifest, branch: tuple, check: bool 
     if changed:
         raise ExportError(f"{bundle}: reloading base model {manifest.model!r} gives different "
                           f"weights ({changed[0]} ...) than the bundle; re-export the base")
-    formats = [f for f, (key_, _, _) in FORMATS.items() if getattr(manifest, key_) is not None]
-    results = run_exporters(lm, bundle, live, formats, branch=branch, check=check)
-    variant: dict[str, Any] = {"branch": {"kind": branch[0], "spec": list(branch)},
-                               "weights": {n: {} for n in live}}
+    others = [f for f in redo if not (static and f == "pte")]
+    results = run_exporters(lm, bundle, live, others, branch=branch, check=check) if others \
+        else {}
+    if static:  # run_exporters has no say in the shapes: call the ExecuTorch exporter here
+        exporter = backend_exporter("pte")
+        if exporter is not None:
+            base = manifest.executorch or {}
+            shapes = _pte_static(manifest, pte_shapes)
+            log.info("exporting pte with branch %s, static shapes %s", branch, shapes)
+            results["executorch"] = exporter(
+                lm, bundle, live, branch, verify=check, static=shapes,
+                max_batch=int(base.get("max_batch", 8)), max_seq=int(base.get("max_seq", 64)))
+    if not results:
+        raise ExportError(f"no backend exporter available for formats {redo}")
+    variant: dict[str, Any] = manifest.variants.get(key) or {
+        "branch": {"kind": branch[0], "spec": list(branch)}, "weights": {n: {} for n in live}}
     for sec, res in results.items():
         variant[sec] = _normalise_section(sec, res["section"])
         for name, entry in res["weights"].items():
-            variant["weights"][name][sec] = entry
+            variant["weights"].setdefault(name, {})[sec] = entry
     manifest.variants[key] = variant
     return key
 
 
+def _formats(manifest: Manifest) -> list[str]:
+    """The export formats (``onnx``, ``pte``) the bundle's base was exported for."""
+    return [f for f, (sec, _, _) in FORMATS.items() if getattr(manifest, sec) is not None]
+
+
+def _pte_static(manifest: Manifest, shapes: list[tuple[int, int]] | None
+                ) -> list[tuple[int, int]]:
+    """The static shapes asked of a SiRA ExecuTorch program (default: static_shapes)."""
+    from edgeadapt.export.executorch import static_shapes
+
+    if shapes is not None:
+        return [(int(b), int(s)) for b, s in shapes]
+    base = manifest.executorch or {}
+    return static_shapes(int(base.get("max_batch", 8)), int(base.get("max_seq", 64)))
+
+
+def _static_of(variant: dict[str, Any]) -> set[tuple[int, int]] | None:
+    """The (batch, seq) methods of a variant's ExecuTorch program (None: none recorded)."""
+    static = ((variant.get("executorch") or {}).get("methods") or {}).get("static")
+    if static is None:
+        return None
+    return {tuple(int(v) for v in k.split("x")) for k in static}
+
+
 def export_adapter(run_dir: str | Path, bundle: str | Path, name: str,
                    value_dtype: str = "float16", *, unfused: bool = False,
-                   check: bool = True) -> Path:
+                   check: bool = True, pte_shapes: list[tuple[int, int]] | None = None
+                   ) -> Path:
     """Write ``bundle/adapters/<name>.eadp`` from a training run and register it in
     ``bundle.json``; returns the file's path.
 
     value_dtype: ``float16`` | ``bfloat16`` | ``float32`` for the stored values.
     unfused: for LoRA / SoRA, also export (once) a graph variant with LoRA branches, so the
         adapter can run without weight edits. SiRA always gets its variant.
+    pte_shapes: (batch, seq) shapes SiRA's static-shape ExecuTorch variant is lowered for
+        (default 1x1, 1 x max_seq, max_batch x max_seq); see :func:`ensure_variant`.
     """
     if not _NAME.fullmatch(name):
         raise ConfigError(f"adapter name {name!r}: use letters, digits, '_', '.', '-' (max 64)")
@@ -155,7 +213,8 @@ def export_adapter(run_dir: str | Path, bundle: str | Path, name: str,
     check_against_manifest(adapter, manifest, where)
 
     branch = branch_for(adapter, unfused)
-    variant = ensure_variant(bundle, manifest, branch, check) if branch is not None else None
+    variant = (ensure_variant(bundle, manifest, branch, check, pte_shapes)
+               if branch is not None else None)
     rel = f"adapters/{name}.eadp"
     path = _write_adapter(bundle / rel, adapter, value_dtype)
     read_adapter(path, manifest)  # what the runtime will do: fail here, not on the device

@@ -174,8 +174,26 @@ def _example(lm: LoadedModel, batch: int, seq: int, seed: int = 0) -> tuple[torc
 
 
 def static_shapes(max_batch: int, max_seq: int) -> list[tuple[int, int]]:
-    """The (batch, seq) shapes a static-shape variant (SiRA) gets one method each for."""
+    """The default (batch, seq) shapes a static-shape variant (SiRA) gets one method each for:
+    1x1, 1 x max_seq, max_batch x max_seq."""
     return sorted({(1, 1), (1, max_seq), (max_batch, max_seq)})
+
+
+def check_static_shapes(shapes: Any, max_batch: int, max_seq: int) -> list[tuple[int, int]]:
+    """Validate the (batch, seq) shapes asked of a static-shape variant: a non-empty collection
+    of int pairs with 1 <= batch <= max_batch and 1 <= seq <= max_seq. Returns them sorted
+    without duplicates; ConfigError otherwise."""
+    try:
+        pairs = {(b, s) for b, s in shapes}
+    except (TypeError, ValueError):
+        raise ConfigError(f"static shapes {shapes!r}: expected (batch, seq) pairs") from None
+    bad = [(b, s) for b, s in pairs
+           if not (_posint(b) and _posint(s) and b <= max_batch and s <= max_seq)]
+    if bad or not pairs:
+        raise ConfigError(f"static shapes {bad or sorted(pairs)}: need at least "
+                          f"one (batch, seq) with 1 <= batch <= {max_batch} and "
+                          f"1 <= seq <= {max_seq}")
+    return sorted(pairs)
 
 
 def static_method(batch: int, seq: int) -> str:
@@ -296,8 +314,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
                branch: tuple | None = None, *, max_batch: int = 8, max_seq: int = 64,
-               repack: bool = True, verify: bool = True, partition: str = "selective"
-               ) -> dict:
+               repack: bool = True, verify: bool = True, partition: str = "selective",
+               static: list[tuple[int, int]] | None = None) -> dict:
     """Export ``lm`` to ExecuTorch with ``live_weights`` editable in place; see the module doc.
 
     Writes ``model[.<variant>].pte`` (and, for the base, ``model.const.pte`` when ``repack``:
@@ -307,6 +325,10 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     raises ExportError. ``partition="all-constant"`` lowers with the stock XNNPACK partitioner,
     which packs even the buffers at load so edits are silently ignored: it exists to show that
     the verification catches stale weights (it then raises ExportError), not for deployment.
+    ``static``: for a SiRA variant, the (batch, seq) shapes to lower one method each for
+    (default :func:`static_shapes`: 1x1, 1 x max_seq, max_batch x max_seq); each method is a
+    full lowering, so a caller that runs one shape saves the others' time. ConfigError for a
+    dynamic-shape program (base, LoRA), which runs every shape up to the maxima.
     Returns::
 
         {"section": {"file", "methods", "inputs", "max_batch", "max_seq", "branch",
@@ -328,7 +350,12 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
 
     # SiRA's capacity ceil(cf * k * T / E) becomes a float sym op on a dynamic token count,
     # which ExecuTorch cannot run: SiRA variants get one static method per shape instead.
-    shapes = static_shapes(max_batch, max_seq) if branch and branch[0] == "sira" else None
+    is_static = branch is not None and branch[0] == "sira"
+    if static is not None and not is_static:
+        raise ConfigError("static shapes are for SiRA variants only: this program has a "
+                          "dynamic-shape forward")
+    shapes = None if not is_static else check_static_shapes(
+        static_shapes(max_batch, max_seq) if static is None else static, max_batch, max_seq)
     live_lm = build_live_model(lm, list(live_weights), branch)
     weight_buffers = {w: PREFIX + w for w in live_weights}
     branch_buffers = {w: {p: PREFIX + w.removesuffix("weight") + p for p in params}
