@@ -275,3 +275,60 @@ def test_runs_never_see_half_applied_weights():
     assert len(outputs) > 10
     for y in outputs:
         assert any(np.array_equal(y, v) for v in valid)
+
+
+def test_cached_switch_plans_equal_uncached_bit_for_bit(monkeypatch):
+    """Plans remembered per pair of adapter sets (both directions) write exactly what planning
+    from scratch writes; the cache is really used (fewer merges) and bounded."""
+    import edgeadapt.runtime.engine as engine_mod
+
+    merges = []
+    real_merge = engine_mod.merge_sorted
+    monkeypatch.setattr(engine_mod, "merge_sorted",
+                        lambda a, b: merges.append(1) or real_merge(a, b))
+    w0 = base_weights(3)
+    layouts = {"w.q": "transposed"}
+    adapters = [shira(w0, ["w.q", "w.v"], 0.3, 1), shira(w0, ["w.q", "w.o"], 0.4, 2),
+                shira(w0, ["w.v"], 0.5, 3)]
+    stores = [ArrayStore(w0, layouts), ArrayStore(w0, layouts)]
+    engines = [SwitchEngine(stores[0], plan_cache=0), SwitchEngine(stores[1], plan_cache=2)]
+    preps = [[e.prepare(a, f"a{i}") for i, a in enumerate(adapters)] for e in engines]
+    steps = [[0], [1], [0], [1], [0, 1], [0], [1], [2], [1], [0], [2], None, [0], None]
+    counts = []
+    for step in steps:
+        for e, p in zip(engines, preps, strict=True):
+            merges.clear()
+            e.switch([] if step is None else [(p[i], 0.5 + i) for i in step])
+            counts.append(len(merges))
+        a, b = (store_weights(s) for s in stores)
+        ref = reference(w0, [] if step is None else [(adapters[i], 0.5 + i) for i in step])
+        for n in a:
+            assert np.array_equal(a[n].view(np.uint32), b[n].view(np.uint32)), (step, n)
+            np.testing.assert_allclose(b[n], ref[n], rtol=1e-5, atol=1e-5)
+    uncached, cached = counts[0::2], counts[1::2]
+    assert cached[3] == 0 and cached[2] == 0  # [1] -> [0] and back: reverse + forward hit
+    assert uncached[3] > 0 and sum(cached) < sum(uncached)
+    assert len(engines[1]._pairs) == 2
+    for n, w in store_weights(stores[1]).items():  # ended at None: the base, bit for bit
+        assert np.array_equal(w.view(np.uint32), w0[n].view(np.uint32)), n
+
+
+def test_commit_failure_rolls_back_a_cached_switch():
+    w0 = base_weights()
+    store = FailingStore(w0, {"w.v": "transposed"})
+    eng = SwitchEngine(store)
+    a = eng.prepare(shira(w0, ["w.q", "w.v"], 0.3, 1), "a")
+    b = eng.prepare(shira(w0, ["w.v"], 0.3, 2), "b")
+    for x in (a, b, a):  # a -> b is now a cached pair
+        eng.switch([(x, 1.0)])
+    before = _hash_store(store)
+    store.fail = True
+    with pytest.raises(SwitchError):
+        eng.switch([(b, 1.0)])
+    assert _hash_store(store) == before and eng.active == (("a", 1.0),)
+    eng.switch([(b, 1.0)])
+    ref = reference(w0, [(eng_ad, 1.0) for eng_ad in [shira(w0, ["w.v"], 0.3, 2)]])
+    for n, w in store_weights(store).items():
+        np.testing.assert_allclose(w, ref[n], rtol=1e-6, atol=1e-6)
+    eng.switch([])
+    assert all(np.array_equal(w, w0[n]) for n, w in store_weights(store).items())

@@ -20,6 +20,14 @@ Layouts: ``"as-is"`` buffers are (out, in) like PyTorch; ``"transposed"`` buffer
 Torch flat index ``i = r * in + c`` is backend flat index ``i`` (as-is) or ``c * out + r``
 (transposed); see :func:`to_backend_index`.
 
+Switch plans are cached: a SHiRA-only switch between two adapter sets (X -> Y) is planned once
+(merge of the position lists, gather of base values, new values, finite checks) and remembered as
+a pair: the union positions ``U`` and the values of both states at ``U`` (``W_X[U]`` and
+``W_Y[U]``), so X -> Y and Y -> X are each a single scatter per weight afterwards. The values are
+fixed because the base is: ``W_Y[U] = W0[U] + sum_k s_k * v_k`` (on Y's positions), ``W0[U]``
+elsewhere. Memory per cached pair: 16 bytes per union position (int64 position + two fp32
+values); the last ``plan_cache`` pairs are kept (default :data:`PLAN_CACHE`, 0 disables).
+
 Switches are transactional: everything is validated and every new value computed (and checked
 finite) before the first write; if the store's ``commit`` fails the old values are written back.
 Runs take a readers-writer lock shared and the write + commit of a switch take it exclusive, so
@@ -262,6 +270,23 @@ class _Plan:
 
 
 @dataclass
+class _PairPlan:
+    """A cached SHiRA-only switch between adapter sets ``a`` and ``b`` (keys: (prepared,
+    scale) tuples), both directions: ``to_b`` plans a -> b, ``to_a`` plans b -> a (same union
+    positions; new and old values swapped)."""
+
+    a: tuple
+    b: tuple
+    to_b: dict[str, _Plan]
+    to_a: dict[str, _Plan]
+
+
+def _same_key(x: tuple, y: tuple) -> bool:
+    """Two active-set keys name the same prepared adapters (by identity) at the same scales."""
+    return len(x) == len(y) and all(p is q and s == t for (p, s), (q, t) in zip(x, y, strict=True))
+
+
+@dataclass
 class _Combined:
     idx: np.ndarray | None = None
     delta: np.ndarray | None = None
@@ -277,17 +302,19 @@ class SwitchEngine:
     ``run(inputs)`` forwards through the store with the readers lock held.
     """
 
-    def __init__(self, store: WeightStore, verify_base: bool = False) -> None:
+    def __init__(self, store: WeightStore, verify_base: bool = False,
+                 plan_cache: int | None = None) -> None:
         self.store = store
         self.live = store.live_weights()
+        self._flat = {name: lw.array.reshape(-1) for name, lw in self.live.items()}  # views
         self.lock = ReadWriteLock()
         self._switch_mutex = threading.Lock()
         self._sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        # Merge plans of recent (outgoing, incoming) position arrays per weight: switching back
-        # and forth among a few adapters re-uses them instead of re-sorting (see _merge_plan).
-        self._merges: dict[str, list[tuple[np.ndarray, np.ndarray, tuple]]] = {}
         self._dense: dict[str, np.ndarray] = {}
         self._active: tuple[tuple[str, float], ...] = ()
+        self._key: tuple[tuple[PreparedAdapter, float], ...] = ()  # the active set, by identity
+        self.plan_cache = PLAN_CACHE if plan_cache is None else int(plan_cache)
+        self._pairs: list[_PairPlan] = []  # least recently used first
         if verify_base:
             self.verify_base()
 
@@ -329,11 +356,15 @@ class SwitchEngine:
             unknown = set(prep.targets) - set(self.live)
             if unknown:
                 raise SwitchError(f"adapter {prep.name!r} was prepared for another store")
+        key = tuple((prep, float(scale)) for prep, scale in adapters)
         with self._switch_mutex:
             # Only switches write the arrays, and they are serialised by _switch_mutex, so the
             # plan can be computed while runs go on.
-            with np.errstate(over="ignore", invalid="ignore"):  # caught by the finite checks
-                plans = self._plan(adapters)
+            plans = self._cached_plan(self._key, key)
+            if plans is None:
+                with np.errstate(over="ignore", invalid="ignore"):  # caught by finite checks
+                    plans = self._plan(adapters)
+                self._remember(self._key, key, plans)
             with self.lock.exclusive():
                 undo = self._write(plans)
                 try:
@@ -350,8 +381,35 @@ class SwitchEngine:
                 if plan.dense_state is not None:
                     self._dense[name] = plan.dense_state
             self._active = tuple((p.name, float(s)) for p, s in adapters)
+            self._key = key
 
     # -- planning --------------------------------------------------------------------------
+
+    def _cached_plan(self, frm: tuple, to: tuple) -> dict[str, _Plan] | None:
+        """The remembered plan of the switch ``frm`` -> ``to``, if any (marks it recently used).
+
+        Valid because only the engine writes the live arrays: in state ``frm`` they hold exactly
+        the values the pair recorded for it."""
+        for i, pair in enumerate(self._pairs):
+            if _same_key(pair.a, frm) and _same_key(pair.b, to):
+                plans = pair.to_b
+            elif _same_key(pair.b, frm) and _same_key(pair.a, to):
+                plans = pair.to_a
+            else:
+                continue
+            self._pairs.append(self._pairs.pop(i))
+            return plans
+        return None
+
+    def _remember(self, frm: tuple, to: tuple, plans: dict[str, _Plan]) -> None:
+        """Cache a SHiRA-only plan (no dense write before or after) with its reverse."""
+        if self.plan_cache <= 0 or any(p.full is not None for p in plans.values()):
+            return
+        back = {name: _Plan(union=p.union, vals=p.old, full=None,
+                            sparse_state=self._sparse.get(name), dense_state=None, old=p.vals)
+                for name, p in plans.items()}
+        self._pairs.append(_PairPlan(frm, to, plans, back))
+        del self._pairs[:-self.plan_cache]
 
     def _combine(self, adapters: list[tuple[PreparedAdapter, float]]) -> dict[str, _Combined]:
         parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -393,10 +451,10 @@ class SwitchEngine:
         return plans
 
     def _plan_sparse(self, name: str, lw: LiveWeight, c: _Combined) -> _Plan:
-        flat = lw.array.reshape(-1)
+        flat = self._flat[name]
         cur_idx, cur_base = self._sparse.get(name, (_EMPTY_IDX, flat[:0]))
         new_idx = c.idx if c.idx is not None else _EMPTY_IDX
-        union, cur_pos, new_pos = self._merge_plan(name, cur_idx, new_idx)
+        union, cur_pos, new_pos = merge_sorted(cur_idx, new_idx)
         old = flat[union]  # a copy: the values now, kept to undo a failed commit
         base = old.copy()  # base wherever the weight is untouched
         base[cur_pos] = cur_base
@@ -408,21 +466,6 @@ class SwitchEngine:
         state = (new_idx, new_base) if new_idx.size else None
         return _Plan(union=union, vals=vals, full=None, sparse_state=state, dense_state=None,
                      old=old)
-
-    def _merge_plan(self, name: str, cur_idx: np.ndarray, new_idx: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:func:`merge_sorted` of two position arrays, remembered per weight for the last
-        ``MERGE_CACHE`` pairs. Entries hold the arrays themselves and match by identity: a
-        prepared adapter's positions never change, so the same pair gives the same plan."""
-        cache = self._merges.setdefault(name, [])
-        for a, b, plan in cache:
-            if a is cur_idx and b is new_idx:
-                return plan
-        plan = merge_sorted(cur_idx, new_idx)
-        cache.append((cur_idx, new_idx, plan))
-        if len(cache) > MERGE_CACHE:
-            cache.pop(0)
-        return plan
 
     def _plan_dense(self, name: str, lw: LiveWeight, c: _Combined) -> _Plan:
         if name in self._dense:
@@ -457,14 +500,13 @@ class SwitchEngine:
     def _write(self, plans: dict[str, _Plan]) -> dict[str, tuple]:
         undo: dict[str, tuple] = {}
         for name, plan in plans.items():
-            arr = self.live[name].array
             if plan.full is not None:
+                arr = self.live[name].array
                 undo[name] = (None, arr.copy())
                 np.copyto(arr, plan.full)
             else:
-                flat = arr.reshape(-1)
                 undo[name] = (plan.union, plan.old)
-                flat[plan.union] = plan.vals
+                self._flat[name][plan.union] = plan.vals
         return undo
 
     def _write_back(self, undo: dict[str, tuple]) -> None:
@@ -481,8 +523,8 @@ class SwitchEngine:
 
 
 _EMPTY_IDX = np.zeros(0, dtype=np.int64)
-#: merge plans kept per weight (each ~24 bytes per position of the pair's union)
-MERGE_CACHE = 4
+#: switch plans kept (each pair of adapter sets: 16 bytes per position of the pair's union)
+PLAN_CACHE = 4
 
 
 def merge_sorted(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
