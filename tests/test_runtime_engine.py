@@ -332,3 +332,18 @@ def test_commit_failure_rolls_back_a_cached_switch():
         np.testing.assert_allclose(w, ref[n], rtol=1e-6, atol=1e-6)
     eng.switch([])
     assert all(np.array_equal(w, w0[n]) for n, w in store_weights(store).items())
+
+
+def test_plan_cache_memory_counts_positions_and_both_values():
+    w0 = base_weights()
+    eng = SwitchEngine(ArrayStore(w0))
+    ads = [shira(w0, ["w.q", "w.v"], 0.3, 1), shira(w0, ["w.q"], 0.4, 2)]
+    a, b = (eng.prepare(x, f"a{i}") for i, x in enumerate(ads))
+    eng.switch([(a, 1.0)])
+    eng.switch([(b, 1.0)])
+    ia, ib = ads[0].targets, ads[1].targets
+    union_q = np.union1d(ia["w.q"].indices, ib["w.q"].indices).size
+    first = ia["w.q"].indices.size + ia["w.v"].indices.size  # base -> a: a's own positions
+    # base -> a: values only; a -> b: new positions on w.q, a's own positions on w.v
+    assert eng.plan_cache_bytes() == 8 * first + 16 * union_q + 8 * ia["w.v"].indices.size
+    assert SwitchEngine(ArrayStore(w0), plan_cache=0).plan_cache_bytes() == 0

@@ -200,6 +200,7 @@ class _Run:
         self.live_switch_samples = samples["shira"]
         self.memory.append({"backend": backend, "runtime": "live after switches",
                             "restore_bytes_shira": self.rt_live.restore_memory_bytes(),
+                            "plan_cache_bytes_shira": self.rt_live.plan_cache_bytes(),
                             "restore_bytes_lora": self.rt_lora.restore_memory_bytes()})
         slow = {"shira": fast["shira"], "reload": self._reload_case(backend)}
         if self.rt_repack is not None:

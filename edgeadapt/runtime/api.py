@@ -145,6 +145,10 @@ class Runtime:
         """Extra memory held now to restore the base exactly (see docs/runtime.md)."""
         return self.engine.restore_memory_bytes()
 
+    def plan_cache_bytes(self) -> int:
+        """Memory held by cached switch plans (docs/runtime.md, "Switch plan cache")."""
+        return self.engine.plan_cache_bytes()
+
     # -- verbs -----------------------------------------------------------------------------
 
     def prepare(self, name: str) -> PreparedAdapter:

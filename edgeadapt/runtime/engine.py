@@ -26,7 +26,9 @@ a pair: the union positions ``U`` and the values of both states at ``U`` (``W_X[
 ``W_Y[U]``), so X -> Y and Y -> X are each a single scatter per weight afterwards. The values are
 fixed because the base is: ``W_Y[U] = W0[U] + sum_k s_k * v_k`` (on Y's positions), ``W0[U]``
 elsewhere. Memory per cached pair: 16 bytes per union position (int64 position + two fp32
-values); the last ``plan_cache`` pairs are kept (default :data:`PLAN_CACHE`, 0 disables).
+values; 8 where the union is an adapter's own position array); the last ``plan_cache`` pairs
+are kept (default :data:`PLAN_CACHE`, 0 disables). Plans with a dense write (LoRA, heads) are
+not cached.
 
 Switches are transactional: everything is validated and every new value computed (and checked
 finite) before the first write; if the store's ``commit`` fails the old values are written back.
@@ -344,6 +346,15 @@ class SwitchEngine:
         """Bytes kept now to restore the base exactly (positions + base values + matrices)."""
         sparse = sum(i.nbytes + v.nbytes for i, v in self._sparse.values())
         return sparse + sum(a.nbytes for a in self._dense.values())
+
+    def plan_cache_bytes(self) -> int:
+        """Bytes held by the cached switch plans: union positions (8 B each, unless the array is
+        an adapter's own positions) and the values of both states (4 + 4 B per position)."""
+        owned = {id(t.idx) for pair in self._pairs for key in (pair.a, pair.b)
+                 for prep, _ in key for t in prep.targets.values()}
+        arrays = {id(a): a.nbytes for pair in self._pairs for p in pair.to_b.values()
+                  for a in (p.union, p.vals, p.old) if a is not None and id(a) not in owned}
+        return sum(arrays.values())
 
     def switch(self, adapters: list[tuple[PreparedAdapter, float]]) -> None:
         """Make ``adapters`` (prepared, scale) the active set; [] returns to the base.
