@@ -2,8 +2,11 @@
 
 1. **train** a SHiRA adapter per task (Rotten Tomatoes sentiment, political speeches) and LoRA,
    SoRA and SiRA baselines on sentiment, briefly (:func:`edgeadapt.train.train`);
-2. **export** the base model once for ONNX Runtime and ExecuTorch and every adapter into the
-   same bundle (:func:`edgeadapt.export.export_base`, :func:`~edgeadapt.export.export_adapter`);
+2. **export** the base model once for ONNX Runtime and ExecuTorch, and SiRA's graph variant
+   (:func:`edgeadapt.export.export_base`, :func:`edgeadapt.export.adapter.ensure_variant`) —
+   in a second process while step 1 trains, since neither depends on trained values; SiRA's
+   static-shape ExecuTorch program only for the shapes step 3 runs (:func:`run_shapes`) —
+   then every adapter into the same bundle (:func:`~edgeadapt.export.export_adapter`);
 3. **load** the bundle on each backend (:func:`edgeadapt.runtime.load`) and, per adapter,
    switch to it in place, check the logits against PyTorch (the base model with the bundle's
    adapter file applied by :func:`edgeadapt.adapters.apply_adapter_torch`), evaluate its test
@@ -52,6 +55,8 @@ class QuickstartConfig:
     repeats: int = 10                 # timed forwards / switches per cell (median reported)
     tolerance: float = 1e-3           # max |runtime - PyTorch| / max |PyTorch| per check
     progress: bool = True
+    background_export: bool = True    # export base + SiRA variant in a second process, while
+    #                                   training (they do not depend on the trained values)
 
 
 @dataclass
@@ -97,7 +102,7 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
     Raises ParityError if a backend's logits stray from PyTorch's by more than
     ``qc.tolerance``.
     """
-    from edgeadapt.export import export_adapter, export_base
+    from edgeadapt.export import export_adapter
     from edgeadapt.format import read_adapter, read_manifest
     from edgeadapt.models import load_model
     from edgeadapt.runtime import load
@@ -111,24 +116,37 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
     echo(f"edgeadapt quickstart: {qc.model}, {qc.max_train} training / {qc.max_test} test "
          f"examples per task, {qc.epochs:g} epoch, sequences <= {qc.max_len} tokens")
 
-    # 1. train ----------------------------------------------------------------------------
+    # 1. train, while a second process exports the base model and SiRA's graph variant -------
+    bundle = out / "bundle"
+    runs = adapter_runs(qc)
+    branches = [b for b in (variant_branch(f) for _, _, f in runs) if b is not None]
+    job = _start_export(qc, bundle, branches, stage)
     rows = {"base": Row("base", "-", "-", note="no adapter: the exported model as it loads")}
     trained = []
-    for name, task, fields in adapter_runs(qc):
-        stage(f"training {name} ({fields['method']} on {task})")
-        cfg = TrainConfig(model=qc.model, task=task, max_train=qc.max_train,
-                          max_test=qc.max_test, epochs=qc.epochs, max_len=qc.max_len,
-                          seed=qc.seed, **fields)
-        metrics = train(cfg, out=out / name, progress=qc.progress).metrics
-        rows[name] = Row(name, fields["method"], task, params=_adapter_params(metrics),
-                         acc_torch=metrics["test"]["accuracy"])
-        trained.append(name)
+    try:
+        for name, task, fields in runs:
+            stage(f"training {name} ({fields['method']} on {task})")
+            cfg = TrainConfig(model=qc.model, task=task, max_train=qc.max_train,
+                              max_test=qc.max_test, epochs=qc.epochs, max_len=qc.max_len,
+                              seed=qc.seed, **fields)
+            metrics = train(cfg, out=out / name, progress=qc.progress).metrics
+            rows[name] = Row(name, fields["method"], task, params=_adapter_params(metrics),
+                             acc_torch=metrics["test"]["accuracy"])
+            trained.append(name)
 
-    # 2. export ---------------------------------------------------------------------------
-    stage(f"exporting the base model ({', '.join(qc.formats)})")
-    bundle = export_base(qc.model, out / "bundle", formats=qc.formats, targets="qv",
-                         seed=qc.seed, check=False,  # step 3 checks every adapter instead
-                         pte_repack=False)  # the quickstart runs live: no constant program
+        # 2. export ---------------------------------------------------------------------------
+        if job is None:
+            stage(f"exporting the base model ({', '.join(qc.formats)}) and graph variants")
+            took = export_bundle(qc.model, str(bundle), qc.formats, qc.seed, branches,
+                                 run_shapes(qc))
+        else:
+            stage("waiting for the background export")
+            took = job[1].get()
+        stage("exported: " + ", ".join(f"{k} {v:.0f} s" for k, v in took.items()))
+    finally:
+        if job is not None:
+            job[0].terminate()  # the export is done, or training failed: stop the process
+            job[0].join()
     for name in trained:
         stage(f"exporting adapter {name}")
         path = export_adapter(out / name, bundle, name, check=False,  # step 3 checks
@@ -209,6 +227,66 @@ def _stage_timer(echo: Callable[[str], Any]) -> Callable[[str], None]:
     """echo(what) with the seconds since the quickstart began."""
     t0 = time.perf_counter()
     return lambda what: echo(f"[{time.perf_counter() - t0:5.0f} s] {what}")
+
+
+def variant_branch(fields: dict[str, Any]) -> tuple | None:
+    """The graph branch an adapter trained with TrainConfig ``fields`` will need (as
+    :func:`edgeadapt.export.adapter.branch_for` derives it from the trained adapter): SiRA
+    ``("sira", E, r, top_k, capacity_factor)`` with the config's defaults filled in; None for
+    the fused methods."""
+    if fields["method"] != "sira":
+        return None
+    from edgeadapt.train.trainer import adapter_config
+
+    c = adapter_config("sira", fields["adapter"])
+    return ("sira", int(c.num_experts), int(c.r), int(c.top_k), float(c.capacity_factor))
+
+
+def export_bundle(model: str, bundle: str, formats: tuple[str, ...], seed: int,
+                  branches: list[tuple], pte_shapes: list[tuple[int, int]]) -> dict[str, float]:
+    """Export the base model (live only, unchecked: the quickstart checks every adapter against
+    PyTorch after switching) and the graph variants ``branches`` into ``bundle``; returns the
+    seconds each step took. Runs in the quickstart's background process (picklable
+    arguments), or inline."""
+    from edgeadapt.export import export_base
+    from edgeadapt.export.adapter import ensure_variant
+    from edgeadapt.format import read_manifest, write_manifest
+
+    t0 = time.perf_counter()
+    export_base(model, bundle, formats=formats, targets="qv", seed=seed, check=False,
+                pte_repack=False)  # the quickstart runs live: no constant program
+    took = {"base": time.perf_counter() - t0}
+    for branch in branches:
+        t0 = time.perf_counter()
+        manifest = read_manifest(bundle)
+        key = ensure_variant(Path(bundle), manifest, branch, check=False, pte_shapes=pte_shapes)
+        write_manifest(bundle, manifest)
+        took[f"variant {key}"] = time.perf_counter() - t0
+    return took
+
+
+def _export_worker(*args: Any) -> dict[str, float]:
+    import torch
+
+    torch.set_num_threads(1)  # the other core trains
+    return export_bundle(*args)
+
+
+def _start_export(qc: QuickstartConfig, bundle: Path, branches: list[tuple],
+                  stage: Callable[[str], None]) -> tuple[Any, Any] | None:
+    """Start :func:`export_bundle` in a spawned process; returns (pool, AsyncResult), or None
+    when ``qc.background_export`` is off."""
+    if not qc.background_export:
+        return None
+    import multiprocessing
+
+    from edgeadapt.format import variant_key
+
+    stage(f"exporting the base model ({', '.join(qc.formats)}) and graph variants "
+          f"({', '.join(variant_key(b) for b in branches) or 'none'}) in a background process")
+    pool = multiprocessing.get_context("spawn").Pool(1)
+    return pool, pool.apply_async(_export_worker, (qc.model, str(bundle), tuple(qc.formats),
+                                                   qc.seed, branches, run_shapes(qc)))
 
 
 def run_shapes(qc: QuickstartConfig) -> list[tuple[int, int]]:

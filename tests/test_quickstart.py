@@ -57,6 +57,10 @@ def test_table_has_every_adapter_and_its_recorded_accuracy(quickstart):
         assert 0.0 <= row.acc["onnxruntime"] <= 1.0
         assert row.forward_ms["onnxruntime"] > 0 and row.switch_ms["onnxruntime"] > 0
         assert row.parity["onnxruntime"] <= qc.tolerance
+    assert "waiting for the background export" in text  # base + variant exported beside training
+    bundle = json.loads((out / "bundle" / "bundle.json").read_text())
+    # the variant exported before SiRA was trained is the one its adapter needs (no second one)
+    assert list(bundle["variants"]) == [bundle["adapters"]["sira"]["variant"]]
     sira = rows["sira"]  # runs through its graph variant, or is marked pending: never faked
     if sira.acc["onnxruntime"] == PENDING:
         assert "unfused: pending" in printed["sira"]
