@@ -3,13 +3,15 @@ repack mode, and the stale-output failure the checks must catch.
 
 Reference everywhere: the original PyTorch model with the same edit applied by
 ``edgeadapt.adapters.apply_adapter_torch`` (independent of the ExecuTorch path). Exports use a
-one-block Llama (seconds to lower) shared by a module-scoped fixture.
+one-block Llama (seconds to lower on a quiet machine) exported once per session by
+:func:`shared_bundle`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,14 +21,15 @@ pytest.importorskip("executorch")
 
 from edgeadapt.adapters import apply_adapter_torch  # noqa: E402
 from edgeadapt.errors import BundleError, ConfigError  # noqa: E402
-from edgeadapt.export.executorch import export_pte  # noqa: E402
+from edgeadapt.export.bundle import export_base  # noqa: E402
 from edgeadapt.export.executorch_verify import rel_err  # noqa: E402
+from edgeadapt.format import read_manifest  # noqa: E402
 from edgeadapt.format.types import Adapter, ShiraDelta  # noqa: E402
 from edgeadapt.models import LoadedModel, LogitsModule, example_inputs  # noqa: E402
 from edgeadapt.models import target_weight_names as twn  # noqa: E402
 from edgeadapt.runtime.executorch_backend import ExecutorchStore  # noqa: E402
 
-MAX_BATCH, MAX_SEQ = 4, 8
+MAX_BATCH, MAX_SEQ = 8, 64  # export_base's defaults
 
 
 def one_block_llama(seed: int = 0) -> LoadedModel:
@@ -43,21 +46,37 @@ def one_block_llama(seed: int = 0) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=None, name="one-block-llama", kind="causal-lm")
 
 
+_SHARED: dict[str, tuple[LoadedModel, Path]] = {}
+
+
+def shared_bundle(tmp_path_factory) -> tuple[LoadedModel, Path]:
+    """A one-block Llama bundle (``export_base``: q/v live, ExecuTorch only, live and constant
+    programs, no adapters) exported once per test session and shared with
+    tests/test_runtime_property_executorch.py: the lowering is what costs (tens of seconds)."""
+    if "llama" not in _SHARED:
+        torch.set_num_threads(1)
+        lm = one_block_llama()
+        out = tmp_path_factory.mktemp("pte")
+        export_base(lm, out, formats=("pte",), targets="qv", check=False)
+        _SHARED["llama"] = (lm, out)
+    return _SHARED["llama"]
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    torch.set_num_threads(1)
-    lm = one_block_llama()
-    out = tmp_path_factory.mktemp("pte")
-    live = twn(lm.model, "qv")
-    result = export_pte(lm, out, live, max_batch=MAX_BATCH, max_seq=MAX_SEQ)
-    return lm, out, result
+    lm, out = shared_bundle(tmp_path_factory)
+    manifest = read_manifest(out)
+    assert (manifest.executorch["max_batch"], manifest.executorch["max_seq"]) == \
+        (MAX_BATCH, MAX_SEQ)
+    return lm, out, manifest
 
 
 def store_of(exported, mode: str) -> ExecutorchStore:
-    lm, out, result = exported
-    w = result["weights"]
-    return ExecutorchStore(out, result["section"], {k: v["buffer"] for k, v in w.items()},
-                           {k: tuple(v["shape"]) for k, v in w.items()}, mode=mode)
+    _, out, manifest = exported
+    w = manifest.weights
+    return ExecutorchStore(out, manifest.executorch,
+                           {k: v.executorch["buffer"] for k, v in w.items()},
+                           {k: tuple(v.shape) for k, v in w.items()}, mode=mode)
 
 
 def torch_logits(lm: LoadedModel, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -105,7 +124,7 @@ def test_base_parity(exported, shape):
 
 
 def test_only_live_weights_are_buffers(exported):
-    lm, _, result = exported
+    lm, _, manifest = exported
     store = store_of(exported, "live")
     assert set(store.live_weights()) == set(twn(lm.model, "qv"))
     for w, lw in store.live_weights().items():      # mapping by value
@@ -113,7 +132,7 @@ def test_only_live_weights_are_buffers(exported):
     k_proj = "model." + twn(lm.model, r"\.k_proj$")[0]
     with pytest.raises(BundleError):
         store._attribute(k_proj)
-    assert result["section"]["repack"]["file"].endswith(".const.pte")
+    assert manifest.executorch["repack"]["file"].endswith(".const.pte")
 
 
 def test_live_edit_matches_torch_and_reverts(exported):
@@ -181,3 +200,23 @@ def test_switch_engine_on_store(exported, mode):
         assert rel_err(engine.run(inp), torch_logits(ref, inp)) <= 1e-4
     for w, lw in store.live_weights().items():
         assert np.array_equal(lw.array, base[w])
+
+
+@pytest.mark.parametrize("skip_reload", [False, True])
+def test_runtime_parity_check_fails_on_stale_packed_weights(exported, skip_reload):
+    """Through ``edgeadapt.runtime.load`` in repack mode: a switch followed by its program
+    reload matches PyTorch; the same switch with the reload skipped (packed weights never see
+    the edit) fails the very same check."""
+    from edgeadapt.runtime import load
+
+    lm, bundle, manifest = exported
+    adapter = dataclasses.replace(sparse_adapter(lm, seed=4), weight_sha256={
+        w: manifest.weights[w].sha256 for w in manifest.weights})
+    inp = inputs_of(lm, 2, 7)
+    rt = load(bundle, backend="executorch", mode="repack")
+    assert rt.mode == "repack"
+    if skip_reload:
+        rt.store.commit = lambda changes: None
+    rt.engine.switch([(rt.engine.prepare(adapter, "s"), 1.0)])
+    err = rel_err(rt.run(**inp), torch_logits(reference(lm, adapter), inp))
+    assert (err > 1e-2) if skip_reload else (err <= 1e-4)

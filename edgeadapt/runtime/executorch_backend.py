@@ -61,6 +61,7 @@ class ExecutorchStore(WeightStore):
         sha256 = sha256 or {}
         self._keep: list[Any] = []      # tensors whose memory the numpy arrays alias
         self._branch: dict[str, dict[str, np.ndarray]] = {}
+        self._buffers = dict(buffers)
         if mode == "live":
             self._program = _runtime().load_program(self._path(section["file"]))
             self._load_methods()
@@ -126,6 +127,17 @@ class ExecutorchStore(WeightStore):
     def branch_tensors(self) -> dict[str, dict[str, np.ndarray]]:
         """Branch variant: weight -> {param: writable array aliasing its buffer} (zero = off)."""
         return self._branch
+
+    def read_back(self, name: str) -> np.ndarray:
+        """A copy of live weight ``name`` (torch layout (out, in)) as the loaded program holds
+        it now, read through a fresh ``get_attribute`` of its mutable buffer, so checks need not
+        trust the arrays the engine writes. Live mode only (a repack program has no buffers)."""
+        if self.mode != "live":
+            raise ConfigError("read_back needs a live-mode store (repack weights are constants)")
+        if name not in self._buffers:
+            raise BundleError(f"{name!r} is not a live weight of this program")
+        tensor = self._method._method.get_attribute(self._buffers[name])
+        return tensor.numpy().reshape(self._live[name].shape).copy()
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -1,0 +1,133 @@
+"""Property test on ExecuTorch (issue 5): random sequences of switches among SHiRA adapters (two
+fused with scales), a LoRA and None end with every live buffer of the loaded program
+bit-identical to the original PyTorch weights, and the output after the last switch equals the
+PyTorch model carrying the same adapters (``apply_adapter_torch``, tests/runtime_reference.py).
+
+The buffers are read back through the program (a fresh ``get_attribute`` per buffer), not
+through the arrays the engine writes. The bundle holds a one-block Llama (the architecture of
+tiny-smollm2, the cheapest to lower), exported once per session with
+tests/test_runtime_executorch.py (``shared_bundle``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("executorch")
+
+from runtime_reference import example_pair, parity, torch_reference  # noqa: E402
+from test_runtime_executorch import shared_bundle  # noqa: E402
+
+from edgeadapt.format import (  # noqa: E402
+    Adapter,
+    AdapterEntry,
+    LoraDelta,
+    ShiraDelta,
+    read_manifest,
+    weight_sha256,
+    write_adapter,
+    write_manifest,
+)
+from edgeadapt.runtime import load  # noqa: E402
+
+RTOL = 1e-4
+NAMES = ("a", "b", "l")
+
+
+def _adapters(lm, names: list[str], seed: int = 1) -> dict[str, Adapter]:
+    """SHiRA a (5%, every live weight), SHiRA b (20%, half of them: overlaps a), LoRA l (rank 2,
+    every other weight)."""
+    rng = np.random.default_rng(seed)
+    w = {n: lm.model.get_parameter(n).detach().numpy() for n in names}
+    sha = {n: weight_sha256(v) for n, v in w.items()}
+    shapes = {n: tuple(v.shape) for n, v in w.items()}
+
+    def shira(sel, density):
+        t = {}
+        for n in sel:
+            idx = np.sort(rng.choice(w[n].size, int(density * w[n].size), replace=False))
+            t[n] = ShiraDelta(idx.astype(np.int64),
+                              rng.standard_normal(idx.size).astype(np.float32))
+        return Adapter("shira", t, {n: shapes[n] for n in sel}, {n: sha[n] for n in sel})
+
+    lora = {n: LoraDelta((0.5 * rng.standard_normal((2, w[n].shape[1]))).astype(np.float32),
+                         (0.5 * rng.standard_normal((w[n].shape[0], 2))).astype(np.float32))
+            for n in names[::2]}
+    return {"a": shira(names, 0.05), "b": shira(names[: len(names) // 2], 0.2),
+            "l": Adapter("lora", lora, {n: shapes[n] for n in lora}, {n: sha[n] for n in lora})}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    lm, out = shared_bundle(tmp_path_factory)  # exported once per session
+    manifest = read_manifest(out)
+    (out / "adapters").mkdir(exist_ok=True)
+    for name, ad in _adapters(lm, sorted(manifest.weights)).items():
+        write_adapter(out / "adapters" / f"{name}.eadp", ad, value_dtype="float32")
+        manifest.adapters[name] = AdapterEntry(file=f"adapters/{name}.eadp", method=ad.method)
+    write_manifest(out, manifest)
+    return lm, out
+
+
+def program_buffers(rt) -> dict[str, np.ndarray]:
+    """Every live weight as the loaded program holds it, read back through a fresh
+    ``get_attribute`` of its mutable buffer (torch layout, copied)."""
+    return {w: rt.store.read_back(w) for w in rt.manifest.weights}
+
+
+def test_buffers_read_back_alias_the_engine_arrays(bundle):
+    """The read-back is the program's memory: an edit through the engine's array shows in it
+    (so the property test below reads what the kernels read, not a stale copy)."""
+    _, path = bundle
+    rt = load(path, backend="executorch", mode="live")
+    w, lw = next(iter(rt.store.live_weights().items()))
+    lw.array.reshape(-1)[0] += 1.0
+    assert program_buffers(rt)[w].reshape(-1)[0] == lw.array.reshape(-1)[0]
+    lw.array.reshape(-1)[0] -= 1.0
+
+
+step = st.one_of(st.none(), st.lists(st.sampled_from(NAMES), min_size=1, max_size=3,
+                                     unique=True))
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.tuples(step, st.lists(st.sampled_from([1.0, 0.5, -2.0]),
+                                               min_size=3, max_size=3)),
+                      min_size=1, max_size=6))
+def test_random_switches_end_bit_exact_on_executorch(bundle, steps):
+    lm, path = bundle
+    t_in, np_in = example_pair(lm)
+    rt = load(path, backend="executorch", mode="live")
+    originals = {w: lm.model.get_parameter(w).detach().numpy() for w in rt.manifest.weights}
+    base = rt.run(**np_in)
+    for names, scales in steps:
+        rt.switch(names, None if names is None else scales[: len(names)])
+    # after the last switch: the PyTorch model with the same adapters and scales
+    want = torch_reference(lm, path, rt.active_scales, t_in)
+    got = rt.run(**np_in)
+    assert parity(got, want) <= RTOL, steps
+    if rt.active:
+        assert parity(got, base) > 10 * parity(got, want), steps  # the adapters matter
+    rt.switch(None)
+    for w, buf in program_buffers(rt).items():
+        assert buf.dtype == originals[w].dtype and np.array_equal(buf, originals[w]), (w, steps)
+    assert np.array_equal(rt.run(**np_in), base)
+
+
+def test_property_check_can_fail(bundle):
+    """The two checks above catch a switch that does not restore exactly: adding then
+    subtracting a delta (the way the engine must not restore) leaves float residue."""
+    lm, path = bundle
+    rt = load(path, backend="executorch", mode="live")
+    originals = {w: lm.model.get_parameter(w).detach().numpy() for w in rt.manifest.weights}
+    lw = next(iter(rt.store.live_weights().values()))
+    v = np.float32(0.1) * np.arange(1, lw.array.size + 1, dtype=np.float32).reshape(
+        lw.array.shape) / np.float32(lw.array.size)
+    lw.array[...] += v
+    lw.array[...] -= v
+    assert not all(np.array_equal(b, originals[w]) for w, b in program_buffers(rt).items())
