@@ -185,3 +185,19 @@ def test_sira_variant_with_a_shape_subset_grows_on_demand(tmp_path):
         got = rt.run(**{k: v.numpy() for k, v in x.items()})
         assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max(), shape
         assert np.abs(base - want).max() > 1e-2 * np.abs(want).max()  # the adapter shows
+
+
+def test_variant_shape_bookkeeping(bundle):
+    """The shapes ensure_variant asks of a SiRA ExecuTorch program (default: 1x1, 1 x max_seq,
+    max_batch x max_seq of the base program) and the shapes a recorded variant has."""
+    from edgeadapt.export.adapter import _pte_static, _static_of
+
+    m = read_manifest(bundle)  # ONNX only: the ExecuTorch maxima default to 8 x 64
+    assert _pte_static(m, None) == [(1, 1), (1, 64), (8, 64)]
+    m.executorch = {"max_batch": 4, "max_seq": 16}
+    assert _pte_static(m, None) == [(1, 1), (1, 16), (4, 16)]
+    assert _pte_static(m, [(2, 16)]) == [(2, 16)]
+    variant = {"executorch": {"methods": {"forward": None, "static": {
+        "1x64": "forward_1x64", "8x64": "forward_8x64"}}}}
+    assert _static_of(variant) == {(1, 64), (8, 64)}
+    assert _static_of({"onnx": {}}) is None
