@@ -3,10 +3,11 @@ fused with scales), a LoRA and None end with every live buffer of the loaded pro
 bit-identical to the original PyTorch weights, and the output after the last switch equals the
 PyTorch model carrying the same adapters (``apply_adapter_torch``, tests/runtime_reference.py).
 
-The buffers are read back through the program (a fresh ``get_attribute`` per buffer), not
-through the arrays the engine writes. The bundle holds a one-block Llama (the architecture of
-tiny-smollm2, the cheapest to lower), exported once per session with
-tests/test_runtime_executorch.py (``shared_bundle``).
+Live mode: the buffers are read back through the program (a fresh ``get_attribute`` per
+buffer), not through the arrays the engine writes. Repack mode: the host copy of the constant
+program that each switch reloads (and the output, bit for bit). The bundle holds a one-block
+Llama (the architecture of tiny-smollm2, the cheapest to lower), exported once per session
+with tests/test_runtime_executorch.py (``shared_bundle``).
 """
 
 from __future__ import annotations
@@ -94,15 +95,25 @@ step = st.one_of(st.none(), st.lists(st.sampled_from(NAMES), min_size=1, max_siz
                                      unique=True))
 
 
+def held_weights(rt) -> dict[str, np.ndarray]:
+    """Live mode: :func:`program_buffers`. Repack mode (all-constant program, nothing to read
+    back): the host copy of the program the next reload packs, in torch layout."""
+    if rt.mode == "live":
+        return program_buffers(rt)
+    return {w: lw.torch_view().copy() for w, lw in rt.store.live_weights().items()}
+
+
+@pytest.mark.parametrize("mode", ["live", "repack"])
 @settings(max_examples=12, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(st.tuples(step, st.lists(st.sampled_from([1.0, 0.5, -2.0]),
                                                min_size=3, max_size=3)),
                       min_size=1, max_size=6))
-def test_random_switches_end_bit_exact_on_executorch(bundle, steps):
+def test_random_switches_end_bit_exact_on_executorch(bundle, mode, steps):
     lm, path = bundle
     t_in, np_in = example_pair(lm)
-    rt = load(path, backend="executorch", mode="live")
+    rt = load(path, backend="executorch", mode=mode)
+    assert rt.mode == mode
     originals = {w: lm.model.get_parameter(w).detach().numpy() for w in rt.manifest.weights}
     base = rt.run(**np_in)
     for names, scales in steps:
@@ -114,7 +125,7 @@ def test_random_switches_end_bit_exact_on_executorch(bundle, steps):
     if rt.active:
         assert parity(got, base) > 10 * parity(got, want), steps  # the adapters matter
     rt.switch(None)
-    for w, buf in program_buffers(rt).items():
+    for w, buf in held_weights(rt).items():
         assert buf.dtype == originals[w].dtype and np.array_equal(buf, originals[w]), (w, steps)
     assert np.array_equal(rt.run(**np_in), base)
 
