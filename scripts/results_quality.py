@@ -54,8 +54,10 @@ RUNS: dict[str, list[str]] = {
     "rt2k-shira-all-wm-b8-s0": _rt2k(0, *_shira_all("wm")),
     "rt2k-shira-all-grad-b8-s0": _rt2k(0, *_shira_all("grad")),
     "rt2k-shira-all-struct-b8-s0": _rt2k(0, *_shira_all("struct")),
-    # one lever on the margin: SHiRA's adapter lr 5e-3 instead of 2e-3
+    "rt2k-shira-all-random-b8-s1": _rt2k(1, *_shira_all("random")),
+    # one lever on the margin: SHiRA's adapter lr 5e-3 or 5e-4 instead of 2e-3
     "rt2k-shira-all-snip-b8-lr5e-3-s0": _rt2k(0, *_shira_all("snip", "--lr", "5e-3")),
+    "rt2k-shira-all-snip-b8-lr5e-4-s0": _rt2k(0, *_shira_all("snip", "--lr", "5e-4")),
     # issue 2: SHiRA vs the frozen encoder, and LoRA at the same parameter budget (2 epochs)
     "rt-none-2ep": [*RT2, "--method", "none"],
     "rt-shira-snip-b8-2ep": [*RT2, *SHIRA],
