@@ -184,3 +184,30 @@ def test_bad_config_is_refused_before_loading_anything():
         train(tiny("sora", sora_schedule="cosine"))
     with pytest.raises(ConfigError, match="causal LM"):
         train(tiny("lora", task="hamlet"))
+
+
+def test_lr_factor_linear_warmup_then_decay_to_zero():
+    from edgeadapt.train.trainer import lr_factor
+
+    assert [lr_factor("constant", s, 5) for s in range(5)] == [1.0] * 5
+    # warmup 2 of 6 steps: 1/2, 2/2, then (6 - s) / 4 for s = 2..5
+    assert [lr_factor("linear", s, 6, 2) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert [lr_factor("linear", s, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_linear_schedule_scales_the_first_steps_lr(tmp_path):
+    """With warmup 4 the first step runs at lr / 4: one AdamW step moves each value by
+    lr / 4 * g / (|g| + eps), i.e. by lr / 4 wherever the gradient is not tiny."""
+    kw = dict(adapter={"mask": "random", "density": 0.05}, steps=1, lr=1e-2, seed=3)
+    runs = {}
+    for name, extra in (("const", {}), ("warm", {"lr_schedule": "linear", "warmup_steps": 4})):
+        train(tiny("shira", **kw, **extra), out=tmp_path / name, progress=False)
+        runs[name] = load_file(tmp_path / name / "adapter.safetensors")
+    with pytest.raises(ConfigError, match="lr schedule"):
+        train(tiny("shira", lr_schedule="cosine"))
+    for n, v in runs["const"].items():
+        if not n.endswith("shira_values"):
+            continue
+        big = v.abs() > 1e-3  # values start at 0: after one step |v| = step size
+        assert big.any()
+        torch.testing.assert_close(runs["warm"][n][big] * 4, v[big], rtol=1e-4, atol=1e-7)

@@ -72,6 +72,9 @@ def adapter_options(method: str, given: dict[str, Any], seed: int) -> dict[str, 
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--lr", type=float, default=None, help="adapter learning rate [2e-3]")
 @click.option("--head-lr", type=float, default=1e-2, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "linear"]), default="constant",
+              show_default=True, help="linear: warm up, then decay every lr to 0")
+@click.option("--warmup-steps", type=int, default=0, show_default=True)
 @click.option("--max-train", type=int, default=None, help="training examples (LM: blocks)")
 @click.option("--max-test", type=int, default=None, help="test examples (LM: blocks)")
 @click.option("--max-len", type=int, default=64, show_default=True, help="tokens per example")
@@ -81,7 +84,8 @@ def adapter_options(method: str, given: dict[str, Any], seed: int) -> dict[str, 
 def train(model: str, task: str, method: str, out: str, sora_stages: int,
           sora_xi_max: float | None, sora_schedule: str | None, gate_lr: float | None,
           epochs: float, steps: int | None, batch_size: int, lr: float | None, head_lr: float,
-          max_train: int | None, max_test: int | None, max_len: int, seed: int,
+          lr_schedule: str, warmup_steps: int, max_train: int | None, max_test: int | None,
+          max_len: int, seed: int,
           threads: int | None, progress: bool, **adapter: Any) -> None:
     """Train an adapter on a task and write runs/<x>/ (adapter, config, metrics)."""
     from edgeadapt.train.trainer import TrainConfig, describe
@@ -93,7 +97,8 @@ def train(model: str, task: str, method: str, out: str, sora_stages: int,
     _threads(threads)
     cfg = TrainConfig(model=model, task=task, method=method, adapter=fields, epochs=epochs,
                       steps=steps, batch_size=batch_size, lr=lr, head_lr=head_lr,
-                      gate_lr=gate_lr, max_train=max_train, max_test=max_test, max_len=max_len,
+                      lr_schedule=lr_schedule, warmup_steps=warmup_steps, gate_lr=gate_lr,
+                      max_train=max_train, max_test=max_test, max_len=max_len,
                       seed=seed, sora_schedule=sora_schedule, sora_stages=sora_stages,
                       sora_xi_max=sora_xi_max)
     metrics = run_training(cfg, out=out, progress=progress).metrics

@@ -37,6 +37,7 @@ from edgeadapt.train.run import base_weight_hashes, head_parameters, save_run
 
 METHODS = ("shira", "lora", "sora", "sira", "none")
 SCHEDULES = ("linear", "log", "exp")
+LR_SCHEDULES = ("constant", "linear")
 DEFAULT_LR = 2e-3  # adapter learning rate of every method unless --lr says otherwise
 
 
@@ -55,6 +56,8 @@ class TrainConfig:
     lr: float | None = None           # adapter lr (default per method)
     head_lr: float = 1e-2
     gate_lr: float | None = None      # SoRA gates (default: lr)
+    lr_schedule: str = "constant"     # constant | linear (warmup, then decay to 0): lr_factor
+    warmup_steps: int = 0
     max_train: int | None = None
     max_test: int | None = None
     max_len: int = 64
@@ -72,6 +75,11 @@ class TrainConfig:
         if self.sora_schedule is not None and self.sora_schedule not in SCHEDULES:
             raise UnknownNameError(f"unknown SoRA schedule {self.sora_schedule!r}: use one of "
                                    f"{', '.join(SCHEDULES)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UnknownNameError(f"unknown lr schedule {self.lr_schedule!r}: use one of "
+                                   f"{', '.join(LR_SCHEDULES)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         for name in ("batch_size", "max_len", "sora_stages", "eval_batch_size", "calib_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -94,6 +102,20 @@ def adapter_config(method: str, options: dict[str, Any]):
         return None
     return config_from_dict({"method": method,
                              **{k: v for k, v in options.items() if v is not None}})
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
+    """Multiplier of every learning rate at optimizer step ``step`` (0-based) of ``total``.
+
+    constant: 1. linear: ``(step + 1) / warmup`` for ``step < warmup``, then
+    ``(total - step) / (total - warmup)``: 1 at the first step after warmup, ``1 / (total -
+    warmup)`` at the last (the usual linear decay to zero; the last step still moves).
+    """
+    if schedule == "constant":
+        return 1.0
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 def sora_xi(schedule: str, stage: int, stages: int, xi: float, xi_max: float) -> float:
@@ -219,8 +241,11 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
             objective = objective + l1 * sora_l1(lm.model) / world.size
         objective.backward()
         all_reduce_grads(all_trainable, world)
+        factor = lr_factor(cfg.lr_schedule, step, total, cfg.warmup_steps)
         for opt in (optimizer, gate_opt):
             if opt is not None:
+                for group in opt.param_groups:
+                    group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         if gates:
