@@ -29,6 +29,7 @@ RT2, RT1, POL2, MIX1 = (_base("rt-sentiment", 2), _base("rt-sentiment", 1),
 SHIRA = ["--method", "shira", "--mask", "snip", "--budget-rank", "8"]
 # section 1 at the larger budget: 2,000 train / 1,000 test, 2 epochs (seed set per run)
 RT2K = _base("rt-sentiment", 2, 2000, 1000)[:-2]
+LIN = ["--lr-schedule", "linear", "--warmup-steps", "25"]  # 250 steps: 10% warmup, decay to 0
 
 
 def _rt2k(seed: int, *method: str) -> list[str]:
@@ -58,6 +59,9 @@ RUNS: dict[str, list[str]] = {
     # one lever on the margin: SHiRA's adapter lr 5e-3 or 5e-4 instead of 2e-3
     "rt2k-shira-all-snip-b8-lr5e-3-s0": _rt2k(0, *_shira_all("snip", "--lr", "5e-3")),
     "rt2k-shira-all-snip-b8-lr5e-4-s0": _rt2k(0, *_shira_all("snip", "--lr", "5e-4")),
+    # issue 2 with a linear lr decay (10% warmup), so the last mini-batches move the score less
+    **{f"rt2k-none-lin-s{i}": _rt2k(i, "--method", "none", *LIN) for i in range(3)},
+    **{f"rt2k-shira-qv-snip-b8-lin-s{i}": _rt2k(i, *SHIRA, *LIN) for i in range(3)},
     # issue 2: SHiRA vs the frozen encoder, and LoRA at the same parameter budget (2 epochs)
     "rt-none-2ep": [*RT2, "--method", "none"],
     "rt-shira-snip-b8-2ep": [*RT2, *SHIRA],

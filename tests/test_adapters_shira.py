@@ -289,3 +289,41 @@ def test_bad_configs_are_config_errors():
         attach(lm.model, ShiraConfig(mask="grad"))
     with pytest.raises(ConfigError, match="matches no"):
         attach(load_model("tiny-smollm2").model, ShiraConfig(targets="nonexistent_xyz"))
+
+
+@pytest.mark.parametrize("kind", ["random", "wm", "grad", "snip"])
+def test_excluded_positions_are_avoided_and_the_rest_is_top_k(kind):
+    """exclude: the mask is disjoint from it, has K entries, and for scored kinds is the top-K
+    of the score among the allowed entries (hand reference: score with excluded set to -inf)."""
+    gen = torch.Generator().manual_seed(0)
+    w, g = torch.randn(20, 30, generator=gen), torch.randn(20, 30, generator=gen)
+    first = select_mask(kind, w, 60, grad=g, seed=1)
+    second = select_mask(kind, w, 60, grad=g, seed=1, exclude=first)
+    assert second.numel() == 60 and torch.all(second[1:] > second[:-1])
+    assert not set(first.tolist()) & set(second.tolist())
+    if kind != "random":
+        score = {"wm": w.abs(), "grad": g.abs(), "snip": (w * g).abs()}[kind].reshape(-1).clone()
+        score[first] = -math.inf
+        assert set(second.tolist()) == set(torch.topk(score, 60).indices.tolist())
+    with pytest.raises(ConfigError, match="fit"):
+        select_mask(kind, w, 600 - 59, grad=g, exclude=first)
+    with pytest.raises(ConfigError, match="struct"):
+        select_mask("struct", w, 60, exclude=first)
+
+
+def test_exclude_run_reads_another_runs_positions(tmp_path):
+    from safetensors.torch import save_file
+
+    from edgeadapt.adapters.shira.model import choose_masks
+
+    lm = load_model("tiny-smollm2", seed=0)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    first = choose_masks(lm.model, names, ShiraConfig(mask="wm", density=0.1))
+    save_file({f"{n}.shira_indices": i for n, i in first.items()}, tmp_path / "adapter.safetensors")
+    second = choose_masks(lm.model, names, ShiraConfig(mask="wm", density=0.1,
+                                                       exclude_run=str(tmp_path)))
+    for n in names:
+        assert second[n].numel() == first[n].numel()
+        assert not set(first[n].tolist()) & set(second[n].tolist())
+    with pytest.raises(ConfigError, match="adapter.safetensors"):
+        choose_masks(lm.model, names, ShiraConfig(exclude_run=str(tmp_path / "nope")))

@@ -15,7 +15,7 @@ from edgeadapt.errors import ConfigError
 # CLI option -> config field, per method. An option given for a method that lacks it is an error.
 METHOD_OPTIONS: dict[str, dict[str, str]] = {
     "shira": {"mask": "mask", "density": "density", "budget_rank": "budget_rank",
-              "targets": "targets"},
+              "exclude_run": "exclude_run", "targets": "targets"},
     "lora": {"rank": "r", "alpha": "alpha", "targets": "targets"},
     "sora": {"rank": "r_max", "alpha": "alpha", "xi": "xi", "l1": "l1", "targets": "targets"},
     "sira": {"rank": "r", "alpha": "alpha", "experts": "num_experts", "top_k": "top_k",
@@ -51,6 +51,8 @@ def adapter_options(method: str, given: dict[str, Any], seed: int) -> dict[str, 
               help="run directory to write")
 @click.option("--targets", default=None, help="qv (default) | attn | all | regex over module names")
 @click.option("--mask", default=None, help="SHiRA mask: random | wm | grad | snip | struct")
+@click.option("--exclude-run", default=None,
+              help="SHiRA: avoid the positions of this run's SHiRA adapter (non-overlapping)")
 @click.option("--density", type=float, default=None, help="SHiRA: fraction trained, (0, 1]")
 @click.option("--budget-rank", type=int, default=None,
               help="SHiRA: as many parameters as a LoRA of this rank")

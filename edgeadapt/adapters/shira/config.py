@@ -23,6 +23,8 @@ class ShiraConfig(AdapterConfig):
                                            "the parameter count of a LoRA of that rank")
     struct_axis: str = option("row", "struct mask: every f-th 'row' or 'col', plus the diagonal")
     seed: int = option(0, "seed of the random mask (target i uses seed + i)")
+    exclude_run: str | None = option(None, "run directory of another SHiRA adapter whose "
+                                           "positions this mask avoids (non-overlapping masks)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

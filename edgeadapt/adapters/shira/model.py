@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,13 +52,31 @@ def choose_masks(model: nn.Module, names: list[str], config: ShiraConfig,
             raise ConfigError(f"shira: mask {config.mask!r} needs a calibration loss: "
                               "attach(model, config, calib=lambda: loss)")
         grads = calibration_grads(model, names, calib)
+    exclude = excluded_positions(config.exclude_run) if config.exclude_run else {}
     masks = {}
     for i, name in enumerate(names):
         w = model.get_submodule(name).weight.detach()
         k = mask_budget((w.shape[0], w.shape[1]), config.density, config.budget_rank)
         masks[name] = select_mask(config.mask, w, k, grad=grads.get(name), seed=config.seed + i,
-                                  axis=config.struct_axis).to(w.device)
+                                  axis=config.struct_axis, exclude=exclude.get(name)
+                                  ).to(w.device)
     return masks
+
+
+def excluded_positions(run_dir: str) -> dict[str, torch.Tensor]:
+    """Module name -> flat positions of the SHiRA adapter saved in ``run_dir`` (its
+    ``adapter.safetensors``), for masks that must not overlap it."""
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / "adapter.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"shira: exclude_run {run_dir!r} has no adapter.safetensors")
+    suffix = ".shira_indices"
+    found = {k[:-len(suffix)]: v.long() for k, v in load_file(str(path)).items()
+             if k.endswith(suffix)}
+    if not found:
+        raise ConfigError(f"shira: exclude_run {run_dir!r} is not a SHiRA run")
+    return found
 
 
 def attach_shira(model: nn.Module, names: list[str], config: ShiraConfig,
