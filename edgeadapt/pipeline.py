@@ -123,6 +123,11 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
     job = _start_export(qc, bundle, branches, stage)
     rows = {"base": Row("base", "-", "-", note="no adapter: the exported model as it loads")}
     trained = []
+    import torch
+
+    threads = torch.get_num_threads()
+    if job is not None:  # one core trains, the other exports: no oversubscription
+        torch.set_num_threads(max(1, threads - 1))
     try:
         for name, task, fields in runs:
             stage(f"training {name} ({fields['method']} on {task})")
@@ -144,6 +149,7 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
             took = job[1].get()
         stage("exported: " + ", ".join(f"{k} {v:.0f} s" for k, v in took.items()))
     finally:
+        torch.set_num_threads(threads)
         if job is not None:
             job[0].terminate()  # the export is done, or training failed: stop the process
             job[0].join()

@@ -36,6 +36,8 @@ PAIRS = {  # method -> {task: run}
     "SHiRA snip (budget = LoRA r=8)": {"rt-sentiment": "rt-shira-snip-b8-2ep",
                                        "politics": "pol-shira-snip-b8-2ep"},
     "LoRA r=8": {"rt-sentiment": "rt-lora-r8-2ep", "politics": "pol-lora-r8-2ep"},
+    "SHiRA snip, non-overlapping masks": {"rt-sentiment": "rt-shira-snip-b8-2ep",
+                                          "politics": "pol-shira-snip-b8-2ep-excl"},
 }
 MAX_TRAIN, MAX_TEST, MAX_LEN = 1000, 500, 64
 

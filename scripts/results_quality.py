@@ -82,6 +82,9 @@ RUNS: dict[str, list[str]] = {
     "pol-shira-snip-b8-2ep": [*POL2, *SHIRA],
     "pol-lora-r8-2ep": [*POL2, "--method", "lora", "--rank", "8"],
     "pol-none-2ep": [*POL2, "--method", "none"],
+    # issue 7 section 2: a politics SHiRA whose mask avoids every position of the rt adapter
+    "pol-shira-snip-b8-2ep-excl": [*POL2, *SHIRA, "--exclude-run",
+                                   str(OUT / "rt-shira-snip-b8-2ep")],
 }
 
 
