@@ -272,15 +272,32 @@ class _Plan:
 
 
 @dataclass
+class _Switch:
+    """Everything one switch writes and the engine state it leaves (a cached pair keeps two)."""
+
+    plans: dict[str, _Plan]
+    changes: dict[str, np.ndarray | None]  # for WeightStore.commit
+    sparse: dict[str, tuple[np.ndarray, np.ndarray]]  # engine._sparse after the switch
+    dense: dict[str, np.ndarray]  # engine._dense after the switch
+
+    @classmethod
+    def of(cls, plans: dict[str, _Plan]) -> _Switch:
+        # plans cover every weight with state before or after, so the new state is theirs alone
+        return cls(plans, {n: (None if p.full is not None else p.union) for n, p in plans.items()},
+                   {n: p.sparse_state for n, p in plans.items() if p.sparse_state is not None},
+                   {n: p.dense_state for n, p in plans.items() if p.dense_state is not None})
+
+
+@dataclass
 class _PairPlan:
     """A cached SHiRA-only switch between adapter sets ``a`` and ``b`` (keys: (prepared,
-    scale) tuples), both directions: ``to_b`` plans a -> b, ``to_a`` plans b -> a (same union
+    scale) tuples), both directions: ``to_b`` switches a -> b, ``to_a`` b -> a (same union
     positions; new and old values swapped)."""
 
     a: tuple
     b: tuple
-    to_b: dict[str, _Plan]
-    to_a: dict[str, _Plan]
+    to_b: _Switch
+    to_a: _Switch
 
 
 def _same_key(x: tuple, y: tuple) -> bool:
@@ -352,7 +369,7 @@ class SwitchEngine:
         an adapter's own positions) and the values of both states (4 + 4 B per position)."""
         owned = {id(t.idx) for pair in self._pairs for key in (pair.a, pair.b)
                  for prep, _ in key for t in prep.targets.values()}
-        arrays = {id(a): a.nbytes for pair in self._pairs for p in pair.to_b.values()
+        arrays = {id(a): a.nbytes for pair in self._pairs for p in pair.to_b.plans.values()
                   for a in (p.union, p.vals, p.old) if a is not None and id(a) not in owned}
         return sum(arrays.values())
 
@@ -371,55 +388,49 @@ class SwitchEngine:
         with self._switch_mutex:
             # Only switches write the arrays, and they are serialised by _switch_mutex, so the
             # plan can be computed while runs go on.
-            plans = self._cached_plan(self._key, key)
-            if plans is None:
+            sw = self._cached_switch(self._key, key)
+            if sw is None:
                 with np.errstate(over="ignore", invalid="ignore"):  # caught by finite checks
-                    plans = self._plan(adapters)
-                self._remember(self._key, key, plans)
+                    sw = _Switch.of(self._plan(adapters))
+                self._remember(self._key, key, sw)
             with self.lock.exclusive():
-                undo = self._write(plans)
+                undo = self._write(sw.plans)
                 try:
-                    self.store.commit(self._changes(plans))
+                    self.store.commit(sw.changes)
                 except Exception as exc:
-                    self._write_back(undo)
-                    self.store.commit({name: None for name in undo})
+                    self._write_back(sw.plans, undo)
+                    self.store.commit({name: None for name in sw.plans})
                     raise SwitchError(f"backend commit failed, switch undone: {exc}") from exc
-            for name, plan in plans.items():
-                self._sparse.pop(name, None)
-                self._dense.pop(name, None)
-                if plan.sparse_state is not None:
-                    self._sparse[name] = plan.sparse_state
-                if plan.dense_state is not None:
-                    self._dense[name] = plan.dense_state
+            self._sparse, self._dense = dict(sw.sparse), dict(sw.dense)
             self._active = tuple((p.name, float(s)) for p, s in adapters)
             self._key = key
 
     # -- planning --------------------------------------------------------------------------
 
-    def _cached_plan(self, frm: tuple, to: tuple) -> dict[str, _Plan] | None:
-        """The remembered plan of the switch ``frm`` -> ``to``, if any (marks it recently used).
+    def _cached_switch(self, frm: tuple, to: tuple) -> _Switch | None:
+        """The remembered switch ``frm`` -> ``to``, if any (marks it recently used).
 
         Valid because only the engine writes the live arrays: in state ``frm`` they hold exactly
         the values the pair recorded for it."""
         for i, pair in enumerate(self._pairs):
             if _same_key(pair.a, frm) and _same_key(pair.b, to):
-                plans = pair.to_b
+                sw = pair.to_b
             elif _same_key(pair.b, frm) and _same_key(pair.a, to):
-                plans = pair.to_a
+                sw = pair.to_a
             else:
                 continue
             self._pairs.append(self._pairs.pop(i))
-            return plans
+            return sw
         return None
 
-    def _remember(self, frm: tuple, to: tuple, plans: dict[str, _Plan]) -> None:
-        """Cache a SHiRA-only plan (no dense write before or after) with its reverse."""
-        if self.plan_cache <= 0 or any(p.full is not None for p in plans.values()):
+    def _remember(self, frm: tuple, to: tuple, sw: _Switch) -> None:
+        """Cache a SHiRA-only switch (no dense write before or after) with its reverse."""
+        if self.plan_cache <= 0 or any(p.full is not None for p in sw.plans.values()):
             return
         back = {name: _Plan(union=p.union, vals=p.old, full=None,
                             sparse_state=self._sparse.get(name), dense_state=None, old=p.vals)
-                for name, p in plans.items()}
-        self._pairs.append(_PairPlan(frm, to, plans, back))
+                for name, p in sw.plans.items()}
+        self._pairs.append(_PairPlan(frm, to, sw, _Switch.of(back)))
         del self._pairs[:-self.plan_cache]
 
     def _combine(self, adapters: list[tuple[PreparedAdapter, float]]) -> dict[str, _Combined]:
@@ -508,29 +519,25 @@ class SwitchEngine:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _write(self, plans: dict[str, _Plan]) -> dict[str, tuple]:
-        undo: dict[str, tuple] = {}
+    def _write(self, plans: dict[str, _Plan]) -> dict[str, np.ndarray]:
+        """Write every plan; returns copies of the densely rewritten arrays (sparse plans carry
+        their old values)."""
+        undo: dict[str, np.ndarray] = {}
         for name, plan in plans.items():
-            if plan.full is not None:
-                arr = self.live[name].array
-                undo[name] = (None, arr.copy())
-                np.copyto(arr, plan.full)
-            else:
-                undo[name] = (plan.union, plan.old)
+            if plan.full is None:
                 self._flat[name][plan.union] = plan.vals
+            else:
+                arr = self.live[name].array
+                undo[name] = arr.copy()
+                np.copyto(arr, plan.full)
         return undo
 
-    def _write_back(self, undo: dict[str, tuple]) -> None:
-        for name, (idx, vals) in undo.items():
-            arr = self.live[name].array
-            if idx is None:
-                np.copyto(arr, vals)
+    def _write_back(self, plans: dict[str, _Plan], undo: dict[str, np.ndarray]) -> None:
+        for name, plan in plans.items():
+            if plan.full is None:
+                self._flat[name][plan.union] = plan.old
             else:
-                arr.reshape(-1)[idx] = vals
-
-    @staticmethod
-    def _changes(plans: dict[str, _Plan]) -> dict[str, np.ndarray | None]:
-        return {n: (None if p.full is not None else p.union) for n, p in plans.items()}
+                np.copyto(self.live[name].array, undo[name])
 
 
 _EMPTY_IDX = np.zeros(0, dtype=np.int64)
