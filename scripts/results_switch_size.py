@@ -24,13 +24,14 @@ METHODS = (("shira", "live", "SHiRA switch (live)"), ("lora-fuse", "live", "LoRA
            ("reload", "repack", "reload (re-create)"))
 
 
-def points(report: dict) -> list[dict]:
-    """One row per backend of ``report``: live params and the switch p50s (ms) per method."""
+def points(report: dict, stale: bool = False) -> list[dict]:
+    """One row per backend of ``report``: live params and the switch p50s (ms) per method.
+    ``stale``: measured under different conditions (drawn hollow, marked in the table)."""
     rows = []
     backends = sorted({r["backend"] for r in report["switch"] if r["backend"] != "pytorch"})
     for backend in backends:
         row = {"model": report["model"], "targets": report.get("targets_spec", "?"),
-               "backend": backend, "live_params": int(report["live_params"])}
+               "backend": backend, "live_params": int(report["live_params"]), "stale": stale}
         for method, mode, _ in METHODS:
             row[method] = next((r["p50_ms"] for r in report["switch"]
                                 if (r["backend"], r["method"], r["mode"]) ==
@@ -51,7 +52,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         f = [f"{r[k]:.2f}" if r[k] is not None else "-" for k in ("shira", "lora-fuse",
                                                                    "reload", "floor")]
-        lines.append(f"| {r['model']} | {r['targets']} | {r['backend']} | "
+        mark = " (*)" if r["stale"] else ""
+        lines.append(f"| {r['model']}{mark} | {r['targets']} | {r['backend']} | "
                      f"{r['live_params'] / 1e6:.2f}M | {' | '.join(f)} | "
                      f"{_ratio(r['lora-fuse'], r['shira'])} | {_ratio(r['reload'], r['shira'])} "
                      f"| {_ratio(r['shira'], r['floor'])} |")
@@ -74,14 +76,18 @@ def plot(rows: list[dict], path: str) -> None:
         for (key, label), color in zip(series, ("C0", "C1", "C2", "0.5"), strict=True):
             pts = [(r["live_params"], r[key]) for r in rs if r[key] is not None]
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker=marker, color=color,
+                ax.plot(*zip(*pts, strict=True), color=color,
                         linestyle="--" if key == "floor" else "-",
                         label=f"{label}, {backend}")
+            for r in rs:
+                if r[key] is not None:
+                    ax.plot(r["live_params"], r[key], marker=marker, color=color,
+                            markerfacecolor="none" if r["stale"] else color)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("live parameters (weights an adapter may touch)")
     ax.set_ylabel("full switch p50 (ms)")
-    ax.set_title("Switch time vs model size (1% SHiRA, LoRA r16)")
+    ax.set_title("Switch time vs model size (1% SHiRA, LoRA r16); hollow: loaded machine")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -95,8 +101,11 @@ def plot(rows: list[dict], path: str) -> None:
 @click.command()
 @click.argument("reports", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--plot", "plot_path", default=None, help="Write the log-log PNG here.")
-def main(reports: tuple[str, ...], plot_path: str | None) -> None:
-    rows = [r for p in reports for r in points(json.loads(Path(p).read_text()))]
+@click.option("--stale", multiple=True, type=click.Path(exists=True),
+              help="A report measured under other conditions (hollow markers, (*) in the table).")
+def main(reports: tuple[str, ...], plot_path: str | None, stale: tuple[str, ...]) -> None:
+    rows = [r for p in (*reports, *stale)
+            for r in points(json.loads(Path(p).read_text()), stale=p in stale)]
     rows.sort(key=lambda r: (r["backend"], r["live_params"]))
     click.echo(table(rows))
     if plot_path:
