@@ -85,7 +85,7 @@ def plot(rows: list[dict], path: str) -> None:
                             markerfacecolor="none" if r["stale"] else color)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("live parameters (weights an adapter may touch)")
+    ax.set_xlabel("live parameters (weights an adapter may touch); o ONNX Runtime, □ ExecuTorch")
     ax.set_ylabel("full switch p50 (ms)")
     ax.set_title("Switch time vs model size (1% SHiRA, LoRA r16); hollow: loaded machine")
     ax.grid(True, which="both", alpha=0.3)
