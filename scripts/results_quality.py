@@ -88,6 +88,24 @@ RUNS: dict[str, list[str]] = {
 }
 
 
+# issue 7 item 1 on SmolLM2-135M (q/v, seed 0): Hamlet perplexity (128-token blocks, the last 20%
+# held out; 30 steps of batch 8) and Rotten Tomatoes as a generative classifier (label-word
+# logits; 30 steps of batch 16); zero-shot baselines; SHiRA at LoRA r=8's budget
+_SM_HAM = ["--model", "smollm2", "--task", "hamlet", "--max-len", "128", "--seed", "0"]
+_SM_RT = ["--model", "smollm2", "--task", "rt-sentiment", "--max-train", "480", "--max-test",
+          "400", "--max-len", "64", "--seed", "0"]
+RUNS.update({
+    "sm-hamlet-none": [*_SM_HAM, "--method", "none"],
+    "sm-hamlet-shira-snip-b8": [*_SM_HAM, "--steps", "30", "--batch-size", "8", *SHIRA],
+    "sm-hamlet-lora-r8": [*_SM_HAM, "--steps", "30", "--batch-size", "8", "--method", "lora",
+                          "--rank", "8"],
+    "sm-rt-none": [*_SM_RT, "--method", "none"],
+    "sm-rt-shira-snip-b8": [*_SM_RT, "--steps", "30", "--batch-size", "16", *SHIRA],
+    "sm-rt-lora-r8": [*_SM_RT, "--steps", "30", "--batch-size", "16", "--method", "lora",
+                      "--rank", "8"],
+})
+
+
 def command(name: str) -> list[str]:
     return ["edgeadapt", "train", *RUNS[name], "--out", str(OUT / name)]
 
