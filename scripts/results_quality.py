@@ -106,6 +106,21 @@ RUNS.update({
 })
 
 
+# issue 3 again with the linear lr decay (63 steps: 6 warmup), seeds 0-2
+_LIN1 = ["--lr-schedule", "linear", "--warmup-steps", "6"]
+_SORA = ["--method", "sora", "--rank", "16", "--xi", "1e-3", "--sora-schedule", "linear",
+         "--sora-xi-max", "1.5e-2"]
+for _i in range(3):
+    _rt1, _mix1 = [*RT1[:-1], str(_i)], [*MIX1[:-1], str(_i)]
+    RUNS.update({
+        f"rt-lora-r16-1ep-lin-s{_i}": [*_rt1, "--method", "lora", "--rank", "16", *_LIN1],
+        f"rt-sora-r16-linear-1ep-lin-s{_i}": [*_rt1, *_SORA, *_LIN1],
+        f"mix-lora-r10-1ep-lin-s{_i}": [*_mix1, "--method", "lora", "--rank", "10", *_LIN1],
+        f"mix-sira-e4r2-1ep-lin-s{_i}": [*_mix1, "--method", "sira", "--experts", "4", "--rank",
+                                         "2", "--top-k", "2", *_LIN1],
+    })
+
+
 def command(name: str) -> list[str]:
     return ["edgeadapt", "train", *RUNS[name], "--out", str(OUT / name)]
 
