@@ -1,5 +1,6 @@
 """What every runtime switch test compares against: the PyTorch model carrying the same adapters
-(read back from the bundle's files), and the relative error between two outputs."""
+(read back from the bundle's files), and the relative error between two outputs; plus the
+hand-made adapters those tests switch between."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 
 from edgeadapt.adapters import apply_adapter_torch
 from edgeadapt.format import read_adapter, read_manifest
+from edgeadapt.format.fingerprint import weight_sha256
+from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta
 from edgeadapt.models import example_inputs, forward
 
 
@@ -28,6 +31,31 @@ def torch_reference(lm, bundle, active, inputs) -> np.ndarray:
 def parity(got, want) -> float:
     """max |got - want| / max |want|."""
     return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def random_adapters(lm, names: list[str], second: list[str], seed: int
+                    ) -> tuple[Adapter, Adapter, Adapter]:
+    """Hand-made adapters on ``lm``'s weights ``names``: SHiRA at 5% of every weight, SHiRA at 20%
+    of ``second`` (overlapping the first), and a rank-2 LoRA on every other weight; values
+    N(0, 1) (SHiRA) and 0.5 N(0, 1) (LoRA A, B), from ``np.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    w = {n: lm.model.get_parameter(n).detach().numpy() for n in names}
+    sha = {n: weight_sha256(v) for n, v in w.items()}
+    shapes = {n: tuple(v.shape) for n, v in w.items()}
+
+    def shira(sel, density):
+        t = {}
+        for n in sel:
+            idx = np.sort(rng.choice(w[n].size, int(density * w[n].size), replace=False))
+            t[n] = ShiraDelta(idx.astype(np.int64),
+                              rng.standard_normal(idx.size).astype(np.float32))
+        return Adapter("shira", t, {n: shapes[n] for n in sel}, {n: sha[n] for n in sel})
+
+    lora = {n: LoraDelta((0.5 * rng.standard_normal((2, w[n].shape[1]))).astype(np.float32),
+                         (0.5 * rng.standard_normal((w[n].shape[0], 2))).astype(np.float32))
+            for n in names[::2]}
+    return (shira(names, 0.05), shira(second, 0.2),
+            Adapter("lora", lora, {n: shapes[n] for n in lora}, {n: sha[n] for n in lora}))
 
 
 def example_pair(lm):

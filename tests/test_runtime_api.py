@@ -13,7 +13,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from runtime_reference import example_pair, parity, torch_reference  # noqa: E402
+from runtime_reference import (  # noqa: E402
+    example_pair,
+    parity,
+    random_adapters,
+    torch_reference,
+)
 
 from edgeadapt.errors import (  # noqa: E402
     ConfigError,
@@ -24,11 +29,8 @@ from edgeadapt.export.bundle import export_base  # noqa: E402
 from edgeadapt.format import (  # noqa: E402
     Adapter,
     AdapterEntry,
-    LoraDelta,
-    ShiraDelta,
     read_adapter,
     read_manifest,
-    weight_sha256,
     write_adapter,
     write_manifest,
 )
@@ -38,27 +40,10 @@ from edgeadapt.runtime import choose_mode, load  # noqa: E402
 RTOL = 1e-4
 
 
-def _adapters(lm, names, seed):
+def _adapters(lm, names: list[str], seed: int = 1) -> dict[str, Adapter]:
     """Hand-made SHiRA (5%), a second overlapping SHiRA and a rank-2 LoRA on the live weights."""
-    rng = np.random.default_rng(seed)
-    params = dict(lm.model.named_parameters())
-    w = {n: params[n].detach().numpy() for n in names}
-    sha = {n: weight_sha256(v) for n, v in w.items()}
-    shapes = {n: tuple(v.shape) for n, v in w.items()}
-
-    def shira(sel, density):
-        t = {}
-        for n in sel:
-            idx = np.sort(rng.choice(w[n].size, int(density * w[n].size), replace=False))
-            t[n] = ShiraDelta(idx.astype(np.int64), (1.0 * rng.standard_normal(idx.size))
-                              .astype(np.float32))
-        return Adapter("shira", t, {n: shapes[n] for n in sel}, {n: sha[n] for n in sel})
-
-    lora = {n: LoraDelta((0.5 * rng.standard_normal((2, w[n].shape[1]))).astype(np.float32),
-                         (0.5 * rng.standard_normal((w[n].shape[0], 2))).astype(np.float32))
-            for n in names[::2]}
-    return {"s1": shira(names, 0.05), "s2": shira(names[: len(names) // 2 + 1], 0.2),
-            "l1": Adapter("lora", lora, {n: shapes[n] for n in lora}, {n: sha[n] for n in lora})}
+    a, b, lora = random_adapters(lm, names, names[: len(names) // 2 + 1], seed)
+    return {"s1": a, "s2": b, "l1": lora}
 
 
 @pytest.fixture(scope="module", params=["tiny-smollm2", "tiny-minilm"])

@@ -3,12 +3,11 @@ to base after any sequence of switches (hypothesis), transactional failures, con
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from switching import runs_while_switching
 
 from edgeadapt.errors import (
     AdapterFormatError,
@@ -253,24 +252,8 @@ def test_runs_never_see_half_applied_weights():
         eng.switch(s)
         valid.append(eng.run(x))
     eng.switch([])
-    errors, outputs, stop = [], [], threading.Event()
-
-    def reader():
-        try:
-            while not stop.is_set():
-                outputs.append(eng.run(x))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=reader) for _ in range(3)]
-    for t in threads:
-        t.start()
-    rng = np.random.default_rng(1)
-    for _ in range(300):
-        eng.switch(states[rng.integers(len(states))])
-    stop.set()
-    for t in threads:
-        t.join()
+    errors, outputs = runs_while_switching(lambda: eng.run(x), eng.switch, states, readers=3,
+                                           switches=300, seed=1)
     assert not errors
     assert len(outputs) > 10
     for y in outputs:

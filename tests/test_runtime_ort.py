@@ -8,13 +8,13 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from switching import runs_while_switching
 
 from edgeadapt.errors import (
     AdapterFormatError,
@@ -185,24 +185,8 @@ def test_concurrent_runs_see_whole_states(bundle):
     for s in states:
         rt.switch(s)
         valid.append(rt.run(x=X))
-    errors, outputs, stop = [], [], threading.Event()
-
-    def reader():
-        try:
-            while not stop.is_set():
-                outputs.append(rt.run(x=X))
-        except Exception as exc:  # pragma: no cover - reported by the assert below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=reader) for _ in range(3)]
-    for t in threads:
-        t.start()
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        rt.switch(states[rng.integers(len(states))])
-    stop.set()
-    for t in threads:
-        t.join()
+    errors, outputs = runs_while_switching(lambda: rt.run(x=X), rt.switch, states, readers=3,
+                                           switches=200, seed=0)
     assert not errors and len(outputs) > 10
     assert all(any(np.array_equal(y, v) for v in valid) for y in outputs)
 

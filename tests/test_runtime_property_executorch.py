@@ -20,16 +20,18 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 pytest.importorskip("executorch")
 
-from runtime_reference import example_pair, parity, torch_reference  # noqa: E402
+from runtime_reference import (  # noqa: E402
+    example_pair,
+    parity,
+    random_adapters,
+    torch_reference,
+)
 from test_runtime_executorch import shared_bundle  # noqa: E402
 
 from edgeadapt.format import (  # noqa: E402
     Adapter,
     AdapterEntry,
-    LoraDelta,
-    ShiraDelta,
     read_manifest,
-    weight_sha256,
     write_adapter,
     write_manifest,
 )
@@ -42,24 +44,8 @@ NAMES = ("a", "b", "l")
 def _adapters(lm, names: list[str], seed: int = 1) -> dict[str, Adapter]:
     """SHiRA a (5%, every live weight), SHiRA b (20%, half of them: overlaps a), LoRA l (rank 2,
     every other weight)."""
-    rng = np.random.default_rng(seed)
-    w = {n: lm.model.get_parameter(n).detach().numpy() for n in names}
-    sha = {n: weight_sha256(v) for n, v in w.items()}
-    shapes = {n: tuple(v.shape) for n, v in w.items()}
-
-    def shira(sel, density):
-        t = {}
-        for n in sel:
-            idx = np.sort(rng.choice(w[n].size, int(density * w[n].size), replace=False))
-            t[n] = ShiraDelta(idx.astype(np.int64),
-                              rng.standard_normal(idx.size).astype(np.float32))
-        return Adapter("shira", t, {n: shapes[n] for n in sel}, {n: sha[n] for n in sel})
-
-    lora = {n: LoraDelta((0.5 * rng.standard_normal((2, w[n].shape[1]))).astype(np.float32),
-                         (0.5 * rng.standard_normal((w[n].shape[0], 2))).astype(np.float32))
-            for n in names[::2]}
-    return {"a": shira(names, 0.05), "b": shira(names[: len(names) // 2], 0.2),
-            "l": Adapter("lora", lora, {n: shapes[n] for n in lora}, {n: sha[n] for n in lora})}
+    a, b, lora = random_adapters(lm, names, names[: len(names) // 2], seed)
+    return {"a": a, "b": b, "l": lora}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from runtime_reference import example_pair, parity, torch_reference  # noqa: E402
+from switching import runs_while_switching  # noqa: E402
 
 from edgeadapt.errors import ConfigError, SwitchError, UnknownNameError  # noqa: E402
 from edgeadapt.export.adapter import ensure_variant  # noqa: E402
@@ -170,25 +170,8 @@ def test_runs_during_unfused_switches_see_whole_states(exported):
     for s in states:
         rt.switch(s)
         valid.append(rt.run(**np_in))
-    errors, outs = [], []
-    stop = threading.Event()
-
-    def reader():
-        try:
-            while not stop.is_set():
-                outs.append(rt.run(**np_in))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=reader) for _ in range(2)]
-    for t in threads:
-        t.start()
-    rng = np.random.default_rng(0)
-    for _ in range(60):
-        rt.switch(states[int(rng.integers(len(states)))])
-    stop.set()
-    for t in threads:
-        t.join()
+    errors, outs = runs_while_switching(lambda: rt.run(**np_in), rt.switch, states, readers=2,
+                                        switches=60, seed=0)
     assert not errors
     assert outs
     assert all(any(np.array_equal(o, v) for v in valid) for o in outs)

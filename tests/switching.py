@@ -1,0 +1,40 @@
+"""The concurrency harness every switch test shares (numpy only, no torch)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def runs_while_switching(run: Callable[[], np.ndarray], switch: Callable[[Any], None],
+                         states: Sequence[Any], readers: int, switches: int, seed: int
+                         ) -> tuple[list[Exception], list[np.ndarray]]:
+    """``readers`` threads call ``run()`` in a loop while this thread makes ``switches`` switches
+    to states drawn uniformly (``np.random.default_rng(seed)``) from ``states``; returns the
+    readers' exceptions and every output they saw."""
+    errors: list[Exception] = []
+    outputs: list[np.ndarray] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                outputs.append(run())
+        except Exception as exc:  # pragma: no cover - reported by the caller's assert
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(readers)]
+    for t in threads:
+        t.start()
+    rng = np.random.default_rng(seed)
+    try:
+        for _ in range(switches):
+            switch(states[int(rng.integers(len(states)))])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return errors, outputs
