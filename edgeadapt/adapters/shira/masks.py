@@ -38,8 +38,9 @@ def mask_budget(shape: tuple[int, int], density: float, budget_rank: int | None)
 def top_k_indices(score: torch.Tensor, k: int, exclude: torch.Tensor | None = None
                   ) -> torch.Tensor:
     """Sorted flat indices of the K largest entries of ``score`` outside ``exclude``."""
-    flat = score.detach().reshape(-1).clone()
+    flat = score.detach().reshape(-1)
     if exclude is not None and exclude.numel():
+        flat = flat.clone()  # leave the caller's score as it was
         flat[exclude] = -math.inf
     return torch.topk(flat, k, sorted=False).indices.sort().values
 
