@@ -102,6 +102,8 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
     Raises ParityError if a backend's logits stray from PyTorch's by more than
     ``qc.tolerance``.
     """
+    import torch
+
     from edgeadapt.export import export_adapter
     from edgeadapt.format import read_adapter, read_manifest
     from edgeadapt.models import load_model
@@ -123,8 +125,6 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
     job = _start_export(qc, bundle, branches, stage)
     rows = {"base": Row("base", "-", "-", note="no adapter: the exported model as it loads")}
     trained = []
-    import torch
-
     threads = torch.get_num_threads()
     if job is not None:  # one core trains, the other exports: no oversubscription
         torch.set_num_threads(max(1, threads - 1))
