@@ -121,6 +121,14 @@ for _i in range(3):
     })
 
 
+# SoRA with the proximal threshold following the lr schedule (xi_t = xi * lr_factor(t), the
+# trainer's behaviour since these runs; the *-lin-s* SoRA runs above thresholded at the full xi)
+for _i in range(3):
+    _rt1 = [*RT1[:-1], str(_i)]
+    for _xmax in ("1.5e-2", "2e-2", "3e-2"):
+        RUNS[f"rt-sora-r16-xs{_xmax}-lin-s{_i}"] = [*_rt1, *_SORA[:-1], _xmax, *_LIN1]
+
+
 def command(name: str) -> list[str]:
     return ["edgeadapt", "train", *RUNS[name], "--out", str(OUT / name)]
 
