@@ -129,6 +129,24 @@ for _i in range(3):
         RUNS[f"rt-sora-r16-xs{_xmax}-lin-s{_i}"] = [*_rt1, *_SORA[:-1], _xmax, *_LIN1]
 
 
+# a second task the adapters can learn (politics is at the majority class): subjectivity, for
+# fusion (section 4, trained as the rt-*-2ep halves) and for SiRA's multi-task mix (3 seeds)
+SUBJ2 = _base("subjectivity", 2)
+RUNS.update({
+    "subj-none-2ep": [*SUBJ2, "--method", "none"],
+    "subj-shira-snip-b8-2ep": [*SUBJ2, *SHIRA],
+    "subj-shira-snip-b8-2ep-excl": [*SUBJ2, *SHIRA, "--exclude-run",
+                                    str(OUT / "rt-shira-snip-b8-2ep")],
+    "subj-lora-r8-2ep": [*SUBJ2, "--method", "lora", "--rank", "8"],
+})
+for _i in range(3):
+    _mixs = [*_base("rt+subjectivity", 1)[:-1], str(_i)]
+    RUNS.update({
+        f"mixs-lora-r10-1ep-lin-s{_i}": [*_mixs, "--method", "lora", "--rank", "10", *_LIN1],
+        f"mixs-sira-e4r2-1ep-lin-s{_i}": [*_mixs, "--method", "sira", "--experts", "4", "--rank",
+                                          "2", "--top-k", "2", *_LIN1],
+    })
+
 def command(name: str) -> list[str]:
     return ["edgeadapt", "train", *RUNS[name], "--out", str(OUT / name)]
 

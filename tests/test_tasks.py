@@ -6,6 +6,7 @@ import bz2
 import csv
 import importlib.util
 import io
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -69,6 +70,42 @@ def test_politics_passages_cover_speeches_and_split_by_speaker():
         (speaker,) = speaker_of[ex.text]
         if speaker in party:
             assert task.labels[ex.label] == party[speaker]
+
+
+def test_subjectivity_sentences_labels_balance_and_movie_split():
+    rows = raw_rows("rotten_tomatoes_corpus_full.csv.bz2")
+    movies: dict[tuple[int, str], set[str]] = defaultdict(set)  # (label, text) -> its movies
+    for r in rows:
+        if r["category"] == "plot":  # an independent re-cut: sentence ends, >= 8 words
+            for s in re.split(r"(?<=[.!?])\s+|\n+", r["text"]):
+                if len(s.split()) >= 8:
+                    movies[1, s.strip()].add(r["movie_name"])
+        else:
+            movies[0, r["text"].strip()].add(r["movie_name"])
+    task = load_task("subjectivity")
+    examples = task.train + task.test
+    assert task.labels == ("review", "plot")
+    for ex in examples:  # every text is what its label says it is
+        assert (ex.label, ex.text) in movies
+    plots = sum(ex.label for ex in examples)
+    assert plots > 3000 and abs(plots - (len(examples) - plots)) < 0.05 * len(examples)
+    # the smaller class (plot sentences) is kept whole; only the larger one is thinned
+    assert {ex.text for ex in examples if ex.label == 1} == {t for c, t in movies if c == 1}
+    mean_words = [sum(len(e.text.split()) for e in examples if e.label == c)
+                  / sum(e.label == c for e in examples) for c in (0, 1)]
+    assert 0.7 < mean_words[0] / mean_words[1] < 1.4  # length does not give the class away
+    # rt-sentiment's movie split: a movie's single-movie texts sit on one side in both tasks
+    rt = load_task("rt-sentiment")
+
+    def side(split: list, reviews_only: bool = False) -> set[str]:
+        keys = [(0 if reviews_only else e.label, e.text) for e in split]
+        return {m for key in keys if len(movies[key]) == 1 for m in movies[key]}
+
+    train = side(task.train) | side(rt.train, reviews_only=True)
+    test = side(task.test) | side(rt.test, reviews_only=True)
+    assert train and test and not train & test
+    mix = load_task("rt+subjectivity", max_train=100, max_test=40)
+    assert mix.groups == {"rt": (0, 1), "subj": (2, 3)}
 
 
 def test_hamlet_holds_out_the_last_fifth():

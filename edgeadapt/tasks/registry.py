@@ -65,10 +65,15 @@ class Task:
         return len(self.labels)
 
 
+def _unit(salt: str, key: str) -> float:
+    """sha256 of ``salt \0 key`` -> a uniform number in [0, 1), the same on every machine."""
+    digest = hashlib.sha256(f"{salt}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def in_test_split(task: str, key: str) -> bool:
-    """True if group ``key`` of ``task`` is held out: sha256 -> uniform in [0, 1) < 0.2."""
-    digest = hashlib.sha256(f"{task}\0{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < TEST_FRACTION
+    """True if group ``key`` of ``task`` is held out: ``_unit(task, key) < 0.2``."""
+    return _unit(task, key) < TEST_FRACTION
 
 
 def _split(task: str, items: list[tuple[str, Example]]) -> tuple[list[Example], list[Example]]:
@@ -102,12 +107,44 @@ def _rt_sentiment() -> Task:
     )
 
 
+def _subjectivity() -> Task:
+    """Rotten Tomatoes subjectivity, as Pang & Lee's SUBJ: one sentence of a critic's review
+    snippet (0, subjective) or of a plot summary (1, objective). Plot summaries are cut into
+    sentences (``sentences``, >= 8 words) so that length does not give the class away; the larger
+    class is thinned by hashing the text (``_unit("subjectivity-keep", text) < small / large``),
+    so the classes are balanced and the choice never depends on file order or ``seed``. Split
+    by movie with rt-sentiment's hash: a movie's texts are on one side in both tasks and their
+    mix."""
+    items: list[tuple[str, Example]] = []
+    for row in read_csv("rotten_tomatoes_corpus_full.csv.bz2"):
+        if row["category"] == "plot":
+            items += [(row["movie_name"], Example(s, 1, "subj")) for s in sentences(row["text"])
+                      if len(s.split()) >= 8]
+        elif row["category"] in ("fresh", "rotten"):
+            items.append((row["movie_name"], Example(row["text"].strip(), 0, "subj")))
+    counts = [sum(ex.label == c for _, ex in items) for c in (0, 1)]
+    large = int(counts[1] > counts[0])
+    keep = min(counts) / max(counts)
+    items = [(k, ex) for k, ex in items
+             if ex.label != large or _unit("subjectivity-keep", ex.text) < keep]
+    train, test = _split("rt-sentiment", items)
+    return Task(
+        name="subjectivity", kind="classification", metric="accuracy", train=train, test=test,
+        labels=("review", "plot"), label_words=(" review", " plot"),
+        groups={"subj": (0, 1)}, prompts={"subj": "Movie text: {text}\nKind (review or plot):"},
+    )
+
+
+def sentences(text: str) -> list[str]:
+    """``text`` cut after ``.``, ``!`` or ``?`` followed by white space, and at line breaks."""
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
+
+
 def speech_passages(text: str, words: int = PASSAGE_WORDS) -> list[str]:
     """Cut a speech into consecutive passages of whole sentences, each about ``words`` words
     (a passage closes at the first sentence end past ``words``); fragments < 8 words dropped."""
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
     passages, current = [], []
-    for sentence in sentences:
+    for sentence in sentences(text):
         current.extend(sentence.split())
         if len(current) >= words:
             passages.append(" ".join(current))
@@ -168,7 +205,9 @@ BUILDERS: dict[str, Callable[[], Task]] = {
     "rt-sentiment": _rt_sentiment,
     "politics": _politics,
     "hamlet": _hamlet,
+    "subjectivity": _subjectivity,
     "rt+politics": lambda: _mixture([_rt_sentiment(), _politics()], "rt+politics"),
+    "rt+subjectivity": lambda: _mixture([_rt_sentiment(), _subjectivity()], "rt+subjectivity"),
 }
 TASKS = tuple(BUILDERS)
 

@@ -44,7 +44,8 @@ def adapter_options(method: str, given: dict[str, Any], seed: int) -> dict[str, 
 @click.option("--model", default="minilm", show_default=True,
               help="minilm | smollm2 | tiny-minilm | tiny-smollm2 | a local HF model directory")
 @click.option("--task", default="rt-sentiment", show_default=True,
-              help="rt-sentiment | politics | hamlet | rt+politics")
+              help="rt-sentiment | subjectivity | politics | hamlet | rt+politics | "
+                   "rt+subjectivity")
 @click.option("--method", default="shira", show_default=True,
               help="shira | lora | sora | sira | none (frozen base, head only)")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
