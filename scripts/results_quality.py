@@ -121,14 +121,6 @@ for _i in range(3):
     })
 
 
-# SoRA with the proximal threshold following the lr schedule (xi_t = xi * lr_factor(t), the
-# trainer's behaviour since these runs; the *-lin-s* SoRA runs above thresholded at the full xi)
-for _i in range(3):
-    _rt1 = [*RT1[:-1], str(_i)]
-    for _xmax in ("1.5e-2", "2e-2", "3e-2"):
-        RUNS[f"rt-sora-r16-xs{_xmax}-lin-s{_i}"] = [*_rt1, *_SORA[:-1], _xmax, *_LIN1]
-
-
 # a second task the adapters can learn (politics is at the majority class): subjectivity, for
 # fusion (section 4, trained as the rt-*-2ep halves) and for SiRA's multi-task mix (3 seeds)
 SUBJ2 = _base("subjectivity", 2)
@@ -146,6 +138,7 @@ for _i in range(3):
         f"mixs-sira-e4r2-1ep-lin-s{_i}": [*_mixs, "--method", "sira", "--experts", "4", "--rank",
                                           "2", "--top-k", "2", *_LIN1],
     })
+
 
 def command(name: str) -> list[str]:
     return ["edgeadapt", "train", *RUNS[name], "--out", str(OUT / name)]

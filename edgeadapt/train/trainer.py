@@ -6,11 +6,8 @@ One loop for every method. What differs is small and spelled out where it happen
   causal LM nothing trains and the run is the zero-shot baseline).
 - ``shira``: ``grad`` / ``snip`` masks score weights on a calibration batch before training.
 - ``sora``: gates have their own optimizer and, after each gate step, a proximal soft-threshold
-  ``g <- sign(g) max(|g| - xi_t, 0)``; with ``sora_schedule`` xi rises over stages (linear / log /
-  exp up to ``sora_xi_max``) and each stage's accuracy and live ranks are recorded. The
-  threshold follows the learning-rate schedule, ``xi_t = xi(stage) * lr_factor(t)``: a proximal
-  step of size ``eta_t`` for the penalty ``lambda |g|_1`` thresholds at ``eta_t lambda``, and
-  ``xi`` is that threshold at the full rate (constant schedule: ``xi_t = xi(stage)``).
+  ``g <- sign(g) max(|g| - xi, 0)``; with ``sora_schedule`` xi rises over stages (linear / log /
+  exp up to ``sora_xi_max``) and each stage's accuracy and live ranks are recorded.
 - ``sira``: the routers' load-balancing loss is added to the task loss.
 
 A classifier's head always trains (it is new). The frozen base runs in eval mode (no dropout:
@@ -255,14 +252,13 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
             stage = step // stage_len
             xi = (sora_xi(cfg.sora_schedule, stage, cfg.sora_stages, xi0, xi_max)
                   if cfg.sora_schedule else xi0)
-            sora_proximal_step(lm.model, xi * factor)
+            sora_proximal_step(lm.model, xi)
             if cfg.sora_schedule and ((step + 1) % stage_len == 0 or step + 1 == total):
                 if world.main:
                     ranks = live_ranks(lm.model)
                     result = evaluate(lm, enc, batch_size=cfg.eval_batch_size,
                                       groups=task.groups, progress=progress)
                     metrics["stages"].append({"stage": stage, "step": step + 1, "xi": xi,
-                                              "xi_step": xi * factor,
                                               "live_rank_total": sum(ranks.values()),
                                               "live_ranks": ranks, **result})
                 set_train_mode(lm)
