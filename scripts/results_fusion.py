@@ -2,8 +2,8 @@
 
     PYTHONPATH=. .venv/bin/python scripts/results_fusion.py [--plot docs/fusion.png] [--recheck]
 
-Needs the runs of scripts/results_quality.py (rt-* and pol-* halves). For each method, both
-adapters' deltas are added to one fresh base (``W += dW_rt + dW_pol``: ``apply_adapter_torch``
+Needs the runs of scripts/results_quality.py (rt-*, pol-* and subj-* halves). For each method, both
+adapters' deltas are added to one fresh base (``W += dW_1 + dW_2``: ``apply_adapter_torch``
 of each, heads left out); each task is then evaluated on its own fixed test set with its OWN
 trained head (``Adapter.head``) swapped in. "alone" is the run's own test accuracy
 (metrics.json: the same test set, the adapter unmerged; ``--recheck`` also merges each adapter
@@ -38,6 +38,13 @@ PAIRS = {  # method -> {task: run}
     "LoRA r=8": {"rt-sentiment": "rt-lora-r8-2ep", "politics": "pol-lora-r8-2ep"},
     "SHiRA snip, non-overlapping masks": {"rt-sentiment": "rt-shira-snip-b8-2ep",
                                           "politics": "pol-shira-snip-b8-2ep-excl"},
+    # the same with a second task the adapters learn (politics stays at the majority class)
+    "SHiRA snip (budget = LoRA r=8), rt + subjectivity": {
+        "rt-sentiment": "rt-shira-snip-b8-2ep", "subjectivity": "subj-shira-snip-b8-2ep"},
+    "LoRA r=8, rt + subjectivity": {"rt-sentiment": "rt-lora-r8-2ep",
+                                    "subjectivity": "subj-lora-r8-2ep"},
+    "SHiRA snip, non-overlapping masks, rt + subjectivity": {
+        "rt-sentiment": "rt-shira-snip-b8-2ep", "subjectivity": "subj-shira-snip-b8-2ep-excl"},
 }
 MAX_TRAIN, MAX_TEST, MAX_LEN = 1000, 500, 64
 
@@ -110,11 +117,11 @@ def plot(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * sum(len(r["tasks"]) for r in results)), 4))
     labels, alone, fused = [], [], []
     for r in results:
         for task, t in r["tasks"].items():
-            labels.append(f"{r['method'].split(' (')[0]}\n{task}")
+            labels.append(f"{r['method'].split(' (')[0].split(', rt +')[0]}\n{task}")
             alone.append(t["alone"])
             fused.append(t["fused"])
     x = np.arange(len(labels))
@@ -122,10 +129,10 @@ def plot(results: list[dict], path: str) -> None:
     ax.bar(x + 0.2, fused, 0.4, label="fused (both deltas added)")
     for i, (a, f) in enumerate(zip(alone, fused, strict=True)):
         ax.text(i + 0.2, f + 0.01, f"{100 * (f - a) / a:+.1f}%", ha="center", fontsize=8)
-    ax.set_xticks(x, labels)
+    ax.set_xticks(x, labels, fontsize=7)
     ax.set_ylim(0.4, 1.0)
     ax.set_ylabel("test accuracy (500 examples)")
-    ax.set_title("MiniLM: rt-sentiment + politics adapters fused (seed 0)")
+    ax.set_title("MiniLM: two adapters trained apart, then fused (seed 0)")
     ax.legend(loc="upper right")
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
