@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint clean
+.PHONY: setup demo test test-slow lint clean results
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m "slow" tests
+
+# docs/results.md: trains the missing quality runs (an hour or more on 2 cores; not in CI),
+# refreshes fusion and plots, renders. `make results RESULTS_ARGS=--render-only` only re-renders.
+results:
+	PYTHONPATH=. $(PY) scripts/results.py $(RESULTS_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check edgeadapt tests
