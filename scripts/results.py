@@ -390,10 +390,15 @@ FUSION_PROBES = {"rt-sentiment": "rt-none-2ep", "politics": "pol-none-2ep"}
 FUSION_LORA, FUSION_SHIRA = "LoRA r=8", "SHiRA snip (budget = LoRA r=8)"
 
 
+def fusion_tasks(results: Sequence[dict]) -> list[str]:
+    """Every task of fusion.json, in first-seen order."""
+    return list(dict.fromkeys(task for r in results for task in r["tasks"]))
+
+
 def learned_tasks(results: Sequence[dict]) -> list[str]:
     """Tasks where every fused method's adapter, alone, beats that task's frozen probe."""
     tasks = []
-    for task in results[0]["tasks"]:
+    for task in fusion_tasks(results):
         probe = acc(FUSION_PROBES.get(task, ""))
         alones = [r["tasks"][task]["alone"] for r in results if task in r["tasks"]]
         if probe is not None and all(a > probe for a in alones):
@@ -405,11 +410,13 @@ def fusion_compare(task: str) -> tuple[dict, dict, float] | None:
     """(LoRA row, SHiRA row, binomial SE in points) for ``task`` from fusion.json, or None."""
     res = fusion()
     by = {r["method"]: r for r in res or []}
-    if FUSION_LORA not in by or FUSION_SHIRA not in by:
+    if any(task not in by.get(m, {}).get("tasks", {}) for m in (FUSION_LORA, FUSION_SHIRA)):
         return None
     lora, shira = by[FUSION_LORA]["tasks"][task], by[FUSION_SHIRA]["tasks"][task]
-    n = int(metrics(lora["run"])["test_examples"]) if metrics(lora["run"]) else 500
-    return lora, shira, 100 * binomial_se(lora["alone"], n)
+    m = metrics(lora["run"])
+    if m is None:
+        return None
+    return lora, shira, 100 * binomial_se(lora["alone"], int(m["test_examples"]))
 
 
 def claim_fusion() -> Claim:
@@ -492,7 +499,7 @@ def claim_bench() -> list[Claim]:
         targets = bench_targets(report, backend) if report else []
         for target, value, ok in targets:
             shown = "-" if value is None else (f"{num(value, 1)}x" if value >= 5 else
-                                               num(value, 2))
+                                               num(value, 3))
             per.setdefault(target, []).append((column, shown, ok))
     if not per:
         return [Claim("issue 6 targets, SmolLM2 q/v (5)", "issue 6", NOT_RUN, NOT_MEASURED)]
@@ -726,6 +733,12 @@ MASKS_1B = [("snip", "all"), ("random", "all"), ("wm", "all"), ("grad", "all"),
             ("struct", "all"), ("snip", "qv")]
 
 
+def targets_cell(m: Metrics) -> str:
+    """'all (36)' or 'q/v (12)': the adapter's target spec and how many matrices it covers."""
+    spec = m["config"].get("adapter", {}).get("targets", "qv")
+    return f"{'all' if spec == 'all' else 'q/v'} ({m['targets']})"
+
+
 def section_1b() -> str:
     probe = dict(series("rt2k-none"))
 
@@ -733,10 +746,11 @@ def section_1b() -> str:
         ref = acc(probe.get(int(m["config"]["seed"]), ""))
         return "-" if ref is None else pts(m["test"]["accuracy"] - ref)
 
-    rows = [([mask, str(s), f"{'all' if tg == 'all' else 'q/v'}"], n) for mask, tg in MASKS_1B
+    rows = [([mask, str(s)], n) for mask, tg in MASKS_1B
             for s, n in series(f"rt2k-shira-{tg}-{mask}-b8")]
-    cols = [ACC, ("vs probe (same seed)", vs_probe), LOSS, PARAMS, TRAIN_S, WALL_S]
-    tab = table(["SHiRA mask", "seed", "targets"], rows, cols, rq.RT2K)
+    cols = [("targets", targets_cell), ACC, ("vs probe (same seed)", vs_probe), LOSS, PARAMS,
+            TRAIN_S, WALL_S]
+    tab = table(["SHiRA mask", "seed"], rows, cols, rq.RT2K)
     return f"""### 1b. Mask kinds and q/v vs all projections (issue 7 item 1)
 
 Same setting as 1a (constant lr 2e-3), SHiRA budget = LoRA r=8 per matrix; "vs probe" compares
@@ -1010,10 +1024,10 @@ def fusion_table() -> str:
              "|---|---|---|---|---|---|"]
     for r in res:
         for task, t in r["tasks"].items():
+            gain = " (gain)" if num(t["loss_points"], 1).startswith("-") else ""
             lines.append(f"| {r['method']} | {task} | {num(t['alone'])} | {num(t['fused'])} | "
-                         f"{num(-t['loss_points'], 1, True)} | "
-                         f"{num(-t['loss_relative_pct'], 1, True)}% |")
-    lines[0] = "| method | task | alone | fused | fused - alone (points) | relative |"
+                         f"{num(t['loss_points'], 1)}{gain} | "
+                         f"{num(t['loss_relative_pct'], 1)}%{gain} |")
     overlaps = [f"{r['method']}: {num(100 * r['mask_overlap'], 1)}%" for r in res
                 if r.get("mask_overlap") is not None]
     merged = [t.get("alone_merged") == t["alone"] for r in res for t in r["tasks"].values()
@@ -1034,7 +1048,7 @@ def fusion_text() -> str:
     if not res:
         return f"**What came out:** {NOT_MEASURED}."
     learned = learned_tasks(res)
-    unlearned = [t for t in res[0]["tasks"] if t not in learned]
+    unlearned = [t for t in fusion_tasks(res) if t not in learned]
     parts = ["**What came out.**"]
     for task in learned:
         cmp = fusion_compare(task)
@@ -1067,7 +1081,7 @@ def bench_cell(report: dict | None, backend: str, what: str) -> str:
     if what in ("shira-live", "sira-unfused"):
         shapes = SHAPES if what == "shira-live" else SHAPES[:2]
         vals = [fwd_ratio(report, backend, what, s) for s in shapes]
-        return " · ".join("-" if v is None else f"{num(v, 2)}" for v in vals)
+        return " · ".join("-" if v is None else f"{num(v, 3)}" for v in vals)
     if what == "shira":
         return "-" if shira is None else f"{num(shira, 2)} ms"
     if what in ("lora-fuse", "reload"):

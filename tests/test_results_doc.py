@@ -118,3 +118,48 @@ def test_render_only_writes_atomically(runs: Path, results: ModuleType, tmp_path
     results.main(["--render-only", "--out", str(out)])
     assert out.read_text().startswith("# Results")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("page.md")] == ["page.md"]
+
+
+def fusion_rows(task_runs: dict[str, str], alone: float, fused: float) -> dict:
+    return {"tasks": {task: {"run": run, "alone": alone, "fused": fused,
+                             "loss_points": 100 * (alone - fused),
+                             "loss_relative_pct": 100 * (alone - fused) / alone}
+                      for task, run in task_runs.items()}, "mask_overlap": None}
+
+
+@pytest.mark.parametrize(("lora_fused", "verdict"), [(0.762, "direction only (within noise)"),
+                                                     (0.736, "yes"), (0.780, "no")])
+def test_fusion_verdict(runs: Path, results: ModuleType, lora_fused: float, verdict: str) -> None:
+    # rt: both adapters 0.776 alone (probe 0.772). SHiRA fused 0.772 loses 0.4 points; LoRA loses
+    # 1.4 / 4.0 / -0.4. One binomial SE at 0.776 on 500 examples: sqrt(.776 * .224 / 500) = 1.9
+    # points, so 1.0 points more is noise, 3.6 is not, and a LoRA gain is "no".
+    # politics: adapters 0.550 alone under the probe's 0.660 -> not a concept-loss measurement.
+    write_run(runs, "rt-none-2ep", 0.772, params=0, test_examples=500)
+    write_run(runs, "pol-none-2ep", 0.660, params=0, test_examples=500)
+    write_run(runs, "rt-lora-r8-2ep", 0.776, test_examples=500)
+    shira = fusion_rows({"rt-sentiment": "rt-shira-snip-b8-2ep"}, 0.776, 0.772)
+    lora = fusion_rows({"rt-sentiment": "rt-lora-r8-2ep"}, 0.776, lora_fused)
+    pol = fusion_rows({"politics": "pol-shira-snip-b8-2ep"}, 0.550, 0.558)
+    shira["tasks"].update(pol["tasks"])
+    (runs / "fusion.json").write_text(json.dumps([
+        {**shira, "method": results.FUSION_SHIRA}, {**lora, "method": results.FUSION_LORA}]))
+    page = results.render()
+    assert claim_row(page, "Fusion: LoRA loses more").endswith(f"| {verdict} |")
+    assert "one SE 1.9" in claim_row(page, "Fusion: LoRA loses more")
+    assert "**politics cannot measure concept loss**" in page
+
+
+def test_full_run_trains_missing_then_excluding_runs(runs: Path, results: ModuleType,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    done: list[str] = []
+    monkeypatch.setattr(results.rq, "RUNS", {"b-excl": ["--exclude-run", "x"], "a": [],
+                                             "have": []})
+    write_run(runs, "have", 0.7)
+
+    def fake_train(name: str) -> None:
+        done.append(name)
+        write_run(runs, name, 0.7)
+
+    monkeypatch.setattr(results.rq, "train", fake_train)
+    results.train_missing(jobs=2)
+    assert done == ["a", "b-excl"]  # the trained run is skipped; --exclude-run waits
