@@ -3,7 +3,12 @@ ones): each run is exported into the bundle, switched in place on the backend, a
 compared with the PyTorch model carrying the same adapter, at several shapes.
 
     PYTHONPATH=. .venv/bin/python scripts/parity_trained.py BUNDLE --backend executorch \
-        --run hamlet=runs/mp/sm-hamlet-shira-snip-b8 [--run ...] [--shapes 1x1,1x64,8x64]
+        --run hamlet=runs/mp/sm-hamlet-shira-snip-b8 [--run ...] [--shapes 1x1,1x64,8x64] \
+        [--unfused]
+
+``--unfused`` adds the benchmark's synthetic adapters for the bundle's graph variants (LoRA,
+pruned SoRA, SiRA branches in the graph: ``edgeadapt.bench.adapters.collect``, registered in
+memory only), each run unfused; a shape a static-shape variant was not lowered for is "-".
 
 Error: ``max |backend - torch| / max |torch|`` (edgeadapt.bench.reference.rel_error), the
 issue-4 rule (<= 1e-4 in fp32). Also prints the error of the PyTorch fp32 model itself against
@@ -14,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from edgeadapt.bench.adapters import collect
 from edgeadapt.bench.reference import TorchSubject, rel_error
+from edgeadapt.errors import ConfigError
 from edgeadapt.export.adapter import export_adapter
 from edgeadapt.format.adapter_file import read_adapter
 from edgeadapt.format.manifest import read_manifest
@@ -49,6 +57,8 @@ def main() -> None:
     ap.add_argument("--run", action="append", default=[], help="NAME=RUN_DIR")
     ap.add_argument("--shapes", default="1x1,1x64,8x64")
     ap.add_argument("--fp64", action="store_true", help="also the fp32-vs-fp64 error")
+    ap.add_argument("--unfused", action="store_true",
+                    help="also synthetic adapters for the bundle's unfused graph variants")
     args = ap.parse_args()
     torch.set_num_threads(1)
     names = []
@@ -62,6 +72,13 @@ def main() -> None:
     rt = load(args.bundle, backend=args.backend, mode=args.mode, threads=1)
     adapters = {n: read_adapter(next(args.bundle.glob(f"adapters/{n}.*")), manifest)
                 for n in names}
+    if args.unfused:
+        scratch = Path(tempfile.mkdtemp(prefix="parity-"))
+        aset = collect(args.bundle, rt.manifest, scratch)
+        aset.register(rt.manifest)
+        extra = [n for m in ("lora", "sora", "sira") for n in aset.of(m, fused=False)]
+        adapters.update({n: aset.adapters[n] for n in extra})
+        names += extra
     print(f"| adapter | {' | '.join(args.shapes.split(','))} |")
     print("|---|" + "---|" * len(args.shapes.split(",")))
     for name in [None, *names]:
@@ -71,8 +88,12 @@ def main() -> None:
             b, s = (int(v) for v in shape.split("x"))
             x = subject.inputs(b, s)
             adapter = adapters.get(name)
-            err = rel_error(rt.run(**x), subject.reference(adapter, x))
-            cell = f"{err:.1e}"
+            try:
+                got = rt.run(**x)
+            except ConfigError:  # a static-shape program not lowered for this shape
+                cells.append("-")
+                continue
+            cell = f"{rel_error(got, subject.reference(adapter, x)):.1e}"
             if args.fp64:
                 cell += f" (fp32 vs fp64 {fp64_error(subject, adapter, x):.1e})"
             cells.append(cell)
