@@ -1,17 +1,16 @@
 """Quality runs behind docs/results.md: each is one `edgeadapt train` command.
 
     PYTHONPATH=. .venv/bin/python scripts/results_quality.py [run names...]   # trains missing runs
-    PYTHONPATH=. .venv/bin/python scripts/results_quality.py --table          # markdown tables
 
 Runs land in runs/mp/<name>/ (skipped when their metrics.json exists; "mp": the mean-pooling
 MiniLM classifier; the older pooler-head runs were in runs/res/); each is trained in its own
 process with one torch thread (the machine is shared), one after another. To use two cores,
-start two copies with disjoint run names. The fusion table comes from scripts/results_fusion.py.
+start two copies with disjoint run names. The tables of docs/results.md are rendered from
+these runs by scripts/results.py (scripts/results_doc/); fusion: scripts/results_fusion.py.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -154,52 +153,7 @@ def train(name: str) -> None:
                        check=False)
 
 
-def _metrics(name: str) -> dict | None:
-    path = OUT / name / "metrics.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def table(names: list[str] | None = None) -> str:
-    """Markdown table of `names` (default: every run); "wall s" includes loading and evaluation."""
-    rows = ["| run | test accuracy | adapter params | train s | wall s | command |",
-            "|---|---|---|---|---|---|"]
-    for name in names or RUNS:
-        m = _metrics(name)
-        if m is None:
-            rows.append(f"| {name} | (not run) | | | | `{' '.join(command(name))}` |")
-            continue
-        value = ", ".join(f"{k} {v:.3f}" for k, v in m["test"].items()
-                          if k.startswith("accuracy"))
-        if "sora" in m:
-            s = m["sora"]
-            value += (f"; live rank {s['live_rank_total']}/{s['r_max'] * len(s['live_ranks'])},"
-                      f" params after pruning {s['params_after']:,}")
-        rows.append(f"| {name} | {value} | {m['trainable_params']:,} | {m['train_s']:.0f} | "
-                    f"{m.get('wall_s', float('nan')):.0f} | `{' '.join(command(name))}` |")
-    return "\n".join(rows)
-
-
-def sora_stages(name: str = "rt-sora-r16-linear-1ep") -> str:
-    m = _metrics(name)
-    if m is None or "sora" not in m:
-        return "(SoRA run missing)"
-    total = m["sora"]["r_max"] * len(m["sora"]["live_ranks"])
-    rows = [f"| stage | steps | xi | live rank (of {total}) | test accuracy |",
-            "|---|---|---|---|---|"]
-    for st in m.get("stages", []):
-        rows.append(f"| {st.get('stage')} | {st.get('step')} | {st.get('xi', 0):.4f} | "
-                    f"{st.get('live_rank_total')} | {st.get('accuracy', float('nan')):.3f} |")
-    return "\n".join(rows)
-
-
 if __name__ == "__main__":
-    if "--table" in sys.argv:
-        print(table([n for n in RUNS if n.startswith("rt2k-")]))
-        print()
-        print(table([n for n in RUNS if not n.startswith("rt2k-")]))
-        print()
-        print(sora_stages())
-    else:
-        OUT.mkdir(parents=True, exist_ok=True)
-        for run_name in sys.argv[1:] or RUNS:
-            train(run_name)
+    OUT.mkdir(parents=True, exist_ok=True)
+    for run_name in sys.argv[1:] or RUNS:
+        train(run_name)

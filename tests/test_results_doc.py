@@ -1,16 +1,17 @@
 """scripts/results.py renders docs/results.md from metrics files: numbers, verdicts, missing runs.
 
 Synthetic metrics.json files in a temporary runs directory; the expected numbers are worked out
-by hand in each test.
+by hand in each test. The entry point is loaded from its file (it puts scripts/ on sys.path), the
+logic is imported from its package, scripts/results_doc/.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
@@ -19,18 +20,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def results() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("results_doc", ROOT / "scripts" / "results.py")
+    """scripts/results.py, the entry point (``main``, ``render``)."""
+    spec = importlib.util.spec_from_file_location("results_entry", ROOT / "scripts" / "results.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while it executes
     spec.loader.exec_module(mod)
     return mod
 
 
+@pytest.fixture(scope="module")
+def doc(results: ModuleType) -> SimpleNamespace:
+    """The modules of scripts/results_doc/ (importable once the entry point has run)."""
+    return SimpleNamespace(**{name: importlib.import_module(f"results_doc.{name}")
+                              for name in ("data", "fusion", "training")})
+
+
 @pytest.fixture
-def runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, results: ModuleType) -> Path:
+def runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, doc: SimpleNamespace) -> Path:
     """An empty runs directory and an empty bench directory in place of the real ones."""
-    monkeypatch.setattr(results, "RUNS_DIR", tmp_path / "runs")
-    monkeypatch.setattr(results, "BENCH_DIR", tmp_path / "bench")
+    monkeypatch.setattr(doc.data, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(doc.data, "BENCH_DIR", tmp_path / "bench")
     (tmp_path / "runs").mkdir()
     return tmp_path / "runs"
 
@@ -105,10 +113,10 @@ def test_sora_target_per_seed(runs: Path, results: ModuleType) -> None:
     assert "86,016 (58.3%) | 101,376 (68.8%) | 110,592 (75.0%) | 67.4%" in page
 
 
-def test_rounding_is_half_up_on_float32_noise(results: ModuleType) -> None:
-    assert results.num(0.8174999952316284) == "0.818"  # 327 / 400 stored as float32
-    assert results.pts(-0.0535) == "-5.4"
-    assert results.pts(-1e-9) == "+0.0"
+def test_rounding_is_half_up_on_float32_noise(doc: SimpleNamespace) -> None:
+    assert doc.data.num(0.8174999952316284) == "0.818"  # 327 / 400 stored as float32
+    assert doc.data.pts(-0.0535) == "-5.4"
+    assert doc.data.pts(-1e-9) == "+0.0"
 
 
 def test_render_only_writes_atomically(runs: Path, results: ModuleType, tmp_path: Path,
@@ -129,7 +137,8 @@ def fusion_rows(task_runs: dict[str, str], alone: float, fused: float) -> dict:
 
 @pytest.mark.parametrize(("lora_fused", "verdict"), [(0.762, "direction only (within noise)"),
                                                      (0.736, "yes"), (0.780, "no")])
-def test_fusion_verdict(runs: Path, results: ModuleType, lora_fused: float, verdict: str) -> None:
+def test_fusion_verdict(runs: Path, results: ModuleType, doc: SimpleNamespace, lora_fused: float,
+                        verdict: str) -> None:
     # rt: both adapters 0.776 alone (probe 0.772). SHiRA fused 0.772 loses 0.4 points; LoRA loses
     # 1.4 / 4.0 / -0.4. One binomial SE at 0.776 on 500 examples: sqrt(.776 * .224 / 500) = 1.9
     # points, so 1.0 points more is noise, 3.6 is not, and a LoRA gain is "no".
@@ -142,17 +151,17 @@ def test_fusion_verdict(runs: Path, results: ModuleType, lora_fused: float, verd
     pol = fusion_rows({"politics": "pol-shira-snip-b8-2ep"}, 0.550, 0.558)
     shira["tasks"].update(pol["tasks"])
     (runs / "fusion.json").write_text(json.dumps([
-        {**shira, "method": results.FUSION_SHIRA}, {**lora, "method": results.FUSION_LORA}]))
+        {**shira, "method": doc.fusion.FUSION_SHIRA}, {**lora, "method": doc.fusion.FUSION_LORA}]))
     page = results.render()
     assert claim_row(page, "Fusion: LoRA loses more").endswith(f"| {verdict} |")
     assert "one SE 1.9" in claim_row(page, "Fusion: LoRA loses more")
     assert "**politics cannot measure concept loss**" in page
 
 
-def test_full_run_trains_missing_then_excluding_runs(runs: Path, results: ModuleType,
+def test_full_run_trains_missing_then_excluding_runs(runs: Path, doc: SimpleNamespace,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     done: list[str] = []
-    monkeypatch.setattr(results.rq, "RUNS", {"b-excl": ["--exclude-run", "x"], "a": [],
+    monkeypatch.setattr(doc.training.rq, "RUNS", {"b-excl": ["--exclude-run", "x"], "a": [],
                                              "have": []})
     write_run(runs, "have", 0.7)
 
@@ -160,6 +169,6 @@ def test_full_run_trains_missing_then_excluding_runs(runs: Path, results: Module
         done.append(name)
         write_run(runs, name, 0.7)
 
-    monkeypatch.setattr(results.rq, "train", fake_train)
-    results.train_missing(jobs=2)
+    monkeypatch.setattr(doc.training.rq, "train", fake_train)
+    doc.training.train_missing(jobs=2)
     assert done == ["a", "b-excl"]  # the trained run is skipped; --exclude-run waits

@@ -1,0 +1,164 @@
+"""The page: header, static sections, the ``SECTIONS`` order, wrapping and the atomic write."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import tempfile
+import textwrap
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import results_quality as rq
+
+from . import claims, fusion, shira, sira, smollm2, sora, switching
+from .data import NOTES, metrics, num
+
+COMMAND = "PYTHONPATH=. .venv/bin/python scripts/results.py"
+
+
+def hardware() -> str:
+    """CPU model, visible cores and torch version of the machine rendering the page."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        torch = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch = "not installed"
+    return f"{cpu}, {os.cpu_count()} cores visible, torch {torch}"
+
+
+def wall_estimate() -> str:
+    """How long a full run takes, from the recorded wall_s of every defined run."""
+    walls = [m["wall_s"] for n in rq.RUNS if (m := metrics(n)) and "wall_s" in m]
+    missing = sum(metrics(n) is None for n in rq.RUNS)
+    if not walls:
+        return "no run has been trained yet, so no estimate"
+    total = sum(walls)
+    return (f"the {len(walls)} trained runs took {num(total / 3600, 1)} h of wall time in all "
+            f"(their `wall_s`), i.e. about {num(total / 2 / 3600, 1)} h at `--jobs 2`"
+            f" plus a few minutes for the fusion script; {missing} defined run(s) not trained yet")
+
+
+def section_header() -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""# Results: adapter quality on real models
+
+**Generated page: do not edit by hand.** Every number and verdict below is computed at render
+time from the runs' `runs/mp/<name>/metrics.json`, `runs/mp/fusion.json` and the committed
+`docs/bench/*.json`. The one command that makes it (also `make results`; `make results
+RESULTS_ARGS=--render-only` only re-renders):
+
+    {COMMAND} [--jobs N] [--render-only] [--out docs/results.md]
+
+Without `--render-only` it first trains every missing run of `scripts/results_quality.py`
+(`--jobs` at a time, default 2, one torch thread each), re-runs `scripts/results_fusion.py
+--plot docs/fusion.png --recheck` when its output is missing or older than its runs, and re-draws
+`docs/switch_size.png`; `--render-only` only re-renders (seconds). It does not run `edgeadapt
+bench` (section 5 says how each bench JSON was made). Full run from scratch: {wall_estimate()}.
+
+The hand-written lab notebook with the exploratory analysis of these runs (learning-rate levers,
+mask-row concentration, the pooler-head findings, majority-class rates) is
+[`{NOTES}`]({NOTES}), frozen on 2026-11-23.
+
+**Rendered** {now} on {hardware()}. The runs were trained on the shared 2-core development
+machine (CPU only), one torch thread per run, usually two runs at a time with other jobs
+competing: wall times are contention-bound, compare them only with each other. "train s" is the
+training loop alone, "wall s" includes loading, tokenising and evaluating.
+
+**Model.** MiniLM rows use `MeanPoolClassifier` (`edgeadapt/models/classifier.py`): the encoder's
+last hidden states mean-pooled over the attention mask into a bias-free linear head.
+**Default setting** (sections 1c-4; section 1.0-1b say theirs): MiniLM-L6, adapter targets `qv`
+(query and value of the 6 layers), AdamW without weight decay, adapter lr 2e-3, head lr 1e-2
+(the head always trains), constant learning rate unless a command says `--lr-schedule linear`,
+batch 16, max_len 64, 1,000 training / 500 test examples. Test sets are fixed (the same examples
+for every run and seed; `--seed` picks the training subsample, its order, adapter init and the
+SNIP calibration batch). `edgeadapt train ...` below is the installed console script; the
+scripts call the same `edgeadapt.train.cli.train` with `--threads 1 --no-progress` added."""
+
+
+def section_6() -> str:
+    return f"""## 6. Findings kept from the pooler-head version
+
+Moved verbatim to [the lab notebook]({NOTES}#6) (measured with the older
+`BertForSequenceClassification` head; not regenerated)."""
+
+
+def section_not_done() -> str:
+    return """## Not done yet
+
+- Sections 1a-1b (all targets, mask kinds, LoRA-all) ran with a constant learning rate, whose
+  last-step noise between seeds is large (1a); they were not re-run with the linear decay that
+  section 1.0 uses. SHiRA vs LoRA at equal parameters with the decay (the paper's SHiRA >= LoRA)
+  is therefore still undecided on MiniLM.
+- SoRA and SiRA (sections 2-3, 3b) are at 1,000 / 500, 1 epoch, q/v; a learnable second task
+  for SiRA's multi-task comparison (the whole politics corpus, or SmolLM2 sentiment + Hamlet) was
+  not run.
+- SNIP / grad masks scored after a short head-only warm-up (so that the calibration gradient
+  does not come from a random head): the trainer has no option for it.
+- Fusion: the politics task does not learn at 1,000 examples, so concept loss is measured on the
+  rt half only (section 4).
+- SmolLM2 (section 7): one seed, 30 steps."""
+
+
+# The page, in order. Headings (and so their anchors) are those of the hand-written page this
+# replaced; keep them stable. To add a section, write a function returning its markdown in the
+# module of its part of the page (tables via `data.table`, seed series via `data.series`, verdicts
+# via `data.paired` / `sora.sora_results`) and list it here; a claims row goes in `claims.claims`.
+SECTIONS: list[Callable[[], str]] = [
+    section_header, claims.section_claims, shira.section_1, shira.section_1_0, shira.section_1a,
+    shira.section_1b, shira.section_1c, sora.section_2, sira.section_3, sira.section_3b,
+    fusion.section_4, switching.section_5, section_6, smollm2.section_7, section_not_done,
+]
+
+
+def _fill(text: str, indent: str = "") -> str:
+    return textwrap.fill(text, 100, subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def wrap(md: str) -> str:
+    """Re-flow prose paragraphs and list items to 100 columns; blocks with a table, heading,
+    image or indented code line are left as they are."""
+    blocks = []
+    for block in md.split("\n\n"):
+        lines = block.split("\n")
+        if any(ln.startswith(("|", "    ", "#", "![")) for ln in lines):
+            blocks.append(block)
+        elif lines[0].startswith("- "):
+            items: list[list[str]] = []
+            for ln in lines:
+                if ln.startswith("- ") or not items:
+                    items.append([ln])
+                else:
+                    items[-1].append(ln.strip())
+            blocks.append("\n".join(_fill(" ".join(it), "  ") for it in items))
+        else:
+            blocks.append(_fill(" ".join(ln.strip() for ln in lines)))
+    return "\n\n".join(blocks)
+
+
+def render() -> str:
+    """The whole page, from the files as they are now."""
+    return wrap("\n\n".join(f() for f in SECTIONS)) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
