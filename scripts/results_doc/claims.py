@@ -9,7 +9,6 @@ from .data import (
     NOT_MEASURED,
     NOT_RUN,
     bench_report,
-    fusion_results,
     mean,
     num,
     paired,
@@ -17,9 +16,10 @@ from .data import (
     seeds_text,
     series,
 )
-from .fusion import fusion_compare, learned_tasks
+from .fusion import concept_losses, fusion_verdict, rel
 from .shira import issue2_check, shira_vs_lora_settings, targets_compare
-from .sora import SoraResult, sora_results
+from .sira import MIXS_LORA, MIXS_SIRA
+from .sora import LORA_2B, SORA_2B, SoraResult, mean_met, sora_results, xi_schedule
 from .switching import BENCH_MAIN, bench_targets
 
 
@@ -75,24 +75,33 @@ def sora_verdict(res: Sequence[SoraResult]) -> str:
 
 
 def sora_measured(res: Sequence[SoraResult]) -> str:
-    """Kept fraction and gap, averaged over seeds."""
+    """Kept fraction and gap, averaged over seeds, and the target on those means."""
     if not res:
         return NOT_RUN
+    on_mean = "" if len(res) < 2 else f"; on the means: {'met' if mean_met(res) else 'not met'}"
     return (f"keeps {num(100 * mean([r.kept_frac for r in res]), 1)}% of the params, "
             f"{num(mean([r.sora for r in res]))} vs LoRA {num(mean([r.lora for r in res]))} "
             f"({pts(mean([r.sora - r.lora for r in res]))} points, "
-            f"{seeds_text([r.seed for r in res])})")
+            f"{seeds_text([r.seed for r in res])}){on_mean}")
 
 
-SORA_SETTINGS = {
-    "2": ([(0, "rt-lora-r16-1ep")], [(0, "rt-sora-r16-linear-1ep")]),
-    "3b": (series("rt-lora-r16-1ep-lin"), series("rt-sora-r16-linear-1ep-lin")),
-}
+Series = list[tuple[int, str]]
+
+
+def sora_settings() -> dict[str, tuple[Series, Series]]:
+    """section -> (LoRA r=16 runs, SoRA runs), read from results_quality.RUNS when called."""
+    return {
+        "2": ([(0, "rt-lora-r16-1ep")], [(0, "rt-sora-r16-linear-1ep")]),
+        **{f"2b, {xi_schedule(f'{stem}-s0')}": (series(LORA_2B), series(stem))
+           for stem in SORA_2B},
+        "3b": (series("rt-lora-r16-1ep-lin"), series("rt-sora-r16-linear-1ep-lin")),
+    }
 
 
 def claim_sora() -> list[Claim]:
+    """SoRA keeps <= 70% of LoRA r=16's parameters within 1 point: one row per setting."""
     rows = []
-    for section, (lora, sora) in SORA_SETTINGS.items():
+    for section, (lora, sora) in sora_settings().items():
         res = sora_results(lora, sora)
         rows.append(Claim(f"SoRA: <= 70% of LoRA r=16's params, within 1 point ({section})",
                           "matches LoRA with fewer params", sora_measured(res),
@@ -100,15 +109,19 @@ def claim_sora() -> list[Claim]:
     return rows
 
 
-SIRA_SETTINGS = {
-    "3": ([(0, "mix-lora-r10-1ep")], [(0, "mix-sira-e4r2-1ep")]),
-    "3b": (series("mix-lora-r10-1ep-lin"), series("mix-sira-e4r2-1ep-lin")),
-}
+def sira_settings() -> dict[str, tuple[Series, Series]]:
+    """section -> (LoRA runs, SiRA runs) at equal parameters, read when called."""
+    return {
+        "3, rt+politics": ([(0, "mix-lora-r10-1ep")], [(0, "mix-sira-e4r2-1ep")]),
+        "3b, rt+politics": (series("mix-lora-r10-1ep-lin"), series("mix-sira-e4r2-1ep-lin")),
+        "3c, rt+subjectivity": (series(MIXS_LORA), series(MIXS_SIRA)),
+    }
 
 
 def claim_sira() -> list[Claim]:
+    """SiRA >= LoRA on the multi-task mean accuracy: one row per setting."""
     rows = []
-    for section, (lora, sira) in SIRA_SETTINGS.items():
+    for section, (lora, sira) in sira_settings().items():
         p = paired(lora, sira)
         claim = f"SiRA >= LoRA multi-task, equal params ({section})"
         if p is None:
@@ -121,21 +134,15 @@ def claim_sira() -> list[Claim]:
 
 
 def claim_fusion() -> Claim:
-    claim = "Fusion: LoRA loses more than SHiRA (4)"
+    """LoRA loses more than SHiRA when fused, on every task the adapters learned (section 4)."""
+    claim = "Fusion: LoRA loses more than SHiRA, on every learned task (4)"
     paper = "LoRA -11.1%, SHiRA -3.6 to -4.4%"
-    res = fusion_results()
-    tasks = learned_tasks(res) if res else []
-    cmp = fusion_compare(tasks[0]) if tasks else None
-    if cmp is None:
+    losses = concept_losses()
+    if not losses:
         return Claim(claim, paper, NOT_RUN, NOT_MEASURED)
-    lora, shira, se = cmp
-    diff = lora["loss_points"] - shira["loss_points"]
-    measured = (f"{tasks[0]}: LoRA -{num(lora['loss_relative_pct'], 1)}%, SHiRA "
-                f"-{num(shira['loss_relative_pct'], 1)}% (difference {num(diff, 1)} points, one SE "
-                f"{num(se, 1)})")
-    verdict = ("no" if diff <= 0 else
-               "direction only (within noise)" if diff < se else "yes")
-    return Claim(claim, paper, measured, verdict)
+    measured = "; ".join(f"{c.label}: LoRA {rel(c.lora)}, SHiRA {rel(c.shira)} (difference "
+                         f"{num(c.diff, 1)} points, one SE {num(c.se, 1)})" for c in losses)
+    return Claim(claim, paper, measured, fusion_verdict(losses))
 
 
 def claim_targets() -> Claim:

@@ -162,6 +162,7 @@ LOSS: Column = ("test loss", lambda m: f"{num(m['test']['loss'])}")
 PARAMS: Column = ("adapter params", params_cell)
 TRAIN_S: Column = ("train s", lambda m: f"{m['train_s']:.0f}")
 WALL_S: Column = ("wall s", lambda m: f"{m.get('wall_s', float('nan')):.0f}")
+ACCURACY = ("accuracy",)  # the test metric key of a classification run (seed_row)
 
 
 def table(lead: Sequence[str], rows: Sequence[tuple[Sequence[str], str]],
@@ -192,3 +193,33 @@ def notes_link(anchor: str) -> str:
     """A pointer to the same section of the frozen lab notebook."""
     return (f"Exploratory notes on this section, with the numbers as measured on 2026-11-23: "
             f"[lab notebook, section {anchor}]({NOTES}#{anchor}).")
+
+
+def run_arg(name: str, flag: str) -> str | None:
+    """The value of ``flag`` in run ``name``'s definition (results_quality.RUNS), or None."""
+    args = rq.RUNS.get(name, [])
+    return args[args.index(flag) + 1] if flag in args[:-1] else None
+
+
+def seed_head(seeds: Sequence[int]) -> list[str]:
+    """Header lines of a seeds-as-columns table (run, one column per seed, mean)."""
+    head = ["| run", *(f"seed {s}" for s in seeds), "mean |"]
+    return [" | ".join(head), "|" + "---|" * (len(seeds) + 2)]
+
+
+def seed_row(label: str, stem: str, seeds: Sequence[int],
+             keys: Sequence[str] = ("accuracy",)) -> str:
+    """One row of a seeds-as-columns table: test metric ``keys`` of run ``{stem}-s{seed}`` and
+    their means over the seeds that ran ('a / b' cells with several keys, e.g. a mixture's
+    per-source accuracies)."""
+    runs = dict(series(stem))
+    cells, vals = [], []
+    for s in seeds:
+        m = metrics(runs.get(s, ""))
+        if m is None:
+            cells.append(NOT_RUN)
+            continue
+        vals.append([m["test"][k] for k in keys])
+        cells.append(" / ".join(num(v) for v in vals[-1]))
+    tail = " / ".join(num(mean(col)) for col in zip(*vals, strict=True)) if vals else ""
+    return "| " + " | ".join([label, *cells, tail]) + " |"

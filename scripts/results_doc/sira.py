@@ -1,25 +1,24 @@
-"""Sections 3 and 3b: SiRA vs LoRA multi-task, and SoRA / SiRA with the lr decay (issue 3)."""
+"""Sections 3-3c: SiRA vs LoRA multi-task, SoRA / SiRA with the lr decay (issue 3)."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import results_quality as rq
 
 from .data import (
     ACC,
+    ACCURACY,
     NOT_MEASURED,
-    NOT_RUN,
     TRAIN_S,
     Paired,
     acc,
     dots,
-    mean,
     metrics,
     notes_link,
     num,
     paired,
     pts,
+    seed_head,
+    seed_row,
     seeds_text,
     series,
     table,
@@ -54,15 +53,15 @@ labels. 1 epoch, seed 0; {dots(rq.MIX1)}.
 {notes_link("3")}"""
 
 
-def sira_text(p: Paired | None) -> str:
-    """'What came out' for SiRA vs LoRA (computed)."""
+def sira_text(p: Paired | None, halves: str | None = None) -> str:
+    """'What came out' for SiRA vs LoRA (computed); ``halves`` replaces the politics-probe note."""
     if p is None:
         return f"**What came out:** {NOT_MEASURED} (runs missing)."
     verdict = "reproduces" if p.gap >= 0 else "does not reproduce"
     return (f"**What came out.** **SiRA >= LoRA {verdict} here**: SiRA minus LoRA "
             f"{p.gaps_text()} points on the mean accuracy ({seeds_text(p.seeds)}), mean "
             f"{pts(p.gap)}; ahead with {p.wins} of {len(p.seeds)} seeds. "
-            f"{halves_text(p)}")
+            f"{halves_text(p) if halves is None else halves}")
 
 
 def halves_text(p: Paired) -> str:
@@ -75,38 +74,21 @@ def halves_text(p: Paired) -> str:
 
 
 SECTION_3B = [
-    ("LoRA r=16, rt-sentiment", "rt-lora-r16-1ep-lin", "accuracy"),
-    ("SoRA r_max=16 + linear xi schedule, rt-sentiment", "rt-sora-r16-linear-1ep-lin", "accuracy"),
-    ("LoRA r=10, rt+politics mean", "mix-lora-r10-1ep-lin", "accuracy"),
-    ("SiRA E=4 r=2 top-2, rt+politics mean", "mix-sira-e4r2-1ep-lin", "accuracy"),
-    ("(rt / politics halves, LoRA)", "mix-lora-r10-1ep-lin", "halves"),
-    ("(rt / politics halves, SiRA)", "mix-sira-e4r2-1ep-lin", "halves"),
+    ("LoRA r=16, rt-sentiment", "rt-lora-r16-1ep-lin", ACCURACY),
+    ("SoRA r_max=16 + linear xi schedule, rt-sentiment", "rt-sora-r16-linear-1ep-lin", ACCURACY),
+    ("LoRA r=10, rt+politics mean", "mix-lora-r10-1ep-lin", ACCURACY),
+    ("SiRA E=4 r=2 top-2, rt+politics mean", "mix-sira-e4r2-1ep-lin", ACCURACY),
+    ("(rt / politics halves, LoRA)", "mix-lora-r10-1ep-lin", ("accuracy/rt", "accuracy/politics")),
+    ("(rt / politics halves, SiRA)", "mix-sira-e4r2-1ep-lin", ("accuracy/rt", "accuracy/politics")),
 ]
 
 
-def seed_row(label: str, stem: str, what: str, seeds: Sequence[int]) -> str:
-    """One row of a seeds-as-columns table (accuracy with a mean, or the rt / politics halves)."""
-    runs = dict(series(stem))
-    cells, vals = [], []
-    for s in seeds:
-        m = metrics(runs.get(s, ""))
-        if m is None:
-            cells.append(NOT_RUN)
-        elif what == "halves":
-            cells.append(f"{num(m['test']['accuracy/rt'])} / {num(m['test']['accuracy/politics'])}")
-        else:
-            vals.append(m["test"]["accuracy"])
-            cells.append(f"{num(vals[-1])}")
-    tail = f"{num(mean(vals))}" if vals else ""
-    return "| " + " | ".join([label, *cells, tail]) + " |"
-
-
 def section_3b() -> str:
+    """SoRA and SiRA with the linear lr decay, one row per method, one column per seed."""
     seeds = sorted({s for _, stem, _ in SECTION_3B for s, _ in series(stem)})
-    head = ["| run", *(f"seed {s}" for s in seeds), "mean |"]
-    lines = [" | ".join(head), "|" + "---|" * (len(seeds) + 2)]
-    for label, stem, what in SECTION_3B:
-        lines.append(seed_row(label, stem, what, seeds))
+    lines = seed_head(seeds)
+    for label, stem, keys in SECTION_3B:
+        lines.append(seed_row(label, stem, seeds, keys))
         if stem == "rt-sora-r16-linear-1ep-lin":
             lines.append(kept_row("rt-lora-r16-1ep-lin", stem, seeds))
     sora = sora_results(series("rt-lora-r16-1ep-lin"), series("rt-sora-r16-linear-1ep-lin"))
@@ -117,7 +99,8 @@ def section_3b() -> str:
 Same settings as sections 2 and 3 (1,000 / 500, 1 epoch = 63 steps, q/v) plus `--lr-schedule
 linear --warmup-steps 6`, one run per seed. Commands: those of sections 2-3 with `--seed N
 --lr-schedule linear --warmup-steps 6 --out runs/mp/<name>` (`scripts/results_quality.py`,
-names {names}).
+names {names}). Halves rows: the accuracy on each source's half of the test set (`rt /
+politics`); their mean column is the mean of each half.
 
 {chr(10).join(lines)}
 
@@ -126,3 +109,63 @@ names {names}).
 {sira_text(sira)}
 
 {notes_link("3b")}"""
+
+
+MIXS_LORA, MIXS_SIRA = "mixs-lora-r10-1ep-lin", "mixs-sira-e4r2-1ep-lin"
+MIXS_HALVES = ("accuracy/rt", "accuracy/subj")
+# each half of the rt+subjectivity mix, with the frozen probe of section 4 trained on that task
+MIXS_PROBES = {"accuracy/rt": ("rt-sentiment", "rt-none-2ep"),
+               "accuracy/subj": ("subjectivity", "subj-none-2ep")}
+SECTION_3C = [
+    ("LoRA r=10, rt+subjectivity mean", MIXS_LORA, ACCURACY),
+    ("SiRA E=4 r=2 top-2, rt+subjectivity mean", MIXS_SIRA, ACCURACY),
+    ("(rt / subjectivity halves, LoRA)", MIXS_LORA, MIXS_HALVES),
+    ("(rt / subjectivity halves, SiRA)", MIXS_SIRA, MIXS_HALVES),
+]
+
+
+def section_3c() -> str:
+    """SiRA vs LoRA on rt+subjectivity, a mix whose second task the adapters can learn."""
+    seeds = sorted({s for _, stem, _ in SECTION_3C for s, _ in series(stem)})
+    lines = seed_head(seeds) + [seed_row(label, stem, seeds, keys)
+                                for label, stem, keys in SECTION_3C]
+    cmds = "\n".join("    " + " ".join(rq.command(f"{stem}-s0")) for stem in (MIXS_LORA, MIXS_SIRA)
+                     if f"{stem}-s0" in rq.RUNS)
+    p = paired(series(MIXS_LORA), series(MIXS_SIRA))
+    return f"""## 3c. SiRA vs LoRA on a learnable multi-task mix, 3 seeds (issue 3)
+
+Sections 3 and 3b mix in a second task, politics, whose adapters did not beat its frozen probe at
+1,000 examples (section 4), so their mean accuracy mostly measures rt-sentiment. Here the second
+task is **subjectivity**: one sentence of the Rotten Tomatoes corpus, from a critic's review
+snippet or from a plot summary (plot summaries cut into sentences of >= 8 words, classes balanced,
+split by movie as rt-sentiment). Task `rt+subjectivity`: the two mixed 50/50 (1,000 train / 500
+test, 250 per source), one 4-way head, each example scored among its own source's two labels.
+Otherwise as 3b: 1 epoch (63 steps), linear lr decay with 6 warmup steps, q/v, LoRA r=10 vs SiRA
+E=4, r=2, top-2 (equal trainable parameters, section 3). Seed 0's commands (other seeds: `--seed N`,
+names `-sN`):
+
+{cmds}
+
+{chr(10).join(lines)}
+
+{sira_text(p, mixs_halves_text())}"""
+
+
+def mixs_halves_text() -> str:
+    """Each half of rt+subjectivity (mean over seeds) next to that task's frozen probe."""
+    parts = []
+    for key, (task, probe_run) in MIXS_PROBES.items():
+        probe = acc(probe_run)
+        halves = [(name, [m["test"][key] for _, n in series(stem) if (m := metrics(n))])
+                  for name, stem in (("LoRA", MIXS_LORA), ("SiRA", MIXS_SIRA))]
+        if probe is None or not all(v for _, v in halves):
+            continue
+        scores = " / ".join(num(sum(v) / len(v)) for _, v in halves)
+        parts.append(f"{task} {scores} vs its probe's {num(probe)} (`{probe_run}`)")
+    if not parts:
+        return ""
+    return ("Per half, mean over seeds (LoRA / SiRA) next to section 4's frozen probe of that "
+            "task: " + "; ".join(parts) + ". The probes train on 1,000 examples of the one "
+            "task for 2 epochs and test on its own 500 examples, the mix's halves on 500 each for "
+            "1 epoch: an indication of whether each half learned more than a linear head, not a "
+            "paired comparison.")
