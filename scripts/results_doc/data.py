@@ -207,11 +207,29 @@ def seed_head(seeds: Sequence[int]) -> list[str]:
     return [" | ".join(head), "|" + "---|" * (len(seeds) + 2)]
 
 
-def seed_row(label: str, stem: str, seeds: Sequence[int],
-             keys: Sequence[str] = ("accuracy",)) -> str:
+def common_seeds(stems: Sequence[str]) -> list[int]:
+    """Seeds for which every series in ``stems`` has a trained run (a table's mean column)."""
+    have = [{s for s, n in series(stem) if metrics(n)} for stem in stems]
+    return sorted(set.intersection(*have)) if have else []
+
+
+def means_note(seeds: Sequence[int], common: Sequence[int],
+               rows: str = "every method of this table", scope: str = "") -> str:
+    """Under a seed table: which seeds the mean column (``scope``: of which rows) averages,
+    when not all of them; ``common`` are the seeds that have run ``rows``."""
+    if list(common) == list(seeds):
+        return ""
+    if not common:
+        return f"\n\nThe mean column{scope} stays empty until one seed has run {rows}."
+    return (f"\n\nThe mean column{scope} averages {seeds_text(common)} only, the seeds that have "
+            f"run {rows}, so that the means compare.")
+
+
+def seed_row(label: str, stem: str, seeds: Sequence[int], keys: Sequence[str] = ("accuracy",),
+             mean_over: Sequence[int] | None = None) -> str:
     """One row of a seeds-as-columns table: test metric ``keys`` of run ``{stem}-s{seed}`` and
-    their means over the seeds that ran ('a / b' cells with several keys, e.g. a mixture's
-    per-source accuracies)."""
+    their means over ``mean_over`` (default: the seeds that ran); 'a / b' cells with several
+    keys, e.g. a mixture's per-source accuracies."""
     runs = dict(series(stem))
     cells, vals = [], []
     for s in seeds:
@@ -219,7 +237,8 @@ def seed_row(label: str, stem: str, seeds: Sequence[int],
         if m is None:
             cells.append(NOT_RUN)
             continue
-        vals.append([m["test"][k] for k in keys])
-        cells.append(" / ".join(num(v) for v in vals[-1]))
+        cells.append(" / ".join(num(m["test"][k]) for k in keys))
+        if mean_over is None or s in mean_over:
+            vals.append([m["test"][k] for k in keys])
     tail = " / ".join(num(mean(col)) for col in zip(*vals, strict=True)) if vals else ""
     return "| " + " | ".join([label, *cells, tail]) + " |"

@@ -76,7 +76,8 @@ training loop alone, "wall s" includes loading, tokenising and evaluating.
 
 **Model.** MiniLM rows use `MeanPoolClassifier` (`edgeadapt/models/classifier.py`): the encoder's
 last hidden states mean-pooled over the attention mask into a bias-free linear head.
-**Default setting** (sections 1c-4; section 1.0-1b say theirs): MiniLM-L6, adapter targets `qv`
+**Default setting** (sections 1c-4, unless a section says otherwise; 1.0-1b and 2b say theirs):
+MiniLM-L6, adapter targets `qv`
 (query and value of the 6 layers), AdamW without weight decay, adapter lr 2e-3, head lr 1e-2
 (the head always trains), constant learning rate unless a command says `--lr-schedule linear`,
 batch 16, max_len 64, 1,000 training / 500 test examples. Test sets are fixed (the same examples

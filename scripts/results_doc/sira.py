@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import results_quality as rq
 
 from .data import (
@@ -11,7 +13,9 @@ from .data import (
     TRAIN_S,
     Paired,
     acc,
+    common_seeds,
     dots,
+    means_note,
     metrics,
     notes_link,
     num,
@@ -86,11 +90,18 @@ SECTION_3B = [
 def section_3b() -> str:
     """SoRA and SiRA with the linear lr decay, one row per method, one column per seed."""
     seeds = sorted({s for _, stem, _ in SECTION_3B for s, _ in series(stem)})
+    # each comparison's mean column averages the seeds both of its methods have
+    groups = {"SoRA": ("rt-lora-r16-1ep-lin", "rt-sora-r16-linear-1ep-lin"),
+              "SiRA": ("mix-lora-r10-1ep-lin", "mix-sira-e4r2-1ep-lin")}
+    common = {g: common_seeds(stems) for g, stems in groups.items()}
+    over = {stem: common[g] for g, stems in groups.items() for stem in stems}
     lines = seed_head(seeds)
     for label, stem, keys in SECTION_3B:
-        lines.append(seed_row(label, stem, seeds, keys))
+        lines.append(seed_row(label, stem, seeds, keys, over[stem]))
         if stem == "rt-sora-r16-linear-1ep-lin":
-            lines.append(kept_row("rt-lora-r16-1ep-lin", stem, seeds))
+            lines.append(kept_row("rt-lora-r16-1ep-lin", stem, seeds, mean_over=over[stem]))
+    note = "".join(means_note(seeds, c, f"both {g} and its LoRA", f" of the {g} rows")
+                   for g, c in common.items())
     sora = sora_results(series("rt-lora-r16-1ep-lin"), series("rt-sora-r16-linear-1ep-lin"))
     sira = paired(series("mix-lora-r10-1ep-lin"), series("mix-sira-e4r2-1ep-lin"))
     names = ", ".join(f"`{s}-s*`" for s in dict.fromkeys(st for _, st, _ in SECTION_3B))
@@ -102,7 +113,7 @@ linear --warmup-steps 6`, one run per seed. Commands: those of sections 2-3 with
 names {names}). Halves rows: the accuracy on each source's half of the test set (`rt /
 politics`); their mean column is the mean of each half.
 
-{chr(10).join(lines)}
+{chr(10).join(lines)}{note}
 
 {sora_text(sora)}
 
@@ -127,7 +138,8 @@ SECTION_3C = [
 def section_3c() -> str:
     """SiRA vs LoRA on rt+subjectivity, a mix whose second task the adapters can learn."""
     seeds = sorted({s for _, stem, _ in SECTION_3C for s, _ in series(stem)})
-    lines = seed_head(seeds) + [seed_row(label, stem, seeds, keys)
+    common = common_seeds([MIXS_LORA, MIXS_SIRA])
+    lines = seed_head(seeds) + [seed_row(label, stem, seeds, keys, common)
                                 for label, stem, keys in SECTION_3C]
     cmds = "\n".join("    " + " ".join(rq.command(f"{stem}-s0")) for stem in (MIXS_LORA, MIXS_SIRA)
                      if f"{stem}-s0" in rq.RUNS)
@@ -146,17 +158,18 @@ names `-sN`):
 
 {cmds}
 
-{chr(10).join(lines)}
+{chr(10).join(lines)}{means_note(seeds, common)}
 
-{sira_text(p, mixs_halves_text())}"""
+{sira_text(p, mixs_halves_text(common))}"""
 
 
-def mixs_halves_text() -> str:
-    """Each half of rt+subjectivity (mean over seeds) next to that task's frozen probe."""
+def mixs_halves_text(seeds: Sequence[int]) -> str:
+    """Each half of rt+subjectivity (mean over ``seeds``) next to that task's frozen probe."""
     parts = []
     for key, (task, probe_run) in MIXS_PROBES.items():
         probe = acc(probe_run)
-        halves = [(name, [m["test"][key] for _, n in series(stem) if (m := metrics(n))])
+        halves = [(name, [m["test"][key] for s, n in series(stem) if s in seeds
+                          and (m := metrics(n))])
                   for name, stem in (("LoRA", MIXS_LORA), ("SiRA", MIXS_SIRA))]
         if probe is None or not all(v for _, v in halves):
             continue
@@ -164,8 +177,8 @@ def mixs_halves_text() -> str:
         parts.append(f"{task} {scores} vs its probe's {num(probe)} (`{probe_run}`)")
     if not parts:
         return ""
-    return ("Per half, mean over seeds (LoRA / SiRA) next to section 4's frozen probe of that "
-            "task: " + "; ".join(parts) + ". The probes train on 1,000 examples of the one "
-            "task for 2 epochs and test on its own 500 examples, the mix's halves on 500 each for "
-            "1 epoch: an indication of whether each half learned more than a linear head, not a "
-            "paired comparison.")
+    return (f"Per half, mean over {seeds_text(seeds)} (LoRA / SiRA) next to section 4's "
+            "frozen probe of that task: " + "; ".join(parts) + ". The probes train on 1,000 "
+            "examples of the one task for 2 epochs and test on its own 500 examples, the mix's "
+            "halves on 500 each for 1 epoch: an indication of whether each half learned more than "
+            "a linear head, not a paired comparison.")
