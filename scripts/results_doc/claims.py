@@ -34,6 +34,7 @@ class Claim:
 
 
 def claim_issue2() -> Claim:
+    """Section 1.0's check as a claims row."""
     p, _ = issue2_check()
     paper = "SHiRA beats the frozen model (issue 2)"
     if p is None:
@@ -46,6 +47,7 @@ def claim_issue2() -> Claim:
 
 
 def claim_shira_lora() -> list[Claim]:
+    """SHiRA >= LoRA at equal parameters: one row per setting."""
     rows = []
     for setting, p, lower in shira_vs_lora_settings():
         claim = f"SHiRA >= LoRA at equal params: {setting}"
@@ -146,6 +148,7 @@ def claim_fusion() -> Claim:
 
 
 def claim_targets() -> Claim:
+    """All projections vs q/v (section 1b) as a claims row."""
     p = targets_compare()
     claim = "All projections buy accuracy over q/v (1b)"
     paper = "issue 7: decides the default `--targets`"
@@ -187,6 +190,7 @@ def claims() -> list[Claim]:
 
 
 def section_claims() -> str:
+    """The claims summary table."""
     lines = ["## Claims summary", "",
              "Each row is computed from the runs of the section in brackets. \"yes\" / \"no\" "
              "is the claim as stated, on the runs that exist; \"not measured\" means a run is "

@@ -7,7 +7,17 @@ from dataclasses import dataclass
 
 import results_quality as rq
 
-from .data import NOT_MEASURED, NOT_RUN, acc, binomial_se, fusion_results, metrics, notes_link, num
+from .data import (
+    NOT_MEASURED,
+    NOT_RUN,
+    acc,
+    binomial_se,
+    fusion_results,
+    metrics,
+    notes_link,
+    num,
+    run_arg,
+)
 
 FUSION_PROBES = {"rt-sentiment": "rt-none-2ep", "politics": "pol-none-2ep",
                  "subjectivity": "subj-none-2ep"}
@@ -187,6 +197,15 @@ def fusion_text() -> str:
                      f"not beat {ref}.")
     for other, *names in FUSION_PAIRINGS:
         if not any(n in methods for n in names):
-            parts.append(f"The pairs with {other} are not in `runs/mp/fusion.json` yet "
-                         f"{NOT_RUN}.")
+            parts.append(f"The pairs with {other} are not in `runs/mp/fusion.json` yet: "
+                         f"{pending_text(other)}.")
     return " ".join(parts)
+
+
+def pending_text(task: str) -> str:
+    """Why a pairing is missing from fusion.json: its untrained runs, or a stale fusion.json."""
+    runs = [n for n in SECOND_RUNS if run_arg(n, "--task") == task]
+    missing = [n for n in runs if metrics(n) is None]
+    if missing:
+        return f"{', '.join(f'`{n}`' for n in missing)} {NOT_RUN}"
+    return "its runs are trained, re-run the fusion command above"

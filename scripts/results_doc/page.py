@@ -49,6 +49,7 @@ def wall_estimate() -> str:
 
 
 def section_header() -> str:
+    """Title, the command, the machine, the model and the default setting."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""# Results: adapter quality on real models
 
@@ -77,16 +78,17 @@ training loop alone, "wall s" includes loading, tokenising and evaluating.
 **Model.** MiniLM rows use `MeanPoolClassifier` (`edgeadapt/models/classifier.py`): the encoder's
 last hidden states mean-pooled over the attention mask into a bias-free linear head.
 **Default setting** (sections 1c-4, unless a section says otherwise; 1.0-1b and 2b say theirs):
-MiniLM-L6, adapter targets `qv`
-(query and value of the 6 layers), AdamW without weight decay, adapter lr 2e-3, head lr 1e-2
-(the head always trains), constant learning rate unless a command says `--lr-schedule linear`,
-batch 16, max_len 64, 1,000 training / 500 test examples. Test sets are fixed (the same examples
-for every run and seed; `--seed` picks the training subsample, its order, adapter init and the
-SNIP calibration batch). `edgeadapt train ...` below is the installed console script; the
+MiniLM-L6, adapter targets `qv` (query and value of the 6 layers), AdamW without weight decay,
+adapter lr 2e-3, head lr 1e-2 (the head always trains), constant learning rate unless a command
+says `--lr-schedule linear`, batch 16, max_len 64, 1,000 training / 500 test examples. Test sets
+are fixed (the same examples for every run and seed; `--seed` picks the training subsample, its
+order, adapter init and the SNIP calibration batch).
+`edgeadapt train ...` below is the installed console script; the
 scripts call the same `edgeadapt.train.cli.train` with `--threads 1 --no-progress` added."""
 
 
 def section_6() -> str:
+    """Pointer to the pooler-head findings kept in the lab notebook."""
     return f"""## 6. Findings kept from the pooler-head version
 
 Moved verbatim to [the lab notebook]({NOTES}#6) (measured with the older
@@ -132,6 +134,7 @@ SECTIONS: list[Callable[[], str]] = [
 
 
 def _fill(text: str, indent: str = "") -> str:
+    """``textwrap.fill`` at 100 columns, never breaking words or at hyphens."""
     return textwrap.fill(text, 100, subsequent_indent=indent, break_long_words=False,
                          break_on_hyphens=False)
 

@@ -65,6 +65,7 @@ def targets_compare() -> Paired | None:
 
 
 def section_1() -> str:
+    """Section 1's heading and its setting (2,000 / 1,000, SHiRA's budget)."""
     return f"""## 1. SHiRA vs the frozen encoder on Rotten Tomatoes (issue 2)
 
 This section departs from the default setting: **2,000 training / 1,000 test examples**, 2
@@ -77,6 +78,7 @@ exactly as many values as LoRA r=8 on the same targets (8 x (in + out) per matri
 
 
 def section_1_0() -> str:
+    """Section 1.0: issue 2's check with the linear lr decay, 3 seeds."""
     rows = ([(["frozen encoder + linear head", str(s)], n) for s, n in series("rt2k-none-lin")] +
             [(["SHiRA snip, q/v, budget = LoRA r=8", str(s)], n)
              for s, n in series("rt2k-shira-qv-snip-b8-lin")])
@@ -123,6 +125,7 @@ SECTION_1A = [("frozen encoder + linear head", "rt2k-none"),
 
 
 def section_1a() -> str:
+    """Section 1a: probe vs SHiRA-all vs LoRA-all, constant lr, with loss fifths."""
     rows = [([label, str(s)], n) for label, stem in SECTION_1A for s, n in series(stem)]
     tab = table(["run", "seed"], rows, [ACC, LOSS, PARAMS, TRAIN_S, WALL_S], rq.RT2K)
     return f"""### 1a. Frozen probe vs SHiRA (all targets) vs LoRA (all targets), seeds 0 and 1
@@ -167,6 +170,7 @@ def vs_text(label: str, p: Paired | None, ref: str = "the probe") -> str:
 
 
 def section_1a_text() -> str:
+    """'What came out' of 1a (computed)."""
     probe = series("rt2k-none")
     lines = ["**What came out** (computed):", "",
              "- " + vs_text("SHiRA-all (snip)", paired(probe, series("rt2k-shira-all-snip-b8"))),
@@ -201,9 +205,11 @@ def targets_cell(m: Metrics) -> str:
 
 
 def section_1b() -> str:
+    """Section 1b: SHiRA mask kinds and q/v vs all projections."""
     probe = dict(series("rt2k-none"))
 
     def vs_probe(m: Metrics) -> str:
+        """Accuracy minus the same seed's frozen probe, in points."""
         ref = acc(probe.get(int(m["config"]["seed"]), ""))
         return "-" if ref is None else pts(m["test"]["accuracy"] - ref)
 
@@ -226,6 +232,7 @@ The mask-row analysis and the rest of the exploratory reading are in
 
 
 def section_1b_text() -> str:
+    """'What came out' of 1b (computed)."""
     probe = series("rt2k-none")
     lines = ["**What came out** (computed):", ""]
     for mask, tg in MASKS_1B:
@@ -254,6 +261,7 @@ SECTION_1C = [("frozen encoder + linear head", [(0, "rt-none-2ep"), (1, "rt-none
 
 
 def section_1c() -> str:
+    """Section 1c: the 1,000 / 500 q/v runs, two seeds."""
     prefix = rq.RT2[:-2]
     rows = [([label, str(s)], n) for label, runs in SECTION_1C for s, n in runs]
     tab = table(["run", "seed"], rows, [ACC, PARAMS, TRAIN_S], prefix)

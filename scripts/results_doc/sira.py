@@ -31,6 +31,7 @@ from .sora import kept_row, sora_results, sora_text
 
 
 def section_3() -> str:
+    """Section 3: SiRA vs LoRA on rt+politics, seed 0."""
     lora_n, sira_n = "mix-lora-r10-1ep", "mix-sira-e4r2-1ep"
     cols = [("params", lambda m: f"{m['trainable_params']:,}"), ACC,
             ("rt", lambda m: f"{num(m['test']['accuracy/rt'])}"),

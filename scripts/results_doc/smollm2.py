@@ -19,6 +19,7 @@ def metric_cell(m: Metrics) -> str:
 
 
 def section_7() -> str:
+    """Section 7: SmolLM2-135M Hamlet perplexity and generative sentiment."""
     prefix = ["--model", "smollm2"]
     rows = [([task, label], name) for task, label, name in SECTION_7]
     cols = [("metric", metric_cell), ("adapter params", lambda m: f"{m['trainable_params']:,}"),
@@ -39,6 +40,7 @@ words, 480 training / 400 test examples), 30 steps of batch 16. `...` = `edgeada
 
 
 def section_7_text() -> str:
+    """'What came out' of section 7 (computed)."""
     parts = ["**What came out.**"]
     for task, key, nd in (("hamlet", "perplexity", 1), ("rt", "accuracy", 3)):
         zero, shira, lora = (acc(f"sm-{task}-{r}", key) for r in

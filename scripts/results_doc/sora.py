@@ -73,10 +73,12 @@ def sora_results(lora: Sequence[tuple[int, str]],
 
 
 def section_2() -> str:
+    """Section 2: SoRA vs LoRA r=16 at 1,000 / 500, seed 0, with its stages."""
     lora_n, sora_n = "rt-lora-r16-1ep", "rt-sora-r16-linear-1ep"
     lora_m = metrics(lora_n)
 
     def kept(m: Metrics) -> str:
+        """Parameters kept after pruning, with the share of LoRA r=16's."""
         if "sora" not in m:
             return f"{m['trainable_params']:,}"
         n = m["sora"]["params_after"]

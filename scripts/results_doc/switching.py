@@ -82,6 +82,7 @@ BENCH_ROWS = [("SHiRA fused (live) / base forward, 1x1 · 1x64 · 8x64", "shira-
 
 
 def section_5() -> str:
+    """Section 5: the headline bench rows, their commands and switch time vs size."""
     reports = {col: (bench_report(name), backend) for col, (name, backend) in BENCH_MAIN.items()}
     lines = ["| | " + " | ".join(reports) + " |", "|---|" + "---|" * len(reports)]
     for label, what in BENCH_ROWS:
@@ -147,6 +148,7 @@ def switch_size_rows() -> list[dict]:
 
 
 def switch_size_section() -> str:
+    """The switch-time-vs-model-size table, plot and reading."""
     rows = switch_size_rows()
     files = " ".join(f"docs/bench/{n}.json" for n in SIZE_REPORTS)
     stale = " ".join(f"--stale docs/bench/{n}.json" for n in SIZE_STALE)
