@@ -252,12 +252,12 @@ def section_2b() -> str:
                                           + ("met." if mean_met(res) else "not met.")))
     return f"""## 2b. SoRA vs LoRA r=16 at section 1.0's budget, 3 seeds (issue 3)
 
-Section 2's comparison at the setting of section 1.0: 2,000 training / 1,000 test examples, 2
-epochs (250 steps), linear lr decay with 25 warmup steps, q/v, {seeds_text(seeds)}; SoRA r_max=16
-with the linear xi schedule over 4 stages, at two xi schedules. Two things differ from section 2:
+Section 2's comparison again, at section 1.0's setting (2,000 training / 1,000 test examples, 2
+epochs, linear lr decay with 25 warmup steps), q/v, {seeds_text(seeds)}; SoRA r_max=16 with the
+linear xi schedule over 4 stages, at two xi schedules. Why:
 
-- **Test-set size.** {noise_text()}
-- **xi.** {steps_text()}
+- **A larger test set.** {noise_text()}
+- **xi scaled down.** {steps_text()}
 
 Seed 0's commands (other seeds: `--seed N`, names `-sN`):
 
