@@ -33,6 +33,8 @@ from .data import (
     table,
 )
 
+LORA_1_0 = "rt2k-lora-qv-r8-lin"  # LoRA r=8 q/v at section 1.0's setting
+
 
 def issue2_check() -> tuple[Paired | None, int | None]:
     """Section 1.0: frozen probe vs SHiRA q/v with the linear decay; and the test-set size."""
@@ -46,6 +48,8 @@ def issue2_check() -> tuple[Paired | None, int | None]:
 def shira_vs_lora_settings() -> list[tuple[str, Paired | None, bool]]:
     """(setting, LoRA vs SHiRA paired, lower_is_better) for every equal-parameter comparison."""
     return [
+        ("MiniLM, q/v, linear decay (1.0)",
+         paired(series(LORA_1_0), series("rt2k-shira-qv-snip-b8-lin")), False),
         ("MiniLM, all 36 matrices, constant lr (1a)",
          paired(series("rt2k-lora-all-r8"), series("rt2k-shira-all-snip-b8")), False),
         ("MiniLM, q/v, 1,000 / 500 (1c)",
@@ -78,20 +82,24 @@ exactly as many values as LoRA r=8 on the same targets (8 x (in + out) per matri
 
 
 def section_1_0() -> str:
-    """Section 1.0: issue 2's check with the linear lr decay, 3 seeds."""
+    """Section 1.0: issue 2's check with the linear lr decay, 3 seeds; LoRA r=8 alongside."""
     rows = ([(["frozen encoder + linear head", str(s)], n) for s, n in series("rt2k-none-lin")] +
             [(["SHiRA snip, q/v, budget = LoRA r=8", str(s)], n)
-             for s, n in series("rt2k-shira-qv-snip-b8-lin")])
+             for s, n in series("rt2k-shira-qv-snip-b8-lin")] +
+            [(["LoRA r=8, q/v", str(s)], n) for s, n in series(LORA_1_0)])
     tab = table(["run", "seed"], rows, [ACC, LOSS, PARAMS, TRAIN_S, WALL_S], rq.RT2K)
     return f"""### 1.0 The issue's check: SHiRA vs the frozen probe with a linear learning-rate \
 decay, 3 seeds
 
 `...` as above, plus `--lr-schedule linear --warmup-steps 25` (25 warmup steps, then every
-learning rate decays linearly to 0). SHiRA-SNIP on q/v at LoRA r=8's budget.
+learning rate decays linearly to 0). SHiRA-SNIP on q/v at LoRA r=8's budget, and LoRA r=8 on the
+same q/v matrices (the same number of trained values) for the paper's SHiRA >= LoRA.
 
 {tab}
 
 {issue2_text()}
+
+{shira_lora_line(paired(series(LORA_1_0), series("rt2k-shira-qv-snip-b8-lin")))}
 
 {notes_link("1.0")}"""
 
