@@ -13,8 +13,10 @@ from .data import (
     TRAIN_S,
     Paired,
     acc,
+    binomial_se,
     common_seeds,
     dots,
+    mean,
     means_note,
     metrics,
     notes_link,
@@ -53,20 +55,29 @@ labels. 1 epoch, seed 0; {dots(rq.MIX1)}.
 
 {per_text}
 
-{sira_text(paired([(0, lora_n)], [(0, sira_n)]))}
+{sira_text(paired([(0, lora_n)], [(0, sira_n)]), n_test=n_test_examples([(0, lora_n)]))}
 
 {notes_link("3")}"""
 
 
-def sira_text(p: Paired | None, halves: str | None = None) -> str:
-    """'What came out' for SiRA vs LoRA (computed); ``halves`` replaces the politics-probe note."""
+def sira_text(p: Paired | None, halves: str | None = None, n_test: int | None = None) -> str:
+    """'What came out' for SiRA vs LoRA (computed); ``halves`` replaces the politics-probe note;
+    with ``n_test``, one binomial standard error of LoRA's mean accuracy for scale."""
     if p is None:
         return f"**What came out:** {NOT_MEASURED} (runs missing)."
     verdict = "reproduces" if p.gap >= 0 else "does not reproduce"
+    scale = ("" if not n_test else
+             f" (one binomial standard error of an accuracy on these {n_test:,} test examples: "
+             f"{num(100 * binomial_se(mean(p.a), n_test), 1)} points)")
     return (f"**What came out.** **SiRA >= LoRA {verdict} here**: SiRA minus LoRA "
             f"{p.gaps_text()} points on the mean accuracy ({seeds_text(p.seeds)}), mean "
-            f"{pts(p.gap)}; ahead with {p.wins} of {len(p.seeds)} seeds. "
+            f"{pts(p.gap)}{scale}; ahead with {p.wins} of {len(p.seeds)} seeds. "
             f"{halves_text(p) if halves is None else halves}")
+
+
+def n_test_examples(runs: Sequence[tuple[int, str]]) -> int | None:
+    """The test-set size of the first trained run of ``runs``."""
+    return next((int(m["test_examples"]) for _, n in runs if (m := metrics(n))), None)
 
 
 def halves_text(p: Paired) -> str:
@@ -118,7 +129,7 @@ politics`); their mean column is the mean of each half.
 
 {sora_text(sora)}
 
-{sira_text(sira)}
+{sira_text(sira, n_test=n_test_examples(series('mix-lora-r10-1ep-lin')))}
 
 {notes_link("3b")}"""
 
@@ -161,7 +172,7 @@ names `-sN`):
 
 {chr(10).join(lines)}{means_note(seeds, common)}
 
-{sira_text(p, mixs_halves_text(common))}"""
+{sira_text(p, mixs_halves_text(common), n_test_examples(series(MIXS_LORA)))}"""
 
 
 def mixs_halves_text(seeds: Sequence[int]) -> str:
