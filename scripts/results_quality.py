@@ -146,7 +146,7 @@ for _i in range(3):
 # "within 1 point". xi is per step, so with 4x the steps of section 2 it is scaled down ~4x.
 for _i in range(3):
     RUNS[f"rt2k-lora-r16-lin-s{_i}"] = _rt2k(_i, "--method", "lora", "--rank", "16", *LIN)
-    for _x0, _x1 in (("2.5e-4", "3.75e-3"), ("5e-4", "7.5e-3")):
+    for _x0, _x1 in (("2.5e-4", "3.75e-3"), ("3.3e-4", "5e-3"), ("5e-4", "7.5e-3")):
         RUNS[f"rt2k-sora-r16-x{_x1}-lin-s{_i}"] = _rt2k(
             _i, "--method", "sora", "--rank", "16", "--xi", _x0, "--sora-schedule", "linear",
             "--sora-xi-max", _x1, *LIN)
