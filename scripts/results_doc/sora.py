@@ -114,7 +114,7 @@ def stages_table(name: str) -> str:
     total = m["sora"]["r_max"] * len(m["sora"]["live_ranks"])
     rows = [f"| stage | steps | xi | live rank (of {total}) | test accuracy |",
             "|---|---|---|---|---|"]
-    rows += [f"| {st['stage']} | {st['step']} | {st['xi']:.2g} | {st['live_rank_total']} | "
+    rows += [f"| {st['stage']} | {st['step']} | {st['xi']:.3g} | {st['live_rank_total']} | "
              f"{num(st['accuracy'])} |" for st in m.get("stages", [])]
     ranks = list(m["sora"]["live_ranks"].values())
     return ("\n".join(rows) + f"\n\nFinal live ranks per q/v matrix: {min(ranks)}-{max(ranks)} of "
