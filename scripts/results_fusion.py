@@ -1,6 +1,7 @@
 """Multi-adapter fusion (issue 7 section 2): two adapters trained apart, then fused.
 
     PYTHONPATH=. .venv/bin/python scripts/results_fusion.py [--plot docs/fusion.png] [--recheck]
+    PYTHONPATH=. .venv/bin/python scripts/results_fusion.py --replot --plot docs/fusion.png
 
 Needs the runs of scripts/results_quality.py (rt-*, pol-* and subj-* halves). For each method, both
 adapters' deltas are added to one fresh base (``W += dW_1 + dW_2``: ``apply_adapter_torch``
@@ -121,7 +122,9 @@ def plot(results: list[dict], path: str) -> None:
     labels, alone, fused = [], [], []
     for r in results:
         for task, t in r["tasks"].items():
-            labels.append(f"{r['method'].split(' (')[0].split(', rt +')[0]}\n{task}")
+            method = r["method"].split(" (")[0].split(", rt +")[0]
+            method = method.replace("SHiRA snip, non-overlapping masks", "SHiRA disjoint")
+            labels.append(f"{method}\n{task}")
             alone.append(t["alone"])
             fused.append(t["fused"])
     x = np.arange(len(labels))
@@ -133,7 +136,7 @@ def plot(results: list[dict], path: str) -> None:
     ax.set_ylim(0.4, 1.0)
     ax.set_ylabel("test accuracy (500 examples)")
     ax.set_title("MiniLM: two adapters trained apart, then fused (seed 0)")
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper left", ncol=2, fontsize=8)
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -141,13 +144,16 @@ def plot(results: list[dict], path: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    torch.set_num_threads(1)
-    results = [fuse(method, runs, "--recheck" in argv) for method, runs in PAIRS.items()
-               if all((RUNS / r / "metrics.json").exists() for r in runs.values())]
-    fd, tmp = tempfile.mkstemp(dir=RUNS, suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, RUNS / "fusion.json")
+    if "--replot" in argv:  # plot the last results again, nothing recomputed
+        results = json.loads((RUNS / "fusion.json").read_text())
+    else:
+        torch.set_num_threads(1)
+        results = [fuse(method, runs, "--recheck" in argv) for method, runs in PAIRS.items()
+                   if all((RUNS / r / "metrics.json").exists() for r in runs.values())]
+        fd, tmp = tempfile.mkstemp(dir=RUNS, suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, RUNS / "fusion.json")
     print(table(results))
     for r in results:
         if r["mask_overlap"] is not None:
