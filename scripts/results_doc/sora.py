@@ -166,10 +166,10 @@ def kept_row(lora_stem: str, sora_stem: str, seeds: Sequence[int],
     return "| " + " | ".join([label, *cells, tail]) + " |"
 
 
-# Section 2b: issue 3's target at section 1.0's budget, two xi schedules, 3 seeds
+# Section 2b: issue 3's target at section 1.0's budget, three xi schedules, 3 seeds
 LORA_2B = "rt2k-lora-r16-lin"
 LORA_3B = "rt-lora-r16-1ep-lin"  # section 3b's LoRA r=16 (500 test examples)
-SORA_2B = ["rt2k-sora-r16-x3.75e-3-lin", "rt2k-sora-r16-x7.5e-3-lin"]
+SORA_2B = ["rt2k-sora-r16-x3.75e-3-lin", "rt2k-sora-r16-x5e-3-lin", "rt2k-sora-r16-x7.5e-3-lin"]
 SORA_2 = "rt-sora-r16-linear-1ep"  # section 2's run: its xi schedule is the reference
 
 
@@ -217,15 +217,15 @@ def steps_text() -> str:
              f" Section 2 ran {m2['steps']} steps, this section {m2b['steps']} "
              f"({num(m2b['steps'] / m2['steps'], 1)}x as many).")
     xi2 = float(run_arg(SORA_2, "--xi") or "nan")
-    divisors = " and by ".join(num(xi2 / float(run_arg(f"{s}-s0", "--xi") or "nan"), 1)
-                               for s in SORA_2B)
+    parts = [num(xi2 / float(run_arg(f"{s}-s0", "--xi") or "nan"), 1) for s in SORA_2B]
+    divisors = " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 1 else parts)
     return (f"xi is the soft-threshold applied after every gate step, so more steps shrink the "
-            f"gates more at the same xi.{steps} The two schedules here are section 2's "
+            f"gates more at the same xi.{steps} The schedules here are section 2's "
             f"({xi_schedule(SORA_2)}) divided by {divisors}.")
 
 
 def section_2b() -> str:
-    """SoRA vs LoRA r=16 at 2,000 / 1,000, 250 steps, linear lr decay, two xi schedules."""
+    """SoRA vs LoRA r=16 at 2,000 / 1,000, 250 steps, linear lr decay, three xi schedules."""
     stems = [LORA_2B, *SORA_2B]
     seeds = sorted({s for stem in stems for s, _ in series(stem)})
     # means over the seeds of LoRA and of every xi schedule that has started
@@ -254,7 +254,7 @@ def section_2b() -> str:
 
 Section 2's comparison again, at section 1.0's setting (2,000 training / 1,000 test examples, 2
 epochs, linear lr decay with 25 warmup steps), q/v, {seeds_text(seeds)}; SoRA r_max=16 with the
-linear xi schedule over 4 stages, at two xi schedules. Why:
+linear xi schedule over 4 stages, at three xi schedules. Why:
 
 - **A larger test set.** {noise_text()}
 - **xi scaled down.** {steps_text()}
