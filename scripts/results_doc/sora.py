@@ -269,4 +269,8 @@ Seed 0's commands (other seeds: `--seed N`, names `-sN`):
 
 **What came out** (computed, per seed on the seeds where both runs exist):
 
-{chr(10).join(outcome)}"""
+{chr(10).join(outcome)}
+
+The schedules were run one after another (the middle one last) and all are reported. Picking the
+one that meets the target is a choice made on these test sets (there is no validation split), so
+read the three together: how much pruning SoRA takes before it falls behind LoRA r=16."""
