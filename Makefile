@@ -32,9 +32,9 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m "slow" tests
 
-# docs/results.md: trains the missing quality runs (an hour or more on 2 cores; not in CI),
+# docs/results.md: trains the missing quality runs (hours on 2 cores from scratch; not in CI),
 # refreshes fusion and plots, renders. `make results RESULTS_ARGS=--render-only` only re-renders.
-results:
+results: setup
 	PYTHONPATH=. $(PY) scripts/results.py $(RESULTS_ARGS)
 
 lint: setup
