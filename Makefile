@@ -26,7 +26,7 @@ demo: setup
 	$(VENV)/bin/edgeadapt quickstart
 
 test: setup
-	$(VENV)/bin/ruff check edgeadapt tests
+	$(VENV)/bin/ruff check edgeadapt tests scripts
 	$(PY) -m pytest -q -m "not slow and not gpu" tests
 
 test-slow: setup
@@ -38,7 +38,7 @@ results: setup
 	PYTHONPATH=. $(PY) scripts/results.py $(RESULTS_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check edgeadapt tests
+	$(VENV)/bin/ruff check edgeadapt tests scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
