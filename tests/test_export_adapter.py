@@ -201,3 +201,22 @@ def test_variant_shape_bookkeeping(bundle):
         "1x64": "forward_1x64", "8x64": "forward_8x64"}}}}
     assert _static_of(variant) == {(1, 64), (8, 64)}
     assert _static_of({"onnx": {}}) is None
+
+
+def test_bench_prepare_variants_only_adds_variants_and_keeps_the_base(tmp_path):
+    """`python -m edgeadapt.bench.prepare`: a base with a LoRA variant, then --variants-only adds
+    the SiRA variant to that bundle without re-exporting (the base files hash as before)."""
+    from edgeadapt.bench.prepare import main as prepare
+
+    out = tmp_path / "b"
+    res = CliRunner().invoke(prepare, [MODEL, str(out), "--formats", "onnx", "--lora-rank", "4",
+                                       "--sira", "", "--no-check"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert list(read_manifest(out).variants) == ["lora-r4"]
+    base = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("model.onnx*")}
+    res = CliRunner().invoke(prepare, [MODEL, str(out), "--variants-only", "--lora-rank", "4",
+                                       "--sira", "2,2,1,1.0", "--pte-shapes", "1x8"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert sorted(read_manifest(out).variants) == ["lora-r4", "sira-e2-r2-k1-c1"]
+    assert base == {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                    for p in out.glob("model.onnx*")}

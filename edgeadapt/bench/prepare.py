@@ -24,8 +24,13 @@ import click
               help="experts,rank,top_k,capacity_factor of the SiRA variant ('' for none)")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Let the exporters verify the graphs against PyTorch.")
+@click.option("--variants-only", is_flag=True,
+              help="OUT is an existing bundle: add only the variants it lacks.")
+@click.option("--pte-shapes", default=None,
+              help="BxS,... the SiRA ExecuTorch program is lowered for (default: 1x1, "
+                   "1 x max_seq, max_batch x max_seq)")
 def main(model: str, out: str, targets: str, formats: str, lora_rank: int, sira: str,
-         check: bool) -> None:
+         check: bool, variants_only: bool, pte_shapes: str | None) -> None:
     """Export MODEL to OUT with the branch variants `edgeadapt bench` times."""
     import torch
 
@@ -35,16 +40,19 @@ def main(model: str, out: str, targets: str, formats: str, lora_rank: int, sira:
 
     torch.set_num_threads(2)
     bundle = Path(out)
-    export_base(model, bundle, formats=formats.split(","), targets=targets, check=check)
-    manifest = read_manifest(bundle)
+    if not variants_only:
+        export_base(model, bundle, formats=formats.split(","), targets=targets, check=check)
+    shapes = ([tuple(int(v) for v in s.split("x")) for s in pte_shapes.split(",")]
+              if pte_shapes else None)
     branches: list[tuple] = [("lora", lora_rank)] if lora_rank > 0 else []
     if sira:
         e, r, k, cf = sira.split(",")
         branches.append(("sira", int(e), int(r), int(k), float(cf)))
-    for branch in branches:
-        key = ensure_variant(bundle, manifest, branch, check)
+    for branch in branches:  # the manifest is written after each: a lowering takes minutes
+        manifest = read_manifest(bundle)
+        key = ensure_variant(bundle, manifest, branch, check, pte_shapes=shapes)
+        write_manifest(bundle, manifest)
         click.echo(f"variant {key}")
-    write_manifest(bundle, manifest)
     click.echo(f"wrote {bundle / 'bundle.json'}")
 
 
