@@ -129,6 +129,22 @@ def test_outputs_follow_every_switch(bundle, mode):
     assert np.array_equal(rt.run(x=X), base)  # back at base: bit-identical output
 
 
+@pytest.mark.parametrize("mode", ["live", "repack"])
+def test_returned_outputs_are_not_overwritten_by_later_runs(bundle, mode):
+    """run() hands out ONNX Runtime's output buffer (no copy): a later run, a switch and a run
+    after it must not change an array already returned."""
+    rt = load(bundle, mode=mode, threads=1)
+    first = rt.run(x=X)
+    kept = first.copy()
+    rt.run(x=-X)
+    rt.switch("a")
+    second = rt.run(x=X)
+    assert np.array_equal(first, kept)
+    assert outputs_match(first, reference_logits(bundle, [], X))
+    assert outputs_match(second, reference_logits(bundle, [("a", 1.0)], X))
+    assert not np.shares_memory(first, second)
+
+
 def test_check_detects_stale_prepacked_weights(bundle):
     """Edit weights under a prepacked session without rebuilding: the check must fail."""
     rt = load(bundle, mode="repack", threads=1)

@@ -161,12 +161,18 @@ class OrtLiveStore(_OrtStoreBase):
 
 def run_bound(session, binding, feeds: dict[str, np.ndarray], output_name: str) -> np.ndarray:
     """One forward through ``binding`` (weights already bound to it): bind the model inputs
-    ``feeds`` on the CPU, run, return the single output as numpy."""
+    ``feeds`` on the CPU, run, return the single output as numpy.
+
+    The output is the numpy view of the OrtValue ONNX Runtime allocated for this run (it keeps
+    that OrtValue alive; the next run gets a new one), not ``copy_outputs_to_cpu``'s copy: on
+    SmolLM2 at 8x64 the logits are 100 MB and the copy made live mode 1.15x the base forward
+    instead of 0.99x (``session.run``, which the base uses, returns such a view too).
+    """
     for name, x in feeds.items():
         binding.bind_cpu_input(name, x)
     binding.bind_output(output_name, "cpu")
     session.run_with_iobinding(binding)
-    out = binding.copy_outputs_to_cpu()[0]
+    out = binding.get_outputs()[0].numpy()
     binding.clear_binding_outputs()
     return out
 
