@@ -106,6 +106,14 @@ RUNS.update({
     "sm-rt-lora-r8": [*_SM_RT, "--steps", "30", "--batch-size", "16", "--method", "lora",
                       "--rank", "8"],
 })
+# SoRA (r_max = LoRA's 8; xi doubled from section 2's for 30 steps instead of 63) and SiRA
+# (E=4 experts of rank 2, top-2: LoRA r=8's A and B sizes plus a 4 x 576 router per matrix)
+_SM_SORA = ["--method", "sora", "--rank", "8", "--xi", "2e-3", "--sora-schedule", "linear",
+            "--sora-xi-max", "3e-2"]
+_SM_SIRA = ["--method", "sira", "--experts", "4", "--rank", "2", "--top-k", "2"]
+for _task, _args, _batch in (("hamlet", _SM_HAM, "8"), ("rt", _SM_RT, "16")):
+    RUNS[f"sm-{_task}-sora-r8"] = [*_args, "--steps", "30", "--batch-size", _batch, *_SM_SORA]
+    RUNS[f"sm-{_task}-sira-e4r2"] = [*_args, "--steps", "30", "--batch-size", _batch, *_SM_SIRA]
 
 
 # issue 3 again with the linear lr decay (63 steps: 6 warmup), seeds 0-2
