@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import results_switch_size as rss
@@ -10,6 +11,8 @@ from .data import NOT_MEASURED, NOT_RUN, bench_report, notes_link, num
 
 BENCH_MAIN = {"ONNX Runtime CPU, run 1": ("smollm2-qv-ort", "onnxruntime-cpu"),
               "ONNX Runtime CPU, run 2": ("smollm2-qv-ort-run2", "onnxruntime-cpu"),
+              "ONNX Runtime CPU, run 3 (outputs as views)": ("smollm2-qv-ort-run3",
+                                                             "onnxruntime-cpu"),
               "ExecuTorch (XNNPACK)": ("smollm2-qv-executorch", "executorch")}
 SHAPES = ((1, 1), (1, 64), (8, 64))
 
@@ -117,7 +120,8 @@ PREPARE = {
                        "export_base('smollm2', 'bundles/smollm2-all', formats=['onnx'], "
                        "targets='all', check=False)\"",
 }
-BENCH_FILES = ["smollm2-qv-ort", "smollm2-qv-ort-run2", "smollm2-qv-executorch", "minilm-qv",
+BENCH_FILES = ["smollm2-qv-ort", "smollm2-qv-ort-run2", "smollm2-qv-ort-run3",
+               "smollm2-qv-executorch", "minilm-qv",
                "smollm2-all-ort"]
 
 
@@ -129,14 +133,14 @@ def bench_commands() -> str:
         if report is None:
             lines.append(f"- `docs/bench/{name}.json`: {NOT_RUN}")
             continue
-        prep = PREPARE.get(name, PREPARE.get(name.removesuffix("-run2"), ""))
+        prep = PREPARE.get(name, PREPARE.get(re.sub(r"-run\d+$", "", name), ""))
         note = " (written to /tmp, then copied here)" if f"docs/bench/{name}.json" not in \
             report["command"] else ""
         lines.append(f"- `docs/bench/{name}.json`{note}: `{prep}`, then `{report['command']}`")
     return "\n".join(lines)
 
 
-SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run2", "smollm2-qv-executorch"]
+SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run3", "smollm2-qv-executorch"]
 SIZE_STALE = ["smollm2-all-ort"]
 
 
