@@ -105,8 +105,10 @@ def section_not_done() -> str:
         + ("" if decay and all(metrics(n) for n in decay) else
            " SHiRA vs LoRA at equal parameters with the decay (the paper's SHiRA >= LoRA, "
            "section 1.0's LoRA rows) is not measured on every seed yet."),
-        "SoRA and SiRA ran on MiniLM q/v only (SoRA at 1,000 / 500 and, in 2b, 2,000 / 1,000; "
-        "SiRA at 1,000 / 500, 1 epoch), never on SmolLM2 or on all targets.",
+        "SoRA and SiRA: multi-seed only on MiniLM q/v (SoRA at 1,000 / 500 and, in 2b, 2,000 / "
+        "1,000; SiRA at 1,000 / 500, 1 epoch); on SmolLM2 one seed each (section 7), and "
+        "never on all targets. SiRA's multi-task claim is tested on MiniLM only (section 7's "
+        "SmolLM2 runs are single-task).",
         "SNIP / grad masks scored after a short head-only warm-up (so that the calibration "
         "gradient does not come from a random head): the trainer has no option for it.",
         "Fusion (section 4): one seed per pair, MiniLM only.",
