@@ -262,7 +262,8 @@ class _Run:
                 "layout": "onnx", **traffic.as_dict()}
 
 
-def _device_name() -> str:
+def device_name() -> str:
+    """The CPU model (from /proc/cpuinfo where there is one) and the visible core count."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -320,7 +321,7 @@ def run_bench(bundle_dir: str | Path, opts: BenchOptions, subject: Subject | Non
     if shira_live:
         floor["measured_over_floor"] = {r["backend"]: r["p50_ms"] / floor["shira_switch_ms"]
                                         for r in shira_live}
-    return {"model": manifest.model, "device": _device_name(), "targets_spec":
+    return {"model": manifest.model, "device": device_name(), "targets_spec":
             manifest.targets_spec, "live_weights": len(manifest.weights),
             "live_params": int(sum(np.prod(w.shape) for w in manifest.weights.values())),
             "threads": opts.threads, "repeats": opts.repeats, "forward": run.forward,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import tempfile
 import textwrap
 from collections.abc import Callable
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import results_quality as rq
 
+from edgeadapt.bench.run import device_name
+
 from . import claims, data, fusion, shira, sira, smollm2, sora, switching
 from .data import NOTES, metrics, num
 
@@ -20,20 +21,13 @@ COMMAND = "PYTHONPATH=. .venv/bin/python scripts/results.py"
 
 
 def hardware() -> str:
-    """CPU model, visible cores and torch version of the machine rendering the page."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """CPU model, visible cores (as the bench JSONs name the device) and torch version of the
+    machine rendering the page."""
     try:
         torch = metadata.version("torch")
     except metadata.PackageNotFoundError:
         torch = "not installed"
-    return f"{cpu}, {os.cpu_count()} cores visible, torch {torch}"
+    return f"{device_name()}, torch {torch}"
 
 
 def wall_estimate() -> str:
