@@ -125,7 +125,7 @@ def test_render_only_writes_atomically(runs: Path, results: ModuleType, tmp_path
     out = tmp_path / "page.md"
     results.main(["--render-only", "--out", str(out)])
     assert out.read_text().startswith("# Results")
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("page.md")] == ["page.md"]
+    assert [p.name for p in tmp_path.iterdir() if "page.md" in p.name] == ["page.md"]
 
 
 def fusion_rows(task_runs: dict[str, str], alone: float, fused: float) -> dict:

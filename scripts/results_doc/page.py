@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import os
-import tempfile
 import textwrap
 from collections.abc import Callable
 from importlib import metadata
@@ -13,6 +11,7 @@ from pathlib import Path
 import results_quality as rq
 
 from edgeadapt.bench.run import device_name
+from edgeadapt.format.container import atomic_write_bytes
 
 from . import claims, data, fusion, shira, sira, smollm2, sora, switching
 from .data import NOTES, metrics, num
@@ -165,13 +164,5 @@ def render() -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` (UTF-8) to ``path`` atomically, with the project's writer."""
+    atomic_write_bytes(path, [text.encode()])
