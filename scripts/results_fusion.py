@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 
 from edgeadapt.adapters import apply_adapter_torch
 from edgeadapt.export.adapter import load_run_adapter
+from edgeadapt.format.container import atomic_write_bytes
 from edgeadapt.format.types import Adapter, ShiraDelta
 from edgeadapt.models import load_model
 from edgeadapt.tasks import load_task
@@ -150,10 +150,7 @@ def main(argv: list[str]) -> None:
         torch.set_num_threads(1)
         results = [fuse(method, runs, "--recheck" in argv) for method, runs in PAIRS.items()
                    if all((RUNS / r / "metrics.json").exists() for r in runs.values())]
-        fd, tmp = tempfile.mkstemp(dir=RUNS, suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, RUNS / "fusion.json")
+        atomic_write_bytes(RUNS / "fusion.json", [json.dumps(results, indent=1).encode()])
     print(table(results))
     for r in results:
         if r["mask_overlap"] is not None:
