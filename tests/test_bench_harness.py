@@ -22,6 +22,8 @@ from edgeadapt.bench.timing import (
     Ratio,
     Stats,
     break_even_runs,
+    combine_instances,
+    instance_name,
     interleaved_order,
     paired_ratios,
     ratio_of_medians,
@@ -56,6 +58,26 @@ def test_ratio_arithmetic_by_hand():
         paired_ratios([1.0, 2.0], [1.0])
     with pytest.raises(ConfigError):
         ratio_of_medians([1.0], [0.0])
+
+
+def test_combine_instances_by_hand():
+    """Two sessions per variant; session 1 of base is 2x slower throughout (a bad layout). The
+    per-round geometric mean halves its weight: ratio sqrt((2*3)/(1*2)) per round, not 3/1."""
+    samples = {"base#0": [1.0, 1.0], "base#1": [2.0, 2.0],
+               "live#0": [2.0, 4.0], "live#1": [3.0, 3.0], "solo": [5.0, 6.0]}
+    pooled, per_round = combine_instances(samples)
+    assert sorted(pooled["base"]) == [1.0, 1.0, 2.0, 2.0]
+    assert pooled["solo"] == [5.0, 6.0] and per_round["solo"] == pytest.approx([5.0, 6.0])
+    assert per_round["base"] == pytest.approx([2 ** 0.5, 2 ** 0.5])
+    assert per_round["live"] == pytest.approx([6 ** 0.5, 12 ** 0.5])
+    r = Ratio.of(per_round, "live", "base")
+    # per-round ratios sqrt(3), sqrt(6): their median is the mean of the two
+    assert r.paired_median == pytest.approx((3 ** 0.5 + 6 ** 0.5) / 2)
+    assert instance_name("live", 1) == "live#1"
+    with pytest.raises(ConfigError):
+        combine_instances({"a#0": [1.0, 2.0], "a#1": [1.0]})
+    with pytest.raises(ConfigError):
+        combine_instances({"a#0": [0.0]})
 
 
 def test_interleaved_order_rotates():

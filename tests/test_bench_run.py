@@ -62,6 +62,27 @@ def test_cli_fused_variants_and_skips(base_bundle, tmp_path):
     assert rep["command"].startswith("edgeadapt bench")
 
 
+def test_cli_several_sessions_per_variant(base_bundle, tmp_path):
+    """--sessions 2: every variant runs as two sessions, each checked against PyTorch, pooled
+    into one row per variant (2 x repeats samples)."""
+    from edgeadapt.bench.cli import bench
+
+    js = tmp_path / "out.json"
+    res = CliRunner().invoke(bench, [
+        str(base_bundle), "--backends", "onnxruntime-cpu", "--shapes", "1x4", "--repeats", "3",
+        "--switch-repeats", "2", "--reload-repeats", "1", "--warmup", "1", "--no-peers",
+        "--sessions", "2", "--json", str(js)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rep = json.loads(js.read_text())
+    validate_report(rep)
+    rows = rep["forward"]
+    assert sorted(r["variant"] for r in rows) == sorted({r["variant"] for r in rows})
+    assert all(r["n"] == 6 and r["sessions"] == 2 for r in rows)
+    checked = sorted((r["variant"], r["instance"]) for r in rep["parity"])
+    assert checked == sorted((r["variant"], i) for r in rows for i in (0, 1))
+    assert next(r for r in rows if r["variant"] == "base")["ratio_vs_base"] == 1.0
+
+
 def test_cli_rejects_bad_shapes(base_bundle):
     from edgeadapt.bench.cli import bench
 

@@ -33,11 +33,15 @@ def _ints(value: str) -> list[int]:
               help="Timed reloads and repack switches (each rebuilds a session).")
 @click.option("--warmup", default=3, show_default=True)
 @click.option("--threads", default=1, show_default=True, help="Intra-op threads per backend.")
+@click.option("--sessions", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Independent sessions/programs per forward variant, all interleaved; "
+                   "ratios average over them (one session's memory layout can move it ~4%).")
 @click.option("--no-peers", is_flag=True, help="Skip the PyTorch PEFT peers.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None)
 def bench(bundle: str, backends: str, batches: str, seqs: str, shapes: str | None,
           repeats: int, switch_repeats: int, reload_repeats: int, warmup: int, threads: int,
+          sessions: int,
           no_peers: bool, json_path: str | None, plot_path: str | None) -> None:
     """Benchmark BUNDLE: forward latency (base vs SHiRA live/repack, LoRA fused/unfused, SoRA,
     SiRA, ONNX Runtime's LoRA adapters) and full switch cost (SHiRA, LoRA fuse, reload, PEFT),
@@ -61,7 +65,8 @@ def bench(bundle: str, backends: str, batches: str, seqs: str, shapes: str | Non
     opts = BenchOptions(backends=[b for b in backends.split(",") if b], batches=_ints(batches),
                         seqs=_ints(seqs), shapes=pairs, repeats=repeats,
                         switch_repeats=switch_repeats, reload_repeats=reload_repeats,
-                        warmup=warmup, threads=threads, peers=not no_peers)
+                        warmup=warmup, threads=threads, sessions=sessions,
+                        peers=not no_peers)
     with tqdm(desc="bench", unit="call", file=sys.stderr) as bar:
         report = run_bench(bundle, opts, progress=bar.update)
     report["command"] = "edgeadapt bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])

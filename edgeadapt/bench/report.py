@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 from edgeadapt.bench.schema import check_targets, validate_report
+from edgeadapt.format.container import atomic_write_bytes
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -19,7 +20,9 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 def table(report: dict) -> str:
     """Forward rows (p50 / p90 / p99, ratio to base), switch rows, floor, targets, skipped."""
-    lines = [f"model {report['model']} on {report['device']}", "",
+    lines = [f"model {report['model']} on {report['device']}"
+             + (f", {report['sessions']} sessions per variant" if report.get("sessions", 1) > 1
+                else ""), "",
              f"{'backend':<18}{'variant':<18}{'BxS':>7}{'p50 ms':>10}{'p90 ms':>10}"
              f"{'p99 ms':>10}{'x base':>8}"]
     for r in report["forward"]:
@@ -52,10 +55,7 @@ def write_json(path: str | os.PathLike, report: dict) -> Path:
     validate_report(report)
     out = Path(path)
     text = json.dumps(report, indent=1, allow_nan=False, default=float) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=out.parent or ".", prefix=out.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, out)
+    atomic_write_bytes(out, [text.encode()])
     return out
 
 
@@ -101,9 +101,8 @@ def plot(path: str | os.PathLike, report: dict) -> Path:
                  f"{report['device']}", fontsize=9)
     fig.tight_layout()
     out = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=out.parent or ".", prefix=out.name + ".", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, out)
+    atomic_write_bytes(out, [buf.getvalue()])
     return out

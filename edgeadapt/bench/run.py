@@ -35,7 +35,15 @@ import numpy as np
 from edgeadapt.bench import floor as fl
 from edgeadapt.bench.adapters import collect
 from edgeadapt.bench.reference import Subject, check_parity
-from edgeadapt.bench.timing import Ratio, Stats, break_even_runs, time_interleaved
+from edgeadapt.bench.timing import (
+    INSTANCE_SEP,
+    Ratio,
+    Stats,
+    break_even_runs,
+    combine_instances,
+    instance_name,
+    time_interleaved,
+)
 from edgeadapt.errors import ConfigError, EdgeAdaptError
 from edgeadapt.format.manifest import Manifest, read_manifest
 
@@ -57,6 +65,7 @@ class BenchOptions:
     switch_repeats: int = 50
     reload_repeats: int = 5
     threads: int = 1
+    sessions: int = 1  # independent sessions/programs per forward variant, all interleaved
     density: float = 0.01
     lora_rank: int = 16
     peers: bool = True
@@ -110,74 +119,96 @@ class _Run:
         self.aset.register(rt.manifest)
         return rt
 
-    def _parity(self, backend: str, variant: str, fn: Callable[[dict], np.ndarray],
-                adapter_name: str | None, inputs: dict) -> None:
-        adapter = self.aset.adapters[adapter_name] if adapter_name else None
-        err = check_parity(fn(inputs), self.subject.reference(adapter, inputs),
-                           f"{backend} {variant}")
+    def _parity(self, backend: str, case: str, fn: Callable[[dict], np.ndarray],
+                adapter_name: str | None, inputs: dict, refs: dict) -> None:
+        """Check ``fn`` against the PyTorch reference; ``refs`` caches references per adapter
+        for these inputs (every instance of a variant compares with the same one)."""
+        if adapter_name not in refs:
+            adapter = self.aset.adapters[adapter_name] if adapter_name else None
+            refs[adapter_name] = self.subject.reference(adapter, inputs)
+        err = check_parity(fn(inputs), refs[adapter_name], f"{backend} {case}")
+        variant, _, instance = case.partition(INSTANCE_SEP)
         self.parity.append({"backend": backend, "variant": variant,
+                            "instance": int(instance or 0),
                             "batch": int(next(iter(inputs.values())).shape[0]),
                             "max_rel_error": err})
 
     # -- forward ---------------------------------------------------------------------------
 
     def _forward_cases(self, backend: str) -> dict[str, tuple[Callable, str | None]]:
-        """variant -> (run(inputs) callable, adapter name) for one backend."""
+        """case -> (run(inputs) callable, adapter name) for one backend: ``variant#i`` for each
+        of the ``opts.sessions`` instances of every variant (each its own session/program)."""
+        cases: dict[str, tuple[Callable, str | None]] = {}
+        for i in range(self.opts.sessions):
+            one = self._forward_instance(backend, first=i == 0)
+            cases.update({instance_name(v, i): case for v, case in one.items()})
+        return cases
+
+    def _forward_instance(self, backend: str, first: bool
+                          ) -> dict[str, tuple[Callable, str | None]]:
+        """variant -> (run(inputs) callable, adapter name): one fresh runtime per variant. The
+        first instance also records memory and serves the switch timings."""
         shira, lora = self.aset.of("shira"), self.aset.of("lora")
         cases: dict[str, tuple[Callable, str | None]] = {}
+        memory: list[dict] = []
         rss0 = _rss()
         base = self._load(backend, "repack" if backend != "onnxruntime-cuda" else "live")
-        self.memory.append({"backend": backend, "runtime": "base", "rss_delta_bytes":
-                            _rss() - rss0})
+        memory.append({"backend": backend, "runtime": "base", "rss_delta_bytes": _rss() - rss0})
         cases["base"] = (lambda x, rt=base: rt.run(**x), None)
         rss0 = _rss()
         live = self._load(backend, "live")
         live.switch(shira[0])
-        self.memory.append({"backend": backend, "runtime": "live", "rss_delta_bytes":
-                            _rss() - rss0, "restore_bytes_shira": live.restore_memory_bytes()})
+        memory.append({"backend": backend, "runtime": "live", "rss_delta_bytes": _rss() - rss0,
+                       "restore_bytes_shira": live.restore_memory_bytes()})
         cases["shira-live"] = (lambda x, rt=live: rt.run(**x), shira[0])
-        self.rt_live = live
+        repack = None
         if backend != "onnxruntime-cuda":
             repack = self._load(backend, "repack")
             repack.switch(shira[0])
             cases["shira-repack"] = (lambda x, rt=repack: rt.run(**x), shira[0])
-            self.rt_repack = repack
-        else:
-            self.rt_repack = None
+        elif first:
             self._skip(backend, "shira-repack", "CUDA kernels read raw weights: live only")
         lora_rt = self._load(backend, "live")
         lora_rt.switch(lora[0])
-        self.memory.append({"backend": backend, "runtime": "live+lora", "restore_bytes_lora":
-                            lora_rt.restore_memory_bytes()})
+        memory.append({"backend": backend, "runtime": "live+lora", "restore_bytes_lora":
+                       lora_rt.restore_memory_bytes()})
         cases["lora-fused"] = (lambda x, rt=lora_rt: rt.run(**x), lora[0])
-        self.rt_lora = lora_rt
-        cases.update(self._unfused_cases(backend))
+        cases.update(self._unfused_cases(backend, first))
+        if first:
+            self.memory.extend(memory)
+            self.rt_live, self.rt_repack, self.rt_lora = live, repack, lora_rt
         return cases
 
-    def _unfused_cases(self, backend: str) -> dict[str, tuple[Callable, str | None]]:
+    def _unfused_cases(self, backend: str, first: bool
+                       ) -> dict[str, tuple[Callable, str | None]]:
         from edgeadapt.bench.unfused import unfused_cases
 
         if backend != "onnxruntime-cpu":
-            self._skip(backend, "unfused variants", "measured on onnxruntime-cpu only")
+            if first:
+                self._skip(backend, "unfused variants", "measured on onnxruntime-cpu only")
             return {}
-        cases, self.ort_peer, reasons = unfused_cases(self.bundle, self.manifest, self.aset,
-                                                      self.scratch, self.opts.threads)
-        for what, reason in reasons.items():
-            self._skip(backend, what, reason)
+        cases, peer, reasons = unfused_cases(self.bundle, self.manifest, self.aset,
+                                             self.scratch, self.opts.threads)
+        if first:
+            self.ort_peer = peer
+            for what, reason in reasons.items():
+                self._skip(backend, what, reason)
         return cases
 
     def run_forward(self, backend: str, cases: dict) -> None:
         for batch, seq in self.opts.shape_list():
             inputs = self.subject.inputs(batch, seq)
-            for variant, (fn, adapter) in cases.items():
-                self._parity(backend, variant, fn, adapter, inputs)
-            samples = time_interleaved({v: (lambda f=fn, x=inputs: f(x)) for v, (fn, _) in
+            refs: dict = {}
+            for case, (fn, adapter) in cases.items():
+                self._parity(backend, case, fn, adapter, inputs, refs)
+            samples = time_interleaved({c: (lambda f=fn, x=inputs: f(x)) for c, (fn, _) in
                                         cases.items()}, repeats=self.opts.repeats,
                                        warmup=self.opts.warmup, progress=self.progress)
-            for variant, st in ((v, Stats.of(s)) for v, s in samples.items()):
+            pooled, per_round = combine_instances(samples)
+            for variant, st in ((v, Stats.of(s)) for v, s in pooled.items()):
                 row = {"backend": backend, "variant": variant, "batch": batch, "seq": seq,
-                       **st.as_dict()}
-                r = Ratio.of(samples, variant, "base")
+                       "sessions": self.opts.sessions, **st.as_dict()}
+                r = Ratio.of(per_round, variant, "base")
                 row.update(ratio_vs_base=r.paired_median, ratio_vs_base_p10=r.paired_p10,
                            ratio_vs_base_p90=r.paired_p90)
                 self.forward.append(row)
@@ -324,7 +355,8 @@ def run_bench(bundle_dir: str | Path, opts: BenchOptions, subject: Subject | Non
     return {"model": manifest.model, "device": device_name(), "targets_spec":
             manifest.targets_spec, "live_weights": len(manifest.weights),
             "live_params": int(sum(np.prod(w.shape) for w in manifest.weights.values())),
-            "threads": opts.threads, "repeats": opts.repeats, "forward": run.forward,
+            "threads": opts.threads, "repeats": opts.repeats, "sessions": opts.sessions,
+            "forward": run.forward,
             "switch": run.switch, "floor": floor, "break_even": run.break_even,
             "memory": run.memory, "parity": run.parity, "skipped": run.skipped,
             "adapters": {n: {"method": e.method, "variant": e.variant,

@@ -97,6 +97,42 @@ class Ratio:
                 "paired_p90": self.paired_p90}
 
 
+INSTANCE_SEP = "#"
+
+
+def instance_name(variant: str, i: int) -> str:
+    """The case name of instance ``i`` of ``variant`` in an interleaved run (``variant#i``)."""
+    return f"{variant}{INSTANCE_SEP}{i}"
+
+
+def combine_instances(samples: Mapping[str, Sequence[float]]
+                      ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Fold the samples of several instances of a case (``variant#0``, ``variant#1``, ...: K
+    independent sessions/programs of the same variant, timed in the same interleaved run).
+
+    Returns ``(pooled, per_round)``: pooled[v] is every sample of every instance of v (for the
+    percentiles); per_round[v][r] = (prod_i t_{v#i, r}) ** (1 / K), the geometric mean over the
+    instances in round r, so that ``Ratio.of(per_round, v, "base")`` is
+    median_r prod_i (t_{v#i,r} / t_{base#i,r}) ** (1 / K) for equal K: a per-session offset
+    (one session's memory layout, which no repeat of that session removes) averages out instead
+    of deciding the ratio. Names without the separator are single instances and pass through.
+    """
+    groups: dict[str, list[Sequence[float]]] = {}
+    for name, xs in samples.items():
+        groups.setdefault(name.split(INSTANCE_SEP, 1)[0], []).append(xs)
+    pooled: dict[str, list[float]] = {}
+    per_round: dict[str, list[float]] = {}
+    for v, series in groups.items():
+        if len({len(xs) for xs in series}) != 1:
+            raise ConfigError(f"instances of {v!r} have different sample counts")
+        arr = np.asarray(series, dtype=np.float64)  # (K, rounds)
+        if np.any(arr <= 0.0):
+            raise ConfigError(f"non-positive sample among the instances of {v!r}")
+        pooled[v] = [float(x) for x in arr.reshape(-1)]
+        per_round[v] = [float(x) for x in np.exp(np.log(arr).mean(axis=0))]
+    return pooled, per_round
+
+
 def interleaved_order(names: Sequence[str], round_index: int) -> list[str]:
     """The order of the cases in round ``round_index``: the list rotated by the round number,
     so that no case always runs first (right after a cold gap) or always after the same one."""
