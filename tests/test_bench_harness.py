@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from edgeadapt.bench.floor import (
+    CopyProbe,
     backend_positions,
     floor_ms,
+    floor_ratios,
     measure_bandwidth,
     switch_traffic,
     touched_lines,
@@ -191,6 +193,34 @@ def test_floor_ms_and_bandwidth():
         floor_ms(t, 0.0)
     bw = measure_bandwidth(nbytes=1 << 20, repeats=2)
     assert 1e8 < bw < 1e13
+
+
+def test_floor_ratios_by_hand():
+    """Copies and switches of the same rounds: 1 line + 16 stream bytes = 144 bytes."""
+    t = switch_traffic({}, {"w": np.array([0])}, {"w": (1, 16)})
+    probe = CopyProbe(nbytes=1 << 12)
+    bw = probe.bandwidth([2 * 4096 / 144e3 * 1e3, 2 * 4096 / 288e3 * 1e3])  # 144, 288 kB/s
+    np.testing.assert_allclose(bw, [144e3, 288e3])
+    r = floor_ratios([3.0, 1.0], bw, t)  # per-round floors 1.0 and 0.5 ms
+    assert r["floor_ms"] == pytest.approx(144 / 216e3 * 1e3)  # median bandwidth 216 kB/s
+    assert r["floor_ms_peak"] == pytest.approx(0.5)
+    assert r["measured_over_floor"] == pytest.approx((3.0 + 2.0) / 2)  # median of 3/1, 1/0.5
+    assert r["measured_over_floor_peak"] == pytest.approx(2.0 / 0.5)
+    assert r["bandwidth_GBps_peak"] == pytest.approx(288e3 / 1e9)
+    probe()
+    assert np.array_equal(probe.dst, probe.src)
+    with pytest.raises(ConfigError):
+        floor_ratios([1.0], bw, t)
+    with pytest.raises(ConfigError):
+        probe.bandwidth([0.0])
+
+
+def test_check_targets_uses_the_paired_floor_ratio():
+    rep = _report()
+    rep["floor"]["measured_over_floor"] = {"onnxruntime-cpu": 1.7}
+    rows = {(r["target"], r["backend"]): r for r in check_targets(rep)}
+    assert rows[("shira switch/floor", "onnxruntime-cpu")]["value"] == 1.7
+    assert rows[("shira switch/floor", "onnxruntime-cpu")]["status"] == "miss"
 
 
 def _report() -> dict:

@@ -60,6 +60,10 @@ def test_cli_fused_variants_and_skips(base_bundle, tmp_path):
     skipped = {s["what"] for s in rep["skipped"]}
     assert {"lora-unfused", "sira-unfused", "ort-lora-adapter"} <= skipped
     assert rep["command"].startswith("edgeadapt bench")
+    # the floor's bandwidth was timed in the switch rounds, one copy per timed switch
+    fl = rep["floor"]["per_backend"]["onnxruntime-cpu"]
+    assert fl["measured_over_floor"] == rep["floor"]["measured_over_floor"]["onnxruntime-cpu"]
+    assert 0 < fl["floor_ms_peak"] <= fl["floor_ms"] and fl["bandwidth_GBps"] > 0
 
 
 def test_cli_several_sessions_per_variant(base_bundle, tmp_path):

@@ -12,6 +12,14 @@ The floor is that byte count divided by the memory bandwidth measured in the sam
 large ``numpy.copyto`` (counted as bytes read + bytes written). Scattered lines are fetched one
 by one, without the hardware prefetch a stream enjoys, so a real switch sits above the floor;
 the measured/floor ratio is how much headroom is left.
+
+The benchmark times the copy as one more case interleaved with the switches
+(:class:`CopyProbe`), so both see the same machine state (the copy also leaves the cache cold
+for whatever follows it, as inference between two switches does), and :func:`floor_ratios`
+pairs them round by round like every other ratio: ``floor_r = bytes / bw_r`` with
+``bw_r = 2 * nbytes / t_copy_r``, and measured/floor = median_r(t_switch_r / floor_r). The
+ratio against the best copy of the run (the peak bandwidth, the most pessimistic floor) is
+reported too.
 """
 
 from __future__ import annotations
@@ -109,6 +117,50 @@ def measure_bandwidth(nbytes: int = 128 << 20, repeats: int = 5) -> float:
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - t0)
     return 2.0 * src.nbytes / best
+
+
+class CopyProbe:
+    """A zero-argument callable copying an ``nbytes`` float32 array (pages faulted in at
+    construction), to be timed among the switches; ``bandwidth(t_ms) = 2 * nbytes / t``."""
+
+    def __init__(self, nbytes: int = 128 << 20) -> None:
+        self.src = np.ones(nbytes // 4, dtype=np.float32)
+        self.dst = np.empty_like(self.src)
+        np.copyto(self.dst, self.src)
+        self.nbytes = int(self.src.nbytes)
+
+    def __call__(self) -> None:
+        np.copyto(self.dst, self.src)
+
+    def bandwidth(self, copy_ms: np.ndarray | list[float]) -> np.ndarray:
+        """Bytes/s of each timed copy (read + write)."""
+        t = np.asarray(copy_ms, dtype=np.float64) / 1e3
+        if t.size == 0 or np.any(t <= 0.0):
+            raise ConfigError("copy timings must be positive")
+        return 2.0 * self.nbytes / t
+
+
+def floor_ratios(switch_ms: list[float], bandwidth: np.ndarray, traffic: SwitchTraffic
+                 ) -> dict[str, float]:
+    """The floor and measured/floor from switches and copies timed in the same rounds.
+
+    switch_ms, bandwidth: (n,) per round. Returns floor_ms (at the median bandwidth),
+    floor_ms_peak (at the highest), bandwidth_GBps (median), bandwidth_GBps_peak,
+    measured_over_floor = median_r(switch_r * bw_r / bytes) (paired, the target's ratio) and
+    measured_over_floor_peak = median(switch) / floor_ms_peak.
+    """
+    sw = np.asarray(switch_ms, dtype=np.float64)
+    bw = np.asarray(bandwidth, dtype=np.float64)
+    if sw.shape != bw.shape or sw.size == 0:
+        raise ConfigError(f"floor ratios need one copy per switch round; got {sw.shape}, "
+                          f"{bw.shape}")
+    per_round = traffic.total_bytes / bw * 1e3
+    peak = float(traffic.total_bytes / bw.max() * 1e3)
+    return {"floor_ms": float(traffic.total_bytes / np.median(bw) * 1e3),
+            "floor_ms_peak": peak, "bandwidth_GBps": float(np.median(bw) / 1e9),
+            "bandwidth_GBps_peak": float(bw.max() / 1e9),
+            "measured_over_floor": float(np.median(sw / per_round)),
+            "measured_over_floor_peak": float(np.median(sw) / peak)}
 
 
 def floor_ms(traffic: SwitchTraffic, bandwidth_bytes_per_s: float) -> float:

@@ -36,6 +36,11 @@ def table(report: dict) -> str:
     fl = report["floor"]
     lines += ["", f"SHiRA switch floor {_fmt(fl['shira_switch_ms'], 4)} ms "
               f"({fl.get('total_bytes', '?')} bytes at {_fmt(fl.get('bandwidth_GBps'), 1)} GB/s)"]
+    for be, r in fl.get("per_backend", {}).items():
+        lines.append(f"  {be}: switch / floor {_fmt(r['measured_over_floor'], 2)} (paired, "
+                     f"{_fmt(r['bandwidth_GBps'], 1)} GB/s median copy); "
+                     f"{_fmt(r['measured_over_floor_peak'], 2)} against the peak copy "
+                     f"({_fmt(r['bandwidth_GBps_peak'], 1)} GB/s)")
     for r in report.get("break_even", []):
         v = r["runs_per_switch"]
         lines.append(f"live vs repack break-even {r['backend']} {r['batch']}x{r['seq']}: "
