@@ -1,14 +1,21 @@
-"""Two probes of ONNX Runtime CPU's live-vs-base forward ratio (docs/bench.md, "Forward, ONNX
-Runtime"), on a bundle from ``python -m edgeadapt.bench.prepare``:
+"""Probes of ONNX Runtime CPU's live-vs-base forward ratio (docs/bench.md, "Forward, ONNX
+Runtime"), on a bundle from ``python -m edgeadapt.bench.prepare`` (``matmul`` needs none):
 
     PYTHONPATH=. .venv/bin/python scripts/ort_forward_probe.py sessions BUNDLE 8x64 --k 3
     PYTHONPATH=. .venv/bin/python scripts/ort_forward_probe.py output BUNDLE 8x64
+    PYTHONPATH=. .venv/bin/python scripts/ort_forward_probe.py profile BUNDLE 1x1
+    PYTHONPATH=. .venv/bin/python scripts/ort_forward_probe.py matmul - 1x1,1x8,1x64
 
 ``sessions``: K base (repack: every weight packed) and K live sessions in one process, timed
 interleaved; each session's median and live/base over every session pair, to tell a mode's
 cost from one session's luck. ``output``: one live session returning its logits four ways
 (the runtime's ``run``, the OrtValue's numpy view, a preallocated buffer, the OrtValue kept)
-against the base, to price the output copy.
+against the base, to price the output copy. ``profile``: ONNX Runtime's own profiler on a base
+and a live session, kernel time summed over the MatMuls that read a live weight and over all
+other nodes. ``matmul``: no model; a chain of 60 MatMuls with distinct (576, 576) weights
+(SmolLM2's q shape, 80 MB: out of cache), the weights constant and prepacked, constant with
+prepacking disabled, graph inputs (live), or graph inputs used as the *A* operand
+(``(W @ x^T)^T``; MLAS packs only B), each run after a 256 MiB copy evicts the cache.
 """
 
 from __future__ import annotations
@@ -87,18 +94,156 @@ def output(bundle: str, shape: str, repeats: int) -> None:
         print(f"{name}: {np.median(v):.2f} ms, {np.median(v) / ref:.3f} x base")
 
 
+def profile(bundle: str, shape: str, repeats: int) -> None:
+    import json
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    from edgeadapt.runtime.onnxruntime_backend import session_options
+
+    live, base = _load(bundle, "live"), _load(bundle, "repack")
+    x = _inputs(live, shape)
+    graph = onnx.load(str(live.engine.store.model_path), load_external_data=False).graph
+    live_inputs = set(live.engine.store.graph_names.values())
+    on_live = {n.name for n in graph.node
+               if n.op_type in ("MatMul", "Gemm") and set(n.input) & live_inputs}
+    totals = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode, rt in (("base", base), ("live", live)):
+            store = rt.engine.store
+            so = session_options(1)
+            so.enable_profiling = True
+            so.profile_file_prefix = f"{tmp}/{mode}"
+            if mode == "base":
+                so.add_session_config_entry(
+                    "session.model_external_initializers_file_folder_path",
+                    str(store.model_path.parent))
+                for n, lw in store.live_weights().items():
+                    so.add_initializer(store.graph_names[n], ort.OrtValue.ortvalue_from_numpy(
+                        lw.array))
+                sess = ort.InferenceSession(store._proto, so, providers=["CPUExecutionProvider"])
+                feeds = dict(x)
+            else:
+                sess = ort.InferenceSession(str(store.model_path), so,
+                                            providers=["CPUExecutionProvider"])
+                feeds = {**x, **{store.graph_names[n]: lw.array
+                                 for n, lw in store.live_weights().items()}}
+            for _ in range(repeats):
+                sess.run(None, feeds)
+            with open(sess.end_profiling()) as f:
+                events = json.load(f)
+            kern = [e for e in events if e.get("cat") == "Node" and
+                    e["name"].endswith("_kernel_time")]
+            qv = sum(e["dur"] for e in kern if e["name"][:-len("_kernel_time")] in on_live)
+            rest = sum(e["dur"] for e in kern) - qv
+            totals[mode] = (qv / repeats / 1e3, rest / repeats / 1e3)
+    for mode, (qv, rest) in totals.items():
+        print(f"{mode}: MatMuls on live weights {qv:.2f} ms, all other nodes {rest:.2f} ms "
+              f"per run ({len(on_live)} MatMuls)")
+    (bq, br), (lq, lr) = totals["base"], totals["live"]
+    print(f"live - base: live-weight MatMuls {lq - bq:+.2f} ms, other nodes {lr - br:+.2f} ms")
+
+
+def matmul(shapes: str, repeats: int, layers: int = 60, dim: int = 576) -> None:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    ws = [(rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32)
+          for _ in range(layers)]  # (in, out): the exporter's transposed layout
+
+    def graph(kind: str) -> bytes:
+        xv = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", dim])
+        yv = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "s", dim])
+        inputs, inits, nodes, cur = [xv], [], [], "x"
+        for i in range(layers):
+            if kind.startswith("const"):
+                inits.append(numpy_helper.from_array(ws[i], f"W{i}"))
+            else:
+                inputs.append(helper.make_tensor_value_info(f"W{i}", TensorProto.FLOAT,
+                                                            [dim, dim]))
+            if kind == "live, W as A":  # W holds (out, in) here: h = (W @ x^T)^T
+                nodes += [helper.make_node("Transpose", [cur], [f"t{i}"], perm=[0, 2, 1]),
+                          helper.make_node("MatMul", [f"W{i}", f"t{i}"], [f"u{i}"]),
+                          helper.make_node("Transpose", [f"u{i}"], [f"h{i}"], perm=[0, 2, 1])]
+            else:
+                nodes.append(helper.make_node("MatMul", [cur, f"W{i}"], [f"h{i}"]))
+            cur = f"h{i}"
+        nodes.append(helper.make_node("Identity", [cur], ["y"]))
+        model = helper.make_model(helper.make_graph(nodes, "chain", inputs, [yv], inits),
+                                  opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        return model.SerializeToString()
+
+    def session(kind: str):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        if kind == "const, prepacking off":
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        return ort.InferenceSession(graph(kind), so, providers=["CPUExecutionProvider"])
+
+    kinds = ["const (prepacked)", "const, prepacking off", "live", "live, W as A"]
+    sess = {k: session(k) for k in kinds}
+    weights = {"live": ws, "live, W as A": [w.T.copy() for w in ws]}
+    bindings = {}
+    for k, wl in weights.items():
+        b = sess[k].io_binding()
+        vals = [ort.OrtValue.ortvalue_from_numpy(w) for w in wl]
+        for i, v in enumerate(vals):
+            b.bind_ortvalue_input(f"W{i}", v)
+        bindings[k] = (b, vals)
+    flush = (np.ones(32 << 20, np.float32), np.empty(32 << 20, np.float32))
+    for shape in shapes.split(","):
+        _, seq = (int(v) for v in shape.split("x"))
+        x = rng.standard_normal((1, seq, dim)).astype(np.float32)
+
+        def case(k, x=x):
+            def run():
+                np.copyto(flush[1], flush[0])  # evict the weights (timed alike for all)
+                if k not in bindings:
+                    return sess[k].run(None, {"x": x})[0]
+                b = bindings[k][0]
+                b.bind_cpu_input("x", x)
+                b.bind_output("y", "cpu")
+                sess[k].run_with_iobinding(b)
+                out = b.get_outputs()[0].numpy()
+                b.clear_binding_outputs()
+                return out
+            return run
+
+        cases = {k: case(k) for k in kinds}
+        ref = cases[kinds[0]]()
+        for k in kinds[1:]:
+            got = cases[k]()
+            assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), k
+        copy = time_interleaved({"copy": lambda: np.copyto(flush[1], flush[0])},
+                                repeats=repeats, warmup=1)["copy"]
+        samples = time_interleaved(cases, repeats=repeats, warmup=2)
+        base = float(np.median(samples[kinds[0]])) - float(np.median(copy))
+        for k, v in samples.items():
+            t = float(np.median(v)) - float(np.median(copy))
+            print(f"{shape} {k}: {t:.2f} ms ({t / base:.2f} x prepacked; "
+                  f"{layers * dim * dim * 4 / t / 1e6:.1f} GB/s of weights)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("probe", choices=["sessions", "output"])
-    ap.add_argument("bundle")
-    ap.add_argument("shape", help="BxS, e.g. 8x64")
+    ap.add_argument("probe", choices=["sessions", "output", "profile", "matmul"])
+    ap.add_argument("bundle", help="bundle directory ('-' for matmul)")
+    ap.add_argument("shape", help="BxS, e.g. 8x64 (matmul: a comma-separated list, B = 1)")
     ap.add_argument("--k", type=int, default=3, help="sessions per mode (sessions probe)")
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     if args.probe == "sessions":
         sessions(args.bundle, args.shape, args.k, args.repeats)
-    else:
+    elif args.probe == "output":
         output(args.bundle, args.shape, args.repeats)
+    elif args.probe == "profile":
+        profile(args.bundle, args.shape, args.repeats)
+    else:
+        matmul(args.shape, args.repeats)
 
 
 if __name__ == "__main__":
