@@ -73,7 +73,7 @@ def test_base_manifest(bundle):
         arr = params[name].detach().numpy()
         assert w.sha256 == hashlib.sha256(np.ascontiguousarray(arr, np.float32).tobytes()
                                           ).hexdigest()
-        assert w.shape == arr.shape and w.onnx["layout"] in ("as-is", "transposed")
+        assert w.shape == arr.shape and w.onnx["layout"] in ("as-is", "transposed", "blocked32")
     assert (bundle / m.onnx["file"]).is_file() and m.kind == "causal-lm"
 
 

@@ -22,6 +22,7 @@ from edgeadapt.adapters.sira.layer import SiraLinear, route
 from edgeadapt.adapters.sira.model import insert_sira
 from edgeadapt.export.onnx import export_onnx
 from edgeadapt.export.onnx_check import BoundSession, max_rel_error, session
+from edgeadapt.export.onnx_graph import unblock_live_matmuls
 from edgeadapt.format.types import SiraBranch
 from edgeadapt.models import example_inputs, forward, load_model, target_weight_names
 
@@ -76,7 +77,9 @@ def _check_export(lm, live, out, res):
     assert set(stored) == {w["name"] for w in weights.values()}
     for name, w in weights.items():
         W = params[name].detach().numpy()
-        expected = W if w["layout"] == "as-is" else W.T
+        expected = {"as-is": W, "transposed": W.T,  # blocked32: 32-row slabs, transposed
+                    "blocked32": np.stack([W[b:b + 32].T for b in range(0, len(W), 32)])
+                    if len(W) % 32 == 0 else None}[w["layout"]]
         np.testing.assert_array_equal(stored[w["name"]], expected)
         assert w["name"] in inputs and list(expected.shape) == w["shape"]
     # Every non-live Linear weight of the blocks is still a constant initializer.
@@ -99,7 +102,10 @@ def _check_export(lm, live, out, res):
         d = rng.standard_normal(j.size).astype(np.float32) * 0.2
         buf[j] += d  # in place: the bound OrtValue aliases this buffer
         n_out, n_in = params[name].shape  # ONNX flat j -> torch (row, col), per the docstring
-        rows, cols = (j // n_in, j % n_in) if w["layout"] == "as-is" else (j % n_out, j // n_out)
+        rows, cols = {"as-is": (j // n_in, j % n_in), "transposed": (j % n_out, j // n_out),
+                      # blocked32: j = b * in * 32 + c * 32 + lane, row 32 b + lane, column c
+                      "blocked32": (j // (n_in * 32) * 32 + j % 32, j % (n_in * 32) // 32),
+                      }[w["layout"]]
         with torch.no_grad():
             eparams[name][torch.from_numpy(rows), torch.from_numpy(cols)] += torch.from_numpy(d)
     got, ref = bound.run(_np(inputs_t)), _torch_ref(edited, inputs_t)
@@ -130,6 +136,10 @@ def test_prepacked_constants_go_stale(smollm2_qv):
     lm, _, out, base, _ = smollm2_qv
     stored = load_file(str(out / base["section"]["live_weights_file"]))
     proto = onnx.load(str(out / "model.onnx"))
+    # ONNX Runtime prepacks 2-D MatMul weights only: blocked32 inputs go back to (in, out)
+    renamed = unblock_live_matmuls(proto, set(stored))
+    stored = {renamed.get(k, k): (np.ascontiguousarray(v.transpose(1, 0, 2).reshape(v.shape[1], -1))
+                                  if k in renamed else v) for k, v in stored.items()}
     names = set(stored)
     kept = [i for i in proto.graph.input if i.name not in names]
     del proto.graph.input[:]

@@ -101,6 +101,70 @@ def test_flat_index_mapping_matches_numpy_transpose(shape):
     np.testing.assert_array_equal(Xt, W[i % out, i // out])
 
 
+def test_blocked_layout_by_hand():
+    """blocked32: X[b, c, j] == W[32 b + j, c], built here by slicing, not by the module."""
+    rng = np.random.default_rng(6)
+    W = rng.standard_normal((64, 5)).astype(np.float32)
+    X = og.to_backend_layout(W, og.BLOCKED)
+    expected = np.stack([W[32 * b:32 * b + 32].T for b in range(2)])  # (2, 5, 32)
+    np.testing.assert_array_equal(X, expected)
+    i = np.arange(W.size)
+    j = og.torch_flat_to_backend_flat(i, W.shape, og.BLOCKED)
+    np.testing.assert_array_equal(X.reshape(-1)[j], W.reshape(-1))
+    # torch (r=33, c=4) -> block 1, row c=4, lane 1: 1 * 5 * 32 + 4 * 32 + 1
+    assert og.torch_flat_to_backend_flat(np.array([33 * 5 + 4]), W.shape, og.BLOCKED)[0] == 289
+    with pytest.raises(ExportError, match="out % 32"):
+        og.to_backend_layout(W[:40], og.BLOCKED)
+
+
+@pytest.mark.parametrize("x_shape", [(3, 40), (2, 3, 40), (1, 1, 40), (2, 2, 3, 40)])
+def test_block_live_matmuls_rewrites_readers_and_keeps_the_product(x_shape):
+    """A MatMul-read live weight becomes blocked32 (out % 32 == 0); a Gemm-read one and one
+    whose out is not a multiple of 32 keep their layout; outputs equal numpy at every rank."""
+    rng = np.random.default_rng(7)
+    W1 = rng.standard_normal((64, 40)).astype(np.float32)  # MatMul, blocked
+    W3 = rng.standard_normal((24, 64)).astype(np.float32)  # MatMul, out 24: stays transposed
+    nodes = [helper.make_node("MatMul", ["x", "val_1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "val_3"], ["y"], name="mm3")]
+    rank = len(x_shape)
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*x_shape[:-1], 24])],
+        [numpy_helper.from_array(np.ascontiguousarray(W1.T), "val_1"),
+         numpy_helper.from_array(np.ascontiguousarray(W3.T), "val_3")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 10
+    live = og.make_live_inputs(model, og.locate_live_weights(model, {"a.weight": W1,
+                                                                     "c.weight": W3}))
+    live = og.block_live_matmuls(model, live)
+    assert live["a.weight"] == og.LiveWeight("a.weight.B32", og.BLOCKED, (2, 40, 32))
+    assert live["c.weight"].layout == og.TRANSPOSED
+    onnx.checker.check_model(model)
+    assert [n.name for n in model.graph.node if n.op_type == "MatMul"] == ["mm1", "mm3"]
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"x": x, "a.weight.B32": og.to_backend_layout(W1, og.BLOCKED),
+             "c.weight.T": np.ascontiguousarray(W3.T)}
+    want = np.maximum(x @ W1.T, 0) @ W3.T
+    got = sess.run(None, feeds)[0]
+    assert got.shape == want.shape and got.ndim == rank
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # undone for constant sessions: plain MatMuls on (in, out) again, helper nodes gone
+    renamed = og.unblock_live_matmuls(model, {"a.weight.B32"})
+    assert renamed == {"a.weight.B32": "a.weight.T"}
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Relu", "MatMul"]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"x": x, "a.weight.T": np.ascontiguousarray(W1.T),
+                                               "c.weight.T": np.ascontiguousarray(W3.T)})[0],
+                               want, rtol=1e-4, atol=1e-4)
+    # the Gemm-read weight of _mlp is left alone
+    model2, W1b, W2b = _mlp(rng, out=64, inp=40)
+    live2 = og.block_live_matmuls(model2, og.make_live_inputs(
+        model2, og.locate_live_weights(model2, {"l2.weight": W2b})))
+    assert live2["l2.weight"].layout == og.AS_IS
+
+
 def test_variant_reuses_identical_tensors_from_the_base_data_file(tmp_path):
     rng = np.random.default_rng(5)
     base, W1, W2 = _mlp(rng, out=64, inp=40)

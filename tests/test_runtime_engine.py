@@ -19,7 +19,7 @@ from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta, SiraBranch
 from edgeadapt.runtime.engine import ArrayStore, SwitchEngine, to_backend_index
 
-SHAPES = {"w.q": (6, 5), "w.v": (6, 5), "w.o": (4, 6)}
+SHAPES = {"w.q": (6, 5), "w.v": (6, 5), "w.o": (4, 6), "w.b": (64, 3)}  # w.b: blocked32
 
 
 def base_weights(seed: int = 0) -> dict[str, np.ndarray]:
@@ -65,10 +65,10 @@ def reference(weights, adapters_scales):
 
 
 def store_weights(store):
-    return {n: lw.torch_view().copy() for n, lw in store.live_weights().items()}
+    return {n: lw.torch_weight().copy() for n, lw in store.live_weights().items()}
 
 
-LAYOUT_CHOICES = [{}, {"w.q": "transposed", "w.o": "transposed"}]
+LAYOUT_CHOICES = [{}, {"w.q": "transposed", "w.o": "transposed", "w.b": "blocked32"}]
 
 
 def test_backend_index_maps_torch_positions():
@@ -78,6 +78,13 @@ def test_backend_index_maps_torch_positions():
     assert np.array_equal(t.reshape(-1)[to_backend_index(idx, (3, 4), "transposed")],
                           w.reshape(-1))
     assert np.array_equal(to_backend_index(idx, (3, 4), "as-is"), idx)
+    # blocked32, by hand: torch (r, c) of a (64, 3) weight sits at (r // 32) * 96 + c * 32 + r % 32
+    w = np.arange(64 * 3, dtype=np.float32).reshape(64, 3)
+    blocked = np.stack([w[:32].T, w[32:].T])  # (2, 3, 32)
+    idx = np.arange(w.size)
+    assert np.array_equal(blocked.reshape(-1)[to_backend_index(idx, (64, 3), "blocked32")],
+                          w.reshape(-1))
+    assert to_backend_index(np.array([40 * 3 + 2]), (64, 3), "blocked32")[0] == 96 + 64 + 8
 
 
 @pytest.mark.parametrize("layouts", LAYOUT_CHOICES)
@@ -85,9 +92,9 @@ def test_switch_values_match_reference(layouts):
     w0 = base_weights()
     store = ArrayStore(w0, layouts, shas(w0))
     eng = SwitchEngine(store, verify_base=True)
-    a = shira(w0, ["w.q", "w.v"], 0.3, 1)
-    b = shira(w0, ["w.q", "w.o"], 0.3, 2)  # overlaps a on w.q
-    c = lora(w0, ["w.v", "w.o"], 2, 3)
+    a = shira(w0, ["w.q", "w.v", "w.b"], 0.3, 1)
+    b = shira(w0, ["w.q", "w.o", "w.b"], 0.3, 2)  # overlaps a on w.q and w.b
+    c = lora(w0, ["w.v", "w.o", "w.b"], 2, 3)
     pa, pb, pc = (eng.prepare(x, n) for x, n in ((a, "a"), (b, "b"), (c, "c")))
     for combo in ([(a, 1.0)], [(a, 1.0), (b, 0.5)], [(c, 0.7)], [(a, 1.0), (c, 1.0)],
                   [(b, -2.0), (c, 0.25), (a, 1.0)]):
@@ -143,8 +150,9 @@ def test_any_switch_sequence_returns_base_bit_exact(layout, steps):
     w0 = base_weights(7)
     store = ArrayStore(w0, layout, shas(w0))
     eng = SwitchEngine(store)
-    adapters = [shira(w0, ["w.q", "w.v"], 0.2, 1), shira(w0, ["w.q", "w.o"], 0.5, 2, np.float16),
-                lora(w0, ["w.v"], 2, 3), lora(w0, ["w.q", "w.o"], 1, 4),
+    adapters = [shira(w0, ["w.q", "w.v", "w.b"], 0.2, 1),
+                shira(w0, ["w.q", "w.o"], 0.5, 2, np.float16),
+                lora(w0, ["w.v", "w.b"], 2, 3), lora(w0, ["w.q", "w.o"], 1, 4),
                 shira(w0, ["w.o"], 1.0, 5)]
     preps = [eng.prepare(a, f"a{i}") for i, a in enumerate(adapters)]
     for step in steps:

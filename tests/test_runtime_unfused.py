@@ -132,7 +132,7 @@ def test_sira_then_fused_then_base_is_bit_identical(exported):
     rt.switch(None)
     assert np.array_equal(rt.run(**np_in), base)
     for name, lw in rt.store.live_weights().items():
-        assert weight_sha256(lw.torch_view()) == manifest.weights[name].sha256
+        assert weight_sha256(lw.torch_weight()) == manifest.weights[name].sha256
 
 
 def test_bad_unfused_switches_are_refused_untouched(exported):

@@ -31,21 +31,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeadapt.errors import ConfigError
+from edgeadapt.format.layout import backend_index
 
 CACHE_LINE = 64
 
 
 def backend_positions(indices: np.ndarray, shape: tuple[int, int], layout: str) -> np.ndarray:
     """Flat positions in the backend buffer of torch-layout flat ``indices`` into an (out, in)
-    weight: ``as-is`` keeps them; ``transposed`` (buffer holds W.T, shape (in, out)) maps
-    i = r * in + c to c * out + r."""
-    idx = np.asarray(indices, dtype=np.int64)
-    if layout == "as-is":
-        return idx
-    if layout == "transposed":
-        out, inn = shape
-        return (idx % inn) * out + idx // inn
-    raise ConfigError(f"unknown weight layout {layout!r}: use 'as-is' or 'transposed'")
+    weight (:func:`edgeadapt.format.layout.backend_index`: ``as-is``, ``transposed``,
+    ``blocked32``)."""
+    return backend_index(indices, shape, layout)
 
 
 def touched_lines(positions: np.ndarray, itemsize: int, line: int = CACHE_LINE) -> int:
@@ -89,7 +84,8 @@ def switch_traffic(
     """Traffic of a full switch from ``old`` to ``new``.
 
     old, new: target weight name -> (K,) flat torch-layout indices (an empty mapping = base).
-    shapes: name -> (out, in).  layouts: name -> ``as-is`` | ``transposed`` (default as-is).
+    shapes: name -> (out, in).  layouts: name -> ``as-is`` | ``transposed`` | ``blocked32``
+    (default as-is).
     """
     lines = 0
     stream = 0

@@ -16,9 +16,10 @@ and two hooks, ``run`` and ``commit``. The engine then applies fused adapters in
 - Task head (classifiers)   ``W = H``   the first active adapter's head replaces the head weight;
   the original is kept like a LoRA-touched matrix (labels x hidden floats: a few KiB).
 
-Layouts: ``"as-is"`` buffers are (out, in) like PyTorch; ``"transposed"`` buffers are (in, out).
-Torch flat index ``i = r * in + c`` is backend flat index ``i`` (as-is) or ``c * out + r``
-(transposed); see :func:`to_backend_index`.
+Layouts (:mod:`edgeadapt.format.layout`): ``"as-is"`` buffers are (out, in) like PyTorch,
+``"transposed"`` buffers (in, out), ``"blocked32"`` buffers (out / 32, in, 32). Torch flat index
+``i = r * in + c`` is backend flat index ``i`` (as-is), ``c * out + r`` (transposed) or
+``(r // 32) * in * 32 + c * 32 + r % 32`` (blocked32); see :func:`to_backend_index`.
 
 Switch plans are cached: a SHiRA-only switch between two adapter sets (X -> Y) is planned once
 (merge of the position lists, gather of base values, new values, finite checks) and remembered as
@@ -52,11 +53,19 @@ from edgeadapt.errors import (
     TargetMismatchError,
 )
 from edgeadapt.format.fingerprint import weight_sha256
+from edgeadapt.format.layout import (
+    AS_IS,
+    BLOCKED,
+    LAYOUTS,
+    TRANSPOSED,
+    backend_index,
+    backend_shape,
+    backend_view,
+    to_backend,
+    to_torch,
+)
 from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta, SiraBranch
 from edgeadapt.runtime.locks import ReadWriteLock
-
-LAYOUTS = ("as-is", "transposed")
-
 
 # ---------------------------------------------------------------------------------------------
 # The interface a backend implements
@@ -68,8 +77,7 @@ class LiveWeight:
     """One live weight as the backend holds it.
 
     array: writable, C-contiguous numpy array aliasing the backend's buffer (edits must be seen
-        by the next ``run`` after ``commit``); shape ``shape`` if layout is "as-is", the reverse
-        if "transposed".
+        by the next ``run`` after ``commit``); shape ``layout.backend_shape(shape, layout)``.
     shape: PyTorch shape (out, in).
     sha256: expected sha256 of the base weight (fp32, torch layout) from bundle.json, or None to
         skip the fingerprint check.
@@ -85,15 +93,22 @@ class LiveWeight:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
         if self.layout not in LAYOUTS:
             raise ValueError(f"{self.name}: layout {self.layout!r} not in {LAYOUTS}")
-        want = self.shape if self.layout == "as-is" else self.shape[::-1]
+        want = backend_shape(self.shape, self.layout)
         if tuple(self.array.shape) != want:
             raise ValueError(f"{self.name}: buffer shape {self.array.shape} != {want}")
         if not (self.array.flags.c_contiguous and self.array.flags.writeable):
             raise ValueError(f"{self.name}: buffer must be C-contiguous and writable")
 
     def torch_view(self) -> np.ndarray:
-        """The weight in PyTorch layout (out, in) (a view, transposed if needed)."""
-        return self.array if self.layout == "as-is" else self.array.T
+        """The weight in PyTorch layout (out, in) as a writable view of the buffer (as-is and
+        transposed layouts only; blocked32 has no such view: use :meth:`torch_weight`)."""
+        if self.layout == BLOCKED:
+            raise ValueError(f"{self.name}: a {BLOCKED} buffer has no (out, in) view")
+        return to_torch(self.array, self.shape, self.layout)
+
+    def torch_weight(self) -> np.ndarray:
+        """The weight in PyTorch layout (out, in), for reading: a view, or a copy (blocked32)."""
+        return to_torch(self.array, self.shape, self.layout)
 
 
 class WeightStore(ABC):
@@ -121,12 +136,9 @@ class WeightStore(ABC):
 
 
 def to_backend_index(indices: np.ndarray, shape: tuple[int, int], layout: str) -> np.ndarray:
-    """Map torch flat indices ``r * in + c`` of an (out, in) weight to backend flat indices."""
-    idx = np.asarray(indices, dtype=np.int64)
-    if layout == "as-is":
-        return idx
-    out, inp = shape
-    return (idx % inp) * out + idx // inp
+    """Map torch flat indices ``r * in + c`` of an (out, in) weight to backend flat indices
+    (:func:`edgeadapt.format.layout.backend_index`)."""
+    return backend_index(indices, shape, layout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +226,7 @@ def _prepare_head(adapter: Adapter, live: dict[str, LiveWeight], name: str
         if arr.shape != lw.shape:
             raise FingerprintMismatchError(f"{where}: shape {arr.shape} != {lw.shape}")
         _check_finite(arr, where)
-        head[wname] = np.ascontiguousarray(arr if lw.layout == "as-is" else arr.T)
+        head[wname] = to_backend(arr, lw.layout)
     return head
 
 
@@ -350,7 +362,7 @@ class SwitchEngine:
     def verify_base(self) -> None:
         """Check every live weight hashes to its expected sha256 (only valid at base state)."""
         for name, lw in self.live.items():
-            if lw.sha256 is not None and weight_sha256(lw.torch_view()) != lw.sha256:
+            if lw.sha256 is not None and weight_sha256(lw.torch_weight()) != lw.sha256:
                 raise FingerprintMismatchError(
                     f"live weight {name!r} does not match the bundle's sha256"
                 )
@@ -502,7 +514,7 @@ class SwitchEngine:
         elif c.B:
             B = np.concatenate(c.B, axis=1)
             A = np.concatenate(c.A, axis=0)
-            delta = B @ A if lw.layout == "as-is" else A.T @ B.T
+            delta = A.T @ B.T if lw.layout == TRANSPOSED else backend_view(B @ A, lw.layout)
             new = (original.astype(np.float32) + delta).astype(original.dtype)
         else:
             new = original.copy()
@@ -586,8 +598,8 @@ class ArrayStore(WeightStore):
         sha256 = sha256 or {}
         self._live = {}
         for name, w in weights.items():
-            layout = layouts.get(name, "as-is")
-            arr = np.ascontiguousarray(w if layout == "as-is" else np.asarray(w).T).copy()
+            layout = layouts.get(name, AS_IS)
+            arr = to_backend(np.asarray(w), layout).copy()
             self._live[name] = LiveWeight(name, arr, layout, tuple(np.shape(w)), sha256.get(name))
         self._forward = forward
         self.commits: list[dict[str, np.ndarray | None]] = []
@@ -598,7 +610,7 @@ class ArrayStore(WeightStore):
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         if self._forward is None:
             raise SwitchError("this ArrayStore has no forward function")
-        return self._forward(inputs, {n: lw.torch_view() for n, lw in self._live.items()})
+        return self._forward(inputs, {n: lw.torch_weight() for n, lw in self._live.items()})
 
     def commit(self, changes: dict[str, np.ndarray | None]) -> None:
         self.commits.append(changes)

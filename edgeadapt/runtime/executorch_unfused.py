@@ -46,7 +46,7 @@ class EtVariantProgram:
         self.key = key
         self.store = ExecutorchStore(root, section, buffers, shapes, sha, mode="live")
         for w, lw in self.store.live_weights().items():
-            if weight_sha256(lw.torch_view()) != sha[w]:
+            if weight_sha256(lw.torch_weight()) != sha[w]:
                 raise FingerprintMismatchError(f"variant {key!r}: live weight {w!r} of the "
                                                "program does not hash to the bundle's base")
         self._by_buffer = {section["branch_buffers"][w][p]: arr

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeadapt.errors import BundleError, ConfigError, MissingPackageError
+from edgeadapt.format.layout import BLOCKED, TRANSPOSED, backend_shape, to_backend, to_torch
 from edgeadapt.format.manifest import Manifest
 from edgeadapt.runtime.engine import LiveWeight, WeightStore
 
@@ -61,7 +62,8 @@ def read_live_weights(bundle_dir: Path, manifest: Manifest, section: dict | None
 
     section: the manifest's "onnx" section (or a variant's); weights: per torch name the
     {"name", "layout"} entries (default: the manifest's). Tensors in the live-weights
-    safetensors file may be keyed by graph input name or torch name, in either layout.
+    safetensors file may be keyed by graph input name or torch name, in the backend layout or
+    in torch layout (out, in).
     """
     from safetensors.numpy import load_file  # torch-free
 
@@ -81,10 +83,12 @@ def read_live_weights(bundle_dir: Path, manifest: Manifest, section: dict | None
         arr = tensors.get(onnx["name"], tensors.get(name))
         if arr is None:
             raise BundleError(f"{path}: no tensor for live weight {name!r} ({onnx['name']!r})")
-        out, inp = entry.shape
-        want = (out, inp) if onnx["layout"] == "as-is" else (inp, out)
-        if arr.shape != want and arr.shape == want[::-1]:
-            arr = arr.T
+        try:
+            want = backend_shape(tuple(entry.shape), onnx["layout"])
+        except ConfigError as exc:
+            raise BundleError(f"{path}: live weight {name!r}: {exc}") from None
+        if arr.shape != want and arr.shape == tuple(entry.shape):  # stored in torch layout
+            arr = to_backend(arr, onnx["layout"])
         if arr.shape != want:
             raise BundleError(f"{path}: live weight {name!r} has shape {arr.shape}, "
                               f"expected {want}")
@@ -177,15 +181,23 @@ def run_bound(session, binding, feeds: dict[str, np.ndarray], output_name: str) 
     return out
 
 
-def _graph_with_initializers(model_path: Path, names: list[str]) -> bytes:
+def _graph_with_initializers(model_path: Path, names: list[str]) -> tuple[bytes, dict[str, str]]:
     """The model with the given graph inputs turned into (placeholder) initializers; the
-    placeholders are overridden with ``add_initializer`` at every session build."""
+    placeholders are overridden with ``add_initializer`` at every session build.
+
+    A blocked32 input (3-D) is first turned back into a ``(in, out)`` one read by a plain MatMul
+    (:func:`edgeadapt.export.onnx_graph.unblock_live_matmuls`), because ONNX Runtime prepacks
+    only 2-D MatMul weights. Returns (model bytes, {blocked input name: its transposed name});
+    feed :func:`constant_value` of each live buffer under the name it ends up with."""
     import onnx
     from onnx import numpy_helper
 
+    from edgeadapt.export.onnx_graph import unblock_live_matmuls
+
     model = onnx.load(str(model_path), load_external_data=False)
+    renamed = unblock_live_matmuls(model, names)
     by_name = {i.name: i for i in model.graph.input}
-    for name in names:
+    for name in (renamed.get(n, n) for n in names):
         vi = by_name.get(name)
         if vi is None:
             raise BundleError(f"{model_path}: {name!r} is not a graph input")
@@ -193,7 +205,16 @@ def _graph_with_initializers(model_path: Path, names: list[str]) -> bytes:
         model.graph.input.remove(vi)
         model.graph.initializer.append(
             numpy_helper.from_array(np.zeros(dims, dtype=np.float32), name))
-    return model.SerializeToString()
+    return model.SerializeToString(), renamed
+
+
+def constant_value(array: np.ndarray, blocked: bool) -> np.ndarray:
+    """What a constant session is given for a live buffer: the buffer itself (aliased), or, for
+    a blocked32 buffer ``(out/32, in, 32)``, a transposed ``(in, out)`` copy."""
+    if not blocked:
+        return array
+    nb, inp, blk = array.shape
+    return to_backend(to_torch(array, (nb * blk, inp), BLOCKED), TRANSPOSED)
 
 
 class OrtRepackStore(_OrtStoreBase):
@@ -209,7 +230,8 @@ class OrtRepackStore(_OrtStoreBase):
                  input_names: dict[str, str], threads: int | None = None) -> None:
         super().__init__(model_path, live, inputs, input_names)
         self.threads = threads
-        self._proto = _graph_with_initializers(model_path, [input_names[n] for n in live])
+        self._proto, self._renamed = _graph_with_initializers(
+            model_path, [input_names[n] for n in live])
         self.rebuilds = 0
         self.session = self._build()
         self.output_name = self.session.get_outputs()[0].name
@@ -221,9 +243,10 @@ class OrtRepackStore(_OrtStoreBase):
                 str(self.model_path.parent)})
         values = []
         for n, lw in self._live.items():
-            ov = rt.OrtValue.ortvalue_from_numpy(lw.array)
+            name = self.graph_names[n]
+            ov = rt.OrtValue.ortvalue_from_numpy(constant_value(lw.array, name in self._renamed))
             values.append(ov)
-            so.add_initializer(self.graph_names[n], ov)
+            so.add_initializer(self._renamed.get(name, name), ov)
         session = rt.InferenceSession(self._proto, so, providers=["CPUExecutionProvider"])
         self._keep = values  # the session may read the unpacked initializers
         return session
