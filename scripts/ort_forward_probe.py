@@ -14,8 +14,9 @@ against the base, to price the output copy. ``profile``: ONNX Runtime's own prof
 and a live session, kernel time summed over the MatMuls that read a live weight and over all
 other nodes. ``matmul``: no model; a chain of 60 MatMuls with distinct (576, 576) weights
 (SmolLM2's q shape, 80 MB: out of cache), the weights constant and prepacked, constant with
-prepacking disabled, graph inputs (live), or graph inputs used as the *A* operand
-(``(W @ x^T)^T``; MLAS packs only B), each run after a 256 MiB copy evicts the cache.
+prepacking disabled, graph inputs (live, ``(in, out)``), graph inputs used as the *A* operand
+(``(W @ x^T)^T``; MLAS packs only B), or graph inputs in the exporter's ``blocked32`` layout
+(its own rewrite), each run after a 256 MiB copy evicts the cache.
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def matmul(shapes: str, repeats: int, layers: int = 60, dim: int = 576) -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    from edgeadapt.export import onnx_graph as og
+
     rng = np.random.default_rng(0)
     ws = [(rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32)
           for _ in range(layers)]  # (in, out): the exporter's transposed layout
@@ -173,8 +176,12 @@ def matmul(shapes: str, repeats: int, layers: int = 60, dim: int = 576) -> None:
             cur = f"h{i}"
         nodes.append(helper.make_node("Identity", [cur], ["y"]))
         model = helper.make_model(helper.make_graph(nodes, "chain", inputs, [yv], inits),
-                                  opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 8
+                                  opset_imports=[helper.make_opsetid("", 20)])
+        model.ir_version = 10
+        if kind == "live, blocked32":  # the exporter's own rewrite
+            og.block_live_matmuls(model, {f"W{i}": og.LiveWeight(f"W{i}", og.TRANSPOSED,
+                                                                 (dim, dim))
+                                          for i in range(layers)})
         return model.SerializeToString()
 
     def session(kind: str):
@@ -184,15 +191,17 @@ def matmul(shapes: str, repeats: int, layers: int = 60, dim: int = 576) -> None:
             so.add_session_config_entry("session.disable_prepacking", "1")
         return ort.InferenceSession(graph(kind), so, providers=["CPUExecutionProvider"])
 
-    kinds = ["const (prepacked)", "const, prepacking off", "live", "live, W as A"]
+    kinds = ["const (prepacked)", "const, prepacking off", "live", "live, W as A",
+             "live, blocked32"]
     sess = {k: session(k) for k in kinds}
-    weights = {"live": ws, "live, W as A": [w.T.copy() for w in ws]}
+    weights = {"live": ws, "live, W as A": [w.T.copy() for w in ws],
+               "live, blocked32": [og.to_backend_layout(w.T, og.BLOCKED) for w in ws]}
     bindings = {}
     for k, wl in weights.items():
         b = sess[k].io_binding()
         vals = [ort.OrtValue.ortvalue_from_numpy(w) for w in wl]
         for i, v in enumerate(vals):
-            b.bind_ortvalue_input(f"W{i}", v)
+            b.bind_ortvalue_input(f"W{i}" + (".B32" if k == "live, blocked32" else ""), v)
         bindings[k] = (b, vals)
     flush = (np.ones(32 << 20, np.float32), np.empty(32 << 20, np.float32))
     for shape in shapes.split(","):

@@ -154,6 +154,7 @@ def test_block_live_matmuls_rewrites_readers_and_keeps_the_product(x_shape):
     renamed = og.unblock_live_matmuls(model, {"a.weight.B32"})
     assert renamed == {"a.weight.B32": "a.weight.T"}
     assert [n.op_type for n in model.graph.node] == ["MatMul", "Relu", "MatMul"]
+    assert not [i.name for i in model.graph.initializer if i.name.startswith("edgeadapt_")]
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(None, {"x": x, "a.weight.T": np.ascontiguousarray(W1.T),
                                                "c.weight.T": np.ascontiguousarray(W3.T)})[0],

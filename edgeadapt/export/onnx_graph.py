@@ -358,6 +358,10 @@ def unblock_live_matmuls(model: onnx.ModelProto, names: set[str] | list[str]
         nodes = [n for n in nodes if n not in dead]
     del graph.node[:]
     graph.node.extend(nodes)
+    read = {i for n in nodes for i in n.input}
+    for init in [i for i in graph.initializer
+                 if i.name.startswith("edgeadapt_") and i.name not in read]:
+        graph.initializer.remove(init)  # the shape constants of the dropped helpers
     return renamed
 
 
