@@ -9,10 +9,12 @@ import results_switch_size as rss
 
 from .data import NOT_MEASURED, NOT_RUN, bench_report, notes_link, num
 
-BENCH_MAIN = {"ONNX Runtime CPU, run 1": ("smollm2-qv-ort", "onnxruntime-cpu"),
-              "ONNX Runtime CPU, run 2": ("smollm2-qv-ort-run2", "onnxruntime-cpu"),
-              "ONNX Runtime CPU, run 3 (outputs as views)": ("smollm2-qv-ort-run3",
-                                                             "onnxruntime-cpu"),
+BENCH_MAIN = {"ONNX Runtime CPU, run 3 (1 session per variant)": ("smollm2-qv-ort-run3",
+                                                                  "onnxruntime-cpu"),
+              "ONNX Runtime CPU, run 4 (3 sessions, live transposed)": ("smollm2-qv-ort-run4",
+                                                                        "onnxruntime-cpu"),
+              "ONNX Runtime CPU, run 5 (3 sessions, live blocked32)": ("smollm2-qv-ort-run5",
+                                                                       "onnxruntime-cpu"),
               "ExecuTorch (XNNPACK)": ("smollm2-qv-executorch", "executorch")}
 SHAPES = ((1, 1), (1, 64), (8, 64))
 
@@ -112,6 +114,8 @@ by `scripts/results.py`: read from the committed JSONs, whose commands are liste
 PREPARE = {
     "smollm2-qv-ort": "python -m edgeadapt.bench.prepare smollm2 /tmp/lead/bw/qv_onnx --targets qv "
                       "--formats onnx --no-check",
+    "smollm2-qv-ort-run5": "python -m edgeadapt.bench.prepare smollm2 /tmp/lead/bw/qv_blk "
+                           "--targets qv --formats onnx --no-check",
     "smollm2-qv-executorch": "python -m edgeadapt.bench.prepare smollm2 /tmp/s2/qv_pte "
                              "--targets qv --formats pte --lora-rank 0 --sira '' --no-check",
     "minilm-qv": "python -m edgeadapt.bench.prepare minilm /tmp/s2/minilm-qv --targets qv "
@@ -121,7 +125,7 @@ PREPARE = {
                        "targets='all', check=False)\"",
 }
 BENCH_FILES = ["smollm2-qv-ort", "smollm2-qv-ort-run2", "smollm2-qv-ort-run3",
-               "smollm2-qv-executorch", "minilm-qv",
+               "smollm2-qv-ort-run4", "smollm2-qv-ort-run5", "smollm2-qv-executorch", "minilm-qv",
                "smollm2-all-ort"]
 
 
@@ -140,7 +144,7 @@ def bench_commands() -> str:
     return "\n".join(lines)
 
 
-SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run3", "smollm2-qv-executorch"]
+SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run5", "smollm2-qv-executorch"]
 SIZE_STALE = ["smollm2-all-ort"]
 
 
