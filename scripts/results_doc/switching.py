@@ -15,7 +15,10 @@ BENCH_MAIN = {"ONNX Runtime CPU, run 3 (1 session per variant)": ("smollm2-qv-or
                                                                         "onnxruntime-cpu"),
               "ONNX Runtime CPU, run 5 (3 sessions, live blocked32)": ("smollm2-qv-ort-run5",
                                                                        "onnxruntime-cpu"),
-              "ExecuTorch (XNNPACK)": ("smollm2-qv-executorch", "executorch")}
+              "ExecuTorch (XNNPACK), run 1 (1 program per variant)": ("smollm2-qv-executorch",
+                                                                      "executorch"),
+              "ExecuTorch (XNNPACK), run 2 (3 programs)": ("smollm2-qv-executorch-run2",
+                                                           "executorch")}
 SHAPES = ((1, 1), (1, 64), (8, 64))
 
 
@@ -116,6 +119,8 @@ PREPARE = {
                       "--formats onnx --no-check",
     "smollm2-qv-ort-run5": "python -m edgeadapt.bench.prepare smollm2 /tmp/lead/bw/qv_blk "
                            "--targets qv --formats onnx --no-check",
+    "minilm-qv-ort-blocked": "python -m edgeadapt.bench.prepare minilm /tmp/s2/minilm-blk "
+                             "--targets qv --formats onnx --no-check",
     "smollm2-qv-executorch": "python -m edgeadapt.bench.prepare smollm2 /tmp/s2/qv_pte "
                              "--targets qv --formats pte --lora-rank 0 --sira '' --no-check",
     "minilm-qv": "python -m edgeadapt.bench.prepare minilm /tmp/s2/minilm-qv --targets qv "
@@ -125,7 +130,8 @@ PREPARE = {
                        "targets='all', check=False)\"",
 }
 BENCH_FILES = ["smollm2-qv-ort", "smollm2-qv-ort-run2", "smollm2-qv-ort-run3",
-               "smollm2-qv-ort-run4", "smollm2-qv-ort-run5", "smollm2-qv-executorch", "minilm-qv",
+               "smollm2-qv-ort-run4", "smollm2-qv-ort-run5", "smollm2-qv-executorch",
+               "smollm2-qv-executorch-run2", "minilm-qv", "minilm-qv-ort-blocked",
                "smollm2-all-ort"]
 
 
@@ -144,7 +150,7 @@ def bench_commands() -> str:
     return "\n".join(lines)
 
 
-SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run5", "smollm2-qv-executorch"]
+SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run5", "smollm2-qv-executorch-run2"]
 SIZE_STALE = ["smollm2-all-ort"]
 
 
