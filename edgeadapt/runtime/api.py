@@ -46,10 +46,11 @@ REPACK_MIN_BATCH = 8
 def choose_mode(runs_per_switch: float | None, batch: int | None) -> tuple[str, str]:
     """The ``auto`` policy: (mode, reason).
 
-    Live q/v weights cost nothing measurable at batch 1 (ONNX Runtime with the blocked32
-    layout: 0.98x; ExecuTorch 0.98x; SmolLM2, docs/bench.md) and 0.6-2% at 64-512 tokens,
-    while repacking costs a session/program rebuild per switch (0.5-1 s on SmolLM2); so repack
-    only for large batches with many runs per switch.
+    Live q/v weights cost 0.6-2% per forward at 64-512 tokens on both backends and, at one
+    token, nothing on ONNX Runtime (blocked32 layout: 0.98x) but 11% on ExecuTorch (XNNPACK
+    packs a dynamic weight on every call); SmolLM2, docs/bench.md. Repacking costs a
+    session/program rebuild per switch (0.5-1 s on SmolLM2), so repack only for large batches
+    with many runs per switch.
     """
     if runs_per_switch is None or batch is None:
         return "live", "auto: no workload given (runs_per_switch, batch); live is never stale " \
