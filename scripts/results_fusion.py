@@ -15,8 +15,8 @@ and prints a markdown table; loss is given in points and relative to "alone" (th
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -138,9 +138,9 @@ def plot(results: list[dict], path: str) -> None:
     ax.set_title("MiniLM: two adapters trained apart, then fused (seed 0)")
     ax.legend(loc="upper left", ncol=2, fontsize=8)
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(Path(path), [buf.getvalue()])
 
 
 def main(argv: list[str]) -> None:

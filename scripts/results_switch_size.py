@@ -13,12 +13,13 @@ floor of the same switch. Prints a markdown table with the ratios measured in th
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import click
+
+from edgeadapt.format.container import atomic_write_bytes
 
 METHODS = (("shira", "live", "SHiRA switch (live)"), ("lora-fuse", "live", "LoRA fuse + restore"),
            ("reload", "repack", "reload (re-create)"))
@@ -91,11 +92,9 @@ def plot(rows: list[dict], path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    out = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, out)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(Path(path), [buf.getvalue()])
 
 
 @click.command()

@@ -34,8 +34,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +42,7 @@ import torch
 from torch import nn
 
 from edgeadapt.errors import ConfigError, ExportError
+from edgeadapt.format.container import atomic_write_bytes
 from edgeadapt.models import LoadedModel, LogitsModule
 
 # Prefix LogitsModule puts in front of every torch name of the model.
@@ -293,20 +292,6 @@ def locate_weight(blob: bytes, weight: np.ndarray) -> dict[str, Any]:
                       "export?): repack mode cannot rewrite it")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)      # mkstemp creates 0600; a bundle is shared data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +349,7 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         b for d in branch_buffers.values() for b in d.values()]
     with torch.no_grad():
         blob = _lower_live(live_lm, all_buffers, max_batch, max_seq, partition, shapes)
-    _write_atomic(out_dir / live_file, blob)
+    atomic_write_bytes(out_dir / live_file, [blob])
 
     repack_info = None
     if repack and branch is None:
@@ -373,7 +358,7 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         repack_info = {"file": const_file, "weights": {
             w: locate_weight(const_blob, lm.model.get_parameter(w).detach().numpy())
             for w in live_weights}}
-        _write_atomic(out_dir / const_file, const_blob)
+        atomic_write_bytes(out_dir / const_file, [const_blob])
 
     section = {
         "file": live_file,

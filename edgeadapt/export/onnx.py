@@ -27,18 +27,18 @@ live inputs in backend layout, keyed by input name, in ``onnx_live_weights.safet
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from edgeadapt.errors import ConfigError, ExportError
 from edgeadapt.export import onnx_branch as br
 from edgeadapt.export import onnx_graph as og
 from edgeadapt.export.onnx_check import BoundSession, max_rel_error, session
+from edgeadapt.format.container import atomic_write_bytes
 from edgeadapt.models import LoadedModel, LogitsModule, example_inputs
 
 LIVE_FILE = "onnx_live_weights.safetensors"
@@ -246,9 +246,7 @@ def _write_live_file(out_dir: Path, values: dict[str, np.ndarray], variant: str 
                 np.array_equal(existing[k], v) for k, v in values.items()):
             return LIVE_FILE
     name = LIVE_FILE if variant is None else f"onnx_live_weights.{variant}.safetensors"
-    tmp = out_dir / f".{name}.tmp{os.getpid()}"
-    save_file({k: np.ascontiguousarray(v) for k, v in values.items()}, str(tmp),
-              metadata={"format": "edgeadapt-onnx-live-weights", "layout": "backend"})
-    os.chmod(tmp, 0o644)  # safetensors creates it 0600; the bundle's other files are 0644
-    os.replace(tmp, out_dir / name)
+    blob = save({k: np.ascontiguousarray(v) for k, v in values.items()},
+                metadata={"format": "edgeadapt-onnx-live-weights", "layout": "backend"})
+    atomic_write_bytes(out_dir / name, [blob])
     return name

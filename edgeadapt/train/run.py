@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from safetensors.torch import save as st_save
 
 from edgeadapt import __version__
 from edgeadapt.errors import AdapterFormatError, FingerprintMismatchError
+from edgeadapt.format.container import atomic_write_bytes
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.models import LoadedModel, head_weight_names, load_model
 
@@ -29,27 +28,13 @@ ADAPTER_FILE, HEAD_FILE, INFO_FILE, METRICS_FILE = (
     "adapter.safetensors", "head.safetensors", "adapter.json", "metrics.json")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a run is an ordinary readable file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, [(json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()])
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    write_atomic(path, st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+    atomic_write_bytes(path, [st_save({k: v.detach().cpu().contiguous()
+                                       for k, v in tensors.items()})])
 
 
 def head_parameters(lm: LoadedModel) -> dict[str, torch.nn.Parameter]:
