@@ -171,6 +171,23 @@ def test_prepacked_constants_go_stale(smollm2_qv):
     assert max_rel_error(outputs["0"][1], before) > 1e-3  # unpacked: the edit is seen
 
 
+def test_report_constant_copy_prepacks_2d_weights_and_matches_torch(smollm2_qv):
+    """onnx_report's all-constant reference: blocked32 live inputs become 2-D (in, out)
+    constants read by plain MatMuls (what ORT prepacks), with the model's output unchanged."""
+    from edgeadapt.export.onnx_report import constant_copy
+
+    lm, _, out, base, _ = smollm2_qv
+    assert {w["layout"] for w in base["weights"].values()} == {"blocked32"}
+    blob = constant_copy(out / "model.onnx", out / base["section"]["live_weights_file"])
+    proto = onnx.load_from_string(blob)
+    names = {w["name"] for w in base["weights"].values()}
+    assert not names & {i.name for i in proto.graph.input}
+    assert all(len(i.dims) == 2 for i in proto.graph.initializer if i.name.endswith(".T"))
+    inputs = example_inputs(lm, batch=2, seq=5, seed=3)
+    sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    assert max_rel_error(sess.run(None, _np(inputs))[0], _torch_ref(lm, inputs)) <= RTOL
+
+
 def test_lora_variant_matches_fused_torch(smollm2_qv):
     lm, live, out, base, res = smollm2_qv
     sec = res["section"]

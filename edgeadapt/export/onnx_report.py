@@ -5,7 +5,8 @@ live q/v weights versus an all-constant graph (a sanity check of the BACKENDS.md
         --latency smollm2 --repeats 40 --json onnx_report.json   [--reuse: skip the export]
 
 The all-constant graph is the exported q/v-live graph with the live inputs put back as constant
-initializers (same nodes, every weight packable), so the ratio isolates the cost of live weights.
+initializers (blocked32 readers turned back into plain MatMuls, so every weight is packable), so
+the ratio isolates the cost of live weights.
 Timings alternate A B A B ... (order flipped every round) on one thread, so drift cancels.
 """
 
@@ -22,6 +23,7 @@ from onnx import numpy_helper
 from safetensors.numpy import load_file
 
 from edgeadapt.errors import ParityError
+from edgeadapt.export import onnx_graph as og
 from edgeadapt.export.onnx_check import BoundSession, max_rel_error, session
 
 CASES = ((1, 1), (1, 64), (8, 64))
@@ -29,9 +31,14 @@ CASES = ((1, 1), (1, 64), (8, 64))
 
 def constant_copy(model_path: Path, live_file: Path) -> bytes:
     """The graph at ``model_path`` with its live inputs turned back into constant initializers
-    holding their base values (serialised; weights inline, fine below 2 GiB)."""
+    holding their base values (serialised; weights inline, fine below 2 GiB). blocked32 inputs
+    first go back to 2-D ``(in, out)`` MatMul weights, the only ones ONNX Runtime prepacks."""
+    from edgeadapt.runtime.onnxruntime_backend import constant_value
+
     proto = onnx.load(str(model_path))
     values = load_file(str(live_file))
+    renamed = og.unblock_live_matmuls(proto, set(values))
+    values = {renamed.get(k, k): constant_value(v, k in renamed) for k, v in values.items()}
     kept = [i for i in proto.graph.input if i.name not in values]
     del proto.graph.input[:]
     proto.graph.input.extend(kept)
