@@ -36,31 +36,37 @@ from edgeadapt.runtime.unfused import (
 
 BACKENDS = ("onnxruntime", "executorch")
 MODES = ("live", "repack", "auto")
-#: auto picks repack when a switch is followed by at least this many runs at batch >= 8:
-#: live q/v weights cost ~1-4% per forward (docs/runtime.md) while a rebuild costs about
-#: 20-40 forwards, so below this the rebuild is never paid back.
-REPACK_MIN_RUNS_PER_SWITCH = 1000
-REPACK_MIN_BATCH = 8
+#: Runs per switch from which ``auto`` picks repack, per backend and batch class (batch 1 / batch
+#: >= 8; batches in between use the batch-1 row): twice the live-vs-repack break-even measured on
+#: SmolLM2 with q/v live (docs/bench.md: ONNX Runtime CPU run 5, 1x1 / 8x64: repack never wins /
+#: 34 runs; ExecuTorch run 2: 291 / 45 runs), the factor 2 for the runs' spread. ONNX Runtime's
+#: blocked32 live weights cost nothing at one token, so there batch 1 stays live.
+REPACK_RUNS_PER_SWITCH = {"onnxruntime": {1: math.inf, 8: 68.0},
+                          "executorch": {1: 582.0, 8: 90.0}}
+REPACK_BATCH = 8
 
 
-def choose_mode(runs_per_switch: float | None, batch: int | None) -> tuple[str, str]:
+def choose_mode(runs_per_switch: float | None, batch: int | None,
+                backend: str = "onnxruntime") -> tuple[str, str]:
     """The ``auto`` policy: (mode, reason).
 
-    Live q/v weights cost 0.6-2% per forward at 64-512 tokens on both backends and, at one
-    token, nothing on ONNX Runtime (blocked32 layout: 0.98x) but 11% on ExecuTorch (XNNPACK
-    packs a dynamic weight on every call); SmolLM2, docs/bench.md. Repacking costs a
-    session/program rebuild per switch (0.5-1 s on SmolLM2), so repack only for large batches
-    with many runs per switch.
+    Repack when ``runs_per_switch >= REPACK_RUNS_PER_SWITCH[backend][1 or 8]``: a rebuild per
+    switch (0.5-1.7 s on SmolLM2) against what live weights cost each forward (ONNX Runtime,
+    blocked32: 0.98x at one token, 1.006x at 8x64; ExecuTorch: 1.11x at one token, 1.005x at
+    8x64; XNNPACK packs a dynamic weight on every call). Without a workload: live.
     """
     if runs_per_switch is None or batch is None:
         return "live", "auto: no workload given (runs_per_switch, batch); live is never stale " \
-                       "and switches in microseconds"
-    if batch >= REPACK_MIN_BATCH and runs_per_switch >= REPACK_MIN_RUNS_PER_SWITCH:
-        return "repack", (f"auto: batch {batch} >= {REPACK_MIN_BATCH} and {runs_per_switch:g} "
-                          f"runs per switch >= {REPACK_MIN_RUNS_PER_SWITCH}: packed weights "
-                          "repay the rebuild")
-    return "live", (f"auto: batch {batch}, {runs_per_switch:g} runs per switch: a rebuild per "
-                    "switch would cost more than unpacked live weights")
+                       "and switches in milliseconds"
+    row = REPACK_RUNS_PER_SWITCH.get(backend, REPACK_RUNS_PER_SWITCH["onnxruntime"])
+    threshold = row[REPACK_BATCH] if batch >= REPACK_BATCH else row[1]
+    if runs_per_switch >= threshold:
+        return "repack", (f"auto: {runs_per_switch:g} runs per switch at batch {batch} >= "
+                          f"{threshold:g} on {backend} (2x the measured break-even): packed "
+                          "weights repay the rebuild")
+    return "live", (f"auto: {runs_per_switch:g} runs per switch at batch {batch} < "
+                    f"{threshold:g} on {backend}: a rebuild per switch would cost more than "
+                    "the live weights")
 
 
 def _open_store(backend: str, bundle_dir: Path, manifest: Manifest, device: str, mode: str,
@@ -308,7 +314,7 @@ def load(bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cp
         raise ConfigError(f"device {device!r}: choose 'cpu' or 'cuda'")
     if mode == "auto":
         chosen, reason = ("live", "auto: CUDA kernels read raw weights") if device == "cuda" \
-            else choose_mode(runs_per_switch, batch)
+            else choose_mode(runs_per_switch, batch, backend)
     else:
         chosen, reason = mode, "requested"
     store = _open_store(backend, bundle, manifest, device, chosen, threads)
