@@ -151,6 +151,7 @@ def matmul(shapes: str, repeats: int, layers: int = 60, dim: int = 576) -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    from edgeadapt.export import onnx_blocked as ob
     from edgeadapt.export import onnx_graph as og
 
     rng = np.random.default_rng(0)
@@ -179,7 +180,7 @@ def matmul(shapes: str, repeats: int, layers: int = 60, dim: int = 576) -> None:
                                   opset_imports=[helper.make_opsetid("", 20)])
         model.ir_version = 10
         if kind == "live, blocked32":  # the exporter's own rewrite
-            og.block_live_matmuls(model, {f"W{i}": og.LiveWeight(f"W{i}", og.TRANSPOSED,
+            ob.block_live_matmuls(model, {f"W{i}": og.LiveWeight(f"W{i}", og.TRANSPOSED,
                                                                  (dim, dim))
                                           for i in range(layers)})
         return model.SerializeToString()

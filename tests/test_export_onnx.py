@@ -21,8 +21,8 @@ from edgeadapt.adapters.base import replace_module
 from edgeadapt.adapters.sira.layer import SiraLinear, route
 from edgeadapt.adapters.sira.model import insert_sira
 from edgeadapt.export.onnx import export_onnx
+from edgeadapt.export.onnx_blocked import unblock_live_matmuls
 from edgeadapt.export.onnx_check import BoundSession, max_rel_error, session
-from edgeadapt.export.onnx_graph import unblock_live_matmuls
 from edgeadapt.format.types import SiraBranch
 from edgeadapt.models import example_inputs, forward, load_model, target_weight_names
 

@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeadapt.errors import ExportError
+from edgeadapt.export import onnx_blocked as ob
 from edgeadapt.export import onnx_graph as og
 
 
@@ -137,7 +138,7 @@ def test_block_live_matmuls_rewrites_readers_and_keeps_the_product(x_shape):
     model.ir_version = 10
     live = og.make_live_inputs(model, og.locate_live_weights(model, {"a.weight": W1,
                                                                      "c.weight": W3}))
-    live = og.block_live_matmuls(model, live)
+    live = ob.block_live_matmuls(model, live)
     assert live["a.weight"] == og.LiveWeight("a.weight.B32", og.BLOCKED, (2, 40, 32))
     assert live["c.weight"].layout == og.TRANSPOSED
     onnx.checker.check_model(model)
@@ -151,7 +152,7 @@ def test_block_live_matmuls_rewrites_readers_and_keeps_the_product(x_shape):
     assert got.shape == want.shape and got.ndim == rank
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     # undone for constant sessions: plain MatMuls on (in, out) again, helper nodes gone
-    renamed = og.unblock_live_matmuls(model, {"a.weight.B32"})
+    renamed = ob.unblock_live_matmuls(model, {"a.weight.B32"})
     assert renamed == {"a.weight.B32": "a.weight.T"}
     assert [n.op_type for n in model.graph.node] == ["MatMul", "Relu", "MatMul"]
     assert not [i.name for i in model.graph.initializer if i.name.startswith("edgeadapt_")]
@@ -161,7 +162,7 @@ def test_block_live_matmuls_rewrites_readers_and_keeps_the_product(x_shape):
                                want, rtol=1e-4, atol=1e-4)
     # the Gemm-read weight of _mlp is left alone
     model2, W1b, W2b = _mlp(rng, out=64, inp=40)
-    live2 = og.block_live_matmuls(model2, og.make_live_inputs(
+    live2 = ob.block_live_matmuls(model2, og.make_live_inputs(
         model2, og.locate_live_weights(model2, {"l2.weight": W2b})))
     assert live2["l2.weight"].layout == og.AS_IS
 

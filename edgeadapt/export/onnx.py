@@ -35,6 +35,7 @@ import torch
 from safetensors.numpy import load_file, save
 
 from edgeadapt.errors import ConfigError, ExportError
+from edgeadapt.export import onnx_blocked as ob
 from edgeadapt.export import onnx_branch as br
 from edgeadapt.export import onnx_graph as og
 from edgeadapt.export.onnx_check import BoundSession, max_rel_error, session
@@ -73,7 +74,7 @@ def export_onnx(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         feeds adapter tensors by input name through ``InferenceSession.run``, not
         ``run_with_iobinding``) can drive it.
     blocked: re-lay the live weights read only by MatMul as ``blocked32``
-        (:func:`edgeadapt.export.onnx_graph.block_live_matmuls`; MLAS reads a graph-input weight
+        (:func:`edgeadapt.export.onnx_blocked.block_live_matmuls`; MLAS reads a graph-input weight
         unpacked, and one token through ``(in, out)`` costs 1.6x the packed time, through
         32-wide blocks 0.85x). False keeps them ``transposed``.
     check: run the saved graph on ONNX Runtime (CPU, prepacking on, live inputs bound to their
@@ -112,7 +113,7 @@ def export_onnx(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     located = og.locate_live_weights(proto, weights_np)
     live = og.make_live_inputs(proto, located)
     if blocked:
-        live = og.block_live_matmuls(proto, live)
+        live = ob.block_live_matmuls(proto, live)
     og.add_default_initializers(proto, {n: np.zeros(s, np.float32)
                                         for n, s in default_shapes.items()})
     og.cap_ir_version(proto)

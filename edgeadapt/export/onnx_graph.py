@@ -5,8 +5,8 @@
   any other op ONNX Runtime could constant-fold into a private copy).
 - :func:`make_live_inputs` moves those initializers from ``graph.initializer`` to ``graph.input``
   under deterministic names.
-- :func:`block_live_matmuls` re-lays a live input read only by MatMul as ``blocked32`` and
-  rewrites each reader to match (why: :mod:`edgeadapt.format.layout`).
+- :mod:`edgeadapt.export.onnx_blocked` re-lays a live input read only by MatMul as
+  ``blocked32`` and rewrites each reader to match (why: :mod:`edgeadapt.format.layout`).
 - :func:`add_default_initializers` gives branch inputs a default value (an initializer with the
   input's name), the pattern ONNX Runtime's LoRA adapter API expects.
 - :func:`save_with_external_data` writes the graph with its weights as external data, reusing
@@ -19,9 +19,8 @@ Layouts (torch weight ``W`` of shape ``(out, in)``, C order; the arithmetic live
 - ``"transposed"``: ``X`` is ``(in, out)``, ``X = W.T``; ONNX flat index ``j`` holds
   ``W[j % out, j // out]``, and torch flat index ``i`` (row ``i // in``, column ``i % in``) lives
   at ONNX flat index ``(i % in) * out + i // in``.
-- ``"blocked32"``: ``X`` is ``(out / 32, in, 32)``, ``X[b, c, j] = W[32 b + j, c]``; a reader
-  ``y = MatMul(x, W.T)`` becomes ``y = Reshape(Transpose(MatMul(Reshape(x, [1, -1, in]), X),
-  [1, 0, 2]), shape(x)[:-1] + [out])``.
+- ``"blocked32"``: ``X`` is ``(out / 32, in, 32)``, ``X[b, c, j] = W[32 b + j, c]``
+  (:mod:`edgeadapt.export.onnx_blocked`).
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeadapt.errors import ConfigError, ExportError
-from edgeadapt.format.layout import AS_IS, BLOCK, BLOCKED, TRANSPOSED, backend_index, to_backend
+from edgeadapt.format.layout import AS_IS, BLOCKED, TRANSPOSED, backend_index, to_backend
 
 #: The highest ONNX IR version onnxruntime 1.31/1.32 reads (onnx 1.23 writes 14 by default).
 MAX_IR_VERSION = 10
@@ -82,7 +81,7 @@ def torch_flat_to_backend_flat(index: np.ndarray, shape: tuple[int, int], layout
         raise ExportError(str(exc)) from None
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+def consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
     """Value name -> (node, input position) for every top-level node; names read inside
     subgraphs are recorded with node None-like position -1 on their parent node."""
     uses: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
@@ -130,7 +129,7 @@ def locate_live_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]
     through anything but MatMul/Gemm.
     """
     graph = model.graph
-    uses = _consumers(graph)
+    uses = consumers(graph)
     outputs = {o.name for o in graph.output}
     by_hash: dict[str, list[str]] = defaultdict(list)
     inits = {}
@@ -195,7 +194,7 @@ def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
             vi.name = new
 
 
-def _all_value_names(graph: onnx.GraphProto) -> set[str]:
+def all_value_names(graph: onnx.GraphProto) -> set[str]:
     names = {i.name for i in graph.input} | {i.name for i in graph.initializer}
     for node in graph.node:
         names.update(node.input)
@@ -208,7 +207,7 @@ def make_live_inputs(model: onnx.ModelProto, located: dict[str, LiveWeight]
     """Move each located initializer out of ``graph.initializer`` into ``graph.input``, renamed
     :func:`live_input_name`; returns the same mapping with the new input names."""
     graph = model.graph
-    taken = _all_value_names(graph)
+    taken = all_value_names(graph)
     by_name = {init.name: init for init in graph.initializer}
     result: dict[str, LiveWeight] = {}
     for wname, lw in located.items():
@@ -223,146 +222,6 @@ def make_live_inputs(model: onnx.ModelProto, located: dict[str, LiveWeight]
         taken.add(new)
         result[wname] = LiveWeight(new, lw.layout, lw.shape)
     return result
-
-
-def block_live_matmuls(model: onnx.ModelProto, live: dict[str, LiveWeight]
-                       ) -> dict[str, LiveWeight]:
-    """Re-lay as ``blocked32`` every live input that is ``transposed``, read only as the B
-    operand of MatMul, with ``out % 32 == 0``; rewrite each such MatMul ``y = x @ X`` into
-
-        xf = Reshape(x, [1, -1, in])            (one per x)
-        u  = MatMul(xf, Xb)                     (out/32, M, 32), M = prod(x.shape[:-1])
-        t  = Transpose(u, perm=[1, 0, 2])       (M, out/32, 32)
-        y  = Reshape(t, Concat(Shape(x)[:-1], [out]))
-
-    keeping the MatMul's node name. Other live inputs are returned unchanged. The numbers that
-    motivate it are in :mod:`edgeadapt.format.layout`.
-    """
-    graph = model.graph
-    uses = _consumers(graph)
-    inputs = {vi.name: vi for vi in graph.input}
-    taken = _all_value_names(graph)
-    eligible: dict[str, tuple[str, int, int]] = {}  # input name -> (weight, in, out)
-    result = dict(live)
-    for wname, lw in live.items():
-        readers = uses.get(lw.name, [])
-        if lw.layout != TRANSPOSED or len(lw.shape) != 2 or lw.shape[1] % BLOCK or not readers \
-                or any(n.op_type != "MatMul" or pos != 1 for n, pos in readers):
-            continue
-        new = live_input_name(wname, BLOCKED)
-        if new in taken:
-            raise ExportError(f"cannot name the blocked live input of {wname!r} {new!r}: the "
-                              "graph already has a value of that name")
-        inp, out = lw.shape
-        eligible[lw.name] = (new, inp, out)
-        result[wname] = LiveWeight(new, BLOCKED, (out // BLOCK, inp, BLOCK))
-    if not eligible:
-        return result
-    consts: dict[str, np.ndarray] = {}
-    flat: dict[str, str] = {}  # x -> its (1, M, in) reshape
-    lead: dict[str, str] = {}  # x -> Shape(x)[:-1]
-    target: dict[tuple[str, int], str] = {}  # (x, out) -> output shape
-    nodes: list[onnx.NodeProto] = []
-
-    def const(name: str, value: list[int]) -> str:
-        consts.setdefault(name, np.array(value, dtype=np.int64))
-        return name
-
-    for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in eligible:
-            nodes.append(node)
-            continue
-        x, (new, inp, out), y = node.input[0], eligible[node.input[1]], node.output[0]
-        base = node.name or y
-        if x not in flat:
-            flat[x] = f"{x}/edgeadapt_flat"
-            nodes.append(helper.make_node("Reshape", [x, const(f"edgeadapt_flat_{inp}",
-                                                               [1, -1, inp])], [flat[x]],
-                                          name=f"{base}/flat"))
-        if x not in lead:
-            lead[x] = f"{x}/edgeadapt_lead"
-            nodes.append(helper.make_node("Shape", [x], [lead[x]], end=-1, name=f"{base}/lead"))
-        if (x, out) not in target:
-            target[x, out] = f"{x}/edgeadapt_to{out}"
-            nodes.append(helper.make_node("Concat", [lead[x], const(f"edgeadapt_dim_{out}",
-                                                                    [out])],
-                                          [target[x, out]], axis=0, name=f"{base}/target"))
-        nodes += [helper.make_node("MatMul", [flat[x], new], [f"{y}/edgeadapt_blocks"],
-                                   name=node.name),
-                  helper.make_node("Transpose", [f"{y}/edgeadapt_blocks"], [f"{y}/edgeadapt_t"],
-                                   perm=[1, 0, 2], name=f"{base}/unblock"),
-                  helper.make_node("Reshape", [f"{y}/edgeadapt_t", target[x, out]], [y],
-                                   name=f"{base}/shape")]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    for old, (new, inp, out) in eligible.items():
-        graph.input.remove(inputs[old])
-        graph.input.append(helper.make_tensor_value_info(new, TensorProto.FLOAT,
-                                                         [out // BLOCK, inp, BLOCK]))
-    existing = {i.name for i in graph.initializer}
-    for name, value in consts.items():
-        if name not in existing:
-            graph.initializer.append(numpy_helper.from_array(value, name))
-    return result
-
-
-def unblock_live_matmuls(model: onnx.ModelProto, names: set[str] | list[str]
-                         ) -> dict[str, str]:
-    """Undo :func:`block_live_matmuls` for the named blocked32 graph inputs: each rewritten
-    reader becomes ``y = MatMul(x, X_T)`` again, ``X_T`` a ``(in, out)`` graph input named like
-    the input with ``.B32`` replaced by ``.T``; the helper nodes left unused are dropped.
-
-    For sessions that make the live weights constant (repack mode, the benchmark's unfused
-    variants): ONNX Runtime prepacks only a 2-D MatMul weight. Returns blocked name -> new name
-    (the caller feeds :func:`to_backend_layout` ``(W, "transposed")`` under the new name).
-    """
-    graph = model.graph
-    blocked = {vi.name: vi for vi in graph.input if vi.name in set(names)
-               and len(vi.type.tensor_type.shape.dim) == 3}
-    if not blocked:
-        return {}
-    producers = {o: n for n in graph.node for o in n.output}
-    uses = _consumers(graph)
-    renamed: dict[str, str] = {}
-    drop: set[int] = set()
-    replace: dict[int, onnx.NodeProto] = {}
-    for name, vi in blocked.items():
-        nb, inp, blk = (d.dim_value for d in vi.type.tensor_type.shape.dim)
-        new = (name[: -len(".B32")] if name.endswith(".B32") else name) + ".T"
-        for mm, pos in uses.get(name, []):
-            try:
-                (tr, _), = uses[mm.output[0]]
-                (rs, _), = uses[tr.output[0]]
-                flat = producers[mm.input[0]]
-            except (KeyError, ValueError):
-                raise ExportError(f"{name!r}: reader {mm.name!r} is not the blocked32 "
-                                  "pattern") from None
-            if pos != 1 or tr.op_type != "Transpose" or rs.op_type != "Reshape" \
-                    or flat.op_type != "Reshape":
-                raise ExportError(f"{name!r}: reader {mm.name!r} is not the blocked32 pattern")
-            replace[id(mm)] = helper.make_node("MatMul", [flat.input[0], new], [rs.output[0]],
-                                               name=mm.name)
-            drop.update((id(tr), id(rs)))
-        renamed[name] = new
-        graph.input.remove(vi)
-        graph.input.append(helper.make_tensor_value_info(new, TensorProto.FLOAT,
-                                                         [inp, nb * blk]))
-    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
-    outputs = {o.name for o in graph.output}
-    while True:  # drop helper nodes nothing reads any more (flatten, Shape, Concat)
-        read = {i for n in nodes for i in n.input} | outputs
-        dead = [n for n in nodes if n.op_type in ("Reshape", "Shape", "Concat")
-                and "edgeadapt_" in n.output[0] and not set(n.output) & read]
-        if not dead:
-            break
-        nodes = [n for n in nodes if n not in dead]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    read = {i for n in nodes for i in n.input}
-    for init in [i for i in graph.initializer
-                 if i.name.startswith("edgeadapt_") and i.name not in read]:
-        graph.initializer.remove(init)  # the shape constants of the dropped helpers
-    return renamed
 
 
 def add_default_initializers(model: onnx.ModelProto, defaults: dict[str, np.ndarray]) -> None:

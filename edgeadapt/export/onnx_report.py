@@ -23,7 +23,7 @@ from onnx import numpy_helper
 from safetensors.numpy import load_file
 
 from edgeadapt.errors import ParityError
-from edgeadapt.export import onnx_graph as og
+from edgeadapt.export import onnx_blocked as ob
 from edgeadapt.export.onnx_check import BoundSession, max_rel_error, session
 
 CASES = ((1, 1), (1, 64), (8, 64))
@@ -37,7 +37,7 @@ def constant_copy(model_path: Path, live_file: Path) -> bytes:
 
     proto = onnx.load(str(model_path))
     values = load_file(str(live_file))
-    renamed = og.unblock_live_matmuls(proto, set(values))
+    renamed = ob.unblock_live_matmuls(proto, set(values))
     values = {renamed.get(k, k): constant_value(v, k in renamed) for k, v in values.items()}
     kept = [i for i in proto.graph.input if i.name not in values]
     del proto.graph.input[:]

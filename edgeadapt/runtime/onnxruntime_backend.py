@@ -186,13 +186,13 @@ def _graph_with_initializers(model_path: Path, names: list[str]) -> tuple[bytes,
     placeholders are overridden with ``add_initializer`` at every session build.
 
     A blocked32 input (3-D) is first turned back into a ``(in, out)`` one read by a plain MatMul
-    (:func:`edgeadapt.export.onnx_graph.unblock_live_matmuls`), because ONNX Runtime prepacks
+    (:func:`edgeadapt.export.onnx_blocked.unblock_live_matmuls`), because ONNX Runtime prepacks
     only 2-D MatMul weights. Returns (model bytes, {blocked input name: its transposed name});
     feed :func:`constant_value` of each live buffer under the name it ends up with."""
     import onnx
     from onnx import numpy_helper
 
-    from edgeadapt.export.onnx_graph import unblock_live_matmuls
+    from edgeadapt.export.onnx_blocked import unblock_live_matmuls
 
     model = onnx.load(str(model_path), load_external_data=False)
     renamed = unblock_live_matmuls(model, names)
