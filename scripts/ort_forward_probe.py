@@ -102,7 +102,7 @@ def profile(bundle: str, shape: str, repeats: int) -> None:
     import onnx
     import onnxruntime as ort
 
-    from edgeadapt.runtime.onnxruntime_backend import session_options
+    from edgeadapt.runtime.onnxruntime_backend import add_constant_initializers, session_options
 
     live, base = _load(bundle, "live"), _load(bundle, "repack")
     x = _inputs(live, shape)
@@ -111,6 +111,7 @@ def profile(bundle: str, shape: str, repeats: int) -> None:
     on_live = {n.name for n in graph.node
                if n.op_type in ("MatMul", "Gemm") and set(n.input) & live_inputs}
     totals = {}
+    alive: dict[str, list] = {}  # OrtValues the constant session reads
     with tempfile.TemporaryDirectory() as tmp:
         for mode, rt in (("base", base), ("live", live)):
             store = rt.engine.store
@@ -121,9 +122,9 @@ def profile(bundle: str, shape: str, repeats: int) -> None:
                 so.add_session_config_entry(
                     "session.model_external_initializers_file_folder_path",
                     str(store.model_path.parent))
-                for n, lw in store.live_weights().items():
-                    so.add_initializer(store.graph_names[n], ort.OrtValue.ortvalue_from_numpy(
-                        lw.array))
+                alive[mode] = add_constant_initializers(  # the repack store's constants
+                    so, {store.graph_names[n]: lw.array
+                         for n, lw in store.live_weights().items()}, store._renamed)
                 sess = ort.InferenceSession(store._proto, so, providers=["CPUExecutionProvider"])
                 feeds = dict(x)
             else:

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeadapt.errors import ExportError
 from edgeadapt.export import onnx_blocked as ob
 from edgeadapt.export import onnx_graph as og
+from edgeadapt.format.layout import transposed_from_blocked
 
 
 def _graph(weights: dict[str, np.ndarray], nodes: list, x_dim: int, y_dim: int
@@ -109,6 +110,7 @@ def test_blocked_layout_by_hand():
     X = og.to_backend_layout(W, og.BLOCKED)
     expected = np.stack([W[32 * b:32 * b + 32].T for b in range(2)])  # (2, 5, 32)
     np.testing.assert_array_equal(X, expected)
+    np.testing.assert_array_equal(transposed_from_blocked(X), W.T)  # what constants are given
     i = np.arange(W.size)
     j = og.torch_flat_to_backend_flat(i, W.shape, og.BLOCKED)
     np.testing.assert_array_equal(X.reshape(-1)[j], W.reshape(-1))

@@ -84,7 +84,7 @@ class OrtBranchSession:
                  threads: int | None = 1) -> None:
         from edgeadapt.runtime.onnxruntime_backend import (
             _graph_with_initializers,
-            constant_value,
+            add_constant_initializers,
             session_options,
         )
 
@@ -93,10 +93,7 @@ class OrtBranchSession:
             "session.model_external_initializers_file_folder_path": str(model_path.parent)})
         so.log_severity_level = 3  # the branch inputs' zero defaults make ORT warn per input
         proto, renamed = _graph_with_initializers(model_path, list(live_values))
-        self._values = {renamed.get(n, n): ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(
-            constant_value(np.asarray(v), n in renamed))) for n, v in live_values.items()}
-        for name, value in self._values.items():
-            so.add_initializer(name, value)
+        self._values = add_constant_initializers(so, live_values, renamed)
         self.session = ort.InferenceSession(proto, so, providers=["CPUExecutionProvider"])
         self.output_name = self.session.get_outputs()[0].name
         self.run_options = ort.RunOptions()

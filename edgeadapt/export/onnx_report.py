@@ -33,12 +33,11 @@ def constant_copy(model_path: Path, live_file: Path) -> bytes:
     """The graph at ``model_path`` with its live inputs turned back into constant initializers
     holding their base values (serialised; weights inline, fine below 2 GiB). blocked32 inputs
     first go back to 2-D ``(in, out)`` MatMul weights, the only ones ONNX Runtime prepacks."""
-    from edgeadapt.runtime.onnxruntime_backend import constant_value
+    from edgeadapt.runtime.onnxruntime_backend import constant_values
 
     proto = onnx.load(str(model_path))
     values = load_file(str(live_file))
-    renamed = ob.unblock_live_matmuls(proto, set(values))
-    values = {renamed.get(k, k): constant_value(v, k in renamed) for k, v in values.items()}
+    values = constant_values(values, ob.unblock_live_matmuls(proto, set(values)))
     kept = [i for i in proto.graph.input if i.name not in values]
     del proto.graph.input[:]
     proto.graph.input.extend(kept)

@@ -88,3 +88,12 @@ def backend_index(indices: np.ndarray, shape: tuple[int, int], layout: str) -> n
     if layout == TRANSPOSED:
         return c * out + r
     return (r // BLOCK) * (inp * BLOCK) + c * BLOCK + r % BLOCK
+
+
+def transposed_from_blocked(array: np.ndarray) -> np.ndarray:
+    """The ``transposed`` (in, out) tensor of the weight a ``blocked32`` array ``(out/32, in,
+    32)`` holds, in one copy: ``X_T[c, 32 b + j] = Xb[b, c, j]``."""
+    if array.ndim != 3 or array.shape[2] != BLOCK:
+        raise ConfigError(f"not a {BLOCKED} array: shape {array.shape}")
+    nb, inp, blk = array.shape
+    return np.ascontiguousarray(array.transpose(1, 0, 2)).reshape(inp, nb * blk)

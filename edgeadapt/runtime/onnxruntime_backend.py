@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from edgeadapt.errors import BundleError, ConfigError, MissingPackageError
-from edgeadapt.format.layout import BLOCKED, TRANSPOSED, backend_shape, to_backend, to_torch
+from edgeadapt.format.layout import backend_shape, to_backend, transposed_from_blocked
 from edgeadapt.format.manifest import Manifest
 from edgeadapt.runtime.engine import LiveWeight, WeightStore
 
@@ -188,7 +189,7 @@ def _graph_with_initializers(model_path: Path, names: list[str]) -> tuple[bytes,
     A blocked32 input (3-D) is first turned back into a ``(in, out)`` one read by a plain MatMul
     (:func:`edgeadapt.export.onnx_blocked.unblock_live_matmuls`), because ONNX Runtime prepacks
     only 2-D MatMul weights. Returns (model bytes, {blocked input name: its transposed name});
-    feed :func:`constant_value` of each live buffer under the name it ends up with."""
+    supply the values with :func:`add_constant_initializers`."""
     import onnx
     from onnx import numpy_helper
 
@@ -208,13 +209,27 @@ def _graph_with_initializers(model_path: Path, names: list[str]) -> tuple[bytes,
     return model.SerializeToString(), renamed
 
 
-def constant_value(array: np.ndarray, blocked: bool) -> np.ndarray:
-    """What a constant session is given for a live buffer: the buffer itself (aliased), or, for
-    a blocked32 buffer ``(out/32, in, 32)``, a transposed ``(in, out)`` copy."""
-    if not blocked:
-        return array
-    nb, inp, blk = array.shape
-    return to_backend(to_torch(array, (nb * blk, inp), BLOCKED), TRANSPOSED)
+def constant_values(values: Mapping[str, np.ndarray], renamed: Mapping[str, str]
+                    ) -> dict[str, np.ndarray]:
+    """What a constant session is given for its live weights (graph name -> buffer): each
+    buffer itself (so an OrtValue aliases it), or, for a blocked32 input that
+    :func:`_graph_with_initializers` renamed, its transposed ``(in, out)`` copy under the new
+    name."""
+    return {renamed.get(n, n): transposed_from_blocked(v) if n in renamed else v
+            for n, v in values.items()}
+
+
+def add_constant_initializers(so, values: Mapping[str, np.ndarray], renamed: Mapping[str, str]
+                              ) -> list:
+    """Supply :func:`constant_values` to ``so`` with ``add_initializer``; returns the OrtValues,
+    which must outlive the session (it may read the unpacked initializers)."""
+    rt = _require_ort()
+    kept = []
+    for name, arr in constant_values(values, renamed).items():
+        ov = rt.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
+        so.add_initializer(name, ov)
+        kept.append(ov)
+    return kept
 
 
 class OrtRepackStore(_OrtStoreBase):
@@ -241,12 +256,8 @@ class OrtRepackStore(_OrtStoreBase):
         so = session_options(self.threads, {
             "session.model_external_initializers_file_folder_path":
                 str(self.model_path.parent)})
-        values = []
-        for n, lw in self._live.items():
-            name = self.graph_names[n]
-            ov = rt.OrtValue.ortvalue_from_numpy(constant_value(lw.array, name in self._renamed))
-            values.append(ov)
-            so.add_initializer(self._renamed.get(name, name), ov)
+        values = add_constant_initializers(
+            so, {self.graph_names[n]: lw.array for n, lw in self._live.items()}, self._renamed)
         session = rt.InferenceSession(self._proto, so, providers=["CPUExecutionProvider"])
         self._keep = values  # the session may read the unpacked initializers
         return session
