@@ -1,6 +1,7 @@
 """Ways to write a SHiRA switch, against its memory-traffic floor (docs/bench.md, runs 4-5):
 
     PYTHONPATH=. .venv/bin/python scripts/switch_kernel_probe.py [--rounds 60] [--warm]
+    PYTHONPATH=. .venv/bin/python scripts/switch_kernel_probe.py --in-bench BUNDLE
 
 60 float32 buffers shaped like SmolLM2's q/v live weights (30 x (576, 576) and (576, 192), 53 MB),
 two random 1% SHiRA adapters, the union of their positions per buffer (a full switch writes it).
@@ -15,6 +16,11 @@ evicted before every case unless ``--warm``:
 - ``2 threads``: numpy, each thread half of every buffer's positions (against a 2-thread copy).
 
 Prints each case's median and its ratio to the floor at the median copy bandwidth.
+
+``--in-bench BUNDLE``: the benchmark's own switch timing and paired floor
+(``run_bench`` on ONNX Runtime CPU, shape 1x1, 2 forward repeats, 30 switch repeats, no peers),
+run three times: with the engine's scatter as is (numpy), and with it replaced by the C loop
+without and with prefetch 64 ahead.
 """
 
 from __future__ import annotations
@@ -74,11 +80,54 @@ def _huge_arena(sizes: list[int]) -> tuple[mmap.mmap, list[np.ndarray]]:
     return mm, out
 
 
+def in_bench(bundle: str) -> None:
+    from edgeadapt.bench.run import BenchOptions, run_bench
+    from edgeadapt.runtime import engine
+
+    c_fn = _c_scatter()
+    numpy_write = engine.SwitchEngine._write
+
+    def c_write(ahead):
+        def _write(self, plans):
+            undo = {}
+            for name, plan in plans.items():
+                if plan.full is None:
+                    flat, u, v = self._flat[name], plan.union, plan.vals
+                    c_fn(flat.ctypes.data, u.ctypes.data, v.ctypes.data, u.size, ahead)
+                else:
+                    undo[name] = self.live[name].array.copy()
+                    np.copyto(self.live[name].array, plan.full)
+            return undo
+        return _write
+
+    opts = BenchOptions(backends=["onnxruntime-cpu"], shapes=[(1, 1)], repeats=2,
+                        switch_repeats=30, reload_repeats=1, peers=False)
+    writers = {"numpy": numpy_write}
+    if c_fn is not None:
+        writers.update({"C": c_write(0), "C prefetch 64": c_write(64)})
+    try:
+        for label, write in writers.items():
+            engine.SwitchEngine._write = write
+            rep = run_bench(bundle, opts)
+            sw = next(r["p50_ms"] for r in rep["switch"]
+                      if (r["method"], r["mode"]) == ("shira", "live"))
+            fl_ = rep["floor"]["per_backend"]["onnxruntime-cpu"]
+            print(f"{label}: switch p50 {sw:.3f} ms, copy {fl_['bandwidth_GBps']:.1f} GB/s, "
+                  f"switch / floor {fl_['measured_over_floor']:.2f} (paired)")
+    finally:
+        engine.SwitchEngine._write = numpy_write
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--warm", action="store_true", help="do not evict the cache between cases")
+    ap.add_argument("--in-bench", metavar="BUNDLE", default=None,
+                    help="time the switch inside run_bench on BUNDLE instead")
     args = ap.parse_args()
+    if args.in_bench:
+        in_bench(args.in_bench)
+        return
     rng = np.random.default_rng(0)
     sizes = [576 * 576, 576 * 192] * 30
     plain = [np.ones(n, np.float32) for n in sizes]

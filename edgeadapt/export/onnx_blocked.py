@@ -128,7 +128,7 @@ def unblock_live_matmuls(model: onnx.ModelProto, names: set[str] | list[str]
     replace: dict[int, onnx.NodeProto] = {}
     for name, vi in blocked.items():
         nb, inp, blk = (d.dim_value for d in vi.type.tensor_type.shape.dim)
-        new = (name[: -len(".B32")] if name.endswith(".B32") else name) + ".T"
+        new = live_input_name(name.removesuffix(live_input_name("", BLOCKED)), TRANSPOSED)
         for mm, pos in uses.get(name, []):
             try:
                 (tr, _), = uses[mm.output[0]]
