@@ -64,6 +64,23 @@ def test_cli_fused_variants_and_skips(base_bundle, tmp_path):
     fl = rep["floor"]["per_backend"]["onnxruntime-cpu"]
     assert fl["measured_over_floor"] == rep["floor"]["measured_over_floor"]["onnxruntime-cpu"]
     assert 0 < fl["floor_ms_peak"] <= fl["floor_ms"] and fl["bandwidth_GBps"] > 0
+    # its traffic counts the cache lines of the layout the live buffers have (blocked32 here:
+    # X[b, c, j] = W[32b + j, c]), by hand from the same two SHiRA adapters
+    from edgeadapt.bench.adapters import collect
+    from edgeadapt.format.manifest import read_manifest
+
+    m = read_manifest(base_bundle)
+    aset = collect(base_bundle, m, tmp_path / "scratch")
+    a, b = (aset.adapters[n] for n in aset.of("shira")[:2])
+    lines = 0
+    for n in sorted(set(a.targets) | set(b.targets)):
+        assert m.weights[n].onnx["layout"] == "blocked32"
+        fan_in = m.weights[n].shape[1]
+        i = np.union1d(a.targets[n].indices, b.targets[n].indices)
+        r, c = i // fan_in, i % fan_in
+        lines += np.unique(((r // 32) * fan_in * 32 + c * 32 + r % 32) // 16).size
+    assert fl["cache_lines"] == lines == rep["floor"]["cache_lines"]
+    assert fl["layouts"] == ["blocked32"] and rep["floor"]["layout"] == "onnxruntime-cpu"
 
 
 def test_cli_several_sessions_per_variant(base_bundle, tmp_path):

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from switching import runs_while_switching
+from switching import device_hashes, load_device_standin, runs_while_switching
 
 from edgeadapt.errors import (
     AdapterFormatError,
     FingerprintMismatchError,
+    SwitchError,
     TargetMismatchError,
     UnknownNameError,
 )
@@ -105,18 +106,34 @@ def outputs_match(got: np.ndarray, want: np.ndarray) -> bool:
 
 
 def buffer_hashes(rt) -> dict[str, str]:
-    return {n: hashlib.sha256(lw.array.tobytes()).hexdigest()
-            for n, lw in rt.store.live_weights().items()}
+    """sha256 of every live weight the runs read: the host buffers, and for the device store
+    also its device buffers."""
+    hashes = {n: hashlib.sha256(lw.array.tobytes()).hexdigest()
+              for n, lw in rt.store.live_weights().items()}
+    if hasattr(rt.store, "device_array"):
+        hashes.update({f"device:{n}": h for n, h in device_hashes(rt).items()})
+    return hashes
+
+
+# live / repack: the CPU stores; device-*: the CUDA store's code on the CPU execution provider
+# (switching.load_device_standin), with torch tensors or OrtValues as its device buffers.
+LIVE_KINDS = ["live", "device-torch", "device-ortvalue"]
+
+
+def _load(bundle: Path, kind: str):
+    if kind.startswith("device-"):
+        return load_device_standin(bundle, torch_buffers=kind == "device-torch")
+    return load(bundle, mode=kind, threads=1)
 
 
 X = np.random.default_rng(42).standard_normal((8, DIMS[0])).astype(np.float32)
 SEQUENCE = [["a"], ["b"], ["a", "b"], ["c"], ["a", "c"], None, ["b", "c", "a"], ["c"], None]
 
 
-@pytest.mark.parametrize("mode", ["live", "repack"])
+@pytest.mark.parametrize("mode", ["live", "repack", "device-torch", "device-ortvalue"])
 def test_outputs_follow_every_switch(bundle, mode):
-    rt = load(bundle, mode=mode, threads=1)
-    assert rt.mode == mode
+    rt = _load(bundle, mode)
+    assert rt.mode == mode.split("-")[0].replace("device", "live")
     base = rt.run(x=X)
     assert outputs_match(base, reference_logits(bundle, [], X))
     for step in SEQUENCE:
@@ -155,14 +172,53 @@ def test_check_detects_stale_prepacked_weights(bundle):
     assert outputs_match(stale, reference_logits(bundle, [], X))  # still the base
 
 
+@pytest.mark.parametrize("kind", ["device-torch", "device-ortvalue"])
+def test_device_store_runs_read_the_device_buffers(bundle, kind):
+    """With the commit to the device buffers skipped, the host mirrors change but the outputs
+    must not: the device-store tests can fail when the commit is wrong."""
+    rt = _load(bundle, kind)
+    rt.store.commit = lambda changes: None
+    rt.switch(["a", "c"])
+    stale = rt.run(x=X)
+    assert not outputs_match(stale, reference_logits(bundle, [("a", 1.0), ("c", 1.0)], X))
+    assert outputs_match(stale, reference_logits(bundle, [], X))
+
+
+@pytest.mark.parametrize("kind", ["device-torch", "device-ortvalue"])
+def test_device_commit_failure_restores_device_buffers(bundle, kind):
+    """A commit that dies after moving part of a switch to the device (a CUDA error, say):
+    the switch is undone on the host and the device buffers are refreshed whole."""
+    rt = _load(bundle, kind)
+    rt.switch("a")
+    before, out = buffer_hashes(rt), rt.run(x=X)
+    real = rt.store.commit
+    calls = []
+
+    def dies_halfway(changes):
+        calls.append(changes)
+        if len(calls) == 1:
+            first = sorted(changes)[0]
+            real({first: changes[first]})  # one weight reaches the device, then an error
+            raise RuntimeError("device error")
+        real(changes)
+
+    rt.store.commit = dies_halfway
+    with pytest.raises(SwitchError, match="switch undone"):
+        rt.switch(["b", "c"])
+    assert calls[1] == {n: None for n in calls[0]}  # the whole-buffer refresh
+    assert buffer_hashes(rt) == before and rt.active == ("a",)
+    assert np.array_equal(rt.run(x=X), out)
+
+
 @settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(st.one_of(st.none(), st.lists(st.sampled_from("abc"), min_size=1,
                                                      max_size=3, unique=True)),
                       min_size=1, max_size=6),
        scale=st.sampled_from([1.0, 0.5, -2.0]))
-def test_random_switches_return_to_base_bit_exact(bundle, steps, scale):
-    rt = load(bundle, mode="live", threads=1)
+@pytest.mark.parametrize("kind", LIVE_KINDS)
+def test_random_switches_return_to_base_bit_exact(bundle, kind, steps, scale):
+    rt = _load(bundle, kind)
     before = buffer_hashes(rt)
     base = rt.run(x=X)
     for step in steps:
@@ -172,8 +228,9 @@ def test_random_switches_return_to_base_bit_exact(bundle, steps, scale):
     assert np.array_equal(rt.run(x=X), base)
 
 
-def test_bad_switches_leave_weights_untouched(bundle, tmp_path):
-    rt = load(bundle, mode="live", threads=1)
+@pytest.mark.parametrize("kind", LIVE_KINDS)
+def test_bad_switches_leave_weights_untouched(bundle, kind, tmp_path):
+    rt = _load(bundle, kind)
     rt.switch(["a", "c"])
     before, out = buffer_hashes(rt), rt.run(x=X)
     with pytest.raises(UnknownNameError):
@@ -194,8 +251,9 @@ def test_bad_switches_leave_weights_untouched(bundle, tmp_path):
     assert np.array_equal(rt.run(x=X), out)
 
 
-def test_concurrent_runs_see_whole_states(bundle):
-    rt = load(bundle, mode="live", threads=1)
+@pytest.mark.parametrize("kind", LIVE_KINDS)
+def test_concurrent_runs_see_whole_states(bundle, kind):
+    rt = _load(bundle, kind)
     states = [None, ["a"], ["c"], ["a", "b"]]
     valid = []
     for s in states:

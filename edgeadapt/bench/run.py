@@ -228,8 +228,9 @@ class _Run:
         fast["copy"] = self.copy_probe  # the floor's bandwidth, in the same rounds
         samples = time_interleaved(fast, repeats=self.opts.switch_repeats,
                                    warmup=self.opts.warmup, progress=self.progress)
+        layouts = {n: lw.layout for n, lw in self.rt_live.store.live_weights().items()}
         self.floor_rounds[backend] = (samples["shira"],
-                                      self.copy_probe.bandwidth(samples.pop("copy")))
+                                      self.copy_probe.bandwidth(samples.pop("copy")), layouts)
         modes = {"shira": "live", "lora-fuse": "live", "ort-adapter": "unfused"}
         for method, s in samples.items():
             self._switch_row(backend, method, modes[method], s)
@@ -285,28 +286,37 @@ class _Run:
     # -- floor -----------------------------------------------------------------------------
 
     def floor(self) -> dict:
-        """The floor of the timed SHiRA switch: traffic (edgeadapt.bench.floor) over the copy
-        bandwidth timed in the same rounds as the switch, per backend (``per_backend``); the
-        top-level ``shira_switch_ms`` uses the median bandwidth of all those copies."""
+        """The floor of the timed SHiRA switch: the traffic (edgeadapt.bench.floor) in the
+        layouts the backend's live buffers really have (ONNX ``blocked32`` / ``transposed``,
+        ExecuTorch ``as-is``) over the copy bandwidth timed in the same rounds as the switch,
+        per backend (``per_backend``). The top level is the first timed backend's (the ONNX
+        layouts and a standalone bandwidth measurement when no backend timed a switch)."""
         a, b = (self.aset.adapters[n] for n in self.aset.of("shira")[:2])
         shapes = {n: tuple(w.shape) for n, w in self.manifest.weights.items()}
-        layouts = {n: (w.onnx or {}).get("layout", "as-is")
-                   for n, w in self.manifest.weights.items()}
-        traffic = fl.switch_traffic({n: d.indices for n, d in a.targets.items()},
-                                    {n: d.indices for n, d in b.targets.items()}, shapes,
-                                    layouts=layouts)
-        per_backend = {be: fl.floor_ratios(sw, bw, traffic)
-                       for be, (sw, bw) in self.floor_rounds.items()}
+
+        def traffic(layouts: dict[str, str]) -> fl.SwitchTraffic:
+            return fl.switch_traffic({n: d.indices for n, d in a.targets.items()},
+                                     {n: d.indices for n, d in b.targets.items()}, shapes,
+                                     layouts=layouts)
+
+        per_backend = {}
+        for be, (sw, bw, layouts) in self.floor_rounds.items():
+            t = traffic(layouts)
+            per_backend[be] = {**fl.floor_ratios(sw, bw, t), **t.as_dict(),
+                               "layouts": sorted(set(layouts.values()))}
         if self.floor_rounds:
-            bw = float(np.median(np.concatenate([bw for _, bw in self.floor_rounds.values()])))
+            first, (_, bws, layouts) = next(iter(self.floor_rounds.items()))
+            top, bw, source = traffic(layouts), float(np.median(bws)), first
         else:  # no backend timed a switch: a standalone measurement (best of 5 copies)
-            bw = fl.measure_bandwidth()
-        return {"shira_switch_ms": fl.floor_ms(traffic, bw), "bandwidth_GBps": bw / 1e9,
+            layouts = {n: (w.onnx or {}).get("layout", "as-is")
+                       for n, w in self.manifest.weights.items()}
+            top, bw, source = traffic(layouts), fl.measure_bandwidth(), "onnx layouts"
+        return {"shira_switch_ms": fl.floor_ms(top, bw), "bandwidth_GBps": bw / 1e9,
                 "switch": f"{self.aset.of('shira')[0]} <-> {self.aset.of('shira')[1]}",
-                "layout": "onnx", "per_backend": per_backend,
+                "layout": source, "per_backend": per_backend,
                 "measured_over_floor": {be: r["measured_over_floor"]
                                         for be, r in per_backend.items()},
-                **traffic.as_dict()}
+                **top.as_dict()}
 
 
 def device_name() -> str:

@@ -9,8 +9,9 @@ other weight is a constant initializer that ONNX Runtime prepacks. Three stores:
 - :class:`OrtRepackStore` (``mode="repack"``): the live weights are turned back into
   initializers supplied with ``SessionOptions.add_initializer`` (aliasing the host buffers), so
   every weight is prepacked; ``commit`` re-creates the session (packing once per switch).
-- :class:`OrtCudaStore` (``device="cuda"``): host mirrors for the engine, device buffers bound
-  by pointer; ``commit`` copies the changed values to the device and synchronises.
+- :class:`OrtDeviceStore` (``device="cuda"``): host mirrors for the engine, device buffers bound
+  by pointer; ``commit`` copies the changed values to the device and synchronises (its
+  ``device="cpu"`` stand-in runs the same code on the CPU execution provider, for tests).
 
 Prepacking ignores later edits of a packed buffer (docs/runtime.md), which is why live weights
 are graph inputs and repack rebuilds.
@@ -271,44 +272,59 @@ class OrtRepackStore(_OrtStoreBase):
             self.rebuilds += 1
 
 
-class OrtCudaStore(_OrtStoreBase):
-    """CUDA live mode: device buffers bound by pointer; host mirrors are what the engine edits.
+class OrtDeviceStore(_OrtStoreBase):
+    """Live mode on an execution provider with its own memory: device buffers bound by pointer,
+    host mirrors (the :class:`LiveWeight` arrays) are what the engine edits.
 
-    With torch importable the device buffers are torch CUDA tensors bound with
-    ``bind_input(buffer_ptr=...)`` and sparse changes are scattered on the device; without
-    torch they are CUDA OrtValues refreshed whole with ``update_inplace``. Memory: the host
-    mirror plus the device copy of every live weight.
+    ``device="cuda"`` is the CUDA execution provider. ``device="cpu"`` runs the same code on the
+    CPU execution provider with the "device" buffers as separate host copies: it is how the
+    binding and commit logic is tested on machines without a GPU (the outputs only follow a
+    switch if ``commit`` really moved the changes into the bound buffers).
+
+    With torch importable (and, for CUDA, seeing a GPU) the device buffers are torch tensors
+    bound with ``bind_input(buffer_ptr=...)`` and a sparse change is one indexed copy on the
+    device: ``dev.view(-1)[idx] = host.reshape(-1)[idx]``; without torch they are OrtValues
+    refreshed whole with ``update_inplace``. Memory: the host mirror plus the device copy of
+    every live weight.
     """
 
     mode = "live"
 
     def __init__(self, model_path: Path, live: dict[str, LiveWeight], inputs: list[dict],
                  input_names: dict[str, str], threads: int | None = None,
-                 device_id: int = 0, extra_inputs: dict[str, np.ndarray] | None = None) -> None:
+                 device_id: int = 0, device: str = "cuda") -> None:
         super().__init__(model_path, live, inputs, input_names)
         rt = _require_ort()
-        if "CUDAExecutionProvider" not in rt.get_available_providers():
+        if device not in ("cuda", "cpu"):
+            raise ConfigError(f"device {device!r}: choose 'cuda' or 'cpu'")
+        provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
+        if provider not in rt.get_available_providers():
             raise MissingPackageError("device='cuda' needs onnxruntime-gpu with the CUDA "
                                       "execution provider")
-        self.device_id = device_id
-        providers = [("CUDAExecutionProvider", {"device_id": device_id}),
-                     "CPUExecutionProvider"]
+        self.device, self.device_id = device, device_id
+        providers = ([("CUDAExecutionProvider", {"device_id": device_id})]
+                     if device == "cuda" else []) + ["CPUExecutionProvider"]
         self.session = rt.InferenceSession(str(model_path), session_options(threads),
                                            providers=providers)
-        if self.session.get_providers()[0] != "CUDAExecutionProvider":
+        if self.session.get_providers()[0] != provider:
             raise MissingPackageError("the CUDA execution provider failed to start (CUDA 13 / "
                                       "cuDNN 9 libraries missing?)")
         self.output_name = self.session.get_outputs()[0].name
-        self._torch = _try_import_torch()
+        self._torch = _try_import_torch(device)
+        where = f"cuda:{device_id}" if device == "cuda" else "cpu"
         self._device: dict[str, object] = {}
         for n, lw in live.items():
-            if self._torch is not None:
-                t = self._torch.from_numpy(lw.array).to(f"cuda:{device_id}").contiguous()
-                self._device[n] = t
+            if self._torch is not None:  # torch.tensor copies, also on the CPU
+                self._device[n] = self._torch.tensor(lw.array, device=where)
             else:
-                self._device[n] = rt.OrtValue.ortvalue_from_numpy(lw.array, "cuda", device_id)
-        self.extra_inputs = extra_inputs if extra_inputs is not None else {}
+                self._device[n] = rt.OrtValue.ortvalue_from_numpy(lw.array.copy(), device,
+                                                                  device_id)
         self._local = threading.local()
+
+    def device_array(self, name: str) -> np.ndarray:
+        """A host copy of the device buffer of live weight ``name`` (for checks)."""
+        dev = self._device[name]
+        return dev.cpu().numpy().copy() if self._torch is not None else dev.numpy().copy()
 
     def _binding(self):
         b = getattr(self._local, "binding", None)
@@ -316,7 +332,7 @@ class OrtCudaStore(_OrtStoreBase):
             b = self.session.io_binding()
             for n, dev in self._device.items():
                 if self._torch is not None:
-                    b.bind_input(self.graph_names[n], "cuda", self.device_id, np.float32,
+                    b.bind_input(self.graph_names[n], self.device, self.device_id, np.float32,
                                  list(dev.shape), dev.data_ptr())
                 else:
                     b.bind_ortvalue_input(self.graph_names[n], dev)
@@ -325,9 +341,9 @@ class OrtCudaStore(_OrtStoreBase):
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         b = self._binding()
-        for name, x in {**self._feeds(inputs), **self.extra_inputs}.items():
+        for name, x in self._feeds(inputs).items():
             b.bind_cpu_input(name, x)
-        b.bind_output(self.output_name, "cuda", self.device_id)
+        b.bind_output(self.output_name, self.device, self.device_id)
         b.synchronize_inputs()
         self.session.run_with_iobinding(b)
         out = b.copy_outputs_to_cpu()[0]
@@ -347,18 +363,19 @@ class OrtCudaStore(_OrtStoreBase):
                 flat = dev.view(-1)
                 i = torch.from_numpy(idx).to(flat.device)
                 flat[i] = torch.from_numpy(host.reshape(-1)[idx]).to(flat.device)
-        if torch is not None:
+        if torch is not None and self.device == "cuda":
             torch.cuda.synchronize(self.device_id)
 
 
-def _try_import_torch():
+def _try_import_torch(device: str):
+    """torch, if importable, not disabled by ``EDGEADAPT_NO_TORCH`` and (for CUDA) seeing a GPU."""
     if os.environ.get("EDGEADAPT_NO_TORCH"):
         return None
     try:
         import torch
     except ImportError:
         return None
-    return torch if torch.cuda.is_available() else None
+    return torch if device == "cpu" or torch.cuda.is_available() else None
 
 
 def open_store(bundle_dir: Path, manifest: Manifest, device: str = "cpu", mode: str = "live",
@@ -377,7 +394,7 @@ def open_store(bundle_dir: Path, manifest: Manifest, device: str = "cpu", mode: 
         if mode != "live":
             raise ConfigError("device='cuda' supports mode='live' only (cuBLAS reads raw "
                               "weights, so there is nothing to repack)")
-        return OrtCudaStore(model_path, live, manifest.inputs, names, threads)
+        return OrtDeviceStore(model_path, live, manifest.inputs, names, threads)
     if device != "cpu":
         raise ConfigError(f"device {device!r}: choose 'cpu' or 'cuda'")
     if mode == "live":
