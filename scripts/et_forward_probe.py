@@ -4,11 +4,14 @@ it (docs/bench.md, "ExecuTorch, run 2"):
     PYTHONPATH=. .venv/bin/python scripts/et_forward_probe.py [--tokens 1,64] [--rounds 40]
 
 A chain of 60 linears with distinct (576, 576) weights (SmolLM2's q shape, 80 MB), lowered
-three ways, each checked against PyTorch, then timed interleaved with the cache evicted before
+five ways, each checked against PyTorch, then timed interleaved with the cache evicted before
 every run: ``const`` (weights constant: XNNPACK packs them at load), ``live`` (weights mutable
 buffers, the exporter's setup: the ``touch`` method, ``InitializedMutableBufferPass``, the
-selective partition, so XNNPACK reads them at run time) and ``blocked`` (buffers laid out
-(out/32, in, 32) and multiplied as a batched matmul, the ONNX exporter's blocked32 form).
+selective partition, so XNNPACK reads them at run time), ``blocked`` (buffers laid out
+(out/32, in, 32) and multiplied as a batched matmul, the ONNX exporter's blocked32 form),
+``portable`` (buffers (in, out), ``x @ W^T`` left to the runtime's own ``aten::mm`` kernel
+instead of XNNPACK: the non-XNNPACK kernel the pip runtime has) and ``w-as-a`` (``(W x^T)^T``:
+the live weight as the GEMM's left operand, which XNNPACK does not pack; x^T is packed).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class Chain(nn.Module):
             elif kind == "blocked":
                 self.register_buffer(f"w{i}", w.reshape(K // BLOCK, BLOCK, K).transpose(1, 2)
                                      .contiguous())
+            elif kind == "portable":
+                self.register_buffer(f"w{i}", w.t().contiguous())
             else:
                 self.register_buffer(f"w{i}", w.clone())
 
@@ -41,6 +46,10 @@ class Chain(nn.Module):
             w = getattr(self, f"w{i}")
             if self.kind == "blocked":
                 x = torch.matmul(x.unsqueeze(0), w).permute(1, 0, 2).reshape(x.shape[0], K)
+            elif self.kind == "portable":
+                x = torch.mm(x, w)
+            elif self.kind == "w-as-a":
+                x = torch.mm(w, x.t()).t()
             else:
                 x = nn.functional.linear(x, w)
         return x
@@ -59,6 +68,19 @@ class Touch(nn.Module):
         return z
 
 
+def _undelegated_buffers(base: type) -> type:
+    """``base`` (a GEMM config) refusing every GEMM that reads a buffer: left to the runtime."""
+    from edgeadapt.export.executorch_partition import weight_is_buffer
+
+    class Refuse(base):  # type: ignore[misc, valid-type]
+        def check_constraints(self, node: torch.fx.Node, ep) -> bool:
+            if weight_is_buffer(node, self.weight_idx, ep):
+                return False
+            return super().check_constraints(node, ep)
+
+    return Refuse
+
+
 def lower(m: nn.Module, x: torch.Tensor) -> bytes:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -75,7 +97,19 @@ def lower(m: nn.Module, x: torch.Tensor) -> bytes:
                                                            strict=False)}
     phs = sorted({ph for e in methods.values()
                   for ph in e.graph_signature.inputs_to_buffers})
-    edge = to_edge_transform_and_lower(methods, partitioner=[selective_partitioner()])
+    part = selective_partitioner()
+    if m.kind == "portable":
+        from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+        from executorch.backends.xnnpack.partition.config.gemm_configs import (
+            AddmmConfig,
+            LinearConfig,
+            MMConfig,
+        )
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        part = XnnpackPartitioner(configs=[
+            _undelegated_buffers(c) if c in (LinearConfig, AddmmConfig, MMConfig) else c
+            for c in ALL_PARTITIONER_CONFIGS])
+    edge = to_edge_transform_and_lower(methods, partitioner=[part])
     return bytes(edge.to_executorch(ExecutorchBackendConfig(
         passes=[InitializedMutableBufferPass(phs)],
         memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
@@ -97,7 +131,7 @@ def main() -> None:
     for tokens in (int(t) for t in args.tokens.split(",")):
         x = torch.randn(tokens, K)
         methods = {}
-        for kind in ("const", "live", "blocked"):
+        for kind in ("const", "live", "blocked", "portable", "w-as-a"):
             m = Chain(kind, weights).eval()
             buf = lower(m, x)
             prog = runtime.load_program(buf)
