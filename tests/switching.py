@@ -40,30 +40,6 @@ def runs_while_switching(run: Callable[[], np.ndarray], switch: Callable[[Any], 
     return errors, outputs
 
 
-def load_device_standin(bundle, torch_buffers: bool):
-    """A Runtime on ``OrtDeviceStore(device="cpu")``: the CUDA store's binding and commit code on
-    the CPU execution provider, its "device" buffers separate host copies (torch tensors bound
-    by pointer if ``torch_buffers``, else OrtValues refreshed with ``update_inplace``)."""
-    import os
-    from pathlib import Path
-    from unittest import mock
-
-    from edgeadapt.format import read_manifest
-    from edgeadapt.runtime.api import Runtime
-    from edgeadapt.runtime.onnxruntime_backend import OrtDeviceStore, read_live_weights
-
-    bundle = Path(bundle)
-    manifest = read_manifest(bundle)
-    live = read_live_weights(bundle, manifest)
-    names = {n: manifest.weights[n].onnx["name"] for n in live}
-    env = {} if torch_buffers else {"EDGEADAPT_NO_TORCH": "1"}
-    with mock.patch.dict(os.environ, env):
-        store = OrtDeviceStore(bundle / manifest.onnx["file"], live, manifest.inputs, names,
-                               threads=1, device="cpu")
-    assert (store._torch is not None) == torch_buffers
-    return Runtime(bundle, manifest, store, "onnxruntime", "cpu", "live", "device stand-in")
-
-
 def device_hashes(rt) -> dict[str, str]:
     """sha256 of every device buffer of a Runtime on ``OrtDeviceStore``."""
     import hashlib

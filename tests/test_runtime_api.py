@@ -13,13 +13,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from switching import device_hashes, load_device_standin  # noqa: E402
 from runtime_reference import (  # noqa: E402
     example_pair,
     parity,
     random_adapters,
     torch_reference,
 )
+from switching import device_hashes  # noqa: E402
 
 from edgeadapt.errors import (  # noqa: E402
     ConfigError,
@@ -37,6 +37,7 @@ from edgeadapt.format import (  # noqa: E402
 )
 from edgeadapt.models import load_model  # noqa: E402
 from edgeadapt.runtime import choose_mode, load  # noqa: E402
+from edgeadapt.runtime.api import load_cuda_standin  # noqa: E402
 
 RTOL = 1e-4
 
@@ -152,7 +153,7 @@ def test_load_rejects_bad_options(exported):
 def test_device_store_switch_matches_pytorch(exported, where):
     """The CUDA store (device buffers bound by pointer, changes scattered into them) on the real
     architectures' blocked32 / transposed live weights: on a GPU where one is present, else its
-    code on the CPU execution provider (switching.load_device_standin)."""
+    code on the CPU execution provider (edgeadapt.runtime.api.load_cuda_standin)."""
     lm, bundle = exported
     if where == "cuda":
         ort = pytest.importorskip("onnxruntime")
@@ -161,7 +162,7 @@ def test_device_store_switch_matches_pytorch(exported, where):
             pytest.skip("no CUDA device")
         rt = load(bundle, device="cuda")
     else:
-        rt = load_device_standin(bundle, torch_buffers=where == "standin-torch")
+        rt = load_cuda_standin(bundle, torch_buffers=where == "standin-torch")
     t_in, np_in = example_pair(lm)
     base, hashes = rt.run(**np_in), device_hashes(rt)
     for names in ["s1", ["s1", "l1"], ["s2", "s1"], None]:

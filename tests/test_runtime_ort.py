@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from switching import device_hashes, load_device_standin, runs_while_switching
+from switching import device_hashes, runs_while_switching
 
 from edgeadapt.errors import (
     AdapterFormatError,
@@ -33,6 +33,7 @@ from edgeadapt.format import (
 )
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.runtime import load
+from edgeadapt.runtime.api import load_cuda_standin
 from edgeadapt.runtime.toy import toy_forward, toy_weights, write_toy_bundle
 
 DIMS = [16, 24, 24, 20, 6]
@@ -116,13 +117,13 @@ def buffer_hashes(rt) -> dict[str, str]:
 
 
 # live / repack: the CPU stores; device-*: the CUDA store's code on the CPU execution provider
-# (switching.load_device_standin), with torch tensors or OrtValues as its device buffers.
+# (edgeadapt.runtime.api.load_cuda_standin), with torch tensors or OrtValues as device buffers.
 LIVE_KINDS = ["live", "device-torch", "device-ortvalue"]
 
 
 def _load(bundle: Path, kind: str):
     if kind.startswith("device-"):
-        return load_device_standin(bundle, torch_buffers=kind == "device-torch")
+        return load_cuda_standin(bundle, torch_buffers=kind == "device-torch")
     return load(bundle, mode=kind, threads=1)
 
 

@@ -1,0 +1,239 @@
+"""The CUDA checks of the switch runtime, prepared here and run on a lent GPU machine
+(docs/runtime.md, "Running the CUDA checks"):
+
+    PYTHONPATH=. .venv/bin/python scripts/cuda_check.py prepare DIR     # here, with torch
+    PYTHONPATH=. python3 scripts/cuda_check.py check DIR --json OUT     # there: numpy + ORT-GPU
+    PYTHONPATH=. .venv/bin/python scripts/cuda_check.py check DIR --standin  # the script, here
+
+``prepare`` exports tiny SmolLM2 and MiniLM bundles (q/v live, blocked32), writes three
+synthetic adapters into each (two SHiRA, one rank-2 LoRA) and stores the PyTorch model's logits
+with the adapters of every step of :data:`STEPS` (the independent reference, computed here, so
+the GPU machine needs neither this torch nor the model packages). ``check`` loads each bundle with
+``device="cuda"`` twice (device buffers as torch CUDA tensors bound by pointer, then as CUDA
+OrtValues) and checks: parity with the reference after every step, device buffers bit-identical
+to the originals after random switch sequences end at None, bad switches (unknown name, corrupt
+file) refused with the device buffers untouched, and readers that run while another thread
+switches seeing only whole states. It prints one line per check, writes them to ``--json`` and
+exits non-zero if any failed. ``--standin`` runs the same checks on the CUDA store's code with
+the CPU execution provider (:func:`edgeadapt.runtime.api.load_cuda_standin`): a dry run of this
+script where there is no GPU, not a CUDA result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+MODELS = ("tiny-smollm2", "tiny-minilm")
+STEPS: list[list[tuple[str, float]]] = [
+    [("s1", 1.0)], [("s1", 1.0), ("l1", 0.5)], [("s2", 1.0), ("s1", -0.5)], [("l1", 1.0)], []]
+#: relative tolerance on the GPU (cuBLAS may use TF32 and another reduction order)
+TOLERANCE = 1e-3
+
+
+def prepare(out: Path) -> None:
+    import torch
+
+    from edgeadapt.adapters import apply_adapter_torch
+    from edgeadapt.bench.synth import synth_lora, synth_shira
+    from edgeadapt.export.bundle import export_base
+    from edgeadapt.format import AdapterEntry, read_adapter, read_manifest, write_adapter
+    from edgeadapt.format.manifest import write_manifest
+    from edgeadapt.models import example_inputs, forward, load_model
+
+    torch.set_num_threads(1)
+    for name in MODELS:
+        lm = load_model(name, num_labels=2, seed=0)
+        bundle = out / name
+        export_base(lm, bundle, formats="onnx", targets="qv", check=False)
+        m = read_manifest(bundle)
+        shapes = {n: tuple(w.shape) for n, w in m.weights.items()}
+        sha = {n: w.sha256 for n, w in m.weights.items()}
+        (bundle / "adapters").mkdir(exist_ok=True)
+        for key, ad in {"s1": synth_shira(shapes, sha, density=0.05, seed=1),
+                        "s2": synth_shira(shapes, sha, density=0.2, seed=2),
+                        "l1": synth_lora(shapes, sha, rank=2, seed=3)}.items():
+            write_adapter(bundle / "adapters" / f"{key}.eadp", ad, value_dtype="float32")
+            m.adapters[key] = AdapterEntry(file=f"adapters/{key}.eadp", method=ad.method)
+        write_manifest(bundle, m)
+        inputs = example_inputs(lm, batch=2, seq=7, seed=3)
+        expected = {}
+        for i, step in enumerate(STEPS):
+            import copy
+
+            ref = copy.deepcopy(lm)
+            for key, scale in step:
+                apply_adapter_torch(ref.model, read_adapter(bundle / m.adapters[key].file),
+                                    scale)
+            with torch.no_grad():
+                expected[f"step{i}"] = forward(ref, inputs).numpy()
+        np.savez(bundle / "expected.npz", **expected,
+                 **{f"input_{k}": v.numpy() for k, v in inputs.items()})
+        print(f"{bundle}: {len(m.weights)} live weights, {len(STEPS)} reference steps")
+
+
+def _hashes(rt) -> dict[str, str]:
+    return {n: hashlib.sha256(rt.store.device_array(n).tobytes()).hexdigest()
+            for n in rt.store.live_weights()}
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def _load(bundle: Path, buffers: str, standin: bool):
+    from edgeadapt.runtime import load
+    from edgeadapt.runtime.api import load_cuda_standin
+
+    if standin:
+        return load_cuda_standin(bundle, torch_buffers=buffers == "torch")
+    saved = os.environ.pop("EDGEADAPT_NO_TORCH", None)
+    if buffers == "ortvalue":
+        os.environ["EDGEADAPT_NO_TORCH"] = "1"
+    try:
+        return load(bundle, device="cuda")
+    finally:
+        os.environ.pop("EDGEADAPT_NO_TORCH", None)
+        if saved is not None:
+            os.environ["EDGEADAPT_NO_TORCH"] = saved
+
+
+def check_bundle(bundle: Path, buffers: str, standin: bool = False) -> list[dict]:
+    """Every check on one bundle; ``buffers``: "torch" or "ortvalue" device buffers."""
+    from edgeadapt.errors import AdapterFormatError, UnknownNameError
+    from edgeadapt.format import AdapterEntry
+
+    results: list[dict] = []
+
+    def record(what: str, ok: bool, **extra) -> None:
+        results.append({"bundle": bundle.name, "buffers": buffers, "check": what, "ok": ok,
+                        **extra})
+        print(f"{'ok  ' if ok else 'FAIL'} {bundle.name:13s} {buffers:8s} {what} {extra or ''}",
+              flush=True)
+
+    rt = _load(bundle, buffers, standin)
+    record("store", (rt.store._torch is not None) == (buffers == "torch"),
+           store=type(rt.store).__name__, device=rt.store.device,
+           providers=rt.store.session.get_providers())
+    data = np.load(bundle / "expected.npz")
+    inputs = {k.removeprefix("input_"): data[k] for k in data.files if k.startswith("input_")}
+    base, before = rt.run(**inputs), _hashes(rt)
+    record("base parity", _rel(base, data[f"step{len(STEPS) - 1}"]) <= TOLERANCE,
+           rel_error=_rel(base, data[f"step{len(STEPS) - 1}"]))
+    moved = [_rel(data[f"step{i}"], data[f"step{len(STEPS) - 1}"]) for i in range(len(STEPS) - 1)]
+    record("every adapter step moves the reference by > 10x the tolerance",
+           min(moved) > 10 * TOLERANCE, rel_change=moved)
+    for i, step in enumerate(STEPS):
+        rt.switch([k for k, _ in step] or None, [s for _, s in step] or None)
+        err = _rel(rt.run(**inputs), data[f"step{i}"])
+        record(f"parity after {step or 'None'}", err <= TOLERANCE, rel_error=err)
+    record("None: device buffers bit-identical", _hashes(rt) == before)
+    record("None: output bit-identical", bool(np.array_equal(rt.run(**inputs), base)))
+
+    rng = np.random.default_rng(0)
+    names = ["s1", "s2", "l1"]
+    for _ in range(30):
+        pick = [n for n in names if rng.random() < 0.5]
+        rt.switch(pick or None, [float(rng.choice([1.0, 0.5, -2.0])) for _ in pick] or None)
+    rt.switch(None)
+    record("30 random switches, then None: device buffers bit-identical", _hashes(rt) == before)
+
+    rt.switch(["s1", "l1"])
+    kept, out = _hashes(rt), rt.run(**inputs)
+    refused = []
+    try:
+        rt.switch("nope")
+    except UnknownNameError:
+        refused.append("unknown name")
+    good = (bundle / "adapters" / "s2.eadp").read_bytes()
+    broken = bundle / "adapters" / "broken.eadp"
+    broken.write_bytes(good[: len(good) // 2])
+    rt.manifest.adapters["broken"] = AdapterEntry(file="adapters/broken.eadp", method="shira")
+    try:
+        rt.switch(["s1", "broken"])
+    except AdapterFormatError:
+        refused.append("corrupt file")
+    broken.unlink()
+    record("bad switches refused, device buffers untouched",
+           refused == ["unknown name", "corrupt file"] and _hashes(rt) == kept
+           and bool(np.array_equal(rt.run(**inputs), out)), refused=refused)
+
+    states = [None, ["s1"], ["l1"], ["s1", "s2"]]
+    valid = []
+    for s in states:
+        rt.switch(s)
+        valid.append(rt.run(**inputs))
+    seen: list[np.ndarray] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                seen.append(rt.run(**inputs))
+        except Exception as exc:  # reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for _ in range(200):
+        rt.switch(states[int(rng.integers(len(states)))])
+    stop.set()
+    for t in threads:
+        t.join()
+    whole = sum(any(np.array_equal(y, v) for v in valid) for y in seen)
+    record("3 readers during 200 switches see whole states",
+           not errors and whole == len(seen) > 0, runs=len(seen), errors=errors[:3])
+    return results
+
+
+def check(root: Path, out: Path | None, standin: bool = False) -> int:
+    import onnxruntime as ort
+
+    if not standin and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA / cuDNN from the nvidia-* pip packages
+    print("onnxruntime", ort.__version__, ort.get_available_providers(), flush=True)
+    results = []
+    for name in MODELS:
+        for buffers in ("torch", "ortvalue"):
+            try:
+                results += check_bundle(root / name, buffers, standin)
+            except Exception as exc:  # one broken path must not hide the others
+                results.append({"bundle": name, "buffers": buffers, "check": "crashed",
+                                "ok": False, "error": repr(exc)})
+                print(f"FAIL {name} {buffers} crashed: {exc!r}", flush=True)
+    if out is not None:
+        out.write_text(json.dumps({"onnxruntime": ort.__version__, "standin": standin,
+                                   "results": results}, indent=1))
+    failed = [r for r in results if not r["ok"]]
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("dir", type=Path)
+    c = sub.add_parser("check")
+    c.add_argument("dir", type=Path)
+    c.add_argument("--json", type=Path)
+    c.add_argument("--standin", action="store_true",
+                   help="the CUDA store's code on the CPU execution provider (no GPU needed)")
+    args = ap.parse_args()
+    if args.cmd == "prepare":
+        prepare(args.dir)
+    else:
+        sys.exit(check(args.dir, args.json, args.standin))
+
+
+if __name__ == "__main__":
+    main()
