@@ -63,14 +63,15 @@ def _store(out, result):
 @pytest.mark.slow
 def test_all_constant_partition_is_caught_as_stale(tmp_path):
     """Stock XNNPACK partition packs the weight buffers at load: edits through get_attribute are
-    silently ignored. The export's verification must notice and refuse."""
+    silently ignored. The export's verification must notice and refuse. (The ``linear`` form:
+    in ``weight-left`` the weight is no GEMM's right operand, so nothing would be packed.)"""
     lm = one_block_llama()
     live = twn(lm.model, "qv")
     with pytest.raises(ExportError, match="mutable"):
         export_pte(lm, tmp_path, live, max_batch=2, max_seq=4, repack=False,
-                   partition="all-constant")
+                   partition="all-constant", live_form="linear")
     result = export_pte(lm, tmp_path, live, max_batch=2, max_seq=4, repack=False,
-                        partition="all-constant", verify=False)
+                        partition="all-constant", verify=False, live_form="linear")
     # The buffers still exist (shared with the touch method), but forward's delegate packed a
     # copy: an edit through get_attribute is silently ignored.
     from executorch.runtime import Runtime
@@ -83,6 +84,46 @@ def test_all_constant_partition_is_caught_as_stale(tmp_path):
     for info in result["weights"].values():
         touch._method.get_attribute(info["buffer"]).mul_(3.0)
     assert torch.equal(forward.execute([inp])[0], before)      # stale: the edit was ignored
+
+
+def test_weight_left_linear_is_the_linear():
+    from edgeadapt.export.executorch_live_form import WeightLeftLinear, apply_live_form
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 8)
+    x = torch.randn(2, 5, 12)
+    got = WeightLeftLinear(lin)(x)
+    assert got.shape == (2, 5, 8)
+    assert torch.allclose(got, x @ lin.weight.T + lin.bias, atol=1e-6)
+    plain = torch.nn.Linear(12, 8, bias=False)
+    assert torch.allclose(WeightLeftLinear(plain)(x[0]), x[0] @ plain.weight.T, atol=1e-6)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    with pytest.raises(ConfigError):
+        apply_live_form(model, ["1"], "weight-left")  # not a linear
+    with pytest.raises(ConfigError):
+        apply_live_form(model, ["0"], "diagonal")
+
+
+@pytest.mark.parametrize("form", ["linear", "weight-left"])
+def test_live_forms_export_edit_and_delegate(tmp_path, form):
+    """Both forms of the live linears: verified against PyTorch before and after edits through
+    get_attribute (inside export_pte), every GEMM inside an XNNPACK delegate, and a SHiRA edit
+    through the store matching the PyTorch model with the same adapter."""
+    from tests.test_runtime_executorch import reference, sparse_adapter, write_sparse
+
+    lm = one_block_llama()
+    live = twn(lm.model, "qv")
+    result = export_pte(lm, tmp_path, live, max_batch=2, max_seq=4, repack=False, live_form=form)
+    assert result["section"]["live_form"] == form
+    assert result["section"]["undelegated_gemms"] == 0
+    assert max(result["verify"].values()) <= 1e-4
+    store = _store(tmp_path, result)
+    ad = sparse_adapter(lm)
+    write_sparse(store, ad)
+    inp = inputs_of(lm, 2, 3)
+    assert rel_err(store.run(inp), torch_logits(reference(lm, ad), inp)) <= 1e-4
+    with pytest.raises(ConfigError):
+        export_pte(lm, tmp_path, live, repack=False, live_form="diagonal")
 
 
 def _branch_reference(lm, adapter):

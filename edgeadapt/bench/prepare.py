@@ -29,8 +29,12 @@ import click
 @click.option("--pte-shapes", default=None,
               help="BxS,... the SiRA ExecuTorch program is lowered for (default: 1x1, "
                    "1 x max_seq, max_batch x max_seq)")
+@click.option("--pte-live-form", type=click.Choice(["linear", "weight-left"]), default=None,
+              help="How the ExecuTorch base program's live linears are written (default: the "
+                   "exporter's; edgeadapt.export.executorch_live_form)")
 def main(model: str, out: str, targets: str, formats: str, lora_rank: int, sira: str,
-         check: bool, variants_only: bool, pte_shapes: str | None) -> None:
+         check: bool, variants_only: bool, pte_shapes: str | None,
+         pte_live_form: str | None) -> None:
     """Export MODEL to OUT with the branch variants `edgeadapt bench` times."""
     import torch
 
@@ -41,7 +45,8 @@ def main(model: str, out: str, targets: str, formats: str, lora_rank: int, sira:
     torch.set_num_threads(2)
     bundle = Path(out)
     if not variants_only:
-        export_base(model, bundle, formats=formats.split(","), targets=targets, check=check)
+        export_base(model, bundle, formats=formats.split(","), targets=targets, check=check,
+                    pte_live_form=pte_live_form)
     shapes = ([tuple(int(v) for v in s.split("x")) for s in pte_shapes.split(",")]
               if pte_shapes else None)
     branches: list[tuple] = [("lora", lora_rank)] if lora_rank > 0 else []

@@ -61,11 +61,13 @@ def base_weight_entries(lm: Any, names: list[str]) -> dict[str, WeightEntry]:
 
 def run_exporters(lm: Any, out: Path, live: list[str], formats: list[str],
                   branch: tuple | None = None, check: bool = True,
-                  pte_repack: bool = True) -> dict[str, dict]:
+                  pte_repack: bool = True, pte_live_form: str | None = None
+                  ) -> dict[str, dict]:
     """Call each available backend exporter; returns {section key: exporter result}.
 
     pte_repack: also write ExecuTorch's all-constant program that repack mode reloads (a second
-    full lowering; skip it for bundles that only run live)."""
+    full lowering; skip it for bundles that only run live). pte_live_form: the form of the
+    ExecuTorch base program's live linears (None: the exporter's default)."""
     results = {}
     for fmt in formats:
         exporter = backend_exporter(fmt)
@@ -74,6 +76,8 @@ def run_exporters(lm: Any, out: Path, live: list[str], formats: list[str],
         kwargs = {"check": check} if fmt == "onnx" else {"verify": check}
         if fmt == "pte" and branch is None:
             kwargs["repack"] = pte_repack
+            if pte_live_form is not None:
+                kwargs["live_form"] = pte_live_form
         log.info("exporting %s%s ...", fmt, "" if branch is None else f" with branch {branch}")
         results[FORMATS[fmt][0]] = exporter(lm, out, live, branch, **kwargs)
     if not results:
@@ -91,7 +95,7 @@ def _normalise_section(key: str, section: dict) -> dict:
 def export_base(model: str | Path | Any, out: str | Path,
                 formats: str | Iterable[str] = ("onnx", "pte"), targets: str = "qv", *,
                 num_labels: int = 2, seed: int = 0, check: bool = True,
-                pte_repack: bool = True) -> Path:
+                pte_repack: bool = True, pte_live_form: str | None = None) -> Path:
     """Export a base model to the bundle directory ``out`` and return ``out``.
 
     model: a registry name (``smollm2`` | ``minilm`` | ``tiny-*``), a Hugging Face directory, or
@@ -103,6 +107,8 @@ def export_base(model: str | Path | Any, out: str | Path,
         classifier's head matrix is live as well (``heads`` in bundle.json).
     check: let each exporter verify its graph against PyTorch (ExportError on mismatch).
     pte_repack: write ExecuTorch's constant-weight program for repack mode (False: live only).
+    pte_live_form: ``linear`` | ``weight-left``, how ExecuTorch's live linears are written
+        (:mod:`edgeadapt.export.executorch_live_form`; None: the exporter's default).
     Adapters already registered in ``out`` are kept if they still fit the new base.
     """
     from edgeadapt.models import head_weight_names, load_model, target_weight_names
@@ -115,7 +121,8 @@ def export_base(model: str | Path | Any, out: str | Path,
     heads = head_weight_names(lm.model, lm.kind)  # live too: each adapter brings its head
     live = target_weight_names(lm.model, targets) + heads
     weights = base_weight_entries(lm, live)
-    results = run_exporters(lm, out, live, fmts, check=check, pte_repack=pte_repack)
+    results = run_exporters(lm, out, live, fmts, check=check, pte_repack=pte_repack,
+                            pte_live_form=pte_live_form)
     sections = {}
     for key, res in results.items():
         sections[key] = _normalise_section(key, res["section"])

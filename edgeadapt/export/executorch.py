@@ -42,12 +42,15 @@ import torch
 from torch import nn
 
 from edgeadapt.errors import ConfigError, ExportError
+from edgeadapt.export.executorch_live_form import LIVE_FORMS
 from edgeadapt.format.container import atomic_write_bytes
 from edgeadapt.models import LoadedModel, LogitsModule
 
 # Prefix LogitsModule puts in front of every torch name of the model.
 PREFIX = "model."
 TOUCH_METHOD = "touch"
+#: the form of the base program's live linears (edgeadapt.export.executorch_live_form)
+DEFAULT_LIVE_FORM = "linear"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,14 +117,19 @@ def branch_param_names(branch: tuple | None) -> tuple[str, ...]:
     return ("lora_A", "lora_B") if branch[0] == "lora" else ("sira_router", "sira_A", "sira_B")
 
 
-def build_live_model(lm: LoadedModel, live_weights: list[str], branch: tuple | None
-                     ) -> LoadedModel:
-    """A deep copy of ``lm`` whose live weights (and branch tensors, zeroed) are buffers."""
+def build_live_model(lm: LoadedModel, live_weights: list[str], branch: tuple | None,
+                     form: str = "linear") -> LoadedModel:
+    """A deep copy of ``lm`` whose live weights (and branch tensors, zeroed) are buffers; without
+    a branch, the live linears are written in ``form``
+    (:mod:`edgeadapt.export.executorch_live_form`)."""
     from edgeadapt.adapters.base import replace_module
+    from edgeadapt.export.executorch_live_form import apply_live_form
 
     model = copy.deepcopy(lm.model)
-    for wname in live_weights:
-        mname = wname.removesuffix(".weight")
+    modules = [w.removesuffix(".weight") for w in live_weights]
+    if branch is None:
+        apply_live_form(model, modules, form)
+    for mname in modules:
         linear = model.get_submodule(mname)
         if branch is not None:
             layer = _branch_layer(linear, branch)
@@ -233,8 +241,19 @@ def _export_forward(lm: LoadedModel, max_batch: int, max_seq: int):
 PARTITIONS = ("selective", "all-constant")
 
 
+GEMM_OPS = ("aten.mm.", "aten.addmm.", "aten.linear.", "aten.bmm.")
+
+
+def undelegated_gemms(edge: Any) -> int:
+    """GEMMs left outside every XNNPACK delegate, over the program's methods but ``touch``: they
+    run on the runtime's reference kernels (4-5x slower, docs/bench.md)."""
+    return sum(1 for m in edge.methods if m != TOUCH_METHOD
+               for n in edge.exported_program(m).graph.nodes
+               if n.op == "call_function" and any(g in str(n.target) for g in GEMM_OPS))
+
+
 def _lower_live(lm: LoadedModel, buffers: list[str], max_batch: int, max_seq: int,
-                partition: str, shapes: list[tuple[int, int]] | None) -> bytes:
+                partition: str, shapes: list[tuple[int, int]] | None) -> tuple[bytes, int]:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -257,12 +276,13 @@ def _lower_live(lm: LoadedModel, buffers: list[str], max_batch: int, max_seq: in
                                        partitioner=[selective_partitioner()
                                                     if partition == "selective"
                                                     else XnnpackPartitioner()])
+    outside = undelegated_gemms(edge)
     prog = edge.to_executorch(ExecutorchBackendConfig(
         passes=[InitializedMutableBufferPass(placeholders)],
         memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
         emit_mutable_buffer_names=True,
     ))
-    return bytes(prog.buffer)
+    return bytes(prog.buffer), outside
 
 
 def _lower_const(lm: LoadedModel, max_batch: int, max_seq: int) -> bytes:
@@ -300,7 +320,8 @@ def locate_weight(blob: bytes, weight: np.ndarray) -> dict[str, Any]:
 def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
                branch: tuple | None = None, *, max_batch: int = 8, max_seq: int = 64,
                repack: bool = True, verify: bool = True, partition: str = "selective",
-               static: list[tuple[int, int]] | None = None) -> dict:
+               static: list[tuple[int, int]] | None = None,
+               live_form: str = DEFAULT_LIVE_FORM) -> dict:
     """Export ``lm`` to ExecuTorch with ``live_weights`` editable in place; see the module doc.
 
     Writes ``model[.<variant>].pte`` (and, for the base, ``model.const.pte`` when ``repack``:
@@ -308,15 +329,19 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     when ``verify``, runs them with ``executorch.runtime`` and compares with PyTorch (max
     relative error <= 1e-4, after random edits written through ``get_attribute`` too), else
     raises ExportError. ``partition="all-constant"`` lowers with the stock XNNPACK partitioner,
-    which packs even the buffers at load so edits are silently ignored: it exists to show that
-    the verification catches stale weights (it then raises ExportError), not for deployment.
+    which (in the ``linear`` form) packs even the buffers at load so edits are silently ignored:
+    it exists to show that the verification catches stale weights (it then raises ExportError),
+    not for deployment.
     ``static``: for a SiRA variant, the (batch, seq) shapes to lower one method each for
     (default :func:`static_shapes`: 1x1, 1 x max_seq, max_batch x max_seq); each method is a
     full lowering, so a caller that runs one shape saves the others' time. ConfigError for a
     dynamic-shape program (base, LoRA), which runs every shape up to the maxima.
+    ``live_form``: how the base program's live linears are written
+    (:mod:`edgeadapt.export.executorch_live_form`; branch variants keep ``linear``).
     Returns::
 
-        {"section": {"file", "methods", "inputs", "max_batch", "max_seq", "branch",
+        {"section": {"file", "methods", "inputs", "max_batch", "max_seq", "branch", "live_form",
+                     "undelegated_gemms",
                      "branch_buffers": {weight: {param: buffer}},
                      "repack": {"file", "weights": {weight: {"offset", "layout"}}} | None},
          "weights": {weight: {"buffer": name, "shape": [out, in]}},
@@ -341,14 +366,16 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
                           "dynamic-shape forward")
     shapes = None if not is_static else check_static_shapes(
         static_shapes(max_batch, max_seq) if static is None else static, max_batch, max_seq)
-    live_lm = build_live_model(lm, list(live_weights), branch)
+    if live_form not in LIVE_FORMS:
+        raise ConfigError(f"live_form {live_form!r} not in {LIVE_FORMS}")
+    live_lm = build_live_model(lm, list(live_weights), branch, live_form)
     weight_buffers = {w: PREFIX + w for w in live_weights}
     branch_buffers = {w: {p: PREFIX + w.removesuffix("weight") + p for p in params}
                       for w in live_weights} if branch is not None else {}
     all_buffers = list(weight_buffers.values()) + [
         b for d in branch_buffers.values() for b in d.values()]
     with torch.no_grad():
-        blob = _lower_live(live_lm, all_buffers, max_batch, max_seq, partition, shapes)
+        blob, outside = _lower_live(live_lm, all_buffers, max_batch, max_seq, partition, shapes)
     atomic_write_bytes(out_dir / live_file, [blob])
 
     repack_info = None
@@ -368,6 +395,8 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
                    for n in _input_names(lm)],
         "max_batch": max_batch, "max_seq": max_seq,
         "branch": None if branch is None else list(branch),
+        "live_form": live_form if branch is None else "linear",
+        "undelegated_gemms": outside,
         "branch_buffers": branch_buffers,
         "repack": repack_info,
     }

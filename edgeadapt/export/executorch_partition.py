@@ -3,7 +3,9 @@ other linears keep constant weights that XNNPACK packs once at load.
 
 XNNPACK's ``force_non_static_weights_for_f32_linear`` flag is global; here it is decided per
 node inside ``get_deps``: true exactly when the weight argument traces back to a placeholder
-listed in ``ep.graph_signature.inputs_to_buffers``. The exporter registers only the live
+listed in ``ep.graph_signature.inputs_to_buffers`` — or, for ``mm``, when the *left* operand
+does (the ``weight-left`` form, ``(W x^T)^T``, :mod:`edgeadapt.export.executorch_live_form`:
+its right operand x^T is an activation, dynamic by nature). The exporter registers only the live
 (adaptable) weights as buffers, so only they stay editable (see BACKENDS.md, "Only the adapted
 weights live").
 """
@@ -39,7 +41,7 @@ def _selective(base: type) -> type:
     class Selective(base):  # type: ignore[misc, valid-type]
         def get_deps(self, node: torch.fx.Node, ep: ExportedProgram):
             self.force_non_static_weights_for_f32_linear = weight_is_buffer(
-                node, self.weight_idx, ep)
+                node, self.weight_idx, ep) or (base is MMConfig and weight_is_buffer(node, 0, ep))
             return super().get_deps(node, ep)
 
     Selective.__name__ = Selective.__qualname__ = f"Selective{base.__name__}"
