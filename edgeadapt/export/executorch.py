@@ -50,7 +50,7 @@ from edgeadapt.models import LoadedModel, LogitsModule
 PREFIX = "model."
 TOUCH_METHOD = "touch"
 #: the form of the base program's live linears (edgeadapt.export.executorch_live_form)
-DEFAULT_LIVE_FORM = "linear"
+DEFAULT_LIVE_FORM = "weight-left"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ BENCH_MAIN = {"ONNX Runtime CPU, run 3 (1 session per variant)": ("smollm2-qv-or
               "ExecuTorch (XNNPACK), run 1 (1 program per variant)": ("smollm2-qv-executorch",
                                                                       "executorch"),
               "ExecuTorch (XNNPACK), run 2 (3 programs)": ("smollm2-qv-executorch-run2",
-                                                           "executorch")}
+                                                           "executorch"),
+              "ExecuTorch, run 3 (3 programs, live weight-left)": ("smollm2-qv-executorch-run3",
+                                                                   "executorch")}
 SHAPES = ((1, 1), (1, 64), (8, 64))
 
 
@@ -123,6 +125,17 @@ PREPARE = {
                              "--targets qv --formats onnx --no-check",
     "smollm2-qv-executorch": "python -m edgeadapt.bench.prepare smollm2 /tmp/s2/qv_pte "
                              "--targets qv --formats pte --lora-rank 0 --sira '' --no-check",
+    "smollm2-qv-executorch-run3": "python -m edgeadapt.bench.prepare smollm2 /tmp/s3/qv_pte_wl "
+                                  "--targets qv --formats pte --lora-rank 0 --sira '' "
+                                  "--no-check --pte-live-form weight-left",
+    "smollm2-qv-executorch-run3-repeat": "python -m edgeadapt.bench.prepare smollm2 "
+                                         "/tmp/s3/qv_pte_wl --targets qv --formats pte "
+                                         "--lora-rank 0 --sira '' --no-check "
+                                         "--pte-live-form weight-left",
+    "smollm2-qv-executorch-run3-linear": "python -m edgeadapt.bench.prepare smollm2 "
+                                         "/tmp/s3/qv_pte_lin --targets qv --formats pte "
+                                         "--lora-rank 0 --sira '' --no-check "
+                                         "--pte-live-form linear",
     "minilm-qv": "python -m edgeadapt.bench.prepare minilm /tmp/s2/minilm-qv --targets qv "
                  "--formats onnx,pte --lora-rank 0 --sira '' --no-check",
     "smollm2-all-ort": "python -c \"from edgeadapt.export.bundle import export_base; "
@@ -131,7 +144,9 @@ PREPARE = {
 }
 BENCH_FILES = ["smollm2-qv-ort", "smollm2-qv-ort-run2", "smollm2-qv-ort-run3",
                "smollm2-qv-ort-run4", "smollm2-qv-ort-run5", "smollm2-qv-executorch",
-               "smollm2-qv-executorch-run2", "minilm-qv", "minilm-qv-ort-blocked",
+               "smollm2-qv-executorch-run2", "smollm2-qv-executorch-run3",
+               "smollm2-qv-executorch-run3-repeat", "smollm2-qv-executorch-run3-linear",
+               "minilm-qv", "minilm-qv-ort-blocked",
                "smollm2-all-ort"]
 
 
@@ -150,7 +165,7 @@ def bench_commands() -> str:
     return "\n".join(lines)
 
 
-SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run5", "smollm2-qv-executorch-run2"]
+SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run5", "smollm2-qv-executorch-run3"]
 SIZE_STALE = ["smollm2-all-ort"]
 
 
