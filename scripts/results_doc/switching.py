@@ -138,6 +138,9 @@ PREPARE = {
                                          "--pte-live-form linear",
     "minilm-qv": "python -m edgeadapt.bench.prepare minilm /tmp/s2/minilm-qv --targets qv "
                  "--formats onnx,pte --lora-rank 0 --sira '' --no-check",
+    "smollm2-all-ort-run2": "python -c \"from edgeadapt.export.bundle import export_base; "
+                            "export_base('smollm2', '/tmp/s3/smollm2-all', formats=['onnx'], "
+                            "targets='all', check=False)\"",
     "smollm2-all-ort": "python -c \"from edgeadapt.export.bundle import export_base; "
                        "export_base('smollm2', 'bundles/smollm2-all', formats=['onnx'], "
                        "targets='all', check=False)\"",
@@ -147,7 +150,7 @@ BENCH_FILES = ["smollm2-qv-ort", "smollm2-qv-ort-run2", "smollm2-qv-ort-run3",
                "smollm2-qv-executorch-run2", "smollm2-qv-executorch-run3",
                "smollm2-qv-executorch-run3-repeat", "smollm2-qv-executorch-run3-linear",
                "minilm-qv", "minilm-qv-ort-blocked",
-               "smollm2-all-ort"]
+               "smollm2-all-ort", "smollm2-all-ort-run2"]
 
 
 def bench_commands() -> str:
@@ -165,8 +168,9 @@ def bench_commands() -> str:
     return "\n".join(lines)
 
 
-SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run5", "smollm2-qv-executorch-run3"]
-SIZE_STALE = ["smollm2-all-ort"]
+SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run5", "smollm2-qv-executorch-run3",
+                "smollm2-all-ort-run2"]
+SIZE_STALE: list[str] = []
 
 
 def switch_size_rows() -> list[dict]:
@@ -179,10 +183,10 @@ def switch_size_rows() -> list[dict]:
 def switch_size_section() -> str:
     """The switch-time-vs-model-size table, plot and reading."""
     rows = switch_size_rows()
-    files = " ".join(f"docs/bench/{n}.json" for n in SIZE_REPORTS)
-    stale = " ".join(f"--stale docs/bench/{n}.json" for n in SIZE_STALE)
+    args = " ".join([f"docs/bench/{n}.json" for n in SIZE_REPORTS]
+                    + [f"--stale docs/bench/{n}.json" for n in SIZE_STALE])
     return f"""**Switch time vs model size** (`PYTHONPATH=. .venv/bin/python \
-scripts/results_switch_size.py {files} {stale} --plot docs/switch_size.png`; (*) = measured
+scripts/results_switch_size.py {args} --plot docs/switch_size.png`; (*) = measured
 under other conditions, see `docs/bench.md`):
 
 {rss.table(rows) if rows else NOT_RUN}
