@@ -138,6 +138,12 @@ PREPARE = {
                                          "--pte-live-form linear",
     "minilm-qv": "python -m edgeadapt.bench.prepare minilm /tmp/s2/minilm-qv --targets qv "
                  "--formats onnx,pte --lora-rank 0 --sira '' --no-check",
+    "minilm-qv-executorch-wl": "python -m edgeadapt.bench.prepare minilm /tmp/s3/minilm_wl "
+                               "--targets qv --formats pte --lora-rank 0 --sira '' --no-check "
+                               "--pte-live-form weight-left",
+    "minilm-qv-executorch-lin": "python -m edgeadapt.bench.prepare minilm /tmp/s3/minilm_lin "
+                                "--targets qv --formats pte --lora-rank 0 --sira '' --no-check "
+                                "--pte-live-form linear",
     "smollm2-all-ort-run2": "python -c \"from edgeadapt.export.bundle import export_base; "
                             "export_base('smollm2', '/tmp/s3/smollm2-all', formats=['onnx'], "
                             "targets='all', check=False)\"",
@@ -149,8 +155,8 @@ BENCH_FILES = ["smollm2-qv-ort", "smollm2-qv-ort-run2", "smollm2-qv-ort-run3",
                "smollm2-qv-ort-run4", "smollm2-qv-ort-run5", "smollm2-qv-executorch",
                "smollm2-qv-executorch-run2", "smollm2-qv-executorch-run3",
                "smollm2-qv-executorch-run3-repeat", "smollm2-qv-executorch-run3-linear",
-               "minilm-qv", "minilm-qv-ort-blocked",
-               "smollm2-all-ort", "smollm2-all-ort-run2"]
+               "minilm-qv", "minilm-qv-ort-blocked", "minilm-qv-executorch-wl",
+               "minilm-qv-executorch-lin", "smollm2-all-ort", "smollm2-all-ort-run2"]
 
 
 def bench_commands() -> str:
