@@ -220,3 +220,21 @@ def test_bench_prepare_variants_only_adds_variants_and_keeps_the_base(tmp_path):
     assert sorted(read_manifest(out).variants) == ["lora-r4", "sira-e2-r2-k1-c1"]
     assert base == {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                     for p in out.glob("model.onnx*")}
+
+
+def test_cli_passes_the_executorch_live_form(monkeypatch, tmp_path):
+    """`export base --pte-live-form` reaches export_base (the forms themselves are exported and
+    checked against PyTorch in tests/test_export_executorch.py); a bad form is refused."""
+    import edgeadapt.export.bundle as bundle_mod
+
+    seen = {}
+    monkeypatch.setattr(bundle_mod, "export_base",
+                        lambda *a, **kw: seen.update(kw) or tmp_path)
+    for form in ("linear", "weight-left"):
+        res = CliRunner().invoke(export, ["base", "--model", MODEL, "--out", str(tmp_path),
+                                          "--formats", "pte", "--pte-live-form", form])
+        assert res.exit_code == 0, res.output
+        assert seen["pte_live_form"] == form
+    res = CliRunner().invoke(export, ["base", "--model", MODEL, "--out", str(tmp_path),
+                                      "--pte-live-form", "diagonal"])
+    assert res.exit_code != 0 and "diagonal" in res.output

@@ -36,14 +36,17 @@ def export() -> None:
               help="classifier head size (MiniLM)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-check", is_flag=True, help="skip the backend-vs-PyTorch parity check")
+@click.option("--pte-live-form", type=click.Choice(["linear", "weight-left"]), default=None,
+              help="how ExecuTorch's live linears are written (default: weight-left; "
+                   "docs/export_executorch.md)")
 def export_base_cmd(model: str, out: str, formats: str, targets: str, num_labels: int,
-                    seed: int, no_check: bool) -> None:
+                    seed: int, no_check: bool, pte_live_form: str | None) -> None:
     """Export the base model with only the --targets weights editable in place."""
     from edgeadapt.export.bundle import export_base
 
     _log_to_console()
     path = export_base(model, out, formats, targets, num_labels=num_labels, seed=seed,
-                       check=not no_check)
+                       check=not no_check, pte_live_form=pte_live_form)
     click.echo(f"bundle written to {path}")
 
 
