@@ -9,9 +9,10 @@ is a constant, on *every call* when it is not — and a live weight, a mutable b
   operand, read in place; the right operand is x^T (in, tokens), packed per call — cheap at a
   few tokens, the GEMM's N is the token count.
 
-Measured on SmolLM2-shaped chains (docs/bench.md, "ExecuTorch: the form of a live linear"):
-weight-left costs 1.03x a packed constant at 1x64 against linear's 1.24x; at one token both
-pay ~2x (N = 1 is padded to XNNPACK's tile width); at 8x64 weight-left is 1.05x, linear 1.03x.
+Measured (docs/bench.md, ExecuTorch run 3): SmolLM2 q/v live / all-constant forward at 1x1,
+1x64, 8x64 is 1.06, <= 1.00, <= 1.00 weight-left against 1.11-1.24, 1.02, 1.00 linear; on
+MiniLM q/v the forms are within 1.5% of each other except 1x64 (1.005 vs 1.030). At one token
+both forms pay on the live linears (N = 1 is padded to XNNPACK's tile width in weight-left).
 The weight buffer keeps its name and (out, in) layout either way, so the runtime is unchanged.
 """
 
