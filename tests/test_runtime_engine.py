@@ -17,7 +17,7 @@ from edgeadapt.errors import (
 )
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta, SiraBranch
-from edgeadapt.runtime.engine import ArrayStore, SwitchEngine, to_backend_index
+from edgeadapt.runtime.engine import ArrayStore, SwitchEngine, arena_copies, to_backend_index
 
 SHAPES = {"w.q": (6, 5), "w.v": (6, 5), "w.o": (4, 6), "w.b": (64, 3)}  # w.b: blocked32
 
@@ -338,3 +338,22 @@ def test_plan_cache_memory_counts_positions_and_both_values():
     # base -> a: values only; a -> b: new positions on w.q, a's own positions on w.v
     assert eng.plan_cache_bytes() == 8 * first + 16 * union_q + 8 * ia["w.v"].indices.size
     assert SwitchEngine(ArrayStore(w0), plan_cache=0).plan_cache_bytes() == 0
+
+
+def test_arena_copies_are_aligned_independent_views_of_one_allocation():
+    rng = np.random.default_rng(0)
+    src = {"a": rng.standard_normal((3, 5)).astype(np.float32),  # 15 floats: padding follows
+           "b": rng.standard_normal((2, 32, 4)).astype(np.float32),
+           "c": rng.standard_normal((7,)).astype(np.float16)}  # converted to float32
+    out = arena_copies(src)
+    assert list(out) == list(src)
+    base = out["a"].base
+    for name, arr in out.items():
+        np.testing.assert_array_equal(arr, src[name].astype(np.float32))
+        assert arr.dtype == np.float32 and arr.shape == src[name].shape
+        assert arr.flags.c_contiguous and arr.flags.writeable
+        assert arr.ctypes.data % 64 == 0 and arr.base is base  # one allocation, line-aligned
+    out["a"][0, 0] = 99.0  # copies: the sources and the other weights are untouched
+    assert src["a"][0, 0] != 99.0
+    np.testing.assert_array_equal(out["b"], src["b"])
+    assert not np.shares_memory(out["a"], out["b"])

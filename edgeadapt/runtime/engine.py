@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,6 +110,36 @@ class LiveWeight:
     def torch_weight(self) -> np.ndarray:
         """The weight in PyTorch layout (out, in), for reading: a view, or a copy (blocked32)."""
         return to_torch(self.array, self.shape, self.layout)
+
+
+#: start of every array carved by :func:`arena_copies`: a 64-byte cache line
+ARENA_ALIGN_BYTES = 64
+
+
+def arena_copies(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Writable C-contiguous float32 copies of ``arrays``, carved from one allocation, each
+    starting on a 64-byte boundary.
+
+    Why: numpy asks the kernel to back an allocation of >= 4 MiB with transparent huge pages
+    (``madvise``); 60 separate 0.4-1.3 MB live-weight buffers get 4 KB pages. A SHiRA switch
+    touches about a quarter of the live weights' cache lines, scattered, so on 4 KB pages most
+    writes also miss the TLB: on SmolLM2 q/v's shapes one arena took a full switch's scatter from
+    2.80 to 2.29 ms, and with ``NUMPY_MADVISE_HUGEPAGE=0`` back to 2.83 (docs/bench.md).
+    """
+    step = ARENA_ALIGN_BYTES // 4
+    offsets, total = {}, 0
+    for name, a in arrays.items():
+        offsets[name] = total
+        total += -(-int(a.size) // step) * step
+    arena = np.empty(total + step, dtype=np.float32)
+    shift = (-(arena.ctypes.data // 4)) % step  # numpy aligns to 16 bytes, we want 64
+    out = {}
+    for name, a in arrays.items():
+        start = shift + offsets[name]
+        view = arena[start:start + a.size].reshape(a.shape)
+        np.copyto(view, a, casting="same_kind")
+        out[name] = view
+    return out
 
 
 class WeightStore(ABC):

@@ -29,7 +29,7 @@ import numpy as np
 from edgeadapt.errors import BundleError, ConfigError, MissingPackageError
 from edgeadapt.format.layout import backend_shape, to_backend, transposed_from_blocked
 from edgeadapt.format.manifest import Manifest
-from edgeadapt.runtime.engine import LiveWeight, WeightStore
+from edgeadapt.runtime.engine import LiveWeight, WeightStore, arena_copies
 
 try:
     import onnxruntime as ort
@@ -60,7 +60,8 @@ def session_options(threads: int | None, extra: dict[str, str] | None = None):
 
 def read_live_weights(bundle_dir: Path, manifest: Manifest, section: dict | None = None,
                       weights: dict | None = None) -> dict[str, LiveWeight]:
-    """Runtime-owned, writable copies of the live weights in their ONNX layout.
+    """Runtime-owned, writable copies of the live weights in their ONNX layout, carved from one
+    allocation (:func:`edgeadapt.runtime.engine.arena_copies`: huge pages for the switch).
 
     section: the manifest's "onnx" section (or a variant's); weights: per torch name the
     {"name", "layout"} entries (default: the manifest's). Tensors in the live-weights
@@ -77,7 +78,7 @@ def read_live_weights(bundle_dir: Path, manifest: Manifest, section: dict | None
         tensors = load_file(str(path))
     except (OSError, ValueError) as exc:
         raise BundleError(f"{path}: cannot read the live weights: {exc}") from None
-    live = {}
+    arrays, specs = {}, {}
     for name, entry in manifest.weights.items():
         onnx = (weights or {}).get(name, {}).get("onnx") if weights else entry.onnx
         if onnx is None:
@@ -94,9 +95,10 @@ def read_live_weights(bundle_dir: Path, manifest: Manifest, section: dict | None
         if arr.shape != want:
             raise BundleError(f"{path}: live weight {name!r} has shape {arr.shape}, "
                               f"expected {want}")
-        buf = np.array(arr, dtype=np.float32, order="C", copy=True)
-        live[name] = LiveWeight(name, buf, onnx["layout"], entry.shape, entry.sha256)
-    return live
+        arrays[name], specs[name] = arr, (onnx["layout"], entry.shape, entry.sha256)
+    # one huge-page-backed allocation for all of them (engine.arena_copies)
+    return {name: LiveWeight(name, buf, *specs[name])
+            for name, buf in arena_copies(arrays).items()}
 
 
 class _OrtStoreBase(WeightStore):
