@@ -15,6 +15,8 @@ BENCH_MAIN = {"ONNX Runtime CPU, run 3 (1 session per variant)": ("smollm2-qv-or
                                                                         "onnxruntime-cpu"),
               "ONNX Runtime CPU, run 5 (3 sessions, live blocked32)": ("smollm2-qv-ort-run5",
                                                                        "onnxruntime-cpu"),
+              "ONNX Runtime CPU, run 6 (3 sessions, blocked32, huge pages)": (
+                  "smollm2-qv-ort-run6", "onnxruntime-cpu"),
               "ExecuTorch (XNNPACK), run 1 (1 program per variant)": ("smollm2-qv-executorch",
                                                                       "executorch"),
               "ExecuTorch (XNNPACK), run 2 (3 programs)": ("smollm2-qv-executorch-run2",
@@ -121,6 +123,8 @@ PREPARE = {
                       "--formats onnx --no-check",
     "smollm2-qv-ort-run5": "python -m edgeadapt.bench.prepare smollm2 /tmp/lead/bw/qv_blk "
                            "--targets qv --formats onnx --no-check",
+    "smollm2-qv-ort-run6": "python -m edgeadapt.bench.prepare smollm2 /tmp/lead/bw/qv_blk "
+                           "--targets qv --formats onnx --no-check",
     "minilm-qv-ort-blocked": "python -m edgeadapt.bench.prepare minilm /tmp/s2/minilm-blk "
                              "--targets qv --formats onnx --no-check",
     "smollm2-qv-executorch": "python -m edgeadapt.bench.prepare smollm2 /tmp/s2/qv_pte "
@@ -152,7 +156,8 @@ PREPARE = {
                        "targets='all', check=False)\"",
 }
 BENCH_FILES = ["smollm2-qv-ort", "smollm2-qv-ort-run2", "smollm2-qv-ort-run3",
-               "smollm2-qv-ort-run4", "smollm2-qv-ort-run5", "smollm2-qv-executorch",
+               "smollm2-qv-ort-run4", "smollm2-qv-ort-run5", "smollm2-qv-ort-run6",
+               "smollm2-qv-executorch",
                "smollm2-qv-executorch-run2", "smollm2-qv-executorch-run3",
                "smollm2-qv-executorch-run3-repeat", "smollm2-qv-executorch-run3-linear",
                "minilm-qv", "minilm-qv-ort-blocked", "minilm-qv-executorch-wl",
@@ -174,7 +179,7 @@ def bench_commands() -> str:
     return "\n".join(lines)
 
 
-SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run5", "smollm2-qv-executorch-run3",
+SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run6", "smollm2-qv-executorch-run3",
                 "smollm2-all-ort-run2"]
 SIZE_STALE: list[str] = []
 
