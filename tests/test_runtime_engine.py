@@ -17,7 +17,14 @@ from edgeadapt.errors import (
 )
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta, SiraBranch
-from edgeadapt.runtime.engine import ArrayStore, SwitchEngine, arena_copies, to_backend_index
+from edgeadapt.runtime.engine import (
+    HUGE_PAGE,
+    ArrayStore,
+    SwitchEngine,
+    arena_copies,
+    collapse_to_huge_pages,
+    to_backend_index,
+)
 
 SHAPES = {"w.q": (6, 5), "w.v": (6, 5), "w.o": (4, 6), "w.b": (64, 3)}  # w.b: blocked32
 
@@ -357,3 +364,16 @@ def test_arena_copies_are_aligned_independent_views_of_one_allocation():
     assert src["a"][0, 0] != 99.0
     np.testing.assert_array_equal(out["b"], src["b"])
     assert not np.shares_memory(out["a"], out["b"])
+
+
+def test_collapse_to_huge_pages_keeps_contents():
+    """An optimisation only: whatever the kernel does, the values stay and the count is whole
+    2 MiB pages inside the arrays' span (0 where MADV_COLLAPSE is unsupported)."""
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.standard_normal(3 << 20).astype(np.float32),  # 12 MiB
+              "b": rng.standard_normal(1000).astype(np.float32)}
+    before = {n: a.copy() for n, a in arrays.items()}
+    done = collapse_to_huge_pages(arrays)
+    assert done % HUGE_PAGE == 0 and 0 <= done <= sum(a.nbytes for a in arrays.values())
+    for n, a in arrays.items():
+        np.testing.assert_array_equal(a, before[n])

@@ -17,13 +17,14 @@ Two modes (see docs/export_executorch.md):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgeadapt.errors import BundleError, ConfigError
-from edgeadapt.runtime.engine import LiveWeight, WeightStore
+from edgeadapt.runtime.engine import LiveWeight, WeightStore, collapse_to_huge_pages
 
 MODES = ("live", "repack")
 
@@ -66,6 +67,10 @@ class ExecutorchStore(WeightStore):
             self._program = _runtime().load_program(self._path(section["file"]))
             self._load_methods()
             arrays = {w: self._attribute(b) for w, b in buffers.items()}
+            if not os.environ.get("EDGEADAPT_NO_COLLAPSE"):
+                # huge pages under the planned buffers: the scattered switch writes then rarely
+                # miss the TLB (engine.collapse_to_huge_pages; docs/bench.md)
+                self.collapsed_bytes = collapse_to_huge_pages(arrays)
             for w, params in section.get("branch_buffers", {}).items():
                 self._branch[w] = {p: self._attribute(b) for p, b in params.items()}
             layouts = dict.fromkeys(buffers, "as-is")

@@ -22,7 +22,9 @@ BENCH_MAIN = {"ONNX Runtime CPU, run 3 (1 session per variant)": ("smollm2-qv-or
               "ExecuTorch (XNNPACK), run 2 (3 programs)": ("smollm2-qv-executorch-run2",
                                                            "executorch"),
               "ExecuTorch, run 3 (3 programs, live weight-left)": ("smollm2-qv-executorch-run3",
-                                                                   "executorch")}
+                                                                   "executorch"),
+              "ExecuTorch, run 4 (weight-left, huge pages)": ("smollm2-qv-executorch-run4",
+                                                              "executorch")}
 SHAPES = ((1, 1), (1, 64), (8, 64))
 
 
@@ -132,6 +134,9 @@ PREPARE = {
     "smollm2-qv-executorch-run3": "python -m edgeadapt.bench.prepare smollm2 /tmp/s3/qv_pte_wl "
                                   "--targets qv --formats pte --lora-rank 0 --sira '' "
                                   "--no-check --pte-live-form weight-left",
+    "smollm2-qv-executorch-run4": "python -m edgeadapt.bench.prepare smollm2 /tmp/s3/qv_pte_wl "
+                                  "--targets qv --formats pte --lora-rank 0 --sira '' "
+                                  "--no-check --pte-live-form weight-left",
     "smollm2-qv-executorch-run3-repeat": "python -m edgeadapt.bench.prepare smollm2 "
                                          "/tmp/s3/qv_pte_wl --targets qv --formats pte "
                                          "--lora-rank 0 --sira '' --no-check "
@@ -160,6 +165,7 @@ BENCH_FILES = ["smollm2-qv-ort", "smollm2-qv-ort-run2", "smollm2-qv-ort-run3",
                "smollm2-qv-executorch",
                "smollm2-qv-executorch-run2", "smollm2-qv-executorch-run3",
                "smollm2-qv-executorch-run3-repeat", "smollm2-qv-executorch-run3-linear",
+               "smollm2-qv-executorch-run4",
                "minilm-qv", "minilm-qv-ort-blocked", "minilm-qv-executorch-wl",
                "minilm-qv-executorch-lin", "smollm2-all-ort", "smollm2-all-ort-run2"]
 
