@@ -299,14 +299,13 @@ class _Run:
                                      {n: d.indices for n, d in b.targets.items()}, shapes,
                                      layouts=layouts)
 
-        per_backend = {}
-        for be, (sw, bw, layouts) in self.floor_rounds.items():
-            t = traffic(layouts)
-            per_backend[be] = {**fl.floor_ratios(sw, bw, t), **t.as_dict(),
-                               "layouts": sorted(set(layouts.values()))}
+        traffics = {be: traffic(layouts) for be, (_, _, layouts) in self.floor_rounds.items()}
+        per_backend = {be: {**fl.floor_ratios(sw, bw, traffics[be]), **traffics[be].as_dict(),
+                            "layouts": sorted(set(layouts.values()))}
+                       for be, (sw, bw, layouts) in self.floor_rounds.items()}
         if self.floor_rounds:
-            first, (_, bws, layouts) = next(iter(self.floor_rounds.items()))
-            top, bw, source = traffic(layouts), float(np.median(bws)), first
+            first, (_, bws, _) = next(iter(self.floor_rounds.items()))
+            top, bw, source = traffics[first], float(np.median(bws)), first
         else:  # no backend timed a switch: a standalone measurement (best of 5 copies)
             layouts = {n: (w.onnx or {}).get("layout", "as-is")
                        for n, w in self.manifest.weights.items()}

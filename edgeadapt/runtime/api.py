@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeadapt.errors import ConfigError, MissingPackageError, SwitchError, UnknownNameError
+from edgeadapt.errors import ConfigError, SwitchError, UnknownNameError
 from edgeadapt.format.adapter_file import read_adapter
 from edgeadapt.format.manifest import AdapterEntry, Manifest, read_manifest
 from edgeadapt.format.types import Adapter
@@ -331,20 +331,10 @@ def load_cuda_standin(bundle_dir: str | Path, torch_buffers: bool = True,
     pointer (torch tensors if ``torch_buffers``, else OrtValues refreshed with
     ``update_inplace``), so the outputs follow a switch only if ``commit`` moved it into them.
     For tests and scripts/cuda_check.py on machines without a GPU; not a deployment mode."""
-    import os
-    from unittest import mock
-
-    from edgeadapt.runtime.onnxruntime_backend import OrtDeviceStore, read_live_weights
+    from edgeadapt.runtime.onnxruntime_backend import open_cuda_standin
 
     bundle = Path(bundle_dir)
     manifest = read_manifest(bundle)
-    live = read_live_weights(bundle, manifest)
-    names = {n: manifest.weights[n].onnx["name"] for n in live}
-    env = {} if torch_buffers else {"EDGEADAPT_NO_TORCH": "1"}
-    with mock.patch.dict(os.environ, env):
-        store = OrtDeviceStore(bundle / manifest.onnx["file"], live, manifest.inputs, names,
-                               threads=threads, device="cpu")
-    if (store._torch is not None) != torch_buffers:
-        raise MissingPackageError("torch_buffers=True needs torch")
+    store = open_cuda_standin(bundle, manifest, use_torch=torch_buffers, threads=threads)
     return Runtime(bundle, manifest, store, "onnxruntime", "cpu", "live",
                    "CUDA store on the CPU execution provider (stand-in)")

@@ -67,10 +67,10 @@ class ExecutorchStore(WeightStore):
             self._program = _runtime().load_program(self._path(section["file"]))
             self._load_methods()
             arrays = {w: self._attribute(b) for w, b in buffers.items()}
-            if not os.environ.get("EDGEADAPT_NO_COLLAPSE"):
-                # huge pages under the planned buffers: the scattered switch writes then rarely
-                # miss the TLB (engine.collapse_to_huge_pages; docs/bench.md)
-                self.collapsed_bytes = collapse_to_huge_pages(arrays)
+            # huge pages under the planned buffers: the scattered switch writes then rarely
+            # miss the TLB (engine.collapse_to_huge_pages; docs/bench.md)
+            self.collapsed_bytes = 0 if os.environ.get("EDGEADAPT_NO_COLLAPSE") else \
+                collapse_to_huge_pages(arrays)
             for w, params in section.get("branch_buffers", {}).items():
                 self._branch[w] = {p: self._attribute(b) for p, b in params.items()}
             layouts = dict.fromkeys(buffers, "as-is")

@@ -286,15 +286,17 @@ class OrtDeviceStore(_OrtStoreBase):
     With torch importable (and, for CUDA, seeing a GPU) the device buffers are torch tensors
     bound with ``bind_input(buffer_ptr=...)`` and a sparse change is one indexed copy on the
     device: ``dev.view(-1)[idx] = host.reshape(-1)[idx]``; without torch they are OrtValues
-    refreshed whole with ``update_inplace``. Memory: the host mirror plus the device copy of
-    every live weight.
+    refreshed whole with ``update_inplace``; ``use_torch`` forces one or the other (None: torch
+    when available, unless ``EDGEADAPT_NO_TORCH`` is set). Memory: the host mirror plus the
+    device copy of every live weight.
     """
 
     mode = "live"
 
     def __init__(self, model_path: Path, live: dict[str, LiveWeight], inputs: list[dict],
                  input_names: dict[str, str], threads: int | None = None,
-                 device_id: int = 0, device: str = "cuda") -> None:
+                 device_id: int = 0, device: str = "cuda", use_torch: bool | None = None
+                 ) -> None:
         super().__init__(model_path, live, inputs, input_names)
         rt = _require_ort()
         if device not in ("cuda", "cpu"):
@@ -312,7 +314,8 @@ class OrtDeviceStore(_OrtStoreBase):
             raise MissingPackageError("the CUDA execution provider failed to start (CUDA 13 / "
                                       "cuDNN 9 libraries missing?)")
         self.output_name = self.session.get_outputs()[0].name
-        self._torch = _try_import_torch(device)
+        self._torch = _try_import_torch(device) if use_torch is None else \
+            _require_torch(device) if use_torch else None
         where = f"cuda:{device_id}" if device == "cuda" else "cpu"
         self._device: dict[str, object] = {}
         for n, lw in live.items():
@@ -380,9 +383,17 @@ def _try_import_torch(device: str):
     return torch if device == "cpu" or torch.cuda.is_available() else None
 
 
-def open_store(bundle_dir: Path, manifest: Manifest, device: str = "cpu", mode: str = "live",
-               threads: int | None = None) -> WeightStore:
-    """The ONNX Runtime store for ``bundle_dir``: live or repack on CPU, live on CUDA."""
+def _require_torch(device: str):
+    torch = _try_import_torch(device)
+    if torch is None:
+        raise MissingPackageError(f"use_torch=True on device {device!r} needs torch"
+                                  + (" with CUDA" if device == "cuda" else ""))
+    return torch
+
+
+def _bundle_parts(bundle_dir: Path, manifest: Manifest
+                  ) -> tuple[Path, dict[str, LiveWeight], dict[str, str]]:
+    """(ONNX model path, live weights, torch name -> graph input name) of a bundle."""
     section = manifest.onnx
     if not section or "file" not in section:
         raise BundleError(f"{bundle_dir}: bundle.json has no onnx section; export with "
@@ -391,7 +402,22 @@ def open_store(bundle_dir: Path, manifest: Manifest, device: str = "cpu", mode: 
     if not model_path.is_file():
         raise BundleError(f"{model_path}: the bundle's ONNX model is missing")
     live = read_live_weights(bundle_dir, manifest)
-    names = {n: manifest.weights[n].onnx["name"] for n in live}
+    return model_path, live, {n: manifest.weights[n].onnx["name"] for n in live}
+
+
+def open_cuda_standin(bundle_dir: Path, manifest: Manifest, use_torch: bool,
+                      threads: int | None = 1) -> OrtDeviceStore:
+    """The CUDA store's code on the CPU execution provider (``OrtDeviceStore(device="cpu")``),
+    for checks where there is no GPU; see :func:`edgeadapt.runtime.api.load_cuda_standin`."""
+    model_path, live, names = _bundle_parts(bundle_dir, manifest)
+    return OrtDeviceStore(model_path, live, manifest.inputs, names, threads, device="cpu",
+                          use_torch=use_torch)
+
+
+def open_store(bundle_dir: Path, manifest: Manifest, device: str = "cpu", mode: str = "live",
+               threads: int | None = None) -> WeightStore:
+    """The ONNX Runtime store for ``bundle_dir``: live or repack on CPU, live on CUDA."""
+    model_path, live, names = _bundle_parts(bundle_dir, manifest)
     if device == "cuda":
         if mode != "live":
             raise ConfigError("device='cuda' supports mode='live' only (cuBLAS reads raw "
