@@ -12,7 +12,6 @@ import pytest
 
 from edgeadapt.bench.floor import (
     CopyProbe,
-    backend_positions,
     floor_ms,
     floor_ratios,
     measure_bandwidth,
@@ -32,6 +31,7 @@ from edgeadapt.bench.timing import (
     time_interleaved,
 )
 from edgeadapt.errors import ConfigError
+from edgeadapt.format.layout import backend_index
 
 
 def test_percentiles_by_hand():
@@ -152,14 +152,14 @@ def test_break_even_by_hand():
     assert break_even_runs(11.0, 10.0, 5.0, 4.0) == 0.0
 
 
-def test_backend_positions_transposed():
+def test_backend_index_transposed():
     # (out=4, in=32): torch flat i = r * 32 + c -> transposed flat c * 4 + r
     idx = np.array([0, 1, 32, 127])
-    np.testing.assert_array_equal(backend_positions(idx, (4, 32), "as-is"), idx)
-    np.testing.assert_array_equal(backend_positions(idx, (4, 32), "transposed"),
+    np.testing.assert_array_equal(backend_index(idx, (4, 32), "as-is"), idx)
+    np.testing.assert_array_equal(backend_index(idx, (4, 32), "transposed"),
                                   [0, 4, 1, 127])
     with pytest.raises(ConfigError):
-        backend_positions(idx, (4, 32), "diagonal")
+        backend_index(idx, (4, 32), "diagonal")
 
 
 def test_touched_lines_by_hand():

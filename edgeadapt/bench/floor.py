@@ -36,13 +36,6 @@ from edgeadapt.format.layout import backend_index
 CACHE_LINE = 64
 
 
-def backend_positions(indices: np.ndarray, shape: tuple[int, int], layout: str) -> np.ndarray:
-    """Flat positions in the backend buffer of torch-layout flat ``indices`` into an (out, in)
-    weight (:func:`edgeadapt.format.layout.backend_index`: ``as-is``, ``transposed``,
-    ``blocked32``)."""
-    return backend_index(indices, shape, layout)
-
-
 def touched_lines(positions: np.ndarray, itemsize: int, line: int = CACHE_LINE) -> int:
     """Number of distinct ``line``-byte cache lines holding the given flat element positions of
     a line-aligned buffer with ``itemsize``-byte elements."""
@@ -95,7 +88,7 @@ def switch_traffic(
         a = np.asarray(old.get(name, np.empty(0, np.int64)), dtype=np.int64)
         b = np.asarray(new.get(name, np.empty(0, np.int64)), dtype=np.int64)
         union = np.union1d(a, b)
-        lines += touched_lines(backend_positions(union, shapes[name], layout), itemsize)
+        lines += touched_lines(backend_index(union, shapes[name], layout), itemsize)
         stream += (a.size + b.size) * idx_bytes + b.size * value_bytes + union.size * itemsize
         positions += int(union.size)
     return SwitchTraffic(lines, 2 * CACHE_LINE * lines, stream, positions)
