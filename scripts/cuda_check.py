@@ -22,6 +22,7 @@ script where there is no GPU, not a CUDA result.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -66,8 +67,6 @@ def prepare(out: Path) -> None:
         inputs = example_inputs(lm, batch=2, seq=7, seed=3)
         expected = {}
         for i, step in enumerate(STEPS):
-            import copy
-
             ref = copy.deepcopy(lm)
             for key, scale in step:
                 apply_adapter_torch(ref.model, read_adapter(bundle / m.adapters[key].file),
