@@ -123,8 +123,8 @@ def arena_copies(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     Why: numpy asks the kernel to back an allocation of >= 4 MiB with transparent huge pages
     (``madvise``); 60 separate 0.4-1.3 MB live-weight buffers get 4 KB pages. A SHiRA switch
     touches about a quarter of the live weights' cache lines, scattered, so on 4 KB pages most
-    writes also miss the TLB: on SmolLM2 q/v's shapes one arena took a full switch's scatter from
-    2.80 to 2.29 ms, and with ``NUMPY_MADVISE_HUGEPAGE=0`` back to 2.83 (docs/bench.md).
+    writes also miss the TLB: on SmolLM2 q/v the benchmark's switch is 6-7% faster with the
+    arena than with ``NUMPY_MADVISE_HUGEPAGE=0`` (docs/bench.md, ONNX Runtime run 6).
     """
     step = ARENA_ALIGN_BYTES // 4
     offsets, total = {}, 0
