@@ -37,7 +37,7 @@ from edgeadapt.format import (  # noqa: E402
 )
 from edgeadapt.models import load_model  # noqa: E402
 from edgeadapt.runtime import choose_mode, load  # noqa: E402
-from edgeadapt.runtime.api import load_cuda_standin  # noqa: E402
+from edgeadapt.runtime.api import live_form, load_cuda_standin  # noqa: E402
 
 RTOL = 1e-4
 
@@ -136,6 +136,37 @@ def test_choose_mode_policy():
     assert choose_mode(1e9, 8, "executorch")[0] == "live"  # 8x64: live no slower than packed
     mode, reason = choose_mode(100, 16)
     assert mode == "repack" and "100 runs per switch" in reason and "68" in reason
+    assert "blocked32" in reason
+    # bundles in older forms pay more per live forward, so repack earlier (run 4 / run 2)
+    assert choose_mode(680, 1, "onnxruntime", "transposed")[0] == "repack"
+    assert choose_mode(679, 1, "onnxruntime", "transposed")[0] == "live"
+    assert choose_mode(110, 8, "onnxruntime", "transposed")[0] == "repack"
+    assert choose_mode(580, 1, "executorch", "linear")[0] == "repack"
+    assert choose_mode(90, 8, "executorch", "linear")[0] == "repack"
+    assert choose_mode(89, 8, "executorch", "linear")[0] == "live"
+    with pytest.raises(ConfigError, match="live form 'sideways'"):
+        choose_mode(1, 1, "executorch", "sideways")
+
+
+def test_auto_policy_keys_on_the_bundles_live_form(exported):
+    """``load(mode="auto")`` picks thresholds for the form the bundle records: blocked32 on the
+    tiny ONNX exports (q/v are MatMul-read with out % 32 == 0; MiniLM's task head stays as-is);
+    an older transposed bundle or a linear-form ExecuTorch section reads as such."""
+    _, bundle = exported
+    manifest = read_manifest(bundle)
+    assert "blocked32" in {w.onnx["layout"] for w in manifest.weights.values()}
+    assert live_form(manifest, "onnxruntime") == "blocked32"
+    rt = load(bundle, backend="onnxruntime", mode="auto", runs_per_switch=1000, batch=1,
+              threads=1)
+    assert rt.fused_mode == "live" and "blocked32" in rt.mode_reason  # transposed: repack
+    for w in manifest.weights.values():
+        if w.onnx["layout"] == "blocked32":
+            w.onnx = {**w.onnx, "layout": "transposed"}
+    assert live_form(manifest, "onnxruntime") == "transposed"
+    manifest.executorch = {"file": "model.pte"}
+    assert live_form(manifest, "executorch") == "linear"  # exported before weight-left
+    manifest.executorch["live_form"] = "weight-left"
+    assert live_form(manifest, "executorch") == "weight-left"
 
 
 def test_load_rejects_bad_options(exported):

@@ -36,38 +36,58 @@ from edgeadapt.runtime.unfused import (
 
 BACKENDS = ("onnxruntime", "executorch")
 MODES = ("live", "repack", "auto")
-#: Runs per switch from which ``auto`` picks repack, per backend and batch class (batch 1 / batch
-#: >= 8; batches in between use the batch-1 row): twice the live-vs-repack break-even measured on
-#: SmolLM2 with q/v live (docs/bench.md: ONNX Runtime CPU run 5, 1x1 / 8x64: repack never wins /
-#: 34 runs; ExecuTorch run 2: 291 / 45 runs), the factor 2 for the runs' spread. ONNX Runtime's
-#: blocked32 live weights cost nothing at one token, so there batch 1 stays live.
-REPACK_RUNS_PER_SWITCH = {"onnxruntime": {1: math.inf, 8: 68.0},
-                          "executorch": {1: 700.0, 8: math.inf}}
+#: Runs per switch from which ``auto`` picks repack, per (backend, live form) and batch class
+#: (batch 1 / batch >= 8; batches in between use the batch-1 row): twice the live-vs-repack
+#: break-even (1x1, 8x64) measured on SmolLM2 with q/v live (docs/bench.md), the factor 2 for the
+#: runs' spread. ONNX Runtime ``blocked32``: run 5, repack never wins / 34; ``transposed``:
+#: run 4, 340 / 55. ExecuTorch ``weight-left``: run 3, 345 and 351 / never; ``linear``: run 2,
+#: 291 / 45.
+REPACK_RUNS_PER_SWITCH = {("onnxruntime", "blocked32"): {1: math.inf, 8: 68.0},
+                          ("onnxruntime", "transposed"): {1: 680.0, 8: 110.0},
+                          ("executorch", "weight-left"): {1: 700.0, 8: math.inf},
+                          ("executorch", "linear"): {1: 580.0, 8: 90.0}}
+#: the form a backend's exporter writes today (what ``choose_mode`` assumes without a bundle)
+DEFAULT_LIVE_FORM = {"onnxruntime": "blocked32", "executorch": "weight-left"}
 REPACK_BATCH = 8
 
 
+def live_form(manifest: Manifest, backend: str) -> str:
+    """How the bundle's base graph reads its live weights on ``backend``, the key of
+    :data:`REPACK_RUNS_PER_SWITCH`: ONNX ``blocked32`` when any live weight has that layout, else
+    ``transposed``; ExecuTorch the section's ``live_form`` (absent in bundles exported before
+    the weight-left form: ``linear``)."""
+    if backend == "executorch":
+        return str((manifest.executorch or {}).get("live_form") or "linear")
+    layouts = {(w.onnx or {}).get("layout") for w in manifest.weights.values()}
+    return "blocked32" if "blocked32" in layouts else "transposed"
+
+
 def choose_mode(runs_per_switch: float | None, batch: int | None,
-                backend: str = "onnxruntime") -> tuple[str, str]:
+                backend: str = "onnxruntime", form: str | None = None) -> tuple[str, str]:
     """The ``auto`` policy: (mode, reason).
 
-    Repack when ``runs_per_switch >= REPACK_RUNS_PER_SWITCH[backend][1 or 8]``: a rebuild per
-    switch (0.5-1.7 s on SmolLM2) against what live weights cost each forward (ONNX Runtime,
-    blocked32: 0.98x at one token, 1.006x at 8x64; ExecuTorch, weight-left: 1.06x at one token,
-    <= 1.0x at 1x64 and 8x64). Thresholds are twice the break-evens measured on SmolLM2 q/v
-    (docs/bench.md; ExecuTorch run 3: 345 and 351 runs at 1x1, repack never wins at 8x64).
-    Without a workload: live.
+    Repack when ``runs_per_switch >= REPACK_RUNS_PER_SWITCH[(backend, form)][1 or 8]``: a rebuild
+    per switch (0.5-1.7 s on SmolLM2) against what the live weights cost each forward in that
+    form (ONNX Runtime blocked32: 0.98x at one token, 1.006x at 8x64; transposed: 1.07x / 1.00x;
+    ExecuTorch weight-left: 1.06x at one token, <= 1.0x at 8x64; linear: 1.11x / 1.005x).
+    ``form`` None: the backend's :data:`DEFAULT_LIVE_FORM`. Without a workload: live.
     """
     if runs_per_switch is None or batch is None:
         return "live", "auto: no workload given (runs_per_switch, batch); live is never stale " \
                        "and switches in milliseconds"
-    row = REPACK_RUNS_PER_SWITCH.get(backend, REPACK_RUNS_PER_SWITCH["onnxruntime"])
+    form = form or DEFAULT_LIVE_FORM.get(backend, "blocked32")
+    row = REPACK_RUNS_PER_SWITCH.get((backend, form))
+    if row is None:
+        raise ConfigError(f"no auto policy for backend {backend!r} with live form {form!r}: "
+                          f"known {sorted(REPACK_RUNS_PER_SWITCH)}; pass mode='live' or 'repack'")
     threshold = row[REPACK_BATCH] if batch >= REPACK_BATCH else row[1]
+    where = f"{backend} ({form} live weights)"
     if runs_per_switch >= threshold:
         return "repack", (f"auto: {runs_per_switch:g} runs per switch at batch {batch} >= "
-                          f"{threshold:g} on {backend} (2x the measured break-even): packed "
+                          f"{threshold:g} on {where} (2x the measured break-even): packed "
                           "weights repay the rebuild")
     return "live", (f"auto: {runs_per_switch:g} runs per switch at batch {batch} < "
-                    f"{threshold:g} on {backend}: a rebuild per switch would cost more than "
+                    f"{threshold:g} on {where}: a rebuild per switch would cost more than "
                     "the live weights")
 
 
@@ -316,7 +336,7 @@ def load(bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cp
         raise ConfigError(f"device {device!r}: choose 'cpu' or 'cuda'")
     if mode == "auto":
         chosen, reason = ("live", "auto: CUDA kernels read raw weights") if device == "cuda" \
-            else choose_mode(runs_per_switch, batch, backend)
+            else choose_mode(runs_per_switch, batch, backend, live_form(manifest, backend))
     else:
         chosen, reason = mode, "requested"
     store = _open_store(backend, bundle, manifest, device, chosen, threads)
