@@ -42,7 +42,6 @@ from __future__ import annotations
 import math
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,72 +109,6 @@ class LiveWeight:
     def torch_weight(self) -> np.ndarray:
         """The weight in PyTorch layout (out, in), for reading: a view, or a copy (blocked32)."""
         return to_torch(self.array, self.shape, self.layout)
-
-
-#: start of every array carved by :func:`arena_copies`: a 64-byte cache line
-ARENA_ALIGN_BYTES = 64
-
-
-def arena_copies(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Writable C-contiguous float32 copies of ``arrays``, carved from one allocation, each
-    starting on a 64-byte boundary.
-
-    Why: numpy asks the kernel to back an allocation of >= 4 MiB with transparent huge pages
-    (``madvise``); 60 separate 0.4-1.3 MB live-weight buffers get 4 KB pages. A SHiRA switch
-    touches about a quarter of the live weights' cache lines, scattered, so on 4 KB pages most
-    writes also miss the TLB: on SmolLM2 q/v the benchmark's switch is 6-7% faster with the
-    arena than with ``NUMPY_MADVISE_HUGEPAGE=0`` (docs/bench.md, ONNX Runtime run 6).
-    """
-    step = ARENA_ALIGN_BYTES // 4
-    offsets, total = {}, 0
-    for name, a in arrays.items():
-        offsets[name] = total
-        total += -(-int(a.size) // step) * step
-    arena = np.empty(total + step, dtype=np.float32)
-    shift = (-(arena.ctypes.data // 4)) % step  # numpy aligns to 16 bytes, we want 64
-    out = {}
-    for name, a in arrays.items():
-        start = shift + offsets[name]
-        view = arena[start:start + a.size].reshape(a.shape)
-        np.copyto(view, a, casting="same_kind")
-        out[name] = view
-    return out
-
-
-HUGE_PAGE = 2 << 20
-MADV_COLLAPSE = 25  # Linux >= 6.1
-
-
-def collapse_to_huge_pages(arrays: Mapping[str, np.ndarray]) -> int:
-    """Ask the kernel to back the memory under ``arrays`` with huge pages now
-    (``madvise(MADV_COLLAPSE)`` on every whole 2 MiB page inside their address ranges), for
-    buffers we do not allocate ourselves (ExecuTorch's planned memory). Contents are unchanged.
-    Returns the bytes collapsed; 0 where the call is unsupported (no Linux, kernel < 6.1) or
-    refused — an optimisation only, never an error."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return 0
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return 0
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    spans = sorted((a.ctypes.data, a.ctypes.data + a.nbytes) for a in arrays.values())
-    merged: list[list[int]] = []
-    for lo, hi in spans:
-        if merged and lo <= merged[-1][1] + HUGE_PAGE:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    done = 0
-    for lo, hi in merged:
-        start = -(-lo // HUGE_PAGE) * HUGE_PAGE
-        end = hi // HUGE_PAGE * HUGE_PAGE
-        if end > start and madvise(start, end - start, MADV_COLLAPSE) == 0:
-            done += end - start
-    return done
 
 
 class WeightStore(ABC):

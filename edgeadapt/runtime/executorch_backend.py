@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from edgeadapt.errors import BundleError, ConfigError
-from edgeadapt.runtime.engine import LiveWeight, WeightStore, collapse_to_huge_pages
+from edgeadapt.runtime.engine import LiveWeight, WeightStore
+from edgeadapt.runtime.pages import collapse_to_huge_pages
 
 MODES = ("live", "repack")
 
@@ -68,7 +69,7 @@ class ExecutorchStore(WeightStore):
             self._load_methods()
             arrays = {w: self._attribute(b) for w, b in buffers.items()}
             # huge pages under the planned buffers: the scattered switch writes then rarely
-            # miss the TLB (engine.collapse_to_huge_pages; docs/bench.md)
+            # miss the TLB (pages.collapse_to_huge_pages; docs/bench.md)
             self.collapsed_bytes = 0 if os.environ.get("EDGEADAPT_NO_COLLAPSE") else \
                 collapse_to_huge_pages(arrays)
             for w, params in section.get("branch_buffers", {}).items():

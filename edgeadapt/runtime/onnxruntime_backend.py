@@ -29,7 +29,8 @@ import numpy as np
 from edgeadapt.errors import BundleError, ConfigError, MissingPackageError
 from edgeadapt.format.layout import backend_shape, to_backend, transposed_from_blocked
 from edgeadapt.format.manifest import Manifest
-from edgeadapt.runtime.engine import LiveWeight, WeightStore, arena_copies
+from edgeadapt.runtime.engine import LiveWeight, WeightStore
+from edgeadapt.runtime.pages import arena_copies
 
 try:
     import onnxruntime as ort
@@ -61,7 +62,7 @@ def session_options(threads: int | None, extra: dict[str, str] | None = None):
 def read_live_weights(bundle_dir: Path, manifest: Manifest, section: dict | None = None,
                       weights: dict | None = None) -> dict[str, LiveWeight]:
     """Runtime-owned, writable copies of the live weights in their ONNX layout, carved from one
-    allocation (:func:`edgeadapt.runtime.engine.arena_copies`: huge pages for the switch).
+    allocation (:func:`edgeadapt.runtime.pages.arena_copies`: huge pages for the switch).
 
     section: the manifest's "onnx" section (or a variant's); weights: per torch name the
     {"name", "layout"} entries (default: the manifest's). Tensors in the live-weights
@@ -96,7 +97,7 @@ def read_live_weights(bundle_dir: Path, manifest: Manifest, section: dict | None
             raise BundleError(f"{path}: live weight {name!r} has shape {arr.shape}, "
                               f"expected {want}")
         arrays[name], specs[name] = arr, (onnx["layout"], entry.shape, entry.sha256)
-    # one huge-page-backed allocation for all of them (engine.arena_copies)
+    # one huge-page-backed allocation for all of them (pages.arena_copies)
     return {name: LiveWeight(name, buf, *specs[name])
             for name, buf in arena_copies(arrays).items()}
 
