@@ -16,7 +16,10 @@ other nodes. ``matmul``: no model; a chain of 60 MatMuls with distinct (576, 576
 (SmolLM2's q shape, 80 MB: out of cache), the weights constant and prepacked, constant with
 prepacking disabled, graph inputs (live, ``(in, out)``), graph inputs used as the *A* operand
 (``(W @ x^T)^T``; MLAS packs only B), or graph inputs in the exporter's ``blocked32`` layout
-(its own rewrite), each run after a 256 MiB copy evicts the cache.
+(its own rewrite), each run after a 256 MiB copy evicts the cache. ``--extra blocks``
+adds the same blocked rewrite with blocks of 64-288 columns (why 32); ``--extra blocked-as-a``
+adds the blocked32 buffer read as the *A* operand through ONNX Runtime's ``FusedMatMul``
+(``transA=1``: per block ``(32, in) @ x^T``), the one way one buffer could serve both forms.
 """
 
 from __future__ import annotations
@@ -148,7 +151,14 @@ def profile(bundle: str, shape: str, repeats: int) -> None:
     print(f"live - base: live-weight MatMuls {lq - bq:+.2f} ms, other nodes {lr - br:+.2f} ms")
 
 
-def matmul(shapes: str, repeats: int, layers: int = 60, dim: int = 576) -> None:
+def _blocked(w_in_out: np.ndarray, block: int) -> np.ndarray:
+    """(in, out) -> (out / block, in, block), X[b, c, j] = W[block * b + j, c]."""
+    inp, out = w_in_out.shape
+    return np.ascontiguousarray(w_in_out.reshape(inp, out // block, block).transpose(1, 0, 2))
+
+
+def matmul(shapes: str, repeats: int, layers: int = 60, dim: int = 576,
+           extra: str | None = None) -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -164,12 +174,26 @@ def matmul(shapes: str, repeats: int, layers: int = 60, dim: int = 576) -> None:
         yv = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "s", dim])
         inputs, inits, nodes, cur = [xv], [], [], "x"
         for i in range(layers):
+            blocked_input = kind.startswith("live, block ") or kind == "live, blocked32 as A"
+            block = int(kind.split()[-1]) if kind.startswith("live, block ") else 32
             if kind.startswith("const"):
                 inits.append(numpy_helper.from_array(ws[i], f"W{i}"))
             else:
-                inputs.append(helper.make_tensor_value_info(f"W{i}", TensorProto.FLOAT,
-                                                            [dim, dim]))
-            if kind == "live, W as A":  # W holds (out, in) here: h = (W @ x^T)^T
+                shape = [dim // block, dim, block] if blocked_input else [dim, dim]
+                inputs.append(helper.make_tensor_value_info(f"W{i}", TensorProto.FLOAT, shape))
+            if kind.startswith("live, block "):  # the blocked32 rewrite with another block
+                nodes += [helper.make_node("MatMul", [cur, f"W{i}"], [f"u{i}"]),
+                          helper.make_node("Transpose", [f"u{i}"], [f"t{i}"], perm=[1, 0, 2]),
+                          helper.make_node("Reshape", [f"t{i}", "shape3"], [f"h{i}"])]
+            elif kind == "live, blocked32 as A":  # per block (32, in) @ x^T, then back
+                nodes += [helper.make_node("Reshape", [cur, "shape2"], [f"f{i}"]),
+                          helper.make_node("Transpose", [f"f{i}"], [f"t{i}"], perm=[1, 0]),
+                          helper.make_node("FusedMatMul", [f"W{i}", f"t{i}"], [f"u{i}"],
+                                           domain="com.microsoft", transA=1),
+                          helper.make_node("Reshape", [f"u{i}", "shape_out"], [f"v{i}"]),
+                          helper.make_node("Transpose", [f"v{i}"], [f"g{i}"], perm=[1, 0]),
+                          helper.make_node("Reshape", [f"g{i}", "shape3"], [f"h{i}"])]
+            elif kind == "live, W as A":  # W holds (out, in) here: h = (W @ x^T)^T
                 nodes += [helper.make_node("Transpose", [cur], [f"t{i}"], perm=[0, 2, 1]),
                           helper.make_node("MatMul", [f"W{i}", f"t{i}"], [f"u{i}"]),
                           helper.make_node("Transpose", [f"u{i}"], [f"h{i}"], perm=[0, 2, 1])]
@@ -177,8 +201,11 @@ def matmul(shapes: str, repeats: int, layers: int = 60, dim: int = 576) -> None:
                 nodes.append(helper.make_node("MatMul", [cur, f"W{i}"], [f"h{i}"]))
             cur = f"h{i}"
         nodes.append(helper.make_node("Identity", [cur], ["y"]))
+        inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+                  (("shape2", [-1, dim]), ("shape3", [1, -1, dim]), ("shape_out", [dim, -1]))]
         model = helper.make_model(helper.make_graph(nodes, "chain", inputs, [yv], inits),
-                                  opset_imports=[helper.make_opsetid("", 20)])
+                                  opset_imports=[helper.make_opsetid("", 20),
+                                                 helper.make_opsetid("com.microsoft", 1)])
         model.ir_version = 10
         if kind == "live, blocked32":  # the exporter's own rewrite
             ob.block_live_matmuls(model, {f"W{i}": og.LiveWeight(f"W{i}", og.TRANSPOSED,
@@ -195,9 +222,16 @@ def matmul(shapes: str, repeats: int, layers: int = 60, dim: int = 576) -> None:
 
     kinds = ["const (prepacked)", "const, prepacking off", "live", "live, W as A",
              "live, blocked32"]
-    sess = {k: session(k) for k in kinds}
     weights = {"live": ws, "live, W as A": [w.T.copy() for w in ws],
                "live, blocked32": [og.to_backend_layout(w.T, og.BLOCKED) for w in ws]}
+    if extra == "blocks":
+        for block in (64, 96, 144, 192, 288):
+            kinds.append(f"live, block {block}")
+            weights[kinds[-1]] = [_blocked(w, block) for w in ws]
+    elif extra == "blocked-as-a":
+        kinds.append("live, blocked32 as A")
+        weights[kinds[-1]] = weights["live, blocked32"]
+    sess = {k: session(k) for k in kinds}
     bindings = {}
     for k, wl in weights.items():
         b = sess[k].io_binding()
@@ -246,6 +280,8 @@ def main() -> None:
     ap.add_argument("shape", help="BxS, e.g. 8x64 (matmul: a comma-separated list, B = 1)")
     ap.add_argument("--k", type=int, default=3, help="sessions per mode (sessions probe)")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--extra", choices=["blocks", "blocked-as-a"],
+                    help="matmul: more live forms (module docstring)")
     args = ap.parse_args()
     if args.probe == "sessions":
         sessions(args.bundle, args.shape, args.k, args.repeats)
@@ -254,7 +290,7 @@ def main() -> None:
     elif args.probe == "profile":
         profile(args.bundle, args.shape, args.repeats)
     else:
-        matmul(args.shape, args.repeats)
+        matmul(args.shape, args.repeats, extra=args.extra)
 
 
 if __name__ == "__main__":
