@@ -104,9 +104,9 @@ def test_weight_left_linear_is_the_linear():
         apply_live_form(model, ["0"], "diagonal")
 
 
-@pytest.mark.parametrize("form", ["linear", "weight-left"])
+@pytest.mark.parametrize("form", ["linear", "weight-left", "own-kernel"])
 def test_live_forms_export_edit_and_delegate(tmp_path, form):
-    """Both forms of the live linears: verified against PyTorch before and after edits through
+    """Every form of the live linears: verified against PyTorch before and after edits through
     get_attribute (inside export_pte), every GEMM inside an XNNPACK delegate, and a SHiRA edit
     through the store matching the PyTorch model with the same adapter."""
     from tests.test_runtime_executorch import reference, sparse_adapter, write_sparse

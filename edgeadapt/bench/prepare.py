@@ -29,7 +29,8 @@ import click
 @click.option("--pte-shapes", default=None,
               help="BxS,... the SiRA ExecuTorch program is lowered for (default: 1x1, "
                    "1 x max_seq, max_batch x max_seq)")
-@click.option("--pte-live-form", type=click.Choice(["linear", "weight-left"]), default=None,
+@click.option("--pte-live-form", default=None,
+              type=click.Choice(["linear", "weight-left", "own-kernel"]),
               help="How the ExecuTorch base program's live linears are written (default: the "
                    "exporter's; edgeadapt.export.executorch_live_form)")
 def main(model: str, out: str, targets: str, formats: str, lora_rank: int, sira: str,

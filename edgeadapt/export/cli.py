@@ -36,7 +36,8 @@ def export() -> None:
               help="classifier head size (MiniLM)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-check", is_flag=True, help="skip the backend-vs-PyTorch parity check")
-@click.option("--pte-live-form", type=click.Choice(["linear", "weight-left"]), default=None,
+@click.option("--pte-live-form", default=None,
+              type=click.Choice(["linear", "weight-left", "own-kernel"]),
               help="how ExecuTorch's live linears are written (default: weight-left; "
                    "docs/export_executorch.md)")
 def export_base_cmd(model: str, out: str, formats: str, targets: str, num_labels: int,

@@ -8,6 +8,11 @@ is a constant, on *every call* when it is not — and a live weight, a mutable b
 - ``"weight-left"``: ``y = (W x^T)^T + b`` (:class:`WeightLeftLinear`). W is the *left*
   operand, read in place; the right operand is x^T (in, tokens), packed per call — cheap at a
   few tokens, the GEMM's N is the token count.
+- ``"own-kernel"``: ``y = live_linear(x, W) + b`` (:class:`KernelLinear`): edgeadapt's own
+  ExecuTorch kernel ``edgeadapt::live_linear.out`` (``edgeadapt/runtime/kernels/``), outside
+  XNNPACK: a GEMV at one token, a register-tiled GEMM over packed x^T panels above, W read in
+  place. Needs the kernel library loaded wherever the program runs
+  (:mod:`edgeadapt.runtime.executorch_kernel`, built with the system C++ compiler).
 
 Measured (docs/bench.md, ExecuTorch run 3): SmolLM2 q/v live / all-constant forward at 1x1,
 1x64, 8x64 is 1.06, <= 1.00, <= 1.00 weight-left against 1.11-1.24, 1.02, 1.00 linear; on
@@ -23,7 +28,7 @@ from torch import nn
 
 from edgeadapt.errors import ConfigError
 
-LIVE_FORMS = ("linear", "weight-left")
+LIVE_FORMS = ("linear", "weight-left", "own-kernel")
 
 
 class WeightLeftLinear(nn.Module):
@@ -44,6 +49,51 @@ class WeightLeftLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+_OP_LIB: object = None
+
+
+def define_live_linear_op() -> None:
+    """Register ``torch.ops.edgeadapt.live_linear(x, w) -> x @ w^T`` and its ``.out`` variant
+    with PyTorch (eager reference and shape function), once per process, so that torch.export
+    can trace :class:`KernelLinear` and ExecuTorch can emit the out variant its runtime kernel
+    implements."""
+    global _OP_LIB
+    if _OP_LIB is not None:
+        return
+    lib = torch.library.Library("edgeadapt", "DEF")
+    lib.define("live_linear(Tensor x, Tensor w) -> Tensor")
+    lib.define("live_linear.out(Tensor x, Tensor w, *, Tensor(a!) out) -> Tensor(a!)")
+
+    def eager(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, w)
+
+    def eager_out(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+        out.resize_(*x.shape[:-1], w.shape[0]).copy_(nn.functional.linear(x, w))
+        return out
+
+    lib.impl("live_linear", eager, "CompositeExplicitAutograd")
+    lib.impl("live_linear.out", eager_out, "CompositeExplicitAutograd")
+    torch.library.register_fake("edgeadapt::live_linear", lambda x, w: x.new_empty(
+        (*x.shape[:-1], w.shape[0])), lib=lib)
+    _OP_LIB = lib
+
+
+class KernelLinear(nn.Module):
+    """``nn.Linear`` computed by ``torch.ops.edgeadapt.live_linear`` (``y = x W^T + b``, the
+    GEMM in edgeadapt's own ExecuTorch kernel); the same ``weight`` and ``bias`` tensors."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        define_live_linear_op()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.edgeadapt.live_linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
 def apply_live_form(model: nn.Module, linear_names: list[str], form: str) -> None:
     """Rewrite the named ``nn.Linear`` modules of ``model`` in place into ``form``."""
     from edgeadapt.adapters.base import replace_module
@@ -56,4 +106,5 @@ def apply_live_form(model: nn.Module, linear_names: list[str], form: str) -> Non
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise ConfigError(f"{name!r} is not an nn.Linear")
-        replace_module(model, name, WeightLeftLinear(linear))
+        replace_module(model, name, (WeightLeftLinear if form == "weight-left"
+                                     else KernelLinear)(linear))

@@ -65,6 +65,10 @@ class ExecutorchStore(WeightStore):
         self._branch: dict[str, dict[str, np.ndarray]] = {}
         self._buffers = dict(buffers)
         if mode == "live":
+            if section.get("live_form") == "own-kernel":
+                from edgeadapt.runtime.executorch_kernel import load_kernel
+
+                load_kernel()  # the program's live linears call edgeadapt::live_linear.out
             self._program = _runtime().load_program(self._path(section["file"]))
             self._load_methods()
             arrays = {w: self._attribute(b) for w, b in buffers.items()}
