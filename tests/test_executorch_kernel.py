@@ -72,3 +72,15 @@ def test_no_compiler_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setattr(ek.shutil, "which", lambda name: None)
     with pytest.raises(ConfigError, match=r"C\+\+ compiler"):
         ek.library_path()
+
+
+def test_default_form_falls_back_without_a_compiler(monkeypatch, caplog):
+    from edgeadapt.export.executorch import DEFAULT_LIVE_FORM, default_live_form
+
+    assert DEFAULT_LIVE_FORM == "own-kernel"
+    if any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        assert default_live_form() == "own-kernel"
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setattr(ek.shutil, "which", lambda name: None)
+    assert default_live_form() == "weight-left"
+    assert "weight-left instead of own-kernel" in caplog.text

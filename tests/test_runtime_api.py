@@ -131,9 +131,13 @@ def test_choose_mode_policy():
     # thresholds: 2x the measured break-evens (docs/bench.md), per backend and batch class
     assert choose_mode(68, 8)[0] == "repack" and choose_mode(67, 8)[0] == "live"
     assert choose_mode(1e9, 4)[0] == "live"  # ORT below batch 8: blocked32 costs nothing
-    assert choose_mode(700, 1, "executorch")[0] == "repack"  # one token: live costs 1.06x
-    assert choose_mode(699, 1, "executorch")[0] == "live"
-    assert choose_mode(1e9, 8, "executorch")[0] == "live"  # 8x64: live no slower than packed
+    # ExecuTorch, own kernel (the default): live within the noise of packed at every shape
+    assert choose_mode(4380, 1, "executorch")[0] == "repack"
+    assert choose_mode(4379, 1, "executorch")[0] == "live"
+    assert choose_mode(178, 8, "executorch", "own-kernel")[0] == "repack"
+    assert choose_mode(700, 1, "executorch", "weight-left")[0] == "repack"  # live 1.06-1.08x
+    assert choose_mode(699, 1, "executorch", "weight-left")[0] == "live"
+    assert choose_mode(1e9, 8, "executorch", "weight-left")[0] == "live"  # live <= packed
     mode, reason = choose_mode(100, 16)
     assert mode == "repack" and "100 runs per switch" in reason and "68" in reason
     assert "blocked32" in reason

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,14 @@ from edgeadapt.export.executorch_live_form import LIVE_FORMS
 from edgeadapt.format.container import atomic_write_bytes
 from edgeadapt.models import LoadedModel, LogitsModule
 
+log = logging.getLogger(__name__)
 # Prefix LogitsModule puts in front of every torch name of the model.
 PREFIX = "model."
 TOUCH_METHOD = "touch"
-#: the form of the base program's live linears (edgeadapt.export.executorch_live_form)
-DEFAULT_LIVE_FORM = "weight-left"
+#: the form of the base program's live linears (edgeadapt.export.executorch_live_form); where
+#: no C++ compiler can build edgeadapt's kernel, :data:`FALLBACK_LIVE_FORM` (logged, recorded)
+DEFAULT_LIVE_FORM = "own-kernel"
+FALLBACK_LIVE_FORM = "weight-left"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,11 +321,25 @@ def locate_weight(blob: bytes, weight: np.ndarray) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def default_live_form() -> str:
+    """:data:`DEFAULT_LIVE_FORM`, or :data:`FALLBACK_LIVE_FORM` (with a warning) where the
+    kernel it needs cannot be built (no C++ compiler)."""
+    from edgeadapt.runtime.executorch_kernel import compiler
+
+    try:
+        compiler()
+    except ConfigError as exc:
+        log.warning("ExecuTorch live form %s instead of %s: %s", FALLBACK_LIVE_FORM,
+                    DEFAULT_LIVE_FORM, exc)
+        return FALLBACK_LIVE_FORM
+    return DEFAULT_LIVE_FORM
+
+
 def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
                branch: tuple | None = None, *, max_batch: int = 8, max_seq: int = 64,
                repack: bool = True, verify: bool = True, partition: str = "selective",
                static: list[tuple[int, int]] | None = None,
-               live_form: str = DEFAULT_LIVE_FORM) -> dict:
+               live_form: str | None = None) -> dict:
     """Export ``lm`` to ExecuTorch with ``live_weights`` editable in place; see the module doc.
 
     Writes ``model[.<variant>].pte`` (and, for the base, ``model.const.pte`` when ``repack``:
@@ -337,7 +355,9 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     full lowering, so a caller that runs one shape saves the others' time. ConfigError for a
     dynamic-shape program (base, LoRA), which runs every shape up to the maxima.
     ``live_form``: how the base program's live linears are written
-    (:mod:`edgeadapt.export.executorch_live_form`; branch variants keep ``linear``).
+    (:mod:`edgeadapt.export.executorch_live_form`; branch variants keep ``linear``). None:
+    :data:`DEFAULT_LIVE_FORM` (``own-kernel``), or ``weight-left`` where no C++ compiler can
+    build the kernel (logged); ``section["live_form"]`` records the form used.
     Returns::
 
         {"section": {"file", "methods", "inputs", "max_batch", "max_seq", "branch", "live_form",
@@ -366,6 +386,8 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
                           "dynamic-shape forward")
     shapes = None if not is_static else check_static_shapes(
         static_shapes(max_batch, max_seq) if static is None else static, max_batch, max_seq)
+    if live_form is None:
+        live_form = default_live_form()
     if live_form not in LIVE_FORMS:
         raise ConfigError(f"live_form {live_form!r} not in {LIVE_FORMS}")
     live_lm = build_live_model(lm, list(live_weights), branch, live_form)

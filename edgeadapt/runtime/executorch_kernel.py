@@ -45,7 +45,9 @@ def _executorch_root() -> Path:
     return Path(next(iter(executorch.__path__)))  # a namespace package: no __file__
 
 
-def _compiler() -> str:
+def compiler() -> str:
+    """The C++ compiler the kernel is built with: $CXX, c++, g++ or clang++; ConfigError if
+    none is on PATH."""
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if name and shutil.which(name):
             return name
@@ -66,7 +68,7 @@ def library_path() -> Path:
     target = cache / "kernels" / key / "liblive_linear.so"
     if target.exists():
         return target
-    cxx = _compiler()
+    cxx = compiler()
     target.parent.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent.parent, prefix=".build-"))
     try:

@@ -10,9 +10,9 @@
 //
 // - one token (M == 1): a GEMV, each row of w a contiguous dot product;
 // - more tokens: x^T is packed once per call into 64-token panels xt[p][k][t] (zero padded),
-//   then 6-row slabs of w (in L1) are multiplied with every panel: 6 x 64 accumulators,
-//   one broadcast of w[n, k] per row and four 16-float loads of the panel per k (AVX-512;
-//   plain C++ elsewhere). Rows and panels are split across ExecuTorch's threadpool.
+//   then 6-row slabs of w (in L1) are multiplied with every panel of a group of four (in L2):
+//   6 x 64 accumulators, one broadcast of w[n, k] per row and four 16-float loads of the panel
+//   per k (AVX-512; plain C++ elsewhere). Slabs are split across ExecuTorch's threadpool.
 //
 // Registered into ExecuTorch's kernel registry (libexecutorch.so of the executorch wheel)
 // when this library is loaded: edgeadapt/runtime/executorch_kernel.py builds and loads it.
@@ -36,6 +36,7 @@ namespace {
 
 constexpr int MR = 6;   // rows of w per tile
 constexpr int NT = 64;  // tokens per panel
+constexpr int PG = 4;   // panels per group: 4 * 64 tokens * K floats (590 KB at K = 576)
 
 // y[n] = sum_k w[n, k] x[k] for rows [lo, hi)
 void gemv_rows(const float* __restrict x, const float* __restrict w, float* __restrict y,
@@ -138,8 +139,9 @@ Tensor& live_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor
   });
   const int64_t tiles = (N + MR - 1) / MR;
   executorch::extension::parallel_for(0, tiles, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t g = 0; g < panels; g += PG)  // PG panels (590 KB) stay in L2 across slabs
     for (int64_t b = lo; b < hi; ++b)
-      for (int64_t p = 0; p < panels; ++p) {
+      for (int64_t p = g; p < std::min<int64_t>(panels, g + PG); ++p) {
         const int64_t mt = std::min<int64_t>(NT, M - p * NT);
         const float* xp = xt + p * K * NT;
         float* y = Y + p * NT * N;
