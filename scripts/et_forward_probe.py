@@ -10,8 +10,10 @@ buffers, the exporter's setup: the ``touch`` method, ``InitializedMutableBufferP
 selective partition, so XNNPACK reads them at run time), ``blocked`` (buffers laid out
 (out/32, in, 32) and multiplied as a batched matmul, the ONNX exporter's blocked32 form),
 ``portable`` (buffers (in, out), ``x @ W^T`` left to the runtime's own ``aten::mm`` kernel
-instead of XNNPACK: the non-XNNPACK kernel the pip runtime has) and ``w-as-a`` (``(W x^T)^T``:
-the live weight as the GEMM's left operand, which XNNPACK does not pack; x^T is packed).
+instead of XNNPACK: the non-XNNPACK kernel the pip runtime has), ``w-as-a`` (``(W x^T)^T``:
+the live weight as the GEMM's left operand, which XNNPACK does not pack; x^T is packed) and
+``own-kernel`` (buffers (out, in) read by edgeadapt's own kernel ``edgeadapt::live_linear.out``,
+edgeadapt/runtime/kernels/live_linear.cpp, the exporter's default form).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 K, LAYERS, BLOCK = 576, 60, 32
+KINDS = ("const", "live", "blocked", "portable", "w-as-a", "own-kernel")
 
 
 class Chain(nn.Module):
@@ -50,6 +53,8 @@ class Chain(nn.Module):
                 x = torch.mm(x, w)
             elif self.kind == "w-as-a":
                 x = torch.mm(w, x.t()).t()
+            elif self.kind == "own-kernel":
+                x = torch.ops.edgeadapt.live_linear(x, w)
             else:
                 x = nn.functional.linear(x, w)
         return x
@@ -120,9 +125,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="1,64")
     ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset")
     args = ap.parse_args()
     from executorch.runtime import Runtime
 
+    from edgeadapt.export.executorch_live_form import define_live_linear_op
+    from edgeadapt.runtime.executorch_kernel import load_kernel
+
+    define_live_linear_op()
+    load_kernel()
     torch.manual_seed(0)
     weights = [torch.randn(K, K) / K ** 0.5 for _ in range(LAYERS)]
     runtime = Runtime.get()
@@ -131,7 +142,7 @@ def main() -> None:
     for tokens in (int(t) for t in args.tokens.split(",")):
         x = torch.randn(tokens, K)
         methods = {}
-        for kind in ("const", "live", "blocked", "portable", "w-as-a"):
+        for kind in args.kinds.split(","):
             m = Chain(kind, weights).eval()
             buf = lower(m, x)
             prog = runtime.load_program(buf)

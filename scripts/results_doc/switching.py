@@ -24,7 +24,13 @@ BENCH_MAIN = {"ONNX Runtime CPU, run 3 (1 session per variant)": ("smollm2-qv-or
               "ExecuTorch, run 3 (3 programs, live weight-left)": ("smollm2-qv-executorch-run3",
                                                                    "executorch"),
               "ExecuTorch, run 4 (weight-left, huge pages)": ("smollm2-qv-executorch-run4",
-                                                              "executorch")}
+                                                              "executorch"),
+              "ExecuTorch, run 5 (own kernel)": ("smollm2-qv-executorch-run5-kernel",
+                                                 "executorch"),
+              "ExecuTorch, run 5 repeat (own kernel)": (
+                  "smollm2-qv-executorch-run5-kernel-repeat", "executorch"),
+              "ExecuTorch, run 5 control (weight-left)": ("smollm2-qv-executorch-run5-wl",
+                                                          "executorch")}
 SHAPES = ((1, 1), (1, 64), (8, 64))
 
 
@@ -137,6 +143,18 @@ PREPARE = {
     "smollm2-qv-executorch-run4": "python -m edgeadapt.bench.prepare smollm2 /tmp/s3/qv_pte_wl "
                                   "--targets qv --formats pte --lora-rank 0 --sira '' "
                                   "--no-check --pte-live-form weight-left",
+    "smollm2-qv-executorch-run5-kernel": "python -m edgeadapt.bench.prepare smollm2 "
+                                         "/tmp/s4/qv_pte_ok --targets qv --formats pte "
+                                         "--lora-rank 0 --sira '' --no-check "
+                                         "--pte-live-form own-kernel",
+    "smollm2-qv-executorch-run5-kernel-repeat": "python -m edgeadapt.bench.prepare smollm2 "
+                                                "/tmp/s4/qv_pte_ok --targets qv --formats pte "
+                                                "--lora-rank 0 --sira '' --no-check "
+                                                "--pte-live-form own-kernel",
+    "smollm2-qv-executorch-run5-wl": "python -m edgeadapt.bench.prepare smollm2 "
+                                     "/tmp/s4/qv_pte_wl --targets qv --formats pte "
+                                     "--lora-rank 0 --sira '' --no-check "
+                                     "--pte-live-form weight-left",
     "smollm2-qv-executorch-run3-repeat": "python -m edgeadapt.bench.prepare smollm2 "
                                          "/tmp/s3/qv_pte_wl --targets qv --formats pte "
                                          "--lora-rank 0 --sira '' --no-check "
@@ -165,7 +183,8 @@ BENCH_FILES = ["smollm2-qv-ort", "smollm2-qv-ort-run2", "smollm2-qv-ort-run3",
                "smollm2-qv-executorch",
                "smollm2-qv-executorch-run2", "smollm2-qv-executorch-run3",
                "smollm2-qv-executorch-run3-repeat", "smollm2-qv-executorch-run3-linear",
-               "smollm2-qv-executorch-run4",
+               "smollm2-qv-executorch-run4", "smollm2-qv-executorch-run5-kernel",
+               "smollm2-qv-executorch-run5-kernel-repeat", "smollm2-qv-executorch-run5-wl",
                "minilm-qv", "minilm-qv-ort-blocked", "minilm-qv-executorch-wl",
                "minilm-qv-executorch-lin", "smollm2-all-ort", "smollm2-all-ort-run2"]
 
@@ -185,7 +204,7 @@ def bench_commands() -> str:
     return "\n".join(lines)
 
 
-SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run6", "smollm2-qv-executorch-run3",
+SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run6", "smollm2-qv-executorch-run5-kernel",
                 "smollm2-all-ort-run2"]
 SIZE_STALE: list[str] = []
 
