@@ -220,3 +220,45 @@ def test_runtime_parity_check_fails_on_stale_packed_weights(exported, skip_reloa
     rt.engine.switch([(rt.engine.prepare(adapter, "s"), 1.0)])
     err = rel_err(rt.run(**inp), torch_logits(reference(lm, adapter), inp))
     assert (err > 1e-2) if skip_reload else (err <= 1e-4)
+
+
+@pytest.mark.parametrize("mode", ["live", "repack"])
+def test_concurrent_runs_while_switching(exported, mode):
+    """Threads run different inputs while another thread switches between the base and a SHiRA
+    adapter: no exception, and every output equals (1e-6) that input's output in one of the two
+    states, computed alone beforehand. ExecuTorch keeps a method's activations in memory planned
+    once per program, so two runs at the same time must not share it."""
+    import threading
+
+    from edgeadapt.runtime.engine import SwitchEngine
+
+    lm = exported[0]
+    engine = SwitchEngine(store_of(exported, mode))
+    prep = engine.prepare(sparse_adapter(lm, seed=4), "a")
+    feeds = [inputs_of(lm, b, s, seed=b + s) for b, s in ((1, 1), (2, 9), (4, MAX_SEQ))]
+    want = {}
+    for state in ([], [(prep, 1.0)]):
+        engine.switch(state)
+        want[len(state)] = [engine.run(f) for f in feeds]
+    assert all(rel_err(x, y) > 1e-3 for x, y in zip(want[0], want[1], strict=True))
+    bad: list[str] = []
+    stop = threading.Event()
+
+    def reader(k: int) -> None:
+        try:
+            while not stop.is_set():
+                got = engine.run(feeds[k])
+                if min(rel_err(got, want[0][k]), rel_err(got, want[1][k])) > 1e-6:
+                    bad.append(f"input {k}: matches neither state")
+        except Exception as exc:  # noqa: BLE001 - any failure is the finding
+            bad.append(repr(exc))
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(len(feeds))]
+    for t in threads:
+        t.start()
+    for i in range(6 if mode == "repack" else 30):
+        engine.switch([(prep, 1.0)] if i % 2 == 0 else [])
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not bad, bad[:3]
