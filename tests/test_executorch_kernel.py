@@ -66,6 +66,19 @@ def test_live_linear_kernel_matches_torch(tmp_path, monkeypatch):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (b, s)
 
 
+@needs_compiler
+def test_loading_the_kernel_keeps_the_process_floating_point_state():
+    """The library must not switch on flush-to-zero (what -ffast-math's crtfastmath.o does at
+    load): a float32 denormal survives arithmetic after loading, as before."""
+    import numpy as np
+
+    tiny = np.array([1e-39], dtype=np.float32)
+    assert (tiny * np.float32(1.0))[0] != 0
+    ek.load_kernel()
+    assert (tiny * np.float32(1.0))[0] != 0
+    assert (torch.tensor([1e-39]) * 1.0).item() != 0
+
+
 def test_no_compiler_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEADAPT_CACHE", str(tmp_path))  # nothing built there
     monkeypatch.setenv("CXX", "")

@@ -29,7 +29,10 @@ from edgeadapt.errors import ConfigError, MissingPackageError
 SOURCE = Path(__file__).with_name("kernels") / "live_linear.cpp"
 #: the operator the library registers (ExecuTorch name)
 OPERATOR = "edgeadapt::live_linear.out"
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC",
+#: no -ffast-math: GCC then links crtfastmath.o, whose constructor turns on flush-to-zero for
+#: the whole process when the library loads (denormals in numpy and torch become 0). The
+#: kernel's loops keep independent accumulators, so they vectorise without reassociation.
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
          "-DET_USE_THREADPOOL", "-DC10_USING_CUSTOM_GENERATED_MACROS")
 
 _lock = threading.Lock()
