@@ -107,8 +107,9 @@ def export_base(model: str | Path | Any, out: str | Path,
         classifier's head matrix is live as well (``heads`` in bundle.json).
     check: let each exporter verify its graph against PyTorch (ExportError on mismatch).
     pte_repack: write ExecuTorch's constant-weight program for repack mode (False: live only).
-    pte_live_form: ``linear`` | ``weight-left``, how ExecuTorch's live linears are written
-        (:mod:`edgeadapt.export.executorch_live_form`; None: the exporter's default).
+    pte_live_form: ``linear`` | ``weight-left`` | ``own-kernel``, how ExecuTorch's live
+        linears are written (:mod:`edgeadapt.export.executorch_live_form`; None: the
+        exporter's default, own-kernel or weight-left without a C++ compiler).
     Adapters already registered in ``out`` are kept if they still fit the new base.
     """
     from edgeadapt.models import head_weight_names, load_model, target_weight_names

@@ -38,8 +38,8 @@ def export() -> None:
 @click.option("--no-check", is_flag=True, help="skip the backend-vs-PyTorch parity check")
 @click.option("--pte-live-form", default=None,
               type=click.Choice(["linear", "weight-left", "own-kernel"]),
-              help="how ExecuTorch's live linears are written (default: weight-left; "
-                   "docs/export_executorch.md)")
+              help="how ExecuTorch's live linears are written (default: own-kernel, or "
+                   "weight-left without a C++ compiler; docs/export_executorch.md)")
 def export_base_cmd(model: str, out: str, formats: str, targets: str, num_labels: int,
                     seed: int, no_check: bool, pte_live_form: str | None) -> None:
     """Export the base model with only the --targets weights editable in place."""
