@@ -132,9 +132,10 @@ def test_choose_mode_policy():
     assert choose_mode(68, 8)[0] == "repack" and choose_mode(67, 8)[0] == "live"
     assert choose_mode(1e9, 4)[0] == "live"  # ORT below batch 8: blocked32 costs nothing
     # ExecuTorch, own kernel (the default): live within the noise of packed at every shape
-    assert choose_mode(4380, 1, "executorch")[0] == "repack"
-    assert choose_mode(4379, 1, "executorch")[0] == "live"
-    assert choose_mode(178, 8, "executorch", "own-kernel")[0] == "repack"
+    assert choose_mode(21380, 1, "executorch")[0] == "repack"
+    assert choose_mode(21379, 1, "executorch")[0] == "live"
+    assert choose_mode(162, 8, "executorch", "own-kernel")[0] == "repack"
+    assert choose_mode(161, 8, "executorch", "own-kernel")[0] == "live"
     assert choose_mode(700, 1, "executorch", "weight-left")[0] == "repack"  # live 1.06-1.08x
     assert choose_mode(699, 1, "executorch", "weight-left")[0] == "live"
     assert choose_mode(1e9, 8, "executorch", "weight-left")[0] == "live"  # live <= packed

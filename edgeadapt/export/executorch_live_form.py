@@ -15,7 +15,7 @@ is a constant, on *every call* when it is not — and a live weight, a mutable b
   (:mod:`edgeadapt.runtime.executorch_kernel`, built with the system C++ compiler).
 
 Measured (docs/bench.md, ExecuTorch runs 3 and 5): SmolLM2 q/v live / all-constant forward at
-1x1, 1x64, 8x64 is 0.99, 1.00-1.01, 1.00-1.01 own-kernel (two runs); 1.06-1.08, <= 1.00,
+1x1, 1x64, 8x64 is 0.98-0.99, 0.99-1.02, 1.00-1.01 own-kernel (three runs); 1.06-1.08, <= 1.00,
 <= 1.00 weight-left; 1.11-1.24, 1.02, 1.00 linear. At one token every XNNPACK form pays on
 the live linears (N = 1 is padded to XNNPACK's tile width in weight-left); the own kernel's
 GEMV does not. The weight buffer keeps its name and (out, in) layout in every form, so the

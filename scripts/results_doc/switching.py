@@ -29,6 +29,8 @@ BENCH_MAIN = {"ONNX Runtime CPU, run 3 (1 session per variant)": ("smollm2-qv-or
                                                  "executorch"),
               "ExecuTorch, run 5 repeat (own kernel)": (
                   "smollm2-qv-executorch-run5-kernel-repeat", "executorch"),
+              "ExecuTorch, run 5 repeat 2 (own kernel)": (
+                  "smollm2-qv-executorch-run5-kernel-repeat2", "executorch"),
               "ExecuTorch, run 5 control (weight-left)": ("smollm2-qv-executorch-run5-wl",
                                                           "executorch")}
 SHAPES = ((1, 1), (1, 64), (8, 64))
@@ -151,6 +153,10 @@ PREPARE = {
                                                 "/tmp/s4/qv_pte_ok --targets qv --formats pte "
                                                 "--lora-rank 0 --sira '' --no-check "
                                                 "--pte-live-form own-kernel",
+    "smollm2-qv-executorch-run5-kernel-repeat2": "python -m edgeadapt.bench.prepare smollm2 "
+                                                 "/tmp/s4/qv_pte_ok --targets qv --formats pte "
+                                                 "--lora-rank 0 --sira '' --no-check "
+                                                 "--pte-live-form own-kernel",
     "smollm2-qv-executorch-run5-wl": "python -m edgeadapt.bench.prepare smollm2 "
                                      "/tmp/s4/qv_pte_wl --targets qv --formats pte "
                                      "--lora-rank 0 --sira '' --no-check "
@@ -184,7 +190,8 @@ BENCH_FILES = ["smollm2-qv-ort", "smollm2-qv-ort-run2", "smollm2-qv-ort-run3",
                "smollm2-qv-executorch-run2", "smollm2-qv-executorch-run3",
                "smollm2-qv-executorch-run3-repeat", "smollm2-qv-executorch-run3-linear",
                "smollm2-qv-executorch-run4", "smollm2-qv-executorch-run5-kernel",
-               "smollm2-qv-executorch-run5-kernel-repeat", "smollm2-qv-executorch-run5-wl",
+               "smollm2-qv-executorch-run5-kernel-repeat",
+               "smollm2-qv-executorch-run5-kernel-repeat2", "smollm2-qv-executorch-run5-wl",
                "minilm-qv", "minilm-qv-ort-blocked", "minilm-qv-executorch-wl",
                "minilm-qv-executorch-lin", "smollm2-all-ort", "smollm2-all-ort-run2"]
 
