@@ -10,7 +10,8 @@ Two programs per variant:
   ``method.get_attribute(name)`` returns a tensor aliasing the planned memory the forward reads.
   The XNNPACK partition is selective (:mod:`edgeadapt.export.executorch_partition`): only the
   linears whose weight is a buffer read it at run time; every other weight stays constant and
-  packed.
+  packed. In the default ``own-kernel`` live form the live linears are not XNNPACK's at all
+  but edgeadapt's own kernel (:mod:`edgeadapt.export.executorch_live_form`).
 - ``model.const.pte`` ("repack", base only): the same graph with every weight constant (what
   XNNPACK packs at load). For each live weight the byte offset of its fp32 data in the file and
   its layout are recorded, found by value; the repack runtime rewrites those bytes in a host copy
@@ -387,7 +388,7 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     shapes = None if not is_static else check_static_shapes(
         static_shapes(max_batch, max_seq) if static is None else static, max_batch, max_seq)
     if live_form is None:
-        live_form = default_live_form()
+        live_form = default_live_form() if branch is None else "linear"
     if live_form not in LIVE_FORMS:
         raise ConfigError(f"live_form {live_form!r} not in {LIVE_FORMS}")
     live_lm = build_live_model(lm, list(live_weights), branch, live_form)
