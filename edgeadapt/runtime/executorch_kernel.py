@@ -5,11 +5,11 @@ The executorch wheel ships its runtime as shared libraries (``executorch/lib/lib
 ``libexecutorch_threadpool.so``) with their headers (``executorch/include``), so a kernel
 compiled against them and loaded with ``RTLD_GLOBAL`` before a program is registers into the
 same kernel registry the Python runtime uses. The library is built once per (source,
-executorch version, compiler flags, machine) with the system C++ compiler, ``-march=native``,
-into ``$EDGEADAPT_CACHE`` (default ``~/.cache/edgeadapt``)/kernels/<hash>/, atomically (temp
-dir + rename), and loaded once per process. A program exported with the ``own-kernel`` live
-form (:mod:`edgeadapt.export.executorch_live_form`) needs it on whatever machine runs it; on
-a device it would be compiled into the runtime like any custom kernel.
+executorch version, compiler flags, CPU features) with the system C++ compiler and
+``-march=native`` into ``$EDGEADAPT_CACHE`` (default ``~/.cache/edgeadapt``)/kernels/<hash>/,
+atomically (temp dir + rename), and loaded once per process. A program exported with the
+``own-kernel`` live form (:mod:`edgeadapt.export.executorch_live_form`) needs it on whatever
+machine runs it; on a device it would be compiled into the runtime like any custom kernel.
 """
 
 from __future__ import annotations
@@ -58,6 +58,16 @@ def compiler() -> str:
                       "install g++); or export with --pte-live-form weight-left")
 
 
+def _cpu_signature() -> str:
+    """What ``-march=native`` compiles for: the CPU's feature flags (Linux), so a cache shared
+    between machines never hands one a library with instructions it lacks."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
 def library_path() -> Path:
     """Where the built library lives (built now if missing; the compiler is needed only then)."""
     root = _executorch_root()
@@ -65,8 +75,8 @@ def library_path() -> Path:
         version = __import__("executorch.version", fromlist=["__version__"]).__version__
     except ImportError:  # pragma: no cover - every wheel has it
         version = "unknown"
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *FLAGS,
-                                    platform.machine()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *FLAGS, platform.machine(),
+                                    _cpu_signature()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("EDGEADAPT_CACHE", Path.home() / ".cache" / "edgeadapt"))
     target = cache / "kernels" / key / "liblive_linear.so"
     if target.exists():
