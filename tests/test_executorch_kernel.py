@@ -89,8 +89,9 @@ def test_no_compiler_is_a_config_error(tmp_path, monkeypatch):
 
 def test_default_form_falls_back_without_a_compiler(monkeypatch, caplog):
     from edgeadapt.export.executorch import DEFAULT_LIVE_FORM, default_live_form
+    from edgeadapt.runtime.api import DEFAULT_LIVE_FORM as POLICY_FORMS
 
-    assert DEFAULT_LIVE_FORM == "own-kernel"
+    assert DEFAULT_LIVE_FORM == "own-kernel" == POLICY_FORMS["executorch"]  # torch-free twin
     if any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         assert default_live_form() == "own-kernel"
     monkeypatch.setenv("CXX", "")

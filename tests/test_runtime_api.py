@@ -146,7 +146,8 @@ def test_choose_mode_policy():
     assert choose_mode(680, 1, "onnxruntime", "transposed")[0] == "repack"
     assert choose_mode(679, 1, "onnxruntime", "transposed")[0] == "live"
     assert choose_mode(110, 8, "onnxruntime", "transposed")[0] == "repack"
-    assert choose_mode(580, 1, "executorch", "linear")[0] == "repack"
+    assert choose_mode(582, 1, "executorch", "linear")[0] == "repack"
+    assert choose_mode(581, 1, "executorch", "linear")[0] == "live"
     assert choose_mode(90, 8, "executorch", "linear")[0] == "repack"
     assert choose_mode(89, 8, "executorch", "linear")[0] == "live"
     with pytest.raises(ConfigError, match="live form 'sideways'"):

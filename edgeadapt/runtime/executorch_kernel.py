@@ -36,7 +36,7 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
          "-DET_USE_THREADPOOL", "-DC10_USING_CUSTOM_GENERATED_MACROS")
 
 _lock = threading.Lock()
-_loaded: ctypes.CDLL | None = None
+_loaded: tuple[Path, ctypes.CDLL] | None = None  # (path, library) once loaded
 
 
 def _executorch_root() -> Path:
@@ -108,7 +108,7 @@ def load_kernel() -> Path:
     """Build (if needed) and load the kernel library into this process, once; its path."""
     global _loaded
     with _lock:
-        path = library_path()
-        if _loaded is None:
-            _loaded = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-        return path
+        if _loaded is None:  # later stores skip the hashing and the cache lookup
+            path = library_path()
+            _loaded = (path, ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL))
+        return _loaded[0]
