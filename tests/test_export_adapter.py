@@ -230,8 +230,13 @@ def test_cli_passes_the_executorch_live_form(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(bundle_mod, "export_base",
                         lambda *a, **kw: seen.update(kw) or tmp_path)
+    from edgeadapt.bench.prepare import main as prepare
+    from edgeadapt.export.cli import PTE_LIVE_FORMS
     from edgeadapt.export.executorch_live_form import LIVE_FORMS
 
+    assert set(PTE_LIVE_FORMS) == set(LIVE_FORMS)  # the torch-free twin the CLIs offer
+    option = next(p for p in prepare.params if p.name == "pte_live_form")
+    assert set(option.type.choices) == set(LIVE_FORMS)  # bench.prepare offers the same
     for form in LIVE_FORMS:  # the CLI offers every form the exporter has
         res = CliRunner().invoke(export, ["base", "--model", MODEL, "--out", str(tmp_path),
                                           "--formats", "pte", "--pte-live-form", form])

@@ -262,3 +262,29 @@ def test_concurrent_runs_while_switching(exported, mode):
     for t in threads:
         t.join()
     assert not bad, bad[:3]
+
+
+def test_auto_repacks_where_the_kernel_cannot_be_built(exported, tmp_path, monkeypatch):
+    """An own-kernel bundle where the kernel cannot be built (no C++ compiler, nothing cached):
+    ``auto`` takes the constant program, which calls no custom kernel, and still matches
+    PyTorch after a switch; ``live`` refuses with a ConfigError naming the compiler."""
+    from edgeadapt.runtime import executorch_kernel as ek
+    from edgeadapt.runtime.api import load
+
+    lm, out, manifest = exported
+    if manifest.executorch.get("live_form") != "own-kernel":
+        pytest.skip("exported without a C++ compiler (weight-left)")
+    assert load(out, backend="executorch").mode == "live"  # the kernel builds here
+    monkeypatch.setattr(ek, "_loaded", None)  # as in a fresh process ...
+    monkeypatch.setenv("EDGEADAPT_CACHE", str(tmp_path))  # ... with nothing built ...
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setattr(ek.shutil, "which", lambda name: None)  # ... and no compiler
+    rt = load(out, backend="executorch", mode="auto")
+    assert rt.mode == "repack" and "C++ compiler" in rt.mode_reason
+    adapter = dataclasses.replace(sparse_adapter(lm, seed=5), weight_sha256={
+        w: manifest.weights[w].sha256 for w in manifest.weights})
+    rt.engine.switch([(rt.engine.prepare(adapter, "s"), 1.0)])
+    inp = inputs_of(lm, 2, 5)
+    assert rel_err(rt.run(**inp), torch_logits(reference(lm, adapter), inp)) <= 1e-4
+    with pytest.raises(ConfigError, match=r"C\+\+ compiler"):
+        load(out, backend="executorch", mode="live")

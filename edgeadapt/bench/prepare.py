@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from edgeadapt.export.cli import PTE_LIVE_FORMS
+
 
 @click.command()
 @click.argument("model")
@@ -30,7 +32,7 @@ import click
               help="BxS,... the SiRA ExecuTorch program is lowered for (default: 1x1, "
                    "1 x max_seq, max_batch x max_seq)")
 @click.option("--pte-live-form", default=None,
-              type=click.Choice(["linear", "weight-left", "own-kernel"]),
+              type=click.Choice(PTE_LIVE_FORMS),
               help="How the ExecuTorch base program's live linears are written (default: the "
                    "exporter's; edgeadapt.export.executorch_live_form)")
 def main(model: str, out: str, targets: str, formats: str, lora_rank: int, sira: str,

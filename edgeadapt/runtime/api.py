@@ -318,6 +318,22 @@ def _head_only_from(pb: PreparedBranches) -> Adapter:
     return Adapter(pb.method, {}, {}, {}, head=pb.head)
 
 
+def _without_kernel(manifest: Manifest, reason: str) -> tuple[str, str]:
+    """``auto`` on an ExecuTorch bundle whose live program calls edgeadapt's own kernel
+    (live form ``own-kernel``): where the kernel cannot be built or loaded (no C++ compiler),
+    repack instead, whose constant program does not call it. (mode, reason)."""
+    section = manifest.executorch or {}
+    if section.get("live_form") != "own-kernel" or not section.get("repack"):
+        return "live", reason  # without a constant program the store's error says what to do
+    from edgeadapt.runtime.executorch_kernel import unavailable
+
+    problem = unavailable()
+    if problem is None:
+        return "live", reason
+    return "repack", (f"auto: the live program needs edgeadapt's own kernel, which cannot be "
+                      f"loaded here ({problem}); the constant program runs without it")
+
+
 def load(bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
          mode: str = "auto", threads: int | None = None, runs_per_switch: float | None = None,
          batch: int | None = None, verify_base: bool = True) -> Runtime:
@@ -327,7 +343,8 @@ def load(bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cp
     device: "cpu" or "cuda" (ONNX Runtime with the CUDA execution provider; live mode).
     mode: "live" (live weights edited where the kernels read them; unpacked), "repack" (edit a
         host copy, rebuild so every weight is packed; a rebuild per switch) or "auto"
-        (:func:`choose_mode` from ``runs_per_switch`` and ``batch``; ``rt.mode_reason`` says why).
+        (:func:`choose_mode` from ``runs_per_switch`` and ``batch``; repack where an ExecuTorch
+        own-kernel program's kernel cannot be built; ``rt.mode_reason`` says why).
     threads: intra-op threads (None: the backend's default).
     verify_base: hash the live weights against bundle.json's sha256 at load.
     """
@@ -340,6 +357,8 @@ def load(bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cp
     if mode == "auto":
         chosen, reason = ("live", "auto: CUDA kernels read raw weights") if device == "cuda" \
             else choose_mode(runs_per_switch, batch, backend, live_form(manifest, backend))
+        if chosen == "live" and backend == "executorch":
+            chosen, reason = _without_kernel(manifest, reason)
     else:
         chosen, reason = mode, "requested"
     store = _open_store(backend, bundle, manifest, device, chosen, threads)

@@ -112,3 +112,13 @@ def load_kernel() -> Path:
             path = library_path()
             _loaded = (path, ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL))
         return _loaded[0]
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot be loaded in this process (no compiler and nothing built, a
+    failed build), or None once it is loaded (built first if needed)."""
+    try:
+        load_kernel()
+    except ConfigError as exc:
+        return str(exc)
+    return None
