@@ -288,3 +288,44 @@ def test_auto_repacks_where_the_kernel_cannot_be_built(exported, tmp_path, monke
     assert rel_err(rt.run(**inp), torch_logits(reference(lm, adapter), inp)) <= 1e-4
     with pytest.raises(ConfigError, match=r"C\+\+ compiler"):
         load(out, backend="executorch", mode="live")
+
+
+def test_threads_resize_the_pool_only_while_no_program_uses_it(exported):
+    """ExecuTorch's threadpool is per process and resizing destroys it under every loaded
+    XNNPACK program: with a store alive, another size is refused and the pool is untouched;
+    the same size (or None) is accepted."""
+    from edgeadapt.runtime.executorch_backend import threadpool_size, use_threads
+
+    store = store_of(exported, "live")
+    size = threadpool_size()
+    with pytest.raises(ConfigError, match="per process"):
+        use_threads(size + 1)
+    assert threadpool_size() == size and use_threads(size) == size == use_threads(None)
+    assert store.threads == size
+
+
+def test_threads_in_a_fresh_process(exported, tmp_path):
+    """``load(threads=n)`` in a fresh process (no program loaded yet) resizes the pool to n, and
+    the program then matches PyTorch; a second runtime at the same size loads alongside."""
+    import subprocess
+    import sys
+
+    lm, out, _ = exported
+    inp = inputs_of(lm, 2, 6)
+    np.savez(tmp_path / "inp.npz", **inp)
+    script = f"""
+import numpy as np
+from edgeadapt.runtime import load
+from edgeadapt.runtime.executorch_backend import threadpool_size
+n = threadpool_size() + 1
+rt = load({str(out)!r}, backend="executorch", mode="live", threads=n)
+assert threadpool_size() == n == rt.store.threads, (threadpool_size(), n)
+rt2 = load({str(out)!r}, backend="executorch", mode="live", threads=n)
+inp = dict(np.load({str(tmp_path / "inp.npz")!r}))
+np.save({str(tmp_path / "out.npy")!r}, rt.run(**inp))
+assert np.array_equal(rt2.run(**inp), np.load({str(tmp_path / "out.npy")!r}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert rel_err(np.load(tmp_path / "out.npy"), torch_logits(lm, inp)) <= 1e-4

@@ -106,6 +106,7 @@ class _Run:
         self.parity: list[dict] = []
         self.copy_probe = fl.CopyProbe()
         self.floor_rounds: dict[str, tuple[list[float], np.ndarray]] = {}
+        self.threads: dict[str, int | None] = {}  # backend -> intra-op threads it ran with
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -119,6 +120,9 @@ class _Run:
         rt = load(self.bundle, backend=name, device=device, mode=mode,
                   threads=self.opts.threads)
         self.aset.register(rt.manifest)
+        # ExecuTorch reports the size of its per-process threadpool (edgeadapt.runtime.
+        # executorch_backend.use_threads); ONNX Runtime sessions take opts.threads as given
+        self.threads[backend] = getattr(rt.store, "threads", self.opts.threads)
         return rt
 
     def _parity(self, backend: str, case: str, fn: Callable[[dict], np.ndarray],
@@ -376,7 +380,8 @@ def run_bench(bundle_dir: str | Path, opts: BenchOptions, subject: Subject | Non
     return {"model": manifest.model, "device": device_name(), "targets_spec":
             manifest.targets_spec, "live_weights": len(manifest.weights),
             "live_params": int(sum(np.prod(w.shape) for w in manifest.weights.values())),
-            "threads": opts.threads, "repeats": opts.repeats, "sessions": opts.sessions,
+            "threads": opts.threads, "threads_by_backend": run.threads,
+            "repeats": opts.repeats, "sessions": opts.sessions,
             "forward": run.forward,
             "switch": run.switch, "floor": floor, "break_even": run.break_even,
             "memory": run.memory, "parity": run.parity, "skipped": run.skipped,

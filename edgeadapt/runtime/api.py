@@ -102,7 +102,7 @@ def _open_store(backend: str, bundle_dir: Path, manifest: Manifest, device: str,
     if backend == "executorch":
         if device != "cpu":
             raise ConfigError("backend 'executorch' runs on device='cpu' only")
-        return module.open_store(bundle_dir, manifest.to_dict(), mode=mode)
+        return module.open_store(bundle_dir, manifest.to_dict(), mode=mode, threads=threads)
     return module.open_store(bundle_dir, manifest, device=device, mode=mode, threads=threads)
 
 
@@ -345,7 +345,9 @@ def load(bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cp
         host copy, rebuild so every weight is packed; a rebuild per switch) or "auto"
         (:func:`choose_mode` from ``runs_per_switch`` and ``batch``; repack where an ExecuTorch
         own-kernel program's kernel cannot be built; ``rt.mode_reason`` says why).
-    threads: intra-op threads (None: the backend's default).
+    threads: intra-op threads (None: the backend's default). ExecuTorch has one threadpool
+        per process: it is resized only while no other ExecuTorch runtime is loaded
+        (:func:`edgeadapt.runtime.executorch_backend.use_threads`).
     verify_base: hash the live weights against bundle.json's sha256 at load.
     """
     bundle = Path(bundle_dir)

@@ -17,7 +17,10 @@ Two modes (see docs/export_executorch.md):
 
 from __future__ import annotations
 
+import gc
 import os
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,45 @@ def _runtime():
     return Runtime.get()
 
 
+_alive: weakref.WeakSet[ExecutorchStore] = weakref.WeakSet()  # stores whose programs may run
+_pool_lock = threading.Lock()
+
+
+def threadpool_size() -> int:
+    """Threads of ExecuTorch's threadpool (one per process; XNNPACK and the own kernel use it;
+    by default one per CPU core)."""
+    from executorch.extension.pybindings import portable_lib
+
+    return int(portable_lib._threadpool_get_thread_count())
+
+
+def use_threads(threads: int | None) -> int:
+    """Size ExecuTorch's threadpool to ``threads`` (None: leave it) and return its size.
+
+    The pool is per process and resizing it destroys the old one, which every XNNPACK program
+    loaded before keeps a pointer to; so it is resized only while no :class:`ExecutorchStore`
+    of this process is alive (programs loaded outside edgeadapt are the caller's to drop
+    first), and a ConfigError says so otherwise.
+    """
+    with _pool_lock:
+        size = threadpool_size()
+        if threads is None or threads == size:
+            return size
+        if threads < 1:
+            raise ConfigError(f"threads={threads}: ExecuTorch needs at least one")
+        gc.collect()  # stores dropped but not yet collected still count in the WeakSet
+        if len(_alive):
+            raise ConfigError(
+                f"threads={threads}: ExecuTorch's threadpool is per process and has {size} "
+                f"threads, which the {len(_alive)} ExecuTorch runtime(s) still loaded use; "
+                "resizing it would pull it from under them. Drop them first, or load with "
+                f"threads=None or {size}")
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._unsafe_reset_threadpool(int(threads))
+        return threadpool_size()
+
+
 class ExecutorchStore(WeightStore):
     """A loaded ExecuTorch program plus numpy arrays aliasing its live weights.
 
@@ -47,13 +89,15 @@ class ExecutorchStore(WeightStore):
     :func:`edgeadapt.export.executorch.export_pte` (bundle.json's ``"executorch"`` entry).
     buffers: torch weight name -> mutable buffer name.  shapes: weight -> (out, in).
     sha256: weight -> base sha256 (checked by the engine), or None.
+    threads: ExecuTorch's threadpool size (:func:`use_threads`; None: as it is).
     """
 
     def __init__(self, directory: str | Path, section: dict[str, Any], buffers: dict[str, str],
                  shapes: dict[str, tuple[int, int]], sha256: dict[str, str] | None = None,
-                 mode: str = "live") -> None:
+                 mode: str = "live", threads: int | None = None) -> None:
         if mode not in MODES:
             raise ConfigError(f"executorch mode {mode!r} not in {MODES}")
+        self.threads = use_threads(threads)
         self.directory = Path(directory)
         self.section = section
         self.mode = mode
@@ -96,6 +140,7 @@ class ExecutorchStore(WeightStore):
             self._load_from_blob()
         self._live = {w: LiveWeight(w, arrays[w], layouts[w], tuple(shapes[w]), sha256.get(w))
                       for w in buffers}
+        _alive.add(self)
 
     # -- WeightStore ---------------------------------------------------------------------------
 
@@ -184,7 +229,8 @@ class ExecutorchStore(WeightStore):
 
 
 def open_store(directory: str | Path, manifest: dict[str, Any], mode: str = "live",
-               section: dict[str, Any] | None = None) -> ExecutorchStore:
+               section: dict[str, Any] | None = None, threads: int | None = None
+               ) -> ExecutorchStore:
     """An :class:`ExecutorchStore` from a bundle.json dict (its ``"executorch"`` section unless
     ``section`` names another variant's)."""
     section = section or manifest.get("executorch")
@@ -197,4 +243,4 @@ def open_store(directory: str | Path, manifest: dict[str, Any], mode: str = "liv
     except (KeyError, TypeError) as exc:
         raise BundleError(f"bundle.json weights lack ExecuTorch buffer names: {exc}") from exc
     sha = {w: info["sha256"] for w, info in weights.items() if "sha256" in info}
-    return ExecutorchStore(directory, section, buffers, shapes, sha, mode)
+    return ExecutorchStore(directory, section, buffers, shapes, sha, mode, threads)
