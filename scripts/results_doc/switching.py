@@ -32,7 +32,11 @@ BENCH_MAIN = {"ONNX Runtime CPU, run 3 (1 session per variant)": ("smollm2-qv-or
               "ExecuTorch, run 5 repeat 2 (own kernel)": (
                   "smollm2-qv-executorch-run5-kernel-repeat2", "executorch"),
               "ExecuTorch, run 5 control (weight-left)": ("smollm2-qv-executorch-run5-wl",
-                                                          "executorch")}
+                                                          "executorch"),
+              "ExecuTorch, run 6 (own kernel, 1 thread)": (
+                  "smollm2-qv-executorch-run6-1thread", "executorch"),
+              "ExecuTorch, run 6 repeat (own kernel, 1 thread)": (
+                  "smollm2-qv-executorch-run6-1thread-repeat", "executorch")}
 SHAPES = ((1, 1), (1, 64), (8, 64))
 
 
@@ -116,8 +120,10 @@ def section_5() -> str:
     return f"""## 5. Switching and latency on real models (issue 7 section 3)
 
 The headline rows of `edgeadapt bench` (method, every row and the machine's state in
-`docs/bench.md`), one thread,{scope} synthetic 1% SHiRA and rank-16 LoRA adapters. Not re-run
-by `scripts/results.py`: read from the committed JSONs, whose commands are listed below.
+`docs/bench.md`), one thread (`--threads 1`; ExecuTorch runs 1-5 ran on its default pool of
+two threads, which `--threads` did not reach until run 6),{scope} synthetic 1% SHiRA and
+rank-16 LoRA adapters. Not re-run by `scripts/results.py`: read from the committed JSONs,
+whose commands are listed below.
 
 {chr(10).join(lines)}
 
@@ -145,18 +151,14 @@ PREPARE = {
     "smollm2-qv-executorch-run4": "python -m edgeadapt.bench.prepare smollm2 /tmp/s3/qv_pte_wl "
                                   "--targets qv --formats pte --lora-rank 0 --sira '' "
                                   "--no-check --pte-live-form weight-left",
-    "smollm2-qv-executorch-run5-kernel": "python -m edgeadapt.bench.prepare smollm2 "
-                                         "/tmp/s4/qv_pte_ok --targets qv --formats pte "
-                                         "--lora-rank 0 --sira '' --no-check "
-                                         "--pte-live-form own-kernel",
-    "smollm2-qv-executorch-run5-kernel-repeat": "python -m edgeadapt.bench.prepare smollm2 "
-                                                "/tmp/s4/qv_pte_ok --targets qv --formats pte "
-                                                "--lora-rank 0 --sira '' --no-check "
-                                                "--pte-live-form own-kernel",
-    "smollm2-qv-executorch-run5-kernel-repeat2": "python -m edgeadapt.bench.prepare smollm2 "
-                                                 "/tmp/s4/qv_pte_ok --targets qv --formats pte "
-                                                 "--lora-rank 0 --sira '' --no-check "
-                                                 "--pte-live-form own-kernel",
+    **dict.fromkeys(["smollm2-qv-executorch-run5-kernel",
+                     "smollm2-qv-executorch-run5-kernel-repeat",
+                     "smollm2-qv-executorch-run5-kernel-repeat2",
+                     "smollm2-qv-executorch-run6-1thread",
+                     "smollm2-qv-executorch-run6-1thread-repeat"],
+                    "python -m edgeadapt.bench.prepare smollm2 /tmp/s4/qv_pte_ok --targets qv "
+                    "--formats pte --lora-rank 0 --sira '' --no-check "
+                    "--pte-live-form own-kernel"),
     "smollm2-qv-executorch-run5-wl": "python -m edgeadapt.bench.prepare smollm2 "
                                      "/tmp/s4/qv_pte_wl --targets qv --formats pte "
                                      "--lora-rank 0 --sira '' --no-check "
@@ -192,6 +194,8 @@ BENCH_FILES = ["smollm2-qv-ort", "smollm2-qv-ort-run2", "smollm2-qv-ort-run3",
                "smollm2-qv-executorch-run4", "smollm2-qv-executorch-run5-kernel",
                "smollm2-qv-executorch-run5-kernel-repeat",
                "smollm2-qv-executorch-run5-kernel-repeat2", "smollm2-qv-executorch-run5-wl",
+               "smollm2-qv-executorch-run6-1thread",
+               "smollm2-qv-executorch-run6-1thread-repeat",
                "minilm-qv", "minilm-qv-ort-blocked", "minilm-qv-executorch-wl",
                "minilm-qv-executorch-lin", "smollm2-all-ort", "smollm2-all-ort-run2"]
 
