@@ -1,14 +1,18 @@
 """Ways to write a SHiRA switch, against its memory-traffic floor (docs/bench.md, runs 4-5):
 
     PYTHONPATH=. .venv/bin/python scripts/switch_kernel_probe.py [--rounds 60] [--warm]
-    PYTHONPATH=. .venv/bin/python scripts/switch_kernel_probe.py --in-bench BUNDLE
+    PYTHONPATH=. .venv/bin/python scripts/switch_kernel_probe.py --in-bench BUNDLE \
+        [--backend onnxruntime-cpu|executorch] [--in-bench-rounds 2]
+    PYTHONPATH=. .venv/bin/python scripts/switch_kernel_probe.py --ab-span BUNDLE \
+        [--backend onnxruntime-cpu|executorch] [--rounds 60]
 
 60 float32 buffers shaped like SmolLM2's q/v live weights (30 x (576, 576) and (576, 192), 53 MB),
 two random 1% SHiRA adapters, the union of their positions per buffer (a full switch writes it).
 Cases, timed interleaved with a 128 MiB ``numpy.copyto`` (the floor's bandwidth), the cache
 evicted before every case unless ``--warm``:
 
-- ``numpy``: ``flat[union] = values`` per buffer (what the engine does);
+- ``numpy``: ``flat[union] = values`` per buffer (what the engine does where the live buffers
+  are not in one block of memory);
 - ``numpy int32``: the same with int32 positions;
 - ``C`` / ``C prefetch D``: a plain C loop (gcc -O3, through ctypes; skipped without gcc),
   with ``__builtin_prefetch`` D positions ahead;
@@ -17,10 +21,18 @@ evicted before every case unless ``--warm``:
 
 Prints each case's median and its ratio to the floor at the median copy bandwidth.
 
-``--in-bench BUNDLE``: the benchmark's own switch timing and paired floor
-(``run_bench`` on ONNX Runtime CPU, shape 1x1, 2 forward repeats, 30 switch repeats, no peers),
-run three times: with the engine's scatter as is (numpy), and with it replaced by the C loop
-without and with prefetch 64 ahead.
+``--in-bench BUNDLE``: the benchmark's own switch timing and paired floor (``run_bench`` on
+``--backend``, shape 1x1, 2 forward repeats, 30 switch repeats, no peers, one thread), for each
+way of writing a cached switch: the engine as is (one numpy scatter over the span of all live
+buffers, ``pages.one_span``), numpy per buffer (the span disabled), and the C loop per buffer
+without and with prefetch 64 ahead; the cases alternate, ``--in-bench-rounds`` times each.
+
+``--ab-span BUNDLE``: one live runtime of the bundle, two synthetic 1% SHiRA adapters (the
+benchmark's), the cached switch between them timed ``--rounds`` times each way, alternating:
+one scatter over the span (the engine) and one scatter per buffer (the same cached plans with
+the span's arrays set aside); each switch after the floor's 128 MiB copy, which evicts the cache
+and times the bandwidth. Prints both medians, the median of the per-round ratios, and the
+paired floor ratio of each.
 """
 
 from __future__ import annotations
@@ -80,17 +92,20 @@ def _huge_arena(sizes: list[int]) -> tuple[mmap.mmap, list[np.ndarray]]:
     return mm, out
 
 
-def in_bench(bundle: str) -> None:
+def in_bench(bundle: str, backend: str, rounds: int) -> None:
     from edgeadapt.bench.run import BenchOptions, run_bench
     from edgeadapt.runtime import engine
 
     c_fn = _c_scatter()
-    numpy_write = engine.SwitchEngine._write
+    engine_write, engine_span = engine.SwitchEngine._write, engine.one_span
+
+    def no_span(arrays):
+        return None
 
     def c_write(ahead):
-        def _write(self, plans):
+        def _write(self, sw):
             undo = {}
-            for name, plan in plans.items():
+            for name, plan in sw.plans.items():
                 if plan.full is None:
                     flat, u, v = self._flat[name], plan.union, plan.vals
                     c_fn(flat.ctypes.data, u.ctypes.data, v.ctypes.data, u.size, ahead)
@@ -100,22 +115,71 @@ def in_bench(bundle: str) -> None:
             return undo
         return _write
 
-    opts = BenchOptions(backends=["onnxruntime-cpu"], shapes=[(1, 1)], repeats=2,
-                        switch_repeats=30, reload_repeats=1, peers=False)
-    writers = {"numpy": numpy_write}
+    opts = BenchOptions(backends=[backend], shapes=[(1, 1)], repeats=2, switch_repeats=30,
+                        reload_repeats=1, peers=False, threads=1)
+    cases = {"numpy, one scatter over the span (the engine)": (engine_write, engine_span),
+             "numpy, per buffer": (engine_write, no_span)}
     if c_fn is not None:
-        writers.update({"C": c_write(0), "C prefetch 64": c_write(64)})
+        cases.update({"C, per buffer": (c_write(0), no_span),
+                      "C prefetch 64, per buffer": (c_write(64), no_span)})
     try:
-        for label, write in writers.items():
-            engine.SwitchEngine._write = write
-            rep = run_bench(bundle, opts)
-            sw = next(r["p50_ms"] for r in rep["switch"]
-                      if (r["method"], r["mode"]) == ("shira", "live"))
-            fl_ = rep["floor"]["per_backend"]["onnxruntime-cpu"]
-            print(f"{label}: switch p50 {sw:.3f} ms, copy {fl_['bandwidth_GBps']:.1f} GB/s, "
-                  f"switch / floor {fl_['measured_over_floor']:.2f} (paired)")
+        for r in range(rounds):
+            for label, (write, span) in cases.items():
+                engine.SwitchEngine._write, engine.one_span = write, span
+                rep = run_bench(bundle, opts)
+                sw = next(x["p50_ms"] for x in rep["switch"]
+                          if (x["method"], x["mode"]) == ("shira", "live"))
+                fl_ = rep["floor"]["per_backend"][backend]
+                print(f"round {r}, {label}: switch p50 {sw:.3f} ms, copy "
+                      f"{fl_['bandwidth_GBps']:.1f} GB/s, switch / floor "
+                      f"{fl_['measured_over_floor']:.3f} (paired)", flush=True)
     finally:
-        engine.SwitchEngine._write = numpy_write
+        engine.SwitchEngine._write, engine.one_span = engine_write, engine_span
+
+
+def ab_span(bundle: str, backend: str, rounds: int) -> None:
+    from edgeadapt.bench.synth import synth_shira
+    from edgeadapt.runtime import load
+
+    rt = load(bundle, backend="onnxruntime" if backend == "onnxruntime-cpu" else backend,
+              mode="live", threads=1)
+    eng = rt.engine
+    if eng._span is None:
+        raise SystemExit("the live buffers of this bundle are not in one span")
+    shapes = {n: tuple(w.shape) for n, w in rt.manifest.weights.items()}
+    sha = {n: w.sha256 for n, w in rt.manifest.weights.items()}
+    ads = [synth_shira(shapes, sha, seed=s) for s in (1, 2)]
+    a, b = (eng.prepare(ad, f"s{i}") for i, ad in enumerate(ads))
+    for x in (a, b, a):  # a <-> b is now a cached pair
+        eng.switch([(x, 1.0)])
+    pair = eng._pairs[-1]
+    scatters = (pair.to_b.scatter, pair.to_a.scatter)
+    probe = fl.CopyProbe()
+    times: dict[str, list[float]] = {"span": [], "per buffer": []}
+    copies: dict[str, list[float]] = {"span": [], "per buffer": []}
+    state = 0
+    for r in range(rounds):
+        for case in (("span", "per buffer") if r % 2 == 0 else ("per buffer", "span")):
+            pair.to_b.scatter, pair.to_a.scatter = scatters if case == "span" else (None, None)
+            t0 = time.perf_counter()
+            probe()
+            t1 = time.perf_counter()
+            state ^= 1
+            eng.switch([(b if state else a, 1.0)])
+            t2 = time.perf_counter()
+            copies[case].append((t1 - t0) * 1e3)
+            times[case].append((t2 - t1) * 1e3)
+    pair.to_b.scatter, pair.to_a.scatter = scatters
+    traffic = fl.switch_traffic(
+        *({n: d.indices for n, d in ad.targets.items()} for ad in ads), shapes,
+        layouts={n: lw.layout for n, lw in eng.live.items()})
+    for case, ts in times.items():
+        ratio = fl.floor_ratios(ts, probe.bandwidth(copies[case]), traffic)
+        print(f"{case}: switch median {np.median(ts):.3f} ms, switch / floor (paired) "
+              f"{ratio['measured_over_floor']:.3f}")
+    per_round = np.array(times["span"]) / np.array(times["per buffer"])
+    print(f"span / per buffer, median of {rounds} rounds: {np.median(per_round):.3f} "
+          f"(p10 {np.percentile(per_round, 10):.3f}, p90 {np.percentile(per_round, 90):.3f})")
 
 
 def main() -> None:
@@ -124,9 +188,18 @@ def main() -> None:
     ap.add_argument("--warm", action="store_true", help="do not evict the cache between cases")
     ap.add_argument("--in-bench", metavar="BUNDLE", default=None,
                     help="time the switch inside run_bench on BUNDLE instead")
+    ap.add_argument("--backend", default="onnxruntime-cpu",
+                    choices=["onnxruntime-cpu", "executorch"],
+                    help="with --in-bench / --ab-span")
+    ap.add_argument("--in-bench-rounds", type=int, default=1, help="with --in-bench")
+    ap.add_argument("--ab-span", metavar="BUNDLE", default=None,
+                    help="A/B the engine's one scatter over the span against one per buffer")
     args = ap.parse_args()
+    if args.ab_span:
+        ab_span(args.ab_span, args.backend, args.rounds)
+        return
     if args.in_bench:
-        in_bench(args.in_bench)
+        in_bench(args.in_bench, args.backend, args.in_bench_rounds)
         return
     rng = np.random.default_rng(0)
     sizes = [576 * 576, 576 * 192] * 30

@@ -18,7 +18,7 @@ from edgeadapt.errors import (
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta, SiraBranch
 from edgeadapt.runtime.engine import ArrayStore, SwitchEngine, to_backend_index
-from edgeadapt.runtime.pages import HUGE_PAGE, arena_copies, collapse_to_huge_pages
+from edgeadapt.runtime.pages import HUGE_PAGE, arena_copies, collapse_to_huge_pages, one_span
 
 SHAPES = {"w.q": (6, 5), "w.v": (6, 5), "w.o": (4, 6), "w.b": (64, 3)}  # w.b: blocked32
 
@@ -138,6 +138,7 @@ def test_lora_restore_memory_is_whole_matrix():
 @settings(max_examples=60, deadline=None)
 @given(
     layout=st.sampled_from(LAYOUT_CHOICES),
+    arena=st.booleans(),
     steps=st.lists(
         st.one_of(
             st.none(),
@@ -147,9 +148,9 @@ def test_lora_restore_memory_is_whole_matrix():
         min_size=1, max_size=8,
     ),
 )
-def test_any_switch_sequence_returns_base_bit_exact(layout, steps):
+def test_any_switch_sequence_returns_base_bit_exact(layout, arena, steps):
     w0 = base_weights(7)
-    store = ArrayStore(w0, layout, shas(w0))
+    store = ArrayStore(w0, layout, shas(w0), arena=arena)
     eng = SwitchEngine(store)
     adapters = [shira(w0, ["w.q", "w.v", "w.b"], 0.2, 1),
                 shira(w0, ["w.q", "w.o"], 0.5, 2, np.float16),
@@ -269,9 +270,11 @@ def test_runs_never_see_half_applied_weights():
         assert any(np.array_equal(y, v) for v in valid)
 
 
-def test_cached_switch_plans_equal_uncached_bit_for_bit(monkeypatch):
+@pytest.mark.parametrize("arena", [False, True])
+def test_cached_switch_plans_equal_uncached_bit_for_bit(monkeypatch, arena):
     """Plans remembered per pair of adapter sets (both directions) write exactly what planning
-    from scratch writes; the cache is really used (fewer merges) and bounded."""
+    from scratch writes; the cache is really used (fewer merges) and bounded. With the live
+    arrays in one arena a cached switch is one scatter over all of them."""
     import edgeadapt.runtime.engine as engine_mod
 
     merges = []
@@ -282,8 +285,9 @@ def test_cached_switch_plans_equal_uncached_bit_for_bit(monkeypatch):
     layouts = {"w.q": "transposed"}
     adapters = [shira(w0, ["w.q", "w.v"], 0.3, 1), shira(w0, ["w.q", "w.o"], 0.4, 2),
                 shira(w0, ["w.v"], 0.5, 3)]
-    stores = [ArrayStore(w0, layouts), ArrayStore(w0, layouts)]
+    stores = [ArrayStore(w0, layouts), ArrayStore(w0, layouts, arena=arena)]
     engines = [SwitchEngine(stores[0], plan_cache=0), SwitchEngine(stores[1], plan_cache=2)]
+    assert engines[0]._span is None and (engines[1]._span is not None) == arena
     preps = [[e.prepare(a, f"a{i}") for i, a in enumerate(adapters)] for e in engines]
     steps = [[0], [1], [0], [1], [0, 1], [0], [1], [2], [1], [0], [2], None, [0], None]
     counts = []
@@ -301,13 +305,15 @@ def test_cached_switch_plans_equal_uncached_bit_for_bit(monkeypatch):
     assert cached[3] == 0 and cached[2] == 0  # [1] -> [0] and back: reverse + forward hit
     assert uncached[3] > 0 and sum(cached) < sum(uncached)
     assert len(engines[1]._pairs) == 2
+    assert all((p.to_b.scatter is not None) == arena for p in engines[1]._pairs)
     for n, w in store_weights(stores[1]).items():  # ended at None: the base, bit for bit
         assert np.array_equal(w.view(np.uint32), w0[n].view(np.uint32)), n
 
 
-def test_commit_failure_rolls_back_a_cached_switch():
+@pytest.mark.parametrize("arena", [False, True])
+def test_commit_failure_rolls_back_a_cached_switch(arena):
     w0 = base_weights()
-    store = FailingStore(w0, {"w.v": "transposed"})
+    store = FailingStore(w0, {"w.v": "transposed"}, arena=arena)
     eng = SwitchEngine(store)
     a = eng.prepare(shira(w0, ["w.q", "w.v"], 0.3, 1), "a")
     b = eng.prepare(shira(w0, ["w.v"], 0.3, 2), "b")
@@ -326,9 +332,10 @@ def test_commit_failure_rolls_back_a_cached_switch():
     assert all(np.array_equal(w, w0[n]) for n, w in store_weights(store).items())
 
 
-def test_plan_cache_memory_counts_positions_and_both_values():
+@pytest.mark.parametrize("arena", [False, True])
+def test_plan_cache_memory_counts_positions_and_both_values(arena):
     w0 = base_weights()
-    eng = SwitchEngine(ArrayStore(w0))
+    eng = SwitchEngine(ArrayStore(w0, arena=arena))
     ads = [shira(w0, ["w.q", "w.v"], 0.3, 1), shira(w0, ["w.q"], 0.4, 2)]
     a, b = (eng.prepare(x, f"a{i}") for i, x in enumerate(ads))
     eng.switch([(a, 1.0)])
@@ -337,7 +344,9 @@ def test_plan_cache_memory_counts_positions_and_both_values():
     union_q = np.union1d(ia["w.q"].indices, ib["w.q"].indices).size
     first = ia["w.q"].indices.size + ia["w.v"].indices.size  # base -> a: a's own positions
     # base -> a: values only; a -> b: new positions on w.q, a's own positions on w.v
-    assert eng.plan_cache_bytes() == 8 * first + 16 * union_q + 8 * ia["w.v"].indices.size
+    span = 8 * (first + union_q + ia["w.v"].indices.size) if arena else 0  # span positions
+    assert eng.plan_cache_bytes() == \
+        8 * first + 16 * union_q + 8 * ia["w.v"].indices.size + span
     assert SwitchEngine(ArrayStore(w0), plan_cache=0).plan_cache_bytes() == 0
 
 
@@ -358,6 +367,29 @@ def test_arena_copies_are_aligned_independent_views_of_one_allocation():
     assert src["a"][0, 0] != 99.0
     np.testing.assert_array_equal(out["b"], src["b"])
     assert not np.shares_memory(out["a"], out["b"])
+
+
+def test_one_span_covers_arrays_back_to_back_and_nothing_else():
+    """A view over the memory of arrays that lie back to back (an arena: padding <= 64 bytes
+    between them), each array at its byte offset; None for gaps, mixed dtypes, strided views."""
+    rng = np.random.default_rng(0)
+    src = {"a": rng.standard_normal((3, 5)).astype(np.float32),  # 15 floats: 4 B of padding
+           "b": rng.standard_normal((4, 8)).astype(np.float32),
+           "e": np.zeros((0, 3), np.float32)}
+    out = arena_copies(src)
+    span, offsets = one_span(out)
+    for name in ("a", "b"):
+        assert offsets[name] * 4 == out[name].ctypes.data - out["a"].ctypes.data
+        np.testing.assert_array_equal(span[offsets[name]:offsets[name] + out[name].size],
+                                      out[name].reshape(-1))
+    span[offsets["b"] + 5] = 42.0  # writes through the span land in the array
+    assert out["b"].reshape(-1)[5] == 42.0
+    big = np.zeros(4000, np.float32)
+    assert one_span({"x": big[:1000], "y": big[2000:3000]}) is None  # a gap
+    assert one_span({"x": big[:1000], "y": big[1000:2000].view(np.int32)}) is None
+    assert one_span({"x": big[:1000], "y": big[1000:3000:2]}) is None  # strided
+    assert one_span({"x": big[:1000], "y": big[1000:2000]})[1] == {"x": 0, "y": 1000}
+    assert one_span({}) is None
 
 
 def test_collapse_to_huge_pages_keeps_contents():

@@ -24,7 +24,10 @@ Layouts (:mod:`edgeadapt.format.layout`): ``"as-is"`` buffers are (out, in) like
 Switch plans are cached: a SHiRA-only switch between two adapter sets (X -> Y) is planned once
 (merge of the position lists, gather of base values, new values, finite checks) and remembered as
 a pair: the union positions ``U`` and the values of both states at ``U`` (``W_X[U]`` and
-``W_Y[U]``), so X -> Y and Y -> X are each a single scatter per weight afterwards. The values are
+``W_Y[U]``), so X -> Y and Y -> X are each a single scatter per weight afterwards, or a single
+scatter in all where the live arrays lie back to back in one block of memory (ONNX Runtime's
+arena, ExecuTorch's planned buffers: :func:`edgeadapt.runtime.pages.one_span`; positions
+offset into it, +8 bytes per union position). The values are
 fixed because the base is: ``W_Y[U] = W0[U] + sum_k s_k * v_k`` (on Y's positions), ``W0[U]``
 elsewhere. Memory per cached pair: 16 bytes per union position (int64 position + two fp32
 values; 8 where the union is an adapter's own position array); the last ``plan_cache`` pairs
@@ -66,6 +69,7 @@ from edgeadapt.format.layout import (
 )
 from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta, SiraBranch
 from edgeadapt.runtime.locks import ReadWriteLock
+from edgeadapt.runtime.pages import arena_copies, one_span
 
 # ---------------------------------------------------------------------------------------------
 # The interface a backend implements
@@ -291,6 +295,9 @@ class _Switch:
     changes: dict[str, np.ndarray | None]  # for WeightStore.commit
     sparse: dict[str, tuple[np.ndarray, np.ndarray]]  # engine._sparse after the switch
     dense: dict[str, np.ndarray]  # engine._dense after the switch
+    # a cached switch on live arrays that share one span of memory: (positions in the span,
+    # new values, old values), written by one scatter; the plans' vals / old are views of them
+    scatter: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def of(cls, plans: dict[str, _Plan]) -> _Switch:
@@ -338,6 +345,9 @@ class SwitchEngine:
         self.store = store
         self.live = store.live_weights()
         self._flat = {name: lw.array.reshape(-1) for name, lw in self.live.items()}  # views
+        # all live arrays in one block of memory (ONNX Runtime's arena, ExecuTorch's planned
+        # buffers): cached switches write them with one scatter (pages.one_span)
+        self._span = one_span({name: lw.array for name, lw in self.live.items()})
         self.lock = ReadWriteLock()
         self._switch_mutex = threading.Lock()
         self._sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -383,7 +393,8 @@ class SwitchEngine:
                  for prep, _ in key for t in prep.targets.values()}
         arrays = {id(a): a.nbytes for pair in self._pairs for p in pair.to_b.plans.values()
                   for a in (p.union, p.vals, p.old) if a is not None and id(a) not in owned}
-        return sum(arrays.values())
+        spans = sum(pair.to_b.scatter[0].nbytes for pair in self._pairs if pair.to_b.scatter)
+        return sum(arrays.values()) + spans
 
     def switch(self, adapters: list[tuple[PreparedAdapter, float]]) -> None:
         """Make ``adapters`` (prepared, scale) the active set; [] returns to the base.
@@ -406,11 +417,11 @@ class SwitchEngine:
                     sw = _Switch.of(self._plan(adapters))
                 self._remember(self._key, key, sw)
             with self.lock.exclusive():
-                undo = self._write(sw.plans)
+                undo = self._write(sw)
                 try:
                     self.store.commit(sw.changes)
                 except Exception as exc:
-                    self._write_back(sw.plans, undo)
+                    self._write_back(sw, undo)
                     self.store.commit({name: None for name in sw.plans})
                     raise SwitchError(f"backend commit failed, switch undone: {exc}") from exc
             self._sparse, self._dense = dict(sw.sparse), dict(sw.dense)
@@ -442,8 +453,27 @@ class SwitchEngine:
         back = {name: _Plan(union=p.union, vals=p.old, full=None,
                             sparse_state=self._sparse.get(name), dense_state=None, old=p.vals)
                 for name, p in sw.plans.items()}
-        self._pairs.append(_PairPlan(frm, to, sw, _Switch.of(back)))
+        rev = _Switch.of(back)
+        if self._span is not None and sw.plans:
+            self._one_scatter(sw, rev)
+        self._pairs.append(_PairPlan(frm, to, sw, rev))
         del self._pairs[:-self.plan_cache]
+
+    def _one_scatter(self, fwd: _Switch, rev: _Switch) -> None:
+        """Give a cached pair the positions of its union in the live weights' span and the
+        values of both states there, in span order; the plans' values become views of them."""
+        offsets = self._span[1]
+        names = sorted(fwd.plans, key=offsets.__getitem__)
+        pos = np.concatenate([fwd.plans[n].union + offsets[n] for n in names])
+        new = np.concatenate([fwd.plans[n].vals for n in names])
+        old = np.concatenate([fwd.plans[n].old for n in names])
+        start = 0
+        for n in names:
+            stop = start + fwd.plans[n].union.size
+            fwd.plans[n].vals = rev.plans[n].old = new[start:stop]
+            fwd.plans[n].old = rev.plans[n].vals = old[start:stop]
+            start = stop
+        fwd.scatter, rev.scatter = (pos, new, old), (pos, old, new)
 
     def _combine(self, adapters: list[tuple[PreparedAdapter, float]]) -> dict[str, _Combined]:
         parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -531,11 +561,14 @@ class SwitchEngine:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _write(self, plans: dict[str, _Plan]) -> dict[str, np.ndarray]:
+    def _write(self, sw: _Switch) -> dict[str, np.ndarray]:
         """Write every plan; returns copies of the densely rewritten arrays (sparse plans carry
         their old values)."""
+        if sw.scatter is not None:
+            self._span[0][sw.scatter[0]] = sw.scatter[1]
+            return {}
         undo: dict[str, np.ndarray] = {}
-        for name, plan in plans.items():
+        for name, plan in sw.plans.items():
             if plan.full is None:
                 self._flat[name][plan.union] = plan.vals
             else:
@@ -544,8 +577,11 @@ class SwitchEngine:
                 np.copyto(arr, plan.full)
         return undo
 
-    def _write_back(self, plans: dict[str, _Plan], undo: dict[str, np.ndarray]) -> None:
-        for name, plan in plans.items():
+    def _write_back(self, sw: _Switch, undo: dict[str, np.ndarray]) -> None:
+        if sw.scatter is not None:
+            self._span[0][sw.scatter[0]] = sw.scatter[2]
+            return
+        for name, plan in sw.plans.items():
             if plan.full is None:
                 self._flat[name][plan.union] = plan.old
             else:
@@ -588,19 +624,23 @@ def _check_finite_result(vals: np.ndarray, name: str) -> None:
 class ArrayStore(WeightStore):
     """A plain numpy store: the reference backend for tests and for checking other stores.
 
-    weights: torch name -> (out, in) float array (used as-is, edited in place).
+    weights: torch name -> (out, in) float array (copied into the backend layout).
     forward: optional callable(inputs, weights) -> np.ndarray for ``run``.
+    arena: copy the weights into one allocation, back to back, as ONNX Runtime's live store
+    does (:func:`edgeadapt.runtime.pages.arena_copies`), instead of one array each.
     """
 
     def __init__(self, weights: dict[str, np.ndarray], layouts: dict[str, str] | None = None,
-                 sha256: dict[str, str] | None = None, forward=None) -> None:
+                 sha256: dict[str, str] | None = None, forward=None, arena: bool = False
+                 ) -> None:
         layouts = layouts or {}
         sha256 = sha256 or {}
-        self._live = {}
-        for name, w in weights.items():
-            layout = layouts.get(name, AS_IS)
-            arr = to_backend(np.asarray(w), layout).copy()
-            self._live[name] = LiveWeight(name, arr, layout, tuple(np.shape(w)), sha256.get(name))
+        arrays = {name: to_backend(np.asarray(w), layouts.get(name, AS_IS))
+                  for name, w in weights.items()}
+        arrays = arena_copies(arrays) if arena else {n: a.copy() for n, a in arrays.items()}
+        self._live = {name: LiveWeight(name, arrays[name], layouts.get(name, AS_IS),
+                                       tuple(np.shape(w)), sha256.get(name))
+                      for name, w in weights.items()}
         self._forward = forward
         self.commits: list[dict[str, np.ndarray | None]] = []
 

@@ -14,6 +14,7 @@ Measured (docs/bench.md): switches 5-7% faster on both backends in same-session 
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Mapping
 
 import numpy as np
@@ -46,6 +47,33 @@ def arena_copies(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         np.copyto(view, a, casting="same_kind")
         out[name] = view
     return out
+
+
+def one_span(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, int]] | None:
+    """One flat writable view over the memory of ``arrays`` and each array's element offset in
+    it, when they lie back to back in one block of memory (C-contiguous, one dtype, at most
+    :data:`ARENA_ALIGN_BYTES` of padding between neighbours: :func:`arena_copies`, ExecuTorch's
+    planned buffers); None otherwise.
+
+    Why: a cached switch then writes every weight with one scatter, ``span[off_w + U_w] = v``,
+    instead of one numpy call per weight (4% of a SmolLM2 q/v switch; docs/bench.md). The view
+    does not own the memory: whoever holds it must keep the arrays (and their owners) alive.
+    """
+    items = sorted(((a.ctypes.data, name, a) for name, a in arrays.items() if a.size),
+                   key=lambda t: t[0])
+    if not items:
+        return None
+    dtype = items[0][2].dtype
+    start, end = items[0][0], items[0][0]
+    offsets = dict.fromkeys(arrays, 0)  # empty arrays: never written
+    for ptr, name, a in items:
+        if a.dtype != dtype or not (a.flags.c_contiguous and a.flags.writeable) or \
+                not end <= ptr <= end + ARENA_ALIGN_BYTES or (ptr - start) % dtype.itemsize:
+            return None
+        offsets[name] = (ptr - start) // dtype.itemsize
+        end = ptr + a.nbytes
+    memory = (ctypes.c_char * (end - start)).from_address(start)
+    return np.frombuffer(memory, dtype=dtype), offsets
 
 
 HUGE_PAGE = 2 << 20
