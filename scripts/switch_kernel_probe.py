@@ -4,7 +4,7 @@
     PYTHONPATH=. .venv/bin/python scripts/switch_kernel_probe.py --in-bench BUNDLE \
         [--backend onnxruntime-cpu|executorch] [--in-bench-rounds 2]
     PYTHONPATH=. .venv/bin/python scripts/switch_kernel_probe.py --ab-span BUNDLE \
-        [--backend onnxruntime-cpu|executorch] [--rounds 60]
+        [--backend onnxruntime-cpu|executorch] [--rounds 60] [--with-lora]
 
 60 float32 buffers shaped like SmolLM2's q/v live weights (30 x (576, 576) and (576, 192), 53 MB),
 two random 1% SHiRA adapters, the union of their positions per buffer (a full switch writes it).
@@ -32,7 +32,9 @@ benchmark's), the cached switch between them timed ``--rounds`` times each way, 
 one scatter over the span (the engine) and one scatter per buffer (the same cached plans with
 the span's arrays set aside); each switch after the floor's 128 MiB copy, which evicts the cache
 and times the bandwidth. Prints both medians, the median of the per-round ratios, and the
-paired floor ratio of each.
+paired floor ratio of each. ``--with-lora``: as the benchmark's switch rounds instead: three
+live runtimes (one scatter, one per buffer, and one fusing two synthetic rank-16 LoRAs) and the
+copy, rotated by ``time_interleaved``; prints the medians and the median per-round ratio.
 """
 
 from __future__ import annotations
@@ -137,6 +139,40 @@ def in_bench(bundle: str, backend: str, rounds: int) -> None:
         engine.SwitchEngine._write, engine.one_span = engine_write, engine_span
 
 
+def ab_span_with_lora(bundle: str, backend: str, rounds: int) -> None:
+    from edgeadapt.bench.synth import synth_lora, synth_shira
+    from edgeadapt.bench.timing import time_interleaved
+    from edgeadapt.runtime import load
+
+    name = "onnxruntime" if backend == "onnxruntime-cpu" else backend
+    rts = {k: load(bundle, backend=name, mode="live", threads=1) for k in ("span", "per", "lora")}
+    rts["per"].engine._span = None  # before any plan is cached: one scatter per buffer
+    manifest = rts["span"].manifest
+    shapes = {n: tuple(w.shape) for n, w in manifest.weights.items()}
+    sha = {n: w.sha256 for n, w in manifest.weights.items()}
+
+    def cycle(rt, adapters):
+        preps = [rt.engine.prepare(ad, f"a{i}") for i, ad in enumerate(adapters)]
+        state = [0]
+
+        def call() -> None:
+            state[0] ^= 1
+            rt.engine.switch([(preps[state[0]], 1.0)])
+        return call
+
+    shira = [synth_shira(shapes, sha, seed=s) for s in (1, 2)]
+    lora = [synth_lora(shapes, sha, seed=s) for s in (3, 4)]
+    samples = time_interleaved({"one scatter": cycle(rts["span"], shira),
+                                "per buffer": cycle(rts["per"], shira),
+                                "lora fuse": cycle(rts["lora"], lora), "copy": fl.CopyProbe()},
+                               repeats=rounds, warmup=3)
+    for case, ts in samples.items():
+        print(f"{case}: median {np.median(ts):.3f} ms")
+    ratio = np.array(samples["one scatter"]) / np.array(samples["per buffer"])
+    print(f"one scatter / per buffer, median of {rounds} rounds: {np.median(ratio):.3f} "
+          f"(p10 {np.percentile(ratio, 10):.3f}, p90 {np.percentile(ratio, 90):.3f})")
+
+
 def ab_span(bundle: str, backend: str, rounds: int) -> None:
     from edgeadapt.bench.synth import synth_shira
     from edgeadapt.runtime import load
@@ -194,9 +230,12 @@ def main() -> None:
     ap.add_argument("--in-bench-rounds", type=int, default=1, help="with --in-bench")
     ap.add_argument("--ab-span", metavar="BUNDLE", default=None,
                     help="A/B the engine's one scatter over the span against one per buffer")
+    ap.add_argument("--with-lora", action="store_true",
+                    help="with --ab-span: rounds as the benchmark's (LoRA fuses, copies)")
     args = ap.parse_args()
     if args.ab_span:
-        ab_span(args.ab_span, args.backend, args.rounds)
+        (ab_span_with_lora if args.with_lora else ab_span)(args.ab_span, args.backend,
+                                                           args.rounds)
         return
     if args.in_bench:
         in_bench(args.in_bench, args.backend, args.in_bench_rounds)

@@ -17,6 +17,8 @@ BENCH_MAIN = {"ONNX Runtime CPU, run 3 (1 session per variant)": ("smollm2-qv-or
                                                                        "onnxruntime-cpu"),
               "ONNX Runtime CPU, run 6 (3 sessions, blocked32, huge pages)": (
                   "smollm2-qv-ort-run6", "onnxruntime-cpu"),
+              "ONNX Runtime CPU, run 7 (as run 6, one scatter)": ("smollm2-qv-ort-run7",
+                                                                  "onnxruntime-cpu"),
               "ExecuTorch (XNNPACK), run 1 (1 program per variant)": ("smollm2-qv-executorch",
                                                                       "executorch"),
               "ExecuTorch (XNNPACK), run 2 (3 programs)": ("smollm2-qv-executorch-run2",
@@ -36,7 +38,9 @@ BENCH_MAIN = {"ONNX Runtime CPU, run 3 (1 session per variant)": ("smollm2-qv-or
               "ExecuTorch, run 6 (own kernel, 1 thread)": (
                   "smollm2-qv-executorch-run6-1thread", "executorch"),
               "ExecuTorch, run 6 repeat (own kernel, 1 thread)": (
-                  "smollm2-qv-executorch-run6-1thread-repeat", "executorch")}
+                  "smollm2-qv-executorch-run6-1thread-repeat", "executorch"),
+              "ExecuTorch, run 7 (as run 6, one scatter)": ("smollm2-qv-executorch-run7",
+                                                            "executorch")}
 SHAPES = ((1, 1), (1, 64), (8, 64))
 
 
@@ -139,8 +143,9 @@ PREPARE = {
                       "--formats onnx --no-check",
     "smollm2-qv-ort-run5": "python -m edgeadapt.bench.prepare smollm2 /tmp/lead/bw/qv_blk "
                            "--targets qv --formats onnx --no-check",
-    "smollm2-qv-ort-run6": "python -m edgeadapt.bench.prepare smollm2 /tmp/lead/bw/qv_blk "
-                           "--targets qv --formats onnx --no-check",
+    **dict.fromkeys(["smollm2-qv-ort-run6", "smollm2-qv-ort-run7"],
+                    "python -m edgeadapt.bench.prepare smollm2 /tmp/lead/bw/qv_blk "
+                    "--targets qv --formats onnx --no-check"),
     "minilm-qv-ort-blocked": "python -m edgeadapt.bench.prepare minilm /tmp/s2/minilm-blk "
                              "--targets qv --formats onnx --no-check",
     "smollm2-qv-executorch": "python -m edgeadapt.bench.prepare smollm2 /tmp/s2/qv_pte "
@@ -155,7 +160,8 @@ PREPARE = {
                      "smollm2-qv-executorch-run5-kernel-repeat",
                      "smollm2-qv-executorch-run5-kernel-repeat2",
                      "smollm2-qv-executorch-run6-1thread",
-                     "smollm2-qv-executorch-run6-1thread-repeat"],
+                     "smollm2-qv-executorch-run6-1thread-repeat",
+                     "smollm2-qv-executorch-run7"],
                     "python -m edgeadapt.bench.prepare smollm2 /tmp/s4/qv_pte_ok --targets qv "
                     "--formats pte --lora-rank 0 --sira '' --no-check "
                     "--pte-live-form own-kernel"),
@@ -188,6 +194,7 @@ PREPARE = {
 }
 BENCH_FILES = ["smollm2-qv-ort", "smollm2-qv-ort-run2", "smollm2-qv-ort-run3",
                "smollm2-qv-ort-run4", "smollm2-qv-ort-run5", "smollm2-qv-ort-run6",
+               "smollm2-qv-ort-run7",
                "smollm2-qv-executorch",
                "smollm2-qv-executorch-run2", "smollm2-qv-executorch-run3",
                "smollm2-qv-executorch-run3-repeat", "smollm2-qv-executorch-run3-linear",
@@ -195,7 +202,7 @@ BENCH_FILES = ["smollm2-qv-ort", "smollm2-qv-ort-run2", "smollm2-qv-ort-run3",
                "smollm2-qv-executorch-run5-kernel-repeat",
                "smollm2-qv-executorch-run5-kernel-repeat2", "smollm2-qv-executorch-run5-wl",
                "smollm2-qv-executorch-run6-1thread",
-               "smollm2-qv-executorch-run6-1thread-repeat",
+               "smollm2-qv-executorch-run6-1thread-repeat", "smollm2-qv-executorch-run7",
                "minilm-qv", "minilm-qv-ort-blocked", "minilm-qv-executorch-wl",
                "minilm-qv-executorch-lin", "smollm2-all-ort", "smollm2-all-ort-run2"]
 
