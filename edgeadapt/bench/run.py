@@ -242,6 +242,9 @@ class _Run:
         self.memory.append({"backend": backend, "runtime": "live after switches",
                             "restore_bytes_shira": self.rt_live.restore_memory_bytes(),
                             "plan_cache_bytes_shira": self.rt_live.plan_cache_bytes(),
+                            # ExecuTorch: live buffers moved to huge pages at load (pages.py)
+                            "collapsed_bytes": getattr(self.rt_live.store, "collapsed_bytes",
+                                                       None),
                             "restore_bytes_lora": self.rt_lora.restore_memory_bytes()})
         slow = {"shira": fast["shira"], "reload": self._reload_case(backend)}
         if self.rt_repack is not None:
