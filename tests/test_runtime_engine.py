@@ -17,8 +17,9 @@ from edgeadapt.errors import (
 )
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta, SiraBranch
-from edgeadapt.runtime.engine import ArrayStore, SwitchEngine, to_backend_index
+from edgeadapt.runtime.engine import SwitchEngine
 from edgeadapt.runtime.pages import HUGE_PAGE, arena_copies, collapse_to_huge_pages, one_span
+from edgeadapt.runtime.store import ArrayStore, to_backend_index
 
 SHAPES = {"w.q": (6, 5), "w.v": (6, 5), "w.o": (4, 6), "w.b": (64, 3)}  # w.b: blocked32
 

@@ -25,8 +25,10 @@ from edgeadapt.errors import ConfigError, SwitchError, UnknownNameError
 from edgeadapt.format.adapter_file import read_adapter
 from edgeadapt.format.manifest import AdapterEntry, Manifest, read_manifest
 from edgeadapt.format.types import Adapter
-from edgeadapt.runtime.engine import PreparedAdapter, SwitchEngine, WeightStore
+from edgeadapt.runtime.engine import SwitchEngine
 from edgeadapt.runtime.locks import ReadWriteLock
+from edgeadapt.runtime.prepared import PreparedAdapter
+from edgeadapt.runtime.store import WeightStore
 from edgeadapt.runtime.unfused import (
     OrtVariantSession,
     PreparedBranches,

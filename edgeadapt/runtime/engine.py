@@ -1,8 +1,10 @@
 """The backend-neutral switch engine (numpy only, no torch).
 
-A backend hands the engine a :class:`WeightStore`: for every *live* weight (one an adapter may
-touch) a writable numpy array that aliases the buffer the backend computes with, plus its layout,
-and two hooks, ``run`` and ``commit``. The engine then applies fused adapters in place:
+A backend hands the engine a :class:`~edgeadapt.runtime.store.WeightStore`: for every *live*
+weight (one an adapter may touch) a writable numpy array that aliases the buffer the backend
+computes with, plus its layout, and two hooks, ``run`` and ``commit``. Adapters are validated
+and mapped to the store's layouts once (:mod:`edgeadapt.runtime.prepared`). The engine then
+applies fused adapters in place:
 
 - SHiRA   ``W[idx] = W0[idx] + sum_k s_k * v_k``   from saved base values ``W0[idx]``, never by
   adding and subtracting, so any sequence of switches returns the base bit for bit. Overlapping
@@ -44,231 +46,18 @@ from __future__ import annotations
 
 import math
 import threading
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeadapt.errors import (
-    AdapterFormatError,
-    FingerprintMismatchError,
-    SwitchError,
-    TargetMismatchError,
-)
+from edgeadapt.errors import FingerprintMismatchError, SwitchError
 from edgeadapt.format.fingerprint import weight_sha256
-from edgeadapt.format.layout import (
-    AS_IS,
-    BLOCKED,
-    LAYOUTS,
-    TRANSPOSED,
-    backend_index,
-    backend_shape,
-    backend_view,
-    to_backend,
-    to_torch,
-)
-from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta, SiraBranch
+from edgeadapt.format.layout import TRANSPOSED, backend_view
+from edgeadapt.format.types import Adapter
 from edgeadapt.runtime.locks import ReadWriteLock
-from edgeadapt.runtime.pages import arena_copies, one_span
-
-# ---------------------------------------------------------------------------------------------
-# The interface a backend implements
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LiveWeight:
-    """One live weight as the backend holds it.
-
-    array: writable, C-contiguous numpy array aliasing the backend's buffer (edits must be seen
-        by the next ``run`` after ``commit``); shape ``layout.backend_shape(shape, layout)``.
-    shape: PyTorch shape (out, in).
-    sha256: expected sha256 of the base weight (fp32, torch layout) from bundle.json, or None to
-        skip the fingerprint check.
-    """
-
-    name: str
-    array: np.ndarray
-    layout: str
-    shape: tuple[int, int]
-    sha256: str | None = None
-
-    def __post_init__(self) -> None:
-        self.shape = (int(self.shape[0]), int(self.shape[1]))
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"{self.name}: layout {self.layout!r} not in {LAYOUTS}")
-        want = backend_shape(self.shape, self.layout)
-        if tuple(self.array.shape) != want:
-            raise ValueError(f"{self.name}: buffer shape {self.array.shape} != {want}")
-        if not (self.array.flags.c_contiguous and self.array.flags.writeable):
-            raise ValueError(f"{self.name}: buffer must be C-contiguous and writable")
-
-    def torch_view(self) -> np.ndarray:
-        """The weight in PyTorch layout (out, in) as a writable view of the buffer (as-is and
-        transposed layouts only; blocked32 has no such view: use :meth:`torch_weight`)."""
-        if self.layout == BLOCKED:
-            raise ValueError(f"{self.name}: a {BLOCKED} buffer has no (out, in) view")
-        return to_torch(self.array, self.shape, self.layout)
-
-    def torch_weight(self) -> np.ndarray:
-        """The weight in PyTorch layout (out, in), for reading: a view, or a copy (blocked32)."""
-        return to_torch(self.array, self.shape, self.layout)
-
-
-class WeightStore(ABC):
-    """What a backend supplies to the engine. Implementations: ONNX Runtime, ExecuTorch, numpy.
-
-    The engine calls ``run`` with the readers lock held shared and ``commit`` with it held
-    exclusive, right after writing into the arrays of ``live_weights()``.
-    """
-
-    @abstractmethod
-    def live_weights(self) -> dict[str, LiveWeight]:
-        """Torch weight name -> :class:`LiveWeight`; the same arrays for the store's lifetime."""
-
-    @abstractmethod
-    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """One forward pass with the current weights; numpy in, numpy out."""
-
-    def commit(self, changes: dict[str, np.ndarray | None]) -> None:  # noqa: B027 - optional hook
-        """Make the edits visible to the backend (no-op when the arrays are read directly).
-
-        changes: weight name -> sorted int64 *backend* flat indices written, or None when the
-        whole array was rewritten. Repack stores rebuild their session/program here; device
-        stores copy the changed values to the device.
-        """
-
-
-def to_backend_index(indices: np.ndarray, shape: tuple[int, int], layout: str) -> np.ndarray:
-    """Map torch flat indices ``r * in + c`` of an (out, in) weight to backend flat indices
-    (:func:`edgeadapt.format.layout.backend_index`)."""
-    return backend_index(indices, shape, layout)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validated, backend-mapped adapters
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Target:
-    """One adapter's delta on one weight, in backend coordinates.
-
-    Sparse: idx (K,) sorted int64 backend flat indices, val (K,) float32.
-    Dense: A (r, in), B (out, r) float32 (torch orientation).
-    """
-
-    idx: np.ndarray | None = None
-    val: np.ndarray | None = None
-    A: np.ndarray | None = None
-    B: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class PreparedAdapter:
-    """An adapter checked against a store and mapped to its layouts; reuse it for every switch."""
-
-    name: str
-    method: str
-    scale: float
-    targets: dict[str, _Target]
-    head: dict[str, np.ndarray] = field(default_factory=dict)  # backend layout, float32
-
-
-def _check_finite(arr: np.ndarray, what: str) -> None:
-    if not np.isfinite(arr).all():
-        raise AdapterFormatError(f"{what}: non-finite values (NaN or inf)")
-
-
-def prepare_adapter(adapter: Adapter, live: dict[str, LiveWeight], name: str) -> PreparedAdapter:
-    """Validate ``adapter`` completely against the live weights and map it to backend indices.
-
-    Raises TargetMismatchError (weight not live), FingerprintMismatchError (other base),
-    AdapterFormatError (bad shapes, indices, non-finite values), SwitchError (SiRA: unfused only).
-    """
-    if not math.isfinite(adapter.scale):
-        raise AdapterFormatError(f"adapter {name!r}: scale {adapter.scale} is not finite")
-    missing = sorted(set(adapter.targets) - set(live))
-    if missing:
-        raise TargetMismatchError(
-            f"adapter {name!r} touches weights that are not live in this runtime: {missing}; "
-            "re-export the base with --targets covering them"
-        )
-    targets: dict[str, _Target] = {}
-    for wname, delta in adapter.targets.items():
-        lw = live[wname]
-        where = f"adapter {name!r}, weight {wname!r}"
-        shape = tuple(int(s) for s in adapter.shapes.get(wname, ()))
-        if shape != lw.shape:
-            raise FingerprintMismatchError(
-                f"{where}: shape {shape} != base shape {lw.shape} (adapter for another base?)"
-            )
-        if lw.sha256 is not None:
-            got = adapter.weight_sha256.get(wname)
-            if got != lw.sha256:
-                raise FingerprintMismatchError(
-                    f"{where}: trained on a base weight with sha256 {got}, this base has "
-                    f"{lw.sha256}"
-                )
-        targets[wname] = _prepare_target(delta, lw, where)
-    return PreparedAdapter(name, adapter.method, float(adapter.scale), targets,
-                           _prepare_head(adapter, live, name))
-
-
-def _prepare_head(adapter: Adapter, live: dict[str, LiveWeight], name: str
-                  ) -> dict[str, np.ndarray]:
-    """The adapter's task head in backend layout (a full replacement; see Adapter.head)."""
-    head: dict[str, np.ndarray] = {}
-    for wname, arr in adapter.head.items():
-        where = f"adapter {name!r}, head {wname!r}"
-        if wname not in live:
-            raise TargetMismatchError(f"{where}: not a live weight of this runtime")
-        if wname in adapter.targets:
-            raise AdapterFormatError(f"{where}: a weight cannot be both a head and a target")
-        arr = np.asarray(arr, dtype=np.float32)
-        lw = live[wname]
-        if arr.shape != lw.shape:
-            raise FingerprintMismatchError(f"{where}: shape {arr.shape} != {lw.shape}")
-        _check_finite(arr, where)
-        head[wname] = to_backend(arr, lw.layout)
-    return head
-
-
-def _prepare_target(delta: object, lw: LiveWeight, where: str) -> _Target:
-    out, inp = lw.shape
-    if isinstance(delta, ShiraDelta):
-        idx = np.asarray(delta.indices)
-        val = np.asarray(delta.values)
-        if idx.ndim != 1 or val.shape != idx.shape or not np.issubdtype(idx.dtype, np.integer):
-            raise AdapterFormatError(f"{where}: SHiRA indices/values must be equal-length 1-D")
-        idx = idx.astype(np.int64)
-        if idx.size and (idx[0] < 0 or idx[-1] >= out * inp or np.any(np.diff(idx) <= 0)):
-            raise AdapterFormatError(
-                f"{where}: SHiRA indices must be strictly increasing in [0, {out * inp})"
-            )
-        val = val.astype(np.float32)
-        _check_finite(val, where)
-        bidx = to_backend_index(idx, lw.shape, lw.layout)
-        if lw.layout != "as-is":
-            order = np.argsort(bidx, kind="stable")
-            bidx, val = bidx[order], val[order]
-        return _Target(idx=bidx, val=val)
-    if isinstance(delta, LoraDelta):
-        A = np.asarray(delta.A, dtype=np.float32)
-        B = np.asarray(delta.B, dtype=np.float32)
-        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != inp or B.shape[0] != out \
-                or A.shape[0] != B.shape[1]:
-            raise AdapterFormatError(
-                f"{where}: LoRA A {A.shape} / B {B.shape} do not fit weight {(out, inp)}"
-            )
-        _check_finite(A, where + " (A)")
-        _check_finite(B, where + " (B)")
-        return _Target(A=A, B=B)
-    if isinstance(delta, SiraBranch):
-        raise SwitchError(f"{where}: SiRA routes per token and cannot be fused; load the "
-                          "runtime with mode='unfused'")
-    raise AdapterFormatError(f"{where}: unknown delta type {type(delta).__name__}")
-
+from edgeadapt.runtime.pages import one_span
+from edgeadapt.runtime.prepared import PreparedAdapter, prepare_adapter
+from edgeadapt.runtime.store import LiveWeight, WeightStore
 
 # ---------------------------------------------------------------------------------------------
 # The engine
@@ -619,38 +408,3 @@ def _check_finite_result(vals: np.ndarray, name: str) -> None:
     if not np.isfinite(vals).all():
         raise SwitchError(f"weight {name!r}: the adapted values overflow (inf/NaN); lower the "
                           "scale")
-
-
-class ArrayStore(WeightStore):
-    """A plain numpy store: the reference backend for tests and for checking other stores.
-
-    weights: torch name -> (out, in) float array (copied into the backend layout).
-    forward: optional callable(inputs, weights) -> np.ndarray for ``run``.
-    arena: copy the weights into one allocation, back to back, as ONNX Runtime's live store
-    does (:func:`edgeadapt.runtime.pages.arena_copies`), instead of one array each.
-    """
-
-    def __init__(self, weights: dict[str, np.ndarray], layouts: dict[str, str] | None = None,
-                 sha256: dict[str, str] | None = None, forward=None, arena: bool = False
-                 ) -> None:
-        layouts = layouts or {}
-        sha256 = sha256 or {}
-        arrays = {name: to_backend(np.asarray(w), layouts.get(name, AS_IS))
-                  for name, w in weights.items()}
-        arrays = arena_copies(arrays) if arena else {n: a.copy() for n, a in arrays.items()}
-        self._live = {name: LiveWeight(name, arrays[name], layouts.get(name, AS_IS),
-                                       tuple(np.shape(w)), sha256.get(name))
-                      for name, w in weights.items()}
-        self._forward = forward
-        self.commits: list[dict[str, np.ndarray | None]] = []
-
-    def live_weights(self) -> dict[str, LiveWeight]:
-        return self._live
-
-    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        if self._forward is None:
-            raise SwitchError("this ArrayStore has no forward function")
-        return self._forward(inputs, {n: lw.torch_weight() for n, lw in self._live.items()})
-
-    def commit(self, changes: dict[str, np.ndarray | None]) -> None:
-        self.commits.append(changes)

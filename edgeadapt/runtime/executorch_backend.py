@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from edgeadapt.errors import BundleError, ConfigError
-from edgeadapt.runtime.engine import LiveWeight, WeightStore
 from edgeadapt.runtime.pages import collapse_to_huge_pages
+from edgeadapt.runtime.store import LiveWeight, WeightStore
 
 MODES = ("live", "repack")
 

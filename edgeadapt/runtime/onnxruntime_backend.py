@@ -29,8 +29,8 @@ import numpy as np
 from edgeadapt.errors import BundleError, ConfigError, MissingPackageError
 from edgeadapt.format.layout import backend_shape, to_backend, transposed_from_blocked
 from edgeadapt.format.manifest import Manifest
-from edgeadapt.runtime.engine import LiveWeight, WeightStore
 from edgeadapt.runtime.pages import arena_copies
+from edgeadapt.runtime.store import LiveWeight, WeightStore
 
 try:
     import onnxruntime as ort

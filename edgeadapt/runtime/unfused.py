@@ -42,7 +42,7 @@ from edgeadapt.errors import (
 )
 from edgeadapt.format.manifest import Manifest
 from edgeadapt.format.types import Adapter, LoraDelta, SiraBranch
-from edgeadapt.runtime.engine import LiveWeight
+from edgeadapt.runtime.store import LiveWeight
 
 #: variant branch kind -> the adapter methods it runs
 KIND_METHODS = {"lora": ("lora", "sora"), "sira": ("sira",)}

@@ -1,0 +1,130 @@
+"""The interface between the switch engine and a backend (numpy only, no torch).
+
+A backend hands the engine a :class:`WeightStore`: for every *live* weight (one an adapter may
+touch) a :class:`LiveWeight`, a writable numpy array aliasing the buffer the backend computes
+with, plus its layout; and two hooks, ``run`` and ``commit``. :class:`ArrayStore` is the plain
+numpy store the tests check the engine and the other stores against.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeadapt.errors import SwitchError
+from edgeadapt.format.layout import (
+    AS_IS,
+    BLOCKED,
+    LAYOUTS,
+    backend_index,
+    backend_shape,
+    to_backend,
+    to_torch,
+)
+from edgeadapt.runtime.pages import arena_copies
+
+
+@dataclass
+class LiveWeight:
+    """One live weight as the backend holds it.
+
+    array: writable, C-contiguous numpy array aliasing the backend's buffer (edits must be seen
+        by the next ``run`` after ``commit``); shape ``layout.backend_shape(shape, layout)``.
+    shape: PyTorch shape (out, in).
+    sha256: expected sha256 of the base weight (fp32, torch layout) from bundle.json, or None to
+        skip the fingerprint check.
+    """
+
+    name: str
+    array: np.ndarray
+    layout: str
+    shape: tuple[int, int]
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        self.shape = (int(self.shape[0]), int(self.shape[1]))
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"{self.name}: layout {self.layout!r} not in {LAYOUTS}")
+        want = backend_shape(self.shape, self.layout)
+        if tuple(self.array.shape) != want:
+            raise ValueError(f"{self.name}: buffer shape {self.array.shape} != {want}")
+        if not (self.array.flags.c_contiguous and self.array.flags.writeable):
+            raise ValueError(f"{self.name}: buffer must be C-contiguous and writable")
+
+    def torch_view(self) -> np.ndarray:
+        """The weight in PyTorch layout (out, in) as a writable view of the buffer (as-is and
+        transposed layouts only; blocked32 has no such view: use :meth:`torch_weight`)."""
+        if self.layout == BLOCKED:
+            raise ValueError(f"{self.name}: a {BLOCKED} buffer has no (out, in) view")
+        return to_torch(self.array, self.shape, self.layout)
+
+    def torch_weight(self) -> np.ndarray:
+        """The weight in PyTorch layout (out, in), for reading: a view, or a copy (blocked32)."""
+        return to_torch(self.array, self.shape, self.layout)
+
+
+class WeightStore(ABC):
+    """What a backend supplies to the engine. Implementations: ONNX Runtime, ExecuTorch, numpy.
+
+    The engine calls ``run`` with the readers lock held shared and ``commit`` with it held
+    exclusive, right after writing into the arrays of ``live_weights()``.
+    """
+
+    @abstractmethod
+    def live_weights(self) -> dict[str, LiveWeight]:
+        """Torch weight name -> :class:`LiveWeight`; the same arrays for the store's lifetime."""
+
+    @abstractmethod
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """One forward pass with the current weights; numpy in, numpy out."""
+
+    def commit(self, changes: dict[str, np.ndarray | None]) -> None:  # noqa: B027 - optional hook
+        """Make the edits visible to the backend (no-op when the arrays are read directly).
+
+        changes: weight name -> sorted int64 *backend* flat indices written, or None when the
+        whole array was rewritten. Repack stores rebuild their session/program here; device
+        stores copy the changed values to the device.
+        """
+
+
+def to_backend_index(indices: np.ndarray, shape: tuple[int, int], layout: str) -> np.ndarray:
+    """Map torch flat indices ``r * in + c`` of an (out, in) weight to backend flat indices
+    (:func:`edgeadapt.format.layout.backend_index`)."""
+    return backend_index(indices, shape, layout)
+
+
+class ArrayStore(WeightStore):
+    """A plain numpy store: the reference backend for tests and for checking other stores.
+
+    weights: torch name -> (out, in) float array (copied into the backend layout).
+    forward: optional callable(inputs, weights) -> np.ndarray for ``run``.
+    arena: copy the weights into one allocation, back to back, as ONNX Runtime's live store
+    does (:func:`edgeadapt.runtime.pages.arena_copies`), instead of one array each.
+    """
+
+    def __init__(self, weights: dict[str, np.ndarray], layouts: dict[str, str] | None = None,
+                 sha256: dict[str, str] | None = None, forward=None, arena: bool = False
+                 ) -> None:
+        layouts = layouts or {}
+        sha256 = sha256 or {}
+        arrays = {name: to_backend(np.asarray(w), layouts.get(name, AS_IS))
+                  for name, w in weights.items()}
+        arrays = arena_copies(arrays) if arena else {n: a.copy() for n, a in arrays.items()}
+        self._live = {name: LiveWeight(name, arrays[name], layouts.get(name, AS_IS),
+                                       tuple(np.shape(w)), sha256.get(name))
+                      for name, w in weights.items()}
+        self._forward = forward
+        self.commits: list[dict[str, np.ndarray | None]] = []
+
+    def live_weights(self) -> dict[str, LiveWeight]:
+        return self._live
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if self._forward is None:
+            raise SwitchError("this ArrayStore has no forward function")
+        return self._forward(inputs, {n: lw.torch_weight() for n, lw in self._live.items()})
+
+    def commit(self, changes: dict[str, np.ndarray | None]) -> None:
+        self.commits.append(changes)
