@@ -19,6 +19,8 @@ BENCH_MAIN = {"ONNX Runtime CPU, run 3 (1 session per variant)": ("smollm2-qv-or
                   "smollm2-qv-ort-run6", "onnxruntime-cpu"),
               "ONNX Runtime CPU, run 7 (as run 6, one scatter)": ("smollm2-qv-ort-run7",
                                                                   "onnxruntime-cpu"),
+              "ONNX Runtime CPU, run 8 (as run 7, 200 switch rounds)": (
+                  "smollm2-qv-ort-run8", "onnxruntime-cpu"),
               "ExecuTorch (XNNPACK), run 1 (1 program per variant)": ("smollm2-qv-executorch",
                                                                       "executorch"),
               "ExecuTorch (XNNPACK), run 2 (3 programs)": ("smollm2-qv-executorch-run2",
@@ -40,7 +42,9 @@ BENCH_MAIN = {"ONNX Runtime CPU, run 3 (1 session per variant)": ("smollm2-qv-or
               "ExecuTorch, run 6 repeat (own kernel, 1 thread)": (
                   "smollm2-qv-executorch-run6-1thread-repeat", "executorch"),
               "ExecuTorch, run 7 (as run 6, one scatter)": ("smollm2-qv-executorch-run7",
-                                                            "executorch")}
+                                                            "executorch"),
+              "ExecuTorch, run 8 (as run 7, 200 switch rounds)": (
+                  "smollm2-qv-executorch-run8", "executorch")}
 SHAPES = ((1, 1), (1, 64), (8, 64))
 
 
@@ -143,7 +147,7 @@ PREPARE = {
                       "--formats onnx --no-check",
     "smollm2-qv-ort-run5": "python -m edgeadapt.bench.prepare smollm2 /tmp/lead/bw/qv_blk "
                            "--targets qv --formats onnx --no-check",
-    **dict.fromkeys(["smollm2-qv-ort-run6", "smollm2-qv-ort-run7"],
+    **dict.fromkeys(["smollm2-qv-ort-run6", "smollm2-qv-ort-run7", "smollm2-qv-ort-run8"],
                     "python -m edgeadapt.bench.prepare smollm2 /tmp/lead/bw/qv_blk "
                     "--targets qv --formats onnx --no-check"),
     "minilm-qv-ort-blocked": "python -m edgeadapt.bench.prepare minilm /tmp/s2/minilm-blk "
@@ -161,7 +165,7 @@ PREPARE = {
                      "smollm2-qv-executorch-run5-kernel-repeat2",
                      "smollm2-qv-executorch-run6-1thread",
                      "smollm2-qv-executorch-run6-1thread-repeat",
-                     "smollm2-qv-executorch-run7"],
+                     "smollm2-qv-executorch-run7", "smollm2-qv-executorch-run8"],
                     "python -m edgeadapt.bench.prepare smollm2 /tmp/s4/qv_pte_ok --targets qv "
                     "--formats pte --lora-rank 0 --sira '' --no-check "
                     "--pte-live-form own-kernel"),
@@ -194,7 +198,7 @@ PREPARE = {
 }
 BENCH_FILES = ["smollm2-qv-ort", "smollm2-qv-ort-run2", "smollm2-qv-ort-run3",
                "smollm2-qv-ort-run4", "smollm2-qv-ort-run5", "smollm2-qv-ort-run6",
-               "smollm2-qv-ort-run7",
+               "smollm2-qv-ort-run7", "smollm2-qv-ort-run8",
                "smollm2-qv-executorch",
                "smollm2-qv-executorch-run2", "smollm2-qv-executorch-run3",
                "smollm2-qv-executorch-run3-repeat", "smollm2-qv-executorch-run3-linear",
@@ -203,6 +207,7 @@ BENCH_FILES = ["smollm2-qv-ort", "smollm2-qv-ort-run2", "smollm2-qv-ort-run3",
                "smollm2-qv-executorch-run5-kernel-repeat2", "smollm2-qv-executorch-run5-wl",
                "smollm2-qv-executorch-run6-1thread",
                "smollm2-qv-executorch-run6-1thread-repeat", "smollm2-qv-executorch-run7",
+               "smollm2-qv-executorch-run8",
                "minilm-qv", "minilm-qv-ort-blocked", "minilm-qv-executorch-wl",
                "minilm-qv-executorch-lin", "smollm2-all-ort", "smollm2-all-ort-run2"]
 
@@ -222,7 +227,7 @@ def bench_commands() -> str:
     return "\n".join(lines)
 
 
-SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run6", "smollm2-qv-executorch-run5-kernel",
+SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run8", "smollm2-qv-executorch-run8",
                 "smollm2-all-ort-run2"]
 SIZE_STALE: list[str] = []
 
