@@ -139,17 +139,33 @@ def in_bench(bundle: str, backend: str, rounds: int) -> None:
         engine.SwitchEngine._write, engine.one_span = engine_write, engine_span
 
 
+def _live(bundle: str, backend: str):
+    """A live runtime of ``bundle`` on one thread (``backend`` as the benchmark names it)."""
+    from edgeadapt.bench.run import BACKEND_SPECS
+    from edgeadapt.runtime import load
+
+    return load(bundle, backend=BACKEND_SPECS[backend][0], mode="live", threads=1)
+
+
+def _shapes_sha(manifest) -> tuple[dict, dict]:
+    """(weight -> (out, in), weight -> base sha256): what the synthetic adapters need."""
+    return ({n: tuple(w.shape) for n, w in manifest.weights.items()},
+            {n: w.sha256 for n, w in manifest.weights.items()})
+
+
+def _ratio_line(label: str, num: list[float], den: list[float], rounds: int) -> str:
+    r = np.array(num) / np.array(den)
+    return (f"{label}, median of {rounds} rounds: {np.median(r):.3f} "
+            f"(p10 {np.percentile(r, 10):.3f}, p90 {np.percentile(r, 90):.3f})")
+
+
 def ab_span_with_lora(bundle: str, backend: str, rounds: int) -> None:
     from edgeadapt.bench.synth import synth_lora, synth_shira
     from edgeadapt.bench.timing import time_interleaved
-    from edgeadapt.runtime import load
 
-    name = "onnxruntime" if backend == "onnxruntime-cpu" else backend
-    rts = {k: load(bundle, backend=name, mode="live", threads=1) for k in ("span", "per", "lora")}
+    rts = {k: _live(bundle, backend) for k in ("span", "per", "lora")}
     rts["per"].engine._span = None  # before any plan is cached: one scatter per buffer
-    manifest = rts["span"].manifest
-    shapes = {n: tuple(w.shape) for n, w in manifest.weights.items()}
-    sha = {n: w.sha256 for n, w in manifest.weights.items()}
+    shapes, sha = _shapes_sha(rts["span"].manifest)
 
     def cycle(rt, adapters):
         preps = [rt.engine.prepare(ad, f"a{i}") for i, ad in enumerate(adapters)]
@@ -168,22 +184,18 @@ def ab_span_with_lora(bundle: str, backend: str, rounds: int) -> None:
                                repeats=rounds, warmup=3)
     for case, ts in samples.items():
         print(f"{case}: median {np.median(ts):.3f} ms")
-    ratio = np.array(samples["one scatter"]) / np.array(samples["per buffer"])
-    print(f"one scatter / per buffer, median of {rounds} rounds: {np.median(ratio):.3f} "
-          f"(p10 {np.percentile(ratio, 10):.3f}, p90 {np.percentile(ratio, 90):.3f})")
+    print(_ratio_line("one scatter / per buffer", samples["one scatter"],
+                      samples["per buffer"], rounds))
 
 
 def ab_span(bundle: str, backend: str, rounds: int) -> None:
     from edgeadapt.bench.synth import synth_shira
-    from edgeadapt.runtime import load
 
-    rt = load(bundle, backend="onnxruntime" if backend == "onnxruntime-cpu" else backend,
-              mode="live", threads=1)
+    rt = _live(bundle, backend)
     eng = rt.engine
     if eng._span is None:
         raise SystemExit("the live buffers of this bundle are not in one span")
-    shapes = {n: tuple(w.shape) for n, w in rt.manifest.weights.items()}
-    sha = {n: w.sha256 for n, w in rt.manifest.weights.items()}
+    shapes, sha = _shapes_sha(rt.manifest)
     ads = [synth_shira(shapes, sha, seed=s) for s in (1, 2)]
     a, b = (eng.prepare(ad, f"s{i}") for i, ad in enumerate(ads))
     for x in (a, b, a):  # a <-> b is now a cached pair
@@ -213,9 +225,7 @@ def ab_span(bundle: str, backend: str, rounds: int) -> None:
         ratio = fl.floor_ratios(ts, probe.bandwidth(copies[case]), traffic)
         print(f"{case}: switch median {np.median(ts):.3f} ms, switch / floor (paired) "
               f"{ratio['measured_over_floor']:.3f}")
-    per_round = np.array(times["span"]) / np.array(times["per buffer"])
-    print(f"span / per buffer, median of {rounds} rounds: {np.median(per_round):.3f} "
-          f"(p10 {np.percentile(per_round, 10):.3f}, p90 {np.percentile(per_round, 90):.3f})")
+    print(_ratio_line("span / per buffer", times["span"], times["per buffer"], rounds))
 
 
 def main() -> None:

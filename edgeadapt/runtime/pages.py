@@ -56,7 +56,7 @@ def one_span(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, in
     planned buffers); None otherwise.
 
     Why: a cached switch then writes every weight with one scatter, ``span[off_w + U_w] = v``,
-    instead of one numpy call per weight (4% of a SmolLM2 q/v switch; docs/bench.md). The view
+    instead of one numpy call per weight (2-6% of a SmolLM2 q/v switch; docs/bench.md). The view
     does not own the memory: whoever holds it must keep the arrays (and their owners) alive.
     """
     items = sorted(((a.ctypes.data, name, a) for name, a in arrays.items() if a.size),
