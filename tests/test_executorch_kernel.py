@@ -16,6 +16,7 @@ pytest.importorskip("executorch")
 from edgeadapt.errors import ConfigError  # noqa: E402
 from edgeadapt.export.executorch_live_form import KernelLinear  # noqa: E402
 from edgeadapt.runtime import executorch_kernel as ek  # noqa: E402
+from edgeadapt.runtime import native  # noqa: E402
 
 needs_compiler = pytest.mark.skipif(
     not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="no C++ compiler")
@@ -82,7 +83,7 @@ def test_loading_the_kernel_keeps_the_process_floating_point_state():
 def test_no_compiler_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEADAPT_CACHE", str(tmp_path))  # nothing built there
     monkeypatch.setenv("CXX", "")
-    monkeypatch.setattr(ek.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     with pytest.raises(ConfigError, match=r"C\+\+ compiler"):
         ek.library_path()
 
@@ -95,6 +96,6 @@ def test_default_form_falls_back_without_a_compiler(monkeypatch, caplog):
     if any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         assert default_live_form() == "own-kernel"
     monkeypatch.setenv("CXX", "")
-    monkeypatch.setattr(ek.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     assert default_live_form() == "weight-left"
     assert "weight-left instead of own-kernel" in caplog.text

@@ -36,7 +36,7 @@ from edgeadapt.format import (  # noqa: E402
     write_manifest,
 )
 from edgeadapt.models import load_model  # noqa: E402
-from edgeadapt.runtime import choose_mode, load  # noqa: E402
+from edgeadapt.runtime import choose_mode, load, onnxruntime_kernel  # noqa: E402
 from edgeadapt.runtime.api import live_form, load_cuda_standin  # noqa: E402
 
 RTOL = 1e-4
@@ -63,11 +63,16 @@ def exported(request, tmp_path_factory):
     return lm, out
 
 
-@pytest.mark.parametrize("mode", ["live", "repack"])
+@pytest.mark.parametrize("mode", ["live", "live-matmul", "repack"])
 def test_every_switch_matches_pytorch(exported, mode):
+    """live: the blocked32 live weights read by edgeadapt's kernel where it builds;
+    live-matmul: through MatMul (kernel=False)."""
     lm, bundle = exported
     t_in, np_in = example_pair(lm)
-    rt = load(bundle, backend="onnxruntime", mode=mode, threads=1)
+    rt = load(bundle, backend="onnxruntime", mode=mode.split("-")[0], threads=1,
+              kernel=False if mode == "live-matmul" else None)
+    if mode == "live-matmul":
+        assert rt.live_form == "blocked32"
     base = rt.run(**np_in)
     assert parity(base, torch_reference(lm, bundle, [], t_in)) <= RTOL
     for names, scales in [("s1", None), (["s1", "s2"], [1.0, 0.5]), ("l1", None),
@@ -163,8 +168,14 @@ def test_auto_policy_keys_on_the_bundles_live_form(exported):
     assert "blocked32" in {w.onnx["layout"] for w in manifest.weights.values()}
     assert live_form(manifest, "onnxruntime") == "blocked32"
     rt = load(bundle, backend="onnxruntime", mode="auto", runs_per_switch=1000, batch=1,
-              threads=1)
+              threads=1, kernel=False)
     assert rt.fused_mode == "live" and "blocked32" in rt.mode_reason  # transposed: repack
+    assert rt.live_form == "blocked32"
+    if onnxruntime_kernel.unavailable() is None:  # by default the own kernel, where it builds
+        rt = load(bundle, backend="onnxruntime", mode="auto", runs_per_switch=1e6, batch=8,
+                  threads=1)
+        assert rt.live_form == "own-kernel" and rt.store.kernel
+        assert rt.fused_mode == "live" and "own-kernel" in rt.mode_reason  # blocked32: repack
     for w in manifest.weights.values():
         if w.onnx["layout"] == "blocked32":
             w.onnx = {**w.onnx, "layout": "transposed"}

@@ -269,6 +269,7 @@ def test_auto_repacks_where_the_kernel_cannot_be_built(exported, tmp_path, monke
     ``auto`` takes the constant program, which calls no custom kernel, and still matches
     PyTorch after a switch; ``live`` refuses with a ConfigError naming the compiler."""
     from edgeadapt.runtime import executorch_kernel as ek
+    from edgeadapt.runtime import native
     from edgeadapt.runtime.api import load
 
     lm, out, manifest = exported
@@ -278,7 +279,7 @@ def test_auto_repacks_where_the_kernel_cannot_be_built(exported, tmp_path, monke
     monkeypatch.setattr(ek, "_loaded", None)  # as in a fresh process ...
     monkeypatch.setenv("EDGEADAPT_CACHE", str(tmp_path))  # ... with nothing built ...
     monkeypatch.setenv("CXX", "")
-    monkeypatch.setattr(ek.shutil, "which", lambda name: None)  # ... and no compiler
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)  # ... and no compiler
     rt = load(out, backend="executorch", mode="auto")
     assert rt.mode == "repack" and "C++ compiler" in rt.mode_reason
     adapter = dataclasses.replace(sparse_adapter(lm, seed=5), weight_sha256={

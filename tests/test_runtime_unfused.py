@@ -90,11 +90,14 @@ def _hashes(rt):
             for n, lw in rt.store.live_weights().items()}
 
 
-@pytest.mark.parametrize("mode", ["live", "repack"])
-def test_unfused_switches_match_pytorch(exported, mode):
+@pytest.mark.parametrize("form", ["live", "live-matmul", "repack"])
+def test_unfused_switches_match_pytorch(exported, form):
+    """live: the live weights read by edgeadapt's kernel where it builds (base and variant
+    sessions alike); live-matmul: through MatMul (kernel=False)."""
     lm, bundle, keys = exported
     t_in, np_in = example_pair(lm)
-    rt = load(bundle, mode=mode, threads=1)
+    mode = form.split("-")[0]
+    rt = load(bundle, mode=mode, threads=1, kernel=False if form == "live-matmul" else None)
     base = rt.run(**np_in)
     h0 = _hashes(rt)
     seq = [("sira", None, keys["sira"]), ("lora", None, keys["lora"]),
@@ -106,13 +109,14 @@ def test_unfused_switches_match_pytorch(exported, mode):
         assert rt.mode == ("unfused" if variant else mode)
         want = torch_reference(lm, bundle, rt.active_scales, t_in)
         got = rt.run(**np_in)
-        assert parity(got, want) <= RTOL, (mode, names, scale)
+        assert parity(got, want) <= RTOL, (form, names, scale)
         if names is None:
             assert np.array_equal(got, base)
         else:
             assert parity(got, base) > 10 * parity(got, want), names
         if variant:  # unfused: the base weights are exactly the base
             assert _hashes(rt) == h0
+            assert rt._route.kernel == getattr(rt.store, "kernel", False)
     lora_scale = dict(rt.prepare_unfused("lora").feeds(0.5).items())
     b_name = next(iter(read_manifest(bundle).variants[keys["lora"]]["onnx"]["branch_inputs"]
                        .values()))["B"]

@@ -106,47 +106,30 @@ def block_live_matmuls(model: onnx.ModelProto, live: dict[str, LiveWeight]
     return result
 
 
-def unblock_live_matmuls(model: onnx.ModelProto, names: set[str] | list[str]
-                         ) -> dict[str, str]:
-    """Undo :func:`block_live_matmuls` for the named blocked32 graph inputs: each rewritten
-    reader becomes ``y = MatMul(x, X_T)`` again, ``X_T`` a ``(in, out)`` graph input named like
-    the input with ``.B32`` replaced by ``.T``; the helper nodes left unused are dropped.
+def _blocked_readers(graph: onnx.GraphProto, name: str, uses, producers
+                     ) -> list[tuple[onnx.NodeProto, ...]]:
+    """The readers of blocked32 input ``name`` as :func:`block_live_matmuls` wrote them: per
+    reader (flatten Reshape, MatMul, Transpose, output Reshape); ExportError if one is not."""
+    found = []
+    for mm, pos in uses.get(name, []):
+        try:
+            (tr, _), = uses[mm.output[0]]
+            (rs, _), = uses[tr.output[0]]
+            flat = producers[mm.input[0]]
+        except (KeyError, ValueError):
+            raise ExportError(f"{name!r}: reader {mm.name!r} is not the blocked32 "
+                              "pattern") from None
+        if mm.op_type != "MatMul" or pos != 1 or tr.op_type != "Transpose" \
+                or rs.op_type != "Reshape" or flat.op_type != "Reshape":
+            raise ExportError(f"{name!r}: reader {mm.name!r} is not the blocked32 pattern")
+        found.append((flat, mm, tr, rs))
+    return found
 
-    For sessions that make the live weights constant (repack mode, the benchmark's unfused
-    variants): ONNX Runtime prepacks only a 2-D MatMul weight. Returns blocked name -> new name
-    (the caller feeds :func:`to_backend_layout` ``(W, "transposed")`` under the new name).
-    """
-    graph = model.graph
-    blocked = {vi.name: vi for vi in graph.input if vi.name in set(names)
-               and len(vi.type.tensor_type.shape.dim) == 3}
-    if not blocked:
-        return {}
-    producers = {o: n for n in graph.node for o in n.output}
-    uses = consumers(graph)
-    renamed: dict[str, str] = {}
-    drop: set[int] = set()
-    replace: dict[int, onnx.NodeProto] = {}
-    for name, vi in blocked.items():
-        nb, inp, blk = (d.dim_value for d in vi.type.tensor_type.shape.dim)
-        new = live_input_name(name.removesuffix(live_input_name("", BLOCKED)), TRANSPOSED)
-        for mm, pos in uses.get(name, []):
-            try:
-                (tr, _), = uses[mm.output[0]]
-                (rs, _), = uses[tr.output[0]]
-                flat = producers[mm.input[0]]
-            except (KeyError, ValueError):
-                raise ExportError(f"{name!r}: reader {mm.name!r} is not the blocked32 "
-                                  "pattern") from None
-            if pos != 1 or tr.op_type != "Transpose" or rs.op_type != "Reshape" \
-                    or flat.op_type != "Reshape":
-                raise ExportError(f"{name!r}: reader {mm.name!r} is not the blocked32 pattern")
-            replace[id(mm)] = helper.make_node("MatMul", [flat.input[0], new], [rs.output[0]],
-                                               name=mm.name)
-            drop.update((id(tr), id(rs)))
-        renamed[name] = new
-        graph.input.remove(vi)
-        graph.input.append(helper.make_tensor_value_info(new, TensorProto.FLOAT,
-                                                         [inp, nb * blk]))
+
+def _rewrite_readers(graph: onnx.GraphProto, replace: dict[int, onnx.NodeProto],
+                     drop: set[int]) -> None:
+    """Put ``replace[id(MatMul)]`` in place of each pattern's MatMul, remove the ``drop``
+    nodes, then the helper nodes (flatten, Shape, Concat) and shape constants nothing reads."""
     nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
     outputs = {o.name for o in graph.output}
     while True:  # drop helper nodes nothing reads any more (flatten, Shape, Concat)
@@ -162,4 +145,70 @@ def unblock_live_matmuls(model: onnx.ModelProto, names: set[str] | list[str]
     for init in [i for i in graph.initializer
                  if i.name.startswith("edgeadapt_") and i.name not in read]:
         graph.initializer.remove(init)  # the shape constants of the dropped helpers
+
+
+def _blocked_inputs(graph: onnx.GraphProto, names) -> dict[str, onnx.ValueInfoProto]:
+    return {vi.name: vi for vi in graph.input if vi.name in set(names)
+            and len(vi.type.tensor_type.shape.dim) == 3}
+
+
+def unblock_live_matmuls(model: onnx.ModelProto, names: set[str] | list[str]
+                         ) -> dict[str, str]:
+    """Undo :func:`block_live_matmuls` for the named blocked32 graph inputs: each rewritten
+    reader becomes ``y = MatMul(x, X_T)`` again, ``X_T`` a ``(in, out)`` graph input named like
+    the input with ``.B32`` replaced by ``.T``; the helper nodes left unused are dropped.
+
+    For sessions that make the live weights constant (repack mode, the benchmark's unfused
+    variants): ONNX Runtime prepacks only a 2-D MatMul weight. Returns blocked name -> new name
+    (the caller feeds :func:`to_backend_layout` ``(W, "transposed")`` under the new name).
+    """
+    graph = model.graph
+    blocked = _blocked_inputs(graph, names)
+    if not blocked:
+        return {}
+    producers = {o: n for n in graph.node for o in n.output}
+    uses = consumers(graph)
+    renamed: dict[str, str] = {}
+    drop: set[int] = set()
+    replace: dict[int, onnx.NodeProto] = {}
+    for name, vi in blocked.items():
+        nb, inp, blk = (d.dim_value for d in vi.type.tensor_type.shape.dim)
+        new = live_input_name(name.removesuffix(live_input_name("", BLOCKED)), TRANSPOSED)
+        for flat, mm, tr, rs in _blocked_readers(graph, name, uses, producers):
+            replace[id(mm)] = helper.make_node("MatMul", [flat.input[0], new], [rs.output[0]],
+                                               name=mm.name)
+            drop.update((id(tr), id(rs)))
+        renamed[name] = new
+        graph.input.remove(vi)
+        graph.input.append(helper.make_tensor_value_info(new, TensorProto.FLOAT,
+                                                         [inp, nb * blk]))
+    _rewrite_readers(graph, replace, drop)
     return renamed
+
+
+#: the custom op of :func:`kernel_blocked_matmuls` (edgeadapt/runtime/kernels/blocked_matmul.cpp)
+KERNEL_DOMAIN, KERNEL_OP = "edgeadapt", "BlockedMatMul"
+
+
+def kernel_blocked_matmuls(model: onnx.ModelProto, names: set[str] | list[str]) -> int:
+    """Replace each reader of the named blocked32 graph inputs (the pattern
+    :func:`block_live_matmuls` wrote) by one ``y = edgeadapt.BlockedMatMul(x, Xb)`` node, which
+    reads ``Xb`` in place (:mod:`edgeadapt.runtime.onnxruntime_kernel`); the inputs keep their
+    name and layout. Returns how many readers were replaced."""
+    graph = model.graph
+    blocked = _blocked_inputs(graph, names)
+    producers = {o: n for n in graph.node for o in n.output}
+    uses = consumers(graph)
+    drop: set[int] = set()
+    replace: dict[int, onnx.NodeProto] = {}
+    for name in blocked:
+        for flat, mm, tr, rs in _blocked_readers(graph, name, uses, producers):
+            replace[id(mm)] = helper.make_node(KERNEL_OP, [flat.input[0], name],
+                                               [rs.output[0]], name=mm.name,
+                                               domain=KERNEL_DOMAIN)
+            drop.update((id(tr), id(rs)))
+    if replace:
+        _rewrite_readers(graph, replace, drop)
+        if not any(o.domain == KERNEL_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
+    return len(replace)

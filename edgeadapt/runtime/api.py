@@ -45,7 +45,8 @@ MODES = ("live", "repack", "auto")
 #: run 4, 340 / 55. ExecuTorch ``own-kernel``: run 5 and two repeats, never, 21422, 10690 /
 #: 685, 114, 81 (live within the noise of packed: the smallest of each); ``weight-left``: run 3,
 #: 345 and 351 / never; ``linear``: run 2, 291 / 45.
-REPACK_RUNS_PER_SWITCH = {("onnxruntime", "blocked32"): {1: math.inf, 8: 68.0},
+REPACK_RUNS_PER_SWITCH = {("onnxruntime", "own-kernel"): {1: math.inf, 8: math.inf},
+                          ("onnxruntime", "blocked32"): {1: math.inf, 8: 68.0},
                           ("onnxruntime", "transposed"): {1: 680.0, 8: 110.0},
                           ("executorch", "own-kernel"): {1: 21380.0, 8: 162.0},
                           ("executorch", "weight-left"): {1: 700.0, 8: math.inf},
@@ -97,15 +98,27 @@ def choose_mode(runs_per_switch: float | None, batch: int | None,
 
 
 def _open_store(backend: str, bundle_dir: Path, manifest: Manifest, device: str, mode: str,
-                threads: int | None) -> WeightStore:
-    if backend not in BACKENDS:
-        raise UnknownNameError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+                threads: int | None, kernel: bool) -> WeightStore:
     module = importlib.import_module(f"edgeadapt.runtime.{backend}_backend")
     if backend == "executorch":
         if device != "cpu":
             raise ConfigError("backend 'executorch' runs on device='cpu' only")
         return module.open_store(bundle_dir, manifest.to_dict(), mode=mode, threads=threads)
-    return module.open_store(bundle_dir, manifest, device=device, mode=mode, threads=threads)
+    return module.open_store(bundle_dir, manifest, device=device, mode=mode, threads=threads,
+                             kernel=kernel)
+
+
+def _ort_kernel(manifest: Manifest, backend: str, device: str, kernel: bool | None) -> bool:
+    """Whether ONNX Runtime's CPU live session reads the blocked32 live weights with
+    edgeadapt's own kernel (:func:`edgeadapt.runtime.onnxruntime_backend.use_kernel`)."""
+    if backend != "onnxruntime" or device != "cpu":
+        if kernel:
+            raise ConfigError("kernel=True: edgeadapt's ONNX Runtime kernel runs on "
+                              "backend='onnxruntime', device='cpu' only")
+        return False
+    from edgeadapt.runtime.onnxruntime_backend import use_kernel
+
+    return use_kernel(kernel, ((w.onnx or {}).get("layout") for w in manifest.weights.values()))
 
 
 class Runtime:
@@ -130,6 +143,9 @@ class Runtime:
         self.fused_mode = mode
         self.mode_reason = mode_reason
         self.threads = threads
+        #: how the live weights are read in live mode (a key of REPACK_RUNS_PER_SWITCH)
+        self.live_form = "own-kernel" if getattr(store, "kernel", False) \
+            else live_form(manifest, backend)
         self.engine = SwitchEngine(store, verify_base=verify_base)
         self._prepared: dict[str, PreparedAdapter] = {}
         self._branches: dict[str, PreparedBranches] = {}
@@ -242,7 +258,8 @@ class Runtime:
         else:
             sess = OrtVariantSession(self.bundle_dir, self.manifest, key,
                                      self.store.live_weights(), self.threads,
-                                     getattr(self.store, "_feeds", None))
+                                     getattr(self.store, "_feeds", None),
+                                     kernel=getattr(self.store, "kernel", False))
         self._variants[key] = sess
         return sess
 
@@ -338,7 +355,8 @@ def _without_kernel(manifest: Manifest, reason: str) -> tuple[str, str]:
 
 def load(bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
          mode: str = "auto", threads: int | None = None, runs_per_switch: float | None = None,
-         batch: int | None = None, verify_base: bool = True) -> Runtime:
+         batch: int | None = None, verify_base: bool = True, kernel: bool | None = None
+         ) -> Runtime:
     """Load a bundle for in-place adapter switching.
 
     backend: "onnxruntime" (no torch needed) or "executorch".
@@ -351,6 +369,11 @@ def load(bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cp
         per process: it is resized only while no other ExecuTorch runtime is loaded
         (:func:`edgeadapt.runtime.executorch_backend.use_threads`).
     verify_base: hash the live weights against bundle.json's sha256 at load.
+    kernel: ONNX Runtime on the CPU, live mode: read the blocked32 live weights with
+        edgeadapt's own kernel (``edgeadapt.BlockedMatMul``, no per-call copy of the weight)
+        instead of MatMul. None: where it can be built here (C++ compiler and ONNX Runtime's
+        headers, :mod:`edgeadapt.runtime.onnxruntime_kernel`); True: ConfigError if it cannot
+        be; False: never. ``rt.live_form`` says which form live mode reads.
     """
     bundle = Path(bundle_dir)
     manifest = read_manifest(bundle)
@@ -358,14 +381,18 @@ def load(bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cp
         raise ConfigError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r}: choose 'cpu' or 'cuda'")
+    if backend not in BACKENDS:
+        raise UnknownNameError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    use_kernel = _ort_kernel(manifest, backend, device, kernel)
+    form = "own-kernel" if use_kernel else live_form(manifest, backend)
     if mode == "auto":
         chosen, reason = ("live", "auto: CUDA kernels read raw weights") if device == "cuda" \
-            else choose_mode(runs_per_switch, batch, backend, live_form(manifest, backend))
+            else choose_mode(runs_per_switch, batch, backend, form)
         if chosen == "live" and backend == "executorch":
             chosen, reason = _without_kernel(manifest, reason)
     else:
         chosen, reason = mode, "requested"
-    store = _open_store(backend, bundle, manifest, device, chosen, threads)
+    store = _open_store(backend, bundle, manifest, device, chosen, threads, use_kernel)
     return Runtime(bundle, manifest, store, backend, device, chosen, reason, verify_base,
                    threads)
 

@@ -5,9 +5,8 @@ The executorch wheel ships its runtime as shared libraries (``executorch/lib/lib
 ``libexecutorch_threadpool.so``) with their headers (``executorch/include``), so a kernel
 compiled against them and loaded with ``RTLD_GLOBAL`` before a program is registers into the
 same kernel registry the Python runtime uses. The library is built once per (source,
-executorch version, compiler flags, CPU features) with the system C++ compiler and
-``-march=native`` into ``$EDGEADAPT_CACHE`` (default ``~/.cache/edgeadapt``)/kernels/<hash>/,
-atomically (temp dir + rename), and loaded once per process. A program exported with the
+executorch version, compiler flags, CPU features) by :func:`edgeadapt.runtime.native.build`
+and loaded once per process. A program exported with the
 ``own-kernel`` live form (:mod:`edgeadapt.export.executorch_live_form`) needs it on whatever
 machine runs it; on a device it would be compiled into the runtime like any custom kernel.
 """
@@ -15,25 +14,18 @@ machine runs it; on a device it would be compiled into the runtime like any cust
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 from edgeadapt.errors import ConfigError, MissingPackageError
+from edgeadapt.runtime import native
 
-SOURCE = Path(__file__).with_name("kernels") / "live_linear.cpp"
+SOURCE = native.KERNELS / "live_linear.cpp"
 #: the operator the library registers (ExecuTorch name)
 OPERATOR = "edgeadapt::live_linear.out"
-#: no -ffast-math: GCC then links crtfastmath.o, whose constructor turns on flush-to-zero for
-#: the whole process when the library loads (denormals in numpy and torch become 0). The
-#: kernel's loops keep independent accumulators, so they vectorise without reassociation.
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-         "-DET_USE_THREADPOOL", "-DC10_USING_CUSTOM_GENERATED_MACROS")
+NEEDED_FOR = "the own-kernel ExecuTorch live form"
+HINT = "; or export with --pte-live-form weight-left"
+CFLAGS = ("-DET_USE_THREADPOOL", "-DC10_USING_CUSTOM_GENERATED_MACROS")
 
 _lock = threading.Lock()
 _loaded: tuple[Path, ctypes.CDLL] | None = None  # (path, library) once loaded
@@ -49,23 +41,9 @@ def _executorch_root() -> Path:
 
 
 def compiler() -> str:
-    """The C++ compiler the kernel is built with: $CXX, c++, g++ or clang++; ConfigError if
-    none is on PATH."""
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    raise ConfigError("the own-kernel ExecuTorch live form needs a C++ compiler (set CXX, or "
-                      "install g++); or export with --pte-live-form weight-left")
-
-
-def _cpu_signature() -> str:
-    """What ``-march=native`` compiles for: the CPU's feature flags (Linux), so a cache shared
-    between machines never hands one a library with instructions it lacks."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()
+    """The C++ compiler the kernel is built with (:func:`edgeadapt.runtime.native.compiler`);
+    ConfigError if none is on PATH."""
+    return native.compiler(NEEDED_FOR, HINT)
 
 
 def library_path() -> Path:
@@ -75,33 +53,13 @@ def library_path() -> Path:
         version = __import__("executorch.version", fromlist=["__version__"]).__version__
     except ImportError:  # pragma: no cover - every wheel has it
         version = "unknown"
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *FLAGS, platform.machine(),
-                                    _cpu_signature()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("EDGEADAPT_CACHE", Path.home() / ".cache" / "edgeadapt"))
-    target = cache / "kernels" / key / "liblive_linear.so"
-    if target.exists():
-        return target
-    cxx = compiler()
-    target.parent.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent.parent, prefix=".build-"))
-    try:
-        lib = root / "lib"
-        cmd = [cxx, *FLAGS, f"-I{root / 'include'}",
-               f"-I{root / 'include/executorch/runtime/core/portable_type/c10'}",
-               str(SOURCE), "-o", str(tmp / target.name), f"-L{lib}", "-lexecutorch",
-               "-lexecutorch_threadpool", f"-Wl,-rpath,{lib}"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise ConfigError(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n"
-                              f"{done.stderr[-2000:]}")
-        try:
-            tmp.rename(target.parent)  # atomic: a reader sees no library or a whole one
-        except OSError:  # another process built it first
-            if not target.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    lib = root / "lib"
+    return native.build(
+        SOURCE, "liblive_linear.so",
+        [*CFLAGS, f"-I{root / 'include'}",
+         f"-I{root / 'include/executorch/runtime/core/portable_type/c10'}"],
+        [f"-L{lib}", "-lexecutorch", "-lexecutorch_threadpool", f"-Wl,-rpath,{lib}"],
+        key=[f"executorch {version}"], needed_for=NEEDED_FOR, hint=HINT)
 
 
 def load_kernel() -> Path:

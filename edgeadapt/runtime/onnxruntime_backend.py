@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from edgeadapt.errors import BundleError, ConfigError, MissingPackageError
-from edgeadapt.format.layout import backend_shape, to_backend, transposed_from_blocked
+from edgeadapt.format.layout import BLOCKED, backend_shape, to_backend, transposed_from_blocked
 from edgeadapt.format.manifest import Manifest
 from edgeadapt.runtime.pages import arena_copies
 from edgeadapt.runtime.store import LiveWeight, WeightStore
@@ -131,17 +131,21 @@ class _OrtStoreBase(WeightStore):
 
 class OrtLiveStore(_OrtStoreBase):
     """CPU live mode: live weights are graph inputs bound once per IOBinding to runtime-owned
-    buffers (aliasing OrtValues); one IOBinding per calling thread."""
+    buffers (aliasing OrtValues); one IOBinding per calling thread. ``kernel``: blocked32 live
+    weights are read by edgeadapt's own kernel (:func:`cpu_session`); ``self.kernel`` says
+    whether any was."""
 
     mode = "live"
 
     def __init__(self, model_path: Path, live: dict[str, LiveWeight], inputs: list[dict],
                  input_names: dict[str, str], threads: int | None = None,
-                 extra_inputs: dict[str, np.ndarray] | None = None) -> None:
+                 extra_inputs: dict[str, np.ndarray] | None = None, kernel: bool = False
+                 ) -> None:
         super().__init__(model_path, live, inputs, input_names)
         rt = _require_ort()
-        self.session = rt.InferenceSession(str(model_path), session_options(threads),
-                                           providers=["CPUExecutionProvider"])
+        self.session, self.kernel = cpu_session(
+            model_path, session_options(threads),
+            [input_names[n] for n, lw in live.items() if lw.layout == BLOCKED], kernel)
         self.output_name = self.session.get_outputs()[0].name
         graph_inputs = {i.name for i in self.session.get_inputs()}
         missing = sorted(n for n in input_names.values() if n not in graph_inputs)
@@ -166,6 +170,48 @@ class OrtLiveStore(_OrtStoreBase):
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return run_bound(self.session, self._binding(), self._feeds(inputs), self.output_name)
+
+
+def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool) -> tuple[object, bool]:
+    """(a CPU session over ``model_path`` built with options ``so``, whether it uses the kernel).
+
+    kernel: replace every reader of the blocked32 graph inputs ``blocked`` by edgeadapt's own
+    ``edgeadapt.BlockedMatMul`` (:func:`edgeadapt.export.onnx_blocked.kernel_blocked_matmuls`;
+    the library from :mod:`edgeadapt.runtime.onnxruntime_kernel`, which must be loadable),
+    which reads them in place instead of through MatMul's per-call copy of each B panel
+    (docs/bench.md). The rewritten graph is handed over as bytes, its external data read from
+    the model's folder.
+    """
+    rt = _require_ort()
+    if kernel and blocked:
+        import onnx
+
+        from edgeadapt.export.onnx_blocked import kernel_blocked_matmuls
+        from edgeadapt.runtime import onnxruntime_kernel
+
+        model = onnx.load(str(model_path), load_external_data=False)
+        if kernel_blocked_matmuls(model, blocked):
+            onnxruntime_kernel.register(so)
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                        str(model_path.parent))
+            return rt.InferenceSession(model.SerializeToString(), so,
+                                       providers=["CPUExecutionProvider"]), True
+    return rt.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"]), False
+
+
+def use_kernel(kernel: bool | None, layouts: Iterable[str]) -> bool:
+    """Whether a CPU live session reads its blocked32 live weights (``layouts``: those of the
+    live weights) with edgeadapt's own kernel: ``kernel`` None where the kernel can be built
+    and loaded here (:func:`edgeadapt.runtime.onnxruntime_kernel.unavailable`), True always
+    (ConfigError if it cannot be), False never. False without blocked32 live weights."""
+    from edgeadapt.runtime import onnxruntime_kernel
+
+    if kernel is False or BLOCKED not in set(layouts):
+        return False
+    if kernel is None:
+        return onnxruntime_kernel.unavailable() is None
+    onnxruntime_kernel.load()
+    return True
 
 
 def run_bound(session, binding, feeds: dict[str, np.ndarray], output_name: str) -> np.ndarray:
@@ -416,8 +462,10 @@ def open_cuda_standin(bundle_dir: Path, manifest: Manifest, use_torch: bool,
 
 
 def open_store(bundle_dir: Path, manifest: Manifest, device: str = "cpu", mode: str = "live",
-               threads: int | None = None) -> WeightStore:
-    """The ONNX Runtime store for ``bundle_dir``: live or repack on CPU, live on CUDA."""
+               threads: int | None = None, kernel: bool | None = None) -> WeightStore:
+    """The ONNX Runtime store for ``bundle_dir``: live or repack on CPU, live on CUDA.
+    kernel: CPU live mode reads blocked32 live weights with edgeadapt's own kernel
+    (:func:`use_kernel`: None where it can be built)."""
     model_path, live, names = _bundle_parts(bundle_dir, manifest)
     if device == "cuda":
         if mode != "live":
@@ -427,7 +475,8 @@ def open_store(bundle_dir: Path, manifest: Manifest, device: str = "cpu", mode: 
     if device != "cpu":
         raise ConfigError(f"device {device!r}: choose 'cpu' or 'cuda'")
     if mode == "live":
-        return OrtLiveStore(model_path, live, manifest.inputs, names, threads)
+        return OrtLiveStore(model_path, live, manifest.inputs, names, threads,
+                            kernel=use_kernel(kernel, (lw.layout for lw in live.values())))
     if mode == "repack":
         return OrtRepackStore(model_path, live, manifest.inputs, names, threads)
     raise ConfigError(f"mode {mode!r}: choose 'live' or 'repack'")

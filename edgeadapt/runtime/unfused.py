@@ -40,6 +40,7 @@ from edgeadapt.errors import (
     SwitchError,
     TargetMismatchError,
 )
+from edgeadapt.format.layout import BLOCKED
 from edgeadapt.format.manifest import Manifest
 from edgeadapt.format.types import Adapter, LoraDelta, SiraBranch
 from edgeadapt.runtime.store import LiveWeight
@@ -180,15 +181,18 @@ class OrtVariantSession:
     """A CPU session of a branch variant graph sharing the runtime's live-weight buffers.
 
     live: the fused store's live weights (their arrays are bound by aliasing OrtValues, never
-    copied, so this session reads exactly what the base session reads). ``set_branches`` is
+    copied, so this session reads exactly what the base session reads). kernel: read the
+    blocked32 ones with edgeadapt's own kernel, as the base session does
+    (:func:`edgeadapt.runtime.onnxruntime_backend.cpu_session`). ``set_branches`` is
     called with runs excluded (the runtime's exclusive lock); each thread's IOBinding rebinds
     the branch tensors when it sees a new generation.
     """
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, key: str,
                  live: dict[str, LiveWeight], threads: int | None = None,
-                 prepare_inputs: Callable[[dict], dict] | None = None) -> None:
-        from edgeadapt.runtime.onnxruntime_backend import _require_ort, session_options
+                 prepare_inputs: Callable[[dict], dict] | None = None, kernel: bool = False
+                 ) -> None:
+        from edgeadapt.runtime.onnxruntime_backend import _require_ort, cpu_session, session_options
 
         ort = _require_ort()
         section = variant_spec(manifest, key, "onnx")
@@ -200,10 +204,12 @@ class OrtVariantSession:
         so = session_options(threads)
         so.log_severity_level = 3  # overridable branch initializers make ORT warn per input
         self.key = key
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        vweights = manifest.variants[key].get("weights", {})
+        blocked = [((vweights.get(w) or {}).get("onnx") or manifest.weights[w].onnx or {})
+                   .get("name") for w, lw in live.items() if lw.layout == BLOCKED]
+        self.session, self.kernel = cpu_session(path, so, blocked, kernel)
         self.output_name = self.session.get_outputs()[0].name
         graph_inputs = {i.name for i in self.session.get_inputs()}
-        vweights = manifest.variants[key].get("weights", {})
         self._values = {}
         for wname, lw in live.items():
             base = manifest.weights[wname].onnx or {}

@@ -1,0 +1,180 @@
+"""edgeadapt's ONNX Runtime kernel, ``edgeadapt.BlockedMatMul`` (kernels/blocked_matmul.cpp):
+the op against float64 numpy on the blocked32 layout, the graph rewrite against the MatMul
+pattern it replaces, a live session whose buffers are edited in place, and the fallbacks where
+the kernel cannot be built. Torch-free."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from edgeadapt.errors import ConfigError
+from edgeadapt.export.onnx_blocked import (
+    KERNEL_DOMAIN,
+    KERNEL_OP,
+    block_live_matmuls,
+    kernel_blocked_matmuls,
+)
+from edgeadapt.export.onnx_graph import LiveWeight as GraphLive
+from edgeadapt.format.layout import BLOCKED, TRANSPOSED, to_backend, to_torch
+from edgeadapt.runtime import native
+from edgeadapt.runtime import onnxruntime_kernel as ok
+from edgeadapt.runtime.onnxruntime_backend import cpu_session, session_options, use_kernel
+
+ort = pytest.importorskip("onnxruntime")
+REASON = ok.unavailable()
+needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"kernel unavailable: {REASON}")
+
+
+def _op_session(k: int, n: int, rank: int, threads: int = 1, w_dims: list | None = None):
+    """A session of one ``y = BlockedMatMul(x, w)`` node, x of the given rank."""
+    dims = [f"d{i}" for i in range(rank - 1)] + [k]
+    graph = helper.make_graph(
+        [helper.make_node(KERNEL_OP, ["x", "w"], ["y"], domain=KERNEL_DOMAIN)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, w_dims or [n // 32, k, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid(KERNEL_DOMAIN, 1)])
+    model.ir_version = 9
+    so = session_options(threads)
+    ok.register(so)
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("lead", [(1,), (5,), (12,), (13,), (2, 48), (97,), (3, 70), (0,)])
+def test_op_matches_numpy(lead, threads):
+    """Row counts across the 12-row tile and the 96-row chunk (1, 5, 12, 13, 96, 97, 210),
+    a 3-D x, no rows; K not a multiple of the 4-step unroll."""
+    rng = np.random.default_rng(len(lead) * 100 + lead[-1])
+    k, n = 45, 96
+    w = rng.standard_normal((n, k)).astype(np.float32)  # torch layout (out, in)
+    x = rng.standard_normal((*lead, k)).astype(np.float32)
+    sess = _op_session(k, n, len(lead) + 1, threads)
+    y = sess.run(None, {"x": x, "w": np.ascontiguousarray(to_backend(w, BLOCKED))})[0]
+    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    assert y.shape == (*lead, n)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_op_refuses_mismatched_shapes():
+    sess = _op_session(16, 32, 2, w_dims=["a", "b", "c"])  # the graph lets any w through
+    for w in (np.ones((1, 8, 32), np.float32), np.ones((1, 16, 16), np.float32)):
+        with pytest.raises(Exception, match="same K"):  # ORT's InvalidArgument
+            sess.run(None, {"x": np.ones((2, 16), np.float32), "w": w})
+
+
+def _blocked_model(k: int, outs: list[int]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """x (B, T, k) -> MatMul with live W_i.T for each out_i (blocked by block_live_matmuls),
+    summed through a constant projection so every reader feeds the output; the live weights
+    in torch layout."""
+    rng = np.random.default_rng(3)
+    nodes, inputs, live, weights = [], [], {}, {}
+    for i, out in enumerate(outs):
+        name = f"w{i}.T"
+        inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [k, out]))
+        nodes.append(helper.make_node("MatMul", ["x", name], [f"y{i}"], name=f"mm{i}"))
+        nodes.append(helper.make_node("ReduceSum", [f"y{i}", "axis"], [f"r{i}"], keepdims=1))
+        live[f"w{i}"] = GraphLive(name, TRANSPOSED, (k, out))
+        weights[f"w{i}"] = rng.standard_normal((out, k)).astype(np.float32)
+    nodes.append(helper.make_node("Concat", [f"r{i}" for i in range(len(outs))], ["y"],
+                                  axis=-1))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T", k]),
+                     *inputs],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.array([-1], np.int64), "axis")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    block_live_matmuls(model, live)
+    return model, weights
+
+
+@needs_kernel
+def test_rewrite_replaces_each_blocked_reader_and_matches_matmul(tmp_path):
+    """kernel_blocked_matmuls turns each blocked32 pattern into one BlockedMatMul node (no
+    Transpose or helper left), and the session reads the buffers in place: after an in-place
+    edit its output follows, equal to the MatMul pattern's and to float64 numpy."""
+    model, weights = _blocked_model(40, [64, 32])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    names = [f"w{i}.B32" for i in range(2)]
+    rewritten = onnx.load(str(path))
+    assert kernel_blocked_matmuls(rewritten, names) == 2
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert ops.count(KERNEL_OP) == 2 and "Transpose" not in ops and "MatMul" not in ops
+    assert not any(i.name.startswith("edgeadapt_") for i in rewritten.graph.initializer)
+
+    kern, used = cpu_session(path, session_options(1), names, kernel=True)
+    plain, unused = cpu_session(path, session_options(1), names, kernel=False)
+    assert used and not unused
+    bufs = {f"{w}.B32": np.ascontiguousarray(to_backend(v, BLOCKED)) for w, v in weights.items()}
+    x = np.random.default_rng(0).standard_normal((2, 7, 40)).astype(np.float32)
+
+    def want() -> np.ndarray:
+        outs = [(x.astype(np.float64) @ to_torch(bufs[f"w{i}.B32"], weights[f"w{i}"].shape,
+                                                  BLOCKED).T.astype(np.float64))
+                .sum(-1, keepdims=True) for i in range(2)]
+        return np.concatenate(outs, -1)
+
+    binding = kern.io_binding()
+    for name, buf in bufs.items():  # bound once, as the live store does
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buf))
+    for step in range(2):
+        binding.bind_cpu_input("x", x)
+        binding.bind_output("y", "cpu")
+        kern.run_with_iobinding(binding)
+        got = binding.get_outputs()[0].numpy()
+        np.testing.assert_allclose(got, want(), rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(got, plain.run(None, {"x": x, **bufs})[0], rtol=1e-4,
+                                   atol=1e-3)
+        bufs["w1.B32"][0, 3, :] += 1.0  # an in-place edit: the next run must see it
+        if step == 0:
+            assert not np.allclose(want(), got, rtol=1e-4, atol=1e-3)
+
+
+def test_use_kernel_policy(monkeypatch):
+    assert not use_kernel(None, [TRANSPOSED, "as-is"])  # nothing blocked: nothing to read
+    assert not use_kernel(False, [BLOCKED])
+    assert use_kernel(None, [BLOCKED]) == (REASON is None)
+
+
+@pytest.fixture
+def no_headers(tmp_path, monkeypatch):
+    """A fresh process's view (nothing loaded, nothing cached) on a machine without headers."""
+    monkeypatch.setattr(ok, "_loaded", None)
+    monkeypatch.setenv("EDGEADAPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ok, "include_dirs", lambda: [tmp_path / "none"])
+
+
+def test_without_headers_the_kernel_is_off_and_says_why(no_headers):
+    problem = ok.unavailable()
+    assert problem is not None and "onnxruntime_cxx_api.h" in problem
+    assert not use_kernel(None, [BLOCKED])
+    with pytest.raises(ConfigError, match="headers"):
+        use_kernel(True, [BLOCKED])
+
+
+@needs_kernel
+def test_headers_newer_than_the_runtime_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(ok, "_loaded", None)
+    monkeypatch.setenv("EDGEADAPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(ok, "runtime_api_version", lambda: ok.api_version(ok.include_dir()) - 1)
+    with pytest.raises(ConfigError, match="newer than the installed onnxruntime"):
+        ok.library_path()
+
+
+@needs_kernel
+def test_builds_from_scratch_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEADAPT_CACHE", str(tmp_path))
+    built = ok.library_path()
+    assert built.is_file() and built.is_relative_to(tmp_path) and ok.library_path() == built
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)  # cached: no compiler needed
+    monkeypatch.setenv("CXX", "")
+    assert ok.library_path() == built
