@@ -1,14 +1,16 @@
 """Probes of ONNX Runtime CPU's live-vs-base forward ratio (docs/bench.md, "Forward, ONNX
 Runtime"), on a bundle from ``python -m edgeadapt.bench.prepare`` (``matmul`` needs none):
 
-    PYTHONPATH=. .venv/bin/python scripts/ort_forward_probe.py sessions BUNDLE 8x64 --k 3
+    PYTHONPATH=. .venv/bin/python scripts/ort_forward_probe.py sessions BUNDLE 8x64 --k 3 \
+        [--modes base,live,matmul]
     PYTHONPATH=. .venv/bin/python scripts/ort_forward_probe.py output BUNDLE 8x64
     PYTHONPATH=. .venv/bin/python scripts/ort_forward_probe.py profile BUNDLE 1x1
     PYTHONPATH=. .venv/bin/python scripts/ort_forward_probe.py matmul - 1x1,1x8,1x64
 
-``sessions``: K base (repack: every weight packed) and K live sessions in one process, timed
-interleaved; each session's median and live/base over every session pair, to tell a mode's
-cost from one session's luck. ``output``: one live session returning its logits four ways
+``sessions``: K base (repack: every weight packed) and K live sessions in one process (live as
+loaded by default, and with ``--modes`` also ``matmul``: live without edgeadapt's kernel), timed
+interleaved; each session's median and mode/base over every session pair, to tell a mode's cost
+from one session's luck. ``output``: one live session returning its logits four ways
 (the runtime's ``run``, the OrtValue's numpy view, a preallocated buffer, the OrtValue kept)
 against the base, to price the output copy. ``profile``: ONNX Runtime's own profiler on a base
 and a live session, kernel time summed over the MatMuls that read a live weight and over all
@@ -19,7 +21,10 @@ prepacking disabled, graph inputs (live, ``(in, out)``), graph inputs used as th
 (its own rewrite), each run after a 256 MiB copy evicts the cache. ``--extra blocks``
 adds the same blocked rewrite with blocks of 64-288 columns (why 32); ``--extra blocked-as-a``
 adds the blocked32 buffer read as the *A* operand through ONNX Runtime's ``FusedMatMul``
-(``transA=1``: per block ``(32, in) @ x^T``), the one way one buffer could serve both forms.
+(``transA=1``: per block ``(32, in) @ x^T``), the one way one buffer could serve both forms;
+``--extra kernel`` adds the blocked32 buffers read by edgeadapt's own kernel
+(``edgeadapt.BlockedMatMul``, :mod:`edgeadapt.runtime.onnxruntime_kernel`), as live sessions
+read them where it builds.
 """
 
 from __future__ import annotations
@@ -41,22 +46,26 @@ def _inputs(rt, shape: str) -> dict[str, np.ndarray]:
 
 
 def _load(bundle: str, mode: str):
-    return load(bundle, backend="onnxruntime", mode=mode, threads=1, verify_base=False)
+    """base: every weight packed (repack); live: live mode as loaded by default (edgeadapt's
+    kernel where it builds); matmul: live mode read through MatMul (kernel=False)."""
+    return load(bundle, backend="onnxruntime", mode="repack" if mode == "base" else "live",
+                threads=1, verify_base=False, kernel=False if mode == "matmul" else None)
 
 
-def sessions(bundle: str, shape: str, k: int, repeats: int) -> None:
-    rts = {f"{m}{i}": _load(bundle, "repack" if m == "base" else "live")
-           for i in range(k) for m in ("base", "live")}
-    x = _inputs(rts["base0"], shape)
+def sessions(bundle: str, shape: str, k: int, repeats: int, modes: str = "base,live") -> None:
+    names = modes.split(",")
+    rts = {f"{m}{i}": _load(bundle, m) for i in range(k) for m in names}
+    x = _inputs(rts[f"{names[0]}0"], shape)
     samples = time_interleaved({n: (lambda r=r: r.run(**x)) for n, r in rts.items()},
                                repeats=repeats, warmup=3)
     med = {n: float(np.median(v)) for n, v in samples.items()}
     for n in sorted(med):
-        print(f"{n} {med[n]:.3f} ms")
+        print(f"{n} {med[n]:.3f} ms ({rts[n].live_form if rts[n].mode == 'live' else 'packed'})")
     bases = [med[f"base{i}"] for i in range(k)]
-    lives = [med[f"live{i}"] for i in range(k)]
-    print(f"live/base, median of session medians: {np.median(lives) / np.median(bases):.3f}")
-    print("every pair:", sorted(round(lv / bv, 3) for lv in lives for bv in bases))
+    for m in names[1:]:
+        lives = [med[f"{m}{i}"] for i in range(k)]
+        print(f"{m}/base, median of session medians: {np.median(lives) / np.median(bases):.3f};"
+              " every pair:", sorted(round(lv / bv, 3) for lv in lives for bv in bases))
 
 
 def output(bundle: str, shape: str, repeats: int) -> None:
@@ -151,6 +160,9 @@ def profile(bundle: str, shape: str, repeats: int) -> None:
     print(f"live - base: live-weight MatMuls {lq - bq:+.2f} ms, other nodes {lr - br:+.2f} ms")
 
 
+KERNEL = "live, blocked32, own kernel"
+
+
 def _blocked(w_in_out: np.ndarray, block: int) -> np.ndarray:
     """(in, out) -> (out / block, in, block), X[b, c, j] = W[block * b + j, c]."""
     inp, out = w_in_out.shape
@@ -207,10 +219,12 @@ def matmul(shapes: str, repeats: int, layers: int = 60, dim: int = 576,
                                   opset_imports=[helper.make_opsetid("", 20),
                                                  helper.make_opsetid("com.microsoft", 1)])
         model.ir_version = 10
-        if kind == "live, blocked32":  # the exporter's own rewrite
+        if kind.startswith("live, blocked32") and kind != "live, blocked32 as A":
             ob.block_live_matmuls(model, {f"W{i}": og.LiveWeight(f"W{i}", og.TRANSPOSED,
                                                                  (dim, dim))
-                                          for i in range(layers)})
+                                          for i in range(layers)})  # the exporter's rewrite
+        if kind == KERNEL:  # the runtime's: one edgeadapt.BlockedMatMul per reader
+            ob.kernel_blocked_matmuls(model, [f"W{i}.B32" for i in range(layers)])
         return model.SerializeToString()
 
     def session(kind: str):
@@ -218,6 +232,10 @@ def matmul(shapes: str, repeats: int, layers: int = 60, dim: int = 576,
         so.intra_op_num_threads = 1
         if kind == "const, prepacking off":
             so.add_session_config_entry("session.disable_prepacking", "1")
+        if kind == KERNEL:
+            from edgeadapt.runtime import onnxruntime_kernel
+
+            onnxruntime_kernel.register(so)
         return ort.InferenceSession(graph(kind), so, providers=["CPUExecutionProvider"])
 
     kinds = ["const (prepacked)", "const, prepacking off", "live", "live, W as A",
@@ -231,13 +249,17 @@ def matmul(shapes: str, repeats: int, layers: int = 60, dim: int = 576,
     elif extra == "blocked-as-a":
         kinds.append("live, blocked32 as A")
         weights[kinds[-1]] = weights["live, blocked32"]
+    elif extra == "kernel":
+        kinds.append(KERNEL)
+        weights[KERNEL] = weights["live, blocked32"]
     sess = {k: session(k) for k in kinds}
     bindings = {}
     for k, wl in weights.items():
         b = sess[k].io_binding()
         vals = [ort.OrtValue.ortvalue_from_numpy(w) for w in wl]
         for i, v in enumerate(vals):
-            b.bind_ortvalue_input(f"W{i}" + (".B32" if k == "live, blocked32" else ""), v)
+            b.bind_ortvalue_input(f"W{i}" + (".B32" if k.startswith("live, blocked32") and
+                                             k != "live, blocked32 as A" else ""), v)
         bindings[k] = (b, vals)
     flush = (np.ones(32 << 20, np.float32), np.empty(32 << 20, np.float32))
     for shape in shapes.split(","):
@@ -279,12 +301,14 @@ def main() -> None:
     ap.add_argument("bundle", help="bundle directory ('-' for matmul)")
     ap.add_argument("shape", help="BxS, e.g. 8x64 (matmul: a comma-separated list, B = 1)")
     ap.add_argument("--k", type=int, default=3, help="sessions per mode (sessions probe)")
+    ap.add_argument("--modes", default="base,live",
+                    help="sessions probe: base first, then live and/or matmul (see _load)")
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--extra", choices=["blocks", "blocked-as-a"],
+    ap.add_argument("--extra", choices=["blocks", "blocked-as-a", "kernel"],
                     help="matmul: more live forms (module docstring)")
     args = ap.parse_args()
     if args.probe == "sessions":
-        sessions(args.bundle, args.shape, args.k, args.repeats)
+        sessions(args.bundle, args.shape, args.k, args.repeats, args.modes)
     elif args.probe == "output":
         output(args.bundle, args.shape, args.repeats)
     elif args.probe == "profile":

@@ -61,6 +61,11 @@ def test_cli_fused_variants_and_skips(base_bundle, tmp_path):
     assert {"lora-unfused", "sira-unfused", "ort-lora-adapter"} <= skipped
     assert rep["command"].startswith("edgeadapt bench")
     assert rep["threads"] == 1 and rep["threads_by_backend"] == {"onnxruntime-cpu": 1}
+    from edgeadapt.runtime import onnxruntime_kernel
+
+    assert rep["live_form_by_backend"] == {  # the blocked32 bundle, by edgeadapt's kernel?
+        "onnxruntime-cpu": "own-kernel" if onnxruntime_kernel.unavailable() is None
+        else "blocked32"}
     mem = next(r for r in rep["memory"] if r["runtime"] == "live after switches")
     assert mem["collapsed_bytes"] is None  # ExecuTorch's planned buffers only
     # the floor's bandwidth was timed in the switch rounds, one copy per timed switch

@@ -155,6 +155,9 @@ def test_choose_mode_policy():
     assert choose_mode(581, 1, "executorch", "linear")[0] == "live"
     assert choose_mode(90, 8, "executorch", "linear")[0] == "repack"
     assert choose_mode(89, 8, "executorch", "linear")[0] == "live"
+    assert choose_mode(1e9, 1, "onnxruntime", "own-kernel")[0] == "live"  # run 9: never
+    assert choose_mode(72, 8, "onnxruntime", "own-kernel")[0] == "repack"
+    assert choose_mode(71, 8, "onnxruntime", "own-kernel")[0] == "live"
     with pytest.raises(ConfigError, match="live form 'sideways'"):
         choose_mode(1, 1, "executorch", "sideways")
 
@@ -171,11 +174,13 @@ def test_auto_policy_keys_on_the_bundles_live_form(exported):
               threads=1, kernel=False)
     assert rt.fused_mode == "live" and "blocked32" in rt.mode_reason  # transposed: repack
     assert rt.live_form == "blocked32"
+    assert load(bundle, backend="onnxruntime", mode="auto", runs_per_switch=70, batch=8,
+                threads=1, kernel=False).fused_mode == "repack"  # blocked32: from 68
     if onnxruntime_kernel.unavailable() is None:  # by default the own kernel, where it builds
-        rt = load(bundle, backend="onnxruntime", mode="auto", runs_per_switch=1e6, batch=8,
+        rt = load(bundle, backend="onnxruntime", mode="auto", runs_per_switch=70, batch=8,
                   threads=1)
         assert rt.live_form == "own-kernel" and rt.store.kernel
-        assert rt.fused_mode == "live" and "own-kernel" in rt.mode_reason  # blocked32: repack
+        assert rt.fused_mode == "live" and "own-kernel" in rt.mode_reason  # from 72
     for w in manifest.weights.values():
         if w.onnx["layout"] == "blocked32":
             w.onnx = {**w.onnx, "layout": "transposed"}

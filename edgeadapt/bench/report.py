@@ -20,9 +20,10 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 def table(report: dict) -> str:
     """Forward rows (p50 / p90 / p99, ratio to base), switch rows, floor, targets, skipped."""
+    forms = ", ".join(f"{b} {f}" for b, f in report.get("live_form_by_backend", {}).items())
     lines = [f"model {report['model']} on {report['device']}"
              + (f", {report['sessions']} sessions per variant" if report.get("sessions", 1) > 1
-                else ""), "",
+                else "") + (f"; live weights read as: {forms}" if forms else ""), "",
              f"{'backend':<18}{'variant':<18}{'BxS':>7}{'p50 ms':>10}{'p90 ms':>10}"
              f"{'p99 ms':>10}{'x base':>8}"]
     for r in report["forward"]:

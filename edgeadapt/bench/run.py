@@ -107,6 +107,7 @@ class _Run:
         self.copy_probe = fl.CopyProbe()
         self.floor_rounds: dict[str, tuple[list[float], np.ndarray]] = {}
         self.threads: dict[str, int | None] = {}  # backend -> intra-op threads it ran with
+        self.live_forms: dict[str, str] = {}  # backend -> Runtime.live_form of its live runs
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -123,6 +124,8 @@ class _Run:
         # ExecuTorch reports the size of its per-process threadpool (edgeadapt.runtime.
         # executorch_backend.use_threads); ONNX Runtime sessions take opts.threads as given
         self.threads[backend] = getattr(rt.store, "threads", self.opts.threads)
+        if mode == "live":  # how live mode reads the live weights (own-kernel, blocked32, ...)
+            self.live_forms[backend] = rt.live_form
         return rt
 
     def _parity(self, backend: str, case: str, fn: Callable[[dict], np.ndarray],
@@ -384,6 +387,7 @@ def run_bench(bundle_dir: str | Path, opts: BenchOptions, subject: Subject | Non
             manifest.targets_spec, "live_weights": len(manifest.weights),
             "live_params": int(sum(np.prod(w.shape) for w in manifest.weights.values())),
             "threads": opts.threads, "threads_by_backend": run.threads,
+            "live_form_by_backend": run.live_forms,
             "repeats": opts.repeats, "sessions": opts.sessions,
             "forward": run.forward,
             "switch": run.switch, "floor": floor, "break_even": run.break_even,

@@ -11,7 +11,10 @@ becomes
     y  = Reshape(t, Concat(Shape(x)[:-1], [out]))
 
 :func:`unblock_live_matmuls` undoes it for sessions that make the live weights constant: ONNX
-Runtime prepacks only 2-D MatMul weights.
+Runtime prepacks only 2-D MatMul weights. :func:`kernel_blocked_matmuls` replaces each such
+reader by one ``edgeadapt.BlockedMatMul(x, Xb)`` node for live sessions that have edgeadapt's
+kernel (:mod:`edgeadapt.runtime.onnxruntime_kernel`), which reads ``Xb`` in place where MatMul
+copies it panel by panel on every call.
 """
 
 from __future__ import annotations

@@ -41,11 +41,12 @@ MODES = ("live", "repack", "auto")
 #: Runs per switch from which ``auto`` picks repack, per (backend, live form) and batch class
 #: (batch 1 / batch >= 8; batches in between use the batch-1 row): twice the live-vs-repack
 #: break-even (1x1, 8x64) measured on SmolLM2 with q/v live (docs/bench.md), the factor 2 for the
-#: runs' spread. ONNX Runtime ``blocked32``: run 5, repack never wins / 34; ``transposed``:
-#: run 4, 340 / 55. ExecuTorch ``own-kernel``: run 5 and two repeats, never, 21422, 10690 /
-#: 685, 114, 81 (live within the noise of packed: the smallest of each); ``weight-left``: run 3,
-#: 345 and 351 / never; ``linear``: run 2, 291 / 45.
-REPACK_RUNS_PER_SWITCH = {("onnxruntime", "own-kernel"): {1: math.inf, 8: math.inf},
+#: runs' spread. ONNX Runtime ``own-kernel`` (edgeadapt's kernel reading blocked32): run 9 and
+#: its repeat, never, never / 36, 75 (the smaller); ``blocked32``: run 5, never / 34;
+#: ``transposed``: run 4, 340 / 55. ExecuTorch ``own-kernel``: run 5 and two repeats, never,
+#: 21422, 10690 / 685, 114, 81 (live within the noise of packed: the smallest of each);
+#: ``weight-left``: run 3, 345 and 351 / never; ``linear``: run 2, 291 / 45.
+REPACK_RUNS_PER_SWITCH = {("onnxruntime", "own-kernel"): {1: math.inf, 8: 72.0},
                           ("onnxruntime", "blocked32"): {1: math.inf, 8: 68.0},
                           ("onnxruntime", "transposed"): {1: 680.0, 8: 110.0},
                           ("executorch", "own-kernel"): {1: 21380.0, 8: 162.0},
@@ -73,7 +74,8 @@ def choose_mode(runs_per_switch: float | None, batch: int | None,
 
     Repack when ``runs_per_switch >= REPACK_RUNS_PER_SWITCH[(backend, form)][1 or 8]``: a rebuild
     per switch (0.5-1.7 s on SmolLM2) against what the live weights cost each forward in that
-    form (ONNX Runtime blocked32: 0.98x at one token, 1.006x at 8x64; transposed: 1.07x / 1.00x;
+    form (ONNX Runtime own-kernel: 0.98x at one token, 1.003-1.006x at 8x64; blocked32: 0.98x /
+    1.006x; transposed: 1.07x / 1.00x;
     ExecuTorch own-kernel: 0.98-0.99x / 1.00-1.01x; weight-left: 1.06-1.08x / <= 1.0x; linear:
     1.11x / 1.005x).
     ``form`` None: the backend's :data:`DEFAULT_LIVE_FORM`. Without a workload: live.

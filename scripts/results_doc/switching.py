@@ -21,6 +21,10 @@ BENCH_MAIN = {"ONNX Runtime CPU, run 3 (1 session per variant)": ("smollm2-qv-or
                                                                   "onnxruntime-cpu"),
               "ONNX Runtime CPU, run 8 (as run 7, 200 switch rounds)": (
                   "smollm2-qv-ort-run8", "onnxruntime-cpu"),
+              "ONNX Runtime CPU, run 9 (as run 8, own kernel)": (
+                  "smollm2-qv-ort-run9", "onnxruntime-cpu"),
+              "ONNX Runtime CPU, run 9 repeat (own kernel)": (
+                  "smollm2-qv-ort-run9-repeat", "onnxruntime-cpu"),
               "ExecuTorch (XNNPACK), run 1 (1 program per variant)": ("smollm2-qv-executorch",
                                                                       "executorch"),
               "ExecuTorch (XNNPACK), run 2 (3 programs)": ("smollm2-qv-executorch-run2",
@@ -147,7 +151,8 @@ PREPARE = {
                       "--formats onnx --no-check",
     "smollm2-qv-ort-run5": "python -m edgeadapt.bench.prepare smollm2 /tmp/lead/bw/qv_blk "
                            "--targets qv --formats onnx --no-check",
-    **dict.fromkeys(["smollm2-qv-ort-run6", "smollm2-qv-ort-run7", "smollm2-qv-ort-run8"],
+    **dict.fromkeys(["smollm2-qv-ort-run6", "smollm2-qv-ort-run7", "smollm2-qv-ort-run8",
+                     "smollm2-qv-ort-run9", "smollm2-qv-ort-run9-repeat"],
                     "python -m edgeadapt.bench.prepare smollm2 /tmp/lead/bw/qv_blk "
                     "--targets qv --formats onnx --no-check"),
     "minilm-qv-ort-blocked": "python -m edgeadapt.bench.prepare minilm /tmp/s2/minilm-blk "
@@ -198,8 +203,8 @@ PREPARE = {
 }
 BENCH_FILES = ["smollm2-qv-ort", "smollm2-qv-ort-run2", "smollm2-qv-ort-run3",
                "smollm2-qv-ort-run4", "smollm2-qv-ort-run5", "smollm2-qv-ort-run6",
-               "smollm2-qv-ort-run7", "smollm2-qv-ort-run8",
-               "smollm2-qv-executorch",
+               "smollm2-qv-ort-run7", "smollm2-qv-ort-run8", "smollm2-qv-ort-run9",
+               "smollm2-qv-ort-run9-repeat", "smollm2-qv-executorch",
                "smollm2-qv-executorch-run2", "smollm2-qv-executorch-run3",
                "smollm2-qv-executorch-run3-repeat", "smollm2-qv-executorch-run3-linear",
                "smollm2-qv-executorch-run4", "smollm2-qv-executorch-run5-kernel",
@@ -227,7 +232,7 @@ def bench_commands() -> str:
     return "\n".join(lines)
 
 
-SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run8", "smollm2-qv-executorch-run8",
+SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run9", "smollm2-qv-executorch-run8",
                 "smollm2-all-ort-run2"]
 SIZE_STALE: list[str] = []
 
