@@ -2,7 +2,7 @@
 Runtime"), on a bundle from ``python -m edgeadapt.bench.prepare`` (``matmul`` needs none):
 
     PYTHONPATH=. .venv/bin/python scripts/ort_forward_probe.py sessions BUNDLE 8x64 --k 3 \
-        [--modes base,live,matmul]
+        [--modes base,live,matmul] [--threads 1]
     PYTHONPATH=. .venv/bin/python scripts/ort_forward_probe.py output BUNDLE 8x64
     PYTHONPATH=. .venv/bin/python scripts/ort_forward_probe.py profile BUNDLE 1x1
     PYTHONPATH=. .venv/bin/python scripts/ort_forward_probe.py matmul - 1x1,1x8,1x64
@@ -45,16 +45,17 @@ def _inputs(rt, shape: str) -> dict[str, np.ndarray]:
             for i in rt.manifest.inputs}
 
 
-def _load(bundle: str, mode: str):
+def _load(bundle: str, mode: str, threads: int = 1):
     """base: every weight packed (repack); live: live mode as loaded by default (edgeadapt's
     kernel where it builds); matmul: live mode read through MatMul (kernel=False)."""
     return load(bundle, backend="onnxruntime", mode="repack" if mode == "base" else "live",
-                threads=1, verify_base=False, kernel=False if mode == "matmul" else None)
+                threads=threads, verify_base=False, kernel=False if mode == "matmul" else None)
 
 
-def sessions(bundle: str, shape: str, k: int, repeats: int, modes: str = "base,live") -> None:
+def sessions(bundle: str, shape: str, k: int, repeats: int, modes: str = "base,live",
+             threads: int = 1) -> None:
     names = modes.split(",")
-    rts = {f"{m}{i}": _load(bundle, m) for i in range(k) for m in names}
+    rts = {f"{m}{i}": _load(bundle, m, threads) for i in range(k) for m in names}
     x = _inputs(rts[f"{names[0]}0"], shape)
     samples = time_interleaved({n: (lambda r=r: r.run(**x)) for n, r in rts.items()},
                                repeats=repeats, warmup=3)
@@ -303,12 +304,13 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3, help="sessions per mode (sessions probe)")
     ap.add_argument("--modes", default="base,live",
                     help="sessions probe: base first, then live and/or matmul (see _load)")
+    ap.add_argument("--threads", type=int, default=1, help="sessions probe: intra-op threads")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--extra", choices=["blocks", "blocked-as-a", "kernel"],
                     help="matmul: more live forms (module docstring)")
     args = ap.parse_args()
     if args.probe == "sessions":
-        sessions(args.bundle, args.shape, args.k, args.repeats, args.modes)
+        sessions(args.bundle, args.shape, args.k, args.repeats, args.modes, args.threads)
     elif args.probe == "output":
         output(args.bundle, args.shape, args.repeats)
     elif args.probe == "profile":

@@ -148,7 +148,7 @@ def test_use_kernel_policy(monkeypatch):
 @pytest.fixture
 def no_headers(tmp_path, monkeypatch):
     """A fresh process's view (nothing loaded, nothing cached) on a machine without headers."""
-    monkeypatch.setattr(ok, "_loaded", None)
+    monkeypatch.setattr(ok._LIBRARY, "loaded", None)
     monkeypatch.setenv("EDGEADAPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ok, "include_dirs", lambda: [tmp_path / "none"])
 
@@ -163,7 +163,7 @@ def test_without_headers_the_kernel_is_off_and_says_why(no_headers):
 
 @needs_kernel
 def test_headers_newer_than_the_runtime_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(ok, "_loaded", None)
+    monkeypatch.setattr(ok._LIBRARY, "loaded", None)
     monkeypatch.setenv("EDGEADAPT_CACHE", str(tmp_path))
     monkeypatch.setattr(ok, "runtime_api_version", lambda: ok.api_version(ok.include_dir()) - 1)
     with pytest.raises(ConfigError, match="newer than the installed onnxruntime"):

@@ -14,10 +14,9 @@ machine runs it; on a device it would be compiled into the runtime like any cust
 from __future__ import annotations
 
 import ctypes
-import threading
 from pathlib import Path
 
-from edgeadapt.errors import ConfigError, MissingPackageError
+from edgeadapt.errors import MissingPackageError
 from edgeadapt.runtime import native
 
 SOURCE = native.KERNELS / "live_linear.cpp"
@@ -26,10 +25,6 @@ OPERATOR = "edgeadapt::live_linear.out"
 NEEDED_FOR = "the own-kernel ExecuTorch live form"
 HINT = "; or export with --pte-live-form weight-left"
 CFLAGS = ("-DET_USE_THREADPOOL", "-DC10_USING_CUSTOM_GENERATED_MACROS")
-
-_lock = threading.Lock()
-_loaded: tuple[Path, ctypes.CDLL] | None = None  # (path, library) once loaded
-
 
 def _executorch_root() -> Path:
     try:
@@ -62,21 +57,15 @@ def library_path() -> Path:
         key=[f"executorch {version}"], needed_for=NEEDED_FOR, hint=HINT)
 
 
+_LIBRARY = native.Library(library_path, ctypes.RTLD_GLOBAL)
+
+
 def load_kernel() -> Path:
     """Build (if needed) and load the kernel library into this process, once; its path."""
-    global _loaded
-    with _lock:
-        if _loaded is None:  # later stores skip the hashing and the cache lookup
-            path = library_path()
-            _loaded = (path, ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL))
-        return _loaded[0]
+    return _LIBRARY.load()
 
 
 def unavailable() -> str | None:
     """Why the kernel cannot be loaded in this process (no compiler and nothing built, a
     failed build), or None once it is loaded (built first if needed)."""
-    try:
-        load_kernel()
-    except ConfigError as exc:
-        return str(exc)
-    return None
+    return _LIBRARY.unavailable()

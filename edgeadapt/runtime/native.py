@@ -11,13 +11,15 @@ machines never hands one a library with instructions it lacks. Users:
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edgeadapt.errors import ConfigError
@@ -77,3 +79,33 @@ def build(source: Path, name: str, cflags: Sequence[str] = (), ldflags: Sequence
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+class Library:
+    """A kernel library loaded into this process once and kept loaded (a session or program
+    may call it until the process ends). ``path``: builds it if needed and returns its path
+    (ConfigError where it cannot be built); ``mode``: ``ctypes.CDLL``'s (``RTLD_GLOBAL`` where
+    the library registers into another library's registry)."""
+
+    def __init__(self, path: Callable[[], Path], mode: int = ctypes.DEFAULT_MODE) -> None:
+        self._path = path
+        self._mode = mode
+        self._lock = threading.Lock()
+        self.loaded: tuple[Path, ctypes.CDLL] | None = None  # (path, library) once loaded
+
+    def load(self) -> Path:
+        """Build (if needed) and load the library, once; its path."""
+        with self._lock:
+            if self.loaded is None:  # later calls skip the hashing and the cache lookup
+                path = self._path()
+                self.loaded = (path, ctypes.CDLL(str(path), mode=self._mode))
+            return self.loaded[0]
+
+    def unavailable(self) -> str | None:
+        """Why the library cannot be loaded in this process (no compiler or headers and
+        nothing built, a failed build), or None once it is loaded (built first if needed)."""
+        try:
+            self.load()
+        except ConfigError as exc:
+            return str(exc)
+        return None

@@ -18,11 +18,9 @@ session reads the blocked32 weights through MatMul (:mod:`edgeadapt.export.onnx_
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import sys
-import threading
 from pathlib import Path
 
 from edgeadapt.errors import ConfigError
@@ -31,10 +29,6 @@ from edgeadapt.runtime import native
 SOURCE = native.KERNELS / "blocked_matmul.cpp"
 HEADER = "onnxruntime_cxx_api.h"
 NEEDED_FOR = "edgeadapt's ONNX Runtime kernel"
-
-_lock = threading.Lock()
-_loaded: tuple[Path, ctypes.CDLL] | None = None  # (path, library) once loaded
-
 
 def include_dirs() -> list[Path]:
     """Where the headers are looked for, in order."""
@@ -84,24 +78,18 @@ def library_path() -> Path:
                         needed_for=NEEDED_FOR)
 
 
+_LIBRARY = native.Library(library_path)
+
+
 def load() -> Path:
     """Build (if needed) and load the library into this process, once; its path."""
-    global _loaded
-    with _lock:
-        if _loaded is None:
-            path = library_path()
-            _loaded = (path, ctypes.CDLL(str(path)))  # held: never unloaded under a session
-        return _loaded[0]
+    return _LIBRARY.load()
 
 
 def unavailable() -> str | None:
     """Why the kernel cannot be used in this process, or None once it is loaded (built first
     if needed)."""
-    try:
-        load()
-    except ConfigError as exc:
-        return str(exc)
-    return None
+    return _LIBRARY.unavailable()
 
 
 def register(options) -> None:
