@@ -28,18 +28,24 @@ SUITES = ("trixie",)
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 
 
+def archive_uris(deb822: list[str], legacy: str = "") -> list[str]:
+    """The Debian archive URIs (not the security archive) in apt source texts: ``URIs:`` lines
+    of deb822 ``.sources`` files, then ``deb URI suite ...`` lines of a ``sources.list``."""
+    uris = [u for t in deb822 for u in re.findall(r"^URIs:\s*(\S+)", t, re.M)]
+    uris += re.findall(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)", legacy, re.M)
+    return [u for u in uris if "debian" in u and "security" not in u]
+
+
 def debian_mirror() -> tuple[str, str]:
-    """(the first non-security Debian archive URI in the apt sources, the system's codename)."""
+    """(the first Debian archive URI in this machine's apt sources, the system's codename)."""
     codename = ""
     for line in Path("/etc/os-release").read_text().splitlines():
         if line.startswith("VERSION_CODENAME="):
             codename = line.split("=", 1)[1].strip('"')
-    texts = [p.read_text() for p in sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))]
-    uris = [u for t in texts for u in re.findall(r"^URIs:\s*(\S+)", t, re.M)]
     legacy = Path("/etc/apt/sources.list")
-    if legacy.is_file():
-        uris += re.findall(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)", legacy.read_text(), re.M)
-    uris = [u for u in uris if "debian" in u and "security" not in u]
+    uris = archive_uris(
+        [p.read_text() for p in sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))],
+        legacy.read_text() if legacy.is_file() else "")
     if not uris:
         raise SystemExit("ort_headers: no Debian archive in the apt sources (not Debian?); "
                          f"install {PACKAGE} another way or set EDGEADAPT_ORT_INCLUDE")

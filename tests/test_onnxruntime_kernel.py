@@ -5,6 +5,9 @@ the kernel cannot be built. Torch-free."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -28,8 +31,10 @@ REASON = ok.unavailable()
 needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"kernel unavailable: {REASON}")
 
 
-def _op_session(k: int, n: int, rank: int, threads: int = 1, w_dims: list | None = None):
-    """A session of one ``y = BlockedMatMul(x, w)`` node, x of the given rank."""
+def _op_session(k: int, n: int, rank: int, threads: int = 1, w_dims: list | None = None,
+                library: Path | None = None):
+    """A session of one ``y = BlockedMatMul(x, w)`` node, x of the given rank (the op from
+    ``library``, default the loaded one)."""
     dims = [f"d{i}" for i in range(rank - 1)] + [k]
     graph = helper.make_graph(
         [helper.make_node(KERNEL_OP, ["x", "w"], ["y"], domain=KERNEL_DOMAIN)], "g",
@@ -40,7 +45,10 @@ def _op_session(k: int, n: int, rank: int, threads: int = 1, w_dims: list | None
                                                     helper.make_opsetid(KERNEL_DOMAIN, 1)])
     model.ir_version = 9
     so = session_options(threads)
-    ok.register(so)
+    if library is None:
+        ok.register(so)
+    else:
+        so.register_custom_ops_library(str(library))
     return ort.InferenceSession(model.SerializeToString(), so,
                                 providers=["CPUExecutionProvider"])
 
@@ -60,6 +68,24 @@ def test_op_matches_numpy(lead, threads):
     want = x.astype(np.float64) @ w.T.astype(np.float64)
     assert y.shape == (*lead, n)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_portable_path_matches_numpy(tmp_path, monkeypatch):
+    """The plain C++ loops a CPU without AVX-512 compiles (built here with -mno-avx512f, in a
+    library of its own): the same shapes as above against float64 numpy."""
+    monkeypatch.setenv("EDGEADAPT_CACHE", str(tmp_path))
+    portable = ok.library_path(("-mno-avx512f",))
+    assert portable != ok.library_path()
+    rng = np.random.default_rng(7)
+    k, n = 45, 64
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    for lead in ((1,), (13,), (2, 60)):
+        x = rng.standard_normal((*lead, k)).astype(np.float32)
+        sess = _op_session(k, n, len(lead) + 1, library=portable)
+        y = sess.run(None, {"x": x, "w": np.ascontiguousarray(to_backend(w, BLOCKED))})[0]
+        np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
@@ -178,3 +204,21 @@ def test_builds_from_scratch_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(native.shutil, "which", lambda name: None)  # cached: no compiler needed
     monkeypatch.setenv("CXX", "")
     assert ok.library_path() == built
+
+
+def test_ort_headers_finds_the_debian_archive_in_apt_sources():
+    """scripts/ort_headers.py asks the machine's own Debian mirror: deb822 and one-line source
+    formats, the security archive and other vendors' archives skipped."""
+    spec = importlib.util.spec_from_file_location(
+        "ort_headers", Path(__file__).parents[1] / "scripts" / "ort_headers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    deb822 = ["Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm\n\n"
+              "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: x\n",
+              "Types: deb\nURIs: https://vendor.example/apt\nSuites: stable\n"]
+    assert mod.archive_uris(deb822) == ["http://mirror.example/debian"]
+    legacy = ("# deb http://old.example/debian bookworm main\n"
+              "deb [arch=amd64 signed-by=/k.gpg] http://one.example/debian bookworm main\n"
+              "deb http://one.example/debian-security bookworm-security main\n")
+    assert mod.archive_uris([], legacy) == ["http://one.example/debian"]
+    assert mod.archive_uris([deb822[1]], "") == []

@@ -65,15 +65,16 @@ def runtime_api_version() -> int:
     return int(ort.__version__.split(".")[1])
 
 
-def library_path() -> Path:
+def library_path(cflags: tuple[str, ...] = ()) -> Path:
     """Where the built library lives (built now if missing; the compiler is needed only then).
-    ConfigError if there are no headers, they are newer than the runtime, or the build fails."""
+    ConfigError if there are no headers, they are newer than the runtime, or the build fails.
+    ``cflags``: extra compiler flags (tests build the portable path with ``-mno-avx512f``)."""
     include = include_dir()
     version = api_version(include)
     if version > runtime_api_version():
         raise ConfigError(f"{NEEDED_FOR}: the headers in {include} are API version {version}, "
                           f"newer than the installed onnxruntime's {runtime_api_version()}")
-    return native.build(SOURCE, "libedgeadapt_ort.so", [f"-I{include}"],
+    return native.build(SOURCE, "libedgeadapt_ort.so", [*cflags, f"-I{include}"],
                         key=[f"ORT_API_VERSION {version}", str(include)],
                         needed_for=NEEDED_FOR)
 
