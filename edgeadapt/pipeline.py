@@ -192,6 +192,7 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
         stage(f"loading the bundle with {backend}")
         rt = load(bundle, backend=backend, mode="live",
                   threads=qc.threads if backend == "onnxruntime" else None)
+        stage(f"{backend}: live weights read as {rt.live_form}")
         one = {k: v[:1] for k, v in probe["rt-sentiment"].items()}  # batch 1 x max_len
         rows["base"].forward_ms[backend] = forward_ms(rt, one, qc.repeats)
         for name, row in rows.items():
