@@ -164,6 +164,11 @@ def profile(bundle: str, shape: str, repeats: int) -> None:
 KERNEL = "live, blocked32, own kernel"
 
 
+def _b32_inputs(kind: str) -> bool:
+    """Whether the chain of ``kind`` reads its weights as the exporter's ``.B32`` inputs."""
+    return kind in ("live, blocked32", KERNEL)
+
+
 def _blocked(w_in_out: np.ndarray, block: int) -> np.ndarray:
     """(in, out) -> (out / block, in, block), X[b, c, j] = W[block * b + j, c]."""
     inp, out = w_in_out.shape
@@ -220,7 +225,7 @@ def matmul(shapes: str, repeats: int, layers: int = 60, dim: int = 576,
                                   opset_imports=[helper.make_opsetid("", 20),
                                                  helper.make_opsetid("com.microsoft", 1)])
         model.ir_version = 10
-        if kind.startswith("live, blocked32") and kind != "live, blocked32 as A":
+        if _b32_inputs(kind):
             ob.block_live_matmuls(model, {f"W{i}": og.LiveWeight(f"W{i}", og.TRANSPOSED,
                                                                  (dim, dim))
                                           for i in range(layers)})  # the exporter's rewrite
@@ -259,8 +264,7 @@ def matmul(shapes: str, repeats: int, layers: int = 60, dim: int = 576,
         b = sess[k].io_binding()
         vals = [ort.OrtValue.ortvalue_from_numpy(w) for w in wl]
         for i, v in enumerate(vals):
-            b.bind_ortvalue_input(f"W{i}" + (".B32" if k.startswith("live, blocked32") and
-                                             k != "live, blocked32 as A" else ""), v)
+            b.bind_ortvalue_input(f"W{i}" + (".B32" if _b32_inputs(k) else ""), v)
         bindings[k] = (b, vals)
     flush = (np.ones(32 << 20, np.float32), np.empty(32 << 20, np.float32))
     for shape in shapes.split(","):

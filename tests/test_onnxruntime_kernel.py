@@ -98,8 +98,8 @@ def test_op_refuses_mismatched_shapes():
 
 def _blocked_model(k: int, outs: list[int]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """x (B, T, k) -> MatMul with live W_i.T for each out_i (blocked by block_live_matmuls),
-    summed through a constant projection so every reader feeds the output; the live weights
-    in torch layout."""
+    each summed over its last axis and concatenated, so every reader feeds the output; the
+    live weights in torch layout."""
     rng = np.random.default_rng(3)
     nodes, inputs, live, weights = [], [], {}, {}
     for i, out in enumerate(outs):
@@ -165,7 +165,7 @@ def test_rewrite_replaces_each_blocked_reader_and_matches_matmul(tmp_path):
             assert not np.allclose(want(), got, rtol=1e-4, atol=1e-3)
 
 
-def test_use_kernel_policy(monkeypatch):
+def test_use_kernel_policy():
     assert not use_kernel(None, [TRANSPOSED, "as-is"])  # nothing blocked: nothing to read
     assert not use_kernel(False, [BLOCKED])
     assert use_kernel(None, [BLOCKED]) == (REASON is None)

@@ -71,8 +71,8 @@ def test_every_switch_matches_pytorch(exported, mode):
     t_in, np_in = example_pair(lm)
     rt = load(bundle, backend="onnxruntime", mode=mode.split("-")[0], threads=1,
               kernel=False if mode == "live-matmul" else None)
-    if mode == "live-matmul":
-        assert rt.live_form == "blocked32"
+    kernel = mode == "live" and onnxruntime_kernel.unavailable() is None
+    assert rt.live_form == ("own-kernel" if kernel else "blocked32")
     base = rt.run(**np_in)
     assert parity(base, torch_reference(lm, bundle, [], t_in)) <= RTOL
     for names, scales in [("s1", None), (["s1", "s2"], [1.0, 0.5]), ("l1", None),

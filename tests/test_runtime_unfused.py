@@ -33,7 +33,7 @@ from edgeadapt.format.fingerprint import weight_sha256  # noqa: E402
 from edgeadapt.format.manifest import AdapterEntry  # noqa: E402
 from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta, SiraBranch  # noqa: E402
 from edgeadapt.models import load_model  # noqa: E402
-from edgeadapt.runtime import load  # noqa: E402
+from edgeadapt.runtime import load, onnxruntime_kernel  # noqa: E402
 
 RTOL = 1e-4
 SIRA = ("sira", 3, 2, 2, 1.25)
@@ -98,6 +98,8 @@ def test_unfused_switches_match_pytorch(exported, form):
     t_in, np_in = example_pair(lm)
     mode = form.split("-")[0]
     rt = load(bundle, mode=mode, threads=1, kernel=False if form == "live-matmul" else None)
+    assert getattr(rt.store, "kernel", False) == (form == "live" and
+                                                  onnxruntime_kernel.unavailable() is None)
     base = rt.run(**np_in)
     h0 = _hashes(rt)
     seq = [("sira", None, keys["sira"]), ("lora", None, keys["lora"]),

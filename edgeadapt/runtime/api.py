@@ -385,7 +385,9 @@ def load(bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cp
         raise ConfigError(f"device {device!r}: choose 'cpu' or 'cuda'")
     if backend not in BACKENDS:
         raise UnknownNameError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    use_kernel = _ort_kernel(manifest, backend, device, kernel)
+    # repack sessions never read through the kernel: build it only where live mode may run
+    use_kernel = _ort_kernel(manifest, backend, device, kernel) \
+        if mode != "repack" or kernel else False
     form = "own-kernel" if use_kernel else live_form(manifest, backend)
     if mode == "auto":
         chosen, reason = ("live", "auto: CUDA kernels read raw weights") if device == "cuda" \

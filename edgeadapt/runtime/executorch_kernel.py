@@ -26,6 +26,8 @@ NEEDED_FOR = "the own-kernel ExecuTorch live form"
 HINT = "; or export with --pte-live-form weight-left"
 CFLAGS = ("-DET_USE_THREADPOOL", "-DC10_USING_CUSTOM_GENERATED_MACROS")
 
+
+
 def _executorch_root() -> Path:
     try:
         import executorch

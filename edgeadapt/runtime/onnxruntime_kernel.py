@@ -30,6 +30,8 @@ SOURCE = native.KERNELS / "blocked_matmul.cpp"
 HEADER = "onnxruntime_cxx_api.h"
 NEEDED_FOR = "edgeadapt's ONNX Runtime kernel"
 
+
+
 def include_dirs() -> list[Path]:
     """Where the headers are looked for, in order."""
     env = os.environ.get("EDGEADAPT_ORT_INCLUDE")

@@ -205,18 +205,21 @@ class OrtVariantSession:
         so.log_severity_level = 3  # overridable branch initializers make ORT warn per input
         self.key = key
         vweights = manifest.variants[key].get("weights", {})
-        blocked = [((vweights.get(w) or {}).get("onnx") or manifest.weights[w].onnx or {})
-                   .get("name") for w, lw in live.items() if lw.layout == BLOCKED]
-        self.session, self.kernel = cpu_session(path, so, blocked, kernel)
+        entries = {w: (vweights.get(w) or {}).get("onnx") or manifest.weights[w].onnx or {}
+                   for w in live}  # the variant's own entry, else the base graph's
+        for wname, lw in live.items():
+            if entries[wname].get("layout", lw.layout) != lw.layout:
+                raise BundleError(f"variant {key!r}: {wname!r} has layout "
+                                  f"{entries[wname].get('layout')}, the live buffer "
+                                  f"{lw.layout}; cannot share it")
+        self.session, self.kernel = cpu_session(
+            path, so, [entries[w]["name"] for w, lw in live.items() if lw.layout == BLOCKED],
+            kernel)
         self.output_name = self.session.get_outputs()[0].name
         graph_inputs = {i.name for i in self.session.get_inputs()}
         self._values = {}
         for wname, lw in live.items():
-            base = manifest.weights[wname].onnx or {}
-            onnx = (vweights.get(wname) or {}).get("onnx") or base
-            if onnx.get("layout", lw.layout) != lw.layout:
-                raise BundleError(f"variant {key!r}: {wname!r} has layout {onnx.get('layout')}, "
-                                  f"the live buffer {lw.layout}; cannot share it")
+            onnx = entries[wname]
             if onnx["name"] not in graph_inputs:
                 raise BundleError(f"{path}: live weight {onnx['name']!r} is not a graph input")
             self._values[onnx["name"]] = ort.OrtValue.ortvalue_from_numpy(lw.array)
