@@ -21,7 +21,12 @@ torch = pytest.importorskip("torch")
 from runtime_reference import example_pair, parity, torch_reference  # noqa: E402
 from switching import runs_while_switching  # noqa: E402
 
-from edgeadapt.errors import ConfigError, SwitchError, UnknownNameError  # noqa: E402
+from edgeadapt.errors import (  # noqa: E402
+    BundleError,
+    ConfigError,
+    SwitchError,
+    UnknownNameError,
+)
 from edgeadapt.export.adapter import ensure_variant  # noqa: E402
 from edgeadapt.export.bundle import export_base  # noqa: E402
 from edgeadapt.format import (  # noqa: E402
@@ -158,6 +163,12 @@ def test_bad_unfused_switches_are_refused_untouched(exported):
         assert rt.active == ("s1",) and rt.active_variant is None
         assert _hashes(rt) == h_fused
         assert np.array_equal(rt.run(**np_in), fused_out)
+    for name in ("sira", "lora"):  # scale * B overflows float32: refused before any binding
+        with pytest.raises(SwitchError, match="overflow"):
+            rt.switch(name, 1e39)
+        assert rt.active == ("s1",) and rt.active_variant is None
+        assert _hashes(rt) == h_fused
+        assert np.array_equal(rt.run(**np_in), fused_out)
     rt.switch("sira")
     sira_out = rt.run(**np_in)
     with pytest.raises(ConfigError, match="alone"):
@@ -165,6 +176,23 @@ def test_bad_unfused_switches_are_refused_untouched(exported):
     assert rt.active_variant is not None and np.array_equal(rt.run(**np_in), sira_out)
     with pytest.raises(SwitchError, match="fused switching"):
         rt.prepare("sira")
+
+
+def test_unfused_switch_that_does_not_fit_its_graph_keeps_the_fused_adapter(exported):
+    """A bundle.json whose branch inputs do not fit the variant graph (A and B of one weight
+    swapped): the unfused switch is refused before the fused adapter is taken off."""
+    lm, bundle, keys = exported
+    _, np_in = example_pair(lm)
+    rt = load(bundle, threads=1)
+    inputs = rt.manifest.variants[keys["lora"]]["onnx"]["branch_inputs"]
+    w = next(w for w, (o, i) in ((w, rt.manifest.weights[w].shape) for w in inputs) if o != i)
+    inputs[w] = {"A": inputs[w]["B"], "B": inputs[w]["A"]}
+    rt.switch("s1")
+    fused_out, h_fused = rt.run(**np_in), _hashes(rt)
+    with pytest.raises(BundleError, match="cannot take"):
+        rt.switch("lora")
+    assert rt.active == ("s1",) and rt.active_variant is None
+    assert _hashes(rt) == h_fused and np.array_equal(rt.run(**np_in), fused_out)
 
 
 def test_runs_during_unfused_switches_see_whole_states(exported):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -270,6 +271,7 @@ class Runtime:
         sess = self._variant_session(pb.variant)
         s = pb.scale if scale is None else float(scale)
         feeds = pb.feeds(s)
+        sess.check_branches(feeds, pb.head)  # before the engine leaves the fused adapters
         head = [(self.engine.prepare(_head_only_from(pb), name), 1.0)] if pb.head else []
         with self._route_lock.exclusive():
             self.engine.switch(head)  # fused edits back to base (the task head, if any, on)
@@ -286,26 +288,8 @@ class Runtime:
         Raises UnknownNameError, AdapterFormatError / FingerprintMismatchError,
         TargetMismatchError, SwitchError; on any error the weights are untouched.
         """
-        if names is None:
-            names = []
-        elif isinstance(names, str):
-            names = [names]
-        names = list(names)
-        if len(set(names)) != len(names):
-            raise ConfigError(f"switch: adapter names repeat: {names}; use scales instead")
-        if scales is None:
-            scale_list: list[float | None] = [None] * len(names)
-        elif isinstance(scales, (int, float)):
-            if len(names) != 1:
-                raise ConfigError("switch: give one scale per adapter name")
-            scale_list = [float(scales)]
-        else:
-            scale_list = [float(s) for s in scales]
-            if len(scale_list) != len(names):
-                raise ConfigError(f"switch: {len(names)} names but {len(scale_list)} scales")
-        for s in scale_list:
-            if s is not None and not math.isfinite(s):
-                raise ConfigError(f"switch: scale {s} is not finite")
+        names = _name_list(names)
+        scale_list = _scale_list(scales, len(names))
         unfused = [n for n in names if self.is_unfused(n)]
         if unfused and len(names) != 1:
             raise ConfigError(f"switch: adapter(s) {unfused} run unfused (graph variant) and can "
@@ -332,6 +316,49 @@ class Runtime:
             if route is None:
                 return self.engine.run(inputs)
             return route.run(inputs)
+
+
+def _name_list(names: object) -> list[str]:
+    """``switch``'s names as a list: None -> [], one str -> [it]; ConfigError for anything but
+    str names, or a name given twice."""
+    if names is None:
+        return []
+    if isinstance(names, str):
+        return [names]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"switch: names must be None, an adapter name or a list of names; "
+                          f"got {names!r}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"switch: adapter names repeat: {list(names)}; use scales instead")
+    return list(names)
+
+
+def _scale(value: object) -> float:
+    """One scale as a finite float: a Python or numpy real number or a 0-d array (no bools,
+    no strings); ConfigError otherwise."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"switch: scale {value!r} is not a real number")
+    s = float(value)
+    if not math.isfinite(s):
+        raise ConfigError(f"switch: scale {s} is not finite")
+    return s
+
+
+def _scale_list(scales: object, n: int) -> list[float | None]:
+    """``switch``'s scales, one per name (None: each adapter's own); ConfigError on a count
+    mismatch or a value :func:`_scale` refuses."""
+    if scales is None:
+        return [None] * n
+    if isinstance(scales, (list, tuple)) or (isinstance(scales, np.ndarray) and scales.ndim == 1):
+        out: list[float | None] = [_scale(s) for s in scales]
+        if len(out) != n:
+            raise ConfigError(f"switch: {n} names but {len(out)} scales")
+        return out
+    if n != 1:
+        raise ConfigError("switch: give one scale per adapter name")
+    return [_scale(scales)]
 
 
 def _head_only_from(pb: PreparedBranches) -> Adapter:

@@ -58,12 +58,9 @@ class EtVariantProgram:
                        if w in manifest.heads}
         self._head_base = {w: lw.array.copy() for w, lw in self._heads.items()}
 
-    def set_branches(self, feeds: dict[str, np.ndarray],
-                     head: dict[str, np.ndarray] | None = None) -> None:
-        """Write ``feeds`` (buffer name -> tensor) into the branch buffers; every shape is
-        checked before the first write; buffers not named are zeroed (branch off). ``head``
-        (torch layout, validated by the engine) replaces this program's head weights; heads
-        not given get their base values back."""
+    def check_branches(self, feeds: dict[str, np.ndarray],
+                       head: dict[str, np.ndarray] | None = None) -> None:
+        """BundleError unless every tensor of ``feeds`` and ``head`` fits its buffer."""
         for name, value in feeds.items():
             arr = self._by_buffer.get(name)
             if arr is None or arr.shape != value.shape:
@@ -75,6 +72,14 @@ class EtVariantProgram:
             if value is not None and tuple(value.shape) != lw.shape:
                 raise BundleError(f"variant {self.key!r}: head {w!r} {value.shape} does not fit "
                                   f"{lw.shape}")
+
+    def set_branches(self, feeds: dict[str, np.ndarray],
+                     head: dict[str, np.ndarray] | None = None) -> None:
+        """Write ``feeds`` (buffer name -> tensor) into the branch buffers, all checked before
+        the first write (:meth:`check_branches`); buffers not named are zeroed (branch off).
+        ``head`` (torch layout, validated by the engine) replaces this program's head weights;
+        heads not given get their base values back."""
+        self.check_branches(feeds, head)
         for name, arr in self._by_buffer.items():
             arr[...] = feeds.get(name, 0.0)
         for w, lw in self._heads.items():

@@ -63,10 +63,19 @@ class PreparedBranches:
     head: dict[str, np.ndarray]
 
     def feeds(self, scale: float | None = None) -> dict[str, np.ndarray]:
-        """Graph input name -> tensor with ``scale`` (default: the adapter's) folded into B."""
+        """Graph input name -> tensor with ``scale`` (default: the adapter's) folded into B.
+        SwitchError if ``scale * B`` overflows float32 (nothing is bound then)."""
         s = self.scale if scale is None else float(scale)
-        return {k: (np.ascontiguousarray(v * np.float32(s)) if k in self.scaled_keys else v)
-                for k, v in self.tensors.items()}
+        out = {}
+        with np.errstate(over="ignore", invalid="ignore"):  # checked right below
+            for k, v in self.tensors.items():
+                if k in self.scaled_keys:
+                    v = np.ascontiguousarray(v * np.float32(s))
+                    if not np.isfinite(v).all():
+                        raise SwitchError(f"adapter {self.name!r}: scale {s:g} makes branch "
+                                          f"tensor {k!r} overflow float32; use a smaller scale")
+                out[k] = v
+        return out
 
     def nbytes(self) -> int:
         return sum(v.nbytes for v in self.tensors.values())
@@ -217,6 +226,10 @@ class OrtVariantSession:
             kernel)
         self.output_name = self.session.get_outputs()[0].name
         graph_inputs = {i.name for i in self.session.get_inputs()}
+        # overridable initializers (the branch tensors): name -> dims (int, or str if symbolic)
+        self._branch_specs = {i.name: list(i.shape)
+                              for i in self.session.get_overridable_initializers()
+                              if i.type == "tensor(float)"}
         self._values = {}
         for wname, lw in live.items():
             onnx = entries[wname]
@@ -229,12 +242,27 @@ class OrtVariantSession:
         self._local = threading.local()
         self._prepare_inputs = prepare_inputs or (lambda x: x)
 
+    def check_branches(self, feeds: dict[str, np.ndarray],
+                       head: dict[str, np.ndarray] | None = None) -> None:
+        """BundleError unless every tensor of ``feeds`` is a float32 input of this graph with a
+        fitting shape (symbolic dims take any size). ``head``: nothing to check here."""
+        for name, value in feeds.items():
+            spec = self._branch_specs.get(name)
+            if spec is None or value.dtype != np.float32 or value.ndim != len(spec) or any(
+                    isinstance(d, int) and d != n
+                    for d, n in zip(spec, value.shape, strict=True)):
+                raise BundleError(f"variant {self.key!r}: branch input {name!r} "
+                                  f"{'absent' if spec is None else spec} cannot take "
+                                  f"{value.dtype} {value.shape}")
+
     def set_branches(self, feeds: dict[str, np.ndarray],
                      head: dict[str, np.ndarray] | None = None) -> None:
-        """Make ``feeds`` (graph input name -> float32 tensor) the branch tensors of later runs.
-        The arrays are kept alive here (their OrtValues alias them). Call with runs excluded.
-        ``head`` is not needed here: this session reads the engine's live buffers, where the
-        engine has already put the adapter's head."""
+        """Make ``feeds`` (graph input name -> float32 tensor) the branch tensors of later runs
+        (checked first: :meth:`check_branches`). The arrays are kept alive here (their
+        OrtValues alias them). Call with runs excluded. ``head`` is not needed here: this
+        session reads the engine's live buffers, where the engine has already put the
+        adapter's head."""
+        self.check_branches(feeds, head)
         self._keep = feeds
         self._branch = {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
         self._gen += 1
@@ -265,6 +293,9 @@ class VariantRoute(Protocol):
     """What ``Runtime.run`` routes through while an unfused adapter is active."""
 
     key: str
+
+    def check_branches(self, feeds: dict[str, np.ndarray],
+                       head: dict[str, np.ndarray] | None = None) -> None: ...
 
     def set_branches(self, feeds: dict[str, np.ndarray],
                      head: dict[str, np.ndarray] | None = None) -> None: ...
