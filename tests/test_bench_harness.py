@@ -186,13 +186,37 @@ def test_switch_traffic_by_hand():
     assert base.stream_bytes == 2 * 8 + 2 * 4 + 2 * 4
 
 
-def test_floor_ms_and_bandwidth():
+def test_floor_ms_by_hand():
     t = switch_traffic({}, {"w": np.array([0])}, {"w": (1, 16)})  # 1 line + 16 stream bytes
     assert floor_ms(t, 144e3) == pytest.approx(1.0)
     with pytest.raises(ConfigError):
         floor_ms(t, 0.0)
-    bw = measure_bandwidth(nbytes=1 << 20, repeats=2)
-    assert 1e8 < bw < 1e13
+
+
+def test_measure_bandwidth_on_a_fake_clock(monkeypatch):
+    """Each timed interval holds one copy of the whole array; the bandwidth is read + write
+    bytes over the fastest copy: copies of 4, 2 and 3 ms of 4096 bytes -> 2 * 4096 / 2 ms."""
+    import edgeadapt.bench.floor as floor
+
+    events: list[str] = []
+    ticks = iter([0.0, 0.004, 1.0, 1.002, 2.0, 2.003])
+
+    def clock() -> float:
+        events.append("clock")
+        return next(ticks)
+
+    real_copyto = np.copyto
+
+    def copyto(dst, src):
+        assert dst.nbytes == src.nbytes == 4096
+        events.append("copy")
+        real_copyto(dst, src)
+
+    monkeypatch.setattr(floor.np, "copyto", copyto)
+    bw = measure_bandwidth(nbytes=4096, repeats=3, clock=clock)
+    assert bw == pytest.approx(2 * 4096 / 0.002)
+    # one untimed copy faults the pages in, then clock / copy / clock per repeat
+    assert events == ["copy"] + ["clock", "copy", "clock"] * 3
 
 
 def test_floor_ratios_by_hand():
