@@ -218,11 +218,11 @@ def test_bad_adapters_raise_typed_errors_and_leave_weights():
 
 
 class FailingStore(ArrayStore):
-    fail = False
+    fail = 0  # how many of the next commits fail
 
     def commit(self, changes):
         if self.fail:
-            self.fail = False
+            self.fail -= 1
             raise RuntimeError("device lost")
         super().commit(changes)
 
@@ -235,8 +235,12 @@ def test_commit_failure_rolls_back():
     c = eng.prepare(lora(w0, ["w.v"], 2, 1), "c")
     eng.switch([(a, 1.0)])
     before = _hash_store(store)
-    store.fail = True
-    with pytest.raises(SwitchError):
+    store.fail = 1
+    with pytest.raises(SwitchError, match="switch undone"):
+        eng.switch([(c, 1.0)])
+    assert _hash_store(store) == before and eng.active == (("a", 1.0),)
+    store.fail = 2  # the restoring commit fails too: still a SwitchError, host state restored
+    with pytest.raises(SwitchError, match="re-committing the previous weights failed too"):
         eng.switch([(c, 1.0)])
     assert _hash_store(store) == before and eng.active == (("a", 1.0),)
     eng.switch([])
@@ -321,7 +325,7 @@ def test_commit_failure_rolls_back_a_cached_switch(arena):
     for x in (a, b, a):  # a -> b is now a cached pair
         eng.switch([(x, 1.0)])
     before = _hash_store(store)
-    store.fail = True
+    store.fail = 1
     with pytest.raises(SwitchError):
         eng.switch([(b, 1.0)])
     assert _hash_store(store) == before and eng.active == (("a", 1.0),)

@@ -129,7 +129,8 @@ def export_base(model: str | Path | Any, out: str | Path,
         sections[key] = _normalise_section(key, res["section"])
         for name, entry in res["weights"].items():
             setattr(weights[name], key, entry)
-    inputs = next((s["inputs"] for s in sections.values() if s.get("inputs")), [])
+    inputs = [_with_range(i, lm.vocab_size) for i in
+              next((s["inputs"] for s in sections.values() if s.get("inputs")), [])]
     extra = {"num_labels": getattr(lm.model.config, "num_labels", None) if
              lm.kind == "classifier" else None, "seed": seed}
     manifest = Manifest(model=lm.name, kind=lm.kind, targets_spec=targets, weights=weights,
@@ -140,6 +141,13 @@ def export_base(model: str | Path | Any, out: str | Path,
     log.info("wrote %s: %d live weights, formats %s", out / "bundle.json", len(live),
              ", ".join(sections))
     return out
+
+
+def _with_range(spec: dict, vocab_size: int) -> dict:
+    """An input spec with the ``range`` [low, high) its values must lie in (token ids below the
+    vocabulary size, an attention mask 0 or 1), checked by ``Runtime.run``."""
+    bounds = {"input_ids": [0, int(vocab_size)], "attention_mask": [0, 2]}.get(spec["name"])
+    return {**spec, "range": bounds} if bounds else dict(spec)
 
 
 def _keep_fitting_adapters(out: Path, manifest: Manifest) -> None:

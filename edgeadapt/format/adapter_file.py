@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,8 @@ FORMAT_NAME = "edgeadapt-adapter"
 FORMAT_VERSION = 1
 VALUE_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 _MAX_NUMEL = 2**48
+#: what ``repr(float)`` writes (``float()`` alone would also take "1_0" or " 1.0 ")
+_FLOAT_REPR = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf|nan)")
 _PARTS = {"shira": ("gaps", "escapes", "values"), "lora": ("A", "B"), "sora": ("A", "B"),
           "sira": ("router", "A", "B")}
 
@@ -230,10 +233,10 @@ def _decode(md: dict[str, str], tensors: dict[str, np.ndarray], dtypes: dict[str
     if value_dtype not in VALUE_DTYPES:
         raise _InvalidError(f"unknown value_dtype {value_dtype!r}")
     st = VALUE_DTYPES[value_dtype]
-    try:
-        scale = float(md.get("scale", ""))
-    except ValueError:
-        raise _InvalidError(f"scale {md.get('scale')!r} is not a number") from None
+    text = md.get("scale", "")
+    if not isinstance(text, str) or not _FLOAT_REPR.fullmatch(text):
+        raise _InvalidError(f"scale {text!r} is not a number (the repr of a float)")
+    scale = float(text)
     if not math.isfinite(scale):
         raise _InvalidError(f"scale {scale} is not finite")
     targets = _json(md, "targets", list)

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeadapt.errors import ConfigError, SwitchError, UnknownNameError
+from edgeadapt.errors import AdapterFormatError, ConfigError, SwitchError, UnknownNameError
 from edgeadapt.format.adapter_file import read_adapter
-from edgeadapt.format.manifest import AdapterEntry, Manifest, read_manifest
+from edgeadapt.format.manifest import AdapterEntry, Manifest, manifest_path, read_manifest
 from edgeadapt.format.types import Adapter
 from edgeadapt.runtime.engine import SwitchEngine
+from edgeadapt.runtime.inputs import check_inputs
 from edgeadapt.runtime.locks import ReadWriteLock
 from edgeadapt.runtime.prepared import PreparedAdapter
 from edgeadapt.runtime.store import WeightStore
@@ -215,8 +216,7 @@ class Runtime:
             raise SwitchError(f"adapter {name!r} ({entry.method}) runs unfused in graph variant "
                               f"{entry.variant!r}; fused switching cannot apply it (switch to it "
                               "alone: rt.switch(name))")
-        adapter = read_adapter(self.bundle_dir / entry.file, self.manifest)
-        prep = self.engine.prepare(adapter, name)
+        prep = self.engine.prepare(self._read(name, entry), name)
         with self._cache_lock:
             self._prepared[name] = prep
         return prep
@@ -228,6 +228,16 @@ class Runtime:
                                    f"bundle has: {', '.join(self.adapters) or '(none)'}")
         return entry
 
+    def _read(self, name: str, entry: AdapterEntry) -> Adapter:
+        """Adapter ``name``'s file, validated against the bundle (``read_adapter``) and against
+        its entry: AdapterFormatError if the file holds another method than bundle.json says."""
+        adapter = read_adapter(self.bundle_dir / entry.file, self.manifest)
+        if adapter.method != entry.method:
+            raise AdapterFormatError(f"{self.bundle_dir / entry.file}: a {adapter.method} "
+                                     f"adapter, but bundle.json registers {name!r} as "
+                                     f"{entry.method}; re-register it (edgeadapt export adapter)")
+        return adapter
+
     def prepare_unfused(self, name: str) -> PreparedBranches:
         """Read and validate unfused adapter ``name`` against its graph variant (cached)."""
         with self._cache_lock:
@@ -238,8 +248,7 @@ class Runtime:
         if entry.variant is None:
             raise SwitchError(f"adapter {name!r} ({entry.method}) has no graph variant in the "
                               "bundle; export it with unfused=True (SiRA always has one)")
-        adapter = read_adapter(self.bundle_dir / entry.file, self.manifest)
-        pb = prepare_branches(adapter, name, self.manifest, entry.variant,
+        pb = prepare_branches(self._read(name, entry), name, self.manifest, entry.variant,
                               "executorch" if self.backend == "executorch" else "onnx")
         if pb.head:  # validated now, applied by the engine at switch time
             self.engine.prepare(_head_only_from(pb), name)
@@ -310,7 +319,10 @@ class Runtime:
                 self._route_active = ()
 
     def run(self, **inputs: np.ndarray) -> np.ndarray:
-        """One forward pass with the active adapters; numpy arrays in, logits out."""
+        """One forward pass with the active adapters; numpy arrays in, logits out. The inputs
+        are checked against the bundle's (:func:`edgeadapt.runtime.inputs.check_inputs`:
+        names, dtypes, shapes, token id range) first; ConfigError if they do not fit."""
+        inputs = check_inputs(self.manifest.inputs, inputs)
         with self._route_lock.shared():
             route = self._route
             if route is None:
@@ -404,14 +416,19 @@ def load(bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cp
         headers, :mod:`edgeadapt.runtime.onnxruntime_kernel`); True: ConfigError if it cannot
         be; False: never. ``rt.live_form`` says which form live mode reads.
     """
-    bundle = Path(bundle_dir)
-    manifest = read_manifest(bundle)
+    manifest = read_manifest(bundle_dir)
+    bundle = manifest_path(bundle_dir).parent  # bundle/ or bundle/bundle.json
     if mode not in MODES:
         raise ConfigError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r}: choose 'cpu' or 'cuda'")
     if backend not in BACKENDS:
         raise UnknownNameError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
+            raise ConfigError(f"threads={threads!r}: a whole number >= 1, or None for the "
+                              "backend's default")
+        threads = int(threads)
     # repack sessions never read through the kernel: build it only where live mode may run
     use_kernel = _ort_kernel(manifest, backend, device, kernel) \
         if mode != "repack" or kernel else False

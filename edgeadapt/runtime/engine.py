@@ -211,7 +211,14 @@ class SwitchEngine:
                     self.store.commit(sw.changes)
                 except Exception as exc:
                     self._write_back(sw, undo)
-                    self.store.commit({name: None for name in sw.plans})
+                    try:
+                        self.store.commit({name: None for name in sw.plans})
+                    except Exception as again:
+                        raise SwitchError(
+                            f"backend commit failed, switch undone on the host ({exc}); "
+                            f"re-committing the previous weights failed too ({again}): the "
+                            "backend keeps what it last committed (if in doubt, reload "
+                            "the runtime)") from exc
                     raise SwitchError(f"backend commit failed, switch undone: {exc}") from exc
             self._sparse, self._dense = dict(sw.sparse), dict(sw.dense)
             self._active = tuple((p.name, float(s)) for p, s in adapters)

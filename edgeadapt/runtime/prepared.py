@@ -139,6 +139,7 @@ def _prepare_target(delta: object, lw: LiveWeight, where: str) -> _Target:
         _check_finite(B, where + " (B)")
         return _Target(A=A, B=B)
     if isinstance(delta, SiraBranch):
-        raise SwitchError(f"{where}: SiRA routes per token and cannot be fused; load the "
-                          "runtime with mode='unfused'")
+        raise SwitchError(f"{where}: SiRA routes per token and cannot be fused; it runs "
+                          "unfused, through a graph variant (`edgeadapt export adapter` adds "
+                          "one): switch to it alone")
     raise AdapterFormatError(f"{where}: unknown delta type {type(delta).__name__}")
