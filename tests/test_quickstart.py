@@ -52,8 +52,10 @@ def test_table_has_every_adapter_and_its_recorded_accuracy(quickstart):
         assert rows[name].file_bytes == file.stat().st_size
     assert rows["rt"].task == rows["rt+politics"].task == "rt-sentiment"
     assert rows["politics+rt"].task == "politics"
-    for name in ["rt", "politics", "lora", "sora", "rt+politics", "politics+rt"]:
-        row = rows[name]
+    for name in ["rt", "politics", "lora", "sora", "sira", "rt+politics", "politics+rt"]:
+        row = rows[name]  # SiRA runs through its graph variant on ONNX Runtime: never pending
+        assert PENDING not in (row.acc["onnxruntime"], row.switch_ms["onnxruntime"]), name
+        assert "pending" not in printed[name], name
         assert 0.0 <= row.acc["onnxruntime"] <= 1.0
         assert row.forward_ms["onnxruntime"] > 0 and row.switch_ms["onnxruntime"] > 0
         assert row.parity["onnxruntime"] <= qc.tolerance
@@ -61,30 +63,80 @@ def test_table_has_every_adapter_and_its_recorded_accuracy(quickstart):
     bundle = json.loads((out / "bundle" / "bundle.json").read_text())
     # the variant exported before SiRA was trained is the one its adapter needs (no second one)
     assert list(bundle["variants"]) == [bundle["adapters"]["sira"]["variant"]]
-    sira = rows["sira"]  # runs through its graph variant, or is marked pending: never faked
-    if sira.acc["onnxruntime"] == PENDING:
-        assert "unfused: pending" in printed["sira"]
-    else:
-        assert sira.parity["onnxruntime"] <= qc.tolerance
+
+
+def _logits(lm, inputs, hooks=()) -> np.ndarray:
+    """``lm``'s logits with forward ``hooks`` = [(module name, hook)] registered in order (a
+    hook returning a tensor replaces the module's output for the hooks after it)."""
+    from edgeadapt.models import forward
+
+    handles = [lm.model.get_submodule(n).register_forward_hook(h) for n, h in hooks]
+    try:
+        with torch.no_grad():
+            return forward(lm, inputs).numpy()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _rel(got, want) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def test_runtime_matches_the_trained_pytorch_models(quickstart):
-    """Each fused adapter on ONNX Runtime vs its run's trained model (load_run): the only
-    differences allowed are the fp16 rounding of the exported values."""
-    from edgeadapt.models import example_inputs, forward
+    """Each adapter on ONNX Runtime (SiRA through its graph variant, the two SHiRA fused both
+    ways) vs its run's trained model (load_run): the only differences allowed are the fp16
+    rounding of the exported values. A fused pair a+b is a's trained model (its head) with b's
+    trained weight change added to each of b's layers: the change read off b's trained model as
+    its layer's output on the identity minus the base linear's. Every adapter must matter: the
+    runtime's output is 10x further from the same model without any one of them (its layers
+    giving the base linear's output) than from the reference."""
+    from edgeadapt.models import example_inputs, load_model
     from edgeadapt.runtime import load
     from edgeadapt.train import load_run
 
     _, out, _, _ = quickstart
-    rt = load(out / "bundle", backend="onnxruntime", mode="live", threads=1)
-    for name in ["rt", "politics", "lora", "sora"]:
-        lm, _ = load_run(out / name)
-        inputs = example_inputs(lm, batch=3, seq=12, seed=5)
+    runs = {name: load_run(out / name) for name in ["rt", "politics", "lora", "sora", "sira"]}
+    info = runs["rt"][1]
+    base = load_model(info["model"], num_labels=info["num_labels"], seed=info["seed"])
+    layers = {name: [t.removesuffix(".weight") for t in i["targets"]]
+              for name, (_, i) in runs.items()}
+    # q and v of each of tiny MiniLM's layers
+    assert all(len(v) == 2 * base.model.config.num_hidden_layers for v in layers.values())
+
+    def base_out(n):  # the adapted layer as the base linear
+        return lambda m, i, o: base.model.get_submodule(n)(i[0])
+
+    def add(d):  # plus a trained weight change d (in, out)
+        return lambda m, i, o: o + i[0] @ d
+
+    def change(name):  # (in, out) weight change of each layer of a fused (SHiRA) run
+        lm, d = runs[name][0], {}
         with torch.no_grad():
-            want = forward(lm, inputs).numpy()
-        rt.switch(name)
-        got = rt.run(**{k: v.numpy() for k, v in inputs.items()})
-        assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max() + 1e-6, name
+            for n in layers[name]:
+                eye = torch.eye(base.model.get_submodule(n).in_features)
+                d[n] = lm.model.get_submodule(n)(eye) - base.model.get_submodule(n)(eye)
+        return d
+
+    rt = load(out / "bundle", backend="onnxruntime", mode="live", threads=1)
+    inputs = example_inputs(base, batch=3, seq=12, seed=5)
+    np_in = {k: v.numpy() for k, v in inputs.items()}
+    for row in ["rt", "politics", "lora", "sora", "sira", "rt+politics", "politics+rt"]:
+        names = row.split("+")
+        lm = runs[names[0]][0]  # the first adapter's head, as the runtime fuses
+        extra = [(n, add(d)) for b in names[1:] for n, d in change(b).items()]
+        want = _logits(lm, inputs, extra)
+        missing = [_logits(lm, inputs, [(n, base_out(n)) for n in layers[names[0]]] + extra)]
+        missing += [_logits(lm, inputs, [(n, add(d)) for c in names[1:] if c != b
+                                         for n, d in change(c).items()])
+                    for b in names[1:]]
+        rt.switch(names)
+        assert rt.active == tuple(names)
+        got = rt.run(**np_in)
+        err = _rel(got, want)
+        assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max() + 1e-6, row
+        for other in missing:
+            assert _rel(got, other) > 10 * err, row
     rt.switch(None)
 
 
