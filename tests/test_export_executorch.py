@@ -1,8 +1,11 @@
 """ExecuTorch export: the contract, branch variants against the PyTorch reference, and the
 verification catching stale (packed) weights.
 
-Exports of a one-block Llama take tens of seconds on a loaded 2-core machine, so those tests
-are marked slow; the default run covers the base export through tests/test_runtime_executorch.py.
+Exports of a one-block Llama take tens of seconds on a loaded 2-core machine, so the
+branch-variant exports and the stale-weight check are marked slow. The default run still lowers
+the base program once per live form (three export_pte calls in
+test_live_forms_export_edit_and_delegate) and covers the bundle export through
+tests/test_runtime_executorch.py.
 """
 
 from __future__ import annotations
