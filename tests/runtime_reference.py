@@ -28,6 +28,20 @@ def torch_reference(lm, bundle, active, inputs) -> np.ndarray:
         return forward(ref, inputs).numpy()
 
 
+def requested(bundle, names, scales=None) -> tuple[tuple[str, float], ...]:
+    """The (name, scale) pairs a ``switch(names, scales)`` asks for, from the request alone:
+    each explicit scale, else the adapter's own scale read from its file in the bundle."""
+    names = [] if names is None else [names] if isinstance(names, str) else list(names)
+    if scales is None:
+        scales = [None] * len(names)
+    elif not isinstance(scales, (list, tuple)):
+        scales = [scales]
+    manifest = read_manifest(bundle)
+    return tuple((n, float(read_adapter(bundle / manifest.adapters[n].file).scale
+                           if s is None else s))
+                 for n, s in zip(names, scales, strict=True))
+
+
 def parity(got, want) -> float:
     """max |got - want| / max |want|."""
     return float(np.abs(got - want).max() / np.abs(want).max())

@@ -17,6 +17,7 @@ from runtime_reference import (  # noqa: E402
     example_pair,
     parity,
     random_adapters,
+    requested,
     torch_reference,
 )
 from switching import device_hashes  # noqa: E402
@@ -78,8 +79,9 @@ def test_every_switch_matches_pytorch(exported, mode):
     for names, scales in [("s1", None), (["s1", "s2"], [1.0, 0.5]), ("l1", None),
                           (["l1", "s2"], [0.5, -1.0]), (None, None), (["s2"], [2.0])]:
         rt.switch(names, scales)
-        active = list(zip(rt.active, scales or [1.0] * len(rt.active), strict=True))
-        want = torch_reference(lm, bundle, active, t_in)
+        expected = requested(bundle, names, scales)  # what was asked, not what rt reports
+        assert rt.active_scales == expected
+        want = torch_reference(lm, bundle, expected, t_in)
         got = rt.run(**np_in)
         assert parity(got, want) <= RTOL, (mode, names)
         if names is None:
@@ -220,8 +222,9 @@ def test_device_store_switch_matches_pytorch(exported, where):
     base, hashes = rt.run(**np_in), device_hashes(rt)
     for names in ["s1", ["s1", "l1"], ["s2", "s1"], None]:
         rt.switch(names)
-        active = [(n, 1.0) for n in rt.active]
+        expected = requested(bundle, names)  # what was asked, not what rt reports
+        assert rt.active_scales == expected
         tol = 1e-3 if where == "cuda" else RTOL  # TF32 / reduction order on the GPU
-        assert parity(rt.run(**np_in), torch_reference(lm, bundle, active, t_in)) <= tol
+        assert parity(rt.run(**np_in), torch_reference(lm, bundle, expected, t_in)) <= tol
     assert device_hashes(rt) == hashes
     assert np.array_equal(rt.run(**np_in), base)

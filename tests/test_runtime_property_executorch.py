@@ -24,6 +24,7 @@ from runtime_reference import (  # noqa: E402
     example_pair,
     parity,
     random_adapters,
+    requested,
     torch_reference,
 )
 from test_runtime_executorch import shared_bundle  # noqa: E402
@@ -104,8 +105,11 @@ def test_random_switches_end_bit_exact_on_executorch(bundle, mode, steps):
     base = rt.run(**np_in)
     for names, scales in steps:
         rt.switch(names, None if names is None else scales[: len(names)])
-    # after the last switch: the PyTorch model with the same adapters and scales
-    want = torch_reference(lm, path, rt.active_scales, t_in)
+    # after the last switch: the PyTorch model with the adapters and scales it asked for
+    names, scales = steps[-1]
+    expected = requested(path, names, None if names is None else scales[: len(names)])
+    assert rt.active_scales == expected, steps
+    want = torch_reference(lm, path, expected, t_in)
     got = rt.run(**np_in)
     assert parity(got, want) <= RTOL, steps
     if rt.active:

@@ -18,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from runtime_reference import example_pair, parity, torch_reference  # noqa: E402
+from runtime_reference import example_pair, parity, requested, torch_reference  # noqa: E402
 from switching import runs_while_switching  # noqa: E402
 
 from edgeadapt.errors import (  # noqa: E402
@@ -112,9 +112,11 @@ def test_unfused_switches_match_pytorch(exported, form):
            (["s1"], [0.5], None), (None, None, None)]
     for names, scale, variant in seq:
         rt.switch(names, scale)
+        expected = requested(bundle, names, scale)  # what was asked, not what rt reports
+        assert rt.active_scales == expected
         assert rt.active_variant == variant
         assert rt.mode == ("unfused" if variant else mode)
-        want = torch_reference(lm, bundle, rt.active_scales, t_in)
+        want = torch_reference(lm, bundle, expected, t_in)
         got = rt.run(**np_in)
         assert parity(got, want) <= RTOL, (form, names, scale)
         if names is None:

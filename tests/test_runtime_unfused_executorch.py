@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("executorch")
 
+from runtime_reference import requested  # noqa: E402
 from test_runtime_unfused import RTOL, SIRA, _adapters, parity, torch_reference  # noqa: E402
 
 from edgeadapt.errors import SwitchError  # noqa: E402
@@ -68,8 +69,10 @@ def test_executorch_unfused_matches_pytorch(tmp_path_factory):
     for names, scale in [("sira", None), ("lora", 0.5), ("s1", None), ("sira", 2.0),
                          ("lora", None)]:
         rt.switch(names, scale)
+        expected = requested(tmp_path, names, scale)  # what was asked, not what rt reports
+        assert rt.active_scales == expected, names
         assert rt.active_variant == keys.get(names), names
-        want = torch_reference(lm, tmp_path, rt.active_scales, t_in)
+        want = torch_reference(lm, tmp_path, expected, t_in)
         got = rt.run(**np_in)
         assert parity(got, want) <= RTOL, names
         assert parity(got, base) > 10 * parity(got, want), names
@@ -158,8 +161,10 @@ def test_executorch_sira_head_matches_pytorch_and_restores(classifier_bundle):
     for names, scale in [("sira_h", None), ("shira_h", None), ("sira_h", 2.0), ("sira_nh", None),
                          ("sira_h", None), (None, None)]:
         rt.switch(names, scale)
+        expected = requested(bundle, names, scale)  # what was asked, not what rt reports
+        assert rt.active_scales == expected, names
         assert rt.active_variant == (key if names and names.startswith("sira") else None)
-        want = torch_reference(lm, bundle, rt.active_scales, t_in)
+        want = torch_reference(lm, bundle, expected, t_in)
         got = rt.run(**np_in)
         assert parity(got, want) <= RTOL, names
         if names is None:
