@@ -227,7 +227,8 @@ def test_concurrent_runs_while_switching(exported, mode):
     """Threads run different inputs while another thread switches between the base and a SHiRA
     adapter: no exception, and every output equals (1e-6) that input's output in one of the two
     states, computed alone beforehand. ExecuTorch keeps a method's activations in memory planned
-    once per program, so two runs at the same time must not share it."""
+    once per program, so two runs at the same time must not share it. The switching goes on
+    until every reader has finished a few runs (so the check is never vacuous)."""
     import threading
 
     from edgeadapt.runtime.engine import SwitchEngine
@@ -242,6 +243,7 @@ def test_concurrent_runs_while_switching(exported, mode):
         want[len(state)] = [engine.run(f) for f in feeds]
     assert all(rel_err(x, y) > 1e-3 for x, y in zip(want[0], want[1], strict=True))
     bad: list[str] = []
+    runs = [0] * len(feeds)  # runs each reader finished
     stop = threading.Event()
 
     def reader(k: int) -> None:
@@ -250,18 +252,23 @@ def test_concurrent_runs_while_switching(exported, mode):
                 got = engine.run(feeds[k])
                 if min(rel_err(got, want[0][k]), rel_err(got, want[1][k])) > 1e-6:
                     bad.append(f"input {k}: matches neither state")
+                runs[k] += 1
         except Exception as exc:  # noqa: BLE001 - any failure is the finding
             bad.append(repr(exc))
 
     threads = [threading.Thread(target=reader, args=(k,)) for k in range(len(feeds))]
     for t in threads:
         t.start()
-    for i in range(6 if mode == "repack" else 30):
+    i, switches = 0, 6 if mode == "repack" else 30
+    # at least `switches` switches, and on until every reader has run 3 times (or has stopped)
+    while i < switches or (min(runs) < 3 and all(t.is_alive() for t in threads)):
         engine.switch([(prep, 1.0)] if i % 2 == 0 else [])
+        i += 1
     stop.set()
     for t in threads:
         t.join()
     assert not bad, bad[:3]
+    assert min(runs) >= 3, runs  # every reader ran while the switches went on
 
 
 def test_auto_repacks_where_the_kernel_cannot_be_built(exported, tmp_path, monkeypatch):
