@@ -17,7 +17,7 @@ pytest.importorskip("executorch")
 from runtime_reference import requested  # noqa: E402
 from test_runtime_unfused import RTOL, SIRA, _adapters, parity, torch_reference  # noqa: E402
 
-from edgeadapt.errors import SwitchError  # noqa: E402
+from edgeadapt.errors import BundleError, SwitchError  # noqa: E402
 from edgeadapt.export.adapter import ensure_variant  # noqa: E402
 from edgeadapt.export.bundle import export_base  # noqa: E402
 from edgeadapt.format import read_adapter, read_manifest, write_adapter, write_manifest  # noqa: E402
@@ -56,6 +56,7 @@ def test_executorch_unfused_matches_pytorch(tmp_path_factory):
                   {w0: tuple(manifest.weights[w0].shape)},
                   {w0: manifest.weights[w0].sha256})
     ads["big"] = (big, "lora")
+    ads["lora2"] = ads["lora"]
     for name, (ad, kind) in ads.items():
         write_adapter(tmp_path / "adapters" / f"{name}.eadp", ad, value_dtype="float32")
         manifest.adapters[name] = AdapterEntry(file=f"adapters/{name}.eadp", method=ad.method,
@@ -86,6 +87,17 @@ def test_executorch_unfused_matches_pytorch(tmp_path_factory):
     assert rt.active == ("lora",)
     rt.switch(None)
     assert rt.active_variant is None and np.array_equal(rt.run(**np_in), base)
+    # Refused unfused switches keep the fused adapter: a scale whose s * B overflows float32,
+    # and (a bundle.json whose LoRA variant claims rank 5) branch tensors its buffers cannot take.
+    rt.switch("s1")
+    fused = rt.run(**np_in)
+    with pytest.raises(SwitchError, match="overflow"):
+        rt.switch("lora", 1e39)
+    rt.manifest.variants[keys["lora"]]["branch"]["spec"] = ["lora", 5]
+    with pytest.raises(BundleError, match="cannot take"):
+        rt.switch("lora2")  # not prepared yet: padded to the claimed rank
+    assert rt.active == ("s1",) and rt.active_variant is None
+    assert np.array_equal(rt.run(**np_in), fused)
 
 
 def one_layer_bert_dir(path) -> str:
