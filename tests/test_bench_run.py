@@ -179,3 +179,20 @@ def test_refuses_to_time_a_wrong_fused_variant(base_bundle, monkeypatch):
                                             repeats=2, peers=False),
                   progress=timed.append)
     assert timed == []
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--threads", "0"], "--threads"), (["--repeats", "0"], "--repeats"),
+    (["--switch-repeats", "0"], "--switch-repeats"), (["--warmup", "-1"], "--warmup"),
+    (["--reload-repeats", "0"], "--reload-repeats"), (["--backends", ""], "--backends"),
+    (["--backends", " , "], "--backends")])
+def test_cli_rejects_bad_counts_before_loading(base_bundle, args, option, monkeypatch):
+    from edgeadapt.bench import run
+    from edgeadapt.bench.cli import bench
+
+    def never(*a, **k):
+        raise AssertionError("loaded")
+
+    monkeypatch.setattr(run, "run_bench", never)
+    res = CliRunner().invoke(bench, [str(base_bundle), *args])
+    assert res.exit_code == 2 and option in res.output, res.output

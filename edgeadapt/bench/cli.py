@@ -27,12 +27,15 @@ def _ints(value: str) -> list[int]:
 @click.option("--seq", "seqs", default="64", show_default=True, help="Sequence lengths.")
 @click.option("--shapes", default=None,
               help="Explicit BxS pairs, e.g. 1x1,1x64,8x64 (overrides --batch/--seq).")
-@click.option("--repeats", default=20, show_default=True, help="Timed rounds per forward case.")
-@click.option("--switch-repeats", default=50, show_default=True, help="Timed switches.")
-@click.option("--reload-repeats", default=5, show_default=True,
+@click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Timed rounds per forward case.")
+@click.option("--switch-repeats", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Timed switches.")
+@click.option("--reload-repeats", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timed reloads and repack switches (each rebuilds a session).")
-@click.option("--warmup", default=3, show_default=True)
-@click.option("--threads", default=1, show_default=True, help="Intra-op threads per backend.")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Intra-op threads per backend.")
 @click.option("--sessions", default=1, show_default=True, type=click.IntRange(min=1),
               help="Independent sessions/programs per forward variant, all interleaved; "
                    "ratios average over them (one session's memory layout can move it ~4%).")
@@ -47,6 +50,9 @@ def bench(bundle: str, backends: str, batches: str, seqs: str, shapes: str | Non
     SiRA, ONNX Runtime's LoRA adapters) and full switch cost (SHiRA, LoRA fuse, reload, PEFT),
     every ratio from interleaved runs. Refuses to time any variant whose output does not match
     PyTorch."""
+    backend_list = [b.strip() for b in backends.split(",") if b.strip()]
+    if not backend_list:
+        raise click.BadParameter("name at least one backend", param_hint="--backends")
     import torch
     from tqdm import tqdm
 
@@ -62,7 +68,7 @@ def bench(bundle: str, backends: str, batches: str, seqs: str, shapes: str | Non
             raise click.BadParameter(f"--shapes {shapes!r}: use BxS,BxS") from None
         if any(len(p) != 2 or min(p) < 1 for p in pairs):
             raise click.BadParameter(f"--shapes {shapes!r}: use BxS,BxS with positive ints")
-    opts = BenchOptions(backends=[b for b in backends.split(",") if b], batches=_ints(batches),
+    opts = BenchOptions(backends=backend_list, batches=_ints(batches),
                         seqs=_ints(seqs), shapes=pairs, repeats=repeats,
                         switch_repeats=switch_repeats, reload_repeats=reload_repeats,
                         warmup=warmup, threads=threads, sessions=sessions,
