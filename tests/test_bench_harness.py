@@ -310,3 +310,17 @@ def test_check_targets_prefers_paired_ratio_and_flags_missing():
     rows = {(r["target"], r["backend"]): r for r in check_targets(rep)}
     assert rows[("shira-live/base 1x1", "onnxruntime-cpu")]["value"] == 1.5
     assert rows[("reload/shira switch", "onnxruntime-cpu")]["status"] == "not measured"
+
+
+def test_table_prints_n_and_marks_p99_from_few_samples():
+    from edgeadapt.bench.report import table
+
+    rep = _report()
+    for r in rep["forward"]:
+        r["n"] = 100 if r["variant"] == "base" else 12
+    lines = table(rep).splitlines()
+    base = next(x for x in lines if " base " in x and "1x1" in x)
+    live = next(x for x in lines if "shira-live" in x and "1x1" in x)
+    assert base.split()[3] == "100" and base.split()[6] == "12.000"
+    assert live.split()[3] == "12" and live.split()[6] == "12.120*"
+    assert any(x.startswith("* p99 from n < 100") for x in lines)

@@ -18,22 +18,37 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:.0f}"
 
 
+FEW_SAMPLES = 100  # below this many samples, p99 is (close to) the largest sample
+
+
+def _p99(row: dict) -> str:
+    """p99 with a ``*`` where fewer than FEW_SAMPLES samples back it (legend under the table)."""
+    n = row.get("n")
+    return _fmt(row["p99_ms"]) + ("*" if n is not None and n < FEW_SAMPLES else " ")
+
+
 def table(report: dict) -> str:
-    """Forward rows (p50 / p90 / p99, ratio to base), switch rows, floor, targets, skipped."""
+    """Forward rows (n, p50 / p90 / p99, ratio to base), switch rows, floor, targets, skipped.
+    A p99 from fewer than 100 samples is marked ``*``."""
     forms = ", ".join(f"{b} {f}" for b, f in report.get("live_form_by_backend", {}).items())
     lines = [f"model {report['model']} on {report['device']}"
              + (f", {report['sessions']} sessions per variant" if report.get("sessions", 1) > 1
                 else "") + (f"; live weights read as: {forms}" if forms else ""), "",
-             f"{'backend':<18}{'variant':<18}{'BxS':>7}{'p50 ms':>10}{'p90 ms':>10}"
-             f"{'p99 ms':>10}{'x base':>8}"]
+             f"{'backend':<18}{'variant':<18}{'BxS':>7}{'n':>6}{'p50 ms':>10}{'p90 ms':>10}"
+             f"{'p99 ms':>11}{'x base':>8}"]
     for r in report["forward"]:
         lines.append(f"{r['backend']:<18}{r['variant']:<18}{r['batch']:>3}x{r['seq']:<3}"
-                     f"{_fmt(r['p50_ms']):>10}{_fmt(r['p90_ms']):>10}{_fmt(r['p99_ms']):>10}"
-                     f"{_fmt(r.get('ratio_vs_base')):>8}")
-    lines += ["", f"{'backend':<18}{'switch':<18}{'mode':<9}{'p50 ms':>10}"]
+                     f"{r.get('n', '?'):>6}{_fmt(r['p50_ms']):>10}{_fmt(r['p90_ms']):>10}"
+                     f"{_p99(r):>11}{_fmt(r.get('ratio_vs_base')):>8}")
+    lines += ["", f"{'backend':<18}{'switch':<18}{'mode':<9}{'n':>6}{'p50 ms':>10}"
+              f"{'p90 ms':>10}{'p99 ms':>11}{'x shira':>9}"]
     for r in report["switch"]:
-        lines.append(f"{r['backend']:<18}{r['method']:<18}{r['mode']:<9}"
-                     f"{_fmt(r['p50_ms'], 4):>10}")
+        lines.append(f"{r['backend']:<18}{r['method']:<18}{r['mode']:<9}{r.get('n', '?'):>6}"
+                     f"{_fmt(r['p50_ms'], 4):>10}{_fmt(r.get('p90_ms'), 4):>10}"
+                     f"{_p99(r) if 'p99_ms' in r else '-':>11}"
+                     f"{_fmt(r.get('ratio_vs_shira')):>9}")
+    if any(r.get("n", FEW_SAMPLES) < FEW_SAMPLES for r in report["forward"] + report["switch"]):
+        lines.append(f"* p99 from n < {FEW_SAMPLES} samples: at or next to the largest sample")
     fl = report["floor"]
     lines += ["", f"SHiRA switch floor {_fmt(fl['shira_switch_ms'], 4)} ms "
               f"({fl.get('total_bytes', '?')} bytes at {_fmt(fl.get('bandwidth_GBps'), 1)} GB/s)"]
