@@ -24,6 +24,7 @@ from edgeadapt.bench.timing import (
     Stats,
     break_even_runs,
     combine_instances,
+    flush_key,
     instance_name,
     interleaved_order,
     paired_ratios,
@@ -118,6 +119,17 @@ def test_time_interleaved_samples_and_order():
     assert len(ticks) == 6
 
 
+def test_time_interleaved_flushes_before_every_timed_call():
+    """The flush runs right before every timed call, whatever the rotation put before it; it
+    is timed apart (per case it preceded) and never counted in the case's sample."""
+    m = _FakeMachine(drift_per_call=0.0)
+    out = time_interleaved({"A": m.case("A", 2.0), "B": m.case("B", 5.0)}, repeats=2,
+                           warmup=1, clock=m.clock, flush=m.case("copy", 7.0))
+    assert out == {"A": [2.0, 2.0], "B": [5.0, 5.0], flush_key("A"): [7.0, 7.0],
+                   flush_key("B"): [7.0, 7.0]}
+    assert m.calls == ["A", "B", "copy", "A", "copy", "B", "copy", "B", "copy", "A"]
+
+
 def test_time_interleaved_inner_mean():
     m = _FakeMachine(drift_per_call=0.0)
     out = time_interleaved({"A": m.case("A", 3.0)}, repeats=2, warmup=0, inner=4,
@@ -167,6 +179,12 @@ def test_touched_lines_by_hand():
     assert touched_lines(np.array([0, 1, 17, 40, 127]), 4) == 4
     assert touched_lines(np.array([], dtype=np.int64), 4) == 0
     assert touched_lines(np.array([0, 8]), 8) == 2
+    # a buffer 32 bytes past a line (ExecuTorch's): element i sits at byte 32 + 4 i, so 0..7
+    # share line 0, 8..23 line 1; positions 0 and 8 are two lines, 8 and 23 one
+    assert touched_lines(np.array([0, 8]), 4, offset=32) == 2
+    assert touched_lines(np.array([0, 8]), 4) == 1
+    assert touched_lines(np.array([8, 23]), 4, offset=32) == 1
+    assert touched_lines(np.array([8, 23]), 4) == 2
 
 
 def test_switch_traffic_by_hand():
@@ -181,6 +199,9 @@ def test_switch_traffic_by_hand():
     trans = switch_traffic({"w": np.array([0])}, {"w": np.array([32])}, shapes,
                            layouts={"w": "transposed"})
     assert (as_is.lines, trans.lines) == (2, 1)
+    # the buffer's real address: 32 bytes past a line, positions 0 and 8 fall on two lines
+    assert switch_traffic({}, {"w": np.array([0, 8])}, shapes, offsets={"w": 32}).lines == 2
+    assert switch_traffic({}, {"w": np.array([0, 8])}, shapes).lines == 1
     # switching from the base touches only the new adapter's positions
     base = switch_traffic({}, {"w": np.array([0, 32])}, shapes)
     assert base.stream_bytes == 2 * 8 + 2 * 4 + 2 * 4
@@ -277,6 +298,9 @@ def test_schema_accepts_valid_and_survives_json():
     lambda r: r["forward"][0].update(p50_ms=100.0),  # p50 > p90
     lambda r: r["switch"][0].update(method="teleport"),
     lambda r: r["switch"][0].pop("mode"),
+    lambda r: r["switch"][0].update(mode="turbo"),
+    lambda r: r["switch"][0].update(backend="tpu"),
+    lambda r: r["forward"][0].update(backend="onnxruntime-gpu"),
     lambda r: r["floor"].update(shira_switch_ms="fast"),
 ])
 def test_schema_rejects_broken(mutate):
@@ -310,6 +334,39 @@ def test_check_targets_prefers_paired_ratio_and_flags_missing():
     rows = {(r["target"], r["backend"]): r for r in check_targets(rep)}
     assert rows[("shira-live/base 1x1", "onnxruntime-cpu")]["value"] == 1.5
     assert rows[("reload/shira switch", "onnxruntime-cpu")]["status"] == "not measured"
+
+
+def test_check_targets_uses_same_round_switch_ratios():
+    """Rows carrying ratio_vs_shira (paired with the SHiRA switch of the same rounds) are
+    judged by it, not by the ratio of p50s from different series (30 / 2 = 15, 300 / 2 =
+    150)."""
+    rep = _report()
+    for r in rep["switch"]:
+        r["ratio_vs_shira"] = {"shira": 1.0, "lora-fuse": 9.0, "reload": 233.0}[r["method"]]
+    rows = {(r["target"], r["backend"]): r for r in check_targets(rep)}
+    assert rows[("lora-fuse/shira switch", "onnxruntime-cpu")]["value"] == 9.0
+    assert rows[("lora-fuse/shira switch", "onnxruntime-cpu")]["status"] == "miss"
+    assert rows[("reload/shira switch", "onnxruntime-cpu")]["value"] == 233.0
+    assert rows[("reload/shira switch", "onnxruntime-cpu")]["status"] == "pass"
+
+
+def test_switch_row_ratio_is_paired_with_the_same_rounds():
+    """reload 300, 400, 1000 ms against SHiRA switches of 1, 2, 4 ms in the same rounds:
+    per-round ratios 300, 200, 250 -> median 250 (the ratio of p50s would be 400 / 2 = 200)."""
+    from types import SimpleNamespace
+
+    from edgeadapt.bench.run import _Run
+
+    run = SimpleNamespace(switch=[])
+    _Run._switch_row(run, "onnxruntime-cpu", "reload", "repack",
+                     {"shira": [1.0, 2.0, 4.0], "reload": [300.0, 400.0, 1000.0]}, "reload")
+    row = run.switch[0]
+    assert row["ratio_vs_shira"] == pytest.approx(250.0)
+    # sorted ratios 200, 250, 300: p10 at position 0.2 -> 210, p90 at 1.8 -> 290
+    assert row["ratio_vs_shira_p10"] == pytest.approx(210.0)
+    assert row["ratio_vs_shira_p90"] == pytest.approx(290.0)
+    assert row["p50_ms"] == 400.0 and row["shira_same_rounds_p50_ms"] == 2.0
+    assert (row["method"], row["mode"], row["n"]) == ("reload", "repack", 3)
 
 
 def test_table_prints_n_and_marks_p99_from_few_samples():

@@ -68,6 +68,29 @@ def test_cli_fused_variants_and_skips(base_bundle, tmp_path):
         else "blocked32"}
     mem = next(r for r in rep["memory"] if r["runtime"] == "live after switches")
     assert mem["collapsed_bytes"] is None  # ExecuTorch's planned buffers only
+    # each switch series was checked against PyTorch for both adapters of its cycle, and the
+    # switch back to the base is bit-identical to the runtime's output before any switch
+    checks = {}
+    for r in rep["parity"]:
+        if r["check"] in ("switch", "restore"):
+            checks.setdefault((r["method"], r["mode"]), []).append(
+                (r["check"], r["adapter"], r["bit_exact"] if r["check"] == "restore" else None))
+    shira, lora = sorted(n for n in rep["adapters"] if n.startswith("bench-shira")), \
+        sorted(n for n in rep["adapters"] if n.startswith("bench-lora-") and "unfused" not in n)
+    for key, names in ((("shira", "live"), shira), (("shira", "repack"), shira),
+                       (("lora-fuse", "live"), lora)):
+        assert checks[key] == [("switch", names[0], None), ("switch", names[1], None),
+                               ("restore", None, True)]
+    assert all(r["seq"] == 4 and r["batch"] == 1 for r in rep["parity"])
+    reload = next(r for r in rep["parity"] if r["check"] == "reload")
+    assert reload["mode"] == "repack" and reload["max_rel_error"] <= 1e-3
+    # switch ratios are against the SHiRA switch of the same rounds, row by row
+    rows = {(r["method"], r["mode"]): r for r in rep["switch"]}
+    assert rows[("shira", "live")]["ratio_vs_shira"] == 1.0
+    assert all(r["ratio_vs_shira"] > 0 for r in rows.values())
+    assert "shira_same_rounds_p50_ms" in rows[("reload", "repack")]
+    base = next(r for r in rep["forward"] if r["variant"] == "base")
+    assert base["runtime_mode"] == "repack" and "gpu" not in rep
     # the floor's bandwidth was timed in the switch rounds, one copy per timed switch
     fl = rep["floor"]["per_backend"]["onnxruntime-cpu"]
     assert fl["measured_over_floor"] == rep["floor"]["measured_over_floor"]["onnxruntime-cpu"]
@@ -107,7 +130,8 @@ def test_cli_several_sessions_per_variant(base_bundle, tmp_path):
     rows = rep["forward"]
     assert sorted(r["variant"] for r in rows) == sorted({r["variant"] for r in rows})
     assert all(r["n"] == 6 and r["sessions"] == 2 for r in rows)
-    checked = sorted((r["variant"], r["instance"]) for r in rep["parity"])
+    checked = sorted((r["variant"], r["instance"]) for r in rep["parity"]
+                     if r["check"] == "forward")
     assert checked == sorted((r["variant"], i) for r in rows for i in (0, 1))
     assert next(r for r in rows if r["variant"] == "base")["ratio_vs_base"] == 1.0
 
@@ -136,9 +160,19 @@ def test_cli_end_to_end(tiny_bundle, tmp_path):
            if r["backend"] == "onnxruntime-cpu"}
     assert cpu == {(v, b, s) for v in VARIANTS for b, s in ((1, 1), (2, 8))}
     # every timed variant was first checked against PyTorch at every shape
-    checked = {(r["variant"], r["batch"]) for r in rep["parity"]}
-    assert checked == {(v, b) for v in VARIANTS for b in (1, 2)}
+    checked = {(r["variant"], r["batch"], r["seq"]) for r in rep["parity"]
+               if r["check"] == "forward"}
+    assert checked == {(v, b, s) for v in VARIANTS for b, s in ((1, 1), (2, 8))}
     assert all(r["max_rel_error"] <= 1e-3 for r in rep["parity"])
+    # every switch method was checked after its series: both adapters, then the base
+    switched = {(r["backend"], r["method"], r["mode"], r["check"]) for r in rep["parity"]
+                if r["check"] != "forward"}
+    assert {("onnxruntime-cpu", "ort-adapter", "unfused", "switch"),
+            ("onnxruntime-cpu", "ort-adapter", "unfused", "restore"),
+            ("pytorch", "peft-shira-merge", "merge", "merge"),
+            ("pytorch", "peft-shira-merge", "merge", "unmerge"),
+            ("pytorch", "peft-lora-merge", "merge", "merge"),
+            ("pytorch", "peft-lora-merge", "merge", "unmerge")} <= switched
     methods = {(r["backend"], r["method"], r["mode"]) for r in rep["switch"]}
     assert {("onnxruntime-cpu", "shira", "live"), ("onnxruntime-cpu", "shira", "repack"),
             ("onnxruntime-cpu", "lora-fuse", "live"), ("onnxruntime-cpu", "reload", "repack"),
@@ -179,6 +213,141 @@ def test_refuses_to_time_a_wrong_fused_variant(base_bundle, monkeypatch):
                                             repeats=2, peers=False),
                   progress=timed.append)
     assert timed == []
+
+
+_QUICK = dict(backends=["onnxruntime-cpu"], shapes=[(1, 4)], repeats=1, warmup=0,
+              switch_repeats=2, reload_repeats=1, peers=False)
+
+
+def test_refuses_to_report_switches_that_do_not_switch(base_bundle, monkeypatch):
+    """Every live runtime's later switches made no-ops (the forward check after the first one
+    still passes): the check after the switch series raises ParityError."""
+    from edgeadapt.bench.run import BenchOptions, run_bench
+    from edgeadapt.runtime.api import Runtime
+
+    original = Runtime.switch
+
+    def first_only(self, names, scales=None):
+        if self.mode == "live" and getattr(self, "_switched", False):
+            return
+        self._switched = True
+        original(self, names, scales)
+
+    monkeypatch.setattr(Runtime, "switch", first_only)
+    with pytest.raises(ParityError, match=r"shira switch \(live\) to bench-shira-1"):
+        run_bench(base_bundle, BenchOptions(**_QUICK))
+
+
+def test_refuses_to_report_repack_switches_without_rebuild(base_bundle, monkeypatch):
+    """The repack store's commit rebuilds only the first time (a stale packed session)."""
+    from edgeadapt.bench.run import BenchOptions, run_bench
+    from edgeadapt.runtime.onnxruntime_backend import OrtRepackStore
+
+    original = OrtRepackStore.commit
+
+    def once(self, changes):
+        if self.rebuilds == 0:
+            original(self, changes)
+
+    monkeypatch.setattr(OrtRepackStore, "commit", once)
+    with pytest.raises(ParityError, match=r"shira switch \(repack\) to bench-shira-1"):
+        run_bench(base_bundle, BenchOptions(**_QUICK))
+
+
+def test_refuses_a_restore_that_is_not_bit_exact(base_bundle, monkeypatch):
+    """Back to the base, one live weight is off by 1e-4 of its largest value: within the
+    parity tolerance, but not the exact restore a live switch promises."""
+    from edgeadapt.bench.run import BenchOptions, run_bench
+    from edgeadapt.runtime.api import Runtime
+
+    original = Runtime.switch
+
+    def inexact(self, names, scales=None):
+        original(self, names, scales)
+        if self.mode == "live" and not names:
+            a = next(iter(self.store.live_weights().values())).array.reshape(-1)
+            a[0] += np.float32(1e-4) * np.abs(a).max()
+
+    monkeypatch.setattr(Runtime, "switch", inexact)
+    with pytest.raises(ParityError, match="not bit-exact"):
+        run_bench(base_bundle, BenchOptions(**_QUICK))
+
+
+def test_refuses_peft_peer_that_does_not_unmerge(base_bundle, monkeypatch):
+    """A PEFT switch that merges the next adapter without unmerging the previous one: the
+    merged weights differ from W0 + delta computed with apply_adapter_torch."""
+    pytest.importorskip("peft")
+    from edgeadapt.bench import peers
+    from edgeadapt.bench.run import BenchOptions, run_bench
+
+    def no_unmerge(self, name):
+        if name is not None:
+            self.pm.base_model.merge_adapter([name])
+        self.merged = name
+
+    monkeypatch.setattr(peers.PeftSwitch, "to", no_unmerge)
+    with pytest.raises(ParityError, match="peft-shira-merge merge of bench-shira-"):
+        run_bench(base_bundle, BenchOptions(**{**_QUICK, "peers": True}))
+
+
+def test_forward_cases_time_the_store_not_runtime_run(base_bundle, monkeypatch):
+    """Every case times the model's forward alone (rt.store.run on inputs checked once),
+    as the unfused sessions do: Runtime.run (input check, locks) is never called."""
+    from edgeadapt.bench.run import BenchOptions, run_bench
+    from edgeadapt.runtime.api import Runtime
+
+    def refuse(self, **inputs):
+        raise AssertionError("Runtime.run timed")
+
+    monkeypatch.setattr(Runtime, "run", refuse)
+    rep = run_bench(base_bundle, BenchOptions(**_QUICK))
+    assert {r["variant"] for r in rep["forward"]} == {"base", "shira-live", "shira-repack",
+                                                      "lora-fused"}
+
+
+def _copy(bundle, tmp_path):
+    import shutil
+
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle, out)
+    return out
+
+
+def test_bundle_errors_raise_typed(base_bundle, tmp_path):
+    """A missing or corrupt base model is a BundleError naming the file, not a skipped
+    backend; only an unavailable backend (no .pte section here) is skipped."""
+    from edgeadapt.bench.run import BenchOptions, run_bench
+    from edgeadapt.errors import BundleError, ConfigError
+
+    bundle = _copy(base_bundle, tmp_path)
+    (bundle / "model.onnx").write_bytes(b"\x0a\xff\xff not a protobuf")
+    with pytest.raises(BundleError, match="model.onnx"):
+        run_bench(bundle, BenchOptions(**_QUICK))
+    (bundle / "model.onnx").unlink()
+    with pytest.raises(BundleError, match="model.onnx"):
+        run_bench(bundle, BenchOptions(**_QUICK))
+    with pytest.raises(ConfigError, match="no backends"):
+        run_bench(base_bundle, BenchOptions(**{**_QUICK, "backends": []}))
+    rep = run_bench(base_bundle, BenchOptions(**{**_QUICK, "backends": ["executorch"]}))
+    assert rep["forward"] == [] and rep["skipped"] == [
+        {"backend": "executorch", "what": "all",
+         "reason": "the bundle has no ExecuTorch program (export with --formats pte)"}]
+
+
+def test_a_broken_variant_is_skipped_alone(tiny_bundle, tmp_path):
+    """The LoRA variant graph deleted: its three cases are skipped with the reason, the base,
+    fused and SiRA cases are still measured."""
+    from edgeadapt.bench.run import BenchOptions, run_bench
+
+    bundle = _copy(tiny_bundle, tmp_path)
+    (bundle / "model.lora-r8.onnx").unlink()
+    rep = run_bench(bundle, BenchOptions(**_QUICK))
+    assert {r["variant"] for r in rep["forward"]} == {"base", "shira-live", "shira-repack",
+                                                      "lora-fused", "sira-unfused"}
+    reasons = {s["what"]: s["reason"] for s in rep["skipped"]}
+    for what in ("lora-unfused", "sora-unfused", "ort-lora-adapter"):
+        assert "model.lora-r8.onnx" in reasons[what]
+    assert not any(s["what"] == "all" for s in rep["skipped"])
 
 
 @pytest.mark.parametrize("args, option", [

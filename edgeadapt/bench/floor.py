@@ -36,13 +36,15 @@ from edgeadapt.format.layout import backend_index
 CACHE_LINE = 64
 
 
-def touched_lines(positions: np.ndarray, itemsize: int, line: int = CACHE_LINE) -> int:
+def touched_lines(positions: np.ndarray, itemsize: int, line: int = CACHE_LINE,
+                  offset: int = 0) -> int:
     """Number of distinct ``line``-byte cache lines holding the given flat element positions of
-    a line-aligned buffer with ``itemsize``-byte elements."""
+    a buffer with ``itemsize``-byte elements whose first byte sits ``offset`` bytes past a line
+    boundary (``address % line``; 0 for a line-aligned buffer)."""
     pos = np.asarray(positions, dtype=np.int64)
     if pos.size == 0:
         return 0
-    return int(np.unique(pos * itemsize // line).size)
+    return int(np.unique((int(offset) % line + pos * itemsize) // line).size)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ def switch_traffic(
     shapes: Mapping[str, tuple[int, int]],
     *,
     layouts: Mapping[str, str] | None = None,
+    offsets: Mapping[str, int] | None = None,
     itemsize: int = 4,
     idx_bytes: int = 8,
     value_bytes: int = 4,
@@ -78,7 +81,8 @@ def switch_traffic(
 
     old, new: target weight name -> (K,) flat torch-layout indices (an empty mapping = base).
     shapes: name -> (out, in).  layouts: name -> ``as-is`` | ``transposed`` | ``blocked32``
-    (default as-is).
+    (default as-is). offsets: name -> the live buffer's address modulo 64 where the arrays
+    are at hand (ExecuTorch's planned buffers sit at 32 past a line, not on one); default 0.
     """
     lines = 0
     stream = 0
@@ -88,7 +92,8 @@ def switch_traffic(
         a = np.asarray(old.get(name, np.empty(0, np.int64)), dtype=np.int64)
         b = np.asarray(new.get(name, np.empty(0, np.int64)), dtype=np.int64)
         union = np.union1d(a, b)
-        lines += touched_lines(backend_index(union, shapes[name], layout), itemsize)
+        lines += touched_lines(backend_index(union, shapes[name], layout), itemsize,
+                               offset=(offsets or {}).get(name, 0))
         stream += (a.size + b.size) * idx_bytes + b.size * value_bytes + union.size * itemsize
         positions += int(union.size)
     return SwitchTraffic(lines, 2 * CACHE_LINE * lines, stream, positions)

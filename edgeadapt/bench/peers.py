@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -99,20 +98,61 @@ def peft_lora_model(model: nn.Module, adapters: list[Adapter], seed: int = 0
     return pm, rank
 
 
-def peft_switcher(pm: nn.Module, names: list[str]) -> Callable[[], None]:
-    """A callable doing one full PEFT switch per call, cycling through ``names``: unmerge the
-    merged adapter, merge the next. The first call merges ``names[0]``."""
-    cycle = itertools.cycle(names)
-    state = {"merged": False}
+class PeftSwitch:
+    """One full PEFT switch per call, cycling through ``names``: unmerge the merged adapter,
+    merge the next (the first call only merges). :meth:`to` sets a given state untimed."""
+
+    def __init__(self, pm: nn.Module, names: list[str]) -> None:
+        self.pm = pm
+        self._cycle = itertools.cycle(names)
+        self.merged: str | None = None
 
     @torch.no_grad()
-    def switch() -> None:
-        if state["merged"]:
-            pm.base_model.unmerge_adapter()
-        pm.base_model.merge_adapter([next(cycle)])
-        state["merged"] = True
+    def to(self, name: str | None) -> None:
+        """Unmerge whatever is merged, then merge ``name`` (None: leave the base)."""
+        if self.merged is not None:
+            self.pm.base_model.unmerge_adapter()
+            self.merged = None
+        if name is not None:
+            self.pm.base_model.merge_adapter([name])
+            self.merged = name
 
-    return switch
+    def __call__(self) -> None:
+        self.to(next(self._cycle))
+
+
+def peft_switcher(pm: nn.Module, names: list[str]) -> PeftSwitch:
+    """A callable doing one full PEFT switch per call, cycling through ``names``: unmerge the
+    merged adapter, merge the next. The first call merges ``names[0]``."""
+    return PeftSwitch(pm, names)
+
+
+def merged_weights(pm: nn.Module, names: list[str]) -> dict[str, np.ndarray]:
+    """The weights PEFT's forward reads now (merged adapter included) for the torch weight
+    ``names`` of the wrapped model (a wrapped layer keeps them as ``base_layer.weight``)."""
+    params = dict(pm.base_model.model.named_parameters())
+    return {n: params[n.removesuffix(".weight") + ".base_layer.weight"].detach().numpy().copy()
+            for n in names}
+
+
+def reference_weights(model: nn.Module, adapter: Adapter | None, names: list[str]
+                      ) -> dict[str, np.ndarray]:
+    """W0 + delta of ``adapter`` at its own scale for ``names``, computed independently of PEFT
+    (``edgeadapt.adapters.apply_adapter_torch`` on ``model``, which is restored exactly from a
+    saved copy afterwards); W0 for None."""
+    from edgeadapt.adapters import apply_adapter_torch
+
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in names}
+    try:
+        with torch.no_grad():
+            if adapter is not None:
+                apply_adapter_torch(model, adapter, scale=adapter.scale)
+            return {n: params[n].detach().numpy().copy() for n in names}
+    finally:
+        with torch.no_grad():
+            for n, w in saved.items():
+                params[n].copy_(w)
 
 
 def shira_only(adapter: Adapter) -> bool:

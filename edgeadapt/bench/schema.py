@@ -9,8 +9,9 @@ Required keys (other tools read them; everything else is an extension)::
 
 Extensions written by the benchmark: ``forward[].ratio_vs_base`` (median of per-round ratios
 against ``base`` of the same backend and shape, interleaved), ``switch[].p90_ms``/``p99_ms``,
-``switch[].ratios`` ({other method: median(other) / median(this)}), ``floor.*`` (bandwidth,
-traffic), ``break_even``, ``memory``, ``skipped``, ``command``, ``targets_spec``.
+``switch[].ratio_vs_shira`` (median of per-round ratios against the live SHiRA switch timed in
+the same rounds; absent from reports written before it existed), ``floor.*`` (bandwidth,
+traffic), ``break_even``, ``memory``, ``parity``, ``skipped``, ``command``, ``targets_spec``.
 The full description lives in docs/bench.md.
 """
 
@@ -26,6 +27,7 @@ VARIANTS = ("base", "shira-live", "shira-repack", "lora-fused", "lora-unfused", 
             "sira-unfused", "ort-lora-adapter")
 METHODS = ("shira", "lora-fuse", "reload", "peft-shira-merge", "peft-lora-merge", "ort-adapter")
 BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "executorch", "pytorch")
+MODES = ("live", "repack", "unfused", "merge")
 
 _FORWARD = {"backend": str, "variant": str, "batch": int, "seq": int,
             "p50_ms": float, "p90_ms": float, "p99_ms": float}
@@ -51,8 +53,8 @@ def _check_row(row: Any, spec: Mapping[str, type], where: str) -> None:
 
 
 def validate_report(report: Any) -> None:
-    """Raise ConfigError unless ``report`` satisfies the JSON contract above (names of variants
-    and methods included)."""
+    """Raise ConfigError unless ``report`` satisfies the JSON contract above (names of backends,
+    variants, methods and modes included)."""
     if not isinstance(report, dict):
         raise ConfigError("a bench report is a JSON object")
     for key in ("model", "device"):
@@ -63,14 +65,20 @@ def validate_report(report: Any) -> None:
             raise ConfigError(f"report: {key!r} must be a list")
     for i, row in enumerate(report["forward"]):
         _check_row(row, _FORWARD, f"forward[{i}]")
+        if row["backend"] not in BACKENDS:
+            raise ConfigError(f"forward[{i}]: unknown backend {row['backend']!r}")
         if row["variant"] not in VARIANTS:
             raise ConfigError(f"forward[{i}]: unknown variant {row['variant']!r}")
         if not row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]:
             raise ConfigError(f"forward[{i}]: percentiles must satisfy p50 <= p90 <= p99")
     for i, row in enumerate(report["switch"]):
         _check_row(row, _SWITCH, f"switch[{i}]")
+        if row["backend"] not in BACKENDS:
+            raise ConfigError(f"switch[{i}]: unknown backend {row['backend']!r}")
         if row["method"] not in METHODS:
             raise ConfigError(f"switch[{i}]: unknown method {row['method']!r}")
+        if row["mode"] not in MODES:
+            raise ConfigError(f"switch[{i}]: unknown mode {row['mode']!r}")
     floor = report.get("floor")
     if not isinstance(floor, dict):
         raise ConfigError("report: 'floor' must be an object")
@@ -105,6 +113,19 @@ def forward_ratio(report: Mapping, backend: str, variant: str, batch: int, seq: 
     return row["p50_ms"] / base["p50_ms"]
 
 
+def switch_ratio(report: Mapping, backend: str, method: str) -> float:
+    """method switch / live SHiRA switch of one backend: the row's ``ratio_vs_shira`` (median
+    of per-round ratios against the SHiRA switch timed in the same rounds) when present, else
+    (reports written before it existed) the ratio of the two p50s."""
+    row = _switch(report, backend, method)
+    shira = _switch(report, backend, "shira", "live")
+    if row is None:
+        return float("nan")
+    if "ratio_vs_shira" in row:
+        return float(row["ratio_vs_shira"])
+    return row["p50_ms"] / shira["p50_ms"] if shira else float("nan")
+
+
 def _check(name: str, backend: str, value: float, op: str, threshold: float) -> dict:
     if math.isnan(value):
         status = "not measured"
@@ -119,10 +140,11 @@ def check_targets(report: Mapping) -> list[dict]:
     """The targets of issue 6, evaluated from a report; one row per (target, backend).
 
     - shira-live / base <= 1.02 at (batch, seq) = (1, 1), (1, 64), (8, 64);
-    - lora-fuse switch / shira switch >= 10; shira switch / floor <= 1.5 (the paired
+    - lora-fuse switch / shira switch >= 10 (:func:`switch_ratio`); shira switch / floor
+      <= 1.5 (the paired
       per-round ratio ``floor.measured_over_floor[backend]`` where the report has it, else
       p50 / ``floor.shira_switch_ms``);
-      reload / shira switch >= 200 (switches in live mode);
+      reload / shira switch >= 200 (:func:`switch_ratio`; switches in live mode);
     - sira-unfused / base <= 1.3 at batch 1 on onnxruntime-cpu (every seq measured).
     Rows whose inputs are absent from the report come out ``not measured``.
     """
@@ -137,17 +159,15 @@ def check_targets(report: Mapping) -> list[dict]:
                                forward_ratio(report, backend, "shira-live", batch, seq),
                                "<=", 1.02))
         shira = _switch(report, backend, "shira", "live")
-        lora = _switch(report, backend, "lora-fuse")
-        reload = _switch(report, backend, "reload")
         s = shira["p50_ms"] if shira else float("nan")
         rows.append(_check("lora-fuse/shira switch", backend,
-                           lora["p50_ms"] / s if lora else float("nan"), ">=", 10.0))
+                           switch_ratio(report, backend, "lora-fuse"), ">=", 10.0))
         paired = report["floor"].get("measured_over_floor", {}).get(backend)
         floor = report["floor"]["shira_switch_ms"]
         rows.append(_check("shira switch/floor", backend, float(paired) if paired is not None
                            else (s / floor if floor > 0 else float("nan")), "<=", 1.5))
         rows.append(_check("reload/shira switch", backend,
-                           reload["p50_ms"] / s if reload else float("nan"), ">=", 200.0))
+                           switch_ratio(report, backend, "reload"), ">=", 200.0))
         if backend == "onnxruntime-cpu":
             seqs = sorted({r["seq"] for r in report["forward"]
                            if r["backend"] == backend and r["batch"] == 1})

@@ -140,6 +140,14 @@ def interleaved_order(names: Sequence[str], round_index: int) -> list[str]:
     return list(names[k:]) + list(names[:k])
 
 
+FLUSH_PREFIX = "flush>"
+
+
+def flush_key(name: str) -> str:
+    """The key under which :func:`time_interleaved` keeps the flush timed right before ``name``."""
+    return FLUSH_PREFIX + name
+
+
 def time_interleaved(
     cases: Mapping[str, Callable[[], object]],
     *,
@@ -148,6 +156,7 @@ def time_interleaved(
     inner: int = 1,
     progress: Callable[[int], object] | None = None,
     clock: Callable[[], int] = time.perf_counter_ns,
+    flush: Callable[[], object] | None = None,
 ) -> dict[str, list[float]]:
     """Run every case ``warmup`` times, then ``repeats`` interleaved rounds; return ms samples.
 
@@ -155,6 +164,10 @@ def time_interleaved(
     inner: calls per timed sample (the sample is their mean), for calls too short to time alone.
     progress: called with 1 after each timed call of a case (e.g. ``tqdm.update``).
     clock: a nanosecond clock (injectable for tests).
+    flush: called immediately before *every* timed call of every case (e.g. a copy larger
+        than the caches, so that every sample of every case starts from the same cold cache,
+        whatever the rotation put before it); it is timed apart, under
+        ``flush_key(name)`` for the case it preceded, and never counted in the case's sample.
     Returns name -> list of ``repeats`` durations in ms, in round order, so samples of two
     cases at the same position were taken in the same round.
     """
@@ -166,9 +179,15 @@ def time_interleaved(
         for name in names:
             cases[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
+    if flush is not None:
+        samples.update({flush_key(name): [] for name in names})
     for r in range(repeats):
         for name in interleaved_order(names, r):
             fn = cases[name]
+            if flush is not None:
+                t0 = clock()
+                flush()
+                samples[flush_key(name)].append((clock() - t0) / 1e6)
             t0 = clock()
             for _ in range(inner):
                 fn()

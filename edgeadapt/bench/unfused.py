@@ -46,10 +46,38 @@ def _variant_session(bundle: Path, manifest: Manifest, key: str, threads: int
     return session, section.get("branch_inputs", {})
 
 
+def _failure(exc: BaseException) -> str:
+    return f"the variant could not be loaded: {type(exc).__name__}: {exc}"
+
+
+# what a variant that cannot be loaded raises: a bundle problem (a missing or corrupt variant
+# file: BundleError, OSError, protobuf's DecodeError, ONNX Runtime's errors), reported as a skip
+# of that variant alone (MissingPackageError: the backend itself is unavailable, not skipped here)
+def _variant_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [BundleError, OSError, ValueError, RuntimeError]
+    try:
+        from google.protobuf.message import DecodeError
+
+        errors.append(DecodeError)
+    except ImportError:
+        pass
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+        errors.extend(getattr(state, n) for n in ("Fail", "InvalidProtobuf", "InvalidGraph",
+                                                  "NoSuchFile", "InvalidArgument")
+                      if hasattr(state, n))
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def unfused_cases(bundle: Path, manifest: Manifest, aset: AdapterSet, scratch: Path,
                   threads: int) -> tuple[dict[str, Case], tuple | None, dict[str, str]]:
     """(variant -> (run, adapter name), the ort-adapter peer (session, [two adapter files]) or
-    None, what was skipped -> why)."""
+    None, what was skipped -> why). A variant whose graph cannot be loaded is skipped with the
+    reason; the others are still measured."""
+    errors = _variant_errors()
     cases: dict[str, Case] = {}
     skipped: dict[str, str] = {}
     peer = None
@@ -58,27 +86,41 @@ def unfused_cases(bundle: Path, manifest: Manifest, aset: AdapterSet, scratch: P
         for what in ("lora-unfused", "sora-unfused", "ort-lora-adapter"):
             skipped[what] = "the bundle has no LoRA branch variant (edgeadapt export adapter)"
     else:
-        sess, names = _variant_session(bundle, manifest, lora_key, threads)
-        for variant, method in (("lora-unfused", "lora"), ("sora-unfused", "sora")):
-            chosen = aset.of(method, fused=False)
-            if not chosen:
-                skipped[variant] = f"no unfused {method} adapter"
-                continue
-            feeds = branch_feeds(aset.adapters[chosen[0]], names)
-            cases[variant] = ((lambda x, s=sess, f=feeds: s.run(x, f)), chosen[0])
-        loras = (aset.of("lora", fused=False) + aset.of("lora"))[:2]
-        files = [write_ort_adapter(scratch / f"{n}.onnx_adapter", aset.adapters[n], names)
-                 for n in loras]
-        adapter_sess, _ = _variant_session(bundle, manifest, lora_key, threads)
-        adapter_sess.activate(adapter_sess.load(files[0]))
-        cases["ort-lora-adapter"] = ((lambda x, s=adapter_sess: s.run(x)), loras[0])
-        peer = (adapter_sess, files)
+        try:
+            sess, names = _variant_session(bundle, manifest, lora_key, threads)
+        except errors as exc:
+            sess = None
+            for what in ("lora-unfused", "sora-unfused", "ort-lora-adapter"):
+                skipped[what] = _failure(exc)
+        if sess is not None:
+            for variant, method in (("lora-unfused", "lora"), ("sora-unfused", "sora")):
+                chosen = aset.of(method, fused=False)
+                if not chosen:
+                    skipped[variant] = f"no unfused {method} adapter"
+                    continue
+                feeds = branch_feeds(aset.adapters[chosen[0]], names)
+                cases[variant] = ((lambda x, s=sess, f=feeds: s.run(x, f)), chosen[0])
+            try:
+                loras = (aset.of("lora", fused=False) + aset.of("lora"))[:2]
+                files = [write_ort_adapter(scratch / f"{n}.onnx_adapter", aset.adapters[n],
+                                           names) for n in loras]
+                adapter_sess, _ = _variant_session(bundle, manifest, lora_key, threads)
+                adapter_sess.activate(adapter_sess.load(files[0]))
+            except errors as exc:
+                skipped["ort-lora-adapter"] = _failure(exc)
+            else:
+                cases["ort-lora-adapter"] = ((lambda x, s=adapter_sess: s.run(x)), loras[0])
+                peer = (adapter_sess, files, loras)
     sira_key = next((k for k in manifest.variants if k.startswith("sira-")), None)
     sira = aset.of("sira", fused=False)
     if sira_key is None or not sira:
         skipped["sira-unfused"] = "the bundle has no SiRA branch variant"
     else:
-        sess, names = _variant_session(bundle, manifest, sira_key, threads)
-        feeds = branch_feeds(aset.adapters[sira[0]], names)
-        cases["sira-unfused"] = ((lambda x, s=sess, f=feeds: s.run(x, f)), sira[0])
+        try:
+            sess, names = _variant_session(bundle, manifest, sira_key, threads)
+        except errors as exc:
+            skipped["sira-unfused"] = _failure(exc)
+        else:
+            feeds = branch_feeds(aset.adapters[sira[0]], names)
+            cases["sira-unfused"] = ((lambda x, s=sess, f=feeds: s.run(x, f)), sira[0])
     return cases, peer, skipped
