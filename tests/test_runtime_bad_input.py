@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 
 from runtime_reference import example_pair, parity, random_adapters, torch_reference  # noqa: E402
 
-from edgeadapt.errors import AdapterFormatError, ConfigError  # noqa: E402
+from edgeadapt.errors import AdapterFormatError, BundleError, ConfigError  # noqa: E402
 from edgeadapt.export.bundle import export_base  # noqa: E402
 from edgeadapt.format import AdapterEntry, read_manifest, write_adapter, write_manifest  # noqa: E402
 from edgeadapt.models import load_model  # noqa: E402
@@ -131,3 +131,20 @@ def test_load_takes_the_manifest_path_and_refuses_bad_threads(exported):
     for threads in (-1, 0, 2.5, "2", True):
         with pytest.raises(ConfigError, match="threads"):
             load(bundle, threads=threads)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_graph_is_a_bundle_error(exported, tmp_path, damage):
+    """ONNX Runtime's and onnx's own errors (InvalidProtobuf, DecodeError) come back typed, in
+    every mode and with or without edgeadapt's kernel."""
+    import shutil
+
+    _, bundle = exported
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    graph = copy / "model.onnx"
+    raw = graph.read_bytes()
+    graph.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"\x08\xff" * 999)
+    for mode, kernel in (("live", None), ("live", False), ("repack", None)):
+        with pytest.raises(BundleError, match="model.onnx"):
+            load(copy, mode=mode, kernel=kernel, threads=1)

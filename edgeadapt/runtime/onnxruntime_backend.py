@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -178,21 +178,40 @@ def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool) -> tuple
     (docs/bench.md). The rewritten graph is handed over as bytes, its external data read from
     the model's folder.
     """
-    rt = _require_ort()
     if kernel and blocked:
-        import onnx
-
         from edgeadapt.export.onnx_blocked import kernel_blocked_matmuls
         from edgeadapt.runtime import onnxruntime_kernel
 
-        model = onnx.load(str(model_path), load_external_data=False)
+        model = _graph(model_path)
         if kernel_blocked_matmuls(model, blocked):
             onnxruntime_kernel.register(so)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(model_path.parent))
-            return rt.InferenceSession(model.SerializeToString(), so,
-                                       providers=["CPUExecutionProvider"]), True
-    return rt.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"]), False
+            return _session(model.SerializeToString(), so, model_path), True
+    return _session(str(model_path), so, model_path), False
+
+
+def _session(source: str | bytes, so, model_path: Path, providers: Sequence = (
+        "CPUExecutionProvider",)):
+    """An InferenceSession of ``source`` (a path, or the graph as bytes); BundleError naming
+    ``model_path`` where ONNX Runtime cannot load it (a corrupt or truncated file, missing
+    external data): its own errors are untyped."""
+    try:
+        return _require_ort().InferenceSession(source, so, providers=list(providers))
+    except Exception as exc:  # onnxruntime's pybind errors (InvalidProtobuf, Fail, ...)
+        raise BundleError(f"{model_path}: ONNX Runtime cannot load this graph: {exc}") from exc
+
+
+def _graph(model_path: Path):
+    """The ONNX graph at ``model_path`` without its external data; BundleError if it cannot be
+    read or parsed."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(model_path), load_external_data=False)
+    except (OSError, DecodeError, ValueError) as exc:
+        raise BundleError(f"{model_path}: not a readable ONNX graph: {exc}") from exc
 
 
 def use_kernel(kernel: bool | None, layouts: Iterable[str]) -> bool:
@@ -236,12 +255,11 @@ def _graph_with_initializers(model_path: Path, names: list[str]) -> tuple[bytes,
     (:func:`edgeadapt.export.onnx_blocked.unblock_live_matmuls`), because ONNX Runtime prepacks
     only 2-D MatMul weights. Returns (model bytes, {blocked input name: its transposed name});
     supply the values with :func:`add_constant_initializers`."""
-    import onnx
     from onnx import numpy_helper
 
     from edgeadapt.export.onnx_blocked import unblock_live_matmuls
 
-    model = onnx.load(str(model_path), load_external_data=False)
+    model = _graph(model_path)
     renamed = unblock_live_matmuls(model, names)
     by_name = {i.name: i for i in model.graph.input}
     for name in (renamed.get(n, n) for n in names):
@@ -298,13 +316,12 @@ class OrtRepackStore(_OrtStoreBase):
         self.output_name = self.session.get_outputs()[0].name
 
     def _build(self):
-        rt = _require_ort()
         so = session_options(self.threads, {
             "session.model_external_initializers_file_folder_path":
                 str(self.model_path.parent)})
         values = add_constant_initializers(
             so, {self.graph_names[n]: lw.array for n, lw in self._live.items()}, self._renamed)
-        session = rt.InferenceSession(self._proto, so, providers=["CPUExecutionProvider"])
+        session = _session(self._proto, so, self.model_path)
         self._keep = values  # the session may read the unpacked initializers
         return session
 
@@ -351,8 +368,8 @@ class OrtDeviceStore(_OrtStoreBase):
         self.device, self.device_id = device, device_id
         providers = ([("CUDAExecutionProvider", {"device_id": device_id})]
                      if device == "cuda" else []) + ["CPUExecutionProvider"]
-        self.session = rt.InferenceSession(str(model_path), session_options(threads),
-                                           providers=providers)
+        self.session = _session(str(model_path), session_options(threads), model_path,
+                                providers)
         if self.session.get_providers()[0] != provider:
             raise MissingPackageError("the CUDA execution provider failed to start (CUDA 13 / "
                                       "cuDNN 9 libraries missing?)")
