@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -135,6 +137,11 @@ def test_bad_input():
     for kwargs in ({"r": 0}, {"alpha": 0}, {"dropout": 1.0}, {"targets": ""}):
         with pytest.raises(ConfigError):
             LoraConfig(**kwargs)
+    for bad in (math.nan, math.inf, -math.inf, True):  # NaN/inf would train a NaN adapter
+        with pytest.raises(ConfigError, match="alpha"):
+            LoraConfig(alpha=bad)
+    with pytest.raises(ConfigError, match="dropout"):
+        LoraConfig(dropout=math.nan)
     lm = load_model("tiny-smollm2")
     attach(lm.model, LoraConfig())
     with pytest.raises(ConfigError, match="already"):

@@ -184,6 +184,10 @@ def test_bad_configs():
                    {"aux_loss_weight": -0.1}, {"r": 0}):
         with pytest.raises(ConfigError):
             SiraConfig(**kwargs)
+    for name in ("alpha", "capacity_factor", "aux_loss_weight"):  # finite numbers only
+        for bad in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ConfigError, match=name):
+                SiraConfig(**{name: bad})
 
 
 def test_whole_model_with_sira_exports():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -116,3 +118,7 @@ def test_bad_configs():
                    {"alpha": -1.0}):
         with pytest.raises(ConfigError):
             SoraConfig(**kwargs)
+    for name in ("alpha", "xi", "l1"):  # finite numbers only
+        for bad in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ConfigError, match=name):
+                SoraConfig(**{name: bad})

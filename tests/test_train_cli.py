@@ -49,6 +49,21 @@ def test_train_writes_a_run(tmp_path):
     (["--method", "lora", "--mask", "snip"], ["--mask", "--method lora"]),
     (["--method", "sira", "--top-k", "9"], ["top_k"]),
     (["--method", "sora", "--sora-schedule", "cosine"], ["schedule", "linear"]),
+    # NaN / inf floats: refused naming the option (before: exit 0 with a NaN adapter, or a
+    # ValueError / OverflowError traceback)
+    (["--method", "shira", "--lr", "nan"], ["lr", "finite"]),
+    (["--method", "shira", "--lr", "inf"], ["lr", "finite"]),
+    (["--method", "shira", "--head-lr", "nan"], ["head_lr", "finite"]),
+    (["--method", "sora", "--gate-lr", "inf"], ["gate_lr", "finite"]),
+    (["--method", "sora", "--sora-schedule", "linear", "--sora-xi-max", "nan"],
+     ["sora_xi_max", "finite"]),
+    (["--method", "shira", "--epochs", "nan"], ["epochs", "finite"]),
+    (["--method", "shira", "--epochs", "inf"], ["epochs", "finite"]),
+    (["--method", "lora", "--alpha", "nan"], ["alpha", "finite"]),
+    (["--method", "sora", "--xi", "nan"], ["xi", "finite"]),
+    (["--method", "sira", "--aux-loss-weight", "nan"], ["aux_loss_weight", "finite"]),
+    (["--method", "sira", "--capacity-factor", "nan"], ["capacity_factor", "finite"]),
+    (["--method", "sira", "--capacity-factor", "inf"], ["capacity_factor", "finite"]),
 ])
 def test_bad_input_is_one_line_naming_the_fix(tmp_path, args, needles):
     base = ["--max-train", "16", "--max-test", "8", "--steps", "1", "--no-progress"]

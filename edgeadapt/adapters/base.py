@@ -9,6 +9,7 @@ the same base tensors before and after :func:`edgeadapt.adapters.attach`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -52,9 +53,21 @@ def check_positive_int(method: str, name: str, value: Any, minimum: int = 1) -> 
         raise ConfigError(f"{method}: {name} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_number(method: str, name: str, value: Any, *, minimum: float = 0.0,
+                 strict: bool = False) -> None:
+    """Raise ConfigError unless ``value`` is a finite real number (not a bool) ``>= minimum``
+    (``> minimum`` if ``strict``). NaN and +-inf are refused: they would train a NaN adapter."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+          and math.isfinite(value) and (value > minimum if strict else value >= minimum))
+    if not ok:
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        raise ConfigError(f"{method}: {name} must be a finite number {bound}, got {value!r}")
+
+
 def check_probability(method: str, name: str, value: Any) -> None:
     """Raise ConfigError unless ``0 <= value < 1`` (a dropout rate)."""
-    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0.0 <= value < 1.0:
         raise ConfigError(f"{method}: {name} must be in [0, 1), got {value!r}")
 
 

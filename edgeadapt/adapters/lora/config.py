@@ -5,8 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from edgeadapt.adapters.base import AdapterConfig, check_positive_int, check_probability, option
-from edgeadapt.errors import ConfigError
+from edgeadapt.adapters.base import (
+    AdapterConfig,
+    check_number,
+    check_positive_int,
+    check_probability,
+    option,
+)
 
 
 @dataclasses.dataclass
@@ -21,6 +26,5 @@ class LoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int(self.method, "r", self.r)
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ConfigError(f"lora: alpha must be a positive number, got {self.alpha!r}")
+        check_number(self.method, "alpha", self.alpha, strict=True)
         check_probability(self.method, "dropout", self.dropout)

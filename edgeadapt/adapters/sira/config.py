@@ -5,7 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from edgeadapt.adapters.base import AdapterConfig, check_positive_int, check_probability, option
+from edgeadapt.adapters.base import (
+    AdapterConfig,
+    check_number,
+    check_positive_int,
+    check_probability,
+    option,
+)
 from edgeadapt.errors import ConfigError
 
 
@@ -30,12 +36,7 @@ class SiraConfig(AdapterConfig):
                 not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"sira: top_k must be an integer in [1, num_experts="
                               f"{self.num_experts}], got {self.top_k!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ConfigError(f"sira: alpha must be a positive number, got {self.alpha!r}")
-        if isinstance(self.capacity_factor, bool) or \
-                not isinstance(self.capacity_factor, (int, float)) or self.capacity_factor <= 0:
-            raise ConfigError(f"sira: capacity_factor must be > 0, got {self.capacity_factor!r}")
+        check_number(self.method, "alpha", self.alpha, strict=True)
+        check_number(self.method, "capacity_factor", self.capacity_factor, strict=True)
         check_probability(self.method, "expert_dropout", self.expert_dropout)
-        if not isinstance(self.aux_loss_weight, (int, float)) or self.aux_loss_weight < 0:
-            raise ConfigError(f"sira: aux_loss_weight must be >= 0, got "
-                              f"{self.aux_loss_weight!r}")
+        check_number(self.method, "aux_loss_weight", self.aux_loss_weight)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from edgeadapt.adapters.base import AdapterConfig, check_positive_int, check_probability, option
+from edgeadapt.adapters.base import (
+    AdapterConfig,
+    check_number,
+    check_positive_int,
+    check_probability,
+    option,
+)
 from edgeadapt.errors import ConfigError
 
 GATE_INITS = ("randn", "ones")
@@ -26,13 +32,10 @@ class SoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int(self.method, "r_max", self.r_max)
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ConfigError(f"sora: alpha must be a positive number, got {self.alpha!r}")
+        check_number(self.method, "alpha", self.alpha, strict=True)
         check_probability(self.method, "dropout", self.dropout)
         for name in ("xi", "l1"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"sora: {name} must be a number >= 0, got {value!r}")
+            check_number(self.method, name, getattr(self, name))
         if self.gate_init not in GATE_INITS:
             raise ConfigError(f"sora: gate_init must be one of {', '.join(GATE_INITS)}, got "
                               f"{self.gate_init!r}")
