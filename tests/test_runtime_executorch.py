@@ -337,3 +337,23 @@ assert np.array_equal(rt2.run(**inp), np.load({str(tmp_path / "out.npy")!r}))
                           cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr[-3000:]
     assert rel_err(np.load(tmp_path / "out.npy"), torch_logits(lm, inp)) <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["live", "repack"])
+def test_a_damaged_program_is_a_bundle_error(exported, tmp_path, mode):
+    """ExecuTorch's own errors on a truncated .pte (live program, or the constant program of
+    repack mode) come back as a BundleError naming the file."""
+    import shutil
+
+    from edgeadapt.runtime.api import load
+
+    _, out, manifest = exported
+    copy_dir = tmp_path / "bundle"
+    shutil.copytree(out, copy_dir)
+    name = manifest.executorch["file"] if mode == "live" else \
+        manifest.executorch["repack"]["file"]
+    pte = copy_dir / name
+    raw = pte.read_bytes()
+    pte.write_bytes(raw[: len(raw) // 3])
+    with pytest.raises(BundleError, match=name):
+        load(copy_dir, backend="executorch", mode=mode)

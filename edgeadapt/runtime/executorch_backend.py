@@ -113,8 +113,8 @@ class ExecutorchStore(WeightStore):
                 from edgeadapt.runtime.executorch_kernel import load_kernel
 
                 load_kernel()  # the program's live linears call edgeadapt::live_linear.out
-            self._program = _runtime().load_program(self._path(section["file"]))
-            self._load_methods()
+            path = self._path(section["file"])
+            self._load(path, str(path))
             arrays = {w: self._attribute(b) for w, b in buffers.items()}
             # huge pages under the planned buffers: the scattered switch writes then rarely
             # miss the TLB (pages.collapse_to_huge_pages; docs/bench.md)
@@ -129,15 +129,20 @@ class ExecutorchStore(WeightStore):
                 raise BundleError("this ExecuTorch export has no constant program for repack "
                                   "mode (branch variant, or exported with repack=False)")
             self._blob = bytearray(self._path(repack["file"]).read_bytes())
+            self._load_from_blob()
             arrays, layouts = {}, {}
             for w in buffers:
                 info = repack["weights"][w]
                 out, inp = shapes[w]
+                offset = int(info["offset"])
+                if not 0 <= offset <= len(self._blob) - 4 * out * inp:
+                    raise BundleError(f"{repack['file']}: weight {w!r} at byte {offset} "
+                                      f"({out}x{inp} float32) lies outside the program "
+                                      f"({len(self._blob)} bytes)")
                 layouts[w] = info["layout"]
                 shape = (out, inp) if info["layout"] == "as-is" else (inp, out)
                 arrays[w] = np.frombuffer(self._blob, dtype=np.float32, count=out * inp,
-                                          offset=int(info["offset"])).reshape(shape)
-            self._load_from_blob()
+                                          offset=offset).reshape(shape)
         self._live = {w: LiveWeight(w, arrays[w], layouts[w], tuple(shapes[w]), sha256.get(w))
                       for w in buffers}
         _alive.add(self)
@@ -215,17 +220,24 @@ class ExecutorchStore(WeightStore):
         return arr
 
     def _load_from_blob(self) -> None:
-        self._program = _runtime().load_program(bytes(self._blob))
-        self._load_methods()
+        self._load(bytes(self._blob), f"{self.directory / self.section['repack']['file']}")
 
-    def _load_methods(self) -> None:
-        """Dynamic-shape programs have one ``forward``; static ones (SiRA) one method per
-        "BxS" shape, all sharing the mutable buffers."""
+    def _load(self, source: Path | bytes, what: str) -> None:
+        """Load the program (a .pte path, or the repack blob) and its methods: dynamic-shape
+        programs have one ``forward``, static ones (SiRA) one method per "BxS" shape, all
+        sharing the mutable buffers. Nothing is replaced unless all of it loads; BundleError
+        naming ``what`` where ExecuTorch refuses the program (corrupt, truncated: its own
+        errors are untyped)."""
         methods = self.section["methods"]
-        self._static = {tuple(int(v) for v in k.split("x")): self._program.load_method(m)
-                        for k, m in (methods.get("static") or {}).items()}
-        self._method = (self._program.load_method(methods["forward"]) if methods.get("forward")
-                        else next(iter(self._static.values())))
+        try:
+            program = _runtime().load_program(source)
+            static = {tuple(int(v) for v in k.split("x")): program.load_method(m)
+                      for k, m in (methods.get("static") or {}).items()}
+            method = (program.load_method(methods["forward"]) if methods.get("forward")
+                      else next(iter(static.values())))
+        except (RuntimeError, ValueError) as exc:
+            raise BundleError(f"{what}: ExecuTorch cannot load this program: {exc}") from exc
+        self._program, self._static, self._method = program, static, method
 
 
 def open_store(directory: str | Path, manifest: dict[str, Any], mode: str = "live",
