@@ -146,6 +146,18 @@ def test_load_run_rejects_other_weights_and_corrupt_files(tmp_path):
         load_run(tmp_path / "nowhere")
 
 
+def test_a_run_that_cannot_be_written_is_a_config_error(tmp_path):
+    """An OSError while saving (here: adapter.safetensors is a directory) is a ConfigError
+    naming the run directory, not a traceback."""
+    out = tmp_path / "run"
+    (out / "adapter.safetensors").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="cannot write the run"):
+        train(tiny("lora", adapter={"r": 2}, steps=1), out=out, progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):  # refused before training
+        train(tiny("lora", adapter={"r": 2}), out=tmp_path / "file" / "sub", progress=False)
+
+
 def test_sora_xi_schedules():
     assert [sora_xi("linear", s, 5, 0.0, 4.0) for s in range(5)] == [0, 1, 2, 3, 4]
     assert sora_xi("log", 2, 5, 1.0, 2.0) == pytest.approx(1 + math.log1p(4.5) / math.log(10))

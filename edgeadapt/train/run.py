@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from edgeadapt import __version__
-from edgeadapt.errors import AdapterFormatError, FingerprintMismatchError
+from edgeadapt.errors import AdapterFormatError, ConfigError, FingerprintMismatchError
 from edgeadapt.format.container import atomic_write_bytes
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.models import LoadedModel, head_weight_names, load_model
@@ -52,17 +53,44 @@ def base_weight_hashes(lm: LoadedModel, names: list[str]) -> dict[str, str]:
     return {n: weight_sha256(params[n].detach().float().cpu().numpy()) for n in names}
 
 
+def check_out_dir(out: str | Path) -> Path:
+    """Refuse, before any work, an output path that cannot become a writable run directory.
+
+    Nothing is created: the nearest existing path at or above ``out`` must be a directory that
+    can be written to (``f/sub`` with ``f`` a file, or a read-only parent, is a ConfigError
+    naming it). :func:`save_run` creates the missing directories.
+    """
+    out = Path(out)
+    probe = out
+    while not probe.exists() and not probe.is_symlink() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is not a directory" if probe.exists() else "does not exist (a broken link?)"
+        raise ConfigError(f"--out {out}: {probe} {what}; choose another run directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {probe} is not writable; choose another run directory")
+    return out
+
+
 def save_run(out: Path, lm: LoadedModel, info: dict[str, Any],
              adapter: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
-    """Write the run's four files into ``out`` (``info`` gets the version and head fields)."""
+    """Write the run's four files into ``out`` (``info`` gets the version and head fields).
+
+    An OSError (not a directory, read-only, disk full, ...) is a ConfigError naming ``out``.
+    """
     out = Path(out)
     head = head_parameters(lm)
     info = {**info, "edgeadapt_version": __version__, "head": HEAD_FILE if head else None}
-    write_tensors(out / ADAPTER_FILE, adapter)
-    if head:
-        write_tensors(out / HEAD_FILE, head)
-    write_json(out / INFO_FILE, info)
-    write_json(out / METRICS_FILE, metrics)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_tensors(out / ADAPTER_FILE, adapter)
+        if head:
+            write_tensors(out / HEAD_FILE, head)
+        write_json(out / INFO_FILE, info)
+        write_json(out / METRICS_FILE, metrics)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the run to {out}: {exc.strerror or exc}"
+                          f"{f' ({exc.filename})' if exc.filename else ''}") from exc
 
 
 def _read_json(path: Path) -> dict[str, Any]:
