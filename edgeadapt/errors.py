@@ -50,3 +50,8 @@ class SwitchError(EdgeAdaptError):
 
 class ParityError(EdgeAdaptError):
     """A backend's output does not match the PyTorch reference (e.g. stale packed weights)."""
+
+
+class WriteError(EdgeAdaptError, OSError):
+    """An output file could not be written (permissions, no space, a path through a file); the
+    file it would have replaced is left as it was."""

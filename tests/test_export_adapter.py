@@ -23,7 +23,13 @@ from edgeadapt.adapters import (
     apply_adapter_torch,
     attach,
 )
-from edgeadapt.errors import ConfigError, FingerprintMismatchError, TargetMismatchError
+from edgeadapt.errors import (
+    AdapterFormatError,
+    ConfigError,
+    FingerprintMismatchError,
+    TargetMismatchError,
+    WriteError,
+)
 from edgeadapt.export import export_adapter
 from edgeadapt.export.cli import export
 from edgeadapt.format import read_adapter, read_manifest
@@ -45,9 +51,9 @@ def bundle(tmp_path_factory):
     return out
 
 
-def make_run(path, config, seed=0):
+def make_run(path, config, seed=0, model=MODEL):
     """A run directory as the trainer writes it, with random (non-zero) adapter values."""
-    lm = load_model(MODEL, seed=seed)
+    lm = load_model(model, seed=seed)
     names = attach(lm.model, config)
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -55,8 +61,8 @@ def make_run(path, config, seed=0):
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     weights = [n if n.endswith(".weight") else f"{n}.weight" for n in names]
-    fresh = load_model(MODEL, seed=seed)
-    info = {"method": config.method, "config": config.to_dict(), "model": MODEL, "task": "t",
+    fresh = load_model(model, seed=seed)
+    info = {"method": config.method, "config": config.to_dict(), "model": model, "task": "t",
             "targets": weights, "weight_sha256": base_weight_hashes(fresh, weights),
             "seed": seed}
     save_run(path, lm, info, adapter_state(lm.model), {})
@@ -116,6 +122,71 @@ def test_other_base_model(bundle, tmp_path):
     with pytest.raises(FingerprintMismatchError, match="different base model"):
         export_adapter(tmp_path / "run", bundle, "other")
     assert not (bundle / "adapters" / "other.eadp").exists()
+
+
+def test_run_of_another_model_names_the_models(bundle, tmp_path):
+    make_run(tmp_path / "run", ShiraConfig(density=0.05), model="tiny-minilm")
+    with pytest.raises(FingerprintMismatchError, match="trained model 'tiny-minilm'.*"
+                                                       "'tiny-smollm2'"):
+        export_adapter(tmp_path / "run", bundle, "minilm")
+    assert "minilm" not in read_manifest(bundle).adapters
+
+
+def test_replacing_an_adapter_keeps_the_old_one_until_the_manifest_moves(bundle, tmp_path,
+                                                                         monkeypatch):
+    """Re-exporting a registered name writes a new file; a failure before bundle.json is
+    written leaves the old file and entry as they were and no new file behind; a success
+    points bundle.json at the new file and removes the old one."""
+    import edgeadapt.export.adapter as ea
+
+    make_run(tmp_path / "a", ShiraConfig(density=0.05), seed=0)
+    make_run(tmp_path / "b", LoraConfig(r=2), seed=0)
+    first = export_adapter(tmp_path / "a", bundle, "rep", "float32")
+    old_bytes = first.read_bytes()
+    files = sorted(p.name for p in (bundle / "adapters").iterdir())
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ea, "write_manifest", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_adapter(tmp_path / "b", bundle, "rep", "float32")
+    monkeypatch.undo()
+    m = read_manifest(bundle)
+    assert m.adapters["rep"].method == "shira" and (bundle / m.adapters["rep"].file) == first
+    assert first.read_bytes() == old_bytes
+    assert sorted(p.name for p in (bundle / "adapters").iterdir()) == files
+
+    second = export_adapter(tmp_path / "b", bundle, "rep", "float32")
+    m = read_manifest(bundle)
+    assert second != first and bundle / m.adapters["rep"].file == second
+    assert not first.exists() and read_adapter(second, m).method == "lora"
+
+
+def test_a_non_finite_adapter_exports_no_variant(bundle, tmp_path):
+    """SiRA values that are NaN are refused before the SiRA graph variant is exported."""
+    from safetensors.torch import load_file, save_file
+
+    make_run(tmp_path / "run", SiraConfig(num_experts=2, r=2, top_k=1))
+    st = tmp_path / "run" / "adapter.safetensors"
+    tensors = load_file(str(st))
+    key = next(iter(tensors))
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, str(st))
+    before = sorted(p.name for p in bundle.iterdir())
+    with pytest.raises(AdapterFormatError, match="finite"):
+        export_adapter(tmp_path / "run", bundle, "nan")
+    assert sorted(p.name for p in bundle.iterdir()) == before
+    assert "nan" not in read_manifest(bundle).adapters
+
+
+def test_export_base_refuses_an_unwritable_out_before_loading(tmp_path, monkeypatch):
+    import edgeadapt.export.bundle as eb
+
+    (tmp_path / "f").write_text("a file")
+    monkeypatch.setattr(eb, "run_exporters", None)  # never reached
+    with pytest.raises(WriteError, match="f/sub"):
+        eb.export_base(MODEL, tmp_path / "f" / "sub")
 
 
 def test_cli_adapter(bundle, tmp_path):

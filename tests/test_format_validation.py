@@ -18,7 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeadapt.errors import AdapterFormatError, FingerprintMismatchError, TargetMismatchError
+from edgeadapt.errors import (
+    AdapterFormatError,
+    FingerprintMismatchError,
+    TargetMismatchError,
+    WriteError,
+)
 from edgeadapt.format import (
     Adapter,
     LoraDelta,
@@ -313,3 +318,26 @@ def test_fuzz_resealed_header_and_data(tmp_path, which, path_choice, junk, data_
         else:
             assert d.A.shape[-1] == in_f and np.all(np.isfinite(d.A)) and np.all(
                 np.isfinite(d.B))
+
+
+def test_an_unwritable_path_is_a_write_error(tmp_path, monkeypatch):
+    """OSError from the file system comes back typed (and still an OSError), naming the path;
+    the file it would have replaced is untouched and no temp file is left."""
+    import edgeadapt.format.container as container
+
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(WriteError, match="f/sub"):
+        shira_file(tmp_path / "f" / "sub")
+    path = shira_file(tmp_path)
+    before = path.read_bytes()
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(container.os, "replace", full)
+    with pytest.raises(WriteError, match="No space left") as info:
+        shira_file(tmp_path)
+    monkeypatch.undo()
+    assert isinstance(info.value, OSError)
+    assert path.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

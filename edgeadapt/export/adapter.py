@@ -14,7 +14,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from edgeadapt.errors import ConfigError, ExportError, TargetMismatchError
+from edgeadapt.errors import (
+    ConfigError,
+    ExportError,
+    FingerprintMismatchError,
+    TargetMismatchError,
+)
 from edgeadapt.export.bundle import (
     FORMATS,
     _normalise_section,
@@ -209,20 +214,48 @@ def export_adapter(run_dir: str | Path, bundle: str | Path, name: str,
     manifest = read_manifest(bundle)
     adapter, info = load_run_adapter(run_dir)
     where = f"run {run_dir}"
-    check_targets(adapter, manifest, info, where)
-    check_against_manifest(adapter, manifest, where)
-
+    try:
+        check_targets(adapter, manifest, info, where)
+        check_against_manifest(adapter, manifest, where)
+    except (TargetMismatchError, FingerprintMismatchError) as exc:
+        if isinstance(info.get("model"), str) and info["model"] != manifest.model:
+            raise FingerprintMismatchError(  # the cause to name, not the targets it implies
+                f"{where} trained model {info['model']!r}; the bundle at {bundle} holds "
+                f"{manifest.model!r}: export into a bundle of the run's model") from exc
+        raise
     branch = branch_for(adapter, unfused)
-    variant = (ensure_variant(bundle, manifest, branch, check, pte_shapes)
-               if branch is not None else None)
-    rel = f"adapters/{name}.eadp"
+
+    # The file first (its encoding refuses non-finite or overflowing values, before a variant
+    # is exported for nothing), under a name no entry uses, so a registered adapter stays as
+    # it was until bundle.json points at the new file; bundle.json last; the old file then.
+    old = manifest.adapters.get(name)
+    rel = _free_adapter_file(bundle, manifest, name)
     path = _write_adapter(bundle / rel, adapter, value_dtype)
-    read_adapter(path, manifest)  # what the runtime will do: fail here, not on the device
-    if name in manifest.adapters:
-        log.info("replacing adapter %r in %s", name, bundle)
-    manifest.adapters[name] = AdapterEntry(
-        file=rel, method=adapter.method, variant=variant,
-        info={"value_dtype": value_dtype, "targets": len(adapter.targets),
-              **({"task": adapter.meta["task"]} if "task" in adapter.meta else {})})
-    write_manifest(bundle, manifest)
+    try:
+        read_adapter(path, manifest)  # what the runtime will do: fail here, not on the device
+        variant = (ensure_variant(bundle, manifest, branch, check, pte_shapes)
+                   if branch is not None else None)
+        manifest.adapters[name] = AdapterEntry(
+            file=rel, method=adapter.method, variant=variant,
+            info={"value_dtype": value_dtype, "targets": len(adapter.targets),
+                  **({"task": adapter.meta["task"]} if "task" in adapter.meta else {})})
+        write_manifest(bundle, manifest)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    if old is not None:
+        log.info("replaced adapter %r in %s", name, bundle)
+        if old.file != rel and all(e.file != old.file for e in manifest.adapters.values()):
+            (bundle / old.file).unlink(missing_ok=True)
     return path
+
+
+def _free_adapter_file(bundle: Path, manifest: Manifest, name: str) -> str:
+    """``adapters/<name>.eadp``, or ``adapters/<name>.<k>.eadp`` (smallest k >= 1) where that
+    file exists or an entry of ``manifest`` points at it."""
+    used = {e.file for e in manifest.adapters.values()}
+    for k in range(10_000):
+        rel = f"adapters/{name}.eadp" if k == 0 else f"adapters/{name}.{k}.eadp"
+        if rel not in used and not (bundle / rel).exists():
+            return rel
+    raise ExportError(f"{bundle / 'adapters'}: no free file name for adapter {name!r}")

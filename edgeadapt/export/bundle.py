@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeadapt.errors import ConfigError, EdgeAdaptError, ExportError
+from edgeadapt.format.container import writable_dir
 from edgeadapt.format.manifest import Manifest, WeightEntry, read_manifest, write_manifest
 
 log = logging.getLogger("edgeadapt.export")
@@ -115,10 +116,9 @@ def export_base(model: str | Path | Any, out: str | Path,
     from edgeadapt.models import head_weight_names, load_model, target_weight_names
 
     fmts = parse_formats(formats)
+    out = writable_dir(out)  # before the model loads and the exporters run
     lm = model if hasattr(model, "model") and hasattr(model, "kind") else load_model(
         str(model), num_labels=num_labels, seed=seed)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     heads = head_weight_names(lm.model, lm.kind)  # live too: each adapter brings its head
     live = target_weight_names(lm.model, targets) + heads
     weights = base_weight_entries(lm, live)

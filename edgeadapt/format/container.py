@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeadapt.errors import AdapterFormatError
+from edgeadapt.errors import AdapterFormatError, WriteError
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 CHECKSUM_KEY = "checksum"
@@ -67,11 +67,27 @@ class Container:
     dtypes: dict[str, str]
 
 
+def writable_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a directory this process can write into (created if missing); WriteError
+    naming it otherwise. For commands that should fail before their work, not after it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(f"cannot create the directory {path}: {exc.strerror or exc}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise WriteError(f"cannot write into {path}: permission denied")
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, chunks: list[bytes | memoryview]) -> None:
     """Write ``chunks`` to ``path`` atomically: temp file in the same directory, fsync, replace."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -82,9 +98,11 @@ def atomic_write_bytes(path: str | os.PathLike, chunks: list[bytes | memoryview]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
     try:  # make the rename itself durable where the platform allows it
         dir_fd = os.open(path.parent, os.O_RDONLY)
