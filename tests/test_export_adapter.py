@@ -316,3 +316,10 @@ def test_cli_passes_the_executorch_live_form(monkeypatch, tmp_path):
     res = CliRunner().invoke(export, ["base", "--model", MODEL, "--out", str(tmp_path),
                                       "--pte-live-form", "diagonal"])
     assert res.exit_code != 0 and "diagonal" in res.output
+
+
+def test_cli_base_refuses_too_few_labels(tmp_path):
+    res = CliRunner().invoke(export, ["base", "--model", "tiny-minilm", "--out",
+                                      str(tmp_path / "b"), "--num-labels", "0"])
+    assert res.exit_code == 2 and "--num-labels" in res.output
+    assert not (tmp_path / "b").exists()

@@ -71,6 +71,10 @@ def _edit(tmp_path, fn):
     (lambda d: d["adapters"]["s"].update(method="dora"), "unknown method"),
     (lambda d: d["adapters"]["s"].update(variant="nope"), "variant 'nope'"),
     (lambda d: d.update(weights=[]), "weights"),
+    (lambda d: d.update(seed="x"), "'seed' must be an integer"),
+    (lambda d: d.update(num_labels=2.5), "'num_labels' must be an integer"),
+    (lambda d: d.update(executorch={"file": "m.pte", "max_batch": 0}), "'max_batch'"),
+    (lambda d: d.update(executorch={"file": "m.pte", "max_seq": "64"}), "'max_seq'"),
 ])
 def test_refusals(tmp_path, edit, message):
     path = _edit(tmp_path, edit)

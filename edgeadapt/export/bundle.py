@@ -16,7 +16,13 @@ from typing import Any
 
 from edgeadapt.errors import ConfigError, EdgeAdaptError, ExportError
 from edgeadapt.format.container import writable_dir
-from edgeadapt.format.manifest import Manifest, WeightEntry, read_manifest, write_manifest
+from edgeadapt.format.manifest import (
+    Manifest,
+    WeightEntry,
+    manifest_path,
+    read_manifest,
+    write_manifest,
+)
 
 log = logging.getLogger("edgeadapt.export")
 
@@ -155,9 +161,13 @@ def _keep_fitting_adapters(out: Path, manifest: Manifest) -> None:
     invalidated by re-exporting the base, so adapters that need one are dropped)."""
     from edgeadapt.format.adapter_file import read_adapter
 
+    if not manifest_path(out).exists():
+        return
     try:
         old = read_manifest(out)
-    except EdgeAdaptError:
+    except EdgeAdaptError as exc:
+        log.warning("replacing an unreadable bundle.json; its adapter registrations are lost "
+                    "(the files under adapters/ stay): %s", exc)
         return
     for name, entry in old.adapters.items():
         try:

@@ -36,7 +36,7 @@ def export() -> None:
               help="comma-separated: onnx (ONNX Runtime), pte (ExecuTorch)")
 @click.option("--targets", default="qv", show_default=True,
               help="adaptable weights: qv | attn | all | regex over nn.Linear module names")
-@click.option("--num-labels", type=int, default=2, show_default=True,
+@click.option("--num-labels", type=click.IntRange(min=2), default=2, show_default=True,
               help="classifier head size (MiniLM)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-check", is_flag=True, help="skip the backend-vs-PyTorch parity check")

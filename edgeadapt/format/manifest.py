@@ -179,6 +179,16 @@ def _validate(data: object, p: Path) -> Manifest:
     inputs = data.get("inputs", [])
     if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
         raise fail("inputs must be a list of objects")
+    for key in ("seed", "num_labels"):  # export_base's extras; export_adapter reloads with them
+        if data.get(key) is not None and (isinstance(data[key], bool)
+                                          or not isinstance(data[key], int)):
+            raise fail(f"{key!r} must be an integer or null, not {data[key]!r}")
+    section = data.get("executorch")
+    for key in ("max_batch", "max_seq"):
+        if isinstance(section, dict) and key in section and (
+                isinstance(section[key], bool) or not isinstance(section[key], int)
+                or section[key] < 1):
+            raise fail(f"executorch {key!r} must be a positive integer, not {section[key]!r}")
     raw_weights = data.get("weights")
     if not isinstance(raw_weights, dict):
         raise fail("weights missing or not an object")
