@@ -146,6 +146,68 @@ def test_load_run_rejects_other_weights_and_corrupt_files(tmp_path):
         load_run(tmp_path / "nowhere")
 
 
+def _drop(key):
+    return lambda info: {k: v for k, v in info.items() if k != key}
+
+
+def _set(key, value):
+    return lambda info: {**info, key: value}
+
+
+def _drop_one_hash(info):
+    hashes = dict(info["weight_sha256"])
+    hashes.pop(next(iter(hashes)))
+    return {**info, "weight_sha256": hashes}
+
+
+@pytest.mark.parametrize("edit,error,needle", [
+    (b"\xff\xfe\x00\x81 random bytes", AdapterFormatError, "not valid JSON"),
+    (b"[1, 2]", AdapterFormatError, "JSON object"),
+    (_drop("model"), AdapterFormatError, "'model'"),
+    (_drop("method"), AdapterFormatError, "'method'"),
+    (_set("method", "dora"), AdapterFormatError, "'method'"),
+    (_set("model", 5), AdapterFormatError, "'model'"),
+    (_set("model", "gpt5"), AdapterFormatError, "'model'"),
+    (_set("config", "oops"), AdapterFormatError, "'config'"),
+    (_set("config", {"method": "lora", "r": 0}), AdapterFormatError, "'config'"),
+    (_set("config", {"method": "sira", "r": 2}), AdapterFormatError, "'config'"),
+    (_set("seed", "x"), AdapterFormatError, "'seed'"),
+    (_set("seed", True), AdapterFormatError, "'seed'"),
+    (_set("weight_sha256", "x"), AdapterFormatError, "'weight_sha256'"),
+    (_set("weight_sha256", {"encoder.x.weight": 5}), AdapterFormatError, "'weight_sha256'"),
+    (_drop_one_hash, AdapterFormatError, "'weight_sha256'"),
+    (_set("num_labels", "2"), AdapterFormatError, "'num_labels'"),
+    (_set("head", 5), AdapterFormatError, "'head'"),
+    (_set("head", "../adapter.json"), AdapterFormatError, "'head'"),
+    # another registry model: the weight names do not exist there
+    (_set("model", "tiny-smollm2"), FingerprintMismatchError, "not in model 'tiny-smollm2'"),
+])
+def test_load_run_validates_adapter_json(tmp_path, lora_run, edit, error, needle):
+    """A hand-edited adapter.json is a typed error naming the file and the field (before: a
+    UnicodeDecodeError, TypeError, KeyError or ValueError traceback)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    if callable(edit):
+        info = edit(json.loads((run / "adapter.json").read_text()))
+        (run / "adapter.json").write_text(json.dumps(info))
+    else:
+        (run / "adapter.json").write_bytes(edit)
+    with pytest.raises(error) as caught:
+        load_run(run)
+    assert str(run / "adapter.json") in str(caught.value)
+    assert needle in str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_run")
+    train(tiny("lora", adapter={"r": 2}, steps=1), out=out, progress=False)
+    load_run(out)  # the untouched run loads
+    return out
+
+
 def test_a_run_that_cannot_be_written_is_a_config_error(tmp_path):
     """An OSError while saving (here: adapter.safetensors is a directory) is a ConfigError
     naming the run directory, not a traceback."""

@@ -20,7 +20,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from edgeadapt import __version__
-from edgeadapt.errors import AdapterFormatError, ConfigError, FingerprintMismatchError
+from edgeadapt.errors import (
+    AdapterFormatError,
+    ConfigError,
+    FingerprintMismatchError,
+    UnknownNameError,
+)
 from edgeadapt.format.container import atomic_write_bytes
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.models import LoadedModel, head_weight_names, load_model
@@ -94,12 +99,19 @@ def save_run(out: Path, lm: LoadedModel, info: dict[str, Any],
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; anything else (missing, unreadable, not UTF-8, not JSON,
+    not an object) is an AdapterFormatError naming the file."""
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise AdapterFormatError(f"{path} is missing: not a training run directory") from None
-    except json.JSONDecodeError as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterFormatError(f"{path} is not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise AdapterFormatError(f"{path} cannot be read: {exc.strerror or exc}") from exc
+    if not isinstance(obj, dict):
+        raise AdapterFormatError(f"{path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -111,28 +123,109 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise AdapterFormatError(f"{path} is not a valid safetensors file: {exc}") from exc
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_run_info(path: str | Path) -> tuple[dict[str, Any], Any]:
+    """A run's adapter.json, its schema checked, and its adapter config (None for ``none``).
+
+    Raises AdapterFormatError naming the file and the field when a field has the wrong type or
+    value: method (a method name), model (a non-empty string), config (an object that is a
+    valid config of that method), weight_sha256 (object: weight name -> hex string), seed
+    (integer), num_labels (integer >= 1 or null), head (null or a file name in the run).
+    """
+    from edgeadapt.adapters import CONFIGS, config_from_dict
+
+    file = Path(path) / INFO_FILE
+    info = _read_json(file)
+
+    def bad(field: str, want: str) -> AdapterFormatError:
+        got = repr(info[field]) if field in info else "nothing (the field is missing)"
+        return AdapterFormatError(f"{file}: field {field!r} must be {want}, got {got}")
+
+    methods = (*CONFIGS, "none")
+    if info.get("method") not in methods:
+        raise bad("method", f"one of {', '.join(methods)}")
+    if not isinstance(info.get("model"), str) or not info["model"]:
+        raise bad("model", "a model name or directory (a non-empty string)")
+    hashes = info.get("weight_sha256")
+    if not isinstance(hashes, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()):
+        raise bad("weight_sha256", "an object of base weight name -> sha256 hex string")
+    if not _is_int(info.get("seed", 0)):
+        raise bad("seed", "an integer")
+    num_labels = info.get("num_labels")
+    if num_labels is not None and not (_is_int(num_labels) and num_labels >= 1):
+        raise bad("num_labels", "an integer >= 1 or null")
+    head = info.get("head")
+    if head is not None and not (isinstance(head, str) and head not in ("", ".", "..")
+                                 and Path(head).name == head):
+        raise bad("head", "null or the name of a file in the run directory")
+    if info.get("task") is not None and not isinstance(info["task"], str):
+        raise bad("task", "a task name (string) or null")
+    cfg = info.get("config", {})
+    if not isinstance(cfg, dict):
+        raise bad("config", f"an object with the {info['method']} config fields")
+    config = None
+    if info["method"] != "none":
+        if cfg.get("method", info["method"]) != info["method"]:
+            raise AdapterFormatError(f"{file}: field 'config' is a {cfg.get('method')!r} config "
+                                     f"but the run's method is {info['method']!r}")
+        try:
+            config = config_from_dict({**cfg, "method": info["method"]})
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise AdapterFormatError(f"{file}: field 'config' is invalid: {exc}") from exc
+    return info, config
+
+
+def check_weight_hashes(source: str | Path, hashes: dict[str, str], model: torch.nn.Module,
+                        model_name: str) -> None:
+    """Raise FingerprintMismatchError naming ``source`` unless every weight in ``hashes``
+    exists in ``model`` and has that sha256 (fp32, (out, in))."""
+    params = dict(model.named_parameters())
+    unknown = sorted(n for n in hashes if n not in params)
+    if unknown:
+        raise FingerprintMismatchError(
+            f"{source}: base weight(s) {', '.join(unknown[:3])}"
+            f"{f' (+{len(unknown) - 3} more)' if len(unknown) > 3 else ''} are not in model "
+            f"{model_name!r}: the adapter was trained on another base model")
+    for name, expected in hashes.items():
+        if weight_sha256(params[name].detach().float().cpu().numpy()) != expected:
+            raise FingerprintMismatchError(
+                f"{source}: base weight {name} differs from the one the adapter was trained on "
+                f"(model {model_name!r}); use the same base model")
+
+
 def load_run(path: str | Path) -> tuple[LoadedModel, dict[str, Any]]:
     """Rebuild a run: its base model with the adapter attached and loaded, and the head.
 
     Returns ``(lm, info)`` with ``info`` = adapter.json plus ``"metrics"`` (metrics.json, if
-    present). Raises AdapterFormatError on missing or corrupt files and FingerprintMismatchError
-    when the base weights differ from the ones the adapter was trained on.
+    present). Raises AdapterFormatError on missing, corrupt or hand-edited files (naming the
+    file and field) and FingerprintMismatchError when the base weights differ from (or lack)
+    the ones the adapter was trained on.
     """
-    from edgeadapt.adapters import config_from_dict, load_adapter_state
+    from edgeadapt.adapters import load_adapter_state
 
     path = Path(path)
-    info = _read_json(path / INFO_FILE)
-    lm = load_model(info["model"], num_labels=info.get("num_labels") or 2,
-                    seed=info.get("seed", 0))
-    found = base_weight_hashes(lm, list(info.get("weight_sha256", {})))
-    for name, expected in info.get("weight_sha256", {}).items():
-        if found[name] != expected:
-            raise FingerprintMismatchError(
-                f"{path}: base weight {name} differs from the one the adapter was trained on "
-                f"(model {info['model']!r}); use the same base model")
-    if info["method"] != "none":
-        load_adapter_state(lm.model, config_from_dict(info["config"]),
-                           _read_tensors(path / ADAPTER_FILE))
+    info, config = read_run_info(path)
+    try:
+        lm = load_model(info["model"], num_labels=info.get("num_labels") or 2,
+                        seed=info.get("seed", 0))
+    except UnknownNameError as exc:
+        raise AdapterFormatError(f"{path / INFO_FILE}: field 'model': {exc}") from exc
+    check_weight_hashes(path / INFO_FILE, info["weight_sha256"], lm.model, info["model"])
+    if config is not None:
+        state = _read_tensors(path / ADAPTER_FILE)
+        try:
+            names = load_adapter_state(lm.model, config, state)
+        except (ConfigError, AdapterFormatError) as exc:
+            raise AdapterFormatError(f"{path / ADAPTER_FILE}: {exc}") from exc
+        if set(names) != set(info["weight_sha256"]):
+            raise AdapterFormatError(
+                f"{path / INFO_FILE}: field 'weight_sha256' must fingerprint exactly the adapted "
+                f"weights; missing {sorted(set(names) - set(info['weight_sha256']))[:3]}, "
+                f"extra {sorted(set(info['weight_sha256']) - set(names))[:3]}")
     if info.get("head"):
         head = head_parameters(lm)
         state = _read_tensors(path / info["head"])
