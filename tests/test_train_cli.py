@@ -93,3 +93,29 @@ def test_out_under_a_file_is_refused_before_training(tmp_path, monkeypatch):
     one_line_error(run(["train", *TINY, "--method", "lora", "--out", str(tmp_path / "f" / "sub")]),
                    str(tmp_path / "f"), "not a directory")
     assert (tmp_path / "f").read_text() == "a file"
+
+
+@pytest.mark.parametrize("damage", ["garbage-config", "no-weights", "truncated-weights"])
+def test_corrupt_model_directory_is_one_line_naming_it(tmp_path, damage):
+    """A local HF model directory that cannot be loaded is a one-line error naming the
+    directory (before: transformers' OSError traceback)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir = tmp_path / "model"
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    if damage == "garbage-config":
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text("garbage\n")
+    elif damage == "no-weights":
+        config.architectures = ["LlamaForCausalLM"]
+        config.save_pretrained(model_dir)
+    else:
+        LlamaForCausalLM(config).save_pretrained(model_dir)
+        weights = model_dir / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = run(["train", "--model", str(model_dir), "--task", "hamlet", "--max-train", "4",
+                  "--max-test", "2", "--steps", "1", "--no-progress",
+                  "--out", str(tmp_path / "x")])
+    one_line_error(result, f"model directory {model_dir}")
+    assert not (tmp_path / "x").exists()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeadapt.errors import MissingPackageError, UnknownNameError
+from edgeadapt.errors import ConfigError, EdgeAdaptError, MissingPackageError, UnknownNameError
 from edgeadapt.models.classifier import MeanPoolClassifier
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -153,6 +153,25 @@ def _tiny_smollm2() -> LoadedModel:
 
 
 def _from_dir(path: Path, num_labels: int, name: str) -> LoadedModel:
+    """Load a Hugging Face model directory; a corrupt or incomplete one (unreadable
+    config.json, missing or truncated weights, broken tokenizer files) is a ConfigError naming
+    the directory rather than transformers' own error."""
+    try:
+        return _load_dir(path, num_labels, name)
+    except (EdgeAdaptError, ImportError):  # ours already; a missing package stays one
+        raise
+    except Exception as exc:  # transformers / safetensors / json raise many types here
+        raise ConfigError(f"model directory {path} cannot be loaded (corrupt or incomplete "
+                          f"Hugging Face model: config.json, weights, tokenizer files): "
+                          f"{type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _load_dir(path: Path, num_labels: int, name: str) -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path)
