@@ -26,6 +26,7 @@ from edgeadapt.adapters import (
 from edgeadapt.errors import (
     AdapterFormatError,
     ConfigError,
+    ExportError,
     FingerprintMismatchError,
     TargetMismatchError,
     WriteError,
@@ -323,3 +324,28 @@ def test_cli_base_refuses_too_few_labels(tmp_path):
                                       str(tmp_path / "b"), "--num-labels", "0"])
     assert res.exit_code == 2 and "--num-labels" in res.output
     assert not (tmp_path / "b").exists()
+
+
+def test_a_failed_base_export_leaves_the_old_bundle(tmp_path, monkeypatch):
+    """The exporters write into a staging folder: one that fails midway (after writing a new
+    model.onnx there) leaves every file of the bundle already in place byte for byte."""
+    import edgeadapt.export.bundle as eb
+
+    out = tmp_path / "b"
+    eb.export_base(MODEL, out, formats="onnx", targets="qv", check=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = eb.run_exporters
+
+    def dies_midway(lm, staging, *args, **kwargs):
+        real(lm, staging, *args, **kwargs)  # new files written ...
+        assert (staging / "model.onnx").is_file() and staging.parent == out
+        raise ExportError("parity check failed")  # ... then the check fails
+
+    monkeypatch.setattr(eb, "run_exporters", dies_midway)
+    with pytest.raises(ExportError, match="parity"):
+        eb.export_base(MODEL, out, formats="onnx", targets="attn", check=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    eb.export_base(MODEL, out, formats="onnx", targets="attn", check=False)
+    assert read_manifest(out).targets_spec == "attn"
+    assert not [p for p in out.iterdir() if p.name.startswith(".export-")]

@@ -10,6 +10,9 @@ each returning ``{"section": {...}, "weights": {name: {...}}}``.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -128,25 +131,43 @@ def export_base(model: str | Path | Any, out: str | Path,
     heads = head_weight_names(lm.model, lm.kind)  # live too: each adapter brings its head
     live = target_weight_names(lm.model, targets) + heads
     weights = base_weight_entries(lm, live)
-    results = run_exporters(lm, out, live, fmts, check=check, pte_repack=pte_repack,
-                            pte_live_form=pte_live_form)
-    sections = {}
-    for key, res in results.items():
-        sections[key] = _normalise_section(key, res["section"])
-        for name, entry in res["weights"].items():
-            setattr(weights[name], key, entry)
-    inputs = [_with_range(i, lm.vocab_size) for i in
-              next((s["inputs"] for s in sections.values() if s.get("inputs")), [])]
-    extra = {"num_labels": getattr(lm.model.config, "num_labels", None) if
-             lm.kind == "classifier" else None, "seed": seed}
-    manifest = Manifest(model=lm.name, kind=lm.kind, targets_spec=targets, weights=weights,
-                        inputs=inputs, onnx=sections.get("onnx"),
-                        executorch=sections.get("executorch"), heads=heads, extra=extra)
-    _keep_fitting_adapters(out, manifest)
-    write_manifest(out, manifest)
+    # Every file is written (and checked) in a staging folder first, published into ``out``
+    # (bundle.json last) only once all of it is there: the bundle already in ``out`` keeps
+    # working while this export runs, and if it fails.
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
+    try:
+        results = run_exporters(lm, staging, live, fmts, check=check, pte_repack=pte_repack,
+                                pte_live_form=pte_live_form)
+        sections = {}
+        for key, res in results.items():
+            sections[key] = _normalise_section(key, res["section"])
+            for name, entry in res["weights"].items():
+                setattr(weights[name], key, entry)
+        inputs = [_with_range(i, lm.vocab_size) for i in
+                  next((s["inputs"] for s in sections.values() if s.get("inputs")), [])]
+        extra = {"num_labels": getattr(lm.model.config, "num_labels", None) if
+                 lm.kind == "classifier" else None, "seed": seed}
+        manifest = Manifest(model=lm.name, kind=lm.kind, targets_spec=targets,
+                            weights=weights, inputs=inputs, onnx=sections.get("onnx"),
+                            executorch=sections.get("executorch"), heads=heads, extra=extra)
+        _keep_fitting_adapters(out, manifest)
+        _publish(staging, out)
+        write_manifest(out, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     log.info("wrote %s: %d live weights, formats %s", out / "bundle.json", len(live),
              ", ".join(sections))
     return out
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the files of a finished export from ``staging`` into ``out`` (``os.replace`` each:
+    same file system). The old bundle.json keeps pointing at a mixture of old and new files
+    only for the milliseconds these renames take, not for the minutes of the export."""
+    for path in sorted(staging.iterdir()):
+        if path.is_dir():
+            raise ExportError(f"{path}: exporters write files only")
+        os.replace(path, out / path.name)
 
 
 def _with_range(spec: dict, vocab_size: int) -> dict:
