@@ -271,7 +271,9 @@ def test_checkpoint_round_trip_keeps_masks_and_values():
     for k, v in adapter_state(fresh.model).items():
         assert torch.equal(v, state[k])
     key = next(k for k in state if k.endswith("shira_indices"))
-    for bad in (state[key].flip(0), state[key] + 10**6, state[key][:0]):
+    # float indices (exact or fractional) are refused, not floored to other positions
+    for bad in (state[key].flip(0), state[key] + 10**6, state[key][:0], state[key].double(),
+                state[key].double() + 0.5):
         with pytest.raises(AdapterFormatError, match="indices"):
             load_adapter_state(load_model("tiny-smollm2").model, config, {**state, key: bad})
 
@@ -311,19 +313,73 @@ def test_excluded_positions_are_avoided_and_the_rest_is_top_k(kind):
         select_mask("struct", w, 60, exclude=first)
 
 
+def _shira_run(path, model="tiny-smollm2", seed=0, config=None):
+    """A run directory as the trainer writes it (save_run); returns module -> its indices."""
+    from edgeadapt.train.run import base_weight_hashes, save_run
+
+    lm = load_model(model, seed=seed)
+    config = config or ShiraConfig(mask="wm", density=0.1)
+    weights = attach(lm.model, config)
+    info = {"method": config.method, "config": config.to_dict(), "model": model,
+            "weight_sha256": base_weight_hashes(lm, weights), "seed": seed}
+    save_run(path, lm, info, adapter_state(lm.model), {})
+    return {w.removesuffix(".weight"): getattr(lm.model.get_submodule(w.removesuffix(".weight")),
+                                               "shira_indices", None) for w in weights}
+
+
 def test_exclude_run_reads_another_runs_positions(tmp_path):
-    from safetensors.torch import save_file
 
     from edgeadapt.adapters.shira.model import choose_masks
 
+    first = _shira_run(tmp_path / "run")
+    names = sorted(first)
     lm = load_model("tiny-smollm2", seed=0)
-    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
-    first = choose_masks(lm.model, names, ShiraConfig(mask="wm", density=0.1))
-    save_file({f"{n}.shira_indices": i for n, i in first.items()}, tmp_path / "adapter.safetensors")
     second = choose_masks(lm.model, names, ShiraConfig(mask="wm", density=0.1,
-                                                       exclude_run=str(tmp_path)))
+                                                       exclude_run=str(tmp_path / "run")))
     for n in names:
         assert second[n].numel() == first[n].numel()
         assert not set(first[n].tolist()) & set(second[n].tolist())
-    with pytest.raises(ConfigError, match="adapter.safetensors"):
+    with pytest.raises(ConfigError, match="not a training run"):
         choose_masks(lm.model, names, ShiraConfig(exclude_run=str(tmp_path / "nope")))
+
+
+def test_exclude_run_is_refused_unless_it_is_a_valid_shira_run_of_this_base(tmp_path):
+    """Another base (other architecture or other weights), another method, a run sharing no
+    target, a truncated file, out-of-range or float indices: typed errors, nothing excluded
+    silently (before: SafetensorError / IndexError, or exit 0 having excluded nothing)."""
+    from safetensors.torch import load_file, save_file
+
+    from edgeadapt.adapters.shira.model import choose_masks
+    from edgeadapt.errors import FingerprintMismatchError
+
+    run = tmp_path / "run"
+    names = sorted(_shira_run(run))
+    smol = load_model("tiny-smollm2", seed=0).model
+
+    def masks(model=smol, targets=names, where=run):
+        return choose_masks(model, targets, ShiraConfig(exclude_run=str(where)))
+
+    minilm = load_model("tiny-minilm").model
+    with pytest.raises(FingerprintMismatchError, match="not in this base model"):
+        masks(minilm, ["bert.encoder.layer.0.attention.self.query"])
+    with pytest.raises(FingerprintMismatchError, match="differs"):
+        masks(load_model("tiny-smollm2", seed=1).model)
+    with pytest.raises(ConfigError, match="none of this adapter's targets"):
+        masks(targets=["model.layers.0.self_attn.k_proj"])
+    _shira_run(tmp_path / "lora", config=LoraConfig(r=2))
+    with pytest.raises(ConfigError, match="not a SHiRA run"):
+        masks(where=tmp_path / "lora")
+
+    file = run / "adapter.safetensors"
+    good = file.read_bytes()
+    state = {k: v.clone() for k, v in load_file(file).items()}  # not mmapped: file changes
+    key = next(k for k in sorted(state) if k.endswith("shira_indices"))
+    file.write_bytes(good[: len(good) // 2])
+    with pytest.raises(AdapterFormatError, match="adapter.safetensors"):
+        masks()
+    for bad, needle in ((state[key] + 10**9, "inside"), (state[key].double() + 0.5, "integer")):
+        save_file({**state, key: bad}, file)
+        with pytest.raises(AdapterFormatError, match=needle):
+            masks()
+    file.write_bytes(good)
+    assert masks()  # restored: accepted again

@@ -180,7 +180,7 @@ def _drop_one_hash(info):
     (_set("head", 5), AdapterFormatError, "'head'"),
     (_set("head", "../adapter.json"), AdapterFormatError, "'head'"),
     # another registry model: the weight names do not exist there
-    (_set("model", "tiny-smollm2"), FingerprintMismatchError, "not in model 'tiny-smollm2'"),
+    (_set("model", "tiny-smollm2"), FingerprintMismatchError, "not in this base model"),
 ])
 def test_load_run_validates_adapter_json(tmp_path, lora_run, edit, error, needle):
     """A hand-edited adapter.json is a typed error naming the file and the field (before: a

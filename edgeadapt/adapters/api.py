@@ -15,7 +15,12 @@ from edgeadapt.adapters.base import AdaptedLinear, AdapterConfig, adapted_layers
 from edgeadapt.adapters.lora.config import LoraConfig
 from edgeadapt.adapters.lora.model import attach_lora, fuse_lora, lora_delta
 from edgeadapt.adapters.shira.config import ShiraConfig
-from edgeadapt.adapters.shira.model import attach_shira, fuse_shira, shira_delta
+from edgeadapt.adapters.shira.model import (
+    attach_shira,
+    checked_indices,
+    fuse_shira,
+    shira_delta,
+)
 from edgeadapt.adapters.sira.config import SiraConfig
 from edgeadapt.adapters.sira.model import attach_sira, insert_sira, sira_branch
 from edgeadapt.adapters.sora.config import SoraConfig
@@ -181,17 +186,6 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
             for name, layer in adapted_layers(model) for k, v in layer.adapter_tensors().items()}
 
 
-def _checked_indices(key: str, idx: torch.Tensor, linear: nn.Module) -> torch.Tensor:
-    """SHiRA indices from a checkpoint: 1-D, strictly increasing, inside the weight."""
-    idx = idx.to(torch.int64)
-    size = linear.weight.numel()
-    if idx.dim() != 1 or idx.numel() == 0 or bool((idx[1:] <= idx[:-1]).any()) \
-            or int(idx[0]) < 0 or int(idx[-1]) >= size:
-        raise AdapterFormatError(f"adapter state {key!r}: SHiRA indices must be a non-empty, "
-                                 f"strictly increasing 1-D list inside [0, {size})")
-    return idx
-
-
 def load_adapter_state(model: nn.Module, config: AdapterConfig,
                        state: dict[str, torch.Tensor]) -> list[str]:
     """Attach ``config`` to ``model`` and load ``state`` (from :func:`adapter_state`) into it.
@@ -206,7 +200,7 @@ def load_adapter_state(model: nn.Module, config: AdapterConfig,
             key = f"{name}.shira_indices"
             if key not in state:
                 raise AdapterFormatError(f"adapter state lacks {key!r}")
-            masks[name] = _checked_indices(key, state[key], model.get_submodule(name))
+            masks[name] = checked_indices(key, state[key], model.get_submodule(name))
     names = _attach(model, config, masks=masks)
     expected: dict[str, torch.Tensor] = {
         f"{name}.{k}": v for name, layer in adapted_layers(model)

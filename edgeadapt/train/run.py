@@ -114,7 +114,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return st_load(path.read_bytes())
     except FileNotFoundError:
@@ -188,8 +188,9 @@ def check_weight_hashes(source: str | Path, hashes: dict[str, str], model: torch
     if unknown:
         raise FingerprintMismatchError(
             f"{source}: base weight(s) {', '.join(unknown[:3])}"
-            f"{f' (+{len(unknown) - 3} more)' if len(unknown) > 3 else ''} are not in model "
-            f"{model_name!r}: the adapter was trained on another base model")
+            f"{f' (+{len(unknown) - 3} more)' if len(unknown) > 3 else ''} are not in this "
+            f"base model (the run names model {model_name!r}): the adapter was trained on "
+            "another base model")
     for name, expected in hashes.items():
         if weight_sha256(params[name].detach().float().cpu().numpy()) != expected:
             raise FingerprintMismatchError(
@@ -216,7 +217,7 @@ def load_run(path: str | Path) -> tuple[LoadedModel, dict[str, Any]]:
         raise AdapterFormatError(f"{path / INFO_FILE}: field 'model': {exc}") from exc
     check_weight_hashes(path / INFO_FILE, info["weight_sha256"], lm.model, info["model"])
     if config is not None:
-        state = _read_tensors(path / ADAPTER_FILE)
+        state = read_tensors(path / ADAPTER_FILE)
         try:
             names = load_adapter_state(lm.model, config, state)
         except (ConfigError, AdapterFormatError) as exc:
@@ -228,7 +229,7 @@ def load_run(path: str | Path) -> tuple[LoadedModel, dict[str, Any]]:
                 f"extra {sorted(set(info['weight_sha256']) - set(names))[:3]}")
     if info.get("head"):
         head = head_parameters(lm)
-        state = _read_tensors(path / info["head"])
+        state = read_tensors(path / info["head"])
         if set(state) != set(head):
             raise AdapterFormatError(f"{path / info['head']}: tensors {sorted(state)} do not "
                                      f"match the model's head {sorted(head)}")

@@ -13,7 +13,7 @@ from edgeadapt.adapters.base import swap_linears
 from edgeadapt.adapters.shira.config import ShiraConfig
 from edgeadapt.adapters.shira.layer import ShiraLinear
 from edgeadapt.adapters.shira.masks import mask_budget, select_mask
-from edgeadapt.errors import ConfigError
+from edgeadapt.errors import AdapterFormatError, ConfigError
 from edgeadapt.format.types import ShiraDelta
 
 
@@ -52,7 +52,8 @@ def choose_masks(model: nn.Module, names: list[str], config: ShiraConfig,
             raise ConfigError(f"shira: mask {config.mask!r} needs a calibration loss: "
                               "attach(model, config, calib=lambda: loss)")
         grads = calibration_grads(model, names, calib)
-    exclude = excluded_positions(config.exclude_run) if config.exclude_run else {}
+    exclude = (excluded_positions(config.exclude_run, model, names)
+               if config.exclude_run else {})
     masks = {}
     for i, name in enumerate(names):
         w = model.get_submodule(name).weight.detach()
@@ -63,19 +64,70 @@ def choose_masks(model: nn.Module, names: list[str], config: ShiraConfig,
     return masks
 
 
-def excluded_positions(run_dir: str) -> dict[str, torch.Tensor]:
-    """Module name -> flat positions of the SHiRA adapter saved in ``run_dir`` (its
-    ``adapter.safetensors``), for masks that must not overlap it."""
-    from safetensors.torch import load_file
+def checked_indices(key: str, idx: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+    """SHiRA indices from a checkpoint as int64: an integer dtype (a float index would be
+    silently floored), 1-D, non-empty, strictly increasing, inside the weight."""
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise AdapterFormatError(f"adapter state {key!r}: SHiRA indices must have an integer "
+                                 f"dtype, got {str(idx.dtype).removeprefix('torch.')}")
+    idx = idx.to(torch.int64)
+    size = linear.weight.numel()
+    if idx.dim() != 1 or idx.numel() == 0 or bool((idx[1:] <= idx[:-1]).any()) \
+            or int(idx[0]) < 0 or int(idx[-1]) >= size:
+        raise AdapterFormatError(f"adapter state {key!r}: SHiRA indices must be a non-empty, "
+                                 f"strictly increasing 1-D list inside [0, {size})")
+    return idx
 
-    path = Path(run_dir) / "adapter.safetensors"
-    if not path.is_file():
-        raise ConfigError(f"shira: exclude_run {run_dir!r} has no adapter.safetensors")
+
+def excluded_positions(run_dir: str, model: nn.Module, names: list[str]
+                       ) -> dict[str, torch.Tensor]:
+    """Module name -> flat positions of the SHiRA adapter saved in ``run_dir``, for masks of
+    ``model``'s target modules ``names`` that must not overlap it.
+
+    The run is read through the same checks as ``load_run`` (adapter.json schema, a valid
+    safetensors file, in-range integer indices: AdapterFormatError). It must be a SHiRA run
+    (ConfigError) trained on this base: its fingerprinted weights must exist in ``model`` with
+    the same sha256 (FingerprintMismatchError), and it must share at least one target module
+    with ``names`` (ConfigError) - otherwise nothing would be excluded.
+    """
+    from edgeadapt.train.run import (
+        ADAPTER_FILE,
+        INFO_FILE,
+        check_weight_hashes,
+        read_run_info,
+        read_tensors,
+    )
+
+    run = Path(run_dir)
+    if not (run / INFO_FILE).is_file() or not (run / ADAPTER_FILE).is_file():
+        raise ConfigError(f"shira: exclude_run {run_dir!r} is not a training run directory "
+                          f"(needs {INFO_FILE} and {ADAPTER_FILE})")
+    info, _ = read_run_info(run)
+    if info["method"] != "shira":
+        raise ConfigError(f"shira: exclude_run {run_dir!r} is a {info['method']!r} run, not a "
+                          "SHiRA run")
+    hashes = info["weight_sha256"]
+    check_weight_hashes(f"shira: exclude_run {run_dir!r}", hashes, model, info["model"])
+    state = read_tensors(run / ADAPTER_FILE)
     suffix = ".shira_indices"
-    found = {k[:-len(suffix)]: v.long() for k, v in load_file(str(path)).items()
-             if k.endswith(suffix)}
-    if not found:
-        raise ConfigError(f"shira: exclude_run {run_dir!r} is not a SHiRA run")
+    stored = {k[:-len(suffix)] for k in state if k.endswith(suffix)}
+    modules = {w.removesuffix(".weight") for w in hashes}
+    if stored != modules:
+        raise AdapterFormatError(
+            f"{run / ADAPTER_FILE}: its SHiRA modules do not match the weights fingerprinted "
+            f"in {INFO_FILE}: missing {sorted(modules - stored)[:3]}, "
+            f"extra {sorted(stored - modules)[:3]}")
+    found = {}
+    for name in sorted(modules):
+        key = f"{name}{suffix}"
+        try:
+            found[name] = checked_indices(key, state[key], model.get_submodule(name))
+        except AdapterFormatError as exc:
+            raise AdapterFormatError(f"{run / ADAPTER_FILE}: {exc}") from exc
+    if not set(found) & set(names):
+        raise ConfigError(f"shira: exclude_run {run_dir!r} adapts none of this adapter's "
+                          f"targets (it adapts {sorted(found)[:3]}, this one "
+                          f"{sorted(names)[:3]}): nothing would be excluded")
     return found
 
 
