@@ -14,7 +14,12 @@ import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
-from edgeadapt.errors import AdapterFormatError, ConfigError, FingerprintMismatchError
+from edgeadapt.errors import (
+    AdapterFormatError,
+    ConfigError,
+    FingerprintMismatchError,
+    WriteError,
+)
 from edgeadapt.models import load_model
 from edgeadapt.tasks import load_task
 from edgeadapt.train import TrainConfig, load_run, train
@@ -208,15 +213,15 @@ def lora_run(tmp_path_factory):
     return out
 
 
-def test_a_run_that_cannot_be_written_is_a_config_error(tmp_path):
-    """An OSError while saving (here: adapter.safetensors is a directory) is a ConfigError
+def test_a_run_that_cannot_be_written_is_a_write_error(tmp_path):
+    """An OSError while saving (here: adapter.safetensors is a directory) is a WriteError
     naming the run directory, not a traceback."""
     out = tmp_path / "run"
     (out / "adapter.safetensors").mkdir(parents=True)
-    with pytest.raises(ConfigError, match="cannot write the run"):
+    with pytest.raises(WriteError, match="cannot write the run"):
         train(tiny("lora", adapter={"r": 2}, steps=1), out=out, progress=False)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match="not a directory"):  # refused before training
+    with pytest.raises(WriteError, match="not a directory"):  # refused before training
         train(tiny("lora", adapter={"r": 2}), out=tmp_path / "file" / "sub", progress=False)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeadapt.errors import ConfigError, EdgeAdaptError, ExportError
-from edgeadapt.format.container import writable_dir
+from edgeadapt.format.container import check_writable_dir
 from edgeadapt.format.manifest import (
     Manifest,
     WeightEntry,
@@ -125,7 +125,7 @@ def export_base(model: str | Path | Any, out: str | Path,
     from edgeadapt.models import head_weight_names, load_model, target_weight_names
 
     fmts = parse_formats(formats)
-    out = writable_dir(out)  # before the model loads and the exporters run
+    out = check_writable_dir(out)  # before the model loads and the exporters run
     lm = model if hasattr(model, "model") and hasattr(model, "kind") else load_model(
         str(model), num_labels=num_labels, seed=seed)
     heads = head_weight_names(lm.model, lm.kind)  # live too: each adapter brings its head
@@ -134,6 +134,7 @@ def export_base(model: str | Path | Any, out: str | Path,
     # Every file is written (and checked) in a staging folder first, published into ``out``
     # (bundle.json last) only once all of it is there: the bundle already in ``out`` keeps
     # working while this export runs, and if it fails.
+    out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
     try:
         results = run_exporters(lm, staging, live, fmts, check=check, pte_repack=pte_repack,

@@ -67,16 +67,20 @@ class Container:
     dtypes: dict[str, str]
 
 
-def writable_dir(path: str | os.PathLike) -> Path:
-    """``path`` as a directory this process can write into (created if missing); WriteError
-    naming it otherwise. For commands that should fail before their work, not after it."""
+def check_writable_dir(path: str | os.PathLike, what: str = "") -> Path:
+    """Refuse, before any work, a path that cannot become a writable directory: the nearest
+    existing path at or above ``path`` must be a directory this process can write into
+    (``f/sub`` with ``f`` a file, or a read-only parent: WriteError naming it, prefixed by
+    ``what``, e.g. ``"--out "``). Nothing is created. Returns ``path``."""
     path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise WriteError(f"cannot create the directory {path}: {exc.strerror or exc}") from exc
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise WriteError(f"cannot write into {path}: permission denied")
+    probe = path
+    while not probe.exists() and not probe.is_symlink() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        why = "is not a directory" if probe.exists() else "does not exist (a broken link?)"
+        raise WriteError(f"{what}{path}: {probe} {why}; choose another directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise WriteError(f"{what}{path}: {probe} is not writable; choose another directory")
     return path
 
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from edgeadapt.errors import (
     ConfigError,
     FingerprintMismatchError,
     UnknownNameError,
+    WriteError,
 )
 from edgeadapt.format.container import atomic_write_bytes
 from edgeadapt.format.fingerprint import weight_sha256
@@ -58,30 +58,11 @@ def base_weight_hashes(lm: LoadedModel, names: list[str]) -> dict[str, str]:
     return {n: weight_sha256(params[n].detach().float().cpu().numpy()) for n in names}
 
 
-def check_out_dir(out: str | Path) -> Path:
-    """Refuse, before any work, an output path that cannot become a writable run directory.
-
-    Nothing is created: the nearest existing path at or above ``out`` must be a directory that
-    can be written to (``f/sub`` with ``f`` a file, or a read-only parent, is a ConfigError
-    naming it). :func:`save_run` creates the missing directories.
-    """
-    out = Path(out)
-    probe = out
-    while not probe.exists() and not probe.is_symlink() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        what = "is not a directory" if probe.exists() else "does not exist (a broken link?)"
-        raise ConfigError(f"--out {out}: {probe} {what}; choose another run directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: {probe} is not writable; choose another run directory")
-    return out
-
-
 def save_run(out: Path, lm: LoadedModel, info: dict[str, Any],
              adapter: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
     """Write the run's four files into ``out`` (``info`` gets the version and head fields).
 
-    An OSError (not a directory, read-only, disk full, ...) is a ConfigError naming ``out``.
+    An OSError (not a directory, read-only, disk full, ...) is a WriteError naming ``out``.
     """
     out = Path(out)
     head = head_parameters(lm)
@@ -94,7 +75,7 @@ def save_run(out: Path, lm: LoadedModel, info: dict[str, Any],
         write_json(out / INFO_FILE, info)
         write_json(out / METRICS_FILE, metrics)
     except OSError as exc:
-        raise ConfigError(f"cannot write the run to {out}: {exc.strerror or exc}"
+        raise WriteError(f"cannot write the run to {out}: {exc.strerror or exc}"
                           f"{f' ({exc.filename})' if exc.filename else ''}") from exc
 
 

@@ -28,12 +28,13 @@ import torch
 from tqdm import tqdm
 
 from edgeadapt.errors import ConfigError, UnknownNameError
+from edgeadapt.format.container import check_writable_dir
 from edgeadapt.models import LoadedModel, load_model
 from edgeadapt.tasks import load_task
 from edgeadapt.train.data import collate, encode_task
 from edgeadapt.train.distributed import all_reduce_grads, barrier, init_world
 from edgeadapt.train.objective import evaluate, loss_count, loss_sum
-from edgeadapt.train.run import base_weight_hashes, check_out_dir, head_parameters, save_run
+from edgeadapt.train.run import base_weight_hashes, head_parameters, save_run
 
 METHODS = ("shira", "lora", "sora", "sira", "none")
 SCHEDULES = ("linear", "log", "exp")
@@ -182,8 +183,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
 
     cfg.validate()
     config = adapter_config(cfg.method, cfg.adapter)
-    if out is not None:
-        out = check_out_dir(out)  # before any work: a bad --out must not cost a training
+    if out is not None:  # before any work: a bad --out must not cost a training
+        out = check_writable_dir(out, "--out ")
     world = init_world()
     started = time.perf_counter()
     task = load_task(cfg.task, seed=cfg.seed, max_train=cfg.max_train, max_test=cfg.max_test)
