@@ -53,12 +53,17 @@ def check_positive_int(method: str, name: str, value: Any, minimum: int = 1) -> 
         raise ConfigError(f"{method}: {name} must be an integer >= {minimum}, got {value!r}")
 
 
+def is_finite_number(value: Any) -> bool:
+    """A real number (int or float, not a bool) that is neither NaN nor infinite."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value))
+
+
 def check_number(method: str, name: str, value: Any, *, minimum: float = 0.0,
                  strict: bool = False) -> None:
     """Raise ConfigError unless ``value`` is a finite real number (not a bool) ``>= minimum``
     (``> minimum`` if ``strict``). NaN and +-inf are refused: they would train a NaN adapter."""
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
-          and math.isfinite(value) and (value > minimum if strict else value >= minimum))
+    ok = is_finite_number(value) and (value > minimum if strict else value >= minimum)
     if not ok:
         bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
         raise ConfigError(f"{method}: {name} must be a finite number {bound}, got {value!r}")

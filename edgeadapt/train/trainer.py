@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from edgeadapt.adapters.base import is_finite_number
 from edgeadapt.errors import ConfigError, UnknownNameError
 from edgeadapt.format.container import check_writable_dir
 from edgeadapt.models import LoadedModel, load_model
@@ -88,22 +89,16 @@ class TrainConfig:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
         # every float must be finite: NaN passes no comparison and trains a NaN adapter
         # silently; inf overflows the step count or does the same
-        if not _finite(self.epochs) or (self.epochs <= 0 and self.steps is None):
+        if not is_finite_number(self.epochs) or (self.epochs <= 0 and self.steps is None):
             raise ConfigError(f"epochs must be a finite number > 0, got {self.epochs}")
         for name in ("lr", "head_lr", "gate_lr"):
             value = getattr(self, name)
-            if value is not None and (not _finite(value) or value <= 0):
+            if value is not None and (not is_finite_number(value) or value <= 0):
                 raise ConfigError(f"{name} must be a finite number > 0, got {value}")
-        if self.sora_xi_max is not None and (not _finite(self.sora_xi_max)
+        if self.sora_xi_max is not None and (not is_finite_number(self.sora_xi_max)
                                              or self.sora_xi_max < 0):
             raise ConfigError(f"sora_xi_max must be a finite number >= 0, got "
                               f"{self.sora_xi_max}")
-
-
-def _finite(value: Any) -> bool:
-    """A real number (not a bool) that is neither NaN nor infinite."""
-    return (not isinstance(value, bool) and isinstance(value, (int, float))
-            and math.isfinite(value))
 
 
 def adapter_config(method: str, options: dict[str, Any]):
