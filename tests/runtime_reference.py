@@ -10,7 +10,13 @@ import numpy as np
 import torch
 
 from edgeadapt.adapters import apply_adapter_torch
-from edgeadapt.format import read_adapter, read_manifest
+from edgeadapt.format import (
+    AdapterEntry,
+    read_adapter,
+    read_manifest,
+    write_adapter,
+    write_manifest,
+)
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta
 from edgeadapt.models import example_inputs, forward
@@ -76,3 +82,13 @@ def example_pair(lm):
     """Example inputs (batch 2, seq 7, seed 3) as torch tensors and as numpy arrays."""
     t = example_inputs(lm, batch=2, seq=7, seed=3)
     return t, {k: v.numpy() for k, v in t.items()}
+
+
+def register_adapters(bundle, manifest, adapters: dict[str, Adapter]) -> None:
+    """Write ``adapters`` (float32 values) as ``bundle/adapters/<name>.eadp``, register each in
+    ``manifest`` and write it."""
+    (bundle / "adapters").mkdir(exist_ok=True)
+    for name, ad in adapters.items():
+        write_adapter(bundle / "adapters" / f"{name}.eadp", ad, value_dtype="float32")
+        manifest.adapters[name] = AdapterEntry(file=f"adapters/{name}.eadp", method=ad.method)
+    write_manifest(bundle, manifest)

@@ -17,6 +17,7 @@ from runtime_reference import (  # noqa: E402
     example_pair,
     parity,
     random_adapters,
+    register_adapters,
     requested,
     torch_reference,
 )
@@ -34,7 +35,6 @@ from edgeadapt.format import (  # noqa: E402
     read_adapter,
     read_manifest,
     write_adapter,
-    write_manifest,
 )
 from edgeadapt.models import load_model  # noqa: E402
 from edgeadapt.runtime import choose_mode, load, onnxruntime_kernel  # noqa: E402
@@ -56,11 +56,7 @@ def exported(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     export_base(lm, out, formats="onnx", targets="qv", check=False)
     manifest = read_manifest(out)
-    (out / "adapters").mkdir()
-    for name, ad in _adapters(lm, sorted(manifest.weights), seed=1).items():
-        write_adapter(out / "adapters" / f"{name}.eadp", ad, value_dtype="float32")
-        manifest.adapters[name] = AdapterEntry(file=f"adapters/{name}.eadp", method=ad.method)
-    write_manifest(out, manifest)
+    register_adapters(out, manifest, _adapters(lm, sorted(manifest.weights), seed=1))
     return lm, out
 
 

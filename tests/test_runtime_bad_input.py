@@ -12,11 +12,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from runtime_reference import example_pair, parity, random_adapters, torch_reference  # noqa: E402
+from runtime_reference import (  # noqa: E402
+    example_pair,
+    parity,
+    random_adapters,
+    register_adapters,
+    torch_reference,
+)
 
 from edgeadapt.errors import AdapterFormatError, BundleError, ConfigError  # noqa: E402
 from edgeadapt.export.bundle import export_base  # noqa: E402
-from edgeadapt.format import AdapterEntry, read_manifest, write_adapter, write_manifest  # noqa: E402
+from edgeadapt.format import AdapterEntry, read_manifest  # noqa: E402
 from edgeadapt.models import load_model  # noqa: E402
 from edgeadapt.runtime import load  # noqa: E402
 
@@ -33,12 +39,8 @@ def exported(request, tmp_path_factory):
     manifest = read_manifest(out)
     names = sorted(manifest.weights)
     s1, _, l1 = random_adapters(lm, names, names[:1], seed=1)
-    (out / "adapters").mkdir()
-    for name, ad in {"s1": s1, "l1": l1}.items():
-        write_adapter(out / "adapters" / f"{name}.eadp", ad, value_dtype="float32")
-        manifest.adapters[name] = AdapterEntry(file=f"adapters/{name}.eadp", method=ad.method)
     manifest.adapters["liar"] = AdapterEntry(file="adapters/l1.eadp", method="shira")
-    write_manifest(out, manifest)
+    register_adapters(out, manifest, {"s1": s1, "l1": l1})
     return lm, out
 
 

@@ -34,6 +34,26 @@ def _ort():
     return ort
 
 
+def onnx_load_errors(ort_names: tuple[str, ...] = ("Fail", "InvalidProtobuf", "InvalidGraph",
+                                                   "NoSuchFile")
+                     ) -> tuple[type[BaseException], ...]:
+    """What reading a corrupt ONNX file raises, where those packages are installed: protobuf's
+    DecodeError and the ONNX Runtime error classes named in ``ort_names``."""
+    errors: list[type[BaseException]] = []
+    try:
+        from google.protobuf.message import DecodeError
+
+        errors.append(DecodeError)
+    except ImportError:
+        pass
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+        errors.extend(getattr(state, n) for n in ort_names if hasattr(state, n))
+    except ImportError:
+        pass
+    return tuple(errors)
+
 def write_ort_adapter(path: str | os.PathLike, adapter: Adapter,
                       branch_inputs: Mapping[str, Mapping[str, str]]) -> Path:
     """Write ``adapter`` (LoRA / pruned SoRA) as an ``.onnx_adapter`` file, atomically.

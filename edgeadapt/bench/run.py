@@ -34,6 +34,7 @@ import numpy as np
 
 from edgeadapt.bench import floor as fl
 from edgeadapt.bench.adapters import collect
+from edgeadapt.bench.ort_adapter import onnx_load_errors
 from edgeadapt.bench.reference import Subject, check_parity
 from edgeadapt.bench.timing import (
     INSTANCE_SEP,
@@ -108,26 +109,6 @@ class _Cycle:
     def restore(self) -> None:
         if self.last is not None:
             self.switch(self.last)
-
-
-def _onnx_load_errors() -> tuple[type[BaseException], ...]:
-    """What reading a corrupt ONNX file raises (protobuf, ONNX Runtime) where those packages
-    are installed."""
-    errors: list[type[BaseException]] = []
-    try:
-        from google.protobuf.message import DecodeError
-
-        errors.append(DecodeError)
-    except ImportError:
-        pass
-    try:
-        from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-        errors.extend(getattr(state, n) for n in ("Fail", "InvalidProtobuf", "InvalidGraph",
-                                                  "NoSuchFile") if hasattr(state, n))
-    except ImportError:
-        pass
-    return tuple(errors)
 
 
 def unavailable(backend: str, manifest: Manifest) -> str | None:
@@ -604,7 +585,7 @@ def run_bench(bundle_dir: str | Path, opts: BenchOptions, subject: Subject | Non
                 run.rt_live = run.rt_repack = run.rt_lora = run.ort_peer = None
                 gc.collect()
                 continue
-            except _onnx_load_errors() as exc:
+            except onnx_load_errors() as exc:
                 raise BundleError(f"{bundle / (manifest.onnx or {}).get('file', '?')}: not a "
                                   f"readable ONNX model ({type(exc).__name__}: {exc})") from exc
             ran.append(backend)

@@ -15,7 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from edgeadapt.bench.adapters import AdapterSet
-from edgeadapt.bench.ort_adapter import OrtBranchSession, branch_feeds, write_ort_adapter
+from edgeadapt.bench.ort_adapter import (
+    OrtBranchSession,
+    branch_feeds,
+    onnx_load_errors,
+    write_ort_adapter,
+)
 from edgeadapt.errors import BundleError
 from edgeadapt.format.manifest import Manifest
 
@@ -54,22 +59,8 @@ def _failure(exc: BaseException) -> str:
 # file: BundleError, OSError, protobuf's DecodeError, ONNX Runtime's errors), reported as a skip
 # of that variant alone (MissingPackageError: the backend itself is unavailable, not skipped here)
 def _variant_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [BundleError, OSError, ValueError, RuntimeError]
-    try:
-        from google.protobuf.message import DecodeError
-
-        errors.append(DecodeError)
-    except ImportError:
-        pass
-    try:
-        from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-        errors.extend(getattr(state, n) for n in ("Fail", "InvalidProtobuf", "InvalidGraph",
-                                                  "NoSuchFile", "InvalidArgument")
-                      if hasattr(state, n))
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (BundleError, OSError, ValueError, RuntimeError, *onnx_load_errors(
+        ("Fail", "InvalidProtobuf", "InvalidGraph", "NoSuchFile", "InvalidArgument")))
 
 
 def unfused_cases(bundle: Path, manifest: Manifest, aset: AdapterSet, scratch: Path,
