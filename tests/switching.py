@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,11 +11,14 @@ import numpy as np
 
 
 def runs_while_switching(run: Callable[[], np.ndarray], switch: Callable[[Any], None],
-                         states: Sequence[Any], readers: int, switches: int, seed: int
+                         states: Sequence[Any], readers: int, switches: int, seed: int,
+                         min_runs: int = 0, deadline_s: float = 120.0
                          ) -> tuple[list[Exception], list[np.ndarray]]:
-    """``readers`` threads call ``run()`` in a loop while this thread makes ``switches`` switches
-    to states drawn uniformly (``np.random.default_rng(seed)``) from ``states``; returns the
-    readers' exceptions and every output they saw."""
+    """``readers`` threads call ``run()`` in a loop while this thread makes switches to states
+    drawn uniformly (``np.random.default_rng(seed)``) from ``states``: at least ``switches`` of
+    them, and on until the readers have finished ``min_runs`` runs in all (so a check on the
+    outputs is never vacuous however the threads are scheduled), or until ``deadline_s`` has
+    passed or a reader has failed. Returns the readers' exceptions and every output they saw."""
     errors: list[Exception] = []
     outputs: list[np.ndarray] = []
     stop = threading.Event()
@@ -30,9 +34,13 @@ def runs_while_switching(run: Callable[[], np.ndarray], switch: Callable[[Any], 
     for t in threads:
         t.start()
     rng = np.random.default_rng(seed)
+    end = time.monotonic() + deadline_s
+    done = 0
     try:
-        for _ in range(switches):
+        while done < switches or (len(outputs) < min_runs and not errors
+                                  and time.monotonic() < end):
             switch(states[int(rng.integers(len(states)))])
+            done += 1
     finally:
         stop.set()
         for t in threads:
