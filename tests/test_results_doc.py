@@ -264,3 +264,28 @@ def test_fusion_claim_uses_every_learned_task(runs: Path, results: ModuleType,
     assert "politics (fused" not in row
     assert row.endswith("| mixed: rt-sentiment (fused with politics) yes; rt-sentiment (fused "
                         "with subjectivity) yes; subjectivity (fused with rt-sentiment) no |")
+
+
+def test_switch_targets_use_the_paired_ratio_where_the_report_has_it(results: ModuleType) -> None:
+    """Section 5 and its claims take a switch row's per-round ``ratio_vs_shira`` (run 10 on) and
+    fall back to the ratio of the two p50s for older reports; values worked out by hand."""
+    sw = importlib.import_module("results_doc.switching")
+
+    def report(paired: bool) -> dict:
+        rows = [("shira", "live", 2.0, 1.0), ("lora-fuse", "live", 50.0, 30.0),
+                ("reload", "repack", 900.0, 300.0)]
+        live = zip(sw.SHAPES, (1.0, 1.01, 1.03), strict=True)
+        return {"forward": [{"backend": "b", "variant": "shira-live", "batch": b, "seq": s,
+                             "ratio_vs_base": v} for (b, s), v in live],
+                "switch": [{"backend": "b", "method": m, "mode": mo, "p50_ms": p,
+                            **({"ratio_vs_shira": r} if paired else {})}
+                           for m, mo, p, r in rows],
+                "floor": {"measured_over_floor": {"b": 1.6}}}
+
+    paired = sw.bench_targets(report(True), "b")
+    assert [(v, ok) for _, v, ok in paired] == [(1.03, False), (30.0, True), (300.0, True),
+                                                (1.6, False)]
+    old = sw.bench_targets(report(False), "b")
+    assert [v for _, v, _ in old][1:3] == [25.0, 450.0]  # 50 / 2, 900 / 2
+    assert sw.bench_cell(report(True), "b", "reload") == "900.0 ms (300x)"
+    assert sw.bench_cell(report(False), "b", "lora-fuse") == "50.0 ms (25x)"
