@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -349,3 +352,28 @@ def test_a_failed_base_export_leaves_the_old_bundle(tmp_path, monkeypatch):
     eb.export_base(MODEL, out, formats="onnx", targets="attn", check=False)
     assert read_manifest(out).targets_spec == "attn"
     assert not [p for p in out.iterdir() if p.name.startswith(".export-")]
+
+
+def test_export_base_removes_staging_left_by_a_killed_export(tmp_path):
+    """A killed export leaves its ``.export-<host>-<pid>-*`` folder (its ``finally`` never ran);
+    the next export of the bundle removes it, and leaves alone the folders of a process still
+    running (another export at work), of another host and of any other name."""
+    import edgeadapt.export.bundle as eb
+
+    out = tmp_path / "b"
+    out.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(gone.stdout)  # exited and reaped: no such process now
+    dead = out / f"{eb._staging_prefix(dead_pid)}x1"
+    running = out / f"{eb._staging_prefix(os.getpid())}x2"
+    other_host = out / f".export-{'z' * 70}-{dead_pid}-x3"
+    other_name = out / ".export-notapid-x4"
+    for d in (dead, running, other_host, other_name):
+        d.mkdir()
+        (d / "model.onnx").write_bytes(b"half-written")
+    eb.export_base(MODEL, out, formats="onnx", targets="qv", check=False)
+    assert not dead.exists()
+    assert all((d / "model.onnx").read_bytes() == b"half-written"
+               for d in (running, other_host, other_name))
+    assert read_manifest(out).targets_spec == "qv"

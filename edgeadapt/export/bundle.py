@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -135,7 +136,8 @@ def export_base(model: str | Path | Any, out: str | Path,
     # (bundle.json last) only once all of it is there: the bundle already in ``out`` keeps
     # working while this export runs, and if it fails.
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
+    _remove_dead_staging(out)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=_staging_prefix(os.getpid())))
     try:
         results = run_exporters(lm, staging, live, fmts, check=check, pte_repack=pte_repack,
                                 pte_live_form=pte_live_form)
@@ -159,6 +161,37 @@ def export_base(model: str | Path | Any, out: str | Path,
     log.info("wrote %s: %d live weights, formats %s", out / "bundle.json", len(live),
              ", ".join(sections))
     return out
+
+
+def _staging_prefix(pid: int) -> str:
+    """``.export-<host>-<pid>-``: the staging folder names the process that writes it, so a
+    later export can tell the folder of a killed export from one still being written."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+    return f".export-{host}-{pid}-"
+
+
+def _remove_dead_staging(out: Path) -> None:
+    """Delete the staging folders in ``out`` left by exports of this host whose process is gone
+    (killed before its ``finally`` ran). Folders of a live process, of another host, or not
+    named by :func:`_staging_prefix` are left alone."""
+    host = _staging_prefix(0)[:-2]  # ".export-<host>-"
+    for path in out.glob(".export-*"):
+        rest = path.name[len(host):] if path.name.startswith(host) else ""
+        pid = rest.split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            log.warning("removing %s, left by an export that was killed", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, someone else's
+        return True
+    return True
 
 
 def _publish(staging: Path, out: Path) -> None:
