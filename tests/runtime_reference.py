@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from edgeadapt.adapters import apply_adapter_torch
+from edgeadapt.export.bundle import export_base
 from edgeadapt.format import (
     AdapterEntry,
     read_adapter,
@@ -18,8 +19,9 @@ from edgeadapt.format import (
     write_manifest,
 )
 from edgeadapt.format.fingerprint import weight_sha256
+from edgeadapt.format.manifest import Manifest
 from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta
-from edgeadapt.models import example_inputs, forward
+from edgeadapt.models import example_inputs, forward, load_model
 
 
 def torch_reference(lm, bundle, active, inputs) -> np.ndarray:
@@ -84,11 +86,22 @@ def example_pair(lm):
     return t, {k: v.numpy() for k, v in t.items()}
 
 
-def register_adapters(bundle, manifest, adapters: dict[str, Adapter]) -> None:
+def export_tiny(model: str, out, **load_kwargs) -> tuple[object, Manifest]:
+    """Load ``model`` (seed 0, one torch thread) and export its ONNX bundle to ``out`` with the q/v
+    weights live and no parity check; returns the loaded model and the bundle's manifest."""
+    torch.set_num_threads(1)
+    lm = load_model(model, seed=0, **load_kwargs)
+    export_base(lm, out, formats="onnx", targets="qv", check=False)
+    return lm, read_manifest(out)
+
+
+def register_adapters(bundle, manifest, adapters: dict[str, Adapter],
+                      variants: dict[str, str | None] | None = None) -> None:
     """Write ``adapters`` (float32 values) as ``bundle/adapters/<name>.eadp``, register each in
-    ``manifest`` and write it."""
+    ``manifest`` (with its graph variant from ``variants``, if any) and write it."""
     (bundle / "adapters").mkdir(exist_ok=True)
     for name, ad in adapters.items():
         write_adapter(bundle / "adapters" / f"{name}.eadp", ad, value_dtype="float32")
-        manifest.adapters[name] = AdapterEntry(file=f"adapters/{name}.eadp", method=ad.method)
+        manifest.adapters[name] = AdapterEntry(file=f"adapters/{name}.eadp", method=ad.method,
+                                               variant=(variants or {}).get(name))
     write_manifest(bundle, manifest)

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 
 from runtime_reference import (  # noqa: E402
     example_pair,
+    export_tiny,
     parity,
     random_adapters,
     register_adapters,
@@ -28,7 +29,6 @@ from edgeadapt.errors import (  # noqa: E402
     FingerprintMismatchError,
     UnknownNameError,
 )
-from edgeadapt.export.bundle import export_base  # noqa: E402
 from edgeadapt.format import (  # noqa: E402
     Adapter,
     AdapterEntry,
@@ -36,7 +36,6 @@ from edgeadapt.format import (  # noqa: E402
     read_manifest,
     write_adapter,
 )
-from edgeadapt.models import load_model  # noqa: E402
 from edgeadapt.runtime import choose_mode, load, onnxruntime_kernel  # noqa: E402
 from edgeadapt.runtime.api import live_form, load_cuda_standin  # noqa: E402
 
@@ -51,11 +50,8 @@ def _adapters(lm, names: list[str], seed: int = 1) -> dict[str, Adapter]:
 
 @pytest.fixture(scope="module", params=["tiny-smollm2", "tiny-minilm"])
 def exported(request, tmp_path_factory):
-    torch.set_num_threads(1)
-    lm = load_model(request.param, num_labels=2, seed=0)
     out = tmp_path_factory.mktemp(request.param)
-    export_base(lm, out, formats="onnx", targets="qv", check=False)
-    manifest = read_manifest(out)
+    lm, manifest = export_tiny(request.param, out, num_labels=2)
     register_adapters(out, manifest, _adapters(lm, sorted(manifest.weights), seed=1))
     return lm, out
 

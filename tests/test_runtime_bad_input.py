@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 
 from runtime_reference import (  # noqa: E402
     example_pair,
+    export_tiny,
     parity,
     random_adapters,
     register_adapters,
@@ -21,9 +22,7 @@ from runtime_reference import (  # noqa: E402
 )
 
 from edgeadapt.errors import AdapterFormatError, BundleError, ConfigError  # noqa: E402
-from edgeadapt.export.bundle import export_base  # noqa: E402
-from edgeadapt.format import AdapterEntry, read_manifest  # noqa: E402
-from edgeadapt.models import load_model  # noqa: E402
+from edgeadapt.format import AdapterEntry  # noqa: E402
 from edgeadapt.runtime import load  # noqa: E402
 
 RTOL = 1e-4
@@ -32,11 +31,8 @@ RTOL = 1e-4
 @pytest.fixture(scope="module", params=["tiny-smollm2", "tiny-minilm"])
 def exported(request, tmp_path_factory):
     """s1 (SHiRA), l1 (LoRA) and ``liar``: l1's file registered as a SHiRA adapter."""
-    torch.set_num_threads(1)
-    lm = load_model(request.param, num_labels=2, seed=0)
     out = tmp_path_factory.mktemp(request.param)
-    export_base(lm, out, formats="onnx", targets="qv", check=False)
-    manifest = read_manifest(out)
+    lm, manifest = export_tiny(request.param, out, num_labels=2)
     names = sorted(manifest.weights)
     s1, _, l1 = random_adapters(lm, names, names[:1], seed=1)
     manifest.adapters["liar"] = AdapterEntry(file="adapters/l1.eadp", method="shira")

@@ -18,7 +18,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from runtime_reference import example_pair, parity, requested, torch_reference  # noqa: E402
+from runtime_reference import (  # noqa: E402
+    example_pair,
+    export_tiny,
+    parity,
+    register_adapters,
+    requested,
+    torch_reference,
+)
 from switching import runs_while_switching  # noqa: E402
 
 from edgeadapt.errors import (  # noqa: E402
@@ -28,7 +35,6 @@ from edgeadapt.errors import (  # noqa: E402
     UnknownNameError,
 )
 from edgeadapt.export.adapter import ensure_variant  # noqa: E402
-from edgeadapt.export.bundle import export_base  # noqa: E402
 from edgeadapt.format import (  # noqa: E402
     read_manifest,
     write_adapter,
@@ -37,7 +43,6 @@ from edgeadapt.format import (  # noqa: E402
 from edgeadapt.format.fingerprint import weight_sha256  # noqa: E402
 from edgeadapt.format.manifest import AdapterEntry  # noqa: E402
 from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta, SiraBranch  # noqa: E402
-from edgeadapt.models import load_model  # noqa: E402
 from edgeadapt.runtime import load, onnxruntime_kernel  # noqa: E402
 
 RTOL = 1e-4
@@ -74,19 +79,13 @@ def _adapters(lm, names, seed=1):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    torch.set_num_threads(1)
-    lm = load_model("tiny-smollm2", seed=0)
     out = tmp_path_factory.mktemp("unfused")
-    export_base(lm, out, formats="onnx", targets="qv", check=False)
-    manifest = read_manifest(out)
+    lm, manifest = export_tiny("tiny-smollm2", out)
     keys = {"sira": ensure_variant(out, manifest, SIRA, check=False),
             "lora": ensure_variant(out, manifest, ("lora", 4), check=False)}
-    (out / "adapters").mkdir()
-    for name, (ad, kind) in _adapters(lm, sorted(manifest.weights)).items():
-        write_adapter(out / "adapters" / f"{name}.eadp", ad, value_dtype="float32")
-        manifest.adapters[name] = AdapterEntry(file=f"adapters/{name}.eadp", method=ad.method,
-                                               variant=keys.get(kind))
-    write_manifest(out, manifest)
+    adapters = _adapters(lm, sorted(manifest.weights))
+    register_adapters(out, manifest, {n: ad for n, (ad, _) in adapters.items()},
+                      {n: keys.get(kind) for n, (_, kind) in adapters.items()})
     return lm, out, keys
 
 
@@ -244,10 +243,7 @@ print(json.dumps({{"err": float(np.abs(got - want).max() / np.abs(want).max()),
 def test_unfused_classifier_adapter_brings_its_head(tmp_path):
     """A SiRA adapter on tiny MiniLM carrying a trained head: the head is swapped in (fused,
     the engine) while the branches run unfused; None restores base output bit for bit."""
-    torch.set_num_threads(1)
-    lm = load_model("tiny-minilm", num_labels=2, seed=0)
-    export_base(lm, tmp_path, formats="onnx", targets="qv", check=False)
-    manifest = read_manifest(tmp_path)
+    lm, manifest = export_tiny("tiny-minilm", tmp_path, num_labels=2)
     key = ensure_variant(tmp_path, manifest, SIRA, check=False)
     params = {n: p.detach().numpy() for n, p in lm.model.named_parameters()}
     rng = np.random.default_rng(0)
