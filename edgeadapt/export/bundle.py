@@ -163,18 +163,23 @@ def export_base(model: str | Path | Any, out: str | Path,
     return out
 
 
+def _staging_host() -> str:
+    """``.export-<host>-``: how the staging folders of this host's exports begin."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+    return f".export-{host}-"
+
+
 def _staging_prefix(pid: int) -> str:
     """``.export-<host>-<pid>-``: the staging folder names the process that writes it, so a
     later export can tell the folder of a killed export from one still being written."""
-    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
-    return f".export-{host}-{pid}-"
+    return f"{_staging_host()}{pid}-"
 
 
 def _remove_dead_staging(out: Path) -> None:
     """Delete the staging folders in ``out`` left by exports of this host whose process is gone
     (killed before its ``finally`` ran). Folders of a live process, of another host, or not
     named by :func:`_staging_prefix` are left alone."""
-    host = _staging_prefix(0)[:-2]  # ".export-<host>-"
+    host = _staging_host()
     for path in out.glob(".export-*"):
         rest = path.name[len(host):] if path.name.startswith(host) else ""
         pid = rest.split("-", 1)[0]
