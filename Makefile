@@ -29,19 +29,21 @@ demo: setup
 	$(VENV)/bin/edgeadapt quickstart
 
 test: setup
-	$(VENV)/bin/ruff check edgeadapt tests scripts
+	$(VENV)/bin/ruff check edgeadapt tests scripts experiments
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "not slow and not gpu" tests
 
 test-slow: setup
 	$(PY) -m pytest -q -m "slow" tests
 
 # docs/results.md: trains the missing quality runs (hours on 2 cores from scratch; not in CI),
-# refreshes fusion and plots, renders. `make results RESULTS_ARGS=--render-only` only re-renders.
+# refreshes fusion and plots, renders (experiments/README.md). `make results RESULTS_ARGS=--render-only`
+# only re-renders.
 results: setup
-	PYTHONPATH=. $(PY) scripts/results.py $(RESULTS_ARGS)
+	$(PY) -m experiments.results $(RESULTS_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check edgeadapt tests scripts
+	$(VENV)/bin/ruff check edgeadapt tests scripts experiments
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -8,9 +8,10 @@
    static-shape ExecuTorch program only for the shapes step 3 runs (:func:`run_shapes`) —
    then every adapter into the same bundle (:func:`~edgeadapt.export.export_adapter`);
 3. **load** the bundle on each backend (:func:`edgeadapt.runtime.load`) and, per adapter,
-   switch to it in place, check the logits against PyTorch (the base model with the bundle's
-   adapter file applied by :func:`edgeadapt.adapters.apply_adapter_torch`), evaluate its test
-   accuracy through the runtime, and time a forward pass and a switch;
+   switch to it in place, check the logits against PyTorch (the base model carrying the
+   bundle's adapter file, :func:`edgeadapt.adapters.reference.reference_model`), evaluate its
+   test accuracy through the runtime, and time a forward pass and a switch
+   (:func:`edgeadapt.timer.time_calls`);
 4. **fuse** the two SHiRA adapters (``rt.switch([a, b])``) and score each task fused vs alone;
 5. print one table.
 
@@ -22,8 +23,6 @@ ones included); rows added to fill the last batch are ignored.
 
 from __future__ import annotations
 
-import copy
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from edgeadapt.errors import ParityError, SwitchError
+from edgeadapt.errors import ParityError
+from edgeadapt.numeric import rel_error
+from edgeadapt.timer import stopwatch, time_calls
 
 EVAL_BATCH = 8          # ExecuTorch programs are exported for batch <= 8
 BACKENDS = {"onnx": "onnxruntime", "pte": "executorch"}  # export format -> runtime backend
-PENDING = "pending"  # cells of a backend that cannot switch to an unfused adapter (yet)
 
 
 @dataclass
@@ -70,10 +70,10 @@ class Row:
     params: int | None = None
     file_bytes: int | None = None
     acc_torch: float | None = None
-    acc: dict[str, float | str] = field(default_factory=dict)
-    forward_ms: dict[str, float | str] = field(default_factory=dict)
-    switch_ms: dict[str, float | str] = field(default_factory=dict)
-    parity: dict[str, float | str] = field(default_factory=dict)
+    acc: dict[str, float] = field(default_factory=dict)
+    forward_ms: dict[str, float] = field(default_factory=dict)
+    switch_ms: dict[str, float] = field(default_factory=dict)
+    parity: dict[str, float] = field(default_factory=dict)
     note: str = ""
 
 
@@ -105,6 +105,7 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
     """
     import torch
 
+    from edgeadapt.adapters.reference import reference_logits, reference_model
     from edgeadapt.export import export_adapter
     from edgeadapt.format import read_adapter, read_manifest
     from edgeadapt.models import load_model
@@ -113,7 +114,7 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
     from edgeadapt.train import TrainConfig, train
     from edgeadapt.train.data import encode_task
 
-    started = time.perf_counter()
+    elapsed = stopwatch()
     out = Path(qc.out)
     stage = _stage_timer(echo)
     echo(f"edgeadapt quickstart: {qc.model}, {qc.max_train} training / {qc.max_test} test "
@@ -177,8 +178,8 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
     def reference(names: list[str], inputs: dict[str, np.ndarray]) -> np.ndarray:
         key = "+".join(names)
         if key not in references:
-            references[key] = with_adapters(base, [adapters[n] for n in names])
-        return torch_logits(references[key], inputs)
+            references[key] = reference_model(base, [adapters[n] for n in names])
+        return reference_logits(references[key], None, inputs)
 
     fusions = [["rt", "politics"], ["politics", "rt"]]  # each task with its own head first
     for names in fusions:
@@ -199,13 +200,7 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
             if name == "base":
                 continue
             names = name.split("+")
-            try:
-                row.switch_ms[backend] = switch_ms(rt, names, qc.repeats)
-            except SwitchError:  # the runtime cannot run this (unfused) adapter yet
-                for cells in (row.acc, row.forward_ms, row.switch_ms, row.parity):
-                    cells[backend] = PENDING
-                row.note = "unfused: pending (runtime support for graph variants)"
-                continue
+            row.switch_ms[backend] = switch_ms(rt, names, qc.repeats)
             x = probe[row.task]
             row.parity[backend] = rel_error(rt.run(**x), reference(names, x))
             if row.parity[backend] > qc.tolerance:
@@ -224,7 +219,7 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
     table = list(rows.values())
     echo("")
     echo(format_table(table, [BACKENDS[f] for f in qc.formats], qc.max_len))
-    echo(f"\ntotal {time.perf_counter() - started:.0f} s; runs and bundle in {out}/ "
+    echo(f"\ntotal {elapsed():.0f} s; runs and bundle in {out}/ "
          f"(try: edgeadapt.runtime.load('{bundle}').switch('rt'))")
     return table
 
@@ -234,8 +229,8 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
 
 def _stage_timer(echo: Callable[[str], Any]) -> Callable[[str], None]:
     """echo(what) with the seconds since the quickstart began."""
-    t0 = time.perf_counter()
-    return lambda what: echo(f"[{time.perf_counter() - t0:5.0f} s] {what}")
+    elapsed = stopwatch()
+    return lambda what: echo(f"[{elapsed():5.0f} s] {what}")
 
 
 def variant_branch(fields: dict[str, Any]) -> tuple | None:
@@ -261,16 +256,16 @@ def export_bundle(model: str, bundle: str, formats: tuple[str, ...], seed: int,
     from edgeadapt.export.adapter import ensure_variant
     from edgeadapt.format import read_manifest, write_manifest
 
-    t0 = time.perf_counter()
+    elapsed = stopwatch()
     export_base(model, bundle, formats=formats, targets="qv", seed=seed, check=False,
                 pte_repack=False)  # the quickstart runs live: no constant program
-    took = {"base": time.perf_counter() - t0}
+    took = {"base": elapsed()}
     for branch in branches:
-        t0 = time.perf_counter()
+        elapsed = stopwatch()
         manifest = read_manifest(bundle)
         key = ensure_variant(Path(bundle), manifest, branch, check=False, pte_shapes=pte_shapes)
         write_manifest(bundle, manifest)
-        took[f"variant {key}"] = time.perf_counter() - t0
+        took[f"variant {key}"] = elapsed()
     return took
 
 
@@ -293,7 +288,11 @@ def _start_export(qc: QuickstartConfig, bundle: Path, branches: list[tuple],
 
     stage(f"exporting the base model ({', '.join(qc.formats)}) and graph variants "
           f"({', '.join(variant_key(b) for b in branches) or 'none'}) in a background process")
-    pool = multiprocessing.get_context("spawn").Pool(1)
+    from edgeadapt import quiet
+
+    # a spawned process starts with Python's default filters: quiet it as this one is
+    pool = multiprocessing.get_context("spawn").Pool(
+        1, initializer=quiet.install if quiet.installed() else None)
     return pool, pool.apply_async(_export_worker, (qc.model, str(bundle), tuple(qc.formats),
                                                    qc.seed, branches, run_shapes(qc)))
 
@@ -344,69 +343,28 @@ def accuracy(logits: list[np.ndarray], batches: list[tuple[Any, tuple]]) -> floa
     return right / max(total, 1)
 
 
-def with_adapters(base: Any, adapters: list[Any]) -> Any:
-    """The PyTorch reference: a copy of ``base`` (LoadedModel) with ``adapters`` applied at
-    their own scales. Deltas add up in any order; heads replace each other, so the first
-    adapter is applied last (its head wins, as in the runtime)."""
-    from edgeadapt.adapters import apply_adapter_torch
-
-    ref = copy.deepcopy(base)
-    for adapter in reversed(adapters):
-        apply_adapter_torch(ref.model, adapter, adapter.scale)
-    return ref
-
-
-def torch_logits(lm: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """Logits of a LoadedModel for numpy inputs."""
-    import torch
-
-    from edgeadapt.models import forward
-
-    with torch.no_grad():
-        return forward(lm, {k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
-
-
-def rel_error(got: np.ndarray, want: np.ndarray) -> float:
-    """max |got - want| / max |want|."""
-    return float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30))
-
-
 def forward_ms(rt: Any, inputs: dict[str, np.ndarray], repeats: int, warmup: int = 2) -> float:
     """Median wall time of ``rt.run(**inputs)`` in milliseconds, after ``warmup`` runs."""
-    for _ in range(warmup):
-        rt.run(**inputs)
-    times = []
-    for _ in range(max(repeats, 1)):
-        t = time.perf_counter()
-        rt.run(**inputs)
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+    return float(np.median(time_calls(lambda: rt.run(**inputs), repeats=max(repeats, 1),
+                                      warmup=warmup)))
 
 
 def switch_ms(rt: Any, names: list[str], repeats: int) -> float:
-    """Median time of ``rt.switch(names)`` from the base model (the file already read);
-    the runtime is left with ``names`` active."""
-    times = []
-    for _ in range(max(repeats, 1) + 1):
-        rt.switch(None)
-        t = time.perf_counter()
-        rt.switch(names)
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times[1:]))  # the first switch also reads the file
+    """Median time of ``rt.switch(names)`` from the base model (the file already read: one
+    untimed switch first); the runtime is left with ``names`` active."""
+    return float(np.median(time_calls(lambda: rt.switch(names), repeats=max(repeats, 1),
+                                      warmup=1, setup=lambda: rt.switch(None))))
 
 
 def fusion_note(fused: Row, alone: Row) -> str:
     """'alone 0.750 -> fused -1.5 pt' per backend that scored both (else from PyTorch)."""
-    pairs = [(b, fused.acc.get(b), alone.acc.get(b)) for b in fused.acc]
-    pairs = [(b, f, a) for b, f, a in pairs if isinstance(f, float) and isinstance(a, float)]
+    pairs = [(b, f, alone.acc[b]) for b, f in fused.acc.items() if b in alone.acc]
     b, f, a = pairs[0] if pairs else ("PyTorch", fused.acc_torch, alone.acc_torch)
     return f"{alone.name} alone {a:.3f}, fused {100 * (f - a):+.1f} pt ({b})"
 
 
 def _cell(value: Any, fmt: str) -> str:
-    if value is None:
-        return "-"
-    return value if isinstance(value, str) else format(value, fmt)
+    return "-" if value is None else format(value, fmt)
 
 
 def format_table(rows: list[Row], backends: list[str], seq: int = 64) -> str:
@@ -444,10 +402,6 @@ def format_table(rows: list[Row], backends: list[str], seq: int = 64) -> str:
         "the base model (fused: weights edited in place; SiRA: its graph variant's branches).",
         "err: max |runtime logits - PyTorch logits| / max |PyTorch logits| on a test batch "
         "(same adapter file, applied by apply_adapter_torch).",
-        *([f"{PENDING}: this runtime does not yet switch to unfused adapters (SiRA's routed "
-           "experts run in their own graph variant)."]
-          if any(PENDING in (r.acc.get(b), r.switch_ms.get(b)) for r in rows for b in backends)
-          else []),
         "fused rows (a+b): both SHiRA adapters at once, scored on a's task with a's head; note "
         "compares with a alone.",
     ]

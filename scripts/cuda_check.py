@@ -15,14 +15,14 @@ to the originals after random switch sequences end at None, bad switches (unknow
 file) refused with the device buffers untouched, and readers that run while another thread
 switches seeing only whole states. It prints one line per check, writes them to ``--json`` and
 exits non-zero if any failed. ``--standin`` runs the same checks on the CUDA store's code with
-the CPU execution provider (:func:`edgeadapt.runtime.api.load_cuda_standin`): a dry run of this
+the CPU execution provider (``tests/cuda_standin.py``, imported as ``tests.cuda_standin`` with
+the repository root on ``PYTHONPATH``, as above): a dry run of this
 script where there is no GPU, not a CUDA result.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import os
@@ -42,12 +42,12 @@ TOLERANCE = 1e-3
 def prepare(out: Path) -> None:
     import torch
 
-    from edgeadapt.adapters import apply_adapter_torch
+    from edgeadapt.adapters.reference import reference_logits
     from edgeadapt.bench.synth import synth_lora, synth_shira
     from edgeadapt.export.bundle import export_base
     from edgeadapt.format import AdapterEntry, read_adapter, read_manifest, write_adapter
     from edgeadapt.format.manifest import write_manifest
-    from edgeadapt.models import example_inputs, forward, load_model
+    from edgeadapt.models import example_inputs, load_model
 
     torch.set_num_threads(1)
     for name in MODELS:
@@ -66,15 +66,13 @@ def prepare(out: Path) -> None:
         write_manifest(bundle, m)
         inputs = example_inputs(lm, batch=2, seq=7, seed=3)
         expected = {}
+        feeds = {k: v.numpy() for k, v in inputs.items()}
         for i, step in enumerate(STEPS):
-            ref = copy.deepcopy(lm)
-            for key, scale in step:
-                apply_adapter_torch(ref.model, read_adapter(bundle / m.adapters[key].file),
-                                    scale)
-            with torch.no_grad():
-                expected[f"step{i}"] = forward(ref, inputs).numpy()
+            expected[f"step{i}"] = reference_logits(
+                lm, [read_adapter(bundle / m.adapters[key].file) for key, _ in step], feeds,
+                [scale for _, scale in step])
         np.savez(bundle / "expected.npz", **expected,
-                 **{f"input_{k}": v.numpy() for k, v in inputs.items()})
+                 **{f"input_{k}": v for k, v in feeds.items()})
         print(f"{bundle}: {len(m.weights)} live weights, {len(STEPS)} reference steps")
 
 
@@ -83,15 +81,12 @@ def _hashes(rt) -> dict[str, str]:
             for n in rt.store.live_weights()}
 
 
-def _rel(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
 def _load(bundle: Path, buffers: str, standin: bool):
     from edgeadapt.runtime import load
-    from edgeadapt.runtime.api import load_cuda_standin
 
     if standin:
+        from tests.cuda_standin import load_cuda_standin
+
         return load_cuda_standin(bundle, torch_buffers=buffers == "torch")
     saved = os.environ.pop("EDGEADAPT_NO_TORCH", None)
     if buffers == "ortvalue":
@@ -108,6 +103,7 @@ def check_bundle(bundle: Path, buffers: str, standin: bool = False) -> list[dict
     """Every check on one bundle; ``buffers``: "torch" or "ortvalue" device buffers."""
     from edgeadapt.errors import AdapterFormatError, UnknownNameError
     from edgeadapt.format import AdapterEntry
+    from edgeadapt.numeric import rel_error
 
     results: list[dict] = []
 
@@ -124,14 +120,14 @@ def check_bundle(bundle: Path, buffers: str, standin: bool = False) -> list[dict
     data = np.load(bundle / "expected.npz")
     inputs = {k.removeprefix("input_"): data[k] for k in data.files if k.startswith("input_")}
     base, before = rt.run(**inputs), _hashes(rt)
-    record("base parity", _rel(base, data[f"step{len(STEPS) - 1}"]) <= TOLERANCE,
-           rel_error=_rel(base, data[f"step{len(STEPS) - 1}"]))
-    moved = [_rel(data[f"step{i}"], data[f"step{len(STEPS) - 1}"]) for i in range(len(STEPS) - 1)]
+    last = data[f"step{len(STEPS) - 1}"]
+    record("base parity", rel_error(base, last) <= TOLERANCE, rel_error=rel_error(base, last))
+    moved = [rel_error(data[f"step{i}"], last) for i in range(len(STEPS) - 1)]
     record("every adapter step moves the reference by > 10x the tolerance",
            min(moved) > 10 * TOLERANCE, rel_change=moved)
     for i, step in enumerate(STEPS):
         rt.switch([k for k, _ in step] or None, [s for _, s in step] or None)
-        err = _rel(rt.run(**inputs), data[f"step{i}"])
+        err = rel_error(rt.run(**inputs), data[f"step{i}"])
         record(f"parity after {step or 'None'}", err <= TOLERANCE, rel_error=err)
     record("None: device buffers bit-identical", _hashes(rt) == before)
     record("None: output bit-identical", bool(np.array_equal(rt.run(**inputs), base)))

@@ -1,5 +1,6 @@
 """Install ONNX Runtime's C/C++ API headers, which edgeadapt's ONNX Runtime kernel is built
-against (edgeadapt/runtime/onnxruntime_kernel.py), into ``<sys.prefix>/include/onnxruntime``.
+against (edgeadapt/runtime/backends/onnxruntime/kernel.py), into
+``<sys.prefix>/include/onnxruntime``.
 
 The onnxruntime wheels ship no headers. Debian packages them as ``libonnxruntime-dev`` (from
 Debian 13, version 1.21: API version 21, which every newer onnxruntime serves). This script

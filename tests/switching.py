@@ -41,6 +41,8 @@ def runs_while_switching(run: Callable[[], np.ndarray], switch: Callable[[Any], 
                                   and time.monotonic() < end):
             switch(states[int(rng.integers(len(states)))])
             done += 1
+            if done >= switches:  # the readers lag (writer preference): let them in
+                time.sleep(0.001)
     finally:
         stop.set()
         for t in threads:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from edgeadapt.adapters import (
     adapter_state,
     apply_adapter_torch,
     attach,
+    config_from_dict,
     extract,
     load_adapter_state,
     trainable_parameters,
@@ -328,19 +330,49 @@ def _shira_run(path, model="tiny-smollm2", seed=0, config=None):
 
 
 def test_exclude_run_reads_another_runs_positions(tmp_path):
-
     from edgeadapt.adapters.shira.model import choose_masks
+    from edgeadapt.train import excluded_positions
 
     first = _shira_run(tmp_path / "run")
     names = sorted(first)
     lm = load_model("tiny-smollm2", seed=0)
-    second = choose_masks(lm.model, names, ShiraConfig(mask="wm", density=0.1,
-                                                       exclude_run=str(tmp_path / "run")))
+    run = str(tmp_path / "run")
+    second = choose_masks(lm.model, names, ShiraConfig(
+        mask="wm", density=0.1, exclude=excluded_positions(run, lm.model), exclude_run=run))
     for n in names:
         assert second[n].numel() == first[n].numel()
         assert not set(first[n].tolist()) & set(second[n].tolist())
     with pytest.raises(ConfigError, match="not a training run"):
-        choose_masks(lm.model, names, ShiraConfig(exclude_run=str(tmp_path / "nope")))
+        excluded_positions(str(tmp_path / "nope"), lm.model)
+    # the config never reads a run: a recorded exclude_run without the positions is refused
+    with pytest.raises(ConfigError, match="only records"):
+        choose_masks(lm.model, names, ShiraConfig(exclude_run=run))
+
+
+def test_exclude_holds_positions_and_adapter_json_records_their_run():
+    """exclude: sorted distinct ints per module (any 1-D integer sequence in), checked against
+    the weight; to_dict keeps hand-given positions (round trip) but writes only the run they
+    were read from (a run's positions live in its own adapter.safetensors)."""
+    from edgeadapt.adapters.shira.model import choose_masks
+
+    config = ShiraConfig(mask="wm", density=0.1, exclude={"a": np.array([5, 1, 5, 3])})
+    assert config.exclude == {"a": (1, 3, 5)}
+    assert config_from_dict(config.to_dict()) == config
+    recorded = ShiraConfig(exclude={"a": [1]}, exclude_run="runs/rt").to_dict()
+    assert recorded["exclude"] is None and recorded["exclude_run"] == "runs/rt"
+    for bad in ([1.5], [[1, 2]], [-1], "x"):
+        with pytest.raises(ConfigError, match="exclude"):
+            ShiraConfig(exclude={"a": bad})
+    with pytest.raises(ConfigError, match="exclude"):
+        ShiraConfig(exclude=[1, 2])
+    lm = load_model("tiny-smollm2")
+    name = "model.layers.0.self_attn.q_proj"
+    size = lm.model.get_submodule(name).weight.numel()
+    masks = choose_masks(lm.model, [name], ShiraConfig(mask="wm", density=0.1,
+                                                       exclude={name: range(0, size, 2)}))
+    assert masks[name].numel() and bool((masks[name] % 2 == 1).all())
+    with pytest.raises(ConfigError, match="inside"):
+        choose_masks(lm.model, [name], ShiraConfig(exclude={name: [size]}))
 
 
 def test_exclude_run_is_refused_unless_it_is_a_valid_shira_run_of_this_base(tmp_path):
@@ -351,13 +383,15 @@ def test_exclude_run_is_refused_unless_it_is_a_valid_shira_run_of_this_base(tmp_
 
     from edgeadapt.adapters.shira.model import choose_masks
     from edgeadapt.errors import FingerprintMismatchError
+    from edgeadapt.train import excluded_positions
 
     run = tmp_path / "run"
     names = sorted(_shira_run(run))
     smol = load_model("tiny-smollm2", seed=0).model
 
     def masks(model=smol, targets=names, where=run):
-        return choose_masks(model, targets, ShiraConfig(exclude_run=str(where)))
+        return choose_masks(model, targets, ShiraConfig(
+            exclude=excluded_positions(str(where), model), exclude_run=str(where)))
 
     minilm = load_model("tiny-minilm").model
     with pytest.raises(FingerprintMismatchError, match="not in this base model"):

@@ -24,15 +24,13 @@ from edgeadapt.bench.timing import (
     Stats,
     break_even_runs,
     combine_instances,
-    flush_key,
     instance_name,
-    interleaved_order,
     paired_ratios,
     ratio_of_medians,
-    time_interleaved,
 )
 from edgeadapt.errors import ConfigError
 from edgeadapt.format.layout import backend_index
+from edgeadapt.timer import flush_key, interleaved_order, time_calls, time_interleaved
 
 
 def test_percentiles_by_hand():
@@ -136,6 +134,35 @@ def test_time_interleaved_inner_mean():
                            clock=m.clock)
     assert out == {"A": [3.0, 3.0]}
     assert len(m.calls) == 8
+
+
+def test_time_calls_setup_warmup_and_units():
+    """setup runs untimed before every call (warm-up included); samples are ms in call order."""
+    m = _FakeMachine(drift_per_call=0.0)
+    out = time_calls(m.case("A", 2.0), repeats=3, warmup=1, setup=m.case("s", 5.0),
+                     clock=m.clock)
+    assert out == [2.0, 2.0, 2.0]
+    assert m.calls == ["s", "A"] * 4
+    with pytest.raises(ConfigError):
+        time_calls(lambda: None, repeats=0)
+
+
+def test_backend_spellings():
+    from edgeadapt.bench.backends import Target, parse_target, parse_targets
+
+    assert parse_target("onnxruntime") == Target("onnxruntime", "cpu")
+    assert parse_target("onnxruntime:cuda").key == "onnxruntime:cuda"
+    assert parse_target("executorch", device="cuda") == Target("executorch", "cuda")
+    assert parse_targets(["onnxruntime", " onnxruntime ", "executorch"]) == [
+        Target("onnxruntime"), Target("executorch")]
+    with pytest.raises(ConfigError, match="now spelt 'onnxruntime:cuda'"):
+        parse_target("onnxruntime-cuda")
+    with pytest.raises(ConfigError, match="unknown backend"):
+        parse_target("tpu")
+    with pytest.raises(ConfigError, match="unknown device"):
+        parse_target("onnxruntime:npu")
+    with pytest.raises(ConfigError, match="no backends"):
+        parse_targets([" "])
 
 
 def test_interleaving_cancels_drift_in_paired_ratios():
@@ -262,10 +289,10 @@ def test_floor_ratios_by_hand():
 
 def test_check_targets_uses_the_paired_floor_ratio():
     rep = _report()
-    rep["floor"]["measured_over_floor"] = {"onnxruntime-cpu": 1.7}
+    rep["floor"]["measured_over_floor"] = {"onnxruntime:cpu": 1.7}
     rows = {(r["target"], r["backend"]): r for r in check_targets(rep)}
-    assert rows[("shira switch/floor", "onnxruntime-cpu")]["value"] == 1.7
-    assert rows[("shira switch/floor", "onnxruntime-cpu")]["status"] == "miss"
+    assert rows[("shira switch/floor", "onnxruntime")]["value"] == 1.7
+    assert rows[("shira switch/floor", "onnxruntime")]["status"] == "miss"
 
 
 def _report() -> dict:
@@ -273,9 +300,9 @@ def _report() -> dict:
     for (b, s), times in {(1, 1): (10.0, 10.1, 12.0), (1, 64): (20.0, 20.2, 30.0),
                           (8, 64): (40.0, 42.0, 44.0)}.items():
         for variant, t in zip(("base", "shira-live", "sira-unfused"), times, strict=True):
-            fwd.append({"backend": "onnxruntime-cpu", "variant": variant, "batch": b,
+            fwd.append({"backend": "onnxruntime", "device": "cpu", "variant": variant, "batch": b,
                         "seq": s, "p50_ms": t, "p90_ms": t * 1.1, "p99_ms": t * 1.2})
-    sw = [{"backend": "onnxruntime-cpu", "method": m, "mode": mode, "p50_ms": t}
+    sw = [{"backend": "onnxruntime", "device": "cpu", "method": m, "mode": mode, "p50_ms": t}
           for m, mode, t in (("shira", "live", 2.0), ("lora-fuse", "live", 30.0),
                              ("reload", "repack", 300.0))]
     return {"model": "synthetic", "device": "test cpu", "forward": fwd, "switch": sw,
@@ -301,6 +328,9 @@ def test_schema_accepts_valid_and_survives_json():
     lambda r: r["switch"][0].update(mode="turbo"),
     lambda r: r["switch"][0].update(backend="tpu"),
     lambda r: r["forward"][0].update(backend="onnxruntime-gpu"),
+    lambda r: r["forward"][0].update(backend="onnxruntime-cpu"),  # the old spelling
+    lambda r: r["forward"][0].update(device="tpu"),
+    lambda r: r["switch"][0].pop("device"),
     lambda r: r["floor"].update(shira_switch_ms="fast"),
 ])
 def test_schema_rejects_broken(mutate):
@@ -312,7 +342,7 @@ def test_schema_rejects_broken(mutate):
 
 def test_check_targets_by_hand():
     rows = {(r["target"], r["backend"]): r for r in check_targets(_report())}
-    cpu = "onnxruntime-cpu"
+    cpu = "onnxruntime"
     assert rows[("shira-live/base 1x1", cpu)]["value"] == pytest.approx(1.01)
     assert rows[("shira-live/base 1x1", cpu)]["status"] == "pass"
     assert rows[("shira-live/base 8x64", cpu)]["value"] == pytest.approx(1.05)
@@ -332,8 +362,8 @@ def test_check_targets_prefers_paired_ratio_and_flags_missing():
     rep["forward"][1]["ratio_vs_base"] = 1.5  # shira-live 1x1: paired median overrides p50s
     rep["switch"] = [r for r in rep["switch"] if r["method"] != "reload"]
     rows = {(r["target"], r["backend"]): r for r in check_targets(rep)}
-    assert rows[("shira-live/base 1x1", "onnxruntime-cpu")]["value"] == 1.5
-    assert rows[("reload/shira switch", "onnxruntime-cpu")]["status"] == "not measured"
+    assert rows[("shira-live/base 1x1", "onnxruntime")]["value"] == 1.5
+    assert rows[("reload/shira switch", "onnxruntime")]["status"] == "not measured"
 
 
 def test_check_targets_uses_same_round_switch_ratios():
@@ -344,23 +374,20 @@ def test_check_targets_uses_same_round_switch_ratios():
     for r in rep["switch"]:
         r["ratio_vs_shira"] = {"shira": 1.0, "lora-fuse": 9.0, "reload": 233.0}[r["method"]]
     rows = {(r["target"], r["backend"]): r for r in check_targets(rep)}
-    assert rows[("lora-fuse/shira switch", "onnxruntime-cpu")]["value"] == 9.0
-    assert rows[("lora-fuse/shira switch", "onnxruntime-cpu")]["status"] == "miss"
-    assert rows[("reload/shira switch", "onnxruntime-cpu")]["value"] == 233.0
-    assert rows[("reload/shira switch", "onnxruntime-cpu")]["status"] == "pass"
+    assert rows[("lora-fuse/shira switch", "onnxruntime")]["value"] == 9.0
+    assert rows[("lora-fuse/shira switch", "onnxruntime")]["status"] == "miss"
+    assert rows[("reload/shira switch", "onnxruntime")]["value"] == 233.0
+    assert rows[("reload/shira switch", "onnxruntime")]["status"] == "pass"
 
 
 def test_switch_row_ratio_is_paired_with_the_same_rounds():
     """reload 300, 400, 1000 ms against SHiRA switches of 1, 2, 4 ms in the same rounds:
     per-round ratios 300, 200, 250 -> median 250 (the ratio of p50s would be 400 / 2 = 200)."""
-    from types import SimpleNamespace
+    from edgeadapt.bench.backends import Target
+    from edgeadapt.bench.switch import switch_row
 
-    from edgeadapt.bench.run import _Run
-
-    run = SimpleNamespace(switch=[])
-    _Run._switch_row(run, "onnxruntime-cpu", "reload", "repack",
+    row = switch_row(Target("onnxruntime", "cpu"), "reload", "repack",
                      {"shira": [1.0, 2.0, 4.0], "reload": [300.0, 400.0, 1000.0]}, "reload")
-    row = run.switch[0]
     assert row["ratio_vs_shira"] == pytest.approx(250.0)
     # sorted ratios 200, 250, 300: p10 at position 0.2 -> 210, p90 at 1.8 -> 290
     assert row["ratio_vs_shira_p10"] == pytest.approx(210.0)
@@ -381,3 +408,34 @@ def test_table_prints_n_and_marks_p99_from_few_samples():
     assert base.split()[3] == "100" and base.split()[6] == "12.000"
     assert live.split()[3] == "12" and live.split()[6] == "12.120*"
     assert any(x.startswith("* p99 from n < 100") for x in lines)
+
+
+def test_policy_thresholds_from_break_even(tmp_path):
+    """2x the smallest break-even per batch class, inf where repack never wins; CUDA rows and
+    unmeasured ones left out; written through the runtime's policy file format."""
+    from edgeadapt.bench.policy import thresholds, write_policy
+    from edgeadapt.runtime.policy import read_thresholds
+
+    def row(device, batch, seq, runs, never=False):
+        return {"backend": "onnxruntime", "device": device, "batch": batch, "seq": seq,
+                "runs_per_switch": runs, "repack_never_wins": never}
+
+    rep = {"command": "edgeadapt bench b/", "device": "test cpu",
+           "live_form_by_backend": {"onnxruntime:cpu": "blocked32",
+                                    "onnxruntime:cuda": "blocked32"},
+           "break_even": [row("cpu", 1, 1, None, never=True), row("cpu", 8, 64, 40.0),
+                          row("cpu", 8, 128, 34.0), row("cpu", 4, 64, None),
+                          row("cuda", 1, 1, 5.0)]}
+    assert thresholds(rep) == {("onnxruntime", "blocked32"): {1: math.inf, 8: 68.0}}
+    path = write_policy(tmp_path / "policy.json", rep)
+    assert read_thresholds(path)[("onnxruntime", "blocked32")] == {1: math.inf, 8: 68.0}
+    with pytest.raises(ConfigError, match="no live-vs-repack break-even"):
+        write_policy(tmp_path / "p2.json", {**rep, "break_even": []})
+
+
+def test_stopwatch_reads_seconds_since_start():
+    from edgeadapt.timer import stopwatch
+
+    ticks = iter([10.0, 12.5, 13.0])
+    elapsed = stopwatch(clock=lambda: next(ticks))
+    assert elapsed() == 2.5 and elapsed() == 3.0

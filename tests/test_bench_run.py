@@ -49,7 +49,7 @@ def test_cli_fused_variants_and_skips(base_bundle, tmp_path):
 
     js = tmp_path / "out.json"
     res = CliRunner().invoke(bench, [
-        str(base_bundle), "--backends", "onnxruntime-cpu", "--shapes", "1x4", "--repeats", "2",
+        str(base_bundle), "--backends", "onnxruntime", "--shapes", "1x4", "--repeats", "2",
         "--switch-repeats", "3", "--reload-repeats", "1", "--warmup", "1", "--no-peers",
         "--json", str(js)])
     assert res.exit_code == 0, res.output + repr(res.exception)
@@ -60,11 +60,11 @@ def test_cli_fused_variants_and_skips(base_bundle, tmp_path):
     skipped = {s["what"] for s in rep["skipped"]}
     assert {"lora-unfused", "sira-unfused", "ort-lora-adapter"} <= skipped
     assert rep["command"].startswith("edgeadapt bench")
-    assert rep["threads"] == 1 and rep["threads_by_backend"] == {"onnxruntime-cpu": 1}
-    from edgeadapt.runtime import onnxruntime_kernel
+    assert rep["threads"] == 1 and rep["threads_by_backend"] == {"onnxruntime:cpu": 1}
+    from edgeadapt.runtime.backends.onnxruntime import kernel as onnxruntime_kernel
 
     assert rep["live_form_by_backend"] == {  # the blocked32 bundle, by edgeadapt's kernel?
-        "onnxruntime-cpu": "own-kernel" if onnxruntime_kernel.unavailable() is None
+        "onnxruntime:cpu": "own-kernel" if onnxruntime_kernel.unavailable() is None
         else "blocked32"}
     mem = next(r for r in rep["memory"] if r["runtime"] == "live after switches")
     assert mem["collapsed_bytes"] is None  # ExecuTorch's planned buffers only
@@ -92,8 +92,8 @@ def test_cli_fused_variants_and_skips(base_bundle, tmp_path):
     base = next(r for r in rep["forward"] if r["variant"] == "base")
     assert base["runtime_mode"] == "repack" and "gpu" not in rep
     # the floor's bandwidth was timed in the switch rounds, one copy per timed switch
-    fl = rep["floor"]["per_backend"]["onnxruntime-cpu"]
-    assert fl["measured_over_floor"] == rep["floor"]["measured_over_floor"]["onnxruntime-cpu"]
+    fl = rep["floor"]["per_backend"]["onnxruntime:cpu"]
+    assert fl["measured_over_floor"] == rep["floor"]["measured_over_floor"]["onnxruntime:cpu"]
     assert 0 < fl["floor_ms_peak"] <= fl["floor_ms"] and fl["bandwidth_GBps"] > 0
     # its traffic counts the cache lines of the layout the live buffers have (blocked32 here:
     # X[b, c, j] = W[32b + j, c]), by hand from the same two SHiRA adapters
@@ -111,7 +111,7 @@ def test_cli_fused_variants_and_skips(base_bundle, tmp_path):
         r, c = i // fan_in, i % fan_in
         lines += np.unique(((r // 32) * fan_in * 32 + c * 32 + r % 32) // 16).size
     assert fl["cache_lines"] == lines == rep["floor"]["cache_lines"]
-    assert fl["layouts"] == ["blocked32"] and rep["floor"]["layout"] == "onnxruntime-cpu"
+    assert fl["layouts"] == ["blocked32"] and rep["floor"]["layout"] == "onnxruntime:cpu"
 
 
 def test_cli_several_sessions_per_variant(base_bundle, tmp_path):
@@ -121,7 +121,7 @@ def test_cli_several_sessions_per_variant(base_bundle, tmp_path):
 
     js = tmp_path / "out.json"
     res = CliRunner().invoke(bench, [
-        str(base_bundle), "--backends", "onnxruntime-cpu", "--shapes", "1x4", "--repeats", "3",
+        str(base_bundle), "--backends", "onnxruntime", "--shapes", "1x4", "--repeats", "3",
         "--switch-repeats", "2", "--reload-repeats", "1", "--warmup", "1", "--no-peers",
         "--sessions", "2", "--json", str(js)])
     assert res.exit_code == 0, res.output + repr(res.exception)
@@ -149,7 +149,7 @@ def test_cli_end_to_end(tiny_bundle, tmp_path):
 
     js, png = tmp_path / "out.json", tmp_path / "out.png"
     res = CliRunner().invoke(bench, [
-        str(tiny_bundle), "--backends", "onnxruntime-cpu,onnxruntime-cuda", "--shapes",
+        str(tiny_bundle), "--backends", "onnxruntime,onnxruntime:cuda", "--shapes",
         "1x1,2x8", "--repeats", "3", "--switch-repeats", "4", "--reload-repeats", "2",
         "--warmup", "1", "--json", str(js), "--plot", str(png)])
     assert res.exit_code == 0, res.output + repr(res.exception)
@@ -157,26 +157,27 @@ def test_cli_end_to_end(tiny_bundle, tmp_path):
     validate_report(rep)
     assert rep["model"] == "tiny-smollm2"
     cpu = {(r["variant"], r["batch"], r["seq"]) for r in rep["forward"]
-           if r["backend"] == "onnxruntime-cpu"}
+           if (r["backend"], r["device"]) == ("onnxruntime", "cpu")}
     assert cpu == {(v, b, s) for v in VARIANTS for b, s in ((1, 1), (2, 8))}
     # every timed variant was first checked against PyTorch at every shape
     checked = {(r["variant"], r["batch"], r["seq"]) for r in rep["parity"]
-               if r["check"] == "forward"}
+               if r["check"] == "forward" and r["device"] == "cpu"}
     assert checked == {(v, b, s) for v in VARIANTS for b, s in ((1, 1), (2, 8))}
     assert all(r["max_rel_error"] <= 1e-3 for r in rep["parity"])
     # every switch method was checked after its series: both adapters, then the base
     switched = {(r["backend"], r["method"], r["mode"], r["check"]) for r in rep["parity"]
-                if r["check"] != "forward"}
-    assert {("onnxruntime-cpu", "ort-adapter", "unfused", "switch"),
-            ("onnxruntime-cpu", "ort-adapter", "unfused", "restore"),
+                if r["check"] != "forward" and r["device"] == "cpu"}
+    assert {("onnxruntime", "ort-adapter", "unfused", "switch"),
+            ("onnxruntime", "ort-adapter", "unfused", "restore"),
             ("pytorch", "peft-shira-merge", "merge", "merge"),
             ("pytorch", "peft-shira-merge", "merge", "unmerge"),
             ("pytorch", "peft-lora-merge", "merge", "merge"),
             ("pytorch", "peft-lora-merge", "merge", "unmerge")} <= switched
-    methods = {(r["backend"], r["method"], r["mode"]) for r in rep["switch"]}
-    assert {("onnxruntime-cpu", "shira", "live"), ("onnxruntime-cpu", "shira", "repack"),
-            ("onnxruntime-cpu", "lora-fuse", "live"), ("onnxruntime-cpu", "reload", "repack"),
-            ("onnxruntime-cpu", "ort-adapter", "unfused"), ("pytorch", "peft-shira-merge",
+    methods = {(r["backend"], r["method"], r["mode"]) for r in rep["switch"]
+               if r["device"] == "cpu"}
+    assert {("onnxruntime", "shira", "live"), ("onnxruntime", "shira", "repack"),
+            ("onnxruntime", "lora-fuse", "live"), ("onnxruntime", "reload", "repack"),
+            ("onnxruntime", "ort-adapter", "unfused"), ("pytorch", "peft-shira-merge",
             "merge"), ("pytorch", "peft-lora-merge", "merge")} <= methods
     assert {m for _, m, _ in methods} <= set(METHODS)
     base = [r for r in rep["forward"] if r["variant"] == "base"]
@@ -187,15 +188,17 @@ def test_cli_end_to_end(tiny_bundle, tmp_path):
     assert 0 < mem["restore_bytes_shira"] < mem["restore_bytes_lora"]
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers() or \
             not torch.cuda.is_available():
-        assert any(s["backend"] == "onnxruntime-cuda" for s in rep["skipped"])
+        assert any((s["backend"], s["device"]) == ("onnxruntime", "cuda")
+                   for s in rep["skipped"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "targets (issue 6)" in res.output
+    assert "targets:" in res.output
 
 
 def test_refuses_to_time_a_wrong_fused_variant(base_bundle, monkeypatch):
     """A deliberately wrong weight in the live runtime (as a stale packed buffer would give):
     the parity check before timing raises ParityError and nothing is timed."""
-    from edgeadapt.bench.run import BenchOptions, run_bench
+    from edgeadapt.bench.options import BenchOptions
+    from edgeadapt.bench.run import run_bench
     from edgeadapt.runtime.api import Runtime
 
     original = Runtime.switch
@@ -209,20 +212,21 @@ def test_refuses_to_time_a_wrong_fused_variant(base_bundle, monkeypatch):
     monkeypatch.setattr(Runtime, "switch", broken_switch)
     timed = []
     with pytest.raises(ParityError, match="shira-live"):
-        run_bench(base_bundle, BenchOptions(backends=["onnxruntime-cpu"], shapes=[(1, 4)],
+        run_bench(base_bundle, BenchOptions(backends=["onnxruntime"], shapes=[(1, 4)],
                                             repeats=2, peers=False),
                   progress=timed.append)
     assert timed == []
 
 
-_QUICK = dict(backends=["onnxruntime-cpu"], shapes=[(1, 4)], repeats=1, warmup=0,
+_QUICK = dict(backends=["onnxruntime"], shapes=[(1, 4)], repeats=1, warmup=0,
               switch_repeats=2, reload_repeats=1, peers=False)
 
 
 def test_refuses_to_report_switches_that_do_not_switch(base_bundle, monkeypatch):
     """Every live runtime's later switches made no-ops (the forward check after the first one
     still passes): the check after the switch series raises ParityError."""
-    from edgeadapt.bench.run import BenchOptions, run_bench
+    from edgeadapt.bench.options import BenchOptions
+    from edgeadapt.bench.run import run_bench
     from edgeadapt.runtime.api import Runtime
 
     original = Runtime.switch
@@ -240,8 +244,9 @@ def test_refuses_to_report_switches_that_do_not_switch(base_bundle, monkeypatch)
 
 def test_refuses_to_report_repack_switches_without_rebuild(base_bundle, monkeypatch):
     """The repack store's commit rebuilds only the first time (a stale packed session)."""
-    from edgeadapt.bench.run import BenchOptions, run_bench
-    from edgeadapt.runtime.onnxruntime_backend import OrtRepackStore
+    from edgeadapt.bench.options import BenchOptions
+    from edgeadapt.bench.run import run_bench
+    from edgeadapt.runtime.backends.onnxruntime.store import OrtRepackStore
 
     original = OrtRepackStore.commit
 
@@ -257,7 +262,8 @@ def test_refuses_to_report_repack_switches_without_rebuild(base_bundle, monkeypa
 def test_refuses_a_restore_that_is_not_bit_exact(base_bundle, monkeypatch):
     """Back to the base, one live weight is off by 1e-4 of its largest value: within the
     parity tolerance, but not the exact restore a live switch promises."""
-    from edgeadapt.bench.run import BenchOptions, run_bench
+    from edgeadapt.bench.options import BenchOptions
+    from edgeadapt.bench.run import run_bench
     from edgeadapt.runtime.api import Runtime
 
     original = Runtime.switch
@@ -278,7 +284,8 @@ def test_refuses_peft_peer_that_does_not_unmerge(base_bundle, monkeypatch):
     merged weights differ from W0 + delta computed with apply_adapter_torch."""
     pytest.importorskip("peft")
     from edgeadapt.bench import peers
-    from edgeadapt.bench.run import BenchOptions, run_bench
+    from edgeadapt.bench.options import BenchOptions
+    from edgeadapt.bench.run import run_bench
 
     def no_unmerge(self, name):
         if name is not None:
@@ -293,7 +300,8 @@ def test_refuses_peft_peer_that_does_not_unmerge(base_bundle, monkeypatch):
 def test_forward_cases_time_the_store_not_runtime_run(base_bundle, monkeypatch):
     """Every case times the model's forward alone (rt.store.run on inputs checked once),
     as the unfused sessions do: Runtime.run (input check, locks) is never called."""
-    from edgeadapt.bench.run import BenchOptions, run_bench
+    from edgeadapt.bench.options import BenchOptions
+    from edgeadapt.bench.run import run_bench
     from edgeadapt.runtime.api import Runtime
 
     def refuse(self, **inputs):
@@ -316,7 +324,8 @@ def _copy(bundle, tmp_path):
 def test_bundle_errors_raise_typed(base_bundle, tmp_path):
     """A missing or corrupt base model is a BundleError naming the file, not a skipped
     backend; only an unavailable backend (no .pte section here) is skipped."""
-    from edgeadapt.bench.run import BenchOptions, run_bench
+    from edgeadapt.bench.options import BenchOptions
+    from edgeadapt.bench.run import run_bench
     from edgeadapt.errors import BundleError, ConfigError
 
     bundle = _copy(base_bundle, tmp_path)
@@ -330,14 +339,15 @@ def test_bundle_errors_raise_typed(base_bundle, tmp_path):
         run_bench(base_bundle, BenchOptions(**{**_QUICK, "backends": []}))
     rep = run_bench(base_bundle, BenchOptions(**{**_QUICK, "backends": ["executorch"]}))
     assert rep["forward"] == [] and rep["skipped"] == [
-        {"backend": "executorch", "what": "all",
+        {"backend": "executorch", "device": "cpu", "what": "all",
          "reason": "the bundle has no ExecuTorch program (export with --formats pte)"}]
 
 
 def test_a_broken_variant_is_skipped_alone(tiny_bundle, tmp_path):
     """The LoRA variant graph deleted: its three cases are skipped with the reason, the base,
     fused and SiRA cases are still measured."""
-    from edgeadapt.bench.run import BenchOptions, run_bench
+    from edgeadapt.bench.options import BenchOptions
+    from edgeadapt.bench.run import run_bench
 
     bundle = _copy(tiny_bundle, tmp_path)
     (bundle / "model.lora-r8.onnx").unlink()
@@ -365,3 +375,14 @@ def test_cli_rejects_bad_counts_before_loading(base_bundle, args, option, monkey
     monkeypatch.setattr(run, "run_bench", never)
     res = CliRunner().invoke(bench, [str(base_bundle), *args])
     assert res.exit_code == 2 and option in res.output, res.output
+
+
+def test_cli_names_the_new_spelling_of_an_old_backend_name(base_bundle, monkeypatch):
+    from edgeadapt.bench import run
+    from edgeadapt.bench.cli import bench
+
+    monkeypatch.setattr(run, "run_bench", lambda *a, **k: pytest.fail("loaded"))
+    res = CliRunner().invoke(bench, [str(base_bundle), "--backends", "onnxruntime-cpu"])
+    assert res.exit_code == 2 and "'onnxruntime-cpu' is now spelt 'onnxruntime'" in res.output
+    res = CliRunner().invoke(bench, [str(base_bundle), "--backends", "onnxruntime-cuda"])
+    assert res.exit_code == 2 and "now spelt 'onnxruntime:cuda'" in res.output

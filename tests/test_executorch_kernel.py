@@ -15,8 +15,8 @@ pytest.importorskip("executorch")
 
 from edgeadapt.errors import ConfigError  # noqa: E402
 from edgeadapt.export.executorch_live_form import KernelLinear  # noqa: E402
-from edgeadapt.runtime import executorch_kernel as ek  # noqa: E402
 from edgeadapt.runtime import native  # noqa: E402
+from edgeadapt.runtime.backends.executorch import kernel as ek  # noqa: E402
 
 needs_compiler = pytest.mark.skipif(
     not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="no C++ compiler")
@@ -90,9 +90,10 @@ def test_no_compiler_is_a_config_error(tmp_path, monkeypatch):
 
 def test_default_form_falls_back_without_a_compiler(monkeypatch, caplog):
     from edgeadapt.export.executorch import DEFAULT_LIVE_FORM, default_live_form
-    from edgeadapt.runtime.api import DEFAULT_LIVE_FORM as POLICY_FORMS
+    from edgeadapt.runtime.backends import get_backend
 
-    assert DEFAULT_LIVE_FORM == "own-kernel" == POLICY_FORMS["executorch"]  # torch-free twin
+    policy_form = get_backend("executorch").default_live_form
+    assert DEFAULT_LIVE_FORM == "own-kernel" == policy_form  # torch-free twin
     if any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         assert default_live_form() == "own-kernel"
     monkeypatch.setenv("CXX", "")

@@ -28,10 +28,10 @@ from edgeadapt.export.executorch import (  # noqa: E402
     static_shapes,
     variant_name,
 )
-from edgeadapt.export.executorch_verify import rel_err  # noqa: E402
 from edgeadapt.format.types import Adapter, LoraDelta, SiraBranch  # noqa: E402
 from edgeadapt.models import target_weight_names as twn  # noqa: E402
-from edgeadapt.runtime.executorch_backend import ExecutorchStore  # noqa: E402
+from edgeadapt.numeric import rel_error as rel_err  # noqa: E402
+from edgeadapt.runtime.backends.executorch.store import ExecutorchStore  # noqa: E402
 from tests.test_runtime_executorch import (  # noqa: E402
     inputs_of,
     one_block_llama,

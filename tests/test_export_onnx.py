@@ -21,10 +21,11 @@ from edgeadapt.adapters.base import replace_module
 from edgeadapt.adapters.sira.layer import SiraLinear, route
 from edgeadapt.adapters.sira.model import insert_sira
 from edgeadapt.export.onnx import export_onnx
-from edgeadapt.export.onnx_blocked import unblock_live_matmuls
-from edgeadapt.export.onnx_check import BoundSession, max_rel_error, session
+from edgeadapt.export.onnx_check import BoundSession, session
 from edgeadapt.format.types import SiraBranch
+from edgeadapt.graphs.blocked import unblock_live_matmuls
 from edgeadapt.models import example_inputs, forward, load_model, target_weight_names
+from edgeadapt.numeric import rel_error as max_rel_error
 
 RTOL = 1e-4
 FAST = [("tiny-minilm", "all")]  # tiny-smollm2 q/v: the smollm2_qv fixture below
@@ -174,7 +175,7 @@ def test_prepacked_constants_go_stale(smollm2_qv):
 def test_report_constant_copy_prepacks_2d_weights_and_matches_torch(smollm2_qv):
     """onnx_report's all-constant reference: blocked32 live inputs become 2-D (in, out)
     constants read by plain MatMuls (what ORT prepacks), with the model's output unchanged."""
-    from edgeadapt.export.onnx_report import constant_copy
+    from experiments.onnx_report import constant_copy
 
     lm, _, out, base, _ = smollm2_qv
     assert {w["layout"] for w in base["weights"].values()} == {"blocked32"}

@@ -10,9 +10,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeadapt.errors import ExportError
-from edgeadapt.export import onnx_blocked as ob
 from edgeadapt.export import onnx_graph as og
 from edgeadapt.format.layout import transposed_from_blocked
+from edgeadapt.graphs import blocked as ob
 
 
 def _graph(weights: dict[str, np.ndarray], nodes: list, x_dim: int, y_dim: int

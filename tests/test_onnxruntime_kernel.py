@@ -14,17 +14,18 @@ import pytest
 from onnx import TensorProto, helper
 
 from edgeadapt.errors import ConfigError
-from edgeadapt.export.onnx_blocked import (
+from edgeadapt.format.layout import BLOCKED, TRANSPOSED, to_backend, to_torch
+from edgeadapt.graphs.blocked import (
     KERNEL_DOMAIN,
     KERNEL_OP,
     block_live_matmuls,
     kernel_blocked_matmuls,
 )
-from edgeadapt.export.onnx_graph import LiveWeight as GraphLive
-from edgeadapt.format.layout import BLOCKED, TRANSPOSED, to_backend, to_torch
+from edgeadapt.graphs.values import LiveWeight as GraphLive
 from edgeadapt.runtime import native
-from edgeadapt.runtime import onnxruntime_kernel as ok
-from edgeadapt.runtime.onnxruntime_backend import cpu_session, session_options, use_kernel
+from edgeadapt.runtime.backends.onnxruntime import kernel as ok
+from edgeadapt.runtime.backends.onnxruntime.kernel import use_kernel
+from edgeadapt.runtime.backends.onnxruntime.session import cpu_session, session_options
 
 ort = pytest.importorskip("onnxruntime")
 REASON = ok.unavailable()

@@ -13,8 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from edgeadapt.numeric import rel_error as _rel  # noqa: E402
 from edgeadapt.pipeline import (  # noqa: E402
-    PENDING,
     QuickstartConfig,
     accuracy,
     eval_batches,
@@ -54,7 +54,8 @@ def test_table_has_every_adapter_and_its_recorded_accuracy(quickstart):
     assert rows["politics+rt"].task == "politics"
     for name in ["rt", "politics", "lora", "sora", "sira", "rt+politics", "politics+rt"]:
         row = rows[name]  # SiRA runs through its graph variant on ONNX Runtime: never pending
-        assert PENDING not in (row.acc["onnxruntime"], row.switch_ms["onnxruntime"]), name
+        assert isinstance(row.acc["onnxruntime"], float), name
+        assert isinstance(row.switch_ms["onnxruntime"], float), name
         assert "pending" not in printed[name], name
         assert 0.0 <= row.acc["onnxruntime"] <= 1.0
         assert row.forward_ms["onnxruntime"] > 0 and row.switch_ms["onnxruntime"] > 0
@@ -77,10 +78,6 @@ def _logits(lm, inputs, hooks=()) -> np.ndarray:
     finally:
         for h in handles:
             h.remove()
-
-
-def _rel(got, want) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def test_runtime_matches_the_trained_pytorch_models(quickstart):

@@ -1,14 +1,14 @@
-"""scripts/results.py renders docs/results.md from metrics files: numbers, verdicts, missing runs.
+"""experiments/results.py renders docs/results.md from metrics files: numbers, verdicts, missing
+runs.
 
 Synthetic metrics.json files in a temporary runs directory; the expected numbers are worked out
-by hand in each test. The entry point is loaded from its file (it puts scripts/ on sys.path), the
-logic is imported from its package, scripts/results_doc/.
+by hand in each test. The entry point is ``experiments.results``, the logic lives in its package
+``experiments.results_doc`` (importable from the repository root, where pytest runs).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -20,17 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def results() -> ModuleType:
-    """scripts/results.py, the entry point (``main``, ``render``)."""
-    spec = importlib.util.spec_from_file_location("results_entry", ROOT / "scripts" / "results.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """experiments/results.py, the entry point (``main``, ``render``)."""
+    return importlib.import_module("experiments.results")
 
 
 @pytest.fixture(scope="module")
 def doc(results: ModuleType) -> SimpleNamespace:
-    """The modules of scripts/results_doc/ (importable once the entry point has run)."""
-    return SimpleNamespace(**{name: importlib.import_module(f"results_doc.{name}")
+    """The modules of experiments/results_doc/."""
+    return SimpleNamespace(**{name: importlib.import_module(f"experiments.results_doc.{name}")
                               for name in ("data", "fusion", "sora", "training")})
 
 
@@ -269,7 +266,7 @@ def test_fusion_claim_uses_every_learned_task(runs: Path, results: ModuleType,
 def test_switch_targets_use_the_paired_ratio_where_the_report_has_it(results: ModuleType) -> None:
     """Section 5 and its claims take a switch row's per-round ``ratio_vs_shira`` (run 10 on) and
     fall back to the ratio of the two p50s for older reports; values worked out by hand."""
-    sw = importlib.import_module("results_doc.switching")
+    sw = importlib.import_module("experiments.results_doc.switching")
 
     def report(paired: bool) -> dict:
         rows = [("shira", "live", 2.0, 1.0), ("lora-fuse", "live", 50.0, 30.0),

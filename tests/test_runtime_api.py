@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from cuda_standin import load_cuda_standin  # noqa: E402
 from runtime_reference import (  # noqa: E402
     example_pair,
     export_tiny,
@@ -36,8 +37,9 @@ from edgeadapt.format import (  # noqa: E402
     read_manifest,
     write_adapter,
 )
-from edgeadapt.runtime import choose_mode, load, onnxruntime_kernel  # noqa: E402
-from edgeadapt.runtime.api import live_form, load_cuda_standin  # noqa: E402
+from edgeadapt.runtime import choose_mode, load  # noqa: E402
+from edgeadapt.runtime.backends.onnxruntime import kernel as onnxruntime_kernel  # noqa: E402
+from edgeadapt.runtime.policy import live_form  # noqa: E402
 
 RTOL = 1e-4
 
@@ -201,7 +203,7 @@ def test_load_rejects_bad_options(exported):
 def test_device_store_switch_matches_pytorch(exported, where):
     """The CUDA store (device buffers bound by pointer, changes scattered into them) on the real
     architectures' blocked32 / transposed live weights: on a GPU where one is present, else its
-    code on the CPU execution provider (edgeadapt.runtime.api.load_cuda_standin)."""
+    code on the CPU execution provider (tests/cuda_standin.py)."""
     lm, bundle = exported
     if where == "cuda":
         ort = pytest.importorskip("onnxruntime")

@@ -22,12 +22,12 @@ pytest.importorskip("executorch")
 from edgeadapt.adapters import apply_adapter_torch  # noqa: E402
 from edgeadapt.errors import BundleError, ConfigError  # noqa: E402
 from edgeadapt.export.bundle import export_base  # noqa: E402
-from edgeadapt.export.executorch_verify import rel_err  # noqa: E402
 from edgeadapt.format import read_manifest  # noqa: E402
 from edgeadapt.format.types import Adapter, ShiraDelta  # noqa: E402
 from edgeadapt.models import LoadedModel, LogitsModule, example_inputs  # noqa: E402
 from edgeadapt.models import target_weight_names as twn  # noqa: E402
-from edgeadapt.runtime.executorch_backend import ExecutorchStore  # noqa: E402
+from edgeadapt.numeric import rel_error as rel_err  # noqa: E402
+from edgeadapt.runtime.backends.executorch.store import ExecutorchStore  # noqa: E402
 
 MAX_BATCH, MAX_SEQ = 8, 64  # export_base's defaults
 
@@ -275,9 +275,8 @@ def test_auto_repacks_where_the_kernel_cannot_be_built(exported, tmp_path, monke
     """An own-kernel bundle where the kernel cannot be built (no C++ compiler, nothing cached):
     ``auto`` takes the constant program, which calls no custom kernel, and still matches
     PyTorch after a switch; ``live`` refuses with a ConfigError naming the compiler."""
-    from edgeadapt.runtime import executorch_kernel as ek
-    from edgeadapt.runtime import native
-    from edgeadapt.runtime.api import load
+    from edgeadapt.runtime import load, native
+    from edgeadapt.runtime.backends.executorch import kernel as ek
 
     lm, out, manifest = exported
     if manifest.executorch.get("live_form") != "own-kernel":
@@ -302,7 +301,7 @@ def test_threads_resize_the_pool_only_while_no_program_uses_it(exported):
     """ExecuTorch's threadpool is per process and resizing destroys it under every loaded
     XNNPACK program: with a store alive, another size is refused and the pool is untouched;
     the same size (or None) is accepted."""
-    from edgeadapt.runtime.executorch_backend import threadpool_size, use_threads
+    from edgeadapt.runtime.backends.executorch.store import threadpool_size, use_threads
 
     store = store_of(exported, "live")
     size = threadpool_size()
@@ -324,7 +323,7 @@ def test_threads_in_a_fresh_process(exported, tmp_path):
     script = f"""
 import numpy as np
 from edgeadapt.runtime import load
-from edgeadapt.runtime.executorch_backend import threadpool_size
+from edgeadapt.runtime.backends.executorch.store import threadpool_size
 n = threadpool_size() + 1
 rt = load({str(out)!r}, backend="executorch", mode="live", threads=n)
 assert threadpool_size() == n == rt.store.threads, (threadpool_size(), n)
@@ -345,7 +344,7 @@ def test_a_damaged_program_is_a_bundle_error(exported, tmp_path, mode):
     repack mode) come back as a BundleError naming the file."""
     import shutil
 
-    from edgeadapt.runtime.api import load
+    from edgeadapt.runtime import load
 
     _, out, manifest = exported
     copy_dir = tmp_path / "bundle"

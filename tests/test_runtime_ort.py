@@ -1,4 +1,4 @@
-"""ONNX Runtime stores on a torch-free toy bundle (edgeadapt.runtime.toy): outputs after every
+"""ONNX Runtime stores on a torch-free toy bundle (tests/runtime_toy.py): outputs after every
 switch against an independent numpy forward with the same adapters, exact return to base,
 typed errors with weights untouched, concurrency, no torch import, and a proof that the output
 check catches stale prepacked weights."""
@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cuda_standin import load_cuda_standin
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from runtime_toy import toy_forward, toy_weights, write_toy_bundle
 from switching import device_hashes, runs_while_switching
 
 from edgeadapt.errors import (
@@ -33,8 +35,6 @@ from edgeadapt.format import (
 )
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.runtime import load
-from edgeadapt.runtime.api import load_cuda_standin
-from edgeadapt.runtime.toy import toy_forward, toy_weights, write_toy_bundle
 
 DIMS = [16, 24, 24, 20, 6]
 LIVE = ["layers.0.weight", "layers.1.weight", "layers.2.weight"]  # layers.3 stays constant
@@ -117,7 +117,7 @@ def buffer_hashes(rt) -> dict[str, str]:
 
 
 # live / repack: the CPU stores; device-*: the CUDA store's code on the CPU execution provider
-# (edgeadapt.runtime.api.load_cuda_standin), with torch tensors or OrtValues as device buffers.
+# (tests/cuda_standin.py), with torch tensors or OrtValues as device buffers.
 LIVE_KINDS = ["live", "device-torch", "device-ortvalue"]
 
 

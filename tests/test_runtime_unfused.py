@@ -43,7 +43,8 @@ from edgeadapt.format import (  # noqa: E402
 from edgeadapt.format.fingerprint import weight_sha256  # noqa: E402
 from edgeadapt.format.manifest import AdapterEntry  # noqa: E402
 from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta, SiraBranch  # noqa: E402
-from edgeadapt.runtime import load, onnxruntime_kernel  # noqa: E402
+from edgeadapt.runtime import load  # noqa: E402
+from edgeadapt.runtime.backends.onnxruntime import kernel as onnxruntime_kernel  # noqa: E402
 
 RTOL = 1e-4
 SIRA = ("sira", 3, 2, 2, 1.25)
@@ -102,8 +103,8 @@ def test_unfused_switches_match_pytorch(exported, form):
     t_in, np_in = example_pair(lm)
     mode = form.split("-")[0]
     rt = load(bundle, mode=mode, threads=1, kernel=False if form == "live-matmul" else None)
-    assert getattr(rt.store, "kernel", False) == (form == "live" and
-                                                  onnxruntime_kernel.unavailable() is None)
+    assert rt.store.kernel == (form == "live" and
+                               onnxruntime_kernel.unavailable() is None)
     base = rt.run(**np_in)
     h0 = _hashes(rt)
     seq = [("sira", None, keys["sira"]), ("lora", None, keys["lora"]),
@@ -124,7 +125,7 @@ def test_unfused_switches_match_pytorch(exported, form):
             assert parity(got, base) > 10 * parity(got, want), names
         if variant:  # unfused: the base weights are exactly the base
             assert _hashes(rt) == h0
-            assert rt._route.kernel == getattr(rt.store, "kernel", False)
+            assert rt.route.kernel == rt.store.kernel
     lora_scale = dict(rt.prepare_unfused("lora").feeds(0.5).items())
     b_name = next(iter(read_manifest(bundle).variants[keys["lora"]]["onnx"]["branch_inputs"]
                        .values()))["B"]

@@ -78,7 +78,7 @@ def test_executorch_unfused_matches_pytorch(tmp_path_factory):
         assert parity(got, want) <= RTOL, names
         assert parity(got, base) > 10 * parity(got, want), names
         if rt.active_variant:  # unfused: both programs hold the base weights exactly
-            variant = rt._variants[rt.active_variant].store
+            variant = rt.route.store
             for w in manifest.weights:
                 assert np.array_equal(rt.store.read_back(w), h0[w]), (names, w)
                 assert np.array_equal(variant.read_back(w), h0[w]), (names, w)
@@ -186,7 +186,7 @@ def test_executorch_sira_head_matches_pytorch_and_restores(classifier_bundle):
         want_head = {"sira_h": "sira_h", "shira_h": "shira_h"}.get(names)
         h_want = h0 if want_head is None else read_adapter(
             bundle / f"adapters/{want_head}.eadp").head[head]
-        program = rt._variants[key].store if rt.active_variant else rt.store
+        program = rt.route.store if rt.active_variant else rt.store
         assert np.array_equal(program.read_back(head), h_want), names
         # unfused: the engine puts the adapter's head into the base program as well
         assert np.array_equal(rt.store.read_back(head), h_want), names

@@ -134,6 +134,25 @@ def test_run_round_trip_reproduces_the_metrics(tmp_path, method, adapter):
         torch.testing.assert_close(lm.model(**x).logits, result.lm.model(**x).logits)
 
 
+def test_exclude_run_trains_a_mask_disjoint_from_that_run(tmp_path):
+    """--exclude-run (adapter option exclude_run): the trainer reads the run's positions into
+    the config once the model is loaded; adapter.json records the run, not the positions."""
+    first = tmp_path / "first"
+    shira = {"mask": "wm", "density": 0.1}
+    train(tiny(adapter=shira, steps=1), out=first, progress=False)
+    train(tiny(adapter={**shira, "exclude_run": str(first)}, steps=1), out=tmp_path / "second",
+          progress=False)
+    a, b = (load_file(tmp_path / n / "adapter.safetensors") for n in ("first", "second"))
+    keys = [k for k in a if k.endswith("shira_indices")]
+    assert keys and set(keys) == {k for k in b if k.endswith("shira_indices")}
+    for key in keys:
+        assert a[key].numel() == b[key].numel()
+        assert not set(a[key].tolist()) & set(b[key].tolist())
+    config = json.loads((tmp_path / "second" / "adapter.json").read_text())["config"]
+    assert config["exclude_run"] == str(first) and config["exclude"] is None
+    load_run(tmp_path / "second")
+
+
 def test_load_run_rejects_other_weights_and_corrupt_files(tmp_path):
     train(tiny("lora", adapter={"r": 2}), out=tmp_path, progress=False)
     info = json.loads((tmp_path / "adapter.json").read_text())

@@ -8,6 +8,10 @@ import sys
 
 import click
 
+from edgeadapt.bench.backends import DEVICES, parse_targets
+from edgeadapt.errors import ConfigError
+from edgeadapt.runtime.policy import POLICY_FILE
+
 
 def _ints(value: str) -> list[int]:
     try:
@@ -21,8 +25,13 @@ def _ints(value: str) -> list[int]:
 
 @click.command("bench")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--backends", default="onnxruntime-cpu,onnxruntime-cuda,executorch",
-              show_default=True, help="Comma-separated; those that cannot start are skipped.")
+@click.option("--backends", default="onnxruntime,onnxruntime:cuda,executorch",
+              show_default=True,
+              help="Comma-separated NAME[:DEVICE]: onnxruntime, executorch, each on cpu or "
+                   "cuda (default: --device), e.g. onnxruntime,onnxruntime:cuda. Those that "
+                   "cannot start here are skipped.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(DEVICES),
+              help="The device of the --backends written without one.")
 @click.option("--batch", "batches", default="1,8", show_default=True, help="Batch sizes.")
 @click.option("--seq", "seqs", default="64", show_default=True, help="Sequence lengths.")
 @click.option("--shapes", default=None,
@@ -42,22 +51,30 @@ def _ints(value: str) -> list[int]:
 @click.option("--no-peers", is_flag=True, help="Skip the PyTorch PEFT peers.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None)
-def bench(bundle: str, backends: str, batches: str, seqs: str, shapes: str | None,
-          repeats: int, switch_repeats: int, reload_repeats: int, warmup: int, threads: int,
-          sessions: int,
-          no_peers: bool, json_path: str | None, plot_path: str | None) -> None:
+@click.option("--write-policy", "policy_path", is_flag=False, flag_value=str(POLICY_FILE),
+              default=None, type=click.Path(dir_okay=False),
+              help="Write the measured live-vs-repack thresholds of mode='auto' (2x the "
+                   "break-even per backend, live form and batch) into this policy file; "
+                   "without a value, the one shipped with edgeadapt.runtime.")
+def bench(bundle: str, backends: str, device: str, batches: str, seqs: str,
+          shapes: str | None, repeats: int, switch_repeats: int, reload_repeats: int,
+          warmup: int, threads: int, sessions: int, no_peers: bool, json_path: str | None,
+          plot_path: str | None, policy_path: str | None) -> None:
     """Benchmark BUNDLE: forward latency (base vs SHiRA live/repack, LoRA fused/unfused, SoRA,
     SiRA, ONNX Runtime's LoRA adapters) and full switch cost (SHiRA, LoRA fuse, reload, PEFT),
     every ratio from interleaved runs. Refuses to time any variant whose output does not match
     PyTorch."""
     backend_list = [b.strip() for b in backends.split(",") if b.strip()]
-    if not backend_list:
-        raise click.BadParameter("name at least one backend", param_hint="--backends")
+    try:
+        parse_targets(backend_list, device)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--backends") from None
     import torch
     from tqdm import tqdm
 
+    from edgeadapt.bench.options import BenchOptions
     from edgeadapt.bench.report import plot, table, write_json
-    from edgeadapt.bench.run import BenchOptions, run_bench
+    from edgeadapt.bench.run import run_bench
 
     torch.set_num_threads(threads)
     pairs = None
@@ -68,7 +85,7 @@ def bench(bundle: str, backends: str, batches: str, seqs: str, shapes: str | Non
             raise click.BadParameter(f"--shapes {shapes!r}: use BxS,BxS") from None
         if any(len(p) != 2 or min(p) < 1 for p in pairs):
             raise click.BadParameter(f"--shapes {shapes!r}: use BxS,BxS with positive ints")
-    opts = BenchOptions(backends=backend_list, batches=_ints(batches),
+    opts = BenchOptions(backends=backend_list, device=device, batches=_ints(batches),
                         seqs=_ints(seqs), shapes=pairs, repeats=repeats,
                         switch_repeats=switch_repeats, reload_repeats=reload_repeats,
                         warmup=warmup, threads=threads, sessions=sessions,
@@ -83,3 +100,7 @@ def bench(bundle: str, backends: str, batches: str, seqs: str, shapes: str | Non
     if plot_path:
         plot(plot_path, report)
         click.echo(f"wrote {plot_path}")
+    if policy_path:
+        from edgeadapt.bench.policy import write_policy
+
+        click.echo(f"wrote {write_policy(policy_path, report)}")

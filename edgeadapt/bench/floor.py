@@ -32,6 +32,7 @@ import numpy as np
 
 from edgeadapt.errors import ConfigError
 from edgeadapt.format.layout import backend_index
+from edgeadapt.timer import time_calls
 
 CACHE_LINE = 64
 
@@ -106,13 +107,10 @@ def measure_bandwidth(nbytes: int = 128 << 20, repeats: int = 5,
     (read before and after each timed copy; tests pass a fake one)."""
     src = np.ones(nbytes // 4, dtype=np.float32)
     dst = np.empty_like(src)
-    np.copyto(dst, src)  # fault the pages in before timing
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = clock()
-        np.copyto(dst, src)
-        best = min(best, clock() - t0)
-    return 2.0 * src.nbytes / best
+    # one untimed copy (warm-up) faults the pages in before timing
+    times_ms = time_calls(lambda: np.copyto(dst, src), repeats=repeats, warmup=1,
+                          clock=lambda: clock() * 1e9)
+    return 2.0 * src.nbytes / (min(times_ms) / 1e3)
 
 
 class CopyProbe:
@@ -164,3 +162,48 @@ def floor_ms(traffic: SwitchTraffic, bandwidth_bytes_per_s: float) -> float:
     if bandwidth_bytes_per_s <= 0.0:
         raise ConfigError("bandwidth must be positive")
     return traffic.total_bytes / bandwidth_bytes_per_s * 1e3
+
+
+@dataclass(frozen=True)
+class FloorRound:
+    """One backend's timed live SHiRA switches and what their floor depends on.
+
+    switch_ms, bandwidth: (n,) per round (ms; bytes/s of the copy timed right before each
+    switch). layouts: weight -> the live buffer's layout; offsets: weight -> its address % 64.
+    """
+
+    switch_ms: list[float]
+    bandwidth: np.ndarray
+    layouts: dict[str, str]
+    offsets: dict[str, int]
+
+
+def floor_section(old: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray],
+                  shapes: Mapping[str, tuple[int, int]], rounds: Mapping[str, FloorRound],
+                  default_layouts: Mapping[str, str]) -> dict:
+    """The report's ``floor``: the floor of the timed switch from SHiRA adapter ``old`` to
+    ``new`` (weight -> flat torch indices), in the layouts each backend's live buffers really
+    have, counted from the buffers' real addresses, over the copy bandwidth timed right before
+    each switch of the same rounds, per backend (``per_backend``, keyed as ``rounds``). The top
+    level is the first timed backend's; where no backend timed a switch, ``default_layouts``
+    (the bundle's ONNX layouts) and a standalone bandwidth measurement (best of 5 copies)."""
+
+    def traffic(layouts: Mapping[str, str], offsets: Mapping[str, int] | None = None
+                ) -> SwitchTraffic:
+        return switch_traffic(old, new, shapes, layouts=layouts, offsets=offsets)
+
+    traffics = {be: traffic(r.layouts, r.offsets) for be, r in rounds.items()}
+    per_backend = {be: {**floor_ratios(r.switch_ms, r.bandwidth, traffics[be]),
+                        **traffics[be].as_dict(), "layouts": sorted(set(r.layouts.values())),
+                        "buffer_offsets": sorted(set(r.offsets.values()))}
+                   for be, r in rounds.items()}
+    if rounds:
+        first, r = next(iter(rounds.items()))
+        top, bw, source = traffics[first], float(np.median(r.bandwidth)), first
+    else:
+        top, bw, source = traffic(default_layouts), measure_bandwidth(), "onnx layouts"
+    return {"shira_switch_ms": floor_ms(top, bw), "bandwidth_GBps": bw / 1e9,
+            "layout": source, "per_backend": per_backend,
+            "measured_over_floor": {be: v["measured_over_floor"]
+                                    for be, v in per_backend.items()},
+            **top.as_dict()}

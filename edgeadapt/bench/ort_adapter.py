@@ -54,6 +54,7 @@ def onnx_load_errors(ort_names: tuple[str, ...] = ("Fail", "InvalidProtobuf", "I
         pass
     return tuple(errors)
 
+
 def write_ort_adapter(path: str | os.PathLike, adapter: Adapter,
                       branch_inputs: Mapping[str, Mapping[str, str]]) -> Path:
     """Write ``adapter`` (LoRA / pruned SoRA) as an ``.onnx_adapter`` file, atomically.
@@ -102,9 +103,9 @@ class OrtBranchSession:
 
     def __init__(self, model_path: Path, live_values: Mapping[str, np.ndarray],
                  threads: int | None = 1) -> None:
-        from edgeadapt.runtime.onnxruntime_backend import (
-            _graph_with_initializers,
+        from edgeadapt.runtime.backends.onnxruntime.session import (
             add_constant_initializers,
+            graph_with_initializers,
             session_options,
         )
 
@@ -112,7 +113,7 @@ class OrtBranchSession:
         so = session_options(threads, {
             "session.model_external_initializers_file_folder_path": str(model_path.parent)})
         so.log_severity_level = 3  # the branch inputs' zero defaults make ORT warn per input
-        proto, renamed = _graph_with_initializers(model_path, list(live_values))
+        proto, renamed = graph_with_initializers(model_path, list(live_values))
         self._values = add_constant_initializers(so, live_values, renamed)
         self.session = ort.InferenceSession(proto, so, providers=["CPUExecutionProvider"])
         self.output_name = self.session.get_outputs()[0].name

@@ -7,28 +7,47 @@ the active delta) then ``merge_adapter([next])`` (add the next one). PEFT restor
 so its weights drift in low precision; ours restore exactly from saved values.
 
 The peers hold exactly the positions and values (SHiRA) or A and B (LoRA) of our adapters.
+Before a peer's timings are reported, its merged weights are compared with ``W0 + delta``
+computed independently (:func:`edgeadapt.adapters.reference.reference_weights`), and ``W0``
+after the unmerge: ``rel_error <= PEFT_WEIGHT_TOL`` (:func:`time_peers`).
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 
 import numpy as np
 import torch
 from torch import nn
 
-from edgeadapt.errors import MissingPackageError
-from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta
+from edgeadapt.adapters.reference import reference_weights
+from edgeadapt.bench.backends import PYTORCH
+from edgeadapt.bench.options import BenchContext
+from edgeadapt.bench.timing import Stats
+from edgeadapt.errors import MissingPackageError, ParityError
+from edgeadapt.format.types import Adapter, LoraDelta
+from edgeadapt.models import LoadedModel
+from edgeadapt.numeric import rel_error
+from edgeadapt.timer import time_interleaved
+
+PEFT_WEIGHT_TOL = 1e-4  # PEFT merges / unmerges by addition / subtraction: float32 drift
+PEFT_MISSING = "the PEFT peers need peft: pip install 'edgeadapt[bench]' (or pass --no-peers)"
 
 
 def _peft():
     try:
         import peft
     except ImportError as exc:
-        raise MissingPackageError(
-            "the PEFT peers need peft: pip install 'edgeadapt[bench]'") from exc
+        raise MissingPackageError(PEFT_MISSING) from exc
     return peft
+
+
+def require_peft() -> None:
+    """MissingPackageError naming the extra to install unless peft can be imported (checked
+    before a run starts, not after its backends were timed)."""
+    _peft()
 
 
 def _module_names(adapter: Adapter) -> list[str]:
@@ -135,26 +154,40 @@ def merged_weights(pm: nn.Module, names: list[str]) -> dict[str, np.ndarray]:
             for n in names}
 
 
-def reference_weights(model: nn.Module, adapter: Adapter | None, names: list[str]
-                      ) -> dict[str, np.ndarray]:
-    """W0 + delta of ``adapter`` at its own scale for ``names``, computed independently of PEFT
-    (``edgeadapt.adapters.apply_adapter_torch`` on ``model``, which is restored exactly from a
-    saved copy afterwards); W0 for None."""
-    from edgeadapt.adapters import apply_adapter_torch
-
-    params = dict(model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in names}
-    try:
-        with torch.no_grad():
-            if adapter is not None:
-                apply_adapter_torch(model, adapter, scale=adapter.scale)
-            return {n: params[n].detach().numpy().copy() for n in names}
-    finally:
-        with torch.no_grad():
-            for n, w in saved.items():
-                params[n].copy_(w)
-
-
-def shira_only(adapter: Adapter) -> bool:
-    """True when every target of ``adapter`` is a SHiRA delta."""
-    return all(isinstance(d, ShiraDelta) for d in adapter.targets.values())
+def time_peers(ctx: BenchContext, lm: LoadedModel, parity_rows: list[dict]) -> list[dict]:
+    """The switch rows of the PEFT peers (SHiRA and LoRA merge/unmerge) on ``lm``, cycling
+    between the run's first two fused adapters of each method; the weight checks go to
+    ``parity_rows``. ParityError where merged weights are off (see the module docstring)."""
+    opts, aset = ctx.opts, ctx.adapters
+    rows: list[dict] = []
+    for method, build, method_of in (("peft-shira-merge", peft_shira_model, "shira"),
+                                     ("peft-lora-merge", peft_lora_model, "lora")):
+        ad_names = aset.of(method_of)[:2]
+        ads = [aset.adapters[n] for n in ad_names]
+        pm, _ = build(lm.model, ads)
+        switch = peft_switcher(pm, ["a0", "a1"])
+        samples = time_interleaved({method: switch}, repeats=opts.switch_repeats,
+                                   warmup=opts.warmup, progress=ctx.progress)
+        names = sorted(ads[0].targets)
+        for label, ad, ad_name in (("a0", ads[0], ad_names[0]), ("a1", ads[1], ad_names[1]),
+                                   (None, None, None)):
+            switch.to(label)
+            want = reference_weights(lm, ad, names)
+            got = merged_weights(pm, names)
+            err = max(rel_error(got[n], want[n]) for n in names)
+            what = f"pytorch {method} " + (f"merge of {ad_name}" if ad is not None
+                                           else "unmerge")
+            if not err <= PEFT_WEIGHT_TOL:
+                raise ParityError(f"{what}: merged weights differ from W0 + delta computed "
+                                  f"independently (max rel error {err:.3g} > "
+                                  f"{PEFT_WEIGHT_TOL:g}); refusing to report its timings")
+            parity_rows.append({**PYTORCH.fields(), "variant": method, "instance": 0,
+                                "batch": None, "seq": None, "max_rel_error": err,
+                                "check": "merge" if ad is not None else "unmerge",
+                                "method": method, "mode": "merge", "adapter": ad_name,
+                                "compared": "weights"})
+        rows.append({**PYTORCH.fields(), "method": method, "mode": "merge",
+                     **Stats.of(samples[method]).as_dict()})
+        del pm, switch
+        gc.collect()
+    return rows

@@ -27,6 +27,11 @@ def _p99(row: dict) -> str:
     return _fmt(row["p99_ms"]) + ("*" if n is not None and n < FEW_SAMPLES else " ")
 
 
+def _where(row: dict) -> str:
+    """``backend:device`` of a row (:attr:`edgeadapt.bench.backends.Target.key`)."""
+    return f"{row['backend']}:{row['device']}"
+
+
 def table(report: dict) -> str:
     """Forward rows (n, p50 / p90 / p99, ratio to base), switch rows, floor, targets, skipped.
     A p99 from fewer than 100 samples is marked ``*``."""
@@ -37,13 +42,13 @@ def table(report: dict) -> str:
              f"{'backend':<18}{'variant':<18}{'BxS':>7}{'n':>6}{'p50 ms':>10}{'p90 ms':>10}"
              f"{'p99 ms':>11}{'x base':>8}"]
     for r in report["forward"]:
-        lines.append(f"{r['backend']:<18}{r['variant']:<18}{r['batch']:>3}x{r['seq']:<3}"
+        lines.append(f"{_where(r):<18}{r['variant']:<18}{r['batch']:>3}x{r['seq']:<3}"
                      f"{r.get('n', '?'):>6}{_fmt(r['p50_ms']):>10}{_fmt(r['p90_ms']):>10}"
                      f"{_p99(r):>11}{_fmt(r.get('ratio_vs_base')):>8}")
     lines += ["", f"{'backend':<18}{'switch':<18}{'mode':<9}{'n':>6}{'p50 ms':>10}"
               f"{'p90 ms':>10}{'p99 ms':>11}{'x shira':>9}"]
     for r in report["switch"]:
-        lines.append(f"{r['backend']:<18}{r['method']:<18}{r['mode']:<9}{r.get('n', '?'):>6}"
+        lines.append(f"{_where(r):<18}{r['method']:<18}{r['mode']:<9}{r.get('n', '?'):>6}"
                      f"{_fmt(r['p50_ms'], 4):>10}{_fmt(r.get('p90_ms'), 4):>10}"
                      f"{_p99(r) if 'p99_ms' in r else '-':>11}"
                      f"{_fmt(r.get('ratio_vs_shira')):>9}")
@@ -59,15 +64,15 @@ def table(report: dict) -> str:
                      f"({_fmt(r['bandwidth_GBps_peak'], 1)} GB/s)")
     for r in report.get("break_even", []):
         v = r["runs_per_switch"]
-        lines.append(f"live vs repack break-even {r['backend']} {r['batch']}x{r['seq']}: "
+        lines.append(f"live vs repack break-even {_where(r)} {r['batch']}x{r['seq']}: "
                       + ("repack never wins" if r.get("repack_never_wins") else
                          f"{_fmt(v, 0)} runs per switch"))
-    lines += ["", "targets (issue 6):"]
+    lines += ["", "targets:"]
     for t in check_targets(report):
-        lines.append(f"  {t['status']:<13}{t['backend']:<18}{t['target']:<28}"
+        lines.append(f"  {t['status']:<13}{_where(t):<18}{t['target']:<28}"
                      f"{_fmt(t['value'])} {t['op']} {t['threshold']:g}")
     for s in report.get("skipped", []):
-        lines.append(f"skipped: {s['backend']} {s['what']}: {s['reason']}")
+        lines.append(f"skipped: {_where(s)} {s['what']}: {s['reason']}")
     return "\n".join(lines)
 
 
@@ -89,14 +94,14 @@ def plot(path: str | os.PathLike, report: dict) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
-    shapes = sorted({(r["backend"], r["batch"], r["seq"]) for r in report["forward"]})
+    shapes = sorted({(_where(r), r["batch"], r["seq"]) for r in report["forward"]})
     variants = [v for v in dict.fromkeys(r["variant"] for r in report["forward"])
                 if v != "base"]
     width = 0.8 / max(len(shapes), 1)
     for i, (backend, b, s) in enumerate(shapes):
         vals = []
         for v in variants:
-            row = next((r for r in report["forward"] if (r["backend"], r["variant"], r["batch"],
+            row = next((r for r in report["forward"] if (_where(r), r["variant"], r["batch"],
                         r["seq"]) == (backend, v, b, s)), None)
             vals.append(row.get("ratio_vs_base", math.nan) if row else math.nan)
         ax1.bar([j + i * width for j in range(len(variants))], vals, width,
@@ -109,7 +114,7 @@ def plot(path: str | os.PathLike, report: dict) -> Path:
     ax1.set_title("Forward latency relative to the packed base")
     ax1.legend(fontsize=7)
     rows = report["switch"]
-    labels = [f"{r['backend']}\n{r['method']} ({r['mode']})" for r in rows]
+    labels = [f"{_where(r)}\n{r['method']} ({r['mode']})" for r in rows]
     ax2.barh(range(len(rows)), [r["p50_ms"] for r in rows], color="tab:orange")
     ax2.axvline(report["floor"]["shira_switch_ms"], color="red", ls="--",
                 label="SHiRA switch memory-traffic floor")

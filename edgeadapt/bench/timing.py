@@ -1,16 +1,15 @@
-"""Timing harness: warm-up, interleaved repeated runs, percentiles and ratios.
+"""What the benchmark makes of its samples: percentiles, ratios, pooled sessions, break-even.
 
 Every comparison the benchmark reports is a ratio of two cases measured in the *same* run,
-interleaved round by round (A B C, B C A, C A B, ...), so slow drift of the machine (other
-processes, frequency scaling, thermal state) hits every case alike and cancels in the ratio.
+interleaved round by round by :func:`edgeadapt.timer.time_interleaved` (the samples' source),
+so slow drift of the machine hits every case alike and cancels in the ratio.
 
-Units: every duration returned here is in milliseconds (float).
+Units: every duration here is in milliseconds (float).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,75 +130,6 @@ def combine_instances(samples: Mapping[str, Sequence[float]]
         pooled[v] = [float(x) for x in arr.reshape(-1)]
         per_round[v] = [float(x) for x in np.exp(np.log(arr).mean(axis=0))]
     return pooled, per_round
-
-
-def interleaved_order(names: Sequence[str], round_index: int) -> list[str]:
-    """The order of the cases in round ``round_index``: the list rotated by the round number,
-    so that no case always runs first (right after a cold gap) or always after the same one."""
-    k = round_index % len(names)
-    return list(names[k:]) + list(names[:k])
-
-
-FLUSH_PREFIX = "flush>"
-
-
-def flush_key(name: str) -> str:
-    """The key under which :func:`time_interleaved` keeps the flush timed right before ``name``."""
-    return FLUSH_PREFIX + name
-
-
-def time_interleaved(
-    cases: Mapping[str, Callable[[], object]],
-    *,
-    repeats: int,
-    warmup: int = 3,
-    inner: int = 1,
-    progress: Callable[[int], object] | None = None,
-    clock: Callable[[], int] = time.perf_counter_ns,
-    flush: Callable[[], object] | None = None,
-) -> dict[str, list[float]]:
-    """Run every case ``warmup`` times, then ``repeats`` interleaved rounds; return ms samples.
-
-    cases: name -> zero-argument callable (one forward, or one full switch).
-    inner: calls per timed sample (the sample is their mean), for calls too short to time alone.
-    progress: called with 1 after each timed call of a case (e.g. ``tqdm.update``).
-    clock: a nanosecond clock (injectable for tests).
-    flush: called immediately before *every* timed call of every case (e.g. a copy larger
-        than the caches, so that every sample of every case starts from the same cold cache,
-        whatever the rotation put before it); it is timed apart, under
-        ``flush_key(name)`` for the case it preceded, and never counted in the case's sample.
-    Returns name -> list of ``repeats`` durations in ms, in round order, so samples of two
-    cases at the same position were taken in the same round.
-    """
-    if repeats < 1 or warmup < 0 or inner < 1:
-        raise ConfigError(f"repeats must be >= 1, warmup >= 0, inner >= 1; got "
-                          f"{repeats}, {warmup}, {inner}")
-    names = list(cases)
-    for _ in range(warmup):
-        for name in names:
-            cases[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    if flush is not None:
-        samples.update({flush_key(name): [] for name in names})
-    for r in range(repeats):
-        for name in interleaved_order(names, r):
-            fn = cases[name]
-            if flush is not None:
-                t0 = clock()
-                flush()
-                samples[flush_key(name)].append((clock() - t0) / 1e6)
-            t0 = clock()
-            for _ in range(inner):
-                fn()
-            samples[name].append((clock() - t0) / 1e6 / inner)
-            if progress is not None:
-                progress(1)
-    return samples
-
-
-def summarise(samples: Mapping[str, Sequence[float]]) -> dict[str, Stats]:
-    """name -> :class:`Stats` of its samples."""
-    return {name: Stats.of(xs) for name, xs in samples.items()}
 
 
 def break_even_runs(live_forward_ms: float, repack_forward_ms: float,

@@ -1,4 +1,4 @@
-"""Unfused forward cases on ONNX Runtime CPU: the bundle's branch variant graphs (LoRA, SiRA).
+"""Unfused forward cases on ONNX Runtime (CPU): the bundle's branch variant graphs (LoRA, SiRA).
 
 Each variant graph is the base with a branch on every live weight; its live-weight inputs are
 made prepacked initializers (base values) and the adapter's tensors are fed per run
@@ -10,6 +10,7 @@ API, the ``ort-lora-adapter`` peer.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,17 @@ from edgeadapt.bench.ort_adapter import (
 from edgeadapt.errors import BundleError
 from edgeadapt.format.manifest import Manifest
 
-Case = tuple[Callable[[dict], np.ndarray], str | None]
+Case = tuple[Callable[[dict], np.ndarray], str | None]  # (run(inputs), adapter name or None)
+
+
+@dataclass
+class OrtAdapterPeer:
+    """ONNX Runtime's adapter API on the LoRA variant: its session, the ``.onnx_adapter`` files
+    of two LoRA adapters and those adapters' names (a switch cycles between the two files)."""
+
+    session: OrtBranchSession
+    files: list[Path]
+    adapter_names: list[str]
 
 
 def _variant_session(bundle: Path, manifest: Manifest, key: str, threads: int
@@ -64,10 +75,10 @@ def _variant_errors() -> tuple[type[BaseException], ...]:
 
 
 def unfused_cases(bundle: Path, manifest: Manifest, aset: AdapterSet, scratch: Path,
-                  threads: int) -> tuple[dict[str, Case], tuple | None, dict[str, str]]:
-    """(variant -> (run, adapter name), the ort-adapter peer (session, [two adapter files]) or
-    None, what was skipped -> why). A variant whose graph cannot be loaded is skipped with the
-    reason; the others are still measured."""
+                  threads: int) -> tuple[dict[str, Case], OrtAdapterPeer | None, dict[str, str]]:
+    """(variant -> (run, adapter name), the ort-adapter peer or None, what was skipped -> why).
+    A variant whose graph cannot be loaded is skipped with the reason; the others are still
+    measured."""
     errors = _variant_errors()
     cases: dict[str, Case] = {}
     skipped: dict[str, str] = {}
@@ -101,7 +112,7 @@ def unfused_cases(bundle: Path, manifest: Manifest, aset: AdapterSet, scratch: P
                 skipped["ort-lora-adapter"] = _failure(exc)
             else:
                 cases["ort-lora-adapter"] = ((lambda x, s=adapter_sess: s.run(x)), loras[0])
-                peer = (adapter_sess, files, loras)
+                peer = OrtAdapterPeer(adapter_sess, files, loras)
     sira_key = next((k for k in manifest.variants if k.startswith("sira-")), None)
     sira = aset.of("sira", fused=False)
     if sira_key is None or not sira:

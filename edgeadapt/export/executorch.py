@@ -325,7 +325,7 @@ def locate_weight(blob: bytes, weight: np.ndarray) -> dict[str, Any]:
 def default_live_form() -> str:
     """:data:`DEFAULT_LIVE_FORM`, or :data:`FALLBACK_LIVE_FORM` (with a warning) where the
     kernel it needs cannot be built (no C++ compiler)."""
-    from edgeadapt.runtime.executorch_kernel import compiler
+    from edgeadapt.runtime.backends.executorch.kernel import compiler
 
     try:
         compiler()

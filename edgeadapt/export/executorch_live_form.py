@@ -12,7 +12,7 @@ is a constant, on *every call* when it is not — and a live weight, a mutable b
   ExecuTorch kernel ``edgeadapt::live_linear.out`` (``edgeadapt/runtime/kernels/``), outside
   XNNPACK: a GEMV at one token, a register-tiled GEMM over packed x^T panels above, W read in
   place. Needs the kernel library loaded wherever the program runs
-  (:mod:`edgeadapt.runtime.executorch_kernel`, built with the system C++ compiler).
+  (:mod:`edgeadapt.runtime.backends.executorch.kernel`, built with the system C++ compiler).
 
 Measured (docs/bench.md, ExecuTorch runs 3 and 5): SmolLM2 q/v live / all-constant forward at
 1x1, 1x64, 8x64 is 0.98-0.99, 0.99-1.02, 1.00-1.01 own-kernel (three runs); 1.06-1.08, <= 1.00,

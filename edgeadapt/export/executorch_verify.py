@@ -1,7 +1,8 @@
 """Export-time checks of an ExecuTorch export: the programs run and match PyTorch, and every
 recorded buffer name / byte offset holds the weight it claims (checked by value and by edits).
 
-Relative error: ``max |y_et - y_pt| / max |y_pt|`` <= 1e-4 (fp32), else ExportError.
+Relative error (:func:`edgeadapt.numeric.rel_error`): ``max |y_et - y_pt| / max |y_pt|``
+<= 1e-4 (fp32), else ExportError.
 """
 
 from __future__ import annotations
@@ -13,15 +14,9 @@ import torch
 
 from edgeadapt.errors import BundleError, ExportError
 from edgeadapt.models import LoadedModel, LogitsModule
+from edgeadapt.numeric import rel_error
 
 MAX_REL_ERR = 1e-4
-
-
-def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
-    """``max |got - ref| / max |ref|``."""
-    ref = np.asarray(ref, dtype=np.float64)
-    return float(np.abs(np.asarray(got, dtype=np.float64) - ref).max()
-                 / max(np.abs(ref).max(), 1e-30))
 
 
 def check_shapes(max_batch: int, max_seq: int) -> list[tuple[int, int]]:
@@ -50,7 +45,7 @@ def compare(store, lm: LoadedModel, shapes: list[tuple[int, int]], what: str,
         got = store.run(inp)
         if got.shape != ref.shape:
             raise ExportError(f"{what}: output shape {got.shape} != PyTorch {ref.shape}")
-        err = rel_err(got, ref)
+        err = rel_error(got, ref)
         worst = max(worst, err)
         if not err <= MAX_REL_ERR:
             raise ExportError(f"{what}: batch {b} x seq {s}: max relative error {err:.3g} > "
@@ -84,7 +79,7 @@ def verify_export(live_lm: LoadedModel, out_dir: Path, result: dict) -> dict[str
 
     Returns the worst relative errors {"base", "edited", "repack_base", "repack_edited"}.
     """
-    from edgeadapt.runtime.executorch_backend import ExecutorchStore
+    from edgeadapt.runtime.backends.executorch.store import ExecutorchStore
 
     section, weights = result["section"], result["weights"]
     buffers = {w: info["buffer"] for w, info in weights.items()}

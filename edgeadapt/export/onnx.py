@@ -35,12 +35,13 @@ import torch
 from safetensors.numpy import load_file, save
 
 from edgeadapt.errors import ConfigError, ExportError
-from edgeadapt.export import onnx_blocked as ob
 from edgeadapt.export import onnx_branch as br
 from edgeadapt.export import onnx_graph as og
-from edgeadapt.export.onnx_check import BoundSession, max_rel_error, session
+from edgeadapt.export.onnx_check import BoundSession, session
 from edgeadapt.format.container import atomic_write_bytes
+from edgeadapt.graphs import blocked as ob
 from edgeadapt.models import LoadedModel, LogitsModule, example_inputs
+from edgeadapt.numeric import rel_error
 
 LIVE_FILE = "onnx_live_weights.safetensors"
 RTOL = 1e-4
@@ -74,7 +75,7 @@ def export_onnx(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         feeds adapter tensors by input name through ``InferenceSession.run``, not
         ``run_with_iobinding``) can drive it.
     blocked: re-lay the live weights read only by MatMul as ``blocked32``
-        (:func:`edgeadapt.export.onnx_blocked.block_live_matmuls`; MLAS reads a graph-input weight
+        (:func:`edgeadapt.graphs.blocked.block_live_matmuls`; MLAS reads a graph-input weight
         unpacked, and one token through ``(in, out)`` costs 1.6x the packed time, through
         32-wide blocks 0.85x). False keeps them ``transposed``.
     check: run the saved graph on ONNX Runtime (CPU, prepacking on, live inputs bound to their
@@ -219,13 +220,13 @@ def _check_parity(path: Path, base_values: dict[str, np.ndarray], live: dict[str
     bound = BoundSession(session(path, threads), {k: v.copy() for k, v in base_values.items()})
     errors = []
     for feeds, branch_vals, ref in refs["cases"]:
-        errors.append(max_rel_error(bound.run({**feeds, **branch_vals}), ref))
+        errors.append(rel_error(bound.run({**feeds, **branch_vals}), ref))
     for w, (idx, delta) in refs["edits"].items():  # edit the bound buffers in place
         lw = live[w]
         b_idx = og.torch_flat_to_backend_flat(idx, weights_np[w].shape, lw.layout)
         buf = bound.buffers[lw.name].reshape(-1)
         buf[b_idx] = og.to_backend_layout(weights_np[w], lw.layout).reshape(-1)[b_idx] + delta
-    edited_err = max_rel_error(bound.run(refs["cases"][-1][0]), refs["edited"])
+    edited_err = rel_error(bound.run(refs["cases"][-1][0]), refs["edited"])
     worst = max(errors + [edited_err])
     result = {"max_rel_error": worst, "cases": [list(c[:2]) for c in CHECK_CASES],
               "edited_max_rel_error": edited_err, "rtol": RTOL}

@@ -49,11 +49,3 @@ class BoundSession:
         self.binding.bind_output(self.output, "cpu")
         self.session.run_with_iobinding(self.binding)
         return self.binding.copy_outputs_to_cpu()[0]
-
-
-def max_rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    """``max |actual - expected| / max |expected|`` (inf on a shape mismatch or non-finite)."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    if actual.shape != expected.shape or not np.all(np.isfinite(actual)):
-        return float("inf")
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))

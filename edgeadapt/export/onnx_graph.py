@@ -5,7 +5,7 @@
   any other op ONNX Runtime could constant-fold into a private copy).
 - :func:`make_live_inputs` moves those initializers from ``graph.initializer`` to ``graph.input``
   under deterministic names.
-- :mod:`edgeadapt.export.onnx_blocked` re-lays a live input read only by MatMul as
+- :mod:`edgeadapt.graphs.blocked` re-lays a live input read only by MatMul as
   ``blocked32`` and rewrites each reader to match (why: :mod:`edgeadapt.format.layout`).
 - :func:`add_default_initializers` gives branch inputs a default value (an initializer with the
   input's name), the pattern ONNX Runtime's LoRA adapter API expects.
@@ -20,7 +20,7 @@ Layouts (torch weight ``W`` of shape ``(out, in)``, C order; the arithmetic live
   ``W[j % out, j // out]``, and torch flat index ``i`` (row ``i // in``, column ``i % in``) lives
   at ONNX flat index ``(i % in) * out + i // in``.
 - ``"blocked32"``: ``X`` is ``(out / 32, in, 32)``, ``X[b, c, j] = W[32 b + j, c]``
-  (:mod:`edgeadapt.export.onnx_blocked`).
+  (:mod:`edgeadapt.graphs.blocked`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,23 +35,15 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeadapt.errors import ConfigError, ExportError
-from edgeadapt.format.layout import AS_IS, BLOCKED, TRANSPOSED, backend_index, to_backend
+from edgeadapt.format.layout import AS_IS, TRANSPOSED, backend_index, to_backend
+from edgeadapt.format.layout import BLOCKED as BLOCKED  # callers read og.BLOCKED next to og.AS_IS
+from edgeadapt.graphs.values import LiveWeight, all_value_names, consumers, live_input_name
 
 #: The highest ONNX IR version onnxruntime 1.31/1.32 reads (onnx 1.23 writes 14 by default).
 MAX_IR_VERSION = 10
 #: Tensors of at least this many bytes go to the external data file.
 EXTERNAL_THRESHOLD = 1024
 _ALIGN = 64
-
-
-@dataclass(frozen=True)
-class LiveWeight:
-    """Where one torch weight lives in the graph: initializer/input ``name``, its ``layout``
-    (``"as-is"`` or ``"transposed"``) and the backend ``shape``."""
-
-    name: str
-    layout: str
-    shape: tuple[int, ...]
 
 
 def digest(arr: np.ndarray) -> str:
@@ -79,31 +70,6 @@ def torch_flat_to_backend_flat(index: np.ndarray, shape: tuple[int, int], layout
         return backend_index(index, shape, layout)
     except ConfigError as exc:
         raise ExportError(str(exc)) from None
-
-
-def consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
-    """Value name -> (node, input position) for every top-level node; names read inside
-    subgraphs are recorded with node None-like position -1 on their parent node."""
-    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
-    for node in graph.node:
-        for pos, name in enumerate(node.input):
-            if name:
-                uses[name].append((node, pos))
-        for attr in node.attribute:
-            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
-                for sub_name in _names_read(sub):
-                    uses[sub_name].append((node, -1))
-    return uses
-
-
-def _names_read(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for node in graph.node:
-        names.update(n for n in node.input if n)
-        for attr in node.attribute:
-            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
-                names |= _names_read(sub)
-    return names
 
 
 def _expected_layout(node: onnx.NodeProto, pos: int) -> str | None:
@@ -175,12 +141,6 @@ def locate_live_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]
     return found
 
 
-def live_input_name(weight_name: str, layout: str) -> str:
-    """Graph input name of a live weight: the torch name, plus ``.T`` when transposed and
-    ``.B32`` when blocked32."""
-    return weight_name + {TRANSPOSED: ".T", BLOCKED: ".B32"}.get(layout, "")
-
-
 def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
     for node in graph.node:
         for i, name in enumerate(node.input):
@@ -192,14 +152,6 @@ def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
     for vi in graph.value_info:
         if vi.name == old:
             vi.name = new
-
-
-def all_value_names(graph: onnx.GraphProto) -> set[str]:
-    names = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    for node in graph.node:
-        names.update(node.input)
-        names.update(node.output)
-    return names
 
 
 def make_live_inputs(model: onnx.ModelProto, located: dict[str, LiveWeight]

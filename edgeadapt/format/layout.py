@@ -14,7 +14,7 @@ A backend tensor ``X`` holds it in one of three layouts:
   read unpacked; for one token (M = 1) its GEMV walks ``(in, out)`` in 128-byte strips
   ``out * 4`` bytes apart, which the hardware prefetcher follows badly (1.6x the packed time on
   out-of-cache weights), while a 32-wide block is one contiguous ``in x 128``-byte run
-  (0.85x; ``scripts/ort_forward_probe.py matmul``, docs/bench.md). It is also a packed-B
+  (0.85x; ``experiments/ort_forward_probe.py matmul``, docs/bench.md). It is also a packed-B
   layout that a GEMM can read in place: edgeadapt's ONNX Runtime kernel
   (``runtime/kernels/blocked_matmul.cpp``) does, where MatMul copies it on every call.
 """

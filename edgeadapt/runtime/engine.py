@@ -1,5 +1,8 @@
 """The backend-neutral switch engine (numpy only, no torch).
 
+(Over 400 lines because the switch is one transaction: planning, the plan cache and the write
+with its undo share the state they check, and split apart they would pass it around.)
+
 A backend hands the engine a :class:`~edgeadapt.runtime.store.WeightStore`: for every *live*
 weight (one an adapter may touch) a writable numpy array that aliases the buffer the backend
 computes with, plus its layout, and two hooks, ``run`` and ``commit``. Adapters are validated
@@ -39,13 +42,14 @@ not cached.
 Switches are transactional: everything is validated and every new value computed (and checked
 finite) before the first write; if the store's ``commit`` fails the old values are written back.
 Runs take a readers-writer lock shared and the write + commit of a switch take it exclusive, so
-no run ever sees half-applied weights.
+no run ever sees half-applied weights; a runtime hands the engine its own lock
+(:class:`~edgeadapt.runtime.locks.ReadWriteLock`), so one lock orders its runs and switches.
 """
 
 from __future__ import annotations
 
 import math
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,19 +130,19 @@ class SwitchEngine:
     """Applies fused adapters in place on a :class:`WeightStore`; thread-safe.
 
     ``switch([(prepared, scale), ...])`` makes exactly those adapters active (empty: base);
-    ``run(inputs)`` forwards through the store with the readers lock held.
+    ``run(inputs)`` forwards through the store with the readers lock held. ``lock``: the
+    readers-writer lock to take (a runtime's own; default a new one).
     """
 
     def __init__(self, store: WeightStore, verify_base: bool = False,
-                 plan_cache: int | None = None) -> None:
+                 plan_cache: int | None = None, lock: ReadWriteLock | None = None) -> None:
         self.store = store
         self.live = store.live_weights()
         self._flat = {name: lw.array.reshape(-1) for name, lw in self.live.items()}  # views
         # all live arrays in one block of memory (ONNX Runtime's arena, ExecuTorch's planned
         # buffers): cached switches write them with one scatter (pages.one_span)
         self._span = one_span({name: lw.array for name, lw in self.live.items()})
-        self.lock = ReadWriteLock()
-        self._switch_mutex = threading.Lock()
+        self.lock = ReadWriteLock() if lock is None else lock
         self._sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._dense: dict[str, np.ndarray] = {}
         self._active: tuple[tuple[str, float], ...] = ()
@@ -185,10 +189,13 @@ class SwitchEngine:
         spans = sum(pair.to_b.scatter[0].nbytes for pair in self._pairs if pair.to_b.scatter)
         return sum(arrays.values()) + spans
 
-    def switch(self, adapters: list[tuple[PreparedAdapter, float]]) -> None:
+    def switch(self, adapters: list[tuple[PreparedAdapter, float]],
+               then: Callable[[], None] | None = None) -> None:
         """Make ``adapters`` (prepared, scale) the active set; [] returns to the base.
 
         All new values are computed before the first write; on failure nothing changes.
+        ``then``: called once the write is committed, still with runs excluded (a runtime
+        changes the graph its runs take there, atomically with the weights).
         """
         for prep, scale in adapters:
             if not math.isfinite(scale):
@@ -197,9 +204,9 @@ class SwitchEngine:
             if unknown:
                 raise SwitchError(f"adapter {prep.name!r} was prepared for another store")
         key = tuple((prep, float(scale)) for prep, scale in adapters)
-        with self._switch_mutex:
-            # Only switches write the arrays, and they are serialised by _switch_mutex, so the
-            # plan can be computed while runs go on.
+        with self.lock.update():
+            # Only switches write the arrays, and they are serialised by the update lock, so
+            # the plan can be computed while runs go on.
             sw = self._cached_switch(self._key, key)
             if sw is None:
                 with np.errstate(over="ignore", invalid="ignore"):  # caught by finite checks
@@ -220,6 +227,8 @@ class SwitchEngine:
                             "backend keeps what it last committed (if in doubt, reload "
                             "the runtime)") from exc
                     raise SwitchError(f"backend commit failed, switch undone: {exc}") from exc
+                if then is not None:
+                    then()
             self._sparse, self._dense = dict(sw.sparse), dict(sw.dense)
             self._active = tuple((p.name, float(s)) for p, s in adapters)
             self._key = key

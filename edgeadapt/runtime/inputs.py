@@ -1,6 +1,8 @@
-"""A run's model inputs checked against ``bundle.json``'s ``inputs`` before any backend sees them
-(numpy only, torch-free): what a backend would otherwise do with a bad input is silent (ONNX
-Runtime truncates float ids and wraps negative ones) or an untyped error from deep inside it.
+"""What a caller hands the runtime, checked before any backend sees it (numpy only, torch-free):
+a switch's names and scales (:func:`switch_names`, :func:`switch_scales`) and a run's model
+inputs against ``bundle.json``'s ``inputs`` (:func:`check_inputs`): what a backend would
+otherwise do with a bad input is silent (ONNX Runtime truncates float ids and wraps negative
+ones) or an untyped error from deep inside it.
 
 Each spec is ``{"name", "dtype", "shape", "range"?}``: ``shape`` lists ints (fixed) and strings
 (symbolic: any size >= 1, the same size wherever the same symbol appears, so ``input_ids`` and
@@ -10,6 +12,9 @@ bundles are checked without it).
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import numpy as np
 
@@ -59,3 +64,46 @@ def check_inputs(specs: list[dict], inputs: dict[str, object]) -> dict[str, np.n
                                   f"[{bounds[0]}, {bounds[1]})")
         out[name] = np.ascontiguousarray(x, dtype=dtype)
     return out
+
+
+def switch_names(names: object) -> list[str]:
+    """``switch``'s names as a list: None -> [], one str -> [it]; ConfigError for anything but
+    str names, or a name given twice."""
+    if names is None:
+        return []
+    if isinstance(names, str):
+        return [names]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"switch: names must be None, an adapter name or a list of names; "
+                          f"got {names!r}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"switch: adapter names repeat: {list(names)}; use scales instead")
+    return list(names)
+
+
+def _scale(value: object) -> float:
+    """One scale as a finite float: a Python or numpy real number or a 0-d array (no bools,
+    no strings); ConfigError otherwise."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"switch: scale {value!r} is not a real number")
+    s = float(value)
+    if not math.isfinite(s):
+        raise ConfigError(f"switch: scale {s} is not finite")
+    return s
+
+
+def switch_scales(scales: object, n: int) -> list[float | None]:
+    """``switch``'s scales, one per name (None: each adapter's own); ConfigError on a count
+    mismatch or a value that is not a finite real number."""
+    if scales is None:
+        return [None] * n
+    if isinstance(scales, (list, tuple)) or (isinstance(scales, np.ndarray) and scales.ndim == 1):
+        out: list[float | None] = [_scale(s) for s in scales]
+        if len(out) != n:
+            raise ConfigError(f"switch: {n} names but {len(out)} scales")
+        return out
+    if n != 1:
+        raise ConfigError("switch: give one scale per adapter name")
+    return [_scale(scales)]

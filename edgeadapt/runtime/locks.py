@@ -1,4 +1,5 @@
-"""A readers-writer lock: many concurrent runs, one exclusive switch (writer preference)."""
+"""The one lock of a runtime: many concurrent runs, one switch at a time, and no run while a
+switch writes (writer preference)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from contextlib import contextmanager
 
 
 class ReadWriteLock:
-    """Runs hold the lock shared, a switch holds it exclusive.
+    """Runs hold the lock :meth:`shared`; a switch holds :meth:`update` from start to end (one
+    switch at a time; runs go on while it reads and plans) and :meth:`exclusive` inside it for
+    the write and commit (no run in between).
 
-    Writer preference: once a switch is waiting, new runs wait behind it, so a steady stream of
-    runs cannot starve a switch. Not re-entrant.
+    Writer preference: once a writer waits, new runs wait behind it, so a steady stream of runs
+    cannot starve a switch. ``shared`` and ``exclusive`` are not re-entrant; ``update`` is, for
+    the thread holding it (the runtime's switch holds it around the engine's).
     """
 
     def __init__(self) -> None:
@@ -19,6 +23,7 @@ class ReadWriteLock:
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
+        self._update = threading.RLock()
 
     @contextmanager
     def shared(self) -> Iterator[None]:
@@ -33,6 +38,11 @@ class ReadWriteLock:
                 self._readers -= 1
                 if self._readers == 0:
                     self._cond.notify_all()
+
+    @contextmanager
+    def update(self) -> Iterator[None]:
+        with self._update:
+            yield
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:

@@ -72,6 +72,10 @@ class WeightStore(ABC):
     exclusive, right after writing into the arrays of ``live_weights()``.
     """
 
+    #: whether one of edgeadapt's own kernels (``runtime/kernels/``) reads the live weights in
+    #: place; stores that load one set it (the ``own-kernel`` live form)
+    kernel: bool = False
+
     @abstractmethod
     def live_weights(self) -> dict[str, LiveWeight]:
         """Torch weight name -> :class:`LiveWeight`; the same arrays for the store's lifetime."""

@@ -1,10 +1,12 @@
-"""Unfused adapters: LoRA / SoRA / SiRA branches driven as inputs of a graph *variant*.
+"""Unfused adapters: LoRA / SoRA / SiRA branches driven as inputs of a graph *variant*
+(backend-neutral numpy; each backend runs the variant: ``runtime/backends/<name>/variant.py``).
 
 An adapter whose bundle entry names a ``variant`` (always SiRA; LoRA / SoRA exported with
 ``unfused=True``) runs through that variant's graph: the base model with a branch on every
-live weight, whose parameters are extra graph inputs (``manifest.variants[key]["onnx"]
-["branch_inputs"]``: torch weight name -> {"A", "B"} or {"router", "A", "B"} -> input name).
-The base weights are never edited:
+live weight, whose parameters are extra graph inputs (``manifest.variants[key][section]
+["branch_inputs"]``: torch weight name -> {"A", "B"} or {"router", "A", "B"} -> input name; a
+program with fixed-size branch buffers records ``"branch_buffers"`` instead). The base weights
+are never edited:
 
 - LoRA / pruned SoRA (``LoraDelta``; A (r, in), B (out, r), alpha / r folded in):
   ``y = W0 x + (s B) (A x)`` — the scale ``s`` is folded into B. The variant's rank dimension
@@ -16,19 +18,13 @@ The base weights are never edited:
   capacity_factor must equal the variant's (they are baked into its graph); untouched live
   weights get all-zero branches (zero B: no contribution).
 
-:func:`prepare_branches` validates and maps an adapter once (torch-free, numpy);
-:class:`OrtVariantSession` is the variant's ONNX Runtime session whose live-weight inputs are
-bound to the *same* runtime-owned buffers as the fused path (aliasing OrtValues), so the two
-paths never disagree; the branch tensors are overridable initializers, bound with
-``bind_ortvalue_input`` on one IOBinding per calling thread and rebound after a switch.
+:func:`prepare_branches` validates and maps an adapter once (torch-free, numpy); a backend's
+:class:`VariantRoute` takes the tensors and runs the variant.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -40,10 +36,8 @@ from edgeadapt.errors import (
     SwitchError,
     TargetMismatchError,
 )
-from edgeadapt.format.layout import BLOCKED
 from edgeadapt.format.manifest import Manifest
 from edgeadapt.format.types import Adapter, LoraDelta, SiraBranch
-from edgeadapt.runtime.store import LiveWeight
 
 #: variant branch kind -> the adapter methods it runs
 KIND_METHODS = {"lora": ("lora", "sora"), "sira": ("sira",)}
@@ -81,16 +75,17 @@ class PreparedBranches:
         return sum(v.nbytes for v in self.tensors.values())
 
 
-def variant_spec(manifest: Manifest, key: str, backend: str = "onnx") -> dict:
-    """The variant's backend section (``"onnx"`` or ``"executorch"``); BundleError if absent."""
+def variant_spec(manifest: Manifest, key: str, section: str) -> dict:
+    """The variant's entry for one backend (``section``: the bundle.json key of the backend's
+    files, :attr:`edgeadapt.runtime.backends.Backend.section`); BundleError if absent."""
     v = manifest.variants.get(key)
     if v is None:
         raise BundleError(f"graph variant {key!r} is not in the bundle")
-    section = v.get(backend)
-    if not section or "file" not in section:
-        raise BundleError(f"graph variant {key!r} has no {backend} graph; re-export the adapter "
-                          f"with --formats including {backend}")
-    return section
+    spec = v.get(section)
+    if not spec or "file" not in spec:
+        raise BundleError(f"graph variant {key!r} has no {section} graph; re-export the adapter "
+                          f"with --formats including {section}")
+    return spec
 
 
 def _f32(arr: np.ndarray, shape: tuple[int, ...], where: str) -> np.ndarray:
@@ -104,21 +99,23 @@ def _f32(arr: np.ndarray, shape: tuple[int, ...], where: str) -> np.ndarray:
 
 
 def prepare_branches(adapter: Adapter, name: str, manifest: Manifest, key: str,
-                     backend: str = "onnx") -> PreparedBranches:
-    """Validate ``adapter`` against variant ``key`` and map it to the variant's branch inputs.
+                     section: str) -> PreparedBranches:
+    """Validate ``adapter`` against variant ``key`` (its ``section`` entry: see
+    :func:`variant_spec`) and map it to the variant's branch inputs.
 
     Every branch input of the variant gets a tensor: the adapter's (B tensors marked for the
     scale) or a zero branch. Raises TargetMismatchError (weight without a branch),
     FingerprintMismatchError (other base), AdapterFormatError (shapes, non-finite values),
     SwitchError (the adapter's method or SiRA shape does not fit the variant).
     """
-    section = variant_spec(manifest, key, backend)
+    spec_of = variant_spec(manifest, key, section)
     branch = manifest.variants[key].get("branch", {})
     kind = branch.get("kind")
-    # ONNX: {"A": input, ...}; ExecuTorch: {"lora_A": buffer, ...} -> {"A": buffer, ...}
+    # graph inputs {"A": input, ...}; buffers {"lora_A": buffer, ...} -> {"A": buffer, ...}
+    buffers = "branch_buffers" in spec_of  # fixed shapes: LoRA padded to the variant's rank
     names = {w: {k.split("_", 1)[1] if k.startswith(("lora_", "sira_")) else k: v
                  for k, v in d.items()}
-             for w, d in (section.get("branch_inputs") or section.get("branch_buffers")
+             for w, d in (spec_of.get("branch_inputs") or spec_of.get("branch_buffers")
                           or {}).items()}
     if kind not in KIND_METHODS or not names:
         raise BundleError(f"graph variant {key!r}: unknown branch kind {kind!r} or no branch "
@@ -135,10 +132,10 @@ def prepare_branches(adapter: Adapter, name: str, manifest: Manifest, key: str,
     spec = branch.get("spec") or []
     rmax = max((d.rank for d in adapter.targets.values() if isinstance(d, LoraDelta)),
                default=0)
-    if kind == "lora" and backend != "onnx":  # fixed-size branch buffers: pad to the variant's
+    if kind == "lora" and buffers:  # fixed-size branch buffers: pad to the variant's rank
         if rmax > int(spec[1]):
             raise SwitchError(f"adapter {name!r}: LoRA rank {rmax} exceeds the rank "
-                              f"{spec[1]} of variant {key!r}'s {backend} buffers")
+                              f"{spec[1]} of variant {key!r}'s {section} buffers")
         rmax = int(spec[1])
     tensors: dict[str, np.ndarray] = {}
     scaled: set[str] = set()
@@ -186,111 +183,11 @@ def prepare_branches(adapter: Adapter, name: str, manifest: Manifest, key: str,
                             frozenset(scaled), dict(adapter.head))
 
 
-class OrtVariantSession:
-    """A CPU session of a branch variant graph sharing the runtime's live-weight buffers.
-
-    live: the fused store's live weights (their arrays are bound by aliasing OrtValues, never
-    copied, so this session reads exactly what the base session reads). kernel: read the
-    blocked32 ones with edgeadapt's own kernel, as the base session does
-    (:func:`edgeadapt.runtime.onnxruntime_backend.cpu_session`). ``set_branches`` is
-    called with runs excluded (the runtime's exclusive lock); each thread's IOBinding rebinds
-    the branch tensors when it sees a new generation.
-    """
-
-    def __init__(self, bundle_dir: Path, manifest: Manifest, key: str,
-                 live: dict[str, LiveWeight], threads: int | None = None,
-                 prepare_inputs: Callable[[dict], dict] | None = None, kernel: bool = False
-                 ) -> None:
-        from edgeadapt.runtime.onnxruntime_backend import _require_ort, cpu_session, session_options
-
-        ort = _require_ort()
-        section = variant_spec(manifest, key, "onnx")
-        root = bundle_dir / manifest.variants[key].get("dir", "")
-        path = root / section["file"] if (root / section["file"]).is_file() \
-            else bundle_dir / section["file"]
-        if not path.is_file():
-            raise BundleError(f"{path}: the graph of variant {key!r} is missing")
-        so = session_options(threads)
-        so.log_severity_level = 3  # overridable branch initializers make ORT warn per input
-        self.key = key
-        vweights = manifest.variants[key].get("weights", {})
-        entries = {w: (vweights.get(w) or {}).get("onnx") or manifest.weights[w].onnx or {}
-                   for w in live}  # the variant's own entry, else the base graph's
-        for wname, lw in live.items():
-            if entries[wname].get("layout", lw.layout) != lw.layout:
-                raise BundleError(f"variant {key!r}: {wname!r} has layout "
-                                  f"{entries[wname].get('layout')}, the live buffer "
-                                  f"{lw.layout}; cannot share it")
-        self.session, self.kernel = cpu_session(
-            path, so, [entries[w]["name"] for w, lw in live.items() if lw.layout == BLOCKED],
-            kernel)
-        self.output_name = self.session.get_outputs()[0].name
-        graph_inputs = {i.name for i in self.session.get_inputs()}
-        # overridable initializers (the branch tensors): name -> dims (int, or str if symbolic)
-        self._branch_specs = {i.name: list(i.shape)
-                              for i in self.session.get_overridable_initializers()
-                              if i.type == "tensor(float)"}
-        self._values = {}
-        for wname, lw in live.items():
-            onnx = entries[wname]
-            if onnx["name"] not in graph_inputs:
-                raise BundleError(f"{path}: live weight {onnx['name']!r} is not a graph input")
-            self._values[onnx["name"]] = ort.OrtValue.ortvalue_from_numpy(lw.array)
-        self._ort = ort
-        self._branch: dict[str, object] = {}
-        self._gen = 0
-        self._local = threading.local()
-        self._prepare_inputs = prepare_inputs or (lambda x: x)
-
-    def check_branches(self, feeds: dict[str, np.ndarray],
-                       head: dict[str, np.ndarray] | None = None) -> None:
-        """BundleError unless every tensor of ``feeds`` is a float32 input of this graph with a
-        fitting shape (symbolic dims take any size). ``head``: nothing to check here."""
-        for name, value in feeds.items():
-            spec = self._branch_specs.get(name)
-            if spec is None or value.dtype != np.float32 or value.ndim != len(spec) or any(
-                    isinstance(d, int) and d != n
-                    for d, n in zip(spec, value.shape, strict=True)):
-                raise BundleError(f"variant {self.key!r}: branch input {name!r} "
-                                  f"{'absent' if spec is None else spec} cannot take "
-                                  f"{value.dtype} {value.shape}")
-
-    def set_branches(self, feeds: dict[str, np.ndarray],
-                     head: dict[str, np.ndarray] | None = None) -> None:
-        """Make ``feeds`` (graph input name -> float32 tensor) the branch tensors of later runs
-        (checked first: :meth:`check_branches`). The arrays are kept alive here (their
-        OrtValues alias them). Call with runs excluded. ``head`` is not needed here: this
-        session reads the engine's live buffers, where the engine has already put the
-        adapter's head."""
-        self.check_branches(feeds, head)
-        self._keep = feeds
-        self._branch = {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
-        self._gen += 1
-
-    def _binding(self):
-        loc = self._local
-        b = getattr(loc, "binding", None)
-        if b is None:
-            b = self.session.io_binding()
-            for name, value in self._values.items():
-                b.bind_ortvalue_input(name, value)
-            loc.binding, loc.gen = b, -1
-        if loc.gen != self._gen:
-            for name, value in self._branch.items():
-                b.bind_ortvalue_input(name, value)
-            loc.gen = self._gen
-        return b
-
-    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """One forward; model inputs checked and converted as the fused store does."""
-        from edgeadapt.runtime.onnxruntime_backend import run_bound
-
-        return run_bound(self.session, self._binding(), self._prepare_inputs(inputs),
-                         self.output_name)
-
-
 class VariantRoute(Protocol):
-    """What ``Runtime.run`` routes through while an unfused adapter is active."""
+    """What ``Runtime.run`` routes through while an unfused adapter is active (a backend's
+    ``open_variant``): ``check_branches`` raises BundleError unless the tensors fit, before
+    anything changes; ``set_branches`` makes them the branch tensors (called with runs
+    excluded); ``run`` is one forward through the variant."""
 
     key: str
 

@@ -1,9 +1,10 @@
 """Training: ``train(TrainConfig(...), out)`` writes a run directory; ``load_run`` reads it back.
 
-The ``edgeadapt train`` and ``edgeadapt quickstart`` commands live in :mod:`.cli`.
+The run directory's format is :mod:`edgeadapt.format.run_dir`; the ``edgeadapt train`` command
+lives in :mod:`.cli`.
 """
 
-from edgeadapt.train.run import load_run, save_run
+from edgeadapt.train.run import excluded_positions, load_run, save_run
 from edgeadapt.train.trainer import (
     METHODS,
     TrainConfig,
@@ -13,5 +14,5 @@ from edgeadapt.train.trainer import (
     train,
 )
 
-__all__ = ["METHODS", "TrainConfig", "TrainResult", "adapter_config", "describe", "load_run",
-           "save_run", "train"]
+__all__ = ["METHODS", "TrainConfig", "TrainResult", "adapter_config", "describe",
+           "excluded_positions", "load_run", "save_run", "train"]

@@ -1,4 +1,5 @@
-"""``edgeadapt train`` and ``edgeadapt quickstart``.
+"""``edgeadapt train`` (``edgeadapt quickstart``, which also exports, lives in
+:mod:`edgeadapt.cli`).
 
 Bad input raises :mod:`edgeadapt.errors` types; the ``edgeadapt`` group prints them as one
 ``error: ...`` line. Torch is imported inside the commands so ``edgeadapt --help`` stays fast.
@@ -97,7 +98,7 @@ def train(model: str, task: str, method: str, out: str, sora_stages: int,
     fields = adapter_options(method, adapter, seed)
     if method != "sora" and sora_schedule is not None:
         raise ConfigError(f"--sora-schedule does not apply to --method {method}")
-    _threads(threads)
+    set_threads(threads)
     cfg = TrainConfig(model=model, task=task, method=method, adapter=fields, epochs=epochs,
                       steps=steps, batch_size=batch_size, lr=lr, head_lr=head_lr,
                       lr_schedule=lr_schedule, warmup_steps=warmup_steps, gate_lr=gate_lr,
@@ -110,41 +111,11 @@ def train(model: str, task: str, method: str, out: str, sora_stages: int,
         click.echo(f"wrote {out}/")
 
 
-def _threads(threads: int | None) -> None:
+def set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` (None: torch's default); ConfigError below 1."""
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {threads}")
         import torch
 
         torch.set_num_threads(threads)
-
-
-@click.command()
-@click.option("--out", default="runs/quickstart", show_default=True,
-              type=click.Path(file_okay=False), help="where the runs and the bundle are written")
-@click.option("--max-train", type=int, default=400, show_default=True,
-              help="training examples per adapter")
-@click.option("--max-test", type=int, default=200, show_default=True,
-              help="test examples per task")
-@click.option("--epochs", type=float, default=1.0, show_default=True)
-@click.option("--model", default="minilm", show_default=True)
-@click.option("--formats", default="onnx,pte", show_default=True,
-              help="backends to export and run: onnx (ONNX Runtime), pte (ExecuTorch)")
-@click.option("--repeats", type=int, default=10, show_default=True,
-              help="timed forwards and switches per table cell (median)")
-@click.option("--threads", type=int, default=2, show_default=True)
-@click.option("--progress/--no-progress", default=True, show_default=True)
-def quickstart(out: str, max_train: int, max_test: int, epochs: float, model: str,
-               formats: str, repeats: int, threads: int, progress: bool) -> None:
-    """The whole pipeline on MiniLM: train SHiRA per task (sentiment, politics) and LoRA, SoRA,
-    SiRA baselines, export one bundle, switch adapters in place on ONNX Runtime and ExecuTorch
-    (checked against PyTorch), fuse the two SHiRA adapters, and print one summary table."""
-    from edgeadapt.export.bundle import parse_formats
-    from edgeadapt.pipeline import QuickstartConfig, run_quickstart
-
-    _threads(threads)
-    run_quickstart(QuickstartConfig(out=out, model=model, max_train=max_train,
-                                    max_test=max_test, epochs=epochs,
-                                    formats=tuple(parse_formats(formats)), repeats=repeats,
-                                    threads=threads, progress=progress),
-                   echo=click.echo)

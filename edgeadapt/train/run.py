@@ -1,41 +1,45 @@
-"""A training run on disk (``runs/<x>/``), written atomically, no pickle.
+"""A training run on disk (``runs/<x>/``), written atomically, no pickle: the torch side.
 
-- ``adapter.safetensors``: the raw adapter tensors from ``edgeadapt.adapters.adapter_state``
-  (empty for ``--method none``).
-- ``head.safetensors``: a classifier's trained head (``classifier.*``), when there is one.
-- ``adapter.json``: ``{"method", "config", "model", "task", "targets", "weight_sha256",
-  "edgeadapt_version", "num_labels", "labels", "max_len", "seed", "head"}``.
-- ``metrics.json``: what training measured (see ``edgeadapt.train.trainer.train``).
+The directory format (file names, adapter.json fields and checks, readers, fingerprint checks)
+is :mod:`edgeadapt.format.run_dir` (spec: docs/format.md, "Training-run directory"); this module
+adds what needs the model: writing a run, rebuilding it, and reading another SHiRA run's mask
+positions for ``--exclude-run``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from edgeadapt import __version__
+from edgeadapt.adapters import config_from_dict, load_adapter_state
+from edgeadapt.adapters.shira.model import checked_indices
 from edgeadapt.errors import (
     AdapterFormatError,
     ConfigError,
-    FingerprintMismatchError,
     UnknownNameError,
     WriteError,
 )
 from edgeadapt.format.container import atomic_write_bytes
 from edgeadapt.format.fingerprint import weight_sha256
+from edgeadapt.format.run_dir import (
+    ADAPTER_FILE,
+    HEAD_FILE,
+    INFO_FILE,
+    METRICS_FILE,
+    SHIRA_INDICES,
+    check_weight_hashes,
+    read_info,
+    read_json,
+    read_tensors,
+    shira_indices,
+    write_json,
+)
 from edgeadapt.models import LoadedModel, head_weight_names, load_model
-
-ADAPTER_FILE, HEAD_FILE, INFO_FILE, METRICS_FILE = (
-    "adapter.safetensors", "head.safetensors", "adapter.json", "metrics.json")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, [(json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()])
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -52,10 +56,18 @@ def head_parameters(lm: LoadedModel) -> dict[str, torch.nn.Parameter]:
     return {n: params[n] for n in head_weight_names(lm.model, lm.kind)}
 
 
+def model_weight_hashes(model: torch.nn.Module, names: list[str] | dict[str, Any]
+                        ) -> dict[str, str]:
+    """sha256 (fp32, (out, in)) of each named weight that ``model`` has; names it lacks are
+    left out (:func:`~edgeadapt.format.run_dir.check_weight_hashes` reports them)."""
+    params = dict(model.named_parameters())
+    return {n: weight_sha256(params[n].detach().float().cpu().numpy())
+            for n in names if n in params}
+
+
 def base_weight_hashes(lm: LoadedModel, names: list[str]) -> dict[str, str]:
     """sha256 of each named base weight (fp32, (out, in)): the adapter's fingerprint."""
-    params = dict(lm.model.named_parameters())
-    return {n: weight_sha256(params[n].detach().float().cpu().numpy()) for n in names}
+    return model_weight_hashes(lm.model, names)
 
 
 def save_run(out: Path, lm: LoadedModel, info: dict[str, Any],
@@ -79,104 +91,23 @@ def save_run(out: Path, lm: LoadedModel, info: dict[str, Any],
                           f"{f' ({exc.filename})' if exc.filename else ''}") from exc
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; anything else (missing, unreadable, not UTF-8, not JSON,
-    not an object) is an AdapterFormatError naming the file."""
-    try:
-        obj = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise AdapterFormatError(f"{path} is missing: not a training run directory") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"{path} is not valid JSON: {exc}") from exc
-    except OSError as exc:
-        raise AdapterFormatError(f"{path} cannot be read: {exc.strerror or exc}") from exc
-    if not isinstance(obj, dict):
-        raise AdapterFormatError(f"{path} must hold a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return st_load(path.read_bytes())
-    except FileNotFoundError:
-        raise AdapterFormatError(f"{path} is missing: not a complete training run") from None
-    except Exception as exc:  # safetensors raises its own error types on corrupt headers
-        raise AdapterFormatError(f"{path} is not a valid safetensors file: {exc}") from exc
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def read_run_info(path: str | Path) -> tuple[dict[str, Any], Any]:
-    """A run's adapter.json, its schema checked, and its adapter config (None for ``none``).
-
-    Raises AdapterFormatError naming the file and the field when a field has the wrong type or
-    value: method (a method name), model (a non-empty string), config (an object that is a
-    valid config of that method), weight_sha256 (object: weight name -> hex string), seed
-    (integer), num_labels (integer >= 1 or null), head (null or a file name in the run).
-    """
-    from edgeadapt.adapters import CONFIGS, config_from_dict
-
-    file = Path(path) / INFO_FILE
-    info = _read_json(file)
-
-    def bad(field: str, want: str) -> AdapterFormatError:
-        got = repr(info[field]) if field in info else "nothing (the field is missing)"
-        return AdapterFormatError(f"{file}: field {field!r} must be {want}, got {got}")
-
-    methods = (*CONFIGS, "none")
-    if info.get("method") not in methods:
-        raise bad("method", f"one of {', '.join(methods)}")
-    if not isinstance(info.get("model"), str) or not info["model"]:
-        raise bad("model", "a model name or directory (a non-empty string)")
-    hashes = info.get("weight_sha256")
-    if not isinstance(hashes, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()):
-        raise bad("weight_sha256", "an object of base weight name -> sha256 hex string")
-    if not _is_int(info.get("seed", 0)):
-        raise bad("seed", "an integer")
-    num_labels = info.get("num_labels")
-    if num_labels is not None and not (_is_int(num_labels) and num_labels >= 1):
-        raise bad("num_labels", "an integer >= 1 or null")
-    head = info.get("head")
-    if head is not None and not (isinstance(head, str) and head not in ("", ".", "..")
-                                 and Path(head).name == head):
-        raise bad("head", "null or the name of a file in the run directory")
-    if info.get("task") is not None and not isinstance(info["task"], str):
-        raise bad("task", "a task name (string) or null")
-    cfg = info.get("config", {})
-    if not isinstance(cfg, dict):
-        raise bad("config", f"an object with the {info['method']} config fields")
-    config = None
-    if info["method"] != "none":
-        if cfg.get("method", info["method"]) != info["method"]:
-            raise AdapterFormatError(f"{file}: field 'config' is a {cfg.get('method')!r} config "
-                                     f"but the run's method is {info['method']!r}")
-        try:
-            config = config_from_dict({**cfg, "method": info["method"]})
-        except (ConfigError, TypeError, ValueError) as exc:
-            raise AdapterFormatError(f"{file}: field 'config' is invalid: {exc}") from exc
+    """A run's adapter.json, its schema checked (:func:`~edgeadapt.format.run_dir.read_info`),
+    and its adapter config (None for ``none``); an invalid config is an AdapterFormatError
+    naming the file and the field."""
+    info = read_info(path)
+    if info["method"] == "none":
+        return info, None
+    try:
+        config = config_from_dict({**info.get("config", {}), "method": info["method"]})
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise AdapterFormatError(f"{Path(path) / INFO_FILE}: field 'config' is invalid: "
+                                 f"{exc}") from exc
     return info, config
 
 
-def check_weight_hashes(source: str | Path, hashes: dict[str, str], model: torch.nn.Module,
-                        model_name: str) -> None:
-    """Raise FingerprintMismatchError naming ``source`` unless every weight in ``hashes``
-    exists in ``model`` and has that sha256 (fp32, (out, in))."""
-    params = dict(model.named_parameters())
-    unknown = sorted(n for n in hashes if n not in params)
-    if unknown:
-        raise FingerprintMismatchError(
-            f"{source}: base weight(s) {', '.join(unknown[:3])}"
-            f"{f' (+{len(unknown) - 3} more)' if len(unknown) > 3 else ''} are not in this "
-            f"base model (the run names model {model_name!r}): the adapter was trained on "
-            "another base model")
-    for name, expected in hashes.items():
-        if weight_sha256(params[name].detach().float().cpu().numpy()) != expected:
-            raise FingerprintMismatchError(
-                f"{source}: base weight {name} differs from the one the adapter was trained on "
-                f"(model {model_name!r}); use the same base model")
+def _torch_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in read_tensors(path).items()}
 
 
 def load_run(path: str | Path) -> tuple[LoadedModel, dict[str, Any]]:
@@ -187,8 +118,6 @@ def load_run(path: str | Path) -> tuple[LoadedModel, dict[str, Any]]:
     file and field) and FingerprintMismatchError when the base weights differ from (or lack)
     the ones the adapter was trained on.
     """
-    from edgeadapt.adapters import load_adapter_state
-
     path = Path(path)
     info, config = read_run_info(path)
     try:
@@ -196,21 +125,23 @@ def load_run(path: str | Path) -> tuple[LoadedModel, dict[str, Any]]:
                         seed=info.get("seed", 0))
     except UnknownNameError as exc:
         raise AdapterFormatError(f"{path / INFO_FILE}: field 'model': {exc}") from exc
-    check_weight_hashes(path / INFO_FILE, info["weight_sha256"], lm.model, info["model"])
+    hashes = info["weight_sha256"]
+    check_weight_hashes(path / INFO_FILE, hashes, model_weight_hashes(lm.model, hashes),
+                        info["model"])
     if config is not None:
-        state = read_tensors(path / ADAPTER_FILE)
+        state = _torch_tensors(path / ADAPTER_FILE)
         try:
             names = load_adapter_state(lm.model, config, state)
         except (ConfigError, AdapterFormatError) as exc:
             raise AdapterFormatError(f"{path / ADAPTER_FILE}: {exc}") from exc
-        if set(names) != set(info["weight_sha256"]):
+        if set(names) != set(hashes):
             raise AdapterFormatError(
                 f"{path / INFO_FILE}: field 'weight_sha256' must fingerprint exactly the adapted "
-                f"weights; missing {sorted(set(names) - set(info['weight_sha256']))[:3]}, "
-                f"extra {sorted(set(info['weight_sha256']) - set(names))[:3]}")
+                f"weights; missing {sorted(set(names) - set(hashes))[:3]}, "
+                f"extra {sorted(set(hashes) - set(names))[:3]}")
     if info.get("head"):
         head = head_parameters(lm)
-        state = read_tensors(path / info["head"])
+        state = _torch_tensors(path / info["head"])
         if set(state) != set(head):
             raise AdapterFormatError(f"{path / info['head']}: tensors {sorted(state)} do not "
                                      f"match the model's head {sorted(head)}")
@@ -223,5 +154,37 @@ def load_run(path: str | Path) -> tuple[LoadedModel, dict[str, Any]]:
                 head[name].copy_(tensor)
     lm.model.eval()
     if (path / METRICS_FILE).exists():
-        info["metrics"] = _read_json(path / METRICS_FILE)
+        info["metrics"] = read_json(path / METRICS_FILE)
     return lm, info
+
+
+def excluded_positions(run_dir: str | Path, model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Module name -> sorted flat positions (int64) of the SHiRA adapter saved in ``run_dir``:
+    what ``ShiraConfig(exclude=...)`` takes so that a new mask on ``model`` avoids them
+    (non-overlapping masks; ``edgeadapt train --exclude-run``).
+
+    The run is read through the same checks as :func:`load_run` (adapter.json schema, a valid
+    safetensors file, in-range integer indices: AdapterFormatError). It must be a SHiRA run
+    (ConfigError) trained on this base: its fingerprinted weights must exist in ``model`` with
+    the same sha256 (FingerprintMismatchError).
+    """
+    run = Path(run_dir)
+    if not (run / INFO_FILE).is_file() or not (run / ADAPTER_FILE).is_file():
+        raise ConfigError(f"shira: exclude_run {str(run_dir)!r} is not a training run directory "
+                          f"(needs {INFO_FILE} and {ADAPTER_FILE})")
+    info = read_info(run)
+    if info["method"] != "shira":
+        raise ConfigError(f"shira: exclude_run {str(run_dir)!r} is a {info['method']!r} run, "
+                          "not a SHiRA run")
+    hashes = info["weight_sha256"]
+    check_weight_hashes(f"shira: exclude_run {str(run_dir)!r}", hashes,
+                        model_weight_hashes(model, hashes), info["model"])
+    found = {}
+    for name, idx in shira_indices(run, info).items():
+        key = f"{name}{SHIRA_INDICES}"
+        try:
+            found[name] = checked_indices(key, torch.from_numpy(idx),
+                                          model.get_submodule(name)).numpy()
+        except AdapterFormatError as exc:
+            raise AdapterFormatError(f"{run / ADAPTER_FILE}: {exc}") from exc
+    return found

@@ -4,7 +4,9 @@ One loop for every method. What differs is small and spelled out where it happen
 
 - ``none``: no adapter; only a classifier's head trains (the frozen-encoder linear probe; for a
   causal LM nothing trains and the run is the zero-shot baseline).
-- ``shira``: ``grad`` / ``snip`` masks score weights on a calibration batch before training.
+- ``shira``: ``grad`` / ``snip`` masks score weights on a calibration batch before training;
+  ``exclude_run`` (``--exclude-run``) reads another SHiRA run's positions into the config's
+  ``exclude`` once the base model is loaded.
 - ``sora``: gates have their own optimizer and, after each gate step, a proximal soft-threshold
   ``g <- sign(g) max(|g| - xi, 0)``; with ``sora_schedule`` xi rises over stages (linear / log /
   exp up to ``sora_xi_max``) and each stage's accuracy and live ranks are recorded.
@@ -35,7 +37,12 @@ from edgeadapt.tasks import load_task
 from edgeadapt.train.data import collate, encode_task
 from edgeadapt.train.distributed import all_reduce_grads, barrier, init_world
 from edgeadapt.train.objective import evaluate, loss_count, loss_sum
-from edgeadapt.train.run import base_weight_hashes, head_parameters, save_run
+from edgeadapt.train.run import (
+    base_weight_hashes,
+    excluded_positions,
+    head_parameters,
+    save_run,
+)
 
 METHODS = ("shira", "lora", "sora", "sira", "none")
 SCHEDULES = ("linear", "log", "exp")
@@ -203,6 +210,9 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
 
     # --- adapter ---------------------------------------------------------------------------
     targets: list[str] = []
+    if getattr(config, "exclude_run", None) and config.exclude is None:  # shira --exclude-run
+        config = dataclasses.replace(
+            config, exclude=excluded_positions(config.exclude_run, lm.model))
     if config is not None:
         calib_index = order(0)[: cfg.calib_size]
         torch.manual_seed(cfg.seed)  # adapter init, identical on every rank

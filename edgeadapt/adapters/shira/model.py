@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,15 +44,15 @@ def calibration_grads(model: nn.Module, names: list[str],
 
 def choose_masks(model: nn.Module, names: list[str], config: ShiraConfig,
                  calib: Callable[[], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Module name -> sorted flat indices of its mask (see :mod:`.masks`)."""
+    """Module name -> sorted flat indices of its mask (see :mod:`.masks`), avoiding
+    ``config.exclude``."""
+    exclude = excluded_indices(model, names, config)
     grads = {}
     if config.mask in ("grad", "snip"):
         if calib is None:
             raise ConfigError(f"shira: mask {config.mask!r} needs a calibration loss: "
                               "attach(model, config, calib=lambda: loss)")
         grads = calibration_grads(model, names, calib)
-    exclude = (excluded_positions(config.exclude_run, model, names)
-               if config.exclude_run else {})
     masks = {}
     for i, name in enumerate(names):
         w = model.get_submodule(name).weight.detach()
@@ -62,6 +61,39 @@ def choose_masks(model: nn.Module, names: list[str], config: ShiraConfig,
                                   axis=config.struct_axis, exclude=exclude.get(name)
                                   ).to(w.device)
     return masks
+
+
+def excluded_indices(model: nn.Module, names: list[str], config: ShiraConfig
+                     ) -> dict[str, torch.Tensor]:
+    """Module name -> int64 positions of ``config.exclude`` for the target modules ``names``.
+
+    ConfigError when ``exclude_run`` is set without the positions (the config never reads a
+    run), when ``exclude`` names none of the targets (nothing would be excluded), or when a
+    position is outside its weight.
+    """
+    if config.exclude is None:
+        if config.exclude_run:
+            raise ConfigError(
+                f"shira: exclude_run {config.exclude_run!r} only records where excluded "
+                "positions came from; read them into the config: ShiraConfig(exclude="
+                "edgeadapt.train.excluded_positions(run_dir, model), exclude_run=run_dir)")
+        return {}
+    source = (f"exclude_run {config.exclude_run!r}" if config.exclude_run is not None
+              else "exclude")
+    if config.exclude and not set(config.exclude) & set(names):
+        raise ConfigError(f"shira: {source} adapts none of this adapter's targets (it adapts "
+                          f"{sorted(config.exclude)[:3]}, this one {sorted(names)[:3]}): "
+                          "nothing would be excluded")
+    found = {}
+    for name in names:
+        if name in config.exclude:
+            idx = torch.tensor(config.exclude[name], dtype=torch.int64)
+            size = model.get_submodule(name).weight.numel()
+            if idx.numel() and int(idx[-1]) >= size:
+                raise ConfigError(f"shira: {source}: positions of {name} must be inside "
+                                  f"[0, {size})")
+            found[name] = idx
+    return found
 
 
 def checked_indices(key: str, idx: torch.Tensor, linear: nn.Module) -> torch.Tensor:
@@ -77,58 +109,6 @@ def checked_indices(key: str, idx: torch.Tensor, linear: nn.Module) -> torch.Ten
         raise AdapterFormatError(f"adapter state {key!r}: SHiRA indices must be a non-empty, "
                                  f"strictly increasing 1-D list inside [0, {size})")
     return idx
-
-
-def excluded_positions(run_dir: str, model: nn.Module, names: list[str]
-                       ) -> dict[str, torch.Tensor]:
-    """Module name -> flat positions of the SHiRA adapter saved in ``run_dir``, for masks of
-    ``model``'s target modules ``names`` that must not overlap it.
-
-    The run is read through the same checks as ``load_run`` (adapter.json schema, a valid
-    safetensors file, in-range integer indices: AdapterFormatError). It must be a SHiRA run
-    (ConfigError) trained on this base: its fingerprinted weights must exist in ``model`` with
-    the same sha256 (FingerprintMismatchError), and it must share at least one target module
-    with ``names`` (ConfigError) - otherwise nothing would be excluded.
-    """
-    from edgeadapt.train.run import (
-        ADAPTER_FILE,
-        INFO_FILE,
-        check_weight_hashes,
-        read_run_info,
-        read_tensors,
-    )
-
-    run = Path(run_dir)
-    if not (run / INFO_FILE).is_file() or not (run / ADAPTER_FILE).is_file():
-        raise ConfigError(f"shira: exclude_run {run_dir!r} is not a training run directory "
-                          f"(needs {INFO_FILE} and {ADAPTER_FILE})")
-    info, _ = read_run_info(run)
-    if info["method"] != "shira":
-        raise ConfigError(f"shira: exclude_run {run_dir!r} is a {info['method']!r} run, not a "
-                          "SHiRA run")
-    hashes = info["weight_sha256"]
-    check_weight_hashes(f"shira: exclude_run {run_dir!r}", hashes, model, info["model"])
-    state = read_tensors(run / ADAPTER_FILE)
-    suffix = ".shira_indices"
-    stored = {k[:-len(suffix)] for k in state if k.endswith(suffix)}
-    modules = {w.removesuffix(".weight") for w in hashes}
-    if stored != modules:
-        raise AdapterFormatError(
-            f"{run / ADAPTER_FILE}: its SHiRA modules do not match the weights fingerprinted "
-            f"in {INFO_FILE}: missing {sorted(modules - stored)[:3]}, "
-            f"extra {sorted(stored - modules)[:3]}")
-    found = {}
-    for name in sorted(modules):
-        key = f"{name}{suffix}"
-        try:
-            found[name] = checked_indices(key, state[key], model.get_submodule(name))
-        except AdapterFormatError as exc:
-            raise AdapterFormatError(f"{run / ADAPTER_FILE}: {exc}") from exc
-    if not set(found) & set(names):
-        raise ConfigError(f"shira: exclude_run {run_dir!r} adapts none of this adapter's "
-                          f"targets (it adapts {sorted(found)[:3]}, this one "
-                          f"{sorted(names)[:3]}): nothing would be excluded")
-    return found
 
 
 def attach_shira(model: nn.Module, names: list[str], config: ShiraConfig,

@@ -1,0 +1,218 @@
+"""The ``blocked32`` rewrite of MatMul-read live weights (onnx + numpy only, no torch): written
+by the exporter, undone or handed to edgeadapt's kernel by the runtime at load.
+
+A live weight ``W (out, in)`` that the exporter found as MatMul's B operand ``X = W.T (in, out)``
+is re-laid as ``Xb (out/32, in, 32)``, ``Xb[b, c, j] = W[32 b + j, c]``
+(:mod:`edgeadapt.format.layout`, which also says why), and each reader ``y = MatMul(x, X)``
+becomes
+
+    xf = Reshape(x, [1, -1, in])                 one per x
+    u  = MatMul(xf, Xb)                          (out/32, M, 32), M = prod(x.shape[:-1])
+    t  = Transpose(u, perm=[1, 0, 2])            (M, out/32, 32)
+    y  = Reshape(t, Concat(Shape(x)[:-1], [out]))
+
+:func:`unblock_live_matmuls` undoes it for sessions that make the live weights constant: ONNX
+Runtime prepacks only 2-D MatMul weights. :func:`kernel_blocked_matmuls` replaces each such
+reader by one ``edgeadapt.BlockedMatMul(x, Xb)`` node for live sessions that have edgeadapt's
+kernel (:mod:`edgeadapt.runtime.backends.onnxruntime.kernel`), which reads ``Xb`` in place where
+MatMul copies it panel by panel on every call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeadapt.errors import ExportError
+from edgeadapt.format.layout import BLOCK, BLOCKED, TRANSPOSED
+from edgeadapt.graphs.values import LiveWeight, all_value_names, consumers, live_input_name
+
+
+def block_live_matmuls(model: onnx.ModelProto, live: dict[str, LiveWeight]
+                       ) -> dict[str, LiveWeight]:
+    """Re-lay as ``blocked32`` every live input that is ``transposed``, read only as the B
+    operand of MatMul, with ``out % 32 == 0``; rewrite each such MatMul ``y = x @ X`` into
+
+        xf = Reshape(x, [1, -1, in])            (one per x)
+        u  = MatMul(xf, Xb)                     (out/32, M, 32), M = prod(x.shape[:-1])
+        t  = Transpose(u, perm=[1, 0, 2])       (M, out/32, 32)
+        y  = Reshape(t, Concat(Shape(x)[:-1], [out]))
+
+    keeping the MatMul's node name. Other live inputs are returned unchanged. The numbers that
+    motivate it are in :mod:`edgeadapt.format.layout`.
+    """
+    graph = model.graph
+    uses = consumers(graph)
+    inputs = {vi.name: vi for vi in graph.input}
+    taken = all_value_names(graph)
+    eligible: dict[str, tuple[str, int, int]] = {}  # input name -> (weight, in, out)
+    result = dict(live)
+    for wname, lw in live.items():
+        readers = uses.get(lw.name, [])
+        if lw.layout != TRANSPOSED or len(lw.shape) != 2 or lw.shape[1] % BLOCK or not readers \
+                or any(n.op_type != "MatMul" or pos != 1 for n, pos in readers):
+            continue
+        new = live_input_name(wname, BLOCKED)
+        if new in taken:
+            raise ExportError(f"cannot name the blocked live input of {wname!r} {new!r}: the "
+                              "graph already has a value of that name")
+        inp, out = lw.shape
+        eligible[lw.name] = (new, inp, out)
+        result[wname] = LiveWeight(new, BLOCKED, (out // BLOCK, inp, BLOCK))
+    if not eligible:
+        return result
+    consts: dict[str, np.ndarray] = {}
+    flat: dict[str, str] = {}  # x -> its (1, M, in) reshape
+    lead: dict[str, str] = {}  # x -> Shape(x)[:-1]
+    target: dict[tuple[str, int], str] = {}  # (x, out) -> output shape
+    nodes: list[onnx.NodeProto] = []
+
+    def const(name: str, value: list[int]) -> str:
+        consts.setdefault(name, np.array(value, dtype=np.int64))
+        return name
+
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in eligible:
+            nodes.append(node)
+            continue
+        x, (new, inp, out), y = node.input[0], eligible[node.input[1]], node.output[0]
+        base = node.name or y
+        if x not in flat:
+            flat[x] = f"{x}/edgeadapt_flat"
+            nodes.append(helper.make_node("Reshape", [x, const(f"edgeadapt_flat_{inp}",
+                                                               [1, -1, inp])], [flat[x]],
+                                          name=f"{base}/flat"))
+        if x not in lead:
+            lead[x] = f"{x}/edgeadapt_lead"
+            nodes.append(helper.make_node("Shape", [x], [lead[x]], end=-1, name=f"{base}/lead"))
+        if (x, out) not in target:
+            target[x, out] = f"{x}/edgeadapt_to{out}"
+            nodes.append(helper.make_node("Concat", [lead[x], const(f"edgeadapt_dim_{out}",
+                                                                    [out])],
+                                          [target[x, out]], axis=0, name=f"{base}/target"))
+        nodes += [helper.make_node("MatMul", [flat[x], new], [f"{y}/edgeadapt_blocks"],
+                                   name=node.name),
+                  helper.make_node("Transpose", [f"{y}/edgeadapt_blocks"], [f"{y}/edgeadapt_t"],
+                                   perm=[1, 0, 2], name=f"{base}/unblock"),
+                  helper.make_node("Reshape", [f"{y}/edgeadapt_t", target[x, out]], [y],
+                                   name=f"{base}/shape")]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for old, (new, inp, out) in eligible.items():
+        graph.input.remove(inputs[old])
+        graph.input.append(helper.make_tensor_value_info(new, TensorProto.FLOAT,
+                                                         [out // BLOCK, inp, BLOCK]))
+    existing = {i.name for i in graph.initializer}
+    for name, value in consts.items():
+        if name not in existing:
+            graph.initializer.append(numpy_helper.from_array(value, name))
+    return result
+
+
+def _blocked_readers(graph: onnx.GraphProto, name: str, uses, producers
+                     ) -> list[tuple[onnx.NodeProto, ...]]:
+    """The readers of blocked32 input ``name`` as :func:`block_live_matmuls` wrote them: per
+    reader (flatten Reshape, MatMul, Transpose, output Reshape); ExportError if one is not."""
+    found = []
+    for mm, pos in uses.get(name, []):
+        try:
+            (tr, _), = uses[mm.output[0]]
+            (rs, _), = uses[tr.output[0]]
+            flat = producers[mm.input[0]]
+        except (KeyError, ValueError):
+            raise ExportError(f"{name!r}: reader {mm.name!r} is not the blocked32 "
+                              "pattern") from None
+        if mm.op_type != "MatMul" or pos != 1 or tr.op_type != "Transpose" \
+                or rs.op_type != "Reshape" or flat.op_type != "Reshape":
+            raise ExportError(f"{name!r}: reader {mm.name!r} is not the blocked32 pattern")
+        found.append((flat, mm, tr, rs))
+    return found
+
+
+def _rewrite_readers(graph: onnx.GraphProto, replace: dict[int, onnx.NodeProto],
+                     drop: set[int]) -> None:
+    """Put ``replace[id(MatMul)]`` in place of each pattern's MatMul, remove the ``drop``
+    nodes, then the helper nodes (flatten, Shape, Concat) and shape constants nothing reads."""
+    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
+    outputs = {o.name for o in graph.output}
+    while True:  # drop helper nodes nothing reads any more (flatten, Shape, Concat)
+        read = {i for n in nodes for i in n.input} | outputs
+        dead = [n for n in nodes if n.op_type in ("Reshape", "Shape", "Concat")
+                and "edgeadapt_" in n.output[0] and not set(n.output) & read]
+        if not dead:
+            break
+        nodes = [n for n in nodes if n not in dead]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    read = {i for n in nodes for i in n.input}
+    for init in [i for i in graph.initializer
+                 if i.name.startswith("edgeadapt_") and i.name not in read]:
+        graph.initializer.remove(init)  # the shape constants of the dropped helpers
+
+
+def _blocked_inputs(graph: onnx.GraphProto, names) -> dict[str, onnx.ValueInfoProto]:
+    return {vi.name: vi for vi in graph.input if vi.name in set(names)
+            and len(vi.type.tensor_type.shape.dim) == 3}
+
+
+def unblock_live_matmuls(model: onnx.ModelProto, names: set[str] | list[str]
+                         ) -> dict[str, str]:
+    """Undo :func:`block_live_matmuls` for the named blocked32 graph inputs: each rewritten
+    reader becomes ``y = MatMul(x, X_T)`` again, ``X_T`` a ``(in, out)`` graph input named like
+    the input with ``.B32`` replaced by ``.T``; the helper nodes left unused are dropped.
+
+    For sessions that make the live weights constant (repack mode, the benchmark's unfused
+    variants): ONNX Runtime prepacks only a 2-D MatMul weight. Returns blocked name -> new name
+    (the caller feeds :func:`to_backend_layout` ``(W, "transposed")`` under the new name).
+    """
+    graph = model.graph
+    blocked = _blocked_inputs(graph, names)
+    if not blocked:
+        return {}
+    producers = {o: n for n in graph.node for o in n.output}
+    uses = consumers(graph)
+    renamed: dict[str, str] = {}
+    drop: set[int] = set()
+    replace: dict[int, onnx.NodeProto] = {}
+    for name, vi in blocked.items():
+        nb, inp, blk = (d.dim_value for d in vi.type.tensor_type.shape.dim)
+        new = live_input_name(name.removesuffix(live_input_name("", BLOCKED)), TRANSPOSED)
+        for flat, mm, tr, rs in _blocked_readers(graph, name, uses, producers):
+            replace[id(mm)] = helper.make_node("MatMul", [flat.input[0], new], [rs.output[0]],
+                                               name=mm.name)
+            drop.update((id(tr), id(rs)))
+        renamed[name] = new
+        graph.input.remove(vi)
+        graph.input.append(helper.make_tensor_value_info(new, TensorProto.FLOAT,
+                                                         [inp, nb * blk]))
+    _rewrite_readers(graph, replace, drop)
+    return renamed
+
+
+#: the custom op of :func:`kernel_blocked_matmuls` (edgeadapt/runtime/kernels/blocked_matmul.cpp)
+KERNEL_DOMAIN, KERNEL_OP = "edgeadapt", "BlockedMatMul"
+
+
+def kernel_blocked_matmuls(model: onnx.ModelProto, names: set[str] | list[str]) -> int:
+    """Replace each reader of the named blocked32 graph inputs (the pattern
+    :func:`block_live_matmuls` wrote) by one ``y = edgeadapt.BlockedMatMul(x, Xb)`` node, which
+    reads ``Xb`` in place (:mod:`edgeadapt.runtime.backends.onnxruntime.kernel`); the inputs
+    keep their name and layout. Returns how many readers were replaced."""
+    graph = model.graph
+    blocked = _blocked_inputs(graph, names)
+    producers = {o: n for n in graph.node for o in n.output}
+    uses = consumers(graph)
+    drop: set[int] = set()
+    replace: dict[int, onnx.NodeProto] = {}
+    for name in blocked:
+        for flat, mm, tr, rs in _blocked_readers(graph, name, uses, producers):
+            replace[id(mm)] = helper.make_node(KERNEL_OP, [flat.input[0], name],
+                                               [rs.output[0]], name=mm.name,
+                                               domain=KERNEL_DOMAIN)
+            drop.update((id(tr), id(rs)))
+    if replace:
+        _rewrite_readers(graph, replace, drop)
+        if not any(o.domain == KERNEL_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
+    return len(replace)

@@ -1,0 +1,73 @@
+"""Build and load edgeadapt's own ExecuTorch kernel, ``edgeadapt::live_linear.out``
+(``edgeadapt/runtime/kernels/live_linear.cpp``: ``out = x @ w^T`` reading a live weight in
+place; why there).
+
+The executorch wheel ships its runtime as shared libraries (``executorch/lib/libexecutorch.so``,
+``libexecutorch_threadpool.so``) with their headers (``executorch/include``), so a kernel
+compiled against them and loaded with ``RTLD_GLOBAL`` before a program is registers into the
+same kernel registry the Python runtime uses. The library is built once per (source,
+executorch version, compiler flags, CPU features) by :func:`edgeadapt.runtime.native.build`
+and loaded once per process. A program exported with the
+``own-kernel`` live form (:mod:`edgeadapt.export.executorch_live_form`) needs it on whatever
+machine runs it; on a device it would be compiled into the runtime like any custom kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+from edgeadapt.errors import MissingPackageError
+from edgeadapt.runtime import native
+
+SOURCE = native.KERNELS / "live_linear.cpp"
+#: the operator the library registers (ExecuTorch name)
+OPERATOR = "edgeadapt::live_linear.out"
+NEEDED_FOR = "the own-kernel ExecuTorch live form"
+HINT = "; or export with --pte-live-form weight-left"
+CFLAGS = ("-DET_USE_THREADPOOL", "-DC10_USING_CUSTOM_GENERATED_MACROS")
+
+
+def _executorch_root() -> Path:
+    try:
+        import executorch
+    except ImportError as exc:
+        raise MissingPackageError("the own-kernel live form needs: pip install executorch") \
+            from exc
+    return Path(next(iter(executorch.__path__)))  # a namespace package: no __file__
+
+
+def compiler() -> str:
+    """The C++ compiler the kernel is built with (:func:`edgeadapt.runtime.native.compiler`);
+    ConfigError if none is on PATH."""
+    return native.compiler(NEEDED_FOR, HINT)
+
+
+def library_path() -> Path:
+    """Where the built library lives (built now if missing; the compiler is needed only then)."""
+    root = _executorch_root()
+    try:
+        version = __import__("executorch.version", fromlist=["__version__"]).__version__
+    except ImportError:  # pragma: no cover - every wheel has it
+        version = "unknown"
+    lib = root / "lib"
+    return native.build(
+        SOURCE, "liblive_linear.so",
+        [*CFLAGS, f"-I{root / 'include'}",
+         f"-I{root / 'include/executorch/runtime/core/portable_type/c10'}"],
+        [f"-L{lib}", "-lexecutorch", "-lexecutorch_threadpool", f"-Wl,-rpath,{lib}"],
+        key=[f"executorch {version}"], needed_for=NEEDED_FOR, hint=HINT)
+
+
+_LIBRARY = native.Library(library_path, ctypes.RTLD_GLOBAL)
+
+
+def load_kernel() -> Path:
+    """Build (if needed) and load the kernel library into this process, once; its path."""
+    return _LIBRARY.load()
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot be loaded in this process (no compiler and nothing built, a
+    failed build), or None once it is loaded (built first if needed)."""
+    return _LIBRARY.unavailable()

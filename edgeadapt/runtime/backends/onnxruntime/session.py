@@ -1,0 +1,156 @@
+"""ONNX Runtime sessions as the stores and variants build them (numpy + onnx, no torch).
+
+Every session gets :func:`session_options`; the CPU live sessions come from :func:`cpu_session`
+(edgeadapt's kernel in place of the blocked32 MatMul pattern where it is used), the constant
+sessions of repack mode from :func:`graph_with_initializers` plus
+:func:`add_constant_initializers`; :func:`run_bound` is one forward through an IOBinding whose
+weights are already bound. ONNX Runtime's and onnx's own load errors come back as BundleError
+naming the file (:func:`open_session`, :func:`read_graph`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeadapt.errors import BundleError, MissingPackageError
+from edgeadapt.format.layout import transposed_from_blocked
+
+try:
+    import onnxruntime as ort
+except ImportError:  # pragma: no cover - exercised only where onnxruntime is absent
+    ort = None
+
+
+def require_ort():
+    """The onnxruntime module; MissingPackageError if it is not installed."""
+    if ort is None:
+        raise MissingPackageError("onnxruntime is not installed: pip install onnxruntime")
+    return ort
+
+
+def session_options(threads: int | None, extra: dict[str, str] | None = None):
+    """Options for every session: spinning stopped when idle (several sessions in a process),
+    ``threads`` intra-op threads (None: ONNX Runtime's default), prepacking left on."""
+    so = require_ort().SessionOptions()
+    so.add_session_config_entry("session.force_spinning_stop", "1")
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+    for k, v in (extra or {}).items():
+        so.add_session_config_entry(k, v)
+    return so
+
+
+def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool) -> tuple[object, bool]:
+    """(a CPU session over ``model_path`` built with options ``so``, whether it uses the kernel).
+
+    kernel: replace every reader of the blocked32 graph inputs ``blocked`` by edgeadapt's own
+    ``edgeadapt.BlockedMatMul`` (:func:`edgeadapt.graphs.blocked.kernel_blocked_matmuls`;
+    the library from :mod:`edgeadapt.runtime.backends.onnxruntime.kernel`, which must be
+    loadable), which reads them in place instead of through MatMul's per-call copy of each B
+    panel (docs/bench.md). The rewritten graph is handed over as bytes, its external data read
+    from the model's folder.
+    """
+    if kernel and blocked:
+        from edgeadapt.graphs.blocked import kernel_blocked_matmuls
+        from edgeadapt.runtime.backends.onnxruntime import kernel as own_kernel
+
+        model = read_graph(model_path)
+        if kernel_blocked_matmuls(model, blocked):
+            own_kernel.register(so)
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                        str(model_path.parent))
+            return open_session(model.SerializeToString(), so, model_path), True
+    return open_session(str(model_path), so, model_path), False
+
+
+def open_session(source: str | bytes, so, model_path: Path, providers: Sequence = (
+        "CPUExecutionProvider",)):
+    """An InferenceSession of ``source`` (a path, or the graph as bytes); BundleError naming
+    ``model_path`` where ONNX Runtime cannot load it (a corrupt or truncated file, missing
+    external data): its own errors are untyped."""
+    try:
+        return require_ort().InferenceSession(source, so, providers=list(providers))
+    except Exception as exc:  # onnxruntime's pybind errors (InvalidProtobuf, Fail, ...)
+        raise BundleError(f"{model_path}: ONNX Runtime cannot load this graph: {exc}") from exc
+
+
+def read_graph(model_path: Path):
+    """The ONNX graph at ``model_path`` without its external data; BundleError if it cannot be
+    read or parsed."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(model_path), load_external_data=False)
+    except (OSError, DecodeError, ValueError) as exc:
+        raise BundleError(f"{model_path}: not a readable ONNX graph: {exc}") from exc
+
+
+def run_bound(session, binding, feeds: dict[str, np.ndarray], output_name: str) -> np.ndarray:
+    """One forward through ``binding`` (weights already bound to it): bind the model inputs
+    ``feeds`` on the CPU, run, return the single output as numpy.
+
+    The output is the numpy view of the OrtValue ONNX Runtime allocated for this run (it keeps
+    that OrtValue alive; the next run gets a new one), not ``copy_outputs_to_cpu``'s copy: on
+    SmolLM2 at 8x64 the logits are 100 MB and the copy made live mode 1.15x the base forward
+    instead of 0.99x (``session.run``, which the base uses, returns such a view too).
+    """
+    for name, x in feeds.items():
+        binding.bind_cpu_input(name, x)
+    binding.bind_output(output_name, "cpu")
+    session.run_with_iobinding(binding)
+    out = binding.get_outputs()[0].numpy()
+    binding.clear_binding_outputs()
+    return out
+
+
+def graph_with_initializers(model_path: Path, names: list[str]) -> tuple[bytes, dict[str, str]]:
+    """The model with the given graph inputs turned into (placeholder) initializers; the
+    placeholders are overridden with ``add_initializer`` at every session build.
+
+    A blocked32 input (3-D) is first turned back into a ``(in, out)`` one read by a plain MatMul
+    (:func:`edgeadapt.graphs.blocked.unblock_live_matmuls`), because ONNX Runtime prepacks
+    only 2-D MatMul weights. Returns (model bytes, {blocked input name: its transposed name});
+    supply the values with :func:`add_constant_initializers`."""
+    from onnx import numpy_helper
+
+    from edgeadapt.graphs.blocked import unblock_live_matmuls
+
+    model = read_graph(model_path)
+    renamed = unblock_live_matmuls(model, names)
+    by_name = {i.name: i for i in model.graph.input}
+    for name in (renamed.get(n, n) for n in names):
+        vi = by_name.get(name)
+        if vi is None:
+            raise BundleError(f"{model_path}: {name!r} is not a graph input")
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        model.graph.input.remove(vi)
+        model.graph.initializer.append(
+            numpy_helper.from_array(np.zeros(dims, dtype=np.float32), name))
+    return model.SerializeToString(), renamed
+
+
+def constant_values(values: Mapping[str, np.ndarray], renamed: Mapping[str, str]
+                    ) -> dict[str, np.ndarray]:
+    """What a constant session is given for its live weights (graph name -> buffer): each
+    buffer itself (so an OrtValue aliases it), or, for a blocked32 input that
+    :func:`graph_with_initializers` renamed, its transposed ``(in, out)`` copy under the new
+    name."""
+    return {renamed.get(n, n): transposed_from_blocked(v) if n in renamed else v
+            for n, v in values.items()}
+
+
+def add_constant_initializers(so, values: Mapping[str, np.ndarray], renamed: Mapping[str, str]
+                              ) -> list:
+    """Supply :func:`constant_values` to ``so`` with ``add_initializer``; returns the OrtValues,
+    which must outlive the session (it may read the unpacked initializers)."""
+    rt = require_ort()
+    kept = []
+    for name, arr in constant_values(values, renamed).items():
+        ov = rt.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
+        so.add_initializer(name, ov)
+        kept.append(ov)
+    return kept
