@@ -41,25 +41,26 @@ def main() -> None:
               help="test examples per task")
 @click.option("--epochs", type=float, default=1.0, show_default=True)
 @click.option("--model", default="minilm", show_default=True)
-@click.option("--formats", default="onnx,pte", show_default=True,
-              help="backends to export and run: onnx (ONNX Runtime), pte (ExecuTorch)")
+@click.option("--backends", default="onnxruntime,executorch", show_default=True,
+              help="backends to export and run: onnxruntime, executorch")
 @click.option("--repeats", type=int, default=10, show_default=True,
               help="timed forwards and switches per table cell (median)")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def quickstart(out: str, max_train: int, max_test: int, epochs: float, model: str,
-               formats: str, repeats: int, threads: int, progress: bool) -> None:
+               backends: str, repeats: int, threads: int, progress: bool) -> None:
     """The whole pipeline on MiniLM: train SHiRA per task (sentiment, politics) and LoRA, SoRA,
     SiRA baselines, export one bundle, switch adapters in place on ONNX Runtime and ExecuTorch
     (checked against PyTorch), fuse the two SHiRA adapters, and print one summary table."""
-    from edgeadapt.export.bundle import parse_formats
+    from edgeadapt.export.bundle import parse_backends
     from edgeadapt.pipeline import QuickstartConfig, run_quickstart
     from edgeadapt.train.cli import set_threads
 
     set_threads(threads)
     run_quickstart(QuickstartConfig(out=out, model=model, max_train=max_train,
                                     max_test=max_test, epochs=epochs,
-                                    formats=tuple(parse_formats(formats)), repeats=repeats,
+                                    backends=tuple(parse_backends(backends)),
+                                    repeats=repeats,
                                     threads=threads, progress=progress),
                    echo=click.echo)
 

@@ -35,7 +35,6 @@ from edgeadapt.numeric import rel_error
 from edgeadapt.timer import stopwatch, time_calls
 
 EVAL_BATCH = 8          # ExecuTorch programs are exported for batch <= 8
-BACKENDS = {"onnx": "onnxruntime", "pte": "executorch"}  # export format -> runtime backend
 
 
 @dataclass
@@ -50,7 +49,7 @@ class QuickstartConfig:
     max_len: int = 64
     rank: int = 8                     # LoRA r; SHiRA, SoRA and SiRA get about the same budget
     seed: int = 0
-    formats: tuple[str, ...] = ("onnx", "pte")
+    backends: tuple[str, ...] = ("onnxruntime", "executorch")
     threads: int | None = 2           # runtime intra-op threads (ONNX Runtime; ExecuTorch keeps
     #                                   its per-process pool, one thread per core)
     repeats: int = 10                 # timed forwards / switches per cell (median reported)
@@ -143,8 +142,8 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
 
         # 2. export ---------------------------------------------------------------------------
         if job is None:
-            stage(f"exporting the base model ({', '.join(qc.formats)}) and graph variants")
-            took = export_bundle(qc.model, str(bundle), qc.formats, qc.seed, branches,
+            stage(f"exporting the base model ({', '.join(qc.backends)}) and graph variants")
+            took = export_bundle(qc.model, str(bundle), qc.backends, qc.seed, branches,
                                  run_shapes(qc))
         else:
             stage("waiting for the background export")
@@ -188,8 +187,7 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
             [reference(names, x) for x, _ in batches[task]], batches[task]))
 
     # 3.-4. every backend: switch, check against PyTorch, evaluate, time ------------------
-    for fmt in qc.formats:
-        backend = BACKENDS[fmt]
+    for backend in qc.backends:
         stage(f"loading the bundle with {backend}")
         rt = load(bundle, backend=backend, mode="live",
                   threads=qc.threads if backend == "onnxruntime" else None)
@@ -218,7 +216,7 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
         fused.note = fusion_note(fused, alone)
     table = list(rows.values())
     echo("")
-    echo(format_table(table, [BACKENDS[f] for f in qc.formats], qc.max_len))
+    echo(format_table(table, list(qc.backends), qc.max_len))
     echo(f"\ntotal {elapsed():.0f} s; runs and bundle in {out}/ "
          f"(try: edgeadapt.runtime.load('{bundle}').switch('rt'))")
     return table
@@ -246,7 +244,7 @@ def variant_branch(fields: dict[str, Any]) -> tuple | None:
     return ("sira", int(c.num_experts), int(c.r), int(c.top_k), float(c.capacity_factor))
 
 
-def export_bundle(model: str, bundle: str, formats: tuple[str, ...], seed: int,
+def export_bundle(model: str, bundle: str, backends: tuple[str, ...], seed: int,
                   branches: list[tuple], pte_shapes: list[tuple[int, int]]) -> dict[str, float]:
     """Export the base model (live only, unchecked: the quickstart checks every adapter against
     PyTorch after switching) and the graph variants ``branches`` into ``bundle``; returns the
@@ -257,7 +255,7 @@ def export_bundle(model: str, bundle: str, formats: tuple[str, ...], seed: int,
     from edgeadapt.format import read_manifest, write_manifest
 
     elapsed = stopwatch()
-    export_base(model, bundle, formats=formats, targets="qv", seed=seed, check=False,
+    export_base(model, bundle, backends=backends, targets="qv", seed=seed, check=False,
                 pte_repack=False)  # the quickstart runs live: no constant program
     took = {"base": elapsed()}
     for branch in branches:
@@ -286,14 +284,14 @@ def _start_export(qc: QuickstartConfig, bundle: Path, branches: list[tuple],
 
     from edgeadapt.format import variant_key
 
-    stage(f"exporting the base model ({', '.join(qc.formats)}) and graph variants "
+    stage(f"exporting the base model ({', '.join(qc.backends)}) and graph variants "
           f"({', '.join(variant_key(b) for b in branches) or 'none'}) in a background process")
     from edgeadapt import quiet
 
     # a spawned process starts with Python's default filters: quiet it as this one is
     pool = multiprocessing.get_context("spawn").Pool(
         1, initializer=quiet.install if quiet.installed() else None)
-    return pool, pool.apply_async(_export_worker, (qc.model, str(bundle), tuple(qc.formats),
+    return pool, pool.apply_async(_export_worker, (qc.model, str(bundle), tuple(qc.backends),
                                                    qc.seed, branches, run_shapes(qc)))
 
 
@@ -369,11 +367,9 @@ def _cell(value: Any, fmt: str) -> str:
 
 def format_table(rows: list[Row], backends: list[str], seq: int = 64) -> str:
     """One row per adapter (and the base model, and each fused pair), a legend underneath."""
-    short = {"onnxruntime": "ORT", "executorch": "ET"}
     head = ["adapter", "method", "task", "params", "file KB", "acc PyTorch"]
     for b in backends:
-        head += [f"acc {short[b]}", f"fwd ms {short[b]}", f"switch ms {short[b]}",
-                 f"err {short[b]}"]
+        head += [f"acc {b}", f"fwd ms {b}", f"switch ms {b}", f"err {b}"]
     head.append("note")
     lines = [head]
     for r in rows:
@@ -395,7 +391,7 @@ def format_table(rows: list[Row], backends: list[str], seq: int = 64) -> str:
         "params: trainable adapter parameters (SoRA: after pruning its dead ranks); file KB: the "
         "adapter file in the bundle (fp16 values).",
         "acc: test accuracy; PyTorch = the trained run (fused rows: the PyTorch model with both "
-        "adapters), ORT / ET = through ONNX Runtime / ExecuTorch after switching in place, on "
+        "adapters), onnxruntime / executorch = through that backend after switching in place, on "
         "batches padded to the exported shapes (SiRA counts pad tokens against expert "
         "capacity, so its runtime accuracy can differ a little from the run's).",
         f"fwd ms: median forward, batch 1 x {seq} tokens; switch ms: median rt.switch(...) from "

@@ -53,7 +53,7 @@ def prepare(out: Path) -> None:
     for name in MODELS:
         lm = load_model(name, num_labels=2, seed=0)
         bundle = out / name
-        export_base(lm, bundle, formats="onnx", targets="qv", check=False)
+        export_base(lm, bundle, backends="onnxruntime", targets="qv", check=False)
         m = read_manifest(bundle)
         shapes = {n: tuple(w.shape) for n, w in m.weights.items()}
         sha = {n: w.sha256 for n, w in m.weights.items()}

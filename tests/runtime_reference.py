@@ -83,7 +83,7 @@ def export_tiny(model: str, out, **load_kwargs) -> tuple[object, Manifest]:
     weights live and no parity check; returns the loaded model and the bundle's manifest."""
     torch.set_num_threads(1)
     lm = load_model(model, seed=0, **load_kwargs)
-    export_base(lm, out, formats="onnx", targets="qv", check=False)
+    export_base(lm, out, backends="onnxruntime", targets="qv", check=False)
     return lm, read_manifest(out)
 
 

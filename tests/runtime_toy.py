@@ -69,7 +69,7 @@ def write_toy_bundle(out_dir: str | Path, weights: dict[str, np.ndarray], live: 
             live_tensors[gname] = arr
             entries[name] = WeightEntry(shape=tuple(w.shape), dtype="float32",
                                         sha256=weight_sha256(w),
-                                        onnx={"name": gname, "layout": layout})
+                                        onnxruntime={"name": gname, "layout": layout})
         else:
             inits.append(numpy_helper.from_array(arr, gname))
         y = f"h{i}" if i < len(names) - 1 else "logits"
@@ -91,7 +91,7 @@ def write_toy_bundle(out_dir: str | Path, weights: dict[str, np.ndarray], live: 
     manifest = Manifest(
         model="toy-mlp", kind="classifier", targets_spec="toy", weights=entries,
         inputs=[{"name": "x", "dtype": "float32", "shape": ["batch", d_in]}],
-        onnx={"file": "model.onnx", "live_weights": "live_weights.safetensors"},
+        onnxruntime={"file": "model.onnx", "live_weights": "live_weights.safetensors"},
         adapters={n: AdapterEntry(file=f, method=m) for n, (f, m) in (adapters or {}).items()})
     write_manifest(out, manifest)
     return manifest

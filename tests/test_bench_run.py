@@ -22,7 +22,7 @@ def base_bundle(tmp_path_factory):
     from edgeadapt.export.bundle import export_base
 
     out = tmp_path_factory.mktemp("base-bundle")
-    export_base("tiny-smollm2", out, formats=("onnx",), targets="qv", check=False)
+    export_base("tiny-smollm2", out, backends=("onnxruntime",), targets="qv", check=False)
     return out
 
 
@@ -35,7 +35,7 @@ def tiny_bundle(tmp_path_factory):
     from edgeadapt.format.manifest import read_manifest, write_manifest
 
     out = tmp_path_factory.mktemp("bundle")
-    export_base("tiny-smollm2", out, formats=("onnx",), targets="qv", check=False)
+    export_base("tiny-smollm2", out, backends=("onnxruntime",), targets="qv", check=False)
     m = read_manifest(out)
     # the benchmark checks every variant against PyTorch itself before timing it
     ensure_variant(out, m, ("lora", 8), check=False)
@@ -105,7 +105,7 @@ def test_cli_fused_variants_and_skips(base_bundle, tmp_path):
     a, b = (aset.adapters[n] for n in aset.of("shira")[:2])
     lines = 0
     for n in sorted(set(a.targets) | set(b.targets)):
-        assert m.weights[n].onnx["layout"] == "blocked32"
+        assert m.weights[n].onnxruntime["layout"] == "blocked32"
         fan_in = m.weights[n].shape[1]
         i = np.union1d(a.targets[n].indices, b.targets[n].indices)
         r, c = i // fan_in, i % fan_in
@@ -340,7 +340,7 @@ def test_bundle_errors_raise_typed(base_bundle, tmp_path):
     rep = run_bench(base_bundle, BenchOptions(**{**_QUICK, "backends": ["executorch"]}))
     assert rep["forward"] == [] and rep["skipped"] == [
         {"backend": "executorch", "device": "cpu", "what": "all",
-         "reason": "the bundle has no ExecuTorch program (export with --formats pte)"}]
+         "reason": "the bundle has no ExecuTorch program (export with --backends executorch)"}]
 
 
 def test_a_broken_variant_is_skipped_alone(tiny_bundle, tmp_path):

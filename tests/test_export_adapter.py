@@ -49,8 +49,8 @@ def bundle(tmp_path_factory):
     """A base bundle exported through the CLI (ONNX only, parity check left to the exporter's
     own tests to keep this file fast)."""
     out = tmp_path_factory.mktemp("bundle")
-    res = CliRunner().invoke(export, ["base", "--model", MODEL, "--out", str(out), "--formats",
-                                      "onnx", "--no-check"])
+    res = CliRunner().invoke(export, ["base", "--model", MODEL, "--out", str(out), "--backends",
+                                      "onnxruntime", "--no-check"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     return out
 
@@ -83,8 +83,9 @@ def test_base_manifest(bundle):
         arr = params[name].detach().numpy()
         assert w.sha256 == hashlib.sha256(np.ascontiguousarray(arr, np.float32).tobytes()
                                           ).hexdigest()
-        assert w.shape == arr.shape and w.onnx["layout"] in ("as-is", "transposed", "blocked32")
-    assert (bundle / m.onnx["file"]).is_file() and m.kind == "causal-lm"
+        assert w.shape == arr.shape
+        assert w.onnxruntime["layout"] in ("as-is", "transposed", "blocked32")
+    assert (bundle / m.onnxruntime["file"]).is_file() and m.kind == "causal-lm"
 
 
 @pytest.mark.parametrize(("config", "dtype"), [
@@ -213,7 +214,7 @@ def test_sira_adapter_gets_a_graph_variant(bundle, tmp_path):
     m = read_manifest(bundle)
     key = m.adapters["sira"].variant
     assert key is not None and key.startswith("sira-e3-r2-k2")
-    assert (bundle / m.variants[key]["onnx"]["file"]).is_file()
+    assert (bundle / m.variants[key]["onnxruntime"]["file"]).is_file()
     assert read_adapter(path, m).method == "sira"
 
 
@@ -227,20 +228,20 @@ def test_sira_variant_with_a_shape_subset_grows_on_demand(tmp_path):
     from edgeadapt.export import export_base
     from edgeadapt.runtime import load
 
-    out = export_base(MODEL, tmp_path / "bundle", formats=("onnx", "pte"), check=False,
-                      pte_repack=False)
+    out = export_base(MODEL, tmp_path / "bundle", backends=("onnxruntime", "executorch"),
+                      check=False, pte_repack=False)
     make_run(tmp_path / "run", SiraConfig(num_experts=3, r=2, top_k=2))
     export_adapter(tmp_path / "run", out, "s1", check=False, pte_shapes=[(1, 8)])
     m = read_manifest(out)
     key = m.adapters["s1"].variant
     assert m.variants[key]["executorch"]["methods"]["static"] == {"1x8": "forward_1x8"}
-    onnx_section = m.variants[key]["onnx"]
+    onnx_section = m.variants[key]["onnxruntime"]
     pte = out / m.variants[key]["executorch"]["file"]
     export_adapter(tmp_path / "run", out, "s2", check=True, pte_shapes=[(2, 8)])  # verified
     m = read_manifest(out)
     assert m.adapters["s2"].variant == key
     assert sorted(m.variants[key]["executorch"]["methods"]["static"]) == ["1x8", "2x8"]
-    assert m.variants[key]["onnx"] == onnx_section
+    assert m.variants[key]["onnxruntime"] == onnx_section
     mtime = pte.stat().st_mtime_ns
     export_adapter(tmp_path / "run", out, "s3", check=False, pte_shapes=[(1, 8)])  # covered
     assert pte.stat().st_mtime_ns == mtime
@@ -284,8 +285,8 @@ def test_bench_prepare_variants_only_adds_variants_and_keeps_the_base(tmp_path):
     from edgeadapt.bench.prepare import main as prepare
 
     out = tmp_path / "b"
-    res = CliRunner().invoke(prepare, [MODEL, str(out), "--formats", "onnx", "--lora-rank", "4",
-                                       "--sira", "", "--no-check"])
+    res = CliRunner().invoke(prepare, [MODEL, str(out), "--backends", "onnxruntime",
+                                       "--lora-rank", "4", "--sira", "", "--no-check"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert list(read_manifest(out).variants) == ["lora-r4"]
     base = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("model.onnx*")}
@@ -298,8 +299,9 @@ def test_bench_prepare_variants_only_adds_variants_and_keeps_the_base(tmp_path):
 
 
 def test_cli_passes_the_executorch_live_form(monkeypatch, tmp_path):
-    """`export base --pte-live-form` reaches export_base (the forms themselves are exported and
-    checked against PyTorch in tests/test_export_executorch.py); a bad form is refused."""
+    """`export base --executorch-live-form` reaches export_base (the forms themselves are
+    exported and checked against PyTorch in tests/test_export_executorch.py); a bad form is
+    refused."""
     import edgeadapt.export.bundle as bundle_mod
 
     seen = {}
@@ -314,11 +316,12 @@ def test_cli_passes_the_executorch_live_form(monkeypatch, tmp_path):
     assert set(option.type.choices) == set(LIVE_FORMS)  # bench.prepare offers the same
     for form in LIVE_FORMS:  # the CLI offers every form the exporter has
         res = CliRunner().invoke(export, ["base", "--model", MODEL, "--out", str(tmp_path),
-                                          "--formats", "pte", "--pte-live-form", form])
+                                          "--backends", "executorch",
+                                          "--executorch-live-form", form])
         assert res.exit_code == 0, res.output
         assert seen["pte_live_form"] == form
     res = CliRunner().invoke(export, ["base", "--model", MODEL, "--out", str(tmp_path),
-                                      "--pte-live-form", "diagonal"])
+                                      "--executorch-live-form", "diagonal"])
     assert res.exit_code != 0 and "diagonal" in res.output
 
 
@@ -335,7 +338,7 @@ def test_a_failed_base_export_leaves_the_old_bundle(tmp_path, monkeypatch):
     import edgeadapt.export.bundle as eb
 
     out = tmp_path / "b"
-    eb.export_base(MODEL, out, formats="onnx", targets="qv", check=False)
+    eb.export_base(MODEL, out, backends="onnxruntime", targets="qv", check=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     real = eb.run_exporters
 
@@ -346,10 +349,10 @@ def test_a_failed_base_export_leaves_the_old_bundle(tmp_path, monkeypatch):
 
     monkeypatch.setattr(eb, "run_exporters", dies_midway)
     with pytest.raises(ExportError, match="parity"):
-        eb.export_base(MODEL, out, formats="onnx", targets="attn", check=False)
+        eb.export_base(MODEL, out, backends="onnxruntime", targets="attn", check=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     monkeypatch.undo()
-    eb.export_base(MODEL, out, formats="onnx", targets="attn", check=False)
+    eb.export_base(MODEL, out, backends="onnxruntime", targets="attn", check=False)
     assert read_manifest(out).targets_spec == "attn"
     assert not [p for p in out.iterdir() if p.name.startswith(".export-")]
 
@@ -372,7 +375,7 @@ def test_export_base_removes_staging_left_by_a_killed_export(tmp_path):
     for d in (dead, running, other_host, other_name):
         d.mkdir()
         (d / "model.onnx").write_bytes(b"half-written")
-    eb.export_base(MODEL, out, formats="onnx", targets="qv", check=False)
+    eb.export_base(MODEL, out, backends="onnxruntime", targets="qv", check=False)
     assert not dead.exists()
     assert all((d / "model.onnx").read_bytes() == b"half-written"
                for d in (running, other_host, other_name))

@@ -24,15 +24,17 @@ def make_manifest() -> Manifest:
     rng = np.random.default_rng(0)
     w = {f"layer.{i}.q.weight": rng.standard_normal((4, 3)).astype(np.float32) for i in range(2)}
     weights = {n: WeightEntry(a.shape, "float32", weight_sha256(a),
-                              onnx={"name": f"val_{i}", "layout": "transposed"},
+                              onnxruntime={"name": f"val_{i}", "layout": "transposed"},
                               executorch={"buffer": f"b_{i}"})
                for i, (n, a) in enumerate(w.items())}
     return Manifest(model="tiny-minilm", kind="classifier", targets_spec="qv", weights=weights,
                     inputs=[{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}],
-                    onnx={"file": "model.onnx"},
+                    onnxruntime={"file": "model.onnx"},
                     adapters={"s": AdapterEntry("adapters/s.eadp", "shira")},
-                    variants={"sira-e4-r2-k2-c1": {"branch": {"kind": "sira"},
-                                                   "dir": "variants/sira-e4-r2-k2-c1"}})
+                    variants={"sira-e4-r2-k2-c1": {
+                        "branch": {"kind": "sira"}, "dir": "variants/sira-e4-r2-k2-c1",
+                        "onnxruntime": {"file": "variants/sira-e4-r2-k2-c1/model.onnx"},
+                        "weights": {"layer.0.q.weight": {"onnxruntime": {"name": "v0"}}}}})
 
 
 def test_round_trip_and_fingerprint(tmp_path):
@@ -42,11 +44,32 @@ def test_round_trip_and_fingerprint(tmp_path):
     data = json.loads(path.read_text())
     lines = "\n".join(f"{n}={w['sha256']}" for n, w in sorted(data["weights"].items()))
     assert data["fingerprint"] == hashlib.sha256(lines.encode()).hexdigest()
-    assert data["format"] == "edgeadapt-bundle" and data["version"] == 1
+    assert data["format"] == "edgeadapt-bundle" and data["version"] == 2
     back = read_manifest(tmp_path)
     assert back.to_dict() == m.to_dict()
     assert back.weights["layer.0.q.weight"].shape == (4, 3)
     assert read_manifest(path).fingerprint == data["fingerprint"]
+
+
+def test_version_1_bundles_load_with_the_backend_names(tmp_path):
+    """A version-1 bundle.json (ONNX Runtime's sections keyed "onnx": top level, per weight,
+    per variant and per variant weight) reads as version 2 with every one keyed
+    "onnxruntime"; nothing else changes, and writing it back writes version 2."""
+    m = make_manifest()
+    want = m.to_dict()
+    v1 = json.loads(json.dumps(want).replace('"onnxruntime"', '"onnx"'))
+    v1["version"] = 1
+    assert "onnxruntime" not in json.dumps(v1)  # the old form, independently of the reader
+    (tmp_path / "bundle.json").write_text(json.dumps(v1))
+    back = read_manifest(tmp_path)
+    assert back.to_dict() == want
+    assert back.onnxruntime == {"file": "model.onnx"}
+    assert back.weights["layer.1.q.weight"].onnxruntime == {"name": "val_1",
+                                                            "layout": "transposed"}
+    variant = back.variants["sira-e4-r2-k2-c1"]
+    assert variant["weights"]["layer.0.q.weight"] == {"onnxruntime": {"name": "v0"}}
+    write_manifest(tmp_path, back)
+    assert json.loads((tmp_path / "bundle.json").read_text())["version"] == 2
 
 
 def _edit(tmp_path, fn):
@@ -59,7 +82,7 @@ def _edit(tmp_path, fn):
 
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda d: d.update(format="x"), "format"),
-    (lambda d: d.update(version=2), "newer edgeadapt"),
+    (lambda d: d.update(version=3), "newer edgeadapt"),
     (lambda d: d.update(version="1"), "positive integer"),
     (lambda d: d.update(kind="seq2seq"), "kind"),
     (lambda d: d.pop("model"), "'model'"),

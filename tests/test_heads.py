@@ -31,7 +31,7 @@ def _adapter(lm, manifest, seed: int) -> Adapter:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("heads")
-    export_base("tiny-minilm", out, formats=("onnx",), targets="qv")
+    export_base("tiny-minilm", out, backends=("onnxruntime",), targets="qv")
     return out
 
 

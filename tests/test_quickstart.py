@@ -31,7 +31,7 @@ def quickstart(tmp_path_factory):
     out = tmp_path_factory.mktemp("qs")
     lines: list[str] = []
     qc = QuickstartConfig(out=str(out), model="tiny-minilm", max_train=8, max_test=10,
-                          max_len=16, formats=("onnx",), threads=1, repeats=2,
+                          max_len=16, backends=("onnxruntime",), threads=1, repeats=2,
                           progress=False)
     rows = run_quickstart(qc, echo=lines.append)
     return qc, out, {r.name: r for r in rows}, "\n".join(lines)

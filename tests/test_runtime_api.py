@@ -165,7 +165,7 @@ def test_auto_policy_keys_on_the_bundles_live_form(exported):
     an older transposed bundle or a linear-form ExecuTorch section reads as such."""
     _, bundle = exported
     manifest = read_manifest(bundle)
-    assert "blocked32" in {w.onnx["layout"] for w in manifest.weights.values()}
+    assert "blocked32" in {w.onnxruntime["layout"] for w in manifest.weights.values()}
     assert live_form(manifest, "onnxruntime") == "blocked32"
     rt = load(bundle, backend="onnxruntime", mode="auto", runs_per_switch=1000, batch=1,
               threads=1, kernel=False)
@@ -179,8 +179,8 @@ def test_auto_policy_keys_on_the_bundles_live_form(exported):
         assert rt.live_form == "own-kernel" and rt.store.kernel
         assert rt.fused_mode == "live" and "own-kernel" in rt.mode_reason  # from 72
     for w in manifest.weights.values():
-        if w.onnx["layout"] == "blocked32":
-            w.onnx = {**w.onnx, "layout": "transposed"}
+        if w.onnxruntime["layout"] == "blocked32":
+            w.onnxruntime = {**w.onnxruntime, "layout": "transposed"}
     assert live_form(manifest, "onnxruntime") == "transposed"
     manifest.executorch = {"file": "model.pte"}
     assert live_form(manifest, "executorch") == "linear"  # exported before weight-left

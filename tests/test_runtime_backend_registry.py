@@ -32,7 +32,7 @@ class ArrayBackend:
 
     name = "array-test"
     devices = ("cpu",)
-    section = "onnx"  # the bundle section whose live-weights file it reads
+    section = "onnxruntime"  # the bundle section whose live-weights file it reads
     default_live_form = "numpy"
 
     def unavailable(self) -> str | None:
@@ -54,11 +54,11 @@ class ArrayBackend:
                    threads: int | None, kernel: bool) -> WeightStore:
         if mode != "live":
             raise ConfigError(f"array-test runs mode='live' only, not {mode!r}")
-        stored = load_file(str(bundle_dir / manifest.onnx["live_weights"]))
+        stored = load_file(str(bundle_dir / manifest.onnxruntime["live_weights"]))
         weights, layouts, sha = {}, {}, {}
         for name, entry in manifest.weights.items():
-            layouts[name] = entry.onnx["layout"]
-            weights[name] = to_torch(stored[entry.onnx["name"]], entry.shape, layouts[name])
+            layouts[name] = entry.onnxruntime["layout"]
+            weights[name] = to_torch(stored[entry.onnxruntime["name"]], entry.shape, layouts[name])
             sha[name] = entry.sha256
         return ArrayStore(weights, layouts, sha,
                           forward=lambda inputs, w: toy_forward(inputs["x"], w).astype(np.float32))

@@ -57,7 +57,7 @@ def shared_bundle(tmp_path_factory) -> tuple[LoadedModel, Path]:
         torch.set_num_threads(1)
         lm = one_block_llama()
         out = tmp_path_factory.mktemp("pte")
-        export_base(lm, out, formats=("pte",), targets="qv", check=False)
+        export_base(lm, out, backends=("executorch",), targets="qv", check=False)
         _SHARED["llama"] = (lm, out)
     return _SHARED["llama"]
 

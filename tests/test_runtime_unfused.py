@@ -127,7 +127,7 @@ def test_unfused_switches_match_pytorch(exported, form):
             assert _hashes(rt) == h0
             assert rt.route.kernel == rt.store.kernel
     lora_scale = dict(rt.prepare_unfused("lora").feeds(0.5).items())
-    b_name = next(iter(read_manifest(bundle).variants[keys["lora"]]["onnx"]["branch_inputs"]
+    b_name = next(iter(read_manifest(bundle).variants[keys["lora"]]["onnxruntime"]["branch_inputs"]
                        .values()))["B"]
     np.testing.assert_array_equal(lora_scale[b_name],
                                   rt.prepare_unfused("lora").tensors[b_name] * np.float32(0.5))
@@ -186,7 +186,7 @@ def test_unfused_switch_that_does_not_fit_its_graph_keeps_the_fused_adapter(expo
     lm, bundle, keys = exported
     _, np_in = example_pair(lm)
     rt = load(bundle, threads=1)
-    inputs = rt.manifest.variants[keys["lora"]]["onnx"]["branch_inputs"]
+    inputs = rt.manifest.variants[keys["lora"]]["onnxruntime"]["branch_inputs"]
     w = next(w for w, (o, i) in ((w, rt.manifest.weights[w].shape) for w in inputs) if o != i)
     inputs[w] = {"A": inputs[w]["B"], "B": inputs[w]["A"]}
     rt.switch("s1")

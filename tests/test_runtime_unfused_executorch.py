@@ -43,7 +43,7 @@ def test_executorch_unfused_matches_pytorch(tmp_path_factory):
     torch.set_num_threads(1)
     lm = load_model(one_block_llama_dir(tmp_path_factory.mktemp("llama1")), seed=0)
     tmp_path = tmp_path_factory.mktemp("et_unfused")
-    export_base(lm, tmp_path, formats=("pte",), targets="qv", check=False, pte_repack=False)
+    export_base(lm, tmp_path, backends=("executorch",), targets="qv", check=False, pte_repack=False)
     manifest = read_manifest(tmp_path)
     keys = {"sira": ensure_variant(tmp_path, manifest, SIRA, check=False,
                                    pte_shapes=[(1, SEQ)]),
@@ -144,7 +144,7 @@ def classifier_bundle(tmp_path_factory):
     torch.set_num_threads(1)
     lm = load_model(one_layer_bert_dir(tmp_path_factory.mktemp("bert1")), num_labels=3, seed=0)
     out = tmp_path_factory.mktemp("et_heads")
-    export_base(lm, out, formats=("pte",), targets="qv", check=False, pte_repack=False)
+    export_base(lm, out, backends=("executorch",), targets="qv", check=False, pte_repack=False)
     manifest = read_manifest(out)
     key = ensure_variant(out, manifest, SIRA, check=False, pte_shapes=[(1, SEQ)])
     (out / "adapters").mkdir()

@@ -74,8 +74,8 @@ def unavailable(target: Target, manifest: Manifest) -> str | None:
     """Why ``target`` cannot run here at all (no package, no section of the bundle for it, no
     GPU), or None. Only this skips a backend; anything wrong with the bundle raises."""
     if target.backend == "onnxruntime":
-        if not manifest.onnx:
-            return "the bundle has no ONNX model (export with --formats onnx)"
+        if not manifest.onnxruntime:
+            return "the bundle has no ONNX model (export with --backends onnxruntime)"
         try:
             import onnxruntime as ort
         except ImportError:
@@ -87,5 +87,5 @@ def unavailable(target: Target, manifest: Manifest) -> str | None:
     if target.device != "cpu":
         return "ExecuTorch runs on the CPU only"
     if not manifest.executorch:
-        return "the bundle has no ExecuTorch program (export with --formats pte)"
+        return "the bundle has no ExecuTorch program (export with --backends executorch)"
     return None

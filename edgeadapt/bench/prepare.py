@@ -1,7 +1,8 @@
 """Prepare a benchmark bundle: export a base model and the branch variant graphs the unfused
 cases need, without any training run (the benchmark synthesises the adapters itself).
 
-    python -m edgeadapt.bench.prepare smollm2 bundles/smollm2-qv --targets qv --formats onnx,pte
+    python -m edgeadapt.bench.prepare smollm2 bundles/smollm2-qv --targets qv \
+        --backends onnxruntime,executorch
 
 Variants: a LoRA branch graph (its rank dimension is dynamic: it serves LoRA, pruned SoRA and
 ONNX Runtime's adapter API) and a SiRA graph with ``(experts, rank, top_k, capacity_factor)``.
@@ -20,7 +21,7 @@ from edgeadapt.export.cli import PTE_LIVE_FORMS
 @click.argument("model")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--targets", default="qv", show_default=True)
-@click.option("--formats", default="onnx,pte", show_default=True)
+@click.option("--backends", default="onnxruntime,executorch", show_default=True)
 @click.option("--lora-rank", default=16, show_default=True, help="0 for no LoRA variant.")
 @click.option("--sira", default="4,4,2,1.25", show_default=True,
               help="experts,rank,top_k,capacity_factor of the SiRA variant ('' for none)")
@@ -31,11 +32,11 @@ from edgeadapt.export.cli import PTE_LIVE_FORMS
 @click.option("--pte-shapes", default=None,
               help="BxS,... the SiRA ExecuTorch program is lowered for (default: 1x1, "
                    "1 x max_seq, max_batch x max_seq)")
-@click.option("--pte-live-form", default=None,
+@click.option("--executorch-live-form", "pte_live_form", default=None,
               type=click.Choice(PTE_LIVE_FORMS),
               help="How the ExecuTorch base program's live linears are written (default: the "
                    "exporter's; edgeadapt.export.executorch_live_form)")
-def main(model: str, out: str, targets: str, formats: str, lora_rank: int, sira: str,
+def main(model: str, out: str, targets: str, backends: str, lora_rank: int, sira: str,
          check: bool, variants_only: bool, pte_shapes: str | None,
          pte_live_form: str | None) -> None:
     """Export MODEL to OUT with the branch variants `edgeadapt bench` times."""
@@ -48,7 +49,7 @@ def main(model: str, out: str, targets: str, formats: str, lora_rank: int, sira:
     torch.set_num_threads(2)
     bundle = Path(out)
     if not variants_only:
-        export_base(model, bundle, formats=formats.split(","), targets=targets, check=check,
+        export_base(model, bundle, backends=backends.split(","), targets=targets, check=check,
                     pte_live_form=pte_live_form)
     shapes = ([tuple(int(v) for v in s.split("x")) for s in pte_shapes.split(",")]
               if pte_shapes else None)

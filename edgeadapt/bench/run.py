@@ -64,7 +64,7 @@ def measure_backend(ctx: BenchContext, target: Target, parity: ParityLog,
     try:
         built = backend_cases(ctx, target, parity.check_inputs)
     except onnx_load_errors() as exc:
-        model = ctx.bundle / (ctx.manifest.onnx or {}).get("file", "?")
+        model = ctx.bundle / (ctx.manifest.onnxruntime or {}).get("file", "?")
         raise BundleError(f"{model}: not a readable ONNX model "
                           f"({type(exc).__name__}: {exc})") from exc
     forward = time_forward(ctx, target, built.cases, parity)
@@ -132,7 +132,7 @@ def run_bench(bundle_dir: str | Path, opts: BenchOptions, subject: Subject | Non
             {n: d.indices for n, d in b.targets.items()},
             {n: tuple(w.shape) for n, w in manifest.weights.items()},
             {t.key: r.floor_round for t, r in results.items()},
-            {n: (w.onnx or {}).get("layout", "as-is") for n, w in manifest.weights.items()})
+            {n: (w.onnxruntime or {}).get("layout", "as-is") for n, w in manifest.weights.items()})
         floor["switch"] = " <-> ".join(aset.of("shira")[:2])
     ran = list(results.values())
     gpu = {"gpu": gpu_name()} if any(t.device == "cuda" for t in results) else {}

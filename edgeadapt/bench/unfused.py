@@ -43,7 +43,7 @@ def _variant_session(bundle: Path, manifest: Manifest, key: str, threads: int
     from safetensors.numpy import load_file
 
     v = manifest.variants[key]
-    section = v.get("onnx")
+    section = v.get("onnxruntime")
     if not section or "file" not in section:
         raise BundleError(f"variant {key!r} has no onnx section")
     root = bundle / v.get("dir", "")
@@ -54,7 +54,7 @@ def _variant_session(bundle: Path, manifest: Manifest, key: str, threads: int
     tensors = load_file(str(root / live_file))
     names = []
     for w, entry in manifest.weights.items():
-        onnx = (v.get("weights", {}).get(w, {}) or {}).get("onnx") or entry.onnx or {}
+        onnx = (v.get("weights", {}).get(w, {}) or {}).get("onnxruntime") or entry.onnxruntime or {}
         if onnx.get("name") not in tensors:
             raise BundleError(f"variant {key!r}: live weight {w!r} not in {live_file}")
         names.append(onnx["name"])

@@ -1,6 +1,6 @@
 """Export: base models to ONNX / ExecuTorch bundles, training runs to adapter files.
 
-    export_base("smollm2", "bundle/", formats=("onnx", "pte"), targets="qv")
+    export_base("smollm2", "bundle/", backends=("onnxruntime", "executorch"), targets="qv")
     export_adapter("runs/x", "bundle/", "sentiment", value_dtype="float16")
 
 The same functions back ``edgeadapt export base|adapter``. Importing this package imports no

@@ -21,7 +21,7 @@ from edgeadapt.errors import (
     TargetMismatchError,
 )
 from edgeadapt.export.bundle import (
-    FORMATS,
+    EXPORTERS,
     _normalise_section,
     backend_exporter,
     base_weight_entries,
@@ -126,15 +126,15 @@ def ensure_variant(bundle: Path, manifest: Manifest, branch: tuple, check: bool 
     from edgeadapt.models import load_model
 
     key = variant_key(branch)
-    static = branch[0] == "sira" and "pte" in _formats(manifest)
+    static = branch[0] == "sira" and "executorch" in _backends(manifest)
     redo: list[str] = []
     if key not in manifest.variants:
-        redo = _formats(manifest)
+        redo = _backends(manifest)
     elif static:
         have = _static_of(manifest.variants[key])
         want = set(_pte_static(manifest, pte_shapes))
         if have is not None and not want <= have:
-            redo, pte_shapes = ["pte"], sorted(have | want)
+            redo, pte_shapes = ["executorch"], sorted(have | want)
     if not redo:
         return key
     lm = load_model(manifest.model, num_labels=manifest.extra.get("num_labels") or 2,
@@ -145,20 +145,20 @@ def ensure_variant(bundle: Path, manifest: Manifest, branch: tuple, check: bool 
     if changed:
         raise ExportError(f"{bundle}: reloading base model {manifest.model!r} gives different "
                           f"weights ({changed[0]} ...) than the bundle; re-export the base")
-    others = [f for f in redo if not (static and f == "pte")]
+    others = [f for f in redo if not (static and f == "executorch")]
     results = run_exporters(lm, bundle, live, others, branch=branch, check=check) if others \
         else {}
     if static:  # run_exporters has no say in the shapes: call the ExecuTorch exporter here
-        exporter = backend_exporter("pte")
+        exporter = backend_exporter("executorch")
         if exporter is not None:
             base = manifest.executorch or {}
             shapes = _pte_static(manifest, pte_shapes)
-            log.info("exporting pte with branch %s, static shapes %s", branch, shapes)
+            log.info("exporting executorch with branch %s, static shapes %s", branch, shapes)
             results["executorch"] = exporter(
                 lm, bundle, live, branch, verify=check, static=shapes,
                 max_batch=int(base.get("max_batch", 8)), max_seq=int(base.get("max_seq", 64)))
     if not results:
-        raise ExportError(f"no backend exporter available for formats {redo}")
+        raise ExportError(f"no backend exporter available for backends {redo}")
     variant: dict[str, Any] = manifest.variants.get(key) or {
         "branch": {"kind": branch[0], "spec": list(branch)}, "weights": {n: {} for n in live}}
     for sec, res in results.items():
@@ -169,9 +169,9 @@ def ensure_variant(bundle: Path, manifest: Manifest, branch: tuple, check: bool 
     return key
 
 
-def _formats(manifest: Manifest) -> list[str]:
-    """The export formats (``onnx``, ``pte``) the bundle's base was exported for."""
-    return [f for f, (sec, _, _) in FORMATS.items() if getattr(manifest, sec) is not None]
+def _backends(manifest: Manifest) -> list[str]:
+    """The backends (``onnxruntime``, ``executorch``) the bundle's base was exported for."""
+    return [b for b in EXPORTERS if getattr(manifest, b) is not None]
 
 
 def _pte_static(manifest: Manifest, shapes: list[tuple[int, int]] | None

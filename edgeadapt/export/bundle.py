@@ -30,18 +30,21 @@ from edgeadapt.format.manifest import (
 
 log = logging.getLogger("edgeadapt.export")
 
-#: --formats name -> (bundle.json section key, module, function).
-FORMATS = {"onnx": ("onnx", "edgeadapt.export.onnx", "export_onnx"),
-           "pte": ("executorch", "edgeadapt.export.executorch", "export_pte")}
+#: backend (``--backends`` name and bundle.json section key) -> (module, exporter function)
+EXPORTERS = {"onnxruntime": ("edgeadapt.export.onnx", "export_onnx"),
+             "executorch": ("edgeadapt.export.executorch", "export_pte")}
+#: the names before one name per backend, for an error that says the new one
+OLD_BACKEND_NAMES = {"onnx": "onnxruntime", "pte": "executorch"}
 
 
 def backend_exporter(fmt: str) -> Callable[..., dict] | None:
-    """The exporter function of ``fmt`` ("onnx" | "pte"), or None if it cannot be imported."""
+    """The exporter function of backend ``fmt`` ("onnxruntime" | "executorch"), or None if it
+    cannot be imported."""
     import importlib
 
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}; use {', '.join(FORMATS)}")
-    _, module, func = FORMATS[fmt]
+    if fmt not in EXPORTERS:
+        raise ConfigError(f"unknown backend {fmt!r}; use {', '.join(EXPORTERS)}")
+    module, func = EXPORTERS[fmt]
     try:
         return getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as exc:
@@ -49,14 +52,21 @@ def backend_exporter(fmt: str) -> Callable[..., dict] | None:
         return None
 
 
-def parse_formats(formats: str | Iterable[str]) -> list[str]:
-    """``"onnx,pte"`` or an iterable -> validated list of format names."""
-    items = [f.strip() for f in formats.split(",")] if isinstance(formats, str) else list(formats)
+def parse_backends(backends: str | Iterable[str]) -> list[str]:
+    """``"onnxruntime,executorch"`` or an iterable -> validated list of backend names;
+    ConfigError naming the choices (and the new name of an old one: ``onnx``, ``pte``)."""
+    items = [f.strip() for f in backends.split(",")] if isinstance(backends, str) \
+        else list(backends)
     items = [f for f in items if f]
-    bad = [f for f in items if f not in FORMATS]
+    old = [f for f in items if f in OLD_BACKEND_NAMES]
+    if old:
+        new = ",".join(OLD_BACKEND_NAMES.get(f, f) for f in items)
+        raise ConfigError(f"--backends {','.join(items)}: the backends are now named "
+                          f"{', '.join(EXPORTERS)}; use --backends {new}")
+    bad = [f for f in items if f not in EXPORTERS]
     if bad or not items:
-        raise ConfigError(f"--formats {','.join(items) or '(empty)'}: choose from "
-                          f"{', '.join(FORMATS)}")
+        raise ConfigError(f"--backends {','.join(items) or '(empty)'}: choose from "
+                          f"{', '.join(EXPORTERS)}")
     return items
 
 
@@ -70,49 +80,50 @@ def base_weight_entries(lm: Any, names: list[str]) -> dict[str, WeightEntry]:
             for n in names}
 
 
-def run_exporters(lm: Any, out: Path, live: list[str], formats: list[str],
+def run_exporters(lm: Any, out: Path, live: list[str], backends: list[str],
                   branch: tuple | None = None, check: bool = True,
                   pte_repack: bool = True, pte_live_form: str | None = None
                   ) -> dict[str, dict]:
-    """Call each available backend exporter; returns {section key: exporter result}.
+    """Call each available backend exporter; returns {backend: exporter result}.
 
     pte_repack: also write ExecuTorch's all-constant program that repack mode reloads (a second
     full lowering; skip it for bundles that only run live). pte_live_form: the form of the
     ExecuTorch base program's live linears (None: the exporter's default)."""
     results = {}
-    for fmt in formats:
+    for fmt in backends:
         exporter = backend_exporter(fmt)
         if exporter is None:
             continue
-        kwargs = {"check": check} if fmt == "onnx" else {"verify": check}
-        if fmt == "pte" and branch is None:
+        kwargs = {"check": check} if fmt == "onnxruntime" else {"verify": check}
+        if fmt == "executorch" and branch is None:
             kwargs["repack"] = pte_repack
             if pte_live_form is not None:
                 kwargs["live_form"] = pte_live_form
         log.info("exporting %s%s ...", fmt, "" if branch is None else f" with branch {branch}")
-        results[FORMATS[fmt][0]] = exporter(lm, out, live, branch, **kwargs)
+        results[fmt] = exporter(lm, out, live, branch, **kwargs)
     if not results:
-        raise ExportError(f"no backend exporter available for formats {formats}")
+        raise ExportError(f"no backend exporter available for backends {backends}")
     return results
 
 
 def _normalise_section(key: str, section: dict) -> dict:
     """bundle.json names the ONNX live-weights file ``live_weights`` (docs/design.md)."""
-    if key == "onnx" and "live_weights" not in section and "live_weights_file" in section:
+    if key == "onnxruntime" and "live_weights" not in section and "live_weights_file" in section:
         section = {**section, "live_weights": section["live_weights_file"]}
     return section
 
 
 def export_base(model: str | Path | Any, out: str | Path,
-                formats: str | Iterable[str] = ("onnx", "pte"), targets: str = "qv", *,
+                backends: str | Iterable[str] = ("onnxruntime", "executorch"),
+                targets: str = "qv", *,
                 num_labels: int = 2, seed: int = 0, check: bool = True,
                 pte_repack: bool = True, pte_live_form: str | None = None) -> Path:
     """Export a base model to the bundle directory ``out`` and return ``out``.
 
     model: a registry name (``smollm2`` | ``minilm`` | ``tiny-*``), a Hugging Face directory, or
         an already loaded :class:`~edgeadapt.models.LoadedModel`.
-    formats: ``"onnx"`` and/or ``"pte"`` (a format whose exporter is missing is skipped with a
-        warning; none available -> ExportError).
+    backends: ``"onnxruntime"`` and/or ``"executorch"`` (a backend whose exporter is missing is
+        skipped with a warning; none available -> ExportError).
     targets: preset (``qv`` | ``attn`` | ``all``) or regex over nn.Linear module names; those
         weights are live (editable in place), every other weight stays constant. A
         classifier's head matrix is live as well (``heads`` in bundle.json).
@@ -125,7 +136,7 @@ def export_base(model: str | Path | Any, out: str | Path,
     """
     from edgeadapt.models import head_weight_names, load_model, target_weight_names
 
-    fmts = parse_formats(formats)
+    fmts = parse_backends(backends)
     out = check_writable_dir(out)  # before the model loads and the exporters run
     lm = model if hasattr(model, "model") and hasattr(model, "kind") else load_model(
         str(model), num_labels=num_labels, seed=seed)
@@ -151,14 +162,14 @@ def export_base(model: str | Path | Any, out: str | Path,
         extra = {"num_labels": getattr(lm.model.config, "num_labels", None) if
                  lm.kind == "classifier" else None, "seed": seed}
         manifest = Manifest(model=lm.name, kind=lm.kind, targets_spec=targets,
-                            weights=weights, inputs=inputs, onnx=sections.get("onnx"),
+                            weights=weights, inputs=inputs, onnxruntime=sections.get("onnxruntime"),
                             executorch=sections.get("executorch"), heads=heads, extra=extra)
         _keep_fitting_adapters(out, manifest)
         _publish(staging, out)
         write_manifest(out, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("wrote %s: %d live weights, formats %s", out / "bundle.json", len(live),
+    log.info("wrote %s: %d live weights, backends %s", out / "bundle.json", len(live),
              ", ".join(sections))
     return out
 

@@ -32,25 +32,25 @@ def export() -> None:
 @click.option("--model", required=True, help="smollm2 | minilm | tiny-* | a Hugging Face dir")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="bundle directory to write")
-@click.option("--formats", default="onnx,pte", show_default=True,
-              help="comma-separated: onnx (ONNX Runtime), pte (ExecuTorch)")
+@click.option("--backends", default="onnxruntime,executorch", show_default=True,
+              help="comma-separated backends to export for: onnxruntime, executorch")
 @click.option("--targets", default="qv", show_default=True,
               help="adaptable weights: qv | attn | all | regex over nn.Linear module names")
 @click.option("--num-labels", type=click.IntRange(min=2), default=2, show_default=True,
               help="classifier head size (MiniLM)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-check", is_flag=True, help="skip the backend-vs-PyTorch parity check")
-@click.option("--pte-live-form", default=None,
+@click.option("--executorch-live-form", "pte_live_form", default=None,
               type=click.Choice(PTE_LIVE_FORMS),
               help="how ExecuTorch's live linears are written (default: own-kernel, or "
                    "weight-left without a C++ compiler; docs/export_executorch.md)")
-def export_base_cmd(model: str, out: str, formats: str, targets: str, num_labels: int,
+def export_base_cmd(model: str, out: str, backends: str, targets: str, num_labels: int,
                     seed: int, no_check: bool, pte_live_form: str | None) -> None:
     """Export the base model with only the --targets weights editable in place."""
     from edgeadapt.export.bundle import export_base
 
     _log_to_console()
-    path = export_base(model, out, formats, targets, num_labels=num_labels, seed=seed,
+    path = export_base(model, out, backends, targets, num_labels=num_labels, seed=seed,
                        check=not no_check, pte_live_form=pte_live_form)
     click.echo(f"bundle written to {path}")
 

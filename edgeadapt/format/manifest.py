@@ -18,29 +18,31 @@ from edgeadapt.format.types import METHODS
 
 MANIFEST_NAME = "bundle.json"
 FORMAT_NAME = "edgeadapt-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: version 1 named the ONNX Runtime sections "onnx"; read, they are renamed (:func:`_upgrade`)
+V1_SECTION_NAMES = {"onnx": "onnxruntime"}
 KINDS = ("classifier", "causal-lm")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _KNOWN = {"format", "version", "model", "kind", "fingerprint", "targets_spec", "inputs",
-          "weights", "onnx", "executorch", "adapters", "variants", "heads"}
+          "weights", "onnxruntime", "executorch", "adapters", "variants", "heads"}
 
 
 @dataclass
 class WeightEntry:
     """One adaptable base weight: torch layout ``shape`` (out, in), dtype, sha256 of its fp32
-    bytes, and where each backend keeps it (``onnx``: {"name", "layout"}; ``executorch``:
-    {"buffer"}), None for a backend not exported."""
+    bytes, and where each backend keeps it (``onnxruntime``: {"name", "layout"};
+    ``executorch``: {"buffer"}), None for a backend not exported."""
 
     shape: tuple[int, int]
     dtype: str
     sha256: str
-    onnx: dict | None = None
+    onnxruntime: dict | None = None
     executorch: dict | None = None
 
     def to_dict(self) -> dict:
         d: dict = {"shape": list(self.shape), "dtype": self.dtype, "sha256": self.sha256}
-        if self.onnx is not None:
-            d["onnx"] = self.onnx
+        if self.onnxruntime is not None:
+            d["onnxruntime"] = self.onnxruntime
         if self.executorch is not None:
             d["executorch"] = self.executorch
         return d
@@ -68,7 +70,8 @@ class Manifest:
     """The parsed, validated ``bundle.json``.
 
     variants: key (see :func:`variant_key`) -> {"branch": {...}, "dir": "variants/<key>",
-    "onnx": section, "executorch": section, "weights": {name: {"onnx": ..., "executorch": ...}}}
+    "onnxruntime": section, "executorch": section,
+    "weights": {name: {"onnxruntime": ..., "executorch": ...}}}
     for graphs that carry unfused branches (SiRA; unfused LoRA).
     heads: names in ``weights`` that are a classifier's task head: live like the adaptable
     weights, but replaced by an adapter's head rather than changed by a delta.
@@ -79,7 +82,7 @@ class Manifest:
     targets_spec: str
     weights: dict[str, WeightEntry]
     inputs: list[dict] = field(default_factory=list)
-    onnx: dict | None = None
+    onnxruntime: dict | None = None
     executorch: dict | None = None
     adapters: dict[str, AdapterEntry] = field(default_factory=dict)
     variants: dict[str, dict] = field(default_factory=dict)
@@ -97,8 +100,8 @@ class Manifest:
                    "kind": self.kind, "fingerprint": self.fingerprint,
                    "targets_spec": self.targets_spec, "inputs": self.inputs,
                    "weights": {n: w.to_dict() for n, w in self.weights.items()}}
-        if self.onnx is not None:
-            d["onnx"] = self.onnx
+        if self.onnxruntime is not None:
+            d["onnxruntime"] = self.onnxruntime
         if self.executorch is not None:
             d["executorch"] = self.executorch
         d["adapters"] = {n: a.to_dict() for n, a in self.adapters.items()}
@@ -171,6 +174,8 @@ def _validate(data: object, p: Path) -> Manifest:
     if version > FORMAT_VERSION:
         raise fail(f"version {version} was written by a newer edgeadapt (this one reads up to "
                    f"{FORMAT_VERSION})")
+    if version < FORMAT_VERSION:
+        data = _upgrade(data)
     for key in ("model", "targets_spec"):
         if not isinstance(data.get(key), str):
             raise fail(f"{key!r} missing or not a string")
@@ -195,7 +200,7 @@ def _validate(data: object, p: Path) -> Manifest:
     weights = {}
     for name, w in raw_weights.items():
         weights[name] = _weight(name, w, fail)
-    for key in ("onnx", "executorch"):
+    for key in ("onnxruntime", "executorch"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise fail(f"{key!r} section is not an object")
     variants = data.get("variants", {})
@@ -224,13 +229,38 @@ def _validate(data: object, p: Path) -> Manifest:
         adapters[name] = AdapterEntry(file=a["file"], method=a["method"], variant=variant,
                                       info=info)
     m = Manifest(model=data["model"], kind=data["kind"], targets_spec=data["targets_spec"],
-                 weights=weights, inputs=inputs, onnx=data.get("onnx"),
+                 weights=weights, inputs=inputs, onnxruntime=data.get("onnxruntime"),
                  executorch=data.get("executorch"), adapters=adapters, variants=variants,
                  heads=heads, extra={k: v for k, v in data.items() if k not in _KNOWN},
-                 version=version)
+                 version=FORMAT_VERSION)  # an older file is upgraded as it is read
     if data.get("fingerprint") != m.fingerprint:
         raise fail("fingerprint does not match the weights' sha256 (edited or corrupt manifest)")
     return m
+
+
+def _upgrade(data: dict) -> dict:
+    """A version-1 manifest in version 2's names: each backend's sections are keyed by the
+    backend (``onnxruntime``, ``executorch``), where version 1 wrote ``onnx`` for ONNX Runtime's
+    (top level, per weight, per graph variant and per variant weight). Nothing else changed."""
+    def renamed(d: object) -> object:
+        if not isinstance(d, dict):
+            return d
+        return {V1_SECTION_NAMES.get(k, k): v for k, v in d.items()}
+
+    data = renamed(data)
+    if isinstance(data.get("weights"), dict):
+        data["weights"] = {n: renamed(w) for n, w in data["weights"].items()}
+    if isinstance(data.get("variants"), dict):
+        data["variants"] = {k: _upgrade_variant(renamed(v))
+                            for k, v in data["variants"].items()}
+    return data
+
+
+def _upgrade_variant(v: object) -> object:
+    if isinstance(v, dict) and isinstance(v.get("weights"), dict):
+        v["weights"] = {n: {V1_SECTION_NAMES.get(k, k): e for k, e in w.items()}
+                        if isinstance(w, dict) else w for n, w in v["weights"].items()}
+    return v
 
 
 def _weight(name: str, w: object, fail) -> WeightEntry:
@@ -245,11 +275,11 @@ def _weight(name: str, w: object, fail) -> WeightEntry:
         raise fail(f"weight {name!r}: dtype missing")
     if not isinstance(w.get("sha256"), str) or not _HEX64.fullmatch(w["sha256"]):
         raise fail(f"weight {name!r}: sha256 is not 64 lowercase hex digits")
-    for key in ("onnx", "executorch"):
+    for key in ("onnxruntime", "executorch"):
         if w.get(key) is not None and not isinstance(w[key], dict):
             raise fail(f"weight {name!r}: {key!r} entry is not an object")
     return WeightEntry(shape=(shape[0], shape[1]), dtype=w["dtype"], sha256=w["sha256"],
-                       onnx=w.get("onnx"), executorch=w.get("executorch"))
+                       onnxruntime=w.get("onnxruntime"), executorch=w.get("executorch"))
 
 
 def _relative(value: object, what: str, fail) -> None:

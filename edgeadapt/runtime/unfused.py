@@ -84,7 +84,7 @@ def variant_spec(manifest: Manifest, key: str, section: str) -> dict:
     spec = v.get(section)
     if not spec or "file" not in spec:
         raise BundleError(f"graph variant {key!r} has no {section} graph; re-export the adapter "
-                          f"with --formats including {section}")
+                          f"with --backends including {section}")
     return spec
 
 

@@ -9,31 +9,58 @@ from experiments import results_switch_size as rss
 
 from .data import NOT_MEASURED, NOT_RUN, bench_report, notes_link, num
 
-#: the newest SmolLM2 q/v report per backend (docs/bench.md): column -> (report, backend key)
-BENCH_MAIN = {"ONNX Runtime CPU, run 10": ("smollm2-qv-ort-run10", "onnxruntime-cpu"),
+#: the newest SmolLM2 q/v report per backend (docs/bench.md): column -> (report, backend as
+#: ``--backends`` spells it)
+BENCH_MAIN = {"ONNX Runtime CPU, run 10": ("smollm2-qv-ort-run10", "onnxruntime"),
               "ExecuTorch (XNNPACK + own kernel), run 10": ("smollm2-qv-executorch-run10",
                                                             "executorch")}
 SHAPES = ((1, 1), (1, 64), (8, 64))
+#: backend names of reports written before one name per backend -> today's ``--backends``
+#: spelling (the CPU implied, another device as ``NAME:DEVICE``)
+OLD_BACKENDS = {"onnxruntime-cpu": "onnxruntime", "onnxruntime-cuda": "onnxruntime:cuda"}
+
+
+def backend_name(backend: str, device: str = "cpu") -> str:
+    """A report's backend (and row device) in today's ``--backends`` spelling: ``onnxruntime``,
+    ``onnxruntime:cuda``, ``executorch``; old names (``onnxruntime-cpu``) are renamed."""
+    name = OLD_BACKENDS.get(backend, backend)
+    return name if device == "cpu" or ":" in name else f"{name}:{device}"
+
+
+def row_backend(row: dict) -> str:
+    """:func:`backend_name` of one forward / switch row (rows before the rename carry no
+    ``device``)."""
+    return backend_name(row["backend"], row.get("device", "cpu"))
+
+
+def floor_ratio(report: dict, backend: str) -> float | None:
+    """The paired switch / floor ratio of ``backend``; the map is keyed ``backend:device`` in
+    today's reports and by the old backend name in earlier ones."""
+    for key, value in report["floor"]["measured_over_floor"].items():
+        name, _, device = key.partition(":")
+        if backend_name(name, device or "cpu") == backend:
+            return value
+    return None
 
 
 def fwd_ratio(report: dict, backend: str, variant: str, shape: tuple[int, int]) -> float | None:
     """ratio_vs_base of one forward case."""
     return next((r["ratio_vs_base"] for r in report["forward"]
-                 if (r["backend"], r["variant"], r["batch"], r["seq"]) ==
+                 if (row_backend(r), r["variant"], r["batch"], r["seq"]) ==
                  (backend, variant, *shape)), None)
 
 
 def switch_ms(report: dict, backend: str, method: str, mode: str) -> float | None:
     """p50 of one switch case (ms)."""
     return next((r["p50_ms"] for r in report["switch"]
-                 if (r["backend"], r["method"], r["mode"]) == (backend, method, mode)), None)
+                 if (row_backend(r), r["method"], r["mode"]) == (backend, method, mode)), None)
 
 
 def switch_ratio(report: dict, backend: str, method: str, mode: str) -> float | None:
     """A switch case over SHiRA's live switch: the per-round paired ``ratio_vs_shira`` where the
     report has it (run 10 on), else the ratio of the two p50s (older reports)."""
     row = next((r for r in report["switch"]
-                if (r["backend"], r["method"], r["mode"]) == (backend, method, mode)), None)
+                if (row_backend(r), r["method"], r["mode"]) == (backend, method, mode)), None)
     if row is None:
         return None
     if row.get("ratio_vs_shira") is not None:
@@ -47,7 +74,7 @@ def bench_targets(report: dict, backend: str) -> list[tuple[str, float | None, b
     live = [fwd_ratio(report, backend, "shira-live", s) for s in SHAPES]
     lora = switch_ratio(report, backend, "lora-fuse", "live")
     reload_ = switch_ratio(report, backend, "reload", "repack")
-    floor = report["floor"]["measured_over_floor"].get(backend)
+    floor = floor_ratio(report, backend)
     worst = max((x for x in live if x is not None), default=None)
     out = [("shira-live / base forward <= 1.02 (worst shape)", worst,
             None if worst is None else worst <= 1.02)]
@@ -74,7 +101,7 @@ def bench_cell(report: dict | None, backend: str, what: str) -> str:
         v, r = switch_ms(report, backend, what, mode), switch_ratio(report, backend, what, mode)
         return "-" if v is None or r is None else f"{num(v, 1)} ms ({r:.0f}x)"
     if what == "floor":
-        v = report["floor"]["measured_over_floor"].get(backend)
+        v = floor_ratio(report, backend)
         return "-" if v is None else f"{num(v, 2)}"
     mem = next((r for r in report["memory"] if r["runtime"] == "live after switches"), None)
     if mem is None:
@@ -123,21 +150,21 @@ rounds (`ratio_vs_shira`).
 {notes_link("5")}"""
 
 
-#: report -> (its bundle, the command that made the bundle); the bench command is in the JSON
+#: report -> (its bundle, the command that makes the bundle); the bench command is in the JSON
 PREPARE = {
     "smollm2-qv-ort-run10": (
-        "bundles/smollm2-qv-onnx", "python -m edgeadapt.bench.prepare smollm2 "
-        "bundles/smollm2-qv-onnx --targets qv --formats onnx --no-check"),
+        "bundles/smollm2-qv-onnxruntime", "python -m edgeadapt.bench.prepare smollm2 "
+        "bundles/smollm2-qv-onnxruntime --targets qv --backends onnxruntime --no-check"),
     "smollm2-qv-executorch-run10": (
-        "bundles/smollm2-qv-pte", "python -m edgeadapt.bench.prepare smollm2 "
-        "bundles/smollm2-qv-pte --targets qv --formats pte --lora-rank 0 --sira '' --no-check "
-        "--pte-live-form own-kernel"),
+        "bundles/smollm2-qv-executorch", "python -m edgeadapt.bench.prepare smollm2 "
+        "bundles/smollm2-qv-executorch --targets qv --backends executorch --lora-rank 0 "
+        "--sira '' --no-check --executorch-live-form own-kernel"),
     "minilm-qv": (
         "bundles/minilm-qv", "python -m edgeadapt.bench.prepare minilm bundles/minilm-qv "
-        "--targets qv --formats onnx,pte --lora-rank 0 --sira '' --no-check"),
+        "--targets qv --backends onnxruntime,executorch --lora-rank 0 --sira '' --no-check"),
     "smollm2-all-ort-run2": (
         "bundles/smollm2-all", "python -c \"from edgeadapt.export.bundle import export_base; "
-        "export_base('smollm2', 'bundles/smollm2-all', formats=['onnx'], targets='all', "
+        "export_base('smollm2', 'bundles/smollm2-all', backends=['onnxruntime'], targets='all', "
         "check=False)\""),
 }
 BENCH_FILES = ["smollm2-qv-ort-run10", "smollm2-qv-executorch-run10", "minilm-qv",
@@ -146,9 +173,15 @@ BENCH_FILES = ["smollm2-qv-ort-run10", "smollm2-qv-executorch-run10", "minilm-qv
 
 def bench_commands() -> str:
     """How each committed bench JSON was made: bundle, then its stored `command`."""
-    lines = ["How each bench JSON was made (bundle, then the `command` stored in the JSON):", ""]
+    reports = {name: bench_report(name) for name in BENCH_FILES}
+    renamed = any(r and re.search(r"--backends \S*onnxruntime-c", r.get("command", ""))
+                  for r in reports.values())
+    lines = ["How each bench JSON was made (bundle, then the `command` stored in the JSON)"
+             + (", in today's backend names: these runs predate them, so their JSONs say "
+                "`onnxruntime-cpu` and their bundles were exported with `--formats onnx,pte`"
+                if renamed else "") + ":", ""]
     for name in BENCH_FILES:
-        report = bench_report(name)
+        report = reports[name]
         if report is None:
             lines.append(f"- `docs/bench/{name}.json`: {NOT_RUN}")
             continue
@@ -160,8 +193,11 @@ def bench_commands() -> str:
 
 def bench_command(command: str, bundle: str) -> str:
     """A stored bench command with its bundle path (a scratch directory of the machine that ran
-    it) replaced by the ``bundles/`` path its PREPARE command writes."""
-    return re.sub(r"^(edgeadapt bench) \S+", rf"\1 {bundle}", command)
+    it) replaced by the ``bundles/`` path its PREPARE command writes, and its ``--backends`` in
+    today's names (``onnxruntime-cpu`` -> ``onnxruntime``)."""
+    command = re.sub(r"^(edgeadapt bench) \S+", rf"\1 {bundle}", command)
+    return re.sub(r"(--backends )(\S+)", lambda m: m[1] + ",".join(
+        OLD_BACKENDS.get(b, b) for b in m[2].split(",")), command)
 
 
 SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run10", "smollm2-qv-executorch-run10",
@@ -171,7 +207,8 @@ SIZE_STALE: list[str] = []
 
 def switch_size_rows() -> list[dict]:
     """results_switch_size.points of every available report, sorted as that script sorts."""
-    rows = [r for names, stale in ((SIZE_REPORTS, False), (SIZE_STALE, True)) for n in names
+    rows = [{**r, "backend": backend_name(r["backend"])}
+            for names, stale in ((SIZE_REPORTS, False), (SIZE_STALE, True)) for n in names
             if (rep := bench_report(n)) is not None for r in rss.points(rep, stale=stale)]
     return sorted(rows, key=lambda r: (r["backend"], r["live_params"]))
 
@@ -182,8 +219,8 @@ def switch_size_section() -> str:
     args = " ".join([f"docs/bench/{n}.json" for n in SIZE_REPORTS]
                     + [f"--stale docs/bench/{n}.json" for n in SIZE_STALE])
     return f"""**Switch time vs model size** (`.venv/bin/python -m \
-experiments.results_switch_size {args} --plot docs/switch_size.png`; (*) = measured
-under other conditions, see `docs/bench.md`):
+experiments.results_switch_size {args} --plot docs/switch_size.png`; backend `onnxruntime`
+is ONNX Runtime on the CPU; (*) = measured under other conditions, see `docs/bench.md`):
 
 {rss.table(rows) if rows else NOT_RUN}
 

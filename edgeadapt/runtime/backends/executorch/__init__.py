@@ -43,7 +43,7 @@ class ExecutorchBackend:
         if kernel:
             raise ConfigError("kernel=True: backend 'executorch' picks no kernel at load; "
                               "whether a program calls edgeadapt's kernel is fixed at export "
-                              "(--pte-live-form)")
+                              "(--executorch-live-form)")
         return False
 
     def live_form(self, manifest: Manifest, kernel: bool) -> str:

@@ -24,7 +24,7 @@ SOURCE = native.KERNELS / "live_linear.cpp"
 #: the operator the library registers (ExecuTorch name)
 OPERATOR = "edgeadapt::live_linear.out"
 NEEDED_FOR = "the own-kernel ExecuTorch live form"
-HINT = "; or export with --pte-live-form weight-left"
+HINT = "; or export with --executorch-live-form weight-left"
 CFLAGS = ("-DET_USE_THREADPOOL", "-DC10_USING_CUSTOM_GENERATED_MACROS")
 
 

@@ -249,7 +249,7 @@ def open_store(directory: str | Path, manifest: dict[str, Any], mode: str = "liv
     ``section`` names another variant's)."""
     section = section or manifest.get(SECTION)
     if not section:
-        raise BundleError("bundle has no ExecuTorch program; re-export with --formats pte")
+        raise BundleError("bundle has no ExecuTorch program; re-export with --backends executorch")
     weights = manifest.get("weights", {})
     try:
         buffers = {w: info["executorch"]["buffer"] for w, info in weights.items()}

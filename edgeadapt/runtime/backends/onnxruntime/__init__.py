@@ -22,11 +22,11 @@ from edgeadapt.runtime.store import WeightStore
 from edgeadapt.runtime.unfused import VariantRoute
 
 #: the bundle.json section holding the ONNX graphs (the base's and each variant's)
-SECTION = "onnx"
+SECTION = "onnxruntime"
 
 
 def _layouts(manifest: Manifest) -> set[str]:
-    return {(w.onnx or {}).get("layout") for w in manifest.weights.values()}
+    return {(w.onnxruntime or {}).get("layout") for w in manifest.weights.values()}
 
 
 class OnnxRuntimeBackend:

@@ -56,7 +56,7 @@ def read_live_weights(bundle_dir: Path, manifest: Manifest, section: dict | None
     """
     from safetensors.numpy import load_file  # torch-free
 
-    section = manifest.onnx if section is None else section
+    section = manifest.onnxruntime if section is None else section
     if not section or "live_weights" not in section:
         raise BundleError(f"{bundle_dir}: bundle.json has no onnx live_weights file")
     path = bundle_dir / section["live_weights"]
@@ -66,7 +66,7 @@ def read_live_weights(bundle_dir: Path, manifest: Manifest, section: dict | None
         raise BundleError(f"{path}: cannot read the live weights: {exc}") from None
     arrays, specs = {}, {}
     for name, entry in manifest.weights.items():
-        onnx = (weights or {}).get(name, {}).get("onnx") if weights else entry.onnx
+        onnx = (weights or {}).get(name, {}).get("onnxruntime") if weights else entry.onnxruntime
         if onnx is None:
             raise BundleError(f"{bundle_dir}: weight {name!r} has no onnx entry in bundle.json")
         arr = tensors.get(onnx["name"], tensors.get(name))
@@ -192,15 +192,15 @@ class OrtRepackStore(OrtStoreBase):
 def bundle_parts(bundle_dir: Path, manifest: Manifest
                  ) -> tuple[Path, dict[str, LiveWeight], dict[str, str]]:
     """(ONNX model path, live weights, torch name -> graph input name) of a bundle."""
-    section = manifest.onnx
+    section = manifest.onnxruntime
     if not section or "file" not in section:
-        raise BundleError(f"{bundle_dir}: bundle.json has no onnx section; export with "
-                          "--formats onnx")
+        raise BundleError(f"{bundle_dir}: bundle.json has no onnxruntime section; export "
+                          "with --backends onnxruntime")
     model_path = bundle_dir / section["file"]
     if not model_path.is_file():
         raise BundleError(f"{model_path}: the bundle's ONNX model is missing")
     live = read_live_weights(bundle_dir, manifest)
-    return model_path, live, {n: manifest.weights[n].onnx["name"] for n in live}
+    return model_path, live, {n: manifest.weights[n].onnxruntime["name"] for n in live}
 
 
 def open_store(bundle_dir: Path, manifest: Manifest, device: str = "cpu", mode: str = "live",

@@ -55,7 +55,8 @@ class OrtVariantSession:
         so.log_severity_level = 3  # overridable branch initializers make ORT warn per input
         self.key = key
         vweights = manifest.variants[key].get("weights", {})
-        entries = {w: (vweights.get(w) or {}).get("onnx") or manifest.weights[w].onnx or {}
+        entries = {w: (vweights.get(w) or {}).get("onnxruntime")
+                   or manifest.weights[w].onnxruntime or {}
                    for w in live}  # the variant's own entry, else the base graph's
         for wname, lw in live.items():
             if entries[wname].get("layout", lw.layout) != lw.layout:
