@@ -114,7 +114,7 @@ def check_bundle(bundle: Path, buffers: str, standin: bool = False) -> list[dict
               flush=True)
 
     rt = _load(bundle, buffers, standin)
-    record("store", (rt.store._torch is not None) == (buffers == "torch"),
+    record("store", rt.store.buffers == buffers,
            store=type(rt.store).__name__, device=rt.store.device,
            providers=rt.store.session.get_providers())
     data = np.load(bundle / "expected.npz")

@@ -147,6 +147,6 @@ def _instance(ctx: BenchContext, target: Target, check_in: dict[str, np.ndarray]
                         "reason": "measured on onnxruntime:cpu only"})
     # ExecuTorch reports the size of its per-process threadpool (it may differ from
     # opts.threads); ONNX Runtime sessions take opts.threads as given
-    threads = getattr(base.store, "threads", ctx.opts.threads)
+    threads = ctx.opts.threads if base.store.threads is None else base.store.threads
     return BackendCases(cases, SwitchRuntimes(live, repack, lora_rt, peer, base_out),
                         memory, skipped if first else [], threads, live.live_form)

@@ -66,4 +66,7 @@ def main(model: str, out: str, targets: str, backends: str, lora_rank: int, sira
 
 
 if __name__ == "__main__":
+    from edgeadapt import quiet
+
+    quiet.install()  # as the edgeadapt CLI does
     main()

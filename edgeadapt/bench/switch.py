@@ -159,7 +159,7 @@ def time_switches(ctx: BenchContext, target: Target, rts: SwitchRuntimes, parity
               "restore_bytes_shira": rts.live.restore_memory_bytes(),
               "plan_cache_bytes_shira": rts.live.plan_cache_bytes(),
               # ExecuTorch: live buffers moved to huge pages at load (runtime pages.py)
-              "collapsed_bytes": getattr(rts.live.store, "collapsed_bytes", None),
+              "collapsed_bytes": rts.live.store.collapsed_bytes,
               "restore_bytes_lora": rts.lora.restore_memory_bytes()}
     slow: dict[str, Callable[[], object]] = {
         "shira": fast["shira"], "reload": lambda: _reload(ctx, target)}

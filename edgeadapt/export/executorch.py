@@ -1,5 +1,8 @@
 """ExecuTorch (XNNPACK) export of a base model in the layout the in-place runtime needs.
 
+(Over 400 lines because the live program, the constant program and the branch variants are one
+lowering: the same wrapped graph, buffer naming and partitioning, so the three stay one graph.)
+
 Two programs per variant:
 
 - ``model[.<variant>].pte`` ("live"): each live weight (torch name, (out, in)) is a *mutable

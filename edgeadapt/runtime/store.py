@@ -75,6 +75,10 @@ class WeightStore(ABC):
     #: whether one of edgeadapt's own kernels (``runtime/kernels/``) reads the live weights in
     #: place; stores that load one set it (the ``own-kernel`` live form)
     kernel: bool = False
+    #: intra-op threads the backend runs with (None: its default, not known to the store)
+    threads: int | None = None
+    #: bytes of live buffers the store moved to huge pages at load (None: it does not try)
+    collapsed_bytes: int | None = None
 
     @abstractmethod
     def live_weights(self) -> dict[str, LiveWeight]:

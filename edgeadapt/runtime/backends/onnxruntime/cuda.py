@@ -79,6 +79,12 @@ class OrtDeviceStore(OrtStoreBase):
                                                                   device_id)
         self._local = threading.local()
 
+    @property
+    def buffers(self) -> str:
+        """What holds the device buffers: ``"torch"`` (CUDA tensors bound by pointer) or
+        ``"ortvalue"`` (OrtValues refreshed with ``update_inplace``)."""
+        return "ortvalue" if self._torch is None else "torch"
+
     def device_array(self, name: str) -> np.ndarray:
         """A host copy of the device buffer of live weight ``name`` (for checks)."""
         dev = self._device[name]
