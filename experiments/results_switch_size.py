@@ -25,17 +25,35 @@ METHODS = (("shira", "live", "SHiRA switch (live)"), ("lora-fuse", "live", "LoRA
            ("reload", "repack", "reload (re-create)"))
 
 
+#: backend names of reports written before one name per backend -> today's ``--backends``
+#: spelling (the CPU implied, another device as ``NAME:DEVICE``)
+OLD_BACKENDS = {"onnxruntime-cpu": "onnxruntime", "onnxruntime-cuda": "onnxruntime:cuda"}
+
+
+def backend_name(backend: str, device: str = "cpu") -> str:
+    """A report's backend (and row device) in today's ``--backends`` spelling: ``onnxruntime``,
+    ``onnxruntime:cuda``, ``executorch``; old names (``onnxruntime-cpu``) are renamed."""
+    name = OLD_BACKENDS.get(backend, backend)
+    return name if device == "cpu" or ":" in name else f"{name}:{device}"
+
+
+def row_backend(row: dict) -> str:
+    """:func:`backend_name` of one forward / switch row (rows before the rename carry no
+    ``device``)."""
+    return backend_name(row["backend"], row.get("device", "cpu"))
+
+
 def points(report: dict, stale: bool = False) -> list[dict]:
     """One row per backend of ``report``: live params and the switch p50s (ms) per method.
     ``stale``: measured under different conditions (drawn hollow, marked in the table)."""
     rows = []
-    backends = sorted({r["backend"] for r in report["switch"] if r["backend"] != "pytorch"})
+    backends = sorted({row_backend(r) for r in report["switch"] if r["backend"] != "pytorch"})
     for backend in backends:
         row = {"model": report["model"], "targets": report.get("targets_spec", "?"),
                "backend": backend, "live_params": int(report["live_params"]), "stale": stale}
         for method, mode, _ in METHODS:
             row[method] = next((r["p50_ms"] for r in report["switch"]
-                                if (r["backend"], r["method"], r["mode"]) ==
+                                if (row_backend(r), r["method"], r["mode"]) ==
                                 (backend, method, mode)), None)
         row["floor"] = report["floor"]["shira_switch_ms"]
         rows.append(row)
@@ -69,8 +87,8 @@ def plot(rows: list[dict], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = [(m, label) for m, _, label in METHODS] + [("floor", "SHiRA memory-traffic floor")]
-    for backend, marker in (("onnxruntime-cpu", "o"), ("executorch", "s"),
-                            ("onnxruntime-cuda", "^")):
+    for backend, marker in (("onnxruntime", "o"), ("executorch", "s"),
+                            ("onnxruntime:cuda", "^")):
         rs = sorted((r for r in rows if r["backend"] == backend), key=lambda r: r["live_params"])
         if not rs:
             continue

@@ -6,33 +6,16 @@ import re
 from collections.abc import Sequence
 
 from experiments import results_switch_size as rss
+from experiments.results_switch_size import backend_name, row_backend
 
 from .data import NOT_MEASURED, NOT_RUN, bench_report, notes_link, num
 
 #: the newest SmolLM2 q/v report per backend (docs/bench.md): column -> (report, backend as
 #: ``--backends`` spells it)
-BENCH_MAIN = {"ONNX Runtime CPU, run 10": ("smollm2-qv-ort-run10", "onnxruntime"),
-              "ExecuTorch (XNNPACK + own kernel), run 10": ("smollm2-qv-executorch-run10",
+BENCH_MAIN = {"ONNX Runtime CPU, run 11": ("smollm2-qv-onnxruntime-run11", "onnxruntime"),
+              "ExecuTorch (XNNPACK + own kernel), run 11": ("smollm2-qv-executorch-run11",
                                                             "executorch")}
 SHAPES = ((1, 1), (1, 64), (8, 64))
-#: backend names of reports written before one name per backend -> today's ``--backends``
-#: spelling (the CPU implied, another device as ``NAME:DEVICE``)
-OLD_BACKENDS = {"onnxruntime-cpu": "onnxruntime", "onnxruntime-cuda": "onnxruntime:cuda"}
-
-
-def backend_name(backend: str, device: str = "cpu") -> str:
-    """A report's backend (and row device) in today's ``--backends`` spelling: ``onnxruntime``,
-    ``onnxruntime:cuda``, ``executorch``; old names (``onnxruntime-cpu``) are renamed."""
-    name = OLD_BACKENDS.get(backend, backend)
-    return name if device == "cpu" or ":" in name else f"{name}:{device}"
-
-
-def row_backend(row: dict) -> str:
-    """:func:`backend_name` of one forward / switch row (rows before the rename carry no
-    ``device``)."""
-    return backend_name(row["backend"], row.get("device", "cpu"))
-
-
 def floor_ratio(report: dict, backend: str) -> float | None:
     """The paired switch / floor ratio of ``backend``; the map is keyed ``backend:device`` in
     today's reports and by the old backend name in earlier ones."""
@@ -152,10 +135,10 @@ rounds (`ratio_vs_shira`).
 
 #: report -> (its bundle, the command that makes the bundle); the bench command is in the JSON
 PREPARE = {
-    "smollm2-qv-ort-run10": (
+    "smollm2-qv-onnxruntime-run11": (
         "bundles/smollm2-qv-onnxruntime", "python -m edgeadapt.bench.prepare smollm2 "
         "bundles/smollm2-qv-onnxruntime --targets qv --backends onnxruntime --no-check"),
-    "smollm2-qv-executorch-run10": (
+    "smollm2-qv-executorch-run11": (
         "bundles/smollm2-qv-executorch", "python -m edgeadapt.bench.prepare smollm2 "
         "bundles/smollm2-qv-executorch --targets qv --backends executorch --lora-rank 0 "
         "--sira '' --no-check --executorch-live-form own-kernel"),
@@ -167,7 +150,7 @@ PREPARE = {
         "export_base('smollm2', 'bundles/smollm2-all', backends=['onnxruntime'], targets='all', "
         "check=False)\""),
 }
-BENCH_FILES = ["smollm2-qv-ort-run10", "smollm2-qv-executorch-run10", "minilm-qv",
+BENCH_FILES = ["smollm2-qv-onnxruntime-run11", "smollm2-qv-executorch-run11", "minilm-qv",
                "smollm2-all-ort-run2"]
 
 
@@ -197,18 +180,17 @@ def bench_command(command: str, bundle: str) -> str:
     today's names (``onnxruntime-cpu`` -> ``onnxruntime``)."""
     command = re.sub(r"^(edgeadapt bench) \S+", rf"\1 {bundle}", command)
     return re.sub(r"(--backends )(\S+)", lambda m: m[1] + ",".join(
-        OLD_BACKENDS.get(b, b) for b in m[2].split(",")), command)
+        rss.OLD_BACKENDS.get(b, b) for b in m[2].split(",")), command)
 
 
-SIZE_REPORTS = ["minilm-qv", "smollm2-qv-ort-run10", "smollm2-qv-executorch-run10",
+SIZE_REPORTS = ["minilm-qv", "smollm2-qv-onnxruntime-run11", "smollm2-qv-executorch-run11",
                 "smollm2-all-ort-run2"]
 SIZE_STALE: list[str] = []
 
 
 def switch_size_rows() -> list[dict]:
     """results_switch_size.points of every available report, sorted as that script sorts."""
-    rows = [{**r, "backend": backend_name(r["backend"])}
-            for names, stale in ((SIZE_REPORTS, False), (SIZE_STALE, True)) for n in names
+    rows = [r for names, stale in ((SIZE_REPORTS, False), (SIZE_STALE, True)) for n in names
             if (rep := bench_report(n)) is not None for r in rss.points(rep, stale=stale)]
     return sorted(rows, key=lambda r: (r["backend"], r["live_params"]))
 
