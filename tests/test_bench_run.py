@@ -340,7 +340,7 @@ def test_bundle_errors_raise_typed(base_bundle, tmp_path):
     rep = run_bench(base_bundle, BenchOptions(**{**_QUICK, "backends": ["executorch"]}))
     assert rep["forward"] == [] and rep["skipped"] == [
         {"backend": "executorch", "device": "cpu", "what": "all",
-         "reason": "the bundle has no ExecuTorch program (export with --backends executorch)"}]
+         "reason": "the bundle has no executorch section (export with --backends executorch)"}]
 
 
 def test_a_broken_variant_is_skipped_alone(tiny_bundle, tmp_path):

@@ -1,7 +1,8 @@
 """Which backends a run measures: a runtime backend on a device, spelt ``NAME[:DEVICE]``.
 
-Names are the runtime's (``edgeadapt.runtime.load(backend=...)``): ``onnxruntime``,
-``executorch``; devices ``cpu`` (the default) and ``cuda``; e.g. ``onnxruntime``,
+Names are the runtime's registered backends (``edgeadapt.runtime.backends``):
+``onnxruntime``, ``executorch``; devices those a backend lists (``cpu``, the default, and
+``cuda``); e.g. ``onnxruntime``,
 ``onnxruntime:cuda``, ``executorch``. The PyTorch PEFT peers are reported as backend
 ``pytorch`` on the CPU. Every row of the report carries ``backend`` and ``device``; the maps
 keyed by backend (threads, live forms, the floor per backend) use ``backend:device``
@@ -15,8 +16,8 @@ from dataclasses import dataclass
 
 from edgeadapt.errors import ConfigError
 from edgeadapt.format.manifest import Manifest
+from edgeadapt.runtime.backends import backend_names, get_backend
 
-BACKENDS = ("onnxruntime", "executorch")
 DEVICES = ("cpu", "cuda")
 #: spellings of earlier releases -> the one to use now
 RENAMED = {"onnxruntime-cpu": "onnxruntime", "onnxruntime-cuda": "onnxruntime:cuda"}
@@ -52,8 +53,8 @@ def parse_target(spec: str, device: str = "cpu") -> Target:
                           "(NAME[:DEVICE], e.g. onnxruntime, onnxruntime:cuda, executorch)")
     name, _, dev = text.partition(":")
     dev = dev or device
-    if name not in BACKENDS:
-        raise ConfigError(f"unknown backend {text!r}: choose from {', '.join(BACKENDS)}, "
+    if name not in backend_names():
+        raise ConfigError(f"unknown backend {text!r}: choose from {', '.join(backend_names())}, "
                           f"optionally with a device (:{' or :'.join(DEVICES)})")
     if dev not in DEVICES:
         raise ConfigError(f"backend {text!r}: unknown device {dev!r}: choose from "
@@ -66,26 +67,22 @@ def parse_targets(specs: Sequence[str], device: str = "cpu") -> list[Target]:
     none is left."""
     targets = list(dict.fromkeys(parse_target(s, device) for s in specs if s.strip()))
     if not targets:
-        raise ConfigError(f"no backends to measure: choose from {', '.join(BACKENDS)}")
+        raise ConfigError(f"no backends to measure: choose from {', '.join(backend_names())}")
     return targets
 
 
 def unavailable(target: Target, manifest: Manifest) -> str | None:
-    """Why ``target`` cannot run here at all (no package, no section of the bundle for it, no
-    GPU), or None. Only this skips a backend; anything wrong with the bundle raises."""
-    if target.backend == "onnxruntime":
-        if not manifest.onnxruntime:
-            return "the bundle has no ONNX model (export with --backends onnxruntime)"
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            return "onnxruntime is not installed"
-        if target.device == "cuda" and \
-                "CUDAExecutionProvider" not in ort.get_available_providers():
-            return "no CUDA execution provider here (onnxruntime-gpu)"
-        return None
-    if target.device != "cpu":
-        return "ExecuTorch runs on the CPU only"
-    if not manifest.executorch:
-        return "the bundle has no ExecuTorch program (export with --backends executorch)"
+    """Why ``target`` cannot run here at all (a device the backend does not run on, its package
+    missing, no section of the bundle for it), or None, from the runtime's backend registry. Only
+    this skips a backend before loading (a CUDA provider that fails to start is skipped when the
+    load raises MissingPackageError); anything wrong with the bundle raises."""
+    backend = get_backend(target.backend)
+    if target.device not in backend.devices:
+        return f"backend {backend.name!r} runs on {' or '.join(backend.devices)} only"
+    missing = backend.unavailable()
+    if missing is not None:
+        return missing
+    if not (getattr(manifest, backend.section, None) or manifest.extra.get(backend.section)):
+        return (f"the bundle has no {backend.section} section "
+                f"(export with --backends {backend.name})")
     return None
