@@ -67,10 +67,12 @@ def quickstart(out: str, max_train: int, max_test: int, epochs: float, model: st
 
 def _register() -> None:
     from edgeadapt.bench.cli import bench
-    from edgeadapt.export.cli import export
+    from edgeadapt.export.cli import convert, export
+    from edgeadapt.runtime.chat import chat_cmd
+    from edgeadapt.runtime.cli import generate_cmd
     from edgeadapt.train.cli import train
 
-    for command in (train, export, bench, quickstart):
+    for command in (train, export, convert, generate_cmd, chat_cmd, bench, quickstart):
         main.add_command(command)
 
 

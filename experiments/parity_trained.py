@@ -71,7 +71,7 @@ def main() -> None:
             export_adapter(run, args.bundle, name)
         names.append(name)
     manifest = read_manifest(args.bundle)
-    subject = TorchSubject(manifest)
+    subject = TorchSubject(manifest, args.bundle)
     rt = load(args.bundle, backend=args.backend, mode=args.mode, threads=1)
     adapters = {n: read_adapter(next(args.bundle.glob(f"adapters/{n}.*")), manifest)
                 for n in names}

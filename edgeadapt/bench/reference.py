@@ -9,12 +9,13 @@ uses. The rule applied to the two outputs: :mod:`edgeadapt.bench.parity`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from edgeadapt.errors import BundleError
-from edgeadapt.format.manifest import Manifest
+from edgeadapt.format.manifest import Manifest, model_location
 from edgeadapt.format.types import Adapter
 
 
@@ -27,14 +28,16 @@ class Subject(Protocol):
 
 
 class TorchSubject:
-    """The bundle's model in PyTorch (``edgeadapt.models.load_model(manifest.model)``)."""
+    """The bundle's model in PyTorch (``edgeadapt.models.load_model`` of the bundle's model,
+    a local directory resolved against ``bundle``: :func:`~edgeadapt.format.manifest.
+    model_location`)."""
 
-    def __init__(self, manifest: Manifest, seed: int = 0) -> None:
+    def __init__(self, manifest: Manifest, bundle: str | Path = ".", seed: int = 0) -> None:
         from edgeadapt.format.fingerprint import weight_sha256
         from edgeadapt.models import load_model
 
         labels = manifest.extra.get("num_labels") or 2
-        self.lm = load_model(manifest.model, num_labels=int(labels),
+        self.lm = load_model(model_location(manifest, bundle), num_labels=int(labels),
                              seed=int(manifest.extra.get("seed", seed)))
         self.name = manifest.model
         params = dict(self.lm.model.named_parameters())

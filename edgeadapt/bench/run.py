@@ -91,7 +91,7 @@ def run_bench(bundle_dir: str | Path, opts: BenchOptions, subject: Subject | Non
     if subject is None:
         from edgeadapt.bench.reference import TorchSubject
 
-        subject = TorchSubject(manifest)
+        subject = TorchSubject(manifest, bundle)
     lm = getattr(subject, "lm", None)  # a PyTorch subject: the PEFT peers run on its model
     if opts.peers and lm is not None:
         from edgeadapt.bench.peers import require_peft

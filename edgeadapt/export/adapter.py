@@ -1,10 +1,13 @@
-"""``export_adapter``: a training run -> ``adapters/<name>.eadp`` registered in a bundle.
+"""``export_adapter``: a training run, a PEFT adapter directory or an ``.eadp`` file ->
+``adapters/<name>.eadp`` registered in a bundle.
 
 Checks, before anything is written: every weight the adapter touches is adaptable in the bundle
 (TargetMismatchError naming them and the ``--targets`` to re-export with) and was trained on the
-bundle's base (per-weight sha256, FingerprintMismatchError). SiRA adapters (and LoRA / SoRA
-with ``unfused=True``) need a graph variant carrying the branches; it is exported into the
-bundle the first time it is needed and recorded under ``variants`` in bundle.json.
+bundle's base (a run's or an ``.eadp``'s per-weight sha256, FingerprintMismatchError; a PEFT
+adapter, which stores no hash, by what can be checked: :func:`edgeadapt.format.peft.
+peft_to_adapter`). SiRA adapters (and LoRA / SoRA with ``unfused=True``) need a graph variant
+carrying the branches; it is exported into the bundle the first time it is needed and recorded
+under ``variants`` in bundle.json.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeadapt.errors import (
+    AdapterFormatError,
     ConfigError,
     ExportError,
     FingerprintMismatchError,
@@ -24,11 +28,12 @@ from edgeadapt.export.bundle import (
     EXPORTERS,
     _normalise_section,
     backend_exporter,
-    base_weight_entries,
+    reload_base,
     run_exporters,
 )
 from edgeadapt.format.adapter_file import VALUE_DTYPES, check_against_manifest, read_adapter
 from edgeadapt.format.adapter_file import write_adapter as _write_adapter
+from edgeadapt.format.container import read_container
 from edgeadapt.format.manifest import (
     AdapterEntry,
     Manifest,
@@ -36,6 +41,16 @@ from edgeadapt.format.manifest import (
     variant_key,
     write_manifest,
 )
+from edgeadapt.format.peft import (
+    CONFIG_FILE,
+    PICKLE_FILE,
+    WEIGHTS_FILE,
+    is_peft_dir,
+    peft_to_adapter,
+    read_peft,
+)
+from edgeadapt.format.rounding import ROUNDING_WARN, delta_change
+from edgeadapt.format.run_dir import INFO_FILE
 from edgeadapt.format.types import Adapter, LoraDelta, SiraBranch
 
 log = logging.getLogger("edgeadapt.export")
@@ -112,7 +127,8 @@ def branch_for(adapter: Adapter, unfused: bool) -> tuple | None:
 
 
 def ensure_variant(bundle: Path, manifest: Manifest, branch: tuple, check: bool = True,
-                   pte_shapes: list[tuple[int, int]] | None = None) -> str:
+                   pte_shapes: list[tuple[int, int]] | None = None, *,
+                   model: str | Path | None = None) -> str:
     """Export the graph variant carrying ``branch`` into the bundle if it is not there yet;
     record it in ``manifest.variants`` (not written here). Returns its key.
 
@@ -122,9 +138,11 @@ def ensure_variant(bundle: Path, manifest: Manifest, branch: tuple, check: bool 
     shape up to the maxima and ignore it. A recorded variant whose ExecuTorch program lacks a
     requested shape gets that program re-lowered with the union of its shapes and the new ones
     (its ONNX graph, dynamic, is kept).
-    """
-    from edgeadapt.models import load_model
 
+    Exporting reloads the base (:func:`edgeadapt.export.bundle.reload_base`): from where
+    bundle.json records it (a relative directory from the bundle's directory), or from
+    ``model`` (``--model DIR``: checked against the bundle's config and live-weight hashes).
+    """
     key = variant_key(branch)
     static = branch[0] == "sira" and "executorch" in _backends(manifest)
     redo: list[str] = []
@@ -136,15 +154,11 @@ def ensure_variant(bundle: Path, manifest: Manifest, branch: tuple, check: bool 
         if have is not None and not want <= have:
             redo, pte_shapes = ["executorch"], sorted(have | want)
     if not redo:
+        if model is not None:
+            log.info("--model %s not used: graph variant %s is in the bundle already", model, key)
         return key
-    lm = load_model(manifest.model, num_labels=manifest.extra.get("num_labels") or 2,
-                    seed=int(manifest.extra.get("seed") or 0))
+    lm = reload_base(bundle, manifest, model)  # the live weights' sha256 checked
     live = list(manifest.weights)
-    reloaded = base_weight_entries(lm, live)
-    changed = [n for n in live if reloaded[n].sha256 != manifest.weights[n].sha256]
-    if changed:
-        raise ExportError(f"{bundle}: reloading base model {manifest.model!r} gives different "
-                          f"weights ({changed[0]} ...) than the bundle; re-export the base")
     others = [f for f in redo if not (static and f == "executorch")]
     results = run_exporters(lm, bundle, live, others, branch=branch, check=check) if others \
         else {}
@@ -193,36 +207,37 @@ def _static_of(variant: dict[str, Any]) -> set[tuple[int, int]] | None:
     return {tuple(int(v) for v in k.split("x")) for k in static}
 
 
-def export_adapter(run_dir: str | Path, bundle: str | Path, name: str,
-                   value_dtype: str = "float16", *, unfused: bool = False,
-                   check: bool = True, pte_shapes: list[tuple[int, int]] | None = None
-                   ) -> Path:
-    """Write ``bundle/adapters/<name>.eadp`` from a training run and register it in
+def export_adapter(source: str | Path, bundle: str | Path, name: str,
+                   value_dtype: str | None = None, *, unfused: bool = False,
+                   check: bool = True, pte_shapes: list[tuple[int, int]] | None = None,
+                   force_base: bool = False, model: str | Path | None = None) -> Path:
+    """Write ``bundle/adapters/<name>.eadp`` from ``source`` and register it in
     ``bundle.json``; returns the file's path.
 
-    value_dtype: ``float16`` | ``bfloat16`` | ``float32`` for the stored values.
+    source: an edgeadapt training run directory, a Hugging Face PEFT adapter directory (LoRA
+        or SHiRA: ``adapter_config.json`` + ``adapter_model.safetensors``) or an ``.eadp`` file.
+    value_dtype: ``float16`` | ``bfloat16`` | ``float32`` for the stored values; None: an
+        ``.eadp`` source keeps its own, the others get ``float16``. A warning is logged when the
+        rounding changes a target's delta by more than ``ROUNDING_WARN`` (relative).
     unfused: for LoRA / SoRA, also export (once) a graph variant with LoRA branches, so the
         adapter can run without weight edits. SiRA always gets its variant.
     pte_shapes: (batch, seq) shapes SiRA's static-shape ExecuTorch variant is lowered for
         (default 1x1, 1 x max_seq, max_batch x max_seq); see :func:`ensure_variant`.
+    force_base: PEFT sources only: accept a ``base_model_name_or_path`` other than the
+        bundle's model (names, shapes and index ranges are still checked).
+    model: where the bundle's base model directory is now, if it moved (``--model DIR``);
+        used only where a graph variant is exported, and accepted only if its config.json and
+        live weights hash as bundle.json records (FingerprintMismatchError, nothing written);
+        bundle.json then records the new location.
     """
     if not _NAME.fullmatch(name):
         raise ConfigError(f"adapter name {name!r}: use letters, digits, '_', '.', '-' (max 64)")
-    if value_dtype not in VALUE_DTYPES:
+    if value_dtype is not None and value_dtype not in VALUE_DTYPES:
         raise ConfigError(f"--dtype {value_dtype!r}: choose from {', '.join(VALUE_DTYPES)}")
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
-    adapter, info = load_run_adapter(run_dir)
-    where = f"run {run_dir}"
-    try:
-        check_targets(adapter, manifest, info, where)
-        check_against_manifest(adapter, manifest, where)
-    except (TargetMismatchError, FingerprintMismatchError) as exc:
-        if isinstance(info.get("model"), str) and info["model"] != manifest.model:
-            raise FingerprintMismatchError(  # the cause to name, not the targets it implies
-                f"{where} trained model {info['model']!r}; the bundle at {bundle} holds "
-                f"{manifest.model!r}: export into a bundle of the run's model") from exc
-        raise
+    adapter, own_dtype = source_adapter(source, bundle, manifest, force_base)
+    value_dtype = value_dtype or own_dtype
     branch = branch_for(adapter, unfused)
 
     # The file first (its encoding refuses non-finite or overflowing values, before a variant
@@ -232,13 +247,15 @@ def export_adapter(run_dir: str | Path, bundle: str | Path, name: str,
     rel = _free_adapter_file(bundle, manifest, name)
     path = _write_adapter(bundle / rel, adapter, value_dtype)
     try:
-        read_adapter(path, manifest)  # what the runtime will do: fail here, not on the device
-        variant = (ensure_variant(bundle, manifest, branch, check, pte_shapes)
+        stored = read_adapter(path, manifest)  # what the runtime will do: fail here, not later
+        _warn_rounding(adapter, stored, value_dtype, name)
+        variant = (ensure_variant(bundle, manifest, branch, check, pte_shapes, model=model)
                    if branch is not None else None)
         manifest.adapters[name] = AdapterEntry(
             file=rel, method=adapter.method, variant=variant,
             info={"value_dtype": value_dtype, "targets": len(adapter.targets),
-                  **({"task": adapter.meta["task"]} if "task" in adapter.meta else {})})
+                  **({"task": adapter.meta["task"]} if "task" in adapter.meta else {}),
+                  **({"source": "peft"} if "peft" in adapter.meta else {})})
         write_manifest(bundle, manifest)
     except BaseException:
         path.unlink(missing_ok=True)
@@ -248,6 +265,58 @@ def export_adapter(run_dir: str | Path, bundle: str | Path, name: str,
         if old.file != rel and all(e.file != old.file for e in manifest.adapters.values()):
             (bundle / old.file).unlink(missing_ok=True)
     return path
+
+
+def source_adapter(source: str | Path, bundle: Path, manifest: Manifest,
+                   force_base: bool = False) -> tuple[Adapter, str]:
+    """The Adapter of ``source`` (run directory, PEFT adapter directory or ``.eadp`` file),
+    checked against the bundle, and the value dtype it is written with by default.
+
+    Raises TargetMismatchError / FingerprintMismatchError / AdapterFormatError as the checks
+    find (see :func:`export_adapter`); nothing is written.
+    """
+    path = Path(source)
+    if force_base and not is_peft_dir(path):
+        raise ConfigError(f"--force-base: {path} is not a PEFT adapter directory; a training "
+                          "run or .eadp file carries its base's hashes, which are checked")
+    if path.is_file() and path.name in (CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE):
+        raise AdapterFormatError(f"{path} is one file of a PEFT adapter: pass its directory "
+                                 f"({path.parent})")
+    if path.is_file():
+        adapter = read_adapter(path, manifest)  # the fingerprint, targets and shapes checked
+        return adapter, read_container(path).metadata["value_dtype"]
+    if is_peft_dir(path):
+        adapter = peft_to_adapter(read_peft(path), manifest, force_base=force_base,
+                                  bundle=bundle)
+        check_against_manifest(adapter, manifest, f"PEFT adapter {path}")
+        return adapter, "float16"
+    if not (path / INFO_FILE).is_file():
+        raise AdapterFormatError(
+            f"{path}: not a training run ({INFO_FILE}), a PEFT adapter directory "
+            "(adapter_config.json) or an .eadp file: nothing to export")
+    adapter, info = load_run_adapter(path)
+    where = f"run {path}"
+    try:
+        check_targets(adapter, manifest, info, where)
+        check_against_manifest(adapter, manifest, where)
+    except (TargetMismatchError, FingerprintMismatchError) as exc:
+        if isinstance(info.get("model"), str) and info["model"] != manifest.model:
+            raise FingerprintMismatchError(  # the cause to name, not the targets it implies
+                f"{where} trained model {info['model']!r}; the bundle at {bundle} holds "
+                f"{manifest.model!r}: export into a bundle of the run's model") from exc
+        raise
+    return adapter, "float16"
+
+
+def _warn_rounding(adapter: Adapter, stored: Adapter, value_dtype: str, name: str) -> None:
+    """Log a warning when storing as ``value_dtype`` moved a target's delta by more than
+    ROUNDING_WARN (relative, Frobenius): values below fp16's normal range, typically."""
+    change = delta_change(adapter, stored)
+    worst = max(change, key=change.__getitem__, default=None)
+    if worst is not None and change[worst] > ROUNDING_WARN:
+        log.warning("adapter %r: %s storage changes the delta of %s by %.2g relative (above "
+                    "%g); export with --dtype float32 to keep it exact", name, value_dtype,
+                    worst, change[worst], ROUNDING_WARN)
 
 
 def _free_adapter_file(bundle: Path, manifest: Manifest, name: str) -> str:

@@ -9,6 +9,7 @@ each returning ``{"section": {...}, "weights": {name: {...}}}``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -18,12 +19,19 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from edgeadapt.errors import ConfigError, EdgeAdaptError, ExportError
+from edgeadapt.errors import (
+    BundleError,
+    ConfigError,
+    EdgeAdaptError,
+    ExportError,
+    FingerprintMismatchError,
+)
 from edgeadapt.format.container import check_writable_dir
 from edgeadapt.format.manifest import (
     Manifest,
     WeightEntry,
     manifest_path,
+    model_location,
     read_manifest,
     write_manifest,
 )
@@ -117,7 +125,8 @@ def export_base(model: str | Path | Any, out: str | Path,
                 backends: str | Iterable[str] = ("onnxruntime", "executorch"),
                 targets: str = "qv", *,
                 num_labels: int = 2, seed: int = 0, check: bool = True,
-                pte_repack: bool = True, pte_live_form: str | None = None) -> Path:
+                pte_repack: bool = True, pte_live_form: str | None = None,
+                generate: bool = False, max_context: int | None = None) -> Path:
     """Export a base model to the bundle directory ``out`` and return ``out``.
 
     model: a registry name (``smollm2`` | ``minilm`` | ``tiny-*``), a Hugging Face directory, or
@@ -132,6 +141,9 @@ def export_base(model: str | Path | Any, out: str | Path,
     pte_live_form: ``linear`` | ``weight-left`` | ``own-kernel``, how ExecuTorch's live
         linears are written (:mod:`edgeadapt.export.executorch_live_form`; None: the
         exporter's default, own-kernel or weight-left without a C++ compiler).
+    generate: causal LMs: also write the KV-cache decoder graph, the tokenizer and the
+        ``generate`` section (:mod:`edgeadapt.export.decoder`, docs/generate.md);
+        ``max_context``: the positions a conversation may hold (default: up to 2048).
     Adapters already registered in ``out`` are kept if they still fit the new base.
     """
     from edgeadapt.models import head_weight_names, load_model, target_weight_names
@@ -143,6 +155,12 @@ def export_base(model: str | Path | Any, out: str | Path,
     heads = head_weight_names(lm.model, lm.kind)  # live too: each adapter brings its head
     live = target_weight_names(lm.model, targets) + heads
     weights = base_weight_entries(lm, live)
+    if generate:
+        from edgeadapt.export.decoder import export_generation, generation_context
+
+        max_context = generation_context(lm, fmts, max_context)
+    elif max_context is not None:
+        raise ConfigError("--max-context is the decoder's context: it needs --generate")
     # Every file is written (and checked) in a staging folder first, published into ``out``
     # (bundle.json last) only once all of it is there: the bundle already in ``out`` keeps
     # working while this export runs, and if it fails.
@@ -152,18 +170,27 @@ def export_base(model: str | Path | Any, out: str | Path,
     try:
         results = run_exporters(lm, staging, live, fmts, check=check, pte_repack=pte_repack,
                                 pte_live_form=pte_live_form)
+        decoders, generation = export_generation(
+            lm, staging, live, results, max_context=max_context, check=check) \
+            if generate else ({}, None)
         sections = {}
         for key, res in results.items():
             sections[key] = _normalise_section(key, res["section"])
             for name, entry in res["weights"].items():
                 setattr(weights[name], key, entry)
+            if key in decoders:
+                sections[key] = {**sections[key], "decoder": decoders[key]}
         inputs = [_with_range(i, lm.vocab_size) for i in
                   next((s["inputs"] for s in sections.values() if s.get("inputs")), [])]
         extra = {"num_labels": getattr(lm.model.config, "num_labels", None) if
                  lm.kind == "classifier" else None, "seed": seed}
-        manifest = Manifest(model=lm.name, kind=lm.kind, targets_spec=targets,
+        if generation is not None:
+            extra["generate"] = generation
+        recorded, config_sha = model_record(lm.name, out)
+        manifest = Manifest(model=recorded, kind=lm.kind, targets_spec=targets,
                             weights=weights, inputs=inputs, onnxruntime=sections.get("onnxruntime"),
-                            executorch=sections.get("executorch"), heads=heads, extra=extra)
+                            executorch=sections.get("executorch"), heads=heads, extra=extra,
+                            model_config_sha256=config_sha)
         _keep_fitting_adapters(out, manifest)
         _publish(staging, out)
         write_manifest(out, manifest)
@@ -172,6 +199,116 @@ def export_base(model: str | Path | Any, out: str | Path,
     log.info("wrote %s: %d live weights, backends %s", out / "bundle.json", len(live),
              ", ".join(sections))
     return out
+
+
+def config_sha256(model_dir: str | Path) -> str:
+    """sha256 of a Hugging Face model directory's config.json bytes: what identifies the model
+    besides its live weights' hashes (bundle.json ``model_config_sha256``)."""
+    return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def model_record(name: str, out: str | Path) -> tuple[str, str | None]:
+    """What bundle.json records of the base ``name`` (``LoadedModel.name``) in the bundle at
+    ``out``: ``(model, model_config_sha256)``. A registry name, or a name that is no local
+    model directory, as it is, with no hash; a local Hugging Face directory as its path
+    relative to ``out`` (``./x`` or ``../x``, ``/`` separators: the bundle and its model can
+    move together), absolute where no relative path exists (another drive), with the sha256
+    of its config.json."""
+    from edgeadapt.models import REAL_MODELS, TINY_MODELS
+
+    path = Path(name)
+    if name in REAL_MODELS + TINY_MODELS or not _is_model_dir(path):
+        return name, None
+    return _dir_record(path, out), config_sha256(path)
+
+
+def _dir_record(path: Path, out: str | Path) -> str:
+    """A model directory's path relative to the bundle directory ``out`` (``./x``, ``../x``;
+    absolute where there is none), in ``/`` form."""
+    where = path.resolve()
+    try:
+        rel = Path(os.path.relpath(where, Path(out).resolve())).as_posix()
+    except ValueError:  # no relative path between them (Windows: another drive)
+        return where.as_posix()
+    return rel if rel == ".." or rel.startswith("../") else f"./{rel}"
+
+
+def reload_base(bundle: str | Path, manifest: Manifest, model: str | Path | None = None
+                ) -> Any:
+    """The bundle's base model loaded again in PyTorch (a ``LoadedModel``), with the
+    ``num_labels`` and ``seed`` of its export, its live weights checked against bundle.json's
+    sha256.
+
+    model: where the base's Hugging Face directory is now (``--model DIR``), overriding the
+        recorded location; accepted only if its config.json and the live weights hash as the
+        bundle records (else FingerprintMismatchError naming what differs, and ``manifest`` is
+        left as it was). Once accepted, ``manifest`` records the new location (not written
+        here) unless the bundle's model is a registry name.
+    Without ``model``: the recorded location (:func:`edgeadapt.format.manifest.model_location`:
+    a relative directory is found from the bundle's directory). A directory that is not there
+    is a BundleError naming the recorded path and the fix (``--model DIR``); a directory whose
+    config.json differs is a FingerprintMismatchError; reloaded weights that differ from the
+    bundle's are an ExportError (re-export the base).
+    """
+    from edgeadapt.models import REAL_MODELS, TINY_MODELS, load_model
+
+    bundle = Path(bundle)
+    registry = manifest.model in REAL_MODELS + TINY_MODELS
+    if model is not None:
+        where = Path(model)
+        what = f"--model {model}"
+        if not _is_model_dir(where):
+            raise ConfigError(f"{what}: not a Hugging Face model directory (no config.json); "
+                              "pass the directory the bundle's base was exported from")
+    else:
+        location = model_location(manifest, bundle)
+        where = Path(location)
+        what = f"the bundle's base model {manifest.model!r}" + (
+            f" ({location})" if location != manifest.model else "")
+        if not registry and not _is_model_dir(where):
+            raise BundleError(
+                f"{manifest_path(bundle)}: {what} is not found (no config.json there): the "
+                "model directory or the bundle moved. Pass where the base model is now: "
+                f"edgeadapt export adapter ... --bundle {bundle} --model DIR (its config.json "
+                "and weights are checked against the bundle)")
+    config_sha = None
+    if model is not None or not registry:
+        config_sha = config_sha256(where)
+        want = manifest.model_config_sha256
+        if want is not None and config_sha != want:
+            raise FingerprintMismatchError(
+                f"{what}: its config.json has sha256 {config_sha[:12]}..., the bundle's base "
+                f"{want[:12]}... (model_config_sha256): another model than the one the bundle "
+                "was exported from. Pass that model's directory with --model DIR, or re-export "
+                "the base")
+    lm = load_model(str(where) if model is not None or not registry else manifest.model,
+                    num_labels=manifest.extra.get("num_labels") or 2,
+                    seed=int(manifest.extra.get("seed") or 0))
+    params = dict(lm.model.named_parameters())
+    live = list(manifest.weights)
+    missing = [n for n in live if n not in params]
+    reloaded = base_weight_entries(lm, [n for n in live if n in params])
+    changed = missing + [n for n in reloaded if reloaded[n].sha256 != manifest.weights[n].sha256]
+    if changed and model is not None:
+        more = " ..." if len(changed) > 3 else ""
+        raise FingerprintMismatchError(
+            f"{what}: its weights are not the bundle's base: {len(changed)} of the "
+            f"{len(live)} live weights ({', '.join(changed[:3])}{more}) are missing or differ "
+            "from the sha256 in bundle.json: another model; pass the directory the bundle's "
+            "base was exported from")
+    if changed:
+        raise ExportError(f"{bundle}: reloading {what} gives different weights ({changed[0]} "
+                          "...) than the bundle; re-export the base")
+    if model is not None and not registry:
+        recorded = _dir_record(where, bundle)
+        if (recorded, config_sha) != (manifest.model, manifest.model_config_sha256):
+            log.info("bundle.json now records the base model at %s", recorded)
+            manifest.model, manifest.model_config_sha256 = recorded, config_sha
+    return lm
 
 
 def _staging_host() -> str:

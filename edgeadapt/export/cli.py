@@ -1,4 +1,5 @@
-"""``edgeadapt export base|adapter``: the command-line face of :mod:`edgeadapt.export`."""
+"""``edgeadapt export base|adapter`` and ``edgeadapt convert``: the command-line face of
+:mod:`edgeadapt.export`."""
 
 from __future__ import annotations
 
@@ -44,31 +45,66 @@ def export() -> None:
               type=click.Choice(PTE_LIVE_FORMS),
               help="how ExecuTorch's live linears are written (default: own-kernel, or "
                    "weight-left without a C++ compiler; docs/export_executorch.md)")
+@click.option("--generate", is_flag=True,
+              help="causal LMs: also export the KV-cache decoder and the tokenizer, for "
+                   "`edgeadapt generate` (docs/generate.md)")
+@click.option("--max-context", type=click.IntRange(min=2), default=None,
+              help="with --generate: positions (prompt + reply) a conversation may hold "
+                   "[default: 2048, or the model's positions if fewer]")
 def export_base_cmd(model: str, out: str, backends: str, targets: str, num_labels: int,
-                    seed: int, no_check: bool, pte_live_form: str | None) -> None:
+                    seed: int, no_check: bool, pte_live_form: str | None, generate: bool,
+                    max_context: int | None) -> None:
     """Export the base model with only the --targets weights editable in place."""
     from edgeadapt.export.bundle import export_base
 
     _log_to_console()
     path = export_base(model, out, backends, targets, num_labels=num_labels, seed=seed,
-                       check=not no_check, pte_live_form=pte_live_form)
+                       check=not no_check, pte_live_form=pte_live_form, generate=generate,
+                       max_context=max_context)
     click.echo(f"bundle written to {path}")
 
 
 @export.command("adapter")
-@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.argument("source", metavar="PATH", type=click.Path(exists=True))
 @click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--name", required=True, help="adapter name inside the bundle")
-@click.option("--dtype", "value_dtype", default="float16", show_default=True,
-              type=click.Choice(["float16", "bfloat16", "float32"]))
+@click.option("--dtype", "--value-dtype", "value_dtype", default=None,
+              type=click.Choice(["float16", "bfloat16", "float32"]),
+              help="stored value dtype [default: float16; an .eadp keeps its own]")
 @click.option("--unfused", is_flag=True,
               help="LoRA/SoRA: also export a graph variant with LoRA branches")
 @click.option("--no-check", is_flag=True, help="skip parity checks of new graph variants")
-def export_adapter_cmd(run: str, bundle: str, name: str, value_dtype: str, unfused: bool,
-                       no_check: bool) -> None:
-    """Add the adapter of training run RUN to a bundle as adapters/<name>.eadp."""
+@click.option("--force-base", is_flag=True,
+              help="PEFT adapters: accept a base_model_name_or_path other than the bundle's "
+                   "model (shapes and ranges are still checked)")
+@click.option("--model", "model", default=None, metavar="DIR",
+              type=click.Path(exists=True, file_okay=False),
+              help="where the bundle's base model directory is now, if it moved: reloaded to "
+                   "export a graph variant (SiRA, --unfused); its config.json and weights must "
+                   "hash as bundle.json records")
+def export_adapter_cmd(source: str, bundle: str, name: str, value_dtype: str | None,
+                       unfused: bool, no_check: bool, force_base: bool,
+                       model: str | None) -> None:
+    """Add an adapter to a bundle as adapters/<name>.eadp. PATH: an edgeadapt training run, a
+    Hugging Face PEFT adapter directory (LoRA or SHiRA, adapter_model.safetensors) or an
+    .eadp file."""
     from edgeadapt.export.adapter import export_adapter
 
     _log_to_console()
-    path = export_adapter(run, bundle, name, value_dtype, unfused=unfused, check=not no_check)
+    path = export_adapter(source, bundle, name, value_dtype, unfused=unfused,
+                          check=not no_check, force_base=force_base, model=model)
     click.echo(f"adapter written to {path} ({path.stat().st_size:,} bytes)")
+
+
+@click.command("convert")
+@click.argument("source", metavar="PATH", type=click.Path(exists=True))
+@click.option("--to", "to", required=True, type=click.Choice(["peft"]),
+              help="the format to write: peft (a Hugging Face PEFT adapter directory)")
+@click.argument("out", type=click.Path())
+def convert(source: str, to: str, out: str) -> None:
+    """Write the adapter of PATH (an edgeadapt training run or .eadp file; LoRA, SoRA or
+    SHiRA) to OUT as a PEFT adapter: PeftModel.from_pretrained(base, OUT) loads it."""
+    from edgeadapt.export.convert import convert_adapter
+
+    path = convert_adapter(source, out, to)
+    click.echo(f"{to} adapter written to {path}")

@@ -267,3 +267,20 @@ def _verify_checksum(mv: memoryview, n: int, raw: bytes, stored: str, fail) -> N
     h.update(mv[8 + n:])
     if h.hexdigest() != stored:
         raise fail("checksum mismatch: the file is corrupt or was edited after it was written")
+
+
+def read_json_object(path: Path, missing: str) -> dict:
+    """A JSON object from ``path``; anything else (missing, unreadable, not UTF-8, not JSON,
+    not an object) is an AdapterFormatError naming the file. ``missing``: what a missing file
+    means, for the message (e.g. "not a training run directory")."""
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise AdapterFormatError(f"{path} is missing: {missing}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise AdapterFormatError(f"{path} is not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise AdapterFormatError(f"{path} cannot be read: {exc.strerror or exc}") from exc
+    if not isinstance(obj, dict):
+        raise AdapterFormatError(f"{path} must hold a JSON object, got {type(obj).__name__}")
+    return obj

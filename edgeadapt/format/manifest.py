@@ -23,8 +23,9 @@ FORMAT_VERSION = 2
 V1_SECTION_NAMES = {"onnx": "onnxruntime"}
 KINDS = ("classifier", "causal-lm")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_KNOWN = {"format", "version", "model", "kind", "fingerprint", "targets_spec", "inputs",
-          "weights", "onnxruntime", "executorch", "adapters", "variants", "heads"}
+_KNOWN = {"format", "version", "model", "model_config_sha256", "kind", "fingerprint",
+          "targets_spec", "inputs", "weights", "onnxruntime", "executorch", "adapters",
+          "variants", "heads"}
 
 
 @dataclass
@@ -75,6 +76,10 @@ class Manifest:
     for graphs that carry unfused branches (SiRA; unfused LoRA).
     heads: names in ``weights`` that are a classifier's task head: live like the adaptable
     weights, but replaced by an adapter's head rather than changed by a delta.
+    model: a registry name (``smollm2``), or a local model directory: relative to the bundle
+    directory (``./x``, ``../x``) where ``model_config_sha256`` (sha256 of the directory's
+    config.json bytes) is recorded, else as written (older bundles: absolute). Where to load
+    it from: :func:`model_location`.
     """
 
     model: str
@@ -89,6 +94,7 @@ class Manifest:
     heads: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
     version: int = FORMAT_VERSION
+    model_config_sha256: str | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -96,8 +102,10 @@ class Manifest:
         return _fingerprint({n: w.sha256 for n, w in self.weights.items()})
 
     def to_dict(self) -> dict:
-        d: dict = {"format": FORMAT_NAME, "version": self.version, "model": self.model,
-                   "kind": self.kind, "fingerprint": self.fingerprint,
+        d: dict = {"format": FORMAT_NAME, "version": self.version, "model": self.model}
+        if self.model_config_sha256 is not None:
+            d["model_config_sha256"] = self.model_config_sha256
+        d |= {"kind": self.kind, "fingerprint": self.fingerprint,
                    "targets_spec": self.targets_spec, "inputs": self.inputs,
                    "weights": {n: w.to_dict() for n, w in self.weights.items()}}
         if self.onnxruntime is not None:
@@ -121,6 +129,20 @@ def variant_key(branch: tuple) -> str:
         return f"lora-r{int(branch[1])}"
     raise BundleError(f"unknown graph branch {branch!r}; expected ('sira', E, r, top_k, "
                       "capacity_factor) or ('lora', r)")
+
+
+def model_location(manifest: Manifest, bundle: str | os.PathLike) -> str:
+    """Where to load the base of the bundle at ``bundle`` (its directory or bundle.json) from,
+    for ``edgeadapt.models.load_model``: a registry name as recorded; a model directory
+    recorded relative to the bundle (bundles with ``model_config_sha256``) joined to the
+    bundle's directory; anything else (an absolute path, an older bundle's path) as recorded.
+    Whether the directory is there is the caller's check."""
+    model = manifest.model
+    if manifest.model_config_sha256 is None or PurePosixPath(model).is_absolute() \
+            or os.path.isabs(model):
+        return model
+    root = manifest_path(bundle).parent.resolve()
+    return os.path.normpath(root / PurePosixPath(model))
 
 
 def manifest_path(path: str | os.PathLike) -> Path:
@@ -179,6 +201,10 @@ def _validate(data: object, p: Path) -> Manifest:
     for key in ("model", "targets_spec"):
         if not isinstance(data.get(key), str):
             raise fail(f"{key!r} missing or not a string")
+    config_sha = data.get("model_config_sha256")
+    if config_sha is not None and (not isinstance(config_sha, str)
+                                   or not _HEX64.fullmatch(config_sha)):
+        raise fail(f"model_config_sha256 {config_sha!r} is not 64 lowercase hex digits")
     if data.get("kind") not in KINDS:
         raise fail(f"kind {data.get('kind')!r} not one of {KINDS}")
     inputs = data.get("inputs", [])
@@ -232,7 +258,8 @@ def _validate(data: object, p: Path) -> Manifest:
                  weights=weights, inputs=inputs, onnxruntime=data.get("onnxruntime"),
                  executorch=data.get("executorch"), adapters=adapters, variants=variants,
                  heads=heads, extra={k: v for k, v in data.items() if k not in _KNOWN},
-                 version=FORMAT_VERSION)  # an older file is upgraded as it is read
+                 version=FORMAT_VERSION,  # an older file is upgraded as it is read
+                 model_config_sha256=config_sha)
     if data.get("fingerprint") != m.fingerprint:
         raise fail("fingerprint does not match the weights' sha256 (edited or corrupt manifest)")
     return m

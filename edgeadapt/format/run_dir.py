@@ -22,7 +22,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 
 from edgeadapt.errors import AdapterFormatError, FingerprintMismatchError
-from edgeadapt.format.container import atomic_write_bytes
+from edgeadapt.format.container import atomic_write_bytes, read_json_object
 from edgeadapt.format.types import METHODS
 
 ADAPTER_FILE, HEAD_FILE, INFO_FILE, METRICS_FILE = (
@@ -39,19 +39,8 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; anything else (missing, unreadable, not UTF-8, not JSON,
-    not an object) is an AdapterFormatError naming the file."""
-    try:
-        obj = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise AdapterFormatError(f"{path} is missing: not a training run directory") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"{path} is not valid JSON: {exc}") from exc
-    except OSError as exc:
-        raise AdapterFormatError(f"{path} cannot be read: {exc.strerror or exc}") from exc
-    if not isinstance(obj, dict):
-        raise AdapterFormatError(f"{path} must hold a JSON object, got {type(obj).__name__}")
-    return obj
+    """A JSON object from ``path`` (:func:`~edgeadapt.format.container.read_json_object`)."""
+    return read_json_object(path, "not a training run directory")
 
 
 def read_tensors(path: Path) -> dict[str, np.ndarray]:

@@ -15,12 +15,13 @@ weights exactly as they were.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgeadapt.errors import ConfigError, MissingPackageError
+from edgeadapt.errors import ConfigError, MissingPackageError, UnknownNameError
 from edgeadapt.format.manifest import Manifest, manifest_path, read_manifest
 from edgeadapt.runtime.backends import Backend, get_backend
 from edgeadapt.runtime.bundle_adapters import BundleAdapters, head_only
@@ -31,6 +32,9 @@ from edgeadapt.runtime.policy import auto_mode
 from edgeadapt.runtime.prepared import PreparedAdapter
 from edgeadapt.runtime.store import WeightStore
 from edgeadapt.runtime.unfused import PreparedBranches, VariantRoute
+
+if TYPE_CHECKING:
+    from edgeadapt.runtime.generate import Conversation, Generation, Generator, Piece
 
 MODES = ("live", "repack", "auto")
 
@@ -67,6 +71,7 @@ class Runtime:
         self._variants: dict[str, VariantRoute] = {}  # key -> route, created by switches
         self._route: VariantRoute | None = None
         self._route_active: tuple[tuple[str, float], ...] = ()
+        self._generator: Generator | None = None  # opened by the first conversation
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -104,6 +109,24 @@ class Runtime:
     def is_unfused(self, name: str) -> bool:
         """Whether adapter ``name`` runs unfused (its bundle entry names a graph variant)."""
         return self._adapters.is_unfused(name)
+
+    def live_weights(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The live weights as runs see them now (the active fused adapters applied), for
+        checking exactness: weight name -> read-only float32 copy in PyTorch layout (out, in),
+        whatever the backend's layout. ``names``: a subset (default: every live weight, task
+        heads included). Copies, taken between switches: editing one cannot reach the
+        backend, whose live arrays only the switch engine writes."""
+        live = self.store.live_weights()
+        unknown = [n for n in (names or ()) if n not in live]
+        if unknown:
+            raise UnknownNameError(f"live_weights: {unknown[:3]} are not live weights of this "
+                                   f"bundle (e.g. {sorted(live)[:2]})")
+        with self.lock.shared():
+            out = {n: np.array(live[n].torch_weight(), dtype=np.float32, copy=True)
+                   for n in (live if names is None else names)}
+        for arr in out.values():
+            arr.flags.writeable = False
+        return out
 
     def restore_memory_bytes(self) -> int:
         """Extra memory held now to restore the base exactly (see docs/runtime.md)."""
@@ -178,6 +201,33 @@ class Runtime:
         with self.lock.shared():
             route = self._route
             return self.store.run(inputs) if route is None else route.run(inputs)
+
+    # -- generation (causal-LM bundles exported with --generate: runtime/generate.py) ----------
+
+    def conversation(self) -> Conversation:
+        """A new conversation with its own KV cache (:class:`edgeadapt.runtime.generate.
+        Conversation`); the decoder is opened on first use. BundleError for a bundle that
+        cannot generate, ConfigError for a backend or device without a decoder."""
+        from edgeadapt.runtime.generate import Conversation, open_generator
+
+        with self.lock.update():  # opened once; switches wait meanwhile
+            if self._generator is None:
+                self._generator = open_generator(
+                    self.bundle_dir, self.manifest, self._backend, self.store,
+                    device=self.device, threads=self.threads)
+        return Conversation(self, self._generator)
+
+    def generate(self, prompt: str | Sequence[int] | np.ndarray, **options: object
+                 ) -> Generation:
+        """The reply to ``prompt`` (text, or token ids) in a fresh conversation under the
+        adapters active now; options: max_new_tokens, temperature (0: greedy), top_k, top_p,
+        seed, stop (:class:`edgeadapt.runtime.sampling.Sampling`)."""
+        return self.conversation().send(prompt, **options)
+
+    def stream(self, prompt: str | Sequence[int] | np.ndarray, **options: object
+               ) -> Iterator[Piece]:
+        """:meth:`generate` as an iterator of pieces (token id and the text it completes)."""
+        return self.conversation().stream(prompt, **options)
 
 
 def load(bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",

@@ -16,6 +16,9 @@ class ReadWriteLock:
     Writer preference: once a writer waits, new runs wait behind it, so a steady stream of runs
     cannot starve a switch. ``shared`` and ``exclusive`` are not re-entrant; ``update`` is, for
     the thread holding it (the runtime's switch holds it around the engine's).
+
+    ``epoch`` counts the exclusive sections entered so far: read while holding ``shared`` it
+    names the weight state the run sees (a KV cache built under another epoch is stale).
     """
 
     def __init__(self) -> None:
@@ -24,6 +27,7 @@ class ReadWriteLock:
         self._writer = False
         self._writers_waiting = 0
         self._update = threading.RLock()
+        self.epoch = 0
 
     @contextmanager
     def shared(self) -> Iterator[None]:
@@ -54,6 +58,7 @@ class ReadWriteLock:
             finally:
                 self._writers_waiting -= 1
             self._writer = True
+            self.epoch += 1
         try:
             yield
         finally:

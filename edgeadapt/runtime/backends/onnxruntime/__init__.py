@@ -8,6 +8,8 @@ backend="onnxruntime", device="cpu" | "cuda")``.
 - ``kernel.py``: edgeadapt's own op ``edgeadapt.BlockedMatMul``, built where a compiler and
   ONNX Runtime's headers are present.
 - ``variant.py``: unfused adapters through a graph variant's session.
+- ``decoder.py``: the KV-cache decoder that generation steps (bundles exported with
+  ``--generate``), bound to the store's live buffers.
 """
 
 from __future__ import annotations
@@ -85,6 +87,18 @@ class OnnxRuntimeBackend:
 
         return OrtVariantSession(bundle_dir, manifest, key, store.live_weights(), threads,
                                  store.prepare_inputs, kernel=store.kernel)
+
+    def open_decoder(self, bundle_dir: Path, manifest: Manifest, store: WeightStore, *,
+                     device: str, threads: int | None):
+        """The KV-cache decoder's CPU session (:mod:`.decoder`), bound to ``store``'s live
+        buffers and reading them as the base session does (kernel or MatMul). Optional in a
+        backend: :func:`edgeadapt.runtime.generate.open_generator` asks for it."""
+        if device != "cpu":
+            raise ConfigError(f"generation runs on device='cpu' only so far, not {device!r}")
+        from edgeadapt.runtime.backends.onnxruntime.decoder import OrtDecoder
+
+        return OrtDecoder(bundle_dir, manifest, store.live_weights(), threads,
+                          kernel=store.kernel)
 
 
 BACKEND = OnnxRuntimeBackend()

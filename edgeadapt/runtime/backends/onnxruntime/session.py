@@ -10,6 +10,7 @@ naming the file (:func:`open_session`, :func:`read_graph`).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -87,6 +88,20 @@ def read_graph(model_path: Path):
         return onnx.load(str(model_path), load_external_data=False)
     except (OSError, DecodeError, ValueError) as exc:
         raise BundleError(f"{model_path}: not a readable ONNX graph: {exc}") from exc
+
+
+def thread_binding(local: threading.local, session, values: Mapping[str, object]):
+    """The calling thread's IOBinding of ``session`` (``local.binding``), made on its first run
+    with ``values`` (input name -> OrtValue aliasing a runtime-owned buffer) bound once: an
+    IOBinding is not safe to share between threads, and rebinding would copy nothing but
+    cost a call per input."""
+    b = getattr(local, "binding", None)
+    if b is None:
+        b = session.io_binding()
+        for name, value in values.items():
+            b.bind_ortvalue_input(name, value)
+        local.binding = b
+    return b
 
 
 def run_bound(session, binding, feeds: dict[str, np.ndarray], output_name: str) -> np.ndarray:

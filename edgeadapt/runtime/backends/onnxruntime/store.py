@@ -36,6 +36,7 @@ from edgeadapt.runtime.backends.onnxruntime.session import (
     require_ort,
     run_bound,
     session_options,
+    thread_binding,
 )
 from edgeadapt.runtime.pages import arena_copies
 from edgeadapt.runtime.store import LiveWeight, WeightStore
@@ -138,13 +139,7 @@ class OrtLiveStore(OrtStoreBase):
         self._local = threading.local()
 
     def _binding(self):
-        b = getattr(self._local, "binding", None)
-        if b is None:
-            b = self.session.io_binding()
-            for name, value in self._values.items():
-                b.bind_ortvalue_input(name, value)
-            self._local.binding = b
-        return b
+        return thread_binding(self._local, self.session, self._values)
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return run_bound(self.session, self._binding(), self.prepare_inputs(inputs),

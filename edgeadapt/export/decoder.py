@@ -1,0 +1,93 @@
+"""``edgeadapt export base --generate``: what a bundle needs to generate text.
+
+- the backends' KV-cache decoder graphs (ONNX Runtime: :mod:`edgeadapt.export.onnx_decoder`),
+  written beside the base graph with the same live weights, each a ``"decoder"`` entry in its
+  backend's bundle.json section;
+- the model's tokenizer (``tokenizer.json``, read at run time by the ``tokenizers`` library:
+  no torch, no transformers) and chat template (``chat_template.jinja``) where it has them;
+- a top-level ``"generate"`` section (docs/generate.md)::
+
+      {"max_context": 2048, "vocab_size": 49152, "eos_token_ids": [2], "bos_token_id": 1,
+       "tokenizer": "tokenizer.json" | null, "chat_template": "chat_template.jinja" | null}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeadapt.errors import ConfigError, ExportError
+from edgeadapt.format.container import atomic_write_bytes
+from edgeadapt.models import LoadedModel
+
+TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+#: the context a decoder gets without --max-context, unless the model's positions are fewer
+DEFAULT_MAX_CONTEXT = 2048
+
+
+def generation_context(lm: LoadedModel, backends: list[str], max_context: int | None) -> int:
+    """The decoders' context (``max_context``, default the smaller of 2048 and the model's
+    positions), checked before anything is exported: ConfigError for a model that is not a
+    causal LM, backends without onnxruntime, or a context beyond the model's positions."""
+    if lm.kind != "causal-lm":
+        raise ConfigError(f"--generate: {lm.name} is a {lm.kind}; only causal LMs generate")
+    if "onnxruntime" not in backends:
+        raise ConfigError("--generate needs the onnxruntime backend (its KV-cache decoder is "
+                          "the only one so far): add it to --backends")
+    limit = int(getattr(lm.model.config, "max_position_embeddings", 0) or 0)
+    if max_context is None:
+        return min(DEFAULT_MAX_CONTEXT, limit) if limit else DEFAULT_MAX_CONTEXT
+    if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 2 \
+            or (limit and max_context > limit):
+        raise ConfigError(f"--max-context {max_context!r}: a whole number from 2 to the "
+                          f"model's {limit or 'unknown'} positions")
+    return max_context
+
+
+def export_generation(lm: LoadedModel, out: Path, live: list[str], results: dict[str, dict], *,
+                      max_context: int, check: bool = True) -> tuple[dict[str, dict], dict]:
+    """Export the decoder graphs of ``lm`` into ``out`` (the folder the base graphs of
+    ``results``, the exporters' answers per backend, were written to) and its tokenizer files.
+
+    max_context: from :func:`generation_context`. check: each decoder's logits against the
+    model's full forward (ExportError on mismatch). Returns ({backend: its "decoder" entry},
+    the bundle's "generate" section).
+    """
+    from edgeadapt.export.onnx_decoder import export_onnx_decoder
+
+    if "onnxruntime" not in results:
+        raise ExportError("--generate: the onnxruntime exporter did not run (not installed?)")
+    ort = export_onnx_decoder(lm, out, live, max_context=max_context,
+                              expected=results["onnxruntime"]["weights"], check=check)
+    section = {"max_context": max_context, "vocab_size": lm.vocab_size,
+               "eos_token_ids": _token_ids(lm, "eos_token_id"),
+               "bos_token_id": next(iter(_token_ids(lm, "bos_token_id")), None),
+               **write_tokenizer(lm.tokenizer, out)}
+    return {"onnxruntime": ort["section"]}, section
+
+
+def _token_ids(lm: LoadedModel, key: str) -> list[int]:
+    """The model's ``eos_token_id`` / ``bos_token_id`` as a list: its generation config's
+    (what transformers' ``generate`` stops on), else its config's."""
+    gen = getattr(lm.model, "generation_config", None)
+    value = getattr(gen, key, None) if gen is not None else None
+    if value is None:
+        value = getattr(lm.model.config, key, None)
+    values = [] if value is None else [value] if isinstance(value, int) else list(value)
+    return [int(v) for v in values]
+
+
+def write_tokenizer(tokenizer: object, out: Path) -> dict:
+    """Write the tokenizer's ``tokenizer.json`` (a fast tokenizer's backend) and chat template;
+    returns the section entries naming them (None where the model has none: tiny test models,
+    slow tokenizers)."""
+    entries: dict = {"tokenizer": None, "chat_template": None}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        atomic_write_bytes(out / TOKENIZER_FILE, [backend.to_str().encode()])
+        entries["tokenizer"] = TOKENIZER_FILE
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        atomic_write_bytes(out / CHAT_TEMPLATE_FILE, [template.encode()])
+        entries["chat_template"] = CHAT_TEMPLATE_FILE
+    return entries

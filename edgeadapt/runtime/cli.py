@@ -1,0 +1,48 @@
+"""``edgeadapt generate BUNDLE --prompt TEXT``: the runtime's command-line face (torch-free)."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+
+@click.command("generate")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", required=True, help="the text to continue (or reply to)")
+@click.option("--adapter", "adapters", multiple=True,
+              help="adapter to switch to first (repeat to fuse several); default: the base")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0: greedy")
+@click.option("--top-k", type=click.IntRange(min=1), default=None)
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None)
+@click.option("--seed", type=click.IntRange(min=0), default=None)
+@click.option("--stop", multiple=True, help="a string that ends the reply (repeatable)")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="intra-op threads (default: the backend's)")
+def generate_cmd(bundle: str, prompt: str, adapters: tuple[str, ...], max_new_tokens: int,
+                 temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
+                 stop: tuple[str, ...], threads: int | None) -> None:
+    """Generate a reply to --prompt with the bundle's decoder (exported with --generate),
+    streamed to the terminal; the token count and speed go to stderr."""
+    from edgeadapt.runtime import load
+
+    rt = load(bundle, backend="onnxruntime", mode="live", threads=threads)
+    if adapters:
+        rt.switch(list(adapters))
+    chat = rt.conversation()
+    pieces = chat.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=top_k, top_p=top_p, seed=seed, stop=list(stop))
+    start = time.perf_counter()
+    first = None
+    for piece in pieces:
+        first = time.perf_counter() if first is None else first
+        click.echo(piece.text, nl=False)
+    end = time.perf_counter()
+    click.echo()
+    out = chat.last
+    decode = (len(out.ids) - 1) / (end - first) if len(out.ids) > 1 and end > first else 0.0
+    click.echo(f"[{len(out.ids)} tokens, {out.finish_reason}; prompt {out.prompt_tokens} tokens, "
+               f"first token after {1e3 * (first - start):.0f} ms, then {decode:.1f} tokens/s; "
+               f"adapters: {', '.join(rt.active) or 'none (base)'}]", err=True)

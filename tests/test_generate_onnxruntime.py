@@ -1,0 +1,417 @@
+"""Generation on ONNX Runtime (``edgeadapt export base --generate``, ``rt.generate`` / ``stream``
+/ ``conversation``) on tiny SmolLM2 with SHiRA adapters switched in place: greedy replies equal
+transformers' ``generate`` on the PyTorch model carrying the same adapter; every decode step's
+logits equal the full forward's; a switch between turns or during a reply re-prefills (the next
+tokens equal a fresh conversation's under the new adapter, never the stale cache's); bad
+inputs raise typed errors with nothing changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from click.testing import CliRunner  # noqa: E402
+from runtime_reference import parity, random_adapters, register_adapters  # noqa: E402
+
+from edgeadapt.adapters.reference import reference_model  # noqa: E402
+from edgeadapt.cli import main  # noqa: E402
+from edgeadapt.errors import BundleError, ConfigError  # noqa: E402
+from edgeadapt.export.bundle import export_base  # noqa: E402
+from edgeadapt.format import read_adapter, read_manifest, write_manifest  # noqa: E402
+from edgeadapt.models import forward, load_model  # noqa: E402
+from edgeadapt.runtime import get_backend, load  # noqa: E402
+from edgeadapt.runtime.generate import open_generator  # noqa: E402
+from edgeadapt.runtime.sampling import Sampling, sample  # noqa: E402
+from edgeadapt.runtime.tokenizer import Tokenizer  # noqa: E402
+
+RTOL = 1e-4
+CONTEXT = 96
+PROMPT = [17, 301, 44, 9, 250, 77, 130]
+DRAW = {"temperature": 1.0, "seed": 7}
+
+
+def _byte_tokenizer(size: int = 512):
+    """A byte-level BPE tokenizer of ``size`` tokens (3 special, 256 bytes, merges of two
+    lowercase letters), as a transformers fast tokenizer, so that the exporter copies it like a
+    real model's and every id of tiny SmolLM2's vocabulary has a text."""
+    from string import ascii_lowercase
+
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    merges = [(a, b) for a in ascii_lowercase for b in ascii_lowercase][: size - len(vocab)]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    raw = RawTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Tiny SmolLM2 (q/v live) with its decoder and a byte tokenizer; s1: SHiRA 5% of every
+    live weight, s2: SHiRA 20% of two of them."""
+    out = tmp_path_factory.mktemp("generate")
+    torch.set_num_threads(1)
+    lm = load_model("tiny-smollm2", seed=0)
+    lm.tokenizer = _byte_tokenizer()
+    export_base(lm, out, backends="onnxruntime", targets="qv", generate=True,
+                max_context=CONTEXT)
+    manifest = read_manifest(out)
+    names = sorted(manifest.weights)
+    s1, s2, _ = random_adapters(lm, names, names[:2], seed=1)
+    register_adapters(out, manifest, {"s1": s1, "s2": s2})
+    return lm, out
+
+
+def _adapter(bundle, name):
+    return read_adapter(bundle / read_manifest(bundle).adapters[name].file)
+
+
+def _hf_greedy(lm, bundle, name, ids, n):
+    """transformers' greedy ``generate`` on the PyTorch model carrying adapter ``name`` (None:
+    the base): the ``n`` new tokens (fewer where it ends on the end-of-turn token)."""
+    ref = reference_model(lm, [] if name is None else [_adapter(bundle, name)])
+    eos = read_manifest(bundle).extra["generate"]["eos_token_ids"]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = ref.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                                 do_sample=False, use_cache=True, eos_token_id=eos,
+                                 pad_token_id=eos[0])
+    return out[0, len(ids):].tolist()
+
+
+def _hashes(rt):
+    return {n: hashlib.sha256(lw.array.tobytes()).hexdigest()
+            for n, lw in rt.store.live_weights().items()}
+
+
+def test_bundle_records_the_decoder(exported):
+    lm, bundle = exported
+    manifest = read_manifest(bundle)
+    gen = manifest.extra["generate"]
+    assert gen["max_context"] == CONTEXT and gen["vocab_size"] == lm.vocab_size
+    assert gen["tokenizer"] == "tokenizer.json" and (bundle / "tokenizer.json").is_file()
+    dec = manifest.onnxruntime["decoder"]
+    assert dec["parity"]["max_rel_error"] <= RTOL
+    # the decoder reads the base graph's live inputs: same names and layouts, one buffer each
+    assert {w: (e["name"], e["layout"]) for w, e in dec["weights"].items()} == {
+        w: (e.onnxruntime["name"], e.onnxruntime["layout"]) for w, e in manifest.weights.items()}
+    assert (bundle / dec["file"]).is_file()
+
+
+@pytest.mark.parametrize(("adapter", "mode"), [("s1", "live"), ("s2", "live"), (None, "live"),
+                                             ("s1", "live-matmul"), ("s2", "repack")])
+def test_greedy_equals_transformers_generate(exported, adapter, mode):
+    """live: the decoder reads the blocked32 weights with edgeadapt's kernel where it builds,
+    live-matmul through MatMul; repack: the decoder reads the host copy the engine edits."""
+    lm, bundle = exported
+    rt = load(bundle, mode=mode.split("-")[0], threads=1,
+              kernel=False if mode == "live-matmul" else None)
+    rt.switch(adapter)
+    out = rt.generate(PROMPT, max_new_tokens=40)
+    want = _hf_greedy(lm, bundle, adapter, PROMPT, 40)
+    assert out.ids == want
+    assert len(out.ids) >= 32 and out.finish_reason == "length"
+    assert out.prompt_tokens == len(PROMPT) and out.reprefills == 0
+
+
+def test_decode_step_logits_equal_full_forward(exported):
+    """Under s1: a prefill of 5 tokens, then 20 single-token steps through the cache; each
+    position's logits vs the PyTorch full forward of the whole sequence."""
+    lm, bundle = exported
+    rt = load(bundle, mode="live", threads=1)
+    rt.switch("s1")
+    gen = open_generator(rt.bundle_dir, rt.manifest, get_backend("onnxruntime"), rt.store,
+                         device="cpu", threads=1)
+    ids = np.random.default_rng(4).integers(5, lm.vocab_size, size=25).astype(np.int64)
+    ref = reference_model(lm, [_adapter(bundle, "s1")])
+    with torch.no_grad():
+        want = forward(ref, {"input_ids": torch.from_numpy(ids[None])}).numpy()[0]
+    base = forward(lm, {"input_ids": torch.from_numpy(ids[None])}).detach().numpy()[0]
+    logits, cache = gen.decoder.step(ids[None, :5], gen.decoder.empty_cache(1))
+    assert parity(logits[0], want[:5]) <= RTOL
+    for i in range(5, ids.size):
+        logits, cache = gen.decoder.step(ids[None, i:i + 1], cache)
+        assert cache[0].shape[2] == i + 1
+        assert parity(logits[0, 0], want[i]) <= RTOL, i
+        assert parity(logits[0, 0], base[i]) > 100 * RTOL  # the adapter changes it
+
+
+def test_switch_between_turns_reprefills(exported):
+    lm, bundle = exported
+    rt = load(bundle, mode="live", threads=1)
+    rt.switch("s1")
+    chat = rt.conversation()
+    first = chat.send(PROMPT, max_new_tokens=6)
+    rt.switch("s2")
+    second = chat.send([40, 41, 42], max_new_tokens=10)
+    history = PROMPT + first.ids + [40, 41, 42]
+    assert chat.tokens == history + second.ids
+    assert second.reprefills == 1
+    fresh = rt.generate(history, max_new_tokens=10)  # a new conversation under s2
+    assert second.ids == fresh.ids == _hf_greedy(lm, bundle, "s2", history, 10)
+    assert second.ids != _hf_greedy(lm, bundle, "s1", history, 10)  # the switch matters
+    # Negative control: the same turns continuing on the cache built under s1 (the epoch check
+    # fooled) give another reply, so the check above can fail.
+    rt.switch("s1")
+    stale = rt.conversation()
+    stale.send(PROMPT, max_new_tokens=6)
+    rt.switch("s2")
+    stale._epoch = rt.lock.epoch
+    assert stale.send([40, 41, 42], max_new_tokens=10).ids != second.ids
+
+
+def test_switch_during_a_reply_reprefills(exported):
+    lm, bundle = exported
+    rt = load(bundle, mode="live", threads=1)
+    rt.switch("s1")
+    chat = rt.conversation()
+    pieces = chat.stream(PROMPT, max_new_tokens=14)
+    head = [next(pieces).token for _ in range(4)]
+    rt.switch("s2")
+    tail = [p.token for p in pieces]
+    assert head == _hf_greedy(lm, bundle, "s1", PROMPT, 4)
+    assert tail == _hf_greedy(lm, bundle, "s2", PROMPT + head, 10)
+    assert chat.last.ids == head + tail and chat.last.reprefills == 1
+
+
+def test_conversations_generate_while_another_thread_switches(exported):
+    """Two threads generate greedy replies while the main thread switches s1 <-> s2 every
+    millisecond: each token is the argmax under s1 or under s2 of its whole context (a step
+    never mixes states, never continues a stale cache), and switches did land mid-reply."""
+    lm, bundle = exported
+    rt = load(bundle, mode="live", threads=1)
+    rt.switch("s1")
+    replies, failures = [], []
+
+    def talk(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(6):
+                prompt = [int(i) for i in rng.integers(5, lm.vocab_size, 6)]
+                replies.append((prompt, rt.generate(prompt, max_new_tokens=12)))
+        except Exception as exc:  # reported below, with the thread's traceback lost
+            failures.append(exc)
+
+    threads = [threading.Thread(target=talk, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    flips = 0
+    while any(t.is_alive() for t in threads):
+        rt.switch("s2" if flips % 2 == 0 else "s1")
+        flips += 1
+        threading.Event().wait(0.001)
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    assert len(replies) == 12 and flips > 1
+    assert sum(out.reprefills for _, out in replies) > 0
+    refs = [reference_model(lm, [_adapter(bundle, n)]) for n in ("s1", "s2")]
+    for prompt, out in replies:
+        context = list(prompt)
+        for token in out.ids:
+            x = {"input_ids": torch.tensor([context])}
+            with torch.no_grad():
+                best = {int(forward(ref, x)[0, -1].argmax()) for ref in refs}
+            assert token in best, (prompt, out.ids)
+            context.append(token)
+
+
+def test_text_prompts_stream_and_stop(exported):
+    """Sampled (seeded, so each call draws the same tokens) for a text of many characters."""
+    _, bundle = exported
+    rt = load(bundle, mode="live", threads=1)
+    rt.switch("s1")
+    tok = Tokenizer(bundle / "tokenizer.json")
+    assert tok.vocab_size == 512
+    out = rt.generate("Hello, world", max_new_tokens=24, **DRAW)
+    assert out.prompt_tokens == len(tok.encode("Hello, world")) < 12  # "el" merged
+    assert out.text == tok.decode(out.ids) and len(out.text) >= 8
+    pieces = list(rt.stream("Hello, world", max_new_tokens=24, **DRAW))
+    assert [p.token for p in pieces] == out.ids
+    assert "".join(p.text for p in pieces) == out.text
+    clean = [i for i in range(1, len(out.text) - 2) if "\ufffd" not in out.text[i:i + 2]]
+    assert clean, out.text
+    stop = out.text[clean[0]:clean[0] + 2]
+    cut = rt.generate("Hello, world", max_new_tokens=24, **DRAW, stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == out.text[:out.text.find(stop)]
+    assert cut.ids == out.ids[:len(cut.ids)]
+    streamed = list(rt.stream("Hello, world", max_new_tokens=24, **DRAW, stop=stop))
+    assert "".join(p.text for p in streamed) == cut.text
+
+
+def test_sampling_is_seeded(exported):
+    _, bundle = exported
+    rt = load(bundle, mode="live", threads=1)
+    a = rt.generate(PROMPT, max_new_tokens=12, temperature=0.9, top_p=0.95, seed=3)
+    assert a.ids == rt.generate(PROMPT, max_new_tokens=12, temperature=0.9, top_p=0.95,
+                                seed=3).ids
+    greedy = rt.generate(PROMPT, max_new_tokens=12).ids
+    assert rt.generate(PROMPT, max_new_tokens=12, temperature=1.5, top_k=1, seed=5).ids == greedy
+    logits = np.array([0.0, 3.0, 2.9, -1.0])
+    rng = np.random.default_rng(0)
+    assert {sample(logits, Sampling(temperature=1.0, top_p=1e-6), rng) for _ in range(20)} == {1}
+    drawn = {sample(logits, Sampling(temperature=1.0, top_k=2), rng) for _ in range(200)}
+    assert drawn == {1, 2}
+
+
+def test_context_limit(exported):
+    _, bundle = exported
+    rt = load(bundle, mode="live", threads=1)
+    ids = [int(i) for i in np.arange(CONTEXT - 1) % 400 + 5]
+    out = rt.generate(ids, max_new_tokens=5)  # one position left: one token
+    assert out.finish_reason == "context" and len(out.ids) == 1
+    with pytest.raises(ConfigError, match=f"at most {CONTEXT}"):
+        rt.generate(ids + [5], max_new_tokens=5)
+
+
+def test_bad_inputs_change_nothing(exported, tmp_path):
+    _, bundle = exported
+    rt = load(bundle, mode="live", threads=1)
+    rt.switch("s1")
+    chat = rt.conversation()
+    chat.send(PROMPT, max_new_tokens=3)
+    before = (chat.tokens, _hashes(rt), rt.active, rt.lock.epoch)
+    bad = [([], {}), ("", {}), ([-1], {}), ([512], {}), ([1.5, 2.0], {}), ([[5, 6]], {}),
+           ("x" * 3, {"bogus": 1}), (list(range(5, 5 + CONTEXT)), {}),
+           ([5], {"max_new_tokens": 0}), ([5], {"max_new_tokens": True}),
+           ([5], {"max_new_tokens": 2.0}), ([5], {"temperature": -1.0}),
+           ([5], {"temperature": float("nan")}), ([5], {"top_k": 0}), ([5], {"top_p": 0.0}),
+           ([5], {"top_p": 1.5}), ([5], {"seed": -1}), ([5], {"stop": [""]})]
+    for prompt, options in bad:
+        with pytest.raises(ConfigError):
+            chat.send(prompt, **options)
+        with pytest.raises(ConfigError):
+            rt.stream(prompt, **options)  # refused before the first piece is asked for
+    assert (chat.tokens, _hashes(rt), rt.active, rt.lock.epoch) == before
+    # the conversation goes on as if nothing had been tried
+    again = rt.conversation()
+    again.send(PROMPT, max_new_tokens=3)
+    assert chat.send([40], max_new_tokens=5).ids == again.send([40], max_new_tokens=5).ids
+
+    for kind, edit in (("classifier", lambda m: setattr(m, "kind", "classifier")),
+                       ("no-decoder", lambda m: m.extra.pop("generate"))):
+        copy = tmp_path / kind
+        shutil.copytree(bundle, copy)
+        manifest = read_manifest(copy)
+        edit(manifest)
+        write_manifest(copy, manifest)
+        with pytest.raises(BundleError):
+            load(copy, mode="live", threads=1).generate([5])
+
+
+def test_export_refuses_bad_generate_options(tmp_path):
+    with pytest.raises(ConfigError, match="causal"):
+        export_base("tiny-minilm", tmp_path / "a", backends="onnxruntime", generate=True)
+    with pytest.raises(ConfigError, match="max-context"):
+        export_base("tiny-smollm2", tmp_path / "b", backends="onnxruntime", generate=True,
+                    max_context=10_000)
+    with pytest.raises(ConfigError, match="needs --generate"):
+        export_base("tiny-smollm2", tmp_path / "c", backends="onnxruntime", max_context=64)
+    assert not (tmp_path / "b" / "bundle.json").exists()
+
+
+def test_cli_streams_the_reply(exported):
+    _, bundle = exported
+    rt = load(bundle, mode="live", threads=1)
+    rt.switch("s1")
+    want = rt.generate("Hi there", max_new_tokens=8)
+    res = CliRunner().invoke(main, ["generate", str(bundle), "--prompt", "Hi there",
+                                    "--adapter", "s1", "--max-new-tokens", "8",
+                                    "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith(want.text)
+    assert "8 tokens" in res.stderr and "adapters: s1" in res.stderr
+
+
+def test_generation_imports_no_torch(exported, tmp_path):
+    _, bundle = exported
+    rt = load(bundle, mode="live", threads=1)
+    rt.switch("s2")
+    want = rt.generate("Hello", max_new_tokens=12)
+    code = f"""
+import json, sys
+sys.modules['torch'] = None
+from edgeadapt.runtime import load
+rt = load({str(bundle)!r}, mode='live', threads=1)
+rt.switch('s2')
+out = rt.generate('Hello', max_new_tokens=12)
+print(json.dumps({{"ids": out.ids, "text": out.text,
+                  "torch": sys.modules.get('torch') is not None}}))
+"""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out == {"ids": want.ids, "text": want.text, "torch": False}
+
+
+def test_a_real_tokenizer_travels_torch_free(tmp_path):
+    """SmolLM2's own tokenizer (where its converted copy is cached): the exporter writes its
+    tokenizer.json and chat template; the runtime's tokenizer encodes and decodes as
+    transformers does."""
+    from edgeadapt.export.decoder import write_tokenizer
+    from edgeadapt.models import cache_dir
+
+    source = cache_dir() / "smollm2-135m-instruct-fp32"
+    if not (source / "tokenizer.json").is_file():
+        pytest.skip("SmolLM2 is not converted here (edgeadapt.models.smollm2_fp32_dir)")
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(source)
+    entries = write_tokenizer(hf, tmp_path)
+    assert entries == {"tokenizer": "tokenizer.json", "chat_template": "chat_template.jinja"}
+    assert (tmp_path / "chat_template.jinja").read_text() == hf.chat_template
+    tok = Tokenizer(tmp_path / "tokenizer.json")
+    text = "Once upon a time, an adapter was switched in place: ça marche 🎉."
+    ids = hf(text)["input_ids"]
+    assert tok.encode(text) == ids
+    assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+    assert tok.vocab_size == len(hf)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_transformers_generate(tmp_path):
+    """The real SmolLM2-135M (q/v live, --generate, context 256): 32 greedy tokens of a text
+    prompt under a SHiRA adapter and under the base equal transformers' ``generate``."""
+    from edgeadapt.errors import MissingPackageError
+
+    torch.set_num_threads(2)
+    try:
+        lm = load_model("smollm2", seed=0)
+    except MissingPackageError as exc:
+        pytest.skip(str(exc))
+    export_base(lm, tmp_path, backends="onnxruntime", targets="qv", generate=True,
+                max_context=256)
+    manifest = read_manifest(tmp_path)
+    assert manifest.extra["generate"]["chat_template"] == "chat_template.jinja"
+    names = sorted(manifest.weights)
+    s1, _, _ = random_adapters(lm, names, names[:2], seed=1)
+    register_adapters(tmp_path, manifest, {"s1": s1})
+    rt = load(tmp_path, mode="live", threads=2)
+    prompt = lm.tokenizer("The capital of France is")["input_ids"]
+    for adapter in (None, "s1"):
+        rt.switch(adapter)
+        out = rt.generate("The capital of France is", max_new_tokens=32)
+        assert out.prompt_tokens == len(prompt)
+        assert out.ids == _hf_greedy(lm, tmp_path, adapter, prompt, 32), adapter
