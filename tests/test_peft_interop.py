@@ -43,9 +43,9 @@ from edgeadapt.format.peft import (  # noqa: E402
     BASE_ALIASES,
     REFUSED_LORA_OPTIONS,
     CooDelta,
-    _prefix_change,
     read_peft,
 )
+from edgeadapt.format.peft_match import _prefix_change  # noqa: E402
 from edgeadapt.models import REAL_MODELS, example_inputs, load_model  # noqa: E402
 from edgeadapt.runtime import load  # noqa: E402
 from edgeadapt.train import load_run  # noqa: E402

@@ -4,10 +4,10 @@
 Checks, before anything is written: every weight the adapter touches is adaptable in the bundle
 (TargetMismatchError naming them and the ``--targets`` to re-export with) and was trained on the
 bundle's base (a run's or an ``.eadp``'s per-weight sha256, FingerprintMismatchError; a PEFT
-adapter, which stores no hash, by what can be checked: :func:`edgeadapt.format.peft.
-peft_to_adapter`). SiRA adapters (and LoRA / SoRA with ``unfused=True``) need a graph variant
-carrying the branches; it is exported into the bundle the first time it is needed and recorded
-under ``variants`` in bundle.json.
+adapter, which stores no hash, by what can be checked:
+:func:`edgeadapt.format.peft_match.peft_to_adapter`). SiRA adapters (and LoRA / SoRA with
+``unfused=True``) need a graph variant carrying the branches; it is exported into the bundle
+the first time it is needed and recorded under ``variants`` in bundle.json.
 """
 
 from __future__ import annotations
@@ -41,14 +41,8 @@ from edgeadapt.format.manifest import (
     variant_key,
     write_manifest,
 )
-from edgeadapt.format.peft import (
-    CONFIG_FILE,
-    PICKLE_FILE,
-    WEIGHTS_FILE,
-    is_peft_dir,
-    peft_to_adapter,
-    read_peft,
-)
+from edgeadapt.format.peft import CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE, is_peft_dir, read_peft
+from edgeadapt.format.peft_match import peft_to_adapter
 from edgeadapt.format.rounding import ROUNDING_WARN, delta_change
 from edgeadapt.format.run_dir import INFO_FILE
 from edgeadapt.format.types import Adapter, LoraDelta, SiraBranch

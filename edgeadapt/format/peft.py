@@ -1,5 +1,7 @@
-"""Hugging Face PEFT adapter directories: read a PEFT LoRA or SHiRA adapter into an edgeadapt
-:class:`~edgeadapt.format.types.Adapter` for a bundle, and write an Adapter as a PEFT adapter.
+"""Hugging Face PEFT adapter directories: read a PEFT LoRA or SHiRA adapter (this module),
+match it to a bundle as an edgeadapt :class:`~edgeadapt.format.types.Adapter`
+(:mod:`edgeadapt.format.peft_match`), write an Adapter as a PEFT adapter
+(:mod:`edgeadapt.format.peft_write`).
 
 Spec: docs/format.md §7. Torch-free: safetensors' own parser and numpy. A PEFT adapter
 directory (``save_pretrained``) holds
@@ -14,17 +16,16 @@ directory (``save_pretrained``) holds
   is never opened.
 
 Reading is two steps: :func:`read_peft` parses and checks the directory on its own (types,
-shapes, finite values, options edgeadapt cannot reproduce), :func:`peft_to_adapter` matches it
-to a bundle's live weights (names, shapes, index ranges, base model name): PEFT stores no hash of
-the base, so what can be checked is checked and the adapter takes the bundle's weight hashes.
+shapes, finite values, options edgeadapt cannot reproduce), then
+:func:`edgeadapt.format.peft_match.peft_to_adapter` matches it to a bundle's live weights (names,
+shapes, index ranges, base model name): PEFT stores no hash of the base, so what can be checked
+is checked and the adapter takes the bundle's weight hashes.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +35,10 @@ from safetensors import deserialize
 
 from edgeadapt.errors import (
     AdapterFormatError,
-    ConfigError,
-    FingerprintMismatchError,
-    TargetMismatchError,
 )
 from edgeadapt.format.codecs import bf16_bits_to_f32
-from edgeadapt.format.container import atomic_write_bytes, read_json_object
-from edgeadapt.format.manifest import Manifest, model_location
-from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta
+from edgeadapt.format.container import read_json_object
+from edgeadapt.format.types import LoraDelta
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -332,325 +329,3 @@ def _read_shira(peft: PeftAdapter, tensors: dict[str, np.ndarray], cfg_file: Pat
             raise AdapterFormatError(f"{weights_file}: {key!r} holds negative indices")
         peft.targets[module] = CooDelta(rows=idx[0].copy(), cols=idx[1].copy(),
                                         values=values.astype(np.float32))
-
-
-def peft_to_adapter(peft: PeftAdapter, manifest: Manifest, *, force_base: bool = False,
-                    bundle: str | Path = "the bundle") -> Adapter:
-    """Match ``peft`` to the live weights of a bundle and return it as an Adapter (method
-    ``lora`` or ``shira``, the bundle's weight hashes as its base, PEFT's facts in
-    ``meta["peft"]``).
-
-    Checks, in order: ``base_model_name_or_path`` against the bundle's model when both are
-    known (FingerprintMismatchError unless ``force_base``); each PEFT module maps to a live
-    weight, names differing by one prefix found against the bundle's names (TargetMismatchError
-    naming the ``--targets`` to re-export with); LoRA shapes equal the weight's, SHiRA holds
-    ``r (out + in)`` values (PEFT's SHiRA layer always does) at distinct in-range indices
-    (AdapterFormatError); ``modules_to_save`` only a classifier head of the bundle with a zero
-    bias.
-    """
-    where = str(peft.path)
-    _check_base_name(peft, manifest, force_base, bundle)
-    heads = set(manifest.heads)
-    live = {n.removesuffix(".weight") for n in manifest.weights if n not in heads}
-    strip, add = _prefix_change(list(peft.targets), live)
-
-    def rename(module: str) -> str | None:
-        return add + module.removeprefix(strip) if module.startswith(strip) else None
-
-    names = {m: rename(m) for m in peft.targets}
-    unmatched = sorted(m for m, n in names.items() if n not in live)
-    if unmatched:
-        raise TargetMismatchError(_unmatched_message(peft, manifest, names, unmatched, live,
-                                                     bundle))
-    targets: dict[str, LoraDelta | ShiraDelta] = {}
-    for module, delta in peft.targets.items():
-        name = f"{names[module]}.weight"
-        out_f, in_f = manifest.weights[name].shape
-        if isinstance(delta, LoraDelta):
-            got = (int(delta.B.shape[0]), int(delta.A.shape[1]))
-            if got != (out_f, in_f):
-                raise AdapterFormatError(
-                    f"{where}: module {module!r} changes a {list(got)} weight, but the "
-                    f"bundle's {name} is {[out_f, in_f]}: an adapter for another model size")
-            targets[name] = delta
-        else:
-            r = peft.config.get("r")
-            if isinstance(r, int) and not isinstance(r, bool) and (
-                    delta.values.size != r * (out_f + in_f)):
-                raise AdapterFormatError(  # PEFT's SHiRA layer holds exactly r (out + in)
-                    f"{where}: module {module!r} holds {delta.values.size} SHiRA values, but "
-                    f"r={r} on the bundle's {name} {[out_f, in_f]} makes {r * (out_f + in_f)}:"
-                    " an adapter for another model size")
-            targets[name] = _shira_delta(delta, module, name, (out_f, in_f), where)
-    head = _heads(peft, manifest, rename, where)
-    method = peft.method
-    meta = {"peft": {"peft_type": peft.peft_type, "dir": peft.path.name,
-                     "base_model_name_or_path": peft.base_model,
-                     "modules": {names[m] + ".weight": m for m in peft.targets},
-                     "scaling": {names[m] + ".weight": s for m, s in peft.scaling.items()},
-                     "config": peft.config}}
-    return Adapter(method=method, targets=targets,
-                   shapes={n: tuple(manifest.weights[n].shape) for n in targets},
-                   weight_sha256={n: manifest.weights[n].sha256 for n in targets},
-                   meta=meta, head=head)
-
-
-def same_base(peft_name: str | None, bundle_model: str) -> bool | None:
-    """Whether PEFT's ``base_model_name_or_path`` names the bundle's model: equal names (case
-    does not matter on the Hub), a registry name and its Hub repository
-    (:data:`BASE_ALIASES`), or one local directory. None where PEFT recorded no name."""
-    if not peft_name:
-        return None
-
-    def names(n: str) -> set[str]:
-        out = {n, *BASE_ALIASES.get(n, ())}
-        out |= {k for k, hub in BASE_ALIASES.items() if n.casefold() in
-                {h.casefold() for h in hub}}
-        return {x.rstrip("/").casefold() for x in out}
-
-    if names(peft_name) & names(bundle_model):
-        return True
-    a, b = Path(peft_name), Path(bundle_model)
-    try:
-        return a.is_dir() and b.is_dir() and a.samefile(b)
-    except OSError:
-        return False
-
-
-def _check_base_name(peft: PeftAdapter, manifest: Manifest, force_base: bool,
-                     bundle: str | Path) -> None:
-    if force_base or same_base(peft.base_model, model_location(manifest, bundle)) is not False:
-        return
-    raise FingerprintMismatchError(
-        f"{peft.path / CONFIG_FILE}: base_model_name_or_path is {peft.base_model!r}, but the "
-        f"bundle at {bundle} holds {manifest.model!r}: the adapter was made for another base "
-        "model. Export it into a bundle of its model, or pass --force-base if the weights are "
-        "the same (shapes are still checked)")
-
-
-def _prefix_change(modules: list[str], live: set[str]) -> tuple[str, str]:
-    """``(strip, add)`` that turns the most PEFT module names into live module names of the
-    bundle (``add + name.removeprefix(strip)``), e.g. ``("", "model.")`` for a PEFT adapter
-    made on ``LlamaModel`` and a ``LlamaForCausalLM`` bundle. Ties: no change first, then the
-    shortest change. ``("", "")`` when no name matches at all."""
-    votes: Counter[tuple[str, str]] = Counter()
-    for m in modules:
-        for n in live:
-            if n == m:
-                votes["", ""] += 1
-            elif n.endswith("." + m):
-                votes["", n[:-len(m)]] += 1
-            elif m.endswith("." + n):
-                votes[m[:-len(n)], ""] += 1
-    if not votes:
-        return "", ""
-    return min(votes, key=lambda k: (-votes[k], len(k[0]) + len(k[1]), k))
-
-
-def targets_spec(peft: PeftAdapter, bundle_modules: list[str]) -> str:
-    """An ``edgeadapt export base --targets`` regex selecting the modules ``peft`` adapts:
-    PEFT's ``target_modules`` list as name suffixes where no layer filter applies, else the
-    modules themselves (in the bundle's names)."""
-    cfg = peft.config
-    listed = cfg.get("target_modules")
-    if (isinstance(listed, list) and listed and all(isinstance(t, str) for t in listed)
-            and cfg.get("layers_to_transform") is None and not cfg.get("layers_pattern")):
-        return r"(^|\.)(" + "|".join(re.escape(t) for t in sorted(set(listed))) + ")$"
-    return "^(" + "|".join(re.escape(m) for m in sorted(set(bundle_modules))) + ")$"
-
-
-def _unmatched_message(peft: PeftAdapter, manifest: Manifest, names: dict[str, str | None],
-                       unmatched: list[str], live: set[str], bundle: str | Path) -> str:
-    shown = ", ".join(unmatched[:4]) + (f" (+{len(unmatched) - 4} more)"
-                                         if len(unmatched) > 4 else "")
-    if len(unmatched) == len(names):
-        return (f"{peft.path}: none of the {len(names)} module(s) the PEFT adapter changes "
-                f"({shown}) is a live weight of the bundle at {bundle} (model "
-                f"{manifest.model!r}, live weights like {sorted(live)[:2]}): an adapter for "
-                "another architecture, or a bundle exported without these weights live; "
-                f"re-export the base with --targets '{targets_spec(peft, unmatched)}' if the "
-                "model is the right one")
-    mapped = [names[m] or m for m in names]
-    return (f"{peft.path}: the PEFT adapter changes {len(unmatched)} module(s) the bundle at "
-            f"{bundle} does not make live: {shown}. The bundle was exported with --targets "
-            f"{manifest.targets_spec!r}; re-export the base with --targets "
-            f"'{targets_spec(peft, mapped)}'")
-
-
-def _shira_delta(delta: CooDelta, module: str, name: str, shape: tuple[int, int],
-                 where: str) -> ShiraDelta:
-    out_f, in_f = shape
-    if delta.rows.size and (int(delta.rows.max()) >= out_f or int(delta.cols.max()) >= in_f):
-        raise AdapterFormatError(
-            f"{where}: module {module!r}: shira_indices reach row {int(delta.rows.max())}, "
-            f"column {int(delta.cols.max())}, outside the bundle's {name} {[out_f, in_f]}: "
-            "an adapter for another model size")
-    flat = delta.rows * in_f + delta.cols
-    order = np.argsort(flat, kind="stable")
-    flat = flat[order]
-    if flat.size > 1 and not bool(np.all(flat[1:] > flat[:-1])):
-        raise AdapterFormatError(f"{where}: module {module!r}: shira_indices repeat a "
-                                 "position; PEFT's masks never do (a corrupt adapter?)")
-    return ShiraDelta(indices=flat.astype(np.int64), values=delta.values[order])
-
-
-def _heads(peft: PeftAdapter, manifest: Manifest, rename, where: str) -> dict[str, np.ndarray]:
-    """``modules_to_save`` tensors that are a classifier head of the bundle (weight kept as
-    the adapter's head; bias must be zero, as edgeadapt's heads are bias-free)."""
-    head: dict[str, np.ndarray] = {}
-    for key, arr in sorted(peft.saved.items()):
-        module, param = key.rsplit(".", 1)
-        candidates = [f"{n}.weight" for n in (rename(module), module) if n is not None]
-        name = next((c for c in candidates if c in manifest.heads), None)
-        if name is None:
-            raise TargetMismatchError(
-                f"{where}: modules_to_save holds {module!r}, which is not a classifier head of "
-                f"the bundle (heads: {manifest.heads or 'none'}); edgeadapt carries adapters "
-                "of live weights and task heads only")
-        if param == "bias":
-            if np.any(arr != 0):
-                raise AdapterFormatError(
-                    f"{where}: modules_to_save {module!r} has a trained bias; edgeadapt's "
-                    "heads are bias-free (the bias stays at its zero init): retrain with the "
-                    "head's bias frozen at zero")
-        elif param == "weight":
-            if tuple(arr.shape) != tuple(manifest.weights[name].shape):
-                raise AdapterFormatError(f"{where}: head {key!r} is {list(arr.shape)}, the "
-                                         f"bundle's {name} {list(manifest.weights[name].shape)}")
-            head[name] = np.ascontiguousarray(arr, dtype=np.float32)
-        else:
-            raise AdapterFormatError(f"{where}: modules_to_save tensor {key!r} is neither the "
-                                     "head's weight nor its bias")
-    return head
-
-
-def write_peft(out: str | Path, adapter: Adapter, base_model: str | None) -> Path:
-    """Write ``adapter`` (LoRA, pruned SoRA as LoRA, or SHiRA) as a PEFT adapter directory
-    that ``PeftModel.from_pretrained(base, out)`` loads; returns ``out``.
-
-    An adapter read from PEFT (``meta["peft"]``) is written back with its own config, module
-    names and unfolded ``lora_B`` (``B / scaling``: exact where the scaling is a power of two).
-    Others get one of their own: LoRA with each module's rank as ``r`` and ``lora_alpha`` (so
-    PEFT's scaling is 1 and ``lora_B`` carries edgeadapt's folded alpha / r), SHiRA with
-    ``r = max ceil(K / (out + in))`` and each mask padded with zero values to the ``r (out +
-    in)`` entries PEFT's SHiRA layer holds. A classifier head becomes ``modules_to_save``
-    with a zero bias. SiRA has no PEFT equivalent (ConfigError).
-    """
-    out = Path(out)
-    if adapter.method not in ("lora", "sora", "shira"):
-        raise ConfigError(f"a {adapter.method} adapter has no PEFT equivalent (SiRA: routed "
-                          "LoRA experts, run unfused); convert LoRA, SoRA or SHiRA adapters")
-    origin = adapter.meta.get("peft") if isinstance(adapter.meta.get("peft"), dict) else None
-    if origin is not None and origin.get("peft_type") != (
-            "SHIRA" if adapter.method == "shira" else "LORA"):
-        origin = None
-    modules = (origin or {}).get("modules") or {}
-    targets = {n: _scaled(d, adapter.scale) for n, d in adapter.targets.items()
-               if not (isinstance(d, LoraDelta) and d.rank == 0)}  # SoRA: every rank pruned
-    if not targets:
-        raise AdapterFormatError("the adapter changes no weight: nothing to write")
-    key_of = {n: KEY_PREFIX + modules.get(n, n.removesuffix(".weight")) for n in targets}
-    if adapter.method == "shira":
-        tensors, config = _shira_peft(targets, adapter.shapes, key_of, origin)
-    else:
-        tensors, config = _lora_peft(targets, key_of, origin)
-    heads = sorted(adapter.head)
-    for name in heads:
-        key = KEY_PREFIX + modules.get(name, name).removesuffix(".weight")
-        h = np.ascontiguousarray(adapter.head[name], dtype=np.float32)
-        tensors[f"{key}.weight"] = h
-        tensors[f"{key}.bias"] = np.zeros(h.shape[0], dtype=np.float32)
-    if heads:
-        config["modules_to_save"] = sorted({n.removesuffix(".weight") for n in heads})
-    if origin is None or "base_model_name_or_path" not in config:
-        config["base_model_name_or_path"] = base_model
-    _write_dir(out, tensors, config)
-    return out
-
-
-def _scaled(delta: LoraDelta | ShiraDelta, scale: float) -> LoraDelta | ShiraDelta:
-    """The delta at the adapter's default strength (PEFT has none: it is folded in)."""
-    if scale == 1.0:
-        return delta
-    if isinstance(delta, LoraDelta):
-        return LoraDelta(A=delta.A, B=(delta.B * np.float32(scale)).astype(np.float32))
-    return ShiraDelta(indices=delta.indices,
-                      values=(delta.values * np.float32(scale)).astype(np.float32))
-
-
-def _lora_peft(targets: dict, key_of: dict[str, str], origin: dict | None
-               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    tensors: dict[str, np.ndarray] = {}
-    if origin is not None:
-        scaling = origin.get("scaling") or {}
-        for n, d in targets.items():
-            s = float(scaling.get(n, 1.0))
-            tensors[f"{key_of[n]}.lora_A.weight"] = np.ascontiguousarray(d.A, np.float32)
-            tensors[f"{key_of[n]}.lora_B.weight"] = (d.B.astype(np.float64) / s
-                                                     ).astype(np.float32)
-        return tensors, dict(origin.get("config") or {})
-    ranks = {n: d.rank for n, d in targets.items()}
-    r = max(ranks.values())
-    pattern = {re.escape(key_of[n].removeprefix(KEY_PREFIX)): k for n, k in ranks.items()
-               if k != r}
-    for n, d in targets.items():
-        tensors[f"{key_of[n]}.lora_A.weight"] = np.ascontiguousarray(d.A, np.float32)
-        tensors[f"{key_of[n]}.lora_B.weight"] = np.ascontiguousarray(d.B, np.float32)
-    config = {"peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": r,
-              "rank_pattern": pattern, "alpha_pattern": dict(pattern), "use_rslora": False,
-              "fan_in_fan_out": False, "bias": "none", "lora_dropout": 0.0,
-              "init_lora_weights": True, "inference_mode": True,
-              "target_modules": sorted(k.removeprefix(KEY_PREFIX) for k in key_of.values())}
-    return tensors, config
-
-
-def _shira_peft(targets: dict, shapes: dict, key_of: dict[str, str], origin: dict | None
-                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    if origin is not None:
-        config = dict(origin.get("config") or {})
-        r = config.get("r")
-    else:
-        r = max(-(-d.indices.size // (shapes[n][0] + shapes[n][1]))
-                for n, d in targets.items())
-        config = {"peft_type": "SHIRA", "task_type": None, "r": r, "mask_type": "random",
-                  "random_seed": 0, "fan_in_fan_out": False, "init_weights": True,
-                  "inference_mode": True,
-                  "target_modules": sorted(k.removeprefix(KEY_PREFIX) for k in key_of.values())}
-    tensors: dict[str, np.ndarray] = {}
-    for n, d in targets.items():
-        out_f, in_f = shapes[n]
-        want = int(r) * (out_f + in_f) if isinstance(r, int) else d.indices.size
-        if want > out_f * in_f or want < d.indices.size:
-            raise AdapterFormatError(
-                f"SHiRA target {n}: PEFT's SHiRA holds r (out + in) = {want} entries of a "
-                f"{[out_f, in_f]} weight, this adapter {d.indices.size}: not representable")
-        flat, values = _pad(np.asarray(d.indices, np.int64),
-                            np.asarray(d.values, np.float32), want, out_f * in_f)
-        tensors[f"{key_of[n]}.shira_weight"] = values
-        tensors[f"{key_of[n]}.shira_indices"] = np.stack([flat // in_f, flat % in_f]
-                                                         ).astype(np.int32)
-    return tensors, config
-
-
-def _pad(flat: np.ndarray, values: np.ndarray, k: int, numel: int
-         ) -> tuple[np.ndarray, np.ndarray]:
-    """``flat`` (sorted) plus the ``k - len(flat)`` smallest positions not in it, with value 0,
-    all sorted: the same delta with PEFT's count of entries."""
-    extra = k - flat.size
-    if extra == 0:
-        return flat, values
-    free = np.setdiff1d(np.arange(min(numel, flat.size + extra), dtype=np.int64), flat,
-                        assume_unique=True)[:extra]
-    merged = np.concatenate([flat, free])
-    order = np.argsort(merged, kind="stable")
-    return merged[order], np.concatenate([values, np.zeros(extra, np.float32)])[order]
-
-
-def _write_dir(out: Path, tensors: dict[str, np.ndarray], config: dict[str, Any]) -> None:
-    from safetensors.numpy import save
-
-    data = save({k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())},
-                metadata={"format": "pt"})
-    atomic_write_bytes(out / WEIGHTS_FILE, [data])
-    text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    atomic_write_bytes(out / CONFIG_FILE, [text.encode()])
