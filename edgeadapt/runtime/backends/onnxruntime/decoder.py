@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from edgeadapt.errors import BundleError
-from edgeadapt.format.layout import BLOCKED
 from edgeadapt.format.manifest import Manifest
 from edgeadapt.runtime.backends.onnxruntime.session import (
-    cpu_session,
+    live_session,
     require_ort,
     session_options,
     thread_binding,
@@ -72,16 +71,14 @@ class OrtDecoder:
             if entries[name].get("layout") != lw.layout:
                 raise BundleError(f"{path}: {name!r} has layout {entries[name].get('layout')} "
                                   f"in the decoder, the live buffer {lw.layout}; cannot share it")
-        self.session, self.kernel = cpu_session(
-            path, session_options(threads),
-            [entries[n]["name"] for n, lw in live.items() if lw.layout == BLOCKED], kernel)
+        self.session, self.kernel, self._values = live_session(
+            path, session_options(threads), live, {n: entries[n]["name"] for n in live}, kernel)
         graph_inputs = {i.name: i for i in self.session.get_inputs()}
         self.ids_name = section["inputs"].get("ids", "input_ids")
         self.past_names = [n for pair in section["inputs"]["past"] for n in pair]
         self.output_names = [section["outputs"].get("logits", "logits")] + [
             n for pair in section["outputs"]["present"] for n in pair]
-        missing = [n for n in [self.ids_name, *self.past_names,
-                               *(e["name"] for e in entries.values())] if n not in graph_inputs]
+        missing = [n for n in [self.ids_name, *self.past_names] if n not in graph_inputs]
         if missing:
             raise BundleError(f"{path}: inputs {missing} named in bundle.json are not inputs of "
                               "the decoder graph")
@@ -90,9 +87,6 @@ class OrtDecoder:
         if [first[1], first[3]] != [self.kv_heads, self.head_dim]:
             raise BundleError(f"{path}: cache inputs of shape {first}, bundle.json says "
                               f"kv_heads {self.kv_heads}, head_dim {self.head_dim}")
-        # Never rebind: these OrtValues alias the buffers the switch engine edits.
-        self._values = {entries[n]["name"]: ort.OrtValue.ortvalue_from_numpy(lw.array)
-                        for n, lw in live.items()}
         self._ort = ort
         self._local = threading.local()
 

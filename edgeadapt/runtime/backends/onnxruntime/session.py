@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeadapt.errors import BundleError, MissingPackageError
-from edgeadapt.format.layout import transposed_from_blocked
+from edgeadapt.format.layout import BLOCKED, transposed_from_blocked
+from edgeadapt.runtime.store import LiveWeight
 
 try:
     import onnxruntime as ort
@@ -88,6 +89,26 @@ def read_graph(model_path: Path):
         return onnx.load(str(model_path), load_external_data=False)
     except (OSError, DecodeError, ValueError) as exc:
         raise BundleError(f"{model_path}: not a readable ONNX graph: {exc}") from exc
+
+
+def live_session(model_path: Path, so, live: Mapping[str, LiveWeight],
+                 input_names: Mapping[str, str], kernel: bool) -> tuple[object, bool, dict]:
+    """A CPU session of ``model_path`` whose live-weight inputs read the runtime-owned buffers
+    of ``live`` (torch name -> LiveWeight; ``input_names``: torch name -> graph input name):
+    (session, whether edgeadapt's kernel reads the blocked32 ones (:func:`cpu_session`),
+    {input name: OrtValue aliasing the buffer}). Bind the values once per IOBinding
+    (:func:`thread_binding`) and never rebind: the switch engine edits the buffers in place.
+    BundleError if a live weight is not an input of the graph."""
+    ort = require_ort()
+    session, used = cpu_session(
+        model_path, so, [input_names[n] for n, lw in live.items() if lw.layout == BLOCKED], kernel)
+    graph_inputs = {i.name for i in session.get_inputs()}
+    missing = sorted(input_names[n] for n in live if input_names[n] not in graph_inputs)
+    if missing:
+        raise BundleError(f"{model_path}: live weights {missing} are not graph inputs")
+    values = {input_names[n]: ort.OrtValue.ortvalue_from_numpy(lw.array)
+              for n, lw in live.items()}
+    return session, used, values
 
 
 def thread_binding(local: threading.local, session, values: Mapping[str, object]):

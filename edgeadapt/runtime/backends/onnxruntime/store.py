@@ -25,15 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from edgeadapt.errors import BundleError, ConfigError
-from edgeadapt.format.layout import BLOCKED, backend_shape, to_backend
+from edgeadapt.format.layout import backend_shape, to_backend
 from edgeadapt.format.manifest import Manifest
 from edgeadapt.runtime.backends.onnxruntime.kernel import use_kernel
 from edgeadapt.runtime.backends.onnxruntime.session import (
     add_constant_initializers,
-    cpu_session,
     graph_with_initializers,
+    live_session,
     open_session,
-    require_ort,
     run_bound,
     session_options,
     thread_binding,
@@ -124,18 +123,9 @@ class OrtLiveStore(OrtStoreBase):
                  input_names: dict[str, str], threads: int | None = None, kernel: bool = False
                  ) -> None:
         super().__init__(model_path, live, inputs, input_names)
-        rt = require_ort()
-        self.session, self.kernel = cpu_session(
-            model_path, session_options(threads),
-            [input_names[n] for n, lw in live.items() if lw.layout == BLOCKED], kernel)
+        self.session, self.kernel, self._values = live_session(
+            model_path, session_options(threads), live, input_names, kernel)
         self.output_name = self.session.get_outputs()[0].name
-        graph_inputs = {i.name for i in self.session.get_inputs()}
-        missing = sorted(n for n in input_names.values() if n not in graph_inputs)
-        if missing:
-            raise BundleError(f"{model_path}: live weights {missing} are not graph inputs")
-        # Never rebind: these OrtValues alias the buffers the engine edits.
-        self._values = {input_names[n]: rt.OrtValue.ortvalue_from_numpy(lw.array)
-                        for n, lw in live.items()}
         self._local = threading.local()
 
     def _binding(self):

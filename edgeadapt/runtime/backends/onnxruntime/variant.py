@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from edgeadapt.errors import BundleError
-from edgeadapt.format.layout import BLOCKED
 from edgeadapt.format.manifest import Manifest
 from edgeadapt.runtime.backends.onnxruntime import SECTION
 from edgeadapt.runtime.backends.onnxruntime.session import (
-    cpu_session,
+    live_session,
     require_ort,
     run_bound,
     session_options,
@@ -63,21 +62,13 @@ class OrtVariantSession:
                 raise BundleError(f"variant {key!r}: {wname!r} has layout "
                                   f"{entries[wname].get('layout')}, the live buffer "
                                   f"{lw.layout}; cannot share it")
-        self.session, self.kernel = cpu_session(
-            path, so, [entries[w]["name"] for w, lw in live.items() if lw.layout == BLOCKED],
-            kernel)
+        self.session, self.kernel, self._values = live_session(
+            path, so, live, {w: entries[w]["name"] for w in live}, kernel)
         self.output_name = self.session.get_outputs()[0].name
-        graph_inputs = {i.name for i in self.session.get_inputs()}
         # overridable initializers (the branch tensors): name -> dims (int, or str if symbolic)
         self._branch_specs = {i.name: list(i.shape)
                               for i in self.session.get_overridable_initializers()
                               if i.type == "tensor(float)"}
-        self._values = {}
-        for wname, lw in live.items():
-            onnx = entries[wname]
-            if onnx["name"] not in graph_inputs:
-                raise BundleError(f"{path}: live weight {onnx['name']!r} is not a graph input")
-            self._values[onnx["name"]] = ort.OrtValue.ortvalue_from_numpy(lw.array)
         self._ort = ort
         self._branch: dict[str, object] = {}
         self._gen = 0
