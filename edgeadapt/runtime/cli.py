@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import click
+
+from edgeadapt.timer import stopwatch
 
 
 @click.command("generate")
@@ -34,15 +34,15 @@ def generate_cmd(bundle: str, prompt: str, adapters: tuple[str, ...], max_new_to
     chat = rt.conversation()
     pieces = chat.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_k=top_k, top_p=top_p, seed=seed, stop=list(stop))
-    start = time.perf_counter()
-    first = None
+    elapsed, first = stopwatch(), None
     for piece in pieces:
-        first = time.perf_counter() if first is None else first
+        first = elapsed() if first is None else first
         click.echo(piece.text, nl=False)
-    end = time.perf_counter()
+    end = elapsed()
     click.echo()
     out = chat.last
+    first = end if first is None else first
     decode = (len(out.ids) - 1) / (end - first) if len(out.ids) > 1 and end > first else 0.0
     click.echo(f"[{len(out.ids)} tokens, {out.finish_reason}; prompt {out.prompt_tokens} tokens, "
-               f"first token after {1e3 * (first - start):.0f} ms, then {decode:.1f} tokens/s; "
+               f"first token after {1e3 * first:.0f} ms, then {decode:.1f} tokens/s; "
                f"adapters: {', '.join(rt.active) or 'none (base)'}]", err=True)
