@@ -30,6 +30,7 @@ from edgeadapt.export.bundle import export_base  # noqa: E402
 from edgeadapt.format import read_adapter, read_manifest, write_manifest  # noqa: E402
 from edgeadapt.models import forward, load_model  # noqa: E402
 from edgeadapt.runtime import get_backend, load  # noqa: E402
+from edgeadapt.runtime.backends.onnxruntime import decoder as ort_decoder  # noqa: E402
 from edgeadapt.runtime.generate import open_generator  # noqa: E402
 from edgeadapt.runtime.sampling import Sampling, sample  # noqa: E402
 from edgeadapt.runtime.tokenizer import Tokenizer  # noqa: E402
@@ -134,9 +135,14 @@ def test_greedy_equals_transformers_generate(exported, adapter, mode):
     assert out.prompt_tokens == len(PROMPT) and out.reprefills == 0
 
 
-def test_decode_step_logits_equal_full_forward(exported):
+@pytest.mark.parametrize("first_capacity", [None, 4])
+def test_decode_step_logits_equal_full_forward(exported, monkeypatch, first_capacity):
     """Under s1: a prefill of 5 tokens, then 20 single-token steps through the cache; each
-    position's logits vs the PyTorch full forward of the whole sequence."""
+    position's logits vs the PyTorch full forward of the whole sequence. With a first
+    capacity of 4 the cache buffers grow (4 -> 8 -> 16 -> 32) on the way, the held positions
+    carried over; between growths each step writes into the same buffers in place."""
+    if first_capacity is not None:
+        monkeypatch.setattr(ort_decoder, "FIRST_CAPACITY", first_capacity)
     lm, bundle = exported
     rt = load(bundle, mode="live", threads=1)
     rt.switch("s1")
@@ -149,9 +155,14 @@ def test_decode_step_logits_equal_full_forward(exported):
     base = forward(lm, {"input_ids": torch.from_numpy(ids[None])}).detach().numpy()[0]
     logits, cache = gen.decoder.step(ids[None, :5], gen.decoder.empty_cache(1))
     assert parity(logits[0], want[:5]) <= RTOL
+    capacities = {cache.capacity}
     for i in range(5, ids.size):
+        buffer = cache.arrays[0]
         logits, cache = gen.decoder.step(ids[None, i:i + 1], cache)
-        assert cache[0].shape[2] == i + 1
+        assert cache.length == i + 1 <= cache.capacity
+        if cache.capacity in capacities:
+            assert cache.arrays[0] is buffer and buffer[0, :, i].any()  # written in place
+        capacities.add(cache.capacity)
         assert parity(logits[0, 0], want[i]) <= RTOL, i
         assert parity(logits[0, 0], base[i]) > 100 * RTOL  # the adapter changes it
 

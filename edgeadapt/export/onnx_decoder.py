@@ -1,26 +1,30 @@
 """The KV-cache decoder graph of a causal LM for ONNX Runtime, its ``--targets`` weights live.
 
-One graph serves prefill and decode: it takes ``S`` new tokens and the keys and values of the
-``P`` tokens before them, and returns the logits of the new tokens and the keys and values of
-all ``P + S`` (``P`` = 0 is the prefill, ``S`` = 1 a decode step)::
+One graph serves prefill and decode: it takes ``S`` new tokens, the number ``P`` of positions
+already cached, and per layer a key and a value cache buffer of ``C >= P + S`` positions, and
+returns the logits of the new tokens and the buffers with the new keys and values written at
+``P .. P + S - 1`` (``P`` = 0 is the prefill, ``S`` = 1 a decode step)::
 
     input_ids      int64   (batch, seq)
-    past_key_<i>   float32 (batch, kv_heads, past, head_dim)     i = 0 .. layers - 1
-    past_value_<i> float32 (batch, kv_heads, past, head_dim)
+    past_length    int64   ()                                        P
+    past_key_<i>   float32 (batch, kv_heads, cache, head_dim)     i = 0 .. layers - 1
+    past_value_<i> float32 (batch, kv_heads, cache, head_dim)
     -> logits          float32 (batch, seq, vocab)
-       present_key_<i>   float32 (batch, kv_heads, past + seq, head_dim)
-       present_value_<i> float32 (batch, kv_heads, past + seq, head_dim)
+       present_key_<i>   float32 (batch, kv_heads, cache, head_dim)   the past, updated
+       present_value_<i> float32 (batch, kv_heads, cache, head_dim)
 
-Positions are ``past .. past + seq - 1`` (the graph reads ``past`` from the cache's shape), the
-attention causal over all ``past + seq`` positions; keys are stored after the rotary embedding.
-The cache is plain tensors, concatenated (no fused attention op): the graph is standard ONNX
-that any ONNX Runtime runs, and the projections are plain MatMuls, so the live weights are
-located, moved to inputs and re-laid ``blocked32`` by the same code as the base graph
-(:mod:`edgeadapt.export.onnx_graph`, :mod:`edgeadapt.graphs.blocked`) under the same input
-names and layouts: the runtime binds one set of buffers to both graphs.
+Attention is ONNX Runtime's fused ``com.microsoft.GroupQueryAttention`` (rotary embedding
+included, :mod:`edgeadapt.export.onnx_gqa`): bound to the *same* buffer as input and output,
+a cache is written in place (``past_present_share_buffer``), so a decode step copies nothing
+and attends in one kernel per layer. Keys are stored after the rotary embedding. The
+projections stay plain MatMuls, so the live weights are located, moved to inputs and re-laid
+``blocked32`` by the same code as the base graph (:mod:`edgeadapt.export.onnx_graph`,
+:mod:`edgeadapt.graphs.blocked`) under the same input names and layouts: the runtime binds one
+set of buffers to both graphs.
 
 :class:`KVCacheDecoder` runs the Hugging Face model's own modules (embedding, norms,
-projections, rotary embedding, MLP, head); only the cache and the attention mask are its own.
+projections, MLP, head); only the attention with its cache (the operator above, its rotary
+tables taken from the model's own rotary embedding) is its own.
 Llama-family models (``model_type`` ``llama``: SmolLM2, the tiny test model) only so far.
 """
 
@@ -39,6 +43,7 @@ from edgeadapt.export.onnx_check import session
 from edgeadapt.graphs import blocked as ob
 from edgeadapt.models import LoadedModel, LogitsModule, example_inputs
 from edgeadapt.numeric import rel_error
+from edgeadapt.runtime.backends.onnxruntime.decoder import CACHE_FORM
 
 DECODER_FILE = "decoder.onnx"
 #: the model types whose decoder layers :class:`KVCacheDecoder` knows
@@ -57,67 +62,72 @@ def present_names(layers: int) -> list[list[str]]:
 
 
 class KVCacheDecoder(nn.Module):
-    """``forward(input_ids, past_key_0, past_value_0, ...) -> (logits, present_key_0, ...)``
-    over a Hugging Face Llama-family ``...ForCausalLM`` (shapes: module docstring).
+    """``forward(input_ids, past_length, past_key_0, past_value_0, ...) -> (logits,
+    present_key_0, ...)`` over a Hugging Face Llama-family ``...ForCausalLM`` (shapes: module
+    docstring).
 
     Per layer, with ``x`` the normed hidden states of the new tokens::
 
-        q, k, v = rope(x Wq), rope(x Wk), x Wv          (rotary at positions past .. past+seq-1)
-        K, V    = concat(past_key, k), concat(past_value, v)      -> present_key, present_value
-        h      += softmax(q K^T / sqrt(head_dim) + causal mask) V Wo
-        h      += mlp(norm(h))
+        out, present_key, present_value = gqa(x Wq, x Wk, x Wv, past_key, past_value)
+        h += out Wo
+        h += mlp(norm(h))
 
-    the same math as the model's own forward without a cache (the export checks the logits
-    against it), with grouped key/value heads repeated as the model does.
+    (``gqa``: :func:`edgeadapt.export.onnx_gqa.gqa`, rotary at positions ``past_length ..``,
+    its cos/sin tables the model's rotary embedding at positions ``0 .. max_context - 1``): the
+    same math as the model's own forward without a cache (the export checks the logits
+    against it).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, max_context: int) -> None:
         super().__init__()
         config = model.config
         if getattr(config, "model_type", None) not in SUPPORTED:
             raise ConfigError(f"--generate: model type {getattr(config, 'model_type', None)!r} "
                               f"has no KV-cache decoder yet (supported: {', '.join(SUPPORTED)})")
+        import edgeadapt.export.onnx_gqa  # noqa: F401  (registers torch.ops.edgeadapt.gqa)
+
         self.model = model
         attn = model.model.layers[0].self_attn
         self.layers = int(config.num_hidden_layers)
+        self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(attn.head_dim)
-        self.groups = int(attn.num_key_value_groups)
         self.scaling = float(attn.scaling)
+        positions = torch.arange(max_context)[None, :]
+        probe = torch.zeros(1, max_context, self.head_dim)
+        with torch.no_grad():
+            cos, sin = model.model.rotary_emb(probe, positions)  # (1, positions, head_dim)
+        half = self.head_dim // 2
+        if not (torch.equal(cos[..., :half], cos[..., half:])
+                and torch.equal(sin[..., :half], sin[..., half:])):
+            raise ConfigError("--generate: the model's rotary tables are not half-split "
+                              "(rotate_half); GroupQueryAttention cannot apply them")
+        self.register_buffer("cos_cache", cos[0, :, :half].float().contiguous())
+        self.register_buffer("sin_cache", sin[0, :, :half].float().contiguous())
 
-    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
-
+    def forward(self, input_ids: torch.Tensor, past_length: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         base = self.model.model
         batch, seq = input_ids.shape
-        past_len = past[0].shape[2]
         h = base.embed_tokens(input_ids)
-        positions = (torch.arange(seq, device=h.device) + past_len).unsqueeze(0)
-        cos, sin = base.rotary_emb(h, positions)
-        keys = torch.arange(past_len + seq, device=h.device)
-        mask = torch.zeros((seq, past_len + seq), dtype=h.dtype, device=h.device).masked_fill(
-            keys[None, :] > positions[0][:, None], torch.finfo(h.dtype).min)
+        total = (past_length + seq).to(torch.int32)
+        seqlens = (total - 1).reshape(1).expand(batch)
         presents = []
         for i, layer in enumerate(base.layers[: self.layers]):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            k = torch.cat([past[2 * i], k], dim=2)
-            v = torch.cat([past[2 * i + 1], v], dim=2)
-            presents += [k, v]
-            scores = torch.matmul(q, repeat_kv(k, self.groups).transpose(2, 3)) * self.scaling
-            weights = torch.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)
-            out = torch.matmul(weights, repeat_kv(v, self.groups)).transpose(1, 2)
-            h = h + attn.o_proj(out.reshape(batch, seq, -1))
+            out, key, value = torch.ops.edgeadapt.gqa(
+                attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), past[2 * i], past[2 * i + 1],
+                seqlens, total, self.cos_cache, self.sin_cache, self.heads, self.kv_heads,
+                self.scaling)
+            presents += [key, value]
+            h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return (self.model.lm_head(base.norm(h)), *presents)
 
-    def empty_cache(self, batch: int, past: int = 0) -> list[torch.Tensor]:
-        """Zeros of the cache inputs' shapes with ``past`` cached positions."""
-        return [torch.zeros(batch, self.kv_heads, past, self.head_dim)
+    def empty_cache(self, batch: int, positions: int) -> list[torch.Tensor]:
+        """Zero cache buffers of ``positions`` positions each."""
+        return [torch.zeros(batch, self.kv_heads, positions, self.head_dim)
                 for _ in range(2 * self.layers)]
 
 
@@ -148,7 +158,7 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 2:
         raise ConfigError(f"max_context {max_context!r}: a whole number >= 2")
     out_dir = Path(out_dir)
-    wrapper = KVCacheDecoder(lm.model).eval()
+    wrapper = KVCacheDecoder(lm.model, max_context).eval()
     names = past_names(wrapper.layers)
     params = dict(lm.model.named_parameters())
     with torch.no_grad():
@@ -170,7 +180,8 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     section = {
         "file": DECODER_FILE, "data": data,
         "layers": wrapper.layers, "kv_heads": wrapper.kv_heads, "head_dim": wrapper.head_dim,
-        "inputs": {"ids": "input_ids", "past": names},
+        "cache": CACHE_FORM,
+        "inputs": {"ids": "input_ids", "past_length": "past_length", "past": names},
         "outputs": {"logits": "logits", "present": present_names(wrapper.layers)},
         "weights": entries,
         "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
@@ -184,21 +195,26 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
 
 
 def _trace(lm: LoadedModel, wrapper: KVCacheDecoder, max_context: int) -> onnx.ModelProto:
-    """torch.export + ONNX translation, dynamic batch, seq and past (example: 2 x 3 new tokens
-    after 5 cached ones, sizes that pin nothing)."""
+    """torch.export + ONNX translation (the attention operator as GroupQueryAttention), dynamic
+    batch, seq and cache length (example: 2 x 3 new tokens after 5 cached ones in buffers of
+    11 positions, sizes that pin nothing)."""
+    from edgeadapt.export.onnx_gqa import translation_table
+
     ids = example_inputs(lm, batch=2, seq=3, seed=0)["input_ids"]
     past = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i))
-            for i, t in enumerate(wrapper.empty_cache(2, past=5))]
+            for i, t in enumerate(wrapper.empty_cache(2, 11))]
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=1, max=max_context)
-    past_len = torch.export.Dim("past", min=0, max=max_context)
-    dyn = ({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past))
+    cache = torch.export.Dim("cache", min=2, max=max_context)
+    dyn = ({0: batch, 1: seq}, None, tuple({0: batch, 2: cache} for _ in past))
     flat_past = [n for pair in past_names(wrapper.layers) for n in pair]
     flat_present = [n for pair in present_names(wrapper.layers) for n in pair]
     try:
         prog = torch.onnx.export(
-            wrapper, (ids, *past), dynamic_shapes=dyn, input_names=["input_ids", *flat_past],
-            output_names=["logits", *flat_present], dynamo=True, optimize=True, verbose=False)
+            wrapper, (ids, torch.tensor(5), *past), dynamic_shapes=dyn,
+            input_names=["input_ids", "past_length", *flat_past],
+            output_names=["logits", *flat_present], custom_translation_table=translation_table(),
+            dynamo=True, optimize=True, verbose=False)
     except Exception as exc:  # the exporter raises many unrelated types
         raise ExportError(f"torch.onnx.export of the KV-cache decoder failed for {lm.name}: "
                           f"{exc}") from exc
@@ -211,22 +227,37 @@ _CHECK_CHUNKS = (5, 3, 1, 1, 1, 1)
 
 def _check(path: Path, lm: LoadedModel, wrapper: KVCacheDecoder, live: dict[str, np.ndarray],
            threads: int) -> dict:
-    """Run the saved graph chunk by chunk over a batch of 2 sequences, feeding each step's
-    presents back as the next step's past, and compare every position's logits with the full
-    forward of the model (no cache)."""
+    """Run the saved graph chunk by chunk over 2 sequences as the runtime does (batch 1, one
+    cache buffer per tensor bound as both past and present, written in place), and compare
+    every position's logits with the full forward of the model (no cache)."""
+    import onnxruntime as ort
+
     total = sum(_CHECK_CHUNKS)
     ids = example_inputs(lm, batch=2, seq=total, seed=11)["input_ids"]
     with torch.no_grad():
         want = LogitsModule(lm)(ids).float().numpy()
     sess = session(path, threads)
-    names = [n for pair in past_names(wrapper.layers) for n in pair]
-    cache = [t.numpy() for t in wrapper.empty_cache(2)]
-    errors, start = [], 0
-    for n in _CHECK_CHUNKS:
-        outs = sess.run(None, {"input_ids": np.ascontiguousarray(ids[:, start:start + n]),
-                               **dict(zip(names, cache, strict=True)), **live})
-        errors.append(rel_error(outs[0], want[:, start:start + n]))
-        cache, start = outs[1:], start + n
+    errors = []
+    for row in range(ids.shape[0]):  # batch 1: the runtime's form (GroupQueryAttention takes
+        cache = [ort.OrtValue.ortvalue_from_numpy(t.numpy())  # a multi-token step after a
+                 for t in wrapper.empty_cache(1, total + 1)]  # past only at batch 1)
+        start = 0
+        for n in _CHECK_CHUNKS:
+            b = sess.io_binding()
+            b.bind_cpu_input("input_ids", np.ascontiguousarray(ids[row:row + 1, start:start + n]))
+            b.bind_cpu_input("past_length", np.array(start, np.int64))
+            for name, value in live.items():
+                b.bind_cpu_input(name, value)
+            b.bind_output("logits", "cpu")
+            pairs = zip(past_names(wrapper.layers), present_names(wrapper.layers), strict=True)
+            for i, (past, present) in enumerate(pairs):
+                for j in range(2):
+                    b.bind_ortvalue_input(past[j], cache[2 * i + j])
+                    b.bind_ortvalue_output(present[j], cache[2 * i + j])
+            sess.run_with_iobinding(b)
+            errors.append(rel_error(b.get_outputs()[0].numpy(),
+                                    want[row:row + 1, start:start + n]))
+            start += n
     worst = max(errors)
     if not worst <= RTOL:
         raise ExportError(f"{path.name}: the KV-cache decoder's logits differ from the model's "

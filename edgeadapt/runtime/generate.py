@@ -43,13 +43,14 @@ PREFILL_CHUNK = 128
 
 
 class Decoder(Protocol):
-    """What a backend's ``open_decoder`` returns: one forward with a KV cache."""
+    """What a backend's ``open_decoder`` returns: one forward with a KV cache. A cache is an
+    object of the backend's own (the conversation only holds it); a step may update it in
+    place and return it."""
 
-    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
+    def empty_cache(self, batch: int = 1) -> object:
         """The cache of no positions."""
 
-    def step(self, ids: np.ndarray, cache: list[np.ndarray]
-             ) -> tuple[np.ndarray, list[np.ndarray]]:
+    def step(self, ids: np.ndarray, cache: object) -> tuple[np.ndarray, object]:
         """Logits (batch, seq, vocab) of ``ids`` (int64 (batch, seq)) after the positions of
         ``cache``, and the cache with ``ids`` appended."""
 
@@ -161,7 +162,7 @@ class Conversation:
         self._rt = runtime
         self._gen = generator
         self._tokens: list[int] = []
-        self._cache: list[np.ndarray] | None = None
+        self._cache: object | None = None
         self._cached = 0  # positions of self._tokens the cache holds
         self._epoch = -1
         self._logits: np.ndarray | None = None  # the last position's, after each step
@@ -272,7 +273,8 @@ class Conversation:
         """Feed the positions the cache lacks (the last token, and ``new``) under the lock held
         shared, in chunks of at most PREFILL_CHUNK; a cache from another epoch is dropped and
         everything is fed again. Leaves the last position's logits in ``self._logits``; returns
-        1 if it re-prefilled, else 0. State changes only once every chunk has run."""
+        1 if it re-prefilled, else 0. State changes only once every chunk has run (a failed
+        step drops the cache: the next reply re-prefills)."""
         rt, decoder = self._rt, self._gen.decoder
         tokens = self._tokens + new
         with rt.lock.shared():
@@ -285,10 +287,14 @@ class Conversation:
             cache, start = (decoder.empty_cache(1), 0) if stale or self._cache is None \
                 else (self._cache, self._cached)
             logits = None
-            while start < len(tokens):
-                chunk = np.asarray([tokens[start:start + PREFILL_CHUNK]], dtype=np.int64)
-                logits, cache = decoder.step(chunk, cache)
-                start += chunk.shape[1]
+            try:
+                while start < len(tokens):
+                    chunk = np.asarray([tokens[start:start + PREFILL_CHUNK]], dtype=np.int64)
+                    logits, cache = decoder.step(chunk, cache)
+                    start += chunk.shape[1]
+            except BaseException:
+                self._cache = None  # a step may have updated it in place: rebuild next time
+                raise
         self._cache, self._cached, self._epoch = cache, len(tokens), epoch
         self._logits = logits[0, -1]
         return int(stale)

@@ -3,9 +3,12 @@
 there) in a CPU session whose live-weight inputs are bound to the *same* runtime-owned buffers
 as the base graph's (aliasing OrtValues, never copied), so a switch reaches both graphs at once.
 
-A cache is the list of the ``past_key_<i>`` / ``past_value_<i>`` arrays, (batch, kv_heads,
-past, head_dim) each; :meth:`OrtDecoder.step` returns the next one (the graph's presents: the
-past with the new positions appended). Callers hold the runtime's lock shared around a step.
+A cache (:class:`KVCache`, one per conversation) is one buffer per ``past_key_<i>`` /
+``past_value_<i>`` input, (1, kv_heads, capacity, head_dim) each, bound to the graph as both
+the past and the present, so ONNX Runtime's GroupQueryAttention writes the new positions into
+it in place: a step copies no cache. The capacity starts at :data:`FIRST_CAPACITY` positions
+and doubles (the held positions copied over) up to the bundle's ``max_context`` as the
+conversation grows. Callers hold the runtime's lock shared around a step.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeadapt.errors import BundleError
+from edgeadapt.errors import BundleError, ConfigError
 from edgeadapt.format.manifest import Manifest
 from edgeadapt.runtime.backends.onnxruntime.session import (
     live_session,
@@ -24,6 +27,28 @@ from edgeadapt.runtime.backends.onnxruntime.session import (
     thread_binding,
 )
 from edgeadapt.runtime.store import LiveWeight
+
+#: the cache form this session runs (bundle.json ``onnxruntime.decoder.cache``: buffers of any
+#: length >= past + seq, written in place where bound as both past and present; the export:
+#: edgeadapt.export.onnx_decoder)
+CACHE_FORM = "shared-buffer"
+
+
+#: cache positions a new conversation's buffers hold before they first grow
+FIRST_CAPACITY = 256
+
+
+class KVCache:
+    """One conversation's cache buffers (module docstring): ``length`` positions held."""
+
+    def __init__(self, arrays: list[np.ndarray], ort: object) -> None:
+        self.arrays = arrays
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]  # aliasing
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.arrays[0].shape[2]
 
 
 def decoder_section(manifest: Manifest) -> dict:
@@ -36,15 +61,16 @@ def decoder_section(manifest: Manifest) -> dict:
     try:
         layers = int(section["layers"])
         pasts, presents = section["inputs"]["past"], section["outputs"]["present"]
-        ok = (isinstance(section["file"], str) and isinstance(section["weights"], dict)
+        ok = (section.get("cache") == CACHE_FORM
+              and isinstance(section["file"], str) and isinstance(section["weights"], dict)
               and len(pasts) == len(presents) == layers >= 1
               and all(len(p) == 2 for p in pasts + presents))
     except (KeyError, TypeError, ValueError):
         ok = False
     if not ok:
-        raise BundleError("bundle.json: the onnxruntime decoder entry is incomplete (file, "
-                          "layers, inputs.past, outputs.present, weights); re-export with "
-                          "--generate")
+        raise BundleError("bundle.json: the onnxruntime decoder entry is incomplete or of an "
+                          f"older form (file, layers, cache {CACHE_FORM!r}, inputs.past, "
+                          "outputs.present, weights); re-export with --generate")
     return section
 
 
@@ -75,43 +101,73 @@ class OrtDecoder:
             path, session_options(threads), live, {n: entries[n]["name"] for n in live}, kernel)
         graph_inputs = {i.name: i for i in self.session.get_inputs()}
         self.ids_name = section["inputs"].get("ids", "input_ids")
+        self.length_name = section["inputs"].get("past_length", "past_length")
         self.past_names = [n for pair in section["inputs"]["past"] for n in pair]
-        self.output_names = [section["outputs"].get("logits", "logits")] + [
-            n for pair in section["outputs"]["present"] for n in pair]
-        missing = [n for n in [self.ids_name, *self.past_names] if n not in graph_inputs]
+        self.present_names = [n for pair in section["outputs"]["present"] for n in pair]
+        self.logits_name = section["outputs"].get("logits", "logits")
+        missing = [n for n in [self.ids_name, self.length_name, *self.past_names]
+                   if n not in graph_inputs]
         if missing:
             raise BundleError(f"{path}: inputs {missing} named in bundle.json are not inputs of "
                               "the decoder graph")
-        first = graph_inputs[self.past_names[0]].shape  # (batch, kv_heads, past, head_dim)
+        first = graph_inputs[self.past_names[0]].shape  # (batch, kv_heads, cache, head_dim)
         self.kv_heads, self.head_dim = int(section["kv_heads"]), int(section["head_dim"])
         if [first[1], first[3]] != [self.kv_heads, self.head_dim]:
             raise BundleError(f"{path}: cache inputs of shape {first}, bundle.json says "
                               f"kv_heads {self.kv_heads}, head_dim {self.head_dim}")
+        self.max_context = int(manifest.extra.get("generate", {}).get("max_context", 0)) or None
         self._ort = ort
         self._local = threading.local()
 
-    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
-        """The cache of no positions: zero-length arrays of the cache inputs' shapes."""
-        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
+    def empty_cache(self, batch: int = 1) -> KVCache:
+        """A cache holding no positions (buffers of :data:`FIRST_CAPACITY` positions, or the
+        whole context where that is less)."""
+        if batch != 1:
+            raise ConfigError(f"batch {batch}: the decoder runs one conversation per cache")
+        return KVCache(self._buffers(min(FIRST_CAPACITY, self.max_context or FIRST_CAPACITY)),
+                       self._ort)
+
+    def _buffers(self, capacity: int) -> list[np.ndarray]:
+        return [np.zeros((1, self.kv_heads, capacity, self.head_dim), np.float32)
                 for _ in self.past_names]
+
+    def _reserve(self, cache: KVCache, needed: int) -> None:
+        """Grow ``cache`` to hold ``needed`` positions: twice the capacity (at most the
+        context), the held positions copied over."""
+        if needed <= cache.capacity:
+            return
+        capacity = max(needed, 2 * cache.capacity)
+        if self.max_context is not None:
+            capacity = max(needed, min(capacity, self.max_context))
+        grown = self._buffers(capacity)
+        for new, old in zip(grown, cache.arrays, strict=True):
+            new[:, :, :cache.length] = old[:, :, :cache.length]
+        cache.arrays = grown
+        cache.values = [self._ort.OrtValue.ortvalue_from_numpy(a) for a in grown]
 
     def _binding(self):
         return thread_binding(self._local, self.session, self._values)
 
-    def step(self, ids: np.ndarray, cache: list[np.ndarray]
-             ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits (batch, seq, vocab) of the new tokens ``ids`` (int64 (batch, seq)) after the
-        positions in ``cache``, and the cache with them appended. The arrays returned are
-        views of ONNX Runtime's outputs of this run (each run allocates new ones)."""
+    def step(self, ids: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """Logits (1, seq, vocab) of the new tokens ``ids`` (int64 (1, seq)) after the
+        ``cache.length`` positions of ``cache``, whose buffers receive the new positions in
+        place (``cache`` is returned, its length advanced). The logits are a view of ONNX
+        Runtime's output of this run (each run allocates a new one)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise ConfigError(f"decoder step: ids of shape {ids.shape}; one conversation "
+                              "(batch 1) per step")
+        self._reserve(cache, cache.length + ids.shape[1])
         b = self._binding()
-        feeds = [np.ascontiguousarray(ids, dtype=np.int64),
-                 *(np.ascontiguousarray(c, dtype=np.float32) for c in cache)]
-        values = [self._ort.OrtValue.ortvalue_from_numpy(x) for x in feeds]  # alive for the run
-        for name, value in zip([self.ids_name, *self.past_names], values, strict=True):
-            b.bind_ortvalue_input(name, value)
-        for name in self.output_names:
-            b.bind_output(name, "cpu")
+        b.bind_cpu_input(self.ids_name, ids)
+        b.bind_cpu_input(self.length_name, np.array(cache.length, np.int64))
+        b.bind_output(self.logits_name, "cpu")  # first: get_outputs() is in binding order
+        for past, present, value in zip(self.past_names, self.present_names, cache.values,
+                                        strict=True):
+            b.bind_ortvalue_input(past, value)
+            b.bind_ortvalue_output(present, value)
         self.session.run_with_iobinding(b)
-        outs = [o.numpy() for o in b.get_outputs()]
+        logits = b.get_outputs()[0].numpy()
         b.clear_binding_outputs()
-        return outs[0], outs[1:]
+        cache.length += ids.shape[1]
+        return logits, cache
