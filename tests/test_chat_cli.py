@@ -23,7 +23,7 @@ from edgeadapt.export.bundle import export_base  # noqa: E402
 from edgeadapt.format import read_manifest, write_manifest  # noqa: E402
 from edgeadapt.models import load_model  # noqa: E402
 from edgeadapt.runtime import load  # noqa: E402
-from edgeadapt.runtime.chat import ChatSession, ChatTemplate  # noqa: E402
+from edgeadapt.runtime.chat_template import Chat, ChatTemplate  # noqa: E402
 from edgeadapt.runtime.tokenizer import Tokenizer  # noqa: E402
 
 N = 8  # new tokens per reply
@@ -156,19 +156,18 @@ def test_template_feeds_only_the_tokens_the_conversation_lacks(bundle, tmp_path)
     cache is kept); otherwise the whole rendering goes to a fresh conversation."""
     copy, tok = _with_template(bundle, tmp_path, TEMPLATE)
     template = ChatTemplate(TEMPLATE, *_special_tokens(copy, tok))
-    session = ChatSession(load(copy, mode="live", threads=1), tok, template, {},
-                          lambda *a, **k: None, lambda text: None)
+    chat = Chat(load(copy, mode="live", threads=1), template, tok)
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
                 {"role": "user", "content": "and?"}]
     have = (tok.encode(template.render(messages[:1]), special=False)
             + tok.encode("yo", special=False))
     full = tok.encode(template.render(messages), special=False)
-    session.conv = SimpleNamespace(tokens=have)
-    conv, prompt = session._prompt(messages, "and?")
-    assert conv is session.conv and have + prompt == full and len(prompt) < len(full)
-    session.conv = SimpleNamespace(tokens=[*have[:-1], have[-1] + 1])  # not a prefix
-    conv, prompt = session._prompt(messages, "and?")
-    assert conv is not session.conv and conv.tokens == [] and prompt == full
+    chat.conversation = SimpleNamespace(tokens=have)
+    conv, prompt = chat.feed(messages)
+    assert conv is chat.conversation and have + prompt == full and len(prompt) < len(full)
+    chat.conversation = SimpleNamespace(tokens=[*have[:-1], have[-1] + 1])  # not a prefix
+    conv, prompt = chat.feed(messages)
+    assert conv is not chat.conversation and conv.tokens == [] and prompt == full
 
 
 @pytest.mark.parametrize("broken", ["{% for m in messages %}{{ m.content ",
@@ -194,3 +193,36 @@ def test_unusable_template_falls_back_to_plain_turns(bundle, tmp_path, broken):
     context += second.ids + tok.encode("more", special=False)
     third = _reference(copy, None, context)
     assert res.stdout == f"{first.text}\n{second.text}\n{third.text}\n"
+
+
+def test_runtime_chat_and_generate_take_messages(bundle, tmp_path):
+    """``rt.chat()`` renders each turn with the template (its replies equal ``rt.generate`` of
+    the rendered tokens on another runtime, the cache kept between turns), keeps the system
+    message, and ``rt.generate(messages)`` is one such turn."""
+    from edgeadapt.errors import ConfigError
+
+    copy, tok = _with_template(bundle, tmp_path, TEMPLATE)
+    template = ChatTemplate(TEMPLATE, *_special_tokens(copy, tok))
+    rt = load(copy, mode="live", threads=1)
+    chat = rt.chat(system="be brief")
+    first = chat.send("hi", max_new_tokens=N)
+    conv = chat.conversation
+    rt.switch("s1")
+    second = chat.send("more", max_new_tokens=N)
+    assert chat.conversation is conv  # extended, not re-rendered into a fresh one
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert first.ids == _reference(copy, None, tok.encode(template.render(messages),
+                                                          special=False)).ids
+    messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "more"}]
+    want = _reference(copy, ["s1"], tok.encode(template.render(messages), special=False))
+    assert second.ids == want.ids and second.reprefills == 1  # re-prefilled under s1
+    assert chat.messages == [*messages, {"role": "assistant", "content": second.text}]
+    assert rt.generate(messages, max_new_tokens=N).ids == want.ids
+    assert [p.token for p in rt.stream(messages, max_new_tokens=N)] == want.ids
+    chat.reset()
+    assert chat.messages == messages[:1] and chat.conversation.tokens == []
+    for bad in ([{"role": "user"}], [{"role": "user", "content": 3}]):
+        with pytest.raises(ConfigError, match="needs a 'role' and a 'content'"):
+            rt.generate(bad)
+    with pytest.raises(ConfigError, match="no chat template"):
+        load(bundle, mode="live", threads=1).chat()

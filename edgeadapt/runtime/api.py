@@ -34,6 +34,7 @@ from edgeadapt.runtime.store import WeightStore
 from edgeadapt.runtime.unfused import PreparedBranches, VariantRoute
 
 if TYPE_CHECKING:
+    from edgeadapt.runtime.chat_template import Chat, ChatTemplate
     from edgeadapt.runtime.generate import Conversation, Generation, Generator, Piece
 
 MODES = ("live", "repack", "auto")
@@ -72,6 +73,7 @@ class Runtime:
         self._route: VariantRoute | None = None
         self._route_active: tuple[tuple[str, float], ...] = ()
         self._generator: Generator | None = None  # opened by the first conversation
+        self._template: ChatTemplate | None = None  # the chat template, opened on first use
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -217,17 +219,49 @@ class Runtime:
                     device=self.device, threads=self.threads)
         return Conversation(self, self._generator)
 
-    def generate(self, prompt: str | Sequence[int] | np.ndarray, **options: object
-                 ) -> Generation:
-        """The reply to ``prompt`` (text, or token ids) in a fresh conversation under the
-        adapters active now; options: max_new_tokens, temperature (0: greedy), top_k, top_p,
-        seed, stop (:class:`edgeadapt.runtime.sampling.Sampling`)."""
-        return self.conversation().send(prompt, **options)
+    def generate(self, prompt: str | Sequence[int] | np.ndarray | Sequence[dict],
+                 **options: object) -> Generation:
+        """The reply to ``prompt`` in a fresh conversation under the adapters active now:
+        text or token ids as given, or a list of chat messages ({"role", "content"}) rendered
+        with the bundle's chat template. Options: max_new_tokens, temperature (0: greedy),
+        top_k, top_p, seed, stop (:class:`edgeadapt.runtime.sampling.Sampling`)."""
+        return self.conversation().send(self._as_tokens(prompt), **options)
 
-    def stream(self, prompt: str | Sequence[int] | np.ndarray, **options: object
-               ) -> Iterator[Piece]:
+    def stream(self, prompt: str | Sequence[int] | np.ndarray | Sequence[dict],
+               **options: object) -> Iterator[Piece]:
         """:meth:`generate` as an iterator of pieces (token id and the text it completes)."""
-        return self.conversation().stream(prompt, **options)
+        return self.conversation().stream(self._as_tokens(prompt), **options)
+
+    def chat(self, system: str | None = None) -> Chat:
+        """A conversation of messages, each turn rendered with the bundle's chat template
+        (:class:`edgeadapt.runtime.chat_template.Chat`); ConfigError for a bundle without a
+        template or tokenizer, ChatTemplateError for a template that does not render here."""
+        from edgeadapt.runtime.chat_template import Chat
+
+        self.conversation()  # opens the generator (tokenizer) once
+        return Chat(self, self._chat_template(), self._generator.tokenizer, system)
+
+    def _chat_template(self) -> ChatTemplate:
+        from edgeadapt.runtime.chat_template import open_template
+
+        spec, tokenizer = self._generator.spec, self._generator.tokenizer
+        if spec.chat_template is None or tokenizer is None:
+            raise ConfigError(f"{self.bundle_dir}: the bundle has no chat template and "
+                              "tokenizer (chat_template.jinja, tokenizer.json); give text or "
+                              "token ids")
+        if self._template is None:
+            self._template = open_template(self.bundle_dir, spec, tokenizer)
+        return self._template
+
+    def _as_tokens(self, prompt: object) -> object:
+        """Chat messages rendered with the template and tokenized; anything else as given."""
+        from edgeadapt.runtime.chat_template import check_messages, is_messages
+
+        if not is_messages(prompt):
+            return prompt
+        self.conversation()
+        text = self._chat_template().render(check_messages(prompt))
+        return self._generator.tokenizer.encode(text, special=False)
 
 
 def load(bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",

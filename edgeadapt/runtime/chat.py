@@ -5,25 +5,23 @@ Each line read from stdin is a user turn of one :class:`~edgeadapt.runtime.gener
 Conversation`, its reply streamed to stdout; lines starting with ``/`` are commands
 (``/help``). A bad command, an unknown adapter or a refused prompt prints one ``error: ...``
 line on stderr and the loop goes on. Where the bundle carries a chat template
-(``generate.chat_template``) it is rendered with jinja2 as transformers renders it (sandboxed,
-``trim_blocks``, ``lstrip_blocks``), the whole message list each turn; the conversation is fed
-only the tokens after those it already holds (its cache is kept), or the whole rendering in a
-fresh conversation where the new rendering does not extend the old one. A template that cannot
-be compiled or rendered falls back to plain text turns (the lines as typed), said once.
+(``generate.chat_template``) the turns go through a :class:`~edgeadapt.runtime.chat_template.
+Chat` (the whole message list rendered each turn, only the missing tokens fed). A template that
+cannot be compiled or rendered falls back to plain text turns (the lines as typed, on the same
+conversation), said once.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import click
 
 from edgeadapt.errors import ConfigError, EdgeAdaptError, MissingPackageError
+from edgeadapt.runtime.chat_template import Chat, ChatTemplate, ChatTemplateError, open_template
 from edgeadapt.runtime.generate import GenerationSpec
 from edgeadapt.runtime.tokenizer import Tokenizer
 from edgeadapt.timer import stopwatch
@@ -35,70 +33,6 @@ HELP = """commands:
   /reset          start a new conversation
   /help           this list
   /quit           end the chat (as does the end of input)"""
-
-
-class ChatTemplateError(ConfigError):
-    """The chat template cannot be compiled or rendered here."""
-
-
-class ChatTemplate:
-    """A Hugging Face chat template (jinja) rendered without transformers, with the globals
-    and filters transformers gives it (``raise_exception``, ``strftime_now``, ``tojson``)."""
-
-    def __init__(self, source: str, bos_token: str | None = None,
-                 eos_token: str | None = None) -> None:
-        try:
-            from jinja2 import TemplateError
-            from jinja2.ext import loopcontrols
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError as exc:
-            raise MissingPackageError("chat templates need jinja2: pip install jinja2") from exc
-
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        def tojson(x: object, ensure_ascii: bool = False, indent: int | None = None,
-                   separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
-                              separators=separators, sort_keys=sort_keys)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[loopcontrols])
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        try:
-            self._template = env.from_string(source)
-        except Exception as exc:  # jinja2's TemplateSyntaxError, an unknown tag, ...
-            raise ChatTemplateError(f"chat template does not compile: {exc}") from None
-        self._tokens = {k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token))
-                        if v is not None}
-
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text of ``messages`` ({"role", "content"} dicts); ChatTemplateError where
-        the template fails on them (its ``raise_exception``, an undefined name, ...)."""
-        try:
-            return self._template.render(messages=messages,
-                                         add_generation_prompt=add_generation_prompt,
-                                         **self._tokens)
-        except Exception as exc:
-            raise ChatTemplateError(f"chat template failed to render: {exc}") from None
-
-
-def open_template(bundle_dir: Path, spec: GenerationSpec, tokenizer: Tokenizer
-                  ) -> ChatTemplate:
-    """The bundle's chat template, checked by rendering one user message; ChatTemplateError
-    (or MissingPackageError without jinja2) where it cannot be used."""
-    assert spec.chat_template is not None
-    try:
-        source = (bundle_dir / spec.chat_template).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ChatTemplateError(f"chat template {spec.chat_template!r} unreadable: {exc}"
-                               ) from None
-    eos = tokenizer.token(spec.eos_token_ids[0]) if spec.eos_token_ids else None
-    template = ChatTemplate(source, tokenizer.token(spec.bos_token_id), eos)
-    template.render([{"role": "user", "content": "hello"}])
-    return template
 
 
 @dataclass
@@ -113,15 +47,14 @@ class Stats:
 
 
 class ChatSession:
-    """The loop's state: one runtime, its current conversation, the messages so far (for the
-    template) and the stats. ``handle(line)`` does one line; False once the chat should end."""
+    """The loop's state: one runtime, its chat (with a template) or plain conversation, and
+    the stats. ``handle(line)`` does one line; False once the chat should end."""
 
     def __init__(self, rt: object, tokenizer: Tokenizer, template: ChatTemplate | None,
                  options: dict, out: Callable[..., None], err: Callable[[str], None]) -> None:
-        self.rt, self.tokenizer, self.template = rt, tokenizer, template
-        self.options, self.out, self.err = options, out, err
-        self.conv = rt.conversation()
-        self.messages: list[dict[str, str]] = []
+        self.rt, self.options, self.out, self.err = rt, options, out, err
+        self.chat = None if template is None else Chat(rt, template, tokenizer)
+        self.conv = rt.conversation() if self.chat is None else self.chat.conversation
         self.stats = Stats()
 
     # -- commands -----------------------------------------------------------------------------
@@ -146,7 +79,10 @@ class ChatSession:
             elif command == "/stats" and not args:
                 self.out(self.stats_line())
             elif command == "/reset" and not args:
-                self.conv, self.messages = self.rt.conversation(), []
+                if self.chat is not None:
+                    self.chat.reset()
+                self.conv = self.rt.conversation() if self.chat is None \
+                    else self.chat.conversation
                 self.out("[new conversation]")
             elif command in ("/adapter", "/fuse", "/stats", "/reset"):
                 raise ConfigError(f"usage: {_usage(command)}")
@@ -181,10 +117,8 @@ class ChatSession:
     # -- turns --------------------------------------------------------------------------------
 
     def reply(self, line: str) -> None:
-        messages = [*self.messages, {"role": "user", "content": line}]
         try:
-            conv, prompt = self._prompt(messages, line)
-            pieces = conv.stream(prompt, **self.options)
+            pieces = self._pieces(line)
         except EdgeAdaptError as exc:
             self.err(f"error: {exc}" + (" (/reset starts a new conversation)"
                                         if "context would hold" in str(exc) else ""))
@@ -203,29 +137,22 @@ class ChatSession:
             return
         total = elapsed()
         self.out("")
-        out = conv.last
-        self.conv = conv
-        self.messages = [*messages, {"role": "assistant", "content": out.text or ""}]
+        if self.chat is not None:
+            self.conv = self.chat.conversation
+        out = self.conv.last
         self.stats.reply_tokens, self.stats.reply_s = len(out.ids), total
         self.stats.first_token_s = first or 0.0
 
-    def _prompt(self, messages: list[dict[str, str]], line: str) -> tuple[object, object]:
-        """The conversation to send to and what to send: the line as text (no template), or
-        the template's tokens the current conversation lacks; a fresh conversation with the
-        whole rendering where it does not extend the current one."""
-        if self.template is not None:
+    def _pieces(self, line: str) -> object:
+        """The reply's stream: through the chat template, or the line as plain text (also from
+        the turn on which the template first fails, on the same conversation)."""
+        if self.chat is not None:
             try:
-                text = self.template.render(messages)
+                return self.chat.stream(line, **self.options)
             except ChatTemplateError as exc:
-                self.template = None
+                self.conv, self.chat = self.chat.conversation, None
                 self.err(f"note: {exc}; plain text turns from now on")
-            else:
-                ids = self.tokenizer.encode(text, special=False)
-                have = self.conv.tokens
-                if len(ids) > len(have) and ids[:len(have)] == have:
-                    return self.conv, ids[len(have):]
-                return self.rt.conversation(), ids
-        return self.conv, line
+        return self.conv.stream(line, **self.options)
 
 
 def _names(active: tuple[str, ...] | list[str]) -> str:
