@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint clean results
+.PHONY: setup demo generate-demo test test-slow lint clean results
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(VENV)/bin/edgeadapt quickstart
+
+# generation end to end on SmolLM2 (docs/generate.md): about 7 minutes on 2 cores
+generate-demo: setup
+	$(VENV)/bin/edgeadapt generate-demo
 
 test: setup
 	$(VENV)/bin/ruff check edgeadapt tests scripts experiments

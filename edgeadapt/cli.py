@@ -65,6 +65,29 @@ def quickstart(out: str, max_train: int, max_test: int, epochs: float, model: st
                    echo=click.echo)
 
 
+@click.command("generate-demo")
+@click.option("--out", default="runs/generate-demo", show_default=True,
+              type=click.Path(file_okay=False), help="where the runs and the bundle are written")
+@click.option("--model", default="smollm2", show_default=True)
+@click.option("--steps", type=int, default=12, show_default=True,
+              help="optimizer steps per adapter")
+@click.option("--reviews", type=int, default=24, show_default=True,
+              help="held-out reviews scored per adapter state")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def generate_demo(out: str, model: str, steps: int, reviews: int, threads: int,
+                  progress: bool) -> None:
+    """Generation end to end on SmolLM2: train two SHiRA adapters (Hamlet text, a sentiment
+    answer), export with the KV-cache decoder, and generate under the base, each adapter and
+    both fused, switching in place between requests (checked against transformers)."""
+    from edgeadapt.pipeline_generate import GenerateDemoConfig, run_generate_demo
+    from edgeadapt.train.cli import set_threads
+
+    set_threads(threads)
+    run_generate_demo(GenerateDemoConfig(out=out, model=model, steps=steps, reviews=reviews,
+                                         threads=threads, progress=progress), echo=click.echo)
+
+
 def _register() -> None:
     from edgeadapt.bench.cli import bench
     from edgeadapt.export.cli import convert, export
@@ -72,7 +95,8 @@ def _register() -> None:
     from edgeadapt.runtime.cli import generate_cmd
     from edgeadapt.train.cli import train
 
-    for command in (train, export, convert, generate_cmd, chat_cmd, bench, quickstart):
+    for command in (train, export, convert, generate_cmd, chat_cmd, bench, quickstart,
+                    generate_demo):
         main.add_command(command)
 
 

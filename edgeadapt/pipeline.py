@@ -115,7 +115,7 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
 
     elapsed = stopwatch()
     out = Path(qc.out)
-    stage = _stage_timer(echo)
+    stage = stage_timer(echo)
     echo(f"edgeadapt quickstart: {qc.model}, {qc.max_train} training / {qc.max_test} test "
          f"examples per task, {qc.epochs:g} epoch, sequences <= {qc.max_len} tokens")
 
@@ -225,7 +225,7 @@ def run_quickstart(qc: QuickstartConfig, echo: Callable[[str], Any] = print) -> 
 # --- the pieces ------------------------------------------------------------------------------
 
 
-def _stage_timer(echo: Callable[[str], Any]) -> Callable[[str], None]:
+def stage_timer(echo: Callable[[str], Any]) -> Callable[[str], None]:
     """echo(what) with the seconds since the quickstart began."""
     elapsed = stopwatch()
     return lambda what: echo(f"[{elapsed():5.0f} s] {what}")

@@ -11,7 +11,8 @@ applied last to first.
 - :func:`carrying`: the model itself carrying them for a ``with`` block, then exactly as it was
   (no copy of the whole model where the adapters only edit weights);
 - :func:`reference_logits` / :func:`reference_weights`: its logits on numpy inputs, or the
-  weights it holds.
+  weights it holds;
+- :func:`reference_greedy`: transformers' greedy ``generate`` on it (causal LMs).
 """
 
 from __future__ import annotations
@@ -87,6 +88,20 @@ def carrying(lm: LoadedModel, adapters: Adapters,
         with torch.no_grad():
             for n, w in saved.items():
                 params[n].copy_(w)
+
+
+def reference_greedy(lm: LoadedModel, adapters: Adapters, ids: Sequence[int], n: int,
+                     eos_token_ids: Sequence[int]) -> list[int]:
+    """The ``n`` tokens transformers' greedy ``generate`` (KV cache on) appends to ``ids`` on
+    ``lm`` carrying ``adapters`` (fewer where it ends on one of ``eos_token_ids``, which it
+    keeps); ``lm`` is left as it was."""
+    eos = [int(t) for t in eos_token_ids]
+    x = torch.tensor([list(ids)])
+    with carrying(lm, adapters) as ref, torch.no_grad():
+        out = ref.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                                 do_sample=False, use_cache=True, eos_token_id=eos or None,
+                                 pad_token_id=eos[0] if eos else 0)
+    return out[0, len(ids):].tolist()
 
 
 def reference_logits(lm: LoadedModel, adapters: Adapters, inputs: Mapping[str, np.ndarray],

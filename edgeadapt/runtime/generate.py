@@ -200,6 +200,9 @@ class Conversation:
             raise ConfigError(f"generate: unknown options {unknown}; choose from "
                               f"{', '.join(Sampling.__dataclass_fields__)}")
         how = Sampling.checked(**options)
+        if how.allowed is not None and how.allowed[-1] >= self._gen.spec.vocab_size:
+            raise ConfigError(f"generate: allowed token {how.allowed[-1]} lies outside the "
+                              f"model's vocabulary [0, {self._gen.spec.vocab_size})")
         ids = self._prompt_ids(prompt)
         self.last = None
         return self._reply(ids, how)
