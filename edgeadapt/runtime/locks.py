@@ -7,6 +7,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from edgeadapt.timer import stopwatch
+
 
 class ReadWriteLock:
     """Runs hold the lock :meth:`shared`; a switch holds :meth:`update` from start to end (one
@@ -19,6 +21,8 @@ class ReadWriteLock:
 
     ``epoch`` counts the exclusive sections entered so far: read while holding ``shared`` it
     names the weight state the run sees (a KV cache built under another epoch is stale).
+    ``last_exclusive`` is (seconds the last exclusive section waited for the runs in flight,
+    seconds it was held): what a switch cost the runs, apart from what the runs cost it.
     """
 
     def __init__(self) -> None:
@@ -28,6 +32,7 @@ class ReadWriteLock:
         self._writers_waiting = 0
         self._update = threading.RLock()
         self.epoch = 0
+        self.last_exclusive: tuple[float, float] | None = None
 
     @contextmanager
     def shared(self) -> Iterator[None]:
@@ -50,6 +55,7 @@ class ReadWriteLock:
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
+        waited = stopwatch()
         with self._cond:
             self._writers_waiting += 1
             try:
@@ -59,9 +65,11 @@ class ReadWriteLock:
                 self._writers_waiting -= 1
             self._writer = True
             self.epoch += 1
+        wait_s, held = waited(), stopwatch()
         try:
             yield
         finally:
             with self._cond:
                 self._writer = False
+                self.last_exclusive = (wait_s, held())
                 self._cond.notify_all()
