@@ -273,34 +273,35 @@ class Conversation:
                 reprefills += self._advance([])
 
     def _advance(self, new: list[int]) -> int:
-        """Feed the positions the cache lacks (the last token, and ``new``) under the lock held
-        shared, in chunks of at most PREFILL_CHUNK; a cache from another epoch is dropped and
-        everything is fed again. Leaves the last position's logits in ``self._logits``; returns
-        1 if it re-prefilled, else 0. State changes only once every chunk has run (a failed
-        step drops the cache: the next reply re-prefills)."""
+        """Feed the positions the cache lacks (the last token, and ``new``) in chunks of at
+        most PREFILL_CHUNK, each under the lock held shared, so a switch waits for one chunk
+        (or one decode step), never a whole prefill; a cache from another epoch (built before
+        a switch, even one between two chunks) is dropped and everything is fed again. Leaves
+        the last position's logits in ``self._logits``; returns the number of such rebuilds.
+        A failed step drops the cache (the next reply re-prefills)."""
         rt, decoder = self._rt, self._gen.decoder
         tokens = self._tokens + new
-        with rt.lock.shared():
-            if rt.route is not None:
-                raise SwitchError(f"generate: adapter {list(rt.active)} runs unfused (graph "
-                                  f"variant {rt.active_variant!r}); generation reads the fused "
-                                  "weights only so far")
-            epoch = rt.lock.epoch
-            stale = self._cache is not None and epoch != self._epoch
-            cache, start = (decoder.empty_cache(1), 0) if stale or self._cache is None \
-                else (self._cache, self._cached)
-            logits = None
-            try:
-                while start < len(tokens):
+        rebuilds, logits = 0, None
+        try:
+            while logits is None or self._cached < len(tokens):
+                with rt.lock.shared():
+                    if rt.route is not None:
+                        raise SwitchError(f"generate: adapter {list(rt.active)} runs unfused "
+                                          f"(graph variant {rt.active_variant!r}); generation "
+                                          "reads the fused weights only so far")
+                    epoch = rt.lock.epoch
+                    if self._cache is None or epoch != self._epoch:
+                        rebuilds += self._cache is not None
+                        self._cache, self._cached, self._epoch = decoder.empty_cache(1), 0, epoch
+                    start = self._cached
                     chunk = np.asarray([tokens[start:start + PREFILL_CHUNK]], dtype=np.int64)
-                    logits, cache = decoder.step(chunk, cache)
-                    start += chunk.shape[1]
-            except BaseException:
-                self._cache = None  # a step may have updated it in place: rebuild next time
-                raise
-        self._cache, self._cached, self._epoch = cache, len(tokens), epoch
+                    logits, self._cache = decoder.step(chunk, self._cache)
+                    self._cached = start + chunk.shape[1]
+        except BaseException:
+            self._cache = None  # a step may have updated it in place: rebuild next time
+            raise
         self._logits = logits[0, -1]
-        return int(stale)
+        return rebuilds
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
