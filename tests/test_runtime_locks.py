@@ -44,3 +44,46 @@ def test_writer_waits_for_runs_in_flight_and_new_runs_wait_for_it():
     assert order == ["run1", "write", "run2"] and lock.epoch == 1
     wait_s, held_s = lock.last_exclusive
     assert wait_s >= 0.05 and 0.02 <= held_s < wait_s
+
+
+def test_optimistic_runs_never_hold_a_writer_off_and_see_it_came():
+    lock = ReadWriteLock()
+    with lock.optimistic() as window:
+        assert window.epoch == 0 and window.intact()
+        done = threading.Event()
+
+        def write() -> None:
+            with lock.exclusive():
+                pass
+            done.set()
+
+        threading.Thread(target=write).start()
+        assert done.wait(10)  # the writer did not wait for this run
+        assert not window.intact() and lock.epoch == 1
+    # a write in progress: an optimistic run starts only after it
+    entered, release, order = threading.Event(), threading.Event(), []
+
+    def long_write() -> None:
+        with lock.exclusive():
+            entered.set()
+            release.wait()
+            order.append("write")
+
+    writer = threading.Thread(target=long_write)
+    writer.start()
+    entered.wait()
+
+    def run() -> None:
+        with lock.optimistic() as w:
+            order.append(("run", w.epoch))
+
+    reader = threading.Thread(target=run)
+    reader.start()
+    time.sleep(0.05)
+    assert order == []
+    release.set()
+    writer.join()
+    reader.join()
+    assert order == ["write", ("run", 2)]
+    with lock.shared() as w:
+        assert w.epoch == 2 and w.intact()

@@ -1,5 +1,6 @@
 """The one lock of a runtime: many concurrent runs, one switch at a time, and no run while a
-switch writes (writer preference)."""
+switch writes (writer preference); and optimistic runs, which never hold a switch off but learn
+afterwards whether one began under them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from edgeadapt.timer import stopwatch
+
+
+class Window:
+    """An optimistic run's view (:meth:`ReadWriteLock.optimistic`)."""
+
+    def __init__(self, lock: ReadWriteLock, epoch: int) -> None:
+        self._lock, self.epoch = lock, epoch
+
+    def intact(self) -> bool:
+        """No exclusive section has begun since the run started (the epoch moves as one
+        begins, before it writes)."""
+        return self._lock.epoch == self.epoch
 
 
 class ReadWriteLock:
@@ -35,18 +48,33 @@ class ReadWriteLock:
         self.last_exclusive: tuple[float, float] | None = None
 
     @contextmanager
-    def shared(self) -> Iterator[None]:
+    def shared(self) -> Iterator[Window]:
+        """A run that holds writers off; yields a :class:`Window` (intact throughout)."""
         with self._cond:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
+            window = Window(self, self.epoch)
         try:
-            yield
+            yield window
         finally:
             with self._cond:
                 self._readers -= 1
                 if self._readers == 0:
                     self._cond.notify_all()
+
+    @contextmanager
+    def optimistic(self) -> Iterator[Window]:
+        """A run that does not hold writers off (a seqlock's reader): waits for a write in
+        progress to end, then yields a :class:`Window` whose ``epoch`` is the weight state the
+        run started under and whose ``intact()`` stays True while no exclusive section has
+        begun since. A run for which ``intact()`` is False after it may have read weights half
+        written: its results are to be discarded (and redone)."""
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            window = Window(self, self.epoch)
+        yield window
 
     @contextmanager
     def update(self) -> Iterator[None]:
