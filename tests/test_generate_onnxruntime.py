@@ -21,6 +21,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner  # noqa: E402
+from generate_bundle import byte_tokenizer as _byte_tokenizer  # noqa: E402 - test_chat_cli too
+from generate_bundle import export_generate  # noqa: E402
 from runtime_reference import parity, random_adapters, register_adapters  # noqa: E402
 
 from edgeadapt.adapters.reference import reference_model  # noqa: E402
@@ -41,46 +43,14 @@ PROMPT = [17, 301, 44, 9, 250, 77, 130]
 DRAW = {"temperature": 1.0, "seed": 7}
 
 
-def _byte_tokenizer(size: int = 512):
-    """A byte-level BPE tokenizer of ``size`` tokens (3 special, 256 bytes, merges of two
-    lowercase letters), as a transformers fast tokenizer, so that the exporter copies it like a
-    real model's and every id of tiny SmolLM2's vocabulary has a text."""
-    from string import ascii_lowercase
-
-    from tokenizers import Tokenizer as RawTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>"]
-    vocab = {t: i for i, t in enumerate(specials)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    merges = [(a, b) for a in ascii_lowercase for b in ascii_lowercase][: size - len(vocab)]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    raw = RawTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Tiny SmolLM2 (q/v live) with its decoder and a byte tokenizer; s1: SHiRA 5% of every
     live weight, s2: SHiRA 20% of two of them."""
-    out = tmp_path_factory.mktemp("generate")
     torch.set_num_threads(1)
     lm = load_model("tiny-smollm2", seed=0)
     lm.tokenizer = _byte_tokenizer()
-    export_base(lm, out, backends="onnxruntime", targets="qv", generate=True,
-                max_context=CONTEXT)
-    manifest = read_manifest(out)
-    names = sorted(manifest.weights)
-    s1, s2, _ = random_adapters(lm, names, names[:2], seed=1)
-    register_adapters(out, manifest, {"s1": s1, "s2": s2})
-    return lm, out
+    return lm, export_generate(lm, tmp_path_factory.mktemp("generate"), CONTEXT)
 
 
 def _adapter(bundle, name):

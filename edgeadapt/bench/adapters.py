@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeadapt.bench.synth import synth_lora, synth_shira, synth_sira
+import numpy as np
+
+from edgeadapt.bench.synth import equal_rank, synth_lora, synth_shira, synth_sira
 from edgeadapt.format.adapter_file import read_adapter, write_adapter
 from edgeadapt.format.manifest import AdapterEntry, Manifest
-from edgeadapt.format.types import Adapter
+from edgeadapt.format.types import Adapter, Delta, ShiraDelta
 
 
 @dataclass
@@ -31,15 +33,31 @@ class AdapterSet:
         return sorted(n for n, e in self.entries.items()
                       if e.method == method and (e.variant is None) == fused)
 
+    def describe(self) -> dict[str, dict]:
+        """name -> {method, variant, synthetic, params} for the report; ``params``: the values
+        the adapter holds (SHiRA positions, LoRA / SiRA tensor entries)."""
+        return {n: {"method": e.method, "variant": e.variant, "synthetic": n in self.synthetic,
+                    "params": sum(_values(d) for d in self.adapters[n].targets.values())}
+                for n, e in self.entries.items()}
+
     def register(self, manifest: Manifest) -> None:
         """Add the synthetic entries to ``manifest`` (in memory)."""
         for name in self.synthetic:
             manifest.adapters.setdefault(name, self.entries[name])
 
 
+def _values(delta: Delta) -> int:
+    if isinstance(delta, ShiraDelta):
+        return int(delta.indices.size)
+    return int(sum(np.asarray(getattr(delta, k)).size for k in ("router", "A", "B")
+                   if hasattr(delta, k)))
+
+
 def collect(bundle_dir: Path, manifest: Manifest, scratch: Path, *, density: float = 0.01,
-            lora_rank: int = 16, sora_rank: int = 4, seed: int = 0) -> AdapterSet:
-    """The bundle's adapters plus synthetic ones for whatever a run needs and it lacks."""
+            lora_rank: int | None = 16, sora_rank: int = 4, seed: int = 0) -> AdapterSet:
+    """The bundle's adapters plus synthetic ones for whatever a run needs and it lacks.
+    ``lora_rank`` None: the synthetic LoRA adapters hold as many values as the first SHiRA
+    adapter has positions (:func:`~edgeadapt.bench.synth.equal_rank`)."""
     out = AdapterSet()
     for name, entry in manifest.adapters.items():
         out.adapters[name] = read_adapter(bundle_dir / entry.file, manifest)
@@ -56,6 +74,9 @@ def collect(bundle_dir: Path, manifest: Manifest, scratch: Path, *, density: flo
 
     for k in range(2 - len(out.of("shira"))):
         add(f"bench-shira-{k}", synth_shira(shapes, sha, density=density, seed=seed + 1 + k))
+    if lora_rank is None:
+        first = out.adapters[out.of("shira")[0]]
+        lora_rank = equal_rank(shapes, sum(int(d.indices.size) for d in first.targets.values()))
     for k in range(2 - len(out.of("lora"))):
         add(f"bench-lora-{k}", synth_lora(shapes, sha, rank=lora_rank, seed=seed + 11 + k))
     lora_variant = next((key for key in manifest.variants if key.startswith("lora-")), None)

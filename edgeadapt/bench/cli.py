@@ -9,18 +9,10 @@ import sys
 import click
 
 from edgeadapt.bench.backends import DEVICES, parse_targets
+from edgeadapt.bench.cli_values import positive_ints
+from edgeadapt.bench.generation.cli import generate_options, options_of
 from edgeadapt.errors import ConfigError
 from edgeadapt.runtime.policy import POLICY_FILE
-
-
-def _ints(value: str) -> list[int]:
-    try:
-        out = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated integers") from None
-    if not out or min(out) < 1:
-        raise click.BadParameter(f"{value!r}: expected positive integers")
-    return out
 
 
 @click.command("bench")
@@ -48,7 +40,11 @@ def _ints(value: str) -> list[int]:
 @click.option("--sessions", default=1, show_default=True, type=click.IntRange(min=1),
               help="Independent sessions/programs per forward variant, all interleaved; "
                    "ratios average over them (one session's memory layout can move it ~4%).")
-@click.option("--no-peers", is_flag=True, help="Skip the PyTorch PEFT peers.")
+@click.option("--density", default=0.01, show_default=True, type=click.FloatRange(0, 1,
+              min_open=True), help="Share of each live weight a synthetic SHiRA adapter "
+                                   "changes (adapters the bundle lacks are synthesised).")
+@click.option("--no-peers", is_flag=True,
+              help="Skip the peers (PEFT; with --generate also onnxruntime-genai, transformers).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--write-policy", "policy_path", is_flag=False, flag_value=str(POLICY_FILE),
@@ -56,14 +52,16 @@ def _ints(value: str) -> list[int]:
               help="Write the measured live-vs-repack thresholds of mode='auto' (2x the "
                    "break-even per backend, live form and batch) into this policy file; "
                    "without a value, the one shipped with edgeadapt.runtime.")
+@generate_options
 def bench(bundle: str, backends: str, device: str, batches: str, seqs: str,
           shapes: str | None, repeats: int, switch_repeats: int, reload_repeats: int,
-          warmup: int, threads: int, sessions: int, no_peers: bool, json_path: str | None,
-          plot_path: str | None, policy_path: str | None) -> None:
+          warmup: int, threads: int, sessions: int, density: float, no_peers: bool,
+          json_path: str | None, plot_path: str | None, policy_path: str | None,
+          generate: bool, **generation: object) -> None:
     """Benchmark BUNDLE: forward latency (base vs SHiRA live/repack, LoRA fused/unfused, SoRA,
     SiRA, ONNX Runtime's LoRA adapters) and full switch cost (SHiRA, LoRA fuse, reload, PEFT),
-    every ratio from interleaved runs. Refuses to time any variant whose output does not match
-    PyTorch."""
+    every ratio from interleaved runs; with --generate, generation instead (docs/bench.md,
+    "Generation"). Refuses to time any variant whose output does not match PyTorch."""
     backend_list = [b.strip() for b in backends.split(",") if b.strip()]
     try:
         parse_targets(backend_list, device)
@@ -85,13 +83,21 @@ def bench(bundle: str, backends: str, device: str, batches: str, seqs: str,
             raise click.BadParameter(f"--shapes {shapes!r}: use BxS,BxS") from None
         if any(len(p) != 2 or min(p) < 1 for p in pairs):
             raise click.BadParameter(f"--shapes {shapes!r}: use BxS,BxS with positive ints")
-    opts = BenchOptions(backends=backend_list, device=device, batches=_ints(batches),
-                        seqs=_ints(seqs), shapes=pairs, repeats=repeats,
+    opts = BenchOptions(backends=backend_list, device=device, batches=positive_ints(batches),
+                        seqs=positive_ints(seqs), shapes=pairs, repeats=repeats,
                         switch_repeats=switch_repeats, reload_repeats=reload_repeats,
-                        warmup=warmup, threads=threads, sessions=sessions,
+                        warmup=warmup, threads=threads, sessions=sessions, density=density,
                         peers=not no_peers)
+    if generate and policy_path:
+        raise click.BadParameter("--write-policy reads forward rows: not with --generate",
+                                 param_hint="--write-policy")
     with tqdm(desc="bench", unit="call", file=sys.stderr) as bar:
-        report = run_bench(bundle, opts, progress=bar.update)
+        if generate:
+            from edgeadapt.bench.generation.run import run_generate
+
+            report = run_generate(bundle, opts, options_of(**generation), progress=bar.update)
+        else:
+            report = run_bench(bundle, opts, progress=bar.update)
     report["command"] = "edgeadapt bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     click.echo(table(report))
     if json_path:

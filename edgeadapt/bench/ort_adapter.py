@@ -62,7 +62,6 @@ def write_ort_adapter(path: str | os.PathLike, adapter: Adapter,
     branch_inputs: torch weight name -> {"A": graph input name, "B": graph input name}, from the
     bundle's LoRA variant section. Returns the path written.
     """
-    ort = _ort()
     params = {}
     for weight, delta in adapter.targets.items():
         if not isinstance(delta, LoraDelta):
@@ -70,14 +69,22 @@ def write_ort_adapter(path: str | os.PathLike, adapter: Adapter,
         names = branch_inputs.get(weight)
         if names is None:
             raise BundleError(f"{weight}: the LoRA variant graph has no branch on this weight")
-        params[names["A"]] = ort.OrtValue.ortvalue_from_numpy(
-            np.ascontiguousarray(delta.A, dtype=np.float32))
-        params[names["B"]] = ort.OrtValue.ortvalue_from_numpy(
-            np.ascontiguousarray(delta.B, dtype=np.float32))
+        params[names["A"]] = delta.A
+        params[names["B"]] = delta.B
+    return write_adapter_params(path, params)
+
+
+def write_adapter_params(path: str | os.PathLike, params: Mapping[str, np.ndarray]) -> Path:
+    """Write ``params`` (graph input name -> float32 tensor) as an ``.onnx_adapter`` file
+    (``onnxruntime.AdapterFormat``, adapter and model version 1), atomically; returns the
+    path."""
+    ort = _ort()
+    values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+              for name, v in params.items()}
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)
-    fmt.set_parameters(params)
+    fmt.set_parameters(values)
     out = Path(path)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
     os.close(fd)

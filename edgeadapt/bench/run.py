@@ -28,7 +28,8 @@ from edgeadapt.bench.adapters import collect
 from edgeadapt.bench.backends import PYTORCH, Target, parse_targets, unavailable
 from edgeadapt.bench.cases import backend_cases
 from edgeadapt.bench.forward import time_forward
-from edgeadapt.bench.host import cpu_name, gpu_name
+from edgeadapt.bench.head import report_head
+from edgeadapt.bench.host import gpu_name
 from edgeadapt.bench.options import BenchContext, BenchOptions
 from edgeadapt.bench.ort_adapter import onnx_load_errors
 from edgeadapt.bench.parity import ParityLog
@@ -136,21 +137,15 @@ def run_bench(bundle_dir: str | Path, opts: BenchOptions, subject: Subject | Non
         floor["switch"] = " <-> ".join(aset.of("shira")[:2])
     ran = list(results.values())
     gpu = {"gpu": gpu_name()} if any(t.device == "cuda" for t in results) else {}
-    return {"model": manifest.model, "device": cpu_name(), **gpu,
-            "targets_spec": manifest.targets_spec, "live_weights": len(manifest.weights),
-            "live_params": int(sum(np.prod(w.shape) for w in manifest.weights.values())),
-            "threads": opts.threads,
-            "threads_by_backend": {t.key: r.threads for t, r in results.items()},
-            "live_form_by_backend": {t.key: r.live_form for t, r in results.items()},
+    return {**report_head(manifest, opts.threads,
+                          {t.key: r.threads for t, r in results.items()},
+                          {t.key: r.live_form for t, r in results.items()}), **gpu,
             "repeats": opts.repeats, "sessions": opts.sessions,
             "forward": [row for r in ran for row in r.forward],
             "switch": [row for r in ran for row in r.switch] + extra_switch,
             "floor": floor, "break_even": [row for r in ran for row in r.break_even],
             "memory": [row for r in ran for row in r.memory], "parity": parity.rows,
-            "skipped": skipped,
-            "adapters": {n: {"method": e.method, "variant": e.variant,
-                             "synthetic": n in aset.synthetic}
-                         for n, e in aset.entries.items()}}
+            "skipped": skipped, "adapters": aset.describe()}
 
 
 def break_even_row(target: Target, forward: list[dict], switch: list[dict], batch: int,

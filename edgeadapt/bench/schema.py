@@ -40,7 +40,9 @@ _FORWARD = {"backend": str, "device": str, "variant": str, "batch": int, "seq": 
 _SWITCH = {"backend": str, "device": str, "method": str, "mode": str, "p50_ms": float}
 
 
-def _check_row(row: Any, spec: Mapping[str, type], where: str) -> None:
+def check_row(row: Any, spec: Mapping[str, type], where: str) -> None:
+    """ConfigError unless ``row`` is an object holding every key of ``spec`` with a value of
+    its type (float: finite and >= 0; int: >= 1)."""
     if not isinstance(row, dict):
         raise ConfigError(f"{where}: expected an object, got {type(row).__name__}")
     for key, typ in spec.items():
@@ -58,35 +60,49 @@ def _check_row(row: Any, spec: Mapping[str, type], where: str) -> None:
             raise ConfigError(f"{where}: {key}={value!r} is not a valid {typ.__name__}")
 
 
-def _check_backend(row: Mapping, where: str) -> None:
-    if row["backend"] not in BACKENDS:
+def check_backend(row: Mapping, where: str, backends: tuple[str, ...] = BACKENDS) -> None:
+    """ConfigError unless the row's ``backend`` is one of ``backends`` and its ``device`` one
+    of :data:`DEVICES`."""
+    if row["backend"] not in backends:
         raise ConfigError(f"{where}: unknown backend {row['backend']!r} (one of "
-                          f"{', '.join(BACKENDS)}, the device apart)")
+                          f"{', '.join(backends)}, the device apart)")
     if row["device"] not in DEVICES:
         raise ConfigError(f"{where}: unknown device {row['device']!r}")
 
 
 def validate_report(report: Any) -> None:
     """Raise ConfigError unless ``report`` satisfies the JSON contract above (names of backends,
-    variants, methods and modes included)."""
+    variants, methods and modes included). A report of ``edgeadapt bench --generate`` has a
+    ``generate`` section (:func:`edgeadapt.bench.generation.schema.validate_generate`) and
+    needs no forward part."""
     if not isinstance(report, dict):
         raise ConfigError("a bench report is a JSON object")
     for key in ("model", "device"):
         if not isinstance(report.get(key), str):
             raise ConfigError(f"report: {key!r} must be a string")
+    if "generate" in report:
+        from edgeadapt.bench.generation.schema import validate_generate  # imports this module
+
+        validate_generate(report["generate"])
+        if "forward" not in report:
+            return
+    _validate_forward(report)
+
+
+def _validate_forward(report: Mapping) -> None:
     for key in ("forward", "switch"):
         if not isinstance(report.get(key), list):
             raise ConfigError(f"report: {key!r} must be a list")
     for i, row in enumerate(report["forward"]):
-        _check_row(row, _FORWARD, f"forward[{i}]")
-        _check_backend(row, f"forward[{i}]")
+        check_row(row, _FORWARD, f"forward[{i}]")
+        check_backend(row, f"forward[{i}]")
         if row["variant"] not in VARIANTS:
             raise ConfigError(f"forward[{i}]: unknown variant {row['variant']!r}")
         if not row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]:
             raise ConfigError(f"forward[{i}]: percentiles must satisfy p50 <= p90 <= p99")
     for i, row in enumerate(report["switch"]):
-        _check_row(row, _SWITCH, f"switch[{i}]")
-        _check_backend(row, f"switch[{i}]")
+        check_row(row, _SWITCH, f"switch[{i}]")
+        check_backend(row, f"switch[{i}]")
         if row["method"] not in METHODS:
             raise ConfigError(f"switch[{i}]: unknown method {row['method']!r}")
         if row["mode"] not in MODES:
@@ -94,7 +110,7 @@ def validate_report(report: Any) -> None:
     floor = report.get("floor")
     if not isinstance(floor, dict):
         raise ConfigError("report: 'floor' must be an object")
-    _check_row(floor, {"shira_switch_ms": float}, "floor")
+    check_row(floor, {"shira_switch_ms": float}, "floor")
 
 
 def _forward(report: Mapping, backend: str, device: str, variant: str, batch: int, seq: int
@@ -143,12 +159,14 @@ def switch_ratio(report: Mapping, backend: str, device: str, method: str) -> flo
     return row["p50_ms"] / shira["p50_ms"] if shira else float("nan")
 
 
-def _check(name: str, backend: str, device: str, value: float, op: str, threshold: float
-           ) -> dict:
+def target_row(name: str, backend: str, device: str, value: float, op: str, threshold: float
+               ) -> dict:
+    """One target's row: ``value op threshold`` (op ``<=``, ``<`` or ``>=``) as ``pass`` /
+    ``miss``, ``not measured`` for NaN."""
     if math.isnan(value):
         status = "not measured"
     else:
-        ok = value <= threshold if op == "<=" else value >= threshold
+        ok = {"<=": value <= threshold, "<": value < threshold, ">=": value >= threshold}[op]
         status = "pass" if ok else "miss"
     return {"target": name, "backend": backend, "device": device, "value": value, "op": op,
             "threshold": threshold, "status": status}
@@ -164,34 +182,42 @@ def check_targets(report: Mapping) -> list[dict]:
       the report has it, else p50 / ``floor.shira_switch_ms``);
       reload / shira switch >= 200 (:func:`switch_ratio`; switches in live mode);
     - sira-unfused / base <= 1.3 at batch 1 on onnxruntime, cpu (every seq measured).
+    - a ``generate`` section's targets (:func:`edgeadapt.bench.generation.schema.
+      generate_targets`).
     Rows whose inputs are absent from the report come out ``not measured``.
     """
     rows: list[dict] = []
+    if "generate" in report:
+        from edgeadapt.bench.generation.schema import generate_targets  # imports this module
+
+        rows.extend(generate_targets(report["generate"]))
+    if "forward" not in report:
+        return rows
     pairs = sorted({(r["backend"], r["device"]) for r in report["forward"]} |
                    {(r["backend"], r["device"]) for r in report["switch"]})
     for backend, device in pairs:
         if backend == "pytorch":
             continue
         for batch, seq in ((1, 1), (1, 64), (8, 64)):
-            rows.append(_check(f"shira-live/base {batch}x{seq}", backend, device,
-                               forward_ratio(report, backend, device, "shira-live", batch, seq),
-                               "<=", 1.02))
+            rows.append(target_row(f"shira-live/base {batch}x{seq}", backend, device,
+                                   forward_ratio(report, backend, device, "shira-live", batch, seq),
+                                   "<=", 1.02))
         shira = _switch(report, backend, device, "shira", "live")
         s = shira["p50_ms"] if shira else float("nan")
-        rows.append(_check("lora-fuse/shira switch", backend, device,
-                           switch_ratio(report, backend, device, "lora-fuse"), ">=", 10.0))
+        rows.append(target_row("lora-fuse/shira switch", backend, device,
+                               switch_ratio(report, backend, device, "lora-fuse"), ">=", 10.0))
         paired = report["floor"].get("measured_over_floor", {}).get(f"{backend}:{device}")
         floor = report["floor"]["shira_switch_ms"]
-        rows.append(_check("shira switch/floor", backend, device,
-                           float(paired) if paired is not None
-                           else (s / floor if floor > 0 else float("nan")), "<=", 1.5))
-        rows.append(_check("reload/shira switch", backend, device,
-                           switch_ratio(report, backend, device, "reload"), ">=", 200.0))
+        rows.append(target_row("shira switch/floor", backend, device,
+                               float(paired) if paired is not None
+                               else (s / floor if floor > 0 else float("nan")), "<=", 1.5))
+        rows.append(target_row("reload/shira switch", backend, device,
+                               switch_ratio(report, backend, device, "reload"), ">=", 200.0))
         if (backend, device) == ("onnxruntime", "cpu"):
             seqs = sorted({r["seq"] for r in report["forward"]
                            if (r["backend"], r["device"], r["batch"]) == (backend, device, 1)})
             for seq in seqs:
-                rows.append(_check(f"sira-unfused/base 1x{seq}", backend, device,
-                                   forward_ratio(report, backend, device, "sira-unfused", 1,
-                                                 seq), "<=", 1.3))
+                rows.append(target_row(f"sira-unfused/base 1x{seq}", backend, device,
+                                       forward_ratio(report, backend, device, "sira-unfused", 1,
+                                                     seq), "<=", 1.3))
     return rows

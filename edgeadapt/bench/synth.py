@@ -26,6 +26,13 @@ def shira_count(shape: tuple[int, int], density: float) -> int:
     return max(1, round(density * shape[0] * shape[1]))
 
 
+def equal_rank(shapes: Shapes, params: int) -> int:
+    """The LoRA rank whose ``rank * sum(out + in)`` over ``shapes`` comes nearest ``params``
+    values (at least 1): a LoRA of the same size as a SHiRA adapter of ``params`` positions."""
+    per_rank = sum(out_f + in_f for out_f, in_f in shapes.values())
+    return max(1, round(params / per_rank))
+
+
 def synth_shira(shapes: Shapes, sha256: Mapping[str, str], *, density: float = 0.01,
                 seed: int = 0) -> Adapter:
     """A random SHiRA adapter on every weight of ``shapes`` (see the module docstring)."""
