@@ -147,11 +147,41 @@ def ensure_variant(bundle: Path, manifest: Manifest, branch: tuple, check: bool 
         want = set(_pte_static(manifest, pte_shapes))
         if have is not None and not want <= have:
             redo, pte_shapes = ["executorch"], sorted(have | want)
-    if not redo:
+    decoder = _needs_decoder(manifest, key, redo)
+    if not redo and not decoder:
         if model is not None:
             log.info("--model %s not used: graph variant %s is in the bundle already", model, key)
         return key
     lm = reload_base(bundle, manifest, model)  # the live weights' sha256 checked
+    live = list(manifest.weights)
+    if redo:
+        _export_variant(lm, bundle, manifest, key, branch, redo, static, check, pte_shapes)
+    if decoder:
+        from edgeadapt.export.onnx_decoder import export_onnx_decoder
+
+        log.info("exporting the onnxruntime KV-cache decoder with branch %s", branch)
+        base = manifest.onnxruntime["decoder"]
+        manifest.variants[key]["onnxruntime"]["decoder"] = export_onnx_decoder(
+            lm, bundle, live, max_context=int(manifest.extra["generate"]["max_context"]),
+            expected=base["weights"], check=check, branch=branch)["section"]
+    return key
+
+
+def _needs_decoder(manifest: Manifest, key: str, redo: list[str]) -> bool:
+    """Whether variant ``key`` needs (or lacks) an ONNX Runtime KV-cache decoder: the bundle
+    was exported with ``--generate`` (its base has one) and the variant's ONNX graph is being
+    exported now or is recorded without one (a variant exported before variants generated)."""
+    if "decoder" not in (manifest.onnxruntime or {}) or "generate" not in manifest.extra:
+        return False
+    section = (manifest.variants.get(key) or {}).get("onnxruntime")
+    return "onnxruntime" in redo or (section is not None and "decoder" not in section)
+
+
+def _export_variant(lm: Any, bundle: Path, manifest: Manifest, key: str, branch: tuple,
+                    redo: list[str], static: bool, check: bool,
+                    pte_shapes: list[tuple[int, int]] | None) -> None:
+    """Export variant ``key``'s graphs for the backends ``redo`` and record them in
+    ``manifest.variants`` (:func:`ensure_variant`)."""
     live = list(manifest.weights)
     others = [f for f in redo if not (static and f == "executorch")]
     results = run_exporters(lm, bundle, live, others, branch=branch, check=check) if others \
@@ -174,7 +204,6 @@ def ensure_variant(bundle: Path, manifest: Manifest, branch: tuple, check: bool 
         for name, entry in res["weights"].items():
             variant["weights"].setdefault(name, {})[sec] = entry
     manifest.variants[key] = variant
-    return key
 
 
 def _backends(manifest: Manifest) -> list[str]:

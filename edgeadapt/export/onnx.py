@@ -26,7 +26,6 @@ live inputs in backend layout, keyed by input name, in ``onnx_live_weights.safet
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -98,10 +97,8 @@ def export_onnx(lm: LoadedModel, out_dir: Path, live_weights: list[str],
             raise ConfigError("a branch variant needs at least one branch target")
     data_names = ["input_ids"] + (["attention_mask"] if lm.kind == "classifier" else [])
 
-    ctx = (br.branch_layers(model, [t[: -len(".weight")] for t in targets], info)
-           if info is not None else contextlib.nullcontext({}))
-    with ctx as layer_params, torch.no_grad():
-        param_names = [p for m in layer_params.values() for p in m.values()]
+    with br.branched(model, [t[: -len(".weight")] for t in targets], info) as (
+            param_names, branch_inputs), torch.no_grad():
         wrapper = br.BranchInputs(LogitsModule(lm).eval(), len(data_names), param_names).eval()
         proto = _trace(lm, wrapper, data_names, param_names, info)
         weights_np = {w: params[w].detach().cpu().numpy().astype(np.float32, copy=True)
@@ -109,7 +106,6 @@ def export_onnx(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         refs = _torch_references(lm, wrapper, param_names, weights_np) if check else None
         default_shapes = (br.default_branch_values(model, param_names, info)
                           if info is not None else {})
-        branch_inputs = {f"{m}.weight": dict(p) for m, p in layer_params.items()}
 
     located = og.locate_live_weights(proto, weights_np)
     live = og.make_live_inputs(proto, located)

@@ -100,10 +100,25 @@ def branch_layers(model: nn.Module, modules: list[str], info: dict
             replace_module(model, name, linear)
 
 
+@contextmanager
+def branched(model: nn.Module, modules: list[str], info: dict | None
+             ) -> Iterator[tuple[list[str], dict[str, dict[str, str]]]]:
+    """:func:`branch_layers` for a branch spec ``info`` (None: the model as it is). Yields
+    (the branch parameter names relative to ``model``, in graph-input order; ``{weight name:
+    {key: parameter name}}``, bundle.json's ``branch_inputs``)."""
+    if info is None:
+        yield [], {}
+        return
+    with branch_layers(model, modules, info) as layer_params:
+        yield ([p for m in layer_params.values() for p in m.values()],
+               {f"{m}.weight": dict(p) for m, p in layer_params.items()})
+
+
 class BranchInputs(nn.Module):
-    """``forward(*model_inputs, *branch_tensors) -> logits``: ``inner`` (a LogitsModule whose
-    model is at attribute ``model``) run with the parameters ``param_names`` (relative to the
-    HF model) replaced by ``branch_tensors``, in that order."""
+    """``forward(*model_inputs, *branch_tensors) -> inner's outputs``: ``inner`` (a module
+    whose HF model is at attribute ``model``: a LogitsModule, or the KV-cache decoder
+    :class:`edgeadapt.export.onnx_decoder.KVCacheDecoder`) run with the parameters
+    ``param_names`` (relative to the HF model) replaced by ``branch_tensors``, in that order."""
 
     def __init__(self, inner: nn.Module, n_model_inputs: int, param_names: list[str]) -> None:
         super().__init__()

@@ -38,10 +38,11 @@ import torch
 from torch import nn
 
 from edgeadapt.errors import ConfigError, ExportError
+from edgeadapt.export import onnx_branch as br
 from edgeadapt.export import onnx_graph as og
 from edgeadapt.export.onnx_check import session
 from edgeadapt.graphs import blocked as ob
-from edgeadapt.models import LoadedModel, LogitsModule, example_inputs
+from edgeadapt.models import LoadedModel, example_inputs
 from edgeadapt.numeric import rel_error
 from edgeadapt.runtime.backends.onnxruntime.decoder import CACHE_FORM
 
@@ -131,40 +132,64 @@ class KVCacheDecoder(nn.Module):
                 for _ in range(2 * self.layers)]
 
 
+def decoder_file(variant: str | None) -> str:
+    """``decoder.onnx``, or ``decoder.<variant>.onnx`` for a branch variant's decoder."""
+    return DECODER_FILE if variant is None else f"decoder.{variant}.onnx"
+
+
 def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str], *,
                         max_context: int, expected: dict[str, dict] | None = None,
-                        check: bool = True, threads: int = 1, blocked: bool = True) -> dict:
-    """Write ``out_dir/decoder.onnx`` (its tensors shared with ``model.onnx.data`` where
-    byte-identical, the rest in ``decoder.onnx.data``) and return::
+                        check: bool = True, threads: int = 1, blocked: bool = True,
+                        branch: tuple | None = None) -> dict:
+    """Write ``out_dir/decoder.onnx`` (``decoder.<variant>.onnx`` with a ``branch``; its tensors
+    shared with ``model.onnx.data`` where byte-identical, the rest in its own ``.data`` file)
+    and return::
 
         {"section": {"file", "data", "layers", "kv_heads", "head_dim",
                      "inputs": {"ids": "input_ids", "past": [[key, value], ...]},
                      "outputs": {"logits": "logits", "present": [[key, value], ...]},
                      "weights": {weight: {"name", "layout", "shape"}}, "opset", "ir_version",
-                     "parity": {...} | None},
+                     "parity": {...} | None,
+                     "branch": {...}, "branch_inputs": {weight: {key: input name}}  # branch only},
          "weights": {weight: {"name", "layout", "shape"}}}
 
     live_weights: torch names of the live weights, graph inputs as in ``model.onnx``.
-    expected: the base graph's entries per live weight (``export_onnx``'s ``"weights"``): the
+    expected: the entries per live weight of a graph sharing the runtime's buffers (the base
+        graph's, ``export_onnx``'s ``"weights"``; for a variant the base decoder's): the
         decoder's must have the same input names and layouts, since the runtime binds one
         buffer per weight to both graphs; ExportError otherwise.
     max_context: the most positions (prompt + generated) a conversation may hold: the bound
         of the traced dynamic dimensions (the runtime's limit is recorded by
         :func:`edgeadapt.export.decoder.export_generation`).
-    check: compare the logits of a prefill, a multi-token step and single-token decode steps
-        with the model's full forward at every position (max relative error <= 1e-4, else
-        ExportError).
+    branch: None, or a branch variant's spec (:func:`edgeadapt.export.onnx_branch.
+        parse_branch`): every live weight's Linear becomes the adapters package's branch layer
+        (``y = W0 x + B (A x)``, or SiRA's routed experts), its parameters graph inputs under
+        the names the forward variant ``model.<variant>.onnx`` gives them, with the same
+        all-zero defaults, so the runtime binds one set of branch tensors to both graphs.
+    check: run the saved graph as the runtime does over a prefill, a multi-token step and
+        single-token decode steps, and compare each position's logits with the PyTorch model
+        (carrying the branch, random branch tensors) run on the same steps with transformers'
+        own KV cache (max relative error <= 1e-4, else ExportError).
     """
     if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 2:
         raise ConfigError(f"max_context {max_context!r}: a whole number >= 2")
     out_dir = Path(out_dir)
-    wrapper = KVCacheDecoder(lm.model, max_context).eval()
-    names = past_names(wrapper.layers)
+    info = br.parse_branch(branch)
+    file_name = decoder_file(br.variant_name(info))
     params = dict(lm.model.named_parameters())
-    with torch.no_grad():
-        proto = _trace(lm, wrapper, max_context)
+    modules = [w.removesuffix(".weight") for w in live_weights]
+    with br.branched(lm.model, modules, info) as (param_names, branch_inputs), \
+            torch.no_grad():
+        wrapper = KVCacheDecoder(lm.model, max_context).eval()
+        traced = br.BranchInputs(wrapper, 2 + 2 * wrapper.layers, param_names).eval()
+        proto = _trace(lm, traced, wrapper, max_context, param_names, info)
         weights_np = {w: params[w].detach().cpu().numpy().astype(np.float32, copy=True)
                       for w in live_weights}
+        defaults = br.default_branch_values(lm.model, param_names, info) if info else {}
+        tensors = br.example_branch_tensors(lm.model, param_names, seed=5)
+        ids = _check_ids(lm)
+        want = _reference(lm, ids, dict(zip(param_names, tensors, strict=True))) \
+            if check else None
     live = og.make_live_inputs(proto, og.locate_live_weights(proto, weights_np))
     if blocked:
         live = ob.block_live_matmuls(proto, live)
@@ -175,44 +200,53 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         if got is None or (got["name"], got["layout"]) != (entry["name"], entry["layout"]):
             raise ExportError(f"live weight {w!r}: the decoder graph reads it as {got}, the base "
                               f"graph as {entry}; the runtime could not share its buffer")
+    og.add_default_initializers(proto, {n: np.zeros(s, np.float32) for n, s in defaults.items()})
     og.cap_ir_version(proto)
-    data = og.save_with_external_data(proto, out_dir, DECODER_FILE, reuse_from="model.onnx")
+    data = og.save_with_external_data(proto, out_dir, file_name, reuse_from="model.onnx")
     section = {
-        "file": DECODER_FILE, "data": data,
+        "file": file_name, "data": data,
         "layers": wrapper.layers, "kv_heads": wrapper.kv_heads, "head_dim": wrapper.head_dim,
         "cache": CACHE_FORM,
-        "inputs": {"ids": "input_ids", "past_length": "past_length", "past": names},
+        "inputs": {"ids": "input_ids", "past_length": "past_length", "past": past_names(
+            wrapper.layers)},
         "outputs": {"logits": "logits", "present": present_names(wrapper.layers)},
         "weights": entries,
         "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
         "ir_version": int(proto.ir_version),
         "parity": None,
     }
-    if check:
+    if info is not None:
+        section.update(branch=info, branch_inputs=branch_inputs)
+    if want is not None:
         base = {lw.name: og.to_backend_layout(weights_np[w], lw.layout) for w, lw in live.items()}
-        section["parity"] = _check(out_dir / DECODER_FILE, lm, wrapper, base, threads)
+        feeds = {n: t.numpy() for n, t in zip(param_names, tensors, strict=True)}
+        section["parity"] = _check(out_dir / file_name, wrapper, ids.numpy(),
+                                   {**base, **feeds}, want, threads)
     return {"section": section, "weights": entries}
 
 
-def _trace(lm: LoadedModel, wrapper: KVCacheDecoder, max_context: int) -> onnx.ModelProto:
+def _trace(lm: LoadedModel, traced: br.BranchInputs, wrapper: KVCacheDecoder,
+           max_context: int, param_names: list[str], info: dict | None) -> onnx.ModelProto:
     """torch.export + ONNX translation (the attention operator as GroupQueryAttention), dynamic
     batch, seq and cache length (example: 2 x 3 new tokens after 5 cached ones in buffers of
-    11 positions, sizes that pin nothing)."""
+    11 positions, sizes that pin nothing), and the LoRA rank of a branch."""
     from edgeadapt.export.onnx_gqa import translation_table
 
     ids = example_inputs(lm, batch=2, seq=3, seed=0)["input_ids"]
     past = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i))
             for i, t in enumerate(wrapper.empty_cache(2, 11))]
+    tensors = br.example_branch_tensors(lm.model, param_names) if info is not None else []
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=1, max=max_context)
     cache = torch.export.Dim("cache", min=2, max=max_context)
-    dyn = ({0: batch, 1: seq}, None, tuple({0: batch, 2: cache} for _ in past))
+    dyn = ({0: batch, 1: seq}, None, *({0: batch, 2: cache} for _ in past),
+           *(br.branch_dynamic_dims(info, param_names) if info is not None else []))
     flat_past = [n for pair in past_names(wrapper.layers) for n in pair]
     flat_present = [n for pair in present_names(wrapper.layers) for n in pair]
     try:
         prog = torch.onnx.export(
-            wrapper, (ids, torch.tensor(5), *past), dynamic_shapes=dyn,
-            input_names=["input_ids", "past_length", *flat_past],
+            traced, (ids, torch.tensor(5), *past, *tensors), dynamic_shapes=(dyn,),
+            input_names=["input_ids", "past_length", *flat_past, *param_names],
             output_names=["logits", *flat_present], custom_translation_table=translation_table(),
             dynamo=True, optimize=True, verbose=False)
     except Exception as exc:  # the exporter raises many unrelated types
@@ -225,18 +259,44 @@ def _trace(lm: LoadedModel, wrapper: KVCacheDecoder, max_context: int) -> onnx.M
 _CHECK_CHUNKS = (5, 3, 1, 1, 1, 1)
 
 
-def _check(path: Path, lm: LoadedModel, wrapper: KVCacheDecoder, live: dict[str, np.ndarray],
-           threads: int) -> dict:
-    """Run the saved graph chunk by chunk over 2 sequences as the runtime does (batch 1, one
-    cache buffer per tensor bound as both past and present, written in place), and compare
-    every position's logits with the full forward of the model (no cache)."""
+def _check_ids(lm: LoadedModel) -> torch.Tensor:
+    """The 2 sequences of the check, (2, sum(_CHECK_CHUNKS))."""
+    return example_inputs(lm, batch=2, seq=sum(_CHECK_CHUNKS), seed=11)["input_ids"]
+
+
+def _reference(lm: LoadedModel, ids: torch.Tensor, branch: dict[str, torch.Tensor]
+               ) -> np.ndarray:
+    """The logits (rows, positions, vocab) of the model run on ``ids`` one row at a time,
+    chunk by chunk with transformers' own KV cache, the parameters ``branch`` (names relative
+    to the model) replaced: the calls the runtime makes. Equal to the full forward but for
+    rounding, except that SiRA routes the tokens of one call together (its expert capacity
+    counts them), as transformers' ``generate`` does."""
+    rows = []
+    for row in ids:
+        cache, start, logits = None, 0, []
+        for n in _CHECK_CHUNKS:
+            out = torch.func.functional_call(
+                lm.model, branch, (), {"input_ids": row[None, start:start + n],
+                                       "cache": cache, "use_cache": True},
+                strict=False)
+            cache, start = out.cache, start + n
+            logits.append(out.logits.float().numpy())
+        rows.append(np.concatenate(logits, axis=1))
+    return np.concatenate(rows)
+
+
+def _check(path: Path, wrapper: KVCacheDecoder, ids: np.ndarray, inputs: dict[str, np.ndarray],
+           want: np.ndarray, threads: int) -> dict:
+    """Run the saved graph chunk by chunk over the rows of ``ids`` as the runtime does
+    (batch 1, one cache buffer per tensor bound as both past and present, written in place;
+    ``inputs``: the live weights and branch tensors by input name) and compare every
+    position's logits with ``want`` (:func:`_reference`)."""
     import onnxruntime as ort
 
     total = sum(_CHECK_CHUNKS)
-    ids = example_inputs(lm, batch=2, seq=total, seed=11)["input_ids"]
-    with torch.no_grad():
-        want = LogitsModule(lm)(ids).float().numpy()
     sess = session(path, threads)
+    # OrtValues: bind_cpu_input does not find inputs that have a default (the branches)
+    values = {name: ort.OrtValue.ortvalue_from_numpy(v) for name, v in inputs.items()}
     errors = []
     for row in range(ids.shape[0]):  # batch 1: the runtime's form (GroupQueryAttention takes
         cache = [ort.OrtValue.ortvalue_from_numpy(t.numpy())  # a multi-token step after a
@@ -246,8 +306,8 @@ def _check(path: Path, lm: LoadedModel, wrapper: KVCacheDecoder, live: dict[str,
             b = sess.io_binding()
             b.bind_cpu_input("input_ids", np.ascontiguousarray(ids[row:row + 1, start:start + n]))
             b.bind_cpu_input("past_length", np.array(start, np.int64))
-            for name, value in live.items():
-                b.bind_cpu_input(name, value)
+            for name, value in values.items():
+                b.bind_ortvalue_input(name, value)
             b.bind_output("logits", "cpu")
             pairs = zip(past_names(wrapper.layers), present_names(wrapper.layers), strict=True)
             for i, (past, present) in enumerate(pairs):
@@ -261,6 +321,6 @@ def _check(path: Path, lm: LoadedModel, wrapper: KVCacheDecoder, live: dict[str,
     worst = max(errors)
     if not worst <= RTOL:
         raise ExportError(f"{path.name}: the KV-cache decoder's logits differ from the model's "
-                          f"full forward (max relative error {worst:.3g} > {RTOL:g}; per step "
+                          f"(max relative error {worst:.3g} > {RTOL:g}; per step "
                           f"{[f'{e:.2g}' for e in errors]})")
     return {"max_rel_error": worst, "chunks": list(_CHECK_CHUNKS), "rtol": RTOL}

@@ -19,6 +19,10 @@ whole context is fed again (re-prefilled) under the weights in force, before the
 A switch during a reply therefore gives the rest of that reply under the new weights, computed
 from a cache built entirely under them (``Generation.reprefills`` counts such rebuilds).
 
+While an unfused adapter is active (``rt.route``, a graph variant) a step goes through the
+variant's decoder instead (the route's optional ``decoder()``), which reads the same live
+buffers and the same branch tensors as the variant's forward graph.
+
 One conversation belongs to one thread at a time; several conversations (each its own cache)
 may generate concurrently on one runtime.
 """
@@ -105,6 +109,18 @@ class Generator:
         self.spec = spec
         self.decoder = decoder
         self.tokenizer = tokenizer
+
+    def decoder_for(self, route: object | None) -> Decoder:
+        """The decoder of the graph runs take now: the base's (``route`` None: fused adapters)
+        or the graph variant's (``route``: the runtime's ``route``, whose optional
+        ``decoder()`` opens it). SwitchError where the variant has none."""
+        if route is None:
+            return self.decoder
+        opener = getattr(route, "decoder", None)
+        if opener is None:
+            raise SwitchError(f"generate: graph variant {route.key!r} has no KV-cache decoder "
+                              "on this backend; switch to a fused adapter to generate")
+        return opener()
 
 
 def open_generator(bundle_dir: Path, manifest: Manifest, backend: object, store: object, *,
@@ -279,16 +295,13 @@ class Conversation:
         a switch, even one between two chunks) is dropped and everything is fed again. Leaves
         the last position's logits in ``self._logits``; returns the number of such rebuilds.
         A failed step drops the cache (the next reply re-prefills)."""
-        rt, decoder = self._rt, self._gen.decoder
+        rt = self._rt
         tokens = self._tokens + new
         rebuilds, logits = 0, None
         try:
             while logits is None or self._cached < len(tokens):
                 with rt.lock.shared():
-                    if rt.route is not None:
-                        raise SwitchError(f"generate: adapter {list(rt.active)} runs unfused "
-                                          f"(graph variant {rt.active_variant!r}); generation "
-                                          "reads the fused weights only so far")
+                    decoder = self._gen.decoder_for(rt.route)  # changes with the epoch only
                     epoch = rt.lock.epoch
                     if self._cache is None or epoch != self._epoch:
                         rebuilds += self._cache is not None

@@ -9,6 +9,11 @@ the past and the present, so ONNX Runtime's GroupQueryAttention writes the new p
 it in place: a step copies no cache. The capacity starts at :data:`FIRST_CAPACITY` positions
 and doubles (the held positions copied over) up to the bundle's ``max_context`` as the
 conversation grows. Callers hold the runtime's lock shared around a step.
+
+A graph variant's decoder (``variants[key].onnxruntime.decoder``: the same graph with the
+variant's branches, written by ``edgeadapt export adapter`` for a ``--generate`` bundle) is an
+:class:`OrtDecoder` too, its branch tensors bound from the variant's forward session
+(:meth:`edgeadapt.runtime.backends.onnxruntime.variant.OrtVariantSession.decoder`).
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeadapt.errors import BundleError, ConfigError
+from edgeadapt.errors import BundleError, ConfigError, SwitchError
 from edgeadapt.format.manifest import Manifest
+from edgeadapt.runtime.backends.onnxruntime import SECTION
 from edgeadapt.runtime.backends.onnxruntime.session import (
+    BranchTensors,
     live_session,
     require_ort,
     session_options,
@@ -51,13 +58,24 @@ class KVCache:
         return self.arrays[0].shape[2]
 
 
-def decoder_section(manifest: Manifest) -> dict:
-    """The ``"decoder"`` entry of the bundle's onnxruntime section, checked for the keys the
-    session needs; BundleError naming the export that writes it."""
-    section = (manifest.onnxruntime or {}).get("decoder")
-    if not isinstance(section, dict):
-        raise BundleError("bundle.json has no onnxruntime decoder: export the base with "
-                          "`edgeadapt export base --generate`")
+def decoder_section(manifest: Manifest, variant: str | None = None) -> dict:
+    """The ``"decoder"`` entry of the bundle's onnxruntime section (of graph variant
+    ``variant``'s where given), checked for the keys the session needs; BundleError naming the
+    export that writes it (SwitchError for a variant recorded without one: generation with its
+    adapters needs the variant re-exported)."""
+    if variant is None:
+        section = (manifest.onnxruntime or {}).get("decoder")
+        if not isinstance(section, dict):
+            raise BundleError("bundle.json has no onnxruntime decoder: export the base with "
+                              "`edgeadapt export base --generate`")
+    else:
+        section = ((manifest.variants.get(variant) or {}).get(SECTION) or {}).get("decoder")
+        if not isinstance(section, dict):
+            raise SwitchError(
+                f"generate: graph variant {variant!r} has no KV-cache decoder (exported before "
+                "variants generated, or without --generate): re-export the variant, e.g. "
+                "`edgeadapt export adapter RUN --bundle BUNDLE --name NAME` for one of its "
+                "adapters, which adds the decoder; until then switch to a fused adapter")
     try:
         layers = int(section["layers"])
         pasts, presents = section["inputs"]["past"], section["outputs"]["present"]
@@ -80,13 +98,26 @@ class OrtDecoder:
     live: the fused store's live weights (bound by aliasing OrtValues, so this session reads
     what the base session reads); kernel: read the blocked32 ones with edgeadapt's own kernel,
     as the base session does. One IOBinding per calling thread, the weights bound once.
+    variant, branches: graph variant ``variant``'s decoder, its branch tensors ``branches``
+    (those its forward session binds, rebound when they change).
     """
 
+    #: a switch edits the bound live buffers in place and never frees, moves or repacks them,
+    #: so a step of the fused decoder may run while one writes (the generator redoes such a
+    #: step: runtime/generate.py); a variant's runs are held shared (branches are rebound)
+    optimistic = True
+
     def __init__(self, bundle_dir: Path, manifest: Manifest, live: dict[str, LiveWeight],
-                 threads: int | None = None, kernel: bool = False) -> None:
+                 threads: int | None = None, kernel: bool = False, *,
+                 variant: str | None = None, branches: BranchTensors | None = None) -> None:
         ort = require_ort()
-        section = decoder_section(manifest)
-        path = bundle_dir / section["file"]
+        section = decoder_section(manifest, variant)
+        if variant is None:
+            path = bundle_dir / section["file"]
+        else:
+            from edgeadapt.runtime.backends.onnxruntime.variant import variant_path
+
+            path = variant_path(bundle_dir, manifest, variant, section["file"])
         if not path.is_file():
             raise BundleError(f"{path}: the bundle's decoder graph is missing")
         entries = section["weights"]
@@ -97,8 +128,12 @@ class OrtDecoder:
             if entries[name].get("layout") != lw.layout:
                 raise BundleError(f"{path}: {name!r} has layout {entries[name].get('layout')} "
                                   f"in the decoder, the live buffer {lw.layout}; cannot share it")
+        so = session_options(threads)
+        if variant is not None:
+            so.log_severity_level = 3  # overridable branch initializers make ORT warn per input
         self.session, self.kernel, self._values = live_session(
-            path, session_options(threads), live, {n: entries[n]["name"] for n in live}, kernel)
+            path, so, live, {n: entries[n]["name"] for n in live}, kernel)
+        self.variant, self._branches = variant, branches
         graph_inputs = {i.name: i for i in self.session.get_inputs()}
         self.ids_name = section["inputs"].get("ids", "input_ids")
         self.length_name = section["inputs"].get("past_length", "past_length")
@@ -146,7 +181,10 @@ class OrtDecoder:
         cache.values = [self._ort.OrtValue.ortvalue_from_numpy(a) for a in grown]
 
     def _binding(self):
-        return thread_binding(self._local, self.session, self._values)
+        b = thread_binding(self._local, self.session, self._values)
+        if self._branches is not None:
+            self._branches.bind(self._local, b)
+        return b
 
     def step(self, ids: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Logits (1, seq, vocab) of the new tokens ``ids`` (int64 (1, seq)) after the

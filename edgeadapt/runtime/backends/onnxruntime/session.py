@@ -125,6 +125,46 @@ def thread_binding(local: threading.local, session, values: Mapping[str, object]
     return b
 
 
+class BranchTensors:
+    """The branch tensors of a graph variant as every session of that variant binds them (its
+    forward graph's and its KV-cache decoder's): overridable-initializer inputs, bound with
+    ``bind_ortvalue_input`` to OrtValues aliasing the arrays given to :meth:`set`. Each
+    thread's IOBinding rebinds them when it sees a new generation (:meth:`bind`), so a switch
+    reaches both sessions at once."""
+
+    def __init__(self) -> None:
+        self._current: tuple[int, dict[str, object]] = (0, {})  # replaced whole: one read
+
+    @property
+    def generation(self) -> int:
+        return self._current[0]
+
+    def set(self, feeds: dict[str, np.ndarray]) -> None:
+        """Make ``feeds`` (input name -> float32 array) the branch tensors of later runs (the
+        OrtValues alias the arrays and keep them alive)."""
+        rt = require_ort()
+        values = {k: rt.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
+        self._current = (self._current[0] + 1, values)
+
+    def bind(self, local: threading.local, binding) -> None:
+        """Bind the current branch tensors to ``binding`` (the calling thread's, of one
+        session: ``local`` is that session's thread-local state) unless it has them already.
+        ``local`` keeps what it bound alive until it binds newer ones, so a step that runs
+        while a switch sets new tensors (an optimistic one) never reads freed memory."""
+        generation, values = self._current
+        if getattr(local, "branches", (-1, None))[0] != generation:
+            for name, value in values.items():
+                binding.bind_ortvalue_input(name, value)
+            local.branches = (generation, values)
+
+
+def branch_specs(session) -> dict[str, list]:
+    """A variant session's branch inputs (its float overridable initializers): name -> dims
+    (int, or str where symbolic)."""
+    return {i.name: list(i.shape) for i in session.get_overridable_initializers()
+            if i.type == "tensor(float)"}
+
+
 def run_bound(session, binding, feeds: dict[str, np.ndarray], output_name: str) -> np.ndarray:
     """One forward through ``binding`` (weights already bound to it): bind the model inputs
     ``feeds`` on the CPU, run, return the single output as numpy.

@@ -4,7 +4,11 @@ inputs (the branches' math and the validation: :mod:`edgeadapt.runtime.unfused`)
 :class:`OrtVariantSession` is the variant's CPU session whose live-weight inputs are bound to
 the *same* runtime-owned buffers as the fused path (aliasing OrtValues), so the two paths never
 disagree; the branch tensors are overridable initializers, bound with ``bind_ortvalue_input``
-on one IOBinding per calling thread and rebound after a switch.
+on one IOBinding per calling thread and rebound after a switch
+(:class:`~edgeadapt.runtime.backends.onnxruntime.session.BranchTensors`). A bundle exported
+with ``--generate`` also carries the variant's KV-cache decoder (``variants[key].onnxruntime
+.decoder``), which :meth:`OrtVariantSession.decoder` opens on first use with the *same* branch
+tensors and live buffers.
 """
 
 from __future__ import annotations
@@ -19,13 +23,22 @@ from edgeadapt.errors import BundleError
 from edgeadapt.format.manifest import Manifest
 from edgeadapt.runtime.backends.onnxruntime import SECTION
 from edgeadapt.runtime.backends.onnxruntime.session import (
+    BranchTensors,
+    branch_specs,
     live_session,
-    require_ort,
     run_bound,
     session_options,
+    thread_binding,
 )
 from edgeadapt.runtime.store import LiveWeight
 from edgeadapt.runtime.unfused import variant_spec
+
+
+def variant_path(bundle_dir: Path, manifest: Manifest, key: str, file: str) -> Path:
+    """Where a file of variant ``key`` lies: in the variant's ``dir`` where it records one and
+    the file is there, else in the bundle's folder."""
+    root = bundle_dir / manifest.variants[key].get("dir", "")
+    return root / file if (root / file).is_file() else bundle_dir / file
 
 
 class OrtVariantSession:
@@ -43,11 +56,8 @@ class OrtVariantSession:
                  live: dict[str, LiveWeight], threads: int | None = None,
                  prepare_inputs: Callable[[dict], dict] | None = None, kernel: bool = False
                  ) -> None:
-        ort = require_ort()
         section = variant_spec(manifest, key, SECTION)
-        root = bundle_dir / manifest.variants[key].get("dir", "")
-        path = root / section["file"] if (root / section["file"]).is_file() \
-            else bundle_dir / section["file"]
+        path = variant_path(bundle_dir, manifest, key, section["file"])
         if not path.is_file():
             raise BundleError(f"{path}: the graph of variant {key!r} is missing")
         so = session_options(threads)
@@ -65,15 +75,13 @@ class OrtVariantSession:
         self.session, self.kernel, self._values = live_session(
             path, so, live, {w: entries[w]["name"] for w in live}, kernel)
         self.output_name = self.session.get_outputs()[0].name
-        # overridable initializers (the branch tensors): name -> dims (int, or str if symbolic)
-        self._branch_specs = {i.name: list(i.shape)
-                              for i in self.session.get_overridable_initializers()
-                              if i.type == "tensor(float)"}
-        self._ort = ort
-        self._branch: dict[str, object] = {}
-        self._gen = 0
+        self._branch_specs = branch_specs(self.session)
+        self.branches = BranchTensors()
         self._local = threading.local()
         self._prepare_inputs = prepare_inputs or (lambda x: x)
+        self._opening = (bundle_dir, manifest, live, threads)
+        self._decoder = None
+        self._decoder_lock = threading.Lock()
 
     def check_branches(self, feeds: dict[str, np.ndarray],
                        head: dict[str, np.ndarray] | None = None) -> None:
@@ -91,30 +99,38 @@ class OrtVariantSession:
     def set_branches(self, feeds: dict[str, np.ndarray],
                      head: dict[str, np.ndarray] | None = None) -> None:
         """Make ``feeds`` (graph input name -> float32 tensor) the branch tensors of later runs
-        (checked first: :meth:`check_branches`). The arrays are kept alive here (their
-        OrtValues alias them). Call with runs excluded. ``head`` is not needed here: this
-        session reads the engine's live buffers, where the engine has already put the
-        adapter's head."""
+        of this session and of its decoder (checked first: :meth:`check_branches`). Call with
+        runs excluded. ``head`` is not needed here: this session reads the engine's live
+        buffers, where the engine has already put the adapter's head."""
         self.check_branches(feeds, head)
-        self._keep = feeds
-        self._branch = {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
-        self._gen += 1
+        self.branches.set(feeds)
 
     def _binding(self):
-        loc = self._local
-        b = getattr(loc, "binding", None)
-        if b is None:
-            b = self.session.io_binding()
-            for name, value in self._values.items():
-                b.bind_ortvalue_input(name, value)
-            loc.binding, loc.gen = b, -1
-        if loc.gen != self._gen:
-            for name, value in self._branch.items():
-                b.bind_ortvalue_input(name, value)
-            loc.gen = self._gen
+        b = thread_binding(self._local, self.session, self._values)
+        self.branches.bind(self._local, b)
         return b
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """One forward; model inputs checked and converted as the fused store does."""
         return run_bound(self.session, self._binding(), self._prepare_inputs(inputs),
                          self.output_name)
+
+    def decoder(self):
+        """The variant's KV-cache decoder (:class:`~edgeadapt.runtime.backends.onnxruntime.
+        decoder.OrtDecoder` over ``variants[key].onnxruntime.decoder``), opened on first use:
+        the live buffers and the branch tensors of this session, read the same way (kernel or
+        MatMul). SwitchError where the bundle records none (re-export the variant); BundleError
+        where its branch inputs are not this graph's."""
+        from edgeadapt.runtime.backends.onnxruntime.decoder import OrtDecoder
+
+        with self._decoder_lock:  # opened once, by whichever conversation steps first
+            if self._decoder is None:
+                bundle_dir, manifest, live, threads = self._opening
+                dec = OrtDecoder(bundle_dir, manifest, live, threads, kernel=self.kernel,
+                                 variant=self.key, branches=self.branches)
+                if branch_specs(dec.session) != self._branch_specs:
+                    raise BundleError(f"variant {self.key!r}: the decoder's branch inputs "
+                                      f"{sorted(branch_specs(dec.session))} are not the "
+                                      "forward graph's; re-export the variant")
+                self._decoder = dec
+        return self._decoder
