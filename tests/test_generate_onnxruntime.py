@@ -25,7 +25,7 @@ from generate_bundle import byte_tokenizer as _byte_tokenizer  # noqa: E402 - te
 from generate_bundle import export_generate  # noqa: E402
 from runtime_reference import parity, random_adapters, register_adapters  # noqa: E402
 
-from edgeadapt.adapters.reference import reference_model  # noqa: E402
+from edgeadapt.adapters.reference import reference_greedy, reference_model  # noqa: E402
 from edgeadapt.cli import main  # noqa: E402
 from edgeadapt.errors import BundleError, ConfigError  # noqa: E402
 from edgeadapt.export.bundle import export_base  # noqa: E402
@@ -60,14 +60,8 @@ def _adapter(bundle, name):
 def _hf_greedy(lm, bundle, name, ids, n):
     """transformers' greedy ``generate`` on the PyTorch model carrying adapter ``name`` (None:
     the base): the ``n`` new tokens (fewer where it ends on the end-of-turn token)."""
-    ref = reference_model(lm, [] if name is None else [_adapter(bundle, name)])
-    eos = read_manifest(bundle).extra["generate"]["eos_token_ids"]
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        out = ref.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
-                                 do_sample=False, use_cache=True, eos_token_id=eos,
-                                 pad_token_id=eos[0])
-    return out[0, len(ids):].tolist()
+    return reference_greedy(lm, [] if name is None else [_adapter(bundle, name)], ids, n,
+                            read_manifest(bundle).extra["generate"]["eos_token_ids"])
 
 
 def _hashes(rt):
@@ -175,6 +169,37 @@ def test_switch_during_a_reply_reprefills(exported):
     assert chat.last.ids == head + tail and chat.last.reprefills == 1
 
 
+def test_a_switch_during_a_prefill_never_waits_and_starts_it_over(exported, monkeypatch):
+    """Prefill chunks of 3 tokens, each run optimistically: a switch made while chunk 2 runs
+    completes at once (it does not wait for the chunk), chunk 2 is found torn, and the
+    prefill starts over under the new adapter: the reply equals transformers' under s2 alone,
+    one rebuild counted."""
+    from edgeadapt.runtime import generate as gen_module
+
+    lm, bundle = exported
+    monkeypatch.setattr(gen_module, "PREFILL_CHUNK", 3)
+    rt = load(bundle, mode="live", threads=1)
+    rt.switch("s1")
+    chat = rt.conversation()
+    decoder = rt.conversation()._gen.decoder
+    step, calls = decoder.step, []
+
+    def spy(ids, cache):
+        calls.append((ids.shape[1], rt.active))
+        if len(calls) == 2:  # chunk 2 is running: another thread switches, not waiting
+            switcher = threading.Thread(target=rt.switch, args=("s2",))
+            switcher.start()
+            switcher.join(timeout=30)
+            assert not switcher.is_alive()
+        return step(ids, cache)
+
+    monkeypatch.setattr(decoder, "step", spy)
+    out = chat.send(PROMPT, max_new_tokens=4)  # 7 tokens: chunks of 3, 3, 1
+    assert [c[1] for c in calls[:3]] == [("s1",), ("s1",), ("s2",)]
+    assert [c[0] for c in calls[:5]] == [3, 3, 3, 3, 1]  # chunk 2 torn: the prefill again
+    assert out.ids == _hf_greedy(lm, bundle, "s2", PROMPT, 4) and out.reprefills == 1
+
+
 def test_conversations_generate_while_another_thread_switches(exported):
     """Two threads generate greedy replies while the main thread switches s1 <-> s2 every
     millisecond: each token is the argmax under s1 or under s2 of its whole context (a step
@@ -253,6 +278,28 @@ def test_sampling_is_seeded(exported):
     assert {sample(logits, Sampling(temperature=1.0, top_p=1e-6), rng) for _ in range(20)} == {1}
     drawn = {sample(logits, Sampling(temperature=1.0, top_k=2), rng) for _ in range(200)}
     assert drawn == {1, 2}
+
+
+def test_allowed_tokens_constrain_the_reply(exported):
+    """Greedy with ``allowed``: each token is the likeliest of the allowed set under the full
+    logits (checked on the PyTorch model step by step); a draw stays inside the set."""
+    lm, bundle = exported
+    rt = load(bundle, mode="live", threads=1)
+    free = rt.generate(PROMPT, max_new_tokens=6).ids
+    allowed = [t + 1 for t in free[:2]] + [7, 300]  # the free reply's tokens are not allowed
+    out = rt.generate(PROMPT, max_new_tokens=6, allowed=allowed)
+    context = list(PROMPT)
+    for token in out.ids:
+        with torch.no_grad():
+            logits = forward(lm, {"input_ids": torch.tensor([context])})[0, -1].numpy()
+        assert token == allowed[int(np.argmax(logits[allowed]))]
+        context.append(token)
+    drawn = rt.generate(PROMPT, max_new_tokens=8, allowed=[5, 9], temperature=1.0, seed=2).ids
+    assert set(drawn) <= {5, 9}
+    assert sample(np.array([0.0, 3.0, 2.9]), Sampling(allowed=(0, 2)), None) == 2
+    for bad, match in (([], "allowed="), ([1.5], "allowed="), ([10**6], "outside the model")):
+        with pytest.raises(ConfigError, match=match):
+            rt.generate(PROMPT, allowed=bad)
 
 
 def test_context_limit(exported):

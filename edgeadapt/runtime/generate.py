@@ -58,6 +58,10 @@ class Decoder(Protocol):
         """Logits (batch, seq, vocab) of ``ids`` (int64 (batch, seq)) after the positions of
         ``cache``, and the cache with ``ids`` appended."""
 
+    # optional: ``optimistic = True`` where a switch may write the live weights while a step
+    # runs without harm beyond the step's own results (no buffer freed, moved or repacked):
+    # steps then never hold a switch off, and a step a switch overlapped is redone
+
 
 @dataclass(frozen=True)
 class GenerationSpec:
@@ -290,26 +294,37 @@ class Conversation:
 
     def _advance(self, new: list[int]) -> int:
         """Feed the positions the cache lacks (the last token, and ``new``) in chunks of at
-        most PREFILL_CHUNK, each under the lock held shared, so a switch waits for one chunk
-        (or one decode step), never a whole prefill; a cache from another epoch (built before
-        a switch, even one between two chunks) is dropped and everything is fed again. Leaves
-        the last position's logits in ``self._logits``; returns the number of such rebuilds.
-        A failed step drops the cache (the next reply re-prefills)."""
+        most PREFILL_CHUNK. Each chunk or decode step runs optimistically
+        (:meth:`~edgeadapt.runtime.locks.ReadWriteLock.optimistic`: a switch never waits for
+        it) where the fused decoder says a switch may write during its runs (``optimistic``)
+        and no variant is active, else under the lock held shared (a switch waits for one
+        chunk or step). A cache from another epoch (built before a switch) is dropped and
+        everything is fed again; a step during which a switch began may have read half-written
+        weights, so its logits and the cache it wrote are dropped the same way. Leaves the last
+        position's logits in ``self._logits``; returns the number of such rebuilds. A failed
+        step drops the cache (the next reply re-prefills)."""
         rt = self._rt
         tokens = self._tokens + new
         rebuilds, logits = 0, None
+        fused_optimistic = getattr(self._gen.decoder, "optimistic", False)
         try:
             while logits is None or self._cached < len(tokens):
-                with rt.lock.shared():
+                optimistic = fused_optimistic and rt.route is None
+                with (rt.lock.optimistic if optimistic else rt.lock.shared)() as window:
+                    if optimistic and rt.route is not None:
+                        logits = None  # a variant came in: its decoder runs held shared
+                        continue
                     decoder = self._gen.decoder_for(rt.route)  # changes with the epoch only
-                    epoch = rt.lock.epoch
-                    if self._cache is None or epoch != self._epoch:
+                    if self._cache is None or window.epoch != self._epoch:
                         rebuilds += self._cache is not None
-                        self._cache, self._cached, self._epoch = decoder.empty_cache(1), 0, epoch
+                        self._cache, self._cached = decoder.empty_cache(1), 0
+                        self._epoch = window.epoch
                     start = self._cached
                     chunk = np.asarray([tokens[start:start + PREFILL_CHUNK]], dtype=np.int64)
                     logits, self._cache = decoder.step(chunk, self._cache)
                     self._cached = start + chunk.shape[1]
+                    if not window.intact():  # torn: rebuild under the new weights
+                        logits, self._epoch = None, -1
         except BaseException:
             self._cache = None  # a step may have updated it in place: rebuild next time
             raise
