@@ -2,7 +2,7 @@
 cases need, without any training run (the benchmark synthesises the adapters itself).
 
     python -m edgeadapt.bench.prepare smollm2 bundles/smollm2-qv --targets qv \
-        --backends onnxruntime,executorch
+        --backends onnxruntime,executorch [--generate]
 
 Variants: a LoRA branch graph (its rank dimension is dynamic: it serves LoRA, pruned SoRA and
 ONNX Runtime's adapter API) and a SiRA graph with ``(experts, rank, top_k, capacity_factor)``.
@@ -36,9 +36,14 @@ from edgeadapt.export.cli import PTE_LIVE_FORMS
               type=click.Choice(PTE_LIVE_FORMS),
               help="How the ExecuTorch base program's live linears are written (default: the "
                    "exporter's; edgeadapt.export.executorch_live_form)")
+@click.option("--generate", is_flag=True,
+              help="causal LMs: also the KV-cache decoders (the base's and each variant's), for "
+                   "`edgeadapt bench --generate`")
+@click.option("--max-context", type=int, default=None,
+              help="with --generate: the decoders' context (default: the exporter's)")
 def main(model: str, out: str, targets: str, backends: str, lora_rank: int, sira: str,
          check: bool, variants_only: bool, pte_shapes: str | None,
-         pte_live_form: str | None) -> None:
+         pte_live_form: str | None, generate: bool, max_context: int | None) -> None:
     """Export MODEL to OUT with the branch variants `edgeadapt bench` times."""
     import torch
 
@@ -50,7 +55,7 @@ def main(model: str, out: str, targets: str, backends: str, lora_rank: int, sira
     bundle = Path(out)
     if not variants_only:
         export_base(model, bundle, backends=backends.split(","), targets=targets, check=check,
-                    pte_live_form=pte_live_form)
+                    pte_live_form=pte_live_form, generate=generate, max_context=max_context)
     shapes = ([tuple(int(v) for v in s.split("x")) for s in pte_shapes.split(",")]
               if pte_shapes else None)
     branches: list[tuple] = [("lora", lora_rank)] if lora_rank > 0 else []
