@@ -14,7 +14,7 @@ returns the logits of the new tokens and the buffers with the new keys and value
        present_value_<i> float32 (batch, kv_heads, cache, head_dim)
 
 Attention is ONNX Runtime's fused ``com.microsoft.GroupQueryAttention`` (rotary embedding
-included, :mod:`edgeadapt.export.onnx_gqa`): bound to the *same* buffer as input and output,
+included, :mod:`edgeadapt.export.onnx_contrib`): bound to the *same* buffer as input and output,
 a cache is written in place (``past_present_share_buffer``), so a decode step copies nothing
 and attends in one kernel per layer. Keys are stored after the rotary embedding. The
 projections stay plain MatMuls, so the live weights are located, moved to inputs and re-laid
@@ -62,6 +62,11 @@ def present_names(layers: int) -> list[list[str]]:
     return [[f"present_key_{i}", f"present_value_{i}"] for i in range(layers)]
 
 
+def _rms_norm(norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A ``LlamaRMSNorm`` as the fused operator (its weight and epsilon)."""
+    return torch.ops.edgeadapt.rms_norm(h, norm.weight, float(norm.variance_epsilon))
+
+
 class KVCacheDecoder(nn.Module):
     """``forward(input_ids, past_length, past_key_0, past_value_0, ...) -> (logits,
     present_key_0, ...)`` over a Hugging Face Llama-family ``...ForCausalLM`` (shapes: module
@@ -69,12 +74,14 @@ class KVCacheDecoder(nn.Module):
 
     Per layer, with ``x`` the normed hidden states of the new tokens::
 
+        x = rms_norm(h)
         out, present_key, present_value = gqa(x Wq, x Wk, x Wv, past_key, past_value)
         h += out Wo
-        h += mlp(norm(h))
+        h += mlp(rms_norm(h))
 
-    (``gqa``: :func:`edgeadapt.export.onnx_gqa.gqa`, rotary at positions ``past_length ..``,
-    its cos/sin tables the model's rotary embedding at positions ``0 .. max_context - 1``): the
+    (:mod:`edgeadapt.export.onnx_contrib`: ``rms_norm`` with each norm's own weight and
+    epsilon, exported as one fused op; ``gqa`` with rotary at positions ``past_length ..``, its
+    cos/sin tables the model's rotary embedding at positions ``0 .. max_context - 1``): the
     same math as the model's own forward without a cache (the export checks the logits
     against it).
     """
@@ -85,7 +92,7 @@ class KVCacheDecoder(nn.Module):
         if getattr(config, "model_type", None) not in SUPPORTED:
             raise ConfigError(f"--generate: model type {getattr(config, 'model_type', None)!r} "
                               f"has no KV-cache decoder yet (supported: {', '.join(SUPPORTED)})")
-        import edgeadapt.export.onnx_gqa  # noqa: F401  (registers torch.ops.edgeadapt.gqa)
+        import edgeadapt.export.onnx_contrib  # noqa: F401  (registers torch.ops.edgeadapt.*)
 
         self.model = model
         attn = model.model.layers[0].self_attn
@@ -116,15 +123,15 @@ class KVCacheDecoder(nn.Module):
         presents = []
         for i, layer in enumerate(base.layers[: self.layers]):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
+            x = _rms_norm(layer.input_layernorm, h)
             out, key, value = torch.ops.edgeadapt.gqa(
                 attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), past[2 * i], past[2 * i + 1],
                 seqlens, total, self.cos_cache, self.sin_cache, self.heads, self.kv_heads,
                 self.scaling)
             presents += [key, value]
             h = h + attn.o_proj(out)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return (self.model.lm_head(base.norm(h)), *presents)
+            h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
+        return (self.model.lm_head(_rms_norm(base.norm, h)), *presents)
 
     def empty_cache(self, batch: int, positions: int) -> list[torch.Tensor]:
         """Zero cache buffers of ``positions`` positions each."""
@@ -230,7 +237,7 @@ def _trace(lm: LoadedModel, traced: br.BranchInputs, wrapper: KVCacheDecoder,
     """torch.export + ONNX translation (the attention operator as GroupQueryAttention), dynamic
     batch, seq and cache length (example: 2 x 3 new tokens after 5 cached ones in buffers of
     11 positions, sizes that pin nothing), and the LoRA rank of a branch."""
-    from edgeadapt.export.onnx_gqa import translation_table
+    from edgeadapt.export.onnx_contrib import translation_table
 
     ids = example_inputs(lm, batch=2, seq=3, seed=0)["input_ids"]
     past = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i))

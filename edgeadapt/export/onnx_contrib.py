@@ -1,7 +1,15 @@
-"""Grouped-query attention with a key/value cache written in place: a PyTorch operator
-(``torch.ops.edgeadapt.gqa``) that exports to ONNX Runtime's fused ``com.microsoft``
-``GroupQueryAttention`` (CPU and CUDA), so the decoder graph attends in one kernel per layer
-and never copies its cache.
+"""PyTorch operators that export to ONNX Runtime's fused kernels (CPU and CUDA; its contrib
+ops), for the KV-cache decoder graph: each has a plain PyTorch reference implementation (what
+the decoder's tests compare with) and maps 1:1 onto its ONNX Runtime op
+(:func:`translation_table`, for ``torch.onnx.export``).
+
+**RMS norm** (``torch.ops.edgeadapt.rms_norm`` -> ``SimplifiedLayerNormalization``), Llama's
+``LlamaRMSNorm``: ``y = w * x / sqrt(mean(x^2, last axis) + eps)``, one kernel instead of the
+six elementwise ops the exporter writes for it.
+
+**Grouped-query attention** with a key/value cache written in place
+(``torch.ops.edgeadapt.gqa`` -> ``GroupQueryAttention``): the decoder attends in one kernel per
+layer and never copies its cache.
 
 For ``S`` new tokens after ``P`` cached ones (``total = P + S``), ``H`` query heads and
 ``G`` key/value heads of size ``D``::
@@ -32,6 +40,21 @@ from __future__ import annotations
 import torch
 
 DOMAIN = "com.microsoft"
+
+
+@torch.library.custom_op("edgeadapt::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``w * x / sqrt(mean(x^2) + eps)`` over the last axis, computed in float32 as
+    ``LlamaRMSNorm`` does."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("edgeadapt::gqa", mutates_args=())
@@ -72,43 +95,55 @@ def _(q, k, v, past_key, past_value, seqlens_k, total, cos, sin, num_heads, kv_h
         past_value.new_empty(past_value.shape)
 
 
-def _schema():
-    """The part of ``GroupQueryAttention``'s schema the export uses (ONNX's registry does not
-    hold ONNX Runtime's contrib ops; onnxscript needs one to emit a node)."""
+def _schema(name: str, domain: str, inputs: list[tuple[str, str]], outputs: list[str],
+            types: list[tuple[str, list[str]]], attributes: dict[str, str]):
+    """The part of an ONNX Runtime contrib op's schema the export uses (ONNX's registry does not
+    hold them; onnxscript needs one to emit a node). inputs: (name, type variable); outputs
+    take type ``T``; attributes: name -> ``INT`` | ``FLOAT``."""
     from onnx.defs import OpSchema
 
-    def param(name: str, type_str: str) -> OpSchema.FormalParameter:
-        return OpSchema.FormalParameter(name, type_str)
-
-    inputs = [param(n, "T") for n in ("query", "key", "value", "past_key", "past_value")]
-    inputs += [param("seqlens_k", "M"), param("total_sequence_length", "M"),
-               param("cos_cache", "T"), param("sin_cache", "T")]
-    attr = OpSchema.AttrType
     return OpSchema(
-        "GroupQueryAttention", DOMAIN, 1, inputs=inputs,
-        outputs=[param(n, "T") for n in ("output", "present_key", "present_value")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""),
-                          ("M", ["tensor(int32)"], "")],
-        attributes=[OpSchema.Attribute("num_heads", attr.INT, ""),
-                    OpSchema.Attribute("kv_num_heads", attr.INT, ""),
-                    OpSchema.Attribute("scale", attr.FLOAT, ""),
-                    OpSchema.Attribute("do_rotary", attr.INT, ""),
-                    OpSchema.Attribute("rotary_interleaved", attr.INT, "")])
+        name, domain, 1,
+        inputs=[OpSchema.FormalParameter(n, t) for n, t in inputs],
+        outputs=[OpSchema.FormalParameter(n, "T") for n in outputs],
+        type_constraints=[(t, allowed, "") for t, allowed in types],
+        attributes=[OpSchema.Attribute(n, getattr(OpSchema.AttrType, kind), "")
+                    for n, kind in attributes.items()])
+
+
+FLOATS = ("T", ["tensor(float)", "tensor(float16)"])
 
 
 def translation_table() -> dict:
-    """``custom_translation_table`` for ``torch.onnx.export``: the operator as ONNX Runtime's
-    ``GroupQueryAttention`` (rotary applied by the op, ``rotary_interleaved = 0``)."""
+    """``custom_translation_table`` for ``torch.onnx.export``: the operators above as ONNX
+    Runtime's ``SimplifiedLayerNormalization`` and ``GroupQueryAttention`` (rotary applied by
+    the op, ``rotary_interleaved = 0``)."""
     import onnxscript
 
-    op = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), "GroupQueryAttention",
-                              _schema())
+    # ONNX Runtime registers SimplifiedLayerNormalization in the ONNX domain (since version 1),
+    # GroupQueryAttention in com.microsoft
+    norm = onnxscript.values.Op(onnxscript.values.Opset("", 1), "SimplifiedLayerNormalization",
+                                _schema("SimplifiedLayerNormalization", "", [("X", "T"),
+                                        ("scale", "T")], ["Y"], [FLOATS],
+                                        {"axis": "INT", "epsilon": "FLOAT"}))
+    opset = onnxscript.values.Opset(DOMAIN, 1)
+    attention = onnxscript.values.Op(opset, "GroupQueryAttention", _schema(
+        "GroupQueryAttention", DOMAIN,
+        [(n, "T") for n in ("query", "key", "value", "past_key", "past_value")]
+        + [("seqlens_k", "M"), ("total_sequence_length", "M"), ("cos_cache", "T"),
+           ("sin_cache", "T")],
+        ["output", "present_key", "present_value"], [FLOATS, ("M", ["tensor(int32)"])],
+        {"num_heads": "INT", "kv_num_heads": "INT", "scale": "FLOAT", "do_rotary": "INT",
+         "rotary_interleaved": "INT"}))
+
+    def rms_norm_onnx(x, weight, eps: float):
+        return norm(x, weight, axis=-1, epsilon=eps)
 
     def gqa_onnx(q, k, v, past_key, past_value, seqlens_k, total, cos, sin,
                  num_heads: int, kv_heads: int, scale: float):
-        return op(
-            q, k, v, past_key, past_value, seqlens_k, total, cos, sin,
-            num_heads=num_heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1,
-            rotary_interleaved=0)
+        return attention(q, k, v, past_key, past_value, seqlens_k, total, cos, sin,
+                         num_heads=num_heads, kv_num_heads=kv_heads, scale=scale,
+                         do_rotary=1, rotary_interleaved=0)
 
-    return {torch.ops.edgeadapt.gqa.default: gqa_onnx}
+    return {torch.ops.edgeadapt.rms_norm.default: rms_norm_onnx,
+            torch.ops.edgeadapt.gqa.default: gqa_onnx}
