@@ -90,13 +90,15 @@ def base_weight_entries(lm: Any, names: list[str]) -> dict[str, WeightEntry]:
 
 def run_exporters(lm: Any, out: Path, live: list[str], backends: list[str],
                   branch: tuple | None = None, check: bool = True,
-                  pte_repack: bool = True, pte_live_form: str | None = None
-                  ) -> dict[str, dict]:
+                  pte_repack: bool = True, pte_live_form: str | None = None,
+                  decoder_context: int | None = None) -> dict[str, dict]:
     """Call each available backend exporter; returns {backend: exporter result}.
 
     pte_repack: also write ExecuTorch's all-constant program that repack mode reloads (a second
     full lowering; skip it for bundles that only run live). pte_live_form: the form of the
-    ExecuTorch base program's live linears (None: the exporter's default)."""
+    ExecuTorch base program's live linears (None: the exporter's default). decoder_context:
+    ``--generate``: lower ExecuTorch's KV-cache decoder into its base program, its cache this
+    many positions (:mod:`edgeadapt.export.executorch_decoder`)."""
     results = {}
     for fmt in backends:
         exporter = backend_exporter(fmt)
@@ -107,6 +109,8 @@ def run_exporters(lm: Any, out: Path, live: list[str], backends: list[str],
             kwargs["repack"] = pte_repack
             if pte_live_form is not None:
                 kwargs["live_form"] = pte_live_form
+            if decoder_context is not None:
+                kwargs["decoder_context"] = decoder_context
         log.info("exporting %s%s ...", fmt, "" if branch is None else f" with branch {branch}")
         results[fmt] = exporter(lm, out, live, branch, **kwargs)
     if not results:
@@ -169,7 +173,8 @@ def export_base(model: str | Path | Any, out: str | Path,
     staging = Path(tempfile.mkdtemp(dir=out, prefix=_staging_prefix(os.getpid())))
     try:
         results = run_exporters(lm, staging, live, fmts, check=check, pte_repack=pte_repack,
-                                pte_live_form=pte_live_form)
+                                pte_live_form=pte_live_form,
+                                decoder_context=max_context if generate else None)
         decoders, generation = export_generation(
             lm, staging, live, results, max_context=max_context, check=check) \
             if generate else ({}, None)

@@ -1,8 +1,10 @@
 """``edgeadapt export base --generate``: what a bundle needs to generate text.
 
-- the backends' KV-cache decoder graphs (ONNX Runtime: :mod:`edgeadapt.export.onnx_decoder`),
-  written beside the base graph with the same live weights, each a ``"decoder"`` entry in its
-  backend's bundle.json section;
+- the backends' KV-cache decoders, reading the same live weights as the base graph, each a
+  ``"decoder"`` entry in its backend's bundle.json section: ONNX Runtime's a graph written
+  beside the base graph (:mod:`edgeadapt.export.onnx_decoder`), ExecuTorch's a method of the
+  live program itself (:mod:`edgeadapt.export.executorch_decoder`, lowered with it by
+  :func:`edgeadapt.export.executorch.export_pte` and checked here);
 - the model's tokenizer (``tokenizer.json``, read at run time by the ``tokenizers`` library:
   no torch, no transformers) and chat template (``chat_template.jinja``) where it has them;
 - a top-level ``"generate"`` section (docs/generate.md)::
@@ -28,42 +30,69 @@ DEFAULT_MAX_CONTEXT = 2048
 def generation_context(lm: LoadedModel, backends: list[str], max_context: int | None) -> int:
     """The decoders' context (``max_context``, default the smaller of 2048 and the model's
     positions), checked before anything is exported: ConfigError for a model that is not a
-    causal LM, backends without onnxruntime, or a context beyond the model's positions."""
+    causal LM, or a context beyond the model's positions or below what the ``backends``'
+    decoders need (ExecuTorch's: :data:`edgeadapt.export.executorch_decoder.MIN_CONTEXT`)."""
     if lm.kind != "causal-lm":
         raise ConfigError(f"--generate: {lm.name} is a {lm.kind}; only causal LMs generate")
-    if "onnxruntime" not in backends:
-        raise ConfigError("--generate needs the onnxruntime backend (its KV-cache decoder is "
-                          "the only one so far): add it to --backends")
     limit = int(getattr(lm.model.config, "max_position_embeddings", 0) or 0)
     if max_context is None:
         return min(DEFAULT_MAX_CONTEXT, limit) if limit else DEFAULT_MAX_CONTEXT
-    if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 2 \
-            or (limit and max_context > limit):
-        raise ConfigError(f"--max-context {max_context!r}: a whole number from 2 to the "
+    least = 2
+    if "executorch" in backends:
+        from edgeadapt.export import executorch_decoder
+
+        least = executorch_decoder.MIN_CONTEXT
+    if isinstance(max_context, bool) or not isinstance(max_context, int) \
+            or max_context < least or (limit and max_context > limit):
+        raise ConfigError(f"--max-context {max_context!r}: a whole number from {least} to the "
                           f"model's {limit or 'unknown'} positions")
     return max_context
 
 
 def export_generation(lm: LoadedModel, out: Path, live: list[str], results: dict[str, dict], *,
                       max_context: int, check: bool = True) -> tuple[dict[str, dict], dict]:
-    """Export the decoder graphs of ``lm`` into ``out`` (the folder the base graphs of
-    ``results``, the exporters' answers per backend, were written to) and its tokenizer files.
+    """Export the decoders of ``lm`` for the backends in ``results`` (the exporters' answers
+    per backend; their base graphs are in ``out``) and its tokenizer files: ONNX Runtime's
+    decoder graph is written here, ExecuTorch's ``decode`` method was lowered into its program
+    by its exporter (``decoder_context``) and is checked here.
 
     max_context: from :func:`generation_context`. check: each decoder's logits against the
     model's full forward (ExportError on mismatch). Returns ({backend: its "decoder" entry},
     the bundle's "generate" section).
     """
-    from edgeadapt.export.onnx_decoder import export_onnx_decoder
+    decoders = {}
+    if "onnxruntime" in results:
+        from edgeadapt.export.onnx_decoder import export_onnx_decoder
 
-    if "onnxruntime" not in results:
-        raise ExportError("--generate: the onnxruntime exporter did not run (not installed?)")
-    ort = export_onnx_decoder(lm, out, live, max_context=max_context,
-                              expected=results["onnxruntime"]["weights"], check=check)
+        decoders["onnxruntime"] = export_onnx_decoder(
+            lm, out, live, max_context=max_context, expected=results["onnxruntime"]["weights"],
+            check=check)["section"]
+    if "executorch" in results:
+        decoders["executorch"] = dict(results["executorch"]["decoder"])
+        if check:
+            from edgeadapt.export.executorch_decoder import check_decoder
+
+            decoders["executorch"]["parity"] = check_decoder(
+                lm, out, results["executorch"], decoders["executorch"])
+    if not decoders:
+        raise ExportError(f"--generate: no exporter with a decoder ran (ran: {sorted(results)})")
     section = {"max_context": max_context, "vocab_size": lm.vocab_size,
                "eos_token_ids": _token_ids(lm, "eos_token_id"),
                "bos_token_id": next(iter(_token_ids(lm, "bos_token_id")), None),
                **write_tokenizer(lm.tokenizer, out)}
-    return {"onnxruntime": ort["section"]}, section
+    return decoders, section
+
+
+def parity_report(errors: list[float], chunks: tuple[int, ...], rtol: float, what: str) -> dict:
+    """A decoder check's bundle.json ``parity`` entry from its per-step relative errors
+    (each step's logits vs the model's full forward): ``{"max_rel_error", "chunks", "rtol"}``;
+    ExportError naming ``what`` and every step's error where the worst exceeds ``rtol``."""
+    worst = max(errors)
+    if not worst <= rtol:
+        raise ExportError(f"{what}: the KV-cache decoder's logits differ from the model's full "
+                          f"forward (max relative error {worst:.3g} > {rtol:g}; per step "
+                          f"{[f'{e:.2g}' for e in errors]})")
+    return {"max_rel_error": worst, "chunks": list(chunks), "rtol": rtol}
 
 
 def _token_ids(lm: LoadedModel, key: str) -> list[int]:

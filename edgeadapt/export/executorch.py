@@ -261,7 +261,11 @@ def undelegated_gemms(edge: Any) -> int:
 
 
 def _lower_live(lm: LoadedModel, buffers: list[str], max_batch: int, max_seq: int,
-                partition: str, shapes: list[tuple[int, int]] | None) -> tuple[bytes, int]:
+                partition: str, shapes: list[tuple[int, int]] | None,
+                extra: dict[str, Any] | None = None) -> tuple[bytes, int, Any]:
+    """Lower the live program: forward (or the static methods), touch and the ``extra``
+    exported programs (the decoder), all sharing the mutable buffers. Returns (its bytes, the
+    GEMMs left undelegated, the ExecuTorch program)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -276,6 +280,7 @@ def _lower_live(lm: LoadedModel, buffers: list[str], max_batch: int, max_seq: in
         wrapper, methods = _export_static(lm, shapes)
     methods[TOUCH_METHOD] = torch.export.export(_Touch(wrapper, buffers), (torch.zeros(1),),
                                                 strict=False)
+    methods.update(extra or {})
     wanted = set(buffers)
     placeholders = sorted(
         {ph for e in methods.values() for ph, b in e.graph_signature.inputs_to_buffers.items()
@@ -289,8 +294,10 @@ def _lower_live(lm: LoadedModel, buffers: list[str], max_batch: int, max_seq: in
         passes=[InitializedMutableBufferPass(placeholders)],
         memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
         emit_mutable_buffer_names=True,
+        # a decoder's cache write (index_put on a buffer) in place, not a copy of the cache
+        run_reinplace_pass=bool(extra),
     ))
-    return bytes(prog.buffer), outside
+    return bytes(prog.buffer), outside, prog
 
 
 def _lower_const(lm: LoadedModel, max_batch: int, max_seq: int) -> bytes:
@@ -343,7 +350,7 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
                branch: tuple | None = None, *, max_batch: int = 8, max_seq: int = 64,
                repack: bool = True, verify: bool = True, partition: str = "selective",
                static: list[tuple[int, int]] | None = None,
-               live_form: str | None = None) -> dict:
+               live_form: str | None = None, decoder_context: int | None = None) -> dict:
     """Export ``lm`` to ExecuTorch with ``live_weights`` editable in place; see the module doc.
 
     Writes ``model[.<variant>].pte`` (and, for the base, ``model.const.pte`` when ``repack``:
@@ -362,6 +369,10 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     (:mod:`edgeadapt.export.executorch_live_form`; branch variants keep ``linear``). None:
     :data:`DEFAULT_LIVE_FORM` (``own-kernel``), or ``weight-left`` where no C++ compiler can
     build the kernel (logged); ``section["live_form"]`` records the form used.
+    ``decoder_context``: causal LMs, base program: also lower the KV-cache decoder as the
+    program's ``decode`` method, its cache ``decoder_context`` positions
+    (:mod:`edgeadapt.export.executorch_decoder`); ``result["decoder"]`` is its bundle.json
+    entry (checked and completed by :func:`edgeadapt.export.executorch_decoder.check_decoder`).
     Returns::
 
         {"section": {"file", "methods", "inputs", "max_batch", "max_seq", "branch", "live_form",
@@ -394,14 +405,27 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         live_form = default_live_form() if branch is None else "linear"
     if live_form not in LIVE_FORMS:
         raise ConfigError(f"live_form {live_form!r} not in {LIVE_FORMS}")
+    if decoder_context is not None and (branch is not None or lm.kind != "causal-lm"):
+        raise ConfigError("a decoder is lowered into the base program of a causal LM only")
     live_lm = build_live_model(lm, list(live_weights), branch, live_form)
+    extra, decoder = {}, None
+    if decoder_context is not None:
+        from edgeadapt.export.executorch_decoder import decode_program
+
+        decode_ep, decoder = decode_program(live_lm, decoder_context)
+        extra[decoder["method"]] = decode_ep
     weight_buffers = {w: PREFIX + w for w in live_weights}
     branch_buffers = {w: {p: PREFIX + w.removesuffix("weight") + p for p in params}
                       for w in live_weights} if branch is not None else {}
     all_buffers = list(weight_buffers.values()) + [
         b for d in branch_buffers.values() for b in d.values()]
     with torch.no_grad():
-        blob, outside = _lower_live(live_lm, all_buffers, max_batch, max_seq, partition, shapes)
+        blob, outside, program = _lower_live(live_lm, all_buffers, max_batch, max_seq,
+                                             partition, shapes, extra)
+    if decoder is not None:
+        from edgeadapt.export.executorch_decoder import check_in_place
+
+        check_in_place(program)
     atomic_write_bytes(out_dir / live_file, [blob])
 
     repack_info = None
@@ -416,7 +440,8 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     section = {
         "file": live_file,
         "methods": {"forward": "forward" if shapes is None else None, "touch": TOUCH_METHOD,
-                    "static": {f"{b}x{s}": static_method(b, s) for b, s in shapes or []}},
+                    "static": {f"{b}x{s}": static_method(b, s) for b, s in shapes or []},
+                    **({"decode": decoder["method"]} if decoder else {})},
         "inputs": [{"name": n, "dtype": "int64", "shape": ["batch", "seq"]}
                    for n in _input_names(lm)],
         "max_batch": max_batch, "max_seq": max_seq,
@@ -429,6 +454,8 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     weights = {w: {"buffer": weight_buffers[w],
                    "shape": list(lm.model.get_parameter(w).shape)} for w in live_weights}
     result = {"section": section, "weights": weights}
+    if decoder is not None:
+        result["decoder"] = decoder
     if verify:
         from edgeadapt.export.executorch_verify import verify_export
 

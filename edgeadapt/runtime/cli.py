@@ -6,6 +6,26 @@ import click
 
 from edgeadapt.timer import stopwatch
 
+#: the backends whose decoder ``--backend`` may name, in the order the default tries them
+DECODER_BACKENDS = ("onnxruntime", "executorch")
+BACKEND_HELP = ("onnxruntime | executorch [default: the first of them whose decoder the bundle "
+                "has]")
+
+
+def decoder_backend(bundle: str, backend: str | None) -> str:
+    """``backend``, or where it is None the first of :data:`DECODER_BACKENDS` whose section of
+    the bundle has a ``"decoder"`` entry (``onnxruntime`` if none has: loading then says
+    what is missing)."""
+    if backend is not None:
+        return backend
+    from edgeadapt.format.manifest import read_manifest
+
+    sections = read_manifest(bundle).to_dict()
+    return next((b for b in DECODER_BACKENDS
+                 if isinstance(sections.get(b), dict) and sections[b].get("decoder")),
+                DECODER_BACKENDS[0])
+
+
 
 @click.command("generate")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
@@ -21,14 +41,15 @@ from edgeadapt.timer import stopwatch
 @click.option("--stop", multiple=True, help="a string that ends the reply (repeatable)")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="intra-op threads (default: the backend's)")
+@click.option("--backend", default=None, help=BACKEND_HELP)
 def generate_cmd(bundle: str, prompt: str, adapters: tuple[str, ...], max_new_tokens: int,
                  temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
-                 stop: tuple[str, ...], threads: int | None) -> None:
+                 stop: tuple[str, ...], threads: int | None, backend: str | None) -> None:
     """Generate a reply to --prompt with the bundle's decoder (exported with --generate),
     streamed to the terminal; the token count and speed go to stderr."""
     from edgeadapt.runtime import load
 
-    rt = load(bundle, backend="onnxruntime", mode="live", threads=threads)
+    rt = load(bundle, backend=decoder_backend(bundle, backend), mode="live", threads=threads)
     if adapters:
         rt.switch(list(adapters))
     chat = rt.conversation()

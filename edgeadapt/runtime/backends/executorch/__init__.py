@@ -7,17 +7,23 @@ backend="executorch")``, CPU only.
 - ``kernel.py``: edgeadapt's own kernel ``edgeadapt::live_linear.out``, which programs exported
   in the ``own-kernel`` live form call.
 - ``variant.py``: unfused adapters through a variant program's branch buffers.
+- ``decoder.py``: the KV-cache decoder that generation steps (bundles exported with
+  ``--generate``): the live program's ``decode`` method, reading the store's live buffers.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgeadapt.errors import ConfigError
 from edgeadapt.format.manifest import Manifest
 from edgeadapt.runtime.store import WeightStore
 from edgeadapt.runtime.unfused import VariantRoute
+
+if TYPE_CHECKING:
+    from edgeadapt.runtime.backends.executorch.decoder import EtDecoder
 
 #: the bundle.json section holding the ExecuTorch programs (the base's and each variant's)
 SECTION = "executorch"
@@ -77,6 +83,15 @@ class ExecutorchBackend:
         from edgeadapt.runtime.backends.executorch.variant import EtVariantProgram
 
         return EtVariantProgram(bundle_dir, manifest, key)
+
+    def open_decoder(self, bundle_dir: Path, manifest: Manifest, store: WeightStore, *,
+                     device: str, threads: int | None) -> EtDecoder:
+        """The KV-cache decoder (:mod:`.decoder`): the ``decode`` method of ``store``'s live
+        program, reading the live buffers the engine edits. Optional in a backend:
+        :func:`edgeadapt.runtime.generate.open_generator` asks for it."""
+        from edgeadapt.runtime.backends.executorch.decoder import open_decoder
+
+        return open_decoder(store, manifest)
 
 
 BACKEND = ExecutorchBackend()

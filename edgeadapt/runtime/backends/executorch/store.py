@@ -201,6 +201,23 @@ class ExecutorchStore(WeightStore):
         tensor = self._method._method.get_attribute(self._buffers[name])
         return tensor.numpy().reshape(self._live[name].shape).copy()
 
+    def method(self, name: str) -> Any:
+        """Method ``name`` of the loaded program (``executorch.runtime.Method``), one of those
+        loaded with it (``section["methods"]``: the decoder's ``decode``): it reads the
+        program's shared mutable buffers, the live weights among them. BundleError for any
+        other name: loading a method later would set every initialised buffer back to its
+        initial value, the live weights to the base under the engine's feet."""
+        method = self._extra.get(name)
+        if method is None:
+            raise BundleError(f"the ExecuTorch program was loaded without a method {name!r} "
+                              f"(loaded: {sorted(self._extra)}); re-export with --generate")
+        return method
+
+    def buffer(self, name: str, method: Any) -> np.ndarray:
+        """A writable numpy array aliasing mutable buffer ``name`` of ``method`` (kept alive
+        with the store); BundleError where the method has no such buffer."""
+        return self._attribute(name, method)
+
     # -- internals -----------------------------------------------------------------------------
 
     def _path(self, name: str) -> Path:
@@ -209,9 +226,9 @@ class ExecutorchStore(WeightStore):
             raise BundleError(f"ExecuTorch program {path} is missing")
         return path
 
-    def _attribute(self, buffer: str) -> np.ndarray:
+    def _attribute(self, buffer: str, method: Any = None) -> np.ndarray:
         try:
-            tensor = self._method._method.get_attribute(buffer)
+            tensor = (method or self._method)._method.get_attribute(buffer)
         except RuntimeError as exc:
             raise BundleError(f"ExecuTorch program has no mutable buffer {buffer!r}: {exc}"
                               ) from exc
@@ -225,21 +242,26 @@ class ExecutorchStore(WeightStore):
         self._load(bytes(self._blob), f"{self.directory / self.section['repack']['file']}")
 
     def _load(self, source: Path | bytes, what: str) -> None:
-        """Load the program (a .pte path, or the repack blob) and its methods: dynamic-shape
-        programs have one ``forward``, static ones (SiRA) one method per "BxS" shape, all
-        sharing the mutable buffers. Nothing is replaced unless all of it loads; BundleError
-        naming ``what`` where ExecuTorch refuses the program (corrupt, truncated: its own
-        errors are untyped)."""
+        """Load the program (a .pte path, or the repack blob) and every method it will run:
+        dynamic-shape programs have one ``forward``, static ones (SiRA) one method per "BxS"
+        shape, a ``--generate`` live program also ``decode``, all sharing the mutable buffers.
+        All of them now, before anything is written: loading a method (re)initialises the
+        initialised mutable buffers, the live weights. Nothing is replaced unless all of it
+        loads; BundleError naming ``what`` where ExecuTorch refuses the program (corrupt,
+        truncated: its own errors are untyped)."""
         methods = self.section["methods"]
+        decode = methods.get("decode") if self.mode == "live" else None
         try:
             program = _runtime().load_program(source)
             static = {tuple(int(v) for v in k.split("x")): program.load_method(m)
                       for k, m in (methods.get("static") or {}).items()}
             method = (program.load_method(methods["forward"]) if methods.get("forward")
                       else next(iter(static.values())))
-        except (RuntimeError, ValueError) as exc:
+            extra = {decode: program.load_method(decode)} if decode else {}
+        except (RuntimeError, ValueError, KeyError) as exc:
             raise BundleError(f"{what}: ExecuTorch cannot load this program: {exc}") from exc
         self._program, self._static, self._method = program, static, method
+        self._extra = extra
 
 
 def open_store(directory: str | Path, manifest: dict[str, Any], mode: str = "live",
