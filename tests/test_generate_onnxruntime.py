@@ -21,15 +21,23 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner  # noqa: E402
+from generate_bundle import (  # noqa: E402
+    assert_argmax_under_s1_or_s2,
+    assert_context_limit,
+    assert_switch_between_turns_reprefills,
+    bundle_adapter,
+    export_generate,
+    generate_while_switching,
+    hf_greedy,
+)
 from generate_bundle import byte_tokenizer as _byte_tokenizer  # noqa: E402 - test_chat_cli too
-from generate_bundle import export_generate  # noqa: E402
 from runtime_reference import parity, random_adapters, register_adapters  # noqa: E402
 
-from edgeadapt.adapters.reference import reference_greedy, reference_model  # noqa: E402
+from edgeadapt.adapters.reference import reference_model  # noqa: E402
 from edgeadapt.cli import main  # noqa: E402
 from edgeadapt.errors import BundleError, ConfigError  # noqa: E402
 from edgeadapt.export.bundle import export_base  # noqa: E402
-from edgeadapt.format import read_adapter, read_manifest, write_manifest  # noqa: E402
+from edgeadapt.format import read_manifest, write_manifest  # noqa: E402
 from edgeadapt.models import forward, load_model  # noqa: E402
 from edgeadapt.runtime import get_backend, load  # noqa: E402
 from edgeadapt.runtime.backends.onnxruntime import decoder as ort_decoder  # noqa: E402
@@ -51,17 +59,6 @@ def exported(tmp_path_factory):
     lm = load_model("tiny-smollm2", seed=0)
     lm.tokenizer = _byte_tokenizer()
     return lm, export_generate(lm, tmp_path_factory.mktemp("generate"), CONTEXT)
-
-
-def _adapter(bundle, name):
-    return read_adapter(bundle / read_manifest(bundle).adapters[name].file)
-
-
-def _hf_greedy(lm, bundle, name, ids, n):
-    """transformers' greedy ``generate`` on the PyTorch model carrying adapter ``name`` (None:
-    the base): the ``n`` new tokens (fewer where it ends on the end-of-turn token)."""
-    return reference_greedy(lm, [] if name is None else [_adapter(bundle, name)], ids, n,
-                            read_manifest(bundle).extra["generate"]["eos_token_ids"])
 
 
 def _hashes(rt):
@@ -93,7 +90,7 @@ def test_greedy_equals_transformers_generate(exported, adapter, mode):
               kernel=False if mode == "live-matmul" else None)
     rt.switch(adapter)
     out = rt.generate(PROMPT, max_new_tokens=40)
-    want = _hf_greedy(lm, bundle, adapter, PROMPT, 40)
+    want = hf_greedy(lm, bundle, adapter, PROMPT, 40)
     assert out.ids == want
     assert len(out.ids) >= 32 and out.finish_reason == "length"
     assert out.prompt_tokens == len(PROMPT) and out.reprefills == 0
@@ -113,7 +110,7 @@ def test_decode_step_logits_equal_full_forward(exported, monkeypatch, first_capa
     gen = open_generator(rt.bundle_dir, rt.manifest, get_backend("onnxruntime"), rt.store,
                          device="cpu", threads=1)
     ids = np.random.default_rng(4).integers(5, lm.vocab_size, size=25).astype(np.int64)
-    ref = reference_model(lm, [_adapter(bundle, "s1")])
+    ref = reference_model(lm, [bundle_adapter(bundle, "s1")])
     with torch.no_grad():
         want = forward(ref, {"input_ids": torch.from_numpy(ids[None])}).numpy()[0]
     base = forward(lm, {"input_ids": torch.from_numpy(ids[None])}).detach().numpy()[0]
@@ -133,26 +130,8 @@ def test_decode_step_logits_equal_full_forward(exported, monkeypatch, first_capa
 
 def test_switch_between_turns_reprefills(exported):
     lm, bundle = exported
-    rt = load(bundle, mode="live", threads=1)
-    rt.switch("s1")
-    chat = rt.conversation()
-    first = chat.send(PROMPT, max_new_tokens=6)
-    rt.switch("s2")
-    second = chat.send([40, 41, 42], max_new_tokens=10)
-    history = PROMPT + first.ids + [40, 41, 42]
-    assert chat.tokens == history + second.ids
-    assert second.reprefills == 1
-    fresh = rt.generate(history, max_new_tokens=10)  # a new conversation under s2
-    assert second.ids == fresh.ids == _hf_greedy(lm, bundle, "s2", history, 10)
-    assert second.ids != _hf_greedy(lm, bundle, "s1", history, 10)  # the switch matters
-    # Negative control: the same turns continuing on the cache built under s1 (the epoch check
-    # fooled) give another reply, so the check above can fail.
-    rt.switch("s1")
-    stale = rt.conversation()
-    stale.send(PROMPT, max_new_tokens=6)
-    rt.switch("s2")
-    stale._epoch = rt.lock.epoch
-    assert stale.send([40, 41, 42], max_new_tokens=10).ids != second.ids
+    assert_switch_between_turns_reprefills(load(bundle, mode="live", threads=1), lm, bundle,
+                                           PROMPT)
 
 
 def test_switch_during_a_reply_reprefills(exported):
@@ -164,8 +143,8 @@ def test_switch_during_a_reply_reprefills(exported):
     head = [next(pieces).token for _ in range(4)]
     rt.switch("s2")
     tail = [p.token for p in pieces]
-    assert head == _hf_greedy(lm, bundle, "s1", PROMPT, 4)
-    assert tail == _hf_greedy(lm, bundle, "s2", PROMPT + head, 10)
+    assert head == hf_greedy(lm, bundle, "s1", PROMPT, 4)
+    assert tail == hf_greedy(lm, bundle, "s2", PROMPT + head, 10)
     assert chat.last.ids == head + tail and chat.last.reprefills == 1
 
 
@@ -197,7 +176,46 @@ def test_a_switch_during_a_prefill_never_waits_and_starts_it_over(exported, monk
     out = chat.send(PROMPT, max_new_tokens=4)  # 7 tokens: chunks of 3, 3, 1
     assert [c[1] for c in calls[:3]] == [("s1",), ("s1",), ("s2",)]
     assert [c[0] for c in calls[:5]] == [3, 3, 3, 3, 1]  # chunk 2 torn: the prefill again
-    assert out.ids == _hf_greedy(lm, bundle, "s2", PROMPT, 4) and out.reprefills == 1
+    assert out.ids == hf_greedy(lm, bundle, "s2", PROMPT, 4) and out.reprefills == 1
+
+
+def test_switches_faster_than_a_step_cannot_starve_a_conversation(exported, monkeypatch):
+    """Steps slowed to 5 ms while another thread switches s1 <-> s2 every 0.5 ms: every
+    optimistic step is torn, so after RESTARTS_BEFORE_HOLDING rebuilds the conversation feeds
+    under the lock held shared (the switches wait) and the reply completes; each token is
+    the argmax under s1 or s2 of its context."""
+    lm, bundle = exported
+    rt = load(bundle, mode="live", threads=1)
+    rt.switch("s1")
+    decoder = rt.conversation()._gen.decoder
+    step = decoder.step
+
+    def slow(ids, cache):
+        threading.Event().wait(0.005)
+        return step(ids, cache)
+
+    monkeypatch.setattr(decoder, "step", slow)
+    stop, flips = threading.Event(), []
+
+    def flip() -> None:
+        while not stop.is_set():
+            rt.switch("s2" if len(flips) % 2 == 0 else "s1")
+            flips.append(1)
+            threading.Event().wait(0.0005)
+
+    switcher = threading.Thread(target=flip)
+    switcher.start()
+    result = []
+    talker = threading.Thread(target=lambda: result.append(rt.generate(PROMPT,
+                                                                       max_new_tokens=6)))
+    talker.start()
+    talker.join(timeout=120)
+    stop.set()
+    switcher.join()
+    assert not talker.is_alive() and len(result) == 1, "the conversation starved"
+    out = result[0]
+    assert len(out.ids) == 6 and out.reprefills >= 2 and len(flips) > 10
+    assert_argmax_under_s1_or_s2(lm, bundle, [(list(PROMPT), out)])
 
 
 def test_conversations_generate_while_another_thread_switches(exported):
@@ -207,39 +225,10 @@ def test_conversations_generate_while_another_thread_switches(exported):
     lm, bundle = exported
     rt = load(bundle, mode="live", threads=1)
     rt.switch("s1")
-    replies, failures = [], []
-
-    def talk(seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        try:
-            for _ in range(6):
-                prompt = [int(i) for i in rng.integers(5, lm.vocab_size, 6)]
-                replies.append((prompt, rt.generate(prompt, max_new_tokens=12)))
-        except Exception as exc:  # reported below, with the thread's traceback lost
-            failures.append(exc)
-
-    threads = [threading.Thread(target=talk, args=(seed,)) for seed in (1, 2)]
-    for t in threads:
-        t.start()
-    flips = 0
-    while any(t.is_alive() for t in threads):
-        rt.switch("s2" if flips % 2 == 0 else "s1")
-        flips += 1
-        threading.Event().wait(0.001)
-    for t in threads:
-        t.join()
-    assert not failures, failures
+    replies, flips = generate_while_switching(rt, lm.vocab_size, replies=6, new_tokens=12)
     assert len(replies) == 12 and flips > 1
     assert sum(out.reprefills for _, out in replies) > 0
-    refs = [reference_model(lm, [_adapter(bundle, n)]) for n in ("s1", "s2")]
-    for prompt, out in replies:
-        context = list(prompt)
-        for token in out.ids:
-            x = {"input_ids": torch.tensor([context])}
-            with torch.no_grad():
-                best = {int(forward(ref, x)[0, -1].argmax()) for ref in refs}
-            assert token in best, (prompt, out.ids)
-            context.append(token)
+    assert_argmax_under_s1_or_s2(lm, bundle, replies)
 
 
 def test_text_prompts_stream_and_stop(exported):
@@ -304,12 +293,7 @@ def test_allowed_tokens_constrain_the_reply(exported):
 
 def test_context_limit(exported):
     _, bundle = exported
-    rt = load(bundle, mode="live", threads=1)
-    ids = [int(i) for i in np.arange(CONTEXT - 1) % 400 + 5]
-    out = rt.generate(ids, max_new_tokens=5)  # one position left: one token
-    assert out.finish_reason == "context" and len(out.ids) == 1
-    with pytest.raises(ConfigError, match=f"at most {CONTEXT}"):
-        rt.generate(ids + [5], max_new_tokens=5)
+    assert_context_limit(load(bundle, mode="live", threads=1), CONTEXT)
 
 
 def test_bad_inputs_change_nothing(exported, tmp_path):
@@ -442,4 +426,4 @@ def test_smollm2_greedy_equals_transformers_generate(tmp_path):
         rt.switch(adapter)
         out = rt.generate("The capital of France is", max_new_tokens=32)
         assert out.prompt_tokens == len(prompt)
-        assert out.ids == _hf_greedy(lm, tmp_path, adapter, prompt, 32), adapter
+        assert out.ids == hf_greedy(lm, tmp_path, adapter, prompt, 32), adapter

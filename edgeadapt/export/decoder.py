@@ -85,12 +85,12 @@ def export_generation(lm: LoadedModel, out: Path, live: list[str], results: dict
 
 def parity_report(errors: list[float], chunks: tuple[int, ...], rtol: float, what: str) -> dict:
     """A decoder check's bundle.json ``parity`` entry from its per-step relative errors
-    (each step's logits vs the model's full forward): ``{"max_rel_error", "chunks", "rtol"}``;
+    (each step's logits vs the PyTorch model's): ``{"max_rel_error", "chunks", "rtol"}``;
     ExportError naming ``what`` and every step's error where the worst exceeds ``rtol``."""
     worst = max(errors)
     if not worst <= rtol:
-        raise ExportError(f"{what}: the KV-cache decoder's logits differ from the model's full "
-                          f"forward (max relative error {worst:.3g} > {rtol:g}; per step "
+        raise ExportError(f"{what}: the KV-cache decoder's logits differ from the PyTorch "
+                          f"model's (max relative error {worst:.3g} > {rtol:g}; per step "
                           f"{[f'{e:.2g}' for e in errors]})")
     return {"max_rel_error": worst, "chunks": list(chunks), "rtol": rtol}
 

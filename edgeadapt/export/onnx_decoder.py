@@ -40,6 +40,7 @@ from torch import nn
 from edgeadapt.errors import ConfigError, ExportError
 from edgeadapt.export import onnx_branch as br
 from edgeadapt.export import onnx_graph as og
+from edgeadapt.export.decoder import parity_report
 from edgeadapt.export.onnx_check import session
 from edgeadapt.graphs import blocked as ob
 from edgeadapt.models import LoadedModel, example_inputs
@@ -325,9 +326,4 @@ def _check(path: Path, wrapper: KVCacheDecoder, ids: np.ndarray, inputs: dict[st
             errors.append(rel_error(b.get_outputs()[0].numpy(),
                                     want[row:row + 1, start:start + n]))
             start += n
-    worst = max(errors)
-    if not worst <= RTOL:
-        raise ExportError(f"{path.name}: the KV-cache decoder's logits differ from the model's "
-                          f"(max relative error {worst:.3g} > {RTOL:g}; per step "
-                          f"{[f'{e:.2g}' for e in errors]})")
-    return {"max_rel_error": worst, "chunks": list(_CHECK_CHUNKS), "rtol": RTOL}
+    return parity_report(errors, _CHECK_CHUNKS, RTOL, path.name)

@@ -44,6 +44,9 @@ from edgeadapt.runtime.tokenizer import INCOMPLETE, Tokenizer
 #: prompt tokens fed per step of a prefill: bounds the logits a step returns (seq x vocab
 #: floats: 25 MB at SmolLM2's 49152 tokens) whatever the prompt's length
 PREFILL_CHUNK = 128
+#: rebuilds (a switch came during the feeding) after which one call of a conversation feeds
+#: the rest under the lock held shared: a switch then waits, the conversation progresses
+RESTARTS_BEFORE_HOLDING = 2
 
 
 class Decoder(Protocol):
@@ -300,16 +303,20 @@ class Conversation:
         and no variant is active, else under the lock held shared (a switch waits for one
         chunk or step). A cache from another epoch (built before a switch) is dropped and
         everything is fed again; a step during which a switch began may have read half-written
-        weights, so its logits and the cache it wrote are dropped the same way. Leaves the last
-        position's logits in ``self._logits``; returns the number of such rebuilds. A failed
-        step drops the cache (the next reply re-prefills)."""
+        weights, so its logits and the cache it wrote are dropped the same way. After
+        :data:`RESTARTS_BEFORE_HOLDING` such restarts within one call, the rest is fed under
+        the lock held shared from start to end, so switches faster than a prefill cannot
+        starve a conversation (they wait for it instead). Leaves the last position's logits in
+        ``self._logits``; returns the number of rebuilds. A failed step drops the cache (the
+        next reply re-prefills)."""
         rt = self._rt
         tokens = self._tokens + new
         rebuilds, logits = 0, None
         fused_optimistic = getattr(self._gen.decoder, "optimistic", False)
         try:
             while logits is None or self._cached < len(tokens):
-                optimistic = fused_optimistic and rt.route is None
+                holding = rebuilds >= RESTARTS_BEFORE_HOLDING
+                optimistic = fused_optimistic and rt.route is None and not holding
                 with (rt.lock.optimistic if optimistic else rt.lock.shared)() as window:
                     if optimistic and rt.route is not None:
                         logits = None  # a variant came in: its decoder runs held shared
@@ -319,10 +326,14 @@ class Conversation:
                         rebuilds += self._cache is not None
                         self._cache, self._cached = decoder.empty_cache(1), 0
                         self._epoch = window.epoch
-                    start = self._cached
-                    chunk = np.asarray([tokens[start:start + PREFILL_CHUNK]], dtype=np.int64)
-                    logits, self._cache = decoder.step(chunk, self._cache)
-                    self._cached = start + chunk.shape[1]
+                    while True:  # one chunk, or every chunk left when holding the lock
+                        start = self._cached
+                        chunk = np.asarray([tokens[start:start + PREFILL_CHUNK]],
+                                           dtype=np.int64)
+                        logits, self._cache = decoder.step(chunk, self._cache)
+                        self._cached = start + chunk.shape[1]
+                        if not holding or self._cached >= len(tokens):
+                            break
                     if not window.intact():  # torn: rebuild under the new weights
                         logits, self._epoch = None, -1
         except BaseException:
