@@ -6,8 +6,9 @@ runtime's public API (:class:`~.decoding.RuntimeCase`).
 - ``shira-fused`` / ``lora-fused``: live runtimes with the run's first SHiRA adapter / its
   equal-parameter LoRA fused in place;
 - ``lora-unfused`` / ``sira-unfused``: the first unfused adapter of that method (a graph
-  variant), kept where the runtime generates with it; today the decoder reads fused weights
-  only and refuses (SwitchError), so these are listed under ``skipped`` with its message.
+  variant), kept where the runtime generates with it (the variant's decoder); where it refuses
+  (SwitchError: a variant without a decoder, a backend without variant decoders) the case is
+  listed under ``skipped`` with its message.
 """
 
 from __future__ import annotations
