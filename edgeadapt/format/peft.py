@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,15 +232,12 @@ def _read_lora(peft: PeftAdapter, tensors: dict[str, np.ndarray], cfg_file: Path
     if cfg.get("bias", "none") != "none":
         raise AdapterFormatError(f"{cfg_file}: bias={cfg['bias']!r} trains base biases, "
                                  "which edgeadapt does not carry; retrain with bias='none'")
-    parts: dict[str, dict[str, np.ndarray]] = {}
-    for key, arr in tensors.items():
-        m = _LORA_KEY.fullmatch(key)
-        if m is None:
-            hint = (" (a LoRA variant or an embedding / bias tensor edgeadapt does not import)"
-                    if _LORA_OTHER.fullmatch(key) else "")
-            raise AdapterFormatError(f"{weights_file}: unexpected tensor {key!r}{hint}; "
-                                     "edgeadapt imports lora_A / lora_B of nn.Linear layers")
-        parts.setdefault(m["module"], {})[m["part"]] = arr
+    def unexpected(key: str) -> str:
+        hint = (" (a LoRA variant or an embedding / bias tensor edgeadapt does not import)"
+                if _LORA_OTHER.fullmatch(key) else "")
+        return f"{hint}; edgeadapt imports lora_A / lora_B of nn.Linear layers"
+
+    parts = _by_module(tensors, _LORA_KEY, weights_file, unexpected)
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
     for module, p in sorted(parts.items()):
         if set(p) != {"lora_A", "lora_B"}:
@@ -295,18 +293,28 @@ def _lora_scaling(cfg: dict[str, Any], module: str, rank: int, cfg_file: Path) -
     return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
 
 
+def _by_module(tensors: dict[str, np.ndarray], pattern: re.Pattern, weights_file: Path,
+               unexpected: Callable[[str], str]) -> dict[str, dict[str, np.ndarray]]:
+    """The tensors grouped as {module: {part: array}} by ``pattern``'s ``module`` and ``part``
+    groups; AdapterFormatError for a key it does not match (``unexpected(key)``: the rest of
+    the message)."""
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for key, arr in tensors.items():
+        m = pattern.fullmatch(key)
+        if m is None:
+            raise AdapterFormatError(f"{weights_file}: unexpected tensor {key!r}"
+                                     f"{unexpected(key)}")
+        parts.setdefault(m["module"], {})[m["part"]] = arr
+    return parts
+
+
 def _read_shira(peft: PeftAdapter, tensors: dict[str, np.ndarray], cfg_file: Path,
                 weights_file: Path) -> None:
     if peft.config.get("fan_in_fan_out"):
         raise AdapterFormatError(f"{cfg_file}: fan_in_fan_out=True; PEFT's SHiRA adapts "
                                  "nn.Linear layers only, which never have it")
-    parts: dict[str, dict[str, np.ndarray]] = {}
-    for key, arr in tensors.items():
-        m = _SHIRA_KEY.fullmatch(key)
-        if m is None:
-            raise AdapterFormatError(f"{weights_file}: unexpected tensor {key!r}; a SHiRA "
-                                     "adapter holds shira_weight and shira_indices")
-        parts.setdefault(m["module"], {})[m["part"]] = arr
+    parts = _by_module(tensors, _SHIRA_KEY, weights_file,
+                       lambda key: "; a SHiRA adapter holds shira_weight and shira_indices")
     for module, p in sorted(parts.items()):
         if set(p) != {"shira_weight", "shira_indices"}:
             raise AdapterFormatError(f"{weights_file}: module {module!r} has {sorted(p)} but "

@@ -55,8 +55,13 @@ class ChatSession:
                  options: dict, out: Callable[..., None], err: Callable[[str], None]) -> None:
         self.rt, self.options, self.out, self.err = rt, options, out, err
         self.chat = None if template is None else Chat(rt, template, tokenizer)
-        self.conv = rt.conversation() if self.chat is None else self.chat.conversation
+        self._plain = rt.conversation() if self.chat is None else None  # turns without one
         self.stats = Stats()
+
+    @property
+    def conv(self) -> object:
+        """The conversation the turns go to: the chat's, or the plain one."""
+        return self._plain if self.chat is None else self.chat.conversation
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -82,8 +87,8 @@ class ChatSession:
             elif command == "/reset" and not args:
                 if self.chat is not None:
                     self.chat.reset()
-                self.conv = self.rt.conversation() if self.chat is None \
-                    else self.chat.conversation
+                else:
+                    self._plain = self.rt.conversation()
                 self.out("[new conversation]")
             elif command in ("/adapter", "/fuse", "/stats", "/reset"):
                 raise ConfigError(f"usage: {_usage(command)}")
@@ -138,8 +143,6 @@ class ChatSession:
             return
         total = elapsed()
         self.out("")
-        if self.chat is not None:
-            self.conv = self.chat.conversation
         out = self.conv.last
         self.stats.reply_tokens, self.stats.reply_s = len(out.ids), total
         self.stats.first_token_s = first or 0.0
@@ -151,7 +154,7 @@ class ChatSession:
             try:
                 return self.chat.stream(line, **self.options)
             except ChatTemplateError as exc:
-                self.conv, self.chat = self.chat.conversation, None
+                self._plain, self.chat = self.chat.conversation, None
                 self.err(f"note: {exc}; plain text turns from now on")
         return self.conv.stream(line, **self.options)
 

@@ -129,8 +129,8 @@ class OrtDecoder:
                 raise BundleError(f"{path}: {name!r} has layout {entries[name].get('layout')} "
                                   f"in the decoder, the live buffer {lw.layout}; cannot share it")
         # a decode step is ~150 small parallel sections: threads that spin between them take
-        # the cores from every other conversation and session (2x slower per step with one
-        # other process busy on 2 cores), so they sleep instead, as onnxruntime-genai's do
+        # the cores from every other conversation and session, so they sleep instead, as
+        # onnxruntime-genai's do
         so = session_options(threads, {"session.intra_op.allow_spinning": "0"})
         if variant is not None:
             so.log_severity_level = 3  # overridable branch initializers make ORT warn per input
