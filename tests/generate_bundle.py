@@ -91,18 +91,22 @@ def hf_greedy(lm: LoadedModel, bundle: Path, name: str | None, ids: list[int], n
                             read_manifest(bundle).extra["generate"]["eos_token_ids"])
 
 
-def generate_while_switching(rt, vocab_size: int, replies: int, new_tokens: int
+def generate_while_switching(rt, vocab_size: int, replies: int, new_tokens: int,
+                             min_flips: int = 4
                              ) -> tuple[list[tuple[list[int], object]], int]:
-    """Two threads each generate ``replies`` greedy replies of ``new_tokens`` to random
-    6-token prompts on ``rt`` while this thread switches s1 <-> s2 every millisecond; returns
-    the (prompt, Generation) pairs and the number of switches. Raises the first error a thread
-    met."""
-    out, failures = [], []
+    """Two threads each generate at least ``replies`` greedy replies of ``new_tokens`` to random
+    6-token prompts on ``rt`` while this thread switches s1 <-> s2 every millisecond; a thread
+    goes on past ``replies`` until ``min_flips`` switches are done (at most 20x ``replies``), so
+    a slow first switch cannot leave the replies unswitched. Returns the (prompt, Generation)
+    pairs and the number of switches. Raises the first error a thread met."""
+    out, failures, flips = [], [], [0]
 
     def talk(seed: int) -> None:
         rng = np.random.default_rng(seed)
         try:
-            for _ in range(replies):
+            for k in range(20 * replies):
+                if k >= replies and flips[0] >= min_flips:
+                    break
                 prompt = [int(i) for i in rng.integers(5, vocab_size, 6)]
                 out.append((prompt, rt.generate(prompt, max_new_tokens=new_tokens)))
         except Exception as exc:  # raised below, in the test's thread
@@ -111,16 +115,15 @@ def generate_while_switching(rt, vocab_size: int, replies: int, new_tokens: int
     threads = [threading.Thread(target=talk, args=(seed,)) for seed in (1, 2)]
     for t in threads:
         t.start()
-    flips = 0
     while any(t.is_alive() for t in threads):
-        rt.switch("s2" if flips % 2 == 0 else "s1")
-        flips += 1
+        rt.switch("s2" if flips[0] % 2 == 0 else "s1")
+        flips[0] += 1
         threading.Event().wait(0.001)
     for t in threads:
         t.join()
     if failures:
         raise failures[0]
-    return out, flips
+    return out, flips[0]
 
 
 def assert_argmax_under_s1_or_s2(lm: LoadedModel, bundle: Path, replies) -> None:

@@ -149,7 +149,7 @@ def test_conversations_generate_while_another_thread_switches(exported, rt):
     lm, bundle = exported
     rt.switch("s1")
     replies, flips = generate_while_switching(rt, lm.vocab_size, replies=4, new_tokens=10)
-    assert len(replies) == 8 and flips > 1
+    assert len(replies) >= 8 and flips >= 4
     assert_argmax_under_s1_or_s2(lm, bundle, replies)
 
 

@@ -226,7 +226,7 @@ def test_conversations_generate_while_another_thread_switches(exported):
     rt = load(bundle, mode="live", threads=1)
     rt.switch("s1")
     replies, flips = generate_while_switching(rt, lm.vocab_size, replies=6, new_tokens=12)
-    assert len(replies) == 12 and flips > 1
+    assert len(replies) >= 12 and flips >= 4
     assert sum(out.reprefills for _, out in replies) > 0
     assert_argmax_under_s1_or_s2(lm, bundle, replies)
 
