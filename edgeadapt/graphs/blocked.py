@@ -192,6 +192,9 @@ def unblock_live_matmuls(model: onnx.ModelProto, names: set[str] | list[str]
 
 #: the custom op of :func:`kernel_blocked_matmuls` (edgeadapt/runtime/kernels/blocked_matmul.cpp)
 KERNEL_DOMAIN, KERNEL_OP = "edgeadapt", "BlockedMatMul"
+#: its quantized form, ``y = edgeadapt.QBlockedMatMul(x, codes, scales)`` (codes int8 in the
+#: blocked32 layout, scales ``(out/32, in/G, 32)``: :mod:`edgeadapt.format.quant`)
+QKERNEL_OP = "QBlockedMatMul"
 
 
 def kernel_blocked_matmuls(model: onnx.ModelProto, names: set[str] | list[str]) -> int:

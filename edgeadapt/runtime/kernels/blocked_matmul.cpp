@@ -14,6 +14,17 @@
 //   taken in chunks of MC (the chunk of x stays in L2 while every block passes over it); the
 //   (chunk, block) pairs are split over ONNX Runtime's intra-op threadpool.
 //
+// edgeadapt.QBlockedMatMul — the same for a quantized live weight (edgeadapt/format/quant.py):
+// int8 codes q (N/32, K, 32) in the blocked32 layout, one code per byte, and float scales
+// s (N/32, K/G, 32), G input columns per scale (G = K: int8 per output channel; G = 32: int4):
+//
+//     y[m, 32 b + j] = sum_g s[b, g, j] * sum_{c in group g} x[m, c] * q[b, c, j]
+//
+// - one token: per block and group, the codes are widened to float and multiplied with eight
+//   accumulators as above, then scaled once per group (weight traffic: a byte per weight);
+// - more tokens: each block is dequantized once into a K x 32 float panel (per thread) and
+//   multiplied by the float tiles above (the dequantization is 1/M of the work).
+//
 // Built against ONNX Runtime's C/C++ API headers (scripts/ort_headers.py installs them) and
 // loaded with SessionOptions.register_custom_ops_library: edgeadapt/runtime/onnxruntime_kernel.py.
 
@@ -94,6 +105,64 @@ void tile(const float* __restrict x, const float* __restrict w, float* __restric
 #endif
 }
 
+// y[j] = sum_g s[g, j] sum_{c in g} x[c] q[c, j], j < 32, for one block q (K, 32), s (K/G, 32)
+void qgemv_block(const float* __restrict x, const int8_t* __restrict q,
+                 const float* __restrict s, float* __restrict y, int64_t K, int64_t G) {
+#if defined(__AVX512F__)
+  __m512 ya = _mm512_setzero_ps(), yb = _mm512_setzero_ps();
+  for (int64_t g0 = 0; g0 < K; g0 += G) {
+    __m512 a[4], b[4];
+    for (int i = 0; i < 4; ++i) a[i] = b[i] = _mm512_setzero_ps();
+    const int64_t g1 = g0 + G;
+    int64_t c = g0;
+    for (; c + 4 <= g1; c += 4)
+      for (int i = 0; i < 4; ++i) {
+        const __m512 xs = _mm512_set1_ps(x[c + i]);
+        const int8_t* w = q + (c + i) * BW;
+        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16))));
+        a[i] = _mm512_fmadd_ps(xs, w0, a[i]);
+        b[i] = _mm512_fmadd_ps(xs, w1, b[i]);
+      }
+    for (; c < g1; ++c) {
+      const __m512 xs = _mm512_set1_ps(x[c]);
+      const int8_t* w = q + c * BW;
+      a[0] = _mm512_fmadd_ps(xs, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w)))), a[0]);
+      b[0] = _mm512_fmadd_ps(xs, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)))), b[0]);
+    }
+    const float* sg = s + (g0 / G) * BW;
+    ya = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])),
+                         _mm512_loadu_ps(sg), ya);
+    yb = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(b[0], b[1]), _mm512_add_ps(b[2], b[3])),
+                         _mm512_loadu_ps(sg + 16), yb);
+  }
+  _mm512_storeu_ps(y, ya);
+  _mm512_storeu_ps(y + 16, yb);
+#else
+  float acc[BW] = {0};
+  for (int64_t g0 = 0; g0 < K; g0 += G) {
+    float part[BW] = {0};
+    for (int64_t c = g0; c < g0 + G; ++c)
+      for (int64_t j = 0; j < BW; ++j) part[j] += x[c] * static_cast<float>(q[c * BW + j]);
+    for (int64_t j = 0; j < BW; ++j) acc[j] += part[j] * s[(g0 / G) * BW + j];
+  }
+  for (int64_t j = 0; j < BW; ++j) y[j] = acc[j];
+#endif
+}
+
+// panel[c, j] = q[c, j] * s[c / G, j]: one block dequantized, (K, 32) floats
+void dequantize_block(const int8_t* __restrict q, const float* __restrict s,
+                      float* __restrict panel, int64_t K, int64_t G) {
+  for (int64_t c = 0; c < K; ++c) {
+    const float* sg = s + (c / G) * BW;
+    for (int64_t j = 0; j < BW; ++j) panel[c * BW + j] = static_cast<float>(q[c * BW + j]) * sg[j];
+  }
+}
+
 template <int... Rs>
 void tile_rows(int rows, const float* x, const float* w, float* y, int64_t K, int64_t ldy,
                std::integer_sequence<int, Rs...>) {
@@ -102,28 +171,48 @@ void tile_rows(int rows, const float* x, const float* w, float* y, int64_t K, in
 
 struct Job {
   const float* x;
-  const float* w;
+  const float* w;  // float weight, or
+  const int8_t* q;  // int8 codes with
+  const float* s;   // their scales, G input columns per scale
   float* y;
-  int64_t M, K, N, blocks, chunks;
+  int64_t M, K, N, blocks, chunks, G;
 };
 
-// one (chunk, block) pair: rows [MC q, MC q + MC) of x times block b of w
-void run_item(void* data, size_t item) {
-  const Job& j = *static_cast<const Job*>(data);
-  const int64_t q = static_cast<int64_t>(item) / j.blocks, b = static_cast<int64_t>(item) % j.blocks;
-  const float* w = j.w + b * j.K * BW;
-  if (j.M == 1) {
-    gemv_block(j.x, w, j.y + b * BW, j.K);
-    return;
-  }
-  const int64_t m1 = std::min(j.M, (q + 1) * MC);
-  for (int64_t m = q * MC; m < m1; m += MR) {
+// rows [m0, m1) of x times one float block w (K, 32)
+void rows_times_block(const Job& j, const float* w, int64_t b, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; m += MR) {
     const int rows = static_cast<int>(std::min<int64_t>(MR, m1 - m));
     tile_rows(rows, j.x + m * j.K, w, j.y + m * j.N + b * BW, j.K, j.N,
               std::make_integer_sequence<int, MR>{});
   }
 }
 
+// one (chunk, block) pair: rows [MC q, MC q + MC) of x times block b of w
+void run_item(void* data, size_t item) {
+  const Job& j = *static_cast<const Job*>(data);
+  const int64_t q = static_cast<int64_t>(item) / j.blocks, b = static_cast<int64_t>(item) % j.blocks;
+  const int64_t m0 = q * MC, m1 = std::min(j.M, (q + 1) * MC);
+  if (j.q == nullptr) {
+    const float* w = j.w + b * j.K * BW;
+    if (j.M == 1)
+      gemv_block(j.x, w, j.y + b * BW, j.K);
+    else
+      rows_times_block(j, w, b, m0, m1);
+    return;
+  }
+  const int8_t* qb = j.q + b * j.K * BW;
+  const float* sb = j.s + b * (j.K / j.G) * BW;
+  if (j.M == 1) {
+    qgemv_block(j.x, qb, sb, j.y + b * BW, j.K, j.G);
+    return;
+  }
+  thread_local std::vector<float> panel;
+  panel.resize(static_cast<size_t>(j.K * BW));
+  dequantize_block(qb, sb, panel.data(), j.K, j.G);
+  rows_times_block(j, panel.data(), b, m0, m1);
+}
+
+template <bool Quantized>
 struct Kernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
@@ -135,8 +224,21 @@ struct Kernel {
         return Ort::GetApi().CreateStatus(
             ORT_INVALID_ARGUMENT,
             "edgeadapt.BlockedMatMul: need x (..., K) and w (N/32, K, 32) with the same K");
-      Job job{xv.GetTensorData<float>(), wv.GetTensorData<float>(), nullptr, 1, ws[1],
-              ws[0] * BW, ws[0], 1};
+      Job job{xv.GetTensorData<float>(), nullptr, nullptr, nullptr, nullptr, 1, ws[1],
+              ws[0] * BW, ws[0], 1, ws[1]};
+      if constexpr (Quantized) {
+        const Ort::ConstValue sv = ctx.GetInput(2);
+        const std::vector<int64_t> ss = sv.GetTensorTypeAndShapeInfo().GetShape();
+        if (ss.size() != 3 || ss[0] != ws[0] || ss[2] != BW || ss[1] < 1 || ws[1] % ss[1])
+          return Ort::GetApi().CreateStatus(
+              ORT_INVALID_ARGUMENT,
+              "edgeadapt.QBlockedMatMul: need scales (N/32, K/G, 32) for codes (N/32, K, 32)");
+        job.q = wv.GetTensorData<int8_t>();
+        job.s = sv.GetTensorData<float>();
+        job.G = ws[1] / ss[1];
+      } else {
+        job.w = wv.GetTensorData<float>();
+      }
       std::vector<int64_t> ys(xs);
       ys.back() = job.N;
       for (size_t i = 0; i + 1 < xs.size(); ++i) job.M *= xs[i];
@@ -154,15 +256,17 @@ struct Kernel {
   }
 };
 
-struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
+template <bool Quantized>
+struct Op : Ort::CustomOpBase<Op<Quantized>, Kernel<Quantized>, /*WithStatus=*/true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {
-    *kernel = new Kernel();
+    *kernel = new Kernel<Quantized>();
     return nullptr;
   }
-  const char* GetName() const { return "BlockedMatMul"; }
-  size_t GetInputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetInputType(size_t) const {
-    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  const char* GetName() const { return Quantized ? "QBlockedMatMul" : "BlockedMatMul"; }
+  size_t GetInputTypeCount() const { return Quantized ? 3 : 2; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return Quantized && i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8
+                               : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const {
@@ -172,7 +276,8 @@ struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
 
 std::mutex domains_lock;
 std::vector<std::unique_ptr<Ort::CustomOpDomain>> domains;  // live as long as the library
-Op the_op;
+Op<false> the_op;
+Op<true> the_qop;
 
 }  // namespace
 
@@ -185,6 +290,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   try {
     auto domain = std::make_unique<Ort::CustomOpDomain>("edgeadapt");
     domain->Add(&the_op);
+    domain->Add(&the_qop);
     Ort::UnownedSessionOptions(options).Add(*domain);
     std::lock_guard<std::mutex> guard(domains_lock);
     domains.push_back(std::move(domain));

@@ -1,0 +1,148 @@
+"""The quantization grids of quantized bundles: int8 per output channel and int4 in blocks of
+32 (numpy only, torch-free; the one home of the code arithmetic).
+
+A weight ``W (out, in)`` is held as integer codes ``q`` and float32 scales ``s`` with one scale
+per output row and *group* of ``G`` consecutive input columns (``G = in`` for int8: per output
+channel; ``G = 32`` for int4):
+
+    W[r, c] ~= q[r, c] * s[r, c // G]            q in [qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]
+    q[r, c] = clip(rint(W[r, c] / s[r, c // G]), qmin, qmax)
+    int4:  s[r, g] = v / qmin,  v = the group's value of largest magnitude (sign kept)
+    int8:  s[r, g] = max |W[r, :]| / qmax
+
+Each is the grid of ONNX Runtime's own symmetric quantizer for that precision, so edgeadapt's
+live weights and the backend's stock quantized weights lie on one grid (a test checks codes and
+scales against it): int4 is ``MatMulNBits`` with ``is_symmetric`` (the largest-magnitude value
+lands exactly on ``qmin``, so the whole code range is used, and a scale may be negative); int8
+is ``quantize_dynamic``'s per-channel weight (codes of the base in [-127, 127]). A group
+of zeros has no such value: it gets the largest scale of its weight instead (its codes are 0
+either way, and an adapter that later writes into the group has a usable step).
+
+Codes are stored one per byte (int8) for both grids, so an in-place edit is a byte write and
+the layouts of :mod:`edgeadapt.format.layout` apply to codes unchanged. Scales are stored as an
+``(out, in // G)`` float32 matrix (in a backend's layout like a weight of that shape).
+
+Adding a delta to quantized entries (a fused SHiRA switch, :func:`requantize`) keeps the base's
+scales: ``q' = clip(rint((q * s + delta) / s), qmin, qmax)``; entries that needed a code
+outside the range are *saturated* and reported, never hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeadapt.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One quantization grid. ``group``: input columns per scale (0: the whole row);
+    ``signed``: the scale is the largest-magnitude value over ``qmin`` (int4), else the
+    largest magnitude over ``qmax`` (int8)."""
+
+    name: str
+    bits: int
+    group: int
+    signed: bool
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def group_size(self, in_features: int) -> int:
+        """``G`` for a weight with ``in_features`` columns; ConfigError if it does not divide."""
+        g = self.group or int(in_features)
+        if in_features % g:
+            raise ConfigError(f"{self.name} needs in_features % {g} == 0; the weight has "
+                              f"{in_features} columns")
+        return g
+
+    def scales_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """Shape of the scales of an ``(out, in)`` weight: ``(out, in // G)``."""
+        out, inp = int(shape[0]), int(shape[1])
+        return (out, inp // self.group_size(inp))
+
+    def scales(self, weight: np.ndarray) -> np.ndarray:
+        """float32 ``(out, in // G)`` scales of ``weight (out, in)`` (module docstring)."""
+        w = np.asarray(weight, dtype=np.float32)
+        out, inp = w.shape
+        groups = w.reshape(out, -1, self.group_size(inp))
+        if self.signed:
+            pick = np.abs(groups).argmax(axis=-1)[..., None]
+            s = np.take_along_axis(groups, pick, axis=-1)[..., 0] / np.float32(self.qmin)
+        else:
+            s = np.abs(groups).max(axis=-1) / np.float32(self.qmax)
+        s = s.astype(np.float32)
+        zero = s == 0
+        if zero.any():
+            s[zero] = np.abs(s).max() if (~zero).any() else np.float32(1.0)
+        return s
+
+    def scale_of(self, scales: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """The scale of every entry: ``(out, in)`` float32 (``s[r, c // G]``)."""
+        return np.repeat(np.asarray(scales, np.float32), self.group_size(shape[1]), axis=1)
+
+    def scale_at(self, scales: np.ndarray, shape: tuple[int, int], idx: np.ndarray
+                 ) -> np.ndarray:
+        """Scales of the entries at torch flat indices ``idx`` (``r * in + c``)."""
+        inp = int(shape[1])
+        idx = np.asarray(idx, dtype=np.int64)
+        return np.asarray(scales, np.float32)[idx // inp, (idx % inp) // self.group_size(inp)]
+
+    def quantize(self, weight: np.ndarray, scales: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """``(codes int8 (out, in), scales float32 (out, in // G))`` of ``weight``; with
+        ``scales`` given, on that grid (codes clipped to the range)."""
+        w = np.asarray(weight, dtype=np.float32)
+        s = self.scales(w) if scales is None else np.asarray(scales, np.float32)
+        q = np.rint(w / self.scale_of(s, w.shape))
+        return np.clip(q, self.qmin, self.qmax).astype(np.int8), s
+
+    def dequantize(self, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        """float32 ``(out, in)``: ``q * s``."""
+        q = np.asarray(codes)
+        return q.astype(np.float32) * self.scale_of(scales, q.shape)
+
+    def requantize(self, codes: np.ndarray, scales: np.ndarray, delta: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """New codes for entries with ``codes`` and per-entry ``scales`` after adding
+        ``delta`` (all 1-D, same length): ``clip(rint((q s + delta) / s), qmin, qmax)``, and
+        the boolean mask of the entries that saturated (needed a code outside the range)."""
+        s = np.asarray(scales, np.float32)
+        want = np.rint((np.asarray(codes).astype(np.float32) * s
+                        + np.asarray(delta, np.float32)) / s)
+        saturated = (want < self.qmin) | (want > self.qmax)
+        return np.clip(want, self.qmin, self.qmax).astype(np.int8), saturated
+
+    def check_scales(self, scales: np.ndarray, shape: tuple[int, int], where: str) -> None:
+        """ConfigError unless ``scales`` has the grid's shape for ``shape`` and every scale is
+        finite and non-zero (a zero scale cannot hold any edit; NaN poisons every output)."""
+        want = self.scales_shape(shape)
+        s = np.asarray(scales)
+        if tuple(s.shape) != want:
+            raise ConfigError(f"{where}: {self.name} scales have shape {tuple(s.shape)}, "
+                              f"expected {want}")
+        bad = ~np.isfinite(s) | (s == 0)
+        if bad.any():
+            raise ConfigError(f"{where}: {int(bad.sum())} {self.name} scales are zero or not "
+                              "finite")
+
+
+INT8 = Grid("int8", 8, 0, signed=False)
+INT4 = Grid("int4", 4, 32, signed=True)
+GRIDS = {g.name: g for g in (INT8, INT4)}
+#: the ``--weights`` choices: fp32 (no grid) and the grids
+PRECISIONS = ("fp32", *GRIDS)
+
+
+def grid(name: str) -> Grid:
+    """The grid named ``name`` ("int8" | "int4"); ConfigError otherwise."""
+    if name not in GRIDS:
+        raise ConfigError(f"unknown weight precision {name!r}: choose one of {PRECISIONS}")
+    return GRIDS[name]

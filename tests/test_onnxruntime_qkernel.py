@@ -1,0 +1,112 @@
+"""edgeadapt's quantized ONNX Runtime kernel, ``edgeadapt.QBlockedMatMul``
+(kernels/blocked_matmul.cpp): int8 codes in the blocked32 layout with per-channel (int8) or
+32-column block (int4) scales, against float64 numpy on the dequantized weight, on the vector
+and the portable path, and an in-place edit of the codes seen by the next run. Torch-free."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from edgeadapt.format.layout import BLOCKED, to_backend
+from edgeadapt.format.quant import INT4, INT8, Grid
+from edgeadapt.graphs.blocked import KERNEL_DOMAIN, QKERNEL_OP
+from edgeadapt.runtime.backends.onnxruntime import kernel as ok
+from edgeadapt.runtime.backends.onnxruntime.session import session_options
+
+ort = pytest.importorskip("onnxruntime")
+REASON = ok.unavailable()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"kernel unavailable: {REASON}")
+
+
+def _session(k: int, rank: int, threads: int = 1, library: Path | None = None):
+    dims = [f"d{i}" for i in range(rank - 1)] + [k]
+    graph = helper.make_graph(
+        [helper.make_node(QKERNEL_OP, ["x", "q", "s"], ["y"], domain=KERNEL_DOMAIN)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims),
+         helper.make_tensor_value_info("q", TensorProto.INT8, ["nb", k, 32]),
+         helper.make_tensor_value_info("s", TensorProto.FLOAT, ["nb", "g", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid(KERNEL_DOMAIN, 1)])
+    model.ir_version = 9
+    so = session_options(threads)
+    if library is None:
+        ok.register(so)
+    else:
+        so.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+
+
+def _buffers(grid: Grid, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes, scales) in the backend layout, and the dequantized weight (out, in)."""
+    q, s = grid.quantize(w)
+    return to_backend(q, BLOCKED), to_backend(s, BLOCKED), grid.dequantize(q, s)
+
+
+def _want(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return x.astype(np.float64) @ w.T.astype(np.float64)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("grid,k", [(INT8, 45), (INT8, 96), (INT4, 96), (INT4, 32)])
+@pytest.mark.parametrize("lead", [(1,), (5,), (13,), (2, 48), (97,), (0,)])
+def test_op_matches_numpy(grid, k, lead, threads):
+    """Row counts across the tile and the chunk, K not a multiple of the unroll (int8), one
+    and several int4 groups."""
+    rng = np.random.default_rng(k * 10 + lead[-1])
+    n = 64
+    q, s, wq = _buffers(grid, rng.standard_normal((n, k)).astype(np.float32))
+    x = rng.standard_normal((*lead, k)).astype(np.float32)
+    y = _session(k, len(lead) + 1, threads).run(None, {"x": x, "q": q, "s": s})[0]
+    assert y.shape == (*lead, n)
+    np.testing.assert_allclose(y, _want(x, wq), rtol=1e-5, atol=1e-4)
+
+
+def test_portable_path_matches_numpy(tmp_path, monkeypatch):
+    """The plain C++ loops (built with -mno-avx512f, a library of its own)."""
+    monkeypatch.setenv("EDGEADAPT_CACHE", str(tmp_path))
+    portable = ok.library_path(("-mno-avx512f",))
+    rng = np.random.default_rng(5)
+    for grid, k in ((INT8, 45), (INT4, 64)):
+        q, s, wq = _buffers(grid, rng.standard_normal((32, k)).astype(np.float32))
+        for lead in ((1,), (13,)):
+            x = rng.standard_normal((*lead, k)).astype(np.float32)
+            y = _session(k, 2, library=portable).run(None, {"x": x, "q": q, "s": s})[0]
+            np.testing.assert_allclose(y, _want(x, wq), rtol=1e-5, atol=1e-4)
+
+
+def test_codes_edited_in_place_are_read():
+    """Bound once (as the live store binds), edited in place: the next run follows the codes
+    (a packed copy would not)."""
+    rng = np.random.default_rng(1)
+    k = 64
+    q, s, _ = _buffers(INT4, rng.standard_normal((32, k)).astype(np.float32))
+    sess = _session(k, 2)
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input("q", ort.OrtValue.ortvalue_from_numpy(q))
+    binding.bind_ortvalue_input("s", ort.OrtValue.ortvalue_from_numpy(s))
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    outs = []
+    for _ in range(2):
+        binding.bind_cpu_input("x", x)
+        binding.bind_output("y", "cpu")
+        sess.run_with_iobinding(binding)
+        outs.append(binding.get_outputs()[0].numpy())
+        want = _want(x, INT4.dequantize(np.ascontiguousarray(
+            q.transpose(0, 2, 1).reshape(32, k)), s.transpose(0, 2, 1).reshape(32, -1)))
+        np.testing.assert_allclose(outs[-1], want, rtol=1e-5, atol=1e-4)
+        q[0, 3, 5] = 7 if q[0, 3, 5] != 7 else -8
+    assert not np.allclose(outs[0], outs[1])
+
+
+def test_op_refuses_scales_that_do_not_fit():
+    sess = _session(64, 2)
+    q = np.zeros((1, 64, 32), np.int8)
+    for s in (np.ones((1, 3, 32), np.float32), np.ones((2, 1, 32), np.float32)):
+        with pytest.raises(Exception, match="scales"):
+            sess.run(None, {"x": np.ones((1, 64), np.float32), "q": q, "s": s})
