@@ -91,20 +91,27 @@ def base_weight_entries(lm: Any, names: list[str]) -> dict[str, WeightEntry]:
 def run_exporters(lm: Any, out: Path, live: list[str], backends: list[str],
                   branch: tuple | None = None, check: bool = True,
                   pte_repack: bool = True, pte_live_form: str | None = None,
-                  decoder_context: int | None = None) -> dict[str, dict]:
+                  decoder_context: int | None = None, precision: str = "fp32"
+                  ) -> dict[str, dict]:
     """Call each available backend exporter; returns {backend: exporter result}.
 
     pte_repack: also write ExecuTorch's all-constant program that repack mode reloads (a second
     full lowering; skip it for bundles that only run live). pte_live_form: the form of the
     ExecuTorch base program's live linears (None: the exporter's default). decoder_context:
     ``--generate``: lower ExecuTorch's KV-cache decoder into its base program, its cache this
-    many positions (:mod:`edgeadapt.export.executorch_decoder`)."""
+    many positions (:mod:`edgeadapt.export.executorch_decoder`). precision: ``fp32`` or a
+    grid of :mod:`edgeadapt.format.quant` (ONNX Runtime only, :mod:`edgeadapt.export.
+    onnx_quant`; ConfigError for another backend)."""
+    if precision != "fp32" and set(backends) - {"onnxruntime"}:
+        raise ConfigError(f"--weights {precision}: quantized bundles are exported for "
+                          "onnxruntime only so far; use --backends onnxruntime")
     results = {}
     for fmt in backends:
         exporter = backend_exporter(fmt)
         if exporter is None:
             continue
-        kwargs = {"check": check} if fmt == "onnxruntime" else {"verify": check}
+        kwargs = {"check": check, "precision": precision} if fmt == "onnxruntime" \
+            else {"verify": check}
         if fmt == "executorch" and branch is None:
             kwargs["repack"] = pte_repack
             if pte_live_form is not None:
@@ -130,7 +137,8 @@ def export_base(model: str | Path | Any, out: str | Path,
                 targets: str = "qv", *,
                 num_labels: int = 2, seed: int = 0, check: bool = True,
                 pte_repack: bool = True, pte_live_form: str | None = None,
-                generate: bool = False, max_context: int | None = None) -> Path:
+                generate: bool = False, max_context: int | None = None,
+                precision: str = "fp32") -> Path:
     """Export a base model to the bundle directory ``out`` and return ``out``.
 
     model: a registry name (``smollm2`` | ``minilm`` | ``tiny-*``), a Hugging Face directory, or
@@ -148,11 +156,17 @@ def export_base(model: str | Path | Any, out: str | Path,
     generate: causal LMs: also write the KV-cache decoder graph, the tokenizer and the
         ``generate`` section (:mod:`edgeadapt.export.decoder`, docs/generate.md);
         ``max_context``: the positions a conversation may hold (default: up to 2048).
+    precision: ``fp32`` | ``int8`` | ``int4`` (``--weights``): the transformer blocks' weights
+        (and a causal LM's head) quantized, the live ones held as codes + scales that switches
+        edit in place (:mod:`edgeadapt.export.onnx_quant`, docs/quantized.md).
     Adapters already registered in ``out`` are kept if they still fit the new base.
     """
+    from edgeadapt.format.quant import PRECISIONS
     from edgeadapt.models import head_weight_names, load_model, target_weight_names
 
     fmts = parse_backends(backends)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"weights {precision!r}: choose one of {', '.join(PRECISIONS)}")
     out = check_writable_dir(out)  # before the model loads and the exporters run
     lm = model if hasattr(model, "model") and hasattr(model, "kind") else load_model(
         str(model), num_labels=num_labels, seed=seed)
@@ -174,9 +188,11 @@ def export_base(model: str | Path | Any, out: str | Path,
     try:
         results = run_exporters(lm, staging, live, fmts, check=check, pte_repack=pte_repack,
                                 pte_live_form=pte_live_form,
-                                decoder_context=max_context if generate else None)
+                                decoder_context=max_context if generate else None,
+                                precision=precision)
         decoders, generation = export_generation(
-            lm, staging, live, results, max_context=max_context, check=check) \
+            lm, staging, live, results, max_context=max_context, check=check,
+            precision=precision) \
             if generate else ({}, None)
         sections = {}
         for key, res in results.items():

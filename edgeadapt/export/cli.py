@@ -7,6 +7,8 @@ import logging
 
 import click
 
+from edgeadapt.format.quant import PRECISIONS
+
 #: the ExecuTorch live forms the CLIs offer: edgeadapt.export.executorch_live_form.LIVE_FORMS,
 #: spelled out so that ``--help`` imports no torch (a test keeps the two equal)
 PTE_LIVE_FORMS = ("linear", "weight-left", "own-kernel")
@@ -51,16 +53,21 @@ def export() -> None:
 @click.option("--max-context", type=click.IntRange(min=2), default=None,
               help="with --generate: positions (prompt + reply) a conversation may hold "
                    "[default: 2048, or the model's positions if fewer]")
+@click.option("--weights", "precision", default="fp32", show_default=True,
+              type=click.Choice(PRECISIONS),
+              help="int8 (per output channel) | int4 (blocks of 32): the transformer blocks' "
+                   "weights quantized, the live ones as codes edited in place "
+                   "(docs/quantized.md); ONNX Runtime only")
 def export_base_cmd(model: str, out: str, backends: str, targets: str, num_labels: int,
                     seed: int, no_check: bool, pte_live_form: str | None, generate: bool,
-                    max_context: int | None) -> None:
+                    max_context: int | None, precision: str) -> None:
     """Export the base model with only the --targets weights editable in place."""
     from edgeadapt.export.bundle import export_base
 
     _log_to_console()
     path = export_base(model, out, backends, targets, num_labels=num_labels, seed=seed,
                        check=not no_check, pte_live_form=pte_live_form, generate=generate,
-                       max_context=max_context)
+                       max_context=max_context, precision=precision)
     click.echo(f"bundle written to {path}")
 
 

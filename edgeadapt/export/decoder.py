@@ -50,15 +50,17 @@ def generation_context(lm: LoadedModel, backends: list[str], max_context: int | 
 
 
 def export_generation(lm: LoadedModel, out: Path, live: list[str], results: dict[str, dict], *,
-                      max_context: int, check: bool = True) -> tuple[dict[str, dict], dict]:
+                      max_context: int, check: bool = True, precision: str = "fp32"
+                      ) -> tuple[dict[str, dict], dict]:
     """Export the decoders of ``lm`` for the backends in ``results`` (the exporters' answers
     per backend; their base graphs are in ``out``) and its tokenizer files: ONNX Runtime's
     decoder graph is written here, ExecuTorch's ``decode`` method was lowered into its program
     by its exporter (``decoder_context``) and is checked here.
 
     max_context: from :func:`generation_context`. check: each decoder's logits against the
-    model's full forward (ExportError on mismatch). Returns ({backend: its "decoder" entry},
-    the bundle's "generate" section).
+    model's full forward (ExportError on mismatch). precision: the base graph's
+    (:func:`edgeadapt.export.onnx.export_onnx`), the decoder's too. Returns ({backend: its
+    "decoder" entry}, the bundle's "generate" section).
     """
     decoders = {}
     if "onnxruntime" in results:
@@ -66,7 +68,7 @@ def export_generation(lm: LoadedModel, out: Path, live: list[str], results: dict
 
         decoders["onnxruntime"] = export_onnx_decoder(
             lm, out, live, max_context=max_context, expected=results["onnxruntime"]["weights"],
-            check=check)["section"]
+            check=check, precision=precision)["section"]
     if "executorch" in results:
         decoders["executorch"] = dict(results["executorch"]["decoder"])
         if check:

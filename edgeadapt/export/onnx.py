@@ -36,6 +36,7 @@ from safetensors.numpy import load_file, save
 from edgeadapt.errors import ConfigError, ExportError
 from edgeadapt.export import onnx_branch as br
 from edgeadapt.export import onnx_graph as og
+from edgeadapt.export import onnx_quant as oq
 from edgeadapt.export.onnx_check import BoundSession, session
 from edgeadapt.format.container import atomic_write_bytes
 from edgeadapt.graphs import blocked as ob
@@ -52,7 +53,8 @@ _EDIT_DENSITY = 0.01
 
 def export_onnx(lm: LoadedModel, out_dir: Path, live_weights: list[str],
                 branch: tuple | None = None, *, branch_targets: list[str] | None = None,
-                check: bool = True, threads: int = 1, blocked: bool = True) -> dict:
+                check: bool = True, threads: int = 1, blocked: bool = True,
+                precision: str = "fp32") -> dict:
     """Export ``lm`` to ONNX with ``live_weights`` as graph inputs; optionally with an unfused
     adapter branch. Returns the bundle sections (see module docstring for files and layouts)::
 
@@ -77,6 +79,13 @@ def export_onnx(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         (:func:`edgeadapt.graphs.blocked.block_live_matmuls`; MLAS reads a graph-input weight
         unpacked, and one token through ``(in, out)`` costs 1.6x the packed time, through
         32-wide blocks 0.85x). False keeps them ``transposed``.
+    precision: ``fp32``, or ``int8`` / ``int4``: the weights of
+        :func:`edgeadapt.models.targets.quantized_weight_names` on that grid, the rest by ONNX
+        Runtime's own quantized kernels and the live ones as codes + scales inputs
+        (:mod:`edgeadapt.export.onnx_quant`); the entries of quantized live weights carry
+        ``"quant": {"grid", "scales", "scales_shape"}`` and the parity check compares with
+        the PyTorch model carrying the dequantized weights (``onnx_quant.QUANT_RTOL``), its
+        in-place edit made on the codes.
     check: run the saved graph on ONNX Runtime (CPU, prepacking on, live inputs bound to their
         base values, random branch inputs) at several shapes, then again after a 1% random edit
         of every live buffer made in place, and compare with PyTorch carrying the same values:
@@ -97,32 +106,46 @@ def export_onnx(lm: LoadedModel, out_dir: Path, live_weights: list[str],
             raise ConfigError("a branch variant needs at least one branch target")
     data_names = ["input_ids"] + (["attention_mask"] if lm.kind == "classifier" else [])
 
+    quant = oq.QuantPlan.of(lm, live_weights, precision)
+    if quant is not None and info is not None:
+        raise ConfigError("graph variants (unfused branches) of a quantized bundle are not "
+                          "supported yet")
     with br.branched(model, [t[: -len(".weight")] for t in targets], info) as (
             param_names, branch_inputs), torch.no_grad():
         wrapper = br.BranchInputs(LogitsModule(lm).eval(), len(data_names), param_names).eval()
         proto = _trace(lm, wrapper, data_names, param_names, info)
         weights_np = {w: params[w].detach().cpu().numpy().astype(np.float32, copy=True)
                       for w in live_weights}
-        refs = _torch_references(lm, wrapper, param_names, weights_np) if check else None
+        refs = None
+        if check:
+            with oq.dequantized(model, quant):
+                refs = _torch_references(lm, wrapper, param_names,
+                                         quant.live_values(weights_np) if quant else weights_np,
+                                         quant.steps() if quant else None)
         default_shapes = (br.default_branch_values(model, param_names, info)
                           if info is not None else {})
 
     located = og.locate_live_weights(proto, weights_np)
     live = og.make_live_inputs(proto, located)
-    if blocked:
+    if blocked or quant is not None:
         live = ob.block_live_matmuls(proto, live)
+    entries = {w: {"name": lw.name, "layout": lw.layout, "shape": list(lw.shape)}
+               for w, lw in live.items()}
+    base_values = {lw.name: og.to_backend_layout(weights_np[w], lw.layout)
+                   for w, lw in live.items()}
+    if quant is not None:
+        proto, entries, base_values = quant.apply(proto, live, entries, base_values)
     og.add_default_initializers(proto, {n: np.zeros(s, np.float32)
                                         for n, s in default_shapes.items()})
     og.cap_ir_version(proto)
     data_files = og.save_with_external_data(
         proto, out_dir, file_name, reuse_from="model.onnx" if variant is not None else None)
-    base_values = {lw.name: og.to_backend_layout(weights_np[w], lw.layout)
-                   for w, lw in live.items()}
     live_file = _write_live_file(out_dir, base_values, variant)
 
     parity = None
     if refs is not None:
-        parity = _check_parity(out_dir / file_name, base_values, live, weights_np, refs, threads)
+        parity = _check_parity(out_dir / file_name, base_values, entries, weights_np, refs,
+                               threads, oq.QUANT_RTOL if quant else RTOL)
     return {
         "section": {
             "file": file_name,
@@ -136,9 +159,9 @@ def export_onnx(lm: LoadedModel, out_dir: Path, live_weights: list[str],
             "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
             "ir_version": int(proto.ir_version),
             "parity": parity,
+            "precision": precision,
         },
-        "weights": {w: {"name": lw.name, "layout": lw.layout, "shape": list(lw.shape)}
-                    for w, lw in live.items()},
+        "weights": entries,
     }
 
 
@@ -178,9 +201,13 @@ def _case_inputs(lm: LoadedModel, batch: int, seq: int, seed: int) -> dict[str, 
 
 
 def _torch_references(lm: LoadedModel, wrapper: br.BranchInputs, param_names: list[str],
-                      weights_np: dict[str, np.ndarray]) -> dict:
+                      weights_np: dict[str, np.ndarray],
+                      steps: dict[str, tuple] | None = None) -> dict:
     """PyTorch outputs for each check case, and for the last case again with a random 1% delta
-    added to every live weight (restored bit for bit afterwards)."""
+    added to every live weight (restored bit for bit afterwards): ``edits[w] = (idx, delta,
+    buffer change)``. ``steps``: per quantized live weight (codes and per-entry scales, both
+    (out, in), qmin, qmax): its delta moves the codes by -2..2 steps within the code range, and
+    the buffer change is the code change."""
     cases = []
     for i, (b, s, seed) in enumerate(CHECK_CASES):
         inputs = _case_inputs(lm, b, s, seed)
@@ -195,41 +222,49 @@ def _torch_references(lm: LoadedModel, wrapper: br.BranchInputs, param_names: li
         k = max(1, int(_EDIT_DENSITY * arr.size))
         idx = np.sort(rng.choice(arr.size, size=k, replace=False)).astype(np.int64)
         delta = (rng.standard_normal(k) * (float(arr.std()) + 1e-3)).astype(np.float32)
-        edits[w] = (idx, delta)
+        edits[w] = (idx, delta, delta)
+        if steps and w in steps:
+            codes, scale, lo, hi = steps[w]
+            codes, scale = codes.reshape(-1)[idx], scale.reshape(-1)[idx]
+            moved = np.clip(codes.astype(np.int64) + rng.choice([-2, -1, 1, 2], k), lo, hi)
+            delta = ((moved - codes) * scale).astype(np.float32)
+            edits[w] = (idx, delta, (moved - codes).astype(np.int8))
     flat = {w: params[w].data.view(-1) for w in edits}
     try:
-        for w, (idx, delta) in edits.items():
+        for w, (idx, delta, _) in edits.items():
             t_idx = torch.from_numpy(idx)
             flat[w][t_idx] = torch.from_numpy(weights_np[w].reshape(-1)[idx] + delta)
         feeds, branch_vals, _ = cases[-1]
         edited = wrapper(*(torch.from_numpy(v) for v in feeds.values()),
                          *(torch.from_numpy(v) for v in branch_vals.values())).float().numpy()
     finally:
-        for w, (idx, _) in edits.items():
+        for w, (idx, _, _) in edits.items():
             flat[w][torch.from_numpy(idx)] = torch.from_numpy(weights_np[w].reshape(-1)[idx])
     return {"cases": cases, "edits": edits, "edited": edited}
 
 
-def _check_parity(path: Path, base_values: dict[str, np.ndarray], live: dict[str, og.LiveWeight],
-                  weights_np: dict[str, np.ndarray], refs: dict, threads: int) -> dict:
-    """Run the saved graph and compare with the PyTorch references; raise ExportError."""
+def _check_parity(path: Path, base_values: dict[str, np.ndarray], entries: dict[str, dict],
+                  weights_np: dict[str, np.ndarray], refs: dict, threads: int,
+                  rtol: float = RTOL) -> dict:
+    """Run the saved graph and compare with the PyTorch references; raise ExportError.
+    ``entries``: the live weights' bundle entries (input name, layout)."""
     bound = BoundSession(session(path, threads), {k: v.copy() for k, v in base_values.items()})
     errors = []
     for feeds, branch_vals, ref in refs["cases"]:
         errors.append(rel_error(bound.run({**feeds, **branch_vals}), ref))
-    for w, (idx, delta) in refs["edits"].items():  # edit the bound buffers in place
-        lw = live[w]
-        b_idx = og.torch_flat_to_backend_flat(idx, weights_np[w].shape, lw.layout)
-        buf = bound.buffers[lw.name].reshape(-1)
-        buf[b_idx] = og.to_backend_layout(weights_np[w], lw.layout).reshape(-1)[b_idx] + delta
+    for w, (idx, _, change) in refs["edits"].items():  # edit the bound buffers in place
+        name, layout = entries[w]["name"], entries[w]["layout"]
+        b_idx = og.torch_flat_to_backend_flat(idx, weights_np[w].shape, layout)
+        buf = bound.buffers[name].reshape(-1)
+        buf[b_idx] = base_values[name].reshape(-1)[b_idx] + change
     edited_err = rel_error(bound.run(refs["cases"][-1][0]), refs["edited"])
     worst = max(errors + [edited_err])
     result = {"max_rel_error": worst, "cases": [list(c[:2]) for c in CHECK_CASES],
-              "edited_max_rel_error": edited_err, "rtol": RTOL}
-    if not worst <= RTOL:
+              "edited_max_rel_error": edited_err, "rtol": rtol}
+    if not worst <= rtol:
         raise ExportError(
             f"{path.name}: ONNX Runtime output differs from PyTorch (max relative error "
-            f"{worst:.3g} > {RTOL:g}; per case {[f'{e:.2g}' for e in errors]}, after an in-place "
+            f"{worst:.3g} > {rtol:g}; per case {[f'{e:.2g}' for e in errors]}, after an in-place "
             f"edit of the live weights {edited_err:.2g})")
     return result
 

@@ -40,6 +40,7 @@ from torch import nn
 from edgeadapt.errors import ConfigError, ExportError
 from edgeadapt.export import onnx_branch as br
 from edgeadapt.export import onnx_graph as og
+from edgeadapt.export import onnx_quant as oq
 from edgeadapt.export.decoder import parity_report
 from edgeadapt.export.onnx_check import session
 from edgeadapt.graphs import blocked as ob
@@ -148,7 +149,7 @@ def decoder_file(variant: str | None) -> str:
 def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str], *,
                         max_context: int, expected: dict[str, dict] | None = None,
                         check: bool = True, threads: int = 1, blocked: bool = True,
-                        branch: tuple | None = None) -> dict:
+                        branch: tuple | None = None, precision: str = "fp32") -> dict:
     """Write ``out_dir/decoder.onnx`` (``decoder.<variant>.onnx`` with a ``branch``; its tensors
     shared with ``model.onnx.data`` where byte-identical, the rest in its own ``.data`` file)
     and return::
@@ -174,6 +175,9 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         (``y = W0 x + B (A x)``, or SiRA's routed experts), its parameters graph inputs under
         the names the forward variant ``model.<variant>.onnx`` gives them, with the same
         all-zero defaults, so the runtime binds one set of branch tensors to both graphs.
+    precision: quantize as the base graph (:mod:`edgeadapt.export.onnx_quant`; the check then
+        compares with the PyTorch model carrying the dequantized weights, tolerance
+        ``onnx_quant.QUANT_RTOL``).
     check: run the saved graph as the runtime does over a prefill, a multi-token step and
         single-token decode steps, and compare each position's logits with the PyTorch model
         (carrying the branch, random branch tensors) run on the same steps with transformers'
@@ -183,6 +187,9 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         raise ConfigError(f"max_context {max_context!r}: a whole number >= 2")
     out_dir = Path(out_dir)
     info = br.parse_branch(branch)
+    quant = oq.QuantPlan.of(lm, live_weights, precision)
+    if quant is not None and info is not None:
+        raise ConfigError("decoders of graph variants on a quantized base are not supported yet")
     file_name = decoder_file(br.variant_name(info))
     params = dict(lm.model.named_parameters())
     modules = [w.removesuffix(".weight") for w in live_weights]
@@ -196,13 +203,17 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         defaults = br.default_branch_values(lm.model, param_names, info) if info else {}
         tensors = br.example_branch_tensors(lm.model, param_names, seed=5)
         ids = _check_ids(lm)
-        want = _reference(lm, ids, dict(zip(param_names, tensors, strict=True))) \
-            if check else None
+        with oq.dequantized(lm.model, quant):
+            want = _reference(lm, ids, dict(zip(param_names, tensors, strict=True))) \
+                if check else None
     live = og.make_live_inputs(proto, og.locate_live_weights(proto, weights_np))
-    if blocked:
+    if blocked or quant is not None:
         live = ob.block_live_matmuls(proto, live)
     entries = {w: {"name": lw.name, "layout": lw.layout, "shape": list(lw.shape)}
                for w, lw in live.items()}
+    base = {lw.name: og.to_backend_layout(weights_np[w], lw.layout) for w, lw in live.items()}
+    if quant is not None:
+        proto, entries, base = quant.apply(proto, live, entries, base)
     for w, entry in (expected or {}).items():
         got = entries.get(w)
         if got is None or (got["name"], got["layout"]) != (entry["name"], entry["layout"]):
@@ -222,14 +233,15 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
         "ir_version": int(proto.ir_version),
         "parity": None,
+        "precision": precision,
     }
     if info is not None:
         section.update(branch=info, branch_inputs=branch_inputs)
     if want is not None:
-        base = {lw.name: og.to_backend_layout(weights_np[w], lw.layout) for w, lw in live.items()}
         feeds = {n: t.numpy() for n, t in zip(param_names, tensors, strict=True)}
         section["parity"] = _check(out_dir / file_name, wrapper, ids.numpy(),
-                                   {**base, **feeds}, want, threads)
+                                   {**base, **feeds}, want, threads,
+                                   oq.QUANT_RTOL if quant else RTOL)
     return {"section": section, "weights": entries}
 
 
@@ -294,7 +306,7 @@ def _reference(lm: LoadedModel, ids: torch.Tensor, branch: dict[str, torch.Tenso
 
 
 def _check(path: Path, wrapper: KVCacheDecoder, ids: np.ndarray, inputs: dict[str, np.ndarray],
-           want: np.ndarray, threads: int) -> dict:
+           want: np.ndarray, threads: int, rtol: float = RTOL) -> dict:
     """Run the saved graph chunk by chunk over the rows of ``ids`` as the runtime does
     (batch 1, one cache buffer per tensor bound as both past and present, written in place;
     ``inputs``: the live weights and branch tensors by input name) and compare every
@@ -326,4 +338,4 @@ def _check(path: Path, wrapper: KVCacheDecoder, ids: np.ndarray, inputs: dict[st
             errors.append(rel_error(b.get_outputs()[0].numpy(),
                                     want[row:row + 1, start:start + n]))
             start += n
-    return parity_report(errors, _CHECK_CHUNKS, RTOL, path.name)
+    return parity_report(errors, _CHECK_CHUNKS, rtol, path.name)

@@ -92,6 +92,21 @@ def backend_index(indices: np.ndarray, shape: tuple[int, int], layout: str) -> n
     return (r // BLOCK) * (inp * BLOCK) + c * BLOCK + r % BLOCK
 
 
+def torch_index(indices: np.ndarray, shape: tuple[int, int], layout: str) -> np.ndarray:
+    """Backend flat indices -> torch flat indices ``r * in + c`` (the inverse of
+    :func:`backend_index`)."""
+    out, inp = _check(shape, layout)
+    idx = np.asarray(indices, dtype=np.int64)
+    if layout == AS_IS:
+        return idx
+    if layout == TRANSPOSED:
+        c, r = idx // out, idx % out
+    else:
+        b, rest = idx // (inp * BLOCK), idx % (inp * BLOCK)
+        c, r = rest // BLOCK, b * BLOCK + rest % BLOCK
+    return r * inp + c
+
+
 def transposed_from_blocked(array: np.ndarray) -> np.ndarray:
     """The ``transposed`` (in, out) tensor of the weight a ``blocked32`` array ``(out/32, in,
     32)`` holds, in one copy: ``X_T[c, 32 b + j] = Xb[b, c, j]``."""

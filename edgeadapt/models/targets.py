@@ -55,3 +55,15 @@ def head_weight_names(lm_model: nn.Module, kind: str) -> list[str]:
         return []
     prefix = getattr(lm_model, "base_model_prefix", "") + "."
     return [n for n, p in lm_model.named_parameters() if not n.startswith(prefix) and p.dim() == 2]
+
+
+def quantized_weight_names(lm_model: nn.Module, kind: str) -> list[str]:
+    """The weights a quantized bundle (``--weights int8|int4``) holds on a grid: every
+    nn.Linear inside the transformer blocks (the ``all`` preset) and, for a causal LM, the LM
+    head (as onnxruntime-genai's int4 models quantize it; a tied head is quantized as its own
+    copy, the embedding table stays fp32). Poolers and task heads stay fp32."""
+    names = target_weight_names(lm_model, "all")
+    head = lm_model.get_output_embeddings() if kind == "causal-lm" else None
+    if head is not None:
+        names.append(next(f"{n}.weight" for n, m in lm_model.named_modules() if m is head))
+    return names

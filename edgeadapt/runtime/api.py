@@ -115,7 +115,8 @@ class Runtime:
     def live_weights(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The live weights as runs see them now (the active fused adapters applied), for
         checking exactness: weight name -> read-only float32 copy in PyTorch layout (out, in),
-        whatever the backend's layout. ``names``: a subset (default: every live weight, task
+        whatever the backend's layout (a quantized weight's codes times their scales).
+        ``names``: a subset (default: every live weight, task
         heads included). Copies, taken between switches: editing one cannot reach the
         backend, whose live arrays only the switch engine writes."""
         live = self.store.live_weights()
@@ -124,11 +125,18 @@ class Runtime:
             raise UnknownNameError(f"live_weights: {unknown[:3]} are not live weights of this "
                                    f"bundle (e.g. {sorted(live)[:2]})")
         with self.lock.shared():
-            out = {n: np.array(live[n].torch_weight(), dtype=np.float32, copy=True)
+            out = {n: np.array(live[n].dequantized(), dtype=np.float32, copy=True)
                    for n in (live if names is None else names)}
         for arr in out.values():
             arr.flags.writeable = False
         return out
+
+    @property
+    def saturated(self) -> dict[str, int]:
+        """Quantized bundles: per live weight, how many entries of the active fused adapters
+        needed a code outside the grid's range and were clamped to it ({} when none;
+        docs/quantized.md)."""
+        return dict(self.engine.saturated)
 
     def restore_memory_bytes(self) -> int:
         """Extra memory held now to restore the base exactly (see docs/runtime.md)."""

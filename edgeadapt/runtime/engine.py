@@ -78,6 +78,7 @@ class _Plan:
     sparse_state: tuple[np.ndarray, np.ndarray] | None  # (idx, base values) after switch
     dense_state: np.ndarray | None  # original matrix kept after switch
     old: np.ndarray | None = None  # sparse write: the values at union before it
+    saturated: int = 0  # quantized weights: entries whose code was clamped to the range
 
 
 @dataclass
@@ -91,13 +92,15 @@ class _Switch:
     # a cached switch on live arrays that share one span of memory: (positions in the span,
     # new values, old values), written by one scatter; the plans' vals / old are views of them
     scatter: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    saturated: dict[str, int] = field(default_factory=dict)  # engine.saturated after it
 
     @classmethod
     def of(cls, plans: dict[str, _Plan]) -> _Switch:
         # plans cover every weight with state before or after, so the new state is theirs alone
         return cls(plans, {n: (None if p.full is not None else p.union) for n, p in plans.items()},
                    {n: p.sparse_state for n, p in plans.items() if p.sparse_state is not None},
-                   {n: p.dense_state for n, p in plans.items() if p.dense_state is not None})
+                   {n: p.dense_state for n, p in plans.items() if p.dense_state is not None},
+                   saturated={n: p.saturated for n, p in plans.items() if p.saturated})
 
 
 @dataclass
@@ -146,6 +149,9 @@ class SwitchEngine:
         self._sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._dense: dict[str, np.ndarray] = {}
         self._active: tuple[tuple[str, float], ...] = ()
+        #: quantized weights: entries of the active state whose code was clamped to the code
+        #: range (the delta needed more), per weight; {} when none (or no quantized weight)
+        self.saturated: dict[str, int] = {}
         self._key: tuple[tuple[PreparedAdapter, float], ...] = ()  # the active set, by identity
         self.plan_cache = PLAN_CACHE if plan_cache is None else int(plan_cache)
         self._pairs: list[_PairPlan] = []  # least recently used first
@@ -163,9 +169,11 @@ class SwitchEngine:
         return prepare_adapter(adapter, self.live, name)
 
     def verify_base(self) -> None:
-        """Check every live weight hashes to its expected sha256 (only valid at base state)."""
+        """Check every live weight hashes to its expected sha256 (only valid at base state; a
+        quantized weight's codes to their own)."""
         for name, lw in self.live.items():
-            if lw.sha256 is not None and weight_sha256(lw.torch_weight()) != lw.sha256:
+            want = lw.sha256 if lw.codes is None else lw.codes.codes_sha256
+            if want is not None and weight_sha256(lw.torch_weight()) != want:
                 raise FingerprintMismatchError(
                     f"live weight {name!r} does not match the bundle's sha256"
                 )
@@ -230,6 +238,7 @@ class SwitchEngine:
                 if then is not None:
                     then()
             self._sparse, self._dense = dict(sw.sparse), dict(sw.dense)
+            self.saturated = dict(sw.saturated)
             self._active = tuple((p.name, float(s)) for p, s in adapters)
             self._key = key
 
@@ -259,6 +268,7 @@ class SwitchEngine:
                             sparse_state=self._sparse.get(name), dense_state=None, old=p.vals)
                 for name, p in sw.plans.items()}
         rev = _Switch.of(back)
+        rev.saturated = dict(self.saturated)  # the state it returns to, as it was planned
         if self._span is not None and sw.plans:
             self._one_scatter(sw, rev)
         self._pairs.append(_PairPlan(frm, to, sw, rev))
@@ -329,12 +339,16 @@ class SwitchEngine:
         base[cur_pos] = cur_base
         vals = base.copy()
         new_base = base[new_pos]
-        if new_idx.size:
+        saturated = 0
+        if new_idx.size and lw.codes is not None:
+            vals[new_pos], clamped = _requantize(lw, new_idx, new_base, c.delta, name)
+            saturated = int(clamped.sum())
+        elif new_idx.size:
             vals[new_pos] = (new_base.astype(np.float32) + c.delta).astype(vals.dtype)
             _check_finite_result(vals[new_pos], name)
         state = (new_idx, new_base) if new_idx.size else None
         return _Plan(union=union, vals=vals, full=None, sparse_state=state, dense_state=None,
-                     old=old)
+                     old=old, saturated=saturated)
 
     def _plan_dense(self, name: str, lw: LiveWeight, c: _Combined) -> _Plan:
         if name in self._dense:
@@ -344,25 +358,41 @@ class SwitchEngine:
             if name in self._sparse:
                 idx, base = self._sparse[name]
                 original.reshape(-1)[idx] = base
+        saturated = 0
         if c.head is not None:
             new = c.head.astype(original.dtype)
         elif c.B:
             B = np.concatenate(c.B, axis=1)
             A = np.concatenate(c.A, axis=0)
             delta = A.T @ B.T if lw.layout == TRANSPOSED else backend_view(B @ A, lw.layout)
+            if lw.codes is not None:  # the dense delta and any sparse one, rounded once
+                flat = np.ascontiguousarray(delta, dtype=np.float32).reshape(-1)
+                if c.idx is not None and c.idx.size:
+                    np.add.at(flat, c.idx, c.delta)
+                every = np.arange(flat.size, dtype=np.int64)
+                codes, clamped = _requantize(lw, every, original.reshape(-1), flat, name)
+                return _Plan(union=None, vals=None, full=codes.reshape(original.shape),
+                             sparse_state=None, dense_state=original,
+                             saturated=int(clamped.sum()))
             new = (original.astype(np.float32) + delta).astype(original.dtype)
         else:
             new = original.copy()
         sparse_state = None
-        if c.idx is not None and c.idx.size:
+        if c.idx is not None and c.idx.size and lw.codes is not None:
+            flat_new = new.reshape(-1)
+            flat_new[c.idx], clamped = _requantize(lw, c.idx, flat_new[c.idx], c.delta, name)
+            saturated = int(clamped.sum())
+            sparse_state = (c.idx, original.reshape(-1)[c.idx])
+        elif c.idx is not None and c.idx.size:
             flat_new, flat_orig = new.reshape(-1), original.reshape(-1)
             flat_new[c.idx] = (flat_new[c.idx].astype(np.float32) + c.delta).astype(new.dtype)
             if not c.B:
                 sparse_state = (c.idx, flat_orig[c.idx])
-        _check_finite_result(new, name)
+        if lw.codes is None:
+            _check_finite_result(new, name)
         dense_state = original if (c.B or c.head is not None) else None
         return _Plan(union=None, vals=None, full=new, sparse_state=sparse_state,
-                     dense_state=dense_state)
+                     dense_state=dense_state, saturated=saturated)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -418,6 +448,16 @@ def merge_sorted(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     pos = np.empty(cat.size, dtype=np.int64)
     pos[order] = np.cumsum(keep) - 1
     return s[keep], pos[: a.size], pos[a.size:]
+
+
+def _requantize(lw: LiveWeight, idx: np.ndarray, codes: np.ndarray, delta: np.ndarray,
+                name: str) -> tuple[np.ndarray, np.ndarray]:
+    """New codes of a quantized weight's entries at backend ``idx`` (now ``codes``) after
+    adding ``delta`` on its own scales (:meth:`edgeadapt.format.quant.Grid.requantize`), and
+    the mask of those clamped to the code range; SwitchError if a value is not finite."""
+    scales = lw.entry_scales(idx)
+    _check_finite_result(codes.astype(np.float32) * scales + delta, name)
+    return lw.codes.grid.requantize(codes, scales, delta)
 
 
 def _check_finite_result(vals: np.ndarray, name: str) -> None:

@@ -24,8 +24,9 @@ ARENA_ALIGN_BYTES = 64
 
 
 def arena_copies(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Writable C-contiguous float32 copies of ``arrays``, carved from one allocation, each
-    starting on a 64-byte boundary.
+    """Writable C-contiguous copies of ``arrays`` (float32, or their own dtype where it is
+    int8: quantized codes), those of one dtype carved from one allocation, each starting on a
+    64-byte boundary.
 
     Why: numpy asks the kernel to back an allocation of >= 4 MiB with transparent huge pages
     (``madvise``); 60 separate 0.4-1.3 MB live-weight buffers get 4 KB pages. A SHiRA switch
@@ -33,20 +34,25 @@ def arena_copies(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     writes also miss the TLB: on SmolLM2 q/v the benchmark's switch is 6-7% faster with the
     arena than with ``NUMPY_MADVISE_HUGEPAGE=0`` (docs/bench.md, ONNX Runtime run 6).
     """
-    step = ARENA_ALIGN_BYTES // 4
-    offsets, total = {}, 0
+    kinds: dict[np.dtype, list[str]] = {}
     for name, a in arrays.items():
-        offsets[name] = total
-        total += -(-int(a.size) // step) * step
-    arena = np.empty(total + step, dtype=np.float32)
-    shift = (-(arena.ctypes.data // 4)) % step  # numpy aligns to 16 bytes, we want 64
+        dt = np.dtype(np.int8) if a.dtype == np.int8 else np.dtype(np.float32)
+        kinds.setdefault(dt, []).append(name)
     out = {}
-    for name, a in arrays.items():
-        start = shift + offsets[name]
-        view = arena[start:start + a.size].reshape(a.shape)
-        np.copyto(view, a, casting="same_kind")
-        out[name] = view
-    return out
+    for dt, names in kinds.items():
+        step = ARENA_ALIGN_BYTES // dt.itemsize
+        offsets, total = {}, 0
+        for name in names:
+            offsets[name] = total
+            total += -(-int(arrays[name].size) // step) * step
+        arena = np.empty(total + step, dtype=dt)
+        shift = (-(arena.ctypes.data // dt.itemsize)) % step  # numpy aligns to 16 bytes
+        for name in names:
+            a = arrays[name]
+            view = arena[shift + offsets[name]:shift + offsets[name] + a.size].reshape(a.shape)
+            np.copyto(view, a, casting="same_kind")
+            out[name] = view
+    return {name: out[name] for name in arrays}
 
 
 def one_span(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, int]] | None:

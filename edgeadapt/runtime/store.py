@@ -22,8 +22,25 @@ from edgeadapt.format.layout import (
     backend_shape,
     to_backend,
     to_torch,
+    torch_index,
 )
+from edgeadapt.format.quant import Grid
 from edgeadapt.runtime.pages import arena_copies
+
+
+@dataclass
+class Codes:
+    """How a quantized live weight's array holds it (:mod:`edgeadapt.format.quant`): int8
+    codes on ``grid`` with ``scales``, the ``(out, in // G)`` float32 scales in PyTorch layout
+    (never edited: a switch re-quantizes onto them). ``name``: the scales' graph input (None
+    where the backend takes them otherwise); ``array``: the scales as the backend holds
+    them (the weight's layout), bound beside the codes."""
+
+    grid: Grid
+    scales: np.ndarray
+    name: str | None = None
+    array: np.ndarray | None = None
+    codes_sha256: str | None = None
 
 
 @dataclass
@@ -35,6 +52,8 @@ class LiveWeight:
     shape: PyTorch shape (out, in).
     sha256: expected sha256 of the base weight (fp32, torch layout) from bundle.json, or None to
         skip the fingerprint check.
+    codes: for a quantized weight, its grid and scales (:class:`Codes`); ``array`` then holds
+        int8 codes, and a switch writes codes re-quantized from the dequantized values.
     """
 
     name: str
@@ -42,6 +61,7 @@ class LiveWeight:
     layout: str
     shape: tuple[int, int]
     sha256: str | None = None
+    codes: Codes | None = None
 
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
@@ -52,6 +72,23 @@ class LiveWeight:
             raise ValueError(f"{self.name}: buffer shape {self.array.shape} != {want}")
         if not (self.array.flags.c_contiguous and self.array.flags.writeable):
             raise ValueError(f"{self.name}: buffer must be C-contiguous and writable")
+        if self.codes is not None:
+            if self.array.dtype != np.int8:
+                raise ValueError(f"{self.name}: quantized codes must be int8, not "
+                                 f"{self.array.dtype}")
+            self.codes.grid.check_scales(self.codes.scales, self.shape, self.name)
+
+    def entry_scales(self, indices: np.ndarray) -> np.ndarray:
+        """The scale of each entry at backend flat ``indices`` (quantized weights only)."""
+        assert self.codes is not None
+        return self.codes.grid.scale_at(self.codes.scales, self.shape,
+                                        torch_index(indices, self.shape, self.layout))
+
+    def dequantized(self) -> np.ndarray:
+        """The weight's values (out, in) float32: the array itself, or its codes times their
+        scales."""
+        w = self.torch_weight()
+        return w if self.codes is None else self.codes.grid.dequantize(w, self.codes.scales)
 
     def torch_view(self) -> np.ndarray:
         """The weight in PyTorch layout (out, in) as a writable view of the buffer (as-is and

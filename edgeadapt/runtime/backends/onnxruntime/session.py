@@ -45,22 +45,26 @@ def session_options(threads: int | None, extra: dict[str, str] | None = None):
     return so
 
 
-def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool) -> tuple[object, bool]:
+def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool,
+                quantized: Sequence[str] = ()) -> tuple[object, bool]:
     """(a CPU session over ``model_path`` built with options ``so``, whether it uses the kernel).
 
     kernel: replace every reader of the blocked32 graph inputs ``blocked`` by edgeadapt's own
     ``edgeadapt.BlockedMatMul`` (:func:`edgeadapt.graphs.blocked.kernel_blocked_matmuls`;
     the library from :mod:`edgeadapt.runtime.backends.onnxruntime.kernel`, which must be
     loadable), which reads them in place instead of through MatMul's per-call copy of each B
-    panel (docs/bench.md). The rewritten graph is handed over as bytes, its external data read
-    from the model's folder.
+    panel (docs/bench.md), and every reader of the quantized codes inputs ``quantized`` (with
+    their dequantization) by ``edgeadapt.QBlockedMatMul``
+    (:func:`edgeadapt.graphs.quantized.kernel_quantized_matmuls`). The rewritten graph is
+    handed over as bytes, its external data read from the model's folder.
     """
-    if kernel and blocked:
+    if kernel and (blocked or quantized):
         from edgeadapt.graphs.blocked import kernel_blocked_matmuls
+        from edgeadapt.graphs.quantized import kernel_quantized_matmuls
         from edgeadapt.runtime.backends.onnxruntime import kernel as own_kernel
 
         model = read_graph(model_path)
-        if kernel_blocked_matmuls(model, blocked):
+        if kernel_blocked_matmuls(model, blocked) + kernel_quantized_matmuls(model, quantized):
             own_kernel.register(so)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(model_path.parent))
@@ -101,13 +105,19 @@ def live_session(model_path: Path, so, live: Mapping[str, LiveWeight],
     BundleError if a live weight is not an input of the graph."""
     ort = require_ort()
     session, used = cpu_session(
-        model_path, so, [input_names[n] for n, lw in live.items() if lw.layout == BLOCKED], kernel)
+        model_path, so, [input_names[n] for n, lw in live.items()
+                         if lw.layout == BLOCKED and lw.codes is None], kernel,
+        [input_names[n] for n, lw in live.items() if lw.codes is not None])
     graph_inputs = {i.name for i in session.get_inputs()}
     missing = sorted(input_names[n] for n in live if input_names[n] not in graph_inputs)
+    missing += sorted(lw.codes.name for lw in live.values()
+                      if lw.codes is not None and lw.codes.name not in graph_inputs)
     if missing:
         raise BundleError(f"{model_path}: live weights {missing} are not graph inputs")
     values = {input_names[n]: ort.OrtValue.ortvalue_from_numpy(lw.array)
               for n, lw in live.items()}
+    values |= {lw.codes.name: ort.OrtValue.ortvalue_from_numpy(lw.codes.array)
+               for lw in live.values() if lw.codes is not None}  # scales: read, never edited
     return session, used, values
 
 

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from edgeadapt.errors import BundleError, ConfigError
-from edgeadapt.format.layout import backend_shape, to_backend
+from edgeadapt.format.layout import backend_shape, to_backend, to_torch
 from edgeadapt.format.manifest import Manifest
+from edgeadapt.format.quant import grid as quant_grid
 from edgeadapt.runtime.backends.onnxruntime.kernel import use_kernel
 from edgeadapt.runtime.backends.onnxruntime.session import (
     add_constant_initializers,
@@ -38,7 +39,7 @@ from edgeadapt.runtime.backends.onnxruntime.session import (
     thread_binding,
 )
 from edgeadapt.runtime.pages import arena_copies
-from edgeadapt.runtime.store import LiveWeight, WeightStore
+from edgeadapt.runtime.store import Codes, LiveWeight, WeightStore
 
 _NP_DTYPES = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float16": np.float16,
               "bool": np.bool_}
@@ -81,10 +82,33 @@ def read_live_weights(bundle_dir: Path, manifest: Manifest, section: dict | None
         if arr.shape != want:
             raise BundleError(f"{path}: live weight {name!r} has shape {arr.shape}, "
                               f"expected {want}")
-        arrays[name], specs[name] = arr, (onnx["layout"], entry.shape, entry.sha256)
+        codes = _codes(path, name, onnx, entry.shape, tensors) if "quant" in onnx else None
+        if (codes is None) != (arr.dtype != np.int8):
+            raise BundleError(f"{path}: live weight {name!r} is {arr.dtype}, but bundle.json "
+                              f"says it is {'quantized' if codes else 'float'}")
+        arrays[name], specs[name] = arr, (onnx["layout"], entry.shape, entry.sha256, codes)
     # one huge-page-backed allocation for all of them (pages.arena_copies)
     return {name: LiveWeight(name, buf, *specs[name])
             for name, buf in arena_copies(arrays).items()}
+
+
+def _codes(path: Path, name: str, onnx: dict, shape: tuple[int, int],
+           tensors: dict[str, np.ndarray]) -> Codes:
+    """The grid and scales of quantized live weight ``name`` (its bundle entry ``onnx``);
+    BundleError for an unknown grid or scales that are missing, misshapen, zero or NaN."""
+    quant = onnx["quant"]
+    try:
+        grid = quant_grid(quant.get("grid", ""))
+        held = tensors.get(quant.get("scales", ""))
+        if held is None:
+            raise ConfigError(f"no scales tensor {quant.get('scales')!r}")
+        sshape = grid.scales_shape(shape)
+        scales = to_torch(held, sshape, onnx["layout"]).astype(np.float32)
+        grid.check_scales(scales, shape, "scales")
+    except ConfigError as exc:
+        raise BundleError(f"{path}: quantized live weight {name!r}: {exc}") from None
+    return Codes(grid, np.ascontiguousarray(scales), quant["scales"],
+                 np.ascontiguousarray(held, dtype=np.float32), quant.get("codes_sha256"))
 
 
 class OrtStoreBase(WeightStore):
@@ -193,6 +217,11 @@ def open_store(bundle_dir: Path, manifest: Manifest, device: str = "cpu", mode: 
     """The ONNX Runtime store for ``bundle_dir``: live or repack on CPU, live on CUDA
     (:mod:`edgeadapt.runtime.backends.onnxruntime.cuda`). kernel: CPU live mode reads blocked32
     live weights with edgeadapt's own kernel (:func:`use_kernel`: None where it can be built)."""
+    quantized = (manifest.onnxruntime or {}).get("precision", "fp32") != "fp32"
+    if quantized and (device != "cpu" or mode != "live"):
+        raise ConfigError(f"a quantized bundle ({manifest.onnxruntime['precision']}) runs "
+                          "with device='cpu', mode='live' only (its codes are read by "
+                          "edgeadapt's kernel in place)")
     if device == "cuda":
         if mode != "live":
             raise ConfigError("device='cuda' supports mode='live' only (cuBLAS reads raw "

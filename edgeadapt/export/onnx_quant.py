@@ -1,0 +1,237 @@
+"""Quantized ONNX graphs (``--weights int8|int4``): the rest of the weights on ONNX Runtime's own
+quantized kernels, the live weights as codes + scales read in place by edgeadapt's kernel.
+
+Which weights: :func:`edgeadapt.models.targets.quantized_weight_names` (every Linear in the
+transformer blocks, and a causal LM's head). On the grids of :mod:`edgeadapt.format.quant`:
+
+- the *rest* (quantized, not live) is quantized by ONNX Runtime's own tools, exactly as a user
+  of the backend would quantize the whole model: int8 by ``quantize_dynamic`` (per-channel
+  symmetric int8 weights; activations quantized per call to uint8, ``DynamicQuantizeLinear``
+  + ``MatMulInteger``, fused at load), int4 by ``MatMulNBitsQuantizer`` (blocks of 32,
+  symmetric, ``accuracy_level`` 4: activations quantized to int8 per block, as
+  onnxruntime-genai's CPU int4 models do). Those weights are constants the backend packs.
+- the *live* weights become codes + scales graph inputs (:mod:`edgeadapt.graphs.quantized`),
+  on the same grid (the grids equal the tools', tests/test_quant_grid.py), with float
+  activations (weight-only): the runtime edits the codes in place.
+
+Why two tools: ``MatMulNBits`` takes blocks of 16-256 columns only (no per-channel int8), and
+its 8-bit form ran slower than ``quantize_dynamic``'s int8 on this machine (docs/quantized.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, numpy_helper
+
+from edgeadapt.errors import ExportError
+from edgeadapt.export.onnx_graph import digest
+from edgeadapt.format.fingerprint import weight_sha256
+from edgeadapt.format.layout import BLOCKED, to_backend
+from edgeadapt.format.quant import Grid, grid
+from edgeadapt.graphs.quantized import dequantize_live_inputs
+from edgeadapt.graphs.values import LiveWeight, consumers
+from edgeadapt.models import LoadedModel
+from edgeadapt.models.targets import quantized_weight_names
+
+#: a quantized graph against PyTorch with the dequantized weights: ONNX Runtime's kernels for
+#: the rest also quantize their activations, PyTorch does not
+QUANT_RTOL = 5e-2
+#: MatMulNBits' accuracy level for the int4 rest: int8 activations (onnxruntime-genai's CPU)
+INT4_ACCURACY = 4
+
+
+def constant_matmuls(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> list[str]:
+    """Names of the MatMul nodes whose B operand is an initializer holding one of ``weights``
+    (torch name -> ``(out, in)``) transposed, as torch's exporter writes a Linear. A weight
+    read through ``Transpose`` of an initializer shared with another reader (a tied LM head:
+    the embedding's ``Gather``) gets its own transposed initializer ``<w>.T`` first, so it can
+    be quantized alone. ExportError for a weight no MatMul reads either way (it would silently
+    stay fp32)."""
+    graph = model.graph
+    uses = consumers(graph)
+    by_hash: dict[str, list[str]] = defaultdict(list)
+    for init in graph.initializer:
+        if init.data_type == TensorProto.FLOAT and len(init.dims) == 2 and init.name in uses:
+            by_hash[digest(numpy_helper.to_array(init))].append(init.name)
+    nodes = []
+    for w, arr in weights.items():
+        readers = [node for init in by_hash.get(digest(np.ascontiguousarray(arr.T)), [])
+                   for node, pos in uses[init] if node.op_type == "MatMul" and pos == 1]
+        if not readers:
+            readers = _untie(graph, w, arr, by_hash.get(digest(np.ascontiguousarray(arr)), []),
+                             uses)
+        if not readers:
+            raise ExportError(f"weight {w!r}: no MatMul reads it as a constant (in, out) "
+                              "operand; it cannot be quantized")
+        for node in readers:
+            if not node.name:
+                raise ExportError(f"weight {w!r}: its MatMul has no name to quantize it by")
+            nodes.append(node.name)
+    return sorted(set(nodes))
+
+
+def _untie(graph: onnx.GraphProto, w: str, arr: np.ndarray, holders: list[str], uses
+           ) -> list[onnx.NodeProto]:
+    """The MatMuls reading ``Transpose(init)`` of an initializer in ``holders`` (holding
+    ``arr`` as-is), rewired to a new initializer ``<w>.T = arr.T``; the Transposes left
+    unread are removed."""
+    readers, dead = [], []
+    for init in holders:
+        for tr, _ in uses[init]:
+            if tr.op_type != "Transpose" or [a.ints for a in tr.attribute if a.name == "perm"] \
+                    not in ([[1, 0]], []):
+                continue
+            mms = [(n, p) for n, p in uses[tr.output[0]]]
+            if mms and all(n.op_type == "MatMul" and p == 1 for n, p in mms):
+                readers += [n for n, _ in mms]
+                dead.append(tr)
+    if readers:
+        name = f"{w}.T"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr.T), name))
+        for node in readers:
+            node.input[1] = name
+        for tr in dead:
+            graph.node.remove(tr)
+    return readers
+
+
+def quantize_rest(model: onnx.ModelProto, nodes: list[str], precision: str) -> onnx.ModelProto:
+    """``model`` with the MatMul ``nodes`` quantized by ONNX Runtime's own tool for
+    ``precision`` (module docstring); a new ModelProto, its weights in memory."""
+    if not nodes:
+        return model
+    # the tools infer shapes strictly; the value infos torch wrote predate edgeadapt's rewrites
+    del model.graph.value_info[:]
+    logging.getLogger("root").setLevel(logging.ERROR)  # the tools' advice to pre-process
+    if precision == "int4":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        tool = MatMulNBitsQuantizer(model, bits=4, block_size=grid("int4").group,
+                                    is_symmetric=True, accuracy_level=INT4_ACCURACY,
+                                    nodes_to_include=nodes)
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(
+            logging.WARNING)
+        tool.process()
+        return tool.model.model
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "q.onnx"
+        quantize_dynamic(model, out, per_channel=True, weight_type=QuantType.QInt8,
+                         nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"],
+                         use_external_data_format=True,
+                         extra_options={"MatMulConstBOnly": True})
+        return onnx.load(str(out))
+
+
+def quantize_live(model: onnx.ModelProto, live: dict[str, LiveWeight],
+                  weights: dict[str, np.ndarray], precision: str
+                  ) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """Make the blocked32 live inputs of ``weights`` (torch name -> fp32 ``(out, in)``) codes +
+    scales on ``precision``'s grid (:func:`edgeadapt.graphs.quantized.dequantize_live_inputs`).
+    Returns per weight its bundle entry ``{"name": codes input, "layout": "blocked32",
+    "shape", "quant": {"grid", "scales", "scales_shape", "codes_sha256"}}`` and the base values
+    by input name
+    (codes int8 and scales float32, both blocked32)."""
+    g = grid(precision)
+    groups = {w: g.group_size(arr.shape[1]) for w, arr in weights.items()}
+    inputs = dequantize_live_inputs(model, live, groups)
+    entries, values = {}, {}
+    for w, arr in weights.items():
+        codes, scales = g.quantize(arr)
+        q = inputs[w]
+        values[q.codes] = to_backend(codes, BLOCKED)
+        values[q.scales] = to_backend(scales, BLOCKED)
+        entries[w] = {"name": q.codes, "layout": BLOCKED, "shape": list(values[q.codes].shape),
+                      "quant": {"grid": g.name, "scales": q.scales,
+                                "scales_shape": list(scales.shape),
+                                "codes_sha256": weight_sha256(codes)}}
+    return entries, values
+
+
+@dataclass
+class QuantPlan:
+    """What a quantized export does to one model: ``weights``, every quantized weight (torch
+    name -> fp32 ``(out, in)``, a tied LM head under its own module's name), of which ``live``
+    are live (codes + scales inputs), on ``grid``."""
+
+    grid: Grid
+    weights: dict[str, np.ndarray]
+    live: list[str]
+
+    @classmethod
+    def of(cls, lm: LoadedModel, live_weights: list[str], precision: str) -> QuantPlan | None:
+        """The plan for ``precision`` (None for fp32); ConfigError for an unknown one."""
+        if precision == "fp32":
+            return None
+        g = grid(precision)
+        names = quantized_weight_names(lm.model, lm.kind)
+        weights = {w: _module_weight(lm.model, w).detach().float().cpu().numpy().copy()
+                   for w in names}
+        return cls(g, weights, [w for w in live_weights if w in weights])
+
+    def dequantized(self) -> dict[str, np.ndarray]:
+        """The quantized weights as the grid holds them: ``q * s``."""
+        return {w: self.grid.dequantize(*self.grid.quantize(a)) for w, a in self.weights.items()}
+
+    def live_values(self, weights_np: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``weights_np`` (the live weights) with the quantized ones dequantized."""
+        return {w: (self.grid.dequantize(*self.grid.quantize(a)) if w in self.live else a)
+                for w, a in weights_np.items()}
+
+    def steps(self) -> dict[str, tuple[np.ndarray, np.ndarray, int, int]]:
+        """Per quantized live weight (codes, per-entry scales (out, in), qmin, qmax)."""
+        out = {}
+        for w in self.live:
+            codes, scales = self.grid.quantize(self.weights[w])
+            out[w] = (codes, self.grid.scale_of(scales, codes.shape), self.grid.qmin,
+                      self.grid.qmax)
+        return out
+
+    def apply(self, model: onnx.ModelProto, live: dict[str, LiveWeight],
+              entries: dict[str, dict], values: dict[str, np.ndarray]
+              ) -> tuple[onnx.ModelProto, dict[str, dict], dict[str, np.ndarray]]:
+        """Quantize ``model``: the rest by ONNX Runtime's tool (:func:`quantize_rest`), the
+        live ones as codes + scales (:func:`quantize_live`). ``entries`` / ``values``: the
+        float graph's live entries and base values (by input name). Returns the new model and
+        both with the quantized weights' replaced."""
+        rest = {w: a for w, a in self.weights.items() if w not in live}
+        model = quantize_rest(model, constant_matmuls(model, rest), self.grid.name)
+        q_entries, q_values = quantize_live(model, live, {w: self.weights[w] for w in self.live},
+                                            self.grid.name)
+        gone = {entries[w]["name"] for w in q_entries}
+        return (model, {**entries, **q_entries},
+                {**{k: v for k, v in values.items() if k not in gone}, **q_values})
+
+
+def _module_weight(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
+    return model.get_submodule(name.removesuffix(".weight")).weight
+
+
+@contextmanager
+def dequantized(model: torch.nn.Module, plan: QuantPlan | None) -> Iterator[None]:
+    """``model`` computing with the plan's dequantized weights (each module gets a parameter
+    of its own, so a tied LM head changes without its embedding), restored after."""
+    if plan is None:
+        yield
+        return
+    saved = {}
+    try:
+        for w, arr in plan.dequantized().items():
+            module = model.get_submodule(w.removesuffix(".weight"))
+            saved[w] = (module, module.weight)
+            module.weight = torch.nn.Parameter(torch.from_numpy(arr), requires_grad=False)
+        yield
+    finally:
+        for module, weight in saved.values():
+            module.weight = weight

@@ -1,0 +1,178 @@
+"""Quantized bundles (``--weights int8|int4``) on ONNX Runtime: switching on codes.
+
+References, each independent of the switch engine and of edgeadapt's kernel: the codes a
+switch must leave, computed here from the exported grid (:mod:`edgeadapt.format.quant`) and the
+adapter files; the forward with those codes run by stock ONNX Runtime through the graph's own
+dequantization (no custom op); the exported codes for every restore."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from runtime_reference import example_pair, register_adapters
+
+from edgeadapt.errors import BundleError, ConfigError
+from edgeadapt.export.bundle import export_base
+from edgeadapt.format import read_manifest
+from edgeadapt.format.fingerprint import weight_sha256
+from edgeadapt.format.layout import to_backend
+from edgeadapt.format.quant import grid
+from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta
+from edgeadapt.models import load_model
+from edgeadapt.numeric import rel_error
+from edgeadapt.runtime import load
+
+PRECISIONS = ("int8", "int4")
+
+
+def _adapters(lm, names: list[str], g) -> dict[str, Adapter]:
+    """s1: SHiRA at 5% of every live weight, deltas of about +-3 steps of the grid (int4
+    saturates some); s2: 20% of two weights overlapping s1, small deltas; lora: rank 2."""
+    rng = np.random.default_rng(4)
+    w = {n: lm.model.get_parameter(n).detach().numpy() for n in names}
+    sha = {n: weight_sha256(v) for n, v in w.items()}
+    shapes = {n: tuple(v.shape) for n, v in w.items()}
+
+    def shira(sel, density, steps):
+        t = {}
+        for n in sel:
+            step = float(np.median(np.abs(g.quantize(w[n])[1])))
+            idx = np.sort(rng.choice(w[n].size, int(density * w[n].size), replace=False))
+            t[n] = ShiraDelta(idx.astype(np.int64),
+                              (steps * step * rng.standard_normal(idx.size)).astype(np.float32))
+        return Adapter("shira", t, {n: shapes[n] for n in sel}, {n: sha[n] for n in sel})
+
+    lora = {n: LoraDelta((0.1 * rng.standard_normal((2, w[n].shape[1]))).astype(np.float32),
+                         (0.1 * rng.standard_normal((w[n].shape[0], 2))).astype(np.float32))
+            for n in names[::2]}
+    return {"s1": shira(names, 0.05, 3.0), "s2": shira(names[:2], 0.2, 0.8),
+            "lora": Adapter("lora", lora, {n: shapes[n] for n in lora},
+                            {n: sha[n] for n in lora})}
+
+
+@pytest.fixture(scope="module", params=PRECISIONS)
+def bundle(request, tmp_path_factory):
+    torch.set_num_threads(1)
+    lm = load_model("tiny-smollm2", seed=0)
+    out = tmp_path_factory.mktemp(request.param) / "bundle"
+    export_base(lm, out, backends="onnxruntime", targets="qv", precision=request.param)
+    manifest = read_manifest(out)
+    adapters = _adapters(lm, sorted(manifest.weights), grid(request.param))
+    register_adapters(out, manifest, adapters)
+    return lm, out, grid(request.param), adapters
+
+
+def _expected_codes(lm, g, adapters: dict[str, Adapter], active: list[str]) -> dict:
+    """Per live weight the codes (out, in) the active adapters must leave: the base's codes,
+    each touched entry re-quantized once from the summed scaled deltas (LoRA densely)."""
+    out = {}
+    for n in adapters["s1"].targets:
+        q, s = g.quantize(lm.model.get_parameter(n).detach().numpy())
+        delta = np.zeros(q.size, np.float32)
+        touched = np.zeros(q.size, bool)
+        for name in active:
+            t = adapters[name].targets.get(n)
+            if isinstance(t, ShiraDelta):
+                np.add.at(delta, t.indices, t.values)
+                touched[t.indices] = True
+            elif isinstance(t, LoraDelta):
+                delta += (t.B @ t.A).reshape(-1)
+                touched[:] = True
+        new = q.reshape(-1).copy()
+        idx = np.flatnonzero(touched)
+        new[idx] = g.requantize(q.reshape(-1)[idx], g.scale_at(s, q.shape, idx), delta[idx])[0]
+        out[n] = (new.reshape(q.shape), s)
+    return out
+
+
+def _stock_forward(bundle_dir, codes: dict, inputs: dict) -> np.ndarray:
+    """The bundle's graph on stock ONNX Runtime (its dequantization, no edgeadapt op) with
+    ``codes`` (torch name -> (codes, scales) in torch layout) as its live inputs."""
+    manifest = read_manifest(bundle_dir)
+    feeds = dict(inputs)
+    for n, (q, s) in codes.items():
+        entry = manifest.weights[n].onnxruntime
+        feeds[entry["name"]] = to_backend(q, entry["layout"])
+        feeds[entry["quant"]["scales"]] = to_backend(s, entry["layout"])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(bundle_dir / manifest.onnxruntime["file"]), so,
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def _codes(rt) -> dict[str, np.ndarray]:
+    return {n: lw.torch_weight().copy() for n, lw in rt.store.live_weights().items()}
+
+
+@pytest.mark.parametrize("active", [["s1"], ["s2"], ["s1", "s2"], ["lora"], ["s1", "lora"]])
+def test_switch_writes_requantized_codes_and_runs_them(bundle, active):
+    lm, out, g, adapters = bundle
+    rt = load(out, mode="live", threads=1)
+    assert rt.store.kernel  # the codes are read by edgeadapt's QBlockedMatMul
+    rt.switch(active)
+    want = _expected_codes(lm, g, adapters, active)
+    for n, (q, _) in want.items():
+        np.testing.assert_array_equal(_codes(rt)[n], q, err_msg=n)
+    _, inputs = example_pair(lm)
+    got = rt.run(**inputs)
+    assert rel_error(got, _stock_forward(out, want, inputs)) < 1e-4
+    assert rel_error(got, _stock_forward(out, _expected_codes(lm, g, adapters, []),
+                                         inputs)) > 1e-3  # the switch changed the output
+
+
+def test_random_sequences_restore_the_exported_codes_and_report_saturation(bundle):
+    lm, out, g, adapters = bundle
+    rt = load(out, mode="live", threads=1)
+    exported = _codes(rt)
+    rng = np.random.default_rng(0)
+    sets = [[], ["s1"], ["s2"], ["s1", "s2"], ["lora"], ["s2", "lora"]]
+    for k in rng.integers(0, len(sets), 25):
+        rt.switch(sets[k] or None)
+        want = _expected_codes(lm, g, adapters, sets[k])
+        assert all(np.array_equal(_codes(rt)[n], q) for n, (q, _) in want.items())
+    rt.switch(["s1"])
+    if g.name == "int4":  # +-3 steps of a 16-code grid: some entries must clamp
+        assert sum(rt.saturated.values()) > 0
+    rt.switch(None)
+    assert rt.saturated == {}
+    assert all(np.array_equal(_codes(rt)[n], exported[n]) for n in exported)
+    rt.engine.verify_base()
+
+
+def test_live_weights_are_the_dequantized_values(bundle):
+    lm, out, g, _ = bundle
+    rt = load(out, mode="live", threads=1)
+    for n, w in rt.live_weights().items():
+        want = g.dequantize(*g.quantize(lm.model.get_parameter(n).detach().numpy()))
+        np.testing.assert_array_equal(w, want)
+
+
+def test_bad_scales_and_modes_are_refused(bundle, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    _, out, _, _ = bundle
+    with pytest.raises(ConfigError, match="mode='live' only"):
+        load(out, mode="repack")
+    manifest = read_manifest(out)
+    entry = next(iter(manifest.weights.values())).onnxruntime
+    for bad in (0.0, np.nan):
+        copy = tmp_path / f"b{bad}"
+        shutil.copytree(out, copy)
+        path = copy / manifest.onnxruntime["live_weights"]
+        tensors = load_file(str(path))
+        tensors[entry["quant"]["scales"]].reshape(-1)[3] = bad
+        save_file(tensors, str(path))
+        with pytest.raises(BundleError, match="zero or not finite"):
+            load(copy, mode="live")
+
+
+def test_export_refuses_quantized_executorch(tmp_path):
+    with pytest.raises(ConfigError, match="onnxruntime only"):
+        export_base("tiny-smollm2", tmp_path / "x", backends="executorch", precision="int8")
+    with pytest.raises(ConfigError, match="int3"):
+        export_base("tiny-smollm2", tmp_path / "y", backends="onnxruntime", precision="int3")
