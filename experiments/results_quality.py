@@ -160,6 +160,14 @@ for _i in range(3):
             _i, "--method", "sora", "--rank", "16", "--xi", _x0, "--sora-schedule", "linear",
             "--sora-xi-max", _x1, *LIN)
 
+# issue 20: quantization-aware SHiRA (section 8): section 1.0's SHiRA trained on the PyTorch
+# reference of an int8 / int4 bundle (`--quant`: q/v live, the rest with the backend's activation
+# quantization), its values kept on the base's grid; the fp32 runs above are rounded onto the
+# same grids after training (experiments/results_quant.py)
+for _i in range(3):
+    for _p in ("int8", "int4"):
+        RUNS[f"rt2k-shira-qv-snip-b8-lin-{_p}qat-s{_i}"] = _rt2k(_i, *SHIRA, *LIN, "--quant", _p)
+
 
 def command(name: str) -> list[str]:
     return ["edgeadapt", "train", *RUNS[name], "--out", str(OUT / name)]

@@ -286,3 +286,24 @@ def test_switch_targets_use_the_paired_ratio_where_the_report_has_it(results: Mo
     assert [v for _, v, _ in old][1:3] == [25.0, 450.0]  # 50 / 2, 900 / 2
     assert sw.bench_cell(report(True), "b", "reload") == "900.0 ms (300x)"
     assert sw.bench_cell(report(False), "b", "lora-fuse") == "50.0 ms (25x)"
+
+
+def test_section_8_quantized_bases(runs):
+    quantized = importlib.import_module("experiments.results_doc.quantized")
+    assert "quant.json is missing" in quantized.section_8()
+    rows = {"shira": {"run": "a", "fp32": 0.785, "int8": {"accuracy": 0.783, "saturated": 0},
+                      "int4": {"accuracy": 0.770, "saturated": 1200}},
+            "qat-int4": {"run": "b", "int4": {"accuracy": 0.780, "trained_accuracy": 0.780,
+                                              "saturated": 0}}}
+    (runs / "quant.json").write_text(json.dumps({"seeds": [0], "rows": {"0": rows}}))
+    page = quantized.section_8()
+    assert ("| SHiRA, fp32-trained, rounded onto int4 | 0.770 (1,200 sat.) | (not run) | "
+            "(not run) | 0.770 |") in page
+    assert "| LoRA r=8 (fp32 base) | (not run) | (not run) | (not run) |  |" in page
+    assert ("int8: SHiRA rounded after training: -0.2 points against fp32 SHiRA (seed 0; "
+            "target: within 0.3): met.") in page
+    assert ("int4: SHiRA rounded after training: -1.5 points against fp32 SHiRA (seed 0; "
+            "target: within 1): not met.") in page
+    assert "int4: quantization-aware SHiRA: -0.5 points" in page
+    assert "int8: quantization-aware SHiRA: not measured." in page
+    assert "while training in 1 of 1 runs" in page

@@ -32,6 +32,7 @@ from edgeadapt.errors import (
     UnknownNameError,
 )
 from edgeadapt.format.fingerprint import weight_sha256 as sha256_of
+from edgeadapt.format.quant_adapter import META_KEY as QUANT_META
 from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta, SiraBranch
 from edgeadapt.models import resolve_targets
 
@@ -113,7 +114,9 @@ def extract(model: nn.Module, weight_sha256: dict[str, str] | None = None) -> Ad
 
     weight_sha256: base weight name -> sha256 of the *base* weight (as fingerprinted at export);
     if omitted it is computed from the model's (unmodified) base weights.
-    SoRA comes out pruned, as LoRA deltas with method "sora" (live ranks in ``meta``).
+    SoRA comes out pruned, as LoRA deltas with method "sora" (live ranks in ``meta``). SHiRA on
+    a quantized base (``quantize_reference_``) comes out as grid deltas, ``meta["quant"]`` its
+    precision.
     """
     method, layers = _layers_of_one_method(model)
     targets, shapes, hashes = {}, {}, {}
@@ -128,6 +131,11 @@ def extract(model: nn.Module, weight_sha256: dict[str, str] | None = None) -> Ad
         else:
             hashes[wname] = sha256_of(layer.weight.detach().float().cpu().numpy())
     meta: dict[str, Any] = {}
+    quants = {layer.quant.precision for _, layer in layers if layer.quant is not None}
+    if method == "shira" and quants:  # its values are grid deltas of that base
+        if len(quants) > 1:
+            raise ConfigError(f"extract: the adapted weights mix precisions {sorted(quants)}")
+        meta[QUANT_META] = quants.pop()
     if method == "sora":
         meta["live_ranks"] = {n: targets[f"{n}.weight"].rank for n, _ in layers}
         meta["r_max"] = layers[0][1].r
@@ -138,6 +146,9 @@ def apply_adapter_torch(model: nn.Module, adapter: Adapter, scale: float = 1.0) 
     """The PyTorch reference of applying ``adapter`` at strength ``scale`` to a base model, in
     place: SHiRA ``W.flat[idx] += scale * v``; LoRA / SoRA ``W += scale * B @ A``; SiRA inserts
     SiRA layers (numpy weights, B multiplied by scale) in place of the target nn.Linear layers.
+    On a quantized target (``edgeadapt.models.quantized.quantize_reference_``) SHiRA requantizes the
+    codes (``q' = clip(rint((q s + scale v) / s))``, the base's scales) and LoRA / SoRA are
+    refused (ConfigError: they run unfused on a quantized base).
 
     ``adapter.scale`` is not applied: pass it as ``scale`` if wanted. A task head
     (``adapter.head``) replaces the model's head weight and is never scaled.
@@ -164,7 +175,13 @@ def apply_adapter_torch(model: nn.Module, adapter: Adapter, scale: float = 1.0) 
             raise TargetMismatchError(
                 f"adapter target {wname!r}: model has "
                 f"{None if weight is None else tuple(weight.shape)}, adapter expects {expected}")
-        if isinstance(delta, ShiraDelta):
+        quant = getattr(module, "quant", None)
+        if quant is not None and isinstance(delta, ShiraDelta):  # a switch on codes
+            quant.requantize_(delta.indices, scale * np.asarray(delta.values, np.float32))
+        elif quant is not None and not isinstance(delta, SiraBranch):
+            raise ConfigError(f"adapter target {wname!r} is quantized: a {adapter.method} "
+                              "adapter runs unfused there (attach it, then quantize_reference_)")
+        elif isinstance(delta, ShiraDelta):
             fuse_shira(weight, delta, scale)
         elif isinstance(delta, LoraDelta):
             fuse_lora(weight, delta, scale)

@@ -82,6 +82,10 @@ class AdaptedLinear(nn.Module):
     Holds the base layer's own ``weight`` (out, in) and ``bias`` (out,) Parameters (not copies).
     Subclasses register their trainable tensors with names starting with their method prefix and
     implement :meth:`forward`.
+
+    ``quant``: None, or the base on a quantization grid
+    (:class:`edgeadapt.models.quantized.WeightQuant`, taken over from a ``QuantizedLinear`` base
+    or set by ``quantize_reference_``); the base then computes ``quant.linear(x, bias)``.
     """
 
     method: ClassVar[str] = ""
@@ -92,8 +96,11 @@ class AdaptedLinear(nn.Module):
         self.out_features = base.out_features
         self.weight = base.weight
         self.bias = base.bias
+        self.quant = getattr(base, "quant", None)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.linear(x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:

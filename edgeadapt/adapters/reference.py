@@ -13,6 +13,11 @@ applied last to first.
 - :func:`reference_logits` / :func:`reference_weights`: its logits on numpy inputs, or the
   weights it holds;
 - :func:`reference_greedy`: transformers' greedy ``generate`` on it (causal LMs).
+
+On a quantized reference (:func:`edgeadapt.models.quantized.quantize_reference_`) SHiRA adapters
+edit the codes as a switch on codes does: the scaled values of every adapter are added first,
+``d = sum_i s_i v_i``, then rounded once, ``q' = clip(rint((q s + d) / s))`` with the base's
+scales (``Grid.requantize``); :func:`carrying` saves and restores the codes too.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ import torch
 from torch import nn
 
 from edgeadapt.adapters.api import apply_adapter_torch
-from edgeadapt.format.types import Adapter, SiraBranch
+from edgeadapt.errors import ConfigError
+from edgeadapt.format.types import Adapter, ShiraDelta, SiraBranch
 from edgeadapt.models import LoadedModel, forward
+from edgeadapt.models.quantized import weight_quants
 
 Adapters = Adapter | Sequence[Adapter] | None
 
@@ -52,9 +59,39 @@ def apply_adapters(model: nn.Module, adapters: Adapters,
 
     scales: one per adapter, one for all, or None for each adapter's own ``scale``.
     """
+    pairs = _listed(adapters, scales)
+    if len(pairs) > 1 and weight_quants(model):
+        pairs = [(summed_shira(pairs), 1.0)]  # deltas add before the codes round
     with torch.no_grad():
-        for adapter, scale in reversed(_listed(adapters, scales)):
+        for adapter, scale in reversed(pairs):
             apply_adapter_torch(model, adapter, scale)
+
+
+def summed_shira(pairs: list[tuple[Adapter, float]]) -> Adapter:
+    """One SHiRA adapter holding ``sum_i s_i v_i`` per target over the union of positions
+    (summed in the order given), and the head of the first adapter that has one; ConfigError
+    for an adapter that is not SHiRA (on a quantized base only SHiRA fuses)."""
+    first = pairs[0][0]
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for adapter, scale in pairs:
+        for name, delta in adapter.targets.items():
+            if not isinstance(delta, ShiraDelta):
+                raise ConfigError(f"only SHiRA adapters fuse on a quantized base; {name!r} "
+                                  f"carries a {adapter.method} delta")
+            parts.setdefault(name, []).append(
+                (np.asarray(delta.indices, np.int64),
+                 np.float32(scale) * np.asarray(delta.values, np.float32)))
+    targets = {}
+    for name, got in parts.items():
+        idx, inverse = np.unique(np.concatenate([i for i, _ in got]), return_inverse=True)
+        values = np.zeros(idx.size, np.float32)
+        np.add.at(values, inverse, np.concatenate([v for _, v in got]))  # in adapter order
+        targets[name] = ShiraDelta(indices=idx, values=values)
+    head = next((a.head for a, _ in pairs if a.head), {})
+    shapes = {n: s for a, _ in pairs for n, s in a.shapes.items()}
+    hashes = {n: h for a, _ in pairs for n, h in a.weight_sha256.items()}
+    return Adapter(method="shira", targets=targets, shapes=shapes, weight_sha256=hashes,
+                   meta=dict(first.meta), head=head)
 
 
 def reference_model(lm: LoadedModel, adapters: Adapters,
@@ -81,6 +118,8 @@ def carrying(lm: LoadedModel, adapters: Adapters,
     params = dict(lm.model.named_parameters())
     touched = {n for a, _ in pairs for n in (*a.targets, *a.head)}
     saved = {n: params[n].detach().clone() for n in sorted(touched) if n in params}
+    quants = {n: q for n, q in weight_quants(lm.model).items() if n in touched}
+    codes = {n: q.codes.clone() for n, q in quants.items()}
     try:
         apply_adapters(lm.model, [a for a, _ in pairs], [s for _, s in pairs])
         yield lm
@@ -88,6 +127,8 @@ def carrying(lm: LoadedModel, adapters: Adapters,
         with torch.no_grad():
             for n, w in saved.items():
                 params[n].copy_(w)
+        for n, q in quants.items():
+            q.set_codes_(codes[n])
 
 
 def reference_greedy(lm: LoadedModel, adapters: Adapters, ids: Sequence[int], n: int,

@@ -84,13 +84,16 @@ def adapter_options(method: str, given: dict[str, Any], seed: int) -> dict[str, 
 @click.option("--max-len", type=int, default=64, show_default=True, help="tokens per example")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch CPU threads")
+@click.option("--quant", type=click.Choice(["int8", "int4"]), default=None,
+              help="train on the quantized reference of an int8 / int4 bundle (SHiRA: values "
+                   "on the base's grid, quantization-aware)")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def train(model: str, task: str, method: str, out: str, sora_stages: int,
           sora_xi_max: float | None, sora_schedule: str | None, gate_lr: float | None,
           epochs: float, steps: int | None, batch_size: int, lr: float | None, head_lr: float,
           lr_schedule: str, warmup_steps: int, max_train: int | None, max_test: int | None,
-          max_len: int, seed: int,
-          threads: int | None, progress: bool, **adapter: Any) -> None:
+          max_len: int, seed: int, threads: int | None, quant: str | None, progress: bool,
+          **adapter: Any) -> None:
     """Train an adapter on a task and write runs/<x>/ (adapter, config, metrics)."""
     from edgeadapt.train.trainer import TrainConfig, describe
     from edgeadapt.train.trainer import train as run_training
@@ -104,7 +107,7 @@ def train(model: str, task: str, method: str, out: str, sora_stages: int,
                       lr_schedule=lr_schedule, warmup_steps=warmup_steps, gate_lr=gate_lr,
                       max_train=max_train, max_test=max_test, max_len=max_len,
                       seed=seed, sora_schedule=sora_schedule, sora_stages=sora_stages,
-                      sora_xi_max=sora_xi_max)
+                      sora_xi_max=sora_xi_max, quant=quant)
     metrics = run_training(cfg, out=out, progress=progress).metrics
     if "test" in metrics:  # rank 0
         click.echo(describe(metrics))

@@ -40,6 +40,7 @@ from edgeadapt.format.run_dir import (
     write_json,
 )
 from edgeadapt.models import LoadedModel, head_weight_names, load_model
+from edgeadapt.models.quantized import quantize_reference_
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -114,8 +115,10 @@ def load_run(path: str | Path) -> tuple[LoadedModel, dict[str, Any]]:
     """Rebuild a run: its base model with the adapter attached and loaded, and the head.
 
     Returns ``(lm, info)`` with ``info`` = adapter.json plus ``"metrics"`` (metrics.json, if
-    present). Raises AdapterFormatError on missing, corrupt or hand-edited files (naming the
-    file and field) and FingerprintMismatchError when the base weights differ from (or lack)
+    present). A run trained with ``--quant`` comes back on its quantized reference base
+    (``quantize_reference_``, the adapted weights live), so ``extract`` gives its grid deltas.
+    Raises AdapterFormatError on missing, corrupt or hand-edited files (naming the file and
+    field) and FingerprintMismatchError when the base weights differ from (or lack)
     the ones the adapter was trained on.
     """
     path = Path(path)
@@ -139,6 +142,11 @@ def load_run(path: str | Path) -> tuple[LoadedModel, dict[str, Any]]:
                 f"{path / INFO_FILE}: field 'weight_sha256' must fingerprint exactly the adapted "
                 f"weights; missing {sorted(set(names) - set(hashes))[:3]}, "
                 f"extra {sorted(set(hashes) - set(names))[:3]}")
+    if info.get("quant") is not None:  # trained on the quantized reference base
+        try:
+            quantize_reference_(lm, info["quant"], live=list(hashes))
+        except ConfigError as exc:
+            raise AdapterFormatError(f"{path / INFO_FILE}: field 'quant': {exc}") from exc
     if info.get("head"):
         head = head_parameters(lm)
         state = _torch_tensors(path / info["head"])

@@ -11,6 +11,11 @@ One loop for every method. What differs is small and spelled out where it happen
   ``g <- sign(g) max(|g| - xi, 0)``; with ``sora_schedule`` xi rises over stages (linear / log /
   exp up to ``sora_xi_max``) and each stage's accuracy and live ranks are recorded.
 - ``sira``: the routers' load-balancing loss is added to the task loss.
+- ``quant`` (``--quant int8|int4``): the frozen base is the PyTorch reference of a quantized
+  bundle (``edgeadapt.models.quantized.quantize_reference_``, the adapter's targets live), so
+  training and evaluation see the quantized forward. SHiRA's values then sit on the base's
+  grid with a straight-through estimator (quantization-aware SHiRA; the run exports grid
+  deltas, exact on that base); LoRA / SoRA / SiRA train unfused on the quantized base.
 
 A classifier's head always trains (it is new). The frozen base runs in eval mode (no dropout:
 deterministic, so data-parallel ranks stay identical); adapter layers run in train mode.
@@ -30,9 +35,12 @@ import torch
 from tqdm import tqdm
 
 from edgeadapt.adapters.base import is_finite_number
+from edgeadapt.adapters.shira.model import saturated_on_grid
 from edgeadapt.errors import ConfigError, UnknownNameError
 from edgeadapt.format.container import check_writable_dir
+from edgeadapt.format.quant import GRIDS
 from edgeadapt.models import LoadedModel, load_model
+from edgeadapt.models.quantized import quantize_reference_
 from edgeadapt.tasks import load_task
 from edgeadapt.train.data import collate, encode_task
 from edgeadapt.train.distributed import all_reduce_grads, barrier, init_world
@@ -76,6 +84,7 @@ class TrainConfig:
     sora_stages: int = 4
     sora_xi_max: float | None = None  # default: 10 * xi
     calib_size: int = 32              # examples scoring SHiRA grad/snip masks
+    quant: str | None = None          # int8 | int4: train on the quantized reference base
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -92,6 +101,9 @@ class TrainConfig:
         for name in ("batch_size", "max_len", "sora_stages", "eval_batch_size", "calib_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.quant is not None and self.quant not in GRIDS:
+            raise UnknownNameError(f"unknown --quant {self.quant!r}: use one of "
+                                   f"{', '.join(GRIDS)}")
         if self.steps is not None and self.steps < 0:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
         # every float must be finite: NaN passes no comparison and trains a NaN adapter
@@ -218,6 +230,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
         torch.manual_seed(cfg.seed)  # adapter init, identical on every rank
         targets = attach(lm.model, config, calib=lambda: batch_loss(
             calib_index, loss_count(enc.train, calib_index)))
+    if cfg.quant is not None:  # after attach: masks are scored on the fp32 base
+        quantize_reference_(lm, cfg.quant, live=targets)
     head = list(head_parameters(lm).values())
     for p in head:
         p.requires_grad_(True)
@@ -303,6 +317,9 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
         )
         if cfg.method == "sora":
             metrics["sora"] = sora_summary(lm, live_ranks(lm.model), config)
+        if cfg.quant is not None:
+            metrics["quant"] = {"precision": cfg.quant,
+                                "saturated": sum(saturated_on_grid(lm.model).values())}
         if not metrics["stages"]:
             del metrics["stages"]
         if out is not None:
@@ -310,7 +327,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
                     "model": lm.name, "task": task.name, "targets": targets,
                     "weight_sha256": base_weight_hashes(lm, targets),
                     "num_labels": max(task.num_labels, 2), "labels": list(task.labels),
-                    "max_len": cfg.max_len, "seed": cfg.seed}
+                    "max_len": cfg.max_len, "seed": cfg.seed, "quant": cfg.quant}
             save_run(Path(out), lm, info, adapter_state(lm.model) if config else {}, metrics)
     barrier(world)
     return TrainResult(metrics if world.main else {}, lm, targets)

@@ -12,7 +12,7 @@ from edgeadapt.bench.host import cpu_name
 from edgeadapt.format.container import atomic_write_bytes
 from experiments import results_quality as rq
 
-from . import claims, data, fusion, shira, sira, smollm2, sora, switching
+from . import claims, data, fusion, quantized, shira, sira, smollm2, sora, switching
 from .data import NOTES, metrics, num
 
 COMMAND = ".venv/bin/python -m experiments.results"
@@ -182,7 +182,7 @@ SECTIONS: list[Callable[[], str]] = [
     section_summary, section_header, claims.section_claims, shira.section_1, shira.section_1_0,
     shira.section_1a, shira.section_1b, shira.section_1c, sora.section_2, sora.section_2b,
     sira.section_3, sira.section_3b, sira.section_3c, fusion.section_4, switching.section_5,
-    section_6, smollm2.section_7, section_not_done,
+    section_6, smollm2.section_7, quantized.section_8, section_not_done,
 ]
 
 

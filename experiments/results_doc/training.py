@@ -36,24 +36,37 @@ def train_missing(jobs: int) -> None:
                 print(f"trained {name}: {status}", flush=True)
 
 
-def fusion_stale() -> bool:
-    """True when fusion.json is missing or older than a metrics.json of a run it fuses."""
-    from experiments import results_fusion as rf  # imports torch: only in the full run
-
-    out = data.RUNS_DIR / "fusion.json"
+def stale(output: str, runs: set[str]) -> bool:
+    """True when ``runs_dir/output`` is missing or older than a metrics.json of ``runs``."""
+    out = data.RUNS_DIR / output
     if not out.exists():
         return True
-    runs = {run for pair in rf.PAIRS.values() for run in pair.values()}
     times = [(data.RUNS_DIR / r / "metrics.json").stat().st_mtime for r in runs if metrics(r)]
     return bool(times) and max(times) > out.stat().st_mtime
 
 
+def fusion_stale() -> bool:
+    """True when fusion.json is missing or older than a metrics.json of a run it fuses."""
+    from experiments import results_fusion as rf  # imports torch: only in the full run
+
+    return stale("fusion.json", {run for pair in rf.PAIRS.values() for run in pair.values()})
+
+
+def quant_stale() -> bool:
+    """True when quant.json is missing or older than a metrics.json of a run it evaluates."""
+    from experiments import results_quant as rqt  # imports torch: only in the full run
+
+    return stale("quant.json", set(rqt.run_names(rqt.SEEDS)))
+
+
 def refresh() -> None:
-    """Fusion (when stale) and the switch-size plot."""
+    """Fusion and the quantized-base evaluations (when stale) and the switch-size plot."""
     env = {**os.environ, "PYTHONPATH": "."}
     if fusion_stale():
         subprocess.run([sys.executable, "-m", "experiments.results_fusion", "--plot",
                         "docs/fusion.png", "--recheck"], check=True, env=env)
+    if quant_stale():
+        subprocess.run([sys.executable, "-m", "experiments.results_quant"], check=True, env=env)
     rows = switch_size_rows()
     if rows:
         rss.plot(rows, "docs/switch_size.png")

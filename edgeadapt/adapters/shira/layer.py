@@ -37,9 +37,10 @@ from edgeadapt.adapters.base import AdaptedLinear
 
 
 @contextmanager
-def fused_in_place(weight: torch.Tensor, indices: torch.Tensor,
-                   values: torch.Tensor) -> Iterator[None]:
-    """Temporarily ``W.flat[indices] += values`` in place; restores the exact old entries.
+def fused_in_place(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                   replace: bool = False) -> Iterator[None]:
+    """Temporarily ``W.flat[indices] += values`` (``= values`` if ``replace``) in place;
+    restores the exact old entries.
 
     Works on ``weight.data`` so no autograd version counter is bumped (the content seen by any
     other user of the weight after the block is unchanged, bit for bit).
@@ -47,7 +48,8 @@ def fused_in_place(weight: torch.Tensor, indices: torch.Tensor,
     flat = weight.data.view(-1)
     with torch.no_grad():
         saved = flat.index_select(0, indices)   # index_select / scatter_: the fastest CPU pair
-        flat.scatter_(0, indices, saved + values.detach().to(flat.dtype))
+        new = values.detach().to(flat.dtype)
+        flat.scatter_(0, indices, new if replace else saved + new)
         try:
             yield
         finally:
@@ -62,7 +64,8 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
 
 
 class _ShiraLinearFunction(torch.autograd.Function):
-    """``y = x (W0 + S)^T + b`` with S the (out, in) sparse matrix of ``values`` at the mask.
+    """``y = x (W0 + S)^T + b`` with S the (out, in) sparse matrix of ``values`` at the mask
+    (``replace``: the masked entries of W0 replaced by ``values``; the gradients are the same).
 
     Gradients: ``dx = g (W0 + S)``; ``dvalues[k] = sum_n g[n, row_k] x[n, col_k]``;
     ``dW0 = g^T x`` and ``db = sum_n g`` only if the base is (unusually) trainable.
@@ -70,12 +73,13 @@ class _ShiraLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, crow, col):
-        with fused_in_place(weight, indices, values):
+    def forward(ctx, x, weight, bias, values, indices, crow, col, replace):
+        with fused_in_place(weight, indices, values, replace):
             y = F.linear(x, weight, bias)
         ctx.save_for_backward(x, values, indices, crow, col)
         ctx.weight = weight          # not saved_tensors: its data is touched in place (restored)
         ctx.has_bias = bias is not None
+        ctx.replace = replace
         return y
 
     @staticmethod
@@ -85,7 +89,7 @@ class _ShiraLinearFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_v = ctx.needs_input_grad[:4]
         gx = gw = gb = gv = None
         if need_x:
-            with fused_in_place(weight, indices, values):
+            with fused_in_place(weight, indices, values, ctx.replace):
                 gx = g @ weight
         if need_v:
             pattern = _csr(crow, col, values.detach(), (weight.shape[0], weight.shape[1]))
@@ -94,7 +98,7 @@ class _ShiraLinearFunction(torch.autograd.Function):
             gw = g.T @ x
         if need_b and ctx.has_bias:
             gb = g.sum(0)
-        return gx, gw, gb, gv, None, None, None
+        return gx, gw, gb, gv, None, None, None, None
 
 
 class ShiraLinear(AdaptedLinear):
@@ -103,6 +107,12 @@ class ShiraLinear(AdaptedLinear):
     x: (..., in) -> y: (..., out).  W0: (out, in), frozen; identical before and after every call.
     shira_indices: (K,) int64 strictly increasing flat row-major positions (persistent buffer).
     shira_values: (K,) trainable deltas, initialised to zero (the model starts at the base).
+
+    On a quantized base (``quant`` set, :class:`edgeadapt.models.quantized.WeightQuant`: codes
+    ``q``, frozen scales ``s``) the weight is the dequantized ``q s`` and the masked entries are
+    the values put on its grid, ``s clip(rint((q s + v) / s), qmin, qmax)`` (what a switch on
+    codes writes), with a straight-through gradient: training there is quantization-aware
+    SHiRA, and an fp32-trained ``v`` evaluated there is its post-training rounding.
     """
 
     method: ClassVar[str] = "shira"
@@ -122,9 +132,14 @@ class ShiraLinear(AdaptedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = _ShiraLinearFunction.apply(x.reshape(-1, self.in_features), self.weight, self.bias,
-                                       self.shira_values, self.shira_indices, self._crow,
-                                       self._col)
+        weight, values, replace = self.weight, self.shira_values, False
+        if self.quant is not None:
+            weight, replace = self.quant.dequantized, True
+            values = self.quant.on_grid(self.shira_indices, self.shira_values)
+            x = self.quant.inputs(x)
+        y = _ShiraLinearFunction.apply(x.reshape(-1, self.in_features), weight, self.bias,
+                                       values, self.shira_indices, self._crow, self._col,
+                                       replace)
         return y.reshape(*lead, self.out_features)
 
     def dense_delta(self) -> torch.Tensor:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeadapt.adapters.base import swap_linears
+from edgeadapt.adapters.base import adapted_layers, swap_linears
 from edgeadapt.adapters.shira.config import ShiraConfig
 from edgeadapt.adapters.shira.layer import ShiraLinear
 from edgeadapt.adapters.shira.masks import mask_budget, select_mask
@@ -121,10 +121,28 @@ def attach_shira(model: nn.Module, names: list[str], config: ShiraConfig,
     swap_linears(model, names, lambda n, lin: ShiraLinear(lin, masks[n]))
 
 
+def _trained(layer: ShiraLinear) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's int64 flat indices and its trained float32 values, as numpy copies."""
+    return (layer.shira_indices.cpu().numpy().astype(np.int64),
+            layer.shira_values.detach().float().cpu().numpy().copy())
+
+
 def shira_delta(layer: ShiraLinear) -> ShiraDelta:
-    """Numpy ``ShiraDelta``: int64 flat indices and float32 values."""
-    return ShiraDelta(indices=layer.shira_indices.cpu().numpy().astype(np.int64),
-                      values=layer.shira_values.detach().float().cpu().numpy().copy())
+    """Numpy ``ShiraDelta``: int64 flat indices and float32 values; on a quantized base
+    (``layer.quant``) the values' grid deltas ``(q' - q) s``
+    (:func:`edgeadapt.format.quant_adapter.grid_delta`), exact there."""
+    indices, values = _trained(layer)
+    if layer.quant is not None:
+        values = layer.quant.grid_delta(indices, values)[0]
+    return ShiraDelta(indices=indices, values=values)
+
+
+def saturated_on_grid(model: nn.Module) -> dict[str, int]:
+    """Module name -> how many values of each SHiRA layer on a quantized base want a code
+    outside the range (clipped to it: ``WeightQuant.on_grid``)."""
+    return {name: int(layer.quant.grid_delta(*_trained(layer))[1].sum())
+            for name, layer in adapted_layers(model)
+            if isinstance(layer, ShiraLinear) and layer.quant is not None}
 
 
 @torch.no_grad()

@@ -1,0 +1,274 @@
+"""The PyTorch reference of a quantized bundle (``--weights int8|int4``): each quantized
+nn.Linear computes with its weight on the grid of :mod:`edgeadapt.format.quant`, and the
+weights the backend runs on its stock kernels also see that kernel's activation quantization.
+
+    quantize_reference_(lm, "int4", live=["...q_proj.weight", ...])   # in place, like torchao's
+                                                                      # quantize_(model, config)
+
+Which weights: :func:`edgeadapt.models.targets.quantized_weight_names` (the export policy).
+For a weight ``W (out, in)`` with codes ``q`` and scales ``s`` (``Grid.quantize(W)``, numpy,
+the one home of the code arithmetic), ``Wq = q * s`` (float32, ``Grid.dequantize``), and
+
+- *live* weights (the bundle's ``--targets``: codes + scales read by edgeadapt's own kernel,
+  float activations): ``y = x @ Wq.T + b`` (weight-only);
+- the other quantized weights (ONNX Runtime's stock kernels), ``y = A(x) @ Wq.T + b`` with the
+  activation quantizer ``A`` of the precision (:func:`quantize_activations`):
+
+  int8 (``quantize_dynamic``: ``DynamicQuantizeLinear`` + ``MatMulInteger``): per tensor
+  (the whole input, every row at once), uint8 asymmetric::
+
+      lo = min(0, min x), hi = max(0, max x), a = (hi - lo) / 255
+      z = clip(rint(-lo / a), 0, 255), xq = clip(rint(x / a) + z, 0, 255), A(x) = (xq - z) a
+
+  int4 (``MatMulNBits``, ``accuracy_level`` 4): per row, in blocks of 32 along ``in``,
+  symmetric int8::
+
+      a = max |x_blk| / 127, A(x)_blk = rint(x_blk / a) a            (a = 0: A(x)_blk = 0)
+
+  Both factor out of the integer products the kernels compute
+  (``y = a s (xq - z) @ q.T``, and the sum over blocks of ``a_blk s_blk (aq_blk . q_blk)``),
+  so the reference differs from the backend by float32 rounding only. Measured against
+  ONNX Runtime 1.31 on single MatMuls quantized by its own tools (tests/test_quant_reference.py,
+  M in 1..129 rows, odd output sizes): largest ``|y_ort - y_ref| / max |y_ort|`` 4.4e-7 for
+  int8 and 4.6e-7 for int4; weight-only, without ``A``, the same outputs differ by 3e-3 to
+  1e-2, so the activation schemes are what the tests pin down. (MLAS multiplies by ``1 / a``
+  rather than dividing; on these inputs the two give the same codes.)
+
+Training through the reference (quantization-aware SHiRA, ``edgeadapt train --quant``): ``A``
+passes gradients straight through (``dA/dx = 1``); the codes and scales are frozen buffers.
+The base's fp32 Parameters are left as they are (names, fingerprints and ``state_dict``
+unchanged): the codes, scales and dequantized weight are non-persistent buffers of a
+:class:`WeightQuant` child module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from edgeadapt.errors import ConfigError
+from edgeadapt.format.quant import Grid, grid
+from edgeadapt.models.registry import LoadedModel
+from edgeadapt.models.targets import quantized_weight_names
+
+#: int4's activation blocks (MatMulNBits at accuracy level 4 quantizes A in the weight's blocks)
+ACT_BLOCK = 32
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``forward(x, y) = y`` (a value computed from ``x`` without autograd); ``d/dx`` = 1."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return g, None
+
+
+def straight_through(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` in the forward, exactly, with the gradient of ``x`` (straight-through estimator)."""
+    return _StraightThrough.apply(x, y.detach())
+
+
+@torch.no_grad()
+def quantize_activations(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """``A(x)`` of the module docstring for ``precision`` ("int8" | "int4"), float32, the
+    shape of ``x (..., in)``; no gradient (see :func:`fake_quantize_activations`)."""
+    x = x.float()
+    if precision == "int8":
+        lo = torch.clamp(x.min(), max=0.0)
+        hi = torch.clamp(x.max(), min=0.0)
+        a = (hi - lo) / 255.0
+        if float(a) == 0.0:
+            return torch.zeros_like(x)
+        z = torch.clamp(torch.round(-lo / a), 0, 255)
+        return (torch.clamp(torch.round(x / a) + z, 0, 255) - z) * a
+    if precision == "int4":
+        blocks = x.reshape(*x.shape[:-1], -1, ACT_BLOCK)
+        a = blocks.abs().amax(dim=-1, keepdim=True) / 127.0
+        safe = torch.where(a > 0, a, torch.ones_like(a))
+        return (torch.round(blocks / safe) * a).reshape(x.shape)
+    raise ConfigError(f"no activation quantizer for precision {precision!r}")
+
+
+def fake_quantize_activations(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """``A(x)`` forward, identity backward."""
+    return straight_through(x, quantize_activations(x, precision))
+
+
+class WeightQuant(nn.Module):
+    """One weight on a grid: the reference of a quantized Linear.
+
+    Buffers (non-persistent): ``codes`` int8 ``(out, in)``, ``base_codes`` (the codes of the
+    base weight, for :meth:`reset_`), ``scales`` float32 ``(out, in // G)`` (frozen: the base's),
+    ``dequantized`` float32 ``(out, in)`` = ``codes * scale`` (kept in step with ``codes``).
+    ``activations``: whether inputs go through ``A`` (a weight the backend runs on its stock
+    kernel) or not (a live weight).
+    """
+
+    def __init__(self, weight: torch.Tensor, precision: str, activations: bool) -> None:
+        super().__init__()
+        self.grid: Grid = grid(precision)
+        self.activations = bool(activations)
+        w = weight.detach().float().cpu().numpy()
+        codes, scales = self.grid.quantize(w)
+        device = weight.device
+        self.register_buffer("codes", torch.from_numpy(codes).to(device), persistent=False)
+        self.register_buffer("base_codes", self.codes.clone(), persistent=False)
+        self.register_buffer("scales", torch.from_numpy(scales).to(device), persistent=False)
+        self.register_buffer("dequantized", torch.from_numpy(self.grid.dequantize(codes, scales)
+                                                             ).to(device), persistent=False)
+        self.register_buffer("entry_scales", torch.from_numpy(
+            self.grid.scale_of(scales, codes.shape)).to(device), persistent=False)
+
+    @property
+    def precision(self) -> str:
+        return self.grid.name
+
+    def extra_repr(self) -> str:
+        return f"{self.precision}, activations={'quantized' if self.activations else 'float'}"
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``A(x)`` (straight-through) for a stock-kernel weight, ``x`` for a live one."""
+        return fake_quantize_activations(x, self.precision) if self.activations else x
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``inputs(x) @ dequantized.T + bias``: x (..., in) -> (..., out)."""
+        return F.linear(self.inputs(x), self.dequantized, bias)
+
+    def on_grid(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The weight entries at flat ``indices`` after adding ``values`` on the grid, with the
+        base's scales: ``s * clip(rint((q s + v) / s), qmin, qmax)`` (``Grid.requantize``'s
+        arithmetic, in float32 torch so that it trains); the gradient of ``values`` passes
+        straight through. (K,) -> (K,)."""
+        q = self.base_codes.view(-1)[indices].float()
+        s = self.entry_scales.view(-1)[indices]
+        with torch.no_grad():
+            want = torch.round((q * s + values.detach().float()) / s)
+            exact = torch.clamp(want, self.grid.qmin, self.grid.qmax) * s
+        return straight_through(values, exact.to(values.dtype))
+
+    def grid_delta(self, indices: np.ndarray, values: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """``values`` rounded onto the grid at flat ``indices`` of the base codes:
+        :func:`edgeadapt.format.quant_adapter.grid_delta` on this weight."""
+        from edgeadapt.format.quant_adapter import grid_delta
+
+        return grid_delta(self.grid, self.base_codes.cpu().numpy(), self.scales.cpu().numpy(),
+                          indices, values)
+
+    @torch.no_grad()
+    def requantize_(self, indices: np.ndarray, delta: np.ndarray) -> int:
+        """Fuse a sparse ``delta`` at flat ``indices`` into the *current* codes
+        (``Grid.requantize``, the base's scales), as a switch on codes does; returns how many
+        entries saturated."""
+        idx = np.asarray(indices, np.int64)
+        flat = self.codes.view(-1)
+        q = flat[torch.from_numpy(idx)].cpu().numpy()
+        s = self.grid.scale_at(self.scales.cpu().numpy(), tuple(self.codes.shape), idx)
+        new, saturated = self.grid.requantize(q, s, delta)
+        self._write(idx, new)
+        return int(saturated.sum())
+
+    @torch.no_grad()
+    def set_codes_(self, codes: torch.Tensor) -> None:
+        """Replace every code (e.g. a saved copy) and refresh ``dequantized``."""
+        self.codes.copy_(codes)
+        self.dequantized.copy_(self.codes.float() * self.entry_scales)
+
+    def reset_(self) -> None:
+        """Back to the base's codes."""
+        self.set_codes_(self.base_codes)
+
+    def _write(self, idx: np.ndarray, codes: np.ndarray) -> None:
+        t = torch.from_numpy(idx).to(self.codes.device)
+        new = torch.from_numpy(np.asarray(codes, np.int8)).to(self.codes.device)
+        self.codes.view(-1)[t] = new
+        self.dequantized.view(-1)[t] = new.float() * self.entry_scales.view(-1)[t]
+
+
+class QuantizedLinear(nn.Linear):
+    """An nn.Linear computing through its :class:`WeightQuant` (``quant``); it holds the
+    original fp32 ``weight`` / ``bias`` Parameters (not copies), so names are unchanged and an
+    adapter attached later (``edgeadapt.adapters.attach``) takes them, and ``quant``, over."""
+
+    def __init__(self, base: nn.Linear, quant: WeightQuant) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.quant = quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant.linear(x, self.bias)
+
+
+def _module_name(name: str) -> str:
+    return name.removesuffix(".weight")
+
+
+def quantize_reference_(lm: LoadedModel, precision: str, live: list[str],
+                        quantized: list[str] | None = None, activations: bool = True
+                        ) -> list[str]:
+    """Make ``lm.model`` the reference of a ``precision`` bundle, in place.
+
+    live: the live weight names (the bundle's ``--targets``, ``<module>.weight``; module names
+    are accepted too): weight-only, always quantized. quantized: the weights on the grid
+    (default: :func:`quantized_weight_names`, the export policy, plus ``live``; the policy sees
+    nn.Linear layers only, so on a model whose body layers carry adapters other than the live
+    ones, pass the policy's names taken before ``attach``). ``live`` must be among them.
+    activations: False leaves every input float (weight-only everywhere).
+
+    An nn.Linear becomes a :class:`QuantizedLinear`; an adapted layer
+    (``edgeadapt.adapters.AdaptedLinear``) gets the :class:`WeightQuant` as its ``quant`` and
+    runs its base through it (SHiRA then puts its values on the grid). A layer that already has
+    one is re-quantized from its fp32 weight. Returns the quantized weight names.
+    """
+    grid(precision)  # ConfigError for an unknown precision, before anything changes
+    live_set = {_module_name(n) + ".weight" for n in live}
+    if quantized is None:
+        chosen = set(quantized_weight_names(lm.model, lm.kind)) | live_set
+        names = [n for n, _ in lm.model.named_parameters(remove_duplicate=False) if n in chosen]
+    else:
+        names = [_module_name(n) + ".weight" for n in quantized]
+    stray = sorted(live_set - set(names))
+    if stray:
+        raise ConfigError(f"live weight(s) {stray[:3]} are not among the quantized weights")
+    modules = {}
+    for name in names:
+        module = lm.model.get_submodule(_module_name(name))
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not (
+                isinstance(module, nn.Linear) or hasattr(module, "quant")):
+            raise ConfigError(f"{name} is not the weight of a Linear layer")
+        modules[name] = module
+    for name, module in modules.items():
+        quant = WeightQuant(module.weight, precision, activations and name not in live_set)
+        if isinstance(module, nn.Linear) and not isinstance(module, QuantizedLinear):
+            _replace(lm.model, _module_name(name), QuantizedLinear(module, quant))
+        else:
+            module.quant = quant
+    return names
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def weight_quants(model: nn.Module) -> dict[str, WeightQuant]:
+    """Weight name -> its :class:`WeightQuant`, for every quantized layer of ``model``."""
+    return {f"{name}.weight": m.quant for name, m in model.named_modules()
+            if isinstance(getattr(m, "quant", None), WeightQuant)}
+
+
+def quantized_precision(model: nn.Module) -> str | None:
+    """The precision of a reference model (None: not quantized); ConfigError if mixed."""
+    found = {q.precision for q in weight_quants(model).values()}
+    if len(found) > 1:
+        raise ConfigError(f"model mixes weight precisions {sorted(found)}")
+    return found.pop() if found else None

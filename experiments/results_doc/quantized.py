@@ -1,0 +1,131 @@
+"""Section 8: quantized bases (issue 20): SHiRA rounded after training, quantization-aware SHiRA
+and LoRA unfused, each on the PyTorch reference of an int8 / int4 bundle (MiniLM, Rotten
+Tomatoes). Reads runs/mp/quant.json (experiments/results_quant.py) and the QAT runs'
+metrics."""
+
+from __future__ import annotations
+
+import json
+
+from experiments import results_quality as rq
+
+from . import data
+from .data import NOT_MEASURED, NOT_RUN, dots, mean, num, pts, seeds_text, short_command
+
+SEEDS = (0, 1, 2)
+EVAL = ".venv/bin/python -m experiments.results_quant"
+# (label, row key in quant.json, precision or "fp32")
+ROWS = [("SHiRA snip, budget r=8 (fp32 base)", "shira", "fp32"),
+        ("SHiRA, fp32-trained, rounded onto int8", "shira", "int8"),
+        ("SHiRA, quantization-aware on int8", "qat-int8", "int8"),
+        ("SHiRA, fp32-trained, rounded onto int4", "shira", "int4"),
+        ("SHiRA, quantization-aware on int4", "qat-int4", "int4"),
+        ("LoRA r=8 (fp32 base)", "lora", "fp32"),
+        ("LoRA r=8, unfused on the int8 base", "lora", "int8"),
+        ("LoRA r=8, unfused on the int4 base", "lora", "int4")]
+
+
+def quant_results() -> dict | None:
+    """runs/mp/quant.json, or None."""
+    path = data.RUNS_DIR / "quant.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def cell(res: dict, seed: int, key: str, precision: str) -> tuple[float | None, str]:
+    """(accuracy, shown text) of one row at one seed; None when not measured."""
+    row = res["rows"].get(str(seed), {}).get(key)
+    if row is None or precision not in row:
+        return None, NOT_RUN
+    got = row[precision]
+    value = float(got if precision == "fp32" else got["accuracy"])
+    text = num(value)
+    if isinstance(got, dict) and got.get("saturated"):
+        text += f" ({got['saturated']:,} sat.)"
+    return value, text
+
+
+def accuracies(res: dict, key: str, precision: str) -> dict[int, float]:
+    """Seed -> accuracy of a row, for the seeds that have it."""
+    out = {}
+    for s in SEEDS:
+        value, _ = cell(res, s, key, precision)
+        if value is not None:
+            out[s] = value
+    return out
+
+
+def verdict(res: dict, label: str, key: str, precision: str, limit: float) -> str:
+    """'<label>: -0.2 points vs fp32 SHiRA (seeds ...): within 0.3, met' on the paired seeds."""
+    ref, got = accuracies(res, "shira", "fp32"), accuracies(res, key, precision)
+    seeds = sorted(set(ref) & set(got))
+    if not seeds:
+        return f"{label}: {NOT_MEASURED}."
+    diff = mean([got[s] for s in seeds]) - mean([ref[s] for s in seeds])
+    met = "met" if 100 * diff >= -limit else "not met"
+    return (f"{label}: {pts(diff)} points against fp32 SHiRA ({seeds_text(seeds)}; target: "
+            f"within {limit:g}): {met}.")
+
+
+def table(res: dict) -> str:
+    lines = ["| run | " + " | ".join(f"seed {s}" for s in SEEDS) + " | mean |",
+             "|" + "---|" * (len(SEEDS) + 2)]
+    for label, key, precision in ROWS:
+        cells = [cell(res, s, key, precision) for s in SEEDS]
+        values = [v for v, _ in cells if v is not None]
+        avg = num(mean(values)) if values else ""
+        lines.append(f"| {label} | " + " | ".join(t for _, t in cells) + f" | {avg} |")
+    return "\n".join(lines)
+
+
+def exact_text(res: dict) -> str:
+    """The QAT runs' exported adapters, fused into fresh quantized codes, against the
+    accuracy the run measured while training."""
+    pairs = [(row[p]["accuracy"], row[p]["trained_accuracy"])
+             for rows in res["rows"].values() for p in ("int8", "int4")
+             if (row := rows.get(f"qat-{p}")) and p in row]
+    if not pairs:
+        return ""
+    same = sum(a == b for a, b in pairs)
+    return (f"Exactness: each quantization-aware run's exported adapter (its grid deltas, fused "
+            f"into the codes of a fresh quantized reference) gives the accuracy the run measured "
+            f"while training in {same} of {len(pairs)} runs.")
+
+
+def section_8() -> str:
+    """Section 8: quantized bases."""
+    res = quant_results()
+    qat = [short_command(f"rt2k-shira-qv-snip-b8-lin-{p}qat-s0", rq.RT2K)
+           for p in ("int8", "int4")]
+    body = NOT_MEASURED + f": run `{EVAL}` (runs/mp/quant.json is missing)." if res is None \
+        else "\n\n".join(t for t in (table(res), " ".join((
+            "**What came out.**",
+            verdict(res, "int8: SHiRA rounded after training", "shira", "int8", 0.3),
+            verdict(res, "int8: quantization-aware SHiRA", "qat-int8", "int8", 0.3),
+            verdict(res, "int4: SHiRA rounded after training", "shira", "int4", 1.0),
+            verdict(res, "int4: quantization-aware SHiRA", "qat-int4", "int4", 1.0))),
+            exact_text(res)) if t)
+    return f"""## 8. Quantized bases (issue 20)
+
+Section 1.0's MiniLM setting (Rotten Tomatoes, 2,000 training / 1,000 test examples, 250 steps,
+linear lr decay, q/v, SHiRA-SNIP at LoRA r=8's budget), evaluated on the **PyTorch reference of
+an int8 / int4 bundle** (`edgeadapt.models.quantized.quantize_reference_`): every encoder Linear
+on the grid of `edgeadapt/format/quant.py` (int8 per output channel; int4 symmetric in blocks of
+32), q/v live and weight-only (edgeadapt's kernel), the other Linears with the activation
+quantization of ONNX Runtime's stock kernels (int8: `DynamicQuantizeLinear`, per tensor; int4:
+`MatMulNBits` at accuracy level 4, int8 per block of 32); embeddings and the task head fp32. The
+reference matches ONNX Runtime's own quantized MatMuls within 5e-7 relative
+(tests/test_quant_reference.py). Rows:
+
+- *rounded*: the fp32 SHiRA run's values put on the base's grid after training
+  (`edgeadapt.format.quant_adapter.round_to_grid`; "sat.": entries clamped to the code range), as a
+  switch on codes fuses an fp32 adapter;
+- *quantization-aware*: trained with `--quant int8|int4`: the frozen base quantized as above,
+  SHiRA's values kept on its grid (straight-through estimator, the base's scales frozen); the run
+  exports grid deltas that re-quantize exactly. Commands: {qat[0]} and {qat[1]} (seeds 1 and 2:
+  `--seed 1`, `--seed 2`; {dots(rq.RT2K)});
+- *LoRA unfused*: section 1.0's LoRA r=8 run with its base quantized under it.
+
+The fp32 rows are the runs of section 1.0. The quantized rows are evaluated by `{EVAL}`, which
+writes `runs/mp/quant.json`.
+
+{body}"""
