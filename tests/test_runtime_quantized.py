@@ -27,29 +27,31 @@ from edgeadapt.runtime import load
 PRECISIONS = ("int8", "int4")
 
 
+def _shira(lm, names: list[str], g, density: float, steps: float, rng) -> Adapter:
+    """SHiRA on ``names`` at ``density``, deltas N(0, 1) times ``steps`` median grid steps."""
+    w = {n: lm.model.get_parameter(n).detach().numpy() for n in names}
+    t = {}
+    for n in names:
+        step = float(np.median(np.abs(g.quantize(w[n])[1])))
+        idx = np.sort(rng.choice(w[n].size, int(density * w[n].size), replace=False))
+        t[n] = ShiraDelta(idx.astype(np.int64),
+                          (steps * step * rng.standard_normal(idx.size)).astype(np.float32))
+    return Adapter("shira", t, {n: tuple(w[n].shape) for n in names},
+                   {n: weight_sha256(w[n]) for n in names})
+
+
 def _adapters(lm, names: list[str], g) -> dict[str, Adapter]:
     """s1: SHiRA at 5% of every live weight, deltas of about +-3 steps of the grid (int4
     saturates some); s2: 20% of two weights overlapping s1, small deltas; lora: rank 2."""
     rng = np.random.default_rng(4)
     w = {n: lm.model.get_parameter(n).detach().numpy() for n in names}
-    sha = {n: weight_sha256(v) for n, v in w.items()}
-    shapes = {n: tuple(v.shape) for n, v in w.items()}
-
-    def shira(sel, density, steps):
-        t = {}
-        for n in sel:
-            step = float(np.median(np.abs(g.quantize(w[n])[1])))
-            idx = np.sort(rng.choice(w[n].size, int(density * w[n].size), replace=False))
-            t[n] = ShiraDelta(idx.astype(np.int64),
-                              (steps * step * rng.standard_normal(idx.size)).astype(np.float32))
-        return Adapter("shira", t, {n: shapes[n] for n in sel}, {n: sha[n] for n in sel})
-
     lora = {n: LoraDelta((0.1 * rng.standard_normal((2, w[n].shape[1]))).astype(np.float32),
                          (0.1 * rng.standard_normal((w[n].shape[0], 2))).astype(np.float32))
             for n in names[::2]}
-    return {"s1": shira(names, 0.05, 3.0), "s2": shira(names[:2], 0.2, 0.8),
-            "lora": Adapter("lora", lora, {n: shapes[n] for n in lora},
-                            {n: sha[n] for n in lora})}
+    return {"s1": _shira(lm, names, g, 0.05, 3.0, rng),
+            "s2": _shira(lm, names[:2], g, 0.2, 0.8, rng),
+            "lora": Adapter("lora", lora, {n: tuple(w[n].shape) for n in lora},
+                            {n: weight_sha256(w[n]) for n in lora})}
 
 
 @pytest.fixture(scope="module", params=PRECISIONS)
@@ -68,7 +70,7 @@ def _expected_codes(lm, g, adapters: dict[str, Adapter], active: list[str]) -> d
     """Per live weight the codes (out, in) the active adapters must leave: the base's codes,
     each touched entry re-quantized once from the summed scaled deltas (LoRA densely)."""
     out = {}
-    for n in adapters["s1"].targets:
+    for n in next(iter(adapters.values())).targets:
         q, s = g.quantize(lm.model.get_parameter(n).detach().numpy())
         delta = np.zeros(q.size, np.float32)
         touched = np.zeros(q.size, bool)
@@ -176,3 +178,49 @@ def test_export_refuses_quantized_executorch(tmp_path):
         export_base("tiny-smollm2", tmp_path / "x", backends="executorch", precision="int8")
     with pytest.raises(ConfigError, match="int3"):
         export_base("tiny-smollm2", tmp_path / "y", backends="onnxruntime", precision="int3")
+
+
+@pytest.fixture(scope="module")
+def generate_bundle(tmp_path_factory):
+    """Tiny SmolLM2 exported int4 with its KV-cache decoder, and a strong SHiRA adapter
+    (half of every live weight, +-8 steps: it changes the greedy tokens; many entries clamp)
+    registered as "big"."""
+    from generate_bundle import export_generate
+
+    torch.set_num_threads(1)
+    lm = load_model("tiny-smollm2", seed=0)
+    out = export_generate(lm, tmp_path_factory.mktemp("gen") / "bundle", max_context=64,
+                          precision="int4")
+    manifest = read_manifest(out)
+    big = _shira(lm, sorted(manifest.weights), grid("int4"), 0.5, 8.0,
+                 np.random.default_rng(9))
+    register_adapters(out, manifest, {"big": big})
+    return lm, out, {"big": big}
+
+
+def test_quantized_decoder_generates_the_stock_forwards_argmax(generate_bundle):
+    """Greedy tokens through the int4 decoder (KV cache, edgeadapt's kernel on the codes),
+    base and "big" fused, for a prompt whose next token the adapter changes: each is the
+    argmax (within 1e-4 of the top logit) of stock ONNX Runtime's full forward over the whole
+    context, run on the re-quantized codes computed here (int4's activations are quantized per
+    token, so a step and the forward see the same numbers). The decoder shares the forward's
+    code buffers: a switch reaches both."""
+    lm, out, adapters = generate_bundle
+    rt = load(out, mode="live", threads=1)
+    codes = [_expected_codes(lm, grid("int4"), adapters, a) for a in ([], ["big"])]
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # a prompt whose next token the adapter changes
+        prompt = [int(i) for i in rng.integers(5, lm.vocab_size, 6)]
+        first = [_stock_forward(out, c, {"input_ids": np.array([prompt])})[0, -1].argmax()
+                 for c in codes]
+        if first[0] != first[1]:
+            break
+    assert first[0] != first[1]
+    for active, want in zip(([], ["big"]), codes, strict=True):
+        rt.switch(active or None)
+        ids = rt.generate(prompt, max_new_tokens=10).ids
+        logits = _stock_forward(out, want, {"input_ids": np.array([prompt + ids])})[0]
+        for k, token in enumerate(ids):
+            row = logits[len(prompt) + k - 1]
+            assert row[token] >= row.max() - 1e-4 * np.abs(row).max(), (active, k)
+    assert sum(rt.saturated.values()) > 0
