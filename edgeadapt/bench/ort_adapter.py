@@ -75,12 +75,12 @@ def write_ort_adapter(path: str | os.PathLike, adapter: Adapter,
 
 
 def write_adapter_params(path: str | os.PathLike, params: Mapping[str, np.ndarray]) -> Path:
-    """Write ``params`` (graph input name -> float32 tensor) as an ``.onnx_adapter`` file
-    (``onnxruntime.AdapterFormat``, adapter and model version 1), atomically; returns the
-    path."""
+    """Write ``params`` (graph input name -> tensor: float, cast to float32, or the uint8 of
+    packed quantized weights, kept) as an ``.onnx_adapter`` file (``onnxruntime.
+    AdapterFormat``, adapter and model version 1), atomically; returns the path."""
     ort = _ort()
-    values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v, dtype=np.float32))
-              for name, v in params.items()}
+    values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(
+        v, dtype=v.dtype if v.dtype == np.uint8 else np.float32)) for name, v in params.items()}
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)

@@ -44,6 +44,8 @@ from edgeadapt.format.types import Adapter
 
 GENAI_PIP = "pip install --no-deps onnxruntime-genai==0.18.0"
 ADAPTER_FILE = "lora.onnx_adapter"
+#: the int4 peer's block: edgeadapt's int4 grid (edgeadapt/format/quant.py)
+INT4_BLOCK = 32
 STAMP = "edgeadapt-genai.json"
 _LORA_TENSORS = (".lora_A.", ".lora_B.")
 
@@ -80,22 +82,32 @@ def hf_dir(manifest: Manifest, bundle: Path) -> Path | None:
     return None
 
 
-def prepare_genai(source: Path, out: Path, lora: Adapter | None, threads: int) -> GenaiModels:
-    """Build (or reuse) genai's fp32 CPU models of the Hugging Face directory ``source`` under
+def prepare_genai(source: Path, out: Path, lora: Adapter | None, threads: int,
+                  precision: str = "fp32") -> GenaiModels:
+    """Build (or reuse) genai's CPU models of the Hugging Face directory ``source`` under
     ``out``: ``base`` and, for ``lora``, the multi-LoRA model and its adapter file (module
-    docstring); each config set to ``threads`` intra-op threads, spinning off. ExportError
-    where genai's builder fails, MissingPackageError where genai is not installed."""
+    docstring); each config set to ``threads`` intra-op threads, spinning off. ``precision``:
+    the builder's ``-p`` (``fp32``; ``int4``: its MatMulNBits model, blocks of 32, in
+    ``int4-base`` / ``int4-lora``). ExportError where genai's builder fails,
+    MissingPackageError where genai is not installed."""
     missing = genai_missing()
     if missing is not None:
         raise MissingPackageError(missing)
     out.mkdir(parents=True, exist_ok=True)
-    builds = [_Build(out / "base", _stamp(source, {}), [])]
+    prefix = "" if precision == "fp32" else f"{precision}-"
+    quant = [] if precision == "fp32" else [f"int4_block_size={INT4_BLOCK}",
+                                             "int4_is_symmetric=true"]
+    tag = {} if precision == "fp32" else {"precision": precision}
+    builds = [_Build(out / f"{prefix}base", _stamp(source, tag),
+                     ["-p", precision, *(["--extra_options", *quant] if quant else [])])]
     if lora is not None:
         peft_dir = out / "lora-peft"
         write_peft(peft_dir, lora, str(source))
         digest = hashlib.sha256((peft_dir / "adapter_model.safetensors").read_bytes()).hexdigest()
-        builds.append(_Build(out / "lora", _stamp(source, {"adapter_sha256": digest}),
-                             ["--extra_options", f"adapter_path={peft_dir}"], _extract_lora))
+        builds.append(_Build(out / f"{prefix}lora",
+                             _stamp(source, {"adapter_sha256": digest, **tag}),
+                             ["-p", precision, "--extra_options", f"adapter_path={peft_dir}",
+                              *quant], _extract_lora))
     _build(source, out / "cache", [b for b in builds if not b.fresh()])
     for b in builds:
         _configure(b.target, threads)
@@ -154,8 +166,8 @@ def _build(source: Path, cache: Path, builds: list[_Build]) -> None:
     for b in builds:
         shutil.rmtree(b.tmp, ignore_errors=True)
         shutil.rmtree(b.target, ignore_errors=True)
-        argvs.append(["-i", str(source), "-o", str(b.tmp), "-p", "fp32", "-e", "cpu",
-                      "-c", str(cache), *b.args])
+        argvs.append(["-i", str(source), "-o", str(b.tmp), "-e", "cpu", "-c", str(cache),
+                      *b.args])
     proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(argvs)],
                           capture_output=True, text=True, check=False,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -184,17 +196,21 @@ def _configure(model_dir: Path, threads: int) -> None:
 
 def _extract_lora(model_dir: Path) -> None:
     """The builder's LoRA A / B initializers -> required graph inputs of ``model.onnx`` and
-    their values -> ``lora.onnx_adapter`` (the other initializers keep their external data)."""
+    their values -> ``lora.onnx_adapter`` (the other initializers keep their external data).
+    In an int4 model the builder quantized the LoRA's MatMuls too: their packed codes and
+    scales are the adapter's tensors, as a genai user of that model gets them."""
     import onnx
     from onnx import helper, numpy_helper
 
     path = model_dir / "model.onnx"
     model = onnx.load(str(path), load_external_data=False)
     params: dict[str, np.ndarray] = {}
+    types: dict[str, int] = {}
     keep = []
     for init in model.graph.initializer:
         if any(tag in init.name for tag in _LORA_TENSORS):
             params[init.name] = numpy_helper.to_array(init, str(model_dir))
+            types[init.name] = init.data_type  # an int4 model's are packed uint8 + scales
         else:
             keep.append(init)
     if not params:
@@ -203,7 +219,7 @@ def _extract_lora(model_dir: Path) -> None:
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
     model.graph.input.extend(
-        helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(value.shape))
+        helper.make_tensor_value_info(name, types[name], list(value.shape))
         for name, value in params.items())
     write_adapter_params(model_dir / ADAPTER_FILE, params)
     onnx.save(model, str(path))

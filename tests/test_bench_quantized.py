@@ -1,0 +1,39 @@
+"""The quantized-base benchmark (edgeadapt/bench/quantized.py) on tiny SmolLM2: every case runs
+and is checked against ONNX Runtime's stock quantized model before it is timed; the sizes and
+restore memory follow the precisions (codes are a byte each)."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeadapt.bench.quantized import run, table
+from edgeadapt.export.onnx_quant import QUANT_RTOL
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return run("tiny-smollm2", tmp_path_factory.mktemp("quant"), threads=1, repeats=2,
+               switch_repeats=2, shapes=((1, 1), (2, 5)))
+
+
+def test_every_case_is_timed_after_parity_with_the_stock_model(report):
+    assert set(report["parity"]) == {f"{p} {s}" for p in ("int8", "int4")
+                                     for s in ("1x1", "2x5")}
+    assert all(0 < err <= QUANT_RTOL for err in report["parity"].values())
+    cases = {(r["shape"], r["case"]) for r in report["forward"]}
+    assert ("1x1", "int4 stock") in cases and ("2x5", "fp32 shira-fused") in cases
+    assert {"int4 base / int4 stock", "int8 shira-fused / int8 base"} <= {
+        f"{r['num']} / {r['den']}" for r in report["ratios"]}
+    assert "int4 base / int4 stock" in table(report)
+
+
+def test_sizes_and_restore_memory_follow_the_precision(report):
+    sizes, switch = report["sizes"], report["switch"]
+    assert sizes["fp32"]["live_bytes"] == 4 * sizes["int8"]["live_bytes"] \
+        == 4 * sizes["int4"]["live_bytes"]
+    assert sizes["int4"]["bundle_bytes"] < sizes["int8"]["bundle_bytes"] \
+        < sizes["fp32"]["bundle_bytes"]
+    # restore: an int64 position + the saved value (4 bytes fp32, a 1-byte code)
+    positions = switch["fp32"]["restore_bytes"] / 12
+    assert switch["int4"]["restore_bytes"] == switch["int8"]["restore_bytes"] == 9 * positions
+    assert all(s["measured_over_floor"] > 0 for s in switch.values())
