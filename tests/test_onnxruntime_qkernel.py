@@ -1,7 +1,8 @@
 """edgeadapt's quantized ONNX Runtime kernel, ``edgeadapt.QBlockedMatMul``
-(kernels/blocked_matmul.cpp): int8 codes in the blocked32 layout with per-channel (int8) or
-32-column block (int4) scales, against float64 numpy on the dequantized weight, on the vector
-and the portable path, and an in-place edit of the codes seen by the next run. Torch-free."""
+(kernels/blocked_matmul.cpp): int8 codes in the blocked32 layout with a scale per row and group
+of columns (the grids' blocks of 32, or one group per row), against float64 numpy on the
+dequantized weight, on the vector and the portable path, and an in-place edit of the codes seen
+by the next run. Torch-free."""
 
 from __future__ import annotations
 
@@ -52,12 +53,16 @@ def _want(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return x.astype(np.float64) @ w.T.astype(np.float64)
 
 
+#: one scale per row (one group of K = 45 columns: the odd, unrolled-remainder path)
+ROW45 = Grid("int8-row", 8, 45)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("grid,k", [(INT8, 45), (INT8, 96), (INT4, 96), (INT4, 32)])
+@pytest.mark.parametrize("grid,k", [(ROW45, 45), (INT8, 96), (INT4, 96), (INT4, 32)])
 @pytest.mark.parametrize("lead", [(1,), (5,), (13,), (2, 48), (97,), (0,)])
 def test_op_matches_numpy(grid, k, lead, threads):
-    """Row counts across the tile and the chunk, K not a multiple of the unroll (int8), one
-    and several int4 groups."""
+    """Row counts across the tile and the chunk, K not a multiple of the unroll (one group
+    per row), one and several groups."""
     rng = np.random.default_rng(k * 10 + lead[-1])
     n = 64
     q, s, wq = _buffers(grid, rng.standard_normal((n, k)).astype(np.float32))
@@ -72,7 +77,7 @@ def test_portable_path_matches_numpy(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEADAPT_CACHE", str(tmp_path))
     portable = ok.library_path(("-mno-avx512f",))
     rng = np.random.default_rng(5)
-    for grid, k in ((INT8, 45), (INT4, 64)):
+    for grid, k in ((ROW45, 45), (INT8, 64), (INT4, 64)):
         q, s, wq = _buffers(grid, rng.standard_normal((32, k)).astype(np.float32))
         for lead in ((1,), (13,)):
             x = rng.standard_normal((*lead, k)).astype(np.float32)

@@ -11,8 +11,8 @@ Per precision ``p`` (bundles exported into ``--work/<p>`` when missing, ``--targ
   adapter fused (1% of every live weight, values 0.01 N(0, 1), re-quantized onto the codes).
 - ``p stock`` (int8, int4): what a user of ONNX Runtime runs for that precision: the fp32
   bundle's graph with every weight constant, quantized whole by the backend's own tool
-  (:func:`edgeadapt.export.onnx_quant.quantize_rest`: ``quantize_dynamic`` per channel;
-  ``MatMulNBits`` blocks of 32, accuracy level 4) and packed by ONNX Runtime. Same threads,
+  (:func:`edgeadapt.export.onnx_quant.quantize_rest`: ``MatMulNBits`` blocks of 32, accuracy
+  level 4) and packed by ONNX Runtime. Same threads,
   spinning off. Checked before timing: edgeadapt's base equals it within
   ``onnx_quant.QUANT_RTOL`` (their only difference: the live weights' activations stay float).
 

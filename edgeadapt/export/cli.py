@@ -55,7 +55,7 @@ def export() -> None:
                    "[default: 2048, or the model's positions if fewer]")
 @click.option("--weights", "precision", default="fp32", show_default=True,
               type=click.Choice(PRECISIONS),
-              help="int8 (per output channel) | int4 (blocks of 32): the transformer blocks' "
+              help="int8 | int4 (blocks of 32, ONNX Runtime's MatMulNBits grid): the blocks' "
                    "weights quantized, the live ones as codes edited in place "
                    "(docs/quantized.md); ONNX Runtime only")
 def export_base_cmd(model: str, out: str, backends: str, targets: str, num_labels: int,

@@ -2,31 +2,28 @@
 quantized kernels, the live weights as codes + scales read in place by edgeadapt's kernel.
 
 Which weights: :func:`edgeadapt.models.targets.quantized_weight_names` (every Linear in the
-transformer blocks, and a causal LM's head). On the grids of :mod:`edgeadapt.format.quant`:
+transformer blocks, and a causal LM's head). On the grids of :mod:`edgeadapt.format.quant`
+(blocks of 32 input columns, 8 or 4 bits):
 
-- the *rest* (quantized, not live) is quantized by ONNX Runtime's own tools, exactly as a user
-  of the backend would quantize the whole model: int8 by ``quantize_dynamic`` (per-channel
-  symmetric int8 weights; activations quantized per call to uint8, ``DynamicQuantizeLinear``
-  + ``MatMulInteger``, fused at load), int4 by ``MatMulNBitsQuantizer`` (blocks of 32,
-  symmetric, ``accuracy_level`` 4: activations quantized to int8 per block, as
-  onnxruntime-genai's CPU int4 models do). Those weights are constants the backend packs.
+- the *rest* (quantized, not live) is quantized by ONNX Runtime's own tool, exactly as a user of
+  the backend would quantize the whole model: ``MatMulNBitsQuantizer`` (symmetric, blocks of
+  32, ``accuracy_level`` 4: activations quantized to int8 per block of the row, as
+  onnxruntime-genai's CPU int4 models run). Those weights are constants the backend packs.
 - the *live* weights become codes + scales graph inputs (:mod:`edgeadapt.graphs.quantized`),
-  on the same grid (the grids equal the tools', tests/test_quant_grid.py), with float
-  activations (weight-only): the runtime edits the codes in place.
+  on the same grid (tests/test_quant_grid.py), with float activations (weight-only): the runtime
+  edits the codes in place.
 
-Why two tools: ``MatMulNBits`` takes blocks of 16-256 columns only (no per-channel int8), and
-its 8-bit form ran slower than ``quantize_dynamic``'s int8 on this machine (docs/quantized.md).
+Not ``quantize_dynamic`` for int8: it quantizes each activation tensor to uint8 with a single
+scale, which SmolLM2's activations do not survive (docs/quantized.md).
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -46,8 +43,9 @@ from edgeadapt.models.targets import quantized_weight_names
 #: a quantized graph against PyTorch with the dequantized weights: ONNX Runtime's kernels for
 #: the rest also quantize their activations, PyTorch does not
 QUANT_RTOL = 5e-2
-#: MatMulNBits' accuracy level for the int4 rest: int8 activations (onnxruntime-genai's CPU)
-INT4_ACCURACY = 4
+#: MatMulNBits' accuracy level for the rest: int8 activations per block (onnxruntime-genai's
+#: CPU int4 models run so)
+ACCURACY_LEVEL = 4
 
 
 def constant_matmuls(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> list[str]:
@@ -106,32 +104,24 @@ def _untie(graph: onnx.GraphProto, w: str, arr: np.ndarray, holders: list[str], 
 
 
 def quantize_rest(model: onnx.ModelProto, nodes: list[str], precision: str) -> onnx.ModelProto:
-    """``model`` with the MatMul ``nodes`` quantized by ONNX Runtime's own tool for
-    ``precision`` (module docstring); a new ModelProto, its weights in memory."""
+    """``model`` with the MatMul ``nodes`` quantized by ONNX Runtime's ``MatMulNBitsQuantizer``
+    on ``precision``'s grid (module docstring); a new ModelProto, its weights in memory."""
     if not nodes:
         return model
-    # the tools infer shapes strictly; the value infos torch wrote predate edgeadapt's rewrites
+    # the tool infers shapes strictly; the value infos torch wrote predate edgeadapt's rewrites
     del model.graph.value_info[:]
-    logging.getLogger("root").setLevel(logging.ERROR)  # the tools' advice to pre-process
-    if precision == "int4":
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        tool = MatMulNBitsQuantizer(model, bits=4, block_size=grid("int4").group,
-                                    is_symmetric=True, accuracy_level=INT4_ACCURACY,
-                                    nodes_to_include=nodes)
-        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(
-            logging.WARNING)
-        tool.process()
-        return tool.model.model
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "q.onnx"
-        quantize_dynamic(model, out, per_channel=True, weight_type=QuantType.QInt8,
-                         nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"],
-                         use_external_data_format=True,
-                         extra_options={"MatMulConstBOnly": True})
-        return onnx.load(str(out))
+    g = grid(precision)
+    chosen = set(nodes)  # nodes_to_include only adds to the op types it quantizes anyway
+    tool = MatMulNBitsQuantizer(model, bits=g.bits, block_size=g.group, is_symmetric=True,
+                                accuracy_level=ACCURACY_LEVEL, op_types_to_quantize=("MatMul",),
+                                nodes_to_exclude=[n.name for n in model.graph.node
+                                                  if n.name not in chosen])
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(
+        logging.WARNING)
+    tool.process()
+    return tool.model.model
 
 
 def quantize_live(model: onnx.ModelProto, live: dict[str, LiveWeight],

@@ -1,29 +1,35 @@
-"""The quantization grids of quantized bundles: int8 per output channel and int4 in blocks of
-32 (numpy only, torch-free; the one home of the code arithmetic).
+"""The quantization grids of quantized bundles: int8 and int4 in blocks of 32 input columns
+(numpy only, torch-free; the one home of the code arithmetic).
 
-A weight ``W (out, in)`` is held as integer codes ``q`` and float32 scales ``s`` with one scale
-per output row and *group* of ``G`` consecutive input columns (``G = in`` for int8: per output
-channel; ``G = 32`` for int4):
+A weight ``W (out, in)`` is held as integer codes ``q`` and float32 scales ``s``, one scale per
+output row and *group* of ``G = 32`` consecutive input columns:
 
     W[r, c] ~= q[r, c] * s[r, c // G]            q in [qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]
-    q[r, c] = clip(rint(W[r, c] / s[r, c // G]), qmin, qmax)
-    int4:  s[r, g] = v / qmin,  v = the group's value of largest magnitude (sign kept)
-    int8:  s[r, g] = max |W[r, :]| / qmax
+    q[r, c] = clip(round(W[r, c] / s[r, c // G]), qmin, qmax)
+    s[r, g] = v / qmin,  v = the group's value of largest magnitude (sign kept)
 
-Each is the grid of ONNX Runtime's own symmetric quantizer for that precision, so edgeadapt's
-live weights and the backend's stock quantized weights lie on one grid (a test checks codes and
-scales against it): int4 is ``MatMulNBits`` with ``is_symmetric`` (the largest-magnitude value
-lands exactly on ``qmin``, so the whole code range is used, and a scale may be negative); int8
-is ``quantize_dynamic``'s per-channel weight (codes of the base in [-127, 127]). A group
-of zeros has no such value: it gets the largest scale of its weight instead (its codes are 0
-either way, and an adapter that later writes into the group has a usable step).
+``round`` is the quantizer's: ``floor(x + 2^(b-1) + 0.5) - 2^(b-1)`` in float32 (the stored code
+is unsigned, ``q + 2^(b-1)``; ties go up).
+
+This is ONNX Runtime's own symmetric block quantization (``MatMulNBits`` with ``is_symmetric``,
+4 and 8 bits): the largest-magnitude value lands exactly on ``qmin``, so the whole code range is
+used (a scale may be negative). A test checks codes and scales against ONNX Runtime's quantizer,
+so edgeadapt's live weights and the backend's stock quantized weights lie on one grid.
+
+Why blocks for int8 too, not one scale per output channel: ONNX Runtime's per-channel int8
+kernels (``quantize_dynamic``) also quantize each activation tensor to uint8 with one scale,
+which on SmolLM2 cost 0.54 nats of Hamlet NLL (4.41 -> 4.95) where block-wise int8 weights with
+``MatMulNBits`` cost none (docs/quantized.md); ``MatMulNBits`` takes blocks of 16-256 columns,
+not a whole row. A group of zeros has no largest value: it gets the largest scale of its weight
+instead (its codes are 0 either way, and an adapter that later writes into the group has a usable
+step).
 
 Codes are stored one per byte (int8) for both grids, so an in-place edit is a byte write and
 the layouts of :mod:`edgeadapt.format.layout` apply to codes unchanged. Scales are stored as an
 ``(out, in // G)`` float32 matrix (in a backend's layout like a weight of that shape).
 
 Adding a delta to quantized entries (a fused SHiRA switch, :func:`requantize`) keeps the base's
-scales: ``q' = clip(rint((q * s + delta) / s), qmin, qmax)``; entries that needed a code
+scales: ``q' = clip(round((q * s + delta) / s), qmin, qmax)``; entries that needed a code
 outside the range are *saturated* and reported, never hidden.
 """
 
@@ -38,14 +44,11 @@ from edgeadapt.errors import ConfigError
 
 @dataclass(frozen=True)
 class Grid:
-    """One quantization grid. ``group``: input columns per scale (0: the whole row);
-    ``signed``: the scale is the largest-magnitude value over ``qmin`` (int4), else the
-    largest magnitude over ``qmax`` (int8)."""
+    """One quantization grid: ``bits`` per code, ``group`` input columns per scale."""
 
     name: str
     bits: int
     group: int
-    signed: bool
 
     @property
     def qmin(self) -> int:
@@ -57,7 +60,7 @@ class Grid:
 
     def group_size(self, in_features: int) -> int:
         """``G`` for a weight with ``in_features`` columns; ConfigError if it does not divide."""
-        g = self.group or int(in_features)
+        g = self.group
         if in_features % g:
             raise ConfigError(f"{self.name} needs in_features % {g} == 0; the weight has "
                               f"{in_features} columns")
@@ -73,11 +76,8 @@ class Grid:
         w = np.asarray(weight, dtype=np.float32)
         out, inp = w.shape
         groups = w.reshape(out, -1, self.group_size(inp))
-        if self.signed:
-            pick = np.abs(groups).argmax(axis=-1)[..., None]
-            s = np.take_along_axis(groups, pick, axis=-1)[..., 0] / np.float32(self.qmin)
-        else:
-            s = np.abs(groups).max(axis=-1) / np.float32(self.qmax)
+        pick = np.abs(groups).argmax(axis=-1)[..., None]
+        s = np.take_along_axis(groups, pick, axis=-1)[..., 0] / np.float32(self.qmin)
         s = s.astype(np.float32)
         zero = s == 0
         if zero.any():
@@ -95,14 +95,20 @@ class Grid:
         idx = np.asarray(idx, dtype=np.int64)
         return np.asarray(scales, np.float32)[idx // inp, (idx % inp) // self.group_size(inp)]
 
+    def round(self, x: np.ndarray) -> np.ndarray:
+        """Codes for float32 ``x`` (values over their scales), clipped: ONNX Runtime's rounding
+        (module docstring). int64."""
+        off = np.float32(-self.qmin)
+        u = np.floor(np.asarray(x, np.float32) + off + np.float32(0.5))
+        return np.clip(u, 0, self.qmax - self.qmin).astype(np.int64) - int(off)
+
     def quantize(self, weight: np.ndarray, scales: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
         """``(codes int8 (out, in), scales float32 (out, in // G))`` of ``weight``; with
         ``scales`` given, on that grid (codes clipped to the range)."""
         w = np.asarray(weight, dtype=np.float32)
         s = self.scales(w) if scales is None else np.asarray(scales, np.float32)
-        q = np.rint(w / self.scale_of(s, w.shape))
-        return np.clip(q, self.qmin, self.qmax).astype(np.int8), s
+        return self.round(w / self.scale_of(s, w.shape)).astype(np.int8), s
 
     def dequantize(self, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
         """float32 ``(out, in)``: ``q * s``."""
@@ -112,13 +118,12 @@ class Grid:
     def requantize(self, codes: np.ndarray, scales: np.ndarray, delta: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray]:
         """New codes for entries with ``codes`` and per-entry ``scales`` after adding
-        ``delta`` (all 1-D, same length): ``clip(rint((q s + delta) / s), qmin, qmax)``, and
+        ``delta`` (all 1-D, same length): ``clip(round((q s + delta) / s), qmin, qmax)``, and
         the boolean mask of the entries that saturated (needed a code outside the range)."""
         s = np.asarray(scales, np.float32)
-        want = np.rint((np.asarray(codes).astype(np.float32) * s
-                        + np.asarray(delta, np.float32)) / s)
-        saturated = (want < self.qmin) | (want > self.qmax)
-        return np.clip(want, self.qmin, self.qmax).astype(np.int8), saturated
+        x = (np.asarray(codes).astype(np.float32) * s + np.asarray(delta, np.float32)) / s
+        saturated = (x < self.qmin - 0.5) | (x >= self.qmax + 0.5)
+        return self.round(x).astype(np.int8), saturated
 
     def check_scales(self, scales: np.ndarray, shape: tuple[int, int], where: str) -> None:
         """ConfigError unless ``scales`` has the grid's shape for ``shape`` and every scale is
@@ -134,8 +139,8 @@ class Grid:
                               "finite")
 
 
-INT8 = Grid("int8", 8, 0, signed=False)
-INT4 = Grid("int4", 4, 32, signed=True)
+INT8 = Grid("int8", 8, 32)
+INT4 = Grid("int4", 4, 32)
 GRIDS = {g.name: g for g in (INT8, INT4)}
 #: the ``--weights`` choices: fp32 (no grid) and the grids
 PRECISIONS = ("fp32", *GRIDS)

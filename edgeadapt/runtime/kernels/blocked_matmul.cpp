@@ -16,7 +16,7 @@
 //
 // edgeadapt.QBlockedMatMul — the same for a quantized live weight (edgeadapt/format/quant.py):
 // int8 codes q (N/32, K, 32) in the blocked32 layout, one code per byte, and float scales
-// s (N/32, K/G, 32), G input columns per scale (G = K: int8 per output channel; G = 32: int4):
+// s (N/32, K/G, 32), G input columns per scale (the grids: G = 32; G = K: one per row):
 //
 //     y[m, 32 b + j] = sum_g s[b, g, j] * sum_{c in group g} x[m, c] * q[b, c, j]
 //

@@ -1,0 +1,125 @@
+"""Which ONNX Runtime quantized kernels keep a model's quality: Hamlet NLL of SmolLM2 under each
+way to quantize the transformer blocks' weights (the choice in edgeadapt/export/onnx_quant.py).
+
+    python -m experiments.quant_rest_quality --bundle bundles/quant-smollm2/fp32
+
+Every variant is the fp32 bundle's graph with all weights constant, the blocks' Linears
+quantized by one of ONNX Runtime's tools, run on the same 8 x 128 tokens of Hamlet
+(``hamlet.txt``, characters 20,000-40,000); the mean next-token NLL (nats) and the share of
+positions whose argmax equals fp32's. Also the grids alone (weights only, float activations) in
+PyTorch, to tell the grid's loss from the activations'.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from edgeadapt.export.onnx_quant import constant_matmuls
+from edgeadapt.format import read_manifest
+from edgeadapt.format.layout import TRANSPOSED, to_backend
+from edgeadapt.format.quant import INT4, INT8
+from edgeadapt.graphs.blocked import unblock_live_matmuls
+from edgeadapt.models import load_model
+from edgeadapt.models.targets import target_weight_names
+from edgeadapt.runtime import load
+from edgeadapt.runtime.backends.onnxruntime.session import open_session, session_options
+from edgeadapt.tasks.registry import read_text
+
+
+def _constant_graph(bundle: Path, lm) -> onnx.ModelProto:
+    manifest = read_manifest(bundle)
+    proto = onnx.load(str(bundle / manifest.onnxruntime["file"]))
+    names = {w: e.onnxruntime["name"] for w, e in manifest.weights.items()}
+    renamed = unblock_live_matmuls(proto, list(names.values()))
+    inputs = {i.name: i for i in proto.graph.input}
+    for w, name in names.items():
+        name = renamed.get(name, name)
+        proto.graph.input.remove(inputs[name])
+        value = lm.model.get_parameter(w).detach().numpy()
+        proto.graph.initializer.append(numpy_helper.from_array(to_backend(value, TRANSPOSED),
+                                                               name))
+    del proto.graph.value_info[:]
+    return proto
+
+
+def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
+    lg = logits[:, :-1].astype(np.float64)
+    top = lg.max(-1, keepdims=True)
+    lse = top[..., 0] + np.log(np.exp(lg - top).sum(-1))
+    return float((lse - np.take_along_axis(lg, ids[:, 1:, None], -1)[..., 0]).mean())
+
+
+def variants(proto_of, nodes: list[str]):
+    """(name, quantized ModelProto) per tool."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    for bits in (8, 4):
+        for level in (4, 0):
+            model = proto_of()
+            keep = set(nodes)
+            tool = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True,
+                                        accuracy_level=level, op_types_to_quantize=("MatMul",),
+                                        nodes_to_exclude=[n.name for n in model.graph.node
+                                                          if n.name not in keep])
+            tool.process()
+            yield f"MatMulNBits int{bits} blocks of 32, accuracy level {level}", tool.model.model
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(proto_of(), f"{tmp}/a.onnx", save_as_external_data=True)
+        quantize_dynamic(f"{tmp}/a.onnx", f"{tmp}/b.onnx", per_channel=True,
+                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                         op_types_to_quantize=["MatMul"], use_external_data_format=True,
+                         extra_options={"MatMulConstBOnly": True})
+        yield "quantize_dynamic int8 per channel (uint8 activations)", onnx.load(f"{tmp}/b.onnx")
+
+
+@click.command()
+@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False),
+              help="an fp32 SmolLM2 bundle (onnxruntime, q/v live)")
+@click.option("--threads", default=2, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
+def main(bundle: str, threads: int, json_path: str | None) -> None:
+    lm = load_model("smollm2", seed=0)
+    text = read_text("hamlet.txt")[20000:40000]
+    ids = np.array(lm.tokenizer(text)["input_ids"][:1024], np.int64).reshape(8, 128)
+    ref = load(bundle, threads=threads).run(input_ids=ids)
+    rows = [{"variant": "fp32", "nll": _nll(ref, ids), "argmax_agree": 1.0}]
+    body = {w: lm.model.get_parameter(w).detach().numpy()
+            for w in target_weight_names(lm.model, "all")}
+    base = _constant_graph(Path(bundle), lm)
+    nodes = constant_matmuls(base, body)
+    for name, model in variants(lambda: onnx.ModelProto.FromString(base.SerializeToString()),
+                                nodes):
+        sess = open_session(model.SerializeToString(), session_options(threads), Path(bundle))
+        out = sess.run(None, {"input_ids": ids})[0]
+        rows.append({"variant": name, "nll": _nll(out, ids),
+                     "argmax_agree": float((out.argmax(-1) == ref.argmax(-1)).mean())})
+    with torch.no_grad():
+        for grid in (INT8, INT4):
+            saved = {w: lm.model.get_parameter(w).data.clone() for w in body}
+            for w, arr in body.items():
+                lm.model.get_parameter(w).data = torch.from_numpy(
+                    grid.dequantize(*grid.quantize(arr)))
+            out = lm.model(input_ids=torch.from_numpy(ids)).logits.float().numpy()
+            rows.append({"variant": f"PyTorch, {grid.name} grid weights only", "nll":
+                         _nll(out, ids), "argmax_agree": float(
+                             (out.argmax(-1) == ref.argmax(-1)).mean())})
+            for w, t in saved.items():
+                lm.model.get_parameter(w).data = t
+    for r in rows:
+        click.echo(f"| {r['variant']} | {r['nll']:.3f} | {r['argmax_agree']:.3f} |")
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
