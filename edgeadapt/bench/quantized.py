@@ -9,6 +9,8 @@ Per precision ``p`` (bundles exported into ``--work/<p>`` when missing, ``--targ
 
 - ``p base`` / ``p shira-fused``: edgeadapt's live runtime, without and with a synthetic SHiRA
   adapter fused (1% of every live weight, values 0.01 N(0, 1), re-quantized onto the codes).
+- ``p hybrid`` (int8, int4): the fp32 bundle with only the rest quantized, its live weights
+  left fp32 (:func:`ensure_hybrid`): is a quantized rest alone enough?
 - ``p stock`` (int8, int4): what a user of ONNX Runtime runs for that precision: the fp32
   bundle's graph with every weight constant, quantized whole by the backend's own tool
   (:func:`edgeadapt.export.onnx_quant.quantize_rest`: ``MatMulNBits`` blocks of 32, accuracy
@@ -36,7 +38,7 @@ import numpy as np
 from edgeadapt.bench.floor import CopyProbe, floor_ratios, switch_traffic
 from edgeadapt.bench.synth import synth_shira
 from edgeadapt.bench.timing import Ratio, Stats
-from edgeadapt.errors import ParityError
+from edgeadapt.errors import ConfigError, ParityError
 from edgeadapt.export.onnx_quant import QUANT_RTOL
 from edgeadapt.format import read_manifest
 from edgeadapt.format.container import atomic_write_bytes
@@ -55,6 +57,37 @@ def ensure_bundle(model: str, work: Path, precision: str) -> Path:
         from edgeadapt.export.bundle import export_base
 
         export_base(model, out, backends="onnxruntime", targets="qv", precision=precision)
+    return out
+
+
+def ensure_hybrid(work: Path, lm, precision: str) -> Path:
+    """``work/<precision>-hybrid``: the fp32 bundle with its rest quantized and its live weights
+    left fp32 (what the issue asked to measure first: is a quantized rest enough?)."""
+    import shutil
+
+    import onnx
+
+    from edgeadapt.export import onnx_graph as og
+    from edgeadapt.export.onnx_quant import constant_matmuls, quantize_rest
+    from edgeadapt.models.targets import quantized_weight_names
+
+    out = work / f"{precision}-hybrid"
+    if (out / "bundle.json").is_file():
+        return out
+    tmp = work / f"{precision}-hybrid.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(work / "fp32", tmp)
+    manifest = read_manifest(tmp)
+    path = tmp / manifest.onnxruntime["file"]
+    proto = onnx.load(str(path))
+    rest = {w: lm.model.get_submodule(w.removesuffix(".weight")).weight.detach().float()
+            .numpy() for w in quantized_weight_names(lm.model, lm.kind)
+            if w not in manifest.weights}
+    proto = quantize_rest(proto, constant_matmuls(proto, rest), precision)
+    if og.save_with_external_data(proto, tmp, path.name) != manifest.onnxruntime["data"]:
+        raise ConfigError(f"{tmp}: the quantized graph's data files differ from the bundle's")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
     return out
 
 
@@ -106,6 +139,8 @@ def run(model: str, work: Path, threads: int, repeats: int, switch_repeats: int,
     adapters = [synth_shira(shapes_w, sha, density=0.01, seed=s) for s in (0, 1)]
     adapter_file = work / "shira-synthetic.eadp"
     write_adapter(adapter_file, adapters[0], value_dtype="float32")
+    hybrids = {p: load(ensure_hybrid(work, lm, p), mode="live", threads=threads)
+               for p in precisions if p != "fp32"}
     runtimes = {p: load(bundles[p], mode="live", threads=threads) for p in precisions}
     fused = {p: load(bundles[p], mode="live", threads=threads) for p in precisions}
     preps = {p: [rt.engine.prepare(a, f"s{i}") for i, a in enumerate(adapters)]
@@ -124,19 +159,24 @@ def run(model: str, work: Path, threads: int, repeats: int, switch_repeats: int,
         for p in precisions:
             cases[f"{p} base"] = lambda rt=runtimes[p], x=ids: rt.run(input_ids=x)
             cases[f"{p} shira-fused"] = lambda rt=fused[p], x=ids: rt.run(input_ids=x)
+            if p in hybrids:
+                cases[f"{p} hybrid"] = lambda rt=hybrids[p], x=ids: rt.run(input_ids=x)
             if p in stock:
                 cases[f"{p} stock"] = lambda s_=stock[p], x=ids: s_.run(None, {"input_ids": x})
-                err = rel_error(runtimes[p].run(input_ids=ids), cases[f"{p} stock"]()[0])
-                report["parity"][f"{p} {b}x{s}"] = err
-                if not err <= QUANT_RTOL:
-                    raise ParityError(f"{p} {b}x{s}: edgeadapt's base differs from ONNX "
-                                      f"Runtime's stock model by {err:.3g} > {QUANT_RTOL}")
+                want = cases[f"{p} stock"]()[0]
+                for case in (f"{p} base", f"{p} hybrid"):
+                    err = rel_error(cases[case](), want)
+                    report["parity"][f"{case} {b}x{s}"] = err
+                    if not err <= QUANT_RTOL:
+                        raise ParityError(f"{case} {b}x{s}: differs from ONNX Runtime's stock "
+                                          f"model by {err:.3g} > {QUANT_RTOL}")
         samples = time_interleaved(cases, repeats=repeats, warmup=3)
         for name, ms in samples.items():
             report["forward"].append({"shape": f"{b}x{s}", "case": name,
                                       **Stats.of(ms).as_dict()})
         pairs = [(f"{p} shira-fused", f"{p} base") for p in precisions]
         pairs += [(f"{p} base", f"{p} stock") for p in stock]
+        pairs += [(f"{p} hybrid", f"{p} base") for p in hybrids]
         pairs += [(f"fp32 {c}", f"{p} {c}") for p in precisions if p != "fp32"
                   for c in ("base", "shira-fused")]
         for num, den in pairs:
