@@ -26,6 +26,7 @@ live inputs in backend layout, keyed by input name, in ``onnx_live_weights.safet
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +85,9 @@ def export_onnx(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         Runtime's own quantized kernels and the live ones as codes + scales inputs
         (:mod:`edgeadapt.export.onnx_quant`); the entries of quantized live weights carry
         ``"quant": {"grid", "scales", "scales_shape"}`` and the parity check compares with
-        the PyTorch model carrying the dequantized weights (``onnx_quant.QUANT_RTOL``), its
-        in-place edit made on the codes.
+        the PyTorch model carrying the dequantized weights (the same tolerance: the
+        graph's MatMulNBits run with float activations, ``onnx_quant.float_activations``),
+        its in-place edit made on the codes.
     check: run the saved graph on ONNX Runtime (CPU, prepacking on, live inputs bound to their
         base values, random branch inputs) at several shapes, then again after a 1% random edit
         of every live buffer made in place, and compare with PyTorch carrying the same values:
@@ -144,8 +146,10 @@ def export_onnx(lm: LoadedModel, out_dir: Path, live_weights: list[str],
 
     parity = None
     if refs is not None:
-        parity = _check_parity(out_dir / file_name, base_values, entries, weights_np, refs,
-                               threads, oq.QUANT_RTOL if quant else RTOL)
+        with oq.float_activations(out_dir / file_name) if quant else \
+                nullcontext(out_dir / file_name) as checked:
+            parity = _check_parity(checked, base_values, entries, weights_np, refs, threads,
+                                   RTOL)
     return {
         "section": {
             "file": file_name,

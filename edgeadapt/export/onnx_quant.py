@@ -24,6 +24,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -40,9 +41,6 @@ from edgeadapt.graphs.values import LiveWeight, consumers
 from edgeadapt.models import LoadedModel
 from edgeadapt.models.targets import quantized_weight_names
 
-#: a quantized graph against PyTorch with the dequantized weights: ONNX Runtime's kernels for
-#: the rest also quantize their activations, PyTorch does not
-QUANT_RTOL = 5e-2
 #: MatMulNBits' accuracy level for the rest: int8 activations per block (onnxruntime-genai's
 #: CPU int4 models run so)
 ACCURACY_LEVEL = 4
@@ -202,6 +200,29 @@ class QuantPlan:
         gone = {entries[w]["name"] for w in q_entries}
         return (model, {**entries, **q_entries},
                 {**{k: v for k, v in values.items() if k not in gone}, **q_values})
+
+
+@contextmanager
+def float_activations(path: Path) -> Iterator[Path]:
+    """A copy of the ONNX graph at ``path`` whose ``MatMulNBits`` nodes compute with float
+    activations (``accuracy_level`` 0: the weights dequantized, a float GEMM), written beside
+    it (sharing its external data) and removed afterwards. The export checks this copy: with
+    int8 activations (level 4) a float difference that moves one activation across a rounding
+    boundary changes it by a whole step, and such steps compound through the layers (SmolLM2:
+    1e-2 to 6e-2 relative between two graphs that differ only in float summation order), so
+    only the float form can be held to a tolerance that catches a wrong weight."""
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = 0
+    copy = path.with_name(f".{path.stem}.float-activations.onnx")
+    onnx.save(model, str(copy))
+    try:
+        yield copy
+    finally:
+        copy.unlink(missing_ok=True)
 
 
 def _module_weight(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
