@@ -271,6 +271,7 @@ def run(model: str, work: Path, threads: int, repeats: int, switch_repeats: int,
                                               probe.bandwidth(samples["copy"]), traffic),
                                "restore_bytes": rt.restore_memory_bytes(),
                                "saturated": sum(rt.engine.saturated.values())}
+    report["lora_fused"] = lora_fused(runtimes, shapes_w, sha, switch_repeats)
     report["sizes"] = {p: {"bundle_bytes": _dir_bytes(bundles[p]),
                            "live_bytes": sum(lw.array.nbytes for lw in
                                              runtimes[p].store.live_weights().values())}
@@ -379,6 +380,38 @@ def _agree(a: list[int], b: list[int]) -> int:
     """How many leading tokens two greedy replies share."""
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
                 min(len(a), len(b)))
+
+
+def lora_fused(runtimes: dict, shapes, sha, repeats: int) -> dict:
+    """A LoRA fused on each precision's base (an equal-parameter LoRA of the SHiRA adapter's
+    size, rank from :func:`~edgeadapt.bench.synth.equal_rank`): the switch base <-> LoRA (a
+    dense write; on codes, every entry of the touched matrices re-quantized) and how much of
+    ``B A`` the weights really change by, ``||W' - W0 - B A|| / ||B A||`` over the live weights
+    (fp32: rounding only; on a grid, what rounds away)."""
+    from edgeadapt.bench.synth import equal_rank, synth_lora
+
+    positions = sum(round(0.01 * a * b) for a, b in shapes.values())
+    lora = synth_lora(shapes, sha, rank=equal_rank(shapes, positions), seed=0)
+    out = {}
+    for p, rt in runtimes.items():
+        prep = rt.engine.prepare(lora, "lora")
+        base = rt.live_weights()
+        rt.engine.switch([(prep, 1.0)])
+        moved = rt.live_weights()
+        lost = sum(float(np.linalg.norm(moved[w] - base[w] - t.B @ t.A) ** 2)
+                   for w, t in lora.targets.items())
+        total = sum(float(np.linalg.norm(t.B @ t.A) ** 2) for t in lora.targets.values())
+        state = {"k": 0}
+
+        def switch(rt=rt, prep=prep, state=state) -> None:
+            rt.engine.switch([] if state["k"] % 2 == 0 else [(prep, 1.0)])
+            state["k"] += 1
+
+        ms = time_interleaved({"switch": switch}, repeats=max(2, repeats // 5), warmup=2)
+        rt.engine.switch([])
+        out[p] = {**Stats.of(ms["switch"]).as_dict(), "rank": lora.targets[
+            next(iter(lora.targets))].rank, "delta_lost": (lost / total) ** 0.5}
+    return out
 
 
 def table(report: dict) -> str:
