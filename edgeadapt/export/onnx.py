@@ -85,7 +85,7 @@ def export_onnx(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         Runtime's own quantized kernels and the live ones as codes + scales inputs
         (:mod:`edgeadapt.export.onnx_quant`); the entries of quantized live weights carry
         ``"quant": {"grid", "scales", "scales_shape"}`` and the parity check compares with
-        the PyTorch model carrying the dequantized weights (the same tolerance: the
+        the PyTorch model carrying the dequantized weights (``onnx_quant.QUANT_RTOL``: the
         graph's MatMulNBits run with float activations, ``onnx_quant.float_activations``),
         its in-place edit made on the codes.
     check: run the saved graph on ONNX Runtime (CPU, prepacking on, live inputs bound to their
@@ -149,7 +149,7 @@ def export_onnx(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         with oq.float_activations(out_dir / file_name) if quant else \
                 nullcontext(out_dir / file_name) as checked:
             parity = _check_parity(checked, base_values, entries, weights_np, refs, threads,
-                                   RTOL)
+                                   oq.QUANT_RTOL if quant else RTOL)
     return {
         "section": {
             "file": file_name,
@@ -210,7 +210,8 @@ def _torch_references(lm: LoadedModel, wrapper: br.BranchInputs, param_names: li
     """PyTorch outputs for each check case, and for the last case again with a random 1% delta
     added to every live weight (restored bit for bit afterwards): ``edits[w] = (idx, delta,
     buffer change)``. ``steps``: per quantized live weight (codes and per-entry scales, both
-    (out, in), qmin, qmax): its delta moves the codes by -2..2 steps within the code range, and
+    (out, in), qmin, qmax): its delta moves the codes by 3 or 4 int4 steps (48 or 64 int8
+    steps: the same size in the weight; clipped to the range), and
     the buffer change is the code change."""
     cases = []
     for i, (b, s, seed) in enumerate(CHECK_CASES):
@@ -230,7 +231,8 @@ def _torch_references(lm: LoadedModel, wrapper: br.BranchInputs, param_names: li
         if steps and w in steps:
             codes, scale, lo, hi = steps[w]
             codes, scale = codes.reshape(-1)[idx], scale.reshape(-1)[idx]
-            moved = np.clip(codes.astype(np.int64) + rng.choice([-2, -1, 1, 2], k), lo, hi)
+            step = rng.choice([-4, -3, 3, 4], k) * ((hi + 1) // 8)  # int8: 16 x int4's steps
+            moved = np.clip(codes.astype(np.int64) + step, lo, hi)
             delta = ((moved - codes) * scale).astype(np.float32)
             edits[w] = (idx, delta, (moved - codes).astype(np.int8))
     flat = {w: params[w].data.view(-1) for w in edits}
@@ -263,8 +265,13 @@ def _check_parity(path: Path, base_values: dict[str, np.ndarray], entries: dict[
         buf[b_idx] = base_values[name].reshape(-1)[b_idx] + change
     edited_err = rel_error(bound.run(refs["cases"][-1][0]), refs["edited"])
     worst = max(errors + [edited_err])
+    # how far the edit moved PyTorch's output: the check sees a missed edit only above rtol
+    moved = rel_error(refs["edited"], refs["cases"][-1][2])
     result = {"max_rel_error": worst, "cases": [list(c[:2]) for c in CHECK_CASES],
-              "edited_max_rel_error": edited_err, "rtol": rtol}
+              "edited_max_rel_error": edited_err, "edit_moved": moved, "rtol": rtol}
+    if not moved > rtol:
+        raise ExportError(f"{path.name}: the check's in-place edit moves the output by only "
+                          f"{moved:.2g}, too little to tell at tolerance {rtol:g}")
     if not worst <= rtol:
         raise ExportError(
             f"{path.name}: ONNX Runtime output differs from PyTorch (max relative error "

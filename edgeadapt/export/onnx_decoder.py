@@ -177,8 +177,8 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         the names the forward variant ``model.<variant>.onnx`` gives them, with the same
         all-zero defaults, so the runtime binds one set of branch tensors to both graphs.
     precision: quantize as the base graph (:mod:`edgeadapt.export.onnx_quant`; the check then
-        compares with the PyTorch model carrying the dequantized weights, the same
-        tolerance, the graph's MatMulNBits with float activations).
+        compares with the PyTorch model carrying the dequantized weights, tolerance
+        ``onnx_quant.QUANT_RTOL``, the graph's MatMulNBits with float activations).
     check: run the saved graph as the runtime does over a prefill, a multi-token step and
         single-token decode steps, and compare each position's logits with the PyTorch model
         (carrying the branch, random branch tensors) run on the same steps with transformers'
@@ -243,7 +243,7 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         with oq.float_activations(out_dir / file_name) if quant else \
                 nullcontext(out_dir / file_name) as checked:
             section["parity"] = _check(checked, wrapper, ids.numpy(), {**base, **feeds}, want,
-                                       threads, RTOL)
+                                       threads, oq.QUANT_RTOL if quant else RTOL)
     return {"section": section, "weights": entries}
 
 
