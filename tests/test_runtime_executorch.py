@@ -32,12 +32,14 @@ from edgeadapt.runtime.backends.executorch.store import ExecutorchStore  # noqa:
 MAX_BATCH, MAX_SEQ = 8, 64  # export_base's defaults
 
 
-def one_block_llama(seed: int = 0) -> LoadedModel:
-    """A 1-block Llama (hidden 32): the same architecture as tiny-smollm2, cheaper to lower."""
+def one_block_llama(seed: int = 0, hidden: int = 32) -> LoadedModel:
+    """A 1-block Llama (hidden 32; MLP 2 x hidden): the same architecture as tiny-smollm2,
+    cheaper to lower."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=True, use_cache=False)
     model = LlamaForCausalLM(cfg).eval()

@@ -127,20 +127,29 @@ def test_switch_writes_requantized_codes_and_runs_them(bundle, active):
 
 def test_random_sequences_restore_the_exported_codes_and_report_saturation(bundle):
     lm, out, g, adapters = bundle
-    rt = load(out, mode="live", threads=1)
-    exported = _codes(rt)
+    check_random_sequences(load(out, mode="live", threads=1), lm, g, adapters, _codes)
+
+
+def check_random_sequences(rt, lm, g, adapters: dict[str, Adapter], codes) -> None:
+    """25 random switches among :func:`_adapters`' sets, each leaving the expected codes
+    (``codes(rt)``: torch name -> codes (out, in) as the backend holds them); s1 on int4
+    reports saturated entries; None ends on the exported codes bit for bit (and
+    ``verify_base``). Shared with tests/test_executorch_quantized.py."""
+    exported = codes(rt)
     rng = np.random.default_rng(0)
     sets = [[], ["s1"], ["s2"], ["s1", "s2"], ["lora"], ["s2", "lora"]]
     for k in rng.integers(0, len(sets), 25):
         rt.switch(sets[k] or None)
         want = _expected_codes(lm, g, adapters, sets[k])
-        assert all(np.array_equal(_codes(rt)[n], q) for n, (q, _) in want.items())
+        got = codes(rt)
+        assert all(np.array_equal(got[n], q) for n, (q, _) in want.items()), sets[k]
     rt.switch(["s1"])
     if g.name == "int4":  # +-3 steps of a 16-code grid: some entries must clamp
         assert sum(rt.saturated.values()) > 0
     rt.switch(None)
     assert rt.saturated == {}
-    assert all(np.array_equal(_codes(rt)[n], exported[n]) for n in exported)
+    got = codes(rt)
+    assert all(np.array_equal(got[n], exported[n]) for n in exported)
     rt.engine.verify_base()
 
 
@@ -173,9 +182,8 @@ def test_bad_scales_and_modes_are_refused(bundle, tmp_path):
             load(copy, mode="live")
 
 
-def test_export_refuses_quantized_executorch(tmp_path):
-    with pytest.raises(ConfigError, match="onnxruntime only"):
-        export_base("tiny-smollm2", tmp_path / "x", backends="executorch", precision="int8")
+def test_export_refuses_an_unknown_precision(tmp_path):
+    # (ExecuTorch exports quantized bundles too: tests/test_executorch_quantized.py)
     with pytest.raises(ConfigError, match="int3"):
         export_base("tiny-smollm2", tmp_path / "y", backends="onnxruntime", precision="int3")
 

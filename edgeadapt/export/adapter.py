@@ -152,6 +152,11 @@ def ensure_variant(bundle: Path, manifest: Manifest, branch: tuple, check: bool 
         if model is not None:
             log.info("--model %s not used: graph variant %s is in the bundle already", model, key)
         return key
+    quantized = [f for f in redo if (getattr(manifest, f) or {}).get("precision", "fp32")
+                 != "fp32"]
+    if quantized:  # the exporters would lower an fp32 variant beside quantized codes
+        raise ConfigError(f"graph variants (unfused branches) of a quantized bundle are not "
+                          f"supported yet ({', '.join(quantized)})")
     lm = reload_base(bundle, manifest, model)  # the live weights' sha256 checked
     live = list(manifest.weights)
     if redo:

@@ -100,11 +100,9 @@ def run_exporters(lm: Any, out: Path, live: list[str], backends: list[str],
     ExecuTorch base program's live linears (None: the exporter's default). decoder_context:
     ``--generate``: lower ExecuTorch's KV-cache decoder into its base program, its cache this
     many positions (:mod:`edgeadapt.export.executorch_decoder`). precision: ``fp32`` or a
-    grid of :mod:`edgeadapt.format.quant` (ONNX Runtime only, :mod:`edgeadapt.export.
-    onnx_quant`; ConfigError for another backend)."""
-    if precision != "fp32" and set(backends) - {"onnxruntime"}:
-        raise ConfigError(f"--weights {precision}: quantized bundles are exported for "
-                          "onnxruntime only so far; use --backends onnxruntime")
+    grid of :mod:`edgeadapt.format.quant` (:mod:`edgeadapt.export.onnx_quant`,
+    :mod:`edgeadapt.export.executorch_quant`; ExecuTorch: no variants, no decoder and no
+    constant program yet, ConfigError for the first two)."""
     results = {}
     for fmt in backends:
         exporter = backend_exporter(fmt)
@@ -112,6 +110,8 @@ def run_exporters(lm: Any, out: Path, live: list[str], backends: list[str],
             continue
         kwargs = {"check": check, "precision": precision} if fmt == "onnxruntime" \
             else {"verify": check}
+        if fmt == "executorch" and precision != "fp32":
+            kwargs["precision"] = precision
         if fmt == "executorch" and branch is None:
             kwargs["repack"] = pte_repack
             if pte_live_form is not None:

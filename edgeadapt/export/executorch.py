@@ -20,6 +20,10 @@ Two programs per variant:
   its layout are recorded, found by value; the repack runtime rewrites those bytes in a host copy
   of the file and reloads the program.
 
+Quantized bundles (``precision="int8"|"int4"``, :mod:`edgeadapt.export.executorch_quant`):
+the live program only, the rest on XNNPACK's quantized linears (torchao), the quantized live
+weights int8 codes + scales buffers read by ``edgeadapt::live_qlinear.out``.
+
 Shapes: one ``forward(input_ids[, attention_mask])`` with dynamic ``batch`` in [1, max_batch]
 and ``seq`` in [1, max_seq] (upper bounds memory-plan the activations).
 
@@ -173,7 +177,8 @@ class _Touch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for name in self.names:
-            self.model.get_buffer(name).mul_(1.0)
+            buf = self.model.get_buffer(name)
+            buf.mul_(1.0 if buf.is_floating_point() else 1)  # int8 codes stay int8
         return x + 1.0
 
 
@@ -350,7 +355,8 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
                branch: tuple | None = None, *, max_batch: int = 8, max_seq: int = 64,
                repack: bool = True, verify: bool = True, partition: str = "selective",
                static: list[tuple[int, int]] | None = None,
-               live_form: str | None = None, decoder_context: int | None = None) -> dict:
+               live_form: str | None = None, decoder_context: int | None = None,
+               precision: str = "fp32") -> dict:
     """Export ``lm`` to ExecuTorch with ``live_weights`` editable in place; see the module doc.
 
     Writes ``model[.<variant>].pte`` (and, for the base, ``model.const.pte`` when ``repack``:
@@ -373,6 +379,11 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     program's ``decode`` method, its cache ``decoder_context`` positions
     (:mod:`edgeadapt.export.executorch_decoder`); ``result["decoder"]`` is its bundle.json
     entry (checked and completed by :func:`edgeadapt.export.executorch_decoder.check_decoder`).
+    ``precision``: ``fp32`` | ``int8`` | ``int4`` (:mod:`edgeadapt.export.executorch_quant`:
+    the rest on XNNPACK's quantized linears through torchao, the quantized live weights as
+    codes + scales buffers read by ``edgeadapt::live_qlinear.out``; no constant program, no
+    variants, no decoder yet); each such weight's entry gains ``"quant": {"grid", "scales":
+    buffer, "scales_shape", "codes_sha256"}`` and the section ``"precision"``.
     Returns::
 
         {"section": {"file", "methods", "inputs", "max_batch", "max_seq", "branch", "live_form",
@@ -401,13 +412,24 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
                           "dynamic-shape forward")
     shapes = None if not is_static else check_static_shapes(
         static_shapes(max_batch, max_seq) if static is None else static, max_batch, max_seq)
+    quant: dict[str, dict] = {}
+    if precision != "fp32":
+        from edgeadapt.export.executorch_quant import check_options
+
+        check_options(precision, branch, live_form, decoder_context)
+        live_form, repack = "own-kernel", False  # a quantized bundle runs live only
     if live_form is None:
         live_form = default_live_form() if branch is None else "linear"
     if live_form not in LIVE_FORMS:
         raise ConfigError(f"live_form {live_form!r} not in {LIVE_FORMS}")
     if decoder_context is not None and (branch is not None or lm.kind != "causal-lm"):
         raise ConfigError("a decoder is lowered into the base program of a causal LM only")
-    live_lm = build_live_model(lm, list(live_weights), branch, live_form)
+    if precision != "fp32":
+        from edgeadapt.export.executorch_quant import quantized_live_model
+
+        live_lm, quant = quantized_live_model(lm, list(live_weights), precision)
+    else:
+        live_lm = build_live_model(lm, list(live_weights), branch, live_form)
     extra, decoder = {}, None
     if decoder_context is not None:
         from edgeadapt.export.executorch_decoder import decode_program
@@ -418,7 +440,8 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     branch_buffers = {w: {p: PREFIX + w.removesuffix("weight") + p for p in params}
                       for w in live_weights} if branch is not None else {}
     all_buffers = list(weight_buffers.values()) + [
-        b for d in branch_buffers.values() for b in d.values()]
+        b for d in branch_buffers.values() for b in d.values()] + [
+        PREFIX + q["scales"] for q in quant.values()]
     with torch.no_grad():
         blob, outside, program = _lower_live(live_lm, all_buffers, max_batch, max_seq,
                                              partition, shapes, extra)
@@ -450,9 +473,12 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         "undelegated_gemms": outside,
         "branch_buffers": branch_buffers,
         "repack": repack_info,
+        "precision": precision,
     }
     weights = {w: {"buffer": weight_buffers[w],
-                   "shape": list(lm.model.get_parameter(w).shape)} for w in live_weights}
+                   "shape": list(lm.model.get_parameter(w).shape),
+                   **({"quant": {**quant[w], "scales": PREFIX + quant[w]["scales"]}}
+                      if w in quant else {})} for w in live_weights}
     result = {"section": section, "weights": weights}
     if decoder is not None:
         result["decoder"] = decoder

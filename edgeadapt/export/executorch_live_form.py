@@ -13,6 +13,8 @@ is a constant, on *every call* when it is not — and a live weight, a mutable b
   XNNPACK: a GEMV at one token, a register-tiled GEMM over packed x^T panels above, W read in
   place. Needs the kernel library loaded wherever the program runs
   (:mod:`edgeadapt.runtime.backends.executorch.kernel`, built with the system C++ compiler).
+  Quantized bundles write :class:`QKernelLinear` instead (``edgeadapt::live_qlinear.out``:
+  int8 codes + scales read in place; docs/quantized.md, "ExecuTorch").
 
 Measured (docs/bench.md, ExecuTorch runs 3 and 5): SmolLM2 q/v live / all-constant forward at
 1x1, 1x64, 8x64 is 0.98-0.99, 0.99-1.02, 1.00-1.01 own-kernel (three runs); 1.06-1.08, <= 1.00,
@@ -30,6 +32,8 @@ from torch import nn
 from edgeadapt.errors import ConfigError
 
 LIVE_FORMS = ("linear", "weight-left", "own-kernel")
+#: the scales buffer beside a quantized live weight's codes (:class:`QKernelLinear`)
+SCALES_SUFFIX = "scales"
 
 
 class WeightLeftLinear(nn.Module):
@@ -76,7 +80,31 @@ def define_live_linear_op() -> None:
     lib.impl("live_linear.out", eager_out, "CompositeExplicitAutograd")
     torch.library.register_fake("edgeadapt::live_linear", lambda x, w: x.new_empty(
         (*x.shape[:-1], w.shape[0])), lib=lib)
+    lib.define("live_qlinear(Tensor x, Tensor codes, Tensor scales) -> Tensor")
+    lib.define("live_qlinear.out(Tensor x, Tensor codes, Tensor scales, *, Tensor(a!) out) "
+               "-> Tensor(a!)")
+
+    def q_eager(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, dequantize_codes(codes, scales))
+
+    def q_eager_out(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *,
+                    out: torch.Tensor) -> torch.Tensor:
+        out.resize_(*x.shape[:-1], codes.shape[0]).copy_(q_eager(x, codes, scales))
+        return out
+
+    lib.impl("live_qlinear", q_eager, "CompositeExplicitAutograd")
+    lib.impl("live_qlinear.out", q_eager_out, "CompositeExplicitAutograd")
+    torch.library.register_fake("edgeadapt::live_qlinear", lambda x, q, s: x.new_empty(
+        (*x.shape[:-1], q.shape[0])), lib=lib)
     _OP_LIB = lib
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``W[r, c] = q[r, c] * s[r, c // G]`` (float32 ``(out, in)``) from int8 codes
+    ``(out, in)`` and scales ``(out, in // G)``: :meth:`edgeadapt.format.quant.Grid.dequantize`
+    in torch, the same float32 products."""
+    group = codes.shape[1] // scales.shape[1]
+    return codes.to(torch.float32) * scales.repeat_interleave(group, dim=1)
 
 
 class KernelLinear(nn.Module):
@@ -92,6 +120,26 @@ class KernelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.edgeadapt.live_linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+class QKernelLinear(nn.Module):
+    """A quantized live linear (``--weights int8|int4``, own-kernel form):
+    ``y = live_qlinear(x, q, s) + b``, ``W = q * s`` (:func:`dequantize_codes`) read in place
+    by edgeadapt's ExecuTorch kernel ``edgeadapt::live_qlinear.out``; float activations
+    (weight-only). ``weight``: int8 codes ``(out, in)`` (torch layout, as the fp32 own-kernel
+    form's weight), ``scales``: float32 ``(out, in // G)``; the exporter makes both buffers."""
+
+    def __init__(self, linear: nn.Linear, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        define_live_linear_op()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", codes.to(torch.int8).contiguous())
+        self.register_buffer("scales", scales.to(torch.float32).contiguous())
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.edgeadapt.live_qlinear(x, self.weight, self.scales)
         return y if self.bias is None else y + self.bias
 
 

@@ -2,7 +2,8 @@
 recorded buffer name / byte offset holds the weight it claims (checked by value and by edits).
 
 Relative error (:func:`edgeadapt.numeric.rel_error`): ``max |y_et - y_pt| / max |y_pt|``
-<= 1e-4 (fp32), else ExportError.
+<= 1e-4 (fp32; quantized programs :data:`edgeadapt.export.executorch_quant.QUANT_MAX_REL_ERR`,
+against the PyTorch model holding the same quantized weights), else ExportError.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ def _inputs(lm: LoadedModel, names: list[str], batch: int, seq: int, seed: int
 
 
 def compare(store, lm: LoadedModel, shapes: list[tuple[int, int]], what: str,
-            seed: int = 0) -> float:
+            seed: int = 0, tol: float = MAX_REL_ERR) -> float:
     """Worst relative error of ``store.run`` against ``lm`` over ``shapes``; ExportError past
-    the tolerance."""
+    ``tol``."""
     wrapper = LogitsModule(lm)
     worst = 0.0
     for b, s in shapes:
@@ -47,9 +48,9 @@ def compare(store, lm: LoadedModel, shapes: list[tuple[int, int]], what: str,
             raise ExportError(f"{what}: output shape {got.shape} != PyTorch {ref.shape}")
         err = rel_error(got, ref)
         worst = max(worst, err)
-        if not err <= MAX_REL_ERR:
+        if not err <= tol:
             raise ExportError(f"{what}: batch {b} x seq {s}: max relative error {err:.3g} > "
-                              f"{MAX_REL_ERR:g} against PyTorch")
+                              f"{tol:g} against PyTorch")
     return worst
 
 
@@ -61,7 +62,11 @@ def random_edit(live_lm: LoadedModel, store, seed: int = 1) -> None:
     with torch.no_grad():
         for w, lw in store.live_weights().items():
             buf = model.get_buffer(w)
-            new = buf + 0.5 * buf.std() * torch.randn(buf.shape, generator=gen)
+            if buf.is_floating_point():
+                new = buf + 0.5 * buf.std() * torch.randn(buf.shape, generator=gen)
+            else:  # int8 codes: a step or two up or down
+                step = torch.randint(-2, 3, buf.shape, generator=gen, dtype=torch.int16)
+                new = (buf.to(torch.int16) + step).clamp(-128, 127).to(torch.int8)
             buf.copy_(new)
             lw.torch_view()[...] = new.numpy()
         for w, params in store.branch_tensors().items():
@@ -83,6 +88,12 @@ def verify_export(live_lm: LoadedModel, out_dir: Path, result: dict) -> dict[str
 
     section, weights = result["section"], result["weights"]
     buffers = {w: info["buffer"] for w, info in weights.items()}
+    quant = {w: info["quant"] for w, info in weights.items() if "quant" in info}
+    tol = MAX_REL_ERR
+    if quant:
+        from edgeadapt.export.executorch_quant import QUANT_MAX_REL_ERR
+
+        tol = QUANT_MAX_REL_ERR
     shapes = {w: tuple(info["shape"]) for w, info in weights.items()}
     static = section["methods"].get("static")
     grid = ([tuple(int(v) for v in k.split("x")) for k in static] if static
@@ -90,14 +101,14 @@ def verify_export(live_lm: LoadedModel, out_dir: Path, result: dict) -> dict[str
     errs: dict[str, float] = {}
 
     try:
-        store = ExecutorchStore(out_dir, section, buffers, shapes, mode="live")
+        store = ExecutorchStore(out_dir, section, buffers, shapes, mode="live", quant=quant)
     except BundleError as exc:
         raise ExportError(f"the forward method does not read the live weights as mutable "
                           f"buffers (packed as constants?): {exc}") from exc
     for w, lw in store.live_weights().items():
         if not np.array_equal(lw.array, live_lm.model.get_buffer(w).numpy()):
             raise ExportError(f"buffer {buffers[w]!r} does not hold weight {w!r}")
-    errs["base"] = compare(store, live_lm, grid, "executorch live program")
+    errs["base"] = compare(store, live_lm, grid, "executorch live program", tol=tol)
     repack = section.get("repack") is not None
     if repack:
         const = ExecutorchStore(out_dir, section, buffers, shapes, mode="repack")
@@ -106,7 +117,8 @@ def verify_export(live_lm: LoadedModel, out_dir: Path, result: dict) -> dict[str
                 raise ExportError(f"repack offset of {w!r} does not hold the weight")
         errs["repack_base"] = compare(const, live_lm, grid[:1], "executorch constant program")
     random_edit(live_lm, store)
-    errs["edited"] = compare(store, live_lm, grid[:2], "executorch live program after edits")
+    errs["edited"] = compare(store, live_lm, grid[:2], "executorch live program after edits",
+                             tol=tol)
     if repack:
         for w, lw in const.live_weights().items():
             lw.torch_view()[...] = live_lm.model.get_buffer(w).numpy()

@@ -4,8 +4,9 @@ backend="executorch")``, CPU only.
 - ``store.py``: the live store (mutable buffers edited in place through ``get_attribute``
   views) and the repack store (edits into a host copy of the all-constant program, reloaded per
   switch); the per-process threadpool.
-- ``kernel.py``: edgeadapt's own kernel ``edgeadapt::live_linear.out``, which programs exported
-  in the ``own-kernel`` live form call.
+- ``kernel.py``: edgeadapt's own kernels ``edgeadapt::live_linear.out`` (and
+  ``live_qlinear.out``, int8 codes + scales: quantized bundles), which programs exported in
+  the ``own-kernel`` live form call.
 - ``variant.py``: unfused adapters through a variant program's branch buffers.
 - ``decoder.py``: the KV-cache decoder that generation steps (bundles exported with
   ``--generate``): the live program's ``decode`` method, reading the store's live buffers.

@@ -1,6 +1,6 @@
-"""Build and load edgeadapt's own ExecuTorch kernel, ``edgeadapt::live_linear.out``
-(``edgeadapt/runtime/kernels/live_linear.cpp``: ``out = x @ w^T`` reading a live weight in
-place; why there).
+"""Build and load edgeadapt's own ExecuTorch kernels, ``edgeadapt::live_linear.out`` and
+``edgeadapt::live_qlinear.out`` (``edgeadapt/runtime/kernels/live_linear.cpp``: ``out = x @
+w^T`` reading a live weight, or its int8 codes and scales, in place; why there).
 
 The executorch wheel ships its runtime as shared libraries (``executorch/lib/libexecutorch.so``,
 ``libexecutorch_threadpool.so``) with their headers (``executorch/include``), so a kernel
@@ -43,8 +43,9 @@ def compiler() -> str:
     return native.compiler(NEEDED_FOR, HINT)
 
 
-def library_path() -> Path:
-    """Where the built library lives (built now if missing; the compiler is needed only then)."""
+def library_path(cflags: tuple[str, ...] = ()) -> Path:
+    """Where the built library lives (built now if missing; the compiler is needed only then).
+    ``cflags``: extra compiler flags (tests build the portable path with ``-mno-avx512f``)."""
     root = _executorch_root()
     try:
         version = __import__("executorch.version", fromlist=["__version__"]).__version__
@@ -53,7 +54,7 @@ def library_path() -> Path:
     lib = root / "lib"
     return native.build(
         SOURCE, "liblive_linear.so",
-        [*CFLAGS, f"-I{root / 'include'}",
+        [*CFLAGS, *cflags, f"-I{root / 'include'}",
          f"-I{root / 'include/executorch/runtime/core/portable_type/c10'}"],
         [f"-L{lib}", "-lexecutorch", "-lexecutorch_threadpool", f"-Wl,-rpath,{lib}"],
         key=[f"executorch {version}"], needed_for=NEEDED_FOR, hint=HINT)

@@ -7,7 +7,8 @@ Two modes (see docs/export_executorch.md):
   forward reads (XNNPACK reads these linears' weights at run time, packing them per call), and
   its ``.numpy()`` is the writable (out, in) array handed to the engine. ``commit`` is a no-op.
   Branch tensors (LoRA A/B, SiRA router/A/B) of a branch variant are exposed the same way by
-  :meth:`ExecutorchStore.branch_tensors`.
+  :meth:`ExecutorchStore.branch_tensors`. A quantized bundle's live weights are int8 codes
+  buffers with a scales buffer beside each (``quant``; docs/quantized.md, "ExecuTorch").
 - ``repack``: keeps a host copy of the all-constant program (``section["repack"]["file"]``) and
   hands the engine numpy views into that copy at the byte offsets recorded (and verified by
   value) at export. ``commit`` reloads the program from the edited bytes, so XNNPACK packs every
@@ -27,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from edgeadapt.errors import BundleError, ConfigError
+from edgeadapt.format.quant import grid as quant_grid
 from edgeadapt.runtime.backends.executorch import SECTION
 from edgeadapt.runtime.pages import collapse_to_huge_pages
-from edgeadapt.runtime.store import LiveWeight, WeightStore
+from edgeadapt.runtime.store import Codes, LiveWeight, WeightStore
 
 MODES = ("live", "repack")
 
@@ -91,13 +93,23 @@ class ExecutorchStore(WeightStore):
     buffers: torch weight name -> mutable buffer name.  shapes: weight -> (out, in).
     sha256: weight -> base sha256 (checked by the engine), or None.
     threads: ExecuTorch's threadpool size (:func:`use_threads`; None: as it is).
+    quant: quantized live weights (``--weights int8|int4``, docs/quantized.md): weight -> its
+    bundle entry's ``quant`` (``{"grid", "scales": buffer, ...}``); their buffers hold int8
+    codes ``(out, in)`` and the scales buffer ``(out, in // G)`` float32 beside them, handed to
+    the engine as :class:`~edgeadapt.runtime.store.Codes`. Live mode only.
     """
 
     def __init__(self, directory: str | Path, section: dict[str, Any], buffers: dict[str, str],
                  shapes: dict[str, tuple[int, int]], sha256: dict[str, str] | None = None,
-                 mode: str = "live", threads: int | None = None) -> None:
+                 mode: str = "live", threads: int | None = None,
+                 quant: dict[str, dict] | None = None) -> None:
         if mode not in MODES:
             raise ConfigError(f"executorch mode {mode!r} not in {MODES}")
+        quant = quant or {}
+        if quant and mode != "live":
+            raise ConfigError(f"a quantized ExecuTorch bundle "
+                              f"({section.get('precision', 'int')}) runs with mode='live' only "
+                              "(its codes are read by edgeadapt's kernel in place)")
         self.threads = use_threads(threads)
         self.directory = Path(directory)
         self.section = section
@@ -145,8 +157,14 @@ class ExecutorchStore(WeightStore):
                 shape = (out, inp) if info["layout"] == "as-is" else (inp, out)
                 arrays[w] = np.frombuffer(self._blob, dtype=np.float32, count=out * inp,
                                           offset=offset).reshape(shape)
-        self._live = {w: LiveWeight(w, arrays[w], layouts[w], tuple(shapes[w]), sha256.get(w))
-                      for w in buffers}
+        codes = {w: self._codes(w, q, tuple(shapes[w])) for w, q in quant.items()}
+        for w, arr in arrays.items():
+            if (w in codes) != (arr.dtype == np.int8):
+                kind = "quantized" if w in codes else "float"
+                raise BundleError(f"{section['file']}: live weight {w!r} is {arr.dtype}, but "
+                                  f"bundle.json says it is {kind}")
+        self._live = {w: LiveWeight(w, arrays[w], layouts[w], tuple(shapes[w]), sha256.get(w),
+                                    codes.get(w)) for w in buffers}
         _alive.add(self)
 
     # -- WeightStore ---------------------------------------------------------------------------
@@ -220,6 +238,20 @@ class ExecutorchStore(WeightStore):
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _codes(self, name: str, quant: dict, shape: tuple[int, int]) -> Codes:
+        """The grid and scales of quantized live weight ``name``: its scales buffer (a view,
+        as the program holds it) and a copy the engine rounds onto; BundleError for an unknown
+        grid, or scales that are missing, misshapen, zero or NaN."""
+        where = f"{self.section['file']}: quantized live weight {name!r}"
+        try:
+            grid = quant_grid(quant.get("grid", ""))
+            held = self._attribute(quant.get("scales", ""))
+            grid.check_scales(held, shape, "scales")
+        except ConfigError as exc:
+            raise BundleError(f"{where}: {exc}") from None
+        return Codes(grid, np.array(held, dtype=np.float32), quant["scales"], held,
+                     quant.get("codes_sha256"))
+
     def _path(self, name: str) -> Path:
         path = self.directory / name
         if not path.is_file():
@@ -279,4 +311,6 @@ def open_store(directory: str | Path, manifest: dict[str, Any], mode: str = "liv
     except (KeyError, TypeError) as exc:
         raise BundleError(f"bundle.json weights lack ExecuTorch buffer names: {exc}") from exc
     sha = {w: info["sha256"] for w, info in weights.items() if "sha256" in info}
-    return ExecutorchStore(directory, section, buffers, shapes, sha, mode, threads)
+    quant = {w: info["executorch"]["quant"] for w, info in weights.items()
+             if "quant" in info["executorch"]}
+    return ExecutorchStore(directory, section, buffers, shapes, sha, mode, threads, quant)

@@ -1,0 +1,145 @@
+"""Quantized ExecuTorch programs (``--weights int8|int4``): the rest of the weights on
+XNNPACK's own quantized linears through torchao, the live weights as int8 codes + scales that
+edgeadapt's kernel reads in place.
+
+Which weights: :func:`edgeadapt.models.targets.quantized_weight_names` (every Linear in the
+transformer blocks, and a causal LM's head), as on ONNX Runtime (:mod:`.onnx_quant`).
+
+- The *rest* (quantized, not live) is quantized by torchao exactly as ExecuTorch's own LLM
+  export quantizes a model (``quantize_(model, Int8DynamicActivationIntxWeightConfig(...))``,
+  ``examples/models/llama/source_transformation/quantize.py``), and lowered to XNNPACK's
+  dynamically quantized fully-connected operators (activations int8, asymmetric, per token):
+
+  - int4: ``weight_dtype=torch.int4, PerGroup(32)`` (XNNPACK ``qb4w``: blocks of 32, the
+    grid's group); scales in bfloat16 (``weight_scale_dtype``), because XNNPACK stores
+    blockwise scales as bfloat16 anyway (``node_visitor.py``), so the PyTorch model the export
+    checks against holds the very scales the program runs;
+  - int8: ``weight_dtype=torch.int8, PerAxis(0)``, one scale per output channel (XNNPACK
+    ``qc8w``): XNNPACK 1.5.1 groups 4-bit weights only ("Only 4b group quantization is
+    supported" for int8 in groups of 32).
+
+  torchao's symmetric codes are *not* :meth:`edgeadapt.format.quant.Grid.quantize`'s: its
+  scale is ``s = max|W_group| / ((qmax - qmin) / 2)`` (``/ 7.5`` | ``/ 127.5``, positive; the
+  largest magnitude rounds to ``qmax`` or clamps), rounding half to even, where the grid's is
+  ``s = v / qmin`` (sign kept, the largest magnitude exactly on ``qmin``) rounding half up.
+  XNNPACK takes no negative scales, so the grid's codes cannot be handed to it as they are.
+  Nothing edits these weights, so only the live weights need edgeadapt's grid.
+- The *live* weights (``--targets``, quantized ones) become :class:`QKernelLinear`: int8 codes
+  ``(out, in)`` and float32 scales ``(out, in // 32)`` on edgeadapt's grid
+  (:mod:`edgeadapt.format.quant`, the same codes as the ONNX Runtime bundle's), both mutable
+  buffers of the program read in place by ``edgeadapt::live_qlinear.out``
+  (``runtime/kernels/live_linear.cpp``), float activations (weight-only). Live weights that
+  are not quantized (a classifier's head) stay fp32 (:class:`KernelLinear`).
+
+Not supported yet (ConfigError): branch variants (unfused LoRA / SiRA), the ``--generate``
+decoder, live forms other than ``own-kernel``, and the constant program of repack mode (not
+written: a quantized bundle runs live only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeadapt.errors import ConfigError
+from edgeadapt.export.executorch_live_form import SCALES_SUFFIX, QKernelLinear
+from edgeadapt.format.fingerprint import weight_sha256
+from edgeadapt.format.quant import Grid, grid
+from edgeadapt.models import LoadedModel
+from edgeadapt.models.targets import quantized_weight_names
+
+#: a quantized program against the PyTorch model it was lowered from (torchao's quantized
+#: linears computed eagerly, the live codes dequantized): XNNPACK rounds an activation to the
+#: neighbouring int8 code now and then where torchao does not; mostly ~3e-7, at most 2.2e-3
+#: measured on a one-block Llama (tests/test_executorch_quantized.py)
+QUANT_MAX_REL_ERR = 5e-3
+
+
+def check_options(precision: str, branch: tuple | None, live_form: str | None,
+                  decoder_context: int | None) -> Grid:
+    """The grid of ``precision``; ConfigError for what a quantized program does not support."""
+    g = grid(precision)
+    if branch is not None:
+        raise ConfigError(f"--weights {precision}: ExecuTorch graph variants (unfused LoRA / "
+                          "SiRA) of quantized bundles are not supported yet")
+    if decoder_context is not None:
+        raise ConfigError(f"--weights {precision} with --generate: the ExecuTorch decoder of a "
+                          "quantized bundle is not supported yet (ONNX Runtime has one)")
+    if live_form not in (None, "own-kernel"):
+        raise ConfigError(f"--weights {precision}: quantized live weights are read by "
+                          f"edgeadapt's own kernel only (live form own-kernel, not {live_form})")
+    return g
+
+
+def rest_config(g: Grid):
+    """torchao's config for the rest on ``g``'s bits (module docstring)."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    if g.bits == 4:
+        return Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4, weight_granularity=PerGroup(g.group),
+            weight_mapping_type=MappingType.SYMMETRIC, weight_scale_dtype=torch.bfloat16)
+    return Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int8, weight_granularity=PerAxis(0),
+        weight_mapping_type=MappingType.SYMMETRIC)
+
+
+def scales_buffer(weight: str) -> str:
+    """The scales buffer's torch name beside quantized live weight ``weight``
+    (``...q_proj.weight`` -> ``...q_proj.scales``)."""
+    return weight.removesuffix("weight") + SCALES_SUFFIX
+
+
+def quantized_live_model(lm: LoadedModel, live_weights: list[str], precision: str
+                         ) -> tuple[LoadedModel, dict[str, dict]]:
+    """A copy of ``lm`` for the quantized live program: the quantized live weights as
+    :class:`QKernelLinear` (codes + scales buffers), the other live weights fp32 buffers read
+    by :class:`KernelLinear`, the rest quantized by torchao (module docstring). Returns it and,
+    per quantized live weight, its ``quant`` entry ``{"grid", "scales": scales buffer (torch
+    name), "scales_shape", "codes_sha256"}``."""
+    from torchao.quantization import quantize_
+
+    from edgeadapt.adapters.base import replace_module
+    from edgeadapt.export.executorch import build_live_model
+
+    g = grid(precision)
+    names = quantized_weight_names(lm.model, lm.kind)
+    qlive = [w for w in live_weights if w in names]
+    rest = {w.removesuffix(".weight") for w in names if w not in qlive}
+    live_lm = build_live_model(lm, [w for w in live_weights if w not in qlive], None,
+                               "own-kernel")
+    model = live_lm.model
+    quant = {}
+    for w in qlive:
+        mname = w.removesuffix(".weight")
+        linear = model.get_submodule(mname)
+        codes, scales = g.quantize(linear.weight.detach().float().cpu().numpy())
+        replace_module(model, mname, QKernelLinear(linear, torch.from_numpy(codes),
+                                                   torch.from_numpy(scales)))
+        quant[w] = {"grid": g.name, "scales": scales_buffer(w),
+                    "scales_shape": list(scales.shape), "codes_sha256": weight_sha256(codes)}
+    missing = rest - {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if missing:
+        raise ConfigError(f"--weights {precision}: {sorted(missing)} are not nn.Linear modules")
+    with torch.no_grad():
+        quantize_(model, rest_config(g), filter_fn=lambda m, fqn: fqn in rest
+                  and isinstance(m, nn.Linear))
+    return dataclasses.replace(live_lm, model=model), quant
+
+
+def dequantized_rest(lm: LoadedModel, live_lm: LoadedModel, live_weights: list[str]
+                     ) -> dict[str, np.ndarray]:
+    """The rest's weights as torchao holds them in ``live_lm`` (dequantized, float32
+    ``(out, in)``), by torch weight name: what XNNPACK multiplies with."""
+    out = {}
+    for w in quantized_weight_names(lm.model, lm.kind):
+        if w in live_weights:
+            continue
+        weight = live_lm.model.get_submodule(w.removesuffix(".weight")).weight
+        out[w] = weight.dequantize().float().numpy()
+    return out

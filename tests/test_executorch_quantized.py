@@ -1,0 +1,208 @@
+"""Quantized bundles (``--weights int8|int4``) on ExecuTorch: the rest on XNNPACK's quantized
+linears (torchao), the live q/v weights as int8 codes + scales buffers read in place by
+``edgeadapt::live_qlinear.out``, switched on codes by the engine.
+
+References, independent of the switch engine and of edgeadapt's kernel: the codes a switch
+must leave, from the grid and the adapter files (``_expected_codes`` of
+tests/test_runtime_quantized.py, shared with ONNX Runtime); the forward on those codes by
+PyTorch, two ways: (a) the program's own PyTorch model (torchao's quantized linears computed
+eagerly, their per-token int8 activations included) with the codes written into it, which the
+program must match within XNNPACK's rounding of a few activations, and (b) every quantized
+weight dequantized with float activations, which differs by what quantizing the rest's
+activations costs (measured tolerances below). Exports: a one-block Llama (hidden 64: two
+groups of 32 per row), about 35 s per precision on the shared machine."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("executorch")
+pytest.importorskip("torchao")
+
+from runtime_reference import register_adapters  # noqa: E402
+from test_runtime_executorch import one_block_llama  # noqa: E402
+from test_runtime_quantized import _adapters, _expected_codes, check_random_sequences  # noqa: E402
+
+from edgeadapt.errors import BundleError, ConfigError  # noqa: E402
+from edgeadapt.export.bundle import export_base  # noqa: E402
+from edgeadapt.export.executorch_quant import (  # noqa: E402
+    dequantized_rest,
+    quantized_live_model,
+)
+from edgeadapt.format import read_manifest  # noqa: E402
+from edgeadapt.format.quant import grid  # noqa: E402
+from edgeadapt.models import LoadedModel, LogitsModule  # noqa: E402
+from edgeadapt.numeric import rel_error  # noqa: E402
+from edgeadapt.runtime import load  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="no C++ compiler")
+
+#: (a) the program against its own PyTorch model on the same codes: median 2.9e-7, at most
+#: 9.6e-4 (int8; 2.2e-3 on a sibling model with a 96-wide MLP): XNNPACK rounds an activation to
+#: the neighbouring int8 code now and then, where torchao's eager per-token quantization does not
+SAME_MODEL_TOL = 5e-3
+#: (b) against float activations on the dequantized weights (torchao's rest, the live codes):
+#: what the rest's per-token int8 activations cost; measured 2.4e-3 to 3.7e-3 (int8), 2.6e-3 to
+#: 4.3e-3 (int4)
+FLOAT_ACT_TOL = 1e-2
+
+
+@pytest.fixture(scope="module", params=("int8", "int4"))
+def bundle(request, tmp_path_factory):
+    torch.set_num_threads(1)
+    lm = one_block_llama(hidden=64)
+    out = tmp_path_factory.mktemp(request.param) / "bundle"
+    export_base(lm, out, backends="executorch", targets="qv", precision=request.param)
+    manifest = read_manifest(out)
+    g = grid(request.param)
+    adapters = _adapters(lm, sorted(manifest.weights), g)
+    register_adapters(out, manifest, adapters)
+    live = sorted(manifest.weights)
+    program_model, _ = quantized_live_model(lm, live, request.param)
+    return lm, out, g, adapters, program_model, dequantized_rest(lm, program_model, live)
+
+
+def _inputs(lm, batch: int = 2, seq: int = 7) -> dict[str, np.ndarray]:
+    from edgeadapt.models import example_inputs
+
+    return {k: v.numpy() for k, v in example_inputs(lm, batch=batch, seq=seq, seed=3).items()}
+
+
+def same_model_forward(program_model: LoadedModel, codes: dict, inputs) -> np.ndarray:
+    """(a): the program's PyTorch model (torchao's rest) with ``codes`` (torch name ->
+    (codes, scales)) in its live buffers."""
+    model = copy.deepcopy(program_model.model)
+    for n, (q, _) in codes.items():
+        model.get_buffer(n).copy_(torch.from_numpy(q))
+    with torch.no_grad():
+        return LogitsModule(dataclasses.replace(program_model, model=model))(
+            **{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
+
+
+def float_forward(lm: LoadedModel, rest: dict, g, codes: dict, inputs) -> np.ndarray:
+    """(b): ``lm`` with every quantized weight dequantized (the rest as torchao holds it, the
+    live ones ``codes`` on the grid), float activations."""
+    model = copy.deepcopy(lm.model)
+    values = {**rest, **{n: g.dequantize(q, s) for n, (q, s) in codes.items()}}
+    for n, arr in values.items():
+        model.get_submodule(n.removesuffix(".weight")).weight = torch.nn.Parameter(
+            torch.from_numpy(np.ascontiguousarray(arr, np.float32)), requires_grad=False)
+    with torch.no_grad():
+        return LogitsModule(dataclasses.replace(lm, model=model))(
+            **{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
+
+
+def _codes(rt) -> dict[str, np.ndarray]:
+    """The codes as the loaded program holds them, read through fresh ``get_attribute`` views
+    (not the arrays the engine writes)."""
+    return {n: rt.store.read_back(n) for n in rt.store.live_weights()}
+
+
+@pytest.mark.parametrize("active", [[], ["s1"], ["s2"], ["s1", "s2"], ["lora"]])
+def test_switch_writes_requantized_codes_and_runs_them(bundle, active):
+    lm, out, g, adapters, program_model, rest = bundle
+    rt = load(out, backend="executorch", mode="live")
+    assert rt.store.kernel
+    rt.switch(active or None)
+    want = _expected_codes(lm, g, adapters, active)
+    got_codes = _codes(rt)
+    for n, (q, _) in want.items():
+        np.testing.assert_array_equal(got_codes[n], q, err_msg=n)
+    for b, s in ((1, 1), (2, 7), (1, 64)):
+        inputs = _inputs(lm, b, s)
+        got = rt.run(**inputs)
+        err_a = rel_error(got, same_model_forward(program_model, want, inputs))
+        err_b = rel_error(got, float_forward(lm, rest, g, want, inputs))
+        assert err_a <= SAME_MODEL_TOL, (b, s, err_a)
+        assert err_b <= FLOAT_ACT_TOL, (b, s, err_b)
+    if active:  # the switch changed the output, by more than the references' distance
+        inputs = _inputs(lm)
+        got = rt.run(**inputs)
+        base = same_model_forward(program_model, _expected_codes(lm, g, adapters, []), inputs)
+        assert rel_error(got, base) > max(1e-3, 4 * rel_error(
+            got, same_model_forward(program_model, want, inputs)))
+
+
+def test_codes_edited_in_place_are_read(bundle):
+    """A byte written into the codes array the store hands out is what the next run reads
+    (a packed copy would hide it), at one token (the GEMV) and at 2 x 7 (the slabs). The v
+    weight: at one token attention ignores q."""
+    lm, out, g, _, program_model, _ = bundle
+    rt = load(out, backend="executorch", mode="live")
+    codes = {n: (lw.torch_weight().copy(), lw.codes.scales)
+             for n, lw in rt.store.live_weights().items()}
+    shapes = ((1, 1), (2, 7))
+    before = [rt.run(**_inputs(lm, b, s)) for b, s in shapes]
+    n = next(n for n in sorted(codes) if "v_proj" in n)
+    arr = rt.store.live_weights()[n].array
+    arr[:, :8] = np.where(arr[:, :8] > 0, g.qmin, g.qmax)
+    codes[n] = (arr.copy(), codes[n][1])
+    for (b, s), was in zip(shapes, before, strict=True):
+        inputs = _inputs(lm, b, s)
+        after = rt.run(**inputs)
+        assert rel_error(after, was) > 1e-2, (b, s)
+        assert rel_error(after, same_model_forward(program_model, codes, inputs)) \
+            <= SAME_MODEL_TOL, (b, s)
+    np.testing.assert_array_equal(rt.store.read_back(n), arr)
+
+
+def test_random_sequences_restore_the_exported_codes_and_report_saturation(bundle):
+    lm, out, g, adapters, _, _ = bundle
+    check_random_sequences(load(out, backend="executorch", mode="live"), lm, g, adapters,
+                           _codes)
+
+
+def test_live_weights_are_the_dequantized_values(bundle):
+    lm, out, g, _, _, _ = bundle
+    rt = load(out, backend="executorch", mode="live")
+    for n, w in rt.live_weights().items():
+        want = g.dequantize(*g.quantize(lm.model.get_parameter(n).detach().numpy()))
+        np.testing.assert_array_equal(w, want)
+
+
+def test_bad_scales_and_modes_are_refused(bundle, tmp_path):
+    """Scales zero or NaN inside the program (their initial buffer data, found by value):
+    BundleError at load naming the weight; repack mode: ConfigError."""
+    lm, out, g, _, _, _ = bundle
+    with pytest.raises(ConfigError, match="mode='live' only"):
+        load(out, backend="executorch", mode="repack")
+    manifest = read_manifest(out)
+    name = sorted(manifest.weights)[0]
+    scales = g.quantize(lm.model.get_parameter(name).detach().numpy())[1]
+    blob = (out / manifest.executorch["file"]).read_bytes()
+    held = scales.tobytes()
+    assert blob.count(held) >= 1  # each method that reads the buffer holds its initial data
+    for bad in (0.0, np.nan):
+        copy_dir = tmp_path / f"b{bad}"
+        shutil.copytree(out, copy_dir)
+        edited = bytearray(held)
+        edited[12:16] = np.float32(bad).tobytes()
+        edited = blob.replace(held, bytes(edited))
+        (copy_dir / manifest.executorch["file"]).write_bytes(edited)
+        with pytest.raises(BundleError, match=f"{name}.*zero or not finite"):
+            load(copy_dir, backend="executorch", mode="live")
+
+
+def test_export_refuses_what_quantized_programs_lack(tmp_path):
+    lm = one_block_llama(hidden=64)
+    with pytest.raises(ConfigError, match="own kernel only"):
+        export_base(lm, tmp_path / "a", backends="executorch", precision="int8",
+                    pte_live_form="weight-left")
+    with pytest.raises(ConfigError, match="decoder of a quantized bundle"):
+        export_base(lm, tmp_path / "b", backends="executorch", precision="int4", generate=True,
+                    max_context=16)
+
+
+def test_graph_variants_of_a_quantized_bundle_are_refused(bundle):
+    from edgeadapt.export.adapter import ensure_variant
+
+    _, out, _, _, _, _ = bundle
+    with pytest.raises(ConfigError, match="quantized bundle are not supported yet"):
+        ensure_variant(out, read_manifest(out), ("lora", 2))
