@@ -10,7 +10,7 @@ eagerly, their per-token int8 activations included) with the codes written into 
 program must match within XNNPACK's rounding of a few activations, and (b) every quantized
 weight dequantized with float activations, which differs by what quantizing the rest's
 activations costs (measured tolerances below). Exports: a one-block Llama (hidden 64: two
-groups of 32 per row), about 35 s per precision on the shared machine."""
+groups of 32 per row) for both backends, about 45 s per precision on the shared machine."""
 
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def bundle(request, tmp_path_factory):
     torch.set_num_threads(1)
     lm = one_block_llama(hidden=64)
     out = tmp_path_factory.mktemp(request.param) / "bundle"
-    export_base(lm, out, backends="executorch", targets="qv", precision=request.param)
+    export_base(lm, out, backends=("onnxruntime", "executorch"), targets="qv",
+                precision=request.param)
     manifest = read_manifest(out)
     g = grid(request.param)
     adapters = _adapters(lm, sorted(manifest.weights), g)
@@ -206,3 +207,21 @@ def test_graph_variants_of_a_quantized_bundle_are_refused(bundle):
     _, out, _, _, _, _ = bundle
     with pytest.raises(ConfigError, match="quantized bundle are not supported yet"):
         ensure_variant(out, read_manifest(out), ("lora", 2))
+
+
+def test_both_backends_hold_the_same_codes(bundle):
+    """One grid for both backends: the exported codes and, after a fused switch, the
+    re-quantized ones are the same bytes on ONNX Runtime and ExecuTorch."""
+    _, out, _, _, _, _ = bundle
+    manifest = read_manifest(out)
+    for entry in manifest.weights.values():
+        assert entry.executorch["quant"]["codes_sha256"] == \
+            entry.onnxruntime["quant"]["codes_sha256"]
+    et = load(out, backend="executorch", mode="live")
+    ort = load(out, backend="onnxruntime", mode="live", threads=1)
+    for rt in (et, ort):
+        rt.switch(["s1", "s2"])
+    held = [{n: lw.torch_weight() for n, lw in rt.store.live_weights().items()}
+            for rt in (et, ort)]
+    assert all(np.array_equal(held[0][n], held[1][n]) for n in held[0])
+    assert et.saturated == ort.saturated
