@@ -13,13 +13,18 @@ from edgeadapt.format.quant import INT4, INT8, grid
 ort = pytest.importorskip("onnxruntime")
 
 
+@pytest.mark.parametrize("coarse", [False, True])
 @pytest.mark.parametrize("shape", [(64, 96), (33, 576)])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_grids_are_matmulnbits_grids(shape, bits):
+def test_grids_are_matmulnbits_grids(shape, bits, coarse):
+    """Bit for bit, also on coarse values (multiples of 1/64, as weights dequantized from a
+    GGUF are): blocks whose max and min have one magnitude, quotients on exact ties."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     n, k = shape
     w = np.random.default_rng(n + bits).standard_normal(shape).astype(np.float32)
+    if coarse:
+        w = np.round(w * 8) / 64
     nb = k // 32
     packed = np.zeros((n, nb, 4 * bits), np.uint8)
     scales = np.zeros(n * nb, np.float32)

@@ -5,15 +5,17 @@ A weight ``W (out, in)`` is held as integer codes ``q`` and float32 scales ``s``
 output row and *group* of ``G = 32`` consecutive input columns:
 
     W[r, c] ~= q[r, c] * s[r, c // G]            q in [qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]
-    q[r, c] = clip(round(W[r, c] / s[r, c // G]), qmin, qmax)
-    s[r, g] = v / qmin,  v = the group's value of largest magnitude (sign kept)
+    q[r, c] = clip(round(W[r, c] * (1 / s[r, c // G])), qmin, qmax)
+    s[r, g] = v / qmin,  v = the group's max if |max| > |min|, else its min (sign kept)
 
-``round`` is the quantizer's: ``floor(x + 2^(b-1) + 0.5) - 2^(b-1)`` in float32 (the stored code
-is unsigned, ``q + 2^(b-1)``; ties go up).
+``round`` and the reciprocal are the quantizer's: ``floor(x + 2^(b-1) + 0.5) - 2^(b-1)`` in
+float32 (the stored code is unsigned, ``q + 2^(b-1)``; ties go up), and ``W * (1 / s)``, not
+``W / s`` (they differ in the last bit, which decides a tie).
 
 This is ONNX Runtime's own symmetric block quantization (``MatMulNBits`` with ``is_symmetric``,
 4 and 8 bits): the largest-magnitude value lands exactly on ``qmin``, so the whole code range is
-used (a scale may be negative). A test checks codes and scales against ONNX Runtime's quantizer,
+used (a scale may be negative; where max and min have one magnitude, the min's wins and the max
+clamps to ``qmax``). A test checks codes and scales against ONNX Runtime's quantizer,
 so edgeadapt's live weights and the backend's stock quantized weights lie on one grid.
 
 Why blocks for int8 too, not one scale per output channel: ONNX Runtime's per-channel int8
@@ -29,7 +31,7 @@ the layouts of :mod:`edgeadapt.format.layout` apply to codes unchanged. Scales a
 ``(out, in // G)`` float32 matrix (in a backend's layout like a weight of that shape).
 
 Adding a delta to quantized entries (a fused SHiRA switch, :func:`requantize`) keeps the base's
-scales: ``q' = clip(round((q * s + delta) / s), qmin, qmax)``; entries that needed a code
+scales: ``q' = clip(round((q * s + delta) * (1 / s)), qmin, qmax)``; entries that needed a code
 outside the range are *saturated* and reported, never hidden.
 """
 
@@ -76,8 +78,8 @@ class Grid:
         w = np.asarray(weight, dtype=np.float32)
         out, inp = w.shape
         groups = w.reshape(out, -1, self.group_size(inp))
-        pick = np.abs(groups).argmax(axis=-1)[..., None]
-        s = np.take_along_axis(groups, pick, axis=-1)[..., 0] / np.float32(self.qmin)
+        lo, hi = groups.min(axis=-1), groups.max(axis=-1)
+        s = np.where(np.abs(hi) > np.abs(lo), hi, lo) / np.float32(self.qmin)
         s = s.astype(np.float32)
         zero = s == 0
         if zero.any():
@@ -108,7 +110,8 @@ class Grid:
         ``scales`` given, on that grid (codes clipped to the range)."""
         w = np.asarray(weight, dtype=np.float32)
         s = self.scales(w) if scales is None else np.asarray(scales, np.float32)
-        return self.round(w / self.scale_of(s, w.shape)).astype(np.int8), s
+        inverse = np.float32(1) / self.scale_of(s, w.shape)  # ONNX Runtime multiplies by 1/s
+        return self.round(w * inverse).astype(np.int8), s
 
     def dequantize(self, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
         """float32 ``(out, in)``: ``q * s``."""
@@ -118,10 +121,11 @@ class Grid:
     def requantize(self, codes: np.ndarray, scales: np.ndarray, delta: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray]:
         """New codes for entries with ``codes`` and per-entry ``scales`` after adding
-        ``delta`` (all 1-D, same length): ``clip(round((q s + delta) / s), qmin, qmax)``, and
+        ``delta`` (all 1-D, same length): ``clip(round((q s + delta) (1 / s)), qmin, qmax)``, and
         the boolean mask of the entries that saturated (needed a code outside the range)."""
         s = np.asarray(scales, np.float32)
-        x = (np.asarray(codes).astype(np.float32) * s + np.asarray(delta, np.float32)) / s
+        x = (np.asarray(codes).astype(np.float32) * s + np.asarray(delta, np.float32)) \
+            * (np.float32(1) / s)
         saturated = (x < self.qmin - 0.5) | (x >= self.qmax + 0.5)
         return self.round(x).astype(np.int8), saturated
 
