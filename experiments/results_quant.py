@@ -7,15 +7,18 @@ Needs the runs of experiments/results_quality.py: section 1.0's fp32 SHiRA and L
 (``rt2k-{shira-qv-snip-b8,lora-qv-r8}-lin-s<i>``) and the quantization-aware SHiRA runs
 (``rt2k-shira-qv-snip-b8-lin-{int8,int4}qat-s<i>``). The quantized base is
 ``edgeadapt.models.quantized.quantize_reference_`` (every encoder Linear on the grid; q/v live,
-weight-only; the rest with ONNX Runtime's activation quantization), evaluated on the run's fixed
-1,000 test examples:
+weight-only; the rest with MatMulNBits' int8 activation quantization), evaluated on the run's
+fixed 1,000 test examples:
 
 - fp32 SHiRA, post-training rounding: the run's adapter (``load_run_adapter``: values and head)
   rounded onto the base's grid (``edgeadapt.format.quant_adapter.round_to_grid``, saturated
   entries counted), fused into the quantized reference's codes (``carrying``);
 - LoRA r=8: its run reloaded and the base under it quantized (unfused LoRA on the quantized base);
 - QAT SHiRA: the exported adapter (grid deltas, ``meta["quant"]``) fused into the codes of a
-  fresh quantized reference, which must give the run's own test accuracy (metrics.json).
+  fresh quantized reference; beside the accuracy the run measured at the end of training.
+
+Every quantized row is also evaluated in batches of 63 instead of 64 (``accuracy_b63``): the
+noise of the quantized forward itself.
 
 Writes runs/mp/quant.json; docs/results.md renders it (experiments/results_doc/quantized.py).
 """
@@ -43,6 +46,7 @@ RUNS = Path("runs/mp")
 OUT = RUNS / "quant.json"
 PRECISIONS = ("int8", "int4")
 SEEDS = (0, 1, 2)
+NOISE_BATCH = 63
 MAX_TEST, MAX_LEN = 1000, 64
 
 
@@ -64,9 +68,17 @@ def run_names(seeds) -> list[str]:
                                        *(qat_run(p, s) for p in PRECISIONS))]
 
 
-def accuracy(lm) -> float:
+def accuracy(lm, batch_size: int = 64) -> float:
+    """Test accuracy, evaluated as the trainer does (batches of 64 sorted by length)."""
     task = load_task("rt-sentiment", seed=0, max_train=16, max_test=MAX_TEST)
-    return float(evaluate(lm, encode_task(lm, task, MAX_LEN), progress=False)["accuracy"])
+    enc = encode_task(lm, task, MAX_LEN)
+    return float(evaluate(lm, enc, batch_size=batch_size, progress=False)["accuracy"])
+
+
+def accuracies(lm) -> dict:
+    """``accuracy`` and ``accuracy_b63``: the same in batches of 63, which changes nothing but
+    the float rounding of the padded batches (activations are quantized per token)."""
+    return {"accuracy": accuracy(lm), "accuracy_b63": accuracy(lm, NOISE_BATCH)}
 
 
 def quantized_base(model: str, precision: str, live: list[str]):
@@ -84,15 +96,15 @@ def rounded(run: str, precision: str) -> dict:
     on_grid, saturated = round_to_grid(adapter, base, precision)
     lm = quantized_base(model, precision, list(adapter.targets))
     with carrying(lm, on_grid):
-        acc = accuracy(lm)
-    return {"accuracy": acc, "saturated": sum(saturated.values()),
+        accs = accuracies(lm)
+    return {**accs, "saturated": sum(saturated.values()),
             "values": sum(len(d.indices) for d in adapter.targets.values())}
 
 
 def lora_on(run: str, precision: str) -> dict:
     lm, info = load_run(RUNS / run)
     quantize_reference_(lm, precision, live=list(info["weight_sha256"]))
-    return {"accuracy": accuracy(lm)}
+    return accuracies(lm)
 
 
 def qat_exported(run: str, precision: str) -> dict:
@@ -100,9 +112,9 @@ def qat_exported(run: str, precision: str) -> dict:
     assert adapter.meta.get("quant") == precision, adapter.meta
     lm = quantized_base(adapter.meta["model"], precision, list(adapter.targets))
     with carrying(lm, adapter):
-        acc = accuracy(lm)
+        accs = accuracies(lm)
     trained = json.loads((RUNS / run / "metrics.json").read_text())
-    return {"accuracy": acc, "trained_accuracy": trained["test"]["accuracy"],
+    return {**accs, "trained_accuracy": trained["test"]["accuracy"],
             "saturated": trained["quant"]["saturated"]}
 
 

@@ -75,6 +75,23 @@ def test_qat_forward_is_the_quantized_reference_with_fused_codes(precision, tmp_
     assert not torch.allclose(got, base, atol=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_on_grid_is_requantize_bit_for_bit(precision):
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((48, 96)).astype(np.float32)
+    quant = WeightQuant(torch.from_numpy(w), precision, False)
+    g = grid(precision)
+    codes, scales = g.quantize(w)
+    idx = np.sort(rng.choice(w.size, 3000, replace=False))
+    s = g.scale_at(scales, w.shape, idx)
+    # values near half-way between codes, where the arithmetic decides the code
+    steps = rng.integers(-300, 300, idx.size) + 0.5 + rng.normal(0, 1e-6, idx.size)
+    values = (steps * s).astype(np.float32)
+    new, _ = g.requantize(codes.reshape(-1)[idx], s, values)
+    got = quant.on_grid(torch.from_numpy(idx), torch.from_numpy(values)).numpy()
+    np.testing.assert_array_equal(got, new.astype(np.float32) * s)
+
+
 def test_gradients_reach_the_values_straight_through():
     torch.manual_seed(0)
     lin = nn.Linear(64, 5)

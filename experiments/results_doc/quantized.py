@@ -77,18 +77,40 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def exact_text(res: dict) -> str:
-    """The QAT runs' exported adapters, fused into fresh quantized codes, against the
-    accuracy the run measured while training."""
-    pairs = [(row[p]["accuracy"], row[p]["trained_accuracy"])
-             for rows in res["rows"].values() for p in ("int8", "int4")
-             if (row := rows.get(f"qat-{p}")) and p in row]
-    if not pairs:
+def noise_text(res: dict) -> str:
+    """How much the quantized forward's own noise moves an accuracy: the QAT runs re-measured
+    after export against the end of training, and every quantized row in batches of 63."""
+    parts = ["**Noise of the quantized forward.**"]
+    again = [abs(row[p]["accuracy"] - row[p]["trained_accuracy"])
+             for seed_rows in res["rows"].values() for row in seed_rows.values()
+             for p in ("int8", "int4") if "trained_accuracy" in row.get(p, {})]
+    if again:
+        head = ("Each quantization-aware run's exported adapter (its grid deltas, fused into the "
+                "codes of a fresh quantized reference: the trained weights exactly, "
+                "tests/test_train_qat.py) re-measures the run's own accuracy")
+        if max(again) == 0:
+            parts.append(f"{head} in all {len(again)} runs.")
+        else:
+            parts.append(
+                f"{head} in {sum(d == 0 for d in again)} of {len(again)} runs, "
+                f"{num(100 * max(again), 1)} points off at most: the runs evaluated their model "
+                f"at the end of training, in another process, and a float difference of an ulp "
+                f"that moves an activation across a rounding boundary changes it by a whole "
+                f"step (edgeadapt/models/quantized.py).")
+    for p in ("int8", "int4"):
+        moved = [abs(row[p]["accuracy"] - row[p]["accuracy_b63"])
+                 for seed_rows in res["rows"].values() for row in seed_rows.values()
+                 if isinstance(row.get(p), dict) and "accuracy_b63" in row[p]]
+        if moved:
+            parts.append(f"{p}: evaluated in batches of 63 instead of 64 (the same tokens, "
+                         f"other padding, so other float rounding), its rows move by "
+                         f"{num(100 * max(moved), 1)} points at most (mean "
+                         f"{num(100 * mean(moved), 2)}).")
+    if len(parts) == 1:
         return ""
-    same = sum(a == b for a, b in pairs)
-    return (f"Exactness: each quantization-aware run's exported adapter (its grid deltas, fused "
-            f"into the codes of a fresh quantized reference) gives the accuracy the run measured "
-            f"while training in {same} of {len(pairs)} runs.")
+    parts.append("Differences of well under a point between the quantized rows are within "
+                 "that noise.")
+    return " ".join(parts)
 
 
 def section_8() -> str:
@@ -103,18 +125,17 @@ def section_8() -> str:
             verdict(res, "int8: quantization-aware SHiRA", "qat-int8", "int8", 0.3),
             verdict(res, "int4: SHiRA rounded after training", "shira", "int4", 1.0),
             verdict(res, "int4: quantization-aware SHiRA", "qat-int4", "int4", 1.0))),
-            exact_text(res)) if t)
+            noise_text(res)) if t)
     return f"""## 8. Quantized bases (issue 20)
 
 Section 1.0's MiniLM setting (Rotten Tomatoes, 2,000 training / 1,000 test examples, 250 steps,
 linear lr decay, q/v, SHiRA-SNIP at LoRA r=8's budget), evaluated on the **PyTorch reference of
 an int8 / int4 bundle** (`edgeadapt.models.quantized.quantize_reference_`): every encoder Linear
-on the grid of `edgeadapt/format/quant.py` (int8 per output channel; int4 symmetric in blocks of
-32), q/v live and weight-only (edgeadapt's kernel), the other Linears with the activation
-quantization of ONNX Runtime's stock kernels (int8: `DynamicQuantizeLinear`, per tensor; int4:
-`MatMulNBits` at accuracy level 4, int8 per block of 32); embeddings and the task head fp32. The
-reference matches ONNX Runtime's own quantized MatMuls within 5e-7 relative
-(tests/test_quant_reference.py). Rows:
+on the grid of `edgeadapt/format/quant.py` (8 or 4 bits, symmetric, blocks of 32), q/v live and
+weight-only (edgeadapt's kernel), the other Linears with the activation quantization of ONNX
+Runtime's stock `MatMulNBits` at accuracy level 4 (int8 per token in blocks of 32); embeddings and
+the task head fp32. The reference matches ONNX Runtime's own quantized MatMuls within 8e-7
+relative (tests/test_quant_reference.py). Rows:
 
 - *rounded*: the fp32 SHiRA run's values put on the base's grid after training
   (`edgeadapt.format.quant_adapter.round_to_grid`; "sat.": entries clamped to the code range), as a
