@@ -27,7 +27,12 @@ pytest.importorskip("torchao")
 
 from runtime_reference import register_adapters  # noqa: E402
 from test_runtime_executorch import one_block_llama  # noqa: E402
-from test_runtime_quantized import _adapters, _expected_codes, check_random_sequences  # noqa: E402
+from test_runtime_quantized import (  # noqa: E402
+    _adapters,
+    _expected_codes,
+    check_greedy_is_argmax,
+    check_random_sequences,
+)
 
 from edgeadapt.errors import BundleError, ConfigError  # noqa: E402
 from edgeadapt.export.bundle import export_base  # noqa: E402
@@ -192,13 +197,9 @@ def test_bad_scales_and_modes_are_refused(bundle, tmp_path):
 
 
 def test_export_refuses_what_quantized_programs_lack(tmp_path):
-    lm = one_block_llama(hidden=64)
     with pytest.raises(ConfigError, match="own kernel only"):
-        export_base(lm, tmp_path / "a", backends="executorch", precision="int8",
-                    pte_live_form="weight-left")
-    with pytest.raises(ConfigError, match="decoder of a quantized bundle"):
-        export_base(lm, tmp_path / "b", backends="executorch", precision="int4", generate=True,
-                    max_context=16)
+        export_base(one_block_llama(hidden=64), tmp_path / "a", backends="executorch",
+                    precision="int8", pte_live_form="weight-left")
 
 
 def test_graph_variants_of_a_quantized_bundle_are_refused(bundle):
@@ -225,3 +226,37 @@ def test_both_backends_hold_the_same_codes(bundle):
             for rt in (et, ort)]
     assert all(np.array_equal(held[0][n], held[1][n]) for n in held[0])
     assert et.saturated == ort.saturated
+
+
+@pytest.fixture(scope="module")
+def generate_bundle(tmp_path_factory):
+    """Tiny SmolLM2 exported int4 for ExecuTorch with its KV-cache decoder (the ``decode``
+    method of the same program), and a strong SHiRA adapter "big" (half of every live weight,
+    +-8 steps: it changes the greedy tokens; many entries clamp)."""
+    from generate_bundle import export_generate
+    from test_runtime_quantized import _shira
+
+    from edgeadapt.models import load_model
+
+    torch.set_num_threads(1)
+    lm = load_model("tiny-smollm2", seed=0)
+    out = export_generate(lm, tmp_path_factory.mktemp("gen") / "bundle", max_context=64,
+                          backends="executorch", precision="int4")
+    manifest = read_manifest(out)
+    live = sorted(manifest.weights)
+    big = _shira(lm, live, grid("int4"), 0.5, 8.0, np.random.default_rng(9))
+    register_adapters(out, manifest, {"big": big})
+    return lm, out, {"big": big}, quantized_live_model(lm, live, "int4")[0]
+
+
+def test_quantized_decoder_generates_the_forwards_argmax(generate_bundle):
+    """Greedy tokens through the int4 ``decode`` method (KV cache, edgeadapt's kernel on the
+    codes), base and "big" fused, for a prompt whose next token the adapter changes: each is
+    the argmax (within the program's tolerance of the top logit) of the program's own PyTorch
+    model's full forward over the whole context on the re-quantized codes computed here. The
+    decoder reads the forward's code buffers: a switch reaches both."""
+    lm, out, adapters, program_model = generate_bundle
+    check_greedy_is_argmax(
+        load(out, backend="executorch", mode="live"), lm, adapters,
+        lambda c, ids: same_model_forward(program_model, c, {"input_ids": ids}),
+        SAME_MODEL_TOL, 8)

@@ -214,21 +214,30 @@ def test_quantized_decoder_generates_the_stock_forwards_argmax(generate_bundle):
     token, so a step and the forward see the same numbers). The decoder shares the forward's
     code buffers: a switch reaches both."""
     lm, out, adapters = generate_bundle
-    rt = load(out, mode="live", threads=1)
+    check_greedy_is_argmax(load(out, mode="live", threads=1), lm, adapters,
+                           lambda c, ids: _stock_forward(out, c, {"input_ids": ids}), 1e-4, 10)
+
+
+def check_greedy_is_argmax(rt, lm, adapters: dict[str, Adapter], forward, tol: float,
+                           new_tokens: int) -> None:
+    """For a prompt whose next token "big" changes (under ``forward(codes, ids)``: a reference
+    forward (1, T, vocab) on ``codes`` from :func:`_expected_codes`), greedy tokens of ``rt``
+    base and with "big" fused are each the argmax, within ``tol`` of the row's largest
+    magnitude, of ``forward`` over the whole context; "big" saturates. Shared with
+    tests/test_executorch_quantized.py."""
     codes = [_expected_codes(lm, grid("int4"), adapters, a) for a in ([], ["big"])]
     rng = np.random.default_rng(0)
     for _ in range(50):  # a prompt whose next token the adapter changes
         prompt = [int(i) for i in rng.integers(5, lm.vocab_size, 6)]
-        first = [_stock_forward(out, c, {"input_ids": np.array([prompt])})[0, -1].argmax()
-                 for c in codes]
+        first = [forward(c, np.array([prompt]))[0, -1].argmax() for c in codes]
         if first[0] != first[1]:
             break
     assert first[0] != first[1]
     for active, want in zip(([], ["big"]), codes, strict=True):
         rt.switch(active or None)
-        ids = rt.generate(prompt, max_new_tokens=10).ids
-        logits = _stock_forward(out, want, {"input_ids": np.array([prompt + ids])})[0]
+        ids = rt.generate(prompt, max_new_tokens=new_tokens).ids
+        logits = forward(want, np.array([prompt + ids]))[0]
         for k, token in enumerate(ids):
             row = logits[len(prompt) + k - 1]
-            assert row[token] >= row.max() - 1e-4 * np.abs(row).max(), (active, k)
+            assert row[token] >= row.max() - tol * np.abs(row).max(), (active, k)
     assert sum(rt.saturated.values()) > 0

@@ -101,8 +101,8 @@ def run_exporters(lm: Any, out: Path, live: list[str], backends: list[str],
     ``--generate``: lower ExecuTorch's KV-cache decoder into its base program, its cache this
     many positions (:mod:`edgeadapt.export.executorch_decoder`). precision: ``fp32`` or a
     grid of :mod:`edgeadapt.format.quant` (:mod:`edgeadapt.export.onnx_quant`,
-    :mod:`edgeadapt.export.executorch_quant`; ExecuTorch: no variants, no decoder and no
-    constant program yet, ConfigError for the first two)."""
+    :mod:`edgeadapt.export.executorch_quant`; ExecuTorch: no variants (ConfigError) and no
+    constant program yet)."""
     results = {}
     for fmt in backends:
         exporter = backend_exporter(fmt)

@@ -57,7 +57,7 @@ def export() -> None:
               type=click.Choice(PRECISIONS),
               help="int8 | int4 (blocks of 32, ONNX Runtime's MatMulNBits grid): the blocks' "
                    "weights quantized, the live ones as codes edited in place "
-                   "(docs/quantized.md); ExecuTorch: no --generate yet")
+                   "(docs/quantized.md)")
 def export_base_cmd(model: str, out: str, backends: str, targets: str, num_labels: int,
                     seed: int, no_check: bool, pte_live_form: str | None, generate: bool,
                     max_context: int | None, precision: str) -> None:

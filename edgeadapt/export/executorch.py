@@ -382,7 +382,7 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     ``precision``: ``fp32`` | ``int8`` | ``int4`` (:mod:`edgeadapt.export.executorch_quant`:
     the rest on XNNPACK's quantized linears through torchao, the quantized live weights as
     codes + scales buffers read by ``edgeadapt::live_qlinear.out``; no constant program, no
-    variants, no decoder yet); each such weight's entry gains ``"quant": {"grid", "scales":
+    variants yet); each such weight's entry gains ``"quant": {"grid", "scales":
     buffer, "scales_shape", "codes_sha256"}`` and the section ``"precision"``.
     Returns::
 
@@ -416,7 +416,7 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     if precision != "fp32":
         from edgeadapt.export.executorch_quant import check_options
 
-        check_options(precision, branch, live_form, decoder_context)
+        check_options(precision, branch, live_form)
         live_form, repack = "own-kernel", False  # a quantized bundle runs live only
     if live_form is None:
         live_form = default_live_form() if branch is None else "linear"

@@ -170,22 +170,27 @@ def check_decoder(lm: LoadedModel, out_dir: Any, result: dict, entry: dict) -> d
     of ``model.pte``) on two sequences of 12 tokens, their steps interleaved (so each step of one
     follows the other's: the cache is moved out and back in), chunked as
     :data:`CHECK_CHUNKS`, and compare every position's logits with the model's full forward:
-    :func:`edgeadapt.export.decoder.parity_report` (ExportError past :data:`RTOL`).
+    :func:`edgeadapt.export.decoder.parity_report` (ExportError past :data:`RTOL`; a quantized
+    program against the PyTorch model it was lowered from, within
+    :data:`edgeadapt.export.executorch_quant.QUANT_MAX_REL_ERR`).
 
     result: :func:`edgeadapt.export.executorch.export_pte`'s answer; entry: the decoder's
     bundle.json entry."""
     from edgeadapt.export.decoder import parity_report
+    from edgeadapt.export.executorch_quant import quant_entries, reference
     from edgeadapt.runtime.backends.executorch.decoder import EtDecoder
     from edgeadapt.runtime.backends.executorch.store import ExecutorchStore
 
     weights = result["weights"]
     store = ExecutorchStore(out_dir, result["section"],
                             {w: info["buffer"] for w, info in weights.items()},
-                            {w: tuple(info["shape"]) for w, info in weights.items()})
+                            {w: tuple(info["shape"]) for w, info in weights.items()},
+                            quant=quant_entries(result))
     decoder = EtDecoder(store, entry)
     ids = example_inputs(lm, batch=2, seq=sum(CHECK_CHUNKS), seed=11)["input_ids"]
+    ref, rtol = reference(lm, result)  # a quantized program: the model it was lowered from
     with torch.no_grad():
-        want = LogitsModule(lm)(ids).float().numpy()
+        want = LogitsModule(ref)(ids).float().numpy()
     caches = [decoder.empty_cache(1), decoder.empty_cache(1)]
     errors, start = [], 0
     for n in CHECK_CHUNKS:
@@ -194,4 +199,4 @@ def check_decoder(lm: LoadedModel, out_dir: Any, result: dict, entry: dict) -> d
             logits, caches[row] = decoder.step(chunk, caches[row])
             errors.append(rel_error(logits[0], want[row, start:start + n]))
         start += n
-    return parity_report(errors, CHECK_CHUNKS, RTOL, "the ExecuTorch decoder")
+    return parity_report(errors, CHECK_CHUNKS, max(RTOL, rtol), "the ExecuTorch decoder")

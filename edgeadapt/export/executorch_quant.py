@@ -31,9 +31,13 @@ transformer blocks, and a causal LM's head), as on ONNX Runtime (:mod:`.onnx_qua
   (``runtime/kernels/live_linear.cpp``), float activations (weight-only). Live weights that
   are not quantized (a classifier's head) stay fp32 (:class:`KernelLinear`).
 
-Not supported yet (ConfigError): branch variants (unfused LoRA / SiRA), the ``--generate``
-decoder, live forms other than ``own-kernel``, and the constant program of repack mode (not
-written: a quantized bundle runs live only).
+The ``--generate`` decoder (:mod:`.executorch_decoder`) is lowered from the same quantized
+copy of the model, so it reads the same codes buffers and runs the rest on the same XNNPACK
+linears; it is checked against that copy's PyTorch forward within :data:`QUANT_MAX_REL_ERR`.
+
+Not supported yet (ConfigError): branch variants (unfused LoRA / SiRA), live forms other than
+``own-kernel``, and the constant program of repack mode (not written: a quantized bundle runs
+live only).
 """
 
 from __future__ import annotations
@@ -58,16 +62,12 @@ from edgeadapt.models.targets import quantized_weight_names
 QUANT_MAX_REL_ERR = 5e-3
 
 
-def check_options(precision: str, branch: tuple | None, live_form: str | None,
-                  decoder_context: int | None) -> Grid:
+def check_options(precision: str, branch: tuple | None, live_form: str | None) -> Grid:
     """The grid of ``precision``; ConfigError for what a quantized program does not support."""
     g = grid(precision)
     if branch is not None:
         raise ConfigError(f"--weights {precision}: ExecuTorch graph variants (unfused LoRA / "
                           "SiRA) of quantized bundles are not supported yet")
-    if decoder_context is not None:
-        raise ConfigError(f"--weights {precision} with --generate: the ExecuTorch decoder of a "
-                          "quantized bundle is not supported yet (ONNX Runtime has one)")
     if live_form not in (None, "own-kernel"):
         raise ConfigError(f"--weights {precision}: quantized live weights are read by "
                           f"edgeadapt's own kernel only (live form own-kernel, not {live_form})")
@@ -130,6 +130,25 @@ def quantized_live_model(lm: LoadedModel, live_weights: list[str], precision: st
         quantize_(model, rest_config(g), filter_fn=lambda m, fqn: fqn in rest
                   and isinstance(m, nn.Linear))
     return dataclasses.replace(live_lm, model=model), quant
+
+
+def reference(lm: LoadedModel, result: dict) -> tuple[LoadedModel, float]:
+    """What an exported program is checked against: ``lm`` itself with tolerance
+    :data:`edgeadapt.export.executorch_verify.MAX_REL_ERR` (fp32), or for a quantized program
+    (``result``: :func:`edgeadapt.export.executorch.export_pte`'s answer) the PyTorch model it
+    was lowered from (:func:`quantized_live_model`) with :data:`QUANT_MAX_REL_ERR`."""
+    from edgeadapt.export.executorch_verify import MAX_REL_ERR
+
+    precision = result["section"].get("precision", "fp32")
+    if precision == "fp32":
+        return lm, MAX_REL_ERR
+    return quantized_live_model(lm, list(result["weights"]), precision)[0], QUANT_MAX_REL_ERR
+
+
+def quant_entries(result: dict) -> dict[str, dict]:
+    """The ``quant`` entries of an export's quantized live weights (weight -> entry), as
+    :class:`~edgeadapt.runtime.backends.executorch.store.ExecutorchStore` takes them."""
+    return {w: info["quant"] for w, info in result["weights"].items() if "quant" in info}
 
 
 def dequantized_rest(lm: LoadedModel, live_lm: LoadedModel, live_weights: list[str]

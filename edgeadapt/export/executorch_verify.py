@@ -88,12 +88,10 @@ def verify_export(live_lm: LoadedModel, out_dir: Path, result: dict) -> dict[str
 
     section, weights = result["section"], result["weights"]
     buffers = {w: info["buffer"] for w, info in weights.items()}
-    quant = {w: info["quant"] for w, info in weights.items() if "quant" in info}
-    tol = MAX_REL_ERR
-    if quant:
-        from edgeadapt.export.executorch_quant import QUANT_MAX_REL_ERR
+    from edgeadapt.export.executorch_quant import QUANT_MAX_REL_ERR, quant_entries
 
-        tol = QUANT_MAX_REL_ERR
+    quant = quant_entries(result)
+    tol = QUANT_MAX_REL_ERR if quant else MAX_REL_ERR
     shapes = {w: tuple(info["shape"]) for w, info in weights.items()}
     static = section["methods"].get("static")
     grid = ([tuple(int(v) for v in k.split("x")) for k in static] if static
