@@ -166,7 +166,11 @@ def test_random_sequences_restore_the_exported_codes_and_report_saturation(bundl
 
 
 def test_live_weights_are_the_dequantized_values(bundle):
+    """... and every other GEMM is XNNPACK's (the rest's quantized linears delegated)."""
     lm, out, g, _, _, _ = bundle
+    section = read_manifest(out).executorch
+    assert section["precision"] == g.name and section["undelegated_gemms"] == 0
+    assert section["repack"] is None
     rt = load(out, backend="executorch", mode="live")
     for n, w in rt.live_weights().items():
         want = g.dequantize(*g.quantize(lm.model.get_parameter(n).detach().numpy()))
