@@ -337,7 +337,7 @@ def decode_section(lm, generate_bundles: dict[str, Path], genai_dir: Path | None
                 cases[GENAI, f"int4 {case}"] = peer
             g_base = cases[GENAI, "int4 base"].logits(probe)
             g_lora = cases[GENAI, "int4 lora-adapter"].logits(probe)
-            section["parity"] = {
+            section["parity"] |= {
                 "ours_int4_vs_genai_int4": rel_error(logits["int4"], g_base),
                 "genai_lora_vs_genai_base": rel_error(g_lora, g_base),
                 "greedy_agree": _agree(cases[ours, "int4 base"].greedy(probe, 8),
