@@ -253,6 +253,7 @@ def generate_bundle(tmp_path_factory):
     return lm, out, {"big": big}, quantized_live_model(lm, live, "int4")[0]
 
 
+@pytest.mark.slow  # its decode-method export takes 100 s; the ONNX Runtime twin runs by default
 def test_quantized_decoder_generates_the_forwards_argmax(generate_bundle):
     """Greedy tokens through the int4 ``decode`` method (KV cache, edgeadapt's kernel on the
     codes), base and "big" fused, for a prompt whose next token the adapter changes: each is
