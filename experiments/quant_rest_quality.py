@@ -19,34 +19,15 @@ import click
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
+from edgeadapt.bench.quantized import constant_graph
 from edgeadapt.export.onnx_quant import constant_matmuls
-from edgeadapt.format import read_manifest
-from edgeadapt.format.layout import TRANSPOSED, to_backend
 from edgeadapt.format.quant import INT4, INT8
-from edgeadapt.graphs.blocked import unblock_live_matmuls
 from edgeadapt.models import load_model
 from edgeadapt.models.targets import target_weight_names
 from edgeadapt.runtime import load
 from edgeadapt.runtime.backends.onnxruntime.session import open_session, session_options
 from edgeadapt.tasks.registry import read_text
-
-
-def _constant_graph(bundle: Path, lm) -> onnx.ModelProto:
-    manifest = read_manifest(bundle)
-    proto = onnx.load(str(bundle / manifest.onnxruntime["file"]))
-    names = {w: e.onnxruntime["name"] for w, e in manifest.weights.items()}
-    renamed = unblock_live_matmuls(proto, list(names.values()))
-    inputs = {i.name: i for i in proto.graph.input}
-    for w, name in names.items():
-        name = renamed.get(name, name)
-        proto.graph.input.remove(inputs[name])
-        value = lm.model.get_parameter(w).detach().numpy()
-        proto.graph.initializer.append(numpy_helper.from_array(to_backend(value, TRANSPOSED),
-                                                               name))
-    del proto.graph.value_info[:]
-    return proto
 
 
 def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
@@ -95,7 +76,7 @@ def main(bundle: str, threads: int, json_path: str | None) -> None:
     rows = [{"variant": "fp32", "nll": _nll(ref, ids), "argmax_agree": 1.0}]
     body = {w: lm.model.get_parameter(w).detach().numpy()
             for w in target_weight_names(lm.model, "all")}
-    base = _constant_graph(Path(bundle), lm)
+    base = constant_graph(Path(bundle), lm)
     nodes = constant_matmuls(base, body)
     for name, model in variants(lambda: onnx.ModelProto.FromString(base.SerializeToString()),
                                 nodes):

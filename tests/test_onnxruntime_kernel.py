@@ -32,16 +32,12 @@ REASON = ok.unavailable()
 needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"kernel unavailable: {REASON}")
 
 
-def _op_session(k: int, n: int, rank: int, threads: int = 1, w_dims: list | None = None,
-                library: Path | None = None):
-    """A session of one ``y = BlockedMatMul(x, w)`` node, x of the given rank (the op from
-    ``library``, default the loaded one)."""
-    dims = [f"d{i}" for i in range(rank - 1)] + [k]
+def op_session(op: str, inputs: list, threads: int = 1, library: Path | None = None):
+    """A session of one ``y = edgeadapt.<op>(*inputs)`` node (``inputs``: their value infos),
+    the op from ``library`` (default: the loaded one). The quantized kernel's tests use it too."""
     graph = helper.make_graph(
-        [helper.make_node(KERNEL_OP, ["x", "w"], ["y"], domain=KERNEL_DOMAIN)], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims),
-         helper.make_tensor_value_info("w", TensorProto.FLOAT, w_dims or [n // 32, k, 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        [helper.make_node(op, [i.name for i in inputs], ["y"], domain=KERNEL_DOMAIN)], "g",
+        inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid(KERNEL_DOMAIN, 1)])
     model.ir_version = 9
@@ -52,6 +48,17 @@ def _op_session(k: int, n: int, rank: int, threads: int = 1, w_dims: list | None
         so.register_custom_ops_library(str(library))
     return ort.InferenceSession(model.SerializeToString(), so,
                                 providers=["CPUExecutionProvider"])
+
+
+def _op_session(k: int, n: int, rank: int, threads: int = 1, w_dims: list | None = None,
+                library: Path | None = None):
+    """A session of one ``y = BlockedMatMul(x, w)`` node, x of the given rank (the op from
+    ``library``, default the loaded one)."""
+    dims = [f"d{i}" for i in range(rank - 1)] + [k]
+    return op_session(KERNEL_OP, [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, dims),
+        helper.make_tensor_value_info("w", TensorProto.FLOAT, w_dims or [n // 32, k, 32])],
+        threads, library)
 
 
 @needs_kernel

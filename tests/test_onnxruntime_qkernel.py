@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
+from test_onnxruntime_kernel import op_session
 
 from edgeadapt.format.layout import BLOCKED, to_backend
 from edgeadapt.format.quant import INT4, INT8, Grid
-from edgeadapt.graphs.blocked import KERNEL_DOMAIN, QKERNEL_OP
+from edgeadapt.graphs.blocked import QKERNEL_OP
 from edgeadapt.runtime.backends.onnxruntime import kernel as ok
-from edgeadapt.runtime.backends.onnxruntime.session import session_options
 
 ort = pytest.importorskip("onnxruntime")
 REASON = ok.unavailable()
@@ -25,22 +25,11 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=f"kernel unavailable:
 
 def _session(k: int, rank: int, threads: int = 1, library: Path | None = None):
     dims = [f"d{i}" for i in range(rank - 1)] + [k]
-    graph = helper.make_graph(
-        [helper.make_node(QKERNEL_OP, ["x", "q", "s"], ["y"], domain=KERNEL_DOMAIN)], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims),
-         helper.make_tensor_value_info("q", TensorProto.INT8, ["nb", k, 32]),
-         helper.make_tensor_value_info("s", TensorProto.FLOAT, ["nb", "g", 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid(KERNEL_DOMAIN, 1)])
-    model.ir_version = 9
-    so = session_options(threads)
-    if library is None:
-        ok.register(so)
-    else:
-        so.register_custom_ops_library(str(library))
-    return ort.InferenceSession(model.SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
+    return op_session(QKERNEL_OP, [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, dims),
+        helper.make_tensor_value_info("q", TensorProto.INT8, ["nb", k, 32]),
+        helper.make_tensor_value_info("s", TensorProto.FLOAT, ["nb", "g", 32])],
+        threads, library)
 
 
 def _buffers(grid: Grid, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -99,18 +99,15 @@ def ensure_hybrid(work: Path, lm, precision: str) -> Path:
     return out
 
 
-def stock_session(fp32_bundle: Path, lm, precision: str, threads: int):
-    """ONNX Runtime's own quantized model of the same weights (module docstring): the fp32
-    bundle's graph, live weights made constants again, quantized whole by the backend's tool."""
+def constant_graph(fp32_bundle: Path, lm):
+    """The fp32 bundle's graph with its live weights constants again (``(in, out)``
+    initializers read by plain MatMuls, as torch's exporter writes a Linear), the value infos
+    the rewrites left stale dropped: the model a user of the backend would quantize."""
     import onnx
     from onnx import numpy_helper
 
-    from edgeadapt.export.onnx_quant import constant_matmuls, quantize_rest
     from edgeadapt.graphs.blocked import unblock_live_matmuls
-    from edgeadapt.models.targets import quantized_weight_names
-    from edgeadapt.runtime.backends.onnxruntime.session import open_session, session_options
 
-    model = lm.model
     manifest = read_manifest(fp32_bundle)
     proto = onnx.load(str(fp32_bundle / manifest.onnxruntime["file"]))
     names = {w: e.onnxruntime["name"] for w, e in manifest.weights.items()}
@@ -119,9 +116,23 @@ def stock_session(fp32_bundle: Path, lm, precision: str, threads: int):
     for w, name in names.items():
         name = renamed.get(name, name)
         proto.graph.input.remove(inputs[name])
-        value = model.get_parameter(w).detach().float().numpy()
+        value = lm.model.get_parameter(w).detach().float().numpy()
         proto.graph.initializer.append(numpy_helper.from_array(to_backend(value, TRANSPOSED),
                                                                name))
+    del proto.graph.value_info[:]
+    return proto
+
+
+def stock_session(fp32_bundle: Path, lm, precision: str, threads: int):
+    """ONNX Runtime's own quantized model of the same weights (module docstring): the fp32
+    bundle's graph, live weights made constants again (:func:`constant_graph`), quantized whole
+    by the backend's tool."""
+    from edgeadapt.export.onnx_quant import constant_matmuls, quantize_rest
+    from edgeadapt.models.targets import quantized_weight_names
+    from edgeadapt.runtime.backends.onnxruntime.session import open_session, session_options
+
+    model = lm.model
+    proto = constant_graph(fp32_bundle, lm)
     weights = {w: model.get_submodule(w.removesuffix(".weight")).weight.detach().float().numpy()
                for w in quantized_weight_names(model, lm.kind)}
     proto = quantize_rest(proto, constant_matmuls(proto, weights), precision)
