@@ -40,6 +40,7 @@ def test_sizes_and_restore_memory_follow_the_precision(report):
     positions = switch["fp32"]["restore_bytes"] / 12
     assert switch["int4"]["restore_bytes"] == switch["int8"]["restore_bytes"] == 9 * positions
     assert all(s["measured_over_floor"] > 0 for s in switch.values())
+    assert all(("numpy_scatter" in s) == s["native_scatter"] for s in switch.values())
 
 
 def test_lora_fused_on_codes_loses_most_of_a_small_delta(report):

@@ -30,7 +30,9 @@ All forward cases of a shape are interleaved round by round (:func:`edgeadapt.ti
 time_interleaved`); each ratio is the median of per-round ratios of one run. The switch: a
 full switch between two synthetic SHiRA adapters (a cached pair: one scatter of codes), timed
 with a 128 MiB copy before each (:class:`~edgeadapt.bench.floor.CopyProbe`), against the floor
-of :mod:`edgeadapt.bench.floor` for 1-byte codes (4-byte values in fp32).
+of :mod:`edgeadapt.bench.floor` for 1-byte codes (4-byte values in fp32), and the same switch
+written by numpy's fancy assignment instead of the native scatter (``numpy_scatter``,
+:mod:`edgeadapt.runtime.scatter`) in the same rounds.
 """
 
 from __future__ import annotations
@@ -267,8 +269,17 @@ def run(model: str, work: Path, threads: int, repeats: int, switch_repeats: int,
             rt.engine.switch(pair[state["k"] % 2])
             state["k"] += 1
 
-        samples = time_interleaved({"copy": probe, "switch": switch}, repeats=switch_repeats,
-                                   warmup=4)
+        def numpy_switch(rt=rt, switch=switch) -> None:  # the same with numpy's scatter
+            native, rt.engine.native_scatter = rt.engine.native_scatter, False
+            try:
+                switch()
+            finally:
+                rt.engine.native_scatter = native
+
+        cases = {"copy": probe, "switch": switch}
+        if rt.engine.native_scatter:
+            cases["switch-numpy"] = numpy_switch
+        samples = time_interleaved(cases, repeats=switch_repeats, warmup=4)
         live = rt.store.live_weights()
         codes = any(lw.codes is not None for lw in live.values())
         traffic = switch_traffic(
@@ -281,7 +292,12 @@ def run(model: str, work: Path, threads: int, repeats: int, switch_repeats: int,
                                **floor_ratios(samples["switch"],
                                               probe.bandwidth(samples["copy"]), traffic),
                                "restore_bytes": rt.restore_memory_bytes(),
-                               "saturated": sum(rt.engine.saturated.values())}
+                               "saturated": sum(rt.engine.saturated.values()),
+                               "native_scatter": rt.engine.native_scatter}
+        if "switch-numpy" in samples:  # what the native scatter saves, in the same rounds
+            report["switch"][p]["numpy_scatter"] = {
+                **Stats.of(samples["switch-numpy"]).as_dict(),
+                "native_over_numpy": Ratio.of(samples, "switch", "switch-numpy").as_dict()}
     report["lora_fused"] = lora_fused(runtimes, shapes_w, sha, switch_repeats)
     report["sizes"] = {p: {"bundle_bytes": _dir_bytes(bundles[p]),
                            "live_bytes": sum(lw.array.nbytes for lw in

@@ -32,7 +32,8 @@ a pair: the union positions ``U`` and the values of both states at ``U`` (``W_X[
 ``W_Y[U]``), so X -> Y and Y -> X are each a single scatter per weight afterwards, or a single
 scatter in all where the live arrays lie back to back in one block of memory (ONNX Runtime's
 arena, ExecuTorch's planned buffers: :func:`edgeadapt.runtime.pages.one_span`; positions
-offset into it, +8 bytes per union position). The values are
+offset into it, +8 bytes per union position); scatters run in native code that prefetches
+the lines ahead (:mod:`edgeadapt.runtime.scatter`, numpy without a compiler). The values are
 fixed because the base is: ``W_Y[U] = W0[U] + sum_k s_k * v_k`` (on Y's positions), ``W0[U]``
 elsewhere. Memory per cached pair: 16 bytes per union position (int64 position + two fp32
 values; 8 where the union is an adapter's own position array); the last ``plan_cache`` pairs
@@ -61,6 +62,7 @@ from edgeadapt.format.types import Adapter
 from edgeadapt.runtime.locks import ReadWriteLock
 from edgeadapt.runtime.pages import one_span
 from edgeadapt.runtime.prepared import PreparedAdapter, prepare_adapter
+from edgeadapt.runtime.scatter import native_scatter, scatter
 from edgeadapt.runtime.store import LiveWeight, WeightStore
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +157,9 @@ class SwitchEngine:
         self._key: tuple[tuple[PreparedAdapter, float], ...] = ()  # the active set, by identity
         self.plan_cache = PLAN_CACHE if plan_cache is None else int(plan_cache)
         self._pairs: list[_PairPlan] = []  # least recently used first
+        #: whether switches write through edgeadapt's native scatter (built now, not at the
+        #: first switch) or numpy's fancy assignment (no C++ compiler; or set False)
+        self.native_scatter = native_scatter()
         if verify_base:
             self.verify_base()
 
@@ -400,12 +405,12 @@ class SwitchEngine:
         """Write every plan; returns copies of the densely rewritten arrays (sparse plans carry
         their old values)."""
         if sw.scatter is not None:
-            self._span[0][sw.scatter[0]] = sw.scatter[1]
+            scatter(self._span[0], sw.scatter[0], sw.scatter[1], self.native_scatter)
             return {}
         undo: dict[str, np.ndarray] = {}
         for name, plan in sw.plans.items():
             if plan.full is None:
-                self._flat[name][plan.union] = plan.vals
+                scatter(self._flat[name], plan.union, plan.vals, self.native_scatter)
             else:
                 arr = self.live[name].array
                 undo[name] = arr.copy()
@@ -414,11 +419,11 @@ class SwitchEngine:
 
     def _write_back(self, sw: _Switch, undo: dict[str, np.ndarray]) -> None:
         if sw.scatter is not None:
-            self._span[0][sw.scatter[0]] = sw.scatter[2]
+            scatter(self._span[0], sw.scatter[0], sw.scatter[2], self.native_scatter)
             return
         for name, plan in sw.plans.items():
             if plan.full is None:
-                self._flat[name][plan.union] = plan.old
+                scatter(self._flat[name], plan.union, plan.old, self.native_scatter)
             else:
                 np.copyto(self.live[name].array, undo[name])
 

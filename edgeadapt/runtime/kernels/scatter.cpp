@@ -1,0 +1,48 @@
+// edgeadapt's switch scatter: dst[pos[i]] = val[i] for i < m, elements of 1, 2, 4 or 8 bytes
+// copied bit for bit (fp32 weights, int8 codes, ...). Plain C ABI, loaded with ctypes by
+// edgeadapt/runtime/scatter.py (which releases the GIL for the call).
+//
+// A switch writes a few hundred thousand scattered positions, sorted ascending, into weights of
+// hundreds of MB: each write is a cache line fetched from memory, and numpy's fancy assignment
+// waits for them one by one. Here the line of pos[i + AHEAD] is prefetched for writing while
+// pos[i] is stored, so about AHEAD line fetches are in flight at once.
+//
+// Memory safety: a position outside [0, n) is skipped and counted (the caller raises); the
+// caller checks the range of a sorted array before the call, so nothing is written then.
+#include <cstdint>
+
+namespace {
+
+constexpr int64_t AHEAD = 32;
+
+template <typename T>
+int64_t scatter(T* dst, int64_t n, const int64_t* pos, const T* val, int64_t m) {
+  int64_t skipped = 0;
+  const uint64_t un = static_cast<uint64_t>(n);
+  for (int64_t i = 0; i < m; ++i) {
+    if (i + AHEAD < m) {
+      const uint64_t ahead = static_cast<uint64_t>(pos[i + AHEAD]);
+      if (ahead < un) __builtin_prefetch(dst + ahead, 1, 0);
+    }
+    const uint64_t p = static_cast<uint64_t>(pos[i]);
+    if (p >= un) {
+      ++skipped;
+      continue;
+    }
+    dst[p] = val[i];
+  }
+  return skipped;
+}
+
+}  // namespace
+
+extern "C" int64_t edgeadapt_scatter(void* dst, int64_t n, const int64_t* pos, const void* val,
+                                     int64_t m, int64_t itemsize) {
+  switch (itemsize) {
+    case 1: return scatter(static_cast<uint8_t*>(dst), n, pos, static_cast<const uint8_t*>(val), m);
+    case 2: return scatter(static_cast<uint16_t*>(dst), n, pos, static_cast<const uint16_t*>(val), m);
+    case 4: return scatter(static_cast<uint32_t*>(dst), n, pos, static_cast<const uint32_t*>(val), m);
+    case 8: return scatter(static_cast<uint64_t*>(dst), n, pos, static_cast<const uint64_t*>(val), m);
+    default: return -1;
+  }
+}

@@ -1,0 +1,72 @@
+"""The switch's scatter ``dst[pos] = vals``, in native code where a compiler is at hand.
+
+A cached switch is one scatter of a few hundred thousand sorted positions into hundreds of MB
+of weights (:mod:`edgeadapt.runtime.engine`): each store is a cache line fetched from memory.
+numpy's fancy assignment issues them one by one; ``kernels/scatter.cpp`` prefetches the line
+of ``pos[i + 32]`` while it stores ``pos[i]``, and ctypes releases the GIL for the call, so
+Python threads (a decoding conversation's sampler) go on meanwhile. Elements of 1, 2, 4 or 8
+bytes are copied bit for bit. Without a C++ compiler (and nothing built) numpy does it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import numpy as np
+
+from edgeadapt.runtime import native
+
+log = logging.getLogger(__name__)
+
+SOURCE = native.KERNELS / "scatter.cpp"
+
+
+def _library_path():
+    return native.build(SOURCE, "libedgeadapt_scatter.so", needed_for="the native switch "
+                        "scatter", hint="; numpy's fancy assignment is used instead")
+
+
+_LIBRARY = native.Library(_library_path)
+_FN: list = []  # the bound edgeadapt_scatter, once loaded
+
+
+def native_scatter() -> bool:
+    """Whether :func:`scatter` runs native code (building and loading it on the first call)."""
+    if _FN:
+        return True
+    why = _LIBRARY.unavailable()
+    if why is not None:
+        log.debug("native scatter unavailable: %s", why)
+        return False
+    fn = _LIBRARY.loaded[1].edgeadapt_scatter
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int64, ctypes.c_int64]
+    _FN[:] = [fn]
+    return True
+
+
+def scatter(dst: np.ndarray, pos: np.ndarray, vals: np.ndarray, native: bool = True) -> None:
+    """``dst[pos] = vals`` for a 1-D ``dst`` and int64 ``pos`` sorted ascending.
+
+    IndexError (nothing written) if a position lies outside ``dst``. ``native=False``, or
+    arrays the kernel does not take (non-contiguous, other dtypes, unusual item sizes), use
+    numpy's fancy assignment, with the same result.
+    """
+    if pos.size == 0:
+        return
+    if pos[0] < 0 or pos[-1] >= dst.shape[0]:
+        raise IndexError(f"scatter positions {int(pos[0])}..{int(pos[-1])} outside a buffer of "
+                         f"{dst.shape[0]} elements")
+    if (native and dst.ndim == 1 and dst.flags.c_contiguous and dst.flags.writeable
+            and pos.dtype == np.int64 and pos.flags.c_contiguous and vals.dtype == dst.dtype
+            and vals.flags.c_contiguous and vals.shape == pos.shape
+            and dst.itemsize in (1, 2, 4, 8) and native_scatter()):
+        skipped = _FN[0](dst.ctypes.data, dst.shape[0], pos.ctypes.data, vals.ctypes.data,
+                         pos.size, dst.itemsize)
+        if skipped:  # only an unsorted ``pos`` gets past the range check above
+            raise IndexError(f"scatter: {skipped} positions outside the buffer were skipped "
+                             "(positions must be sorted)")
+        return
+    dst[pos] = vals
