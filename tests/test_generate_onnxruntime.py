@@ -150,9 +150,9 @@ def test_switch_during_a_reply_reprefills(exported):
 
 def test_a_switch_during_a_prefill_never_waits_and_starts_it_over(exported, monkeypatch):
     """Prefill chunks of 3 tokens, each run optimistically: a switch made while chunk 2 runs
-    completes at once (it does not wait for the chunk), chunk 2 is found torn, and the
-    prefill starts over under the new adapter: the reply equals transformers' under s2 alone,
-    one rebuild counted."""
+    completes at once (it does not wait for the chunk) and cancels it (ONNX Runtime's run is
+    terminated and raises), and the prefill starts over under the new adapter: the reply
+    equals transformers' under s2 alone, one rebuild counted."""
     from edgeadapt.runtime import generate as gen_module
 
     lm, bundle = exported
@@ -161,22 +161,27 @@ def test_a_switch_during_a_prefill_never_waits_and_starts_it_over(exported, monk
     rt.switch("s1")
     chat = rt.conversation()
     decoder = rt.conversation()._gen.decoder
-    step, calls = decoder.step, []
+    step, calls, terminated = decoder.step, [], []
 
-    def spy(ids, cache):
+    def spy(ids, cache, window):
         calls.append((ids.shape[1], rt.active))
         if len(calls) == 2:  # chunk 2 is running: another thread switches, not waiting
             switcher = threading.Thread(target=rt.switch, args=("s2",))
             switcher.start()
             switcher.join(timeout=30)
             assert not switcher.is_alive()
-        return step(ids, cache)
+        try:
+            return step(ids, cache, window)
+        except Exception as exc:
+            terminated.append(str(exc))
+            raise
 
     monkeypatch.setattr(decoder, "step", spy)
     out = chat.send(PROMPT, max_new_tokens=4)  # 7 tokens: chunks of 3, 3, 1
     assert [c[1] for c in calls[:3]] == [("s1",), ("s1",), ("s2",)]
     assert [c[0] for c in calls[:5]] == [3, 3, 3, 3, 1]  # chunk 2 torn: the prefill again
     assert out.ids == hf_greedy(lm, bundle, "s2", PROMPT, 4) and out.reprefills == 1
+    assert len(terminated) == 1 and "terminate" in terminated[0]
 
 
 def test_switches_faster_than_a_step_cannot_starve_a_conversation(exported, monkeypatch):
@@ -190,9 +195,9 @@ def test_switches_faster_than_a_step_cannot_starve_a_conversation(exported, monk
     decoder = rt.conversation()._gen.decoder
     step = decoder.step
 
-    def slow(ids, cache):
+    def slow(ids, cache, *window):
         threading.Event().wait(0.005)
-        return step(ids, cache)
+        return step(ids, cache, *window)
 
     monkeypatch.setattr(decoder, "step", slow)
     stop, flips = threading.Event(), []

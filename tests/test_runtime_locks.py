@@ -87,3 +87,34 @@ def test_optimistic_runs_never_hold_a_writer_off_and_see_it_came():
     assert order == ["write", ("run", 2)]
     with lock.shared() as w:
         assert w.epoch == 2 and w.intact()
+
+
+def test_a_write_cancels_the_optimistic_runs_in_flight_once():
+    """Hooks of open windows are called as the exclusive section begins (before its body),
+    once; a hook given to a window already torn is called at once; a closed window's hooks
+    and a shared run's are never called."""
+    lock = ReadWriteLock()
+    calls = []
+    with lock.optimistic() as done:
+        done.on_cancel(lambda: calls.append("closed"))
+    with lock.exclusive():  # no window open: nothing cancelled
+        pass
+    assert calls == []
+    with lock.optimistic() as window:
+        window.on_cancel(lambda: calls.append("a"))
+        window.on_cancel(lambda: calls.append("b"))
+        seen = []
+
+        def write() -> None:
+            with lock.exclusive():
+                seen.append(list(calls))  # the hooks ran before the write's body
+
+        t = threading.Thread(target=write)
+        t.start()
+        t.join(10)
+        assert seen == [["a", "b"]] and calls == ["a", "b"]
+        window.on_cancel(lambda: calls.append("late"))  # torn already: called now
+        assert calls == ["a", "b", "late"]
+        with lock.exclusive():  # a second write does not call them again
+            pass
+        assert calls == ["a", "b", "late"]

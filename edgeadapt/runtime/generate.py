@@ -63,7 +63,9 @@ class Decoder(Protocol):
 
     # optional: ``optimistic = True`` where a switch may write the live weights while a step
     # runs without harm beyond the step's own results (no buffer freed, moved or repacked):
-    # steps then never hold a switch off, and a step a switch overlapped is redone
+    # steps then never hold a switch off, and a step a switch overlapped is redone. Such a
+    # decoder's ``step(ids, cache, window)`` takes the run's locks.Window and stops early
+    # (raising) once a switch cancels it (Window.on_cancel)
 
 
 @dataclass(frozen=True)
@@ -330,7 +332,15 @@ class Conversation:
                         start = self._cached
                         chunk = np.asarray([tokens[start:start + PREFILL_CHUNK]],
                                            dtype=np.int64)
-                        logits, self._cache = decoder.step(chunk, self._cache)
+                        try:
+                            logits, self._cache = (decoder.step(chunk, self._cache, window)
+                                                   if optimistic else
+                                                   decoder.step(chunk, self._cache))
+                        except Exception:
+                            if window.intact():
+                                raise
+                            logits = None  # terminated by the switch (Window.on_cancel)
+                            break
                         self._cached = start + chunk.shape[1]
                         if not holding or self._cached >= len(tokens):
                             break

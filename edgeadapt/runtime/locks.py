@@ -5,7 +5,7 @@ afterwards whether one began under them."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from edgeadapt.timer import stopwatch
@@ -16,11 +16,22 @@ class Window:
 
     def __init__(self, lock: ReadWriteLock, epoch: int) -> None:
         self._lock, self.epoch = lock, epoch
+        self._cancels: list[Callable[[], None]] = []
 
     def intact(self) -> bool:
         """No exclusive section has begun since the run started (the epoch moves as one
         begins, before it writes)."""
         return self._lock.epoch == self.epoch
+
+    def on_cancel(self, cancel: Callable[[], None]) -> None:
+        """Have ``cancel`` called (once, from the switching thread) when an exclusive section
+        begins while this window is open: the run's result is lost anyway, so stopping it
+        early hands its cores to the write (e.g. ONNX Runtime's ``RunOptions.terminate``)."""
+        with self._lock._cond:
+            if self.intact():
+                self._cancels.append(cancel)
+                return
+        cancel()
 
 
 class ReadWriteLock:
@@ -33,7 +44,9 @@ class ReadWriteLock:
     the thread holding it (the runtime's switch holds it around the engine's).
 
     ``epoch`` counts the exclusive sections entered so far: read while holding ``shared`` it
-    names the weight state the run sees (a KV cache built under another epoch is stale).
+    names the weight state the run sees (a KV cache built under another epoch is stale). An
+    exclusive section, as it begins, calls the cancel hooks of the optimistic runs in flight
+    (:meth:`Window.on_cancel`), so the write does not share the cores with work it voids.
     ``last_exclusive`` is (seconds the last exclusive section waited for the runs in flight,
     seconds it was held): what a switch cost the runs, apart from what the runs cost it.
     """
@@ -44,6 +57,7 @@ class ReadWriteLock:
         self._writer = False
         self._writers_waiting = 0
         self._update = threading.RLock()
+        self._windows: set[Window] = set()  # open optimistic windows
         self.epoch = 0
         self.last_exclusive: tuple[float, float] | None = None
 
@@ -74,7 +88,12 @@ class ReadWriteLock:
             while self._writer:
                 self._cond.wait()
             window = Window(self, self.epoch)
-        yield window
+            self._windows.add(window)
+        try:
+            yield window
+        finally:
+            with self._cond:
+                self._windows.discard(window)
 
     @contextmanager
     def update(self) -> Iterator[None]:
@@ -93,6 +112,11 @@ class ReadWriteLock:
                 self._writers_waiting -= 1
             self._writer = True
             self.epoch += 1
+            cancels = [c for w in self._windows for c in w._cancels]
+            for w in self._windows:
+                w._cancels = []
+        for cancel in cancels:  # the optimistic runs in flight are torn now: stop them
+            cancel()
         wait_s, held = waited(), stopwatch()
         try:
             yield

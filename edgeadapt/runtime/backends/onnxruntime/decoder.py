@@ -33,6 +33,7 @@ from edgeadapt.runtime.backends.onnxruntime.session import (
     session_options,
     thread_binding,
 )
+from edgeadapt.runtime.locks import Window
 from edgeadapt.runtime.store import LiveWeight
 
 #: the cache form this session runs (bundle.json ``onnxruntime.decoder.cache``: buffers of any
@@ -189,11 +190,17 @@ class OrtDecoder:
             self._branches.bind(self._local, b)
         return b
 
-    def step(self, ids: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+    def step(self, ids: np.ndarray, cache: KVCache, window: Window | None = None
+             ) -> tuple[np.ndarray, KVCache]:
         """Logits (1, seq, vocab) of the new tokens ``ids`` (int64 (1, seq)) after the
         ``cache.length`` positions of ``cache``, whose buffers receive the new positions in
         place (``cache`` is returned, its length advanced). The logits are a view of ONNX
-        Runtime's output of this run (each run allocates a new one)."""
+        Runtime's output of this run (each run allocates a new one).
+
+        window: an optimistic run's window (:meth:`~edgeadapt.runtime.locks.ReadWriteLock.
+        optimistic`): a switch that begins during the run terminates it (``RunOptions.
+        terminate``; ONNX Runtime stops between nodes and raises), its result being void
+        anyway; the caller drops the cache (partly written) and redoes the step."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[0] != 1:
             raise ConfigError(f"decoder step: ids of shape {ids.shape}; one conversation "
@@ -207,7 +214,15 @@ class OrtDecoder:
                                         strict=True):
             b.bind_ortvalue_input(past, value)
             b.bind_ortvalue_output(present, value)
-        self.session.run_with_iobinding(b)
+        options = None
+        if window is not None:
+            options = self._ort.RunOptions()
+            window.on_cancel(lambda: setattr(options, "terminate", True))
+        try:
+            self.session.run_with_iobinding(b, options)
+        except Exception:
+            b.clear_binding_outputs()
+            raise
         logits = b.get_outputs()[0].numpy()
         b.clear_binding_outputs()
         cache.length += ids.shape[1]
