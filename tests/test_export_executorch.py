@@ -107,7 +107,11 @@ def test_weight_left_linear_is_the_linear():
         apply_live_form(model, ["0"], "diagonal")
 
 
-@pytest.mark.parametrize("form", ["linear", "weight-left", "own-kernel"])
+# own-kernel is the default form (with a compiler); the other two, 80 s of export, run in
+# make test-slow
+@pytest.mark.parametrize("form", [pytest.param("linear", marks=pytest.mark.slow),
+                                  pytest.param("weight-left", marks=pytest.mark.slow),
+                                  "own-kernel"])
 def test_live_forms_export_edit_and_delegate(tmp_path, form):
     """Every form of the live linears: verified against PyTorch before and after edits through
     get_attribute (inside export_pte), every GEMM inside an XNNPACK delegate, and a SHiRA edit
