@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgeadapt.adapters import ShiraConfig, apply_adapter_torch, attach, extract
+from edgeadapt.adapters import LoraConfig, LoraLinear, ShiraConfig, attach, extract
 from edgeadapt.adapters.reference import carrying
 from edgeadapt.errors import ConfigError
 from edgeadapt.format.quant import grid
@@ -134,10 +134,11 @@ def test_quantize_reference_follows_the_policy(name):
         quantize_reference_(lm, "int2", live=live)
 
 
-def _shira_adapter(lm, seed: int, targets: str = "qv"):
-    """A SHiRA adapter with random values on ``lm``'s base (lm is left as it was)."""
+def _shira_adapter(lm, seed: int, targets: str = "qv", config=None):
+    """A SHiRA adapter (or one of ``config``) with random values on ``lm``'s base (lm is left
+    as it was)."""
     trained = load_model(lm.name)
-    attach(trained.model, ShiraConfig(targets=targets, density=0.05, seed=seed))
+    attach(trained.model, config or ShiraConfig(targets=targets, density=0.05, seed=seed))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in trained.model.parameters():
@@ -169,9 +170,12 @@ def test_shira_on_codes_sums_before_rounding_and_restores():
     flat[idx] = g.requantize(flat[idx], g.scale_at(scales, codes.shape, idx), delta)[0]
     assert np.array_equal(got.numpy().reshape(-1), flat)
     np.testing.assert_array_equal(deq.numpy(), g.dequantize(flat.reshape(codes.shape), scales))
-    lora = load_model("tiny-smollm2")
-    from edgeadapt.adapters import LoraConfig
-
-    attach(lora.model, LoraConfig(r=2))
-    with pytest.raises(ConfigError, match="unfused"):
-        apply_adapter_torch(lm.model, extract(lora.model))
+    lora = _shira_adapter(lm, 3, config=LoraConfig(targets="qv", r=2))
+    with carrying(lm, lora) as ref:  # LoRA runs unfused beside the codes: a layer inserted
+        layer = ref.model.get_submodule(name.removesuffix(".weight"))
+        x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+        A, B = (torch.from_numpy(t) for t in (lora.targets[name].A, lora.targets[name].B))
+        assert isinstance(layer, LoraLinear) and torch.equal(layer.quant.codes, base[name])
+        torch.testing.assert_close(layer(x), x @ deq.new_tensor(
+            g.dequantize(codes, scales)).T + (x @ A.T) @ B.T, rtol=1e-5, atol=1e-6)
+    assert not any(isinstance(m, LoraLinear) for m in lm.model.modules())

@@ -13,7 +13,7 @@ from torch import nn
 
 from edgeadapt.adapters.base import AdaptedLinear, AdapterConfig, adapted_layers, replace_module
 from edgeadapt.adapters.lora.config import LoraConfig
-from edgeadapt.adapters.lora.model import attach_lora, fuse_lora, lora_delta
+from edgeadapt.adapters.lora.model import attach_lora, fuse_lora, insert_lora, lora_delta
 from edgeadapt.adapters.shira.config import ShiraConfig
 from edgeadapt.adapters.shira.model import (
     attach_shira,
@@ -147,8 +147,9 @@ def apply_adapter_torch(model: nn.Module, adapter: Adapter, scale: float = 1.0) 
     place: SHiRA ``W.flat[idx] += scale * v``; LoRA / SoRA ``W += scale * B @ A``; SiRA inserts
     SiRA layers (numpy weights, B multiplied by scale) in place of the target nn.Linear layers.
     On a quantized target (``edgeadapt.models.quantized.quantize_reference_``) SHiRA requantizes the
-    codes (``q' = clip(rint((q s + scale v) / s))``, the base's scales) and LoRA / SoRA are
-    refused (ConfigError: they run unfused on a quantized base).
+    codes (``q' = clip(rint((q s + scale v) / s))``, the base's scales) and LoRA / SoRA insert
+    :class:`~edgeadapt.adapters.lora.layer.LoraLinear` layers (unfused: ``y = x Wq^T + b +
+    scale x A^T B^T``, as the runtime runs them on a quantized base).
 
     ``adapter.scale`` is not applied: pass it as ``scale`` if wanted. A task head
     (``adapter.head``) replaces the model's head weight and is never scaled.
@@ -178,18 +179,16 @@ def apply_adapter_torch(model: nn.Module, adapter: Adapter, scale: float = 1.0) 
         quant = getattr(module, "quant", None)
         if quant is not None and isinstance(delta, ShiraDelta):  # a switch on codes
             quant.requantize_(delta.indices, scale * np.asarray(delta.values, np.float32))
-        elif quant is not None and not isinstance(delta, SiraBranch):
-            raise ConfigError(f"adapter target {wname!r} is quantized: a {adapter.method} "
-                              "adapter runs unfused there (attach it, then quantize_reference_)")
+        elif isinstance(delta, SiraBranch) or (quant is not None and isinstance(delta, LoraDelta)):
+            if not isinstance(module, nn.Linear):  # a layer inserted: unfused
+                raise TargetMismatchError(f"{adapter.method} target {mname!r} is a "
+                                          f"{type(module).__name__}, not an nn.Linear")
+            insert = insert_sira if isinstance(delta, SiraBranch) else insert_lora
+            replace_module(model, mname, insert(module, delta, scale))
         elif isinstance(delta, ShiraDelta):
             fuse_shira(weight, delta, scale)
         elif isinstance(delta, LoraDelta):
             fuse_lora(weight, delta, scale)
-        elif isinstance(delta, SiraBranch):
-            if not isinstance(module, nn.Linear):
-                raise TargetMismatchError(f"SiRA target {mname!r} is a "
-                                          f"{type(module).__name__}, not an nn.Linear")
-            replace_module(model, mname, insert_sira(module, delta, scale))
         else:
             raise AdapterFormatError(f"adapter target {wname!r}: unknown delta type "
                                      f"{type(delta).__name__}")

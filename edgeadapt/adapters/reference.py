@@ -17,7 +17,9 @@ applied last to first.
 On a quantized reference (:func:`edgeadapt.models.quantized.quantize_reference_`) SHiRA adapters
 edit the codes as a switch on codes does: the scaled values of every adapter are added first,
 ``d = sum_i s_i v_i``, then rounded once, ``q' = clip(rint((q s + d) / s))`` with the base's
-scales (``Grid.requantize``); :func:`carrying` saves and restores the codes too.
+scales (``Grid.requantize``); :func:`carrying` saves and restores the codes too. LoRA / SoRA
+run there unfused, as the runtime runs them: ``y = x Wq^T + b + s x A^T B^T`` (layers
+inserted, like SiRA's).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import nn
 
 from edgeadapt.adapters.api import apply_adapter_torch
 from edgeadapt.errors import ConfigError
-from edgeadapt.format.types import Adapter, ShiraDelta, SiraBranch
+from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta, SiraBranch
 from edgeadapt.models import LoadedModel, forward
 from edgeadapt.models.quantized import weight_quants
 
@@ -109,16 +111,19 @@ def carrying(lm: LoadedModel, adapters: Adapters,
 
     Adapters that only edit weights (SHiRA, LoRA, SoRA, heads) are applied to ``lm`` in place,
     every tensor they touch saved before and copied back after (bit for bit); an adapter that
-    inserts layers (SiRA) gets a :func:`reference_model` copy instead.
+    inserts layers (SiRA; LoRA / SoRA on a quantized reference) gets a :func:`reference_model`
+    copy instead.
     """
     pairs = _listed(adapters, scales)
-    if any(isinstance(d, SiraBranch) for a, _ in pairs for d in a.targets.values()):
+    quants = weight_quants(lm.model)
+    if any(isinstance(d, SiraBranch) or (isinstance(d, LoraDelta) and n in quants)
+           for a, _ in pairs for n, d in a.targets.items()):
         yield reference_model(lm, [a for a, _ in pairs], [s for _, s in pairs])
         return
     params = dict(lm.model.named_parameters())
     touched = {n for a, _ in pairs for n in (*a.targets, *a.head)}
     saved = {n: params[n].detach().clone() for n in sorted(touched) if n in params}
-    quants = {n: q for n, q in weight_quants(lm.model).items() if n in touched}
+    quants = {n: q for n, q in quants.items() if n in touched}
     codes = {n: q.codes.clone() for n, q in quants.items()}
     try:
         apply_adapters(lm.model, [a for a, _ in pairs], [s for _, s in pairs])

@@ -6,8 +6,9 @@ Checks, before anything is written: every weight the adapter touches is adaptabl
 bundle's base (a run's or an ``.eadp``'s per-weight sha256, FingerprintMismatchError; a PEFT
 adapter, which stores no hash, by what can be checked:
 :func:`edgeadapt.format.peft_match.peft_to_adapter`). SiRA adapters (and LoRA / SoRA with
-``unfused=True``) need a graph variant carrying the branches; it is exported into the bundle
-the first time it is needed and recorded under ``variants`` in bundle.json.
+``unfused=True``, by default on a quantized ONNX Runtime base) need a graph variant carrying the
+branches; it is exported into the bundle the first time it is needed, on the base's grid
+(``--weights``), and recorded under ``variants`` in bundle.json.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ from edgeadapt.format.run_dir import INFO_FILE
 from edgeadapt.format.types import Adapter, LoraDelta, SiraBranch
 
 log = logging.getLogger("edgeadapt.export")
+#: the backends whose graph variants run on a quantized base (its codes + scales beside fp32
+#: branches; docs/quantized.md)
+QUANTIZED_VARIANTS = ("onnxruntime",)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -152,11 +156,14 @@ def ensure_variant(bundle: Path, manifest: Manifest, branch: tuple, check: bool 
         if model is not None:
             log.info("--model %s not used: graph variant %s is in the bundle already", model, key)
         return key
-    quantized = [f for f in redo if (getattr(manifest, f) or {}).get("precision", "fp32")
-                 != "fp32"]
-    if quantized:  # the exporters would lower an fp32 variant beside quantized codes
-        raise ConfigError(f"graph variants (unfused branches) of a quantized bundle are not "
-                          f"supported yet ({', '.join(quantized)})")
+    refused = [f for f in redo if f not in QUANTIZED_VARIANTS and precision_of(manifest, f)
+               != "fp32"]
+    if refused:
+        raise ConfigError(
+            f"{', '.join(refused)} graph variants (unfused LoRA / SiRA) of a quantized bundle "
+            f"are not supported yet (its program is {precision_of(manifest, refused[0])}); on a "
+            f"quantized base they run on {', '.join(QUANTIZED_VARIANTS)}: export the base "
+            "with --backends onnxruntime to run them")
     lm = reload_base(bundle, manifest, model)  # the live weights' sha256 checked
     live = list(manifest.weights)
     if redo:
@@ -168,8 +175,25 @@ def ensure_variant(bundle: Path, manifest: Manifest, branch: tuple, check: bool 
         base = manifest.onnxruntime["decoder"]
         manifest.variants[key]["onnxruntime"]["decoder"] = export_onnx_decoder(
             lm, bundle, live, max_context=int(manifest.extra["generate"]["max_context"]),
-            expected=base["weights"], check=check, branch=branch)["section"]
+            expected=base["weights"], check=check, branch=branch,
+            precision=base.get("precision", "fp32"))["section"]
     return key
+
+
+def precision_of(manifest: Manifest, backend: str) -> str:
+    """The precision (``fp32``, ``int8``, ``int4``) the bundle's ``backend`` base was exported
+    with (``--weights``); its graph variants are exported with it."""
+    return str((getattr(manifest, backend) or {}).get("precision", "fp32"))
+
+
+def lora_unfused_by_default(manifest: Manifest) -> bool:
+    """Whether a LoRA / SoRA adapter gets a graph variant when ``export_adapter`` is not told
+    (``unfused=None``): where the base is quantized and every backend of the bundle runs
+    quantized variants. Fused on codes, a LoRA re-quantizes every touched matrix and 90-100%
+    of ``B A`` rounds away (docs/quantized.md)."""
+    backends = _backends(manifest)
+    return any(precision_of(manifest, b) != "fp32" for b in backends) and all(
+        b in QUANTIZED_VARIANTS for b in backends)
 
 
 def _needs_decoder(manifest: Manifest, key: str, redo: list[str]) -> bool:
@@ -189,8 +213,13 @@ def _export_variant(lm: Any, bundle: Path, manifest: Manifest, key: str, branch:
     ``manifest.variants`` (:func:`ensure_variant`)."""
     live = list(manifest.weights)
     others = [f for f in redo if not (static and f == "executorch")]
-    results = run_exporters(lm, bundle, live, others, branch=branch, check=check) if others \
-        else {}
+    groups: dict[str, list[str]] = {}  # each backend's variant on its base's grid
+    for fmt in others:
+        groups.setdefault(precision_of(manifest, fmt), []).append(fmt)
+    results = {}
+    for precision, fmts in groups.items():
+        results |= run_exporters(lm, bundle, live, fmts, branch=branch, check=check,
+                                 precision=precision)
     if static:  # run_exporters has no say in the shapes: call the ExecuTorch exporter here
         exporter = backend_exporter("executorch")
         if exporter is not None:
@@ -236,7 +265,7 @@ def _static_of(variant: dict[str, Any]) -> set[tuple[int, int]] | None:
 
 
 def export_adapter(source: str | Path, bundle: str | Path, name: str,
-                   value_dtype: str | None = None, *, unfused: bool = False,
+                   value_dtype: str | None = None, *, unfused: bool | None = None,
                    check: bool = True, pte_shapes: list[tuple[int, int]] | None = None,
                    force_base: bool = False, model: str | Path | None = None) -> Path:
     """Write ``bundle/adapters/<name>.eadp`` from ``source`` and register it in
@@ -248,7 +277,9 @@ def export_adapter(source: str | Path, bundle: str | Path, name: str,
         ``.eadp`` source keeps its own, the others get ``float16``. A warning is logged when the
         rounding changes a target's delta by more than ``ROUNDING_WARN`` (relative).
     unfused: for LoRA / SoRA, also export (once) a graph variant with LoRA branches, so the
-        adapter can run without weight edits. SiRA always gets its variant.
+        adapter can run without weight edits. None: only on a quantized base whose backends
+        run quantized variants (:func:`lora_unfused_by_default`); a LoRA / SoRA left fused on
+        a quantized base is logged as a warning. SiRA always gets its variant.
     pte_shapes: (batch, seq) shapes SiRA's static-shape ExecuTorch variant is lowered for
         (default 1x1, 1 x max_seq, max_batch x max_seq); see :func:`ensure_variant`.
     force_base: PEFT sources only: accept a ``base_model_name_or_path`` other than the
@@ -266,6 +297,14 @@ def export_adapter(source: str | Path, bundle: str | Path, name: str,
     manifest = read_manifest(bundle)
     adapter, own_dtype = source_adapter(source, bundle, manifest, force_base)
     value_dtype = value_dtype or own_dtype
+    lora = adapter.method in ("lora", "sora")
+    if unfused is None:
+        unfused = lora and lora_unfused_by_default(manifest)
+    if lora and not unfused and any(precision_of(manifest, b) != "fp32"
+                                    for b in _backends(manifest)):
+        log.warning("adapter %r (%s) fuses on the quantized base's codes: every touched matrix "
+                    "is re-quantized and most of B A rounds away (docs/quantized.md); run it "
+                    "unfused (--unfused, ONNX Runtime)", name, adapter.method)
     branch = branch_for(adapter, unfused)
 
     # The file first (its encoding refuses non-finite or overflowing values, before a variant

@@ -78,8 +78,9 @@ def export_base_cmd(model: str, out: str, backends: str, targets: str, num_label
 @click.option("--dtype", "--value-dtype", "value_dtype", default=None,
               type=click.Choice(["float16", "bfloat16", "float32"]),
               help="stored value dtype [default: float16; an .eadp keeps its own]")
-@click.option("--unfused", is_flag=True,
-              help="LoRA/SoRA: also export a graph variant with LoRA branches")
+@click.option("--unfused/--fused", default=None,
+              help="LoRA/SoRA: also export a graph variant with LoRA branches (--unfused) or "
+                   "not [default: unfused on a quantized ONNX Runtime base only]")
 @click.option("--no-check", is_flag=True, help="skip parity checks of new graph variants")
 @click.option("--force-base", is_flag=True,
               help="PEFT adapters: accept a base_model_name_or_path other than the bundle's "
@@ -90,7 +91,7 @@ def export_base_cmd(model: str, out: str, backends: str, targets: str, num_label
                    "export a graph variant (SiRA, --unfused); its config.json and weights must "
                    "hash as bundle.json records")
 def export_adapter_cmd(source: str, bundle: str, name: str, value_dtype: str | None,
-                       unfused: bool, no_check: bool, force_base: bool,
+                       unfused: bool | None, no_check: bool, force_base: bool,
                        model: str | None) -> None:
     """Add an adapter to a bundle as adapters/<name>.eadp. PATH: an edgeadapt training run, a
     Hugging Face PEFT adapter directory (LoRA or SHiRA, adapter_model.safetensors) or an

@@ -87,7 +87,9 @@ def export_onnx(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         ``"quant": {"grid", "scales", "scales_shape"}`` and the parity check compares with
         the PyTorch model carrying the dequantized weights (``onnx_quant.QUANT_RTOL``: the
         graph's MatMulNBits run with float activations, ``onnx_quant.float_activations``),
-        its in-place edit made on the codes.
+        its in-place edit made on the codes. A branch variant gets the base graph's quantized
+        rest and codes + scales inputs; its branches stay float32 inputs (``y = x Wq^T + b +
+        x A^T B^T``), compared with the branch layers around the dequantized weights.
     check: run the saved graph on ONNX Runtime (CPU, prepacking on, live inputs bound to their
         base values, random branch inputs) at several shapes, then again after a 1% random edit
         of every live buffer made in place, and compare with PyTorch carrying the same values:
@@ -108,10 +110,7 @@ def export_onnx(lm: LoadedModel, out_dir: Path, live_weights: list[str],
             raise ConfigError("a branch variant needs at least one branch target")
     data_names = ["input_ids"] + (["attention_mask"] if lm.kind == "classifier" else [])
 
-    quant = oq.QuantPlan.of(lm, live_weights, precision)
-    if quant is not None and info is not None:
-        raise ConfigError("graph variants (unfused branches) of a quantized bundle are not "
-                          "supported yet")
+    quant = oq.QuantPlan.of(lm, live_weights, precision)  # before the branch layers go in
     with br.branched(model, [t[: -len(".weight")] for t in targets], info) as (
             param_names, branch_inputs), torch.no_grad():
         wrapper = br.BranchInputs(LogitsModule(lm).eval(), len(data_names), param_names).eval()
@@ -137,6 +136,7 @@ def export_onnx(lm: LoadedModel, out_dir: Path, live_weights: list[str],
                    for w, lw in live.items()}
     if quant is not None:
         proto, entries, base_values = quant.apply(proto, live, entries, base_values)
+    # after quant.apply: the quantizer must see the branches as inputs, never as constants
     og.add_default_initializers(proto, {n: np.zeros(s, np.float32)
                                         for n, s in default_shapes.items()})
     og.cap_ir_version(proto)

@@ -178,7 +178,8 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         all-zero defaults, so the runtime binds one set of branch tensors to both graphs.
     precision: quantize as the base graph (:mod:`edgeadapt.export.onnx_quant`; the check then
         compares with the PyTorch model carrying the dequantized weights, tolerance
-        ``onnx_quant.QUANT_RTOL``, the graph's MatMulNBits with float activations).
+        ``onnx_quant.QUANT_RTOL``, the graph's MatMulNBits with float activations); a
+        branch's parameters stay float32 inputs beside the codes.
     check: run the saved graph as the runtime does over a prefill, a multi-token step and
         single-token decode steps, and compare each position's logits with the PyTorch model
         (carrying the branch, random branch tensors) run on the same steps with transformers'
@@ -188,9 +189,7 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         raise ConfigError(f"max_context {max_context!r}: a whole number >= 2")
     out_dir = Path(out_dir)
     info = br.parse_branch(branch)
-    quant = oq.QuantPlan.of(lm, live_weights, precision)
-    if quant is not None and info is not None:
-        raise ConfigError("decoders of graph variants on a quantized base are not supported yet")
+    quant = oq.QuantPlan.of(lm, live_weights, precision)  # before the branch layers go in
     file_name = decoder_file(br.variant_name(info))
     params = dict(lm.model.named_parameters())
     modules = [w.removesuffix(".weight") for w in live_weights]
@@ -220,6 +219,7 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         if got is None or (got["name"], got["layout"]) != (entry["name"], entry["layout"]):
             raise ExportError(f"live weight {w!r}: the decoder graph reads it as {got}, the base "
                               f"graph as {entry}; the runtime could not share its buffer")
+    # after quant.apply: the quantizer must see the branches as inputs, never as constants
     og.add_default_initializers(proto, {n: np.zeros(s, np.float32) for n, s in defaults.items()})
     og.cap_ir_version(proto)
     data = og.save_with_external_data(proto, out_dir, file_name, reuse_from="model.onnx")

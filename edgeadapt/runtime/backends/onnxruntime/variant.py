@@ -45,7 +45,8 @@ class OrtVariantSession:
     """A CPU session of a branch variant graph sharing the runtime's live-weight buffers.
 
     live: the fused store's live weights (their arrays are bound by aliasing OrtValues, never
-    copied, so this session reads exactly what the base session reads). kernel: read the
+    copied, so this session reads exactly what the base session reads; a quantized weight's
+    codes and scales both, the branches in float beside them). kernel: read the
     blocked32 ones with edgeadapt's own kernel, as the base session does
     (:func:`~edgeadapt.runtime.backends.onnxruntime.session.cpu_session`). ``set_branches`` is
     called with runs excluded (the runtime's exclusive lock); each thread's IOBinding rebinds
@@ -60,6 +61,10 @@ class OrtVariantSession:
         path = variant_path(bundle_dir, manifest, key, section["file"])
         if not path.is_file():
             raise BundleError(f"{path}: the graph of variant {key!r} is missing")
+        base, own = ((s or {}).get("precision", "fp32") for s in (manifest.onnxruntime, section))
+        if own != base:
+            raise BundleError(f"variant {key!r} was exported for {own} weights, the base is "
+                              f"{base}; re-export the variant (edgeadapt export adapter)")
         so = session_options(threads)
         so.log_severity_level = 3  # overridable branch initializers make ORT warn per input
         self.key = key
