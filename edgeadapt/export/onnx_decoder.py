@@ -16,7 +16,9 @@ returns the logits of the new tokens and the buffers with the new keys and value
 Attention is ONNX Runtime's fused ``com.microsoft.GroupQueryAttention`` (rotary embedding
 included, :mod:`edgeadapt.export.onnx_contrib`): bound to the *same* buffer as input and output,
 a cache is written in place (``past_present_share_buffer``), so a decode step copies nothing
-and attends in one kernel per layer. Keys are stored after the rotary embedding. The
+and attends in one kernel per layer. Keys are stored after the rotary embedding. Each residual
+add and the RMS norm after it are one ``SkipSimplifiedLayerNormalization``
+(:mod:`edgeadapt.graphs.skip_norm`). The
 projections stay plain MatMuls, so the live weights are located, moved to inputs and re-laid
 ``blocked32`` by the same code as the base graph (:mod:`edgeadapt.export.onnx_graph`,
 :mod:`edgeadapt.graphs.blocked`) under the same input names and layouts: the runtime binds one
@@ -45,6 +47,7 @@ from edgeadapt.export import onnx_quant as oq
 from edgeadapt.export.decoder import parity_report
 from edgeadapt.export.onnx_check import session
 from edgeadapt.graphs import blocked as ob
+from edgeadapt.graphs.skip_norm import fuse_skip_norms
 from edgeadapt.models import LoadedModel, example_inputs
 from edgeadapt.numeric import rel_error
 from edgeadapt.runtime.backends.onnxruntime.decoder import CACHE_FORM
@@ -198,6 +201,7 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         wrapper = KVCacheDecoder(lm.model, max_context).eval()
         traced = br.BranchInputs(wrapper, 2 + 2 * wrapper.layers, param_names).eval()
         proto = _trace(lm, traced, wrapper, max_context, param_names, info)
+        fuse_skip_norms(proto)  # residual add + norm in one kernel, as genai's graphs
         weights_np = {w: params[w].detach().cpu().numpy().astype(np.float32, copy=True)
                       for w in live_weights}
         defaults = br.default_branch_values(lm.model, param_names, info) if info else {}

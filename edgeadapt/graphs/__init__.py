@@ -8,4 +8,6 @@ neither imports the other for it.
   names edgeadapt gives live inputs.
 - :mod:`edgeadapt.graphs.blocked`: the ``blocked32`` rewrite of MatMul-read live weights, its
   inverse, and its form read by ``edgeadapt.BlockedMatMul``.
+- :mod:`edgeadapt.graphs.skip_norm`: residual add + RMS norm as one fused contrib op (the
+  KV-cache decoder).
 """
