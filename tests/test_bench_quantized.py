@@ -1,25 +1,36 @@
-"""The quantized-base benchmark (edgeadapt/bench/quantized.py) on tiny SmolLM2: every case runs
-after the parity checks (exact codes, the kernel in the real graph against ONNX Runtime's own
-dequantization); the sizes and restore memory follow the precisions (codes are a byte each)."""
+"""The quantized-base benchmark (edgeadapt/bench/quantized.py) on a one-block Llama (tiny
+SmolLM2's architecture, cheaper to lower): every case runs after the parity checks (exact codes,
+the kernel in the real graph against ONNX Runtime's own dequantization, ExecuTorch against its
+PyTorch reference); the sizes and restore memory follow the precisions (codes are a byte each).
+One run for the module: ONNX Runtime at every precision, ExecuTorch (where it imports) at int4
+only, its bundle and stock program being the lowerings that cost."""
 
 from __future__ import annotations
 
-import pytest
+import importlib.util
 
-from edgeadapt.bench.quantized import run, table
+import pytest
+from llama_toy import one_block_llama
+
+from edgeadapt.bench.quantized import BACKENDS, run, table
 from edgeadapt.export.onnx import RTOL
+
+EXECUTORCH = all(importlib.util.find_spec(m) for m in ("executorch", "torchao"))
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    return run("tiny-smollm2", tmp_path_factory.mktemp("quant"), threads=1, repeats=2,
-               switch_repeats=2, shapes=((1, 1), (2, 5)))
+    return run(one_block_llama(hidden=64), tmp_path_factory.mktemp("quant"), threads=1,
+               repeats=2, switch_repeats=2, shapes=((1, 1), (2, 5)),
+               backends=BACKENDS if EXECUTORCH else BACKENDS[:1],
+               executorch_precisions=("int4",))
 
 
 def test_every_case_is_timed_after_parity(report):
     kernel = report["parity"]["kernel_vs_own_dequantization"]
     assert set(kernel) == {"int8", "int4"} and all(0 <= e <= RTOL for e in kernel.values())
-    stock = {k: v for k, v in report["parity"].items() if " vs stock " in k}
+    stock = {k: v for k, v in report["parity"].items()
+             if " vs stock " in k and not k.startswith("executorch ")}
     assert set(stock) == {f"{p} {c} vs stock {s}" for p in ("int8", "int4")
                           for c in ("base", "hybrid") for s in ("1x1", "2x5")}
     assert all(0 < v["max_rel_error"] < 1 for v in stock.values())
@@ -47,3 +58,30 @@ def test_lora_fused_on_codes_loses_most_of_a_small_delta(report):
     lora = report["lora_fused"]
     assert lora["fp32"]["delta_lost"] < 1e-3  # fp32: rounding only
     assert lora["int4"]["delta_lost"] > lora["int8"]["delta_lost"] > lora["fp32"]["delta_lost"]
+
+
+@pytest.mark.skipif(not EXECUTORCH, reason="executorch or torchao missing")
+def test_executorch_rows_are_timed_after_parity(report):
+    """ExecuTorch's int4 base and fused held to PyTorch, timed in the same rounds as ONNX
+    Runtime's cases beside ExecuTorch's stock int4 program; its switch and .pte sizes."""
+    parity = report["parity"]["executorch_vs_pytorch"]["int4"]
+    assert 0 <= parity["base"] <= parity["tolerance"]
+    assert 0 <= parity["shira-fused"] <= parity["tolerance"]
+    assert {f"executorch int4 base vs stock {s}" for s in ("1x1", "2x5")} <= set(
+        report["parity"])
+    cases = {(r["shape"], r["case"]) for r in report["forward"]}
+    assert {(s, f"executorch int4 {c}") for s in ("1x1", "2x5")
+            for c in ("base", "shira-fused", "stock")} <= cases
+    ratios = {(r["shape"], f"{r['num']} / {r['den']}"): r["paired_median"]
+              for r in report["ratios"]}
+    want = {"executorch int4 shira-fused / executorch int4 base",
+            "executorch int4 base / executorch int4 stock", "executorch int4 base / int4 base"}
+    assert {(s, w) for s in ("1x1", "2x5") for w in want} <= set(ratios)
+    assert all(v > 0 for v in ratios.values())
+    assert "executorch int4 base / executorch int4 stock" in table(report)
+    switch = report["switch"]["executorch int4"]
+    assert switch["measured_over_floor"] > 0
+    assert switch["restore_bytes"] == report["switch"]["int4"]["restore_bytes"]  # same codes
+    sizes = report["sizes"]["executorch int4"]
+    assert sizes["stock_pte_bytes"] > 0 and 0 < sizes["pte_bytes"] <= sizes["bundle_bytes"]
+    assert sizes["live_bytes"] == report["sizes"]["int4"]["live_bytes"]

@@ -19,6 +19,8 @@ import torch
 
 pytest.importorskip("executorch")
 
+from llama_toy import one_block_llama  # noqa: E402  (also imported from here by others)
+
 from edgeadapt.adapters import apply_adapter_torch  # noqa: E402
 from edgeadapt.errors import BundleError, ConfigError  # noqa: E402
 from edgeadapt.export.bundle import export_base  # noqa: E402
@@ -30,22 +32,6 @@ from edgeadapt.numeric import rel_error as rel_err  # noqa: E402
 from edgeadapt.runtime.backends.executorch.store import ExecutorchStore  # noqa: E402
 
 MAX_BATCH, MAX_SEQ = 8, 64  # export_base's defaults
-
-
-def one_block_llama(seed: int = 0, hidden: int = 32) -> LoadedModel:
-    """A 1-block Llama (hidden 32; MLP 2 x hidden): the same architecture as tiny-smollm2,
-    cheaper to lower."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True, use_cache=False)
-    model = LlamaForCausalLM(cfg).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=None, name="one-block-llama", kind="causal-lm")
 
 
 _SHARED: dict[str, tuple[LoadedModel, Path]] = {}

@@ -1,38 +1,48 @@
 """The quantized-base benchmark: forward latency of fp32, int8 and int4 bundles of one model
-(base and a fused SHiRA), beside ONNX Runtime's stock quantized model of the same weights, the
-switch on codes against its memory-traffic floor, and the sizes (docs/quantized.md).
+(base and a fused SHiRA) on ONNX Runtime and ExecuTorch, beside each backend's stock quantized
+model of the same weights, the switch on codes against its memory-traffic floor, and the sizes
+(docs/quantized.md).
 
     python -m edgeadapt.bench.quantized --model smollm2 --work bundles/quant-smollm2 \\
-        --threads 2 --json docs/bench/smollm2-quantized-run1.json
+        --backends onnxruntime,executorch --threads 2 --json docs/bench/smollm2-quantized-run2.json
 
-Per precision ``p`` (bundles exported into ``--work/<p>`` when missing, ``--targets qv``):
+``--backends``: ``onnxruntime`` and/or ``executorch`` (default: both where executorch and
+torchao import). Per precision ``p`` (bundles exported into ``--work/<p>`` and
+``--work/executorch-<p>`` when missing, ``--targets qv``; ExecuTorch's case names, switch and
+size rows are prefixed ``executorch ``, ONNX Runtime's keep the names of the first reports):
 
 - ``p base`` / ``p shira-fused``: edgeadapt's live runtime, without and with a synthetic SHiRA
   adapter fused (1% of every live weight, values 0.01 N(0, 1), re-quantized onto the codes).
-- ``p hybrid`` (int8, int4): the fp32 bundle with only the rest quantized, its live weights
-  left fp32 (:func:`ensure_hybrid`): is a quantized rest alone enough?
-- ``p stock`` (int8, int4): what a user of ONNX Runtime runs for that precision: the fp32
-  bundle's graph with every weight constant, quantized whole by the backend's own tool
+- ``p hybrid`` (ONNX Runtime, int8, int4): the fp32 bundle with only the rest quantized, its
+  live weights left fp32 (:func:`ensure_hybrid`): is a quantized rest alone enough?
+- ``p stock`` (int8, int4): what a user of the backend runs for that precision. ONNX Runtime:
+  the fp32 bundle's graph with every weight constant, quantized whole by the backend's own tool
   (:func:`edgeadapt.export.onnx_quant.quantize_rest`: ``MatMulNBits`` blocks of 32, accuracy
-  level 4) and packed by ONNX Runtime. Same threads,
-  spinning off.
+  level 4) and packed by ONNX Runtime. ExecuTorch: the fp32 model with every Linear of the
+  blocks (q/v included) quantized by torchao as the bundle's rest is and lowered whole to
+  XNNPACK (:func:`edgeadapt.export.executorch_quant.stock_program`,
+  ``work/executorch-<p>-stock.pte``). Same threads (ONNX Runtime: spinning off).
 
 Checked before anything is timed (ParityError otherwise): every quantized runtime's codes are
 exactly the grid's (the base against ``codes_sha256``; the fused one against the codes computed
-here from the fp32 weights and the adapter, :func:`expected_codes`), and edgeadapt's kernel in
-the real graph equals stock ONNX Runtime running the same graph's own dequantization, both with
-float activations in the rest (:func:`kernel_parity`, ``RTOL``). The distance of each output to
-the stock model is recorded, not gated: with int8 activations, a float difference that moves
-one activation across a rounding boundary changes it by a whole step, and such steps compound
+here from the fp32 weights and the adapter, :func:`expected_live`); on ONNX Runtime,
+edgeadapt's kernel in the real graph equals stock ONNX Runtime running the same graph's own
+dequantization, both with float activations in the rest (:func:`kernel_parity`, ``RTOL``); on
+ExecuTorch, base and fused outputs at every timed shape equal the PyTorch model the export is
+held to, holding the same live values (:func:`edgeadapt.bench.quantized_executorch.
+executorch_parity`). The distance of each output to the stock model is recorded, not gated:
+with int8 activations, a float difference that moves one activation across a rounding
+boundary changes it by a whole step, and such steps compound
 (:func:`edgeadapt.export.onnx_quant.float_activations`).
 
-All forward cases of a shape are interleaved round by round (:func:`edgeadapt.timer.
-time_interleaved`); each ratio is the median of per-round ratios of one run. The switch: a
-full switch between two synthetic SHiRA adapters (a cached pair: one scatter of codes), timed
-with a 128 MiB copy before each (:class:`~edgeadapt.bench.floor.CopyProbe`), against the floor
-of :mod:`edgeadapt.bench.floor` for 1-byte codes (4-byte values in fp32), and the same switch
-written by numpy's fancy assignment instead of the native scatter (``numpy_scatter``,
-:mod:`edgeadapt.runtime.scatter`) in the same rounds.
+All forward cases of a shape, both backends', are interleaved round by round
+(:func:`edgeadapt.timer.time_interleaved`); each ratio is the median of per-round ratios of one
+run (:func:`ratio_pairs`). The switch (:func:`switch_row`, per backend and precision): a full
+switch between two synthetic SHiRA adapters (a cached pair: one scatter of codes), timed with a
+128 MiB copy before each (:class:`~edgeadapt.bench.floor.CopyProbe`), against the floor of
+:mod:`edgeadapt.bench.floor` for 1-byte codes (4-byte values in fp32) in the live buffers'
+layouts and addresses, and the same switch written by numpy's fancy assignment instead of the
+native scatter (``numpy_scatter``, :mod:`edgeadapt.runtime.scatter`) in the same rounds.
 """
 
 from __future__ import annotations
@@ -40,12 +50,16 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
 
-from edgeadapt.bench.floor import CopyProbe, floor_ratios, switch_traffic
+from edgeadapt.bench.floor import CACHE_LINE, CopyProbe, floor_ratios, switch_traffic
 from edgeadapt.bench.synth import synth_shira
 from edgeadapt.bench.timing import Ratio, Stats
 from edgeadapt.errors import ConfigError, ParityError
@@ -54,19 +68,49 @@ from edgeadapt.format import read_manifest
 from edgeadapt.format.container import atomic_write_bytes
 from edgeadapt.format.layout import TRANSPOSED, to_backend
 from edgeadapt.format.quant import PRECISIONS
+from edgeadapt.format.types import Adapter
+from edgeadapt.models import LoadedModel
 from edgeadapt.numeric import rel_error
 from edgeadapt.timer import time_interleaved
 
+if TYPE_CHECKING:
+    from edgeadapt.runtime.api import Runtime
+
 SHAPES = ((1, 1), (1, 64), (8, 64))
+BACKENDS = ("onnxruntime", "executorch")
+#: what each backend's case names start with (ONNX Runtime's are those of the first reports)
+PREFIX = {"onnxruntime": "", "executorch": "executorch "}
+
+Forward = Callable[[np.ndarray], np.ndarray]  # input_ids (batch, seq) -> logits
 
 
-def ensure_bundle(model: str, work: Path, precision: str) -> Path:
-    """``work/<precision>``, exported (ONNX Runtime, q/v live) if it has no bundle.json."""
-    out = work / precision
+def default_backends() -> tuple[str, ...]:
+    """Both backends where ExecuTorch and torchao import, else ONNX Runtime alone."""
+    from importlib.util import find_spec
+
+    return BACKENDS if all(find_spec(m) for m in ("executorch", "torchao")) else BACKENDS[:1]
+
+
+def bundle_dir(work: Path, precision: str, backend: str = "onnxruntime") -> Path:
+    """``work/<precision>`` (ONNX Runtime, as the first runs had it) or
+    ``work/<backend>-<precision>``."""
+    return work / (precision if backend == "onnxruntime" else f"{backend}-{precision}")
+
+
+def ensure_bundle(model: str | LoadedModel, work: Path, precision: str,
+                  backend: str = "onnxruntime") -> Path:
+    """:func:`bundle_dir`, exported (``backend`` only, q/v live) if it has no bundle.json;
+    ``model``: a registry name or a loaded model, as :func:`~edgeadapt.export.bundle.export_base`
+    takes it.
+    ExecuTorch: the live program alone (no repack program), its forward dynamic up to the
+    exporter's 8 x 64 (:data:`SHAPES`'s largest), not checked at export: the parity before
+    timing (:func:`executorch_parity`) holds it to the same reference."""
+    out = bundle_dir(work, precision, backend)
     if not (out / "bundle.json").is_file():
         from edgeadapt.export.bundle import export_base
 
-        export_base(model, out, backends="onnxruntime", targets="qv", precision=precision)
+        export_base(model, out, backends=backend, targets="qv", precision=precision,
+                    pte_repack=False, check=backend != "executorch")
     return out
 
 
@@ -141,20 +185,34 @@ def stock_session(fp32_bundle: Path, lm, precision: str, threads: int):
     return open_session(proto.SerializeToString(), session_options(threads), fp32_bundle)
 
 
-def check_codes(rt, lm, adapter) -> None:
-    """ParityError unless ``rt``'s codes are those of ``adapter`` fused (at scale 1) on the
-    grid: the base's codes of the fp32 weights, each touched entry re-quantized."""
+def expected_live(lm, rt, adapter: Adapter | None = None) -> dict[str, np.ndarray]:
+    """Per live weight of ``rt``, what it must hold with ``adapter`` fused at scale 1 (None:
+    the base), computed from ``lm``'s fp32 weights, not by the engine: on a grid the base's
+    codes with each touched entry re-quantized; fp32 the weight plus the values."""
+    out = {}
     for w, lw in rt.store.live_weights().items():
-        if lw.codes is None:
-            continue
-        g = lw.codes.grid
-        q, s = g.quantize(lm.model.get_parameter(w).detach().float().numpy())
-        t = adapter.targets.get(w)
-        if t is not None:
-            flat = q.reshape(-1)
-            flat[t.indices] = g.requantize(flat[t.indices], g.scale_at(s, q.shape, t.indices),
-                                           t.values)[0]
-        if not np.array_equal(lw.torch_weight(), q):
+        value = lm.model.get_parameter(w).detach().float().numpy().copy()
+        t = adapter.targets.get(w) if adapter is not None else None
+        if lw.codes is not None:
+            g = lw.codes.grid
+            value, s = g.quantize(value)
+            if t is not None:
+                flat = value.reshape(-1)
+                flat[t.indices] = g.requantize(flat[t.indices], g.scale_at(s, value.shape,
+                                                                         t.indices),
+                                               t.values)[0]
+        elif t is not None:
+            value.reshape(-1)[t.indices] += t.values
+        out[w] = value
+    return out
+
+
+def check_codes(rt, lm, adapter: Adapter) -> None:
+    """ParityError unless ``rt``'s codes are those of ``adapter`` fused (at scale 1) on the
+    grid (:func:`expected_live`)."""
+    want = expected_live(lm, rt, adapter)
+    for w, lw in rt.store.live_weights().items():
+        if lw.codes is not None and not np.array_equal(lw.torch_weight(), want[w]):
             raise ParityError(f"{w}: the runtime's codes are not the grid's codes of the "
                               "adapter fused on the base; refusing to time it")
 
@@ -194,115 +252,243 @@ def _dir_bytes(path: Path) -> int:
                and "adapters" not in f.parts)
 
 
-def run(model: str, work: Path, threads: int, repeats: int, switch_repeats: int,
-        shapes=SHAPES, precisions=PRECISIONS) -> dict:
-    from edgeadapt.format.adapter_file import write_adapter
-    from edgeadapt.models import load_model
-    from edgeadapt.runtime import load
+@dataclass
+class Side:
+    """One backend's runtimes in the bench, per precision: its bundle, the base runtime, the
+    runtime with the first synthetic adapter fused (both adapters prepared on it: ``preps``),
+    the peers timed beside them (peer case -> precision -> :data:`Forward`) and extra sizes."""
 
-    lm = load_model(model, seed=0)
-    bundles = {p: ensure_bundle(model, work, p) for p in precisions}
-    manifest = read_manifest(bundles[precisions[0]])
-    shapes_w = {w: tuple(e.shape) for w, e in manifest.weights.items()}
-    sha = {w: e.sha256 for w, e in manifest.weights.items()}
-    adapters = [synth_shira(shapes_w, sha, density=0.01, seed=s) for s in (0, 1)]
-    adapter_file = work / "shira-synthetic.eadp"
-    write_adapter(adapter_file, adapters[0], value_dtype="float32")
-    hybrids = {p: load(ensure_hybrid(work, lm, p), mode="live", threads=threads)
-               for p in precisions if p != "fp32"}
-    runtimes = {p: load(bundles[p], mode="live", threads=threads) for p in precisions}
-    fused = {p: load(bundles[p], mode="live", threads=threads) for p in precisions}
-    kernel_errors: dict[str, float] = {}
+    backend: str
+    bundles: dict[str, Path]
+    base: dict[str, Runtime]
+    fused: dict[str, Runtime]
+    preps: dict[str, list]
+    peers: dict[str, dict[str, Forward]] = field(default_factory=dict)
+    sizes: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        return PREFIX[self.backend]
+
+    def cases(self, ids: np.ndarray) -> dict[str, Callable[[], np.ndarray]]:
+        """The forward cases on ``ids``, named ``<prefix><precision> <case>``."""
+        out = {}
+        for p in self.base:
+            out[f"{self.prefix}{p} base"] = partial(_run, self.base[p], ids)
+            out[f"{self.prefix}{p} shira-fused"] = partial(_run, self.fused[p], ids)
+            for peer, forwards in self.peers.items():
+                if p in forwards:
+                    out[f"{self.prefix}{p} {peer}"] = partial(forwards[p], ids)
+        return out
+
+    def stock_distances(self, cases: dict, where: str) -> dict[str, dict]:
+        """Each case of a precision with a stock peer against it (recorded, not gated)."""
+        out = {}
+        for p in self.peers.get("stock", {}):
+            want = cases[f"{self.prefix}{p} stock"]()
+            for case in ["base"] + [c for c in self.peers if c != "stock" and p in self.peers[c]]:
+                got = cases[f"{self.prefix}{p} {case}"]()
+                out[f"{self.prefix}{p} {case} vs stock {where}"] = {
+                    "max_rel_error": rel_error(got, want),
+                    "argmax_agree": float((got.argmax(-1) == want.argmax(-1)).mean())}
+        return out
+
+
+def _run(rt: Runtime, ids: np.ndarray) -> np.ndarray:
+    return rt.run(input_ids=ids)
+
+
+def open_side(backend: str, bundles: dict[str, Path], lm: LoadedModel,
+              adapters: list[Adapter], threads: int) -> Side:
+    """Base and fused runtimes of ``bundles`` on ``backend``, the codes checked first: the
+    base's against ``codes_sha256``, the fused one's exact (:func:`check_codes`)."""
+    def opened() -> dict[str, Runtime]:
+        return {p: _load(b, threads, backend) for p, b in bundles.items()}
+
+    base, fused = opened(), opened()
     preps = {p: [rt.engine.prepare(a, f"s{i}") for i, a in enumerate(adapters)]
              for p, rt in fused.items()}
     for p, rt in fused.items():
         rt.engine.switch([(preps[p][0], 1.0)])
         if p != "fp32":
-            runtimes[p].engine.verify_base()
+            base[p].engine.verify_base()
             check_codes(rt, lm, adapters[0])
-            report_kernel = kernel_parity(bundles[p], rt, threads, lm.vocab_size)
-            if not report_kernel <= RTOL:
-                raise ParityError(f"{p}: edgeadapt's kernel in the real graph differs from ONNX "
-                                  f"Runtime's own dequantization by {report_kernel:.3g} > {RTOL}")
-            kernel_errors[p] = report_kernel
-    stock = {p: stock_session(bundles["fp32"], lm, p, threads)
-             for p in precisions if p != "fp32"}
+    return Side(backend, bundles, base, fused, preps)
+
+
+def onnxruntime_side(model: str | LoadedModel, lm: LoadedModel, work: Path, threads: int,
+                     precisions: Sequence[str], adapters: list[Adapter], parity: dict) -> Side:
+    """ONNX Runtime's runtimes; edgeadapt's kernel held to ONNX Runtime's own dequantization
+    (:func:`kernel_parity`, into ``parity``); the hybrid and stock peers."""
+    bundles = {p: ensure_bundle(model, work, p) for p in precisions}
+    side = open_side("onnxruntime", bundles, lm, adapters, threads)
+    kernel = parity.setdefault("kernel_vs_own_dequantization", {})
+    quantized = [p for p in precisions if p != "fp32"]
+    for p in quantized:
+        err = kernel_parity(bundles[p], side.fused[p], threads, lm.vocab_size)
+        if not err <= RTOL:
+            raise ParityError(f"{p}: edgeadapt's kernel in the real graph differs from ONNX "
+                              f"Runtime's own dequantization by {err:.3g} > {RTOL}")
+        kernel[p] = err
+    side.peers["hybrid"] = {p: partial(_run, _load(ensure_hybrid(work, lm, p), threads))
+                            for p in quantized}
+    side.peers["stock"] = {p: partial(_run_session, stock_session(bundles["fp32"], lm, p,
+                                                                  threads))
+                           for p in quantized}
+    return side
+
+
+def _load(bundle: Path, threads: int, backend: str = "onnxruntime") -> Runtime:
+    from edgeadapt.runtime import load
+
+    return load(bundle, backend=backend, mode="live", threads=threads)
+
+
+def _run_session(session, ids: np.ndarray) -> np.ndarray:
+    return session.run(None, {"input_ids": ids})[0]
+
+
+def ratio_pairs(sides: Sequence[Side]) -> list[tuple[str, str]]:
+    """The forward ratios (numerator, denominator case) of each shape: per backend fused /
+    base, base / stock, hybrid / base, fp32 / each quantized precision (base and fused); then
+    ExecuTorch's base / ONNX Runtime's per precision both ran."""
+    pairs = []
+    for side in sides:
+        x, ps = side.prefix, list(side.base)
+        pairs += [(f"{x}{p} shira-fused", f"{x}{p} base") for p in ps]
+        pairs += [(f"{x}{p} base", f"{x}{p} stock") for p in side.peers.get("stock", {})]
+        pairs += [(f"{x}{p} hybrid", f"{x}{p} base") for p in side.peers.get("hybrid", {})]
+        if "fp32" in ps:
+            pairs += [(f"{x}fp32 {c}", f"{x}{p} {c}") for p in ps if p != "fp32"
+                      for c in ("base", "shira-fused")]
+    by = {side.backend: side for side in sides}
+    if set(by) == set(BACKENDS):
+        pairs += [(f"{PREFIX['executorch']}{p} base", f"{PREFIX['onnxruntime']}{p} base")
+                  for p in by["executorch"].base if p in by["onnxruntime"].base]
+    return pairs
+
+
+def forward_section(report: dict, sides: Sequence[Side], shapes: Sequence[tuple[int, int]],
+                    repeats: int, vocab: int) -> None:
+    """Per shape every backend's cases interleaved round by round (``report["forward"]``), the
+    paired ratios (``report["ratios"]``) and the distances to the stock peers (parity)."""
     rng = np.random.default_rng(0)
-    report: dict = {"model": model, "threads": threads, "host": platform.node(),
-                    "cpu_count": os.cpu_count(), "forward": [], "ratios": [],
-                    "parity": {"kernel_vs_own_dequantization": kernel_errors,
-                               "codes": "exact"}, "switch": {}, "sizes": {}}
     for b, s in shapes:
-        ids = rng.integers(5, lm.vocab_size, (b, s)).astype(np.int64)
+        ids = rng.integers(5, vocab, (b, s)).astype(np.int64)
         cases = {}
-        for p in precisions:
-            cases[f"{p} base"] = lambda rt=runtimes[p], x=ids: rt.run(input_ids=x)
-            cases[f"{p} shira-fused"] = lambda rt=fused[p], x=ids: rt.run(input_ids=x)
-            if p in hybrids:
-                cases[f"{p} hybrid"] = lambda rt=hybrids[p], x=ids: rt.run(input_ids=x)
-            if p in stock:
-                cases[f"{p} stock"] = lambda s_=stock[p], x=ids: s_.run(None, {"input_ids": x})
-                want = cases[f"{p} stock"]()[0]
-                for case in (f"{p} base", f"{p} hybrid"):
-                    out = cases[case]()
-                    report["parity"][f"{case} vs stock {b}x{s}"] = {
-                        "max_rel_error": rel_error(out, want),
-                        "argmax_agree": float((out.argmax(-1) == want.argmax(-1)).mean())}
+        for side in sides:
+            cases |= side.cases(ids)
+        for side in sides:
+            report["parity"] |= side.stock_distances(cases, f"{b}x{s}")
         samples = time_interleaved(cases, repeats=repeats, warmup=3)
         for name, ms in samples.items():
             report["forward"].append({"shape": f"{b}x{s}", "case": name,
                                       **Stats.of(ms).as_dict()})
-        pairs = [(f"{p} shira-fused", f"{p} base") for p in precisions]
-        pairs += [(f"{p} base", f"{p} stock") for p in stock]
-        pairs += [(f"{p} hybrid", f"{p} base") for p in hybrids]
-        pairs += [(f"fp32 {c}", f"{p} {c}") for p in precisions if p != "fp32"
-                  for c in ("base", "shira-fused")]
-        for num, den in pairs:
+        for num, den in ratio_pairs(sides):
             report["ratios"].append({"shape": f"{b}x{s}", **Ratio.of(samples, num, den)
                                      .as_dict()})
+
+
+def switch_row(rt: Runtime, preps: list, adapters: list[Adapter], shapes: dict,
+               probe: CopyProbe, repeats: int) -> dict:
+    """The full switch between the two prepared synthetic adapters (``preps``, a cached pair:
+    one scatter), a ``probe`` copy before each, against the floor of its traffic in the live
+    buffers' layouts and addresses (1-byte codes, else 4-byte values), and the same switch
+    with numpy's scatter in the same rounds; ``rt`` is left on the first adapter."""
+    pair = [[(preps[1], 1.0)], [(preps[0], 1.0)]]
+    state = {"k": 0}
+
+    def switch() -> None:
+        rt.engine.switch(pair[state["k"] % 2])
+        state["k"] += 1
+
+    def numpy_switch() -> None:  # the same with numpy's scatter
+        native, rt.engine.native_scatter = rt.engine.native_scatter, False
+        try:
+            switch()
+        finally:
+            rt.engine.native_scatter = native
+
+    cases = {"copy": probe, "switch": switch}
+    if rt.engine.native_scatter:
+        cases["switch-numpy"] = numpy_switch
+    samples = time_interleaved(cases, repeats=repeats, warmup=4)
+    live = rt.store.live_weights()
+    codes = any(lw.codes is not None for lw in live.values())
+    traffic = switch_traffic(
+        {w: t.indices for w, t in adapters[0].targets.items()},
+        {w: t.indices for w, t in adapters[1].targets.items()}, shapes,
+        layouts={w: lw.layout for w, lw in live.items()},
+        offsets={w: int(lw.array.ctypes.data) % CACHE_LINE for w, lw in live.items()},
+        itemsize=1 if codes else 4, value_bytes=1 if codes else 4)
+    rt.engine.switch(pair[1])
+    row = {**Stats.of(samples["switch"]).as_dict(),
+           **floor_ratios(samples["switch"], probe.bandwidth(samples["copy"]), traffic),
+           "restore_bytes": rt.restore_memory_bytes(),
+           "saturated": sum(rt.engine.saturated.values()),
+           "native_scatter": rt.engine.native_scatter}
+    if "switch-numpy" in samples:  # what the native scatter saves, in the same rounds
+        row["numpy_scatter"] = {
+            **Stats.of(samples["switch-numpy"]).as_dict(),
+            "native_over_numpy": Ratio.of(samples, "switch", "switch-numpy").as_dict()}
+    return row
+
+
+def side_sizes(side: Side) -> dict[str, dict[str, int]]:
+    """Per precision the bundle's bytes (adapters aside), its live weights' and extra sizes."""
+    return {f"{side.prefix}{p}": {
+        "bundle_bytes": _dir_bytes(bundle),
+        "live_bytes": sum(lw.array.nbytes for lw in side.base[p].store.live_weights().values()),
+        **side.sizes.get(p, {})} for p, bundle in side.bundles.items()}
+
+
+def run(model: str | LoadedModel, work: Path, threads: int, repeats: int, switch_repeats: int,
+        shapes: Sequence[tuple[int, int]] = SHAPES, precisions: Sequence[str] = PRECISIONS,
+        backends: Sequence[str] | None = None,
+        executorch_precisions: Sequence[str] | None = None) -> dict:
+    """The report (module docstring) of ``backends`` (None: :func:`default_backends`), each at
+    ``precisions`` (ExecuTorch: ``executorch_precisions`` where given); ``model``: a registry
+    name or a loaded model (the tests' small ones)."""
+    from edgeadapt.format.adapter_file import write_adapter
+    from edgeadapt.models import load_model
+
+    backends = tuple(default_backends() if backends is None else backends)
+    unknown = set(backends) - set(BACKENDS)
+    if not backends or unknown:
+        raise ConfigError(f"backends {list(backends)}: choose among {', '.join(BACKENDS)}")
+    et_precisions = tuple(precisions if executorch_precisions is None
+                          else executorch_precisions)
+    lm = model if isinstance(model, LoadedModel) else load_model(model, seed=0)
+    first = ensure_bundle(model, work, (et_precisions if backends[0] == "executorch"
+                                        else precisions)[0], backends[0])
+    manifest = read_manifest(first)
+    shapes_w = {w: tuple(e.shape) for w, e in manifest.weights.items()}
+    sha = {w: e.sha256 for w, e in manifest.weights.items()}
+    adapters = [synth_shira(shapes_w, sha, density=0.01, seed=s) for s in (0, 1)]
+    adapter_file = work / "shira-synthetic.eadp"
+    write_adapter(adapter_file, adapters[0], value_dtype="float32")
+    report: dict = {"model": lm.name, "threads": threads, "host": platform.node(),
+                    "cpu_count": os.cpu_count(), "backends": list(backends), "forward": [],
+                    "ratios": [], "parity": {"codes": "exact"}, "switch": {}, "sizes": {}}
+    sides = []
+    if "onnxruntime" in backends:
+        sides.append(onnxruntime_side(model, lm, work, threads, precisions, adapters,
+                                      report["parity"]))
+    if "executorch" in backends:
+        from edgeadapt.bench.quantized_executorch import executorch_side
+
+        sides.append(executorch_side(model, lm, work, threads, et_precisions, adapters,
+                                     shapes, report["parity"]))
+    forward_section(report, sides, shapes, repeats, lm.vocab_size)
     probe = CopyProbe()
-    for p, rt in fused.items():
-        pair = [[(preps[p][1], 1.0)], [(preps[p][0], 1.0)]]
-        state = {"k": 0}
-
-        def switch(rt=rt, pair=pair, state=state) -> None:
-            rt.engine.switch(pair[state["k"] % 2])
-            state["k"] += 1
-
-        def numpy_switch(rt=rt, switch=switch) -> None:  # the same with numpy's scatter
-            native, rt.engine.native_scatter = rt.engine.native_scatter, False
-            try:
-                switch()
-            finally:
-                rt.engine.native_scatter = native
-
-        cases = {"copy": probe, "switch": switch}
-        if rt.engine.native_scatter:
-            cases["switch-numpy"] = numpy_switch
-        samples = time_interleaved(cases, repeats=switch_repeats, warmup=4)
-        live = rt.store.live_weights()
-        codes = any(lw.codes is not None for lw in live.values())
-        traffic = switch_traffic(
-            {w: t.indices for w, t in adapters[0].targets.items()},
-            {w: t.indices for w, t in adapters[1].targets.items()}, shapes_w,
-            layouts={w: lw.layout for w, lw in live.items()},
-            itemsize=1 if codes else 4, value_bytes=1 if codes else 4)
-        rt.engine.switch([(preps[p][0], 1.0)])
-        report["switch"][p] = {**Stats.of(samples["switch"]).as_dict(),
-                               **floor_ratios(samples["switch"],
-                                              probe.bandwidth(samples["copy"]), traffic),
-                               "restore_bytes": rt.restore_memory_bytes(),
-                               "saturated": sum(rt.engine.saturated.values()),
-                               "native_scatter": rt.engine.native_scatter}
-        if "switch-numpy" in samples:  # what the native scatter saves, in the same rounds
-            report["switch"][p]["numpy_scatter"] = {
-                **Stats.of(samples["switch-numpy"]).as_dict(),
-                "native_over_numpy": Ratio.of(samples, "switch", "switch-numpy").as_dict()}
-    report["lora_fused"] = lora_fused(runtimes, shapes_w, sha, switch_repeats)
-    report["sizes"] = {p: {"bundle_bytes": _dir_bytes(bundles[p]),
-                           "live_bytes": sum(lw.array.nbytes for lw in
-                                             runtimes[p].store.live_weights().values())}
-                       for p in precisions}
+    for side in sides:
+        for p, rt in side.fused.items():
+            report["switch"][f"{side.prefix}{p}"] = switch_row(
+                rt, side.preps[p], adapters, shapes_w, probe, switch_repeats)
+    if sides[0].backend == "onnxruntime":
+        report["lora_fused"] = lora_fused(sides[0].base, shapes_w, sha, switch_repeats)
+    for side in sides:
+        report["sizes"] |= side_sizes(side)
     report["sizes"]["adapter_file_bytes"] = adapter_file.stat().st_size
     return report
 
@@ -442,7 +628,7 @@ def lora_fused(runtimes: dict, shapes, sha, repeats: int) -> dict:
 
 
 def table(report: dict) -> str:
-    """The report's ratios as a markdown table."""
+    """The report's ratios as a markdown table, then the switch per backend and precision."""
     lines = ["| forward shape / decode context | ratio | paired median (p10-p90) |",
              "|---|---|---|"]
     rows = [(r["shape"], r) for r in report.get("ratios", [])]
@@ -450,13 +636,21 @@ def table(report: dict) -> str:
     for where, r in rows:
         lines.append(f"| {where} | {r['num']} / {r['den']} | {r['paired_median']:.3f} "
                      f"({r['paired_p10']:.3f}-{r['paired_p90']:.3f}) |")
+    if report.get("switch"):
+        lines += ["", "| switch | p50 ms | floor ms | measured / floor |", "|---|---|---|---|"]
+        lines += [f"| {name} | {r['p50_ms']:.3f} | {r['floor_ms']:.3f} | "
+                  f"{r['measured_over_floor']:.2f} |" for name, r in report["switch"].items()]
     return "\n".join(lines)
 
 
 @click.command()
 @click.option("--model", default="smollm2", show_default=True)
 @click.option("--work", required=True, type=click.Path(file_okay=False),
-              help="folder of the fp32/int8/int4 bundles (exported when missing)")
+              help="folder of the bundles (<precision> for ONNX Runtime, "
+                   "executorch-<precision>; exported when missing)")
+@click.option("--backends", default=None, metavar="NAME[,NAME]",
+              help="onnxruntime and/or executorch [default: both where executorch and torchao "
+                   "import, else onnxruntime]")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--repeats", default=30, show_default=True, type=click.IntRange(min=0),
               help="timed rounds per forward shape (0: no forward rows)")
@@ -468,12 +662,15 @@ def table(report: dict) -> str:
               help="where onnxruntime-genai's int4 peer is built (and reused)")
 @click.option("--decode-steps", default=40, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
-def main(model: str, work: str, threads: int, repeats: int, switch_repeats: int,
-         generate_bundles: tuple[str, ...], genai_dir: str | None, decode_steps: int,
-         json_path: str | None) -> None:
-    """Forward, switch and sizes of quantized bundles against the stock quantized model (and,
-    with --generate, decode against onnxruntime-genai int4)."""
-    report = run(model, Path(work), threads, repeats, switch_repeats) if repeats else {}
+def main(model: str, work: str, backends: str | None, threads: int, repeats: int,
+         switch_repeats: int, generate_bundles: tuple[str, ...], genai_dir: str | None,
+         decode_steps: int, json_path: str | None) -> None:
+    """Forward, switch and sizes of quantized bundles on ONNX Runtime and ExecuTorch against
+    each backend's stock quantized model (and, with --generate, decode against
+    onnxruntime-genai int4)."""
+    names = None if backends is None else [b.strip() for b in backends.split(",") if b.strip()]
+    report = run(model, Path(work), threads, repeats, switch_repeats, backends=names) \
+        if repeats else {}
     if generate_bundles:
         from edgeadapt.models import load_model
 

@@ -305,13 +305,15 @@ def _lower_live(lm: LoadedModel, buffers: list[str], max_batch: int, max_seq: in
     return bytes(prog.buffer), outside, prog
 
 
-def _lower_const(lm: LoadedModel, max_batch: int, max_seq: int) -> bytes:
+def lower_const(lm: LoadedModel, max_batch: int, max_seq: int) -> tuple[bytes, int]:
+    """``lm``'s forward with every weight constant, lowered whole by the stock XNNPACK
+    partitioner (what XNNPACK packs at load): its bytes and the GEMMs left undelegated."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
     _, ep = _export_forward(lm, max_batch, max_seq)
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
-    return bytes(edge.to_executorch().buffer)
+    return bytes(edge.to_executorch().buffer), undelegated_gemms(edge)
 
 
 def locate_weight(blob: bytes, weight: np.ndarray) -> dict[str, Any]:
@@ -454,7 +456,7 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     repack_info = None
     if repack and branch is None:
         with torch.no_grad():
-            const_blob = _lower_const(lm, max_batch, max_seq)
+            const_blob, _ = lower_const(lm, max_batch, max_seq)
         repack_info = {"file": const_file, "weights": {
             w: locate_weight(const_blob, lm.model.get_parameter(w).detach().numpy())
             for w in live_weights}}

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeadapt.errors import ConfigError
+from edgeadapt.errors import ConfigError, ExportError
 from edgeadapt.export.executorch_live_form import SCALES_SUFFIX, QKernelLinear
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.format.quant import Grid, grid
@@ -137,12 +137,38 @@ def reference(lm: LoadedModel, result: dict) -> tuple[LoadedModel, float]:
     :data:`edgeadapt.export.executorch_verify.MAX_REL_ERR` (fp32), or for a quantized program
     (``result``: :func:`edgeadapt.export.executorch.export_pte`'s answer) the PyTorch model it
     was lowered from (:func:`quantized_live_model`) with :data:`QUANT_MAX_REL_ERR`."""
+    return program_reference(lm, list(result["weights"]),
+                             result["section"].get("precision", "fp32"))
+
+
+def program_reference(lm: LoadedModel, live_weights: list[str], precision: str
+                      ) -> tuple[LoadedModel, float]:
+    """The PyTorch model a ``precision`` program with ``live_weights`` is held to, and the
+    tolerance (:func:`reference`): ``lm`` and ``MAX_REL_ERR`` for fp32, else the quantized
+    copy it was lowered from (its live codes buffers named as the weights) and
+    :data:`QUANT_MAX_REL_ERR`."""
     from edgeadapt.export.executorch_verify import MAX_REL_ERR
 
-    precision = result["section"].get("precision", "fp32")
     if precision == "fp32":
         return lm, MAX_REL_ERR
-    return quantized_live_model(lm, list(result["weights"]), precision)[0], QUANT_MAX_REL_ERR
+    return quantized_live_model(lm, live_weights, precision)[0], QUANT_MAX_REL_ERR
+
+
+def stock_program(lm: LoadedModel, precision: str, max_batch: int, max_seq: int) -> bytes:
+    """What a user of ExecuTorch runs for ``precision``: ``lm`` with *every* quantized weight
+    (:func:`~edgeadapt.models.targets.quantized_weight_names`, the live ones included)
+    quantized by torchao as the rest is (:func:`rest_config`), every weight constant, lowered
+    whole to XNNPACK (dynamic ``batch <= max_batch``, ``seq <= max_seq``); the forward of a
+    quantized bundle is timed against it. ExportError if a GEMM stays outside XNNPACK."""
+    from edgeadapt.export.executorch import lower_const
+
+    model, _ = quantized_live_model(lm, [], precision)
+    with torch.no_grad():
+        blob, outside = lower_const(model, max_batch, max_seq)
+    if outside:
+        raise ExportError(f"ExecuTorch's stock {precision} program of {lm.name}: {outside} "
+                          "GEMMs left outside XNNPACK")
+    return blob
 
 
 def quant_entries(result: dict) -> dict[str, dict]:

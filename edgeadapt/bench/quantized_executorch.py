@@ -1,0 +1,119 @@
+"""ExecuTorch's rows of the quantized-base benchmark (:mod:`edgeadapt.bench.quantized`):
+per precision the live program of a bundle exported into ``work/executorch-<precision>``
+(base and SHiRA fused, held to PyTorch before timing) and ExecuTorch's own quantized program
+of the same weights (``stock``: every Linear of the blocks, q/v included, quantized by torchao
+and lowered whole to XNNPACK, :func:`edgeadapt.export.executorch_quant.stock_program`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeadapt.bench.quantized import (
+    Forward,
+    Side,
+    ensure_bundle,
+    expected_live,
+    open_side,
+)
+from edgeadapt.errors import ConfigError, ExportError, ParityError
+from edgeadapt.format import read_manifest
+from edgeadapt.format.container import atomic_write_bytes
+from edgeadapt.format.types import Adapter
+from edgeadapt.models import LoadedModel
+
+
+def executorch_side(model: str | LoadedModel, lm: LoadedModel, work: Path, threads: int,
+                    precisions: Sequence[str], adapters: list[Adapter],
+                    shapes: Sequence[tuple[int, int]], parity: dict) -> Side:
+    """ExecuTorch's runtimes, held to PyTorch at ``shapes`` (:func:`executorch_parity`, into
+    ``parity["executorch_vs_pytorch"]``), and ExecuTorch's stock quantized programs."""
+    bundles = {p: ensure_bundle(model, work, p, "executorch") for p in precisions}
+    side = open_side("executorch", bundles, lm, adapters, threads)
+    parity["executorch_vs_pytorch"] = {p: executorch_parity(side, lm, p, adapters[0], shapes)
+                                       for p in precisions}
+    side.peers["stock"] = {}
+    for p, bundle in bundles.items():
+        section = read_manifest(bundle).executorch
+        side.sizes[p] = {"pte_bytes": (bundle / section["file"]).stat().st_size}
+        if p != "fp32":
+            path = ensure_executorch_stock(lm, work, p, section)
+            side.peers["stock"][p] = executorch_forward(path)
+            side.sizes[p]["stock_pte_bytes"] = path.stat().st_size
+    return side
+
+
+def executorch_parity(side: Side, lm: LoadedModel, precision: str, adapter: Adapter,
+                      shapes: Sequence[tuple[int, int]]) -> dict[str, float]:
+    """Worst relative error over ``shapes`` of ExecuTorch's base and fused runtimes against
+    the PyTorch model the program is held to at export
+    (:func:`~edgeadapt.export.executorch_quant.program_reference`: ``lm`` for fp32, torchao's
+    quantized copy otherwise) holding the live values each must hold (:func:`expected_live`);
+    ParityError past that reference's tolerance (also recorded)."""
+    from edgeadapt.export.executorch_quant import program_reference
+    from edgeadapt.export.executorch_verify import compare
+
+    base = side.base[precision]
+    ref, tol = program_reference(lm, sorted(base.store.live_weights()), precision)
+    out = {"tolerance": tol}
+    for case, rt, fused in (("base", base, None),
+                            ("shira-fused", side.fused[precision], adapter)):
+        what = f"executorch {precision} {case}"
+        bad = [(b, s) for b, s in shapes
+               if not (b <= rt.store.max_batch and s <= rt.store.max_seq)]
+        if bad:
+            raise ConfigError(f"{what}: the program takes batch <= {rt.store.max_batch}, seq <= "
+                              f"{rt.store.max_seq}; the bench's shapes {bad} do not fit")
+        try:
+            out[case] = compare(rt.store, with_live(ref, expected_live(lm, rt, fused)),
+                                list(shapes), what, tol=tol)
+        except ExportError as exc:
+            raise ParityError(f"{exc}; refusing to time it") from exc
+    return out
+
+
+def with_live(ref: LoadedModel, values: dict[str, np.ndarray]) -> LoadedModel:
+    """A copy of LoadedModel ``ref`` whose live weights (parameters, or the codes buffers of
+    a quantized program's model, by torch name) hold ``values``."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    model = copy.deepcopy(ref.model)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for w, value in values.items():
+            tensors[w].copy_(torch.from_numpy(value))
+    return dataclasses.replace(ref, model=model)
+
+
+def ensure_executorch_stock(lm: LoadedModel, work: Path, precision: str, section: dict) -> Path:
+    """``work/executorch-<precision>-stock.pte``: ExecuTorch's own quantized program of the
+    same weights (:func:`~edgeadapt.export.executorch_quant.stock_program`: every quantized
+    weight, q/v included, by torchao, lowered whole to XNNPACK), for the bundle's shapes;
+    written when missing."""
+    path = work / f"executorch-{precision}-stock.pte"
+    if not path.is_file():
+        from edgeadapt.export.executorch_quant import stock_program
+
+        atomic_write_bytes(path, [stock_program(lm, precision, int(section["max_batch"]),
+                                                int(section["max_seq"]))])
+    return path
+
+
+def executorch_forward(path: Path) -> Forward:
+    """The forward of the .pte at ``path`` on ExecuTorch's runtime (its threadpool as the
+    bundles' runtimes sized it)."""
+    import torch
+    from executorch.runtime import Runtime as EtRuntime
+
+    program = EtRuntime.get().load_program(path)
+    method = program.load_method("forward")
+
+    def forward(ids: np.ndarray, program=program) -> np.ndarray:  # keeps the program alive
+        return method.execute([torch.from_numpy(ids)])[0].numpy()
+
+    return forward
