@@ -167,6 +167,12 @@ for _i in range(3):
 for _i in range(3):
     for _p in ("int8", "int4"):
         RUNS[f"rt2k-shira-qv-snip-b8-lin-{_p}qat-s{_i}"] = _rt2k(_i, *SHIRA, *LIN, "--quant", _p)
+# and on SmolLM2 (section 8, seed 0, int4 only so far): section 7's SHiRA runs trained on the
+# quantized reference (the blocks' Linears and the LM head on the grid), beside the fp32
+# sm-*-shira-snip-b8 rounded; an int8 twin would be named -int8qat (results_quant evaluates it)
+for _task in ("hamlet", "rt"):
+    RUNS[f"sm-{_task}-shira-snip-b8-int4qat"] = [*RUNS[f"sm-{_task}-shira-snip-b8"], "--quant",
+                                                 "int4"]
 
 
 def command(name: str) -> list[str]:

@@ -308,3 +308,38 @@ def test_section_8_quantized_bases(runs):
     assert "int8: quantization-aware SHiRA: not measured." in page
     assert "other float rounding), its rows move by 0.2 points at most (mean 0.20)" in page
     assert "re-measures the run's own accuracy in all 1 runs." in page
+
+
+def test_section_8_smollm2(runs):
+    quantized = importlib.import_module("experiments.results_doc.quantized")
+    assert "quant-smollm2.json is missing" in quantized.section_8_smollm2()
+    hamlet = {"metric": "perplexity",
+              "base": {"run": None, "fp32": 73.3, "int8": {"perplexity": 73.5}},
+              "shira": {"run": "a", "fp32": 40.0, "int8": {"perplexity": 40.4, "saturated": 5,
+                                                          "values": 1000},
+                        "int4": {"perplexity": 41.2, "saturated": 50, "values": 1000}},
+              "qat-int4": {"run": "b", "int4": {"perplexity": 40.6, "trained_perplexity": 40.6,
+                                                "saturated": 40, "values": 1000}}}
+    rt = {"metric": "accuracy",
+          "shira": {"run": "c", "fp32": 0.8175, "int8": {"accuracy": 0.815}},
+          "lora": {"run": "d", "fp32": 0.83, "int8": {"accuracy": 0.83},
+                   "int4": {"accuracy": 0.82}}}
+    (runs / "quant-smollm2.json").write_text(
+        json.dumps({"seeds": [0], "rows": {"hamlet": hamlet, "rt": rt}}))
+    page = quantized.section_8_smollm2()
+    # brackets: against the same kind's fp32 value (perplexity relative, accuracy in points)
+    assert "| Hamlet (perplexity) | zero-shot (the base alone) | 73.30 | 73.50 (+0.3%) |" in page
+    assert "| 40.00 | 40.40 (+1.0%) | 41.20 (+3.0%) |" in page
+    assert "| - | (not run) | 40.60 (+1.5%) |" in page
+    assert ("int8, SHiRA rounded after training: 40.40, +1.0% against fp32 SHiRA's 40.00 "
+            "(target: within 2%): met.") in page
+    assert "int4, SHiRA rounded after training: 41.20, +3.0%" in page
+    assert "(target: within 2%): not met." in page
+    assert ("int8, SHiRA rounded after training: 0.815, -0.25 pts against fp32 SHiRA's 0.818 "
+            "(target: within 0.3 points): met.") in page
+    assert "int4, quantization-aware SHiRA: not measured." in page
+    assert "int4 0.820 (-1.00 pts against its fp32 0.830)" in page
+    assert ("Over the base each sits on (its zero-shot value): fp32 SHiRA 73.30 -> 40.00 "
+            "(-45.4%), int8 rounded 73.50 -> 40.40 (-45.0%).") in page
+    assert "Hamlet int4 quantization-aware 4.0%" in page
+    assert "re-measure: Hamlet int4 40.60 (trained: 40.60)" in page

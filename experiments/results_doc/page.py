@@ -161,9 +161,12 @@ def section_not_done() -> str:
         "gradient does not come from a random head): the trainer has no option for it.",
         "Fusion (section 4): one seed per pair, MiniLM only.",
         "SmolLM2 (section 7): one seed, 30 steps.",
-        "Quantized bases (section 8): MiniLM only, on the PyTorch reference of the bundles; "
-        "issue 20's SmolLM2 targets (sentiment, Hamlet perplexity within 2%) and the "
-        "backends' own accuracy on quantized bundles are not measured.",
+        ("Quantized bases (section 8): on the PyTorch reference of the bundles; SmolLM2 one "
+         "seed (section 7's runs); the backends' own accuracy on quantized bundles is not "
+         "measured." if (data.RUNS_DIR / "quant-smollm2.json").exists() else
+         "Quantized bases (section 8): MiniLM only, on the PyTorch reference of the bundles; "
+         "issue 20's SmolLM2 targets (sentiment, Hamlet perplexity within 2%) and the "
+         "backends' own accuracy on quantized bundles are not measured."),
     ]
     for sec, stems in (("2b", (sora.LORA_2B, *sora.SORA_2B)),
                        ("3c", (sira.MIXS_LORA, sira.MIXS_SIRA))):

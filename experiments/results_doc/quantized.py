@@ -1,7 +1,7 @@
 """Section 8: quantized bases (issue 20): SHiRA rounded after training, quantization-aware SHiRA
 and LoRA unfused, each on the PyTorch reference of an int8 / int4 bundle (MiniLM, Rotten
-Tomatoes). Reads runs/mp/quant.json (experiments/results_quant.py) and the QAT runs'
-metrics."""
+Tomatoes; SmolLM2-135M, Hamlet perplexity and generative sentiment). Reads runs/mp/quant.json
+and runs/mp/quant-smollm2.json (experiments/results_quant.py) and the QAT runs' metrics."""
 
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ ROWS = [("SHiRA snip, budget r=8 (fp32 base)", "shira", "fp32"),
         ("LoRA r=8, unfused on the int4 base", "lora", "int4")]
 
 
-def quant_results() -> dict | None:
-    """runs/mp/quant.json, or None."""
-    path = data.RUNS_DIR / "quant.json"
+def quant_results(name: str = "quant.json") -> dict | None:
+    """runs/mp/quant.json (or ``name``), or None."""
+    path = data.RUNS_DIR / name
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -181,5 +181,186 @@ relative (tests/test_quant_reference.py). Rows:
 
 The fp32 rows are the runs of section 1.0. The quantized rows are evaluated by `{EVAL}`, which
 writes `runs/mp/quant.json`.
+
+{body}
+
+{section_8_smollm2()}"""
+
+
+SM_PREFIX = ["--model", "smollm2"]
+SM_TASKS = (("hamlet", "Hamlet"), ("rt", "rt-sentiment"))
+# (label, row key in quant-smollm2.json, the row key its brackets compare with)
+SM_ROWS = [("zero-shot (the base alone)", "base", "base"),
+           ("SHiRA snip, budget r=8: fp32-trained (int8 / int4: rounded onto the grid)",
+            "shira", "shira"),
+           ("SHiRA, quantization-aware", "qat", "shira"),
+           ("LoRA r=8 (int8 / int4: unfused on the quantized base)", "lora", "lora")]
+PPL_LIMIT = 0.02  # issue 20: Hamlet perplexity within 2% of fp32 SHiRA
+
+
+def sm_value(rows: dict, key: str, precision: str) -> float | None:
+    """A row's metric at one precision (``qat``: the run quantization-aware on that precision)."""
+    row = rows.get(f"qat-{precision}" if key == "qat" else key, {})
+    got = row.get(precision)
+    if got is None:
+        return None
+    return float(got[rows["metric"]] if isinstance(got, dict) else got)
+
+
+def sm_change(metric: str, value: float, ref: float) -> str:
+    """'+1.2%' (perplexity, relative) or '-0.5 pts' (accuracy, points)."""
+    if metric == "perplexity":
+        return f"{num(100 * (value / ref - 1), 1, True)}%"
+    return f"{num(100 * (value - ref), 2, True)} pts"
+
+
+def sm_num(metric: str, value: float) -> str:
+    return num(value, 2 if metric == "perplexity" else 3)
+
+
+def sm_table(res: dict) -> str:
+    lines = ["| task | run | fp32 base | int8 base | int4 base |", "|---|---|---|---|---|"]
+    for task, name in SM_TASKS:
+        rows = res["rows"].get(task)
+        if rows is None:
+            lines.append(f"| {name} | {NOT_RUN} | | | |")
+            continue
+        metric = rows["metric"]
+        for label, key, ref_key in SM_ROWS:
+            ref = sm_value(rows, ref_key, "fp32")
+            cells = []
+            for p in ("fp32", "int8", "int4"):
+                value = sm_value(rows, key, p)
+                if value is None:
+                    cells.append("-" if key == "qat" and p == "fp32" else NOT_RUN)
+                    continue
+                text = sm_num(metric, value)
+                if p != "fp32" and ref is not None:
+                    text += f" ({sm_change(metric, value, ref)})"
+                cells.append(text)
+            lines.append(f"| {name} ({metric}) | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sm_verdict(rows: dict | None, label: str, key: str, precision: str, limit: float) -> str:
+    """'<label>: +0.8% against fp32 SHiRA (target: within 2%): met' (perplexity: relative,
+    lower is better; accuracy: points, higher is better)."""
+    ref = sm_value(rows, "shira", "fp32") if rows else None
+    got = sm_value(rows, key, precision) if rows else None
+    if ref is None or got is None:
+        return f"{label}: {NOT_MEASURED}."
+    if rows["metric"] == "perplexity":
+        met = got / ref - 1 <= PPL_LIMIT
+        target = f"within {num(100 * PPL_LIMIT, 0)}%"
+    else:
+        met = 100 * (got - ref) >= -limit
+        target = f"within {limit:g} point{'' if limit == 1 else 's'}"
+    return (f"{label}: {sm_num(rows['metric'], got)}, {sm_change(rows['metric'], got, ref)} "
+            f"against fp32 SHiRA's {sm_num(rows['metric'], ref)} (target: {target}): "
+            f"{'met' if met else 'not met'}.")
+
+
+def sm_gain_text(rows: dict) -> str:
+    """What each SHiRA adapter gains over the base it sits on (the zero-shot row at its
+    precision), beside the quantized base's own loss: separates the base from the adapter."""
+    m, out = rows["metric"], []
+    for label, key, p in (("fp32 SHiRA", "shira", "fp32"), ("int8 rounded", "shira", "int8"),
+                          ("int8 quantization-aware", "qat", "int8"),
+                          ("int4 rounded", "shira", "int4"),
+                          ("int4 quantization-aware", "qat", "int4")):
+        base, got = sm_value(rows, "base", p), sm_value(rows, key, p)
+        if base is not None and got is not None:
+            out.append(f"{label} {sm_num(m, base)} -> {sm_num(m, got)} "
+                       f"({sm_change(m, got, base)})")
+    if len(out) < 2:
+        return ""
+    return "Over the base each sits on (its zero-shot value): " + ", ".join(out) + "."
+
+
+def sm_lora_text(rows: dict) -> str:
+    """LoRA beside: its own change on each quantized base."""
+    ref = sm_value(rows, "lora", "fp32")
+    got = {p: sm_value(rows, "lora", p) for p in ("int8", "int4")}
+    if ref is None or None in got.values():
+        return ""
+    m = rows["metric"]
+    return ("LoRA r=8 unfused on the same bases: " + ", ".join(
+        f"{p} {sm_num(m, v)} ({sm_change(m, v, ref)} against its fp32 {sm_num(m, ref)})"
+        for p, v in got.items()) + ".")
+
+
+def sm_text(res: dict) -> str:
+    """'What came out' of the SmolLM2 part, per task."""
+    parts = ["**What came out (SmolLM2, seed 0).**"]
+    for task, name in SM_TASKS:
+        rows = res["rows"].get(task)
+        parts += [f"{name}:",
+                  sm_verdict(rows, "int8, SHiRA rounded after training", "shira", "int8", 0.3),
+                  sm_verdict(rows, "int8, quantization-aware SHiRA", "qat", "int8", 0.3),
+                  sm_verdict(rows, "int4, quantization-aware SHiRA", "qat", "int4", 1.0),
+                  sm_verdict(rows, "int4, SHiRA rounded after training", "shira", "int4", 1.0)]
+        if rows:
+            parts += [sm_gain_text(rows), sm_lora_text(rows)]
+    parts.append(sm_saturation(res))
+    parts.append(sm_remeasure(res))
+    return " ".join(p for p in parts if p)
+
+
+def sm_saturation(res: dict) -> str:
+    got = []
+    for task, name in SM_TASKS:
+        for key, row in res["rows"].get(task, {}).items():
+            for p in ("int8", "int4"):
+                cell = row.get(p) if isinstance(row, dict) else None
+                if key in ("shira", f"qat-{p}") and isinstance(cell, dict) and "values" in cell:
+                    kind = "rounded" if key == "shira" else "quantization-aware"
+                    share = num(100 * cell["saturated"] / cell["values"], 1)
+                    got.append(f"{name} {p} {kind} {share}%")
+    if not got:
+        return ""
+    return "Saturated SHiRA values (clamped to the code range): " + ", ".join(got) + "."
+
+
+def sm_remeasure(res: dict) -> str:
+    """Each QAT run's exported adapter, fused into a fresh quantized reference, against the value
+    the run measured at the end of training."""
+    out = []
+    for task, name in SM_TASKS:
+        rows = res["rows"].get(task, {})
+        for p in ("int8", "int4"):
+            cell = rows.get(f"qat-{p}", {}).get(p)
+            trained = cell and cell.get(f"trained_{rows['metric']}")
+            if trained is not None:
+                m = rows["metric"]
+                out.append(f"{name} {p} {sm_num(m, cell[m])} (trained: {sm_num(m, trained)})")
+    if not out:
+        return ""
+    return ("The quantization-aware runs' exported adapters, fused into the codes of a fresh "
+            "quantized reference, re-measure: " + ", ".join(out) + ".")
+
+
+def section_8_smollm2() -> str:
+    """The SmolLM2 part of section 8."""
+    res = quant_results("quant-smollm2.json")
+    qat = [short_command(f"sm-{t}-shira-snip-b8-int4qat", SM_PREFIX) for t, _ in SM_TASKS]
+    body = (NOT_MEASURED + f": run `{EVAL} --model smollm2` (runs/mp/quant-smollm2.json is "
+            "missing).") if res is None else sm_table(res) + "\n\n" + sm_text(res)
+    return f"""### SmolLM2-135M: Hamlet perplexity and generative sentiment
+
+Section 7's setting (SmolLM2-135M-Instruct, q/v, **seed 0 only**, 30 steps, constant lr
+2e-3; Hamlet perplexity on the held-out last 20% in 128-token blocks; Rotten Tomatoes as a
+generative classifier on 400 test examples) on the same quantized references, here every Linear
+of the 30 blocks **and the LM head** on the grid (`edgeadapt.models.targets.quantized_weight_names`:
+the tied head quantized as its own copy, the embedding table fp32), q/v live and weight-only, the
+other Linears with the int8 activation quantization. The fp32 SHiRA and LoRA r=8 runs are section
+7's (commands there); quantization-aware SHiRA is the same command plus `--quant int4`: {qat[0]}
+and {qat[1]} ({dots(SM_PREFIX)}; no int8 quantization-aware run on SmolLM2 yet). Evaluated by
+`{EVAL} --model smollm2` (`--resume` keeps the entries of unchanged runs), which writes
+`runs/mp/quant-smollm2.json`; each row is evaluated as its run was, in one batching. In brackets:
+the change against the same kind's fp32 value (SHiRA rows: fp32 SHiRA; perplexity relative,
+accuracy in points). One seed: at 400 test examples one example is 0.25 points and one binomial
+standard error near 0.8 is {num(100 * binomial_se(0.8, 400), 1)} points, so the 0.3-point
+target is one example; section 1 measured several points of seed noise for single constant-lr
+runs.
 
 {body}"""

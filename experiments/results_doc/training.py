@@ -59,6 +59,13 @@ def quant_stale() -> bool:
     return stale("quant.json", set(rqt.run_names(rqt.SEEDS)))
 
 
+def quant_smollm2_stale() -> bool:
+    """True when quant-smollm2.json is missing or older than a metrics.json of its runs."""
+    from experiments import results_quant as rqt  # imports torch: only in the full run
+
+    return stale("quant-smollm2.json", set(rqt.sm_run_names()))
+
+
 def refresh() -> None:
     """Fusion and the quantized-base evaluations (when stale) and the switch-size plot."""
     env = {**os.environ, "PYTHONPATH": "."}
@@ -67,6 +74,9 @@ def refresh() -> None:
                         "docs/fusion.png", "--recheck"], check=True, env=env)
     if quant_stale():
         subprocess.run([sys.executable, "-m", "experiments.results_quant"], check=True, env=env)
+    if quant_smollm2_stale():
+        subprocess.run([sys.executable, "-m", "experiments.results_quant", "--model", "smollm2",
+                        "--resume"], check=True, env=env)
     rows = switch_size_rows()
     if rows:
         rss.plot(rows, "docs/switch_size.png")
