@@ -8,6 +8,7 @@ against the PyTorch model holding the same quantized weights), else ExportError.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,16 @@ def compare(store, lm: LoadedModel, shapes: list[tuple[int, int]], what: str,
             seed: int = 0, tol: float = MAX_REL_ERR) -> float:
     """Worst relative error of ``store.run`` against ``lm`` over ``shapes``; ExportError past
     ``tol``."""
+    return agreement(store, lm, shapes, what, seed, tol)[0]
+
+
+def agreement(store, lm: LoadedModel, shapes: list[tuple[int, int]], what: str,
+              seed: int = 0, tol: float = math.inf) -> tuple[float, float]:
+    """(worst relative error, least top-1 agreement: the share of positions whose argmax
+    equals PyTorch's) of ``store.run`` against ``lm`` over ``shapes``; ExportError past
+    ``tol``."""
     wrapper = LogitsModule(lm)
-    worst = 0.0
+    worst, top1 = 0.0, 1.0
     for b, s in shapes:
         inp = _inputs(lm, store.input_names, b, s, seed)
         with torch.no_grad():
@@ -48,10 +57,11 @@ def compare(store, lm: LoadedModel, shapes: list[tuple[int, int]], what: str,
             raise ExportError(f"{what}: output shape {got.shape} != PyTorch {ref.shape}")
         err = rel_error(got, ref)
         worst = max(worst, err)
+        top1 = min(top1, float((got.argmax(-1) == ref.argmax(-1)).mean()))
         if not err <= tol:
             raise ExportError(f"{what}: batch {b} x seq {s}: max relative error {err:.3g} > "
                               f"{tol:g} against PyTorch")
-    return worst
+    return worst, top1
 
 
 def random_edit(live_lm: LoadedModel, store, seed: int = 1) -> None:
