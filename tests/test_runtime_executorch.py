@@ -218,6 +218,7 @@ def test_concurrent_runs_while_switching(exported, mode):
     once per program, so two runs at the same time must not share it. The switching goes on
     until every reader has finished a few runs (so the check is never vacuous)."""
     import threading
+    import time
 
     from edgeadapt.runtime.engine import SwitchEngine
 
@@ -248,10 +249,15 @@ def test_concurrent_runs_while_switching(exported, mode):
     for t in threads:
         t.start()
     i, switches = 0, 6 if mode == "repack" else 30
-    # at least `switches` switches, and on until every reader has run 3 times (or has stopped)
-    while i < switches or (min(runs) < 3 and all(t.is_alive() for t in threads)):
+    end = time.monotonic() + 120
+    # at least `switches` switches, and on until every reader has run 3 times (or has stopped,
+    # or two minutes have passed: the assert below then reports the starved reader)
+    while i < switches or (min(runs) < 3 and all(t.is_alive() for t in threads)
+                           and time.monotonic() < end):
         engine.switch([(prep, 1.0)] if i % 2 == 0 else [])
         i += 1
+        if i >= switches:  # the readers lag (writer preference; the write releases the GIL)
+            time.sleep(0.001)  # let them in, as tests/switching.py does
     stop.set()
     for t in threads:
         t.join()
