@@ -28,11 +28,13 @@ def report(tmp_path_factory):
 
 def test_every_case_is_timed_after_parity(report):
     kernel = report["parity"]["kernel_vs_own_dequantization"]
-    assert set(kernel) == {"int8", "int4"} and all(0 <= e <= RTOL for e in kernel.values())
+    assert set(kernel) == {"int8", "int4", "int4-affine"}
+    assert all(0 <= e <= RTOL for e in kernel.values())
     stock = {k: v for k, v in report["parity"].items()
              if " vs stock " in k and not k.startswith("executorch ")}
     assert set(stock) == {f"{p} {c} vs stock {s}" for p in ("int8", "int4")
-                          for c in ("base", "hybrid") for s in ("1x1", "2x5")}
+                          for c in ("base", "hybrid") for s in ("1x1", "2x5")} | {
+        f"int4-affine base vs stock {s}" for s in ("1x1", "2x5")}  # no hybrid: no offsets
     assert all(0 < v["max_rel_error"] < 1 for v in stock.values())
     cases = {(r["shape"], r["case"]) for r in report["forward"]}
     assert {("1x1", "int4 stock"), ("2x5", "fp32 shira-fused"), ("1x1", "int8 hybrid")} <= cases

@@ -18,13 +18,13 @@ from edgeadapt.export.bundle import export_base
 from edgeadapt.format import read_manifest
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.format.layout import to_backend
-from edgeadapt.format.quant import grid
+from edgeadapt.format.quant import codes_weight, grid
 from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta
 from edgeadapt.models import load_model
 from edgeadapt.numeric import rel_error
 from edgeadapt.runtime import load
 
-PRECISIONS = ("int8", "int4")
+PRECISIONS = ("int8", "int4", "int4-affine")
 
 
 def _shira(lm, names: list[str], g, density: float, steps: float, rng) -> Adapter:
@@ -32,7 +32,7 @@ def _shira(lm, names: list[str], g, density: float, steps: float, rng) -> Adapte
     w = {n: lm.model.get_parameter(n).detach().numpy() for n in names}
     t = {}
     for n in names:
-        step = float(np.median(np.abs(g.quantize(w[n])[1])))
+        step = float(np.median(np.abs(g.quantize(codes_weight(w[n], g))[1])))
         idx = np.sort(rng.choice(w[n].size, int(density * w[n].size), replace=False))
         t[n] = ShiraDelta(idx.astype(np.int64),
                           (steps * step * rng.standard_normal(idx.size)).astype(np.float32))
@@ -71,7 +71,7 @@ def _expected_codes(lm, g, adapters: dict[str, Adapter], active: list[str]) -> d
     each touched entry re-quantized once from the summed scaled deltas (LoRA densely)."""
     out = {}
     for n in next(iter(adapters.values())).targets:
-        q, s = g.quantize(lm.model.get_parameter(n).detach().numpy())
+        q, s = g.quantize(codes_weight(lm.model.get_parameter(n).detach().numpy(), g))
         delta = np.zeros(q.size, np.float32)
         touched = np.zeros(q.size, bool)
         for name in active:
@@ -157,7 +157,9 @@ def test_live_weights_are_the_dequantized_values(bundle):
     lm, out, g, _ = bundle
     rt = load(out, mode="live", threads=1)
     for n, w in rt.live_weights().items():
-        want = g.dequantize(*g.quantize(lm.model.get_parameter(n).detach().numpy()))
+        # an affine grid's live weights are W' (the offsets are constants of the graph)
+        want = g.dequantize(*g.quantize(codes_weight(lm.model.get_parameter(n).detach().numpy(),
+                                                     g)))
         np.testing.assert_array_equal(w, want)
 
 

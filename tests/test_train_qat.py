@@ -12,7 +12,7 @@ from torch import nn
 from edgeadapt.adapters import ShiraConfig, ShiraLinear, adapted_layers, attach, extract
 from edgeadapt.adapters.reference import carrying
 from edgeadapt.errors import UnknownNameError
-from edgeadapt.format.quant import grid
+from edgeadapt.format.quant import codes_weight, grid
 from edgeadapt.format.quant_adapter import round_to_grid
 from edgeadapt.models import example_inputs, load_model
 from edgeadapt.models.quantized import QuantizedLinear, WeightQuant, quantize_reference_
@@ -33,7 +33,7 @@ def _base_weights(names: list[str]) -> dict[str, np.ndarray]:
     return {n: params[n].detach().numpy() for n in names}
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "int4-affine"])
 def test_qat_values_stay_on_the_grid_and_export_exactly(precision, tmp_path):
     res, _ = _qat(precision, tmp_path / "run")
     g = grid(precision)
@@ -42,7 +42,7 @@ def test_qat_values_stay_on_the_grid_and_export_exactly(precision, tmp_path):
     moved = 0
     for name, w in _base_weights(list(adapter.targets)).items():
         delta = adapter.targets[name]
-        codes, scales = g.quantize(w)
+        codes, scales = g.quantize(codes_weight(w, g))
         q = codes.reshape(-1)[delta.indices].astype(np.float64)
         s = g.scale_at(scales, w.shape, delta.indices)
         k = delta.values.astype(np.float64) / s  # codes moved; float32 d: relative 6e-8
@@ -58,7 +58,7 @@ def test_qat_values_stay_on_the_grid_and_export_exactly(precision, tmp_path):
         np.testing.assert_array_equal(again.targets[name].values, delta.values)
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "int4-affine"])
 def test_qat_forward_is_the_quantized_reference_with_fused_codes(precision, tmp_path):
     res, _ = _qat(precision, None)
     adapter = extract(res.lm.model)
@@ -75,13 +75,13 @@ def test_qat_forward_is_the_quantized_reference_with_fused_codes(precision, tmp_
     assert not torch.allclose(got, base, atol=1e-4)
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "int4-affine"])
 def test_on_grid_is_requantize_bit_for_bit(precision):
     rng = np.random.default_rng(7)
     w = rng.standard_normal((48, 96)).astype(np.float32)
     quant = WeightQuant(torch.from_numpy(w), precision, False)
     g = grid(precision)
-    codes, scales = g.quantize(w)
+    codes, scales = g.quantize(codes_weight(w, g))
     idx = np.sort(rng.choice(w.size, 3000, replace=False))
     s = g.scale_at(scales, w.shape, idx)
     # values near half-way between codes, where the arithmetic decides the code
@@ -112,7 +112,7 @@ def test_gradients_reach_the_values_straight_through():
     torch.testing.assert_close(layer.shira_values.grad, want)
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "int4-affine"])
 def test_post_training_rounding_is_requantize_of_the_fp32_delta(precision):
     lm = load_model("tiny-minilm")
     attach(lm.model, ShiraConfig(density=0.1))
@@ -126,7 +126,7 @@ def test_post_training_rounding_is_requantize_of_the_fp32_delta(precision):
     assert rounded.meta["quant"] == precision and "quant" not in fp32.meta
     for name, w in _base_weights(list(fp32.targets)).items():
         d = fp32.targets[name]
-        codes, scales = g.quantize(w)
+        codes, scales = g.quantize(codes_weight(w, g))
         q = codes.reshape(-1)[d.indices]
         s = g.scale_at(scales, w.shape, d.indices)
         new, sat = g.requantize(q, s, d.values)

@@ -13,14 +13,17 @@ size rows are prefixed ``executorch ``, ONNX Runtime's keep the names of the fir
 
 - ``p base`` / ``p shira-fused``: edgeadapt's live runtime, without and with a synthetic SHiRA
   adapter fused (1% of every live weight, values 0.01 N(0, 1), re-quantized onto the codes).
-- ``p hybrid`` (ONNX Runtime, int8, int4): the fp32 bundle with only the rest quantized, its
-  live weights left fp32 (:func:`ensure_hybrid`): is a quantized rest alone enough?
-- ``p stock`` (int8, int4): what a user of the backend runs for that precision. ONNX Runtime:
-  the fp32 bundle's graph with every weight constant, quantized whole by the backend's own tool
-  (:func:`edgeadapt.export.onnx_quant.quantize_rest`: ``MatMulNBits`` blocks of 32, accuracy
-  level 4) and packed by ONNX Runtime. ExecuTorch: the fp32 model with every Linear of the
-  blocks (q/v included) quantized by torchao as the bundle's rest is and lowered whole to
-  XNNPACK (:func:`edgeadapt.export.executorch_quant.stock_program`,
+- ``p hybrid`` (ONNX Runtime, int8, int4; not int4-affine): the fp32 bundle with only the
+  rest quantized, its live weights left fp32 (:func:`ensure_hybrid`): is a quantized rest
+  alone enough?
+- ``p stock`` (int8, int4, int4-affine): what a user of the backend runs for that precision.
+  ONNX Runtime: the fp32 bundle's graph with every weight constant, quantized whole by the
+  backend's own tool (:func:`edgeadapt.export.onnx_quant.quantize_rest`: ``MatMulNBits`` blocks
+  of 32, accuracy level 4; for int4-affine its asymmetric form, a uint8 zero point per block,
+  the tool's nearest to an offset: ``MatMulNBits`` with float zero points is exact but runs a
+  dequantizing fallback about 7x slower) and packed by ONNX Runtime. ExecuTorch: the fp32
+  model with every Linear of the blocks (q/v included) quantized by torchao as the bundle's
+  rest is and lowered whole to XNNPACK (:func:`edgeadapt.export.executorch_quant.stock_program`,
   ``work/executorch-<p>-stock.pte``). Same threads (ONNX Runtime: spinning off).
 
 Checked before anything is timed (ParityError otherwise): every quantized runtime's codes are
@@ -67,7 +70,7 @@ from edgeadapt.export.onnx import RTOL
 from edgeadapt.format import read_manifest
 from edgeadapt.format.container import atomic_write_bytes
 from edgeadapt.format.layout import TRANSPOSED, to_backend
-from edgeadapt.format.quant import PRECISIONS
+from edgeadapt.format.quant import PRECISIONS, codes_weight, grid
 from edgeadapt.format.types import Adapter
 from edgeadapt.models import LoadedModel
 from edgeadapt.numeric import rel_error
@@ -181,7 +184,8 @@ def stock_session(fp32_bundle: Path, lm, precision: str, threads: int):
     proto = constant_graph(fp32_bundle, lm)
     weights = {w: model.get_submodule(w.removesuffix(".weight")).weight.detach().float().numpy()
                for w in quantized_weight_names(model, lm.kind)}
-    proto = quantize_rest(proto, constant_matmuls(proto, weights), precision)
+    proto = quantize_rest(proto, constant_matmuls(proto, weights), precision,
+                          symmetric=not grid(precision).affine)
     return open_session(proto.SerializeToString(), session_options(threads), fp32_bundle)
 
 
@@ -195,7 +199,7 @@ def expected_live(lm, rt, adapter: Adapter | None = None) -> dict[str, np.ndarra
         t = adapter.targets.get(w) if adapter is not None else None
         if lw.codes is not None:
             g = lw.codes.grid
-            value, s = g.quantize(value)
+            value, s = g.quantize(codes_weight(value, g))
             if t is not None:
                 flat = value.reshape(-1)
                 flat[t.indices] = g.requantize(flat[t.indices], g.scale_at(s, value.shape,
@@ -331,7 +335,7 @@ def onnxruntime_side(model: str | LoadedModel, lm: LoadedModel, work: Path, thre
                               f"Runtime's own dequantization by {err:.3g} > {RTOL}")
         kernel[p] = err
     side.peers["hybrid"] = {p: partial(_run, _load(ensure_hybrid(work, lm, p), threads))
-                            for p in quantized}
+                            for p in quantized if not grid(p).affine}
     side.peers["stock"] = {p: partial(_run_session, stock_session(bundles["fp32"], lm, p,
                                                                   threads))
                            for p in quantized}
@@ -570,6 +574,11 @@ def decode_section(lm, generate_bundles: dict[str, Path], genai_dir: Path | None
     if "fp32" in generate_bundles and "int4" in generate_bundles:
         pairs += [("fp32 shira-fused", "int4 shira-fused", ours, ours),
                   ("fp32 base", "int4 base", ours, ours)]
+    if "int4" in generate_bundles and "int4-affine" in generate_bundles:  # the offsets' cost
+        pairs += [("int4-affine base", "int4 base", ours, ours)]
+    if (GENAI, "int4 base") in cases and "int4-affine" in generate_bundles:
+        pairs += [("int4 base", "int4-affine base", GENAI, ours),
+                  ("int4 lora-adapter", "int4-affine shira-fused", GENAI, ours)]
     section["ratios"] = [
         {"context": n, **Ratio.of(raw[n], names[nt, num], names[dt, den]).as_dict()}
         for n in contexts for num, den, nt, dt in pairs]

@@ -103,6 +103,12 @@ def run_exporters(lm: Any, out: Path, live: list[str], backends: list[str],
     grid of :mod:`edgeadapt.format.quant` (:mod:`edgeadapt.export.onnx_quant`,
     :mod:`edgeadapt.export.executorch_quant`; ExecuTorch: no variants (ConfigError) and no
     constant program yet)."""
+    from edgeadapt.format.quant import grid
+
+    if precision != "fp32" and grid(precision).affine and "executorch" in backends:
+        raise ConfigError(f"--weights {precision} runs on ONNX Runtime only: ExecuTorch's "
+                          "quantized linears have no offset term yet (use --backends "
+                          "onnxruntime, or --weights int4)")
     results = {}
     for fmt in backends:
         exporter = backend_exporter(fmt)
@@ -156,9 +162,10 @@ def export_base(model: str | Path | Any, out: str | Path,
     generate: causal LMs: also write the KV-cache decoder graph, the tokenizer and the
         ``generate`` section (:mod:`edgeadapt.export.decoder`, docs/generate.md);
         ``max_context``: the positions a conversation may hold (default: up to 2048).
-    precision: ``fp32`` | ``int8`` | ``int4`` (``--weights``): the transformer blocks' weights
-        (and a causal LM's head) quantized, the live ones held as codes + scales that switches
-        edit in place (:mod:`edgeadapt.export.onnx_quant`, docs/quantized.md).
+    precision: ``fp32`` | ``int8`` | ``int4`` | ``int4-affine`` (``--weights``): the
+        transformer blocks' weights (and a causal LM's head) quantized, the live ones held as
+        codes + scales that switches edit in place (:mod:`edgeadapt.export.onnx_quant`,
+        docs/quantized.md); ``int4-affine`` adds a float offset per block (ONNX Runtime only).
     Adapters already registered in ``out`` are kept if they still fit the new base.
     """
     from edgeadapt.format.quant import PRECISIONS

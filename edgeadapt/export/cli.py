@@ -56,7 +56,8 @@ def export() -> None:
 @click.option("--weights", "precision", default="fp32", show_default=True,
               type=click.Choice(PRECISIONS),
               help="int8 | int4 (blocks of 32, ONNX Runtime's MatMulNBits grid): the blocks' "
-                   "weights quantized, the live ones as codes edited in place "
+                   "weights quantized, the live ones as codes edited in place; int4-affine: "
+                   "int4 plus a float offset per block (Q4_1's grid; ONNX Runtime only) "
                    "(docs/quantized.md)")
 def export_base_cmd(model: str, out: str, backends: str, targets: str, num_labels: int,
                     seed: int, no_check: bool, pte_live_form: str | None, generate: bool,

@@ -126,6 +126,8 @@ def export_onnx(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         default_shapes = (br.default_branch_values(model, param_names, info)
                           if info is not None else {})
 
+    if quant is not None:  # an affine grid's offsets become float terms
+        weights_np = quant.split_offsets(proto, weights_np)
     located = og.locate_live_weights(proto, weights_np)
     live = og.make_live_inputs(proto, located)
     if blocked or quant is not None:

@@ -210,6 +210,8 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         with oq.dequantized(lm.model, quant):
             want = _reference(lm, ids, dict(zip(param_names, tensors, strict=True))) \
                 if check else None
+    if quant is not None:  # an affine grid's offsets become float terms
+        weights_np = quant.split_offsets(proto, weights_np)
     live = og.make_live_inputs(proto, og.locate_live_weights(proto, weights_np))
     if blocked or quant is not None:
         live = ob.block_live_matmuls(proto, live)

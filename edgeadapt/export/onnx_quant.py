@@ -23,19 +23,19 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from edgeadapt.errors import ExportError
 from edgeadapt.export.onnx_graph import digest
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.format.layout import BLOCKED, to_backend
-from edgeadapt.format.quant import Grid, grid
+from edgeadapt.format.quant import Grid, affine_split, grid, offset_weight
 from edgeadapt.graphs.quantized import dequantize_live_inputs
 from edgeadapt.graphs.values import LiveWeight, consumers
 from edgeadapt.models import LoadedModel
@@ -53,18 +53,27 @@ ACCURACY_LEVEL = 4
 
 def constant_matmuls(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> list[str]:
     """Names of the MatMul nodes whose B operand is an initializer holding one of ``weights``
-    (torch name -> ``(out, in)``) transposed, as torch's exporter writes a Linear. A weight
+    (torch name -> ``(out, in)``) transposed, as torch's exporter writes a Linear
+    (:func:`matmul_readers`)."""
+    return sorted({node.name for nodes in matmul_readers(model, weights).values()
+                   for node in nodes})
+
+
+def matmul_readers(model: onnx.ModelProto, weights: dict[str, np.ndarray]
+                   ) -> dict[str, list[onnx.NodeProto]]:
+    """Per weight of ``weights`` (torch name -> ``(out, in)``) the MatMul nodes whose B operand
+    is an initializer holding it transposed, as torch's exporter writes a Linear. A weight
     read through ``Transpose`` of an initializer shared with another reader (a tied LM head:
     the embedding's ``Gather``) gets its own transposed initializer ``<w>.T`` first, so it can
     be quantized alone. ExportError for a weight no MatMul reads either way (it would silently
-    stay fp32)."""
+    stay fp32) or a reader without a name."""
     graph = model.graph
     uses = consumers(graph)
     by_hash: dict[str, list[str]] = defaultdict(list)
     for init in graph.initializer:
         if init.data_type == TensorProto.FLOAT and len(init.dims) == 2 and init.name in uses:
             by_hash[digest(numpy_helper.to_array(init))].append(init.name)
-    nodes = []
+    found = {}
     for w, arr in weights.items():
         readers = [node for init in by_hash.get(digest(np.ascontiguousarray(arr.T)), [])
                    for node, pos in uses[init] if node.op_type == "MatMul" and pos == 1]
@@ -77,8 +86,71 @@ def constant_matmuls(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> 
         for node in readers:
             if not node.name:
                 raise ExportError(f"weight {w!r}: its MatMul has no name to quantize it by")
-            nodes.append(node.name)
-    return sorted(set(nodes))
+        found[w] = readers
+    return found
+
+
+def add_offset_terms(model: onnx.ModelProto, weights: dict[str, np.ndarray],
+                     shifted: dict[str, np.ndarray], offsets: dict[str, np.ndarray],
+                     group: int) -> None:
+    """Split the affine offsets off ``weights`` in the graph, in place
+    (:func:`edgeadapt.format.quant.affine_split`): every MatMul ``y = x @ W^T`` reading one of
+    them (torch name -> fp32 ``(out, in)``) reads ``W'^T`` (``shifted``) instead, and gains the
+    offset term in float32::
+
+        y = x @ W'^T + (x @ P) @ o^T        P (in, in / G): P[c, c // G] = 1 (block sums)
+
+    with ``o`` (``offsets``, ``(out, in / G)``) a constant ``<w>.offsets.T``; ``x @ P`` is
+    computed once per input. The MatMul keeps its name (the quantizer and the live-weight
+    rewrites find it as before); its result is renamed and the ``Add`` writes ``y``."""
+    graph = model.graph
+    readers = matmul_readers(model, weights)
+    uses = consumers(graph)
+    inits = {i.name: i for i in graph.initializer}
+    consts: dict[str, np.ndarray] = {}
+    position = {id(n): i for i, n in enumerate(graph.node)}
+    pending = []
+    for w, nodes in readers.items():
+        reading = {id(n) for n in nodes}
+        for b in {n.input[1] for n in nodes}:
+            value = numpy_helper.from_array(np.ascontiguousarray(shifted[w].T), b)
+            if all(id(n) in reading for n, _ in uses[b]):
+                inits[b].CopyFrom(value)
+            else:  # the initializer has other readers: the MatMuls get their own
+                value.name = f"{b}.affine"
+                consts[value.name] = numpy_helper.to_array(value)
+                for n in nodes:
+                    if n.input[1] == b:
+                        n.input[1] = value.name
+        consts[f"{w}.offsets.T"] = np.ascontiguousarray(offsets[w].T)
+        inp = int(shifted[w].shape[1])
+        p_name = f"edgeadapt_block_sums_{inp}x{group}"
+        if p_name not in consts:
+            consts[p_name] = np.kron(np.eye(inp // group, dtype=np.float32),
+                                     np.ones((group, 1), np.float32))
+        pending += [(position[id(n)], n, f"{w}.offsets.T", p_name) for n in nodes]
+    after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+    sums: dict[str, str] = {}
+    for _, node, o_name, p_name in sorted(pending, key=lambda t: t[0]):
+        x, y = node.input[0], node.output[0]
+        new = []
+        if x not in sums:  # before the first reader of x in graph order
+            sums[x] = f"{x}/edgeadapt_block_sums"
+            new.append(helper.make_node("MatMul", [x, p_name], [sums[x]],
+                                        name=f"{node.name}/block_sums"))
+        part = f"{y}/edgeadapt_codes_part"
+        node.output[0] = part
+        new += [helper.make_node("MatMul", [sums[x], o_name], [f"{y}/edgeadapt_offset"],
+                                 name=f"{node.name}/offset"),
+                helper.make_node("Add", [part, f"{y}/edgeadapt_offset"], [y],
+                                 name=f"{node.name}/offset_add")]
+        after[id(node)] += new
+    graph.initializer.extend(numpy_helper.from_array(v, n) for n, v in consts.items())
+    nodes = list(graph.node)
+    del graph.node[:]
+    for node in nodes:
+        graph.node.append(node)
+        graph.node.extend(after.get(id(node), []))
 
 
 def _untie(graph: onnx.GraphProto, w: str, arr: np.ndarray, holders: list[str], uses
@@ -106,9 +178,12 @@ def _untie(graph: onnx.GraphProto, w: str, arr: np.ndarray, holders: list[str], 
     return readers
 
 
-def quantize_rest(model: onnx.ModelProto, nodes: list[str], precision: str) -> onnx.ModelProto:
+def quantize_rest(model: onnx.ModelProto, nodes: list[str], precision: str,
+                  symmetric: bool = True) -> onnx.ModelProto:
     """``model`` with the MatMul ``nodes`` quantized by ONNX Runtime's ``MatMulNBitsQuantizer``
-    on ``precision``'s grid (module docstring); a new ModelProto, its weights in memory."""
+    on ``precision``'s grid (module docstring); a new ModelProto, its weights in memory.
+    ``symmetric=False``: the tool's asymmetric form (a uint8 zero point per block; the bench's
+    stock peer of an affine grid, not edgeadapt's own grid)."""
     if not nodes:
         return model
     # the tool infers shapes strictly; the value infos torch wrote predate edgeadapt's rewrites
@@ -117,7 +192,7 @@ def quantize_rest(model: onnx.ModelProto, nodes: list[str], precision: str) -> o
 
     g = grid(precision)
     chosen = set(nodes)  # nodes_to_include only adds to the op types it quantizes anyway
-    tool = MatMulNBitsQuantizer(model, bits=g.bits, block_size=g.group, is_symmetric=True,
+    tool = MatMulNBitsQuantizer(model, bits=g.bits, block_size=g.group, is_symmetric=symmetric,
                                 accuracy_level=ACCURACY_LEVEL, op_types_to_quantize=("MatMul",),
                                 nodes_to_exclude=[n.name for n in model.graph.node
                                                   if n.name not in chosen])
@@ -155,12 +230,16 @@ def quantize_live(model: onnx.ModelProto, live: dict[str, LiveWeight],
 @dataclass
 class QuantPlan:
     """What a quantized export does to one model: ``weights``, every quantized weight (torch
-    name -> fp32 ``(out, in)``, a tied LM head under its own module's name), of which ``live``
-    are live (codes + scales inputs), on ``grid``."""
+    name -> fp32 ``(out, in)``, a tied LM head under its own module's name) as it goes onto
+    ``grid`` (``W'`` on an affine grid), of which ``live`` are live (codes + scales
+    inputs). An affine grid also has ``offsets`` (``(out, in // G)`` per weight) and
+    ``originals`` (the weights before the split, to find them in the traced graph)."""
 
     grid: Grid
     weights: dict[str, np.ndarray]
     live: list[str]
+    offsets: dict[str, np.ndarray] = field(default_factory=dict)
+    originals: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def of(cls, lm: LoadedModel, live_weights: list[str], precision: str) -> QuantPlan | None:
@@ -171,16 +250,27 @@ class QuantPlan:
         names = quantized_weight_names(lm.model, lm.kind)
         weights = {w: _module_weight(lm.model, w).detach().float().cpu().numpy().copy()
                    for w in names}
-        return cls(g, weights, [w for w in live_weights if w in weights])
+        live = [w for w in live_weights if w in weights]
+        if not g.affine:
+            return cls(g, weights, live)
+        split = {w: affine_split(a, g) for w, a in weights.items()}
+        return cls(g, {w: p[0] for w, p in split.items()}, live,
+                   {w: p[1] for w, p in split.items()}, weights)
+
+    def _held(self, w: str) -> np.ndarray:
+        """What the bundle holds of weight ``w``: ``q * s`` (``+ O``, affine)."""
+        held = self.grid.dequantize(*self.grid.quantize(self.weights[w]))
+        if w in self.offsets:
+            held = held + offset_weight(self.offsets[w], self.grid, held.shape)
+        return held
 
     def dequantized(self) -> dict[str, np.ndarray]:
-        """The quantized weights as the grid holds them: ``q * s``."""
-        return {w: self.grid.dequantize(*self.grid.quantize(a)) for w, a in self.weights.items()}
+        """The quantized weights as the bundle holds them (:meth:`_held`)."""
+        return {w: self._held(w) for w in self.weights}
 
     def live_values(self, weights_np: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``weights_np`` (the live weights) with the quantized ones dequantized."""
-        return {w: (self.grid.dequantize(*self.grid.quantize(a)) if w in self.live else a)
-                for w, a in weights_np.items()}
+        """``weights_np`` (the live weights) with the quantized ones as the bundle holds them."""
+        return {w: (self._held(w) if w in self.live else a) for w, a in weights_np.items()}
 
     def steps(self) -> dict[str, tuple[np.ndarray, np.ndarray, int, int]]:
         """Per quantized live weight (codes, per-entry scales (out, in), qmin, qmax)."""
@@ -190,6 +280,17 @@ class QuantPlan:
             out[w] = (codes, self.grid.scale_of(scales, codes.shape), self.grid.qmin,
                       self.grid.qmax)
         return out
+
+    def split_offsets(self, model: onnx.ModelProto, weights_np: dict[str, np.ndarray]
+                      ) -> dict[str, np.ndarray]:
+        """On an affine grid, move the offsets out of the traced ``model``'s weights
+        (:func:`add_offset_terms`) and return ``weights_np`` (the live weights) with the
+        quantized ones as ``W'``; otherwise both unchanged. Call before the live weights are
+        located: they are found by value."""
+        if not self.offsets:
+            return weights_np
+        add_offset_terms(model, self.originals, self.weights, self.offsets, self.grid.group)
+        return {w: (self.weights[w] if w in self.offsets else a) for w, a in weights_np.items()}
 
     def apply(self, model: onnx.ModelProto, live: dict[str, LiveWeight],
               entries: dict[str, dict], values: dict[str, np.ndarray]

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from edgeadapt.errors import ConfigError, TargetMismatchError
-from edgeadapt.format.quant import Grid, grid
+from edgeadapt.format.quant import Grid, codes_weight, grid
 from edgeadapt.format.types import Adapter, ShiraDelta
 
 #: ``Adapter.meta`` key recording the grid an adapter's values lie on
@@ -60,7 +60,7 @@ def round_to_grid(adapter: Adapter, base_weights: Mapping[str, np.ndarray], prec
             raise TargetMismatchError(f"round_to_grid: no base weight given for {name!r}")
         if not isinstance(delta, ShiraDelta):
             raise ConfigError(f"round_to_grid: {name!r} is not a SHiRA delta")
-        codes, scales = g.quantize(base_weights[name])
+        codes, scales = g.quantize(codes_weight(base_weights[name], g))
         d, sat = grid_delta(g, codes, scales, delta.indices, delta.values)
         targets[name] = ShiraDelta(indices=np.asarray(delta.indices, np.int64), values=d)
         saturated[name] = int(sat.sum())

@@ -35,6 +35,10 @@ the one home of the code arithmetic), ``Wq = q * s`` (float32, ``Grid.dequantize
   against fp32: 2.5e-2 to 0.41). A whole-model parity check needs a tolerance of that order,
   or layer by layer inputs.
 
+An affine grid (``int4-affine``, :func:`edgeadapt.format.quant.affine_split`) quantizes
+``W' = W - O`` and adds the offset term in float: ``y = A(x) @ Wq'.T + x @ O.T + b``, as the
+exported graph computes it (the offsets never see the activation quantizer).
+
 Training through the reference (quantization-aware SHiRA, ``edgeadapt train --quant``): ``A``
 passes gradients straight through (``dA/dx = 1``); the codes and scales are frozen buffers.
 The base's fp32 Parameters are left as they are (names, fingerprints and ``state_dict``
@@ -50,7 +54,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgeadapt.errors import ConfigError
-from edgeadapt.format.quant import Grid, grid
+from edgeadapt.format.quant import Grid, affine_split, grid, offset_weight
 from edgeadapt.models.registry import LoadedModel
 from edgeadapt.models.targets import quantized_weight_names
 
@@ -104,7 +108,8 @@ class WeightQuant(nn.Module):
 
     Buffers (non-persistent): ``codes`` int8 ``(out, in)``, ``base_codes`` (the codes of the
     base weight, for :meth:`reset_`), ``scales`` float32 ``(out, in // G)`` (frozen: the base's),
-    ``dequantized`` float32 ``(out, in)`` = ``codes * scale`` (kept in step with ``codes``).
+    ``dequantized`` float32 ``(out, in)`` = ``codes * scale`` (kept in step with ``codes``);
+    ``offsets`` float32 ``(out, in)`` (``O``, an affine grid only, else None).
     ``activations``: whether inputs go through ``A`` (a weight the backend runs on its stock
     kernel) or not (a live weight).
     """
@@ -114,8 +119,13 @@ class WeightQuant(nn.Module):
         self.grid: Grid = grid(precision)
         self.activations = bool(activations)
         w = weight.detach().float().cpu().numpy()
-        codes, scales = self.grid.quantize(w)
         device = weight.device
+        offsets = None
+        if self.grid.affine:
+            w, o = affine_split(w, self.grid)
+            offsets = torch.from_numpy(offset_weight(o, self.grid, w.shape)).to(device)
+        self.register_buffer("offsets", offsets, persistent=False)
+        codes, scales = self.grid.quantize(w)
         self.register_buffer("codes", torch.from_numpy(codes).to(device), persistent=False)
         self.register_buffer("base_codes", self.codes.clone(), persistent=False)
         self.register_buffer("scales", torch.from_numpy(scales).to(device), persistent=False)
@@ -136,8 +146,12 @@ class WeightQuant(nn.Module):
         return fake_quantize_activations(x) if self.activations else x
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``inputs(x) @ dequantized.T + bias``: x (..., in) -> (..., out)."""
-        return F.linear(self.inputs(x), self.dequantized, bias)
+        """``inputs(x) @ dequantized.T + bias`` (``+ x @ O.T``, affine): (..., in) -> (..., out)."""
+        return self.add_offsets(F.linear(self.inputs(x), self.dequantized, bias), x)
+
+    def add_offsets(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y + x @ O.T`` on an affine grid (``x`` unquantized), else ``y``."""
+        return y if self.offsets is None else y + F.linear(x, self.offsets)
 
     def on_grid(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """The weight entries at flat ``indices`` after adding ``values`` on the grid, with the

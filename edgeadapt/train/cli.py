@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from edgeadapt.errors import ConfigError
+from edgeadapt.format.quant import GRIDS
 
 # CLI option -> config field, per method. An option given for a method that lacks it is an error.
 METHOD_OPTIONS: dict[str, dict[str, str]] = {
@@ -84,9 +85,9 @@ def adapter_options(method: str, given: dict[str, Any], seed: int) -> dict[str, 
 @click.option("--max-len", type=int, default=64, show_default=True, help="tokens per example")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch CPU threads")
-@click.option("--quant", type=click.Choice(["int8", "int4"]), default=None,
-              help="train on the quantized reference of an int8 / int4 bundle (SHiRA: values "
-                   "on the base's grid, quantization-aware)")
+@click.option("--quant", type=click.Choice(list(GRIDS)), default=None,
+              help="train on the quantized reference of an int8 / int4 / int4-affine bundle "
+                   "(SHiRA: values on the base's grid, quantization-aware)")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def train(model: str, task: str, method: str, out: str, sora_stages: int,
           sora_xi_max: float | None, sora_schedule: str | None, gate_lr: float | None,

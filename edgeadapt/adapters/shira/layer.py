@@ -132,7 +132,7 @@ class ShiraLinear(AdaptedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        weight, values, replace = self.weight, self.shira_values, False
+        weight, values, replace, x_in = self.weight, self.shira_values, False, x
         if self.quant is not None:
             weight, replace = self.quant.dequantized, True
             values = self.quant.on_grid(self.shira_indices, self.shira_values)
@@ -140,7 +140,8 @@ class ShiraLinear(AdaptedLinear):
         y = _ShiraLinearFunction.apply(x.reshape(-1, self.in_features), weight, self.bias,
                                        values, self.shira_indices, self._crow, self._col,
                                        replace)
-        return y.reshape(*lead, self.out_features)
+        y = y.reshape(*lead, self.out_features)
+        return y if self.quant is None else self.quant.add_offsets(y, x_in)
 
     def dense_delta(self) -> torch.Tensor:
         """S as a dense (out, in) tensor (for tests and inspection, not for training)."""
