@@ -1,13 +1,24 @@
-"""The runtime's readers-writer lock: writer preference, the epoch, and the time a writer
-waited for the runs in flight and held the lock (``last_exclusive``), on real threads with
-events deciding the order (no timing assumption but lower bounds)."""
+"""The runtime's readers-writer lock: phase-fair admission (neither back-to-back switches nor a
+stream of runs starves the other), the epoch, and the time a writer waited for the runs in
+flight and held the lock (``last_exclusive``), on real threads with events deciding the order
+(no timing assumption but lower bounds; a deadline where a starved thread would hang)."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from edgeadapt.runtime.locks import ReadWriteLock
+
+DEADLINE_S = 10.0
+
+
+def wait_until(done: Callable[[], bool]) -> None:
+    end = time.monotonic() + DEADLINE_S
+    while not done():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.001)
 
 
 def test_writer_waits_for_runs_in_flight_and_new_runs_wait_for_it():
@@ -118,3 +129,109 @@ def test_a_write_cancels_the_optimistic_runs_in_flight_once():
         with lock.exclusive():  # a second write does not call them again
             pass
         assert calls == ["a", "b", "late"]
+
+
+def test_runs_waiting_when_a_write_ends_go_before_the_switch_queued_behind_it():
+    """write1 writes; write2 queues; then a run arrives and waits behind both. As write1 ends
+    the run is admitted, ahead of write2, which waits for it (writer preference let write2 in
+    first)."""
+    lock = ReadWriteLock()
+    order: list[str] = []
+    writing, end_write, running, end_run = (threading.Event() for _ in range(4))
+
+    def write(name: str, hold: bool) -> None:
+        with lock.exclusive():
+            order.append(name)
+            if hold:
+                writing.set()
+                end_write.wait()
+
+    def run() -> None:
+        with lock.shared():
+            order.append("run")
+            running.set()
+            end_run.wait()
+
+    first = threading.Thread(target=write, args=("write1", True))
+    second = threading.Thread(target=write, args=("write2", False))
+    reader = threading.Thread(target=run)
+    try:
+        first.start()
+        assert writing.wait(DEADLINE_S)
+        second.start()
+        wait_until(lambda: lock._writers_waiting == 1)
+        reader.start()
+        wait_until(lambda: lock._readers_waiting == 1)
+        end_write.set()
+        assert running.wait(DEADLINE_S), f"the run did not get in: {order}"
+        time.sleep(0.05)  # write2 is awake: it must still be waiting for the run
+        assert order == ["write1", "run"]
+    finally:  # no thread left waiting on an event, whatever failed
+        end_write.set()
+        end_run.set()
+        for t in (first, second, reader):
+            if t.is_alive():
+                t.join()
+    assert order == ["write1", "run", "write2"] and lock.epoch == 2
+
+
+def test_back_to_back_switches_do_not_starve_a_waiting_run():
+    """The starvation writer preference allowed: one thread re-enters ``exclusive`` as soon as
+    it leaves (its write releases the GIL, as the native scatter does), so under writer
+    preference it was queued again before the run it woke got the lock, every time. Phase-fair:
+    each write's end admits the waiting run. The switching stops at the deadline, so a starved
+    run fails the test instead of hanging it."""
+    lock = ReadWriteLock()
+    stop, done = threading.Event(), threading.Event()
+
+    def switcher() -> None:
+        while not stop.is_set():
+            with lock.exclusive():
+                time.sleep(0.001)
+
+    def runs() -> None:
+        for _ in range(20):
+            with lock.shared():
+                pass
+        done.set()
+
+    threads = [threading.Thread(target=switcher), threading.Thread(target=runs)]
+    for t in threads:
+        t.start()
+    finished = done.wait(DEADLINE_S)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert finished, f"20 runs did not get in within {DEADLINE_S} s of back-to-back switches"
+
+
+def test_a_stream_of_overlapping_runs_does_not_starve_switches():
+    """Four threads keep the lock held shared without a gap (each run holds it 2 ms); a
+    switch still gets in every time, and the runs go on between the switches."""
+    lock = ReadWriteLock()
+    stop, done = threading.Event(), threading.Event()
+    runs = [0] * 4
+
+    def reader(k: int) -> None:
+        while not stop.is_set():
+            with lock.shared():
+                time.sleep(0.002)
+            runs[k] += 1
+
+    def switches() -> None:
+        for _ in range(20):
+            with lock.exclusive():
+                pass
+        done.set()
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: min(runs) > 0)
+    writer = threading.Thread(target=switches)
+    writer.start()
+    finished = done.wait(DEADLINE_S)
+    stop.set()
+    for t in (*threads, writer):
+        t.join()
+    assert finished and lock.epoch == 20, f"{lock.epoch} of 20 switches within {DEADLINE_S} s"

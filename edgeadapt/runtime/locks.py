@@ -1,6 +1,7 @@
-"""The one lock of a runtime: many concurrent runs, one switch at a time, and no run while a
-switch writes (writer preference); and optimistic runs, which never hold a switch off but learn
-afterwards whether one began under them."""
+"""The one lock of a runtime: many concurrent runs, one switch at a time, no run while a switch
+writes, and runs and switches admitted in turns (phase-fair), so neither back-to-back switches
+nor a stream of runs can keep the other out; and optimistic runs, which never hold a switch off
+but learn afterwards whether one began under them."""
 
 from __future__ import annotations
 
@@ -39,9 +40,16 @@ class ReadWriteLock:
     switch at a time; runs go on while it reads and plans) and :meth:`exclusive` inside it for
     the write and commit (no run in between).
 
-    Writer preference: once a writer waits, new runs wait behind it, so a steady stream of runs
-    cannot starve a switch. ``shared`` and ``exclusive`` are not re-entrant; ``update`` is, for
-    the thread holding it (the runtime's switch holds it around the engine's).
+    Phase-fair admission: runs and writes alternate in phases, R* W R* W ... A run enters at
+    once unless a switch writes or waits. When a write ends, every run waiting at that moment
+    is admitted as one phase (counted as holding the lock before any switch can look), so a
+    switch queued behind the write waits for that phase; a run arriving after it waits behind
+    the queued switch. Hence a waiting run is held off by at most the phase in progress and one
+    write, and a waiting switch by at most one phase of runs per switch queued ahead of it
+    (none in a runtime, whose switches queue on ``update``): back-to-back switches cannot
+    starve the runs, nor a steady stream of runs a switch. ``shared`` and ``exclusive`` are
+    not re-entrant; ``update`` is, for the thread holding it (the runtime's switch holds it
+    around the engine's).
 
     ``epoch`` counts the exclusive sections entered so far: read while holding ``shared`` it
     names the weight state the run sees (a KV cache built under another epoch is stale). An
@@ -53,7 +61,9 @@ class ReadWriteLock:
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
+        self._readers = 0  # runs holding the lock, or admitted by a write's end to hold it
+        self._readers_waiting = 0  # runs waiting for a write (in progress or queued) to end
+        self._writes_ended = 0  # a waiting run that sees it move has been admitted
         self._writer = False
         self._writers_waiting = 0
         self._update = threading.RLock()
@@ -65,17 +75,40 @@ class ReadWriteLock:
     def shared(self) -> Iterator[Window]:
         """A run that holds writers off; yields a :class:`Window` (intact throughout)."""
         with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
+            self._enter_run()
             window = Window(self, self.epoch)
         try:
             yield window
         finally:
             with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
+                self._leave_run()
+
+    def _enter_run(self) -> None:
+        """Count a run in (``_cond`` held): at once while no switch writes or waits, else when
+        the write in progress or queued ends (its end counts the run in) or the switch
+        queued gives up waiting."""
+        if not (self._writer or self._writers_waiting):
+            self._readers += 1
+            return
+        seen = self._writes_ended
+        self._readers_waiting += 1
+        try:
+            while self._writes_ended == seen and (self._writer or self._writers_waiting):
+                self._cond.wait()
+        except BaseException:
+            if self._writes_ended == seen:
+                self._readers_waiting -= 1
+            else:  # counted in already: give the place back
+                self._leave_run()
+            raise
+        if self._writes_ended == seen:  # no write ended: the switch waited for gave up
+            self._readers_waiting -= 1
+            self._readers += 1
+
+    def _leave_run(self) -> None:
+        self._readers -= 1
+        if self._readers == 0:
+            self._cond.notify_all()
 
     @contextmanager
     def optimistic(self) -> Iterator[Window]:
@@ -108,8 +141,11 @@ class ReadWriteLock:
             try:
                 while self._writer or self._readers:
                     self._cond.wait()
-            finally:
+            except BaseException:
                 self._writers_waiting -= 1
+                self._cond.notify_all()  # the runs it held back may enter now
+                raise
+            self._writers_waiting -= 1
             self._writer = True
             self.epoch += 1
             cancels = [c for w in self._windows for c in w._cancels]
@@ -123,5 +159,9 @@ class ReadWriteLock:
         finally:
             with self._cond:
                 self._writer = False
+                # the runs waiting now are the next phase, ahead of any switch waiting
+                self._readers += self._readers_waiting
+                self._readers_waiting = 0
+                self._writes_ended += 1
                 self.last_exclusive = (wait_s, held())
                 self._cond.notify_all()
