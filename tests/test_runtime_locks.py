@@ -235,3 +235,15 @@ def test_a_stream_of_overlapping_runs_does_not_starve_switches():
     for t in (*threads, writer):
         t.join()
     assert finished and lock.epoch == 20, f"{lock.epoch} of 20 switches within {DEADLINE_S} s"
+
+
+def test_a_shared_runs_cancel_hook_is_never_called():
+    """A shared run holds writes off, so its window is never torn while open: its hook is
+    dropped (not called by a later write, nor at once)."""
+    lock = ReadWriteLock()
+    calls = []
+    with lock.shared() as window:
+        window.on_cancel(lambda: calls.append("shared"))
+    with lock.exclusive():
+        pass
+    assert calls == [] and not window.intact()

@@ -11,28 +11,31 @@ from contextlib import contextmanager
 
 from edgeadapt.timer import stopwatch
 
+Cancel = Callable[[], None]
+
 
 class Window:
-    """An optimistic run's view (:meth:`ReadWriteLock.optimistic`)."""
+    """A run's view of the lock (:meth:`ReadWriteLock.shared`, :meth:`ReadWriteLock.optimistic`).
+    ``keep(window, cancel)``: the lock's registration of a cancel hook, which holds the hooks
+    (False where the window is torn already)."""
 
-    def __init__(self, lock: ReadWriteLock, epoch: int) -> None:
-        self._lock, self.epoch = lock, epoch
-        self._cancels: list[Callable[[], None]] = []
+    def __init__(self, lock: ReadWriteLock, epoch: int,
+                 keep: Callable[[Window, Cancel], bool]) -> None:
+        self._lock, self.epoch, self._keep = lock, epoch, keep
 
     def intact(self) -> bool:
         """No exclusive section has begun since the run started (the epoch moves as one
         begins, before it writes)."""
         return self._lock.epoch == self.epoch
 
-    def on_cancel(self, cancel: Callable[[], None]) -> None:
+    def on_cancel(self, cancel: Cancel) -> None:
         """Have ``cancel`` called (once, from the switching thread) when an exclusive section
         begins while this window is open: the run's result is lost anyway, so stopping it
-        early hands its cores to the write (e.g. ONNX Runtime's ``RunOptions.terminate``)."""
-        with self._lock._cond:
-            if self.intact():
-                self._cancels.append(cancel)
-                return
-        cancel()
+        early hands its cores to the write (e.g. ONNX Runtime's ``RunOptions.terminate``).
+        A window torn already calls it now; a shared run's window (never torn while open)
+        never does."""
+        if not self._keep(self, cancel):
+            cancel()
 
 
 class ReadWriteLock:
@@ -67,7 +70,7 @@ class ReadWriteLock:
         self._writer = False
         self._writers_waiting = 0
         self._update = threading.RLock()
-        self._windows: set[Window] = set()  # open optimistic windows
+        self._hooks: dict[Window, list[Cancel]] = {}  # open optimistic windows' cancel hooks
         self.epoch = 0
         self.last_exclusive: tuple[float, float] | None = None
 
@@ -76,7 +79,7 @@ class ReadWriteLock:
         """A run that holds writers off; yields a :class:`Window` (intact throughout)."""
         with self._cond:
             self._enter_run()
-            window = Window(self, self.epoch)
+            window = Window(self, self.epoch, self._keep_cancel)
         try:
             yield window
         finally:
@@ -110,6 +113,18 @@ class ReadWriteLock:
         if self._readers == 0:
             self._cond.notify_all()
 
+    def _keep_cancel(self, window: Window, cancel: Cancel) -> bool:
+        """Keep ``cancel`` for the next exclusive section if ``window`` is open optimistically
+        and intact (dropped for an intact window not open optimistically); False where the
+        window is torn already, for the caller to cancel at once."""
+        with self._cond:
+            if window.epoch != self.epoch:
+                return False
+            hooks = self._hooks.get(window)
+            if hooks is not None:
+                hooks.append(cancel)
+            return True
+
     @contextmanager
     def optimistic(self) -> Iterator[Window]:
         """A run that does not hold writers off (a seqlock's reader): waits for a write in
@@ -120,13 +135,13 @@ class ReadWriteLock:
         with self._cond:
             while self._writer:
                 self._cond.wait()
-            window = Window(self, self.epoch)
-            self._windows.add(window)
+            window = Window(self, self.epoch, self._keep_cancel)
+            self._hooks[window] = []
         try:
             yield window
         finally:
             with self._cond:
-                self._windows.discard(window)
+                del self._hooks[window]
 
     @contextmanager
     def update(self) -> Iterator[None]:
@@ -148,9 +163,9 @@ class ReadWriteLock:
             self._writers_waiting -= 1
             self._writer = True
             self.epoch += 1
-            cancels = [c for w in self._windows for c in w._cancels]
-            for w in self._windows:
-                w._cancels = []
+            cancels = [c for hooks in self._hooks.values() for c in hooks]
+            for hooks in self._hooks.values():
+                hooks.clear()
         for cancel in cancels:  # the optimistic runs in flight are torn now: stop them
             cancel()
         wait_s, held = waited(), stopwatch()
