@@ -3,6 +3,9 @@
 import numpy as np
 import pytest
 
+from edgeadapt.errors import ConfigError
+from edgeadapt.runtime import native
+from edgeadapt.runtime import scatter as scatter_module
 from edgeadapt.runtime.scatter import native_scatter, scatter
 
 needs_native = pytest.mark.skipif(not native_scatter(), reason="no C++ compiler")
@@ -53,3 +56,18 @@ def test_arrays_the_kernel_does_not_take_go_through_numpy():
     strided = np.zeros(20, np.float32)[::2]
     scatter(strided, np.array([0, 9], np.int64), np.array([1.0, 2.0], np.float32))
     assert strided[[0, 9]].tolist() == [1.0, 2.0]
+
+
+def test_where_the_kernel_cannot_be_built_numpy_writes(monkeypatch):
+    """No compiler and nothing built: the library says so, ``native_scatter()`` is False (on
+    every call: nothing is remembered beside the library) and scatter writes through numpy."""
+    def no_compiler():
+        raise ConfigError("the native switch scatter needs a C++ compiler")
+
+    library = native.Library(no_compiler)
+    monkeypatch.setattr(scatter_module, "_LIBRARY", library)
+    assert not native_scatter() and not native_scatter()
+    assert library.loaded is None and "C++ compiler" in library.unavailable()
+    dst = np.zeros(6, np.float32)
+    scatter(dst, np.array([1, 4], np.int64), np.array([2.0, 3.0], np.float32))
+    assert dst.tolist() == [0, 2, 0, 0, 3, 0]

@@ -11,7 +11,9 @@ bytes are copied bit for bit. Without a C++ compiler (and nothing built) numpy d
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
@@ -20,6 +22,10 @@ from edgeadapt.runtime import native
 log = logging.getLogger(__name__)
 
 SOURCE = native.KERNELS / "scatter.cpp"
+#: ``edgeadapt_scatter(dst, n, pos, vals, m, itemsize)`` -> positions skipped (ctypes releases
+#: the GIL for the call)
+_SIGNATURE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                              ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 
 
 def _library_path():
@@ -28,23 +34,22 @@ def _library_path():
 
 
 _LIBRARY = native.Library(_library_path)
-_FN: list = []  # the bound edgeadapt_scatter, once loaded
 
 
 def native_scatter() -> bool:
     """Whether :func:`scatter` runs native code (building and loading it on the first call)."""
-    if _FN:
+    if _LIBRARY.loaded is not None:
         return True
     why = _LIBRARY.unavailable()
     if why is not None:
         log.debug("native scatter unavailable: %s", why)
-        return False
-    fn = _LIBRARY.loaded[1].edgeadapt_scatter
-    fn.restype = ctypes.c_int64
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_int64, ctypes.c_int64]
-    _FN[:] = [fn]
-    return True
+    return why is None
+
+
+@functools.cache
+def _kernel(library: ctypes.CDLL) -> Callable[..., int]:
+    """``edgeadapt_scatter`` of a loaded library with its C signature (bound once)."""
+    return _SIGNATURE(("edgeadapt_scatter", library))
 
 
 def scatter(dst: np.ndarray, pos: np.ndarray, vals: np.ndarray, native: bool = True) -> None:
@@ -63,7 +68,8 @@ def scatter(dst: np.ndarray, pos: np.ndarray, vals: np.ndarray, native: bool = T
             and pos.dtype == np.int64 and pos.flags.c_contiguous and vals.dtype == dst.dtype
             and vals.flags.c_contiguous and vals.shape == pos.shape
             and dst.itemsize in (1, 2, 4, 8) and native_scatter()):
-        skipped = _FN[0](dst.ctypes.data, dst.shape[0], pos.ctypes.data, vals.ctypes.data,
+        kernel = _kernel(_LIBRARY.loaded[1])
+        skipped = kernel(dst.ctypes.data, dst.shape[0], pos.ctypes.data, vals.ctypes.data,
                          pos.size, dst.itemsize)
         if skipped:  # only an unsorted ``pos`` gets past the range check above
             raise IndexError(f"scatter: {skipped} positions outside the buffer were skipped "
