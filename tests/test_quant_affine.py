@@ -19,6 +19,7 @@ from edgeadapt.format import read_manifest
 from edgeadapt.format.quant import (
     INT4,
     INT4_AFFINE,
+    INT8,
     affine_split,
     codes_weight,
     grid,
@@ -26,7 +27,7 @@ from edgeadapt.format.quant import (
 )
 from edgeadapt.models import example_inputs, load_model
 from edgeadapt.models.quantized import WeightQuant, quantize_activations
-from edgeadapt.models.targets import quantized_weight_names
+from edgeadapt.models.targets import quantized_weight_grids, quantized_weight_names
 from edgeadapt.numeric import rel_error
 from edgeadapt.runtime.backends.onnxruntime.session import session_options
 
@@ -114,9 +115,17 @@ def _float_graph_logits(bundle, inputs: dict) -> np.ndarray:
 def test_affine_bundle_holds_a_q4_1_model_where_symmetric_int4_cannot(tmp_path):
     torch.set_num_threads(1)
     lm = _snapped_tiny_smollm2()
+    head = lm.model.get_output_embeddings()
+    assert {n: g.name for n, g in quantized_weight_grids(lm.model, lm.kind, "int4-affine")
+            .items() if g is not INT4_AFFINE} == {"lm_head.weight": "int8"}
     inputs = {"input_ids": example_inputs(lm, batch=2, seq=9, seed=3)["input_ids"]}
     with torch.no_grad():
+        tied = head.weight
+        # the reference: the fp32 model, its head (alone, untied) as int8 holds it
+        head.weight = torch.nn.Parameter(torch.from_numpy(
+            INT8.dequantize(*INT8.quantize(tied.detach().numpy()))))
         want = lm.model(**inputs).logits.numpy()
+        head.weight = tied
     errors = {}
     for precision in ("int4-affine", "int4"):
         out = tmp_path / precision

@@ -19,7 +19,8 @@ size rows are prefixed ``executorch ``, ONNX Runtime's keep the names of the fir
 - ``p stock`` (int8, int4, int4-affine): what a user of the backend runs for that precision.
   ONNX Runtime: the fp32 bundle's graph with every weight constant, quantized whole by the
   backend's own tool (:func:`edgeadapt.export.onnx_quant.quantize_rest`: ``MatMulNBits`` blocks
-  of 32, accuracy level 4; for int4-affine its asymmetric form, a uint8 zero point per block,
+  of 32, accuracy level 4, each weight on its grid's bits; for int4-affine its asymmetric
+  form, a uint8 zero point per block,
   the tool's nearest to an offset: ``MatMulNBits`` with float zero points is exact but runs a
   dequantizing fallback about 7x slower) and packed by ONNX Runtime. ExecuTorch: the fp32
   model with every Linear of the blocks (q/v included) quantized by torchao as the bundle's
@@ -177,15 +178,18 @@ def stock_session(fp32_bundle: Path, lm, precision: str, threads: int):
     bundle's graph, live weights made constants again (:func:`constant_graph`), quantized whole
     by the backend's tool."""
     from edgeadapt.export.onnx_quant import constant_matmuls, quantize_rest
-    from edgeadapt.models.targets import quantized_weight_names
+    from edgeadapt.models.targets import quantized_weight_grids
     from edgeadapt.runtime.backends.onnxruntime.session import open_session, session_options
 
     model = lm.model
     proto = constant_graph(fp32_bundle, lm)
-    weights = {w: model.get_submodule(w.removesuffix(".weight")).weight.detach().float().numpy()
-               for w in quantized_weight_names(model, lm.kind)}
-    proto = quantize_rest(proto, constant_matmuls(proto, weights), precision,
-                          symmetric=not grid(precision).affine)
+    by_grid: dict = {}
+    for w, g in quantized_weight_grids(model, lm.kind, precision).items():
+        by_grid.setdefault(g, {})[w] = model.get_submodule(w.removesuffix(".weight")).weight \
+            .detach().float().numpy()
+    for g, weights in by_grid.items():
+        proto = quantize_rest(proto, constant_matmuls(proto, weights), g.name,
+                              symmetric=not g.affine)
     return open_session(proto.SerializeToString(), session_options(threads), fp32_bundle)
 
 
@@ -354,8 +358,9 @@ def _run_session(session, ids: np.ndarray) -> np.ndarray:
 
 def ratio_pairs(sides: Sequence[Side]) -> list[tuple[str, str]]:
     """The forward ratios (numerator, denominator case) of each shape: per backend fused /
-    base, base / stock, hybrid / base, fp32 / each quantized precision (base and fused); then
-    ExecuTorch's base / ONNX Runtime's per precision both ran."""
+    base, base / stock, hybrid / base, fp32 / each quantized precision (base and fused),
+    int4-affine base / int4 base; then ExecuTorch's base / ONNX Runtime's per precision both
+    ran."""
     pairs = []
     for side in sides:
         x, ps = side.prefix, list(side.base)
@@ -365,6 +370,8 @@ def ratio_pairs(sides: Sequence[Side]) -> list[tuple[str, str]]:
         if "fp32" in ps:
             pairs += [(f"{x}fp32 {c}", f"{x}{p} {c}") for p in ps if p != "fp32"
                       for c in ("base", "shira-fused")]
+        if {"int4", "int4-affine"} <= set(ps):  # what the offsets cost
+            pairs.append((f"{x}int4-affine base", f"{x}int4 base"))
     by = {side.backend: side for side in sides}
     if set(by) == set(BACKENDS):
         pairs += [(f"{PREFIX['executorch']}{p} base", f"{PREFIX['onnxruntime']}{p} base")
@@ -460,8 +467,9 @@ def run(model: str | LoadedModel, work: Path, threads: int, repeats: int, switch
     unknown = set(backends) - set(BACKENDS)
     if not backends or unknown:
         raise ConfigError(f"backends {list(backends)}: choose among {', '.join(BACKENDS)}")
-    et_precisions = tuple(precisions if executorch_precisions is None
-                          else executorch_precisions)
+    et_precisions = tuple(  # affine grids run on ONNX Runtime only
+        [p for p in precisions if p == "fp32" or not grid(p).affine]
+        if executorch_precisions is None else executorch_precisions)
     lm = model if isinstance(model, LoadedModel) else load_model(model, seed=0)
     first = ensure_bundle(model, work, (et_precisions if backends[0] == "executorch"
                                         else precisions)[0], backends[0])
@@ -660,6 +668,8 @@ def table(report: dict) -> str:
 @click.option("--backends", default=None, metavar="NAME[,NAME]",
               help="onnxruntime and/or executorch [default: both where executorch and torchao "
                    "import, else onnxruntime]")
+@click.option("--precisions", default=",".join(PRECISIONS), show_default=True,
+              metavar="P[,P]", help="the precisions of the forward rows (fp32 first)")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--repeats", default=30, show_default=True, type=click.IntRange(min=0),
               help="timed rounds per forward shape (0: no forward rows)")
@@ -671,15 +681,21 @@ def table(report: dict) -> str:
               help="where onnxruntime-genai's int4 peer is built (and reused)")
 @click.option("--decode-steps", default=40, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
-def main(model: str, work: str, backends: str | None, threads: int, repeats: int,
+def main(model: str, work: str, backends: str | None, precisions: str, threads: int,
+         repeats: int,
          switch_repeats: int, generate_bundles: tuple[str, ...], genai_dir: str | None,
          decode_steps: int, json_path: str | None) -> None:
     """Forward, switch and sizes of quantized bundles on ONNX Runtime and ExecuTorch against
     each backend's stock quantized model (and, with --generate, decode against
     onnxruntime-genai int4)."""
     names = None if backends is None else [b.strip() for b in backends.split(",") if b.strip()]
-    report = run(model, Path(work), threads, repeats, switch_repeats, backends=names) \
-        if repeats else {}
+    chosen = tuple(p.strip() for p in precisions.split(",") if p.strip())
+    for p in chosen:
+        if p not in PRECISIONS:
+            raise click.BadParameter(f"{p!r}: choose from {', '.join(PRECISIONS)}",
+                                     param_hint="--precisions")
+    report = run(model, Path(work), threads, repeats, switch_repeats, backends=names,
+                 precisions=chosen) if repeats else {}
     if generate_bundles:
         from edgeadapt.models import load_model
 

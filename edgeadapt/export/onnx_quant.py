@@ -39,7 +39,7 @@ from edgeadapt.format.quant import Grid, affine_split, grid, offset_weight
 from edgeadapt.graphs.quantized import dequantize_live_inputs
 from edgeadapt.graphs.values import LiveWeight, consumers
 from edgeadapt.models import LoadedModel
-from edgeadapt.models.targets import quantized_weight_names
+from edgeadapt.models.targets import quantized_weight_grids
 
 #: the export's check of a quantized graph (its MatMulNBits with float activations) against
 #: PyTorch carrying the dequantized weights: SmolLM2 passes at 5e-6 (int8) and 8e-5 (int4, its
@@ -230,14 +230,17 @@ def quantize_live(model: onnx.ModelProto, live: dict[str, LiveWeight],
 @dataclass
 class QuantPlan:
     """What a quantized export does to one model: ``weights``, every quantized weight (torch
-    name -> fp32 ``(out, in)``, a tied LM head under its own module's name) as it goes onto
-    ``grid`` (``W'`` on an affine grid), of which ``live`` are live (codes + scales
-    inputs). An affine grid also has ``offsets`` (``(out, in // G)`` per weight) and
-    ``originals`` (the weights before the split, to find them in the traced graph)."""
+    name -> fp32 ``(out, in)``, a tied LM head under its own module's name) as it goes onto its
+    grid in ``grids`` (``W'`` on an affine grid; :func:`edgeadapt.models.targets.
+    quantized_weight_grids`: ``grid``, the precision's, for all but a head the grid sends
+    elsewhere), of which ``live`` are live (codes + scales inputs). The weights on an affine
+    grid also have ``offsets`` (``(out, in // G)``) and ``originals`` (the weights before the
+    split, to find them in the traced graph)."""
 
     grid: Grid
     weights: dict[str, np.ndarray]
     live: list[str]
+    grids: dict[str, Grid]
     offsets: dict[str, np.ndarray] = field(default_factory=dict)
     originals: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -246,22 +249,22 @@ class QuantPlan:
         """The plan for ``precision`` (None for fp32); ConfigError for an unknown one."""
         if precision == "fp32":
             return None
-        g = grid(precision)
-        names = quantized_weight_names(lm.model, lm.kind)
+        grids = quantized_weight_grids(lm.model, lm.kind, precision)
         weights = {w: _module_weight(lm.model, w).detach().float().cpu().numpy().copy()
-                   for w in names}
-        live = [w for w in live_weights if w in weights]
-        if not g.affine:
-            return cls(g, weights, live)
-        split = {w: affine_split(a, g) for w, a in weights.items()}
-        return cls(g, {w: p[0] for w, p in split.items()}, live,
-                   {w: p[1] for w, p in split.items()}, weights)
+                   for w in grids}
+        split = {w: affine_split(a, grids[w]) for w, a in weights.items() if grids[w].affine}
+        return cls(grid(precision), {w: split[w][0] if w in split else a
+                                     for w, a in weights.items()},
+                   [w for w in live_weights if w in weights], grids,
+                   {w: p[1] for w, p in split.items()},
+                   {w: weights[w] for w in split})
 
     def _held(self, w: str) -> np.ndarray:
         """What the bundle holds of weight ``w``: ``q * s`` (``+ O``, affine)."""
-        held = self.grid.dequantize(*self.grid.quantize(self.weights[w]))
+        g = self.grids[w]
+        held = g.dequantize(*g.quantize(self.weights[w]))
         if w in self.offsets:
-            held = held + offset_weight(self.offsets[w], self.grid, held.shape)
+            held = held + offset_weight(self.offsets[w], g, held.shape)
         return held
 
     def dequantized(self) -> dict[str, np.ndarray]:
@@ -276,17 +279,17 @@ class QuantPlan:
         """Per quantized live weight (codes, per-entry scales (out, in), qmin, qmax)."""
         out = {}
         for w in self.live:
-            codes, scales = self.grid.quantize(self.weights[w])
-            out[w] = (codes, self.grid.scale_of(scales, codes.shape), self.grid.qmin,
-                      self.grid.qmax)
+            g = self.grids[w]
+            codes, scales = g.quantize(self.weights[w])
+            out[w] = (codes, g.scale_of(scales, codes.shape), g.qmin, g.qmax)
         return out
 
     def split_offsets(self, model: onnx.ModelProto, weights_np: dict[str, np.ndarray]
                       ) -> dict[str, np.ndarray]:
-        """On an affine grid, move the offsets out of the traced ``model``'s weights
-        (:func:`add_offset_terms`) and return ``weights_np`` (the live weights) with the
-        quantized ones as ``W'``; otherwise both unchanged. Call before the live weights are
-        located: they are found by value."""
+        """Move the affine grids' offsets out of the traced ``model``'s weights
+        (:func:`add_offset_terms`) and return ``weights_np`` (the live weights) with those
+        weights as ``W'``; without affine weights both unchanged. Call before the live weights
+        are located: they are found by value."""
         if not self.offsets:
             return weights_np
         add_offset_terms(model, self.originals, self.weights, self.offsets, self.grid.group)
@@ -295,14 +298,22 @@ class QuantPlan:
     def apply(self, model: onnx.ModelProto, live: dict[str, LiveWeight],
               entries: dict[str, dict], values: dict[str, np.ndarray]
               ) -> tuple[onnx.ModelProto, dict[str, dict], dict[str, np.ndarray]]:
-        """Quantize ``model``: the rest by ONNX Runtime's tool (:func:`quantize_rest`), the
-        live ones as codes + scales (:func:`quantize_live`). ``entries`` / ``values``: the
-        float graph's live entries and base values (by input name). Returns the new model and
-        both with the quantized weights' replaced."""
-        rest = {w: a for w, a in self.weights.items() if w not in live}
-        model = quantize_rest(model, constant_matmuls(model, rest), self.grid.name)
-        q_entries, q_values = quantize_live(model, live, {w: self.weights[w] for w in self.live},
-                                            self.grid.name)
+        """Quantize ``model``: the rest by ONNX Runtime's tool (:func:`quantize_rest`, once per
+        grid), the live ones as codes + scales (:func:`quantize_live`). ``entries`` /
+        ``values``: the float graph's live entries and base values (by input name). Returns the
+        new model and both with the quantized weights' replaced."""
+        by_grid: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+        for w, a in self.weights.items():
+            if w not in live:
+                by_grid[self.grids[w].name][w] = a
+        for name, rest in by_grid.items():
+            model = quantize_rest(model, constant_matmuls(model, rest), name)
+        q_entries, q_values = {}, {}
+        for name in {self.grids[w].name for w in self.live}:
+            e, v = quantize_live(model, live, {w: self.weights[w] for w in self.live
+                                               if self.grids[w].name == name}, name)
+            q_entries |= e
+            q_values |= v
         gone = {entries[w]["name"] for w in q_entries}
         return (model, {**entries, **q_entries},
                 {**{k: v for k, v in values.items() if k not in gone}, **q_values})

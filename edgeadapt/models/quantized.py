@@ -56,7 +56,7 @@ from torch.nn import functional as F
 from edgeadapt.errors import ConfigError
 from edgeadapt.format.quant import Grid, affine_split, grid, offset_weight
 from edgeadapt.models.registry import LoadedModel
-from edgeadapt.models.targets import quantized_weight_names
+from edgeadapt.models.targets import quantized_weight_grids, quantized_weight_names
 
 #: MatMulNBits at accuracy level 4 quantizes activations in the weight's blocks of 32
 ACT_BLOCK = 32
@@ -236,10 +236,11 @@ def quantize_reference_(lm: LoadedModel, precision: str, live: list[str],
     ones, pass the policy's names taken before ``attach``). ``live`` must be among them.
     activations: False leaves every input float (weight-only everywhere).
 
-    An nn.Linear becomes a :class:`QuantizedLinear`; an adapted layer
-    (``edgeadapt.adapters.AdaptedLinear``) gets the :class:`WeightQuant` as its ``quant`` and
-    runs its base through it (SHiRA then puts its values on the grid). A layer that already has
-    one is re-quantized from its fp32 weight. Returns the quantized weight names.
+    Each weight goes on its grid of :func:`quantized_weight_grids` (``precision``'s; a causal
+    LM's head on int8 for int4-affine). An nn.Linear becomes a :class:`QuantizedLinear`; an
+    adapted layer (``edgeadapt.adapters.AdaptedLinear``) gets the :class:`WeightQuant` as its
+    ``quant`` and runs its base through it (SHiRA then puts its values on the grid). A layer
+    that already has one is re-quantized from its fp32 weight. Returns the quantized weight names.
     """
     grid(precision)  # ConfigError for an unknown precision, before anything changes
     live_set = {_module_name(n) + ".weight" for n in live}
@@ -259,8 +260,10 @@ def quantize_reference_(lm: LoadedModel, precision: str, live: list[str],
                 isinstance(module, nn.Linear) or hasattr(module, "quant")):
             raise ConfigError(f"{name} is not the weight of a Linear layer")
         modules[name] = module
+    grids = quantized_weight_grids(lm.model, lm.kind, precision, names)
     for name, module in modules.items():
-        quant = WeightQuant(module.weight, precision, activations and name not in live_set)
+        quant = WeightQuant(module.weight, grids[name].name,
+                            activations and name not in live_set)
         if isinstance(module, nn.Linear) and not isinstance(module, QuantizedLinear):
             _replace(lm.model, _module_name(name), QuantizedLinear(module, quant))
         else:

@@ -13,6 +13,7 @@ import re
 from torch import nn
 
 from edgeadapt.errors import ConfigError
+from edgeadapt.format.quant import Grid, grid
 
 PRESETS = {
     "qv": r"\.(attention\.self\.(query|value)|self_attn\.(q_proj|v_proj))$",
@@ -63,7 +64,25 @@ def quantized_weight_names(lm_model: nn.Module, kind: str) -> list[str]:
     head (as onnxruntime-genai's int4 models quantize it; a tied head is quantized as its own
     copy, the embedding table stays fp32). Poolers and task heads stay fp32."""
     names = target_weight_names(lm_model, "all")
-    head = lm_model.get_output_embeddings() if kind == "causal-lm" else None
+    head = _lm_head_weight(lm_model, kind)
     if head is not None:
-        names.append(next(f"{n}.weight" for n, m in lm_model.named_modules() if m is head))
+        names.append(head)
     return names
+
+
+def _lm_head_weight(lm_model: nn.Module, kind: str) -> str | None:
+    head = lm_model.get_output_embeddings() if kind == "causal-lm" else None
+    if head is None:
+        return None
+    return next(f"{n}.weight" for n, m in lm_model.named_modules() if m is head)
+
+
+def quantized_weight_grids(lm_model: nn.Module, kind: str, precision: str,
+                           names: list[str] | None = None) -> dict[str, Grid]:
+    """The grid of each weight a ``precision`` bundle quantizes (``names``, default
+    :func:`quantized_weight_names`): ``precision``'s, except a causal LM's head where the grid
+    names another for it (``Grid.head``: int4-affine's head is int8)."""
+    g = grid(precision)
+    head = _lm_head_weight(lm_model, kind) if g.head else None
+    names = quantized_weight_names(lm_model, kind) if names is None else names
+    return {n: grid(g.head) if n == head else g for n in names}
