@@ -6,8 +6,9 @@ The executorch wheel ships its runtime as shared libraries (``executorch/lib/lib
 ``libexecutorch_threadpool.so``) with their headers (``executorch/include``), so a kernel
 compiled against them and loaded with ``RTLD_GLOBAL`` before a program is registers into the
 same kernel registry the Python runtime uses. The library is built once per (source,
-executorch version, compiler flags, CPU features) by :func:`edgeadapt.runtime.native.build`
-and loaded once per process. A program exported with the
+executorch version, compiler flags, CPU features) by :func:`build_against_executorch` (also
+the builder of edgeadapt's ExecuTorch runner, :mod:`.native_runner`) and loaded once per
+process. A program exported with the
 ``own-kernel`` live form (:mod:`edgeadapt.export.executorch_live_form`) needs it on whatever
 machine runs it; on a device it would be compiled into the runtime like any custom kernel.
 """
@@ -28,12 +29,11 @@ HINT = "; or export with --executorch-live-form weight-left"
 CFLAGS = ("-DET_USE_THREADPOOL", "-DC10_USING_CUSTOM_GENERATED_MACROS")
 
 
-def _executorch_root() -> Path:
+def _executorch_root(needed_for: str) -> Path:
     try:
         import executorch
     except ImportError as exc:
-        raise MissingPackageError("the own-kernel live form needs: pip install executorch") \
-            from exc
+        raise MissingPackageError(f"{needed_for} needs: pip install executorch") from exc
     return Path(next(iter(executorch.__path__)))  # a namespace package: no __file__
 
 
@@ -43,21 +43,31 @@ def compiler() -> str:
     return native.compiler(NEEDED_FOR, HINT)
 
 
-def library_path(cflags: tuple[str, ...] = ()) -> Path:
-    """Where the built library lives (built now if missing; the compiler is needed only then).
-    ``cflags``: extra compiler flags (tests build the portable path with ``-mno-avx512f``)."""
-    root = _executorch_root()
+def build_against_executorch(source: Path, name: str, cflags: tuple[str, ...] = (), *,
+                             needed_for: str, hint: str) -> Path:
+    """``source`` built into library ``name`` against the executorch wheel's headers and
+    runtime libraries (:func:`edgeadapt.runtime.native.build`, keyed by the executorch
+    version): edgeadapt's native code that calls into ExecuTorch (this kernel, the runner of
+    :mod:`.native_runner`). ``cflags``: extra compiler flags."""
+    root = _executorch_root(needed_for)
     try:
         version = __import__("executorch.version", fromlist=["__version__"]).__version__
     except ImportError:  # pragma: no cover - every wheel has it
         version = "unknown"
     lib = root / "lib"
     return native.build(
-        SOURCE, "liblive_linear.so",
+        source, name,
         [*CFLAGS, *cflags, f"-I{root / 'include'}",
          f"-I{root / 'include/executorch/runtime/core/portable_type/c10'}"],
         [f"-L{lib}", "-lexecutorch", "-lexecutorch_threadpool", f"-Wl,-rpath,{lib}"],
-        key=[f"executorch {version}"], needed_for=NEEDED_FOR, hint=HINT)
+        key=[f"executorch {version}"], needed_for=needed_for, hint=hint)
+
+
+def library_path(cflags: tuple[str, ...] = ()) -> Path:
+    """Where the built library lives (built now if missing; the compiler is needed only then).
+    ``cflags``: extra compiler flags (tests build the portable path with ``-mno-avx512f``)."""
+    return build_against_executorch(SOURCE, "liblive_linear.so", cflags,
+                                    needed_for=NEEDED_FOR, hint=HINT)
 
 
 _LIBRARY = native.Library(library_path, ctypes.RTLD_GLOBAL)
