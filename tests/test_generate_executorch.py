@@ -5,7 +5,8 @@ buffers as ``forward``; greedy replies equal transformers' ``generate`` on the P
 carrying the same adapter; every decode step's logits equal the full forward's; a switch
 between turns re-prefills; conversations interleaved on one runtime each keep their own
 context (the program's one cache moved out and in); bad inputs raise typed errors with nothing
-changed."""
+changed. The program runs on edgeadapt's native runner where it builds: its outputs equal
+ExecuTorch's Python runtime's bit for bit, and a switch does not wait for a decode step."""
 
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ from edgeadapt.format import read_manifest  # noqa: E402
 from edgeadapt.models import forward, load_model  # noqa: E402
 from edgeadapt.runtime import load  # noqa: E402
 from edgeadapt.runtime.backends.executorch.decoder import EtDecoder  # noqa: E402
+from edgeadapt.runtime.backends.executorch.programs import runner_unavailable  # noqa: E402
+from edgeadapt.runtime.backends.executorch.store import open_store  # noqa: E402
+from edgeadapt.runtime.engine import SwitchEngine  # noqa: E402
 
 RTOL = 1e-4
 CONTEXT = 96
@@ -145,12 +149,100 @@ def test_interleaved_conversations_keep_their_own_context(exported, rt):
 def test_conversations_generate_while_another_thread_switches(exported, rt):
     """Two threads generate greedy replies while the main thread switches s1 <-> s2: each
     token is the argmax under s1 or under s2 of its whole context (a step never mixes states
-    nor continues a stale cache, and never reads the other conversation's cache)."""
+    nor continues a stale cache, and never reads the other conversation's cache). On the native
+    runner the steps run optimistically (a switch writes while they run)."""
     lm, bundle = exported
+    assert _decoder(rt).optimistic == (runner_unavailable() is None) == rt.store.releases_gil
     rt.switch("s1")
     replies, flips = generate_while_switching(rt, lm.vocab_size, replies=4, new_tokens=10)
     assert len(replies) >= 8 and flips >= 4
     assert_argmax_under_s1_or_s2(lm, bundle, replies)
+
+
+def test_runner_equals_the_python_runtime_bit_for_bit(exported, rt):
+    """The bundle's live program (XNNPACK delegate; edgeadapt's own kernel in the own-kernel
+    live form) loaded by edgeadapt's native runner and by ExecuTorch's Python runtime: the
+    forward at several shapes and a prefill then decode steps give the same bits, under the
+    base and after the same in-place switch to s1 on each, where both equal the PyTorch model
+    carrying s1. Only the runner's decoder is optimistic."""
+    if runner_unavailable() is not None:
+        pytest.skip(f"native runner unavailable: {runner_unavailable()}")
+    lm, bundle = exported
+    manifest = read_manifest(bundle)
+    raw = (bundle / manifest.executorch["file"]).read_bytes()
+    assert b"XnnpackBackend" in raw
+    if manifest.executorch["live_form"] == "own-kernel":
+        assert b"edgeadapt::live_linear" in raw
+    stores = [open_store(bundle, manifest.to_dict(), native=native) for native in (True, False)]
+    assert [s.releases_gil for s in stores] == [True, False]
+    decoders = [EtDecoder(s, manifest.executorch["decoder"]) for s in stores]
+    assert [d.optimistic for d in decoders] == [True, False]
+    rng = np.random.default_rng(7)
+    feeds = [{"input_ids": rng.integers(5, lm.vocab_size, (b, s)).astype(np.int64)}
+             for b, s in ((1, 1), (2, 7), (manifest.executorch["max_batch"], 20))]
+    ids = rng.integers(5, lm.vocab_size, (1, 9)).astype(np.int64)
+
+    def outputs(store, decoder) -> list[np.ndarray]:
+        got = [store.run(f) for f in feeds]
+        logits, cache = decoder.step(ids[:, :5], decoder.empty_cache(1))
+        got.append(logits)
+        for i in range(5, ids.shape[1]):
+            logits, cache = decoder.step(ids[:, i:i + 1], cache)
+            got.append(logits)
+        return got
+
+    for adapter in (None, "s1"):
+        if adapter:
+            for store in stores:
+                engine = SwitchEngine(store)
+                engine.switch([(engine.prepare(bundle_adapter(bundle, adapter), adapter), 1.0)])
+        native, python = (outputs(s, d) for s, d in zip(stores, decoders, strict=True))
+        for a, b in zip(native, python, strict=True):
+            assert a.dtype == b.dtype and np.array_equal(a, b), adapter
+    with torch.no_grad():
+        ref = reference_model(lm, [bundle_adapter(bundle, "s1")])
+        want = forward(ref, {"input_ids": torch.from_numpy(feeds[1]["input_ids"])}).numpy()
+    assert parity(native[1], want) <= RTOL
+
+
+def test_a_switch_during_a_decode_step_does_not_wait_for_it(exported, rt, monkeypatch):
+    """On the native runner a conversation's decode step runs optimistically: a switch while
+    a step is held midway returns without waiting for it; the step is dropped and the reply
+    goes on under the new adapter from a re-prefilled cache: s1's first tokens, then s2's
+    greedy continuation of that context (transformers' on the PyTorch model)."""
+    import threading
+
+    if not rt.store.releases_gil:
+        pytest.skip(f"native runner unavailable: {runner_unavailable()}")
+    lm, bundle = exported
+    decoder = _decoder(rt)
+    held, release, resumed = threading.Event(), threading.Event(), threading.Event()
+    real, calls, k = decoder.method, [0], 3  # the 4th run (feeding token 3) is held
+
+    class HeldMethod:
+        def execute(self, inputs):
+            calls[0] += 1
+            if calls[0] == k + 1:
+                held.set()
+                release.wait(20)
+                resumed.set()
+            return real.execute(inputs)
+
+    monkeypatch.setattr(decoder, "method", HeldMethod())
+    rt.switch("s1")
+    out: list = []
+    talk = threading.Thread(target=lambda: out.append(rt.generate(PROMPT, max_new_tokens=12)))
+    talk.start()
+    assert held.wait(30)
+    rt.switch("s2")  # must not wait for the held step (else it waits until release times out)
+    switched_while_held = not resumed.is_set()
+    release.set()
+    talk.join()
+    assert switched_while_held and calls[0] >= k + 2
+    first = hf_greedy(lm, bundle, "s1", PROMPT, 12)
+    want = first[:k] + hf_greedy(lm, bundle, "s2", PROMPT + first[:k], 12 - k)
+    assert want != first  # the switch changes the reply
+    assert out[0].ids == want and out[0].reprefills == 1
 
 
 def test_context_limit(rt):

@@ -4,6 +4,9 @@ backend="executorch")``, CPU only.
 - ``store.py``: the live store (mutable buffers edited in place through ``get_attribute``
   views) and the repack store (edits into a host copy of the all-constant program, reloaded per
   switch); the per-process threadpool.
+- ``programs.py``: how a program is run: edgeadapt's native runner (``native_runner.py``,
+  ``kernels/et_runner.cpp``: the GIL released during a run) where it builds, else ExecuTorch's
+  Python runtime.
 - ``kernel.py``: edgeadapt's own kernels ``edgeadapt::live_linear.out`` (and
   ``live_qlinear.out``, int8 codes + scales: quantized bundles), which programs exported in
   the ``own-kernel`` live form call.

@@ -12,9 +12,14 @@ conversation that is not resident first moves the resident one's used prefix
 ``2 * layers * kv_heads * length * head_dim`` floats each way, measured against re-prefilling
 in docs/generate.md. A conversation no longer referenced is never saved (weak reference).
 
-Runs of one ExecuTorch program serialize (the Python runtime holds the GIL for a whole run); a
-lock here keeps a move and the step that needs it together. Callers hold the runtime's lock
-shared around a step (:mod:`edgeadapt.runtime.generate`).
+Runs of one ExecuTorch program serialize (its methods share one set of planned arenas); a lock
+here keeps a move and the step that needs it together. Where the store's program runs on
+edgeadapt's native runner (:mod:`.programs`: the GIL released for the run) the decoder is
+``optimistic``: a switch writes the live buffers while a step runs, never waiting for it, and
+the generator drops and redoes a step a switch overlapped (:mod:`edgeadapt.runtime.generate`).
+ExecuTorch cannot stop a run midway, so such a step runs to its end first. On ExecuTorch's
+Python runtime (the fallback) a run holds the GIL, which a switch needs anyway, so callers hold
+the runtime's lock shared around a step instead.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from edgeadapt.errors import BundleError, ConfigError
 from edgeadapt.format.manifest import Manifest
 from edgeadapt.runtime.backends.executorch import SECTION
 from edgeadapt.runtime.backends.executorch.store import ExecutorchStore
+from edgeadapt.runtime.locks import Window
 
 
 def decoder_section(manifest: Manifest) -> dict:
@@ -84,16 +90,16 @@ class EtDecoder:
     store: a live-mode :class:`ExecutorchStore` of the bundle's ``model.pte``; section: the
     bundle's ``executorch.decoder`` entry. ConfigError for a repack store (its program is the
     all-constant one, without the decoder), BundleError for a program that does not match the
-    entry.
+    entry. ``optimistic`` (module docstring): the store's program releases the GIL as it runs.
     """
 
     def __init__(self, store: ExecutorchStore, section: dict) -> None:
-        import torch
-
         if store.mode != "live":
             raise ConfigError("generation on ExecuTorch needs mode='live': the decoder is a "
                               "method of the live program (repack mode loads the constant one)")
-        self._torch = torch
+        #: a switch edits the live buffers in place and never frees, moves or repacks them; a
+        #: step may run while one writes where the run does not hold the GIL the switch needs
+        self.optimistic = store.releases_gil
         self.method = store.method(section["method"])
         self.kv_heads, self.head_dim = int(section["kv_heads"]), int(section["head_dim"])
         self.max_context, self.max_chunk = int(section["max_context"]), int(section["max_chunk"])
@@ -117,12 +123,14 @@ class EtDecoder:
                               f"cache), not {batch}")
         return EtCache(self, _Contents(), 0)
 
-    def step(self, ids: np.ndarray, cache: EtCache) -> tuple[np.ndarray, EtCache]:
+    def step(self, ids: np.ndarray, cache: EtCache, window: Window | None = None
+             ) -> tuple[np.ndarray, EtCache]:
         """Logits (1, seq, vocab) of ``ids`` (int64 (1, seq), seq <= ``max_chunk``) after the
         positions of ``cache``, and the cache with them appended. ConfigError (nothing run) for
         another decoder's cache, a superseded one, or ids that do not fit: at most
         ``max_context - 1`` positions are ever fed (the last token of a full context is
-        sampled, never fed back)."""
+        sampled, never fed back). ``window``: the optimistic run's window, unused (a run cannot
+        be stopped; the caller drops a torn step's results)."""
         if not isinstance(cache, EtCache) or cache.owner is not self:
             raise ConfigError("ExecuTorch decoder: this cache was not made by this decoder "
                               "(empty_cache)")
@@ -134,7 +142,6 @@ class EtDecoder:
             raise ConfigError(f"ExecuTorch decoder: ids of shape {ids.shape} after "
                               f"{cache.length} cached positions; it takes (1, 1..{self.max_chunk})"
                               f" and at most {self.max_context - 1} positions in all")
-        torch = self._torch
         with self._lock:
             contents = cache.contents
             if not cache.valid:
@@ -143,10 +150,9 @@ class EtDecoder:
             for other in list(contents.handles):
                 other.valid = other.valid and other.length <= cache.length
             self._make_resident(contents, cache.length)
-            logits = self.method.execute([torch.from_numpy(ids),
-                                          torch.from_numpy(self._positions[:total])])[0]
+            logits = self.method.execute([ids, self._positions[:total]])[0]
             contents.length = total
-        return logits.numpy(), EtCache(self, contents, total)
+        return logits, EtCache(self, contents, total)
 
     def _make_resident(self, contents: _Contents, length: int) -> None:
         """Bring ``contents`` (its first ``length`` positions) into the program's buffers,

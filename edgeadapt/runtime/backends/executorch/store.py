@@ -1,11 +1,14 @@
 """The ExecuTorch weight store: live weights edited in place inside a loaded XNNPACK program.
 
+The program runs on edgeadapt's native runner (the GIL released during a run) where it builds,
+else on ExecuTorch's Python runtime (:mod:`.programs`; ``releases_gil`` says which).
+
 Two modes (see docs/export_executorch.md):
 
 - ``live``: loads ``section["file"]`` once. Each live weight is a shared mutable buffer of the
-  program; ``method.get_attribute(buffer)`` returns a tensor aliasing the planned memory the
-  forward reads (XNNPACK reads these linears' weights at run time, packing them per call), and
-  its ``.numpy()`` is the writable (out, in) array handed to the engine. ``commit`` is a no-op.
+  program; the method's attribute (``get_attribute(buffer)``) is a writable (out, in) array
+  aliasing the planned memory the forward reads (XNNPACK reads these linears' weights at run
+  time, packing them per call), handed to the engine. ``commit`` is a no-op.
   Branch tensors (LoRA A/B, SiRA router/A/B) of a branch variant are exposed the same way by
   :meth:`ExecutorchStore.branch_tensors`. A quantized bundle's live weights are int8 codes
   buffers with a scales buffer beside each (``quant``; docs/quantized.md, "ExecuTorch").
@@ -23,27 +26,17 @@ import os
 import threading
 import weakref
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from edgeadapt.errors import BundleError, ConfigError
 from edgeadapt.format.quant import grid as quant_grid
 from edgeadapt.runtime.backends.executorch import SECTION
+from edgeadapt.runtime.backends.executorch.programs import EtMethod, open_program
 from edgeadapt.runtime.pages import collapse_to_huge_pages
 from edgeadapt.runtime.store import Codes, LiveWeight, WeightStore
 
 MODES = ("live", "repack")
-
-
-def _runtime():
-    try:
-        from executorch.runtime import Runtime
-    except ImportError as exc:  # pragma: no cover - executorch is a declared dependency
-        from edgeadapt.errors import MissingPackageError
-
-        raise MissingPackageError("backend 'executorch' needs: pip install executorch") from exc
-    return Runtime.get()
 
 
 _alive: weakref.WeakSet[ExecutorchStore] = weakref.WeakSet()  # stores whose programs may run
@@ -97,12 +90,15 @@ class ExecutorchStore(WeightStore):
     bundle entry's ``quant`` (``{"grid", "scales": buffer, ...}``); their buffers hold int8
     codes ``(out, in)`` and the scales buffer ``(out, in // G)`` float32 beside them, handed to
     the engine as :class:`~edgeadapt.runtime.store.Codes`. Live mode only.
+    native: run the program with edgeadapt's native runner, the GIL released
+    (:func:`~edgeadapt.runtime.backends.executorch.programs.open_program`; None: where it is
+    available, False: ExecuTorch's Python runtime); ``releases_gil`` says which runs it.
     """
 
-    def __init__(self, directory: str | Path, section: dict[str, Any], buffers: dict[str, str],
+    def __init__(self, directory: str | Path, section: dict, buffers: dict[str, str],
                  shapes: dict[str, tuple[int, int]], sha256: dict[str, str] | None = None,
                  mode: str = "live", threads: int | None = None,
-                 quant: dict[str, dict] | None = None) -> None:
+                 quant: dict[str, dict] | None = None, native: bool | None = None) -> None:
         if mode not in MODES:
             raise ConfigError(f"executorch mode {mode!r} not in {MODES}")
         quant = quant or {}
@@ -114,11 +110,11 @@ class ExecutorchStore(WeightStore):
         self.directory = Path(directory)
         self.section = section
         self.mode = mode
+        self.native = native
         self.input_names = [i["name"] for i in section["inputs"]]
         self.max_batch = int(section["max_batch"])
         self.max_seq = int(section["max_seq"])
         sha256 = sha256 or {}
-        self._keep: list[Any] = []      # tensors whose memory the numpy arrays alias
         self._branch: dict[str, dict[str, np.ndarray]] = {}
         self._buffers = dict(buffers)
         if mode == "live":
@@ -174,8 +170,6 @@ class ExecutorchStore(WeightStore):
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Logits of one forward; inputs: int64 (batch, seq) arrays named as in the section."""
-        import torch
-
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise ConfigError(f"executorch run: missing inputs {missing}")
@@ -188,14 +182,14 @@ class ExecutorchStore(WeightStore):
                     f"executorch run: {name} has shape {arr.shape}; this program takes "
                     f"(batch <= {self.max_batch}, seq <= {self.max_seq}) — re-export with "
                     "larger max_batch / max_seq")
-            args.append(torch.from_numpy(arr))
+            args.append(arr)
         method = self._method
         if self._static:
-            method = self._static.get(tuple(args[0].shape))
+            method = self._static.get(args[0].shape)
             if method is None:
                 raise ConfigError(f"executorch run: this program has static shapes "
-                                  f"{sorted(self._static)} only, got {tuple(args[0].shape)}")
-        return method.execute(args)[0].numpy()
+                                  f"{sorted(self._static)} only, got {args[0].shape}")
+        return method.execute(args)[0]
 
     def commit(self, changes: dict[str, np.ndarray | None]) -> None:
         """Live: nothing to do (the program reads the buffers). Repack: reload the program."""
@@ -216,11 +210,11 @@ class ExecutorchStore(WeightStore):
             raise ConfigError("read_back needs a live-mode store (repack weights are constants)")
         if name not in self._buffers:
             raise BundleError(f"{name!r} is not a live weight of this program")
-        tensor = self._method._method.get_attribute(self._buffers[name])
-        return tensor.numpy().reshape(self._live[name].shape).copy()
+        view = self._method.attribute(self._buffers[name])
+        return view.reshape(self._live[name].shape).copy()
 
-    def method(self, name: str) -> Any:
-        """Method ``name`` of the loaded program (``executorch.runtime.Method``), one of those
+    def method(self, name: str) -> EtMethod:
+        """Method ``name`` of the loaded program (:class:`~.programs.EtMethod`), one of those
         loaded with it (``section["methods"]``: the decoder's ``decode``): it reads the
         program's shared mutable buffers, the live weights among them. BundleError for any
         other name: loading a method later would set every initialised buffer back to its
@@ -231,7 +225,7 @@ class ExecutorchStore(WeightStore):
                               f"(loaded: {sorted(self._extra)}); re-export with --generate")
         return method
 
-    def buffer(self, name: str, method: Any) -> np.ndarray:
+    def buffer(self, name: str, method: EtMethod) -> np.ndarray:
         """A writable numpy array aliasing mutable buffer ``name`` of ``method`` (kept alive
         with the store); BundleError where the method has no such buffer."""
         return self._attribute(name, method)
@@ -258,47 +252,40 @@ class ExecutorchStore(WeightStore):
             raise BundleError(f"ExecuTorch program {path} is missing")
         return path
 
-    def _attribute(self, buffer: str, method: Any = None) -> np.ndarray:
-        try:
-            tensor = (method or self._method)._method.get_attribute(buffer)
-        except RuntimeError as exc:
-            raise BundleError(f"ExecuTorch program has no mutable buffer {buffer!r}: {exc}"
-                              ) from exc
-        self._keep.append(tensor)
-        arr = tensor.numpy()
+    def _attribute(self, buffer: str, method: EtMethod | None = None) -> np.ndarray:
+        arr = (method or self._method).attribute(buffer)  # BundleError where there is none
         if not arr.flags.writeable:
             raise BundleError(f"buffer {buffer!r} is not writable")
         return arr
 
     def _load_from_blob(self) -> None:
-        self._load(bytes(self._blob), f"{self.directory / self.section['repack']['file']}")
+        self._load(self._blob, f"{self.directory / self.section['repack']['file']}")
 
-    def _load(self, source: Path | bytes, what: str) -> None:
-        """Load the program (a .pte path, or the repack blob) and every method it will run:
+    def _load(self, source: Path | bytearray, what: str) -> None:
+        """Load the program (a .pte path, or the repack blob, copied) and every method it will
+        run, with :func:`~.programs.open_program` (``native``):
         dynamic-shape programs have one ``forward``, static ones (SiRA) one method per "BxS"
         shape, a ``--generate`` live program also ``decode``, all sharing the mutable buffers.
         All of them now, before anything is written: loading a method (re)initialises the
         initialised mutable buffers, the live weights. Nothing is replaced unless all of it
         loads; BundleError naming ``what`` where ExecuTorch refuses the program (corrupt,
-        truncated: its own errors are untyped)."""
+        truncated)."""
         methods = self.section["methods"]
         decode = methods.get("decode") if self.mode == "live" else None
-        try:
-            program = _runtime().load_program(source)
-            static = {tuple(int(v) for v in k.split("x")): program.load_method(m)
-                      for k, m in (methods.get("static") or {}).items()}
-            method = (program.load_method(methods["forward"]) if methods.get("forward")
-                      else next(iter(static.values())))
-            extra = {decode: program.load_method(decode)} if decode else {}
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise BundleError(f"{what}: ExecuTorch cannot load this program: {exc}") from exc
+        program = open_program(source, what, self.native)
+        static = {tuple(int(v) for v in k.split("x")): program.method(m)
+                  for k, m in (methods.get("static") or {}).items()}
+        method = (program.method(methods["forward"]) if methods.get("forward")
+                  else next(iter(static.values())))
+        extra = {decode: program.method(decode)} if decode else {}
         self._program, self._static, self._method = program, static, method
         self._extra = extra
+        self.releases_gil = program.releases_gil
 
 
-def open_store(directory: str | Path, manifest: dict[str, Any], mode: str = "live",
-               section: dict[str, Any] | None = None, threads: int | None = None
-               ) -> ExecutorchStore:
+def open_store(directory: str | Path, manifest: dict, mode: str = "live",
+               section: dict | None = None, threads: int | None = None,
+               native: bool | None = None) -> ExecutorchStore:
     """An :class:`ExecutorchStore` from a bundle.json dict (its ``"executorch"`` section unless
     ``section`` names another variant's)."""
     section = section or manifest.get(SECTION)
@@ -313,4 +300,4 @@ def open_store(directory: str | Path, manifest: dict[str, Any], mode: str = "liv
     sha = {w: info["sha256"] for w, info in weights.items() if "sha256" in info}
     quant = {w: info["executorch"]["quant"] for w, info in weights.items()
              if "quant" in info["executorch"]}
-    return ExecutorchStore(directory, section, buffers, shapes, sha, mode, threads, quant)
+    return ExecutorchStore(directory, section, buffers, shapes, sha, mode, threads, quant, native)
