@@ -3,9 +3,10 @@
 switches between two SHiRA adapters every ``interval_ms``.
 
 A switch takes the runtime's lock exclusively; where the decoder's steps run under the lock
-held shared (ExecuTorch, graph variants) its wall time includes the wait for the decode step
-(or prefill chunk) running when it was called, where they run optimistically (ONNX Runtime's
-fused decoder) it does not, and the step it overlapped is redone. A conversation whose cache
+held shared (graph variants, ExecuTorch on its Python runtime without a C++ compiler) its wall
+time includes the wait for the decode step (or prefill chunk) running when it was called, where
+they run optimistically (the fused decoders of ONNX Runtime and of ExecuTorch on edgeadapt's
+runner) it does not, and the step it overlapped is redone. A conversation whose cache
 was built under the other adapter is re-prefilled before its next token (docs/generate.md),
 which lengthens that step. The row reports the switch's wall time (p50 / p90 / p99), split by the
 lock's ``last_exclusive`` into the wait for the runs in flight (``wait_*``) and the time it held
