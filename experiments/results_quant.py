@@ -23,11 +23,12 @@ noise of the quantized forward itself.
 
 SmolLM2-135M (``--model smollm2``, seed 0): section 7's fp32 SHiRA and LoRA r=8 runs
 (``sm-{hamlet,rt}-{shira-snip-b8,lora-r8}``) and their quantization-aware twins
-(``sm-*-shira-snip-b8-int4qat``; an ``-int8qat`` one is evaluated when it exists), the same rows
-on a quantized base whose LM head is on the grid too (``quantized_weight_names``), plus the fp32
-and quantized bases alone (zero-shot); each evaluated as its run was (Hamlet: perplexity on the
-held-out blocks; Rotten Tomatoes: accuracy of the label-word logits on the run's 400 test
-examples), in one batching only.
+(``sm-*-shira-snip-b8-int4qat``, ``-int4-affineqat``; an ``-int8qat`` one is evaluated when it
+exists), the same rows (int8, int4 and int4-affine) on a quantized base whose LM head is on
+the grid too (``quantized_weight_names``), plus the fp32 and quantized bases alone
+(zero-shot); each evaluated as its run was (Hamlet: perplexity on the held-out blocks; Rotten
+Tomatoes: accuracy of the label-word logits on the run's 400 test examples), in one batching
+only.
 
 Writes runs/mp/quant.json (MiniLM) or runs/mp/quant-smollm2.json; docs/results.md renders them
 (experiments/results_doc/quantized.py).
@@ -58,6 +59,8 @@ RUNS = Path("runs/mp")
 OUT = RUNS / "quant.json"
 OUT_SM = RUNS / "quant-smollm2.json"
 PRECISIONS = ("int8", "int4")
+#: SmolLM2 came from a Q4_1 GGUF: its int4 rows also on the affine grid that holds it
+SM_PRECISIONS = (*PRECISIONS, "int4-affine")
 SEEDS = (0, 1, 2)
 NOISE_BATCH = 63
 MAX_TEST, MAX_LEN = 1000, 64
@@ -100,7 +103,7 @@ def sm_run(task: str, kind: str) -> str:
 
 def sm_run_names() -> list[str]:
     return [sm_run(t, k) for t in SM_TASKS for k in (
-        "shira-snip-b8", "lora-r8", *(f"shira-snip-b8-{p}qat" for p in PRECISIONS))]
+        "shira-snip-b8", "lora-r8", *(f"shira-snip-b8-{p}qat" for p in SM_PRECISIONS))]
 
 
 def run_names(seeds) -> list[str]:
@@ -243,7 +246,7 @@ def smollm2_rows(out: dict, task: str, old: dict) -> None:
         if not (RUNS / run / "metrics.json").exists():
             continue
         entry(kind, run, "fp32", lambda run=run: trained_metrics(run)["test"][key])
-        for p in PRECISIONS:
+        for p in SM_PRECISIONS:
             entry(kind, run, p, lambda run=run, p=p, kind=kind: (
                 rounded(run, p, ev) if kind == "shira" else lora_on(run, p, ev)))
             run_qat = sm_run(task, f"shira-snip-b8-{p}qat")
@@ -251,7 +254,7 @@ def smollm2_rows(out: dict, task: str, old: dict) -> None:
                 entry(f"qat-{p}", run_qat, p, lambda r=run_qat, p=p: qat_exported(r, p, ev))
     model = read_run_info(RUNS / shira)[0]["model"]
     entry("base", None, "fp32", lambda: score(load_model(model, num_labels=2, seed=0), ev)[1])
-    for p in PRECISIONS:
+    for p in SM_PRECISIONS:
         entry("base", None, p, lambda p=p: base_alone(shira, p, ev))
 
 

@@ -19,10 +19,10 @@ size rows are prefixed ``executorch ``, ONNX Runtime's keep the names of the fir
 - ``p stock`` (int8, int4, int4-affine): what a user of the backend runs for that precision.
   ONNX Runtime: the fp32 bundle's graph with every weight constant, quantized whole by the
   backend's own tool (:func:`edgeadapt.export.onnx_quant.quantize_rest`: ``MatMulNBits`` blocks
-  of 32, accuracy level 4, each weight on its grid's bits; for int4-affine its asymmetric
-  form, a uint8 zero point per block,
-  the tool's nearest to an offset: ``MatMulNBits`` with float zero points is exact but runs a
-  dequantizing fallback about 7x slower) and packed by ONNX Runtime. ExecuTorch: the fp32
+  of 32, accuracy level 4, each weight on its grid's bits; for int4-affine its asymmetric form,
+  a uint8 zero point per block, the tool's nearest to an offset: ``MatMulNBits`` with float
+  zero points is exact but runs a dequantizing fallback, 7-20x slower in
+  experiments/zero_point_probe.py) and packed by ONNX Runtime. ExecuTorch: the fp32
   model with every Linear of the blocks (q/v included) quantized by torchao as the bundle's
   rest is and lowered whole to XNNPACK (:func:`edgeadapt.export.executorch_quant.stock_program`,
   ``work/executorch-<p>-stock.pte``). Same threads (ONNX Runtime: spinning off).
