@@ -191,11 +191,13 @@ SM_PREFIX = ["--model", "smollm2"]
 SM_TASKS = (("hamlet", "Hamlet"), ("rt", "rt-sentiment"))
 # (label, row key in quant-smollm2.json, the row key its brackets compare with)
 SM_ROWS = [("zero-shot (the base alone)", "base", "base"),
-           ("SHiRA snip, budget r=8: fp32-trained (int8 / int4: rounded onto the grid)",
+           ("SHiRA snip, budget r=8: fp32-trained (quantized: rounded onto the grid)",
             "shira", "shira"),
            ("SHiRA, quantization-aware", "qat", "shira"),
-           ("LoRA r=8 (int8 / int4: unfused on the quantized base)", "lora", "lora")]
+           ("LoRA r=8 (quantized: unfused on the quantized base)", "lora", "lora")]
 PPL_LIMIT = 0.02  # issue 20: Hamlet perplexity within 2% of fp32 SHiRA
+#: the quantized columns of the SmolLM2 table (int4-affine: docs/quantized.md, its grid)
+SM_PRECISIONS = ("int8", "int4", "int4-affine")
 
 
 def sm_value(rows: dict, key: str, precision: str) -> float | None:
@@ -219,17 +221,18 @@ def sm_num(metric: str, value: float) -> str:
 
 
 def sm_table(res: dict) -> str:
-    lines = ["| task | run | fp32 base | int8 base | int4 base |", "|---|---|---|---|---|"]
+    lines = ["| task | run | fp32 base | " + " | ".join(f"{p} base" for p in SM_PRECISIONS)
+             + " |", "|---" * (3 + len(SM_PRECISIONS)) + "|"]
     for task, name in SM_TASKS:
         rows = res["rows"].get(task)
         if rows is None:
-            lines.append(f"| {name} | {NOT_RUN} | | | |")
+            lines.append(f"| {name} | {NOT_RUN} |" + " |" * (1 + len(SM_PRECISIONS)))
             continue
         metric = rows["metric"]
         for label, key, ref_key in SM_ROWS:
             ref = sm_value(rows, ref_key, "fp32")
             cells = []
-            for p in ("fp32", "int8", "int4"):
+            for p in ("fp32", *SM_PRECISIONS):
                 value = sm_value(rows, key, p)
                 if value is None:
                     cells.append("-" if key == "qat" and p == "fp32" else NOT_RUN)
@@ -267,7 +270,9 @@ def sm_gain_text(rows: dict) -> str:
     for label, key, p in (("fp32 SHiRA", "shira", "fp32"), ("int8 rounded", "shira", "int8"),
                           ("int8 quantization-aware", "qat", "int8"),
                           ("int4 rounded", "shira", "int4"),
-                          ("int4 quantization-aware", "qat", "int4")):
+                          ("int4 quantization-aware", "qat", "int4"),
+                          ("int4-affine rounded", "shira", "int4-affine"),
+                          ("int4-affine quantization-aware", "qat", "int4-affine")):
         base, got = sm_value(rows, "base", p), sm_value(rows, key, p)
         if base is not None and got is not None:
             out.append(f"{label} {sm_num(m, base)} -> {sm_num(m, got)} "
@@ -280,7 +285,7 @@ def sm_gain_text(rows: dict) -> str:
 def sm_lora_text(rows: dict) -> str:
     """LoRA beside: its own change on each quantized base."""
     ref = sm_value(rows, "lora", "fp32")
-    got = {p: sm_value(rows, "lora", p) for p in ("int8", "int4")}
+    got = {p: sm_value(rows, "lora", p) for p in SM_PRECISIONS}
     if ref is None or None in got.values():
         return ""
     m = rows["metric"]
@@ -298,7 +303,11 @@ def sm_text(res: dict) -> str:
                   sm_verdict(rows, "int8, SHiRA rounded after training", "shira", "int8", 0.3),
                   sm_verdict(rows, "int8, quantization-aware SHiRA", "qat", "int8", 0.3),
                   sm_verdict(rows, "int4, quantization-aware SHiRA", "qat", "int4", 1.0),
-                  sm_verdict(rows, "int4, SHiRA rounded after training", "shira", "int4", 1.0)]
+                  sm_verdict(rows, "int4, SHiRA rounded after training", "shira", "int4", 1.0),
+                  sm_verdict(rows, "int4-affine, quantization-aware SHiRA", "qat", "int4-affine",
+                             1.0),
+                  sm_verdict(rows, "int4-affine, SHiRA rounded after training", "shira",
+                             "int4-affine", 1.0)]
         if rows:
             parts += [sm_gain_text(rows), sm_lora_text(rows)]
     parts.append(sm_saturation(res))
@@ -310,7 +319,7 @@ def sm_saturation(res: dict) -> str:
     got = []
     for task, name in SM_TASKS:
         for key, row in res["rows"].get(task, {}).items():
-            for p in ("int8", "int4"):
+            for p in SM_PRECISIONS:
                 cell = row.get(p) if isinstance(row, dict) else None
                 if key in ("shira", f"qat-{p}") and isinstance(cell, dict) and "values" in cell:
                     kind = "rounded" if key == "shira" else "quantization-aware"
@@ -327,7 +336,7 @@ def sm_remeasure(res: dict) -> str:
     out = []
     for task, name in SM_TASKS:
         rows = res["rows"].get(task, {})
-        for p in ("int8", "int4"):
+        for p in SM_PRECISIONS:
             cell = rows.get(f"qat-{p}", {}).get(p)
             trained = cell and cell.get(f"trained_{rows['metric']}")
             if trained is not None:
@@ -354,7 +363,10 @@ of the 30 blocks **and the LM head** on the grid (`edgeadapt.models.targets.quan
 the tied head quantized as its own copy, the embedding table fp32), q/v live and weight-only, the
 other Linears with the int8 activation quantization. The fp32 SHiRA and LoRA r=8 runs are section
 7's (commands there); quantization-aware SHiRA is the same command plus `--quant int4`: {qat[0]}
-and {qat[1]} ({dots(SM_PREFIX)}; no int8 quantization-aware run on SmolLM2 yet). Evaluated by
+and {qat[1]} ({dots(SM_PREFIX)}; the int4-affine runs: `--quant int4-affine`, their names
+`...-int4-affineqat`; no int8 quantization-aware run on SmolLM2 yet). The int4-affine base
+(docs/quantized.md) holds the blocks on an affine int4 grid, which holds SmolLM2's Q4_1-sourced
+weights, and its LM head on int8. Evaluated by
 `{EVAL} --model smollm2` (`--resume` keeps the entries of unchanged runs), which writes
 `runs/mp/quant-smollm2.json`; each row is evaluated as its run was, in one batching. In brackets:
 the change against the same kind's fp32 value (SHiRA rows: fp32 SHiRA; perplexity relative,
