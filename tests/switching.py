@@ -41,7 +41,7 @@ def runs_while_switching(run: Callable[[], np.ndarray], switch: Callable[[Any], 
                                   and time.monotonic() < end):
             switch(states[int(rng.integers(len(states)))])
             done += 1
-            if done >= switches:  # the readers lag (writer preference): let them in
+            if done >= switches:  # the readers lag behind back-to-back switches: let them in
                 time.sleep(0.001)
     finally:
         stop.set()

@@ -256,7 +256,7 @@ def test_concurrent_runs_while_switching(exported, mode):
                            and time.monotonic() < end):
         engine.switch([(prep, 1.0)] if i % 2 == 0 else [])
         i += 1
-        if i >= switches:  # the readers lag (writer preference; the write releases the GIL)
+        if i >= switches:  # the readers lag behind back-to-back switches: let them in
             time.sleep(0.001)  # let them in, as tests/switching.py does
     stop.set()
     for t in threads:
