@@ -323,7 +323,7 @@ def test_section_8_smollm2(runs):
     rt = {"metric": "accuracy",
           "shira": {"run": "c", "fp32": 0.8175, "int8": {"accuracy": 0.815}},
           "lora": {"run": "d", "fp32": 0.83, "int8": {"accuracy": 0.83},
-                   "int4": {"accuracy": 0.82}}}
+                   "int4": {"accuracy": 0.82}, "int4-affine": {"accuracy": 0.835}}}
     (runs / "quant-smollm2.json").write_text(
         json.dumps({"seeds": [0], "rows": {"hamlet": hamlet, "rt": rt}}))
     page = quantized.section_8_smollm2()
@@ -339,6 +339,9 @@ def test_section_8_smollm2(runs):
             "(target: within 0.3 points): met.") in page
     assert "int4, quantization-aware SHiRA: not measured." in page
     assert "int4 0.820 (-1.00 pts against its fp32 0.830)" in page
+    assert "int4-affine 0.835 (+0.50 pts against its fp32 0.830)" in page
+    assert "| task | run | fp32 base | int8 base | int4 base | int4-affine base |" in page
+    assert "int4-affine, quantization-aware SHiRA: not measured." in page
     assert ("Over the base each sits on (its zero-shot value): fp32 SHiRA 73.30 -> 40.00 "
             "(-45.4%), int8 rounded 73.50 -> 40.40 (-45.0%).") in page
     assert "Hamlet int4 quantization-aware 4.0%" in page

@@ -285,8 +285,8 @@ def sm_gain_text(rows: dict) -> str:
 def sm_lora_text(rows: dict) -> str:
     """LoRA beside: its own change on each quantized base."""
     ref = sm_value(rows, "lora", "fp32")
-    got = {p: sm_value(rows, "lora", p) for p in SM_PRECISIONS}
-    if ref is None or None in got.values():
+    got = {p: v for p in SM_PRECISIONS if (v := sm_value(rows, "lora", p)) is not None}
+    if ref is None or not got:
         return ""
     m = rows["metric"]
     return ("LoRA r=8 unfused on the same bases: " + ", ".join(
