@@ -177,19 +177,15 @@ def stock_session(fp32_bundle: Path, lm, precision: str, threads: int):
     """ONNX Runtime's own quantized model of the same weights (module docstring): the fp32
     bundle's graph, live weights made constants again (:func:`constant_graph`), quantized whole
     by the backend's tool."""
-    from edgeadapt.export.onnx_quant import constant_matmuls, quantize_rest
+    from edgeadapt.export.onnx_quant import quantize_by_grid
     from edgeadapt.models.targets import quantized_weight_grids
     from edgeadapt.runtime.backends.onnxruntime.session import open_session, session_options
 
     model = lm.model
-    proto = constant_graph(fp32_bundle, lm)
-    by_grid: dict = {}
-    for w, g in quantized_weight_grids(model, lm.kind, precision).items():
-        by_grid.setdefault(g, {})[w] = model.get_submodule(w.removesuffix(".weight")).weight \
-            .detach().float().numpy()
-    for g, weights in by_grid.items():
-        proto = quantize_rest(proto, constant_matmuls(proto, weights), g.name,
-                              symmetric=not g.affine)
+    grids = quantized_weight_grids(model, lm.kind, precision)
+    weights = {w: model.get_submodule(w.removesuffix(".weight")).weight.detach().float().numpy()
+               for w in grids}
+    proto = quantize_by_grid(constant_graph(fp32_bundle, lm), weights, grids, stock=True)
     return open_session(proto.SerializeToString(), session_options(threads), fp32_bundle)
 
 
@@ -692,9 +688,8 @@ def table(report: dict) -> str:
 @click.option("--decode-steps", default=40, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
 def main(model: str, work: str, backends: str | None, precisions: str, threads: int,
-         repeats: int,
-         switch_repeats: int, generate_bundles: tuple[str, ...], genai_dir: str | None,
-         decode_steps: int, json_path: str | None) -> None:
+         repeats: int, switch_repeats: int, generate_bundles: tuple[str, ...],
+         genai_dir: str | None, decode_steps: int, json_path: str | None) -> None:
     """Forward, switch and sizes of quantized bundles on ONNX Runtime and ExecuTorch against
     each backend's stock quantized model (and, with --generate, decode against
     onnxruntime-genai int4)."""

@@ -202,6 +202,22 @@ def quantize_rest(model: onnx.ModelProto, nodes: list[str], precision: str,
     return tool.model.model
 
 
+def quantize_by_grid(model: onnx.ModelProto, weights: dict[str, np.ndarray],
+                     grids: dict[str, Grid], stock: bool = False) -> onnx.ModelProto:
+    """``model`` with the constant MatMuls of ``weights`` (torch name -> ``(out, in)``, as the
+    graph holds them) quantized by :func:`quantize_rest`, once per grid of ``grids`` (torch
+    name -> grid). An affine grid's weights go on the tool's symmetric grid (they are ``W'`` by
+    then, :meth:`QuantPlan.split_offsets`), or with ``stock`` on its asymmetric one (the
+    bench's stock peer, which quantizes the unshifted weights)."""
+    groups: dict[Grid, dict[str, np.ndarray]] = defaultdict(dict)
+    for w, a in weights.items():
+        groups[grids[w]][w] = a
+    for g, group in groups.items():
+        model = quantize_rest(model, constant_matmuls(model, group), g.name,
+                              symmetric=not (stock and g.affine))
+    return model
+
+
 def quantize_live(model: onnx.ModelProto, live: dict[str, LiveWeight],
                   weights: dict[str, np.ndarray], precision: str
                   ) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
@@ -302,12 +318,8 @@ class QuantPlan:
         grid), the live ones as codes + scales (:func:`quantize_live`). ``entries`` /
         ``values``: the float graph's live entries and base values (by input name). Returns the
         new model and both with the quantized weights' replaced."""
-        by_grid: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
-        for w, a in self.weights.items():
-            if w not in live:
-                by_grid[self.grids[w].name][w] = a
-        for name, rest in by_grid.items():
-            model = quantize_rest(model, constant_matmuls(model, rest), name)
+        model = quantize_by_grid(model, {w: a for w, a in self.weights.items()
+                                         if w not in live}, self.grids)
         q_entries, q_values = {}, {}
         for name in {self.grids[w].name for w in self.live}:
             e, v = quantize_live(model, live, {w: self.weights[w] for w in self.live
