@@ -36,8 +36,9 @@ the one home of the code arithmetic), ``Wq = q * s`` (float32, ``Grid.dequantize
   or layer by layer inputs.
 
 An affine grid (``int4-affine``, :func:`edgeadapt.format.quant.affine_split`) quantizes
-``W' = W - O`` and adds the offset term in float: ``y = A(x) @ Wq'.T + x @ O.T + b``, as the
-exported graph computes it (the offsets never see the activation quantizer).
+``W' = W - O`` and adds the offset term in float: ``y = A(x) @ Wq'.T + (x @ P) @ o.T + b``
+(``x @ P`` the sums of ``x`` over each block of 32 columns, ``o`` the ``(out, in // G)``
+offsets), as the exported graph computes it (the offsets never see the activation quantizer).
 
 Training through the reference (quantization-aware SHiRA, ``edgeadapt train --quant``): ``A``
 passes gradients straight through (``dA/dx = 1``); the codes and scales are frozen buffers.
@@ -54,7 +55,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgeadapt.errors import ConfigError
-from edgeadapt.format.quant import Grid, affine_split, grid, offset_weight
+from edgeadapt.format.quant import Grid, affine_split, grid
 from edgeadapt.models.registry import LoadedModel
 from edgeadapt.models.targets import quantized_weight_grids, quantized_weight_names
 
@@ -109,7 +110,7 @@ class WeightQuant(nn.Module):
     Buffers (non-persistent): ``codes`` int8 ``(out, in)``, ``base_codes`` (the codes of the
     base weight, for :meth:`reset_`), ``scales`` float32 ``(out, in // G)`` (frozen: the base's),
     ``dequantized`` float32 ``(out, in)`` = ``codes * scale`` (kept in step with ``codes``);
-    ``offsets`` float32 ``(out, in)`` (``O``, an affine grid only, else None).
+    ``offsets`` float32 ``(out, in // G)`` (``o``, an affine grid only, else None).
     ``activations``: whether inputs go through ``A`` (a weight the backend runs on its stock
     kernel) or not (a live weight).
     """
@@ -123,7 +124,7 @@ class WeightQuant(nn.Module):
         offsets = None
         if self.grid.affine:
             w, o = affine_split(w, self.grid)
-            offsets = torch.from_numpy(offset_weight(o, self.grid, w.shape)).to(device)
+            offsets = torch.from_numpy(o).to(device)
         self.register_buffer("offsets", offsets, persistent=False)
         codes, scales = self.grid.quantize(w)
         self.register_buffer("codes", torch.from_numpy(codes).to(device), persistent=False)
@@ -150,8 +151,12 @@ class WeightQuant(nn.Module):
         return self.add_offsets(F.linear(self.inputs(x), self.dequantized, bias), x)
 
     def add_offsets(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y + x @ O.T`` on an affine grid (``x`` unquantized), else ``y``."""
-        return y if self.offsets is None else y + F.linear(x, self.offsets)
+        """``y + (x @ P) @ o.T`` on an affine grid (``x`` unquantized: its block sums), else
+        ``y``."""
+        if self.offsets is None:
+            return y
+        sums = x.reshape(*x.shape[:-1], self.offsets.shape[1], -1).sum(dim=-1)
+        return y + F.linear(sums, self.offsets)
 
     def on_grid(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """The weight entries at flat ``indices`` after adding ``values`` on the grid, with the
