@@ -21,7 +21,7 @@ size rows are prefixed ``executorch ``, ONNX Runtime's keep the names of the fir
   backend's own tool (:func:`edgeadapt.export.onnx_quant.quantize_rest`: ``MatMulNBits`` blocks
   of 32, accuracy level 4, each weight on its grid's bits; for int4-affine its asymmetric form,
   a uint8 zero point per block, the tool's nearest to an offset: ``MatMulNBits`` with float
-  zero points is exact but runs a dequantizing fallback, 7-20x slower in
+  zero points is exact but runs a dequantizing fallback, 21x slower in
   experiments/zero_point_probe.py) and packed by ONNX Runtime. ExecuTorch: the fp32
   model with every Linear of the blocks (q/v included) quantized by torchao as the bundle's
   rest is and lowered whole to XNNPACK (:func:`edgeadapt.export.executorch_quant.stock_program`,
