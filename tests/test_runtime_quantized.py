@@ -114,6 +114,8 @@ def test_switch_writes_requantized_codes_and_runs_them(bundle, active):
     lm, out, g, adapters = bundle
     rt = load(out, mode="live", threads=1)
     assert rt.store.kernel  # the codes are read by edgeadapt's QBlockedMatMul
+    for lw in rt.store.live_weights().values():  # int4: two codes per byte (Q4BlockedMatMul)
+        assert lw.packed == (g.bits == 4) and lw.array.size == lw.size // (1 + lw.packed)
     rt.switch(active)
     want = _expected_codes(lm, g, adapters, active)
     for n, (q, _) in want.items():
@@ -125,9 +127,14 @@ def test_switch_writes_requantized_codes_and_runs_them(bundle, active):
                                          inputs)) > 1e-3  # the switch changed the output
 
 
-def test_random_sequences_restore_the_exported_codes_and_report_saturation(bundle):
+@pytest.mark.parametrize("native", [True, False])
+def test_random_sequences_restore_the_exported_codes_and_report_saturation(bundle, native):
+    """native False: numpy's scatter (the fallback without a compiler; on int4 the
+    read-modify-write of packed bytes, edgeadapt/format/nibbles.py)."""
     lm, out, g, adapters = bundle
-    check_random_sequences(load(out, mode="live", threads=1), lm, g, adapters, _codes)
+    rt = load(out, mode="live", threads=1)
+    rt.engine.native_scatter = native and rt.engine.native_scatter
+    check_random_sequences(rt, lm, g, adapters, _codes)
 
 
 def check_random_sequences(rt, lm, g, adapters: dict[str, Adapter], codes) -> None:

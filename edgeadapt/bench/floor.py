@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeadapt.errors import ConfigError
+from edgeadapt.format import nibbles
 from edgeadapt.format.layout import backend_index
 from edgeadapt.timer import time_calls
 
@@ -77,6 +78,7 @@ def switch_traffic(
     itemsize: int = 4,
     idx_bytes: int = 8,
     value_bytes: int = 4,
+    packed: frozenset[str] = frozenset(),
 ) -> SwitchTraffic:
     """Traffic of a full switch from ``old`` to ``new``.
 
@@ -84,6 +86,8 @@ def switch_traffic(
     shapes: name -> (out, in).  layouts: name -> ``as-is`` | ``transposed`` | ``blocked32``
     (default as-is). offsets: name -> the live buffer's address modulo 64 where the arrays
     are at hand (ExecuTorch's planned buffers sit at 32 past a line, not on one); default 0.
+    packed: the weights whose int4 codes lie two per byte (:mod:`edgeadapt.format.nibbles`,
+    blocked32): their positions are mapped to the bytes holding them (``itemsize`` 1).
     """
     lines = 0
     stream = 0
@@ -93,7 +97,8 @@ def switch_traffic(
         a = np.asarray(old.get(name, np.empty(0, np.int64)), dtype=np.int64)
         b = np.asarray(new.get(name, np.empty(0, np.int64)), dtype=np.int64)
         union = np.union1d(a, b)
-        lines += touched_lines(backend_index(union, shapes[name], layout), itemsize,
+        at = backend_index(union, shapes[name], layout)
+        lines += touched_lines(nibbles.byte_of(at) if name in packed else at, itemsize,
                                offset=(offsets or {}).get(name, 0))
         stream += (a.size + b.size) * idx_bytes + b.size * value_bytes + union.size * itemsize
         positions += int(union.size)

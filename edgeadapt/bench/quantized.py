@@ -241,7 +241,7 @@ def kernel_parity(bundle: Path, rt, threads: int, vocab: int) -> float:
         got = store.run({"input_ids": ids})
         feeds = {"input_ids": ids}
         for w, lw in live.items():
-            feeds[rt.store.graph_names[w]] = lw.array
+            feeds[rt.store.graph_names[w]] = lw.read()  # the graph's own form: a code per byte
             if lw.codes is not None:
                 feeds[lw.codes.name] = lw.codes.array
         so = ort.SessionOptions()
@@ -427,7 +427,8 @@ def switch_row(rt: Runtime, preps: list, adapters: list[Adapter], shapes: dict,
         {w: t.indices for w, t in adapters[1].targets.items()}, shapes,
         layouts={w: lw.layout for w, lw in live.items()},
         offsets={w: int(lw.array.ctypes.data) % CACHE_LINE for w, lw in live.items()},
-        itemsize=1 if codes else 4, value_bytes=1 if codes else 4)
+        itemsize=1 if codes else 4, value_bytes=1 if codes else 4,
+        packed=frozenset(w for w, lw in live.items() if lw.packed))
     rt.engine.switch(pair[1])
     row = {**Stats.of(samples["switch"]).as_dict(),
            **floor_ratios(samples["switch"], probe.bandwidth(samples["copy"]), traffic),

@@ -26,9 +26,11 @@ not a whole row. A group of zeros has no largest value: it gets the largest scal
 instead (its codes are 0 either way, and an adapter that later writes into the group has a usable
 step).
 
-Codes are stored one per byte (int8) for both grids, so an in-place edit is a byte write and
-the layouts of :mod:`edgeadapt.format.layout` apply to codes unchanged. Scales are stored as an
-``(out, in // G)`` float32 matrix (in a backend's layout like a weight of that shape).
+Codes are stored one per byte (int8) for both grids in a bundle, so the layouts of
+:mod:`edgeadapt.format.layout` apply to codes unchanged; where edgeadapt's ONNX Runtime kernel
+reads int4 codes, the runtime holds them two per byte (:mod:`edgeadapt.format.nibbles`), a
+code's position unchanged. Scales are stored as an ``(out, in // G)`` float32 matrix (in a
+backend's layout like a weight of that shape).
 
 Adding a delta to quantized entries (a fused SHiRA switch, :func:`requantize`) keeps the base's
 scales: ``q' = clip(round((q * s + delta) * (1 / s)), qmin, qmax)``; entries that needed a code

@@ -195,6 +195,9 @@ KERNEL_DOMAIN, KERNEL_OP = "edgeadapt", "BlockedMatMul"
 #: its quantized form, ``y = edgeadapt.QBlockedMatMul(x, codes, scales)`` (codes int8 in the
 #: blocked32 layout, scales ``(out/32, in/G, 32)``: :mod:`edgeadapt.format.quant`)
 QKERNEL_OP = "QBlockedMatMul"
+#: its int4 form, ``y = edgeadapt.Q4BlockedMatMul(x, packed, scales)`` (codes packed two per
+#: byte, ``(out/32, in, 16)`` uint8: :mod:`edgeadapt.format.nibbles`; scales as above)
+Q4KERNEL_OP = "Q4BlockedMatMul"
 
 
 def kernel_blocked_matmuls(model: onnx.ModelProto, names: set[str] | list[str]) -> int:

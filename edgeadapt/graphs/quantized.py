@@ -12,7 +12,9 @@ exported graph dequantizes them into the blocked32 value its readers already tak
 
 so the graph runs anywhere (a dequantization per call); :func:`kernel_quantized_matmuls`
 replaces each reader and the dequantization by one ``edgeadapt.QBlockedMatMul(x, Q, S)`` that
-reads the codes in place (:mod:`edgeadapt.runtime.backends.onnxruntime.kernel`).
+reads the codes in place (:mod:`edgeadapt.runtime.backends.onnxruntime.kernel`), or, for int4
+codes the runtime holds two per byte, by ``edgeadapt.Q4BlockedMatMul(x, P, S)`` with the codes
+input retyped to the packed ``P (out/32, in, 16)`` uint8 (:mod:`edgeadapt.format.nibbles`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,15 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeadapt.errors import ExportError
+from edgeadapt.format import nibbles
 from edgeadapt.format.layout import BLOCKED
-from edgeadapt.graphs.blocked import KERNEL_DOMAIN, QKERNEL_OP, _blocked_readers, _rewrite_readers
+from edgeadapt.graphs.blocked import (
+    KERNEL_DOMAIN,
+    Q4KERNEL_OP,
+    QKERNEL_OP,
+    _blocked_readers,
+    _rewrite_readers,
+)
 from edgeadapt.graphs.values import LiveWeight, all_value_names, consumers
 
 _DQ = "edgeadapt_dq"
@@ -107,11 +116,14 @@ def quantized_inputs(model: onnx.ModelProto) -> dict[str, QuantizedInput]:
     return found
 
 
-def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str]) -> int:
+def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str],
+                             packed: set[str] | frozenset[str] = frozenset()) -> int:
     """Replace each reader of the named quantized inputs (``codes`` input names) and their
-    dequantization by one ``y = edgeadapt.QBlockedMatMul(x, Q, S)`` node. Returns how many
-    readers were replaced."""
+    dequantization by one ``y = edgeadapt.QBlockedMatMul(x, Q, S)`` node, or
+    ``edgeadapt.Q4BlockedMatMul(x, P, S)`` for those in ``packed`` (their input retyped to the
+    packed uint8 codes). Returns how many readers were replaced."""
     graph = model.graph
+    inputs = {vi.name: vi for vi in graph.input}
     found = quantized_inputs(model)
     producers = {o: n for n in graph.node for o in n.output}
     uses = consumers(graph)
@@ -121,8 +133,16 @@ def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str]
         q = found.get(name)
         if q is None:
             raise ExportError(f"{name!r} is not a quantized live input of this graph")
+        op = QKERNEL_OP
+        if name in packed:
+            op = Q4KERNEL_OP
+            vi = inputs[name]
+            dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+            graph.input.remove(vi)
+            graph.input.append(helper.make_tensor_value_info(
+                name, TensorProto.UINT8, list(nibbles.packed_shape(tuple(dims)))))
         for flat, mm, tr, rs in _blocked_readers(graph, q.value, uses, producers):
-            replace[id(mm)] = helper.make_node(QKERNEL_OP, [flat.input[0], q.codes, q.scales],
+            replace[id(mm)] = helper.make_node(op, [flat.input[0], q.codes, q.scales],
                                                [rs.output[0]], name=mm.name,
                                                domain=KERNEL_DOMAIN)
             drop.update((id(tr), id(rs)))

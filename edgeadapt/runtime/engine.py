@@ -56,13 +56,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeadapt.errors import FingerprintMismatchError, SwitchError
+from edgeadapt.format import nibbles
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.format.layout import TRANSPOSED, backend_view
 from edgeadapt.format.types import Adapter
 from edgeadapt.runtime.locks import ReadWriteLock
 from edgeadapt.runtime.pages import one_span
 from edgeadapt.runtime.prepared import PreparedAdapter, prepare_adapter
-from edgeadapt.runtime.scatter import native_scatter, scatter
+from edgeadapt.runtime.scatter import native_scatter, scatter, scatter_nibbles
 from edgeadapt.runtime.store import LiveWeight, WeightStore
 
 # ---------------------------------------------------------------------------------------------
@@ -143,10 +144,9 @@ class SwitchEngine:
                  plan_cache: int | None = None, lock: ReadWriteLock | None = None) -> None:
         self.store = store
         self.live = store.live_weights()
-        self._flat = {name: lw.array.reshape(-1) for name, lw in self.live.items()}  # views
         # all live arrays in one block of memory (ONNX Runtime's arena, ExecuTorch's planned
         # buffers): cached switches write them with one scatter (pages.one_span)
-        self._span = one_span({name: lw.array for name, lw in self.live.items()})
+        self._span = _code_span(self.live)
         self.lock = ReadWriteLock() if lock is None else lock
         self._sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._dense: dict[str, np.ndarray] = {}
@@ -335,11 +335,10 @@ class SwitchEngine:
         return plans
 
     def _plan_sparse(self, name: str, lw: LiveWeight, c: _Combined) -> _Plan:
-        flat = self._flat[name]
-        cur_idx, cur_base = self._sparse.get(name, (_EMPTY_IDX, flat[:0]))
+        cur_idx, cur_base = self._sparse.get(name, (_EMPTY_IDX, np.zeros(0, lw.dtype)))
         new_idx = c.idx if c.idx is not None else _EMPTY_IDX
         union, cur_pos, new_pos = merge_sorted(cur_idx, new_idx)
-        old = flat[union]  # a copy: the values now, kept to undo a failed commit
+        old = lw.gather(union)  # a copy: the values now, kept to undo a failed commit
         base = old.copy()  # base wherever the weight is untouched
         base[cur_pos] = cur_base
         vals = base.copy()
@@ -359,7 +358,7 @@ class SwitchEngine:
         if name in self._dense:
             original = self._dense[name]
         else:
-            original = lw.array.copy()
+            original = lw.read()
             if name in self._sparse:
                 idx, base = self._sparse[name]
                 original.reshape(-1)[idx] = base
@@ -405,30 +404,53 @@ class SwitchEngine:
         """Write every plan; returns copies of the densely rewritten arrays (sparse plans carry
         their old values)."""
         if sw.scatter is not None:
-            scatter(self._span[0], sw.scatter[0], sw.scatter[1], self.native_scatter)
+            self._span_scatter(sw.scatter[0], sw.scatter[1])
             return {}
         undo: dict[str, np.ndarray] = {}
         for name, plan in sw.plans.items():
+            lw = self.live[name]
             if plan.full is None:
-                scatter(self._flat[name], plan.union, plan.vals, self.native_scatter)
+                lw.scatter(plan.union, plan.vals, self.native_scatter)
             else:
-                arr = self.live[name].array
-                undo[name] = arr.copy()
-                np.copyto(arr, plan.full)
+                undo[name] = lw.read()
+                lw.write(plan.full)
         return undo
 
     def _write_back(self, sw: _Switch, undo: dict[str, np.ndarray]) -> None:
         if sw.scatter is not None:
-            scatter(self._span[0], sw.scatter[0], sw.scatter[2], self.native_scatter)
+            self._span_scatter(sw.scatter[0], sw.scatter[2])
             return
         for name, plan in sw.plans.items():
             if plan.full is None:
-                scatter(self._flat[name], plan.union, plan.old, self.native_scatter)
+                self.live[name].scatter(plan.union, plan.old, self.native_scatter)
             else:
-                np.copyto(self.live[name].array, undo[name])
+                self.live[name].write(undo[name])
+
+    def _span_scatter(self, pos: np.ndarray, vals: np.ndarray) -> None:
+        """``span[pos] = vals`` over the live weights' one span (:func:`_code_span`)."""
+        span, _, packed = self._span
+        (scatter_nibbles if packed else scatter)(span, pos, vals, self.native_scatter)
 
 
 _EMPTY_IDX = np.zeros(0, dtype=np.int64)
+
+
+def _code_span(live: dict[str, LiveWeight]) -> tuple[np.ndarray, dict[str, int], bool] | None:
+    """(the live arrays' one span, each weight's element offset in it, whether it packs int4
+    codes two per byte) where :func:`~edgeadapt.runtime.pages.one_span` finds one; None
+    otherwise. Packed arrays (:mod:`edgeadapt.format.nibbles`) count their offsets in codes,
+    which the nibble scatter's arithmetic takes where each array starts on a packed row (16
+    bytes): a weight's code position ``p`` is span position ``offset + p``."""
+    found = one_span({name: lw.array for name, lw in live.items()})
+    if found is None:
+        return None
+    span, offsets = found
+    packed = {lw.packed for lw in live.values() if lw.array.size}
+    if packed != {True}:
+        return (span, offsets, False) if packed == {False} else None
+    if any(off % nibbles.HALF for off in offsets.values()):
+        return None
+    return span, {name: nibbles.PER_BYTE * off for name, off in offsets.items()}, True
 #: switch plans kept (each pair of adapter sets: 16 bytes per position of the pair's union)
 PLAN_CACHE = 4
 

@@ -25,8 +25,8 @@ ARENA_ALIGN_BYTES = 64
 
 def arena_copies(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Writable C-contiguous copies of ``arrays`` (float32, or their own dtype where it is
-    int8: quantized codes), those of one dtype carved from one allocation, each starting on a
-    64-byte boundary.
+    int8 or uint8: quantized codes, packed int4 codes), those of one dtype carved from one
+    allocation, each starting on a 64-byte boundary.
 
     Why: numpy asks the kernel to back an allocation of >= 4 MiB with transparent huge pages
     (``madvise``); 60 separate 0.4-1.3 MB live-weight buffers get 4 KB pages. A SHiRA switch
@@ -36,7 +36,7 @@ def arena_copies(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """
     kinds: dict[np.dtype, list[str]] = {}
     for name, a in arrays.items():
-        dt = np.dtype(np.int8) if a.dtype == np.int8 else np.dtype(np.float32)
+        dt = a.dtype if a.dtype in (np.int8, np.uint8) else np.dtype(np.float32)
         kinds.setdefault(dt, []).append(name)
     out = {}
     for dt, names in kinds.items():

@@ -6,6 +6,8 @@ numpy's fancy assignment issues them one by one; ``kernels/scatter.cpp`` prefetc
 of ``pos[i + 32]`` while it stores ``pos[i]``, and ctypes releases the GIL for the call, so
 Python threads (a decoding conversation's sampler) go on meanwhile. Elements of 1, 2, 4 or 8
 bytes are copied bit for bit. Without a C++ compiler (and nothing built) numpy does it.
+:func:`scatter_nibbles` writes int4 codes into a buffer that packs two per byte
+(:mod:`edgeadapt.format.nibbles`), each a read-modify-write of its byte.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from edgeadapt.format import nibbles
 from edgeadapt.runtime import native
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,9 @@ SOURCE = native.KERNELS / "scatter.cpp"
 #: the GIL for the call)
 _SIGNATURE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+#: ``edgeadapt_scatter_nibbles(dst, n_codes, pos, codes, m)`` -> positions skipped
+_NIBBLES = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                            ctypes.c_void_p, ctypes.c_int64)
 
 
 def _library_path():
@@ -52,6 +58,18 @@ def _kernel(library: ctypes.CDLL) -> Callable[..., int]:
     return _SIGNATURE(("edgeadapt_scatter", library))
 
 
+@functools.cache
+def _nibble_kernel(library: ctypes.CDLL) -> Callable[..., int]:
+    """``edgeadapt_scatter_nibbles`` of a loaded library with its C signature."""
+    return _NIBBLES(("edgeadapt_scatter_nibbles", library))
+
+
+def _check_range(pos: np.ndarray, n: int) -> None:
+    if pos[0] < 0 or pos[-1] >= n:
+        raise IndexError(f"scatter positions {int(pos[0])}..{int(pos[-1])} outside a buffer of "
+                         f"{n} elements")
+
+
 def scatter(dst: np.ndarray, pos: np.ndarray, vals: np.ndarray, native: bool = True) -> None:
     """``dst[pos] = vals`` for a 1-D ``dst`` and int64 ``pos`` sorted ascending.
 
@@ -61,9 +79,7 @@ def scatter(dst: np.ndarray, pos: np.ndarray, vals: np.ndarray, native: bool = T
     """
     if pos.size == 0:
         return
-    if pos[0] < 0 or pos[-1] >= dst.shape[0]:
-        raise IndexError(f"scatter positions {int(pos[0])}..{int(pos[-1])} outside a buffer of "
-                         f"{dst.shape[0]} elements")
+    _check_range(pos, dst.shape[0])
     if (native and dst.ndim == 1 and dst.flags.c_contiguous and dst.flags.writeable
             and pos.dtype == np.int64 and pos.flags.c_contiguous and vals.dtype == dst.dtype
             and vals.flags.c_contiguous and vals.shape == pos.shape
@@ -76,3 +92,25 @@ def scatter(dst: np.ndarray, pos: np.ndarray, vals: np.ndarray, native: bool = T
                              "(positions must be sorted)")
         return
     dst[pos] = vals
+
+
+def scatter_nibbles(dst: np.ndarray, pos: np.ndarray, codes: np.ndarray,
+                    native: bool = True) -> None:
+    """Write int8 ``codes`` (in [-8, 7]) at code positions ``pos`` (int64, sorted ascending,
+    distinct) of a 1-D uint8 buffer packing two codes per byte (:mod:`edgeadapt.format.nibbles`;
+    it holds ``2 * dst.size`` codes). IndexError (nothing written) for a position outside it;
+    ``native=False`` or arrays the kernel does not take: numpy, with the same result."""
+    if pos.size == 0:
+        return
+    _check_range(pos, 2 * dst.shape[0])
+    if (native and dst.ndim == 1 and dst.dtype == np.uint8 and dst.flags.c_contiguous
+            and dst.flags.writeable and pos.dtype == np.int64 and pos.flags.c_contiguous
+            and codes.dtype == np.int8 and codes.flags.c_contiguous
+            and codes.shape == pos.shape and native_scatter()):
+        skipped = _nibble_kernel(_LIBRARY.loaded[1])(dst.ctypes.data, 2 * dst.shape[0],
+                                                     pos.ctypes.data, codes.ctypes.data, pos.size)
+        if skipped:
+            raise IndexError(f"scatter: {skipped} positions outside the buffer were skipped "
+                             "(positions must be sorted)")
+        return
+    nibbles.scatter(dst, pos, codes)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeadapt.errors import SwitchError
+from edgeadapt.format import nibbles
 from edgeadapt.format.layout import (
     AS_IS,
     BLOCKED,
@@ -26,6 +27,7 @@ from edgeadapt.format.layout import (
 )
 from edgeadapt.format.quant import Grid
 from edgeadapt.runtime.pages import arena_copies
+from edgeadapt.runtime.scatter import scatter, scatter_nibbles
 
 
 @dataclass
@@ -54,6 +56,10 @@ class LiveWeight:
         skip the fingerprint check.
     codes: for a quantized weight, its grid and scales (:class:`Codes`); ``array`` then holds
         int8 codes, and a switch writes codes re-quantized from the dequantized values.
+    packed: int4 codes two per byte (:mod:`edgeadapt.format.nibbles`): ``array`` is the packed
+        uint8 buffer ``(out/32, in, 16)`` (blocked32 only). Positions stay code indices of the
+        blocked32 layout; read and write the codes through :meth:`gather`, :meth:`scatter`,
+        :meth:`read` and :meth:`write`, which every store form answers alike.
     """
 
     name: str
@@ -62,21 +68,59 @@ class LiveWeight:
     shape: tuple[int, int]
     sha256: str | None = None
     codes: Codes | None = None
+    packed: bool = False
 
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
         if self.layout not in LAYOUTS:
             raise ValueError(f"{self.name}: layout {self.layout!r} not in {LAYOUTS}")
         want = backend_shape(self.shape, self.layout)
+        if self.packed:
+            if self.layout != BLOCKED or self.codes is None or self.codes.grid.bits != 4:
+                raise ValueError(f"{self.name}: only int4 codes in the {BLOCKED} layout pack "
+                                 "two per byte")
+            want = nibbles.packed_shape(want)
         if tuple(self.array.shape) != want:
             raise ValueError(f"{self.name}: buffer shape {self.array.shape} != {want}")
         if not (self.array.flags.c_contiguous and self.array.flags.writeable):
             raise ValueError(f"{self.name}: buffer must be C-contiguous and writable")
         if self.codes is not None:
-            if self.array.dtype != np.int8:
-                raise ValueError(f"{self.name}: quantized codes must be int8, not "
+            dtype = np.uint8 if self.packed else np.int8
+            if self.array.dtype != dtype:
+                raise ValueError(f"{self.name}: quantized codes must be {np.dtype(dtype)}, not "
                                  f"{self.array.dtype}")
             self.codes.grid.check_scales(self.codes.scales, self.shape, self.name)
+
+    @property
+    def size(self) -> int:
+        """Elements (codes) the weight holds: ``out * in``."""
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of its elements as :meth:`gather` and :meth:`read` return them."""
+        return np.dtype(np.int8) if self.packed else self.array.dtype
+
+    def gather(self, idx: np.ndarray) -> np.ndarray:
+        """The elements (codes, for a quantized weight) at backend flat indices ``idx``."""
+        flat = self.array.reshape(-1)
+        return nibbles.gather(flat, idx) if self.packed else flat[idx]
+
+    def scatter(self, idx: np.ndarray, vals: np.ndarray, native: bool = True) -> None:
+        """``W[idx] = vals`` at sorted backend flat indices (:mod:`edgeadapt.runtime.scatter`)."""
+        flat = self.array.reshape(-1)
+        (scatter_nibbles if self.packed else scatter)(flat, idx, vals, native)
+
+    def read(self) -> np.ndarray:
+        """A copy of the whole weight in its backend layout (codes unpacked)."""
+        return nibbles.unpack(self.array) if self.packed else self.array.copy()
+
+    def write(self, full: np.ndarray) -> None:
+        """Overwrite the whole weight with ``full`` (backend layout, codes unpacked)."""
+        if self.packed:
+            nibbles.pack(full, out=self.array)
+        else:
+            np.copyto(self.array, full)
 
     def entry_scales(self, indices: np.ndarray) -> np.ndarray:
         """The scale of each entry at backend flat ``indices`` (quantized weights only)."""
@@ -93,13 +137,15 @@ class LiveWeight:
     def torch_view(self) -> np.ndarray:
         """The weight in PyTorch layout (out, in) as a writable view of the buffer (as-is and
         transposed layouts only; blocked32 has no such view: use :meth:`torch_weight`)."""
-        if self.layout == BLOCKED:
+        if self.layout == BLOCKED or self.packed:
             raise ValueError(f"{self.name}: a {BLOCKED} buffer has no (out, in) view")
         return to_torch(self.array, self.shape, self.layout)
 
     def torch_weight(self) -> np.ndarray:
-        """The weight in PyTorch layout (out, in), for reading: a view, or a copy (blocked32)."""
-        return to_torch(self.array, self.shape, self.layout)
+        """The weight in PyTorch layout (out, in), for reading: a view, or a copy (blocked32,
+        packed codes unpacked)."""
+        array = nibbles.unpack(self.array) if self.packed else self.array
+        return to_torch(array, self.shape, self.layout)
 
 
 class WeightStore(ABC):

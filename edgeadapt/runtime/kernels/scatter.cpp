@@ -7,6 +7,11 @@
 // waits for them one by one. Here the line of pos[i + AHEAD] is prefetched for writing while
 // pos[i] is stored, so about AHEAD line fetches are in flight at once.
 //
+// Packed int4 codes (edgeadapt/format/nibbles.py): edgeadapt_scatter_nibbles writes int8 codes
+// q at code positions p (blocked32 flat indices) of a buffer holding two per byte: byte
+// (p >> 5) * 16 + (p & 15), high nibble iff p & 16, as offset binary q + 8; each write is a
+// read-modify-write of its byte (two codes of one byte are applied in order).
+//
 // Memory safety: a position outside [0, n) is skipped and counted (the caller raises); the
 // caller checks the range of a sorted array before the call, so nothing is written then.
 #include <cstdint>
@@ -34,7 +39,35 @@ int64_t scatter(T* dst, int64_t n, const int64_t* pos, const T* val, int64_t m) 
   return skipped;
 }
 
+int64_t scatter_nibbles(uint8_t* dst, int64_t n, const int64_t* pos, const int8_t* q, int64_t m) {
+  int64_t skipped = 0;
+  const uint64_t un = static_cast<uint64_t>(n);
+  for (int64_t i = 0; i < m; ++i) {
+    if (i + AHEAD < m) {
+      const uint64_t ahead = static_cast<uint64_t>(pos[i + AHEAD]);
+      if (ahead < un) __builtin_prefetch(dst + (ahead >> 5) * 16 + (ahead & 15), 1, 0);
+    }
+    const uint64_t p = static_cast<uint64_t>(pos[i]);
+    if (p >= un) {
+      ++skipped;
+      continue;
+    }
+    uint8_t& byte = dst[(p >> 5) * 16 + (p & 15)];
+    const uint8_t nib = static_cast<uint8_t>((q[i] + 8) & 15);
+    byte = (p & 16) ? static_cast<uint8_t>((byte & 0x0F) | (nib << 4))
+                    : static_cast<uint8_t>((byte & 0xF0) | nib);
+  }
+  return skipped;
+}
+
 }  // namespace
+
+// n: codes in the buffer (twice its bytes)
+extern "C" int64_t edgeadapt_scatter_nibbles(void* dst, int64_t n, const int64_t* pos,
+                                             const void* codes, int64_t m) {
+  return scatter_nibbles(static_cast<uint8_t*>(dst), n, pos, static_cast<const int8_t*>(codes),
+                         m);
+}
 
 extern "C" int64_t edgeadapt_scatter(void* dst, int64_t n, const int64_t* pos, const void* val,
                                      int64_t m, int64_t itemsize) {

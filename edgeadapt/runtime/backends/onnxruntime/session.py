@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeadapt.errors import BundleError, MissingPackageError
+from edgeadapt.errors import BundleError, ConfigError, MissingPackageError
 from edgeadapt.format.layout import BLOCKED, transposed_from_blocked
 from edgeadapt.runtime.store import LiveWeight
 
@@ -46,7 +46,8 @@ def session_options(threads: int | None, extra: dict[str, str] | None = None):
 
 
 def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool,
-                quantized: Sequence[str] = ()) -> tuple[object, bool]:
+                quantized: Sequence[str] = (), packed: Sequence[str] = ()
+                ) -> tuple[object, bool]:
     """(a CPU session over ``model_path`` built with options ``so``, whether it uses the kernel).
 
     kernel: replace every reader of the blocked32 graph inputs ``blocked`` by edgeadapt's own
@@ -55,8 +56,9 @@ def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool,
     loadable), which reads them in place instead of through MatMul's per-call copy of each B
     panel (docs/bench.md), and every reader of the quantized codes inputs ``quantized`` (with
     their dequantization) by ``edgeadapt.QBlockedMatMul``
-    (:func:`edgeadapt.graphs.quantized.kernel_quantized_matmuls`). The rewritten graph is
-    handed over as bytes, its external data read from the model's folder.
+    (:func:`edgeadapt.graphs.quantized.kernel_quantized_matmuls`; ``packed``: those of them
+    bound as int4 codes two per byte, read by ``edgeadapt.Q4BlockedMatMul``). The rewritten
+    graph is handed over as bytes, its external data read from the model's folder.
     """
     if kernel and (blocked or quantized):
         from edgeadapt.graphs.blocked import kernel_blocked_matmuls
@@ -64,11 +66,15 @@ def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool,
         from edgeadapt.runtime.backends.onnxruntime import kernel as own_kernel
 
         model = read_graph(model_path)
-        if kernel_blocked_matmuls(model, blocked) + kernel_quantized_matmuls(model, quantized):
+        if kernel_blocked_matmuls(model, blocked) + kernel_quantized_matmuls(
+                model, quantized, set(packed)):
             own_kernel.register(so)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(model_path.parent))
             return open_session(model.SerializeToString(), so, model_path), True
+    if packed:
+        raise ConfigError(f"{model_path}: int4 codes packed two per byte need edgeadapt's "
+                          "kernel to read them")
     return open_session(str(model_path), so, model_path), False
 
 
@@ -107,7 +113,8 @@ def live_session(model_path: Path, so, live: Mapping[str, LiveWeight],
     session, used = cpu_session(
         model_path, so, [input_names[n] for n, lw in live.items()
                          if lw.layout == BLOCKED and lw.codes is None], kernel,
-        [input_names[n] for n, lw in live.items() if lw.codes is not None])
+        [input_names[n] for n, lw in live.items() if lw.codes is not None],
+        [input_names[n] for n, lw in live.items() if lw.packed])
     graph_inputs = {i.name for i in session.get_inputs()}
     missing = sorted(input_names[n] for n in live if input_names[n] not in graph_inputs)
     missing += sorted(lw.codes.name for lw in live.values()

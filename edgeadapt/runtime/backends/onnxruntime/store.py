@@ -20,12 +20,14 @@ are graph inputs and repack rebuilds.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from edgeadapt.errors import BundleError, ConfigError
-from edgeadapt.format.layout import backend_shape, to_backend, to_torch
+from edgeadapt.format import nibbles
+from edgeadapt.format.layout import BLOCKED, backend_shape, to_backend, to_torch
 from edgeadapt.format.manifest import Manifest
 from edgeadapt.format.quant import grid as quant_grid
 from edgeadapt.runtime.backends.onnxruntime.kernel import use_kernel
@@ -90,6 +92,20 @@ def read_live_weights(bundle_dir: Path, manifest: Manifest, section: dict | None
     # one huge-page-backed allocation for all of them (pages.arena_copies)
     return {name: LiveWeight(name, buf, *specs[name])
             for name, buf in arena_copies(arrays).items()}
+
+
+def pack_int4(live: dict[str, LiveWeight]) -> dict[str, LiveWeight]:
+    """``live`` with every int4 blocked32 weight's codes packed two per byte
+    (:mod:`edgeadapt.format.nibbles`), the packed buffers carved from one allocation
+    (:func:`edgeadapt.runtime.pages.arena_copies`): what edgeadapt's kernel reads
+    (``edgeadapt.Q4BlockedMatMul``), half the bytes per forward of a code per byte."""
+    int4 = [n for n, lw in live.items() if lw.codes is not None and lw.codes.grid.bits == 4
+            and lw.layout == BLOCKED and not lw.packed]
+    if not int4:
+        return live
+    packed = arena_copies({n: nibbles.pack(live[n].array) for n in int4})
+    return {n: replace(lw, array=packed[n], packed=True) if n in packed else lw
+            for n, lw in live.items()}
 
 
 def _codes(path: Path, name: str, onnx: dict, shape: tuple[int, int],
@@ -236,6 +252,7 @@ def open_store(bundle_dir: Path, manifest: Manifest, device: str = "cpu", mode: 
         raise ConfigError(f"mode {mode!r}: choose 'live' or 'repack'")
     model_path, live, names = bundle_parts(bundle_dir, manifest)
     if mode == "live":
-        return OrtLiveStore(model_path, live, manifest.inputs, names, threads,
-                            kernel=use_kernel(kernel, (lw.layout for lw in live.values())))
+        kernel = use_kernel(kernel, (lw.layout for lw in live.values()))
+        return OrtLiveStore(model_path, pack_int4(live) if kernel else live, manifest.inputs,
+                            names, threads, kernel=kernel)
     return OrtRepackStore(model_path, live, manifest.inputs, names, threads)

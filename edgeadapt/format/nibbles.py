@@ -1,0 +1,92 @@
+"""int4 codes packed two per byte in the blocked32 layout (numpy only, torch-free; the one home
+of the nibble arithmetic).
+
+A quantized live weight on an int4 grid (:mod:`edgeadapt.format.quant`) has codes
+``q in [-8, 7]``, one per byte in the blocked32 layout ``Q (out/32, in, 32)``
+(:mod:`edgeadapt.format.layout`). Where edgeadapt's ONNX Runtime kernel reads them
+(``edgeadapt.Q4BlockedMatMul``), the live buffer holds them packed, ``P (out/32, in, 16)``
+uint8, half the bytes a forward reads::
+
+    P[b, c, j] = (Q[b, c, j] + 8) | ((Q[b, c, j + 16] + 8) << 4)        j < 16
+
+(offset binary: a nibble ``n = q + 8``, ``q = n - 8``). Column ``j`` of a 32-column block is
+the low nibble, column ``j + 16`` the high one, so one 16-byte row of a block unpacks into the
+two 16-float halves a vector kernel accumulates.
+
+A code's *position* stays its blocked32 flat index ``p`` (the switch engine's backend index):
+it lives in byte ``(p >> 5) * 16 + (p & 15)`` of the packed buffer, in its high nibble iff
+``p & 16``. Writing one code is a read-modify-write of its byte (the switch's native scatter,
+:mod:`edgeadapt.runtime.scatter`; :func:`scatter` here is the numpy form).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: codes a packed int4 buffer holds per byte
+PER_BYTE = 2
+#: code columns per blocked32 row, bytes per packed row
+BLOCK, HALF = 32, 16
+OFFSET = 8
+
+
+def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The packed shape of codes of shape ``(..., 32)``: ``(..., 16)``."""
+    if not shape or shape[-1] != BLOCK:
+        raise ValueError(f"int4 packing needs blocked32 codes (..., {BLOCK}), not {shape}")
+    return (*shape[:-1], HALF)
+
+
+def pack(codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``P`` of int8 codes ``Q (..., 32)`` in [-8, 7] (module docstring); ValueError for a code
+    outside the int4 range. ``out``: a uint8 array of the packed shape to write into."""
+    q = np.asarray(codes)
+    shape = packed_shape(q.shape)
+    if q.size and (int(q.min()) < -OFFSET or int(q.max()) > OFFSET - 1):
+        raise ValueError(f"int4 codes must lie in [-8, 7]; found {int(q.min())}..{int(q.max())}")
+    n = (q.astype(np.int16) + OFFSET).astype(np.uint8)
+    packed = n[..., :HALF] | (n[..., HALF:] << 4)
+    if out is None:
+        return packed
+    if out.shape != shape or out.dtype != np.uint8:
+        raise ValueError(f"packed buffer {out.shape} {out.dtype}, expected {shape} uint8")
+    np.copyto(out, packed)
+    return out
+
+
+def unpack(packed: np.ndarray) -> np.ndarray:
+    """int8 codes ``Q (..., 32)`` of a packed buffer ``P (..., 16)``."""
+    p = np.asarray(packed, dtype=np.uint8)
+    lo = (p & 0x0F).astype(np.int8) - OFFSET
+    hi = (p >> 4).astype(np.int8) - OFFSET
+    return np.concatenate([lo, hi], axis=-1).astype(np.int8)
+
+
+def byte_of(pos: np.ndarray) -> np.ndarray:
+    """The byte of the packed buffer (flat) holding the code at blocked32 flat index ``pos``."""
+    pos = np.asarray(pos, dtype=np.int64)
+    return (pos >> 5) * HALF + (pos & (HALF - 1))
+
+
+def shift_of(pos: np.ndarray) -> np.ndarray:
+    """Bits to shift that byte right to bring the code's nibble down: 0 or 4."""
+    return ((np.asarray(pos, dtype=np.int64) >> 4) & 1) * 4
+
+
+def gather(flat: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """int8 codes at blocked32 flat indices ``pos`` of a flat packed buffer."""
+    b = flat[byte_of(pos)]
+    return (((b >> shift_of(pos).astype(np.uint8)) & 0x0F).astype(np.int16) - OFFSET
+            ).astype(np.int8)
+
+
+def scatter(flat: np.ndarray, pos: np.ndarray, codes: np.ndarray) -> None:
+    """Write int8 ``codes`` at blocked32 flat indices ``pos`` (distinct) of a flat packed
+    buffer, each a read-modify-write of its byte (two codes may share one: applied in order)."""
+    pos = np.asarray(pos, dtype=np.int64)
+    byte, shift = byte_of(pos), shift_of(pos)
+    n = (np.asarray(codes).astype(np.int16) + OFFSET).astype(np.uint8)
+    lo = shift == 0
+    for sel, keep, sh in ((lo, np.uint8(0xF0), 0), (~lo, np.uint8(0x0F), 4)):
+        # a byte holds one low and one high code: each half is one fancy assignment
+        flat[byte[sel]] = (flat[byte[sel]] & keep) | (n[sel] << np.uint8(sh))

@@ -1,0 +1,64 @@
+"""int4 codes packed two per byte (edgeadapt/format/nibbles.py) and the switch's nibble scatter
+(runtime/scatter.py, kernels/scatter.cpp), against hand-computed bytes and plain int8 code
+arrays. Torch-free."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeadapt.format import nibbles
+from edgeadapt.runtime.scatter import native_scatter, scatter_nibbles
+
+
+def test_pack_lays_out_columns_j_and_j_plus_16_as_offset_binary():
+    q = np.zeros((1, 2, 32), np.int8)
+    q[0, 0, 0], q[0, 0, 16] = -8, 7     # byte 0: low nibble 0, high nibble 15
+    q[0, 1, 3], q[0, 1, 19] = 1, -1     # byte 16 + 3: low 9, high 7
+    p = nibbles.pack(q)
+    assert p.shape == (1, 2, 16) and p.dtype == np.uint8
+    assert p[0, 0, 0] == 0xF0
+    assert p[0, 1, 3] == (9 | 7 << 4)
+    assert p[0, 0, 1] == (8 | 8 << 4)   # code 0 is nibble 8
+    np.testing.assert_array_equal(nibbles.unpack(p), q)
+
+
+def test_positions_map_to_bytes_and_nibbles():
+    pos = np.array([0, 15, 16, 31, 32, 47, 48, 64 * 32 + 17])
+    np.testing.assert_array_equal(nibbles.byte_of(pos), [0, 15, 0, 15, 16, 31, 16, 64 * 16 + 1])
+    np.testing.assert_array_equal(nibbles.shift_of(pos), [0, 0, 4, 4, 0, 0, 4, 4])
+
+
+def test_pack_refuses_codes_outside_int4_and_unblocked_shapes():
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        nibbles.pack(np.full((1, 1, 32), 8, np.int8))
+    with pytest.raises(ValueError, match="blocked32"):
+        nibbles.pack(np.zeros((2, 16), np.int8))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_gather_and_scatter_equal_the_unpacked_codes(native):
+    if native and not native_scatter():
+        pytest.skip("no C++ compiler: the native scatter is not built")
+    rng = np.random.default_rng(3)
+    q = rng.integers(-8, 8, (6, 40, 32)).astype(np.int8)
+    flat = nibbles.pack(q).reshape(-1)
+    # every pair of codes sharing a byte among the positions, and lone ones
+    pos = np.unique(np.concatenate([rng.choice(q.size, 2000, replace=False),
+                                    [0, 16, 31, 15, q.size - 1]])).astype(np.int64)
+    np.testing.assert_array_equal(nibbles.gather(flat, pos), q.reshape(-1)[pos])
+    new = rng.integers(-8, 8, pos.size).astype(np.int8)
+    scatter_nibbles(flat, pos, new, native=native)
+    want = q.reshape(-1).copy()
+    want[pos] = new
+    np.testing.assert_array_equal(nibbles.unpack(flat.reshape(6, 40, 16)).reshape(-1), want)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_scatter_outside_the_buffer_writes_nothing(native):
+    flat = nibbles.pack(np.zeros((1, 4, 32), np.int8)).reshape(-1)
+    before = flat.copy()
+    with pytest.raises(IndexError, match="outside"):
+        scatter_nibbles(flat, np.array([3, 4 * 32], np.int64), np.array([1, 1], np.int8),
+                        native=native)
+    np.testing.assert_array_equal(flat, before)
