@@ -91,6 +91,31 @@ def test_a_run_releases_the_gil_and_equals_the_python_runtime(blob):
         assert np.allclose(got, Chain()(torch.from_numpy(x)).numpy(), atol=1e-5)
 
 
+def test_a_held_program_pauses_its_runs_until_every_hold_is_released(blob):
+    """A switch voiding a run holds its program (native_runner.RunnerProgram.hold): the run
+    stops before its next instruction, here its first, while any hold stands (holds nest;
+    a release counts once), then goes on to the result an unheld run gives."""
+    program = programs.open_program(blob, "chain.pte", native=True)
+    method = program.method("forward")
+    x = np.random.default_rng(0).standard_normal((N, N)).astype(np.float32)
+    want = method.execute([x])[0]
+    first, second = program.hold(), program.hold()
+    out = []
+    t = threading.Thread(target=lambda: out.append(method.execute([x])[0]))
+    t.start()
+    t.join(0.5)  # an unheld run takes tens of milliseconds
+    assert t.is_alive()
+    first()
+    first()  # released once only
+    t.join(0.5)
+    assert t.is_alive()
+    second()
+    t.join(30)
+    assert not t.is_alive()
+    np.testing.assert_array_equal(out[0], want)
+    np.testing.assert_array_equal(method.execute([x])[0], want)  # reset: runs again
+
+
 def test_attributes_alias_the_planned_buffer(blob):
     """A write through ``attribute`` is what the next run reads (the live-weight contract);
     the array keeps the program loaded after the program object is dropped."""

@@ -131,6 +131,32 @@ def test_a_write_cancels_the_optimistic_runs_in_flight_once():
         assert calls == ["a", "b", "late"]
 
 
+def test_a_cancel_hook_may_pause_and_is_resumed_after_the_write():
+    """A hook that returns a resume (a run paused, not stopped: ExecuTorch's runner) has it
+    called once the write's body is over, before the runs are let in; a window torn already
+    pauses and resumes at once."""
+    lock = ReadWriteLock()
+    calls = []
+
+    def pause() -> Callable[[], None]:
+        calls.append("pause")
+        return lambda: calls.append("resume")
+
+    with lock.optimistic() as window:
+        window.on_cancel(pause)
+
+        def write() -> None:
+            with lock.exclusive():
+                calls.append("write")
+
+        t = threading.Thread(target=write)
+        t.start()
+        t.join(10)
+        assert calls == ["pause", "write", "resume"]
+        window.on_cancel(pause)  # torn already
+        assert calls[3:] == ["pause", "resume"]
+
+
 def test_runs_waiting_when_a_write_ends_go_before_the_switch_queued_behind_it():
     """write1 writes; write2 queues; then a run arrives and waits behind both. As write1 ends
     the run is admitted, ahead of write2, which waits for it (writer preference let write2 in

@@ -11,7 +11,9 @@ from contextlib import contextmanager
 
 from edgeadapt.timer import stopwatch
 
-Cancel = Callable[[], None]
+#: a cancel hook: stops a run whose result a write voids; it may return a resume, called
+#: once the write is over (a run that can be paused but not abandoned: ExecuTorch's)
+Cancel = Callable[[], Callable[[], None] | None]
 
 
 class Window:
@@ -32,10 +34,13 @@ class Window:
         """Have ``cancel`` called (once, from the switching thread) when an exclusive section
         begins while this window is open: the run's result is lost anyway, so stopping it
         early hands its cores to the write (e.g. ONNX Runtime's ``RunOptions.terminate``).
-        A window torn already calls it now; a shared run's window (never torn while open)
-        never does."""
+        A resume it returns is called when the write ends (ExecuTorch's runs pause instead:
+        they cannot be abandoned part way). A window torn already calls it now (and its
+        resume at once); a shared run's window (never torn while open) never does."""
         if not self._keep(self, cancel):
-            cancel()
+            resume = cancel()
+            if resume is not None:
+                resume()
 
 
 class ReadWriteLock:
@@ -166,12 +171,14 @@ class ReadWriteLock:
             cancels = [c for hooks in self._hooks.values() for c in hooks]
             for hooks in self._hooks.values():
                 hooks.clear()
-        for cancel in cancels:  # the optimistic runs in flight are torn now: stop them
-            cancel()
+        # the optimistic runs in flight are torn now: stop (or pause) them
+        resumes = [r for r in (cancel() for cancel in cancels) if r is not None]
         wait_s, held = waited(), stopwatch()
         try:
             yield
         finally:
+            for resume in resumes:  # paused runs go on (to be discarded and redone)
+                resume()
             with self._cond:
                 self._writer = False
                 # the runs waiting now are the next phase, ahead of any switch waiting

@@ -15,7 +15,12 @@
 // edgeadapt::live_linear.out).
 //
 // Threads: runs of one program share its arenas, so they take the program's mutex; runs of
-// different programs go on in parallel. A run's outputs are copied, under that mutex, into
+// different programs go on in parallel. A run steps through its instructions (Method::step,
+// what Method::execute loops over) so that et_runner_hold can pause it between two of them: a
+// switch that writes the live weights under a run (whose result it voids) holds the program,
+// so the run in flight stops at its next instruction instead of sharing the cores with the
+// write, and goes on (to be discarded and redone by its caller) once the hold is released.
+// ExecuTorch cannot abandon a run part way (Method::reset_execution refuses before its end). A run's outputs are copied, under that mutex, into
 // storage of the calling thread, from which the caller copies them with et_runner_take_outputs
 // (the same thread, before its next run). Errors: a call returns -1 (or NULL) and
 // et_runner_error() says why, for the calling thread.
@@ -31,7 +36,9 @@
 #include <executorch/runtime/platform/runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cinttypes>
+#include <condition_variable>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
@@ -99,7 +106,36 @@ struct Runner {
   std::vector<std::unique_ptr<Method>> methods;
   std::vector<std::vector<std::vector<uint8_t>>> output_storage;  // per method: unplanned outputs
   std::mutex mutex;
+  // et_runner_hold: runs pause between instructions while holds > 0
+  std::atomic<int> holds{0};
+  std::mutex hold_mutex;
+  std::condition_variable released;
+  std::string broken;  // set when a step failed part way: the method cannot be reset
 };
+
+// Method::execute, one instruction at a time, pausing while the program is held. As execute()
+// does, the temporary allocator is reset first; a failed step leaves the method part way
+// (ExecuTorch resets only a run that reached its end), so the program is marked broken.
+int run_steps(Runner& r, int m) {
+  Method& method = *r.methods[m];
+  r.temp_allocator.reset();
+  for (;;) {
+    if (r.holds.load(std::memory_order_acquire) > 0) {
+      std::unique_lock<std::mutex> lock(r.hold_mutex);
+      r.released.wait(lock, [&r] { return r.holds.load(std::memory_order_acquire) == 0; });
+    }
+    Error err = method.step();
+    if (err == Error::EndOfMethod) break;
+    if (err != Error::Ok) {
+      r.broken = "method " + r.names[m] + " failed part way; reload the program";
+      return fail("method %s failed (error 0x%x)", r.names[m].c_str(), (unsigned)err);
+    }
+  }
+  Error err = method.reset_execution();
+  if (err != Error::Ok) return fail("method %s: reset after the run (error 0x%x)",
+                                    r.names[m].c_str(), (unsigned)err);
+  return 0;
+}
 
 // The arenas every method of the program needs: per planned buffer index, the largest size.
 int plan_arenas(Runner& r) {
@@ -189,6 +225,7 @@ int copy_outputs(Method& method) {
 int check(Runner* r, int m) {
   if (r == nullptr) return fail("no program");
   if (m < 0 || static_cast<size_t>(m) >= r->methods.size()) return fail("no method %d", m);
+  if (!r->broken.empty()) return fail("%s", r->broken.c_str());
   return 0;
 }
 
@@ -220,6 +257,19 @@ void* et_runner_open_buffer(const void* data, size_t size, const char* what) {
 }
 
 void et_runner_close(void* handle) { delete static_cast<Runner*>(handle); }
+
+// Hold (on != 0) or release (on == 0) the program: while it is held more times than released,
+// its runs pause before their next instruction. Returns the holds now, or -1.
+int et_runner_hold(void* handle, int on) {
+  auto* r = static_cast<Runner*>(handle);
+  if (r == nullptr) return fail("no program");
+  std::lock_guard<std::mutex> lock(r->hold_mutex);
+  int now = r->holds.load() + (on ? 1 : -1);
+  if (now < 0) return fail("released more often than held");
+  r->holds.store(now, std::memory_order_release);
+  if (now == 0) r->released.notify_all();
+  return now;
+}
 
 // Method `name`, loaded on the first call (which initialises the mutable buffers it uses: the
 // shared ones too); its index, or -1.
@@ -296,9 +346,7 @@ int et_runner_execute(void* handle, int m, int n, const int32_t* dtypes, const i
                                       r->names[m].c_str(), i, (unsigned)err);
   }
   if (set_output_storage(*r, m) != 0) return -1;
-  Error err = method.execute();
-  if (err != Error::Ok) return fail("method %s failed (error 0x%x)", r->names[m].c_str(),
-                                    (unsigned)err);
+  if (run_steps(*r, m) != 0) return -1;
   if (copy_outputs(method) != 0) return -1;
   return static_cast<int>(outputs.size());
 }

@@ -101,6 +101,9 @@ class EtDecoder:
         #: step may run while one writes where the run does not hold the GIL the switch needs
         self.optimistic = store.releases_gil
         self.method = store.method(section["method"])
+        #: the runner's pause of a run a switch voids (native_runner.RunnerProgram.hold); None
+        #: on ExecuTorch's Python runtime, whose runs are not optimistic
+        self._hold = getattr(getattr(self.method, "program", None), "hold", None)
         self.kv_heads, self.head_dim = int(section["kv_heads"]), int(section["head_dim"])
         self.max_context, self.max_chunk = int(section["max_context"]), int(section["max_chunk"])
         shape = (1, self.kv_heads, self.max_context, self.head_dim)
@@ -129,8 +132,10 @@ class EtDecoder:
         positions of ``cache``, and the cache with them appended. ConfigError (nothing run) for
         another decoder's cache, a superseded one, or ids that do not fit: at most
         ``max_context - 1`` positions are ever fed (the last token of a full context is
-        sampled, never fed back). ``window``: the optimistic run's window, unused (a run cannot
-        be stopped; the caller drops a torn step's results)."""
+        sampled, never fed back). ``window``: the optimistic run's window: a switch that begins
+        during the run holds the program (edgeadapt's runner pauses the run before its next
+        instruction until the write ends; ExecuTorch cannot abandon it part way), and the
+        caller drops the torn step's results."""
         if not isinstance(cache, EtCache) or cache.owner is not self:
             raise ConfigError("ExecuTorch decoder: this cache was not made by this decoder "
                               "(empty_cache)")
@@ -150,6 +155,8 @@ class EtDecoder:
             for other in list(contents.handles):
                 other.valid = other.valid and other.length <= cache.length
             self._make_resident(contents, cache.length)
+            if window is not None and self._hold is not None:
+                window.on_cancel(self._hold)
             logits = self.method.execute([ids, self._positions[:total]])[0]
             contents.length = total
         return logits, EtCache(self, contents, total)

@@ -25,7 +25,7 @@ it cannot be used here (no C++ compiler and nothing built, a failed build).
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +70,7 @@ def unavailable() -> str | None:
         "et_runner_open_file": (p, [ctypes.c_char_p]),
         "et_runner_open_buffer": (p, [p, ctypes.c_size_t, ctypes.c_char_p]),
         "et_runner_close": (None, [p]),
+        "et_runner_hold": (ctypes.c_int, [p, ctypes.c_int]),
         "et_runner_load_method": (ctypes.c_int, [p, ctypes.c_char_p]),
         "et_runner_attribute": (ctypes.c_int, [p, ctypes.c_int, ctypes.c_char_p,
                                                ctypes.POINTER(p), i32, i32, i64, ctypes.c_int32]),
@@ -193,6 +194,23 @@ class RunnerProgram:
             raise _error(what)
         self._handle, self.what = handle, what
         self._methods: dict[str, RunnerMethod] = {}
+
+    def hold(self) -> Callable[[], None]:
+        """Pause this program's runs before their next instruction until the returned release
+        is called (once): a switch voiding a run in flight holds it for the write, so the run
+        stops sharing the cores with it (it cannot be abandoned part way; its caller discards
+        and redoes it). Holds nest; runs go on when every hold is released."""
+        lib = _lib()
+        if lib.et_runner_hold(self._handle, 1) < 0:
+            raise _error(self.what)
+        released = []
+
+        def release() -> None:
+            if not released:
+                released.append(True)
+                if lib.et_runner_hold(self._handle, 0) < 0:
+                    raise _error(self.what)
+        return release
 
     def method(self, name: str) -> RunnerMethod:
         """Method ``name``, loaded on first use (loading initialises the mutable buffers it
