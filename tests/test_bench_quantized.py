@@ -1,7 +1,8 @@
 """The quantized-base benchmark (edgeadapt/bench/quantized.py) on a one-block Llama (tiny
 SmolLM2's architecture, cheaper to lower): every case runs after the parity checks (exact codes,
 the kernel in the real graph against ONNX Runtime's own dequantization, ExecuTorch against its
-PyTorch reference); the sizes and restore memory follow the precisions (codes are a byte each).
+PyTorch reference); the sizes and restore memory follow the precisions (int8 codes a byte each,
+int4 two per byte where edgeadapt's ONNX Runtime kernel reads them).
 One run for the module: ONNX Runtime at every precision, ExecuTorch (where it imports) at int4
 only, its bundle and stock program being the lowerings that cost."""
 
