@@ -3,8 +3,8 @@ SmolLM2's architecture, cheaper to lower): every case runs after the parity chec
 the kernel in the real graph against ONNX Runtime's own dequantization, ExecuTorch against its
 PyTorch reference); the sizes and restore memory follow the precisions (int8 codes a byte each,
 int4 two per byte where edgeadapt's ONNX Runtime kernel reads them).
-One run for the module: ONNX Runtime at every precision, ExecuTorch (where it imports) at int4
-only, its bundle and stock program being the lowerings that cost."""
+One run for the module: ONNX Runtime at every precision; ExecuTorch at int4 only, in a second
+run under ``make test-slow`` (its bundle and stock program are the lowerings that cost)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,20 @@ from edgeadapt.export.onnx import RTOL
 EXECUTORCH = all(importlib.util.find_spec(m) for m in ("executorch", "torchao"))
 
 
+def _run(tmp_path_factory, backends: tuple[str, ...]) -> dict:
+    return run(one_block_llama(hidden=64), tmp_path_factory.mktemp("quant"), threads=1,
+               repeats=2, switch_repeats=2, shapes=((1, 1), (2, 5)), backends=backends,
+               executorch_precisions=("int4",))
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    return run(one_block_llama(hidden=64), tmp_path_factory.mktemp("quant"), threads=1,
-               repeats=2, switch_repeats=2, shapes=((1, 1), (2, 5)),
-               backends=BACKENDS if EXECUTORCH else BACKENDS[:1],
-               executorch_precisions=("int4",))
+    return _run(tmp_path_factory, BACKENDS[:1])
+
+
+@pytest.fixture(scope="module")
+def et_report(tmp_path_factory):
+    return _run(tmp_path_factory, BACKENDS)
 
 
 def test_every_case_is_timed_after_parity(report):
@@ -64,10 +72,12 @@ def test_lora_fused_on_codes_loses_most_of_a_small_delta(report):
     assert lora["int4"]["delta_lost"] > lora["int8"]["delta_lost"] > lora["fp32"]["delta_lost"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not EXECUTORCH, reason="executorch or torchao missing")
-def test_executorch_rows_are_timed_after_parity(report):
+def test_executorch_rows_are_timed_after_parity(et_report):
     """ExecuTorch's int4 base and fused held to PyTorch, timed in the same rounds as ONNX
     Runtime's cases beside ExecuTorch's stock int4 program; its switch and .pte sizes."""
+    report = et_report
     from edgeadapt.bench.quantized_executorch import QUANT_TOP1
     from edgeadapt.export.executorch_quant import QUANT_MAX_REL_ERR
 
