@@ -20,46 +20,45 @@ namespace {
 
 constexpr int64_t AHEAD = 32;
 
-template <typename T>
-int64_t scatter(T* dst, int64_t n, const int64_t* pos, const T* val, int64_t m) {
+// The one loop of both scatters: for i < m, write element i at position pos[i] < n through
+// `at(p)` (the byte or element holding p) and `put(ref, i)`, prefetching the line of
+// pos[i + AHEAD] for writing; positions outside [0, n) are skipped and counted.
+template <typename At, typename Put>
+int64_t scatter_loop(int64_t n, const int64_t* pos, int64_t m, At at, Put put) {
   int64_t skipped = 0;
   const uint64_t un = static_cast<uint64_t>(n);
   for (int64_t i = 0; i < m; ++i) {
     if (i + AHEAD < m) {
       const uint64_t ahead = static_cast<uint64_t>(pos[i + AHEAD]);
-      if (ahead < un) __builtin_prefetch(dst + ahead, 1, 0);
+      if (ahead < un) __builtin_prefetch(&at(ahead), 1, 0);
     }
     const uint64_t p = static_cast<uint64_t>(pos[i]);
     if (p >= un) {
       ++skipped;
       continue;
     }
-    dst[p] = val[i];
+    put(at(p), p, i);
   }
   return skipped;
 }
 
+template <typename T>
+int64_t scatter(T* dst, int64_t n, const int64_t* pos, const T* val, int64_t m) {
+  return scatter_loop(
+      n, pos, m, [dst](uint64_t p) -> T& { return dst[p]; },
+      [val](T& elem, uint64_t, int64_t i) { elem = val[i]; });
+}
+
 int64_t scatter_nibbles(uint8_t* dst, int64_t n, const int64_t* pos, const int8_t* q, int64_t m) {
-  int64_t skipped = 0;
-  const uint64_t un = static_cast<uint64_t>(n);
-  for (int64_t i = 0; i < m; ++i) {
-    if (i + AHEAD < m) {
-      const uint64_t ahead = static_cast<uint64_t>(pos[i + AHEAD]);
-      if (ahead < un) __builtin_prefetch(dst + (ahead >> 5) * 16 + (ahead & 15), 1, 0);
-    }
-    const uint64_t p = static_cast<uint64_t>(pos[i]);
-    if (p >= un) {
-      ++skipped;
-      continue;
-    }
-    // branch-free: which nibble is random, and a branch mispredicted on half the codes took
-    // 1.9x the time
-    uint8_t& byte = dst[(p >> 5) * 16 + (p & 15)];
-    const unsigned shift = static_cast<unsigned>(p >> 2) & 4u;  // p & 16 ? 4 : 0
-    const unsigned nib = static_cast<unsigned>(q[i] + 8) & 15u;
-    byte = static_cast<uint8_t>((byte & ~(15u << shift)) | (nib << shift));
-  }
-  return skipped;
+  return scatter_loop(
+      n, pos, m, [dst](uint64_t p) -> uint8_t& { return dst[(p >> 5) * 16 + (p & 15)]; },
+      [q](uint8_t& byte, uint64_t p, int64_t i) {
+        // branch-free: which nibble is random, and a branch mispredicted on half the codes
+        // took 1.9x the time
+        const unsigned shift = static_cast<unsigned>(p >> 2) & 4u;  // p & 16 ? 4 : 0
+        const unsigned nib = static_cast<unsigned>(q[i] + 8) & 15u;
+        byte = static_cast<uint8_t>((byte & ~(15u << shift)) | (nib << shift));
+      });
 }
 
 }  // namespace
