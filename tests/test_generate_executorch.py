@@ -113,9 +113,11 @@ def test_decode_step_logits_equal_full_forward(exported, rt):
         base = forward(lm, {"input_ids": torch.from_numpy(ids[None])}).numpy()[0]
     logits, cache = decoder.step(ids[None, :5], decoder.empty_cache(1))
     assert parity(logits[0], want[:5]) <= RTOL
+    last, _ = decoder.step(ids[None, :5], decoder.empty_cache(1), keep=2)  # the last two only
+    assert last.shape == (1, 2, lm.vocab_size) and parity(last[0], want[3:5]) <= RTOL
     for i in range(5, ids.size):
-        logits, cache = decoder.step(ids[None, i:i + 1], cache)
-        assert cache.length == i + 1
+        logits, cache = decoder.step(ids[None, i:i + 1], cache, keep=i % 2)
+        assert cache.length == i + 1 and logits.shape == (1, 1, lm.vocab_size)
         assert parity(logits[0, 0], want[i]) <= RTOL, i
         assert parity(logits[0, 0], base[i]) > 100 * RTOL  # the adapter changes it
 

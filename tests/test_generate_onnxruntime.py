@@ -38,6 +38,7 @@ from edgeadapt.cli import main  # noqa: E402
 from edgeadapt.errors import BundleError, ConfigError  # noqa: E402
 from edgeadapt.export.bundle import export_base  # noqa: E402
 from edgeadapt.format import read_manifest, write_manifest  # noqa: E402
+from edgeadapt.graphs import head as graph_head  # noqa: E402
 from edgeadapt.models import forward, load_model  # noqa: E402
 from edgeadapt.runtime import get_backend, load  # noqa: E402
 from edgeadapt.runtime.backends.onnxruntime import decoder as ort_decoder  # noqa: E402
@@ -54,11 +55,14 @@ DRAW = {"temperature": 1.0, "seed": 7}
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Tiny SmolLM2 (q/v live) with its decoder and a byte tokenizer; s1: SHiRA 5% of every
-    live weight, s2: SHiRA 20% of two of them."""
+    live weight, s2: SHiRA 20% of two of them. The head (512 x 64 floats) in chunks of at
+    most 48 KB, as SmolLM2's 113 MB head is in 16 MB ones: three."""
     torch.set_num_threads(1)
     lm = load_model("tiny-smollm2", seed=0)
     lm.tokenizer = _byte_tokenizer()
-    return lm, export_generate(lm, tmp_path_factory.mktemp("generate"), CONTEXT)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(graph_head, "CHUNK_BYTES", 48 << 10)
+        return lm, export_generate(lm, tmp_path_factory.mktemp("generate"), CONTEXT)
 
 
 def _hashes(rt):
@@ -74,6 +78,7 @@ def test_bundle_records_the_decoder(exported):
     assert gen["tokenizer"] == "tokenizer.json" and (bundle / "tokenizer.json").is_file()
     dec = manifest.onnxruntime["decoder"]
     assert dec["parity"]["max_rel_error"] <= RTOL
+    assert dec["inputs"]["logits_to_keep"] == "logits_to_keep" and dec["head_chunks"] == 3
     # the decoder reads the base graph's live inputs: same names and layouts, one buffer each
     assert {w: (e["name"], e["layout"]) for w, e in dec["weights"].items()} == {
         w: (e.onnxruntime["name"], e.onnxruntime["layout"]) for w, e in manifest.weights.items()}
@@ -96,12 +101,14 @@ def test_greedy_equals_transformers_generate(exported, adapter, mode):
     assert out.prompt_tokens == len(PROMPT) and out.reprefills == 0
 
 
-@pytest.mark.parametrize("first_capacity", [None, 4])
-def test_decode_step_logits_equal_full_forward(exported, monkeypatch, first_capacity):
+@pytest.mark.parametrize(("first_capacity", "keep"), [(None, 0), (4, 0), (None, 2), (None, 6)])
+def test_decode_step_logits_equal_full_forward(exported, monkeypatch, first_capacity, keep):
     """Under s1: a prefill of 5 tokens, then 20 single-token steps through the cache; each
     position's logits vs the PyTorch full forward of the whole sequence. With a first
     capacity of 4 the cache buffers grow (4 -> 8 -> 16 -> 32) on the way, the held positions
-    carried over; between growths each step writes into the same buffers in place."""
+    carried over; between growths each step writes into the same buffers in place. ``keep``
+    k >= 1: the graph's head computes the last k positions' logits only (all where k >= the
+    step's tokens), and the cache is written as with every position's."""
     if first_capacity is not None:
         monkeypatch.setattr(ort_decoder, "FIRST_CAPACITY", first_capacity)
     lm, bundle = exported
@@ -114,13 +121,15 @@ def test_decode_step_logits_equal_full_forward(exported, monkeypatch, first_capa
     with torch.no_grad():
         want = forward(ref, {"input_ids": torch.from_numpy(ids[None])}).numpy()[0]
     base = forward(lm, {"input_ids": torch.from_numpy(ids[None])}).detach().numpy()[0]
-    logits, cache = gen.decoder.step(ids[None, :5], gen.decoder.empty_cache(1))
-    assert parity(logits[0], want[:5]) <= RTOL
+    logits, cache = gen.decoder.step(ids[None, :5], gen.decoder.empty_cache(1), keep=keep)
+    kept = min(keep, 5) or 5
+    assert logits.shape == (1, kept, lm.vocab_size)
+    assert parity(logits[0], want[5 - kept:5]) <= RTOL
     capacities = {cache.capacity}
     for i in range(5, ids.size):
         buffer = cache.arrays[0]
-        logits, cache = gen.decoder.step(ids[None, i:i + 1], cache)
-        assert cache.length == i + 1 <= cache.capacity
+        logits, cache = gen.decoder.step(ids[None, i:i + 1], cache, keep=keep)
+        assert cache.length == i + 1 <= cache.capacity and logits.shape[1] == 1
         if cache.capacity in capacities:
             assert cache.arrays[0] is buffer and buffer[0, :, i].any()  # written in place
         capacities.add(cache.capacity)
@@ -163,7 +172,7 @@ def test_a_switch_during_a_prefill_never_waits_and_starts_it_over(exported, monk
     decoder = rt.conversation()._gen.decoder
     step, calls, terminated = decoder.step, [], []
 
-    def spy(ids, cache, window):
+    def spy(ids, cache, window, **keep):
         calls.append((ids.shape[1], rt.active))
         if len(calls) == 2:  # chunk 2 is running: another thread switches, not waiting
             switcher = threading.Thread(target=rt.switch, args=("s2",))
@@ -171,7 +180,7 @@ def test_a_switch_during_a_prefill_never_waits_and_starts_it_over(exported, monk
             switcher.join(timeout=30)
             assert not switcher.is_alive()
         try:
-            return step(ids, cache, window)
+            return step(ids, cache, window, **keep)
         except Exception as exc:
             terminated.append(str(exc))
             raise
@@ -195,9 +204,9 @@ def test_switches_faster_than_a_step_cannot_starve_a_conversation(exported, monk
     decoder = rt.conversation()._gen.decoder
     step = decoder.step
 
-    def slow(ids, cache, *window):
+    def slow(ids, cache, *window, **keep):
         threading.Event().wait(0.005)
-        return step(ids, cache, *window)
+        return step(ids, cache, *window, **keep)
 
     monkeypatch.setattr(decoder, "step", slow)
     stop, flips = threading.Event(), []

@@ -7,9 +7,10 @@ returns the logits of the new tokens and the buffers with the new keys and value
 
     input_ids      int64   (batch, seq)
     past_length    int64   ()                                        P
+    logits_to_keep int64   ()                                        k (0: every position)
     past_key_<i>   float32 (batch, kv_heads, cache, head_dim)     i = 0 .. layers - 1
     past_value_<i> float32 (batch, kv_heads, cache, head_dim)
-    -> logits          float32 (batch, seq, vocab)
+    -> logits          float32 (batch, k or seq, vocab)
        present_key_<i>   float32 (batch, kv_heads, cache, head_dim)   the past, updated
        present_value_<i> float32 (batch, kv_heads, cache, head_dim)
 
@@ -18,7 +19,9 @@ included, :mod:`edgeadapt.export.onnx_contrib`): bound to the *same* buffer as i
 a cache is written in place (``past_present_share_buffer``), so a decode step copies nothing
 and attends in one kernel per layer. Keys are stored after the rotary embedding. Each residual
 add and the RMS norm after it are one ``SkipSimplifiedLayerNormalization``
-(:mod:`edgeadapt.graphs.skip_norm`). The
+(:mod:`edgeadapt.graphs.skip_norm`). The head computes the last ``k`` positions' logits only
+(a prefill samples from its last), the vocabulary in chunks so that a terminated run stops
+within one chunk (:mod:`edgeadapt.graphs.head`). The
 projections stay plain MatMuls, so the live weights are located, moved to inputs and re-laid
 ``blocked32`` by the same code as the base graph (:mod:`edgeadapt.export.onnx_graph`,
 :mod:`edgeadapt.graphs.blocked`) under the same input names and layouts: the runtime binds one
@@ -47,6 +50,7 @@ from edgeadapt.export import onnx_quant as oq
 from edgeadapt.export.decoder import parity_report
 from edgeadapt.export.onnx_check import session
 from edgeadapt.graphs import blocked as ob
+from edgeadapt.graphs.head import keep_last_logits
 from edgeadapt.graphs.skip_norm import fuse_skip_norms
 from edgeadapt.models import LoadedModel, example_inputs
 from edgeadapt.numeric import rel_error
@@ -158,8 +162,10 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     shared with ``model.onnx.data`` where byte-identical, the rest in its own ``.data`` file)
     and return::
 
-        {"section": {"file", "data", "layers", "kv_heads", "head_dim",
-                     "inputs": {"ids": "input_ids", "past": [[key, value], ...]},
+        {"section": {"file", "data", "layers", "kv_heads", "head_dim", "head_chunks",
+                     "inputs": {"ids": "input_ids", "past_length": "past_length",
+                                "logits_to_keep": "logits_to_keep",
+                                "past": [[key, value], ...]},
                      "outputs": {"logits": "logits", "present": [[key, value], ...]},
                      "weights": {weight: {"name", "layout", "shape"}}, "opset", "ir_version",
                      "parity": {...} | None,
@@ -184,7 +190,9 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         ``onnx_quant.QUANT_RTOL``, the graph's MatMulNBits with float activations); a
         branch's parameters stay float32 inputs beside the codes.
     check: run the saved graph as the runtime does over a prefill, a multi-token step and
-        single-token decode steps, and compare each position's logits with the PyTorch model
+        single-token decode steps, and compare each position's logits (the first sequence:
+        every position, ``logits_to_keep`` 0; the second: each step's last, 1, as the runtime's
+        prefill asks) with the PyTorch model
         (carrying the branch, random branch tensors) run on the same steps with transformers'
         own KV cache (max relative error <= 1e-4, else ExportError).
     """
@@ -225,6 +233,7 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         if got is None or (got["name"], got["layout"]) != (entry["name"], entry["layout"]):
             raise ExportError(f"live weight {w!r}: the decoder graph reads it as {got}, the base "
                               f"graph as {entry}; the runtime could not share its buffer")
+    head = keep_last_logits(proto)  # after quant.apply: the head's codes are split as they are
     # after quant.apply: the quantizer must see the branches as inputs, never as constants
     og.add_default_initializers(proto, {n: np.zeros(s, np.float32) for n, s in defaults.items()})
     og.cap_ir_version(proto)
@@ -233,8 +242,9 @@ def export_onnx_decoder(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         "file": file_name, "data": data,
         "layers": wrapper.layers, "kv_heads": wrapper.kv_heads, "head_dim": wrapper.head_dim,
         "cache": CACHE_FORM,
-        "inputs": {"ids": "input_ids", "past_length": "past_length", "past": past_names(
-            wrapper.layers)},
+        "inputs": {"ids": "input_ids", "past_length": "past_length",
+                   "logits_to_keep": head["input"], "past": past_names(wrapper.layers)},
+        "head_chunks": head["chunks"],
         "outputs": {"logits": "logits", "present": present_names(wrapper.layers)},
         "weights": entries,
         "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
@@ -317,8 +327,9 @@ def _check(path: Path, wrapper: KVCacheDecoder, ids: np.ndarray, inputs: dict[st
            want: np.ndarray, threads: int, rtol: float = RTOL) -> dict:
     """Run the saved graph chunk by chunk over the rows of ``ids`` as the runtime does
     (batch 1, one cache buffer per tensor bound as both past and present, written in place;
-    ``inputs``: the live weights and branch tensors by input name) and compare every
-    position's logits with ``want`` (:func:`_reference`)."""
+    ``inputs``: the live weights and branch tensors by input name) and compare the logits with
+    ``want`` (:func:`_reference`): the first row's at every position (``logits_to_keep`` 0),
+    the others' at each step's last position (``logits_to_keep`` 1)."""
     import onnxruntime as ort
 
     total = sum(_CHECK_CHUNKS)
@@ -334,6 +345,8 @@ def _check(path: Path, wrapper: KVCacheDecoder, ids: np.ndarray, inputs: dict[st
             b = sess.io_binding()
             b.bind_cpu_input("input_ids", np.ascontiguousarray(ids[row:row + 1, start:start + n]))
             b.bind_cpu_input("past_length", np.array(start, np.int64))
+            keep = 0 if row == 0 else 1
+            b.bind_cpu_input("logits_to_keep", np.array(keep, np.int64))
             for name, value in values.items():
                 b.bind_ortvalue_input(name, value)
             b.bind_output("logits", "cpu")
@@ -343,7 +356,11 @@ def _check(path: Path, wrapper: KVCacheDecoder, ids: np.ndarray, inputs: dict[st
                     b.bind_ortvalue_input(past[j], cache[2 * i + j])
                     b.bind_ortvalue_output(present[j], cache[2 * i + j])
             sess.run_with_iobinding(b)
-            errors.append(rel_error(b.get_outputs()[0].numpy(),
-                                    want[row:row + 1, start:start + n]))
+            got = b.get_outputs()[0].numpy()
+            lo = start if keep == 0 else start + n - keep
+            if got.shape[1] != start + n - lo:
+                raise ExportError(f"{path.name}: logits_to_keep {keep} gave {got.shape[1]} "
+                                  f"positions of a {n}-token step")
+            errors.append(rel_error(got, want[row:row + 1, lo:start + n]))
             start += n
     return parity_report(errors, _CHECK_CHUNKS, rtol, path.name)

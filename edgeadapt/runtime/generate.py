@@ -41,8 +41,8 @@ from edgeadapt.format.manifest import Manifest
 from edgeadapt.runtime.sampling import Sampling, sample
 from edgeadapt.runtime.tokenizer import INCOMPLETE, Tokenizer
 
-#: prompt tokens fed per step of a prefill: bounds the logits a step returns (seq x vocab
-#: floats: 25 MB at SmolLM2's 49152 tokens) whatever the prompt's length
+#: prompt tokens fed per step of a prefill: bounds a step's activations, and with them how long
+#: a switch waits for a step that holds the lock or shares the cores with its write
 PREFILL_CHUNK = 128
 #: rebuilds (a switch came during the feeding) after which one call of a conversation feeds
 #: the rest under the lock held shared: a switch then waits, the conversation progresses
@@ -57,9 +57,11 @@ class Decoder(Protocol):
     def empty_cache(self, batch: int = 1) -> object:
         """The cache of no positions."""
 
-    def step(self, ids: np.ndarray, cache: object) -> tuple[np.ndarray, object]:
+    def step(self, ids: np.ndarray, cache: object, *, keep: int = 0
+             ) -> tuple[np.ndarray, object]:
         """Logits (batch, seq, vocab) of ``ids`` (int64 (batch, seq)) after the positions of
-        ``cache``, and the cache with ``ids`` appended."""
+        ``cache``, and the cache with ``ids`` appended; with ``keep`` k >= 1 only the last k
+        positions' (batch, min(k, seq), vocab), which a decoder should then compute alone."""
 
     # optional: ``optimistic = True`` where a switch may write the live weights while a step
     # runs without harm beyond the step's own results (no buffer freed, moved or repacked):
@@ -333,9 +335,9 @@ class Conversation:
                         chunk = np.asarray([tokens[start:start + PREFILL_CHUNK]],
                                            dtype=np.int64)
                         try:
-                            logits, self._cache = (decoder.step(chunk, self._cache, window)
-                                                   if optimistic else
-                                                   decoder.step(chunk, self._cache))
+                            logits, self._cache = (
+                                decoder.step(chunk, self._cache, window, keep=1)
+                                if optimistic else decoder.step(chunk, self._cache, keep=1))
                         except Exception:
                             if window.intact():
                                 raise

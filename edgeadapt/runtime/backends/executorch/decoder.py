@@ -126,10 +126,12 @@ class EtDecoder:
                               f"cache), not {batch}")
         return EtCache(self, _Contents(), 0)
 
-    def step(self, ids: np.ndarray, cache: EtCache, window: Window | None = None
-             ) -> tuple[np.ndarray, EtCache]:
+    def step(self, ids: np.ndarray, cache: EtCache, window: Window | None = None, *,
+             keep: int = 0) -> tuple[np.ndarray, EtCache]:
         """Logits (1, seq, vocab) of ``ids`` (int64 (1, seq), seq <= ``max_chunk``) after the
-        positions of ``cache``, and the cache with them appended. ConfigError (nothing run) for
+        positions of ``cache``, and the cache with them appended; with ``keep`` k >= 1 those of
+        the last k tokens only (the program computes every position's: sliced here).
+        ConfigError (nothing run) for
         another decoder's cache, a superseded one, or ids that do not fit: at most
         ``max_context - 1`` positions are ever fed (the last token of a full context is
         sampled, never fed back). ``window``: the optimistic run's window: a switch that begins
@@ -159,7 +161,7 @@ class EtDecoder:
                 window.on_cancel(self._hold)
             logits = self.method.execute([ids, self._positions[:total]])[0]
             contents.length = total
-        return logits, EtCache(self, contents, total)
+        return (logits[:, -keep:] if keep else logits), EtCache(self, contents, total)
 
     def _make_resident(self, contents: _Contents, length: int) -> None:
         """Bring ``contents`` (its first ``length`` positions) into the program's buffers,

@@ -144,7 +144,10 @@ class OrtDecoder:
         self.past_names = [n for pair in section["inputs"]["past"] for n in pair]
         self.present_names = [n for pair in section["outputs"]["present"] for n in pair]
         self.logits_name = section["outputs"].get("logits", "logits")
-        missing = [n for n in [self.ids_name, self.length_name, *self.past_names]
+        # older bundles compute every position's logits (the step slices them)
+        self.keep_name = section["inputs"].get("logits_to_keep")
+        missing = [n for n in [self.ids_name, self.length_name, *self.past_names,
+                               *([self.keep_name] if self.keep_name else [])]
                    if n not in graph_inputs]
         if missing:
             raise BundleError(f"{path}: inputs {missing} named in bundle.json are not inputs of "
@@ -190,12 +193,14 @@ class OrtDecoder:
             self._branches.bind(self._local, b)
         return b
 
-    def step(self, ids: np.ndarray, cache: KVCache, window: Window | None = None
-             ) -> tuple[np.ndarray, KVCache]:
+    def step(self, ids: np.ndarray, cache: KVCache, window: Window | None = None, *,
+             keep: int = 0) -> tuple[np.ndarray, KVCache]:
         """Logits (1, seq, vocab) of the new tokens ``ids`` (int64 (1, seq)) after the
         ``cache.length`` positions of ``cache``, whose buffers receive the new positions in
-        place (``cache`` is returned, its length advanced). The logits are a view of ONNX
-        Runtime's output of this run (each run allocates a new one).
+        place (``cache`` is returned, its length advanced); with ``keep`` k >= 1 those of the
+        last k tokens only, (1, min(k, seq), vocab), which the graph's head computes alone
+        (``logits_to_keep``; an older bundle's graph computes all and they are sliced). The
+        logits are a view of ONNX Runtime's output of this run (each run allocates a new one).
 
         window: an optimistic run's window (:meth:`~edgeadapt.runtime.locks.ReadWriteLock.
         optimistic`): a switch that begins during the run terminates it (``RunOptions.
@@ -209,6 +214,8 @@ class OrtDecoder:
         b = self._binding()
         b.bind_cpu_input(self.ids_name, ids)
         b.bind_cpu_input(self.length_name, np.array(cache.length, np.int64))
+        if self.keep_name:
+            b.bind_cpu_input(self.keep_name, np.array(keep, np.int64))
         b.bind_output(self.logits_name, "cpu")  # first: get_outputs() is in binding order
         for past, present, value in zip(self.past_names, self.present_names, cache.values,
                                         strict=True):
@@ -226,4 +233,4 @@ class OrtDecoder:
         logits = b.get_outputs()[0].numpy()
         b.clear_binding_outputs()
         cache.length += ids.shape[1]
-        return logits, cache
+        return (logits[:, -keep:] if keep else logits), cache
