@@ -79,6 +79,7 @@ def test_bundle_records_the_decoder_in_the_live_program(exported, rt):
     assert dec["method"] == manifest.executorch["methods"]["decode"] == "decode"
     assert dec["parity"]["max_rel_error"] <= RTOL
     assert (dec["max_context"], dec["max_chunk"]) == (CONTEXT, CONTEXT - 1)
+    assert dec["inputs"] == ["input_ids", "positions", "keep"]
     assert dec["cache"] == [[f"k_cache_{i}", f"v_cache_{i}"] for i in range(dec["layers"])]
     assert manifest.extra["generate"]["max_context"] == CONTEXT
     # one program, one buffer per live weight: decode reads the memory the engine writes
@@ -115,6 +116,9 @@ def test_decode_step_logits_equal_full_forward(exported, rt):
     assert parity(logits[0], want[:5]) <= RTOL
     last, _ = decoder.step(ids[None, :5], decoder.empty_cache(1), keep=2)  # the last two only
     assert last.shape == (1, 2, lm.vocab_size) and parity(last[0], want[3:5]) <= RTOL
+    # the program itself computes the kept positions only (keep's length), not the decoder
+    raw = decoder.method.execute([ids[None, :5], np.arange(5), np.zeros(2, np.int64)])[0]
+    np.testing.assert_array_equal(raw, last)
     for i in range(5, ids.size):
         logits, cache = decoder.step(ids[None, i:i + 1], cache, keep=i % 2)
         assert cache.length == i + 1 and logits.shape == (1, 1, lm.vocab_size)

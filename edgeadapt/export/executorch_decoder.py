@@ -7,7 +7,8 @@ one place in one shared arena, by name): a switch written through ``forward``'s
 ``get_attribute`` views reaches the decoder with no copy and no extra cost. Its cache is more
 mutable buffers of that arena, a static cache as in ExecuTorch's own LLM export::
 
-    decode(input_ids int64 (1, seq), positions int64 (past + seq,)) -> logits (1, seq, vocab)
+    decode(input_ids int64 (1, seq), positions int64 (past + seq,), keep int64 (k,))
+        -> logits (1, k, vocab)                                       the last k positions'
     k_cache_<i>, v_cache_<i>: float32 (1, kv_heads, max_context, head_dim)    i = 0 .. layers-1
 
 ``positions`` is ``0 .. past + seq - 1``: the new tokens take the last ``seq`` of them, and its
@@ -15,6 +16,9 @@ mutable buffers of that arena, a static cache as in ExecuTorch's own LLM export:
 [1, max_context - 1], ``seq`` in [1, :func:`max_chunk`]), so a step attends over the positions
 held, not over the whole buffer. (``max_context - 1``: a conversation's last token is sampled,
 never fed back, and torch.export would specialise a slice as long as the whole buffer.)
+``keep``'s length ``k`` in [1, seq] (its values unread) is likewise how many of the new
+positions' logits the head computes: a prefill samples from its last position only, so the
+runtime passes ``k = 1`` and the head skips ``(seq - 1) x hidden x vocab`` multiply-adds.
 Per layer, with ``x`` the normed hidden states of the new tokens and ``n = past .. past + seq
 - 1``::
 
@@ -68,7 +72,7 @@ def max_chunk(max_context: int) -> int:
 
 
 class StaticCacheDecoder(nn.Module):
-    """``forward(input_ids, positions) -> logits`` over a Hugging Face Llama-family
+    """``forward(input_ids, positions, keep) -> logits`` over a Hugging Face Llama-family
     ``...ForCausalLM`` whose cache lives in this module's buffers (module docstring).
 
     model: the live copy the base program is lowered from (its live weights are buffers); kept
@@ -94,7 +98,8 @@ class StaticCacheDecoder(nn.Module):
             for name in pair:
                 self.register_buffer(name, torch.zeros(shape))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                keep: torch.Tensor) -> torch.Tensor:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         base = self.model.model
@@ -123,7 +128,9 @@ class StaticCacheDecoder(nn.Module):
             out = out.unflatten(1, (groups, seq)).flatten(0, 1).transpose(0, 1)
             h = h + attn.o_proj(out.reshape(1, seq, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.lm_head(base.norm(h))
+        kept = keep.shape[0]
+        torch._check(kept <= seq)
+        return self.model.lm_head(base.norm(h.narrow(1, seq - kept, kept)))
 
 
 def decode_program(live_lm: LoadedModel, max_context: int) -> tuple[Any, dict]:
@@ -139,15 +146,17 @@ def decode_program(live_lm: LoadedModel, max_context: int) -> tuple[Any, dict]:
     chunk = max_chunk(max_context)
     seq = torch.export.Dim("seq", min=1, max=chunk)
     total = torch.export.Dim("positions", min=1, max=max_context - 1)
+    kept = torch.export.Dim("keep", min=1, max=chunk)
     ids = example_inputs(live_lm, batch=1, seq=3, seed=0)["input_ids"]
-    try:
+    try:  # sizes that pin nothing: 3 new tokens, 7 positions, the last 2 kept
         with torch.no_grad():
-            program = torch.export.export(wrapper, (ids, torch.arange(7)), strict=False,
-                                          dynamic_shapes=({1: seq}, {0: total}))
+            program = torch.export.export(wrapper, (ids, torch.arange(7), torch.zeros(2,
+                                          dtype=torch.int64)), strict=False,
+                                          dynamic_shapes=({1: seq}, {0: total}, {0: kept}))
     except Exception as exc:  # torch raises many kinds; report them as one
         raise ExportError(f"torch.export of the ExecuTorch decoder failed for {live_lm.name}: "
                           f"{exc}") from exc
-    entry = {"method": DECODE_METHOD, "inputs": ["input_ids", "positions"],
+    entry = {"method": DECODE_METHOD, "inputs": ["input_ids", "positions", "keep"],
              "cache": cache_buffers(wrapper.layers), "layers": wrapper.layers,
              "kv_heads": wrapper.kv_heads, "head_dim": wrapper.head_dim,
              "max_context": max_context, "max_chunk": chunk, "parity": None}
@@ -169,7 +178,9 @@ def check_decoder(lm: LoadedModel, out_dir: Any, result: dict, entry: dict) -> d
     """Run the written program's ``decode`` as the runtime does (its decoder over a live store
     of ``model.pte``) on two sequences of 12 tokens, their steps interleaved (so each step of one
     follows the other's: the cache is moved out and back in), chunked as
-    :data:`CHECK_CHUNKS`, and compare every position's logits with the model's full forward:
+    :data:`CHECK_CHUNKS`, and compare the logits with the model's full forward (the first
+    sequence's at every position, the second's at each step's last, as the runtime's prefill
+    asks):
     :func:`edgeadapt.export.decoder.parity_report` (ExportError past :data:`RTOL`; a quantized
     program against the PyTorch model it was lowered from, within
     :data:`edgeadapt.export.executorch_quant.QUANT_MAX_REL_ERR`).
@@ -196,7 +207,12 @@ def check_decoder(lm: LoadedModel, out_dir: Any, result: dict, entry: dict) -> d
     for n in CHECK_CHUNKS:
         for row in range(2):
             chunk = np.ascontiguousarray(ids[row:row + 1, start:start + n].numpy())
-            logits, caches[row] = decoder.step(chunk, caches[row])
-            errors.append(rel_error(logits[0], want[row, start:start + n]))
+            keep = 0 if row == 0 else 1
+            logits, caches[row] = decoder.step(chunk, caches[row], keep=keep)
+            lo = start if keep == 0 else start + n - keep
+            if logits.shape[1] != start + n - lo:
+                raise ExportError(f"the ExecuTorch decoder: keep {keep} gave {logits.shape[1]} "
+                                  f"positions of a {n}-token step")
+            errors.append(rel_error(logits[0], want[row, lo:start + n]))
         start += n
     return parity_report(errors, CHECK_CHUNKS, max(RTOL, rtol), "the ExecuTorch decoder")

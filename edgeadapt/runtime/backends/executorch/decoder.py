@@ -106,6 +106,10 @@ class EtDecoder:
         self._hold = getattr(getattr(self.method, "program", None), "hold", None)
         self.kv_heads, self.head_dim = int(section["kv_heads"]), int(section["head_dim"])
         self.max_context, self.max_chunk = int(section["max_context"]), int(section["max_chunk"])
+        #: the program takes ``keep`` (its length: how many of the last positions' logits it
+        #: computes); an older bundle's computes every position's (sliced after the run)
+        self._keeps = len(section.get("inputs", ())) >= 3
+        self._keep = np.zeros(self.max_chunk, np.int64)
         shape = (1, self.kv_heads, self.max_context, self.head_dim)
         self._buffers = [store.buffer(name, self.method) for pair in section["cache"]
                          for name in pair]
@@ -130,8 +134,8 @@ class EtDecoder:
              keep: int = 0) -> tuple[np.ndarray, EtCache]:
         """Logits (1, seq, vocab) of ``ids`` (int64 (1, seq), seq <= ``max_chunk``) after the
         positions of ``cache``, and the cache with them appended; with ``keep`` k >= 1 those of
-        the last k tokens only (the program computes every position's: sliced here).
-        ConfigError (nothing run) for
+        the last k tokens only, which the program computes alone (one exported before its
+        ``keep`` input computes all: sliced here). ConfigError (nothing run) for
         another decoder's cache, a superseded one, or ids that do not fit: at most
         ``max_context - 1`` positions are ever fed (the last token of a full context is
         sampled, never fed back). ``window``: the optimistic run's window: a switch that begins
@@ -159,9 +163,13 @@ class EtDecoder:
             self._make_resident(contents, cache.length)
             if window is not None and self._hold is not None:
                 window.on_cancel(self._hold)
-            logits = self.method.execute([ids, self._positions[:total]])[0]
+            kept = min(keep, seq) if keep else seq
+            inputs = [ids, self._positions[:total]]
+            logits = self.method.execute([*inputs, self._keep[:kept]] if self._keeps
+                                         else inputs)[0]
             contents.length = total
-        return (logits[:, -keep:] if keep else logits), EtCache(self, contents, total)
+        return (logits[:, -kept:] if logits.shape[1] != kept else logits), \
+            EtCache(self, contents, total)
 
     def _make_resident(self, contents: _Contents, length: int) -> None:
         """Bring ``contents`` (its first ``length`` positions) into the program's buffers,
