@@ -37,7 +37,6 @@ from edgeadapt.cli import main  # noqa: E402
 from edgeadapt.errors import BundleError, ConfigError  # noqa: E402
 from edgeadapt.export.bundle import export_base  # noqa: E402
 from edgeadapt.format import read_manifest  # noqa: E402
-from edgeadapt.graphs import head as graph_head  # noqa: E402
 from edgeadapt.models import forward, load_model  # noqa: E402
 from edgeadapt.runtime import load  # noqa: E402
 from edgeadapt.runtime.backends.executorch.decoder import EtDecoder  # noqa: E402
@@ -54,15 +53,12 @@ PROMPT = [17, 301, 44, 9, 250, 77, 130]
 def exported(tmp_path_factory):
     """Tiny SmolLM2 (q/v live, own-kernel live form where a compiler is) exported for
     ExecuTorch alone with its decoder and a byte tokenizer; s1: SHiRA 5% of every live weight,
-    s2: SHiRA 20% of two of them. The head (512 x 64 floats) in chunks of at most 48 KB, as
-    SmolLM2's 113 MB head is in 16 MB ones: three delegate calls."""
+    s2: SHiRA 20% of two of them."""
     torch.set_num_threads(1)
     lm = load_model("tiny-smollm2", seed=0)
     lm.tokenizer = byte_tokenizer()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(graph_head, "CHUNK_BYTES", 48 << 10)
-        return lm, export_generate(lm, tmp_path_factory.mktemp("generate-et"), CONTEXT,
-                                   backends="executorch", pte_repack=False)
+    return lm, export_generate(lm, tmp_path_factory.mktemp("generate-et"), CONTEXT,
+                               backends="executorch", pte_repack=False)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +80,6 @@ def test_bundle_records_the_decoder_in_the_live_program(exported, rt):
     assert dec["parity"]["max_rel_error"] <= RTOL
     assert (dec["max_context"], dec["max_chunk"]) == (CONTEXT, CONTEXT - 1)
     assert dec["inputs"] == ["input_ids", "positions", "keep"]
-    assert dec["head_chunks"] == 3  # each its own delegate call: the export checks it
     assert dec["cache"] == [[f"k_cache_{i}", f"v_cache_{i}"] for i in range(dec["layers"])]
     assert manifest.extra["generate"]["max_context"] == CONTEXT
     # one program, one buffer per live weight: decode reads the memory the engine writes

@@ -276,8 +276,7 @@ def _lower_live(lm: LoadedModel, buffers: list[str], max_batch: int, max_seq: in
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
-    from edgeadapt.export.executorch_decoder import HEAD_CHUNK
-    from edgeadapt.export.executorch_partition import head_partitioner, selective_partitioner
+    from edgeadapt.export.executorch_partition import selective_partitioner
 
     if shapes is None:
         wrapper, ep = _export_forward(lm, max_batch, max_seq)
@@ -292,8 +291,7 @@ def _lower_live(lm: LoadedModel, buffers: list[str], max_batch: int, max_seq: in
         {ph for e in methods.values() for ph, b in e.graph_signature.inputs_to_buffers.items()
          if b in wanted})
     edge = to_edge_transform_and_lower(methods,
-                                       partitioner=[head_partitioner(HEAD_CHUNK),
-                                                    selective_partitioner()
+                                       partitioner=[selective_partitioner()
                                                     if partition == "selective"
                                                     else XnnpackPartitioner()])
     outside = undelegated_gemms(edge)
@@ -450,10 +448,9 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         blob, outside, program = _lower_live(live_lm, all_buffers, max_batch, max_seq,
                                              partition, shapes, extra)
     if decoder is not None:
-        from edgeadapt.export.executorch_decoder import check_head, check_in_place
+        from edgeadapt.export.executorch_decoder import check_in_place
 
         check_in_place(program)
-        check_head(program, decoder["head_chunks"])
     atomic_write_bytes(out_dir / live_file, [blob])
 
     repack_info = None

@@ -19,12 +19,6 @@ never fed back, and torch.export would specialise a slice as long as the whole b
 ``keep``'s length ``k`` in [1, seq] (its values unread) is likewise how many of the new
 positions' logits the head computes: a prefill samples from its last position only, so the
 runtime passes ``k = 1`` and the head skips ``(seq - 1) x hidden x vocab`` multiply-adds.
-A float head larger than :data:`edgeadapt.graphs.head.CHUNK_BYTES` is computed in vocabulary
-chunks (parameters ``head_chunk_<j>``, rows of ``lm_head.weight``; logits concatenated), each
-lowered to its own XNNPACK delegate call
-(:func:`edgeadapt.export.executorch_partition.head_partitioner`): the runner pauses a run
-between instructions only, so a step a switch holds stops within one chunk instead of running
-the whole head beside the switch's write.
 Per layer, with ``x`` the normed hidden states of the new tokens and ``n = past .. past + seq
 - 1``::
 
@@ -52,14 +46,11 @@ import torch
 from torch import nn
 
 from edgeadapt.errors import ConfigError, ExportError
-from edgeadapt.graphs import head as graph_head
 from edgeadapt.models import LoadedModel, LogitsModule, example_inputs
 from edgeadapt.numeric import rel_error
 from edgeadapt.runtime.generate import PREFILL_CHUNK
 
 DECODE_METHOD = "decode"
-#: the decoder head's chunk parameters: ``head_chunk_0``, ``head_chunk_1``, ...
-HEAD_CHUNK = "head_chunk_"
 #: the model types whose layers :class:`StaticCacheDecoder` knows
 SUPPORTED = ("llama",)
 #: the smallest --max-context the decoder method is lowered for (its example trace needs room)
@@ -106,23 +97,6 @@ class StaticCacheDecoder(nn.Module):
         for pair in cache_buffers(self.layers):
             for name in pair:
                 self.register_buffer(name, torch.zeros(shape))
-        self.head_chunks = self._chunk_head(model.lm_head)
-
-    def _chunk_head(self, head: nn.Module) -> int:
-        """Register the rows of a float, bias-free head as chunk parameters (module docstring);
-        the number of chunks, 0 where the head stays whole (small, quantized or live)."""
-        weight = head.weight
-        if (not isinstance(weight, nn.Parameter) or type(weight.detach()) is not torch.Tensor
-                or weight.dtype != torch.float32 or getattr(head, "bias", None) is not None):
-            return 0
-        bounds = graph_head.chunk_bounds(weight.shape[0], weight.numel() * 4,
-                                         graph_head.CHUNK_BYTES)
-        if len(bounds) == 1:
-            return 0
-        for j, (lo, hi) in enumerate(bounds):
-            self.register_parameter(f"{HEAD_CHUNK}{j}", nn.Parameter(
-                weight.detach()[lo:hi].clone(), requires_grad=False))
-        return len(bounds)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 keep: torch.Tensor) -> torch.Tensor:
@@ -156,13 +130,7 @@ class StaticCacheDecoder(nn.Module):
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         kept = keep.shape[0]
         torch._check(kept <= seq)
-        x = base.norm(h.narrow(1, seq - kept, kept))
-        if not self.head_chunks:
-            return self.model.lm_head(x)
-        rows = x.reshape(kept, x.shape[-1])  # 2-D: XNNPACK's linear per delegate call
-        logits = torch.cat([nn.functional.linear(rows, self.get_parameter(f"{HEAD_CHUNK}{j}"))
-                            for j in range(self.head_chunks)], dim=-1)
-        return logits.unsqueeze(0)
+        return self.model.lm_head(base.norm(h.narrow(1, seq - kept, kept)))
 
 
 def decode_program(live_lm: LoadedModel, max_context: int) -> tuple[Any, dict]:
@@ -191,29 +159,8 @@ def decode_program(live_lm: LoadedModel, max_context: int) -> tuple[Any, dict]:
     entry = {"method": DECODE_METHOD, "inputs": ["input_ids", "positions", "keep"],
              "cache": cache_buffers(wrapper.layers), "layers": wrapper.layers,
              "kv_heads": wrapper.kv_heads, "head_dim": wrapper.head_dim,
-             "max_context": max_context, "max_chunk": chunk,
-             "head_chunks": wrapper.head_chunks, "parity": None}
+             "max_context": max_context, "max_chunk": chunk, "parity": None}
     return program, entry
-
-
-def check_head(program: Any, chunks: int) -> None:
-    """ExportError unless the lowered ``decode`` method computes each of its ``chunks`` head
-    chunks in a delegate call of its own (one whose lowered graph reads exactly one
-    ``head_chunk_<j>``): merged, a pause could not land between them."""
-    ep = program.exported_program(DECODE_METHOD)
-    found = 0
-    for node in ep.graph.nodes:
-        if node.op != "get_attr" or not str(node.target).startswith("lowered_module"):
-            continue
-        inner = getattr(ep.graph_module, node.target).original_module.graph_signature
-        read = [p for p in inner.inputs_to_parameters.values() if p.startswith(HEAD_CHUNK)]
-        if len(read) > 1:
-            raise ExportError(f"the ExecuTorch decoder's head chunks {read} were lowered into "
-                              "one delegate call")
-        found += len(read)
-    if found != chunks:
-        raise ExportError(f"the ExecuTorch decoder's head: {found} of its {chunks} chunks "
-                          "lowered to XNNPACK delegate calls")
 
 
 def check_in_place(program: Any) -> None:

@@ -57,34 +57,3 @@ SELECTIVE_CONFIGS = [
 def selective_partitioner() -> XnnpackPartitioner:
     """An XNNPACK partitioner with dynamic weights only where the weight is a buffer."""
     return XnnpackPartitioner(configs=SELECTIVE_CONFIGS)
-
-
-def _named(base: type, prefix: str) -> type:
-    class Named(base):  # type: ignore[misc, valid-type]
-        def check_constraints(self, node: torch.fx.Node, ep: ExportedProgram) -> bool:
-            ph = weight_placeholder(node, self.weight_idx)
-            name = ep.graph_signature.inputs_to_parameters.get(ph.name) if ph is not None \
-                else None
-            return (name is not None and name.startswith(prefix)
-                    and super().check_constraints(node, ep))
-
-    Named.__name__ = Named.__qualname__ = f"Named{base.__name__}"
-    return Named
-
-
-def head_partitioner(prefix: str) -> XnnpackPartitioner:
-    """An XNNPACK partitioner in per-op mode that takes only the GEMMs whose constant weight is
-    a parameter named ``prefix...`` (the decoder head's chunks): each becomes its own delegate
-    call, an instruction of its own between which edgeadapt's runner can pause a run. Given
-    before :func:`selective_partitioner`, which partitions the rest."""
-    return _PerOp(configs=[_named(c, prefix) for c in (LinearConfig, AddmmConfig, MMConfig)],
-                  per_op_mode=True)
-
-
-class _PerOp(XnnpackPartitioner):
-    """Keeps from decomposition what :func:`selective_partitioner` keeps: ExecuTorch
-    decomposes, partitioner by partitioner, every op the partitioner does not name, so a first
-    partitioner that keeps only its own linears would leave the second none to take whole."""
-
-    def ops_to_not_decompose(self, ep: ExportedProgram):
-        return selective_partitioner().ops_to_not_decompose(ep)

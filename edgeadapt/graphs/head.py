@@ -92,7 +92,7 @@ def keep_last_logits(model: onnx.ModelProto, output: str = "logits",
     return {"input": KEEP_INPUT, "chunks": chunks, "head_bytes": head_bytes}
 
 
-def chunk_bounds(columns: int, weight_bytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
+def _bounds(columns: int, weight_bytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
     """Column ranges of the chunks: as few as keep each under ``chunk_bytes``, widths
     multiples of :data:`CHUNK_ALIGN` but the last."""
     n = max(1, math.ceil(weight_bytes / chunk_bytes))
@@ -122,7 +122,7 @@ def _float_chunks(graph: onnx.GraphProto, head: onnx.NodeProto, kept: str, axis:
     if len(shape) != 2:
         raise ValueError(f"head weight {weight!r} of shape {shape}: (hidden, vocab) expected")
     head_bytes = shape[0] * shape[1] * itemsize
-    bounds = chunk_bounds(shape[1], head_bytes, chunk_bytes)
+    bounds = _bounds(shape[1], head_bytes, chunk_bytes)
     if len(bounds) == 1:
         return 1, head_bytes, []
     nodes = []
@@ -150,7 +150,7 @@ def _nbits_chunks(graph: onnx.GraphProto, head: onnx.NodeProto, kept: str, inits
                          "expected (no g_idx or bias)")
     arrays = [numpy_helper.to_array(inits[n]) if n else None for n in inputs]
     head_bytes = int(arrays[0].nbytes)
-    bounds = chunk_bounds(columns, head_bytes, chunk_bytes)
+    bounds = _bounds(columns, head_bytes, chunk_bytes)
     if len(bounds) == 1:
         return 1, head_bytes, []
     nodes = []
