@@ -119,6 +119,9 @@ def test_decode_step_logits_equal_full_forward(exported, rt):
     # the program itself computes the kept positions only (keep's length), not the decoder
     raw = decoder.method.execute([ids[None, :5], np.arange(5), np.zeros(2, np.int64)])[0]
     np.testing.assert_array_equal(raw, last)
+    with pytest.raises(ConfigError, match="keep"):  # refused before the run
+        decoder.step(ids[None, 5:6], cache, keep=-1)
+    assert cache.valid and cache.length == 5
     for i in range(5, ids.size):
         logits, cache = decoder.step(ids[None, i:i + 1], cache, keep=i % 2)
         assert cache.length == i + 1 and logits.shape == (1, 1, lm.vocab_size)

@@ -126,6 +126,10 @@ def test_decode_step_logits_equal_full_forward(exported, monkeypatch, first_capa
     assert logits.shape == (1, kept, lm.vocab_size)
     assert parity(logits[0], want[5 - kept:5]) <= RTOL
     capacities = {cache.capacity}
+    for bad in (-1, 1.5, True):  # refused before the run: the cache unchanged
+        with pytest.raises(ConfigError, match="keep"):
+            gen.decoder.step(ids[None, 5:6], cache, keep=bad)
+    assert cache.length == 5
     for i in range(5, ids.size):
         buffer = cache.arrays[0]
         logits, cache = gen.decoder.step(ids[None, i:i + 1], cache, keep=keep)

@@ -70,6 +70,14 @@ class Decoder(Protocol):
     # (raising) once a switch cancels it (Window.on_cancel)
 
 
+def check_keep(keep: object) -> None:
+    """ConfigError unless ``keep`` (a decoder step's: how many of the last positions' logits it
+    returns, 0 for all) is a whole number >= 0."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or keep < 0:
+        raise ConfigError(f"decoder step: keep {keep!r}; a whole number >= 0 (0: every "
+                          "position's logits)")
+
+
 @dataclass(frozen=True)
 class GenerationSpec:
     """The bundle's ``"generate"`` section (written by ``edgeadapt export base --generate``).

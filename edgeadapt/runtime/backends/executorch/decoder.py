@@ -33,6 +33,7 @@ from edgeadapt.errors import BundleError, ConfigError
 from edgeadapt.format.manifest import Manifest
 from edgeadapt.runtime.backends.executorch import SECTION
 from edgeadapt.runtime.backends.executorch.store import ExecutorchStore
+from edgeadapt.runtime.generate import check_keep
 from edgeadapt.runtime.locks import Window
 
 
@@ -145,6 +146,7 @@ class EtDecoder:
         if not isinstance(cache, EtCache) or cache.owner is not self:
             raise ConfigError("ExecuTorch decoder: this cache was not made by this decoder "
                               "(empty_cache)")
+        check_keep(keep)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         seq = ids.shape[1] if ids.ndim == 2 else 0
         total = cache.length + seq

@@ -33,6 +33,7 @@ from edgeadapt.runtime.backends.onnxruntime.session import (
     session_options,
     thread_binding,
 )
+from edgeadapt.runtime.generate import check_keep
 from edgeadapt.runtime.locks import Window
 from edgeadapt.runtime.store import LiveWeight
 
@@ -210,6 +211,7 @@ class OrtDecoder:
         if ids.ndim != 2 or ids.shape[0] != 1:
             raise ConfigError(f"decoder step: ids of shape {ids.shape}; one conversation "
                               "(batch 1) per step")
+        check_keep(keep)
         self._reserve(cache, cache.length + ids.shape[1])
         b = self._binding()
         b.bind_cpu_input(self.ids_name, ids)
