@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from edgeadapt.errors import ConfigError, ExportError
 from edgeadapt.format.container import atomic_write_bytes
 from edgeadapt.models import LoadedModel
+from edgeadapt.numeric import rel_error
 
 TOKENIZER_FILE = "tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -83,6 +86,19 @@ def export_generation(lm: LoadedModel, out: Path, live: list[str], results: dict
                "bos_token_id": next(iter(_token_ids(lm, "bos_token_id")), None),
                **write_tokenizer(lm.tokenizer, out)}
     return decoders, section
+
+
+def step_error(got: np.ndarray, want: np.ndarray, start: int, n: int, keep: int,
+               what: str) -> float:
+    """The relative error of one decoder step's logits ``got`` ((k, vocab): a step of ``n``
+    tokens after ``start`` cached ones, asked for the last ``keep`` positions' logits, 0 for
+    all) against ``want`` (positions, vocab), the sequence's reference at every position;
+    ExportError naming ``what`` where the step returned another number of positions."""
+    lo = start if keep == 0 else start + n - min(keep, n)
+    if got.shape[0] != start + n - lo:
+        raise ExportError(f"{what}: keep {keep} gave {got.shape[0]} positions of a {n}-token "
+                          "step")
+    return rel_error(got, want[lo:start + n])
 
 
 def parity_report(errors: list[float], chunks: tuple[int, ...], rtol: float, what: str) -> dict:

@@ -47,7 +47,6 @@ from torch import nn
 
 from edgeadapt.errors import ConfigError, ExportError
 from edgeadapt.models import LoadedModel, LogitsModule, example_inputs
-from edgeadapt.numeric import rel_error
 from edgeadapt.runtime.generate import PREFILL_CHUNK
 
 DECODE_METHOD = "decode"
@@ -187,7 +186,7 @@ def check_decoder(lm: LoadedModel, out_dir: Any, result: dict, entry: dict) -> d
 
     result: :func:`edgeadapt.export.executorch.export_pte`'s answer; entry: the decoder's
     bundle.json entry."""
-    from edgeadapt.export.decoder import parity_report
+    from edgeadapt.export.decoder import parity_report, step_error
     from edgeadapt.export.executorch_quant import quant_entries, reference
     from edgeadapt.runtime.backends.executorch.decoder import EtDecoder
     from edgeadapt.runtime.backends.executorch.store import ExecutorchStore
@@ -209,10 +208,7 @@ def check_decoder(lm: LoadedModel, out_dir: Any, result: dict, entry: dict) -> d
             chunk = np.ascontiguousarray(ids[row:row + 1, start:start + n].numpy())
             keep = 0 if row == 0 else 1
             logits, caches[row] = decoder.step(chunk, caches[row], keep=keep)
-            lo = start if keep == 0 else start + n - keep
-            if logits.shape[1] != start + n - lo:
-                raise ExportError(f"the ExecuTorch decoder: keep {keep} gave {logits.shape[1]} "
-                                  f"positions of a {n}-token step")
-            errors.append(rel_error(logits[0], want[row, lo:start + n]))
+            errors.append(step_error(logits[0], want[row], start, n, keep,
+                                     "the ExecuTorch decoder"))
         start += n
     return parity_report(errors, CHECK_CHUNKS, max(RTOL, rtol), "the ExecuTorch decoder")

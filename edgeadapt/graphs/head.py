@@ -58,22 +58,21 @@ def keep_last_logits(model: onnx.ModelProto, output: str = "logits",
     inits = {i.name: i for i in graph.initializer}
     prefix = f"{head.name or output}/keep"
     graph.input.append(helper.make_tensor_value_info(KEEP_INPUT, TensorProto.INT64, []))
+    one = f"{prefix}/one"  # [1]: the shape of k as a 1-D tensor, and the axis of every Slice
     graph.initializer.extend([
-        numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/one_d"),
+        numpy_helper.from_array(np.array([1], np.int64), one),
         numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), f"{prefix}/end"),
-        numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axis"),
     ])
     kept = f"{prefix}/h"
     new = [
-        helper.make_node("Reshape", [KEEP_INPUT, f"{prefix}/one_d"], [f"{prefix}/k"],
-                         name=f"{prefix}/k"),
+        helper.make_node("Reshape", [KEEP_INPUT, one], [f"{prefix}/k"], name=f"{prefix}/k"),
         helper.make_node("Neg", [f"{prefix}/k"], [f"{prefix}/start"], name=f"{prefix}/start"),
-        helper.make_node("Slice", [head.input[0], f"{prefix}/start", f"{prefix}/end",
-                                   f"{prefix}/axis"], [kept], name=f"{prefix}/slice"),
+        helper.make_node("Slice", [head.input[0], f"{prefix}/start", f"{prefix}/end", one],
+                         [kept], name=f"{prefix}/slice"),
     ]
     if head.op_type == "MatMul":
-        chunks, head_bytes, nodes = _float_chunks(graph, head, kept, f"{prefix}/axis",
-                                                  producer, inits, chunk_bytes)
+        chunks, head_bytes, nodes = _float_chunks(graph, head, kept, one, producer, inits,
+                                                  chunk_bytes)
     else:
         chunks, head_bytes, nodes = _nbits_chunks(graph, head, kept, inits, chunk_bytes)
     if chunks == 1:
@@ -84,8 +83,8 @@ def keep_last_logits(model: onnx.ModelProto, output: str = "logits",
         parts = [n.output[0] for n in nodes if n.op_type == head.op_type]
         nodes.append(helper.make_node("Concat", parts, [output], name=f"{prefix}/concat",
                                       axis=-1))
-    at = list(graph.node).index(head)
     body = list(graph.node)
+    at = body.index(head)
     body[at:at + 1] = new + nodes
     del graph.node[:]
     graph.node.extend(body)

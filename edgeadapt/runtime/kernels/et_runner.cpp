@@ -20,10 +20,10 @@
 // switch that writes the live weights under a run (whose result it voids) holds the program,
 // so the run in flight stops at its next instruction instead of sharing the cores with the
 // write, and goes on (to be discarded and redone by its caller) once the hold is released.
-// ExecuTorch cannot abandon a run part way (Method::reset_execution refuses before its end). A run's outputs are copied, under that mutex, into
-// storage of the calling thread, from which the caller copies them with et_runner_take_outputs
-// (the same thread, before its next run). Errors: a call returns -1 (or NULL) and
-// et_runner_error() says why, for the calling thread.
+// ExecuTorch cannot abandon a run part way (Method::reset_execution refuses before its end).
+// A run's outputs are copied, under that mutex, into storage of the calling thread, from which
+// the caller copies them with et_runner_take_outputs (the same thread, before its next run).
+// Errors: a call returns -1 (or NULL) and et_runner_error() says why, for the calling thread.
 //
 // Built and loaded by edgeadapt/runtime/backends/executorch/native_runner.py.
 

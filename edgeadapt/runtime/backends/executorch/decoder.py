@@ -109,7 +109,7 @@ class EtDecoder:
         self.max_context, self.max_chunk = int(section["max_context"]), int(section["max_chunk"])
         #: the program takes ``keep`` (its length: how many of the last positions' logits it
         #: computes); an older bundle's computes every position's (sliced after the run)
-        self._keeps = len(section.get("inputs", ())) >= 3
+        self._keeps = "keep" in section.get("inputs", ())
         self._keep = np.zeros(self.max_chunk, np.int64)
         shape = (1, self.kv_heads, self.max_context, self.head_dim)
         self._buffers = [store.buffer(name, self.method) for pair in section["cache"]
