@@ -104,26 +104,66 @@ def test_op_refuses_mismatched_shapes():
             sess.run(None, {"x": np.ones((2, 16), np.float32), "w": w})
 
 
-def _blocked_model(k: int, outs: list[int]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """x (B, T, k) -> MatMul with live W_i.T for each out_i (blocked by block_live_matmuls),
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("lead", [(1,), (13,), (2, 48)])
+def test_op_with_several_weights_matches_numpy(lead, threads):
+    """One x, three weights of different widths: y_i = x w_i each, in the weights' order (one
+    parallel section over all their blocks), against float64 numpy."""
+    rng = np.random.default_rng(lead[-1] + threads)
+    k, widths = 45, [96, 32, 64]
+    ws = [rng.standard_normal((n, k)).astype(np.float32) for n in widths]
+    x = rng.standard_normal((*lead, k)).astype(np.float32)
+    dims = [f"d{i}" for i in range(len(lead))] + [k]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)] + [
+        helper.make_tensor_value_info(f"w{i}", TensorProto.FLOAT, [n // 32, k, 32])
+        for i, n in enumerate(widths)]
+    graph = helper.make_graph(
+        [helper.make_node(KERNEL_OP, [i.name for i in inputs], ["y0", "y1", "y2"],
+                          domain=KERNEL_DOMAIN)], "g", inputs,
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(3)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid(KERNEL_DOMAIN, 1)])
+    model.ir_version = 9
+    so = session_options(threads)
+    ok.register(so)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ys = sess.run(None, {"x": x, **{f"w{i}": np.ascontiguousarray(to_backend(w, BLOCKED))
+                                    for i, w in enumerate(ws)}})
+    for y, w in zip(ys, ws, strict=True):
+        assert y.shape == (*lead, w.shape[0])
+        np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def _blocked_model(k: int, outs: list[int], consts: tuple[int, ...] = ()
+                   ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """x (B, T, k) -> MatMul with live W_i.T for each out_i (blocked by block_live_matmuls)
+    and with a constant initializer C_i (k, out) for each of ``consts`` (after the live ones),
     each summed over its last axis and concatenated, so every reader feeds the output; the
-    live weights in torch layout."""
+    weights in torch layout (``c<i>``: C_i.T)."""
     rng = np.random.default_rng(3)
-    nodes, inputs, live, weights = [], [], {}, {}
+    nodes, inputs, live, weights, inits = [], [], {}, {}, []
     for i, out in enumerate(outs):
         name = f"w{i}.T"
         inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [k, out]))
         nodes.append(helper.make_node("MatMul", ["x", name], [f"y{i}"], name=f"mm{i}"))
-        nodes.append(helper.make_node("ReduceSum", [f"y{i}", "axis"], [f"r{i}"], keepdims=1))
         live[f"w{i}"] = GraphLive(name, TRANSPOSED, (k, out))
         weights[f"w{i}"] = rng.standard_normal((out, k)).astype(np.float32)
-    nodes.append(helper.make_node("Concat", [f"r{i}" for i in range(len(outs))], ["y"],
-                                  axis=-1))
+    for i, out in enumerate(consts, start=len(outs)):
+        weights[f"c{i}"] = rng.standard_normal((out, k)).astype(np.float32)
+        inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(weights[f"c{i}"].T),
+                                                  f"c{i}"))
+        nodes.append(helper.make_node("MatMul", ["x", f"c{i}"], [f"y{i}"], name=f"mm{i}"))
+    n = len(outs) + len(consts)
+    nodes += [helper.make_node("ReduceSum", [f"y{i}", "axis"], [f"r{i}"], keepdims=1)
+              for i in range(n)]
+    nodes.append(helper.make_node("Concat", [f"r{i}" for i in range(n)], ["y"], axis=-1))
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T", k]),
                      *inputs],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [onnx.numpy_helper.from_array(np.array([-1], np.int64), "axis")])
+        [onnx.numpy_helper.from_array(np.array([-1], np.int64), "axis"), *inits])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     block_live_matmuls(model, live)
@@ -132,30 +172,44 @@ def _blocked_model(k: int, outs: list[int]) -> tuple[onnx.ModelProto, dict[str, 
 
 @needs_kernel
 def test_rewrite_replaces_each_blocked_reader_and_matches_matmul(tmp_path):
-    """kernel_blocked_matmuls turns each blocked32 pattern into one BlockedMatMul node (no
-    Transpose or helper left), and the session reads the buffers in place: after an in-place
-    edit its output follows, equal to the MatMul pattern's and to float64 numpy."""
-    model, weights = _blocked_model(40, [64, 32])
+    """kernel_blocked_matmuls turns the blocked32 patterns of one x into one BlockedMatMul node
+    (no Transpose or helper left) that a constant MatMul of that x joins, its weight re-laid in
+    blocked32 from the external data file (one whose width is not a multiple of 32 stays a
+    MatMul); the session reads the live buffers in place: after an in-place edit its output
+    follows, equal to the MatMul pattern's and to float64 numpy."""
+    model, weights = _blocked_model(40, [64, 32], consts=(64, 40))
     path = tmp_path / "m.onnx"
-    onnx.save(model, str(path))
+    onnx.save(model, str(path), save_as_external_data=True, location="m.onnx.data",
+              size_threshold=64)
     names = [f"w{i}.B32" for i in range(2)]
-    rewritten = onnx.load(str(path))
-    assert kernel_blocked_matmuls(rewritten, names) == 2
+    rewritten = onnx.load(str(path), load_external_data=False)
+    assert kernel_blocked_matmuls(rewritten, names, tmp_path) == 2
     ops = [n.op_type for n in rewritten.graph.node]
-    assert ops.count(KERNEL_OP) == 2 and "Transpose" not in ops and "MatMul" not in ops
-    assert not any(i.name.startswith("edgeadapt_") for i in rewritten.graph.initializer)
+    assert ops.count(KERNEL_OP) == 1 and "Transpose" not in ops and ops.count("MatMul") == 1
+    node, = (n for n in rewritten.graph.node if n.op_type == KERNEL_OP)
+    assert list(node.input) == ["x", "w0.B32", "w1.B32", "c2/edgeadapt.B32"]
+    assert list(node.output) == ["y0", "y1", "y2"]
+    inits = {i.name: i for i in rewritten.graph.initializer}
+    assert "c2" not in inits and "c3" in inits  # the absorbed one is read as its copy only
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(inits["c2/edgeadapt.B32"]),
+                                  to_backend(weights["c2"], BLOCKED))
+    assert not any(i.startswith("edgeadapt_") for i in inits)
+    untouched = onnx.load(str(path), load_external_data=False)
+    kernel_blocked_matmuls(untouched, names)  # no folder: external constants are left alone
+    assert [n.op_type for n in untouched.graph.node].count("MatMul") == 2
 
     kern, used = cpu_session(path, session_options(1), names, kernel=True)
     plain, unused = cpu_session(path, session_options(1), names, kernel=False)
     assert used and not unused
-    bufs = {f"{w}.B32": np.ascontiguousarray(to_backend(v, BLOCKED)) for w, v in weights.items()}
+    bufs = {f"{w}.B32": np.ascontiguousarray(to_backend(weights[w], BLOCKED))
+            for w in ("w0", "w1")}
     x = np.random.default_rng(0).standard_normal((2, 7, 40)).astype(np.float32)
 
     def want() -> np.ndarray:
-        outs = [(x.astype(np.float64) @ to_torch(bufs[f"w{i}.B32"], weights[f"w{i}"].shape,
-                                                  BLOCKED).T.astype(np.float64))
-                .sum(-1, keepdims=True) for i in range(2)]
-        return np.concatenate(outs, -1)
+        mats = [to_torch(bufs[f"w{i}.B32"], weights[f"w{i}"].shape, BLOCKED) for i in range(2)]
+        mats += [weights["c2"], weights["c3"]]
+        return np.concatenate([(x.astype(np.float64) @ m.T.astype(np.float64))
+                               .sum(-1, keepdims=True) for m in mats], -1)
 
     binding = kern.io_binding()
     for name, buf in bufs.items():  # bound once, as the live store does

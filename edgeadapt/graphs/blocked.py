@@ -20,6 +20,8 @@ MatMul copies it panel by panel on every call.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -200,25 +202,75 @@ QKERNEL_OP = "QBlockedMatMul"
 Q4KERNEL_OP = "Q4BlockedMatMul"
 
 
-def kernel_blocked_matmuls(model: onnx.ModelProto, names: set[str] | list[str]) -> int:
-    """Replace each reader of the named blocked32 graph inputs (the pattern
-    :func:`block_live_matmuls` wrote) by one ``y = edgeadapt.BlockedMatMul(x, Xb)`` node, which
-    reads ``Xb`` in place (:mod:`edgeadapt.runtime.backends.onnxruntime.kernel`); the inputs
-    keep their name and layout. Returns how many readers were replaced."""
+def kernel_blocked_matmuls(model: onnx.ModelProto, names: set[str] | list[str],
+                           base_dir: Path | None = None) -> int:
+    """Replace the readers of the named blocked32 graph inputs (the pattern
+    :func:`block_live_matmuls` wrote) by ``edgeadapt.BlockedMatMul`` nodes, which read the
+    inputs in place (:mod:`edgeadapt.runtime.backends.onnxruntime.kernel`); the inputs keep
+    their name and layout. Readers of one ``x`` become one node,
+
+        y_1, ..., y_n = edgeadapt.BlockedMatMul(x, Xb_1, ..., Xb_n)       y_i = x @ X_i
+
+    which every constant ``y = MatMul(x, C)`` of that ``x`` joins (``C`` a float ``(in, out)``
+    initializer, ``out % 32 == 0``, re-laid in blocked32 as a new initializer; its data read
+    from ``base_dir`` where it is external, and left as it is where that is None): a layer's
+    q, k and v projections are one node and one parallel section instead of three (ONNX
+    Runtime's per-node cost, and the wake-up of the threads, paid once). The node stands where
+    the first of them stood. Returns how many live readers were replaced."""
     graph = model.graph
     blocked = _blocked_inputs(graph, names)
     producers = {o: n for n in graph.node for o in n.output}
     uses = consumers(graph)
+    order = {id(n): i for i, n in enumerate(graph.node)}
     drop: set[int] = set()
-    replace: dict[int, onnx.NodeProto] = {}
+    groups: dict[str, list[tuple[onnx.NodeProto, str, str]]] = {}  # x -> (node, weight, y)
     for name in blocked:
         for flat, mm, tr, rs in _blocked_readers(graph, name, uses, producers):
-            replace[id(mm)] = helper.make_node(KERNEL_OP, [flat.input[0], name],
-                                               [rs.output[0]], name=mm.name,
-                                               domain=KERNEL_DOMAIN)
+            groups.setdefault(flat.input[0], []).append((mm, name, rs.output[0]))
             drop.update((id(tr), id(rs)))
-    if replace:
-        _rewrite_readers(graph, replace, drop)
-        if not any(o.domain == KERNEL_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
-    return len(replace)
+    if not groups:
+        return 0
+    replaced = sum(len(r) for r in groups.values())
+    inits = {i.name: i for i in graph.initializer}
+    overridable = {i.name for i in graph.input}
+    made: dict[str, onnx.TensorProto] = {}
+    replace: dict[int, onnx.NodeProto] = {}
+    for x, readers in groups.items():
+        inp = blocked[readers[0][1]].type.tensor_type.shape.dim[1].dim_value
+        for node, pos in uses.get(x, []):
+            c = node.input[1] if node.op_type == "MatMul" and pos == 0 else ""
+            if c in inits and c not in overridable:
+                tensor = made.get(c) or _blocked_constant(inits[c], inp, base_dir)
+                if tensor is not None:
+                    made[c] = tensor
+                    readers.append((node, tensor.name, node.output[0]))
+        readers.sort(key=lambda r: order[id(r[0])])
+        replace[id(readers[0][0])] = helper.make_node(
+            KERNEL_OP, [x] + [w for _, w, _ in readers], [y for _, _, y in readers],
+            name=readers[0][0].name, domain=KERNEL_DOMAIN)
+        drop.update(id(n) for n, _, _ in readers[1:])
+    graph.initializer.extend(made.values())
+    _rewrite_readers(graph, replace, drop)
+    read = {i for n in graph.node for i in n.input}
+    for init in [inits[c] for c in made if c not in read]:
+        graph.initializer.remove(init)  # now read as the blocked copy only
+    if not any(o.domain == KERNEL_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
+    return replaced
+
+
+def _blocked_constant(tensor: onnx.TensorProto, inp: int, base_dir: Path | None
+                      ) -> onnx.TensorProto | None:
+    """``C (inp, out)`` re-laid in blocked32, ``Cb[b, c, j] = C[c, 32 b + j]``, named
+    ``<C>/edgeadapt.B32``; None where ``C`` is not a float matrix of ``inp`` rows and a
+    multiple of 32 columns, or its data is external and ``base_dir`` is None."""
+    dims = list(tensor.dims)
+    if tensor.data_type != TensorProto.FLOAT or len(dims) != 2 or dims[0] != inp \
+            or dims[1] % BLOCK or dims[1] == 0:
+        return None
+    external = tensor.data_location == TensorProto.EXTERNAL
+    if external and base_dir is None:
+        return None
+    c = numpy_helper.to_array(tensor, str(base_dir) if external else "")
+    cb = np.ascontiguousarray(c.reshape(inp, -1, BLOCK).transpose(1, 0, 2))
+    return numpy_helper.from_array(cb, f"{tensor.name}/edgeadapt.B32")

@@ -3,6 +3,12 @@
 //
 //     y[m, 32 b + j] = sum_c x[m, c] * w[b, c, j]     x (..., K), w (N/32, K, 32), y (..., N)
 //
+// It takes one x and any number of weights, y_i = x w_i (outputs in the weights' order, each
+// its own N_i): the projections that read one x (a layer's q, k and v) are one node and one
+// parallel section, where three would each pay ONNX Runtime's per-node cost and wake the
+// threads (edgeadapt/graphs/blocked.py merges them; a weight may also be a constant in the
+// layout).
+//
 // Why: every MLAS GEMM whose B operand is not a constant copies each B panel before it
 // multiplies (docs/bench.md), so a live weight read by MatMul costs about 1.19x a packed
 // constant at 64 tokens. blocked32 already is a packed-B layout (each 32-column block a
@@ -251,11 +257,10 @@ void rows_times_block(const Job& j, const float* w, int64_t b, int64_t m0, int64
   }
 }
 
-// one (chunk, block) pair: rows [MC q, MC q + MC) of x times block b of w
+// one (chunk, block) pair of job j: rows [MC q, MC q + MC) of x times block b of its weight
 template <Form F>
-void run_item(void* data, size_t item) {
-  const Job& j = *static_cast<const Job*>(data);
-  const int64_t q = static_cast<int64_t>(item) / j.blocks, b = static_cast<int64_t>(item) % j.blocks;
+void run_job_item(const Job& j, int64_t item) {
+  const int64_t q = item / j.blocks, b = item % j.blocks;
   const int64_t m0 = q * MC, m1 = std::min(j.M, (q + 1) * MC);
   if constexpr (F == Form::Float) {
     const float* w = j.w + b * j.K * BW;
@@ -277,6 +282,20 @@ void run_item(void* data, size_t item) {
   }
 }
 
+// the jobs of one call (one per weight) and where each one's items start in the call's
+struct Jobs {
+  std::vector<Job> jobs;
+  std::vector<size_t> first;  // first[i]: job i's first item; first.back(): the total
+};
+
+template <Form F>
+void run_item(void* data, size_t item) {
+  const Jobs& all = *static_cast<const Jobs*>(data);
+  size_t i = 0;
+  while (item >= all.first[i + 1]) ++i;
+  run_job_item<F>(all.jobs[i], static_cast<int64_t>(item - all.first[i]));
+}
+
 // per form: the op's name, its weight operand's element type, and what a bad shape is told
 template <Form F>
 struct Names;
@@ -285,7 +304,7 @@ struct Names<Form::Float> {
   static constexpr const char* op = "BlockedMatMul";
   static constexpr ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   static constexpr const char* shapes =
-      "edgeadapt.BlockedMatMul: need x (..., K) and w (N/32, K, 32) with the same K";
+      "edgeadapt.BlockedMatMul: need x (..., K) and weights (N/32, K, 32) with the same K";
 };
 template <>
 struct Names<Form::Int8> {
@@ -311,32 +330,43 @@ struct Kernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
       Ort::KernelContext ctx(context);
-      const Ort::ConstValue xv = ctx.GetInput(0), wv = ctx.GetInput(1);
+      const Ort::ConstValue xv = ctx.GetInput(0);
       const std::vector<int64_t> xs = xv.GetTensorTypeAndShapeInfo().GetShape();
-      const std::vector<int64_t> ws = wv.GetTensorTypeAndShapeInfo().GetShape();
-      if (xs.empty() || ws.size() != 3 || ws[2] != row_width<F> || ws[1] != xs.back())
-        return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, Names<F>::shapes);
-      Job job{xv.GetTensorData<float>(), nullptr, nullptr, nullptr, nullptr, 1, ws[1],
-              ws[0] * BW, ws[0], 1, ws[1]};
-      if constexpr (F != Form::Float) {
-        const Ort::ConstValue sv = ctx.GetInput(2);
-        const std::vector<int64_t> ss = sv.GetTensorTypeAndShapeInfo().GetShape();
-        if (ss.size() != 3 || ss[0] != ws[0] || ss[2] != BW || ss[1] < 1 || ws[1] % ss[1])
-          return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, Names<F>::scales);
-        job.q = static_cast<const uint8_t*>(wv.GetTensorRawData());
-        job.s = sv.GetTensorData<float>();
-        job.G = ws[1] / ss[1];
-      } else {
-        job.w = wv.GetTensorData<float>();
+      if (xs.empty()) return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, Names<F>::shapes);
+      int64_t M = 1;
+      for (size_t i = 0; i + 1 < xs.size(); ++i) M *= xs[i];
+      // the float form: a weight per input after x; the code forms: one (codes, scales) pair
+      const size_t weights = F == Form::Float ? ctx.GetInputCount() - 1 : 1;
+      Jobs all;
+      all.first.push_back(0);
+      for (size_t i = 0; i < weights; ++i) {
+        const Ort::ConstValue wv = ctx.GetInput(1 + i);
+        const std::vector<int64_t> ws = wv.GetTensorTypeAndShapeInfo().GetShape();
+        if (ws.size() != 3 || ws[2] != row_width<F> || ws[1] != xs.back())
+          return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, Names<F>::shapes);
+        Job job{xv.GetTensorData<float>(), nullptr, nullptr, nullptr, nullptr, M, ws[1],
+                ws[0] * BW, ws[0], (M + MC - 1) / MC, ws[1]};
+        if constexpr (F != Form::Float) {
+          const Ort::ConstValue sv = ctx.GetInput(2);
+          const std::vector<int64_t> ss = sv.GetTensorTypeAndShapeInfo().GetShape();
+          if (ss.size() != 3 || ss[0] != ws[0] || ss[2] != BW || ss[1] < 1 || ws[1] % ss[1])
+            return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, Names<F>::scales);
+          job.q = static_cast<const uint8_t*>(wv.GetTensorRawData());
+          job.s = sv.GetTensorData<float>();
+          job.G = ws[1] / ss[1];
+        } else {
+          job.w = wv.GetTensorData<float>();
+        }
+        std::vector<int64_t> ys(xs);
+        ys.back() = job.N;
+        job.y = ctx.GetOutput(i, ys).GetTensorMutableData<float>();
+        if (M > 0 && job.N > 0) {
+          all.jobs.push_back(job);
+          all.first.push_back(all.first.back() + static_cast<size_t>(job.chunks * job.blocks));
+        }
       }
-      std::vector<int64_t> ys(xs);
-      ys.back() = job.N;
-      for (size_t i = 0; i + 1 < xs.size(); ++i) job.M *= xs[i];
-      job.y = ctx.GetOutput(0, ys).GetTensorMutableData<float>();
-      if (job.M == 0 || job.N == 0) return nullptr;
-      job.chunks = (job.M + MC - 1) / MC;
-      const size_t items = static_cast<size_t>(job.chunks * job.blocks);
-      ctx.ParallelFor(run_item<F>, items, 0, &job);
+      if (all.jobs.empty()) return nullptr;
+      ctx.ParallelFor(run_item<F>, all.first.back(), 0, &all);
       return nullptr;
     } catch (const Ort::Exception& e) {
       return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
@@ -353,13 +383,20 @@ struct Op : Ort::CustomOpBase<Op<F>, Kernel<F>, /*WithStatus=*/true> {
     return nullptr;
   }
   const char* GetName() const { return Names<F>::op; }
+  // the float form: x, then one or more weights (variadic), one output per weight
   size_t GetInputTypeCount() const { return F == Form::Float ? 2 : 3; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     return i == 1 ? Names<F>::type : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return F == Form::Float && i == 1 ? INPUT_OUTPUT_VARIADIC : INPUT_OUTPUT_REQUIRED;
+  }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const {
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t) const {
+    return F == Form::Float ? INPUT_OUTPUT_VARIADIC : INPUT_OUTPUT_REQUIRED;
   }
 };
 

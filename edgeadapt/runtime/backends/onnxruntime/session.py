@@ -66,7 +66,7 @@ def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool,
         from edgeadapt.runtime.backends.onnxruntime import kernel as own_kernel
 
         model = read_graph(model_path)
-        if kernel_blocked_matmuls(model, blocked) + kernel_quantized_matmuls(
+        if kernel_blocked_matmuls(model, blocked, model_path.parent) + kernel_quantized_matmuls(
                 model, quantized, set(packed)):
             own_kernel.register(so)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
