@@ -358,23 +358,3 @@ def test_smollm2_greedy_equals_transformers_generate(tmp_path):
     runtime = load(tmp_path, backend="executorch", mode="live", threads=2)
     assert_text_greedy_equals_transformers(runtime, lm, tmp_path, "The capital of France is",
                                            32, (None, "s1"))
-
-
-
-@pytest.mark.slow
-def test_decoder_check_refuses_merged_mlp_gemms():
-    """check_mlp_calls (run by every decoder export, the module fixture's included) refuses a
-    decode method lowered by the selective partitioner alone, which merges a layer's three MLP
-    GEMMs into one XNNPACK call (the long instruction a switch would wait for)."""
-    from executorch.exir import to_edge_transform_and_lower
-
-    from edgeadapt.errors import ExportError
-    from edgeadapt.export.executorch_decoder import check_mlp_calls, decode_program
-    from edgeadapt.export.executorch_partition import selective_partitioner
-
-    lm = load_model("tiny-smollm2", seed=0)
-    program, _ = decode_program(lm, 32)
-    edge = to_edge_transform_and_lower({"decode": program},
-                                       partitioner=[selective_partitioner()])
-    with pytest.raises(ExportError, match="MLP GEMMs"):
-        check_mlp_calls(edge, lm.model.config.num_hidden_layers)

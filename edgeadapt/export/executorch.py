@@ -276,7 +276,7 @@ def _lower_live(lm: LoadedModel, buffers: list[str], max_batch: int, max_seq: in
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
-    from edgeadapt.export.executorch_partition import mlp_partitioner, selective_partitioner
+    from edgeadapt.export.executorch_partition import selective_partitioner
 
     if shapes is None:
         wrapper, ep = _export_forward(lm, max_batch, max_seq)
@@ -290,12 +290,10 @@ def _lower_live(lm: LoadedModel, buffers: list[str], max_batch: int, max_seq: in
     placeholders = sorted(
         {ph for e in methods.values() for ph, b in e.graph_signature.inputs_to_buffers.items()
          if b in wanted})
-    if partition == "selective":  # a decoder's MLP GEMMs a call each (executorch_partition)
-        partitioners = {m: ([mlp_partitioner()] if m in (extra or {}) else [])
-                        + [selective_partitioner()] for m in methods}
-    else:
-        partitioners = {m: [XnnpackPartitioner()] for m in methods}
-    edge = to_edge_transform_and_lower(methods, partitioner=partitioners)
+    edge = to_edge_transform_and_lower(methods,
+                                       partitioner=[selective_partitioner()
+                                                    if partition == "selective"
+                                                    else XnnpackPartitioner()])
     outside = undelegated_gemms(edge)
     prog = edge.to_executorch(ExecutorchBackendConfig(
         passes=[InitializedMutableBufferPass(placeholders)],
@@ -450,11 +448,9 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
         blob, outside, program = _lower_live(live_lm, all_buffers, max_batch, max_seq,
                                              partition, shapes, extra)
     if decoder is not None:
-        from edgeadapt.export.executorch_decoder import check_in_place, check_mlp_calls
+        from edgeadapt.export.executorch_decoder import check_in_place
 
         check_in_place(program)
-        if partition == "selective":
-            check_mlp_calls(program, decoder["layers"])
     atomic_write_bytes(out_dir / live_file, [blob])
 
     repack_info = None

@@ -162,26 +162,6 @@ def decode_program(live_lm: LoadedModel, max_context: int) -> tuple[Any, dict]:
     return program, entry
 
 
-def check_mlp_calls(program: Any, layers: int) -> None:
-    """ExportError unless each MLP GEMM of the lowered ``decode`` method (gate, up and down of
-    each of ``layers`` layers) is an XNNPACK delegate call of its own
-    (:func:`edgeadapt.export.executorch_partition.mlp_partitioner`): merged, a switch's pause
-    could not land between them, and a prefill chunk's call would hold it for all three."""
-    ep = program.exported_program(DECODE_METHOD)
-    per_call = []
-    for node in ep.graph.nodes:
-        if node.op == "get_attr" and str(node.target).startswith("lowered_module"):
-            inner = getattr(ep.graph_module, node.target).original_module.graph.nodes
-            gemms = sum(1 for n in inner if "aten.linear" in str(n.target) and any(
-                "MLP" in str(t) for _, t in (n.meta.get("nn_module_stack") or {}).values()))
-            if gemms:
-                per_call.append(gemms)
-    if per_call != [1] * (3 * layers):
-        raise ExportError(f"the ExecuTorch decoder's MLP GEMMs: {sum(per_call)} of {3 * layers} "
-                          f"lowered, {max(per_call, default=0)} in one delegate call at most "
-                          "(want each its own)")
-
-
 def check_in_place(program: Any) -> None:
     """ExportError unless the lowered ``decode`` method writes its cache in place: no functional
     ``index_put`` (a copy of the whole cache per step) and no write-back ``copy_`` left."""
