@@ -145,3 +145,63 @@ def test_op_refuses_packed_codes_that_do_not_fit():
     for s in (np.ones((1, 3, 32), np.float32), np.ones((2, 1, 32), np.float32)):
         with pytest.raises(Exception, match="Q4BlockedMatMul: need scales"):
             sess.run(None, {"x": x, "p": p, "s": s})
+
+
+def test_pairs_and_an_absorbed_matmulnbits_match_stock_onnxruntime():
+    """kernel_quantized_matmuls-style merge, checked op by op: a constant symmetric int4
+    ``MatMulNBits`` (ONNX Runtime's layout: code k of a block in byte k // 2, low nibble first,
+    offset 8) re-laid by ``_int4_constant`` and read by one ``Q4BlockedMatMul`` beside a live
+    pair equals ONNX Runtime's own MatMulNBits (float activations, accuracy level 0) and float64
+    numpy; an asymmetric one (zero points) is left alone."""
+    from onnx import numpy_helper
+
+    from edgeadapt.graphs.quantized import _int4_constant
+
+    rng = np.random.default_rng(11)
+    n, k, bs = 64, 96, 32
+    u = rng.integers(0, 16, size=(n, k)).astype(np.uint8)  # MatMulNBits' offset codes
+    b = (u[:, 0::2] | (u[:, 1::2] << 4)).reshape(n, k // bs, bs // 2)
+    scales = rng.uniform(0.01, 0.1, size=(n, k // bs)).astype(np.float32)
+    w = (u.astype(np.float64) - 8) * np.repeat(scales, bs, axis=1)  # (out, in)
+    inits = {"B": numpy_helper.from_array(b, "B"), "S": numpy_helper.from_array(scales, "S")}
+    nbits = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft",
+                             K=k, N=n, bits=4, block_size=bs, accuracy_level=0)
+    p, s = (numpy_helper.to_array(t) for t in _int4_constant(nbits, 0, inits, set(), None))
+    assert p.shape == (n // 32, k, 16) and s.shape == (n // 32, k // bs, 32)
+    np.testing.assert_array_equal(nibbles.unpack(p), to_backend(u.astype(np.int8) - 8, BLOCKED))
+
+    live_w = rng.standard_normal((32, k)).astype(np.float32)
+    lp, ls, _, live_deq = _buffers(INT4, live_w)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])] + [
+        helper.make_tensor_value_info(name, t, list(a.shape)) for name, t, a in (
+            ("p0", TensorProto.UINT8, lp), ("s0", TensorProto.FLOAT, ls),
+            ("p1", TensorProto.UINT8, p), ("s1", TensorProto.FLOAT, s))]
+    graph = helper.make_graph(
+        [helper.make_node(Q4KERNEL_OP, ["x", "p0", "s0", "p1", "s1"], ["y0", "y1"],
+                          domain="edgeadapt")], "g", ins,
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(2)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("edgeadapt", 1)])
+    model.ir_version = 9
+    so = ort.SessionOptions()
+    ok.register(so)
+    sess = ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    y0, y1 = sess.run(None, {"x": x, "p0": lp, "s0": ls, "p1": p, "s1": s})
+    stock_graph = helper.make_graph(
+        [nbits], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], list(inits.values()))
+    stock = helper.make_model(stock_graph, opset_imports=[helper.make_opsetid("", 17),
+                                                          helper.make_opsetid("com.microsoft",
+                                                                              1)])
+    stock.ir_version = 9
+    ref = ort.InferenceSession(stock.SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y1, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y1, _want(x, w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y0, _want(x, live_deq), rtol=1e-5, atol=1e-5)
+
+    asymmetric = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"],
+                                  domain="com.microsoft", K=k, N=n, bits=4, block_size=bs)
+    assert _int4_constant(asymmetric, 0, inits, set(), None) is None

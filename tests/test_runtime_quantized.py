@@ -8,6 +8,7 @@ dequantization (no custom op); the exported codes for every restore."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -91,16 +92,31 @@ def _expected_codes(lm, g, adapters: dict[str, Adapter], active: list[str]) -> d
 
 def _stock_forward(bundle_dir, codes: dict, inputs: dict) -> np.ndarray:
     """The bundle's graph on stock ONNX Runtime (its dequantization, no edgeadapt op) with
-    ``codes`` (torch name -> (codes, scales) in torch layout) as its live inputs."""
+    ``codes`` (torch name -> (codes, scales) in torch layout) as its live inputs. Its int4
+    ``MatMulNBits`` that read the x a live weight reads (a layer's k beside q and v, which
+    edgeadapt's kernel computes in the live weights' node on float activations where the codes
+    are int4) run at accuracy level 0 (float activations too); the others keep the export's."""
     manifest = read_manifest(bundle_dir)
     feeds = dict(inputs)
     for n, (q, s) in codes.items():
         entry = manifest.weights[n].onnxruntime
         feeds[entry["name"]] = to_backend(q, entry["layout"])
         feeds[entry["quant"]["scales"]] = to_backend(s, entry["layout"])
+    path = bundle_dir / manifest.onnxruntime["file"]
+    model = onnx.load(str(path), load_external_data=False)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    live_x = {producers[n.input[0]].input[0] for n in model.graph.node
+              if n.op_type == "MatMul" and n.input[1] in producers
+              and producers[n.input[1]].name.endswith("/dq_shape")}
+    for n in model.graph.node:
+        attrs = {a.name: a for a in n.attribute}
+        if n.op_type == "MatMulNBits" and n.input[0] in live_x and attrs["bits"].i == 4:
+            attrs["accuracy_level"].i = 0
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(bundle_dir / manifest.onnxruntime["file"]), so,
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                str(bundle_dir))
+    sess = ort.InferenceSession(model.SerializeToString(), so,
                                 providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)[0]
 

@@ -221,12 +221,11 @@ def kernel_blocked_matmuls(model: onnx.ModelProto, names: set[str] | list[str],
     blocked = _blocked_inputs(graph, names)
     producers = {o: n for n in graph.node for o in n.output}
     uses = consumers(graph)
-    order = {id(n): i for i, n in enumerate(graph.node)}
     drop: set[int] = set()
-    groups: dict[str, list[tuple[onnx.NodeProto, str, str]]] = {}  # x -> (node, weight, y)
+    groups: dict[tuple[str, str], list[Reader]] = {}
     for name in blocked:
         for flat, mm, tr, rs in _blocked_readers(graph, name, uses, producers):
-            groups.setdefault(flat.input[0], []).append((mm, name, rs.output[0]))
+            groups.setdefault((flat.input[0], KERNEL_OP), []).append((mm, [name], rs.output[0]))
             drop.update((id(tr), id(rs)))
     if not groups:
         return 0
@@ -234,29 +233,44 @@ def kernel_blocked_matmuls(model: onnx.ModelProto, names: set[str] | list[str],
     inits = {i.name: i for i in graph.initializer}
     overridable = {i.name for i in graph.input}
     made: dict[str, onnx.TensorProto] = {}
-    replace: dict[int, onnx.NodeProto] = {}
-    for x, readers in groups.items():
-        inp = blocked[readers[0][1]].type.tensor_type.shape.dim[1].dim_value
+    for (x, _), readers in groups.items():
+        inp = blocked[readers[0][1][0]].type.tensor_type.shape.dim[1].dim_value
         for node, pos in uses.get(x, []):
             c = node.input[1] if node.op_type == "MatMul" and pos == 0 else ""
             if c in inits and c not in overridable:
                 tensor = made.get(c) or _blocked_constant(inits[c], inp, base_dir)
                 if tensor is not None:
                     made[c] = tensor
-                    readers.append((node, tensor.name, node.output[0]))
-        readers.sort(key=lambda r: order[id(r[0])])
-        replace[id(readers[0][0])] = helper.make_node(
-            KERNEL_OP, [x] + [w for _, w, _ in readers], [y for _, _, y in readers],
-            name=readers[0][0].name, domain=KERNEL_DOMAIN)
-        drop.update(id(n) for n, _, _ in readers[1:])
+                    readers.append((node, [tensor.name], node.output[0]))
     graph.initializer.extend(made.values())
-    _rewrite_readers(graph, replace, drop)
+    _rewrite_readers(graph, merged_nodes(graph, groups, drop), drop)
     read = {i for n in graph.node for i in n.input}
     for init in [inits[c] for c in made if c not in read]:
         graph.initializer.remove(init)  # now read as the blocked copy only
     if not any(o.domain == KERNEL_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
     return replaced
+
+
+#: a reader to replace: (its node, the op inputs it adds after x, its output)
+Reader = tuple[onnx.NodeProto, list[str], str]
+
+
+def merged_nodes(graph: onnx.GraphProto, groups: dict[tuple[str, str], list[Reader]],
+                 drop: set[int]) -> dict[int, onnx.NodeProto]:
+    """One ``op`` node per ``(x, op)`` group of readers, ``op(x, *inputs of each reader in graph
+    order) -> their outputs``, to stand where the group's first reader stood: returns
+    {id(that reader): the node} for :func:`_rewrite_readers`, the other readers added to
+    ``drop``."""
+    order = {id(n): i for i, n in enumerate(graph.node)}
+    replace = {}
+    for (x, op), readers in groups.items():
+        readers.sort(key=lambda r: order[id(r[0])])
+        replace[id(readers[0][0])] = helper.make_node(
+            op, [x] + [i for _, ins, _ in readers for i in ins], [y for _, _, y in readers],
+            name=readers[0][0].name, domain=KERNEL_DOMAIN)
+        drop.update(id(n) for n, _, _ in readers[1:])
+    return replace
 
 
 def _blocked_constant(tensor: onnx.TensorProto, inp: int, base_dir: Path | None

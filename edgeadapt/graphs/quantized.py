@@ -20,6 +20,7 @@ input retyped to the packed ``P (out/32, in, 16)`` uint8 (:mod:`edgeadapt.format
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -32,8 +33,10 @@ from edgeadapt.graphs.blocked import (
     KERNEL_DOMAIN,
     Q4KERNEL_OP,
     QKERNEL_OP,
+    Reader,
     _blocked_readers,
     _rewrite_readers,
+    merged_nodes,
 )
 from edgeadapt.graphs.values import LiveWeight, all_value_names, consumers
 
@@ -117,18 +120,28 @@ def quantized_inputs(model: onnx.ModelProto) -> dict[str, QuantizedInput]:
 
 
 def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str],
-                             packed: set[str] | frozenset[str] = frozenset()) -> int:
-    """Replace each reader of the named quantized inputs (``codes`` input names) and their
-    dequantization by one ``y = edgeadapt.QBlockedMatMul(x, Q, S)`` node, or
-    ``edgeadapt.Q4BlockedMatMul(x, P, S)`` for those in ``packed`` (their input retyped to the
-    packed uint8 codes). Returns how many readers were replaced."""
+                             packed: set[str] | frozenset[str] = frozenset(),
+                             base_dir: Path | None = None) -> int:
+    """Replace the readers of the named quantized inputs (``codes`` input names) and their
+    dequantization by ``edgeadapt.QBlockedMatMul`` nodes, ``edgeadapt.Q4BlockedMatMul`` for
+    those in ``packed`` (their input retyped to the packed uint8 codes). Readers of one ``x``
+    (of one op) become one node,
+
+        y_1, ..., y_n = edgeadapt.Q4BlockedMatMul(x, P_1, S_1, ..., P_n, S_n)
+
+    which every constant symmetric int4 ``MatMulNBits`` of that ``x`` joins (no zero points:
+    its codes offset by 8, as :mod:`edgeadapt.format.nibbles` packs them; re-laid as packed
+    codes and blocked scales, new initializers, its data read from ``base_dir`` where it is
+    external and left as it is where that is None): a layer's q, k and v are one node, as
+    :func:`edgeadapt.graphs.blocked.kernel_blocked_matmuls` makes them for float weights.
+    Returns how many live readers were replaced."""
     graph = model.graph
     inputs = {vi.name: vi for vi in graph.input}
     found = quantized_inputs(model)
     producers = {o: n for n in graph.node for o in n.output}
     uses = consumers(graph)
     drop: set[int] = set()
-    replace: dict[int, onnx.NodeProto] = {}
+    groups: dict[tuple[str, str], list[Reader]] = {}
     for name in codes:
         q = found.get(name)
         if q is None:
@@ -142,18 +155,60 @@ def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str]
             graph.input.append(helper.make_tensor_value_info(
                 name, TensorProto.UINT8, list(nibbles.packed_shape(tuple(dims)))))
         for flat, mm, tr, rs in _blocked_readers(graph, q.value, uses, producers):
-            replace[id(mm)] = helper.make_node(op, [flat.input[0], q.codes, q.scales],
-                                               [rs.output[0]], name=mm.name,
-                                               domain=KERNEL_DOMAIN)
+            groups.setdefault((flat.input[0], op), []).append(
+                (mm, [q.codes, q.scales], rs.output[0]))
             drop.update((id(tr), id(rs)))
         drop.update(id(n) for n in graph.node if n.name.startswith(f"{q.value}/dq_"))
-    if replace:
-        _rewrite_readers(graph, replace, drop)
-        read = {i for n in graph.node for i in n.input}
-        for init in [i for i in graph.initializer
-                     if i.name.startswith(_DQ) and i.name not in read]:
-            graph.initializer.remove(init)
-        if not any(o.domain == KERNEL_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
-    return len(replace)
+    if not groups:
+        return 0
+    replaced = sum(len(r) for r in groups.values())
+    inits = {i.name: i for i in graph.initializer}
+    made: list[onnx.TensorProto] = []
+    absorbed: set[str] = set()
+    for (x, op), readers in groups.items():
+        for node, pos in uses.get(x, []) if op == Q4KERNEL_OP else []:
+            tensors = _int4_constant(node, pos, inits, set(inputs), base_dir)
+            if tensors is not None:
+                made += tensors
+                absorbed.update(node.input[1:])
+                readers.append((node, [t.name for t in tensors], node.output[0]))
+    graph.initializer.extend(made)
+    _rewrite_readers(graph, merged_nodes(graph, groups, drop), drop)
+    read = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer
+                 if (i.name.startswith(_DQ) or i.name in absorbed) and i.name not in read]:
+        graph.initializer.remove(init)
+    if not any(o.domain == KERNEL_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
+    return replaced
 
+
+def _int4_constant(node: onnx.NodeProto, pos: int, inits: dict[str, onnx.TensorProto],
+                   overridable: set[str], base_dir: Path | None
+                   ) -> list[onnx.TensorProto] | None:
+    """``[P, S]`` of ``node`` where it is a ``com.microsoft.MatMulNBits`` reading its ``x`` as
+    input 0 with constant symmetric int4 codes (no zero points, ``N`` a multiple of 32, whole
+    blocks): ``B (N, K/bs, bs/2)`` (code ``k`` of a block in byte ``k // 2``, low nibble first,
+    offset by 8) re-laid as packed codes ``P (N/32, K, 16)`` (:mod:`edgeadapt.format.nibbles`)
+    and ``scales (N, K/bs)`` as ``S (N/32, K/bs, 32)``; None otherwise."""
+    if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or pos != 0 \
+            or len([i for i in node.input if i]) != 3 or len(node.input) != 3:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    k, n, bs = attrs.get("K"), attrs.get("N"), attrs.get("block_size")
+    b_name, s_name = node.input[1], node.input[2]
+    if attrs.get("bits") != 4 or not k or not n or not bs or n % 32 or k % bs \
+            or b_name not in inits or s_name not in inits or {b_name, s_name} & overridable:
+        return None
+    tensors = [inits[b_name], inits[s_name]]
+    if any(t.data_location == TensorProto.EXTERNAL for t in tensors) and base_dir is None:
+        return None
+    b, scales = (numpy_helper.to_array(t, str(base_dir) if base_dir else "") for t in tensors)
+    if b.dtype != np.uint8 or b.shape != (n, k // bs, bs // 2) or scales.size != n * k // bs \
+            or scales.dtype != np.float32:
+        return None
+    nib = np.stack([b & 15, b >> 4], axis=-1).reshape(n, k).astype(np.int8) - 8
+    codes = np.ascontiguousarray(nib.reshape(n // 32, 32, k).transpose(0, 2, 1))
+    blocked = np.ascontiguousarray(scales.reshape(n // 32, 32, k // bs).transpose(0, 2, 1))
+    return [numpy_helper.from_array(nibbles.pack(codes), f"{b_name}/edgeadapt.P"),
+            numpy_helper.from_array(blocked, f"{s_name}/edgeadapt.S")]

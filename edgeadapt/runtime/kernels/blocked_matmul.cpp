@@ -344,21 +344,28 @@ struct Kernel {
       if (xs.empty()) return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, Names<F>::shapes);
       int64_t M = 1;
       for (size_t i = 0; i + 1 < xs.size(); ++i) M *= xs[i];
-      // the float form: a weight per input after x; the code forms: one (codes, scales) pair
-      const size_t weights = F == Form::Float ? ctx.GetInputCount() - 1 : 1;
+      // the float form: a weight per input after x; the code forms: (codes, scales) pairs
+      constexpr size_t per = F == Form::Float ? 1 : 2;
+      const size_t weights = (ctx.GetInputCount() - 1) / per;
+      if (weights * per + 1 != ctx.GetInputCount())
+        return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, Names<F>::shapes);
       Jobs all;
       all.first.push_back(0);
       for (size_t i = 0; i < weights; ++i) {
-        const Ort::ConstValue wv = ctx.GetInput(1 + i);
-        const std::vector<int64_t> ws = wv.GetTensorTypeAndShapeInfo().GetShape();
-        if (ws.size() != 3 || ws[2] != row_width<F> || ws[1] != xs.back())
+        const Ort::ConstValue wv = ctx.GetInput(1 + per * i);
+        const Ort::TensorTypeAndShapeInfo wi = wv.GetTensorTypeAndShapeInfo();
+        const std::vector<int64_t> ws = wi.GetShape();
+        if (ws.size() != 3 || ws[2] != row_width<F> || ws[1] != xs.back() ||
+            wi.GetElementType() != Names<F>::type)
           return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, Names<F>::shapes);
         Job job{xv.GetTensorData<float>(), nullptr, nullptr, nullptr, nullptr, M, ws[1],
                 ws[0] * BW, ws[0], (M + MC - 1) / MC, ws[1]};
         if constexpr (F != Form::Float) {
-          const Ort::ConstValue sv = ctx.GetInput(2);
-          const std::vector<int64_t> ss = sv.GetTensorTypeAndShapeInfo().GetShape();
-          if (ss.size() != 3 || ss[0] != ws[0] || ss[2] != BW || ss[1] < 1 || ws[1] % ss[1])
+          const Ort::ConstValue sv = ctx.GetInput(2 + per * i);
+          const Ort::TensorTypeAndShapeInfo si = sv.GetTensorTypeAndShapeInfo();
+          const std::vector<int64_t> ss = si.GetShape();
+          if (ss.size() != 3 || ss[0] != ws[0] || ss[2] != BW || ss[1] < 1 || ws[1] % ss[1] ||
+              si.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
             return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, Names<F>::scales);
           job.q = static_cast<const uint8_t*>(wv.GetTensorRawData());
           job.s = sv.GetTensorData<float>();
@@ -392,20 +399,23 @@ struct Op : Ort::CustomOpBase<Op<F>, Kernel<F>, /*WithStatus=*/true> {
     return nullptr;
   }
   const char* GetName() const { return Names<F>::op; }
-  // the float form: x, then one or more weights (variadic), one output per weight
-  size_t GetInputTypeCount() const { return F == Form::Float ? 2 : 3; }
+  // x, then one or more weights (variadic: float weights, or (codes, scales) pairs, whose
+  // types the kernel checks), one output per weight
+  size_t GetInputTypeCount() const { return 2; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 1 ? Names<F>::type : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return i == 1 && F != Form::Float ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED
+                                      : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return F == Form::Float && i == 1 ? INPUT_OUTPUT_VARIADIC : INPUT_OUTPUT_REQUIRED;
+    return i == 1 ? INPUT_OUTPUT_VARIADIC : INPUT_OUTPUT_REQUIRED;
   }
+  bool GetVariadicInputHomogeneity() const { return F == Form::Float; }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const {
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t) const {
-    return F == Form::Float ? INPUT_OUTPUT_VARIADIC : INPUT_OUTPUT_REQUIRED;
+    return INPUT_OUTPUT_VARIADIC;
   }
 };
 

@@ -67,7 +67,7 @@ def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool,
 
         model = read_graph(model_path)
         if kernel_blocked_matmuls(model, blocked, model_path.parent) + kernel_quantized_matmuls(
-                model, quantized, set(packed)):
+                model, quantized, set(packed), model_path.parent):
             own_kernel.register(so)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(model_path.parent))
