@@ -159,6 +159,9 @@ class OrtDecoder:
             raise BundleError(f"{path}: cache inputs of shape {first}, bundle.json says "
                               f"kv_heads {self.kv_heads}, head_dim {self.head_dim}")
         self.max_context = int(manifest.extra.get("generate", {}).get("max_context", 0)) or None
+        vocab = next(o.shape[-1] for o in self.session.get_outputs() if o.name == self.logits_name)
+        self.vocab = vocab if isinstance(vocab, int) else int(manifest.extra["generate"][
+            "vocab_size"])
         self._ort = ort
         self._local = threading.local()
 
@@ -189,6 +192,11 @@ class OrtDecoder:
         cache.values = [self._ort.OrtValue.ortvalue_from_numpy(a) for a in grown]
 
     def _binding(self):
+        """The calling thread's IOBinding: the live weights bound once; the cache buffers of
+        the last conversation it stepped stay bound (``_local.cache``, those buffers' values)
+        until it steps another."""
+        if not hasattr(self._local, "cache"):
+            self._local.cache = None
         b = thread_binding(self._local, self.session, self._values)
         if self._branches is not None:
             self._branches.bind(self._local, b)
@@ -201,7 +209,7 @@ class OrtDecoder:
         place (``cache`` is returned, its length advanced); with ``keep`` k >= 1 those of the
         last k tokens only, (1, min(k, seq), vocab), which the graph's head computes alone
         (``logits_to_keep``; an older bundle's graph computes all and they are sliced). The
-        logits are a view of ONNX Runtime's output of this run (each run allocates a new one).
+        logits are a new array each run, bound as the graph's output.
 
         window: an optimistic run's window (:meth:`~edgeadapt.runtime.locks.ReadWriteLock.
         optimistic`): a switch that begins during the run terminates it (``RunOptions.
@@ -218,11 +226,16 @@ class OrtDecoder:
         b.bind_cpu_input(self.length_name, np.array(cache.length, np.int64))
         if self.keep_name:
             b.bind_cpu_input(self.keep_name, np.array(keep, np.int64))
-        b.bind_output(self.logits_name, "cpu")  # first: get_outputs() is in binding order
-        for past, present, value in zip(self.past_names, self.present_names, cache.values,
-                                        strict=True):
-            b.bind_ortvalue_input(past, value)
-            b.bind_ortvalue_output(present, value)
+        # the logits into an array of ours: get_outputs() would wrap every bound output
+        rows = min(keep, ids.shape[1]) if keep and self.keep_name else ids.shape[1]
+        logits = np.empty((1, rows, self.vocab), np.float32)
+        b.bind_output(self.logits_name, "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        if self._local.cache is not cache.values:  # this thread's last step bound another
+            for past, present, value in zip(self.past_names, self.present_names, cache.values,
+                                            strict=True):
+                b.bind_ortvalue_input(past, value)
+                b.bind_ortvalue_output(present, value)
+            self._local.cache = cache.values
         options = None
         if window is not None:
             options = self._ort.RunOptions()
@@ -231,8 +244,7 @@ class OrtDecoder:
             self.session.run_with_iobinding(b, options)
         except Exception:
             b.clear_binding_outputs()
+            self._local.cache = None
             raise
-        logits = b.get_outputs()[0].numpy()
-        b.clear_binding_outputs()
         cache.length += ids.shape[1]
         return (logits[:, -keep:] if keep else logits), cache
