@@ -14,7 +14,8 @@
 // constant at 64 tokens. blocked32 already is a packed-B layout (each 32-column block a
 // contiguous K x 32 run), so this kernel reads it in place and packs nothing:
 //
-// - one token (M == 1): per block, stream w[b] with eight accumulators (FMA latency), sum;
+// - one token (M == 1): per block, stream w[b] with eight accumulators (FMA latency), sum,
+//   reading 32 rows (4 KB) ahead with software prefetches;
 // - more tokens: 12-row x 32-column tiles, 24 accumulators: per c, two 16-float loads of
 //   w[b, c, :] and one broadcast of x[m, c] per row (AVX-512; plain C++ elsewhere). Rows are
 //   taken in chunks of MC (the chunk of x stays in L2 while every block passes over it); the
@@ -25,6 +26,9 @@
 // s (N/32, K/G, 32), G input columns per scale (the grids: G = 32; G = K: one per row):
 //
 //     y[m, 32 b + j] = sum_g s[b, g, j] * sum_{c in group g} x[m, c] * q[b, c, j]
+//
+// Like BlockedMatMul it takes one x and any number of weights, here (codes, scales) pairs:
+// QBlockedMatMul(x, q_1, s_1, q_2, s_2, ...) -> y_1, y_2, ... (each pair's G its own).
 //
 // - one token: per block and group, the codes are widened to float and multiplied with eight
 //   accumulators as above, then scaled once per group (weight traffic: a byte per weight);
