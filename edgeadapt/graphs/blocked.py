@@ -282,9 +282,17 @@ def _blocked_constant(tensor: onnx.TensorProto, inp: int, base_dir: Path | None
     if tensor.data_type != TensorProto.FLOAT or len(dims) != 2 or dims[0] != inp \
             or dims[1] % BLOCK or dims[1] == 0:
         return None
-    external = tensor.data_location == TensorProto.EXTERNAL
-    if external and base_dir is None:
+    c = constant_array(tensor, base_dir)
+    if c is None:
         return None
-    c = numpy_helper.to_array(tensor, str(base_dir) if external else "")
     cb = np.ascontiguousarray(c.reshape(inp, -1, BLOCK).transpose(1, 0, 2))
     return numpy_helper.from_array(cb, f"{tensor.name}/edgeadapt.B32")
+
+
+def constant_array(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray | None:
+    """An initializer's values, read from ``base_dir`` where its data is external; None for
+    external data without a folder (the graph was read without its data and the caller
+    leaves the tensor as it is)."""
+    if tensor.data_location == TensorProto.EXTERNAL:
+        return None if base_dir is None else numpy_helper.to_array(tensor, str(base_dir))
+    return numpy_helper.to_array(tensor)

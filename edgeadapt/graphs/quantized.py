@@ -36,6 +36,7 @@ from edgeadapt.graphs.blocked import (
     Reader,
     _blocked_readers,
     _rewrite_readers,
+    constant_array,
     merged_nodes,
 )
 from edgeadapt.graphs.values import LiveWeight, all_value_names, consumers
@@ -192,7 +193,7 @@ def _int4_constant(node: onnx.NodeProto, pos: int, inits: dict[str, onnx.TensorP
     offset by 8) re-laid as packed codes ``P (N/32, K, 16)`` (:mod:`edgeadapt.format.nibbles`)
     and ``scales (N, K/bs)`` as ``S (N/32, K/bs, 32)``; None otherwise."""
     if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or pos != 0 \
-            or len([i for i in node.input if i]) != 3 or len(node.input) != 3:
+            or len(node.input) != 3 or not all(node.input):
         return None
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     k, n, bs = attrs.get("K"), attrs.get("N"), attrs.get("block_size")
@@ -200,12 +201,9 @@ def _int4_constant(node: onnx.NodeProto, pos: int, inits: dict[str, onnx.TensorP
     if attrs.get("bits") != 4 or not k or not n or not bs or n % 32 or k % bs \
             or b_name not in inits or s_name not in inits or {b_name, s_name} & overridable:
         return None
-    tensors = [inits[b_name], inits[s_name]]
-    if any(t.data_location == TensorProto.EXTERNAL for t in tensors) and base_dir is None:
-        return None
-    b, scales = (numpy_helper.to_array(t, str(base_dir) if base_dir else "") for t in tensors)
-    if b.dtype != np.uint8 or b.shape != (n, k // bs, bs // 2) or scales.size != n * k // bs \
-            or scales.dtype != np.float32:
+    b, scales = (constant_array(inits[t], base_dir) for t in (b_name, s_name))
+    if b is None or scales is None or b.dtype != np.uint8 or b.shape != (n, k // bs, bs // 2) \
+            or scales.size != n * k // bs or scales.dtype != np.float32:
         return None
     nib = np.stack([b & 15, b >> 4], axis=-1).reshape(n, k).astype(np.int8) - 8
     codes = np.ascontiguousarray(nib.reshape(n // 32, 32, k).transpose(0, 2, 1))

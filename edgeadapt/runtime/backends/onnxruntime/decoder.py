@@ -159,7 +159,11 @@ class OrtDecoder:
             raise BundleError(f"{path}: cache inputs of shape {first}, bundle.json says "
                               f"kv_heads {self.kv_heads}, head_dim {self.head_dim}")
         self.max_context = int(manifest.extra.get("generate", {}).get("max_context", 0)) or None
-        vocab = next(o.shape[-1] for o in self.session.get_outputs() if o.name == self.logits_name)
+        logits = [o for o in self.session.get_outputs() if o.name == self.logits_name]
+        if not logits:
+            raise BundleError(f"{path}: output {self.logits_name!r} named in bundle.json is not "
+                              "an output of the decoder graph")
+        vocab = logits[0].shape[-1]
         self.vocab = vocab if isinstance(vocab, int) else int(manifest.extra["generate"][
             "vocab_size"])
         self._ort = ort
@@ -195,8 +199,6 @@ class OrtDecoder:
         """The calling thread's IOBinding: the live weights bound once; the cache buffers of
         the last conversation it stepped stay bound (``_local.cache``, those buffers' values)
         until it steps another."""
-        if not hasattr(self._local, "cache"):
-            self._local.cache = None
         b = thread_binding(self._local, self.session, self._values)
         if self._branches is not None:
             self._branches.bind(self._local, b)
@@ -230,7 +232,7 @@ class OrtDecoder:
         rows = min(keep, ids.shape[1]) if keep and self.keep_name else ids.shape[1]
         logits = np.empty((1, rows, self.vocab), np.float32)
         b.bind_output(self.logits_name, "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
-        if self._local.cache is not cache.values:  # this thread's last step bound another
+        if getattr(self._local, "cache", None) is not cache.values:  # it bound another last
             for past, present, value in zip(self.past_names, self.present_names, cache.values,
                                             strict=True):
                 b.bind_ortvalue_input(past, value)
