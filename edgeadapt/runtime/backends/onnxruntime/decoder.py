@@ -242,7 +242,7 @@ class OrtDecoder:
         if window is not None:
             options = self._ort.RunOptions()
             # onnxruntime's Python run_with_iobinding looks this key up in every RunOptions, and
-            # a missing key costs it a raised and caught exception (about 70 us a step); -1 is
+            # a missing key costs it a raised and caught exception on every step; -1 is
             # its own "no graph capture", what a CPU session does anyway
             options.add_run_config_entry("gpu_graph_id", "-1")
             window.on_cancel(lambda: setattr(options, "terminate", True))
