@@ -36,6 +36,7 @@ from edgeadapt.export.onnx_graph import digest
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.format.layout import BLOCKED, to_backend
 from edgeadapt.format.quant import Grid, affine_split, grid, offset_weight
+from edgeadapt.graphs.offsets import block_sums_name
 from edgeadapt.graphs.quantized import dequantize_live_inputs
 from edgeadapt.graphs.values import LiveWeight, consumers
 from edgeadapt.models import LoadedModel
@@ -124,7 +125,7 @@ def add_offset_terms(model: onnx.ModelProto, weights: dict[str, np.ndarray],
                         n.input[1] = value.name
         consts[f"{w}.offsets.T"] = np.ascontiguousarray(offsets[w].T)
         inp = int(shifted[w].shape[1])
-        p_name = f"edgeadapt_block_sums_{inp}x{group}"
+        p_name = block_sums_name(inp, group)
         if p_name not in consts:
             consts[p_name] = np.kron(np.eye(inp // group, dtype=np.float32),
                                      np.ones((group, 1), np.float32))

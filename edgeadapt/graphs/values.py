@@ -1,10 +1,12 @@
 """Where values sit in an ONNX graph and who reads them (onnx only, no torch): the
 :class:`LiveWeight` record the exporter and the blocked32 rewrite pass around, the readers of
-every value (:func:`consumers`), and the graph input names of live weights
-(:func:`live_input_name`)."""
+every value (:func:`consumers`), the graph input names of live weights
+(:func:`live_input_name`), and a stable topological order for rewritten graphs
+(:func:`sort_topologically`)."""
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -61,3 +63,36 @@ def all_value_names(graph: onnx.GraphProto) -> set[str]:
         names.update(node.input)
         names.update(node.output)
     return names
+
+
+def sort_topologically(graph: onnx.GraphProto) -> None:
+    """Order the top-level nodes so that each comes after the producers of what it reads
+    (names read inside its subgraphs included), in place; nodes keep their relative order
+    where nothing forces another (a stable Kahn's sort). ValueError for a cycle."""
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    waiting = [0] * len(nodes)
+    readers: dict[int, list[int]] = defaultdict(list)
+    for i, node in enumerate(nodes):
+        reads = set(node.input)
+        for attr in node.attribute:
+            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                reads |= _names_read(sub)
+        before = {producer[name] for name in reads if name in producer} - {i}
+        waiting[i] = len(before)
+        for j in before:
+            readers[j].append(i)
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for j in readers[i]:
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, j)
+    if len(order) != len(nodes):
+        raise ValueError("the graph has a cycle")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)

@@ -50,6 +50,9 @@
 // token, K = 576: as fast as QBlockedMatMul with the weights in L2, 0.77-0.85x its time with
 // them in L3). More tokens: each block is dequantized into the float panel as above.
 //
+// edgeadapt.BlockOffsets (block_offsets.h): the affine int4 grid's offset term of the readers
+// of one x, in one node.
+//
 // Built against ONNX Runtime's C/C++ API headers (scripts/ort_headers.py installs them) and
 // loaded with SessionOptions.register_custom_ops_library:
 // edgeadapt/runtime/backends/onnxruntime/kernel.py.
@@ -63,6 +66,8 @@
 #include <memory>
 #include <mutex>
 #include <vector>
+
+#include "block_offsets.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -427,6 +432,7 @@ std::vector<std::unique_ptr<Ort::CustomOpDomain>> domains;  // live as long as t
 Op<Form::Float> the_op;
 Op<Form::Int8> the_qop;
 Op<Form::Int4> the_q4op;
+block_offsets::Op the_offsets_op;
 
 }  // namespace
 
@@ -441,6 +447,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     domain->Add(&the_op);
     domain->Add(&the_qop);
     domain->Add(&the_q4op);
+    domain->Add(&the_offsets_op);
     Ort::UnownedSessionOptions(options).Add(*domain);
     std::lock_guard<std::mutex> guard(domains_lock);
     domains.push_back(std::move(domain));

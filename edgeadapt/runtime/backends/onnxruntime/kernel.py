@@ -1,6 +1,7 @@
 """Build and load edgeadapt's own ONNX Runtime kernel, the custom op ``edgeadapt.BlockedMatMul``
 (``edgeadapt/runtime/kernels/blocked_matmul.cpp``: ``y = x @ W.T`` reading a blocked32 live
-weight in place; why there). Torch-free.
+weight in place; why there), its quantized forms and the affine grid's ``edgeadapt.BlockOffsets``
+(``block_offsets.h``, included). Torch-free.
 
 A custom op library is compiled against ONNX Runtime's C/C++ API headers and handed to a
 session with ``SessionOptions.register_custom_ops_library``; it links to nothing (the runtime
@@ -30,6 +31,8 @@ from edgeadapt.format.layout import BLOCKED
 from edgeadapt.runtime import native
 
 SOURCE = native.KERNELS / "blocked_matmul.cpp"
+#: the headers of edgeadapt's own that SOURCE includes (their text is part of the build's key)
+OWN_HEADERS = (native.KERNELS / "block_offsets.h",)
 HEADER = "onnxruntime_cxx_api.h"
 NEEDED_FOR = "edgeadapt's ONNX Runtime kernel"
 
@@ -79,7 +82,8 @@ def library_path(cflags: tuple[str, ...] = ()) -> Path:
         raise ConfigError(f"{NEEDED_FOR}: the headers in {include} are API version {version}, "
                           f"newer than the installed onnxruntime's {runtime_api_version()}")
     return native.build(SOURCE, "libedgeadapt_ort.so", [*cflags, f"-I{include}"],
-                        key=[f"ORT_API_VERSION {version}", str(include)],
+                        key=[f"ORT_API_VERSION {version}", str(include),
+                             *(h.read_text() for h in OWN_HEADERS)],
                         needed_for=NEEDED_FOR)
 
 

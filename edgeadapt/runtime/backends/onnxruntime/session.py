@@ -57,17 +57,21 @@ def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool,
     panel (docs/bench.md), and every reader of the quantized codes inputs ``quantized`` (with
     their dequantization) by ``edgeadapt.QBlockedMatMul``
     (:func:`edgeadapt.graphs.quantized.kernel_quantized_matmuls`; ``packed``: those of them
-    bound as int4 codes two per byte, read by ``edgeadapt.Q4BlockedMatMul``). The rewritten
-    graph is handed over as bytes, its external data read from the model's folder.
+    bound as int4 codes two per byte, read by ``edgeadapt.Q4BlockedMatMul``). An affine int4
+    graph's offset terms become one ``edgeadapt.BlockOffsets`` per input
+    (:func:`edgeadapt.graphs.offsets.kernel_block_offsets`). The rewritten graph is handed over
+    as bytes, its external data read from the model's folder.
     """
     if kernel and (blocked or quantized):
         from edgeadapt.graphs.blocked import kernel_blocked_matmuls
+        from edgeadapt.graphs.offsets import kernel_block_offsets
         from edgeadapt.graphs.quantized import kernel_quantized_matmuls
         from edgeadapt.runtime.backends.onnxruntime import kernel as own_kernel
 
         model = read_graph(model_path)
         if kernel_blocked_matmuls(model, blocked, model_path.parent) + kernel_quantized_matmuls(
-                model, quantized, set(packed), model_path.parent):
+                model, quantized, set(packed), model_path.parent) \
+                + kernel_block_offsets(model):
             own_kernel.register(so)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(model_path.parent))
