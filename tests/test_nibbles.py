@@ -62,3 +62,34 @@ def test_scatter_outside_the_buffer_writes_nothing(native):
         scatter_nibbles(flat, np.array([3, 4 * 32], np.int64), np.array([1, 1], np.int8),
                         native=native)
     np.testing.assert_array_equal(flat, before)
+
+
+def _scatter_per_code(flat: np.ndarray, pos: np.ndarray, codes: np.ndarray) -> None:
+    """The reference: one read-modify-write of a byte per code, in order, in plain Python."""
+    for p, q in zip(pos.tolist(), codes.tolist(), strict=True):
+        b, high = (p >> 5) * 16 + (p & 15), bool(p & 16)
+        n = q + 8
+        flat[b] = (int(flat[b]) & 0x0F) | (n << 4) if high else (int(flat[b]) & 0xF0) | n
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_numpy_scatter_equals_a_per_code_reference_and_the_native_one(seed):
+    """Dense random positions (most bytes get both nibbles in one call), a whole block, and a
+    byte written only in its high nibble beside one written only in its low."""
+    rng = np.random.default_rng(seed)
+    flat = rng.integers(0, 256, 5 * 7 * 16, dtype=np.uint8)
+    pos = np.unique(np.concatenate([rng.choice(2 * flat.size, 700, replace=False),
+                                    np.arange(64, 96), [16 * 32 + 20, 16 * 32 + 5]]))
+    pos = pos.astype(np.int64)
+    codes = rng.integers(-8, 8, pos.size).astype(np.int8)
+    assert np.intersect1d(nibbles.byte_of(pos[nibbles.shift_of(pos) == 0]),
+                          nibbles.byte_of(pos[nibbles.shift_of(pos) == 4])).size > 100
+    want = flat.copy()
+    _scatter_per_code(want, pos, codes)
+    got = flat.copy()
+    nibbles.scatter(got, pos, codes)
+    np.testing.assert_array_equal(got, want)
+    if native_scatter():
+        native = flat.copy()
+        scatter_nibbles(native, pos, codes, native=True)
+        np.testing.assert_array_equal(native, want)

@@ -186,6 +186,45 @@ def test_live_weights_are_the_dequantized_values(bundle):
         np.testing.assert_array_equal(w, want)
 
 
+def test_live_store_holds_the_bundles_codes_packed_before_its_one_copy(bundle, monkeypatch):
+    """The live store's codes are the bundle's, bit for bit: int4 two per byte
+    (format/nibbles.py), packed before the one arena copy, which holds them so and only so (no
+    arena of a code per byte first); int8 a code per byte. The codes' sha256 is checked on the
+    unpacked codes (``verify_base``)."""
+    from safetensors.numpy import load_file
+
+    from edgeadapt.format import nibbles
+    from edgeadapt.runtime.backends.onnxruntime import store as ort_store
+    from edgeadapt.runtime.pages import one_span
+
+    _, out, g, _ = bundle
+    copied = []
+
+    def spy(arrays):
+        copied.append({n: a.dtype for n, a in arrays.items()})
+        return arena_copies(arrays)
+
+    arena_copies = ort_store.arena_copies
+    monkeypatch.setattr(ort_store, "arena_copies", spy)
+    rt = load(out, mode="live", threads=1)
+    assert rt.store.kernel
+    manifest = read_manifest(out)
+    packed = g.bits == 4
+    assert copied == [{n: np.dtype(np.uint8 if packed else np.int8) for n in manifest.weights}]
+    tensors = load_file(str(out / manifest.onnxruntime["live_weights"]))
+    live = rt.store.live_weights()
+    for n, lw in live.items():
+        entry = manifest.weights[n].onnxruntime
+        codes = tensors.get(entry["name"], tensors.get(n))
+        if codes.shape == tuple(manifest.weights[n].shape):  # stored in torch layout
+            codes = to_backend(codes, entry["layout"])
+        assert lw.packed == packed and lw.array.dtype == (np.uint8 if packed else np.int8)
+        np.testing.assert_array_equal(nibbles.unpack(lw.array) if packed else lw.array, codes)
+        assert weight_sha256(lw.torch_weight()) == lw.codes.codes_sha256
+    assert one_span({n: lw.array for n, lw in live.items()}) is not None
+    rt.engine.verify_base()
+
+
 def test_bad_scales_and_modes_are_refused(bundle, tmp_path):
     import shutil
 

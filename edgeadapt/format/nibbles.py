@@ -82,11 +82,27 @@ def gather(flat: np.ndarray, pos: np.ndarray) -> np.ndarray:
 
 def scatter(flat: np.ndarray, pos: np.ndarray, codes: np.ndarray) -> None:
     """Write int8 ``codes`` at blocked32 flat indices ``pos`` (distinct) of a flat packed
-    buffer, each a read-modify-write of its byte (two codes may share one: applied in order)."""
+    buffer, each a read-modify-write of its byte ``b = byte_of(p)``, with ``n = q + 8``::
+
+        P[b] = (P[b] & 0xF0) | n            p & 16 == 0   (low nibble)
+        P[b] = (P[b] & 0x0F) | (n << 4)     p & 16 != 0   (high nibble)
+
+    The low nibbles first, then the high ones, each one vectorised read-modify-write: within
+    one half no two positions share a byte (``byte_of`` is one-to-one on it), and a byte that
+    holds two of the codes gets its high one over the low one just written."""
     pos = np.asarray(pos, dtype=np.int64)
-    byte, shift = byte_of(pos), shift_of(pos)
+    byte = byte_of(pos)
     n = (np.asarray(codes).astype(np.int16) + OFFSET).astype(np.uint8)
-    lo = shift == 0
-    for sel, keep, sh in ((lo, np.uint8(0xF0), 0), (~lo, np.uint8(0x0F), 4)):
-        # a byte holds one low and one high code: each half is one fancy assignment
-        flat[byte[sel]] = (flat[byte[sel]] & keep) | (n[sel] << np.uint8(sh))
+    high = (pos & HALF).astype(bool)
+    _write_half(flat, byte, n, np.flatnonzero(~high), high=False)
+    _write_half(flat, byte, n, np.flatnonzero(high), high=True)
+
+
+def _write_half(flat: np.ndarray, byte: np.ndarray, n: np.ndarray, idx: np.ndarray,
+                high: bool) -> None:
+    """``P[b] = (P[b] & keep) | (n << shift)`` for the entries ``idx`` of ``byte`` and ``n``,
+    all low nibbles (``keep = 0xF0``, ``shift = 0``) or all high ones (``0x0F``, 4): one fancy
+    read and one fancy write (their bytes are distinct)."""
+    keep, shift = (np.uint8(0x0F), np.uint8(4)) if high else (np.uint8(0xF0), np.uint8(0))
+    b = byte.take(idx)
+    flat[b] = (flat.take(b) & keep) | (n.take(idx) << shift)

@@ -20,7 +20,6 @@ are graph inputs and repack rebuilds.
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,14 +47,16 @@ _NP_DTYPES = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "floa
 
 
 def read_live_weights(bundle_dir: Path, manifest: Manifest, section: dict | None = None,
-                      weights: dict | None = None) -> dict[str, LiveWeight]:
+                      weights: dict | None = None, pack: bool = False
+                      ) -> dict[str, LiveWeight]:
     """Runtime-owned, writable copies of the live weights in their ONNX layout, carved from one
     allocation (:func:`edgeadapt.runtime.pages.arena_copies`: huge pages for the switch).
 
     section: the manifest's "onnx" section (or a variant's); weights: per torch name the
     {"name", "layout"} entries (default: the manifest's). Tensors in the live-weights
     safetensors file may be keyed by graph input name or torch name, in the backend layout or
-    in torch layout (out, in).
+    in torch layout (out, in). pack: every int4 blocked32 weight's codes packed two per byte
+    (:func:`_packs`) before the copy, so the arena holds them packed and only so.
     """
     from safetensors.numpy import load_file  # torch-free
 
@@ -88,24 +89,26 @@ def read_live_weights(bundle_dir: Path, manifest: Manifest, section: dict | None
         if (codes is None) != (arr.dtype != np.int8):
             raise BundleError(f"{path}: live weight {name!r} is {arr.dtype}, but bundle.json "
                               f"says it is {'quantized' if codes else 'float'}")
-        arrays[name], specs[name] = arr, (onnx["layout"], entry.shape, entry.sha256, codes)
+        packed = pack and _packs(codes, onnx["layout"])
+        arrays[name] = nibbles.pack(arr) if packed else arr
+        specs[name] = (onnx["layout"], entry.shape, entry.sha256, codes, packed)
     # one huge-page-backed allocation for all of them (pages.arena_copies)
     return {name: LiveWeight(name, buf, *specs[name])
             for name, buf in arena_copies(arrays).items()}
 
 
-def pack_int4(live: dict[str, LiveWeight]) -> dict[str, LiveWeight]:
-    """``live`` with every int4 blocked32 weight's codes packed two per byte
-    (:mod:`edgeadapt.format.nibbles`), the packed buffers carved from one allocation
-    (:func:`edgeadapt.runtime.pages.arena_copies`): what edgeadapt's kernel reads
-    (``edgeadapt.Q4BlockedMatMul``), half the bytes per forward of a code per byte."""
-    int4 = [n for n, lw in live.items() if lw.codes is not None and lw.codes.grid.bits == 4
-            and lw.layout == BLOCKED and not lw.packed]
-    if not int4:
-        return live
-    packed = arena_copies({n: nibbles.pack(live[n].array) for n in int4})
-    return {n: replace(lw, array=packed[n], packed=True) if n in packed else lw
-            for n, lw in live.items()}
+def _packs(codes: Codes | None, layout: str) -> bool:
+    """Whether a live weight is held as int4 codes two per byte
+    (:mod:`edgeadapt.format.nibbles`): int4 codes in the blocked32 layout, what edgeadapt's
+    kernel reads (``edgeadapt.Q4BlockedMatMul``), half the bytes per forward of a code per
+    byte."""
+    return codes is not None and codes.grid.bits == 4 and layout == BLOCKED
+
+
+def _live_layouts(manifest: Manifest) -> list[str | None]:
+    """The ONNX layout of every live weight, from bundle.json (None where it has no entry:
+    :func:`read_live_weights` refuses it)."""
+    return [(entry.onnxruntime or {}).get("layout") for entry in manifest.weights.values()]
 
 
 def _codes(path: Path, name: str, onnx: dict, shape: tuple[int, int],
@@ -214,9 +217,10 @@ class OrtRepackStore(OrtStoreBase):
             self.rebuilds += 1
 
 
-def bundle_parts(bundle_dir: Path, manifest: Manifest
+def bundle_parts(bundle_dir: Path, manifest: Manifest, pack: bool = False
                  ) -> tuple[Path, dict[str, LiveWeight], dict[str, str]]:
-    """(ONNX model path, live weights, torch name -> graph input name) of a bundle."""
+    """(ONNX model path, live weights, torch name -> graph input name) of a bundle; pack: int4
+    blocked32 codes two per byte (:func:`read_live_weights`)."""
     section = manifest.onnxruntime
     if not section or "file" not in section:
         raise BundleError(f"{bundle_dir}: bundle.json has no onnxruntime section; export "
@@ -224,7 +228,7 @@ def bundle_parts(bundle_dir: Path, manifest: Manifest
     model_path = bundle_dir / section["file"]
     if not model_path.is_file():
         raise BundleError(f"{model_path}: the bundle's ONNX model is missing")
-    live = read_live_weights(bundle_dir, manifest)
+    live = read_live_weights(bundle_dir, manifest, pack=pack)
     return model_path, live, {n: manifest.weights[n].onnxruntime["name"] for n in live}
 
 
@@ -250,9 +254,9 @@ def open_store(bundle_dir: Path, manifest: Manifest, device: str = "cpu", mode: 
         raise ConfigError(f"device {device!r}: choose 'cpu' or 'cuda'")
     if mode not in ("live", "repack"):
         raise ConfigError(f"mode {mode!r}: choose 'live' or 'repack'")
-    model_path, live, names = bundle_parts(bundle_dir, manifest)
     if mode == "live":
-        kernel = use_kernel(kernel, (lw.layout for lw in live.values()))
-        return OrtLiveStore(model_path, pack_int4(live) if kernel else live, manifest.inputs,
-                            names, threads, kernel=kernel)
+        kernel = use_kernel(kernel, _live_layouts(manifest))
+        model_path, live, names = bundle_parts(bundle_dir, manifest, pack=kernel)
+        return OrtLiveStore(model_path, live, manifest.inputs, names, threads, kernel=kernel)
+    model_path, live, names = bundle_parts(bundle_dir, manifest)
     return OrtRepackStore(model_path, live, manifest.inputs, names, threads)
