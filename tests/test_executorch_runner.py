@@ -7,6 +7,7 @@ kernel, forward and decode, switches): tests/test_generate_executorch.py."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -114,6 +115,31 @@ def test_a_held_program_pauses_its_runs_until_every_hold_is_released(blob):
     assert not t.is_alive()
     np.testing.assert_array_equal(out[0], want)
     np.testing.assert_array_equal(method.execute([x])[0], want)  # reset: runs again
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_a_run_is_batch_scheduled_and_its_thread_gets_its_policy_back(blob):
+    """While a run is in flight its thread is SCHED_BATCH (released by a switch, it does not
+    preempt the switch's thread on waking); after the run the thread's own policy is back."""
+    program = programs.open_program(blob, "chain.pte", native=True)
+    method = program.method("forward")
+    x = np.zeros((N, N), np.float32)
+    release = program.hold()  # the run parks before its first instruction
+    policies = {}
+
+    def run() -> None:
+        policies["before"] = os.sched_getscheduler(0)
+        method.execute([x])
+        policies["after"] = os.sched_getscheduler(0)
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(0.2)
+    policies["during"] = os.sched_getscheduler(t.native_id)
+    release()
+    t.join(30)
+    assert policies == {"before": os.SCHED_OTHER, "during": os.SCHED_BATCH,
+                        "after": os.SCHED_OTHER}
 
 
 def test_attributes_alias_the_planned_buffer(blob):

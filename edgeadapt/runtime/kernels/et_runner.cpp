@@ -21,6 +21,8 @@
 // so the run in flight stops at its next instruction instead of sharing the cores with the
 // write, and goes on (to be discarded and redone by its caller) once the hold is released.
 // ExecuTorch cannot abandon a run part way (Method::reset_execution refuses before its end).
+// A run is batch-scheduled (SCHED_BATCH, struct Batch), so the held run a switch releases does
+// not take the switch's core from it on waking.
 // A run's outputs are copied, under that mutex, into storage of the calling thread, from which
 // the caller copies them with et_runner_take_outputs (the same thread, before its next run).
 // Errors: a call returns -1 (or NULL) and et_runner_error() says why, for the calling thread.
@@ -36,6 +38,9 @@
 #include <executorch/runtime/platform/runtime.h>
 
 #include <algorithm>
+#include <pthread.h>
+#include <sched.h>
+
 #include <atomic>
 #include <cinttypes>
 #include <condition_variable>
@@ -116,8 +121,31 @@ struct Runner {
 // Method::execute, one instruction at a time, pausing while the program is held. As execute()
 // does, the temporary allocator is reset first; a failed step leaves the method part way
 // (ExecuTorch resets only a run that reached its end), so the program is marked broken.
+// The calling thread batch-scheduled for the run (Linux SCHED_BATCH: no privilege needed; its
+// own policy back after). A switch that releases a held run wakes it; a normal thread woken so
+// preempts the waker (the run's threads then fill both cores of a 2-core device, and the switch
+// returns a time slice later), where a batch thread waits for a free core.
+struct Batch {
+  int policy = -1;
+  sched_param param{};
+#if defined(SCHED_BATCH)  // elsewhere: nothing
+  Batch() {
+    if (pthread_getschedparam(pthread_self(), &policy, &param) != 0 || policy != SCHED_OTHER) {
+      policy = -1;  // another policy (real time, batch already): left as it is
+      return;
+    }
+    sched_param batch{};
+    if (pthread_setschedparam(pthread_self(), SCHED_BATCH, &batch) != 0) policy = -1;
+  }
+  ~Batch() {
+    if (policy >= 0) pthread_setschedparam(pthread_self(), policy, &param);
+  }
+#endif
+};
+
 int run_steps(Runner& r, int m) {
   Method& method = *r.methods[m];
+  Batch batch;
   r.temp_allocator.reset();
   for (;;) {
     if (r.holds.load(std::memory_order_acquire) > 0) {
