@@ -12,9 +12,10 @@
 // (edgeadapt/graphs/offsets.py rewrites them at load). The sums of x are taken in float, as the
 // graph's MatMul does; no activation is quantized.
 //
-// The work is small (B_i is K / 32): per row of x, S is summed once per distinct B and each
-// output row is part_i's plus B_i axpys of o_i's rows, which the compiler vectorises. Rows
-// are split over ONNX Runtime's threadpool when there are enough of them to pay for it.
+// The work is small (B_i is K / 32): per chunk of ROWS rows of x, S is summed once per
+// distinct B, and each row of o_i (N_i floats, in L1) is added, scaled, to every output row of
+// the chunk (axpys the compiler vectorises), so o_i is read once per chunk, not once per row.
+// Chunks are split over ONNX Runtime's threadpool when there is more than one.
 
 #pragma once
 
@@ -35,29 +36,33 @@ struct Call {
 
 constexpr int64_t ROWS = 16;  // rows of x per parallel item
 
-// rows [m0, m1) of every output of the call
+// rows [m0, m1) (at most ROWS) of every output of the call: the block sums of the rows once
+// per distinct B, then per pair and block one row of o (N floats, in L1) added to every row
 inline void run_rows(const Call& c, int64_t m0, int64_t m1) {
+  const int64_t rows = m1 - m0;
   std::vector<float> sums;
   int64_t summed = 0;  // the B that sums holds (0: none yet)
-  for (int64_t m = m0; m < m1; ++m) {
-    const float* xm = c.x + m * c.K;
-    summed = 0;
-    for (size_t i = 0; i < c.y.size(); ++i) {
-      const int64_t B = c.B[i], N = c.N[i], G = c.K / B;
-      if (summed != B) {
-        sums.assign(static_cast<size_t>(B), 0.0f);
+  for (size_t i = 0; i < c.y.size(); ++i) {
+    const int64_t B = c.B[i], N = c.N[i], G = c.K / B;
+    if (summed != B) {
+      sums.assign(static_cast<size_t>(rows * B), 0.0f);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* xm = c.x + (m0 + r) * c.K;
         for (int64_t b = 0; b < B; ++b) {
           float s = 0.0f;
           for (int64_t j = 0; j < G; ++j) s += xm[b * G + j];
-          sums[b] = s;
+          sums[r * B + b] = s;
         }
-        summed = B;
       }
-      float* __restrict ym = c.y[i] + m * N;
-      std::memcpy(ym, c.part[i] + m * N, static_cast<size_t>(N) * sizeof(float));
-      for (int64_t b = 0; b < B; ++b) {
-        const float s = sums[b];
-        const float* __restrict ob = c.o[i] + b * N;
+      summed = B;
+    }
+    float* y = c.y[i] + m0 * N;
+    std::memcpy(y, c.part[i] + m0 * N, static_cast<size_t>(rows * N) * sizeof(float));
+    for (int64_t b = 0; b < B; ++b) {
+      const float* __restrict ob = c.o[i] + b * N;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float s = sums[r * B + b];
+        float* __restrict ym = y + r * N;
         for (int64_t n = 0; n < N; ++n) ym[n] += s * ob[n];
       }
     }
