@@ -78,13 +78,15 @@ def test_executorch_rows_are_timed_after_parity(et_report):
     """ExecuTorch's int4 base and fused held to PyTorch, timed in the same rounds as ONNX
     Runtime's cases beside ExecuTorch's stock int4 program; its switch and .pte sizes."""
     report = et_report
-    from edgeadapt.bench.quantized_executorch import QUANT_TOP1
-    from edgeadapt.export.executorch_quant import QUANT_MAX_REL_ERR
+    from edgeadapt.export.executorch_quant import QUANT_MAX_REL_ERR, SPREAD_FACTOR, TOP1_MARGIN
 
     parity = report["parity"]["executorch_vs_pytorch"]["int4"]
-    assert parity["tolerance"] is None and parity["top1_gate"] == QUANT_TOP1
+    assert parity["tolerance"] is None and parity["spread_factor"] == SPREAD_FACTOR
+    assert parity["top1_margin"] == TOP1_MARGIN
     for case in ("base", "shira-fused"):  # one block: the export check's tolerance holds
-        assert 0 <= parity[case] <= QUANT_MAX_REL_ERR and parity[f"{case}_top1"] >= QUANT_TOP1
+        assert 0 <= parity[case] <= QUANT_MAX_REL_ERR
+        assert parity[case] <= parity[f"{case}_gate"]["max_rel_error"]
+        assert parity[f"{case}_top1"] >= parity[f"{case}_gate"]["min_top1"]
     assert {f"executorch int4 base vs stock {s}" for s in ("1x1", "2x5")} <= set(
         report["parity"])
     cases = {(r["shape"], r["case"]) for r in report["forward"]}

@@ -6,7 +6,6 @@ and lowered whole to XNNPACK, :func:`edgeadapt.export.executorch_quant.stock_pro
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,29 +47,47 @@ def executorch_side(model: str | LoadedModel, lm: LoadedModel, work: Path, threa
 
 def executorch_parity(side: Side, lm: LoadedModel, precision: str, adapter: Adapter,
                       shapes: Sequence[tuple[int, int]]) -> dict[str, float]:
-    """Worst relative error and least top-1 agreement over ``shapes`` of ExecuTorch's base and
-    fused runtimes against the PyTorch model the program is held to at export
+    """Worst relative error and top-1 agreement over ``shapes`` of ExecuTorch's base and fused
+    runtimes against the PyTorch model the program is held to at export
     (:func:`~edgeadapt.export.executorch_quant.program_reference`: ``lm`` for fp32, torchao's
     quantized copy otherwise) holding the live values each must hold (:func:`expected_live`);
     ParityError past the gate, before anything is timed.
 
     The gate: fp32, the benchmark's rule for every timed case
     (:data:`~edgeadapt.bench.parity.PARITY_TOL`; fp32 SmolLM2 at 8x64 with a 1% adapter sits at
-    1.6e-4, past the export check's 1e-4 on its small shapes). Quantized: XNNPACK quantizes
-    each activation to int8 per token and rounds it its own way, and over SmolLM2's 30 blocks
-    one-step differences compound (8e-2 at int8, as ONNX Runtime's int8 activations do:
-    docs/quantized.md), so the error is recorded and the gate is top-1 agreement >=
-    :data:`QUANT_TOP1`; the codes themselves are checked exactly (:func:`check_codes`) and the
-    kernels against numpy in the tests."""
+    1.6e-4, past the export check's 1e-4 on its small shapes). Quantized: the reference's own
+    spread (:func:`~edgeadapt.export.executorch_quant.reference_spread`: the same torchao
+    model, its int8 per-token activations quantized as XNNPACK's are, against itself with
+    float32-rounding noise on every activation quantizer's input). The activation codes of
+    XNNPACK and torchao differ now and then by one step where a value sits a rounding from a
+    code boundary, and over SmolLM2's 30 blocks such steps compound (int8: 0.09-0.10 relative,
+    top-1 0.79 at 8 x 64 for torchao against itself: experiments/et_int8_parity_probe.py), so
+    no fixed tolerance holds a deep model; the program must stay within
+    :func:`~edgeadapt.export.executorch_quant.quant_gate` of it (``SPREAD_FACTOR`` times the
+    spread's worst relative error, at least ``QUANT_MAX_REL_ERR``; its top-1 agreement, pooled
+    over the positions of every shape, at most ``TOP1_MARGIN`` below the spread's least). Float
+    activations in place of int8 ones (SmolLM2: 0.34 relative) or a wrong live weight fail it;
+    the codes themselves are checked exactly (:func:`check_codes`) and the kernels against numpy
+    in the tests."""
     from edgeadapt.bench.parity import PARITY_TOL
-    from edgeadapt.export.executorch_quant import program_reference
+    from edgeadapt.export.executorch_quant import (
+        SPREAD_FACTOR,
+        TOP1_MARGIN,
+        logits_at,
+        pooled_agreement,
+        program_logits,
+        program_reference,
+        quant_gate,
+        reference_spread,
+    )
     from edgeadapt.export.executorch_verify import agreement
 
     base = side.base[precision]
     ref, tol = program_reference(lm, sorted(base.store.live_weights()), precision)
     quantized = precision != "fp32"
     out: dict = {"tolerance": None if quantized else max(tol, PARITY_TOL),
-                 "top1_gate": QUANT_TOP1 if quantized else None}
+                 "spread_factor": SPREAD_FACTOR if quantized else None,
+                 "top1_margin": TOP1_MARGIN if quantized else None}
     for case, rt, fused in (("base", base, None),
                             ("shira-fused", side.fused[precision], adapter)):
         what = f"executorch {precision} {case}"
@@ -79,22 +96,33 @@ def executorch_parity(side: Side, lm: LoadedModel, precision: str, adapter: Adap
         if bad:
             raise ConfigError(f"{what}: the program takes batch <= {rt.store.max_batch}, seq <= "
                               f"{rt.store.max_seq}; the bench's shapes {bad} do not fit")
-        try:
-            err, top1 = agreement(rt.store, with_live(ref, expected_live(lm, rt, fused)),
-                                  list(shapes), what, tol=out["tolerance"] or math.inf)
-        except ExportError as exc:
-            raise ParityError(f"{exc}; refusing to time it") from exc
-        if quantized and not top1 >= QUANT_TOP1:
-            raise ParityError(f"{what}: top-1 agreement {top1:.3f} < {QUANT_TOP1} with "
-                              f"PyTorch (relative error {err:.3g}); refusing to time it")
-        out[case] = err
-        out[f"{case}_top1"] = top1
+        held = with_live(ref, expected_live(lm, rt, fused))
+        if not quantized:
+            try:
+                err, top1 = agreement(rt.store, held, list(shapes), what, tol=out["tolerance"])
+            except ExportError as exc:
+                raise ParityError(f"{exc}; refusing to time it") from exc
+            out[case], out[f"{case}_top1"] = err, top1
+            continue
+        names, shapes_ = rt.store.input_names, list(shapes)
+        want = logits_at(held, names, shapes_)
+        err, top1 = pooled_agreement(program_logits(rt.store, held, shapes_), want)
+        spread, spread_top1 = reference_spread(held, names, shapes_, want)
+        gate = quant_gate(spread, spread_top1)
+        out |= {case: err, f"{case}_top1": top1, f"{case}_spread": spread,
+                f"{case}_spread_top1": spread_top1, f"{case}_gate": gate}
+        check_quant_gate(what, err, top1, gate)
     return out
 
 
-#: quantized ExecuTorch runtimes are timed only if their argmax agrees with the PyTorch
-#: reference's at this share of positions or more (:func:`executorch_parity`)
-QUANT_TOP1 = 0.9
+def check_quant_gate(what: str, err: float, top1: float, gate: dict[str, float]) -> None:
+    """ParityError unless relative error ``err`` and pooled top-1 agreement ``top1`` are within
+    ``gate`` (:func:`~edgeadapt.export.executorch_quant.quant_gate`; a NaN fails)."""
+    if not (err <= gate["max_rel_error"] and top1 >= gate["min_top1"]):
+        raise ParityError(
+            f"{what}: relative error {err:.3g} (gate {gate['max_rel_error']:.3g}), top-1 "
+            f"agreement {top1:.3f} (gate {gate['min_top1']:.3f}) against PyTorch, beyond its "
+            "reference's own spread under float32 rounding noise; refusing to time it")
 
 
 def with_live(ref: LoadedModel, values: dict[str, np.ndarray]) -> LoadedModel:
