@@ -27,7 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeadapt.errors import ExportError
-from edgeadapt.format.layout import BLOCK, BLOCKED, TRANSPOSED
+from edgeadapt.format.layout import BLOCK, BLOCKED, TRANSPOSED, to_backend
 from edgeadapt.graphs.values import LiveWeight, all_value_names, consumers, live_input_name
 
 
@@ -285,8 +285,7 @@ def _blocked_constant(tensor: onnx.TensorProto, inp: int, base_dir: Path | None
     c = constant_array(tensor, base_dir)
     if c is None:
         return None
-    cb = np.ascontiguousarray(c.reshape(inp, -1, BLOCK).transpose(1, 0, 2))
-    return numpy_helper.from_array(cb, f"{tensor.name}/edgeadapt.B32")
+    return numpy_helper.from_array(to_backend(c.T, BLOCKED), f"{tensor.name}/edgeadapt.B32")
 
 
 def constant_array(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray | None:

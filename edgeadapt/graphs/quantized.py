@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeadapt.errors import ExportError
 from edgeadapt.format import nibbles
-from edgeadapt.format.layout import BLOCKED
+from edgeadapt.format.layout import BLOCKED, to_backend
 from edgeadapt.graphs.blocked import (
     KERNEL_DOMAIN,
     Q4KERNEL_OP,
@@ -206,7 +206,7 @@ def _int4_constant(node: onnx.NodeProto, pos: int, inits: dict[str, onnx.TensorP
             or scales.size != n * k // bs or scales.dtype != np.float32:
         return None
     nib = np.stack([b & 15, b >> 4], axis=-1).reshape(n, k).astype(np.int8) - 8
-    codes = np.ascontiguousarray(nib.reshape(n // 32, 32, k).transpose(0, 2, 1))
-    blocked = np.ascontiguousarray(scales.reshape(n // 32, 32, k // bs).transpose(0, 2, 1))
-    return [numpy_helper.from_array(nibbles.pack(codes), f"{b_name}/edgeadapt.P"),
+    packed = nibbles.pack(to_backend(nib, BLOCKED))
+    blocked = to_backend(scales.reshape(n, k // bs), BLOCKED)
+    return [numpy_helper.from_array(packed, f"{b_name}/edgeadapt.P"),
             numpy_helper.from_array(blocked, f"{s_name}/edgeadapt.S")]
