@@ -149,7 +149,8 @@ def test_smollm2_rounding_noise_fails_the_fixed_gate_and_passes_the_spread():
     ExecuTorch's program stood (relative ~0.1, top-1 ~0.7-0.8: below the former fixed gate of
     0.9), passes the spread gate; float activations (0.3 relative) fail it."""
     from edgeadapt.errors import MissingPackageError
-    from edgeadapt.export.executorch_quant import logits_at, pooled_agreement
+    from edgeadapt.export.executorch_quant import pooled_agreement
+    from edgeadapt.export.executorch_verify import logits_at
     from edgeadapt.models import load_model
 
     torch.set_num_threads(2)

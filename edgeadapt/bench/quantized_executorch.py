@@ -73,14 +73,12 @@ def executorch_parity(side: Side, lm: LoadedModel, precision: str, adapter: Adap
     from edgeadapt.export.executorch_quant import (
         SPREAD_FACTOR,
         TOP1_MARGIN,
-        logits_at,
         pooled_agreement,
-        program_logits,
         program_reference,
         quant_gate,
         reference_spread,
     )
-    from edgeadapt.export.executorch_verify import agreement
+    from edgeadapt.export.executorch_verify import agreement, logits_at, program_logits
 
     base = side.base[precision]
     ref, tol = program_reference(lm, sorted(base.store.live_weights()), precision)

@@ -236,31 +236,6 @@ def jittered_activations(eps: float, seed: int):
         setattr(mod, _TORCHAO_ACT_QUANT, original)
 
 
-def logits_at(lm: LoadedModel, input_names: list[str], shapes: list[tuple[int, int]],
-              seed: int = 0) -> list[np.ndarray]:
-    """``lm``'s logits on the export checks' random inputs
-    (:func:`edgeadapt.export.executorch_verify.agreement`'s, ``seed``) at each shape."""
-    from edgeadapt.export.executorch_verify import _inputs
-    from edgeadapt.models import LogitsModule
-
-    wrapper = LogitsModule(lm)
-    out = []
-    with torch.no_grad():
-        for b, s in shapes:
-            inp = _inputs(lm, input_names, b, s, seed)
-            out.append(wrapper(**{k: torch.from_numpy(v) for k, v in inp.items()}).numpy())
-    return out
-
-
-def program_logits(store, lm: LoadedModel, shapes: list[tuple[int, int]], seed: int = 0
-                   ) -> list[np.ndarray]:
-    """``store.run``'s logits on the inputs :func:`logits_at` gives ``lm`` at each shape."""
-    from edgeadapt.export.executorch_verify import _inputs
-
-    return [np.asarray(store.run(_inputs(lm, store.input_names, b, s, seed)))
-            for b, s in shapes]
-
-
 def pooled_agreement(got: list[np.ndarray], want: list[np.ndarray]) -> tuple[float, float]:
     """(worst relative error over the shapes, top-1 agreement pooled over every position of
     every shape) of logits ``got`` against ``want``."""
@@ -279,7 +254,7 @@ def reference_spread(ref: LoadedModel, input_names: list[str], shapes: list[tupl
     itself when its activation quantizers see float32 rounding noise
     (:func:`jittered_activations`, ``draws`` seeds): (the worst relative error, the least pooled
     top-1 agreement, :func:`pooled_agreement`) against ``want`` (its unjittered logits,
-    :func:`logits_at` on inputs ``seed``, computed if None).
+    :func:`~edgeadapt.export.executorch_verify.logits_at` on inputs ``seed``, computed if None).
 
     Why: torchao's eager linears quantize activations to int8 per token as XNNPACK's do
     (``IntxUnpackedToInt8Tensor``'s linear), and on each linear alone the two agree to float
@@ -291,6 +266,8 @@ def reference_spread(ref: LoadedModel, input_names: list[str], shapes: list[tupl
     one-block model by 5e-7 to 1.2e-2. A program is held to this spread, not to a fixed
     tolerance (:func:`edgeadapt.bench.quantized_executorch.executorch_parity`). ExportError if
     the jitter reached no quantizer (nothing of ``ref`` is torchao's)."""
+    from edgeadapt.export.executorch_verify import logits_at
+
     want = logits_at(ref, input_names, shapes, seed) if want is None else want
     worst, least = 0.0, 1.0
     for draw in range(draws):

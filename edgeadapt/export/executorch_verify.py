@@ -43,26 +43,42 @@ def compare(store, lm: LoadedModel, shapes: list[tuple[int, int]], what: str,
     return agreement(store, lm, shapes, what, seed, tol)[0]
 
 
+def logits_at(lm: LoadedModel, input_names: list[str], shapes: list[tuple[int, int]],
+              seed: int = 0) -> list[np.ndarray]:
+    """``lm``'s logits on the checks' random inputs (``seed``) at each (batch, seq) shape."""
+    wrapper = LogitsModule(lm)
+    out = []
+    with torch.no_grad():
+        for b, s in shapes:
+            inp = _inputs(lm, input_names, b, s, seed)
+            out.append(wrapper(**{k: torch.from_numpy(v) for k, v in inp.items()}).numpy())
+    return out
+
+
+def program_logits(store, lm: LoadedModel, shapes: list[tuple[int, int]], seed: int = 0
+                   ) -> list[np.ndarray]:
+    """``store.run``'s logits on the inputs :func:`logits_at` gives ``lm`` at each shape."""
+    return [np.asarray(store.run(_inputs(lm, store.input_names, b, s, seed)))
+            for b, s in shapes]
+
+
 def agreement(store, lm: LoadedModel, shapes: list[tuple[int, int]], what: str,
               seed: int = 0, tol: float = math.inf) -> tuple[float, float]:
     """(worst relative error, least top-1 agreement: the share of positions whose argmax
     equals PyTorch's) of ``store.run`` against ``lm`` over ``shapes``; ExportError past
     ``tol``."""
-    wrapper = LogitsModule(lm)
     worst, top1 = 0.0, 1.0
-    for b, s in shapes:
-        inp = _inputs(lm, store.input_names, b, s, seed)
-        with torch.no_grad():
-            ref = wrapper(**{k: torch.from_numpy(v) for k, v in inp.items()}).numpy()
-        got = store.run(inp)
+    for shape in shapes:
+        ref = logits_at(lm, store.input_names, [shape], seed)[0]
+        got = program_logits(store, lm, [shape], seed)[0]
         if got.shape != ref.shape:
             raise ExportError(f"{what}: output shape {got.shape} != PyTorch {ref.shape}")
         err = rel_error(got, ref)
         worst = max(worst, err)
         top1 = min(top1, float((got.argmax(-1) == ref.argmax(-1)).mean()))
         if not err <= tol:
-            raise ExportError(f"{what}: batch {b} x seq {s}: max relative error {err:.3g} > "
-                              f"{tol:g} against PyTorch")
+            raise ExportError(f"{what}: batch {shape[0]} x seq {shape[1]}: max relative error "
+                              f"{err:.3g} > {tol:g} against PyTorch")
     return worst, top1
 
 
