@@ -23,6 +23,8 @@
 #include <cstring>
 #include <vector>
 
+#include "ort_kernel.h"
+
 namespace block_offsets {
 
 // what one call does: x (M, K) and its pairs
@@ -81,15 +83,15 @@ constexpr const char* SHAPES =
 
 struct Kernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    try {
+    return ort_kernel::status_of([&]() -> OrtStatusPtr {
       Ort::KernelContext ctx(context);
       const Ort::ConstValue xv = ctx.GetInput(0);
       const std::vector<int64_t> xs = xv.GetTensorTypeAndShapeInfo().GetShape();
       const size_t pairs = (ctx.GetInputCount() - 1) / 2;
       if (xs.empty() || pairs * 2 + 1 != ctx.GetInputCount())
         return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, SHAPES);
-      Call c{xv.GetTensorData<float>(), 1, xs.back(), {}, {}, {}, {}, {}};
-      for (size_t i = 0; i + 1 < xs.size(); ++i) c.M *= xs[i];
+      Call c{xv.GetTensorData<float>(), ort_kernel::leading_rows(xs), xs.back(), {}, {}, {}, {},
+             {}};
       for (size_t i = 0; i < pairs; ++i) {
         const Ort::ConstValue pv = ctx.GetInput(1 + 2 * i), ov = ctx.GetInput(2 + 2 * i);
         const std::vector<int64_t> ps = pv.GetTensorTypeAndShapeInfo().GetShape();
@@ -111,11 +113,7 @@ struct Kernel {
       else
         ctx.ParallelFor(run_item, items, 0, &c);
       return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-    } catch (const std::exception& e) {
-      return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
-    }
+    });
   }
 };
 

@@ -68,6 +68,7 @@
 #include <vector>
 
 #include "block_offsets.h"
+#include "ort_kernel.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -345,13 +346,12 @@ struct Names<Form::Int4> {
 template <Form F>
 struct Kernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    try {
+    return ort_kernel::status_of([&]() -> OrtStatusPtr {
       Ort::KernelContext ctx(context);
       const Ort::ConstValue xv = ctx.GetInput(0);
       const std::vector<int64_t> xs = xv.GetTensorTypeAndShapeInfo().GetShape();
       if (xs.empty()) return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, Names<F>::shapes);
-      int64_t M = 1;
-      for (size_t i = 0; i + 1 < xs.size(); ++i) M *= xs[i];
+      const int64_t M = ort_kernel::leading_rows(xs);
       // the float form: a weight per input after x; the code forms: (codes, scales) pairs
       constexpr size_t per = F == Form::Float ? 1 : 2;
       const size_t weights = (ctx.GetInputCount() - 1) / per;
@@ -392,11 +392,7 @@ struct Kernel {
       if (all.jobs.empty()) return nullptr;
       ctx.ParallelFor(run_item<F>, all.first.back(), 0, &all);
       return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-    } catch (const std::exception& e) {
-      return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
-    }
+    });
   }
 };
 
