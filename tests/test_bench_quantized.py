@@ -44,7 +44,9 @@ def test_every_case_is_timed_after_parity(report):
     assert set(stock) == {f"{p} {c} vs stock {s}" for p in ("int8", "int4")
                           for c in ("base", "hybrid") for s in ("1x1", "2x5")} | {
         f"int4-affine base vs stock {s}" for s in ("1x1", "2x5")}  # no hybrid: no offsets
-    assert all(0 < v["max_rel_error"] < 1 for v in stock.values())
+    # 0 where the live weights' node computes as stock MatMulNBits does (int8 activations, the
+    # same float operations: int4 base at 1x1 on this one-block model)
+    assert all(0 <= v["max_rel_error"] < 1 for v in stock.values())
     cases = {(r["shape"], r["case"]) for r in report["forward"]}
     assert {("1x1", "int4 stock"), ("2x5", "fp32 shira-fused"), ("1x1", "int8 hybrid")} <= cases
     assert {"int4 base / int4 stock", "int8 shira-fused / int8 base"} <= {

@@ -32,12 +32,16 @@ REASON = ok.unavailable()
 needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"kernel unavailable: {REASON}")
 
 
-def op_session(op: str, inputs: list, threads: int = 1, library: Path | None = None):
-    """A session of one ``y = edgeadapt.<op>(*inputs)`` node (``inputs``: their value infos),
-    the op from ``library`` (default: the loaded one). The quantized kernel's tests use it too."""
+def op_session(op: str, inputs: list, threads: int = 1, library: Path | None = None,
+               outputs: tuple[str, ...] = ("y",), **attrs):
+    """A session of one ``*outputs = edgeadapt.<op>(*inputs)`` node (``inputs``: their value
+    infos; ``attrs``: its attributes), the op from ``library`` (default: the loaded one). The
+    quantized kernel's tests use it too."""
     graph = helper.make_graph(
-        [helper.make_node(op, [i.name for i in inputs], ["y"], domain=KERNEL_DOMAIN)], "g",
-        inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        [helper.make_node(op, [i.name for i in inputs], list(outputs), domain=KERNEL_DOMAIN,
+                          **attrs)],
+        "g", inputs, [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)
+                      for y in outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid(KERNEL_DOMAIN, 1)])
     model.ir_version = 9

@@ -2,7 +2,9 @@
 (kernels/blocked_matmul.cpp): int8 codes in the blocked32 layout with a scale per row and group
 of columns (the grids' blocks of 32, or one group per row), against float64 numpy on the
 dequantized weight, on the vector and the portable path, and an in-place edit of the codes seen
-by the next run. Torch-free."""
+by the next run. With int8 activations (``accuracy_level`` 4): against float64 numpy on MLAS's
+quantization of x and integer sums (``int8_want``), against ONNX Runtime's own 8-bit
+MatMulNBits at level 4 on the same codes, and the same bits on every path. Torch-free."""
 
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 from test_onnxruntime_kernel import op_session
+from test_onnxruntime_q4kernel import int8_want, pairs_session, path_libraries
 
 from edgeadapt.format.layout import BLOCKED, to_backend
 from edgeadapt.format.quant import INT4, INT8, Grid
 from edgeadapt.graphs.blocked import QKERNEL_OP
+from edgeadapt.graphs.quantized import INT8_ACTIVATIONS
 from edgeadapt.runtime.backends.onnxruntime import kernel as ok
 
 ort = pytest.importorskip("onnxruntime")
@@ -104,3 +108,63 @@ def test_op_refuses_scales_that_do_not_fit():
     for s in (np.ones((1, 3, 32), np.float32), np.ones((2, 1, 32), np.float32)):
         with pytest.raises(Exception, match="scales"):
             sess.run(None, {"x": np.ones((1, 64), np.float32), "q": q, "s": s})
+
+
+@pytest.fixture(scope="module")
+def libraries(tmp_path_factory) -> list[Path | None]:
+    return path_libraries(tmp_path_factory)
+
+
+#: (grid, K, N of each pair): one group of 32 per scale, one of 96, K not a multiple of 32
+LEVEL4 = [(INT8, 160, (96, 32)), (Grid("int8-row96", 8, 96), 96, (32, 64)), (INT4, 64, (32,)),
+          (ROW45, 45, (64,))]
+
+
+@pytest.mark.parametrize("grid,k,ns", LEVEL4)
+@pytest.mark.parametrize("rows", [1, 7])
+def test_int8_activations_match_numpy_and_stock_onnxruntime(grid, k, ns, rows, libraries):
+    """accuracy_level 4, several pairs in one node, x with a zero block: float64 numpy on x
+    quantized as MLAS quantizes it and integer sums; ONNX Runtime's own 8-bit MatMulNBits at
+    level 4 on the same codes (offset by 128, its layout) where its blocks of 32 are the
+    grid's groups, to 1e-5 of its largest output; the same bits on every path (one token,
+    groups of whole blocks of x: the same integers and float operations on each,
+    test_onnxruntime_q4kernel.PATH_FLAGS)."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(k + rows)
+    made = []
+    for n in ns:
+        q, s = grid.quantize(rng.standard_normal((n, k)).astype(np.float32))
+        made.append((to_backend(q, BLOCKED), to_backend(s, BLOCKED), q, s))
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[0, :32] = 0
+    feeds = {"x": x, **{f"p{i}": m[0] for i, m in enumerate(made)},
+             **{f"s{i}": m[1] for i, m in enumerate(made)}}
+    ys = [pairs_session(QKERNEL_OP, k, [m[:2] for m in made], INT8_ACTIVATIONS,
+                        library=lib).run(None, feeds) for lib in libraries]
+    whole = k % grid.group == 0 and grid.group % 32 == 0
+    for i, (_, _, q, s) in enumerate(made):
+        y, want = ys[0][i], int8_want(x, q, s)
+        top = np.abs(want).max()
+        np.testing.assert_allclose(y, want, rtol=0, atol=2e-6 * top)
+        for other in ys[1:]:
+            if rows == 1 and whole:
+                np.testing.assert_array_equal(other[i], y)
+            else:
+                np.testing.assert_allclose(other[i], y, rtol=0, atol=1e-6 * top)
+        if grid.group != 32:
+            continue
+        n = q.shape[0]
+        b = (q.astype(np.int16) + 128).astype(np.uint8).reshape(n, k // 32, 32)
+        node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft",
+                                K=k, N=n, bits=8, block_size=32, accuracy_level=4)
+        graph = helper.make_graph(
+            [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(b, "B"), numpy_helper.from_array(s, "S")])
+        model = helper.make_model(graph, opset_imports=[
+            helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 9
+        ref = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max())

@@ -92,10 +92,10 @@ def _expected_codes(lm, g, adapters: dict[str, Adapter], active: list[str]) -> d
 
 def _stock_forward(bundle_dir, codes: dict, inputs: dict) -> np.ndarray:
     """The bundle's graph on stock ONNX Runtime (its dequantization, no edgeadapt op) with
-    ``codes`` (torch name -> (codes, scales) in torch layout) as its live inputs. Its int4
-    ``MatMulNBits`` that read the x a live weight reads (a layer's k beside q and v, which
-    edgeadapt's kernel computes in the live weights' node on float activations where the codes
-    are int4) run at accuracy level 0 (float activations too); the others keep the export's."""
+    ``codes`` (torch name -> (codes, scales) in torch layout) as its live inputs, and the live
+    weights' readers computing with int8 activations as the graph's MatMulNBits do at
+    accuracy level 4 (:func:`_quantize_activations`; edgeadapt's kernel quantizes them so, a
+    layer's k in its node beside q and v included)."""
     manifest = read_manifest(bundle_dir)
     feeds = dict(inputs)
     for n, (q, s) in codes.items():
@@ -104,14 +104,13 @@ def _stock_forward(bundle_dir, codes: dict, inputs: dict) -> np.ndarray:
         feeds[entry["quant"]["scales"]] = to_backend(s, entry["layout"])
     path = bundle_dir / manifest.onnxruntime["file"]
     model = onnx.load(str(path), load_external_data=False)
+    assert {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+            if a.name == "accuracy_level"} == {4}
     producers = {o: n for n in model.graph.node for o in n.output}
-    live_x = {producers[n.input[0]].input[0] for n in model.graph.node
-              if n.op_type == "MatMul" and n.input[1] in producers
-              and producers[n.input[1]].name.endswith("/dq_shape")}
-    for n in model.graph.node:
-        attrs = {a.name: a for a in n.attribute}
-        if n.op_type == "MatMulNBits" and n.input[0] in live_x and attrs["bits"].i == 4:
-            attrs["accuracy_level"].i = 0
+    live = [n for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[1] in producers
+            and producers[n.input[1]].name.endswith("/dq_shape")]
+    _quantize_activations(model.graph, live)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.add_session_config_entry("session.model_external_initializers_file_folder_path",
@@ -119,6 +118,44 @@ def _stock_forward(bundle_dir, codes: dict, inputs: dict) -> np.ndarray:
     sess = ort.InferenceSession(model.SerializeToString(), so,
                                 providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)[0]
+
+
+def _quantize_activations(graph: onnx.GraphProto, readers: list) -> None:
+    """Feed ``readers`` (MatMul nodes, x ``(T, in)`` first) ``A(x)`` in stock ONNX ops, per
+    row in blocks of 32 columns as MatMulNBits quantizes its activations at accuracy level 4
+    (edgeadapt.models.quantized): ``m = max |x_blk|, rint(x_blk * (127 / m)) * (m / 127)``,
+    0 where ``m = 0``. Its nodes follow the producer of each ``x``."""
+    from onnx import helper, numpy_helper
+
+    consts = {"aq_blocks": np.array([0, -1, 32], np.int64), "aq_last": np.array([-1], np.int64),
+              "aq_127": np.array(127, np.float32), "aq_0": np.array(0, np.float32)}
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    after: dict[str, list] = {}
+    for x in sorted({r.input[0] for r in readers}):
+        def o(s: str, x: str = x) -> str:
+            return f"{x}/aq_{s}"
+
+        after[x] = [
+            helper.make_node("Reshape", [x, "aq_blocks"], [o("b")]),
+            helper.make_node("Abs", [o("b")], [o("abs")]),
+            helper.make_node("ReduceMax", [o("abs"), "aq_last"], [o("m")], keepdims=1),
+            helper.make_node("Div", ["aq_127", o("m")], [o("inv0")]),
+            helper.make_node("Greater", [o("m"), "aq_0"], [o("pos")]),
+            helper.make_node("Where", [o("pos"), o("inv0"), "aq_0"], [o("inv")]),
+            helper.make_node("Mul", [o("b"), o("inv")], [o("scaled")]),
+            helper.make_node("Round", [o("scaled")], [o("q")]),  # ties to even
+            helper.make_node("Div", [o("m"), "aq_127"], [o("a")]),
+            helper.make_node("Mul", [o("q"), o("a")], [o("deq")]),
+            helper.make_node("Shape", [x], [o("shape")]),
+            helper.make_node("Reshape", [o("deq"), o("shape")], [o("x")])]
+    for r in readers:
+        r.input[0] = f"{r.input[0]}/aq_x"
+    nodes = list(graph.node)
+    del graph.node[:]
+    for n in nodes:
+        graph.node.append(n)
+        for out in n.output:
+            graph.node.extend(after.get(out, []))
 
 
 def _codes(rt) -> dict[str, np.ndarray]:
@@ -174,6 +211,41 @@ def check_random_sequences(rt, lm, g, adapters: dict[str, Adapter], codes) -> No
     got = codes(rt)
     assert all(np.array_equal(got[n], exported[n]) for n in exported)
     rt.engine.verify_base()
+
+
+def test_kernel_nodes_take_the_activations_of_the_graphs_matmulnbits(bundle):
+    """The rewrite gives edgeadapt's quantized nodes the ``accuracy_level`` of the graph's own
+    MatMulNBits: 4 (int8 activations) as exported, 0 (float) in the export check's copy
+    (``onnx_quant.float_activations``); on int4 it absorbs a layer's k (a MatMulNBits of the
+    same x) only at its level: told level 0 on the exported graph, it leaves every k stock."""
+    from onnx import helper
+
+    from edgeadapt.export.onnx_quant import float_activations
+    from edgeadapt.graphs.quantized import kernel_quantized_matmuls, quantized_inputs
+
+    _, out, g, _ = bundle
+    path = out / read_manifest(out).onnxruntime["file"]
+
+    def rewrite(source, level=None) -> tuple[set, int, int]:
+        """(levels of the edgeadapt nodes, MatMulNBits before, after)"""
+        model = onnx.load(str(source), load_external_data=False)
+        before = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
+        codes = set(quantized_inputs(model))
+        assert kernel_quantized_matmuls(model, codes, codes if g.bits == 4 else set(), out,
+                                        accuracy_level=level)
+        levels = {helper.get_attribute_value(a) for n in model.graph.node
+                  if n.domain == "edgeadapt" and n.op_type.endswith("BlockedMatMul")
+                  for a in n.attribute if a.name == "accuracy_level"}
+        return levels, before, sum(n.op_type == "MatMulNBits" for n in model.graph.node)
+
+    with float_activations(path) as copy:
+        for source, level in ((path, 4), (copy, 0)):
+            levels, before, after = rewrite(source)
+            assert levels == {level}
+            if g.name == "int4":
+                assert after < before  # the layers' k joined the live q and v
+    levels, before, after = rewrite(path, 0)
+    assert levels == {0} and after == before
 
 
 def test_live_weights_are_the_dequantized_values(bundle):

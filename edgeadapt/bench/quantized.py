@@ -224,7 +224,9 @@ def check_codes(rt, lm, adapter: Adapter) -> None:
 def kernel_parity(bundle: Path, rt, threads: int, vocab: int) -> float:
     """``rel_error`` between edgeadapt's kernel on ``rt``'s live codes and stock ONNX Runtime
     running the same graph's own dequantization of them, both on the bundle's graph with float
-    activations in the rest (so that only the kernel differs), on 2 x 40 random tokens."""
+    activations in the rest (so that only the kernel differs; edgeadapt's nodes take the
+    graph's level, float too: ``graphs.quantized.stock_accuracy_level``), on 2 x 40 random
+    tokens."""
     import onnxruntime as ort
 
     from edgeadapt.export.onnx_quant import float_activations

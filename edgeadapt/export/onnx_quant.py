@@ -10,8 +10,10 @@ transformer blocks, and a causal LM's head). On the grids of :mod:`edgeadapt.for
   32, ``accuracy_level`` 4: activations quantized to int8 per block of the row, as
   onnxruntime-genai's CPU int4 models run). Those weights are constants the backend packs.
 - the *live* weights become codes + scales graph inputs (:mod:`edgeadapt.graphs.quantized`),
-  on the same grid (tests/test_quant_grid.py), with float activations (weight-only): the runtime
-  edits the codes in place.
+  on the same grid (tests/test_quant_grid.py), with float activations (weight-only) in the
+  graph's own dequantization: the runtime edits the codes in place. edgeadapt's ONNX Runtime
+  kernel, which reads them at load, computes them with the rest's activations (int8 per block
+  at level 4: ``graphs.quantized.stock_accuracy_level``).
 
 Not ``quantize_dynamic`` for int8: it quantizes each activation tensor to uint8 with a single
 scale, which SmolLM2's activations do not survive (docs/quantized.md).

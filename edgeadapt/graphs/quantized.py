@@ -15,6 +15,14 @@ replaces each reader and the dequantization by one ``edgeadapt.QBlockedMatMul(x,
 reads the codes in place (:mod:`edgeadapt.runtime.backends.onnxruntime.kernel`), or, for int4
 codes the runtime holds two per byte, by ``edgeadapt.Q4BlockedMatMul(x, P, S)`` with the codes
 input retyped to the packed ``P (out/32, in, 16)`` uint8 (:mod:`edgeadapt.format.nibbles`).
+
+Those nodes compute with the activations of the graph's own ``MatMulNBits`` (their attribute
+``accuracy_level``, :func:`stock_accuracy_level`): int8 per block of 32 input columns where those
+use level 4, as an exported quantized graph's do (``edgeadapt.export.onnx_quant``), so that a
+layer's k, which the int4 node computes beside its live q and v, keeps the semantics it was
+exported with and the live weights see the activations their neighbours see; float
+activations (level 0) where they use float (the export's checks run a copy of the graph at
+level 0: ``onnx_quant.float_activations``).
 """
 
 from __future__ import annotations
@@ -42,6 +50,11 @@ from edgeadapt.graphs.blocked import (
 from edgeadapt.graphs.values import LiveWeight, all_value_names, consumers
 
 _DQ = "edgeadapt_dq"
+
+#: ``accuracy_level`` of edgeadapt's quantized ops (MatMulNBits' attribute and values,
+#: kernels/blocked_matmul.cpp, "Activations"): float activations, or int8 per block of 32 input
+#: columns as ONNX Runtime's MatMulNBits quantizes them at level 4
+FLOAT_ACTIVATIONS, INT8_ACTIVATIONS = 0, 4
 
 
 @dataclass(frozen=True)
@@ -120,9 +133,25 @@ def quantized_inputs(model: onnx.ModelProto) -> dict[str, QuantizedInput]:
     return found
 
 
+def _accuracy_level(node: onnx.NodeProto) -> int:
+    """A node's ``accuracy_level`` (absent: ONNX Runtime's default, 0)."""
+    return next((helper.get_attribute_value(a) for a in node.attribute
+                 if a.name == "accuracy_level"), 0)
+
+
+def stock_accuracy_level(model: onnx.ModelProto) -> int:
+    """The activations of the graph's own ``com.microsoft.MatMulNBits`` (top level):
+    ``INT8_ACTIVATIONS`` where it has some and every one has ``accuracy_level`` 4, else
+    ``FLOAT_ACTIVATIONS`` (none, or some at another level)."""
+    levels = {_accuracy_level(n) for n in model.graph.node
+              if n.op_type == "MatMulNBits" and n.domain == "com.microsoft"}
+    return INT8_ACTIVATIONS if levels == {INT8_ACTIVATIONS} else FLOAT_ACTIVATIONS
+
+
 def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str],
                              packed: set[str] | frozenset[str] = frozenset(),
-                             base_dir: Path | None = None) -> int:
+                             base_dir: Path | None = None,
+                             accuracy_level: int | None = None) -> int:
     """Replace the readers of the named quantized inputs (``codes`` input names) and their
     dequantization by ``edgeadapt.QBlockedMatMul`` nodes, ``edgeadapt.Q4BlockedMatMul`` for
     those in ``packed`` (their input retyped to the packed uint8 codes). Readers of one ``x``
@@ -135,8 +164,17 @@ def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str]
     codes and blocked scales, new initializers, its data read from ``base_dir`` where it is
     external and left as it is where that is None): a layer's q, k and v are one node, as
     :func:`edgeadapt.graphs.blocked.kernel_blocked_matmuls` makes them for float weights.
+    Every node gets ``accuracy_level`` (``FLOAT_ACTIVATIONS`` or ``INT8_ACTIVATIONS``; None:
+    :func:`stock_accuracy_level` of the graph, read before the rewrite absorbs any), and
+    absorbs only the MatMulNBits of that level (the others keep their own semantics).
     Returns how many live readers were replaced."""
     graph = model.graph
+    if accuracy_level is None:
+        accuracy_level = stock_accuracy_level(model)
+    if accuracy_level not in (FLOAT_ACTIVATIONS, INT8_ACTIVATIONS):
+        raise ExportError(f"accuracy_level {accuracy_level}: edgeadapt's quantized kernel "
+                          f"computes with float ({FLOAT_ACTIVATIONS}) or int8 "
+                          f"({INT8_ACTIVATIONS}) activations")
     inputs = {vi.name: vi for vi in graph.input}
     found = quantized_inputs(model)
     producers = {o: n for n in graph.node for o in n.output}
@@ -168,13 +206,18 @@ def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str]
     absorbed: set[str] = set()
     for (x, op), readers in groups.items():
         for node, pos in uses.get(x, []) if op == Q4KERNEL_OP else []:
+            if _accuracy_level(node) != accuracy_level:
+                continue
             tensors = _int4_constant(node, pos, inits, set(inputs), base_dir)
             if tensors is not None:
                 made += tensors
                 absorbed.update(node.input[1:])
                 readers.append((node, [t.name for t in tensors], node.output[0]))
     graph.initializer.extend(made)
-    _rewrite_readers(graph, merged_nodes(graph, groups, drop), drop)
+    merged = merged_nodes(graph, groups, drop)
+    for node in merged.values():
+        node.attribute.append(helper.make_attribute("accuracy_level", accuracy_level))
+    _rewrite_readers(graph, merged, drop)
     read = {i for n in graph.node for i in n.input}
     for init in [i for i in graph.initializer
                  if (i.name.startswith(_DQ) or i.name in absorbed) and i.name not in read]:

@@ -9,8 +9,10 @@ Which weights: :func:`edgeadapt.models.targets.quantized_weight_names` (the expo
 For a weight ``W (out, in)`` with codes ``q`` and scales ``s`` (``Grid.quantize(W)``, numpy,
 the one home of the code arithmetic), ``Wq = q * s`` (float32, ``Grid.dequantize``), and
 
-- *live* weights (the bundle's ``--targets``: codes + scales read by edgeadapt's own kernel,
-  float activations): ``y = x @ Wq.T + b`` (weight-only);
+- *live* weights (the bundle's ``--targets``: codes + scales read by edgeadapt's own kernel):
+  ``y = x @ Wq.T + b`` (weight-only), as the exported graph's own dequantization computes them
+  (edgeadapt's ONNX Runtime kernel computes them with ``A`` below, as the rest's MatMulNBits:
+  ``accuracy_level`` 4, kernels/blocked_matmul.cpp);
 - the other quantized weights (ONNX Runtime's stock ``MatMulNBits``, 8 or 4 bits, symmetric
   blocks of 32, ``accuracy_level`` 4), ``y = A(x) @ Wq.T + b`` with the kernel's activation
   quantizer ``A`` (:func:`quantize_activations`): per row, in blocks of 32 along ``in``,

@@ -50,6 +50,48 @@
 // token, K = 576: as fast as QBlockedMatMul with the weights in L2, 0.77-0.85x its time with
 // them in L3). More tokens: each block is dequantized into the float panel as above.
 //
+// Activations: the code forms' attribute accuracy_level, named and valued as MatMulNBits'
+// (edgeadapt/graphs/quantized.py sets it to the level of the graph's own MatMulNBits, so a
+// layer's k, which one node computes beside its live q and v, keeps its semantics):
+//
+// - 0 (the default): x as it is, in float: the formulas above;
+// - 4: x quantized to int8 per row in blocks of 32 input columns, exactly as ONNX Runtime's
+//   MatMulNBits at accuracy level 4 quantizes its activations (MLAS's QuantizeARow_CompInt8,
+//   the AVX-512 form; the last block of a row short where 32 does not divide K):
+//
+//       m = max_{c in blk} |x[c]|,   a_blk = m / 127,   xq[c] = rint(x[c] * (127 / m))
+//
+//   (127 / m a float of its own, not 1 / a_blk: the two differ in the last bit, enough to move
+//   a tie; rint: to nearest, ties to even; m = 0: a_blk = 0, xq = 0), and with G a multiple of
+//   32 (each group whole blocks of x)
+//
+//       y[32 b + j] = sum_blk (a_blk * s[b, g(blk), j]) * sum_{c in blk} xq[c] q[b, c, j]
+//
+//   the inner sums exact in int32, each block's term one float FMA into y, blocks in order (the
+//   float operations of MLAS's CompInt8 kernels, which may order the sum otherwise: equal to
+//   MatMulNBits at level 4 on the same codes to float rounding).
+//
+//   One token, G a multiple of 32 (the grids'): with AVX512-VNNI and VBMI, per 4 input columns
+//   one 64-byte load of p[b, c..c+3, :] (int8 codes: two, q[b, c..c+3, :]), one vpermb
+//   (vpermt2b) that gathers each output column's 4 codes into a 32-bit lane, and vpdpbusd
+//   (4 u8 x s8 products summed into each int32 lane), the codes taken unsigned, n = q + o
+//   (o = 8: int4's nibbles as stored, split by a mask and a shift; o = 128: int8's sign bit
+//   flipped), so sum n xq = sum q xq + o sum xq, the second term once per block of x (its sum
+//   computed with xq): 128 weights a load and two vpdpbusd, where the float path converts and
+//   multiplies 16 at a time (vpermps + FMA), as MatMulNBits computes level 4. Without VBMI the
+//   gather is vpermd + vpshufb (a 4 x 4 transpose of dwords, then of bytes in each 128-bit
+//   lane); without VNNI vpdpbusd is vpmaddubsw + vpmaddwd (exact for int4's n <= 15; int8
+//   codes there, and every code without AVX-512BW, take plain C++ on the same integers). All
+//   are the same float operations (std::fma in C++): every path gives the same bits.
+//   SmolLM2's q, k and v at one token, one thread (experiments/q4_activation_probe.py): int4
+//   0.46-0.48x the float path's time and 0.76-0.79x MatMulNBits' at level 4 on the same codes;
+//   int8 codes 0.78x and 0.82x. (The same CPU built without VBMI: int4 0.47x the float path;
+//   without VNNI and VBMI 0.53x, int8 codes 1.3x.)
+//
+//   More tokens, or G not a multiple of 32: x is replaced by its dequantization xq[c] * a_blk
+//   (float) and the float paths above multiply it, so a prefill and a decode step see the same
+//   activations (and their products agree to float rounding).
+//
 // edgeadapt.BlockOffsets (block_offsets.h): the affine int4 grid's offset term of the readers
 // of one x, in one node.
 //
@@ -62,7 +104,9 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -80,6 +124,10 @@ constexpr int64_t BW = 32;  // columns per block (the layout's)
 constexpr int MR = 12;      // rows per tile
 constexpr int64_t MC = 96;  // rows per chunk: 96 * K floats of x (221 KB at K = 576)
 constexpr int64_t PREFETCH = 32;  // rows a one-token block is read ahead of its use
+constexpr int64_t AB = 32;        // input columns per block of int8 activations (level 4)
+
+// the code forms' accuracy_level (MatMulNBits' values): float activations, or int8 per block
+enum Level : int64_t { FLOAT_ACTIVATIONS = 0, INT8_ACTIVATIONS = 4 };
 
 // What the weight operand holds: float weights (BlockedMatMul), int8 codes one per byte
 // (QBlockedMatMul) or int4 codes two per byte (Q4BlockedMatMul); the codes come with scales.
@@ -251,6 +299,212 @@ void dequantize_block(const uint8_t* __restrict q, const float* __restrict s,
   }
 }
 
+// One row of x (K columns) at level 4: its int8 activations q (K rounded up to whole blocks,
+// zeros past K, as MLAS pads), per block of AB columns the scale a and the sum of q, and the
+// dequantized row xd[c] = q[c] * a_blk (the float paths' x)
+void quantize_row(const float* __restrict x, int64_t K, int8_t* __restrict q,
+                  float* __restrict a, int32_t* __restrict sum, float* __restrict xd) {
+  for (int64_t c0 = 0, blk = 0; c0 < K; c0 += AB, ++blk) {
+    const int64_t n = std::min(AB, K - c0);
+#if defined(__AVX512F__)
+    // MLAS's own steps: masked loads, max of |x|, x * (127 / m) rounded to nearest even
+    const uint32_t in_x = n == AB ? 0xffffffffu : (1u << n) - 1;  // the block's columns in x
+    const __mmask16 m0 = static_cast<__mmask16>(in_x), m1 = static_cast<__mmask16>(in_x >> 16);
+    const __m512 v0 = _mm512_maskz_loadu_ps(m0, x + c0);
+    const __m512 v1 = _mm512_maskz_loadu_ps(m1, x + c0 + 16);
+    const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const float scale = m / 127.f;
+    const __m512 inv = _mm512_set1_ps(m != 0.f ? 127.f / m : 0.f);
+    const __m512 r0 = _mm512_roundscale_ps(_mm512_mul_ps(v0, inv),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r1 = _mm512_roundscale_ps(_mm512_mul_ps(v1, inv),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i i0 = _mm512_cvtps_epi32(r0), i1 = _mm512_cvtps_epi32(r1);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c0), _mm512_cvtepi32_epi8(i0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c0 + 16), _mm512_cvtepi32_epi8(i1));
+    sum[blk] = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+    const __m512 s = _mm512_set1_ps(scale);
+    _mm512_mask_storeu_ps(xd + c0, m0, _mm512_mul_ps(r0, s));
+    _mm512_mask_storeu_ps(xd + c0 + 16, m1, _mm512_mul_ps(r1, s));
+    a[blk] = scale;
+#else
+    float m = 0.f;
+    for (int64_t c = 0; c < n; ++c) m = std::max(m, std::fabs(x[c0 + c]));
+    const float scale = m / 127.f, inv = m != 0.f ? 127.f / m : 0.f;
+    int32_t total = 0;
+    for (int64_t c = 0; c < AB; ++c) {
+      const int32_t v = c < n ? static_cast<int32_t>(std::nearbyint(x[c0 + c] * inv)) : 0;
+      q[c0 + c] = static_cast<int8_t>(v);
+      total += v;
+      if (c < n) xd[c0 + c] = static_cast<float>(v) * scale;
+    }
+    sum[blk] = total;
+    a[blk] = scale;
+#endif
+  }
+}
+
+// what the int8 path adds to each code to take it as vpdpbusd's unsigned operand: int4's
+// nibbles are stored offset by 8; int8's sign bit is flipped (+128)
+template <Form F>
+constexpr int32_t code_offset = F == Form::Int4 ? 8 : 128;
+
+#if defined(__AVX512BW__)
+// the int8 path in AVX-512 for form F: both forms with VNNI; int4 only without (its u8 x s8
+// pairs, 2 * 15 * 127, fit vpmaddubsw's int16, int8's 2 * 255 * 127 do not)
+template <Form F>
+#if defined(__AVX512VNNI__)
+constexpr bool avx512_int8 = true;
+#else
+constexpr bool avx512_int8 = F == Form::Int4;
+#endif
+
+// the 4 int8 activations at x as one 32-bit lane (vpdpbusd's s8 operand, broadcast)
+inline int32_t four_bytes(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, sizeof v);
+  return v;
+}
+
+// acc + the sums of 4 u8 x s8 products per 32-bit lane: vpdpbusd, or without VNNI vpmaddubsw
+// (pairs into int16: exact for u <= 15, int4's codes) and vpmaddwd by 1 (pairs into int32)
+inline __m512i dot4(__m512i acc, __m512i u, __m512i x) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(acc, u, x);
+#else
+  return _mm512_add_epi32(
+      acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, x), _mm512_set1_epi16(1)));
+#endif
+}
+
+#if !defined(__AVX512VBMI__)
+// without vpermb: dwords 4 t + L of v -> 4 L + t (vpermd), then in each 128-bit lane the 4 x 4
+// bytes 4 t + i -> 4 i + t (vpshufb): bytes 16 t + 4 L + i -> 16 L + 4 i + t
+inline __m512i transpose_lanes(__m512i v) {
+  const __m512i lanes = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  const __m512i bytes = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+  return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(lanes, v), bytes);
+}
+#endif
+
+// the unsigned codes n = q + o of input columns c..c+3 (r: row c of a block) for output columns
+// 0..15 (lo) and 16..31 (hi), lane j holding those of column j (input column c + t in byte t),
+// vpdpbusd's order
+template <Form F>
+inline void load_quad(const uint8_t* r, __m512i& lo, __m512i& hi) {
+  if constexpr (F == Form::Int4) {
+    // bytes 16 t + j (row c + t, column j | j + 16) -> byte 4 j + t; then the two nibbles
+#if defined(__AVX512VBMI__)
+    const __m512i idx = _mm512_set_epi32(
+        0x3f2f1f0f, 0x3e2e1e0e, 0x3d2d1d0d, 0x3c2c1c0c, 0x3b2b1b0b, 0x3a2a1a0a, 0x39291909,
+        0x38281808, 0x37271707, 0x36261606, 0x35251505, 0x34241404, 0x33231303, 0x32221202,
+        0x31211101, 0x30201000);
+    const __m512i v = _mm512_permutexvar_epi8(idx, _mm512_loadu_si512(r));
+#else
+    const __m512i v = transpose_lanes(_mm512_loadu_si512(r));
+#endif
+    const __m512i nib = _mm512_set1_epi8(15);
+    lo = _mm512_and_si512(v, nib);
+    hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+  } else {
+    // rows c..c+3 are bytes 32 t + j of the 128 bytes a | b -> byte 4 j + t (lo) and
+    // 32 t + 16 + j -> 4 j + t (hi); then q + 128 = q ^ 0x80 as a u8
+    const __m512i a = _mm512_loadu_si512(r), b = _mm512_loadu_si512(r + 64);
+#if defined(__AVX512VBMI__)
+    const __m512i idx_lo = _mm512_set_epi32(
+        0x6f4f2f0f, 0x6e4e2e0e, 0x6d4d2d0d, 0x6c4c2c0c, 0x6b4b2b0b, 0x6a4a2a0a, 0x69492909,
+        0x68482808, 0x67472707, 0x66462606, 0x65452505, 0x64442404, 0x63432303, 0x62422202,
+        0x61412101, 0x60402000);
+    const __m512i idx_hi = _mm512_add_epi8(idx_lo, _mm512_set1_epi8(16));
+    const __m512i tlo = _mm512_permutex2var_epi8(a, idx_lo, b);
+    const __m512i thi = _mm512_permutex2var_epi8(a, idx_hi, b);
+#else
+    // the 128-bit lanes of rows c..c+3 for columns 0..15 (a's 0 and 2, b's 0 and 2) and
+    // 16..31 (the lanes after them) side by side (vpermt2d), then transposed in each lane
+    const __m512i lanes = _mm512_set_epi32(27, 19, 11, 3, 26, 18, 10, 2, 25, 17, 9, 1, 24, 16,
+                                           8, 0);
+    const __m512i four = _mm512_set1_epi32(4);
+    const __m512i bytes = _mm512_broadcast_i32x4(
+        _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    const __m512i tlo = _mm512_shuffle_epi8(_mm512_permutex2var_epi32(a, lanes, b), bytes);
+    const __m512i thi = _mm512_shuffle_epi8(
+        _mm512_permutex2var_epi32(a, _mm512_add_epi32(lanes, four), b), bytes);
+#endif
+    const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+    lo = _mm512_xor_si512(tlo, sign);
+    hi = _mm512_xor_si512(thi, sign);
+  }
+}
+#else
+template <Form F>
+constexpr bool avx512_int8 = false;
+#endif
+
+// Level 4, one token: y[j] = sum_blk (xa[blk] s[g(blk), j]) * sum_{c in blk} xq[c] q[c, j],
+// j < 32, for one block of codes (K rows of row_width<F> bytes, K a multiple of AB) and its
+// scales s (K/G, 32), G a multiple of AB; xsum: the sums of xq per block
+template <Form F>
+void igemv_block(const int8_t* __restrict xq, const float* __restrict xa,
+                 const int32_t* __restrict xsum, const uint8_t* __restrict q,
+                 const float* __restrict s, float* __restrict y, int64_t K, int64_t G) {
+  constexpr int64_t RB = row_width<F>;
+#if defined(__AVX512BW__)
+  if constexpr (avx512_int8<F>) {
+    __m512 ya = _mm512_setzero_ps(), yb = _mm512_setzero_ps();
+    for (int64_t c0 = 0, blk = 0; c0 < K; c0 += AB, ++blk) {
+      // two sums per half (vpdpbusd's latency), each over every other 4 input columns
+      __m512i a0 = _mm512_setzero_si512(), a1 = a0, b0 = a0, b1 = a0;
+      for (int64_t c = c0; c < c0 + AB; c += 8) {
+        __m512i lo, hi;
+        load_quad<F>(q + c * RB, lo, hi);
+        const __m512i x0 = _mm512_set1_epi32(four_bytes(xq + c));
+        a0 = dot4(a0, lo, x0);
+        b0 = dot4(b0, hi, x0);
+        load_quad<F>(q + (c + 4) * RB, lo, hi);
+        const __m512i x1 = _mm512_set1_epi32(four_bytes(xq + c + 4));
+        a1 = dot4(a1, lo, x1);
+        b1 = dot4(b1, hi, x1);
+      }
+      const __m512i off = _mm512_set1_epi32(code_offset<F> * xsum[blk]);
+      const __m512i ia = _mm512_sub_epi32(_mm512_add_epi32(a0, a1), off);
+      const __m512i ib = _mm512_sub_epi32(_mm512_add_epi32(b0, b1), off);
+      const float* sg = s + (c0 / G) * BW;
+      const __m512 xs = _mm512_set1_ps(xa[blk]);
+      ya = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_mul_ps(xs, _mm512_loadu_ps(sg)), ya);
+      yb = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ib), _mm512_mul_ps(xs, _mm512_loadu_ps(sg + 16)),
+                           yb);
+    }
+    _mm512_storeu_ps(y, ya);
+    _mm512_storeu_ps(y + 16, yb);
+    return;
+  }
+#endif
+  // the same integers (sum q xq directly: n xq - o xq summed is the same number) and the same
+  // float operations, one FMA per block and column
+  (void)xsum;
+  float acc[BW] = {0};
+  for (int64_t c0 = 0, blk = 0; c0 < K; c0 += AB, ++blk) {
+    int32_t part[BW] = {0};
+    for (int64_t c = c0; c < c0 + AB; ++c) {
+      const uint8_t* r = q + c * RB;
+      const int32_t xc = xq[c];
+      if constexpr (F == Form::Int4) {
+        for (int64_t j = 0; j < BW / 2; ++j) {
+          part[j] += ((r[j] & 15) - 8) * xc;
+          part[j + BW / 2] += ((r[j] >> 4) - 8) * xc;
+        }
+      } else {
+        for (int64_t j = 0; j < BW; ++j) part[j] += static_cast<int8_t>(r[j]) * xc;
+      }
+    }
+    const float* sg = s + (c0 / G) * BW;
+    for (int64_t j = 0; j < BW; ++j)
+      acc[j] = std::fma(static_cast<float>(part[j]), xa[blk] * sg[j], acc[j]);
+  }
+  for (int64_t j = 0; j < BW; ++j) y[j] = acc[j];
+}
+
 template <int... Rs>
 void tile_rows(int rows, const float* x, const float* w, float* y, int64_t K, int64_t ldy,
                std::integer_sequence<int, Rs...>) {
@@ -258,12 +512,17 @@ void tile_rows(int rows, const float* x, const float* w, float* y, int64_t K, in
 }
 
 struct Job {
-  const float* x;
+  const float* x;    // level 4: the dequantized activations
   const float* w;    // float weight, or
   const uint8_t* q;  // codes (int8 one per byte, or int4 two per byte) with
   const float* s;    // their scales, G input columns per scale
   float* y;
   int64_t M, K, N, blocks, chunks, G;
+  // level 4, one token, G a multiple of AB: the int8 activations, their scales and sums per
+  // block (igemv_block); null otherwise
+  const int8_t* xq = nullptr;
+  const float* xa = nullptr;
+  const int32_t* xsum = nullptr;
 };
 
 // rows [m0, m1) of x times one float block w (K, 32)
@@ -290,7 +549,10 @@ void run_job_item(const Job& j, int64_t item) {
     const uint8_t* qb = j.q + b * j.K * row_width<F>;
     const float* sb = j.s + b * (j.K / j.G) * BW;
     if (j.M == 1) {
-      qgemv_block<F>(j.x, qb, sb, j.y + b * BW, j.K, j.G);
+      if (j.xq != nullptr)
+        igemv_block<F>(j.xq, j.xa, j.xsum, qb, sb, j.y + b * BW, j.K, j.G);
+      else
+        qgemv_block<F>(j.x, qb, sb, j.y + b * BW, j.K, j.G);
       return;
     }
     thread_local std::vector<float> panel;
@@ -323,6 +585,8 @@ struct Names<Form::Float> {
   static constexpr ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   static constexpr const char* shapes =
       "edgeadapt.BlockedMatMul: need x (..., K) and weights (N/32, K, 32) with the same K";
+  static constexpr const char* levels =
+      "edgeadapt.BlockedMatMul: float weights take no accuracy_level (float activations only)";
 };
 template <>
 struct Names<Form::Int8> {
@@ -332,6 +596,8 @@ struct Names<Form::Int8> {
       "edgeadapt.QBlockedMatMul: need x (..., K) and codes (N/32, K, 32) with the same K";
   static constexpr const char* scales =
       "edgeadapt.QBlockedMatMul: need scales (N/32, K/G, 32) for codes (N/32, K, 32)";
+  static constexpr const char* levels =
+      "edgeadapt.QBlockedMatMul: accuracy_level must be 0 (float activations) or 4 (int8)";
 };
 template <>
 struct Names<Form::Int4> {
@@ -341,10 +607,33 @@ struct Names<Form::Int4> {
       "edgeadapt.Q4BlockedMatMul: need x (..., K) and packed codes (N/32, K, 16) with the same K";
   static constexpr const char* scales =
       "edgeadapt.Q4BlockedMatMul: need scales (N/32, K/G, 32) for packed codes (N/32, K, 16)";
+  static constexpr const char* levels =
+      "edgeadapt.Q4BlockedMatMul: accuracy_level must be 0 (float activations) or 4 (int8)";
+};
+
+// Level 4: x (M rows of K) quantized per row (quantize_row), for the whole call
+struct Activations {
+  std::vector<int8_t> q;     // M rows of K rounded up to whole blocks
+  std::vector<float> a;      // M rows of K/AB (rounded up) scales
+  std::vector<int32_t> sum;  // and sums of q
+  std::vector<float> x;      // M rows of K: q * a, the float paths' x
+
+  void quantize(const float* x_in, int64_t M, int64_t K) {
+    const int64_t nb = (K + AB - 1) / AB;
+    q.resize(static_cast<size_t>(M * nb * AB));
+    a.resize(static_cast<size_t>(M * nb));
+    sum.resize(a.size());
+    x.resize(static_cast<size_t>(M * K));
+    for (int64_t m = 0; m < M; ++m)
+      quantize_row(x_in + m * K, K, q.data() + m * nb * AB, a.data() + m * nb,
+                   sum.data() + m * nb, x.data() + m * K);
+  }
 };
 
 template <Form F>
 struct Kernel {
+  int64_t level = FLOAT_ACTIVATIONS;
+
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return ort_kernel::status_of([&]() -> OrtStatusPtr {
       Ort::KernelContext ctx(context);
@@ -390,6 +679,21 @@ struct Kernel {
         }
       }
       if (all.jobs.empty()) return nullptr;
+      if (level == INT8_ACTIVATIONS) {
+        // once per call (the jobs share x); the calling thread's buffers, read by the pool's
+        // threads while it waits in ParallelFor
+        thread_local Activations act;
+        const int64_t K = xs.back();
+        act.quantize(all.jobs[0].x, M, K);
+        for (Job& job : all.jobs) {
+          job.x = act.x.data();
+          if (M == 1 && K % AB == 0 && job.G % AB == 0) {
+            job.xq = act.q.data();
+            job.xa = act.a.data();
+            job.xsum = act.sum.data();
+          }
+        }
+      }
       ctx.ParallelFor(run_item<F>, all.first.back(), 0, &all);
       return nullptr;
     });
@@ -398,8 +702,19 @@ struct Kernel {
 
 template <Form F>
 struct Op : Ort::CustomOpBase<Op<F>, Kernel<F>, /*WithStatus=*/true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {
-    *kernel = new Kernel<F>();
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
+                              void** kernel) const {
+    // accuracy_level: absent is 0; the float form has no activations to quantize
+    int64_t level = FLOAT_ACTIVATIONS;
+    if (OrtStatus* absent = api.KernelInfoGetAttribute_int64(info, "accuracy_level", &level)) {
+      api.ReleaseStatus(absent);
+      level = FLOAT_ACTIVATIONS;
+    }
+    if (level != FLOAT_ACTIVATIONS && (F == Form::Float || level != INT8_ACTIVATIONS))
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, Names<F>::levels);
+    auto k = std::make_unique<Kernel<F>>();
+    k->level = level;
+    *kernel = k.release();
     return nullptr;
   }
   const char* GetName() const { return Names<F>::op; }
