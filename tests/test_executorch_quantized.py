@@ -40,7 +40,7 @@ from edgeadapt.export.executorch_quant import (  # noqa: E402
     dequantized_rest,
     quantized_live_model,
 )
-from edgeadapt.format import read_manifest  # noqa: E402
+from edgeadapt.format import nibbles, read_manifest  # noqa: E402
 from edgeadapt.format.quant import grid  # noqa: E402
 from edgeadapt.models import LoadedModel, LogitsModule  # noqa: E402
 from edgeadapt.numeric import rel_error  # noqa: E402
@@ -87,7 +87,9 @@ def same_model_forward(program_model: LoadedModel, codes: dict, inputs) -> np.nd
     (codes, scales)) in its live buffers."""
     model = copy.deepcopy(program_model.model)
     for n, (q, _) in codes.items():
-        model.get_buffer(n).copy_(torch.from_numpy(q))
+        packed = model.get_submodule(n.removesuffix(".weight")).packed
+        model.get_buffer(n).copy_(torch.from_numpy(
+            nibbles.pack(q.reshape(q.shape[0], -1, nibbles.BLOCK)) if packed else q))
     with torch.no_grad():
         return LogitsModule(dataclasses.replace(program_model, model=model))(
             **{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
@@ -117,6 +119,10 @@ def test_switch_writes_requantized_codes_and_runs_them(bundle, active):
     lm, out, g, adapters, program_model, rest = bundle
     rt = load(out, backend="executorch", mode="live")
     assert rt.store.kernel
+    manifest = read_manifest(out)
+    for n, lw in rt.store.live_weights().items():  # int4: two codes per byte (live_q4linear)
+        assert lw.packed == (g.bits == 4) == manifest.weights[n].executorch["quant"]["packed"]
+        assert lw.array.nbytes == lw.size // (1 + lw.packed)
     rt.switch(active or None)
     want = _expected_codes(lm, g, adapters, active)
     got_codes = _codes(rt)
@@ -140,7 +146,9 @@ def test_switch_writes_requantized_codes_and_runs_them(bundle, active):
 def test_codes_edited_in_place_are_read(bundle):
     """A byte written into the codes array the store hands out is what the next run reads
     (a packed copy would hide it), at one token (the GEMV) and at 2 x 7 (the slabs). The v
-    weight: at one token attention ignores q."""
+    weight: at one token attention ignores q. int4: the array is the program's codes two per
+    byte (format/nibbles.py), edited byte by byte here: the low nibbles of each row's first 8
+    bytes (columns 0..7) and their high nibbles (columns 16..23), both read by the kernel."""
     lm, out, g, _, program_model, _ = bundle
     rt = load(out, backend="executorch", mode="live")
     codes = {n: (lw.torch_weight().copy(), lw.codes.scales)
@@ -148,22 +156,69 @@ def test_codes_edited_in_place_are_read(bundle):
     shapes = ((1, 1), (2, 7))
     before = [rt.run(**_inputs(lm, b, s)) for b, s in shapes]
     n = next(n for n in sorted(codes) if "v_proj" in n)
-    arr = rt.store.live_weights()[n].array
-    arr[:, :8] = np.where(arr[:, :8] > 0, g.qmin, g.qmax)
-    codes[n] = (arr.copy(), codes[n][1])
+    lw = rt.store.live_weights()[n]
+    arr = lw.array
+    assert lw.packed == (g.bits == 4)
+    want = codes[n][0].copy()
+    cols = np.r_[0:8, 16:24] if lw.packed else np.r_[0:8]
+    want[:, cols] = np.where(want[:, cols] > 0, g.qmin, g.qmax)
+    if lw.packed:
+        nib = (want[:, cols].astype(np.int16) + 8).astype(np.uint8)
+        arr[:, 0, :8] = nib[:, :8] | (nib[:, 8:] << 4)
+    else:
+        arr[:, cols] = want[:, cols]
+    codes[n] = (want, codes[n][1])
     for (b, s), was in zip(shapes, before, strict=True):
         inputs = _inputs(lm, b, s)
         after = rt.run(**inputs)
         assert rel_error(after, was) > 1e-2, (b, s)
         assert rel_error(after, same_model_forward(program_model, codes, inputs)) \
             <= SAME_MODEL_TOL, (b, s)
-    np.testing.assert_array_equal(rt.store.read_back(n), arr)
+    np.testing.assert_array_equal(rt.store.read_back(n), want)
+    np.testing.assert_array_equal(rt.store.read_back(n, raw=True), arr)
 
 
 def test_random_sequences_restore_the_exported_codes_and_report_saturation(bundle):
     lm, out, g, adapters, _, _ = bundle
     check_random_sequences(load(out, backend="executorch", mode="live"), lm, g, adapters,
                            _codes)
+
+
+def _exported_bytes(lm, g, names) -> dict[str, np.ndarray]:
+    """The bytes the export writes into each live codes buffer: the grid's codes of the base
+    weight, packed two per byte on int4 (format/nibbles.py, the as-is layout's blocks of 32)."""
+    out = {}
+    for n in names:
+        q = g.quantize(lm.model.get_parameter(n).detach().numpy())[0]
+        out[n] = nibbles.pack(q.reshape(q.shape[0], -1, nibbles.BLOCK)) if g.bits == 4 else q
+    return out
+
+
+def test_switches_restore_the_exported_bytes_bit_for_bit(bundle):
+    """The buffers the loaded program reads (fresh ``get_attribute`` views, as held: packed
+    bytes on int4) start as the export's bytes, change under each adapter set, and a switch
+    back to the base leaves them, and the forward, bit for bit as exported: every nibble
+    written through the engine's read-modify-write of its byte (runtime/scatter.py)."""
+    lm, out, g, _, _, _ = bundle
+    rt = load(out, backend="executorch", mode="live")
+    names = sorted(rt.store.live_weights())
+    want = _exported_bytes(lm, g, names)
+    held = {n: rt.store.read_back(n, raw=True) for n in names}
+    for n in names:
+        assert held[n].dtype == (np.uint8 if g.bits == 4 else np.int8)
+        np.testing.assert_array_equal(held[n], want[n], err_msg=n)
+    inputs = _inputs(lm, 2, 7)
+    before = rt.run(**inputs)
+    for active in (["s1"], ["s1", "s2"], ["lora"], ["s2", "lora"]):
+        rt.switch(active)
+        assert any(not np.array_equal(rt.store.read_back(n, raw=True), want[n])
+                   for n in names), active
+        rt.switch(None)
+        for n in names:
+            np.testing.assert_array_equal(rt.store.read_back(n, raw=True), want[n],
+                                          err_msg=f"{active} {n}")
+        assert np.array_equal(rt.run(**inputs), before), active
+    rt.engine.verify_base()
 
 
 def test_live_weights_are_the_dequantized_values(bundle):
@@ -199,6 +254,62 @@ def test_bad_scales_and_modes_are_refused(bundle, tmp_path):
         (copy_dir / manifest.executorch["file"]).write_bytes(edited)
         with pytest.raises(BundleError, match=f"{name}.*zero or not finite"):
             load(copy_dir, backend="executorch", mode="live")
+
+
+def test_a_packed_record_that_does_not_match_the_program_is_refused(bundle, tmp_path):
+    """bundle.json's ``packed`` against the buffer the program holds (uint8 packed codes, int8
+    a code per byte): BundleError at load naming the weight."""
+    import json
+
+    _, out, g, _, _, _ = bundle
+    copy_dir = tmp_path / "b"
+    shutil.copytree(out, copy_dir)
+    data = json.loads((copy_dir / "bundle.json").read_text())
+    name = sorted(data["weights"])[0]
+    quant = data["weights"][name]["executorch"]["quant"]
+    quant["packed"] = not quant["packed"]
+    (copy_dir / "bundle.json").write_text(json.dumps(data))
+    held = "uint8" if g.bits == 4 else "int8"
+    with pytest.raises(BundleError, match=f"{name}.* is {held}, but bundle.json says it holds"):
+        load(copy_dir, backend="executorch", mode="live")
+
+
+@pytest.mark.slow  # a third export (20 s); int8 bundles take the same one-byte store path
+def test_an_int4_bundle_of_a_code_per_byte_loads_and_switches(tmp_path, monkeypatch):
+    """Bundles exported before int4 codes were packed: their int4 buffers hold a code per byte
+    (int8, ``live_qlinear``) and their ``quant`` records say nothing of packing. They load
+    unpacked and switch on those bytes as before."""
+    import json
+
+    from edgeadapt.export import executorch_quant
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(executorch_quant, "packs", lambda g: False)
+    lm = one_block_llama(hidden=64)
+    out = tmp_path / "bundle"
+    export_base(lm, out, backends="executorch", targets="qv", precision="int4")
+    data = json.loads((out / "bundle.json").read_text())
+    for entry in data["weights"].values():
+        assert entry["executorch"]["quant"].pop("packed") is False
+    (out / "bundle.json").write_text(json.dumps(data))
+    manifest = read_manifest(out)
+    g = grid("int4")
+    adapters = _adapters(lm, sorted(manifest.weights), g)
+    register_adapters(out, manifest, adapters)
+    rt = load(out, backend="executorch", mode="live")
+    for lw in rt.store.live_weights().values():
+        assert not lw.packed and lw.array.dtype == np.int8 and lw.array.shape == lw.shape
+    program_model = quantized_live_model(lm, sorted(manifest.weights), "int4")[0]
+    rt.switch(["s1", "s2"])
+    want = _expected_codes(lm, g, adapters, ["s1", "s2"])
+    for n, (q, _) in want.items():
+        np.testing.assert_array_equal(rt.store.read_back(n), q, err_msg=n)
+    for b, s in ((1, 1), (2, 7)):
+        inputs = _inputs(lm, b, s)
+        assert rel_error(rt.run(**inputs), same_model_forward(program_model, want, inputs)) \
+            <= SAME_MODEL_TOL, (b, s)
+    rt.switch(None)
+    rt.engine.verify_base()
 
 
 def test_export_refuses_what_quantized_programs_lack(tmp_path):

@@ -93,3 +93,48 @@ def test_numpy_scatter_equals_a_per_code_reference_and_the_native_one(seed):
         native = flat.copy()
         scatter_nibbles(native, pos, codes, native=True)
         np.testing.assert_array_equal(native, want)
+
+
+def test_block_shape_of_each_layout():
+    assert nibbles.block_shape((64, 96), "blocked32") == (2, 96, 32)
+    assert nibbles.block_shape((21, 96), "as-is") == (21, 3, 32)
+    with pytest.raises(ValueError, match="do not pack"):
+        nibbles.block_shape((21, 40), "as-is")
+    with pytest.raises(ValueError, match="do not pack"):
+        nibbles.block_shape((64, 96), "transposed")
+
+
+@pytest.mark.parametrize("layout,shape", [("as-is", (21, 96)), ("blocked32", (64, 96))])
+def test_a_packed_live_weight_answers_as_its_unpacked_twin(layout, shape):
+    """A :class:`LiveWeight` of int4 codes packed two per byte in the as-is layout (ExecuTorch's
+    ``(out, in/32, 16)``) or blocked32 (ONNX Runtime's) reads, writes, gathers and scatters
+    codes at the layout's positions as the same weight a code per byte does."""
+    from edgeadapt.format.layout import to_backend
+    from edgeadapt.format.quant import INT4
+    from edgeadapt.runtime.store import Codes, LiveWeight
+
+    rng = np.random.default_rng(5)
+    q, s = INT4.quantize(rng.standard_normal(shape).astype(np.float32))
+    held = to_backend(q, layout)
+    one = LiveWeight("w", held.copy(), layout, shape, codes=Codes(INT4, s))
+    two = LiveWeight("w", nibbles.pack(held.reshape(nibbles.block_shape(shape, layout))),
+                     layout, shape, codes=Codes(INT4, s), packed=True)
+    assert two.array.shape == nibbles.packed_shape(nibbles.block_shape(shape, layout))
+    assert two.dtype == np.int8 and two.array.nbytes * 2 == q.size
+    np.testing.assert_array_equal(two.torch_weight(), q)
+    np.testing.assert_array_equal(two.read(), one.read())
+    np.testing.assert_array_equal(two.dequantized(), one.dequantized())
+    pos = np.unique(rng.choice(q.size, 300, replace=False)).astype(np.int64)
+    np.testing.assert_array_equal(two.gather(pos), one.gather(pos))
+    new = rng.integers(-8, 8, pos.size).astype(np.int8)
+    for lw in (one, two):
+        lw.scatter(pos, new)
+    np.testing.assert_array_equal(two.read(), one.read())
+    full = to_backend(rng.integers(-8, 8, shape).astype(np.int8), layout)
+    for lw in (one, two):
+        lw.write(full)
+    np.testing.assert_array_equal(two.torch_weight(), one.torch_weight())
+    with pytest.raises(ValueError, match="no \\(out, in\\) view"):
+        two.torch_view()
+    with pytest.raises(ValueError, match="only int4"):
+        LiveWeight("w", held.astype(np.uint8), layout, shape, packed=True)

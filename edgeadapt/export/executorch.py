@@ -22,7 +22,8 @@ Two programs per variant:
 
 Quantized bundles (``precision="int8"|"int4"``, :mod:`edgeadapt.export.executorch_quant`):
 the live program only, the rest on XNNPACK's quantized linears (torchao), the quantized live
-weights int8 codes + scales buffers read by ``edgeadapt::live_qlinear.out``.
+weights int8 codes + scales buffers read by ``edgeadapt::live_qlinear.out`` (int4 codes packed
+two per byte, read by ``edgeadapt::live_q4linear.out``).
 
 Shapes: one ``forward(input_ids[, attention_mask])`` with dynamic ``batch`` in [1, max_batch]
 and ``seq`` in [1, max_seq] (upper bounds memory-plan the activations).
@@ -385,7 +386,8 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     the rest on XNNPACK's quantized linears through torchao, the quantized live weights as
     codes + scales buffers read by ``edgeadapt::live_qlinear.out``; no constant program, no
     variants yet); each such weight's entry gains ``"quant": {"grid", "scales":
-    buffer, "scales_shape", "codes_sha256"}`` and the section ``"precision"``.
+    buffer, "scales_shape", "codes_sha256", "packed"}`` (``packed``: int4 codes held two per
+    byte, :mod:`edgeadapt.format.nibbles`) and the section ``"precision"``.
     Returns::
 
         {"section": {"file", "methods", "inputs", "max_batch", "max_seq", "branch", "live_form",

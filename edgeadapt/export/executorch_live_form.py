@@ -14,7 +14,8 @@ is a constant, on *every call* when it is not — and a live weight, a mutable b
   place. Needs the kernel library loaded wherever the program runs
   (:mod:`edgeadapt.runtime.backends.executorch.kernel`, built with the system C++ compiler).
   Quantized bundles write :class:`QKernelLinear` instead (``edgeadapt::live_qlinear.out``:
-  int8 codes + scales read in place; docs/quantized.md, "ExecuTorch").
+  int8 codes + scales read in place; int4 codes packed two per byte,
+  ``edgeadapt::live_q4linear.out``; docs/quantized.md, "ExecuTorch").
 
 Measured (docs/bench.md, ExecuTorch runs 3 and 5): SmolLM2 q/v live / all-constant forward at
 1x1, 1x64, 8x64 is 0.98-0.99, 0.99-1.02, 1.00-1.01 own-kernel (three runs); 1.06-1.08, <= 1.00,
@@ -30,6 +31,8 @@ import torch
 from torch import nn
 
 from edgeadapt.errors import ConfigError
+from edgeadapt.format import nibbles
+from edgeadapt.format.quant import Grid
 
 LIVE_FORMS = ("linear", "weight-left", "own-kernel")
 #: the scales buffer beside a quantized live weight's codes (:class:`QKernelLinear`)
@@ -58,44 +61,38 @@ _OP_LIB: object = None
 
 
 def define_live_linear_op() -> None:
-    """Register ``torch.ops.edgeadapt.live_linear(x, w) -> x @ w^T`` and its ``.out`` variant
-    with PyTorch (eager reference and shape function), once per process, so that torch.export
-    can trace :class:`KernelLinear` and ExecuTorch can emit the out variant its runtime kernel
-    implements."""
+    """Register ``torch.ops.edgeadapt.live_linear(x, w) -> x @ w^T``, ``live_qlinear(x, codes,
+    scales)`` and ``live_q4linear(x, packed, scales)`` (the dequantized codes' linear) and their
+    ``.out`` variants with PyTorch (eager reference and shape function), once per process, so
+    that torch.export can trace :class:`KernelLinear` / :class:`QKernelLinear` and ExecuTorch
+    can emit the out variants its runtime kernels implement."""
     global _OP_LIB
     if _OP_LIB is not None:
         return
     lib = torch.library.Library("edgeadapt", "DEF")
-    lib.define("live_linear(Tensor x, Tensor w) -> Tensor")
-    lib.define("live_linear.out(Tensor x, Tensor w, *, Tensor(a!) out) -> Tensor(a!)")
 
-    def eager(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, w)
+    def define(name: str, args: str, eager) -> None:
+        """``name(x, <args>)`` with the eager reference ``eager(x, w, ...)`` (its output rows:
+        the first weight operand's first dimension), its ``.out`` variant and its shape."""
+        lib.define(f"{name}(Tensor x, {args}) -> Tensor")
+        lib.define(f"{name}.out(Tensor x, {args}, *, Tensor(a!) out) -> Tensor(a!)")
 
-    def eager_out(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
-        out.resize_(*x.shape[:-1], w.shape[0]).copy_(nn.functional.linear(x, w))
-        return out
+        def eager_out(x: torch.Tensor, *ops: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            out.resize_(*x.shape[:-1], ops[0].shape[0]).copy_(eager(x, *ops))
+            return out
 
-    lib.impl("live_linear", eager, "CompositeExplicitAutograd")
-    lib.impl("live_linear.out", eager_out, "CompositeExplicitAutograd")
-    torch.library.register_fake("edgeadapt::live_linear", lambda x, w: x.new_empty(
-        (*x.shape[:-1], w.shape[0])), lib=lib)
-    lib.define("live_qlinear(Tensor x, Tensor codes, Tensor scales) -> Tensor")
-    lib.define("live_qlinear.out(Tensor x, Tensor codes, Tensor scales, *, Tensor(a!) out) "
-               "-> Tensor(a!)")
+        lib.impl(name, eager, "CompositeExplicitAutograd")
+        lib.impl(f"{name}.out", eager_out, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"edgeadapt::{name}", lambda x, w, *rest: x.new_empty(
+            (*x.shape[:-1], w.shape[0])), lib=lib)
 
     def q_eager(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, dequantize_codes(codes, scales))
 
-    def q_eager_out(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *,
-                    out: torch.Tensor) -> torch.Tensor:
-        out.resize_(*x.shape[:-1], codes.shape[0]).copy_(q_eager(x, codes, scales))
-        return out
-
-    lib.impl("live_qlinear", q_eager, "CompositeExplicitAutograd")
-    lib.impl("live_qlinear.out", q_eager_out, "CompositeExplicitAutograd")
-    torch.library.register_fake("edgeadapt::live_qlinear", lambda x, q, s: x.new_empty(
-        (*x.shape[:-1], q.shape[0])), lib=lib)
+    define("live_linear", "Tensor w", lambda x, w: nn.functional.linear(x, w))
+    define("live_qlinear", "Tensor codes, Tensor scales", q_eager)
+    define("live_q4linear", "Tensor packed, Tensor scales",
+           lambda x, packed, scales: q_eager(x, unpack_codes(packed), scales))
     _OP_LIB = lib
 
 
@@ -105,6 +102,21 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     in torch, the same float32 products."""
     group = codes.shape[1] // scales.shape[1]
     return codes.to(torch.float32) * scales.repeat_interleave(group, dim=1)
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """int8 codes ``(out, in)`` of int4 codes packed two per byte, ``(out, in / 32, 16)``
+    uint8 (:func:`edgeadapt.format.nibbles.unpack` in torch: low nibbles the columns
+    ``32 b + j``, high nibbles ``32 b + 16 + j``, each less 8)."""
+    nib = packed.to(torch.int16)
+    lo, hi = (nib & 0x0F) - nibbles.OFFSET, (nib >> 4) - nibbles.OFFSET
+    return torch.cat([lo, hi], dim=-1).to(torch.int8).reshape(packed.shape[0], -1)
+
+
+def packs(grid: Grid) -> bool:
+    """Whether a live weight's codes on ``grid`` are held packed two per byte
+    (:class:`QKernelLinear`): int4 codes whose groups are whole blocks of 32 columns."""
+    return grid.bits == 4 and grid.group % nibbles.BLOCK == 0
 
 
 class KernelLinear(nn.Module):
@@ -128,18 +140,35 @@ class QKernelLinear(nn.Module):
     ``y = live_qlinear(x, q, s) + b``, ``W = q * s`` (:func:`dequantize_codes`) read in place
     by edgeadapt's ExecuTorch kernel ``edgeadapt::live_qlinear.out``; float activations
     (weight-only). ``weight``: int8 codes ``(out, in)`` (torch layout, as the fp32 own-kernel
-    form's weight), ``scales``: float32 ``(out, in // G)``; the exporter makes both buffers."""
+    form's weight), ``scales``: float32 ``(out, in // G)``; the exporter makes both buffers.
 
-    def __init__(self, linear: nn.Linear, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    ``packed`` (int4 codes, :func:`packs`): ``weight`` holds them two per byte,
+    ``(out, in / 32, 16)`` uint8 (:func:`edgeadapt.format.nibbles.pack` of the codes cut into
+    blocks of 32 columns: code ``(r, c)``, flat position ``p = r * in + c``, in byte
+    ``(p >> 5) * 16 + (p & 15)``, high nibble iff ``p & 16``), read by
+    ``edgeadapt::live_q4linear.out``: half a byte per weight."""
+
+    def __init__(self, linear: nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
+                 packed: bool = False) -> None:
         super().__init__()
         define_live_linear_op()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", codes.to(torch.int8).contiguous())
+        self.packed = packed
+        codes = codes.to(torch.int8).contiguous()
+        if packed:
+            blocks = codes.numpy().reshape(self.out_features, -1, nibbles.BLOCK)
+            codes = torch.from_numpy(nibbles.pack(blocks))
+        self.register_buffer("weight", codes)
         self.register_buffer("scales", scales.to(torch.float32).contiguous())
         self.bias = linear.bias
 
+    def codes(self) -> torch.Tensor:
+        """The int8 codes ``(out, in)`` the buffer holds (unpacked where ``packed``)."""
+        return unpack_codes(self.weight) if self.packed else self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.edgeadapt.live_qlinear(x, self.weight, self.scales)
+        op = torch.ops.edgeadapt.live_q4linear if self.packed else torch.ops.edgeadapt.live_qlinear
+        y = op(x, self.weight, self.scales)
         return y if self.bias is None else y + self.bias
 
 

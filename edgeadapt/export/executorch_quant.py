@@ -28,8 +28,10 @@ transformer blocks, and a causal LM's head), as on ONNX Runtime (:mod:`.onnx_qua
   ``(out, in)`` and float32 scales ``(out, in // 32)`` on edgeadapt's grid
   (:mod:`edgeadapt.format.quant`, the same codes as the ONNX Runtime bundle's), both mutable
   buffers of the program read in place by ``edgeadapt::live_qlinear.out``
-  (``runtime/kernels/live_linear.cpp``), float activations (weight-only). Live weights that
-  are not quantized (a classifier's head) stay fp32 (:class:`KernelLinear`).
+  (``runtime/kernels/live_linear.cpp``), float activations (weight-only); int4 codes packed
+  two per byte, ``(out, in / 32, 16)`` uint8 (:mod:`edgeadapt.format.nibbles`), read by
+  ``edgeadapt::live_q4linear.out`` (half a byte per weight, as XNNPACK's own 4-bit linears).
+  Live weights that are not quantized (a classifier's head) stay fp32 (:class:`KernelLinear`).
 
 The ``--generate`` decoder (:mod:`.executorch_decoder`) is lowered from the same quantized
 copy of the model, so it reads the same codes buffers and runs the rest on the same XNNPACK
@@ -51,7 +53,7 @@ import torch
 from torch import nn
 
 from edgeadapt.errors import ConfigError, ExportError
-from edgeadapt.export.executorch_live_form import SCALES_SUFFIX, QKernelLinear
+from edgeadapt.export.executorch_live_form import SCALES_SUFFIX, QKernelLinear, packs
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.format.quant import Grid, grid
 from edgeadapt.models import LoadedModel
@@ -115,13 +117,16 @@ def quantized_live_model(lm: LoadedModel, live_weights: list[str], precision: st
     :class:`QKernelLinear` (codes + scales buffers), the other live weights fp32 buffers read
     by :class:`KernelLinear`, the rest quantized by torchao (module docstring). Returns it and,
     per quantized live weight, its ``quant`` entry ``{"grid", "scales": scales buffer (torch
-    name), "scales_shape", "codes_sha256"}``."""
+    name), "scales_shape", "codes_sha256", "packed"}`` (``packed``: int4 codes two per byte,
+    :func:`~edgeadapt.export.executorch_live_form.packs`; ``codes_sha256`` of the codes
+    ``(out, in)`` unpacked, as on ONNX Runtime)."""
     from torchao.quantization import quantize_
 
     from edgeadapt.adapters.base import replace_module
     from edgeadapt.export.executorch import build_live_model
 
     g = grid(precision)
+    packed = packs(g)
     names = quantized_weight_names(lm.model, lm.kind)
     qlive = [w for w in live_weights if w in names]
     rest = {w.removesuffix(".weight") for w in names if w not in qlive}
@@ -134,9 +139,10 @@ def quantized_live_model(lm: LoadedModel, live_weights: list[str], precision: st
         linear = model.get_submodule(mname)
         codes, scales = g.quantize(linear.weight.detach().float().cpu().numpy())
         replace_module(model, mname, QKernelLinear(linear, torch.from_numpy(codes),
-                                                   torch.from_numpy(scales)))
+                                                   torch.from_numpy(scales), packed))
         quant[w] = {"grid": g.name, "scales": scales_buffer(w),
-                    "scales_shape": list(scales.shape), "codes_sha256": weight_sha256(codes)}
+                    "scales_shape": list(scales.shape), "codes_sha256": weight_sha256(codes),
+                    "packed": packed}
     missing = rest - {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     if missing:
         raise ConfigError(f"--weights {precision}: {sorted(missing)} are not nn.Linear modules")

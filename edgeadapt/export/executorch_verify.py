@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from edgeadapt.errors import BundleError, ExportError
+from edgeadapt.format.layout import to_backend
 from edgeadapt.models import LoadedModel, LogitsModule
 from edgeadapt.numeric import rel_error
 
@@ -90,6 +91,14 @@ def random_edit(live_lm: LoadedModel, store, seed: int = 1) -> None:
     with torch.no_grad():
         for w, lw in store.live_weights().items():
             buf = model.get_buffer(w)
+            if lw.packed:  # int4 codes two per byte: the codes a step or two, repacked
+                codes = torch.from_numpy(lw.torch_weight())
+                step = torch.randint(-2, 3, codes.shape, generator=gen, dtype=torch.int16)
+                grid = lw.codes.grid
+                new = (codes.to(torch.int16) + step).clamp(grid.qmin, grid.qmax)
+                lw.write(to_backend(new.to(torch.int8).numpy(), lw.layout))
+                buf.copy_(torch.from_numpy(lw.array))
+                continue
             if buf.is_floating_point():
                 new = buf + 0.5 * buf.std() * torch.randn(buf.shape, generator=gen)
             else:  # int8 codes: a step or two up or down

@@ -17,11 +17,19 @@ A code's *position* stays its blocked32 flat index ``p`` (the switch engine's ba
 it lives in byte ``(p >> 5) * 16 + (p & 15)`` of the packed buffer, in its high nibble iff
 ``p & 16``. Writing one code is a read-modify-write of its byte (the switch's native scatter,
 :mod:`edgeadapt.runtime.scatter`; :func:`scatter` here is the numpy form).
+
+The arithmetic needs only that a code array's flat codes run in blocks of 32 along its last
+dimension (:func:`block_shape`). edgeadapt's ExecuTorch kernel (``edgeadapt::live_q4linear``)
+reads the as-is layout ``Q (out, in)`` packed so: cut into ``(out, in/32, 32)``, packed into
+``(out, in/32, 16)``, the code at as-is flat index ``p = r * in + c`` sits in the byte and
+nibble the same rule gives (``in`` a multiple of 32).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from edgeadapt.format.layout import AS_IS, BLOCKED, backend_shape
 
 #: codes a packed int4 buffer holds per byte
 PER_BYTE = 2
@@ -35,6 +43,20 @@ def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     if not shape or shape[-1] != BLOCK:
         raise ValueError(f"int4 packing needs blocked32 codes (..., {BLOCK}), not {shape}")
     return (*shape[:-1], HALF)
+
+
+def block_shape(shape: tuple[int, int], layout: str) -> tuple[int, ...]:
+    """The shape ``(..., 32)`` the codes of an ``(out, in)`` weight held in ``layout``
+    (:mod:`edgeadapt.format.layout`) pack from, its flat codes in blocks of 32: blocked32
+    ``(out/32, in, 32)`` as it is, as-is ``(out, in/32, 32)`` (``in % 32 == 0``); ValueError
+    for any other."""
+    held = backend_shape(shape, layout)
+    if layout == BLOCKED:
+        return held
+    if layout == AS_IS and held[1] % BLOCK == 0:
+        return (held[0], held[1] // BLOCK, BLOCK)
+    raise ValueError(f"int4 codes of {tuple(shape)} in the {layout} layout do not pack two per "
+                     f"byte (blocked32, or as-is with in % {BLOCK} == 0)")
 
 
 def pack(codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

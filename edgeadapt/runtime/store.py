@@ -57,9 +57,11 @@ class LiveWeight:
     codes: for a quantized weight, its grid and scales (:class:`Codes`); ``array`` then holds
         int8 codes, and a switch writes codes re-quantized from the dequantized values.
     packed: int4 codes two per byte (:mod:`edgeadapt.format.nibbles`): ``array`` is the packed
-        uint8 buffer ``(out/32, in, 16)`` (blocked32 only). Positions stay code indices of the
-        blocked32 layout; read and write the codes through :meth:`gather`, :meth:`scatter`,
-        :meth:`read` and :meth:`write`, which every store form answers alike.
+        uint8 buffer of the layout's blocks of 32 codes (``nibbles.block_shape``):
+        ``(out/32, in, 16)`` blocked32 (ONNX Runtime), ``(out, in/32, 16)`` as-is
+        (ExecuTorch). Positions stay code indices of the layout; read and write the codes
+        through :meth:`gather`, :meth:`scatter`, :meth:`read` and :meth:`write`, which every
+        store form answers alike.
     """
 
     name: str
@@ -76,10 +78,9 @@ class LiveWeight:
             raise ValueError(f"{self.name}: layout {self.layout!r} not in {LAYOUTS}")
         want = backend_shape(self.shape, self.layout)
         if self.packed:
-            if self.layout != BLOCKED or self.codes is None or self.codes.grid.bits != 4:
-                raise ValueError(f"{self.name}: only int4 codes in the {BLOCKED} layout pack "
-                                 "two per byte")
-            want = nibbles.packed_shape(want)
+            if self.codes is None or self.codes.grid.bits != 4:
+                raise ValueError(f"{self.name}: only int4 codes pack two per byte")
+            want = nibbles.packed_shape(nibbles.block_shape(self.shape, self.layout))
         if tuple(self.array.shape) != want:
             raise ValueError(f"{self.name}: buffer shape {self.array.shape} != {want}")
         if not (self.array.flags.c_contiguous and self.array.flags.writeable):
@@ -113,12 +114,15 @@ class LiveWeight:
 
     def read(self) -> np.ndarray:
         """A copy of the whole weight in its backend layout (codes unpacked)."""
-        return nibbles.unpack(self.array) if self.packed else self.array.copy()
+        if self.packed:
+            return nibbles.unpack(self.array).reshape(backend_shape(self.shape, self.layout))
+        return self.array.copy()
 
     def write(self, full: np.ndarray) -> None:
         """Overwrite the whole weight with ``full`` (backend layout, codes unpacked)."""
         if self.packed:
-            nibbles.pack(full, out=self.array)
+            nibbles.pack(np.asarray(full).reshape(nibbles.block_shape(self.shape, self.layout)),
+                         out=self.array)
         else:
             np.copyto(self.array, full)
 
@@ -137,15 +141,16 @@ class LiveWeight:
     def torch_view(self) -> np.ndarray:
         """The weight in PyTorch layout (out, in) as a writable view of the buffer (as-is and
         transposed layouts only; blocked32 has no such view: use :meth:`torch_weight`)."""
-        if self.layout == BLOCKED or self.packed:
+        if self.packed:
+            raise ValueError(f"{self.name}: packed int4 codes have no (out, in) view")
+        if self.layout == BLOCKED:
             raise ValueError(f"{self.name}: a {BLOCKED} buffer has no (out, in) view")
         return to_torch(self.array, self.shape, self.layout)
 
     def torch_weight(self) -> np.ndarray:
         """The weight in PyTorch layout (out, in), for reading: a view, or a copy (blocked32,
         packed codes unpacked)."""
-        array = nibbles.unpack(self.array) if self.packed else self.array
-        return to_torch(array, self.shape, self.layout)
+        return to_torch(self.read() if self.packed else self.array, self.shape, self.layout)
 
 
 class WeightStore(ABC):

@@ -8,8 +8,9 @@ backend="executorch")``, CPU only.
   ``kernels/et_runner.cpp``: the GIL released during a run) where it builds, else ExecuTorch's
   Python runtime.
 - ``kernel.py``: edgeadapt's own kernels ``edgeadapt::live_linear.out`` (and
-  ``live_qlinear.out``, int8 codes + scales: quantized bundles), which programs exported in
-  the ``own-kernel`` live form call.
+  ``live_qlinear.out``, int8 codes + scales, ``live_q4linear.out``, int4 codes packed two per
+  byte + scales: quantized bundles), which programs exported in the ``own-kernel`` live form
+  call.
 - ``variant.py``: unfused adapters through a variant program's branch buffers.
 - ``decoder.py``: the KV-cache decoder that generation steps (bundles exported with
   ``--generate``): the live program's ``decode`` method, reading the store's live buffers.

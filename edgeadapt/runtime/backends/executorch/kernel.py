@@ -1,6 +1,7 @@
-"""Build and load edgeadapt's own ExecuTorch kernels, ``edgeadapt::live_linear.out`` and
-``edgeadapt::live_qlinear.out`` (``edgeadapt/runtime/kernels/live_linear.cpp``: ``out = x @
-w^T`` reading a live weight, or its int8 codes and scales, in place; why there).
+"""Build and load edgeadapt's own ExecuTorch kernels, ``edgeadapt::live_linear.out``,
+``edgeadapt::live_qlinear.out`` and ``edgeadapt::live_q4linear.out``
+(``edgeadapt/runtime/kernels/live_linear.cpp``: ``out = x @ w^T`` reading a live weight, or its
+int8 codes, or its int4 codes packed two per byte, and scales, in place; why there).
 
 The executorch wheel ships its runtime as shared libraries (``executorch/lib/libexecutorch.so``,
 ``libexecutorch_threadpool.so``) with their headers (``executorch/include``), so a kernel

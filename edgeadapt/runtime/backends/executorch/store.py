@@ -10,8 +10,9 @@ Two modes (see docs/export_executorch.md):
   aliasing the planned memory the forward reads (XNNPACK reads these linears' weights at run
   time, packing them per call), handed to the engine. ``commit`` is a no-op.
   Branch tensors (LoRA A/B, SiRA router/A/B) of a branch variant are exposed the same way by
-  :meth:`ExecutorchStore.branch_tensors`. A quantized bundle's live weights are int8 codes
-  buffers with a scales buffer beside each (``quant``; docs/quantized.md, "ExecuTorch").
+  :meth:`ExecutorchStore.branch_tensors`. A quantized bundle's live weights are codes
+  buffers with a scales buffer beside each (``quant``; docs/quantized.md, "ExecuTorch"): int8
+  codes a code per byte, or int4 codes packed two per byte (``"packed": true``).
 - ``repack``: keeps a host copy of the all-constant program (``section["repack"]["file"]``) and
   hands the engine numpy views into that copy at the byte offsets recorded (and verified by
   value) at export. ``commit`` reloads the program from the edited bytes, so XNNPACK packs every
@@ -30,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeadapt.errors import BundleError, ConfigError
+from edgeadapt.format import nibbles
+from edgeadapt.format.layout import backend_shape, to_torch
 from edgeadapt.format.quant import grid as quant_grid
 from edgeadapt.runtime.backends.executorch import SECTION
 from edgeadapt.runtime.backends.executorch.programs import EtMethod, open_program
@@ -87,9 +90,13 @@ class ExecutorchStore(WeightStore):
     sha256: weight -> base sha256 (checked by the engine), or None.
     threads: ExecuTorch's threadpool size (:func:`use_threads`; None: as it is).
     quant: quantized live weights (``--weights int8|int4``, docs/quantized.md): weight -> its
-    bundle entry's ``quant`` (``{"grid", "scales": buffer, ...}``); their buffers hold int8
-    codes ``(out, in)`` and the scales buffer ``(out, in // G)`` float32 beside them, handed to
-    the engine as :class:`~edgeadapt.runtime.store.Codes`. Live mode only.
+    bundle entry's ``quant`` (``{"grid", "scales": buffer, "packed", ...}``); their buffers
+    hold int8 codes ``(out, in)``, or with ``"packed": true`` (int4; absent in bundles
+    exported before: false) the codes two per byte, ``(out, in / 32, 16)`` uint8
+    (:mod:`edgeadapt.format.nibbles`, handed to the engine as a packed
+    :class:`~edgeadapt.runtime.store.LiveWeight` of the as-is layout), and the scales buffer
+    ``(out, in // G)`` float32 beside them, handed to the engine as
+    :class:`~edgeadapt.runtime.store.Codes`. Live mode only.
     native: run the program with edgeadapt's native runner, the GIL released
     (:func:`~edgeadapt.runtime.backends.executorch.programs.open_program`; None: where it is
     available, False: ExecuTorch's Python runtime); ``releases_gil`` says which runs it.
@@ -154,13 +161,21 @@ class ExecutorchStore(WeightStore):
                 arrays[w] = np.frombuffer(self._blob, dtype=np.float32, count=out * inp,
                                           offset=offset).reshape(shape)
         codes = {w: self._codes(w, q, tuple(shapes[w])) for w, q in quant.items()}
+        packed = {w for w, q in quant.items() if q.get("packed")}
+        kinds = {np.dtype(np.uint8): "int4 codes packed two per byte",
+                 np.dtype(np.int8): "codes a code per byte"}
+        self._live = {}
         for w, arr in arrays.items():
-            if (w in codes) != (arr.dtype == np.int8):
-                kind = "quantized" if w in codes else "float"
+            said = kinds[np.dtype(np.uint8 if w in packed else np.int8)] if w in codes \
+                else "float"
+            if kinds.get(arr.dtype, "float") != said:
                 raise BundleError(f"{section['file']}: live weight {w!r} is {arr.dtype}, but "
-                                  f"bundle.json says it is {kind}")
-        self._live = {w: LiveWeight(w, arrays[w], layouts[w], tuple(shapes[w]), sha256.get(w),
-                                    codes.get(w)) for w in buffers}
+                                  f"bundle.json says it holds {said}")
+            try:
+                self._live[w] = LiveWeight(w, arr, layouts[w], tuple(shapes[w]), sha256.get(w),
+                                           codes.get(w), packed=w in packed)
+            except ValueError as exc:
+                raise BundleError(f"{section['file']}: {exc}") from None
         _alive.add(self)
 
     # -- WeightStore ---------------------------------------------------------------------------
@@ -202,16 +217,24 @@ class ExecutorchStore(WeightStore):
         """Branch variant: weight -> {param: writable array aliasing its buffer} (zero = off)."""
         return self._branch
 
-    def read_back(self, name: str) -> np.ndarray:
-        """A copy of live weight ``name`` (torch layout (out, in)) as the loaded program holds
-        it now, read through a fresh ``get_attribute`` of its mutable buffer, so checks need not
-        trust the arrays the engine writes. Live mode only (a repack program has no buffers)."""
+    def read_back(self, name: str, raw: bool = False) -> np.ndarray:
+        """A copy of live weight ``name`` (torch layout (out, in); packed int4 codes unpacked)
+        as the loaded program holds it now, read through a fresh ``get_attribute`` of its
+        mutable buffer, so checks need not trust the arrays the engine writes. ``raw``: the
+        buffer's elements as held (a packed weight's bytes ``(out, in / 32, 16)``). Live mode
+        only (a repack program has no buffers)."""
         if self.mode != "live":
             raise ConfigError("read_back needs a live-mode store (repack weights are constants)")
         if name not in self._buffers:
             raise BundleError(f"{name!r} is not a live weight of this program")
         view = self._method.attribute(self._buffers[name])
-        return view.reshape(self._live[name].shape).copy()
+        lw = self._live[name]
+        if raw:
+            return view.copy()
+        if lw.packed:
+            return to_torch(nibbles.unpack(view).reshape(backend_shape(lw.shape, lw.layout)),
+                            lw.shape, lw.layout)
+        return view.reshape(lw.shape).copy()
 
     def method(self, name: str) -> EtMethod:
         """Method ``name`` of the loaded program (:class:`~.programs.EtMethod`), one of those
