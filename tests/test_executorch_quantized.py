@@ -87,9 +87,7 @@ def same_model_forward(program_model: LoadedModel, codes: dict, inputs) -> np.nd
     (codes, scales)) in its live buffers."""
     model = copy.deepcopy(program_model.model)
     for n, (q, _) in codes.items():
-        packed = model.get_submodule(n.removesuffix(".weight")).packed
-        model.get_buffer(n).copy_(torch.from_numpy(
-            nibbles.pack(q.reshape(q.shape[0], -1, nibbles.BLOCK)) if packed else q))
+        model.get_submodule(n.removesuffix(".weight")).set_codes(q)
     with torch.no_grad():
         return LogitsModule(dataclasses.replace(program_model, model=model))(
             **{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()

@@ -131,11 +131,17 @@ def with_live(ref: LoadedModel, values: dict[str, np.ndarray]) -> LoadedModel:
 
     import torch
 
+    from edgeadapt.export.executorch_live_form import QKernelLinear
+
     model = copy.deepcopy(ref.model)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for w, value in values.items():
-            tensors[w].copy_(torch.from_numpy(value))
+            module = model.get_submodule(w.rpartition(".")[0])
+            if isinstance(module, QKernelLinear) and w.endswith(".weight"):
+                module.set_codes(value)  # int4: packed two per byte
+            else:
+                tensors[w].copy_(torch.from_numpy(value))
     return dataclasses.replace(ref, model=model)
 
 

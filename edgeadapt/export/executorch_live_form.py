@@ -27,6 +27,7 @@ switch runtime is unchanged.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -154,17 +155,26 @@ class QKernelLinear(nn.Module):
         define_live_linear_op()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = packed
-        codes = codes.to(torch.int8).contiguous()
-        if packed:
-            blocks = codes.numpy().reshape(self.out_features, -1, nibbles.BLOCK)
-            codes = torch.from_numpy(nibbles.pack(blocks))
-        self.register_buffer("weight", codes)
+        self.register_buffer("weight", self.held(codes))
         self.register_buffer("scales", scales.to(torch.float32).contiguous())
         self.bias = linear.bias
+
+    def held(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """int8 codes ``(out, in)`` as ``weight`` holds them (packed where ``packed``)."""
+        codes = torch.as_tensor(codes).to(torch.int8).contiguous()
+        if not self.packed:
+            return codes
+        blocks = codes.numpy().reshape(self.out_features, -1, nibbles.BLOCK)
+        return torch.from_numpy(nibbles.pack(blocks))
 
     def codes(self) -> torch.Tensor:
         """The int8 codes ``(out, in)`` the buffer holds (unpacked where ``packed``)."""
         return unpack_codes(self.weight) if self.packed else self.weight
+
+    @torch.no_grad()
+    def set_codes(self, codes: torch.Tensor | np.ndarray) -> None:
+        """Write int8 codes ``(out, in)`` into ``weight`` in place (packed where ``packed``)."""
+        self.weight.copy_(self.held(codes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op = torch.ops.edgeadapt.live_q4linear if self.packed else torch.ops.edgeadapt.live_qlinear
