@@ -279,7 +279,8 @@ def test_runs_never_see_half_applied_weights():
 def test_cached_switch_plans_equal_uncached_bit_for_bit(monkeypatch, arena):
     """Plans remembered per pair of adapter sets (both directions) write exactly what planning
     from scratch writes; the cache is really used (fewer merges) and bounded. With the live
-    arrays in one arena a cached switch is one scatter over all of them."""
+    arrays in one arena a cached switch is one scatter over all of them, else one batch of
+    scatters (one native call)."""
     import edgeadapt.runtime.engine as engine_mod
 
     merges = []
@@ -311,6 +312,8 @@ def test_cached_switch_plans_equal_uncached_bit_for_bit(monkeypatch, arena):
     assert uncached[3] > 0 and sum(cached) < sum(uncached)
     assert len(engines[1]._pairs) == 2
     assert all((p.to_b.scatter is not None) == arena for p in engines[1]._pairs)
+    assert all((p.to_b.batch is not None) != arena and (p.to_a.batch is not None) != arena
+               for p in engines[1]._pairs)
     for n, w in store_weights(stores[1]).items():  # ended at None: the base, bit for bit
         assert np.array_equal(w.view(np.uint32), w0[n].view(np.uint32)), n
 

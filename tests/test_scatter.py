@@ -71,3 +71,50 @@ def test_where_the_kernel_cannot_be_built_numpy_writes(monkeypatch):
     dst = np.zeros(6, np.float32)
     scatter(dst, np.array([1, 4], np.int64), np.array([2.0, 3.0], np.float32))
     assert dst.tolist() == [0, 2, 0, 0, 3, 0]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_batch_writes_what_each_scatter_writes_every_time_it_is_called(native):
+    """Several weights (fp32, int8 codes, int4 codes two per byte, one array the kernel does not
+    take) written by one Batch equal numpy's per-weight writes, and calling it again after the
+    arrays changed writes again (it reads them at each call)."""
+    from edgeadapt.format import nibbles
+    from edgeadapt.runtime.scatter import Batch
+
+    rng = np.random.default_rng(3)
+    writes, wants = [], []
+    for dtype, n, packed in [(np.float32, 5_001, False), (np.int8, 3_003, False),
+                             (np.uint8, 2_048, True), (np.float32, 777, False)]:
+        dst = rng.integers(0, 255, n * np.dtype(dtype).itemsize, np.uint8).view(dtype)
+        codes = 2 * n if packed else n
+        pos = np.sort(rng.choice(codes, 301, replace=False)).astype(np.int64)
+        vals = (rng.integers(-8, 8, pos.size).astype(np.int8) if packed else
+                rng.integers(0, 255, pos.size * np.dtype(dtype).itemsize,
+                             np.uint8).view(dtype))
+        want = dst.copy()
+        if packed:
+            nibbles.scatter(want, pos, vals)
+        else:
+            want[pos] = vals
+        writes.append((dst, pos, vals, packed))
+        wants.append(want)
+    writes[-1] = (writes[-1][0], writes[-1][1], writes[-1][2].astype(np.float64), False)
+    bases = [w[0].copy() for w in writes]
+    batch = Batch(writes)  # native where the kernel is built
+    batch(native=native)  # native=False: every write through numpy (the engine's flag)
+    for (dst, *_), want, base in zip(writes, wants, bases, strict=True):
+        assert dst.tobytes() == want.tobytes() != base.tobytes()
+    dst, pos, vals, _ = writes[0]
+    vals[:] = 0.5  # the cached values change in place: the next call writes them
+    batch(native=native)
+    assert np.all(dst[pos] == 0.5)
+
+
+def test_a_batch_refuses_positions_outside_a_buffer_before_any_write():
+    from edgeadapt.runtime.scatter import Batch
+
+    a, b = np.zeros(10, np.float32), np.zeros(4, np.uint8)
+    with pytest.raises(IndexError, match="outside"):
+        Batch([(a, np.array([1, 2], np.int64), np.ones(2, np.float32), False),
+               (b, np.array([3, 8], np.int64), np.ones(2, np.int8), True)])  # 8 codes: 0..7
+    assert not a.any() and not b.any()

@@ -63,7 +63,7 @@ from edgeadapt.format.types import Adapter
 from edgeadapt.runtime.locks import ReadWriteLock
 from edgeadapt.runtime.pages import one_span
 from edgeadapt.runtime.prepared import PreparedAdapter, prepare_adapter
-from edgeadapt.runtime.scatter import native_scatter, scatter, scatter_nibbles
+from edgeadapt.runtime.scatter import Batch, native_scatter, scatter, scatter_nibbles
 from edgeadapt.runtime.store import LiveWeight, WeightStore
 
 # ---------------------------------------------------------------------------------------------
@@ -95,6 +95,9 @@ class _Switch:
     # a cached switch on live arrays that share one span of memory: (positions in the span,
     # new values, old values), written by one scatter; the plans' vals / old are views of them
     scatter: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # a cached switch on live arrays that do not: its writes and their undo, each one native
+    # call (scatter.Batch)
+    batch: tuple[Batch, Batch] | None = None
     saturated: dict[str, int] = field(default_factory=dict)  # engine.saturated after it
 
     @classmethod
@@ -276,6 +279,8 @@ class SwitchEngine:
         rev.saturated = dict(self.saturated)  # the state it returns to, as it was planned
         if self._span is not None and sw.plans:
             self._one_scatter(sw, rev)
+        elif sw.plans:
+            self._batch(sw, rev)
         self._pairs.append(_PairPlan(frm, to, sw, rev))
         del self._pairs[:-self.plan_cache]
 
@@ -294,6 +299,18 @@ class SwitchEngine:
             fwd.plans[n].old = rev.plans[n].vals = old[start:stop]
             start = stop
         fwd.scatter, rev.scatter = (pos, new, old), (pos, old, new)
+
+    def _batch(self, fwd: _Switch, rev: _Switch) -> None:
+        """Give a cached pair whose live arrays are not one span its writes as batches: each
+        direction's scatters of every weight (and their undo) one native call
+        (:class:`~edgeadapt.runtime.scatter.Batch`), not one per weight."""
+        def writes(sw: _Switch, new: bool) -> Batch:
+            return Batch([(self.live[n].array.reshape(-1), p.union, p.vals if new else p.old,
+                           self.live[n].packed) for n, p in sw.plans.items()],
+                         self.native_scatter)
+
+        fwd.batch = (writes(fwd, True), writes(fwd, False))
+        rev.batch = (writes(rev, True), writes(rev, False))
 
     def _combine(self, adapters: list[tuple[PreparedAdapter, float]]) -> dict[str, _Combined]:
         parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -406,6 +423,9 @@ class SwitchEngine:
         if sw.scatter is not None:
             self._span_scatter(sw.scatter[0], sw.scatter[1])
             return {}
+        if sw.batch is not None:
+            sw.batch[0](self.native_scatter)
+            return {}
         undo: dict[str, np.ndarray] = {}
         for name, plan in sw.plans.items():
             lw = self.live[name]
@@ -419,6 +439,9 @@ class SwitchEngine:
     def _write_back(self, sw: _Switch, undo: dict[str, np.ndarray]) -> None:
         if sw.scatter is not None:
             self._span_scatter(sw.scatter[0], sw.scatter[2])
+            return
+        if sw.batch is not None:
+            sw.batch[1](self.native_scatter)
             return
         for name, plan in sw.plans.items():
             if plan.full is None:

@@ -32,6 +32,9 @@ _SIGNATURE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, c
 #: ``edgeadapt_scatter_nibbles(dst, n_codes, pos, codes, m)`` -> positions skipped
 _NIBBLES = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                             ctypes.c_void_p, ctypes.c_int64)
+#: ``edgeadapt_scatter_many(count, dsts, ns, poss, vals, ms, itemsize)`` -> positions skipped
+_MANY = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
 def _library_path():
@@ -64,6 +67,28 @@ def _nibble_kernel(library: ctypes.CDLL) -> Callable[..., int]:
     return _NIBBLES(("edgeadapt_scatter_nibbles", library))
 
 
+@functools.cache
+def _many_kernel(library: ctypes.CDLL) -> Callable[..., int]:
+    """``edgeadapt_scatter_many`` of a loaded library with its C signature."""
+    return _MANY(("edgeadapt_scatter_many", library))
+
+
+def _takes(dst: np.ndarray, pos: np.ndarray, vals: np.ndarray) -> bool:
+    """Whether the native :func:`scatter` takes these arrays."""
+    return (dst.ndim == 1 and dst.flags.c_contiguous and dst.flags.writeable
+            and pos.dtype == np.int64 and pos.flags.c_contiguous and vals.dtype == dst.dtype
+            and vals.flags.c_contiguous and vals.shape == pos.shape
+            and dst.itemsize in (1, 2, 4, 8))
+
+
+def _takes_nibbles(dst: np.ndarray, pos: np.ndarray, codes: np.ndarray) -> bool:
+    """Whether the native :func:`scatter_nibbles` takes these arrays."""
+    return (dst.ndim == 1 and dst.dtype == np.uint8 and dst.flags.c_contiguous
+            and dst.flags.writeable and pos.dtype == np.int64 and pos.flags.c_contiguous
+            and codes.dtype == np.int8 and codes.flags.c_contiguous
+            and codes.shape == pos.shape)
+
+
 def _check_range(pos: np.ndarray, n: int) -> None:
     if pos[0] < 0 or pos[-1] >= n:
         raise IndexError(f"scatter positions {int(pos[0])}..{int(pos[-1])} outside a buffer of "
@@ -80,10 +105,7 @@ def scatter(dst: np.ndarray, pos: np.ndarray, vals: np.ndarray, native: bool = T
     if pos.size == 0:
         return
     _check_range(pos, dst.shape[0])
-    if (native and dst.ndim == 1 and dst.flags.c_contiguous and dst.flags.writeable
-            and pos.dtype == np.int64 and pos.flags.c_contiguous and vals.dtype == dst.dtype
-            and vals.flags.c_contiguous and vals.shape == pos.shape
-            and dst.itemsize in (1, 2, 4, 8) and native_scatter()):
+    if native and _takes(dst, pos, vals) and native_scatter():
         kernel = _kernel(_LIBRARY.loaded[1])
         skipped = kernel(dst.ctypes.data, dst.shape[0], pos.ctypes.data, vals.ctypes.data,
                          pos.size, dst.itemsize)
@@ -103,10 +125,7 @@ def scatter_nibbles(dst: np.ndarray, pos: np.ndarray, codes: np.ndarray,
     if pos.size == 0:
         return
     _check_range(pos, 2 * dst.shape[0])
-    if (native and dst.ndim == 1 and dst.dtype == np.uint8 and dst.flags.c_contiguous
-            and dst.flags.writeable and pos.dtype == np.int64 and pos.flags.c_contiguous
-            and codes.dtype == np.int8 and codes.flags.c_contiguous
-            and codes.shape == pos.shape and native_scatter()):
+    if native and _takes_nibbles(dst, pos, codes) and native_scatter():
         skipped = _nibble_kernel(_LIBRARY.loaded[1])(dst.ctypes.data, 2 * dst.shape[0],
                                                      pos.ctypes.data, codes.ctypes.data, pos.size)
         if skipped:
@@ -114,3 +133,52 @@ def scatter_nibbles(dst: np.ndarray, pos: np.ndarray, codes: np.ndarray,
                              "(positions must be sorted)")
         return
     nibbles.scatter(dst, pos, codes)
+
+
+class Batch:
+    """Scatters written together again and again (the weights of a cached switch that do not
+    lie in one span of memory): ``(dst, pos, vals, packed)`` each as :func:`scatter`
+    (``packed``: :func:`scatter_nibbles`), checked once here (IndexError for a position outside
+    its buffer). Calling the batch writes them all: those the native kernel takes in one call
+    per element kind (``edgeadapt_scatter_many``, the GIL released), the others one by one
+    (``batch(native=False)``: every one through numpy). It keeps the arrays alive and reads them
+    at each call, so they must keep their memory (the engine's cached plans do)."""
+
+    def __init__(self, writes: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]],
+                 native: bool = True) -> None:
+        self._rest: list[tuple[Callable[..., None], np.ndarray, np.ndarray, np.ndarray]] = []
+        self._every = [(scatter_nibbles if packed else scatter, dst, pos, vals)
+                       for dst, pos, vals, packed in writes if pos.size]
+        kinds: dict[int, list[tuple[np.ndarray, int, np.ndarray, np.ndarray]]] = {}
+        for dst, pos, vals, packed in writes:
+            if pos.size == 0:
+                continue
+            n = dst.shape[0] * (nibbles.PER_BYTE if packed else 1)
+            _check_range(pos, n)
+            if native and (_takes_nibbles if packed else _takes)(dst, pos, vals) \
+                    and native_scatter():
+                kinds.setdefault(0 if packed else dst.itemsize, []).append((dst, n, pos, vals))
+            else:
+                self._rest.append((scatter_nibbles if packed else scatter, dst, pos, vals))
+        self._calls = []
+        for itemsize, items in kinds.items():
+            table = (np.array([[a.ctypes.data for a in (d, p, v)] for d, _, p, v in items],
+                              np.uint64).T.copy(),
+                     np.array([n for _, n, _, _ in items], np.int64),
+                     np.array([p.size for _, _, p, _ in items], np.int64))
+            self._calls.append((itemsize, len(items), table, items))
+
+    def __call__(self, native: bool = True) -> None:
+        if not native:
+            for fn, dst, pos, vals in self._every:
+                fn(dst, pos, vals, False)
+            return
+        for itemsize, count, (ptrs, ns, ms), _ in self._calls:
+            skipped = _many_kernel(_LIBRARY.loaded[1])(
+                count, ptrs[0].ctypes.data, ns.ctypes.data, ptrs[1].ctypes.data,
+                ptrs[2].ctypes.data, ms.ctypes.data, itemsize)
+            if skipped:
+                raise IndexError(f"scatter: {skipped} positions outside the buffers were "
+                                 "skipped (positions must be sorted)")
+        for fn, dst, pos, vals in self._rest:
+            fn(dst, pos, vals, False)

@@ -12,6 +12,10 @@
 // (p >> 5) * 16 + (p & 15), high nibble iff p & 16, as offset binary q + 8; each write is a
 // read-modify-write of its byte (two codes of one byte are applied in order).
 //
+// edgeadapt_scatter_many writes several such scatters (a cached switch's every weight, where
+// the weights are not one span of memory) in one call: one crossing from Python instead of one
+// per weight (about 5 us each, 0.3 ms over SmolLM2's 60 q/v weights).
+//
 // Memory safety: a position outside [0, n) is skipped and counted (the caller raises); the
 // caller checks the range of a sorted array before the call, so nothing is written then.
 #include <cstdint>
@@ -79,4 +83,20 @@ extern "C" int64_t edgeadapt_scatter(void* dst, int64_t n, const int64_t* pos, c
     case 8: return scatter(static_cast<uint64_t*>(dst), n, pos, static_cast<const uint64_t*>(val), m);
     default: return -1;
   }
+}
+
+// for w < count: the scatter of m[w] elements val[w] at positions pos[w] into dst[w] of n[w]
+// elements, each as edgeadapt_scatter with `itemsize` (1, 2, 4, 8), or itemsize 0: int4 codes
+// two per byte as edgeadapt_scatter_nibbles (n[w]: codes); returns the positions skipped in all,
+// or -1 for another itemsize (nothing written)
+extern "C" int64_t edgeadapt_scatter_many(int64_t count, void* const* dst, const int64_t* n,
+                                          const int64_t* const* pos, const void* const* val,
+                                          const int64_t* m, int64_t itemsize) {
+  if (itemsize != 0 && itemsize != 1 && itemsize != 2 && itemsize != 4 && itemsize != 8)
+    return -1;
+  int64_t skipped = 0;
+  for (int64_t w = 0; w < count; ++w)
+    skipped += itemsize == 0 ? edgeadapt_scatter_nibbles(dst[w], n[w], pos[w], val[w], m[w])
+                             : edgeadapt_scatter(dst[w], n[w], pos[w], val[w], m[w], itemsize);
+  return skipped;
 }
