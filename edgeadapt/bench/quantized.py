@@ -681,7 +681,8 @@ def table(report: dict) -> str:
               metavar="P[,P]", help="the precisions of the forward rows (fp32 first)")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--repeats", default=30, show_default=True, type=click.IntRange(min=0),
-              help="timed rounds per forward shape (0: no forward rows)")
+              help="timed rounds per forward shape (0: no forward, switch or size rows, "
+                   "only --generate's decode rows)")
 @click.option("--switch-repeats", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--generate", "generate_bundles", multiple=True, metavar="PRECISION=BUNDLE",
               help="decode rows for a bundle exported with --generate, e.g. "
