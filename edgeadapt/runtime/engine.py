@@ -302,15 +302,15 @@ class SwitchEngine:
 
     def _batch(self, fwd: _Switch, rev: _Switch) -> None:
         """Give a cached pair whose live arrays are not one span its writes as batches: each
-        direction's scatters of every weight (and their undo) one native call
-        (:class:`~edgeadapt.runtime.scatter.Batch`), not one per weight."""
-        def writes(sw: _Switch, new: bool) -> Batch:
-            return Batch([(self.live[n].array.reshape(-1), p.union, p.vals if new else p.old,
-                           self.live[n].packed) for n, p in sw.plans.items()],
-                         self.native_scatter)
+        direction's scatters of every weight one native call
+        (:class:`~edgeadapt.runtime.scatter.Batch`), not one per weight. One direction's undo
+        writes the other's values at the same positions: the same batch."""
+        def writes(sw: _Switch) -> Batch:
+            return Batch([(self.live[n].array.reshape(-1), p.union, p.vals, self.live[n].packed)
+                          for n, p in sw.plans.items()])
 
-        fwd.batch = (writes(fwd, True), writes(fwd, False))
-        rev.batch = (writes(rev, True), writes(rev, False))
+        to_b, to_a = writes(fwd), writes(rev)
+        fwd.batch, rev.batch = (to_b, to_a), (to_a, to_b)
 
     def _combine(self, adapters: list[tuple[PreparedAdapter, float]]) -> dict[str, _Combined]:
         parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}

@@ -144,8 +144,7 @@ class Batch:
     (``batch(native=False)``: every one through numpy). It keeps the arrays alive and reads them
     at each call, so they must keep their memory (the engine's cached plans do)."""
 
-    def __init__(self, writes: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]],
-                 native: bool = True) -> None:
+    def __init__(self, writes: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]) -> None:
         self._rest: list[tuple[Callable[..., None], np.ndarray, np.ndarray, np.ndarray]] = []
         self._every = [(scatter_nibbles if packed else scatter, dst, pos, vals)
                        for dst, pos, vals, packed in writes if pos.size]
@@ -155,8 +154,7 @@ class Batch:
                 continue
             n = dst.shape[0] * (nibbles.PER_BYTE if packed else 1)
             _check_range(pos, n)
-            if native and (_takes_nibbles if packed else _takes)(dst, pos, vals) \
-                    and native_scatter():
+            if (_takes_nibbles if packed else _takes)(dst, pos, vals) and native_scatter():
                 kinds.setdefault(0 if packed else dst.itemsize, []).append((dst, n, pos, vals))
             else:
                 self._rest.append((scatter_nibbles if packed else scatter, dst, pos, vals))
