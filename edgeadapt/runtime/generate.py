@@ -39,7 +39,7 @@ import numpy as np
 from edgeadapt.errors import BundleError, ConfigError, SwitchError
 from edgeadapt.format.manifest import Manifest
 from edgeadapt.runtime.sampling import Sampling, sample
-from edgeadapt.runtime.tokenizer import INCOMPLETE, Tokenizer
+from edgeadapt.runtime.tokenizer import INCOMPLETE, Detokenizer, Tokenizer
 
 #: prompt tokens fed per step of a prefill: bounds a step's activations, and with them how long
 #: a switch waits for a step that holds the lock or shares the cores with its write
@@ -283,12 +283,13 @@ class Conversation:
         reprefills = self._advance(prompt)
         self._tokens.extend(prompt)
         text, emitted, finish = "", 0, None
+        detok = None if tok is None else Detokenizer(tok)
         while finish is None:
             token = sample(self._logits, how, rng)
             reply.append(token)
             self._tokens.append(token)
-            if tok is not None:
-                text = tok.decode(reply)
+            if detok is not None:
+                text = detok.add(token)  # whole characters: a stop string may follow
                 cut = _first_stop(text, how.stop)
                 if cut is not None:
                     text, finish = text[:cut], "stop"
@@ -298,6 +299,8 @@ class Conversation:
                 finish = "length"
             elif finish is None and len(self._tokens) >= spec.max_context:
                 finish = "context"
+            if finish is not None and tok is not None and cut is None:
+                text = tok.decode(reply)  # with a trailing incomplete character, if any
             end = len(text) if finish is not None else _safe_end(text, how.stop)
             piece, emitted = text[emitted:end], max(emitted, end)
             if finish is not None:
@@ -322,7 +325,7 @@ class Conversation:
         ``self._logits``; returns the number of rebuilds. A failed step drops the cache (the
         next reply re-prefills)."""
         rt = self._rt
-        tokens = self._tokens + new
+        tokens = self._tokens + new if new else self._tokens
         rebuilds, logits = 0, None
         fused_optimistic = getattr(self._gen.decoder, "optimistic", False)
         try:
