@@ -1,9 +1,10 @@
-"""edgeadapt's quantized ops at one token, float activations (``accuracy_level`` 0: codes
-converted to float, FMA) against int8 per block of 32 (level 4: vpdpbusd), beside ONNX
+"""edgeadapt's quantized ops at one token (``--rows``: tokens a run), float activations
+(``accuracy_level`` 0: codes converted to float, FMA) against int8 per block of 32 (level 4:
+vpdpbusd), beside ONNX
 Runtime's own ``MatMulNBits`` at level 4 on the same codes (kernels/blocked_matmul.cpp,
 "Activations").
 
-SmolLM2-135M's attention inputs: ``--layers`` layers' worth of one x (1, 576) read by q
+SmolLM2-135M's attention inputs: ``--layers`` layers' worth of one x (rows, 576) read by q
 (576 x 576), k and v (576 x 192 each), random codes and scales per block of 32 (every layer its
 own, so that they stream from memory as a decode step's do); per ``--codes`` form (int4:
 ``Q4BlockedMatMul``, two codes a byte; int8: ``QBlockedMatMul``) one graph per case:
@@ -19,7 +20,7 @@ magnitude), each case's median run and time per weight, and the medians of the p
 ratios.
 
     .venv/bin/python -m experiments.q4_activation_probe [--codes int4,int8] [--layers 30]
-        [--rounds 15] [--inner 10] [--threads 1]
+        [--rounds 15] [--inner 10] [--threads 1] [--rows 1]
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _model(nodes, inits, opset: str) -> bytes:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
+        nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", K])],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
          for n in nodes for o in n.output], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
@@ -85,13 +86,14 @@ def graphs(codes: str, layers: int, seed: int = 0) -> dict[str, bytes]:
             "nbits": _model(nbits_nodes, nbits_inits, "com.microsoft")}
 
 
-def probe(codes: str, layers: int, rounds: int, inner: int, threads: int) -> None:
+def probe(codes: str, layers: int, rounds: int, inner: int, threads: int, rows: int = 1
+          ) -> None:
     import onnxruntime as ort
 
     from edgeadapt.runtime.backends.onnxruntime import kernel as ok
     from edgeadapt.timer import time_interleaved
 
-    x = np.random.default_rng(1).standard_normal((1, K)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((rows, K)).astype(np.float32)
     sessions = {}
     for name, model in graphs(codes, layers).items():
         so = ort.SessionOptions()
@@ -99,18 +101,22 @@ def probe(codes: str, layers: int, rounds: int, inner: int, threads: int) -> Non
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         ok.register(so)
         sessions[name] = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-    y = {n: np.concatenate([o.reshape(-1) for o in s.run(None, {"x": x})])
-         for n, s in sessions.items()}
+    def layers_out(outs: list) -> np.ndarray:  # (layers, rows, 960): q | k | v per layer
+        per = len(outs) // layers
+        return np.stack([np.concatenate(outs[i * per:(i + 1) * per], axis=-1)
+                         for i in range(layers)])
+
+    y = {n: layers_out(s.run(None, {"x": x})) for n, s in sessions.items()}
     top = np.abs(y["nbits"]).max()
     print(f"{codes}: largest |y - nbits| / max |nbits|: "
           + ", ".join(f"{n} {np.abs(y[n] - y['nbits']).max() / top:.2e}" for n in CASES[:2]))
     t = {n: np.array(v) for n, v in time_interleaved(
         {n: (lambda s=s: s.run(None, {"x": x})) for n, s in sessions.items()},
         repeats=rounds, inner=inner).items()}
-    weights = layers * K * sum(OUTS)
+    weights = layers * K * sum(OUTS) * rows
     for n in CASES:
         m = float(np.median(t[n]))
-        print(f"  {n:6s} {m:.3f} ms a run, {m * 1e9 / weights:5.1f} ps a weight")
+        print(f"  {n:6s} {m:.3f} ms a run, {m * 1e9 / weights:5.1f} ps a weight and row")
     print(f"  p50 of {rounds} per-round ratios: int8 / nbits "
           f"{np.median(t['int8'] / t['nbits']):.3f}, float / nbits "
           f"{np.median(t['float'] / t['nbits']):.3f}, int8 / float "
@@ -124,9 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--inner", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", type=int, default=1, help="tokens a run (rows of x)")
     args = ap.parse_args(argv)
     for codes in args.codes.split(","):
-        probe(codes, args.layers, args.rounds, args.inner, args.threads)
+        probe(codes, args.layers, args.rounds, args.inner, args.threads, args.rows)
 
 
 if __name__ == "__main__":

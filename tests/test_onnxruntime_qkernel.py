@@ -126,9 +126,10 @@ def test_int8_activations_match_numpy_and_stock_onnxruntime(grid, k, ns, rows, l
     """accuracy_level 4, several pairs in one node, x with a zero block: float64 numpy on x
     quantized as MLAS quantizes it and integer sums; ONNX Runtime's own 8-bit MatMulNBits at
     level 4 on the same codes (offset by 128, its layout) where its blocks of 32 are the
-    grid's groups, to 1e-5 of its largest output; the same bits on every path (one token,
-    groups of whole blocks of x: the same integers and float operations on each,
-    test_onnxruntime_q4kernel.PATH_FLAGS)."""
+    grid's groups, to 1e-5 of its largest output; with groups of whole blocks of x the same
+    bits on every path (the same integers and float operations on each,
+    test_onnxruntime_q4kernel.PATH_FLAGS) and in every row of several as in that row alone
+    (a prefill and a decode step agree bit for bit)."""
     from onnx import numpy_helper
 
     rng = np.random.default_rng(k + rows)
@@ -148,10 +149,15 @@ def test_int8_activations_match_numpy_and_stock_onnxruntime(grid, k, ns, rows, l
         top = np.abs(want).max()
         np.testing.assert_allclose(y, want, rtol=0, atol=2e-6 * top)
         for other in ys[1:]:
-            if rows == 1 and whole:
+            if whole:
                 np.testing.assert_array_equal(other[i], y)
             else:
                 np.testing.assert_allclose(other[i], y, rtol=0, atol=1e-6 * top)
+        if whole and rows > 1:
+            sess = pairs_session(QKERNEL_OP, k, [m[:2] for m in made], INT8_ACTIVATIONS)
+            for r in range(rows):
+                one = sess.run(None, {**feeds, "x": x[r:r + 1]})[i]
+                np.testing.assert_array_equal(one[0], y[r])
         if grid.group != 32:
             continue
         n = q.shape[0]

