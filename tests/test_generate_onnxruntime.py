@@ -141,6 +141,30 @@ def test_decode_step_logits_equal_full_forward(exported, monkeypatch, first_capa
         assert parity(logits[0, 0], base[i]) > 100 * RTOL  # the adapter changes it
 
 
+def test_interleaved_conversations_keep_their_own_feeds(exported):
+    """Two conversations on one runtime stream token by token in turn from one thread (each
+    one-token step binds its own cache's feeds and logits: the other's step between must not
+    reach them), then take a second turn each: every reply equals transformers' on that
+    conversation's own context."""
+    lm, bundle = exported
+    rt = load(bundle, mode="live", threads=1)
+    rt.switch("s1")
+    a, b = rt.conversation(), rt.conversation()
+    prompts = {id(a): PROMPT, id(b): [300, 12, 99, 7]}
+    streams = [a.stream(prompts[id(a)], max_new_tokens=12),
+               b.stream(prompts[id(b)], max_new_tokens=12)]
+    got = {id(a): [], id(b): []}
+    for _ in range(12):
+        for conv, pieces in zip((a, b), streams, strict=True):
+            got[id(conv)].append(next(pieces).token)
+    for conv in (a, b):
+        assert got[id(conv)] == hf_greedy(lm, bundle, "s1", prompts[id(conv)], 12)
+    for conv, turn in ((a, [40]), (b, [42, 43]), (a, [41])):  # one-token and longer turns
+        context = conv.tokens + turn
+        assert conv.send(turn, max_new_tokens=6).ids == hf_greedy(lm, bundle, "s1", context, 6)
+        assert conv.last.reprefills == 0
+
+
 def test_switch_between_turns_reprefills(exported):
     lm, bundle = exported
     assert_switch_between_turns_reprefills(load(bundle, mode="live", threads=1), lm, bundle,
