@@ -6,7 +6,10 @@ options (``--threads`` intra-op threads, spinning off), in interleaved rounds; g
 generator (its C++ loop, a real decode step each call) is timed beside them.
 
     .venv/bin/python -m experiments.decode_graph_pair BUNDLE GENAI_MODEL_DIR [--past 128]
-        [--rounds 100] [--threads 2]
+        [--rounds 100] [--threads 2] [--repack]
+
+``--repack`` adds edgeadapt's decoder in repack mode (the live weights prepacked constants read
+by ONNX Runtime's MatMul, as genai's are): what reading them live costs the step.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from pathlib import Path
 import numpy as np
 
 
-def ours(bundle: Path, past: int, threads: int, ids: np.ndarray):
-    """edgeadapt's decoder step at position ``past``, again and again."""
+def ours(bundle: Path, past: int, threads: int, ids: np.ndarray, mode: str = "live"):
+    """edgeadapt's decoder step at position ``past``, again and again (``mode``: the runtime's:
+    ``live`` reads the live weights in place, ``repack`` makes them prepacked constants)."""
     from edgeadapt.runtime import get_backend, load
     from edgeadapt.runtime.generate import open_generator
 
-    rt = load(bundle, mode="live", threads=threads)
+    rt = load(bundle, mode=mode, threads=threads)
     gen = open_generator(rt.bundle_dir, rt.manifest, get_backend("onnxruntime"), rt.store,
                          device="cpu", threads=threads)
     cache = gen.decoder.empty_cache(1)
@@ -92,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--past", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repack", action="store_true")
     args = ap.parse_args(argv)
 
     from edgeadapt.timer import time_interleaved
@@ -100,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     cases = {"edgeadapt": ours(args.bundle, args.past, args.threads, ids),
              "genai graph": genai_graph(args.genai_dir, args.past, args.threads, ids),
              "genai generator": genai_generator(args.genai_dir, args.past, args.rounds, ids)}
+    if args.repack:
+        cases["edgeadapt repack"] = ours(args.bundle, args.past, args.threads, ids, "repack")
     t = {k: np.array(v) for k, v in time_interleaved(cases, repeats=args.rounds,
                                                        warmup=5).items()}
     for name, v in t.items():
