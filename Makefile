@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/edgeadapt quickstart
 
-# generation end to end on SmolLM2 (docs/generate.md): about 7 minutes on 2 cores
+# generation end to end on SmolLM2 (docs/generate.md): 2-7 minutes on 2 cores
 generate-demo: setup
 	$(VENV)/bin/edgeadapt generate-demo
 
