@@ -164,6 +164,30 @@ def assert_switch_between_turns_reprefills(rt, lm: LoadedModel, bundle: Path,
     assert stale.send([40, 41, 42], max_new_tokens=10).ids != second.ids
 
 
+def assert_interleaved_conversations(rt, lm: LoadedModel, bundle: Path, prompt: list[int],
+                                     turns: list[tuple[int, list[int]]], new_tokens: int
+                                     ) -> None:
+    """Under s1 (switched in here), conversations 0 (``prompt``) and 1 stream 12 tokens each in
+    turn from this thread, then take ``turns`` (conversation index, ids; ``new_tokens`` each):
+    every reply equals transformers' greedy reply on that conversation's own context, and no
+    turn re-prefills."""
+    rt.switch("s1")
+    convs = [rt.conversation(), rt.conversation()]
+    prompts = [prompt, [300, 12, 99, 7]]
+    streams = [c.stream(p, max_new_tokens=12) for c, p in zip(convs, prompts, strict=True)]
+    got: list[list[int]] = [[], []]
+    for _ in range(12):
+        for i, pieces in enumerate(streams):
+            got[i].append(next(pieces).token)
+    for i in range(2):
+        assert got[i] == hf_greedy(lm, bundle, "s1", prompts[i], 12)
+    for i, turn in turns:
+        context = convs[i].tokens + turn
+        assert convs[i].send(turn, max_new_tokens=new_tokens).ids == hf_greedy(
+            lm, bundle, "s1", context, new_tokens)
+        assert convs[i].last.reprefills == 0  # kept (ExecuTorch: moved back in), not rebuilt
+
+
 def assert_context_limit(rt, context: int) -> None:
     """A prompt of ``context - 1`` tokens gets one token (``"context"``); one more token is
     refused, the error naming the limit."""

@@ -22,6 +22,7 @@ from click.testing import CliRunner  # noqa: E402
 from generate_bundle import (  # noqa: E402
     assert_argmax_under_s1_or_s2,
     assert_context_limit,
+    assert_interleaved_conversations,
     assert_switch_between_turns_reprefills,
     assert_text_greedy_equals_transformers,
     bundle_adapter,
@@ -138,21 +139,8 @@ def test_interleaved_conversations_keep_their_own_context(exported, rt):
     other's cache out and this one's in), then take a second turn each: every reply equals
     transformers' on that conversation's own context."""
     lm, bundle = exported
-    rt.switch("s1")
-    a, b = rt.conversation(), rt.conversation()
-    prompts = {id(a): PROMPT, id(b): [300, 12, 99, 7]}
-    streams = [a.stream(prompts[id(a)], max_new_tokens=12),
-               b.stream(prompts[id(b)], max_new_tokens=12)]
-    got = {id(a): [], id(b): []}
-    for _ in range(12):
-        for conv, pieces in zip((a, b), streams, strict=True):
-            got[id(conv)].append(next(pieces).token)
-    for conv in (a, b):
-        assert got[id(conv)] == hf_greedy(lm, bundle, "s1", prompts[id(conv)], 12)
-    for conv, turn in ((a, [40, 41]), (b, [42]), (a, [43])):
-        context = conv.tokens + turn
-        assert conv.send(turn, max_new_tokens=8).ids == hf_greedy(lm, bundle, "s1", context, 8)
-        assert conv.last.reprefills == 0  # moved back in, not rebuilt
+    assert_interleaved_conversations(rt, lm, bundle, PROMPT, [(0, [40, 41]), (1, [42]),
+                                                              (0, [43])], 8)
 
 
 def test_conversations_generate_while_another_thread_switches(exported, rt):

@@ -24,6 +24,7 @@ from click.testing import CliRunner  # noqa: E402
 from generate_bundle import (  # noqa: E402
     assert_argmax_under_s1_or_s2,
     assert_context_limit,
+    assert_interleaved_conversations,
     assert_switch_between_turns_reprefills,
     bundle_adapter,
     export_generate,
@@ -147,22 +148,8 @@ def test_interleaved_conversations_keep_their_own_feeds(exported):
     reach them), then take a second turn each: every reply equals transformers' on that
     conversation's own context."""
     lm, bundle = exported
-    rt = load(bundle, mode="live", threads=1)
-    rt.switch("s1")
-    a, b = rt.conversation(), rt.conversation()
-    prompts = {id(a): PROMPT, id(b): [300, 12, 99, 7]}
-    streams = [a.stream(prompts[id(a)], max_new_tokens=12),
-               b.stream(prompts[id(b)], max_new_tokens=12)]
-    got = {id(a): [], id(b): []}
-    for _ in range(12):
-        for conv, pieces in zip((a, b), streams, strict=True):
-            got[id(conv)].append(next(pieces).token)
-    for conv in (a, b):
-        assert got[id(conv)] == hf_greedy(lm, bundle, "s1", prompts[id(conv)], 12)
-    for conv, turn in ((a, [40]), (b, [42, 43]), (a, [41])):  # one-token and longer turns
-        context = conv.tokens + turn
-        assert conv.send(turn, max_new_tokens=6).ids == hf_greedy(lm, bundle, "s1", context, 6)
-        assert conv.last.reprefills == 0
+    assert_interleaved_conversations(load(bundle, mode="live", threads=1), lm, bundle, PROMPT,
+                                     [(0, [40]), (1, [42, 43]), (0, [41])], 6)  # 1 and 2 tokens
 
 
 def test_switch_between_turns_reprefills(exported):
