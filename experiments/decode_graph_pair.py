@@ -15,7 +15,6 @@ by ONNX Runtime's MatMul, as genai's are): what reading them live costs the step
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -47,28 +46,11 @@ def genai_graph(model_dir: Path, past: int, threads: int, ids: np.ndarray):
     present), one step at position ``past`` again and again."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(model_dir / "model.onnx"), so,
+    from experiments.decode_profile import genai_feed, genai_options
+
+    sess = ort.InferenceSession(str(model_dir / "model.onnx"), genai_options(threads),
                                 providers=["CPUExecutionProvider"])
-    head = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"][
-        "head_size"]
-    pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values")]
-    values = {i.name: ort.OrtValue.ortvalue_from_numpy(
-        np.zeros((1, i.shape[1], past + 1, head), np.float32)) for i in pasts}
-    b = sess.io_binding()
-    for name, value in values.items():
-        b.bind_ortvalue_input(name, value)
-        b.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
-
-    def run(x: np.ndarray, length: int) -> None:
-        b.bind_cpu_input("input_ids", x)
-        b.bind_cpu_input("attention_mask", np.ones((1, length), np.int64))
-        b.bind_output("logits", "cpu")  # ONNX Runtime allocates it, as genai's own run
-        sess.run_with_iobinding(b)
-
+    run = genai_feed(sess, model_dir, past + 1)
     run(ids[:, :past], past)
     one = np.ascontiguousarray(ids[:, past:past + 1])
     return lambda: run(one, past + 1)

@@ -23,15 +23,18 @@ from pathlib import Path
 import numpy as np
 
 
-def _options(threads: int, prefix: str):
+def genai_options(threads: int, prefix: str | None = None):
+    """genai's session options: ``threads`` intra-op threads, spinning off; profiling into
+    ``prefix`` where given."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.enable_profiling = True
-    so.profile_file_prefix = prefix
+    if prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = prefix
     return so
 
 
@@ -83,27 +86,39 @@ def _with_profile(so, prefix: str):
     return so
 
 
+def genai_feed(sess, model_dir: Path, capacity: int):
+    """``run(ids, length)`` of genai's graph in session ``sess`` as genai feeds it: its cache
+    buffers of ``capacity`` positions bound as both past and present (once), ``ids`` after
+    ``length - seq`` cached positions with an attention mask of ``length``, the logits
+    allocated by ONNX Runtime."""
+    import onnxruntime as ort
+
+    head_size = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"][
+        "head_size"]  # the graph leaves it symbolic
+    pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values")]
+    b = sess.io_binding()
+    for i in pasts:
+        value = ort.OrtValue.ortvalue_from_numpy(
+            np.zeros((1, i.shape[1], capacity, head_size), np.float32))
+        b.bind_ortvalue_input(i.name, value)
+        b.bind_ortvalue_output(i.name.replace("past_key_values", "present"), value)
+
+    def run(ids: np.ndarray, length: int) -> None:
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("attention_mask", np.ones((1, length), np.int64))
+        b.bind_output("logits", "cpu")  # its shape changes with the tokens fed
+        sess.run_with_iobinding(b)
+
+    return run
+
+
 def genai(model_dir: Path, past: int, steps: int, threads: int, prefix: str) -> dict:
     """onnxruntime-genai's ``model.onnx`` in ``model_dir``, fed as genai feeds it."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(model_dir / "model.onnx"), _options(threads, prefix),
+    sess = ort.InferenceSession(str(model_dir / "model.onnx"), genai_options(threads, prefix),
                                 providers=["CPUExecutionProvider"])
-    head_size = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"][
-        "head_size"]  # the graph leaves it symbolic
-    pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values")]
-    buffers = {i.name: ort.OrtValue.ortvalue_from_numpy(
-        np.zeros((1, i.shape[1], past + steps + 1, head_size), np.float32)) for i in pasts}
-
-    def step(ids: np.ndarray, length: int) -> None:
-        b = sess.io_binding()
-        b.bind_cpu_input("input_ids", ids)
-        b.bind_cpu_input("attention_mask", np.ones((1, length), np.int64))
-        for name, value in buffers.items():
-            b.bind_ortvalue_input(name, value)
-            b.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
-        b.bind_output("logits", "cpu")
-        sess.run_with_iobinding(b)
+    step = genai_feed(sess, model_dir, past + steps + 1)
 
     ids = np.random.default_rng(0).integers(100, 40000, size=(1, past + steps)).astype(np.int64)
     step(ids[:, :past], past)
