@@ -135,6 +135,10 @@ def scatter_nibbles(dst: np.ndarray, pos: np.ndarray, codes: np.ndarray,
     nibbles.scatter(dst, pos, codes)
 
 
+#: one write of a :class:`Batch`: (scatter or scatter_nibbles, dst, pos, vals)
+_Write = tuple[Callable[..., None], np.ndarray, np.ndarray, np.ndarray]
+
+
 class Batch:
     """Scatters written together again and again (the weights of a cached switch that do not
     lie in one span of memory): ``(dst, pos, vals, packed)`` each as :func:`scatter`
@@ -145,33 +149,36 @@ class Batch:
     at each call, so they must keep their memory (the engine's cached plans do)."""
 
     def __init__(self, writes: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]) -> None:
-        self._rest: list[tuple[Callable[..., None], np.ndarray, np.ndarray, np.ndarray]] = []
-        self._every = [(scatter_nibbles if packed else scatter, dst, pos, vals)
-                       for dst, pos, vals, packed in writes if pos.size]
+        self._every: list[_Write] = []  # all of them, as numpy writes them
+        self._rest: list[_Write] = []  # those the native kernel does not take
         kinds: dict[int, list[tuple[np.ndarray, int, np.ndarray, np.ndarray]]] = {}
         for dst, pos, vals, packed in writes:
             if pos.size == 0:
                 continue
             n = dst.shape[0] * (nibbles.PER_BYTE if packed else 1)
             _check_range(pos, n)
+            write = (scatter_nibbles if packed else scatter, dst, pos, vals)
+            self._every.append(write)
             if (_takes_nibbles if packed else _takes)(dst, pos, vals) and native_scatter():
                 kinds.setdefault(0 if packed else dst.itemsize, []).append((dst, n, pos, vals))
             else:
-                self._rest.append((scatter_nibbles if packed else scatter, dst, pos, vals))
+                self._rest.append(write)
+        # per element kind: (itemsize, count, (pointers of dst / pos / vals, n, m)); the
+        # arrays the pointers address stay alive in self._every
         self._calls = []
         for itemsize, items in kinds.items():
             table = (np.array([[a.ctypes.data for a in (d, p, v)] for d, _, p, v in items],
                               np.uint64).T.copy(),
                      np.array([n for _, n, _, _ in items], np.int64),
                      np.array([p.size for _, _, p, _ in items], np.int64))
-            self._calls.append((itemsize, len(items), table, items))
+            self._calls.append((itemsize, len(items), table))
 
     def __call__(self, native: bool = True) -> None:
         if not native:
             for fn, dst, pos, vals in self._every:
                 fn(dst, pos, vals, False)
             return
-        for itemsize, count, (ptrs, ns, ms), _ in self._calls:
+        for itemsize, count, (ptrs, ns, ms) in self._calls:
             skipped = _many_kernel(_LIBRARY.loaded[1])(
                 count, ptrs[0].ctypes.data, ns.ctypes.data, ptrs[1].ctypes.data,
                 ptrs[2].ctypes.data, ms.ctypes.data, itemsize)
