@@ -178,16 +178,17 @@ def _blocked_model(k: int, outs: list[int], consts: tuple[int, ...] = ()
 def test_rewrite_replaces_each_blocked_reader_and_matches_matmul(tmp_path):
     """kernel_blocked_matmuls turns the blocked32 patterns of one x into one BlockedMatMul node
     (no Transpose or helper left) that a constant MatMul of that x joins, its weight re-laid in
-    blocked32 from the external data file (one whose width is not a multiple of 32 stays a
-    MatMul); the session reads the live buffers in place: after an in-place edit its output
-    follows, equal to the MatMul pattern's and to float64 numpy."""
+    blocked32 from the external data file and supplied at load (one whose width is not a
+    multiple of 32 stays a MatMul); the session reads the live buffers in place: after an
+    in-place edit its output follows, equal to the MatMul pattern's and to float64 numpy."""
     model, weights = _blocked_model(40, [64, 32], consts=(64, 40))
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path), save_as_external_data=True, location="m.onnx.data",
               size_threshold=64)
     names = [f"w{i}.B32" for i in range(2)]
     rewritten = onnx.load(str(path), load_external_data=False)
-    assert kernel_blocked_matmuls(rewritten, names, tmp_path) == 2
+    rewrite = kernel_blocked_matmuls(rewritten, names, tmp_path)
+    assert rewrite.replaced == 2 and list(rewrite.constants) == ["c2/edgeadapt.B32"]
     ops = [n.op_type for n in rewritten.graph.node]
     assert ops.count(KERNEL_OP) == 1 and "Transpose" not in ops and ops.count("MatMul") == 1
     node, = (n for n in rewritten.graph.node if n.op_type == KERNEL_OP)
@@ -195,7 +196,9 @@ def test_rewrite_replaces_each_blocked_reader_and_matches_matmul(tmp_path):
     assert list(node.output) == ["y0", "y1", "y2"]
     inits = {i.name: i for i in rewritten.graph.initializer}
     assert "c2" not in inits and "c3" in inits  # the absorbed one is read as its copy only
-    np.testing.assert_array_equal(onnx.numpy_helper.to_array(inits["c2/edgeadapt.B32"]),
+    copy = inits["c2/edgeadapt.B32"]  # a placeholder: the session is given the copy at load
+    assert copy.data_location == TensorProto.EXTERNAL and list(copy.dims) == [2, 40, 32]
+    np.testing.assert_array_equal(rewrite.constants["c2/edgeadapt.B32"],
                                   to_backend(weights["c2"], BLOCKED))
     assert not any(i.startswith("edgeadapt_") for i in inits)
     untouched = onnx.load(str(path), load_external_data=False)
@@ -229,6 +232,94 @@ def test_rewrite_replaces_each_blocked_reader_and_matches_matmul(tmp_path):
         bufs["w1.B32"][0, 3, :] += 1.0  # an in-place edit: the next run must see it
         if step == 0:
             assert not np.allclose(want(), got, rtol=1e-4, atol=1e-3)
+
+
+@needs_kernel
+def test_every_float_constant_matmul_reads_through_the_kernel(tmp_path, monkeypatch):
+    """With every_constant (the decoder's sessions), constant MatMuls of values no live weight
+    reads become BlockedMatMul nodes too (without it they stay MatMuls): two of
+    one x are one node (a layer's gate and up), and an LM head read in chunks (Slice of the
+    Transpose of a tied embedding, as graphs/head.py writes it) one node per chunk where a
+    node would read more than CHUNK_BYTES (here 16 KB: gate and up 8 KB each, the chunks 16
+    and 8 KB), its Slice and Transpose dropped while the embedding's Gather keeps it; the
+    session given the supplied copies equals ONNX Runtime on the original graph and float64
+    numpy, and the live weight is still read in place."""
+    rng = np.random.default_rng(5)
+    k, hidden, vocab = 40, 64, 96
+    emb = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    gate, up = (rng.standard_normal((hidden, 32)).astype(np.float32) for _ in range(2))
+    live_w = rng.standard_normal((hidden, k)).astype(np.float32)  # torch layout (out, in)
+    init = onnx.numpy_helper.from_array
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"]),
+             helper.make_node("MatMul", ["x", "w.T"], ["h"], name="live"),
+             helper.make_node("Add", ["h", "e"], ["h2"]),
+             helper.make_node("MatMul", ["h2", "gate"], ["g"], name="gate"),
+             helper.make_node("MatMul", ["h2", "up"], ["u"], name="up"),
+             helper.make_node("Mul", ["g", "u"], ["gu"]),
+             helper.make_node("Transpose", ["emb"], ["head"], perm=[1, 0]),
+             *[helper.make_node("Slice", ["head", f"lo{i}", f"hi{i}", "ax"], [f"w{i}"],
+                                name=f"slice{i}") for i in range(2)],
+             *[helper.make_node("MatMul", ["h2", f"w{i}"], [f"l{i}"], name=f"chunk{i}")
+               for i in range(2)],
+             helper.make_node("Concat", ["l0", "l1"], ["logits"], axis=-1)]
+    consts = [init(emb, "emb"), init(gate, "gate"), init(up, "up"),
+              init(np.array([1], np.int64), "ax")]
+    consts += [init(np.array([v], np.int64), f"{n}{i}")
+               for i, (lo, hi) in enumerate([(0, 64), (64, 2**63 - 1)])
+               for n, v in (("lo", lo), ("hi", hi))]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", k]),
+                     helper.make_tensor_value_info("ids", TensorProto.INT64, ["T"]),
+                     helper.make_tensor_value_info("w.T", TensorProto.FLOAT, [k, hidden])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("gu", "logits")],
+        consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    block_live_matmuls(model, {"w": GraphLive("w.T", TRANSPOSED, (k, hidden))})
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="m.onnx.data",
+              size_threshold=64)
+
+    rewritten = onnx.load(str(path), load_external_data=False)
+    monkeypatch.setattr("edgeadapt.graphs.blocked.CHUNK_BYTES", 16 << 10)
+    rewrite = kernel_blocked_matmuls(rewritten, ["w.B32"], tmp_path, every_constant=True)
+    assert rewrite.replaced == 1
+    kernel_nodes = [list(n.input) for n in rewritten.graph.node if n.op_type == KERNEL_OP]
+    assert kernel_nodes == [["x", "w.B32"], ["h2", "gate/edgeadapt.B32", "up/edgeadapt.B32"],
+                            ["h2", "w0/edgeadapt.B32"], ["h2", "w1/edgeadapt.B32"]]
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert {"MatMul", "Slice", "Transpose"}.isdisjoint(ops) and "Gather" in ops
+    assert {i.name for i in rewritten.graph.initializer} >= {"emb"}
+    np.testing.assert_array_equal(rewrite.constants["w1/edgeadapt.B32"],
+                                  to_backend(emb[64:], BLOCKED))
+
+    live = {"w.B32": np.ascontiguousarray(to_backend(live_w, BLOCKED))}
+    kern, used = cpu_session(path, session_options(2), ["w.B32"], kernel=True,
+                             every_constant=True)
+    plain, _ = cpu_session(path, session_options(2), ["w.B32"], kernel=False)
+    assert used
+    only_live = onnx.load(str(path), load_external_data=False)  # without every_constant
+    assert kernel_blocked_matmuls(only_live, ["w.B32"], tmp_path).constants == {}
+    assert [n.op_type for n in only_live.graph.node].count("MatMul") == 4
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    ids = rng.integers(0, vocab, 5)
+    binding = kern.io_binding()
+    binding.bind_ortvalue_input("w.B32", ort.OrtValue.ortvalue_from_numpy(live["w.B32"]))
+    for _ in range(2):
+        h2 = x.astype(np.float64) @ live_w.T.astype(np.float64) + emb[ids]
+        want = [(h2 @ gate) * (h2 @ up), h2 @ emb.T.astype(np.float64)]
+        binding.bind_cpu_input("x", x)
+        binding.bind_cpu_input("ids", ids)
+        for name in ("gu", "logits"):
+            binding.bind_output(name, "cpu")
+        kern.run_with_iobinding(binding)
+        got = [v.numpy() for v in binding.get_outputs()]
+        stock = plain.run(["gu", "logits"], {"x": x, "ids": ids, **live})
+        for g, w, s_ in zip(got, want, stock, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-3)
+            np.testing.assert_allclose(g, s_, rtol=1e-4, atol=1e-3)
+        live["w.B32"][1, 3, :] += 1.0  # an in-place edit of the live weight: seen next run
+        live_w[32:64, 3] += 1.0
 
 
 def test_use_kernel_policy():

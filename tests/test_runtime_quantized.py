@@ -227,7 +227,9 @@ def test_kernel_nodes_take_the_activations_of_the_graphs_matmulnbits(bundle):
     """The rewrite gives edgeadapt's quantized nodes the ``accuracy_level`` of the graph's own
     MatMulNBits: 4 (int8 activations) as exported, 0 (float) in the export check's copy
     (``onnx_quant.float_activations``); on int4 it absorbs a layer's k (a MatMulNBits of the
-    same x) only at its level: told level 0 on the exported graph, it leaves every k stock."""
+    same x) only at its level: told level 0 on the exported graph, it leaves every k stock;
+    with every_constant, every symmetric int4 MatMulNBits it can read (the o, MLP and head
+    projections too)."""
     from onnx import helper
 
     from edgeadapt.export.onnx_quant import float_activations
@@ -254,8 +256,20 @@ def test_kernel_nodes_take_the_activations_of_the_graphs_matmulnbits(bundle):
             assert levels == {level}
             if g.name == "int4":
                 assert after < before  # the layers' k joined the live q and v
+            if source == path:
+                live_only = after
     levels, before, after = rewrite(path, 0)
     assert levels == {0} and after == before
+    if g.name == "int4":  # every_constant (the decoder's sessions): each MatMulNBits it can read
+        from edgeadapt.graphs.quantized import _int4_constant
+
+        model = onnx.load(str(path), load_external_data=False)
+        codes = set(quantized_inputs(model))
+        kernel_quantized_matmuls(model, codes, codes, out, every_constant=True)
+        inits = {i.name: i for i in model.graph.initializer}
+        left = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+        assert len(left) < live_only and all(
+            _int4_constant(n, inits, set(), out) is None for n in left)
 
 
 def test_live_weights_are_the_dequantized_values(bundle):

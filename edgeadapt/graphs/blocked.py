@@ -20,7 +20,9 @@ MatMul copies it panel by panel on every call.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -28,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeadapt.errors import ExportError
 from edgeadapt.format.layout import BLOCK, BLOCKED, TRANSPOSED, to_backend
+from edgeadapt.graphs.head import CHUNK_BYTES
 from edgeadapt.graphs.values import LiveWeight, all_value_names, consumers, live_input_name
 
 
@@ -202,8 +205,19 @@ QKERNEL_OP = "QBlockedMatMul"
 Q4KERNEL_OP = "Q4BlockedMatMul"
 
 
+class KernelRewrite(NamedTuple):
+    """What :func:`kernel_blocked_matmuls` did: ``replaced`` live readers, and the
+    ``constants`` its nodes read (name -> blocked32 array), which the graph holds as
+    placeholders (:func:`supplied_initializer`): give them to the session with
+    ``SessionOptions.add_external_initializers``, which copies them in."""
+
+    replaced: int
+    constants: dict[str, np.ndarray]
+
+
 def kernel_blocked_matmuls(model: onnx.ModelProto, names: set[str] | list[str],
-                           base_dir: Path | None = None) -> int:
+                           base_dir: Path | None = None, every_constant: bool = False
+                           ) -> KernelRewrite:
     """Replace the readers of the named blocked32 graph inputs (the pattern
     :func:`block_live_matmuls` wrote) by ``edgeadapt.BlockedMatMul`` nodes, which read the
     inputs in place (:mod:`edgeadapt.runtime.backends.onnxruntime.kernel`); the inputs keep
@@ -211,81 +225,190 @@ def kernel_blocked_matmuls(model: onnx.ModelProto, names: set[str] | list[str],
 
         y_1, ..., y_n = edgeadapt.BlockedMatMul(x, Xb_1, ..., Xb_n)       y_i = x @ X_i
 
-    which every constant ``y = MatMul(x, C)`` of that ``x`` joins (``C`` a float ``(in, out)``
-    initializer, ``out % 32 == 0``, re-laid in blocked32 as a new initializer; its data read
-    from ``base_dir`` where it is external, and left as it is where that is None): a layer's
-    q, k and v projections are one node and one parallel section instead of three (ONNX
-    Runtime's per-node cost, and the wake-up of the threads, paid once). The node stands where
-    the first of them stood. Returns how many live readers were replaced."""
+    which every constant ``y = MatMul(x, C)`` of that ``x`` joins (:class:`ConstantMatrices`:
+    ``C`` a float ``(in, out)`` initializer, ``out % 32 == 0``, its data read from
+    ``base_dir`` where it is external and left as it is where that is None), re-laid in
+    blocked32 as a supplied constant: a layer's q, k and v projections are one node and one
+    parallel section instead of three (ONNX Runtime's per-node cost, and the wake-up of the
+    threads, paid once). Nodes read at most one LM head chunk's bytes (:class:`ReaderGroups`)
+    and stand where the first of their readers stood.
+
+    every_constant: every such constant MatMul of the graph becomes a node too, those of one
+    ``x`` together (a layer's gate and up). For the KV-cache decoder, whose steps are one
+    token: there this kernel streams a weight faster than MLAS's prepacked GEMV, while at
+    hundreds of rows on one thread MLAS's GEMM is a little faster
+    (``experiments/constant_kernel_probe.py``; docs/generate.md, "Decode speed on ONNX
+    Runtime")."""
     graph = model.graph
     blocked = _blocked_inputs(graph, names)
     producers = {o: n for n in graph.node for o in n.output}
     uses = consumers(graph)
     drop: set[int] = set()
-    groups: dict[tuple[str, str], list[Reader]] = {}
+    groups = ReaderGroups()
     for name in blocked:
+        nbytes = 4 * math.prod(d.dim_value for d in blocked[name].type.tensor_type.shape.dim)
         for flat, mm, tr, rs in _blocked_readers(graph, name, uses, producers):
-            groups.setdefault((flat.input[0], KERNEL_OP), []).append((mm, [name], rs.output[0]))
+            groups.add(flat.input[0], KERNEL_OP, (mm, [name], rs.output[0]), nbytes)
             drop.update((id(tr), id(rs)))
-    if not groups:
-        return 0
-    replaced = sum(len(r) for r in groups.values())
+    replaced = groups.count()
+    live_xs = {x for x, _, _ in groups.nodes}
     inits = {i.name: i for i in graph.initializer}
-    overridable = {i.name for i in graph.input}
-    made: dict[str, onnx.TensorProto] = {}
-    for (x, _), readers in groups.items():
-        inp = blocked[readers[0][1][0]].type.tensor_type.shape.dim[1].dim_value
-        for node, pos in uses.get(x, []):
-            c = node.input[1] if node.op_type == "MatMul" and pos == 0 else ""
-            if c in inits and c not in overridable:
-                tensor = made.get(c) or _blocked_constant(inits[c], inp, base_dir)
-                if tensor is not None:
-                    made[c] = tensor
-                    readers.append((node, [tensor.name], node.output[0]))
-    graph.initializer.extend(made.values())
-    _rewrite_readers(graph, merged_nodes(graph, groups, drop), drop)
-    read = {i for n in graph.node for i in n.input}
-    for init in [inits[c] for c in made if c not in read]:
-        graph.initializer.remove(init)  # now read as the blocked copy only
+    constant = ConstantMatrices(inits, producers, {i.name for i in graph.input}, base_dir)
+    made: dict[str, np.ndarray] = {}
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") \
+                or not (every_constant or node.input[0] in live_xs):
+            continue
+        c = constant(node.input[1])
+        if c is None or c.shape[1] % BLOCK or c.shape[1] == 0:
+            continue
+        name = f"{node.input[1]}/edgeadapt.B32"
+        if name not in made:
+            made[name] = np.ascontiguousarray(to_backend(c.T, BLOCKED))
+        groups.add(node.input[0], KERNEL_OP, (node, [name], node.output[0]), c.nbytes)
+    if not groups.nodes:
+        return KernelRewrite(0, {})
+    graph.initializer.extend(supplied_initializer(n, a) for n, a in made.items())
+    _rewrite_readers(graph, merged_nodes(graph, groups.nodes, drop), drop)
+    _drop_unread(graph, constant.derived, constant.read)
     if not any(o.domain == KERNEL_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
-    return replaced
+    return KernelRewrite(replaced, made)
 
 
 #: a reader to replace: (its node, the op inputs it adds after x, its output)
 Reader = tuple[onnx.NodeProto, list[str], str]
 
 
-def merged_nodes(graph: onnx.GraphProto, groups: dict[tuple[str, str], list[Reader]],
+class ReaderGroups:
+    """The nodes a kernel rewrite makes: the readers of one ``x`` (for one op) gathered into
+    one node while the weights it reads stay within :data:`edgeadapt.graphs.head.CHUNK_BYTES`
+    (a layer's q, k and v; its gate and up), a new node past that (an LM head's chunks stay
+    one node each, so that a terminated step still stops within one)."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[tuple[str, str, int], list[Reader]] = {}
+        self._open: dict[tuple[str, str], tuple[tuple[str, str, int], int]] = {}
+
+    def add(self, x: str, op: str, reader: Reader, nbytes: int) -> None:
+        """Add ``reader`` of ``x`` (its weight ``nbytes``) to the open node of ``(x, op)``,
+        or to a new one where that would read more than CHUNK_BYTES."""
+        key, used = self._open.get((x, op), (None, 0))
+        if key is None or (used and used + nbytes > CHUNK_BYTES):
+            key, used = (x, op, len(self.nodes)), 0
+        self.nodes.setdefault(key, []).append(reader)
+        self._open[x, op] = (key, used + nbytes)
+
+    def count(self) -> int:
+        """How many readers were added."""
+        return sum(len(r) for r in self.nodes.values())
+
+
+class ConstantMatrices:
+    """``constant(name)``: the float ``(in, out)`` matrix a MatMul reads as ``name`` where it
+    is a constant: an initializer that is not a graph input, or a ``Transpose`` (perm
+    ``[1, 0]``) or ``Slice`` (constant starts, ends and axes, steps of 1) of one; None
+    otherwise, and for external data without a ``base_dir``. ``read``: the initializers it
+    read, each read once (an LM head's chunks share one tied embedding); ``derived``: the
+    values it computed from them."""
+
+    def __init__(self, inits: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto],
+                 overridable: set[str], base_dir: Path | None) -> None:
+        self.inits, self.producers, self.overridable = inits, producers, overridable
+        self.base_dir = base_dir
+        self.read: set[str] = set()
+        self.derived: set[str] = set()
+        self._seen: dict[str, np.ndarray | None] = {}
+
+    def __call__(self, name: str) -> np.ndarray | None:
+        c = self._array(name)
+        return c if c is not None and c.ndim == 2 and c.dtype == np.float32 else None
+
+    def _array(self, name: str) -> np.ndarray | None:
+        if name not in self._seen:
+            self._seen[name] = self._resolve(name)
+        return self._seen[name]
+
+    def _resolve(self, name: str) -> np.ndarray | None:
+        if name in self.overridable:
+            return None
+        if name in self.inits:
+            c = constant_array(self.inits[name], self.base_dir)
+            if c is not None:
+                self.read.add(name)
+            return c
+        node = self.producers.get(name)
+        if node is None or node.domain not in ("", "ai.onnx") or not node.input:
+            return None
+        source = self._array(node.input[0])
+        if source is None or source.ndim != 2:
+            return None
+        self.derived.add(name)
+        if node.op_type == "Transpose":
+            perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+            return source.T if not perm or perm[0] == [1, 0] else None
+        if node.op_type != "Slice" or len(node.input) not in (3, 4) \
+                or not all(i in self.inits for i in node.input[1:]):
+            return None
+        starts, ends, *axes = (numpy_helper.to_array(self.inits[i]) for i in node.input[1:])
+        axes = axes[0] if axes else np.arange(len(starts))
+        if not len(starts) == len(ends) == len(axes):
+            return None
+        index = [slice(None)] * 2
+        for a, lo, hi in zip(axes.tolist(), starts.tolist(), ends.tolist(), strict=True):
+            if a not in (-2, -1, 0, 1):
+                return None
+            index[a % 2] = slice(lo, hi)
+        return source[tuple(index)]
+
+
+def supplied_initializer(name: str, array: np.ndarray) -> onnx.TensorProto:
+    """A placeholder initializer of ``array``'s type and shape whose data the session is given
+    (``SessionOptions.add_external_initializers``): marked external, at a location that is
+    never read, so the graph stays small and no file is written."""
+    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                         dims=array.shape, data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", SUPPLIED), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+#: the external-data location of :func:`supplied_initializer`'s placeholders
+SUPPLIED = "edgeadapt-supplied-at-load"
+
+
+def _drop_unread(graph: onnx.GraphProto, derived: set[str], names: set[str]) -> None:
+    """Remove the nodes that compute only ``derived`` values no node reads any more (an LM
+    head's Slice and Transpose of a constant, now read as blocked copies), then the
+    initializers among ``names`` that no node reads."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if set(n.output) <= derived and not set(n.output) & read]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    for init in [i for i in graph.initializer if i.name in names and i.name not in read]:
+        graph.initializer.remove(init)
+
+
+def merged_nodes(graph: onnx.GraphProto, groups: dict[tuple[str, str, int], list[Reader]],
                  drop: set[int]) -> dict[int, onnx.NodeProto]:
-    """One ``op`` node per ``(x, op)`` group of readers, ``op(x, *inputs of each reader in graph
-    order) -> their outputs``, to stand where the group's first reader stood: returns
+    """One ``op`` node per ``(x, op, ...)`` group of readers, ``op(x, *inputs of each reader in
+    graph order) -> their outputs``, to stand where the group's first reader stood: returns
     {id(that reader): the node} for :func:`_rewrite_readers`, the other readers added to
     ``drop``."""
     order = {id(n): i for i, n in enumerate(graph.node)}
     replace = {}
-    for (x, op), readers in groups.items():
+    for (x, op, *_), readers in groups.items():
         readers.sort(key=lambda r: order[id(r[0])])
         replace[id(readers[0][0])] = helper.make_node(
             op, [x] + [i for _, ins, _ in readers for i in ins], [y for _, _, y in readers],
             name=readers[0][0].name, domain=KERNEL_DOMAIN)
         drop.update(id(n) for n, _, _ in readers[1:])
     return replace
-
-
-def _blocked_constant(tensor: onnx.TensorProto, inp: int, base_dir: Path | None
-                      ) -> onnx.TensorProto | None:
-    """``C (inp, out)`` re-laid in blocked32, ``Cb[b, c, j] = C[c, 32 b + j]``, named
-    ``<C>/edgeadapt.B32``; None where ``C`` is not a float matrix of ``inp`` rows and a
-    multiple of 32 columns, or its data is external and ``base_dir`` is None."""
-    dims = list(tensor.dims)
-    if tensor.data_type != TensorProto.FLOAT or len(dims) != 2 or dims[0] != inp \
-            or dims[1] % BLOCK or dims[1] == 0:
-        return None
-    c = constant_array(tensor, base_dir)
-    if c is None:
-        return None
-    return numpy_helper.from_array(to_backend(c.T, BLOCKED), f"{tensor.name}/edgeadapt.B32")
 
 
 def constant_array(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray | None:

@@ -27,6 +27,7 @@ level 0: ``onnx_quant.float_activations``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from edgeadapt.graphs.blocked import (
     KERNEL_DOMAIN,
     Q4KERNEL_OP,
     QKERNEL_OP,
-    Reader,
+    ReaderGroups,
     _blocked_readers,
     _rewrite_readers,
     constant_array,
@@ -151,7 +152,8 @@ def stock_accuracy_level(model: onnx.ModelProto) -> int:
 def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str],
                              packed: set[str] | frozenset[str] = frozenset(),
                              base_dir: Path | None = None,
-                             accuracy_level: int | None = None) -> int:
+                             accuracy_level: int | None = None, every_constant: bool = False
+                             ) -> int:
     """Replace the readers of the named quantized inputs (``codes`` input names) and their
     dequantization by ``edgeadapt.QBlockedMatMul`` nodes, ``edgeadapt.Q4BlockedMatMul`` for
     those in ``packed`` (their input retyped to the packed uint8 codes). Readers of one ``x``
@@ -163,7 +165,9 @@ def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str]
     its codes offset by 8, as :mod:`edgeadapt.format.nibbles` packs them; re-laid as packed
     codes and blocked scales, new initializers, its data read from ``base_dir`` where it is
     external and left as it is where that is None): a layer's q, k and v are one node, as
-    :func:`edgeadapt.graphs.blocked.kernel_blocked_matmuls` makes them for float weights.
+    :func:`edgeadapt.graphs.blocked.kernel_blocked_matmuls` makes them for float weights
+    (``every_constant`` as there: every such MatMulNBits of the graph becomes a node, where
+    the int4 form is read at all).
     Every node gets ``accuracy_level`` (``FLOAT_ACTIVATIONS`` or ``INT8_ACTIVATIONS``; None:
     :func:`stock_accuracy_level` of the graph, read before the rewrite absorbs any), and
     absorbs only the MatMulNBits of that level (the others keep their own semantics).
@@ -180,41 +184,45 @@ def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str]
     producers = {o: n for n in graph.node for o in n.output}
     uses = consumers(graph)
     drop: set[int] = set()
-    groups: dict[tuple[str, str], list[Reader]] = {}
+    groups = ReaderGroups()
     for name in codes:
         q = found.get(name)
         if q is None:
             raise ExportError(f"{name!r} is not a quantized live input of this graph")
         op = QKERNEL_OP
+        dims = [d.dim_value for d in inputs[name].type.tensor_type.shape.dim]
         if name in packed:
             op = Q4KERNEL_OP
             vi = inputs[name]
-            dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
             graph.input.remove(vi)
             graph.input.append(helper.make_tensor_value_info(
                 name, TensorProto.UINT8, list(nibbles.packed_shape(tuple(dims)))))
         for flat, mm, tr, rs in _blocked_readers(graph, q.value, uses, producers):
-            groups.setdefault((flat.input[0], op), []).append(
-                (mm, [q.codes, q.scales], rs.output[0]))
+            groups.add(flat.input[0], op, (mm, [q.codes, q.scales], rs.output[0]),
+                       math.prod(dims) // (2 if op == Q4KERNEL_OP else 1))
             drop.update((id(tr), id(rs)))
         drop.update(id(n) for n in graph.node if n.name.startswith(f"{q.value}/dq_"))
-    if not groups:
+    if not groups.nodes:
         return 0
-    replaced = sum(len(r) for r in groups.values())
+    replaced = groups.count()
     inits = {i.name: i for i in graph.initializer}
     made: list[onnx.TensorProto] = []
     absorbed: set[str] = set()
-    for (x, op), readers in groups.items():
-        for node, pos in uses.get(x, []) if op == Q4KERNEL_OP else []:
-            if _accuracy_level(node) != accuracy_level:
+    q4_xs = {x for x, op, _ in groups.nodes if op == Q4KERNEL_OP}
+    if q4_xs:
+        for node in list(graph.node):
+            if _accuracy_level(node) != accuracy_level or not node.input \
+                    or not (every_constant or node.input[0] in q4_xs):
                 continue
-            tensors = _int4_constant(node, pos, inits, set(inputs), base_dir)
+            tensors = _int4_constant(node, inits, set(inputs), base_dir)
             if tensors is not None:
                 made += tensors
                 absorbed.update(node.input[1:])
-                readers.append((node, [t.name for t in tensors], node.output[0]))
+                groups.add(node.input[0], Q4KERNEL_OP,
+                           (node, [t.name for t in tensors], node.output[0]),
+                           sum(len(t.raw_data) for t in tensors))
     graph.initializer.extend(made)
-    merged = merged_nodes(graph, groups, drop)
+    merged = merged_nodes(graph, groups.nodes, drop)
     for node in merged.values():
         node.attribute.append(helper.make_attribute("accuracy_level", accuracy_level))
     _rewrite_readers(graph, merged, drop)
@@ -227,15 +235,15 @@ def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str]
     return replaced
 
 
-def _int4_constant(node: onnx.NodeProto, pos: int, inits: dict[str, onnx.TensorProto],
+def _int4_constant(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
                    overridable: set[str], base_dir: Path | None
                    ) -> list[onnx.TensorProto] | None:
-    """``[P, S]`` of ``node`` where it is a ``com.microsoft.MatMulNBits`` reading its ``x`` as
-    input 0 with constant symmetric int4 codes (no zero points, ``N`` a multiple of 32, whole
-    blocks): ``B (N, K/bs, bs/2)`` (code ``k`` of a block in byte ``k // 2``, low nibble first,
-    offset by 8) re-laid as packed codes ``P (N/32, K, 16)`` (:mod:`edgeadapt.format.nibbles`)
-    and ``scales (N, K/bs)`` as ``S (N/32, K/bs, 32)``; None otherwise."""
-    if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or pos != 0 \
+    """``[P, S]`` of ``node`` where it is a ``com.microsoft.MatMulNBits`` with constant
+    symmetric int4 codes (no zero points, ``N`` a multiple of 32, whole blocks):
+    ``B (N, K/bs, bs/2)`` (code ``k`` of a block in byte ``k // 2``, low nibble first, offset
+    by 8) re-laid as packed codes ``P (N/32, K, 16)`` (:mod:`edgeadapt.format.nibbles`) and
+    ``scales (N, K/bs)`` as ``S (N/32, K/bs, 32)``; None otherwise."""
+    if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" \
             or len(node.input) != 3 or not all(node.input):
         return None
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

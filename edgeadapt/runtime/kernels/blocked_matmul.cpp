@@ -15,7 +15,9 @@
 // contiguous K x 32 run), so this kernel reads it in place and packs nothing:
 //
 // - one token (M == 1): per block, stream w[b] with eight accumulators (FMA latency), sum,
-//   reading 32 rows (4 KB) ahead with software prefetches;
+//   the hardware prefetcher alone reading ahead (software prefetches 32 rows ahead, tried,
+//   slowed a decode step's q/k/v node on Zen 4: docs/generate.md, "Decode speed on ONNX
+//   Runtime");
 // - more tokens: 12-row x 32-column tiles, 24 accumulators: per c, two 16-float loads of
 //   w[b, c, :] and one broadcast of x[m, c] per row (AVX-512; plain C++ elsewhere). Rows are
 //   taken in chunks of MC (the chunk of x stays in L2 while every block passes over it); the
@@ -128,8 +130,7 @@ namespace {
 constexpr int64_t BW = 32;  // columns per block (the layout's)
 constexpr int MR = 12;      // rows per tile
 constexpr int64_t MC = 96;  // rows per chunk: 96 * K floats of x (221 KB at K = 576)
-constexpr int64_t PREFETCH = 32;  // rows a one-token block is read ahead of its use
-constexpr int64_t AB = 32;        // input columns per block of int8 activations (level 4)
+constexpr int64_t AB = 32;  // input columns per block of int8 activations (level 4)
 
 // the code forms' accuracy_level (MatMulNBits' values): float activations, or int8 per block
 enum Level : int64_t { FLOAT_ACTIVATIONS = 0, INT8_ACTIVATIONS = 4 };
@@ -151,12 +152,6 @@ void gemv_block(const float* __restrict x, const float* __restrict w, float* __r
   for (int i = 0; i < 4; ++i) a[i] = b[i] = _mm512_setzero_ps();
   int64_t c = 0;
   for (; c + 4 <= K; c += 4) {
-    // rows 32 ahead (4 KB, the next page, where the hardware prefetcher stops); every other
-    // row is enough, the prefetcher takes the neighbours
-    _mm_prefetch(reinterpret_cast<const char*>(w + (c + PREFETCH) * BW), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + (c + PREFETCH) * BW + 16), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + (c + PREFETCH + 2) * BW), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + (c + PREFETCH + 2) * BW + 16), _MM_HINT_T0);
     for (int i = 0; i < 4; ++i) {
       const __m512 s = _mm512_set1_ps(x[c + i]);
       a[i] = _mm512_fmadd_ps(s, _mm512_loadu_ps(w + (c + i) * BW), a[i]);

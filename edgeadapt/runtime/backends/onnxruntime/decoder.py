@@ -151,8 +151,10 @@ class OrtDecoder:
         so = session_options(threads, {"session.intra_op.allow_spinning": "0"})
         if variant is not None:
             so.log_severity_level = 3  # overridable branch initializers make ORT warn per input
+        # every constant through edgeadapt's kernel too: a decode step is one token, where it
+        # streams a weight faster than MLAS (graphs/blocked.py, kernel_blocked_matmuls)
         self.session, self.kernel, self._values = live_session(
-            path, so, live, {n: entries[n]["name"] for n in live}, kernel)
+            path, so, live, {n: entries[n]["name"] for n in live}, kernel, every_constant=True)
         self.variant, self._branches = variant, branches
         graph_inputs = {i.name: i for i in self.session.get_inputs()}
         self.ids_name = section["inputs"].get("ids", "input_ids")

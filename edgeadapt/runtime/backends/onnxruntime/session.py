@@ -46,8 +46,8 @@ def session_options(threads: int | None, extra: dict[str, str] | None = None):
 
 
 def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool,
-                quantized: Sequence[str] = (), packed: Sequence[str] = ()
-                ) -> tuple[object, bool]:
+                quantized: Sequence[str] = (), packed: Sequence[str] = (),
+                every_constant: bool = False) -> tuple[object, bool]:
     """(a CPU session over ``model_path`` built with options ``so``, whether it uses the kernel).
 
     kernel: replace every reader of the blocked32 graph inputs ``blocked`` by edgeadapt's own
@@ -60,7 +60,10 @@ def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool,
     bound as int4 codes two per byte, read by ``edgeadapt.Q4BlockedMatMul``). An affine int4
     graph's offset terms become one ``edgeadapt.BlockOffsets`` per input
     (:func:`edgeadapt.graphs.offsets.kernel_block_offsets`). The rewritten graph is handed over
-    as bytes, its external data read from the model's folder.
+    as bytes, its external data read from the model's folder; constants re-laid for the
+    kernel are copied in while ONNX Runtime loads it. every_constant: the kernel reads every
+    float MatMul constant and symmetric int4 MatMulNBits too, not only those of a live
+    weight's ``x`` (the KV-cache decoder: ``kernel_blocked_matmuls``).
     """
     if kernel and (blocked or quantized):
         from edgeadapt.graphs.blocked import kernel_blocked_matmuls
@@ -69,12 +72,18 @@ def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool,
         from edgeadapt.runtime.backends.onnxruntime import kernel as own_kernel
 
         model = read_graph(model_path)
-        if kernel_blocked_matmuls(model, blocked, model_path.parent) + kernel_quantized_matmuls(
-                model, quantized, set(packed), model_path.parent) \
-                + kernel_block_offsets(model):
+        floats = kernel_blocked_matmuls(model, blocked, model_path.parent, every_constant)
+        if floats.replaced + len(floats.constants) + kernel_quantized_matmuls(
+                model, quantized, set(packed), model_path.parent,
+                every_constant=every_constant) + kernel_block_offsets(model):
             own_kernel.register(so)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(model_path.parent))
+            if floats.constants:  # copied in by ONNX Runtime while it loads the graph
+                ort = require_ort()
+                so.add_external_initializers(
+                    list(floats.constants),
+                    [ort.OrtValue.ortvalue_from_numpy(a) for a in floats.constants.values()])
             return open_session(model.SerializeToString(), so, model_path), True
     if packed:
         raise ConfigError(f"{model_path}: int4 codes packed two per byte need edgeadapt's "
@@ -106,7 +115,8 @@ def read_graph(model_path: Path):
 
 
 def live_session(model_path: Path, so, live: Mapping[str, LiveWeight],
-                 input_names: Mapping[str, str], kernel: bool) -> tuple[object, bool, dict]:
+                 input_names: Mapping[str, str], kernel: bool, every_constant: bool = False
+                 ) -> tuple[object, bool, dict]:
     """A CPU session of ``model_path`` whose live-weight inputs read the runtime-owned buffers
     of ``live`` (torch name -> LiveWeight; ``input_names``: torch name -> graph input name):
     (session, whether edgeadapt's kernel reads the blocked32 ones (:func:`cpu_session`),
@@ -118,7 +128,7 @@ def live_session(model_path: Path, so, live: Mapping[str, LiveWeight],
         model_path, so, [input_names[n] for n, lw in live.items()
                          if lw.layout == BLOCKED and lw.codes is None], kernel,
         [input_names[n] for n, lw in live.items() if lw.codes is not None],
-        [input_names[n] for n, lw in live.items() if lw.packed])
+        [input_names[n] for n, lw in live.items() if lw.packed], every_constant)
     graph_inputs = {i.name for i in session.get_inputs()}
     missing = sorted(input_names[n] for n in live if input_names[n] not in graph_inputs)
     missing += sorted(lw.codes.name for lw in live.values()
