@@ -381,14 +381,17 @@ SUPPLIED = "edgeadapt-supplied-at-load"
 def _drop_unread(graph: onnx.GraphProto, derived: set[str], names: set[str]) -> None:
     """Remove the nodes that compute only ``derived`` values no node reads any more (an LM
     head's Slice and Transpose of a constant, now read as blocked copies), then the
-    initializers among ``names`` that no node reads."""
+    initializers among ``names`` and those the removed nodes read (a Slice's bounds) that no
+    node reads any more."""
     outputs = {o.name for o in graph.output}
+    names = set(names)
     while True:
         read = {i for n in graph.node for i in n.input} | outputs
         dead = [n for n in graph.node if set(n.output) <= derived and not set(n.output) & read]
         if not dead:
             break
         for n in dead:
+            names.update(n.input)
             graph.node.remove(n)
     for init in [i for i in graph.initializer if i.name in names and i.name not in read]:
         graph.initializer.remove(init)
