@@ -354,7 +354,7 @@ def test_pairs_and_an_absorbed_matmulnbits_match_stock_onnxruntime(n, k, rows, l
     inits = {"B": numpy_helper.from_array(b, "B"), "S": numpy_helper.from_array(scales, "S")}
     nbits = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft",
                              K=k, N=n, bits=4, block_size=bs, accuracy_level=level)
-    p, s = (numpy_helper.to_array(t) for t in _int4_constant(nbits, inits, set(), None))
+    p, s = _int4_constant(nbits, inits, set(), None)
     assert p.shape == (n // 32, k, 16) and s.shape == (n // 32, k // bs, 32)
     np.testing.assert_array_equal(nibbles.unpack(p), to_backend(u.astype(np.int8) - 8, BLOCKED))
 

@@ -244,7 +244,7 @@ def test_kernel_nodes_take_the_activations_of_the_graphs_matmulnbits(bundle):
         before = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
         codes = set(quantized_inputs(model))
         assert kernel_quantized_matmuls(model, codes, codes if g.bits == 4 else set(), out,
-                                        accuracy_level=level)
+                                        accuracy_level=level).replaced
         levels = {helper.get_attribute_value(a) for n in model.graph.node
                   if n.domain == "edgeadapt" and n.op_type.endswith("BlockedMatMul")
                   for a in n.attribute if a.name == "accuracy_level"}

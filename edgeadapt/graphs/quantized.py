@@ -42,11 +42,13 @@ from edgeadapt.graphs.blocked import (
     KERNEL_DOMAIN,
     Q4KERNEL_OP,
     QKERNEL_OP,
+    KernelRewrite,
     ReaderGroups,
     _blocked_readers,
     _rewrite_readers,
     constant_array,
     merged_nodes,
+    supplied_initializer,
 )
 from edgeadapt.graphs.values import LiveWeight, all_value_names, consumers
 
@@ -153,7 +155,7 @@ def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str]
                              packed: set[str] | frozenset[str] = frozenset(),
                              base_dir: Path | None = None,
                              accuracy_level: int | None = None, every_constant: bool = False
-                             ) -> int:
+                             ) -> KernelRewrite:
     """Replace the readers of the named quantized inputs (``codes`` input names) and their
     dequantization by ``edgeadapt.QBlockedMatMul`` nodes, ``edgeadapt.Q4BlockedMatMul`` for
     those in ``packed`` (their input retyped to the packed uint8 codes). Readers of one ``x``
@@ -163,15 +165,16 @@ def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str]
 
     which every constant symmetric int4 ``MatMulNBits`` of that ``x`` joins (no zero points:
     its codes offset by 8, as :mod:`edgeadapt.format.nibbles` packs them; re-laid as packed
-    codes and blocked scales, new initializers, its data read from ``base_dir`` where it is
-    external and left as it is where that is None): a layer's q, k and v are one node, as
+    codes and blocked scales, supplied constants (:class:`~edgeadapt.graphs.blocked.
+    KernelRewrite`), its data read from ``base_dir`` where it is external and left as it is
+    where that is None): a layer's q, k and v are one node, as
     :func:`edgeadapt.graphs.blocked.kernel_blocked_matmuls` makes them for float weights
     (``every_constant`` as there: every such MatMulNBits of the graph becomes a node, where
     the int4 form is read at all).
     Every node gets ``accuracy_level`` (``FLOAT_ACTIVATIONS`` or ``INT8_ACTIVATIONS``; None:
     :func:`stock_accuracy_level` of the graph, read before the rewrite absorbs any), and
     absorbs only the MatMulNBits of that level (the others keep their own semantics).
-    Returns how many live readers were replaced."""
+    Returns how many live readers were replaced and the constants to supply."""
     graph = model.graph
     if accuracy_level is None:
         accuracy_level = stock_accuracy_level(model)
@@ -203,10 +206,10 @@ def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str]
             drop.update((id(tr), id(rs)))
         drop.update(id(n) for n in graph.node if n.name.startswith(f"{q.value}/dq_"))
     if not groups.nodes:
-        return 0
+        return KernelRewrite(0, {})
     replaced = groups.count()
     inits = {i.name: i for i in graph.initializer}
-    made: list[onnx.TensorProto] = []
+    made: dict[str, np.ndarray] = {}
     absorbed: set[str] = set()
     q4_xs = {x for x, op, _ in groups.nodes if op == Q4KERNEL_OP}
     if q4_xs:
@@ -214,14 +217,14 @@ def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str]
             if _accuracy_level(node) != accuracy_level or not node.input \
                     or not (every_constant or node.input[0] in q4_xs):
                 continue
-            tensors = _int4_constant(node, inits, set(inputs), base_dir)
-            if tensors is not None:
-                made += tensors
+            arrays = _int4_constant(node, inits, set(inputs), base_dir)
+            if arrays is not None:
+                names = [f"{node.input[1]}/edgeadapt.P", f"{node.input[2]}/edgeadapt.S"]
+                made.update(zip(names, arrays, strict=True))
                 absorbed.update(node.input[1:])
-                groups.add(node.input[0], Q4KERNEL_OP,
-                           (node, [t.name for t in tensors], node.output[0]),
-                           sum(len(t.raw_data) for t in tensors))
-    graph.initializer.extend(made)
+                groups.add(node.input[0], Q4KERNEL_OP, (node, names, node.output[0]),
+                           sum(a.nbytes for a in arrays))
+    graph.initializer.extend(supplied_initializer(n, a) for n, a in made.items())
     merged = merged_nodes(graph, groups.nodes, drop)
     for node in merged.values():
         node.attribute.append(helper.make_attribute("accuracy_level", accuracy_level))
@@ -232,13 +235,13 @@ def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str]
         graph.initializer.remove(init)
     if not any(o.domain == KERNEL_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
-    return replaced
+    return KernelRewrite(replaced, made)
 
 
 def _int4_constant(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
                    overridable: set[str], base_dir: Path | None
-                   ) -> list[onnx.TensorProto] | None:
-    """``[P, S]`` of ``node`` where it is a ``com.microsoft.MatMulNBits`` with constant
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(P, S)`` of ``node`` where it is a ``com.microsoft.MatMulNBits`` with constant
     symmetric int4 codes (no zero points, ``N`` a multiple of 32, whole blocks):
     ``B (N, K/bs, bs/2)`` (code ``k`` of a block in byte ``k // 2``, low nibble first, offset
     by 8) re-laid as packed codes ``P (N/32, K, 16)`` (:mod:`edgeadapt.format.nibbles`) and
@@ -259,5 +262,4 @@ def _int4_constant(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
     nib = np.stack([b & 15, b >> 4], axis=-1).reshape(n, k).astype(np.int8) - 8
     packed = nibbles.pack(to_backend(nib, BLOCKED))
     blocked = to_backend(scales.reshape(n, k // bs), BLOCKED)
-    return [numpy_helper.from_array(packed, f"{b_name}/edgeadapt.P"),
-            numpy_helper.from_array(blocked, f"{s_name}/edgeadapt.S")]
+    return np.ascontiguousarray(packed), np.ascontiguousarray(blocked)

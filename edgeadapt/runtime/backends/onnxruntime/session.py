@@ -73,17 +73,18 @@ def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool,
 
         model = read_graph(model_path)
         floats = kernel_blocked_matmuls(model, blocked, model_path.parent, every_constant)
-        if floats.replaced + len(floats.constants) + kernel_quantized_matmuls(
-                model, quantized, set(packed), model_path.parent,
-                every_constant=every_constant) + kernel_block_offsets(model):
+        codes = kernel_quantized_matmuls(model, quantized, set(packed), model_path.parent,
+                                         every_constant=every_constant)
+        constants = floats.constants | codes.constants
+        if floats.replaced + codes.replaced + len(constants) + kernel_block_offsets(model):
             own_kernel.register(so)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(model_path.parent))
-            if floats.constants:  # copied in by ONNX Runtime while it loads the graph
+            if constants:  # copied in by ONNX Runtime while it loads the graph
                 ort = require_ort()
                 so.add_external_initializers(
-                    list(floats.constants),
-                    [ort.OrtValue.ortvalue_from_numpy(a) for a in floats.constants.values()])
+                    list(constants),
+                    [ort.OrtValue.ortvalue_from_numpy(a) for a in constants.values()])
             return open_session(model.SerializeToString(), so, model_path), True
     if packed:
         raise ConfigError(f"{model_path}: int4 codes packed two per byte need edgeadapt's "
