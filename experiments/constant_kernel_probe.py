@@ -6,8 +6,9 @@ the constants left to ONNX Runtime's MatMul / MatMulNBits (MLAS, prepacked), pai
 - ``decode``: a one-token decoder step after ``--past`` positions (the runtime's decoder uses
   ``every_constant``), with onnxruntime-genai's graph run the same way where ``--genai`` names
   its model folder (:mod:`experiments.decode_graph_pair`);
-- ``forward``: the bundle's forward graph at ``--shapes`` (the forward store keeps
-  ``every_constant`` off), live both ways.
+- ``forward``: the bundle's forward graph at ``--shapes`` (the forward store's default reads
+  every int4 constant with the kernel and the float ones only beside a live weight), live
+  both ways.
 
     .venv/bin/python -m experiments.constant_kernel_probe BUNDLE [--what decode,forward]
         [--genai DIR] [--threads 2] [--past 128] [--shapes 1x1,1x64,8x64] [--rounds 100]

@@ -47,7 +47,7 @@ def session_options(threads: int | None, extra: dict[str, str] | None = None):
 
 def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool,
                 quantized: Sequence[str] = (), packed: Sequence[str] = (),
-                every_constant: bool = False) -> tuple[object, bool]:
+                every_constant: bool | None = None) -> tuple[object, bool]:
     """(a CPU session over ``model_path`` built with options ``so``, whether it uses the kernel).
 
     kernel: replace every reader of the blocked32 graph inputs ``blocked`` by edgeadapt's own
@@ -63,7 +63,10 @@ def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool,
     as bytes, its external data read from the model's folder; constants re-laid for the
     kernel are copied in while ONNX Runtime loads it. every_constant: the kernel reads every
     float MatMul constant and symmetric int4 MatMulNBits too, not only those of a live
-    weight's ``x`` (the KV-cache decoder: ``kernel_blocked_matmuls``).
+    weight's ``x`` (True: the KV-cache decoder; ``kernel_blocked_matmuls``); None, the
+    default: every int4 one but only the float ones of a live weight's ``x`` (the forward:
+    at 8 x 64 tokens MLAS's float GEMM is a little faster than the kernel, while the kernel's
+    int8 products beat ``MatMulNBits`` at every shape: docs/quantized.md); False: neither.
     """
     if kernel and (blocked or quantized):
         from edgeadapt.graphs.blocked import kernel_blocked_matmuls
@@ -72,9 +75,10 @@ def cpu_session(model_path: Path, so, blocked: list[str], kernel: bool,
         from edgeadapt.runtime.backends.onnxruntime import kernel as own_kernel
 
         model = read_graph(model_path)
-        floats = kernel_blocked_matmuls(model, blocked, model_path.parent, every_constant)
+        floats = kernel_blocked_matmuls(model, blocked, model_path.parent,
+                                        bool(every_constant))
         codes = kernel_quantized_matmuls(model, quantized, set(packed), model_path.parent,
-                                         every_constant=every_constant)
+                                         every_constant=every_constant is not False)
         constants = floats.constants | codes.constants
         if floats.replaced + codes.replaced + len(constants) + kernel_block_offsets(model):
             own_kernel.register(so)
@@ -116,8 +120,8 @@ def read_graph(model_path: Path):
 
 
 def live_session(model_path: Path, so, live: Mapping[str, LiveWeight],
-                 input_names: Mapping[str, str], kernel: bool, every_constant: bool = False
-                 ) -> tuple[object, bool, dict]:
+                 input_names: Mapping[str, str], kernel: bool,
+                 every_constant: bool | None = None) -> tuple[object, bool, dict]:
     """A CPU session of ``model_path`` whose live-weight inputs read the runtime-owned buffers
     of ``live`` (torch name -> LiveWeight; ``input_names``: torch name -> graph input name):
     (session, whether edgeadapt's kernel reads the blocked32 ones (:func:`cpu_session`),
