@@ -44,8 +44,7 @@ def every_constant(on: bool):
             m.live_session = plain
 
 
-def decode_cases(bundle: Path, genai: Path | None, past: int, threads: int, rounds: int
-                 ) -> dict:
+def decode_cases(bundle: Path, genai: Path | None, past: int, threads: int) -> dict:
     from experiments.decode_graph_pair import genai_graph, ours
 
     ids = np.random.default_rng(0).integers(100, 40000, (1, past + 1)).astype(np.int64)
@@ -70,17 +69,6 @@ def forward_cases(bundle: Path, shape: tuple[int, int], threads: int) -> dict:
     return cases
 
 
-def report(title: str, cases: dict, rounds: int) -> None:
-    from edgeadapt.timer import time_interleaved
-
-    t = {k: np.array(v) for k, v in time_interleaved(cases, repeats=rounds, warmup=3).items()}
-    first = next(iter(t))
-    for name, v in t.items():
-        r = v / t[first]
-        print(f"{title} {name:20s} p50 {np.median(v):8.3f} ms; / {first}: {np.median(r):.3f} "
-              f"(p10 {np.percentile(r, 10):.3f}, p90 {np.percentile(r, 90):.3f})")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", type=Path)
@@ -91,15 +79,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shapes", default="1x1,1x64,8x64")
     ap.add_argument("--rounds", type=int, default=100)
     args = ap.parse_args(argv)
+    from experiments.decode_graph_pair import report_paired
+
     what = args.what.split(",")
     if "decode" in what:
-        report("decode", decode_cases(args.bundle, args.genai, args.past, args.threads,
-                                      args.rounds), args.rounds)
+        report_paired(decode_cases(args.bundle, args.genai, args.past, args.threads),
+                      args.rounds, warmup=3, title="decode ")
     if "forward" in what:
         for s in args.shapes.split(","):
             b, t = (int(v) for v in s.split("x"))
             rounds = args.rounds if b * t < 100 else max(5, args.rounds // 10)
-            report(f"forward {s}", forward_cases(args.bundle, (b, t), args.threads), rounds)
+            report_paired(forward_cases(args.bundle, (b, t), args.threads), rounds, warmup=3,
+                          title=f"forward {s} ")
 
 
 if __name__ == "__main__":

@@ -80,20 +80,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repack", action="store_true")
     args = ap.parse_args(argv)
-
-    from edgeadapt.timer import time_interleaved
-
     ids = np.random.default_rng(0).integers(100, 40000, (1, args.past + 1)).astype(np.int64)
     cases = {"edgeadapt": ours(args.bundle, args.past, args.threads, ids),
              "genai graph": genai_graph(args.genai_dir, args.past, args.threads, ids),
              "genai generator": genai_generator(args.genai_dir, args.past, args.rounds, ids)}
     if args.repack:
         cases["edgeadapt repack"] = ours(args.bundle, args.past, args.threads, ids, "repack")
-    t = {k: np.array(v) for k, v in time_interleaved(cases, repeats=args.rounds,
-                                                       warmup=5).items()}
+    report_paired(cases, args.rounds, warmup=5)
+
+
+def report_paired(cases: dict, rounds: int, warmup: int, title: str = "") -> None:
+    """Time ``cases`` interleaved (:func:`edgeadapt.timer.time_interleaved`) and print each
+    one's median and the median (p10, p90) of its per-round ratio to the first case."""
+    from edgeadapt.timer import time_interleaved
+
+    t = {k: np.array(v) for k, v in time_interleaved(cases, repeats=rounds,
+                                                       warmup=warmup).items()}
+    first = next(iter(t))
     for name, v in t.items():
-        r = v / t["edgeadapt"]
-        print(f"{name:16s} p50 {np.median(v):7.3f} ms; / edgeadapt paired median "
+        r = v / t[first]
+        print(f"{title}{name:20s} p50 {np.median(v):8.3f} ms; / {first} paired median "
               f"{np.median(r):.3f} (p10 {np.percentile(r, 10):.3f}, p90 "
               f"{np.percentile(r, 90):.3f})")
 

@@ -213,7 +213,7 @@ def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str]
     absorbed: set[str] = set()
     q4_xs = {x for x, op, _ in groups.nodes if op == Q4KERNEL_OP}
     if q4_xs:
-        for node in list(graph.node):
+        for node in graph.node:
             if _accuracy_level(node) != accuracy_level or not node.input \
                     or not (every_constant or node.input[0] in q4_xs):
                 continue
