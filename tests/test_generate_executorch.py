@@ -81,6 +81,10 @@ def test_bundle_records_the_decoder_in_the_live_program(exported, rt):
     assert dec["parity"]["max_rel_error"] <= RTOL
     assert (dec["max_context"], dec["max_chunk"]) == (CONTEXT, CONTEXT - 1)
     assert dec["inputs"] == ["input_ids", "positions", "keep"]
+    # own-kernel live linears: the attention is edgeadapt's kernel too (the greedy and logits
+    # tests below run through it); standard ops otherwise
+    own = manifest.executorch["live_form"] == "own-kernel"
+    assert dec["attention"] == ("kernel" if own else "bmm")
     assert dec["cache"] == [[f"k_cache_{i}", f"v_cache_{i}"] for i in range(dec["layers"])]
     assert manifest.extra["generate"]["max_context"] == CONTEXT
     # one program, one buffer per live weight: decode reads the memory the engine writes

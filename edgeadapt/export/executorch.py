@@ -379,7 +379,8 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     :data:`DEFAULT_LIVE_FORM` (``own-kernel``), or ``weight-left`` where no C++ compiler can
     build the kernel (logged); ``section["live_form"]`` records the form used.
     ``decoder_context``: causal LMs, base program: also lower the KV-cache decoder as the
-    program's ``decode`` method, its cache ``decoder_context`` positions
+    program's ``decode`` method, its cache ``decoder_context`` positions, its attention
+    edgeadapt's kernel where ``live_form`` is ``own-kernel``, else standard ops
     (:mod:`edgeadapt.export.executorch_decoder`); ``result["decoder"]`` is its bundle.json
     entry (checked and completed by :func:`edgeadapt.export.executorch_decoder.check_decoder`).
     ``precision``: ``fp32`` | ``int8`` | ``int4`` (:mod:`edgeadapt.export.executorch_quant`:
@@ -438,7 +439,8 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     if decoder_context is not None:
         from edgeadapt.export.executorch_decoder import decode_program
 
-        decode_ep, decoder = decode_program(live_lm, decoder_context)
+        decode_ep, decoder = decode_program(  # the attention kernel lives beside live_linear
+            live_lm, decoder_context, "kernel" if live_form == "own-kernel" else "bmm")
         extra[decoder["method"]] = decode_ep
     weight_buffers = {w: PREFIX + w for w in live_weights}
     branch_buffers = {w: {p: PREFIX + w.removesuffix("weight") + p for p in params}
@@ -452,7 +454,7 @@ def export_pte(lm: LoadedModel, out_dir: Path, live_weights: list[str],
     if decoder is not None:
         from edgeadapt.export.executorch_decoder import check_in_place
 
-        check_in_place(program)
+        check_in_place(program, decoder["attention"])
     atomic_write_bytes(out_dir / live_file, [blob])
 
     repack_info = None

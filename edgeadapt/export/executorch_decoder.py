@@ -28,13 +28,22 @@ Per layer, with ``x`` the normed hidden states of the new tokens and ``n = past 
     h += softmax(q K^T / sqrt(head_dim) + causal mask) V Wo      (grouped heads: query head
     h += mlp(norm(h))                                             j * groups + g reads kv head j)
 
-Standard ops only (no custom attention op for the runtime to load): the cache write becomes
-``index_put_`` on the buffer (``ExecutorchBackendConfig(run_reinplace_pass=True)``; without it
-the export copies the whole cache per step and writes it back), the two attention GEMMs are
-XNNPACK's ``bmm`` on the (kv_heads, tokens, head_dim) views, the query's grouped heads stacked
-as rows so no key or value is repeated per head. The live projections keep the base program's
-live form (:mod:`edgeadapt.export.executorch_live_form`), since the method calls the same
-modules of the same live copy of the model. Llama-family models only (``model_type`` ``llama``).
+The cache write becomes ``index_put_`` on the buffer
+(``ExecutorchBackendConfig(run_reinplace_pass=True)``; without it the export copies the whole
+cache per step and writes it back). The attention after it has two forms (:data:`ATTENTION`):
+
+- ``"kernel"`` (where the live linears are ``own-kernel``, whose library the runtime loads
+  anyway): one ``edgeadapt::cache_attention`` call per layer
+  (:mod:`edgeadapt.export.executorch_attention`), edgeadapt's kernel reading the cache buffers
+  in place;
+- ``"bmm"`` (standard ops only, the other live forms): the two attention GEMMs are XNNPACK's
+  ``bmm`` on the (kv_heads, tokens, head_dim) views, the query's grouped heads stacked as rows
+  so no key or value is repeated per head; ExecuTorch copies the views' positions out of the
+  buffers first (``slice_copy``, outside the delegate), which the kernel form does not.
+
+The live projections keep the base program's live form
+(:mod:`edgeadapt.export.executorch_live_form`), since the method calls the same modules of the
+same live copy of the model. Llama-family models only (``model_type`` ``llama``).
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ from edgeadapt.models import LoadedModel, LogitsModule, example_inputs
 from edgeadapt.runtime.generate import PREFILL_CHUNK
 
 DECODE_METHOD = "decode"
+#: the attention's forms (module docstring)
+ATTENTION = ("kernel", "bmm")
 #: the model types whose layers :class:`StaticCacheDecoder` knows
 SUPPORTED = ("llama",)
 #: the smallest --max-context the decoder method is lowered for (its example trace needs room)
@@ -78,8 +89,15 @@ class StaticCacheDecoder(nn.Module):
     as ``self.model`` so that their names are the base program's (``model.model.layers...``).
     """
 
-    def __init__(self, model: nn.Module, max_context: int) -> None:
+    def __init__(self, model: nn.Module, max_context: int, attention: str = "bmm") -> None:
         super().__init__()
+        if attention not in ATTENTION:
+            raise ConfigError(f"decoder attention {attention!r}: choose one of "
+                              f"{', '.join(ATTENTION)}")
+        if attention == "kernel":
+            from edgeadapt.export.executorch_attention import define_cache_attention_op
+
+            define_cache_attention_op()
         config = model.config
         if getattr(config, "model_type", None) not in SUPPORTED:
             raise ConfigError(f"--generate: model type {getattr(config, 'model_type', None)!r} "
@@ -92,6 +110,7 @@ class StaticCacheDecoder(nn.Module):
         self.head_dim = int(attn.head_dim)
         self.scaling = float(attn.scaling)
         self.max_context = int(max_context)
+        self.attention = attention
         shape = (1, self.kv_heads, self.max_context, self.head_dim)
         for pair in cache_buffers(self.layers):
             for name in pair:
@@ -107,7 +126,8 @@ class StaticCacheDecoder(nn.Module):
         new = positions[total - seq:]
         h = base.embed_tokens(input_ids)
         cos, sin = base.rotary_emb(h, new.unsqueeze(0))
-        mask = torch.where(positions[None, :] > new[:, None], torch.finfo(h.dtype).min, 0.0)
+        mask = torch.where(positions[None, :] > new[:, None], torch.finfo(h.dtype).min, 0.0) \
+            if self.attention == "bmm" else None
         for (k_name, v_name), layer in zip(cache_buffers(self.layers), base.layers, strict=True):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -118,6 +138,12 @@ class StaticCacheDecoder(nn.Module):
             k_cache, v_cache = self.get_buffer(k_name), self.get_buffer(v_name)
             k_cache.index_copy_(2, new, k)
             v_cache.index_copy_(2, new, v)
+            if self.attention == "kernel":
+                out = torch.ops.edgeadapt.cache_attention(q.contiguous(), k_cache, v_cache,
+                                                          positions, self.scaling)
+                h = h + attn.o_proj(out)
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                continue
             keys = k_cache[:, :, :total].flatten(0, 1)        # (kv, total, dim)
             values = v_cache[:, :, :total].flatten(0, 1)
             rows = q.contiguous().view(kv, groups * seq, dim)  # head j*groups+g reads kv head j
@@ -132,16 +158,18 @@ class StaticCacheDecoder(nn.Module):
         return self.model.lm_head(base.norm(h.narrow(1, seq - kept, kept)))
 
 
-def decode_program(live_lm: LoadedModel, max_context: int) -> tuple[Any, dict]:
+def decode_program(live_lm: LoadedModel, max_context: int,
+                   attention: str = "bmm") -> tuple[Any, dict]:
     """``torch.export`` of :class:`StaticCacheDecoder` over ``live_lm`` (the live copy of the
-    base program) with dynamic ``seq`` and ``positions``; returns (the exported program, the
-    bundle.json entry of the method without its ``parity``). ConfigError for a model it does
-    not know or a context below :data:`MIN_CONTEXT`."""
+    base program) with dynamic ``seq`` and ``positions``, its attention in form ``attention``
+    (:data:`ATTENTION`); returns (the exported program, the bundle.json entry of the method
+    without its ``parity``). ConfigError for a model it does not know or a context below
+    :data:`MIN_CONTEXT`."""
     if isinstance(max_context, bool) or not isinstance(max_context, int) \
             or max_context < MIN_CONTEXT:
         raise ConfigError(f"--max-context {max_context!r}: the ExecuTorch decoder needs at least "
                           f"{MIN_CONTEXT} positions")
-    wrapper = StaticCacheDecoder(live_lm.model, max_context).eval()
+    wrapper = StaticCacheDecoder(live_lm.model, max_context, attention).eval()
     chunk = max_chunk(max_context)
     seq = torch.export.Dim("seq", min=1, max=chunk)
     total = torch.export.Dim("positions", min=1, max=max_context - 1)
@@ -158,19 +186,29 @@ def decode_program(live_lm: LoadedModel, max_context: int) -> tuple[Any, dict]:
     entry = {"method": DECODE_METHOD, "inputs": ["input_ids", "positions", "keep"],
              "cache": cache_buffers(wrapper.layers), "layers": wrapper.layers,
              "kv_heads": wrapper.kv_heads, "head_dim": wrapper.head_dim,
-             "max_context": max_context, "max_chunk": chunk, "parity": None}
+             "max_context": max_context, "max_chunk": chunk, "attention": attention,
+             "parity": None}
     return program, entry
 
 
-def check_in_place(program: Any) -> None:
+def check_in_place(program: Any, attention: str) -> None:
     """ExportError unless the lowered ``decode`` method writes its cache in place: no functional
-    ``index_put`` (a copy of the whole cache per step) and no write-back ``copy_`` left."""
+    ``index_put`` (a copy of the whole cache per step) and no write-back ``copy_`` left; and,
+    in the ``kernel`` attention form, reads it in place: no ``slice_copy`` of a cache write's
+    result (the held positions copied out, as the ``bmm`` form's are)."""
     graph = program.exported_program(DECODE_METHOD).graph
-    copies = sorted({str(n.target) for n in graph.nodes if n.op == "call_function"
-                     and any(op in str(n.target) for op in ("index_put.", "aten.copy_"))})
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    copies = sorted({str(n.target) for n in calls
+                     if any(op in str(n.target) for op in ("index_put.", "aten.copy_"))})
     if copies:
         raise ExportError(f"the ExecuTorch decoder copies its cache every step ({copies}): the "
                           "in-place rewrite (run_reinplace_pass) did not apply")
+    held = [n.name for n in calls if attention == "kernel" and "slice_copy" in str(n.target)
+            and "index_put_" in str(getattr(n.args[0], "target", ""))]
+    if held:
+        raise ExportError(f"the ExecuTorch decoder copies its cache's held positions every step "
+                          f"({', '.join(held)}) where its attention kernel should read them in "
+                          "place")
 
 
 def check_decoder(lm: LoadedModel, out_dir: Any, result: dict, entry: dict) -> dict:

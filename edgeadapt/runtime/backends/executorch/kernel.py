@@ -1,7 +1,9 @@
 """Build and load edgeadapt's own ExecuTorch kernels, ``edgeadapt::live_linear.out``,
 ``edgeadapt::live_qlinear.out`` and ``edgeadapt::live_q4linear.out``
 (``edgeadapt/runtime/kernels/live_linear.cpp``: ``out = x @ w^T`` reading a live weight, or its
-int8 codes, or its int4 codes packed two per byte, and scales, in place; why there).
+int8 codes, or its int4 codes packed two per byte, and scales, in place; why there), and the
+decoder's ``edgeadapt::cache_attention.out`` (``cache_attention.cpp``: causal attention reading
+the KV cache buffers in place; :mod:`edgeadapt.export.executorch_attention`).
 
 The executorch wheel ships its runtime as shared libraries (``executorch/lib/libexecutorch.so``,
 ``libexecutorch_threadpool.so``) with their headers (``executorch/include``), so a kernel
@@ -23,6 +25,7 @@ from edgeadapt.errors import MissingPackageError
 from edgeadapt.runtime import native
 
 SOURCE = native.KERNELS / "live_linear.cpp"
+ATTENTION_SOURCE = native.KERNELS / "cache_attention.cpp"
 #: the operator the library registers (ExecuTorch name)
 OPERATOR = "edgeadapt::live_linear.out"
 NEEDED_FOR = "the own-kernel ExecuTorch live form"
@@ -71,15 +74,25 @@ def library_path(cflags: tuple[str, ...] = ()) -> Path:
                                     needed_for=NEEDED_FOR, hint=HINT)
 
 
+def attention_library_path(cflags: tuple[str, ...] = ()) -> Path:
+    """Where the attention kernel's library lives (built now if missing), as
+    :func:`library_path`."""
+    return build_against_executorch(ATTENTION_SOURCE, "libcache_attention.so", cflags,
+                                    needed_for=NEEDED_FOR, hint=HINT)
+
+
 _LIBRARY = native.Library(library_path, ctypes.RTLD_GLOBAL)
+_ATTENTION = native.Library(attention_library_path, ctypes.RTLD_GLOBAL)
 
 
 def load_kernel() -> Path:
-    """Build (if needed) and load the kernel library into this process, once; its path."""
+    """Build (if needed) and load the kernel libraries into this process, once; the live
+    linears' library's path."""
+    _ATTENTION.load()
     return _LIBRARY.load()
 
 
 def unavailable() -> str | None:
-    """Why the kernel cannot be loaded in this process (no compiler and nothing built, a
-    failed build), or None once it is loaded (built first if needed)."""
-    return _LIBRARY.unavailable()
+    """Why the kernels cannot be loaded in this process (no compiler and nothing built, a
+    failed build), or None once they are loaded (built first if needed)."""
+    return _ATTENTION.unavailable() or _LIBRARY.unavailable()
