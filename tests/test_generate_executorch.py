@@ -288,6 +288,33 @@ def test_bad_inputs_change_nothing(exported, rt):
     assert chat.send([40], max_new_tokens=5).ids == again.send([40], max_new_tokens=5).ids
 
 
+def test_weight_left_bundle_decodes_with_standard_op_attention(exported, tmp_path):
+    """A bundle whose live linears are not edgeadapt's kernel (``weight-left``, what the export
+    falls back to without a compiler) keeps the standard-ops attention (``bmm`` over the held
+    positions): under s1 its greedy reply equals transformers', and a prefill then single
+    steps give the full forward's logits at every position."""
+    lm, _ = exported
+    bundle = export_generate(lm, tmp_path / "wl", CONTEXT, backends="executorch",
+                             pte_repack=False, pte_live_form="weight-left")
+    manifest = read_manifest(bundle)
+    assert manifest.executorch["live_form"] == "weight-left"
+    assert manifest.executorch["decoder"]["attention"] == "bmm"
+    runtime = load(bundle, backend="executorch", mode="live", threads=1)
+    runtime.switch("s1")
+    assert runtime.generate(PROMPT, max_new_tokens=32).ids == hf_greedy(lm, bundle, "s1",
+                                                                        PROMPT, 32)
+    ids = np.random.default_rng(6).integers(5, lm.vocab_size, size=12).astype(np.int64)
+    with torch.no_grad():
+        want = forward(reference_model(lm, [bundle_adapter(bundle, "s1")]),
+                       {"input_ids": torch.from_numpy(ids[None])}).numpy()[0]
+    decoder = _decoder(runtime)
+    logits, cache = decoder.step(ids[None, :5], decoder.empty_cache(1))
+    assert parity(logits[0], want[:5]) <= RTOL
+    for i in range(5, ids.size):
+        logits, cache = decoder.step(ids[None, i:i + 1], cache)
+        assert parity(logits[0, 0], want[i]) <= RTOL, i
+
+
 def test_export_refuses_a_context_too_small_for_the_decoder(tmp_path):
     with pytest.raises(ConfigError, match="from 8"):
         export_base("tiny-smollm2", tmp_path / "a", backends="executorch", generate=True,
