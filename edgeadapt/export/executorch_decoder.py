@@ -138,20 +138,19 @@ class StaticCacheDecoder(nn.Module):
             k_cache, v_cache = self.get_buffer(k_name), self.get_buffer(v_name)
             k_cache.index_copy_(2, new, k)
             v_cache.index_copy_(2, new, v)
-            if self.attention == "kernel":
+            if self.attention == "kernel":  # (1, seq, heads * dim)
                 out = torch.ops.edgeadapt.cache_attention(q.contiguous(), k_cache, v_cache,
                                                           positions, self.scaling)
-                h = h + attn.o_proj(out)
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
-                continue
-            keys = k_cache[:, :, :total].flatten(0, 1)        # (kv, total, dim)
-            values = v_cache[:, :, :total].flatten(0, 1)
-            rows = q.contiguous().view(kv, groups * seq, dim)  # head j*groups+g reads kv head j
-            scores = torch.bmm(rows, keys.transpose(1, 2)) * self.scaling
-            weights = torch.softmax(scores.view(kv, groups, seq, -1) + mask, dim=-1)
-            out = torch.bmm(weights.flatten(1, 2), values)     # (kv, groups * seq, dim)
-            out = out.unflatten(1, (groups, seq)).flatten(0, 1).transpose(0, 1)
-            h = h + attn.o_proj(out.reshape(1, seq, -1))
+            else:
+                keys = k_cache[:, :, :total].flatten(0, 1)        # (kv, total, dim)
+                values = v_cache[:, :, :total].flatten(0, 1)
+                rows = q.contiguous().view(kv, groups * seq, dim)  # head j*groups+g: kv head j
+                scores = torch.bmm(rows, keys.transpose(1, 2)) * self.scaling
+                weights = torch.softmax(scores.view(kv, groups, seq, -1) + mask, dim=-1)
+                out = torch.bmm(weights.flatten(1, 2), values)     # (kv, groups * seq, dim)
+                out = out.unflatten(1, (groups, seq)).flatten(0, 1).transpose(0, 1).reshape(
+                    1, seq, -1)
+            h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         kept = keep.shape[0]
         torch._check(kept <= seq)
@@ -203,7 +202,9 @@ def check_in_place(program: Any, attention: str) -> None:
     if copies:
         raise ExportError(f"the ExecuTorch decoder copies its cache every step ({copies}): the "
                           "in-place rewrite (run_reinplace_pass) did not apply")
-    held = [n.name for n in calls if attention == "kernel" and "slice_copy" in str(n.target)
+    if attention != "kernel":
+        return
+    held = [n.name for n in calls if "slice_copy" in str(n.target)
             and "index_put_" in str(getattr(n.args[0], "target", ""))]
     if held:
         raise ExportError(f"the ExecuTorch decoder copies its cache's held positions every step "

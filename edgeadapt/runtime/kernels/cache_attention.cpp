@@ -185,10 +185,22 @@ void values(const float* e, const float* V, int64_t D, int64_t n, float* a, int 
   values_generic(e, V, D, n, a, rows);
 }
 
-// One task: kv head j, positions [p0, p1); for each of its R rows the block's m, l and a
-// (D floats) into part (R * (D + 2) floats: a's, then m's, then l's). Rows go in groups of
-// group_rows(D) (the value pass's); a block of many rows (a prefill chunk) has its keys
-// transposed once for scores_t, a block of few (a decode step) takes dot products.
+// A task's results in its R * (D + 2) floats: each row's a (D floats), then the R m's, then
+// the R l's
+struct Part {
+  float* a;
+  float* m;
+  float* l;
+};
+
+inline Part part_at(float* base, int64_t R, int64_t D) {
+  return {base, base + R * D, base + R * D + R};
+}
+
+// One task: kv head j, positions [p0, p1); for each of its R rows the block's m, l and a into
+// its Part. Rows go in groups of group_rows(D) (the value pass's); a block of many rows (a
+// prefill chunk) has its keys transposed once for scores_t, a block of few (a decode step)
+// takes dot products.
 void block(const float* __restrict Q, const float* __restrict K, const float* __restrict V,
            float* __restrict part, int64_t R, int64_t S, int64_t T, int64_t D, int64_t p0,
            int64_t p1, float scale) {
@@ -205,8 +217,7 @@ void block(const float* __restrict Q, const float* __restrict K, const float* __
       for (int64_t d = 0; d < D; ++d) kt[d * PB + p] = K[(p0 + p) * D + d];
     for (int64_t d = 0; d < D; ++d) std::fill(kt + d * PB + nb, kt + d * PB + padded, 0.f);
   }
-  float* ms = part + R * D;
-  float* ls = ms + R;
+  const Part out = part_at(part, R, D);
   for (int64_t r0 = 0; r0 < R; r0 += RB) {
     const int rows = static_cast<int>(std::min<int64_t>(RB, R - r0));
     int64_t most = 0;
@@ -216,8 +227,8 @@ void block(const float* __restrict Q, const float* __restrict K, const float* __
       seen[i] = std::max<int64_t>(n, 0);
       most = std::max(most, seen[i]);
       if (n <= 0) {
-        ms[r] = -std::numeric_limits<float>::infinity();
-        ls[r] = 0.f;
+        out.m[r] = -std::numeric_limits<float>::infinity();
+        out.l[r] = 0.f;
         continue;
       }
       const float* q = Q + r * D;
@@ -228,12 +239,12 @@ void block(const float* __restrict Q, const float* __restrict K, const float* __
       }
       float m = -std::numeric_limits<float>::infinity();
       for (int64_t p = 0; p < n; ++p) m = std::max(m, s[p]);
-      ls[r] = exp_sum(s, e + i * PB, n, m);
-      ms[r] = m;
+      out.l[r] = exp_sum(s, e + i * PB, n, m);
+      out.m[r] = m;
     }
     for (int i = 0; i < RB; ++i)  // rows past their positions, and past the group, weigh 0
       std::fill(e + i * PB + (i < rows ? seen[i] : 0), e + i * PB + most, 0.f);
-    values(e, V + p0 * D, D, most, part + r0 * D, rows);
+    values(e, V + p0 * D, D, most, out.a + r0 * D, rows);
   }
 }
 
@@ -273,21 +284,20 @@ Tensor& cache_attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Te
   });
   for (int64_t j = 0; j < KV; ++j)
     for (int64_t r = 0; r < R; ++r) {
-      const float* first = parts + j * blocks * width;
+      auto part = [&](int64_t b) { return part_at(parts + (j * blocks + b) * width, R, D); };
       float M = -std::numeric_limits<float>::infinity();
       for (int64_t b = 0; b < blocks; ++b)
-        if (first[b * width + R * (D + 1) + r] > 0.f) M = std::max(M, first[b * width + R * D + r]);
+        if (part(b).l[r] > 0.f) M = std::max(M, part(b).m[r]);
       const int64_t g = r / S, i = r % S;
       float* y = Y + i * H * D + (j * G + g) * D;
       std::fill(y, y + D, 0.f);
       float den = 0;
       for (int64_t b = 0; b < blocks; ++b) {
-        const float* part = first + b * width;
-        const float l = part[R * (D + 1) + r];
-        if (!(l > 0.f)) continue;
-        const float c = std::exp(part[R * D + r] - M);
-        den += c * l;
-        const float* a = part + r * D;
+        const Part p = part(b);
+        if (!(p.l[r] > 0.f)) continue;
+        const float c = std::exp(p.m[r] - M);
+        den += c * p.l[r];
+        const float* a = p.a + r * D;
         for (int64_t d = 0; d < D; ++d) y[d] += c * a[d];
       }
       const float inv = 1.f / den;
