@@ -5,6 +5,8 @@
         [--backend onnxruntime|executorch] [--in-bench-rounds 2]
     .venv/bin/python -m experiments.switch_kernel_probe --ab-span BUNDLE \
         [--backend onnxruntime|executorch] [--rounds 60] [--with-lora]
+    .venv/bin/python -m experiments.switch_kernel_probe --ab-threads BUNDLE \
+        [--backend onnxruntime|executorch] [--rounds 60]
 
 60 float32 buffers shaped like SmolLM2's q/v live weights (30 x (576, 576) and (576, 192), 53 MB),
 two random 1% SHiRA adapters, the union of their positions per buffer (a full switch writes it).
@@ -35,6 +37,9 @@ and times the bandwidth. Prints both medians, the median of the per-round ratios
 paired floor ratio of each. ``--with-lora``: as the benchmark's switch rounds instead: three
 live runtimes (one scatter, one per buffer, and one fusing two synthetic rank-16 LoRAs) and the
 copy, rotated by ``time_interleaved``; prints the medians and the median per-round ratio.
+
+``--ab-threads BUNDLE``: as ``--ab-span``, the engine's one scatter on one thread against two
+(``SwitchEngine.write_threads``), alternating, each after the copy.
 """
 
 from __future__ import annotations
@@ -226,6 +231,39 @@ def ab_span(bundle: str, backend: str, rounds: int) -> None:
     print(_ratio_line("span / per buffer", times["span"], times["per buffer"], rounds))
 
 
+def ab_threads(bundle: str, backend: str, rounds: int) -> None:
+    from edgeadapt.bench.synth import synth_shira
+
+    rt = _live(bundle, backend)
+    eng = rt.engine
+    shapes, sha = _shapes_sha(rt.manifest)
+    ads = [synth_shira(shapes, sha, seed=s) for s in (1, 2)]
+    a, b = (eng.prepare(ad, f"s{i}") for i, ad in enumerate(ads))
+    for x in (a, b, a):  # a <-> b is now a cached pair
+        eng.switch([(x, 1.0)])
+    probe = fl.CopyProbe()
+    state = [0]
+
+    def switch(threads: int):
+        def call() -> None:
+            eng.write_threads = threads
+            state[0] ^= 1
+            eng.switch([(b if state[0] else a, 1.0)])
+        return call
+
+    cases = {"1 thread": switch(1), "2 threads": switch(2)}
+    samples = time_interleaved(cases, repeats=rounds, warmup=0, flush=probe)
+    traffic = fl.switch_traffic(
+        *({n: d.indices for n, d in ad.targets.items()} for ad in ads), shapes,
+        layouts={n: lw.layout for n, lw in eng.live.items()})
+    for case in cases:
+        ts = samples[case]
+        ratio = fl.floor_ratios(ts, probe.bandwidth(samples[flush_key(case)]), traffic)
+        print(f"{case}: switch median {np.median(ts):.3f} ms, switch / floor (paired) "
+              f"{ratio['measured_over_floor']:.3f}")
+    print(_ratio_line("2 threads / 1 thread", samples["2 threads"], samples["1 thread"], rounds))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=60)
@@ -234,16 +272,21 @@ def main() -> None:
                     help="time the switch inside run_bench on BUNDLE instead")
     ap.add_argument("--backend", default="onnxruntime",
                     choices=["onnxruntime", "executorch"],
-                    help="with --in-bench / --ab-span (on the CPU)")
+                    help="with --in-bench / --ab-span / --ab-threads (on the CPU)")
     ap.add_argument("--in-bench-rounds", type=int, default=1, help="with --in-bench")
     ap.add_argument("--ab-span", metavar="BUNDLE", default=None,
                     help="A/B the engine's one scatter over the span against one per buffer")
+    ap.add_argument("--ab-threads", metavar="BUNDLE", default=None,
+                    help="A/B the engine's scatter on one thread against two")
     ap.add_argument("--with-lora", action="store_true",
                     help="with --ab-span: rounds as the benchmark's (LoRA fuses, copies)")
     args = ap.parse_args()
     if args.ab_span:
         (ab_span_with_lora if args.with_lora else ab_span)(args.ab_span, args.backend,
                                                            args.rounds)
+        return
+    if args.ab_threads:
+        ab_threads(args.ab_threads, args.backend, args.rounds)
         return
     if args.in_bench:
         in_bench(args.in_bench, args.backend, args.in_bench_rounds)

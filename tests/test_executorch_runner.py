@@ -7,6 +7,7 @@ kernel, forward and decode, switches): tests/test_generate_executorch.py."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -115,6 +116,11 @@ def test_a_held_program_pauses_its_runs_until_every_hold_is_released(blob):
     assert not t.is_alive()
     np.testing.assert_array_equal(out[0], want)
     np.testing.assert_array_equal(method.execute([x])[0], want)  # reset: runs again
+    # hold and release are called with the GIL kept (ctypes.PyDLL), as a switch's write
+    # section calls them: taking the GIL back from a decoding thread cost switches a slice
+    from edgeadapt.runtime.backends.executorch import native_runner
+
+    assert native_runner._HOLD[0]._flags_ & ctypes._FUNCFLAG_PYTHONAPI
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")

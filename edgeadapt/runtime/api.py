@@ -67,7 +67,8 @@ class Runtime:
         #: how live mode reads the live weights (the auto policy's key: runtime/policy.json)
         self.live_form = backend.live_form(manifest, store.kernel)
         self.lock = ReadWriteLock()
-        self.engine = SwitchEngine(store, verify_base=verify_base, lock=self.lock)
+        self.engine = SwitchEngine(store, verify_base=verify_base, lock=self.lock,
+                                   write_threads=threads)
         self._adapters = BundleAdapters(bundle_dir, manifest, self.engine, backend.section)
         self._variants: dict[str, VariantRoute] = {}  # key -> route, created by switches
         self._route: VariantRoute | None = None

@@ -33,7 +33,8 @@ a pair: the union positions ``U`` and the values of both states at ``U`` (``W_X[
 scatter in all where the live arrays lie back to back in one block of memory (ONNX Runtime's
 arena, ExecuTorch's planned buffers: :func:`edgeadapt.runtime.pages.one_span`; positions
 offset into it, +8 bytes per union position); scatters run in native code that prefetches
-the lines ahead (:mod:`edgeadapt.runtime.scatter`, numpy without a compiler). The values are
+the lines ahead, on the runtime's threads (``write_threads``: the runs are held off meanwhile;
+:mod:`edgeadapt.runtime.scatter`, numpy without a compiler). The values are
 fixed because the base is: ``W_Y[U] = W0[U] + sum_k s_k * v_k`` (on Y's positions), ``W0[U]``
 elsewhere. Memory per cached pair: 16 bytes per union position (int64 position + two fp32
 values; 8 where the union is an adapter's own position array); the last ``plan_cache`` pairs
@@ -50,6 +51,7 @@ no run ever sees half-applied weights; a runtime hands the engine its own lock
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -140,11 +142,14 @@ class SwitchEngine:
 
     ``switch([(prepared, scale), ...])`` makes exactly those adapters active (empty: base);
     ``run(inputs)`` forwards through the store with the readers lock held. ``lock``: the
-    readers-writer lock to take (a runtime's own; default a new one).
+    readers-writer lock to take (a runtime's own; default a new one). ``write_threads``: the
+    threads a cached switch's native scatter writes with (None: the CPUs this process may run
+    on); the write holds the runs off, so the cores they use are the write's meanwhile.
     """
 
     def __init__(self, store: WeightStore, verify_base: bool = False,
-                 plan_cache: int | None = None, lock: ReadWriteLock | None = None) -> None:
+                 plan_cache: int | None = None, lock: ReadWriteLock | None = None,
+                 write_threads: int | None = None) -> None:
         self.store = store
         self.live = store.live_weights()
         # all live arrays in one block of memory (ONNX Runtime's arena, ExecuTorch's planned
@@ -163,6 +168,7 @@ class SwitchEngine:
         #: whether switches write through edgeadapt's native scatter (built now, not at the
         #: first switch) or numpy's fancy assignment (no C++ compiler; or set False)
         self.native_scatter = native_scatter()
+        self.write_threads = max(1, write_threads or _cpus())
         if verify_base:
             self.verify_base()
 
@@ -424,7 +430,7 @@ class SwitchEngine:
             self._span_scatter(sw.scatter[0], sw.scatter[1])
             return {}
         if sw.batch is not None:
-            sw.batch[0](self.native_scatter)
+            sw.batch[0](self.native_scatter, self.write_threads)
             return {}
         undo: dict[str, np.ndarray] = {}
         for name, plan in sw.plans.items():
@@ -441,7 +447,7 @@ class SwitchEngine:
             self._span_scatter(sw.scatter[0], sw.scatter[2])
             return
         if sw.batch is not None:
-            sw.batch[1](self.native_scatter)
+            sw.batch[1](self.native_scatter, self.write_threads)
             return
         for name, plan in sw.plans.items():
             if plan.full is None:
@@ -452,10 +458,17 @@ class SwitchEngine:
     def _span_scatter(self, pos: np.ndarray, vals: np.ndarray) -> None:
         """``span[pos] = vals`` over the live weights' one span (:func:`_code_span`)."""
         span, _, packed = self._span
-        (scatter_nibbles if packed else scatter)(span, pos, vals, self.native_scatter)
+        (scatter_nibbles if packed else scatter)(span, pos, vals, self.native_scatter,
+                                                 self.write_threads)
 
 
 _EMPTY_IDX = np.zeros(0, dtype=np.int64)
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (all of them where the OS does not say)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
 def _code_span(live: dict[str, LiveWeight]) -> tuple[np.ndarray, dict[str, int], bool] | None:

@@ -1,6 +1,7 @@
 """edgeadapt's ExecuTorch runner (``edgeadapt/runtime/kernels/et_runner.cpp``) from Python:
 programs loaded and their methods run by native code called through ctypes, which releases the
-GIL for the whole call (numpy only, no torch).
+GIL for the whole call (numpy only, no torch), except the microsecond hold and release of a
+switch (``_HOLD``).
 
 ExecuTorch's Python runtime holds the GIL for a whole ``Method.execute``, so any Python thread
 (a switch scattering adapter values, another conversation's sampler) waits for the run. The
@@ -53,6 +54,11 @@ def _library_path() -> Path:
 
 _LIBRARY = native.Library(_library_path)
 _LIB: list[ctypes.CDLL] = []  # the library with its signatures declared, once loaded
+#: et_runner_hold called with the GIL kept (ctypes.PyDLL), once loaded: a hold or release takes
+#: microseconds, and a call that released the GIL would have to take it back from whichever
+#: Python thread got it meanwhile (a decoding conversation), which can cost the switch a time
+#: slice while the voided run still has the cores
+_HOLD: list[Callable[..., int]] = []
 
 
 def unavailable() -> str | None:
@@ -81,6 +87,9 @@ def unavailable() -> str | None:
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
+    hold = ctypes.PyDLL(lib._name, handle=lib._handle).et_runner_hold
+    hold.restype, hold.argtypes = signatures["et_runner_hold"]
+    _HOLD[:] = [hold]
     _LIB[:] = [lib]
     return None
 
@@ -200,15 +209,16 @@ class RunnerProgram:
         is called (once): a switch voiding a run in flight holds it for the write, so the run
         stops sharing the cores with it (it cannot be abandoned part way; its caller discards
         and redoes it). Holds nest; runs go on when every hold is released."""
-        lib = _lib()
-        if lib.et_runner_hold(self._handle, 1) < 0:
+        _lib()
+        hold = _HOLD[0]
+        if hold(self._handle, 1) < 0:
             raise _error(self.what)
         released = []
 
         def release() -> None:
             if not released:
                 released.append(True)
-                if lib.et_runner_hold(self._handle, 0) < 0:
+                if hold(self._handle, 0) < 0:
                     raise _error(self.what)
         return release
 
