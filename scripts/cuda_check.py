@@ -8,15 +8,17 @@
 ``prepare`` exports tiny SmolLM2 and MiniLM bundles (q/v live, blocked32), writes three
 synthetic adapters into each (two SHiRA, one rank-2 LoRA) and stores the PyTorch model's logits
 with the adapters of every step of :data:`STEPS` (the independent reference, computed here, so
-the GPU machine needs neither this torch nor the model packages). ``check`` loads each bundle with
-``device="cuda"`` twice (device buffers as torch CUDA tensors bound by pointer, then as CUDA
-OrtValues) and checks: parity with the reference after every step, device buffers bit-identical
-to the originals after random switch sequences end at None, bad switches (unknown name, corrupt
-file) refused with the device buffers untouched, and readers that run while another thread
-switches seeing only whole states. It prints one line per check, writes them to ``--json`` and
-exits non-zero if any failed. ``--standin`` runs the same checks on the CUDA store's code with
-the CPU execution provider (``tests/cuda_standin.py``, imported as ``tests.cuda_standin`` with
-the repository root on ``PYTHONPATH``, as above): a dry run of this
+the GPU machine needs neither this torch nor the model packages); and tiny SmolLM2 with its
+KV-cache decoder (``--generate``) and transformers' greedy replies under the adapters
+(:func:`check_generate` checks the decoder on the device against them). ``check`` loads each
+bundle with ``device="cuda"`` twice (device buffers as torch CUDA tensors bound by pointer, then
+as CUDA OrtValues) and checks: parity with the reference after every step, device buffers
+bit-identical to the originals after random switch sequences end at None, bad switches (unknown
+name, corrupt file) refused with the device buffers untouched, and readers that run while
+another thread switches seeing only whole states. It prints one line per check, writes them to
+``--json`` and exits non-zero if any failed. ``--standin`` runs the same checks on the CUDA
+store's code with the CPU execution provider (``tests/cuda_standin.py``, imported as
+``tests.cuda_standin`` with the repository root on ``PYTHONPATH``, as above): a dry run of this
 script where there is no GPU, not a CUDA result.
 """
 
@@ -33,6 +35,10 @@ from pathlib import Path
 import numpy as np
 
 MODELS = ("tiny-smollm2", "tiny-minilm")
+#: the KV-cache decoder's bundle (tiny SmolLM2 exported with --generate) and its prompt
+GENERATE = "tiny-smollm2-generate"
+PROMPT = [17, 301, 44, 9, 250, 77, 130]
+NEW_TOKENS = 24
 STEPS: list[list[tuple[str, float]]] = [
     [("s1", 1.0)], [("s1", 1.0), ("l1", 0.5)], [("s2", 1.0), ("s1", -0.5)], [("l1", 1.0)], []]
 #: relative tolerance on the GPU (cuBLAS may use TF32 and another reduction order)
@@ -43,10 +49,8 @@ def prepare(out: Path) -> None:
     import torch
 
     from edgeadapt.adapters.reference import reference_logits
-    from edgeadapt.bench.synth import synth_lora, synth_shira
     from edgeadapt.export.bundle import export_base
-    from edgeadapt.format import AdapterEntry, read_adapter, read_manifest, write_adapter
-    from edgeadapt.format.manifest import write_manifest
+    from edgeadapt.format import read_adapter, read_manifest
     from edgeadapt.models import example_inputs, load_model
 
     torch.set_num_threads(1)
@@ -54,16 +58,8 @@ def prepare(out: Path) -> None:
         lm = load_model(name, num_labels=2, seed=0)
         bundle = out / name
         export_base(lm, bundle, backends="onnxruntime", targets="qv", check=False)
+        _synth_adapters(bundle)
         m = read_manifest(bundle)
-        shapes = {n: tuple(w.shape) for n, w in m.weights.items()}
-        sha = {n: w.sha256 for n, w in m.weights.items()}
-        (bundle / "adapters").mkdir(exist_ok=True)
-        for key, ad in {"s1": synth_shira(shapes, sha, density=0.05, seed=1),
-                        "s2": synth_shira(shapes, sha, density=0.2, seed=2),
-                        "l1": synth_lora(shapes, sha, rank=2, seed=3)}.items():
-            write_adapter(bundle / "adapters" / f"{key}.eadp", ad, value_dtype="float32")
-            m.adapters[key] = AdapterEntry(file=f"adapters/{key}.eadp", method=ad.method)
-        write_manifest(bundle, m)
         inputs = example_inputs(lm, batch=2, seq=7, seed=3)
         expected = {}
         feeds = {k: v.numpy() for k, v in inputs.items()}
@@ -74,6 +70,52 @@ def prepare(out: Path) -> None:
         np.savez(bundle / "expected.npz", **expected,
                  **{f"input_{k}": v for k, v in feeds.items()})
         print(f"{bundle}: {len(m.weights)} live weights, {len(STEPS)} reference steps")
+    prepare_generate(out / GENERATE)
+
+
+def _synth_adapters(bundle: Path) -> dict[str, object]:
+    """s1 / s2 (SHiRA, 5% / 20%) and l1 (rank-2 LoRA) for ``bundle``, written into it and
+    registered in its bundle.json."""
+    from edgeadapt.bench.synth import synth_lora, synth_shira
+    from edgeadapt.format import AdapterEntry, read_manifest, write_adapter
+    from edgeadapt.format.manifest import write_manifest
+
+    m = read_manifest(bundle)
+    shapes = {n: tuple(w.shape) for n, w in m.weights.items()}
+    sha = {n: w.sha256 for n, w in m.weights.items()}
+    (bundle / "adapters").mkdir(exist_ok=True)
+    made = {"s1": synth_shira(shapes, sha, density=0.05, seed=1),
+            "s2": synth_shira(shapes, sha, density=0.2, seed=2),
+            "l1": synth_lora(shapes, sha, rank=2, seed=3)}
+    for key, ad in made.items():
+        write_adapter(bundle / "adapters" / f"{key}.eadp", ad, value_dtype="float32")
+        m.adapters[key] = AdapterEntry(file=f"adapters/{key}.eadp", method=ad.method)
+    write_manifest(bundle, m)
+    return made
+
+
+def prepare_generate(bundle: Path) -> None:
+    """Tiny SmolLM2 with its KV-cache decoder, the generation tests' SHiRA adapters s1 / s2
+    (``tests.runtime_reference.random_adapters``: they change the greedy reply), and
+    transformers' greedy reply to :data:`PROMPT` under each (and the base) as the reference."""
+    from edgeadapt.adapters.reference import reference_greedy
+    from edgeadapt.export.bundle import export_base
+    from edgeadapt.format import read_manifest
+    from edgeadapt.models import load_model
+    from tests.runtime_reference import random_adapters, register_adapters
+
+    lm = load_model("tiny-smollm2", seed=0)
+    export_base(lm, bundle, backends="onnxruntime", targets="qv", generate=True,
+                max_context=96, check=False)
+    manifest = read_manifest(bundle)
+    names = sorted(manifest.weights)
+    s1, s2, _ = random_adapters(lm, names, names[:2], seed=1)
+    register_adapters(bundle, manifest, {"s1": s1, "s2": s2})
+    eos = manifest.extra["generate"]["eos_token_ids"]
+    replies = {key: reference_greedy(lm, ad, PROMPT, NEW_TOKENS, eos)
+               for key, ad in (("base", []), ("s1", [s1]), ("s2", [s2]))}
+    (bundle / "expected_generate.json").write_text(json.dumps(replies))
+    print(f"{bundle}: greedy replies of {NEW_TOKENS} tokens under the base, s1 and s2")
 
 
 def _hashes(rt) -> dict[str, str]:
@@ -99,6 +141,16 @@ def _load(bundle: Path, buffers: str, standin: bool):
             os.environ["EDGEADAPT_NO_TORCH"] = saved
 
 
+def _recorder(results: list[dict], bundle: Path, buffers: str):
+    """``record(what, ok, **extra)``: appends one check's result to ``results`` and prints it."""
+    def record(what: str, ok: bool, **extra) -> None:
+        results.append({"bundle": bundle.name, "buffers": buffers, "check": what, "ok": ok,
+                        **extra})
+        print(f"{'ok  ' if ok else 'FAIL'} {bundle.name:13s} {buffers:8s} {what} {extra or ''}",
+              flush=True)
+    return record
+
+
 def check_bundle(bundle: Path, buffers: str, standin: bool = False) -> list[dict]:
     """Every check on one bundle; ``buffers``: "torch" or "ortvalue" device buffers."""
     from edgeadapt.errors import AdapterFormatError, UnknownNameError
@@ -106,12 +158,7 @@ def check_bundle(bundle: Path, buffers: str, standin: bool = False) -> list[dict
     from edgeadapt.numeric import rel_error
 
     results: list[dict] = []
-
-    def record(what: str, ok: bool, **extra) -> None:
-        results.append({"bundle": bundle.name, "buffers": buffers, "check": what, "ok": ok,
-                        **extra})
-        print(f"{'ok  ' if ok else 'FAIL'} {bundle.name:13s} {buffers:8s} {what} {extra or ''}",
-              flush=True)
+    record = _recorder(results, bundle, buffers)
 
     rt = _load(bundle, buffers, standin)
     record("store", rt.store.buffers == buffers,
@@ -190,6 +237,36 @@ def check_bundle(bundle: Path, buffers: str, standin: bool = False) -> list[dict
     return results
 
 
+def check_generate(bundle: Path, buffers: str, standin: bool = False) -> list[dict]:
+    """The KV-cache decoder on the device store: greedy replies under the base, s1 and s2
+    equal transformers' (each adapter changes the reply), a switch between the turns of one
+    conversation re-prefills it (its reply equals a fresh conversation's), and the device
+    buffers are bit-identical to the originals after switching back to the base."""
+    want = json.loads((bundle / "expected_generate.json").read_text())
+    results: list[dict] = []
+    record = _recorder(results, bundle, buffers)
+
+    rt = _load(bundle, buffers, standin)
+    before = _hashes(rt)
+    record("adapters change the reference reply",
+           want["s1"] != want["base"] and want["s2"] != want["base"])
+    for key in ("s1", "s2", "base"):
+        rt.switch(None if key == "base" else key)
+        got = rt.generate(PROMPT, max_new_tokens=NEW_TOKENS).ids
+        record(f"greedy reply under {key} = transformers'", got == want[key], got=got[:8])
+    rt.switch("s1")
+    chat = rt.conversation()
+    first = chat.send(PROMPT, max_new_tokens=6)
+    rt.switch("s2")
+    second = chat.send([40, 41, 42], max_new_tokens=10)
+    fresh = rt.generate(PROMPT + first.ids + [40, 41, 42], max_new_tokens=10)
+    record("a switch between turns re-prefills", second.reprefills == 1
+           and second.ids == fresh.ids, reprefills=second.reprefills)
+    rt.switch(None)
+    record("None: device buffers bit-identical", _hashes(rt) == before)
+    return results
+
+
 def check(root: Path, out: Path | None, standin: bool = False) -> int:
     import onnxruntime as ort
 
@@ -197,10 +274,11 @@ def check(root: Path, out: Path | None, standin: bool = False) -> int:
         ort.preload_dlls()  # CUDA / cuDNN from the nvidia-* pip packages
     print("onnxruntime", ort.__version__, ort.get_available_providers(), flush=True)
     results = []
-    for name in MODELS:
+    for name in (*MODELS, GENERATE):
         for buffers in ("torch", "ortvalue"):
             try:
-                results += check_bundle(root / name, buffers, standin)
+                results += (check_generate if name == GENERATE else check_bundle)(
+                    root / name, buffers, standin)
             except Exception as exc:  # one broken path must not hide the others
                 results.append({"bundle": name, "buffers": buffers, "check": "crashed",
                                 "ok": False, "error": repr(exc)})

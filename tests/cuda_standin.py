@@ -22,3 +22,21 @@ def load_cuda_standin(bundle_dir: str | Path, torch_buffers: bool = True,
     store = open_cuda_standin(bundle, manifest, use_torch=torch_buffers, threads=threads)
     return Runtime(bundle, manifest, store, get_backend("onnxruntime"), "cpu", "live",
                    "CUDA store on the CPU execution provider (stand-in)")
+
+
+def load_device_runtime(bundle_dir: str | Path, where: str) -> Runtime:
+    """The device store's Runtime for a test parametrised by ``where``: "cuda" (skipped without a
+    CUDA device and onnxruntime-gpu), "standin-torch" or "standin-ortvalue"
+    (:func:`load_cuda_standin` with torch tensors or OrtValues as the "device" buffers)."""
+    if where == "cuda":
+        import pytest
+        import torch
+
+        ort = pytest.importorskip("onnxruntime")
+        if "CUDAExecutionProvider" not in ort.get_available_providers() or \
+                not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        from edgeadapt.runtime import load
+
+        return load(bundle_dir, device="cuda")
+    return load_cuda_standin(bundle_dir, torch_buffers=where == "standin-torch")

@@ -21,6 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner  # noqa: E402
+from cuda_standin import load_device_runtime  # noqa: E402
 from generate_bundle import (  # noqa: E402
     assert_argmax_under_s1_or_s2,
     assert_context_limit,
@@ -100,6 +101,30 @@ def test_greedy_equals_transformers_generate(exported, adapter, mode):
     assert out.ids == want
     assert len(out.ids) >= 32 and out.finish_reason == "length"
     assert out.prompt_tokens == len(PROMPT) and out.reprefills == 0
+
+
+@pytest.mark.parametrize("where", [
+    pytest.param("cuda", marks=pytest.mark.gpu), "standin-torch", "standin-ortvalue"])
+def test_the_device_store_decoder_generates_what_transformers_does(exported, where,
+                                                                    monkeypatch):
+    """The decoder on the device store (CUDA where a GPU is lent; else the store's code on the
+    CPU execution provider, its "device" buffers separate copies that only ``commit`` writes):
+    greedy replies under s1, s2 and the base equal transformers', a switch between turns
+    re-prefills, and the device buffers are what the decoder reads (with the commit cut off,
+    a switch leaves its replies at the base's: the host mirrors the engine edits are not)."""
+    lm, bundle = exported
+    rt = load_device_runtime(bundle, where)
+    for adapter in ("s1", "s2", None):
+        rt.switch(adapter)
+        out = rt.generate(PROMPT, max_new_tokens=32)
+        assert out.ids == hf_greedy(lm, bundle, adapter, PROMPT, 32)
+    assert_switch_between_turns_reprefills(rt, lm, bundle, PROMPT)
+    rt.switch(None)
+    base = rt.generate(PROMPT, max_new_tokens=12).ids
+    monkeypatch.setattr(rt.store, "commit", lambda changes: None)
+    rt.switch("s1")
+    assert rt.generate(PROMPT, max_new_tokens=12).ids == base != hf_greedy(
+        lm, bundle, "s1", PROMPT, 12)
 
 
 @pytest.mark.parametrize(("first_capacity", "keep"), [(None, 0), (4, 0), (None, 2), (None, 6)])

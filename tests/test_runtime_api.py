@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cuda_standin import load_cuda_standin  # noqa: E402
+from cuda_standin import load_device_runtime  # noqa: E402
 from runtime_reference import (  # noqa: E402
     example_pair,
     export_tiny,
@@ -205,14 +205,7 @@ def test_device_store_switch_matches_pytorch(exported, where):
     architectures' blocked32 / transposed live weights: on a GPU where one is present, else its
     code on the CPU execution provider (tests/cuda_standin.py)."""
     lm, bundle = exported
-    if where == "cuda":
-        ort = pytest.importorskip("onnxruntime")
-        if "CUDAExecutionProvider" not in ort.get_available_providers() or \
-                not torch.cuda.is_available():
-            pytest.skip("no CUDA device")
-        rt = load(bundle, device="cuda")
-    else:
-        rt = load_cuda_standin(bundle, torch_buffers=where == "standin-torch")
+    rt = load_device_runtime(bundle, where)
     t_in, np_in = example_pair(lm)
     base, hashes = rt.run(**np_in), device_hashes(rt)
     for names in ["s1", ["s1", "l1"], ["s2", "s1"], None]:

@@ -91,10 +91,15 @@ class OnnxRuntimeBackend:
     def open_decoder(self, bundle_dir: Path, manifest: Manifest, store: WeightStore, *,
                      device: str, threads: int | None):
         """The KV-cache decoder's CPU session (:mod:`.decoder`), bound to ``store``'s live
-        buffers and reading them as the base session does (kernel or MatMul). Optional in a
-        backend: :func:`edgeadapt.runtime.generate.open_generator` asks for it."""
+        buffers and reading them as the base session does (kernel or MatMul); on a device
+        store (CUDA, and its CPU stand-in) the store's own (:mod:`.device_decoder`). Optional
+        in a backend: :func:`edgeadapt.runtime.generate.open_generator` asks for it."""
+        on_device = getattr(store, "open_decoder", None)
+        if on_device is not None:
+            return on_device(bundle_dir, manifest, threads)
         if device != "cpu":
-            raise ConfigError(f"generation runs on device='cpu' only so far, not {device!r}")
+            raise ConfigError(f"generation on device={device!r} needs the device store "
+                              "(live mode)")
         from edgeadapt.runtime.backends.onnxruntime.decoder import OrtDecoder
 
         return OrtDecoder(bundle_dir, manifest, store.live_weights(), threads,

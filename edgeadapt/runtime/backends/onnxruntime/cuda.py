@@ -59,13 +59,9 @@ class OrtDeviceStore(OrtStoreBase):
             raise MissingPackageError("device='cuda' needs onnxruntime-gpu with the CUDA "
                                       "execution provider")
         self.device, self.device_id = device, device_id
-        providers = ([("CUDAExecutionProvider", {"device_id": device_id})]
-                     if device == "cuda" else []) + ["CPUExecutionProvider"]
         self.session = open_session(str(model_path), session_options(threads), model_path,
-                                providers)
-        if self.session.get_providers()[0] != provider:
-            raise MissingPackageError("the CUDA execution provider failed to start (CUDA 13 / "
-                                      "cuDNN 9 libraries missing?)")
+                                    self.providers())
+        self.check_provider(self.session)
         self.output_name = self.session.get_outputs()[0].name
         self._torch = _try_import_torch(device) if use_torch is None else \
             _require_torch(device) if use_torch else None
@@ -90,16 +86,40 @@ class OrtDeviceStore(OrtStoreBase):
         dev = self._device[name]
         return dev.cpu().numpy().copy() if self._torch is not None else dev.numpy().copy()
 
+    def providers(self) -> list:
+        """The execution providers of this store's sessions (the decoder's too)."""
+        return ([("CUDAExecutionProvider", {"device_id": self.device_id})]
+                if self.device == "cuda" else []) + ["CPUExecutionProvider"]
+
+    def check_provider(self, session) -> None:
+        """MissingPackageError where ``session`` fell back from CUDA to the CPU."""
+        want = "CUDAExecutionProvider" if self.device == "cuda" else "CPUExecutionProvider"
+        if session.get_providers()[0] != want:
+            raise MissingPackageError("the CUDA execution provider failed to start (CUDA 13 / "
+                                      "cuDNN 9 libraries missing?)")
+
+    def bind_weights(self, b, names: dict[str, str]) -> None:
+        """Bind the device buffer of every live weight to IOBinding ``b`` as input
+        ``names[weight]``."""
+        for n, dev in self._device.items():
+            if self._torch is not None:
+                b.bind_input(names[n], self.device, self.device_id, np.float32,
+                             list(dev.shape), dev.data_ptr())
+            else:
+                b.bind_ortvalue_input(names[n], dev)
+
+    def open_decoder(self, bundle_dir: Path, manifest: Manifest, threads: int | None):
+        """The KV-cache decoder reading this store's device buffers
+        (:mod:`.device_decoder`)."""
+        from edgeadapt.runtime.backends.onnxruntime.device_decoder import OrtDeviceDecoder
+
+        return OrtDeviceDecoder(bundle_dir, manifest, self, threads)
+
     def _binding(self):
         b = getattr(self._local, "binding", None)
         if b is None:
             b = self.session.io_binding()
-            for n, dev in self._device.items():
-                if self._torch is not None:
-                    b.bind_input(self.graph_names[n], self.device, self.device_id, np.float32,
-                                 list(dev.shape), dev.data_ptr())
-                else:
-                    b.bind_ortvalue_input(self.graph_names[n], dev)
+            self.bind_weights(b, self.graph_names)
             self._local.binding = b
         return b
 

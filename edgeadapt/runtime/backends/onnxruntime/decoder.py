@@ -151,10 +151,8 @@ class OrtDecoder:
         so = session_options(threads, {"session.intra_op.allow_spinning": "0"})
         if variant is not None:
             so.log_severity_level = 3  # overridable branch initializers make ORT warn per input
-        # every constant through edgeadapt's kernel too: a decode step is one token, where it
-        # streams a weight faster than MLAS (graphs/blocked.py, kernel_blocked_matmuls)
-        self.session, self.kernel, self._values = live_session(
-            path, so, live, {n: entries[n]["name"] for n in live}, kernel, every_constant=True)
+        self.session, self.kernel, self._values = self._open_session(
+            path, so, live, {n: entries[n]["name"] for n in live}, kernel)
         self.variant, self._branches = variant, branches
         graph_inputs = {i.name: i for i in self.session.get_inputs()}
         self.ids_name = section["inputs"].get("ids", "input_ids")
@@ -185,6 +183,14 @@ class OrtDecoder:
             "vocab_size"])
         self._ort = ort
         self._local = threading.local()
+
+    def _open_session(self, path: Path, so, live: dict[str, LiveWeight],
+                      names: dict[str, str], kernel: bool) -> tuple[object, bool, dict]:
+        """(session, whether edgeadapt's kernel reads the live weights, {input name: OrtValue
+        bound once per thread}): a CPU session reading ``live`` in place, and every constant
+        through edgeadapt's kernel too (a decode step is one token, where it streams a weight
+        faster than MLAS: graphs/blocked.py, kernel_blocked_matmuls)."""
+        return live_session(path, so, live, names, kernel, every_constant=True)
 
     def empty_cache(self, batch: int = 1) -> KVCache:
         """A cache holding no positions (buffers of :data:`FIRST_CAPACITY` positions, or the
