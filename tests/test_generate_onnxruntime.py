@@ -407,6 +407,10 @@ def test_cli_streams_the_reply(exported):
     assert res.exit_code == 0, res.output
     assert res.stdout.startswith(want.text)
     assert "8 tokens" in res.stderr and "adapters: s1" in res.stderr
+    # --device reaches load(): an unknown device is refused before anything is generated
+    res = CliRunner().invoke(main, ["generate", str(bundle), "--prompt", "Hi there",
+                                    "--device", "tpu"])
+    assert res.exit_code == 2 and "tpu" in res.stderr and res.stdout == ""
 
 
 def test_generation_imports_no_torch(exported, tmp_path):

@@ -22,7 +22,7 @@ import click
 
 from edgeadapt.errors import ConfigError, EdgeAdaptError, MissingPackageError
 from edgeadapt.runtime.chat_template import Chat, ChatTemplate, ChatTemplateError, open_template
-from edgeadapt.runtime.cli import BACKEND_HELP, decoder_backend
+from edgeadapt.runtime.cli import BACKEND_HELP, DEVICE_HELP, decoder_backend
 from edgeadapt.runtime.generate import GenerationSpec
 from edgeadapt.runtime.tokenizer import Tokenizer
 from edgeadapt.timer import stopwatch
@@ -182,16 +182,18 @@ def _usage(command: str) -> str:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="intra-op threads (default: the backend's)")
 @click.option("--backend", default=None, help=BACKEND_HELP)
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 def chat_cmd(bundle: str, adapters: tuple[str, ...], max_new_tokens: int, temperature: float,
              top_k: int | None, top_p: float | None, seed: int | None,
-             threads: int | None, backend: str | None) -> None:
+             threads: int | None, backend: str | None, device: str) -> None:
     """Chat with the bundle's decoder (exported with --generate): each line of stdin is a user
     turn, its reply streamed to stdout; /adapter NAME, /adapter none and /fuse A B switch in
     place between turns, /stats, /reset, /help, /quit. Uses the bundle's chat template where
     it has one."""
     from edgeadapt.runtime import load
 
-    rt = load(bundle, backend=decoder_backend(bundle, backend), mode="live", threads=threads)
+    rt = load(bundle, backend=decoder_backend(bundle, backend), device=device, mode="live",
+              threads=threads)
     spec = GenerationSpec.of(rt.manifest)
     if spec.tokenizer is None:
         raise ConfigError(f"chat needs the bundle's tokenizer; {bundle} has none (give token "

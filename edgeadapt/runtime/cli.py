@@ -10,6 +10,7 @@ from edgeadapt.timer import stopwatch
 DECODER_BACKENDS = ("onnxruntime", "executorch")
 BACKEND_HELP = ("onnxruntime | executorch [default: the first of them whose decoder the bundle "
                 "has]")
+DEVICE_HELP = "cpu | cuda (ONNX Runtime's CUDA provider, onnxruntime-gpu)"
 
 
 def decoder_backend(bundle: str, backend: str | None) -> str:
@@ -42,14 +43,17 @@ def decoder_backend(bundle: str, backend: str | None) -> str:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="intra-op threads (default: the backend's)")
 @click.option("--backend", default=None, help=BACKEND_HELP)
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 def generate_cmd(bundle: str, prompt: str, adapters: tuple[str, ...], max_new_tokens: int,
                  temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
-                 stop: tuple[str, ...], threads: int | None, backend: str | None) -> None:
+                 stop: tuple[str, ...], threads: int | None, backend: str | None,
+                 device: str) -> None:
     """Generate a reply to --prompt with the bundle's decoder (exported with --generate),
     streamed to the terminal; the token count and speed go to stderr."""
     from edgeadapt.runtime import load
 
-    rt = load(bundle, backend=decoder_backend(bundle, backend), mode="live", threads=threads)
+    rt = load(bundle, backend=decoder_backend(bundle, backend), device=device, mode="live",
+              threads=threads)
     if adapters:
         rt.switch(list(adapters))
     chat = rt.conversation()
