@@ -61,13 +61,18 @@ void share(int64_t chunks, int64_t threads, Body body) {
   for (auto& helper : helpers) helper.join();
 }
 
-// where the chunk `c` of a scatter's m sorted positions starts: c * CHUNK (m past the end);
-// for int4 codes (itemsize 0) the first position from there in another 32-code block (byte
-// pair) than the one before it
-int64_t chunk_start(const int64_t* pos, int64_t m, int64_t c, int64_t itemsize) {
-  int64_t i = std::min(c * CHUNK, m);
-  while (itemsize == 0 && i > 0 && i < m && (pos[i] >> 5) == (pos[i - 1] >> 5)) ++i;
-  return i;
+// the chunks the threads share for one scatter of m sorted positions: the start of each, then
+// m. Chunk c starts at c * CHUNK; for int4 codes (itemsize 0) at the first position from there
+// in another 32-code block (byte pair) than the one before it.
+std::vector<int64_t> chunk_starts(const int64_t* pos, int64_t m, int64_t itemsize) {
+  std::vector<int64_t> starts;
+  for (int64_t c = 0; c * CHUNK < m; ++c) {
+    int64_t i = c * CHUNK;
+    while (itemsize == 0 && i > 0 && i < m && (pos[i] >> 5) == (pos[i - 1] >> 5)) ++i;
+    starts.push_back(i);
+  }
+  starts.push_back(m);
+  return starts;
 }
 
 // The one loop of both scatters: for i < m, write element i at position pos[i] < n through
@@ -144,11 +149,9 @@ int64_t write_all(int64_t count, void* const* dst, const int64_t* n, const int64
   }
   std::vector<Range> ranges;
   for (int64_t w = 0; w < count; ++w) {
-    for (int64_t c = 0; c * CHUNK < m[w]; ++c) {
-      const int64_t a = chunk_start(pos[w], m[w], c, itemsize);
-      const int64_t b = chunk_start(pos[w], m[w], c + 1, itemsize);
-      if (a < b) ranges.push_back({w, a, b});
-    }
+    const std::vector<int64_t> starts = chunk_starts(pos[w], m[w], itemsize);
+    for (size_t c = 0; c + 1 < starts.size(); ++c)
+      if (starts[c] < starts[c + 1]) ranges.push_back({w, starts[c], starts[c + 1]});
   }
   std::atomic<int64_t> skipped{0};
   share(static_cast<int64_t>(ranges.size()), threads, [&](int64_t r) {
@@ -161,15 +164,14 @@ int64_t write_all(int64_t count, void* const* dst, const int64_t* n, const int64
 
 }  // namespace
 
-// the chunks the threads share for one scatter of m sorted positions: writes the start of
-// each (ceil(m / CHUNK) + 1 entries, the last m) to `starts`; returns how many it wrote
-// (tests/test_scatter.py checks that no 32-code block is split)
+// chunk_starts, the chunks the threads share, written to `starts` (room for ceil(m / CHUNK)
+// + 1 entries); returns how many it wrote (tests/test_scatter.py checks that no 32-code block
+// is split)
 extern "C" int64_t edgeadapt_scatter_chunks(const int64_t* pos, int64_t m, int64_t itemsize,
                                             int64_t* starts) {
-  int64_t k = 0;
-  for (int64_t c = 0; c * CHUNK < m; ++c) starts[k++] = chunk_start(pos, m, c, itemsize);
-  starts[k++] = m;
-  return k;
+  const std::vector<int64_t> plan = chunk_starts(pos, m, itemsize);
+  std::copy(plan.begin(), plan.end(), starts);
+  return static_cast<int64_t>(plan.size());
 }
 
 // n: codes in the buffer (twice its bytes)

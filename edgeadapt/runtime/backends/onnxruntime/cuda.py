@@ -22,6 +22,7 @@ from edgeadapt.runtime.backends.onnxruntime.session import (
     open_session,
     require_ort,
     session_options,
+    thread_binding,
 )
 from edgeadapt.runtime.backends.onnxruntime.store import OrtStoreBase, bundle_parts
 from edgeadapt.runtime.store import LiveWeight
@@ -116,12 +117,8 @@ class OrtDeviceStore(OrtStoreBase):
         return OrtDeviceDecoder(bundle_dir, manifest, self, threads)
 
     def _binding(self):
-        b = getattr(self._local, "binding", None)
-        if b is None:
-            b = self.session.io_binding()
-            self.bind_weights(b, self.graph_names)
-            self._local.binding = b
-        return b
+        return thread_binding(self._local, self.session, {},
+                              lambda b: self.bind_weights(b, self.graph_names))
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         b = self._binding()

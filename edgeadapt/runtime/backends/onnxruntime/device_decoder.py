@@ -29,25 +29,23 @@ from edgeadapt.runtime.backends.onnxruntime.decoder import (
     OneToken,
     OrtDecoder,
 )
-from edgeadapt.runtime.backends.onnxruntime.session import open_session
+from edgeadapt.runtime.backends.onnxruntime.session import open_session, thread_binding
 from edgeadapt.runtime.store import LiveWeight
 
 
 class DeviceCache(KVCache):
-    """A conversation's cache in device buffers (OrtValues) of ``capacity`` positions;
-    ``arrays``: the host arrays they alias on the stand-in's CPU provider (kept alive), [] on
-    a device."""
+    """A conversation's cache in device buffers (OrtValues, (1, kv_heads, capacity,
+    head_dim)); ``arrays``: the host arrays they alias on the stand-in's CPU provider (kept
+    alive), [] on a device."""
 
-    def __init__(self, values: list, arrays: list[np.ndarray], capacity: int,
-                 vocab: int) -> None:
+    def __init__(self, values: list, arrays: list[np.ndarray], vocab: int) -> None:
         self.arrays, self.values = arrays, values
-        self._capacity = capacity
         self.length = 0
         self.one = OneToken(vocab)
 
     @property
     def capacity(self) -> int:
-        return self._capacity
+        return self.values[0].shape()[2]
 
 
 class OrtDeviceDecoder(OrtDecoder):
@@ -72,12 +70,8 @@ class OrtDeviceDecoder(OrtDecoder):
         return session, False, {}
 
     def _binding(self):
-        b = getattr(self._local, "binding", None)
-        if b is None:
-            b = self.session.io_binding()
-            self._store.bind_weights(b, self._names)
-            self._local.binding = b
-        return b
+        return thread_binding(self._local, self.session, {},
+                              lambda b: self._store.bind_weights(b, self._names))
 
     def empty_cache(self, batch: int = 1) -> DeviceCache:
         """A cache holding no positions, its buffers the whole context long on the device."""
@@ -88,8 +82,7 @@ class OrtDeviceDecoder(OrtDecoder):
         host = [np.zeros(shape, np.float32) for _ in self.past_names]
         values = [ort.OrtValue.ortvalue_from_numpy(a, store.device, store.device_id)
                   for a in host]
-        return DeviceCache(values, host if store.device == "cpu" else [], self._capacity,
-                           self.vocab)
+        return DeviceCache(values, host if store.device == "cpu" else [], self.vocab)
 
     def _reserve(self, cache: KVCache, needed: int) -> None:
         if needed > cache.capacity:

@@ -11,7 +11,7 @@ naming the file (:func:`open_session`, :func:`read_graph`).
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -147,16 +147,20 @@ def live_session(model_path: Path, so, live: Mapping[str, LiveWeight],
     return session, used, values
 
 
-def thread_binding(local: threading.local, session, values: Mapping[str, object]):
+def thread_binding(local: threading.local, session, values: Mapping[str, object],
+                   bind: Callable[[object], None] | None = None):
     """The calling thread's IOBinding of ``session`` (``local.binding``), made on its first run
     with ``values`` (input name -> OrtValue aliasing a runtime-owned buffer) bound once: an
     IOBinding is not safe to share between threads, and rebinding would copy nothing but
-    cost a call per input."""
+    cost a call per input. ``bind``: called with the new IOBinding to bind what ``values``
+    cannot hold (the device store's buffers, bound by pointer)."""
     b = getattr(local, "binding", None)
     if b is None:
         b = session.io_binding()
         for name, value in values.items():
             b.bind_ortvalue_input(name, value)
+        if bind is not None:
+            bind(b)
         local.binding = b
     return b
 
