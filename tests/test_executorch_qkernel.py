@@ -8,7 +8,10 @@ header, not by nibbles): the one-token GEMV and the dequantized slabs above (ful
 slabs of an odd row count, partial and several token panels), on the vector path and the
 portable one (built with ``-mno-avx512f`` and run in a process of its own: a second copy of
 the library would register the operators twice); and the two forms on the same int4 codes,
-bit for bit. The in-place edit of the codes inside an exported program is checked in
+bit for bit. The int8-activation forms (``live_qlinear_a8``, ``live_q4linear_a8``) against
+float64 numpy on the activations quantized by numpy (per row, blocks of 32): one token, and
+the gathered 32-row strips (partial and full) at every token count, also built without VNNI.
+The in-place edit of the codes inside an exported program is checked in
 tests/test_executorch_quantized.py."""
 
 from __future__ import annotations
@@ -23,7 +26,12 @@ import torch
 
 pytest.importorskip("executorch")
 
-from edgeadapt.export.executorch_live_form import QKernelLinear, packs  # noqa: E402
+from edgeadapt.errors import ConfigError  # noqa: E402
+from edgeadapt.export.executorch_live_form import (  # noqa: E402
+    QKernelLinear,
+    packs,
+    quantizes_activations,
+)
 from edgeadapt.format import nibbles  # noqa: E402
 from edgeadapt.format.quant import INT4, INT8, Grid  # noqa: E402
 from edgeadapt.runtime.backends.executorch import kernel as ek  # noqa: E402
@@ -38,25 +46,31 @@ INT4_G64 = Grid("int4-g64", 4, 64)
 CASES = [(ROW45, 45), (INT8, 96), (INT4, 96), (INT4, 32)]
 #: the packed form's: K a multiple of 32
 PACKED_CASES = [(INT4, 96), (INT4, 32), (INT4_G64, 128)]
+N = 21  # 3 full slabs of 6 rows + 3 rows
+#: the int8-activation forms' (packed, grid, K, N): K and G multiples of 32 (an odd count of
+#: blocks: the one-token path's half pair; K = 160: the gather's short chunk), N a partial strip
+#: of 32 rows or full ones and a partial one
+A8_CASES = [(False, INT8, 96, N), (False, INT8, 160, 70), (False, INT4, 32, N),
+            (True, INT4, 96, N), (True, INT4, 160, 70), (True, INT4_G64, 128, 64)]
 #: (batch, seq): one token, 6-row slabs with partial / several 64-token panels
 SHAPES = [(1, 1), (3, 1), (1, 2), (1, 63), (1, 65), (2, 64), (4, 70)]
-N = 21  # 3 full slabs of 6 rows + 3 rows
 
 
-def codes(grid: Grid, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """int8 codes (N, k) and scales of a random weight on ``grid``."""
+def codes(grid: Grid, k: int, seed: int = 0, n: int = N) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes (n, k) and scales of a random weight on ``grid``."""
     rng = np.random.default_rng(seed + k)
-    return grid.quantize(rng.standard_normal((N, k)).astype(np.float32))
+    return grid.quantize(rng.standard_normal((n, k)).astype(np.float32))
 
 
-def program(grid: Grid, k: int, seed: int = 0, packed: bool = False
-            ) -> tuple[bytes, np.ndarray]:
-    """A program of one quantized live linear (N x k, no bias) on ``grid`` with dynamic
-    (batch, seq), lowered without XNNPACK (``packed``: its int4 codes two per byte), and its
-    dequantized weight (N, k), from the codes the program holds (:func:`held_codes`)."""
-    q, s = codes(grid, k, seed)
-    lin = QKernelLinear(torch.nn.Linear(k, N, bias=False), torch.from_numpy(q),
-                        torch.from_numpy(s), packed).eval()
+def program(grid: Grid, k: int, seed: int = 0, packed: bool = False,
+            activations: str = "float", n: int = N) -> tuple[bytes, np.ndarray]:
+    """A program of one quantized live linear (n x k, no bias) on ``grid`` with dynamic
+    (batch, seq), lowered without XNNPACK (``packed``: its int4 codes two per byte;
+    ``activations``: QKernelLinear's), and its dequantized weight (n, k), from the codes the
+    program holds (:func:`held_codes`)."""
+    q, s = codes(grid, k, seed, n)
+    lin = QKernelLinear(torch.nn.Linear(k, n, bias=False), torch.from_numpy(q),
+                        torch.from_numpy(s), packed, activations).eval()
     from executorch.exir import to_edge_transform_and_lower
 
     batch, seq = torch.export.Dim("batch", min=1, max=4), torch.export.Dim("seq", min=1, max=80)
@@ -89,14 +103,28 @@ def outputs(blob: bytes, k: int, seed: int = 0) -> list[np.ndarray]:
         rng.standard_normal((b, s, k)).astype(np.float32))])[0].numpy() for b, s in SHAPES]
 
 
-def check(blob: bytes, wq: np.ndarray, seed: int = 0) -> None:
-    """Run the program at every shape of :data:`SHAPES` against float64 numpy."""
+def int8_activations(x: np.ndarray) -> np.ndarray:
+    """``A(x)`` in numpy: per row, blocks of 32 columns, ``m = max |x|``, codes
+    ``rint(x * (127 / m))`` (float32 product, ties to even) times ``m / 127`` (``m = 0``: 0), as
+    MatMulNBits at accuracy level 4 quantizes its activations."""
+    blocks = x.astype(np.float32).reshape(*x.shape[:-1], -1, 32)
+    m = np.abs(blocks).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(m > 0, np.float32(127) / m, np.float32(0)).astype(np.float32)
+    return (np.rint(blocks * inv) * (m / np.float32(127))).reshape(x.shape)
+
+
+def check(blob: bytes, wq: np.ndarray, seed: int = 0, activations: str = "float") -> None:
+    """Run the program at every shape of :data:`SHAPES` against float64 numpy (``activations``
+    "int8": on :func:`int8_activations` of the inputs)."""
     got = outputs(blob, wq.shape[1], seed)
     rng = np.random.default_rng(seed)
     for (b, s), y in zip(SHAPES, got, strict=True):
         x = rng.standard_normal((b, s, wq.shape[1])).astype(np.float32)
+        if activations == "int8":
+            x = int8_activations(x)
         want = x.astype(np.float64) @ wq.T.astype(np.float64)
-        assert y.shape == (b, s, N)
+        assert y.shape == (b, s, wq.shape[0])
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4, err_msg=f"{b}x{s}")
 
 
@@ -118,6 +146,14 @@ def test_qlinear_matches_numpy(grid, k):
 def test_packed_qlinear_matches_numpy(grid, k):
     ek.load_kernel()
     check(*program(grid, k, packed=True))
+
+
+@pytest.mark.parametrize("packed,grid,k,n", A8_CASES)
+def test_int8_activation_qlinear_matches_numpy(packed, grid, k, n):
+    """The ``_a8`` ops: int8 activations times the codes (one token: per-row vpdpbusd over the
+    row; more: the gathered strips' int8 tiles), against float64 numpy on ``A(x)``."""
+    ek.load_kernel()
+    check(*program(grid, k, packed=packed, activations="int8", n=n), activations="int8")
 
 
 @pytest.mark.parametrize("grid,k", PACKED_CASES)
@@ -144,6 +180,26 @@ def test_eager_op_is_the_dequantized_linear():
                                   nibbles.pack(q.reshape(N, 2, 32)))  # the switch's bytes
     assert torch.equal(packed.codes(), torch.from_numpy(q))
     assert torch.equal(packed(x), want)
+    # int8 activations: the same linear on A(x) (numpy's, here), both forms
+    xa = torch.from_numpy(int8_activations(x.numpy()))
+    want8 = torch.nn.functional.linear(xa, torch.from_numpy(INT4.dequantize(q, s)), lin.bias)
+    for held in (False, True):
+        a8 = QKernelLinear(torch.nn.Linear(64, N), torch.from_numpy(q), torch.from_numpy(s),
+                           packed=held, activations="int8")
+        a8.bias = lin.bias
+        assert torch.equal(a8(x), want8)
+    assert not torch.equal(want8, want)
+    with pytest.raises(ConfigError, match="activations 'int4'"):
+        QKernelLinear(torch.nn.Linear(64, N), torch.from_numpy(q), torch.from_numpy(s),
+                      activations="int4")
+
+
+def test_int8_activations_need_whole_blocks_of_32():
+    """The exporter's choice: int8 activations where the columns and the groups are whole
+    blocks of 32, float activations otherwise."""
+    assert quantizes_activations(INT4, 64) and quantizes_activations(INT8, 576)
+    assert quantizes_activations(INT4_G64, 128)
+    assert not quantizes_activations(INT4, 45) and not quantizes_activations(ROW45, 45)
 
 
 def test_packs_int4_grids_only():
@@ -155,23 +211,31 @@ import pickle, sys
 sys.path.insert(0, {tests!r})
 from edgeadapt.runtime import native
 from edgeadapt.runtime.backends.executorch import kernel as ek
-ek._LIBRARY = native.Library(lambda: ek.library_path(("-mno-avx512f",)), ek.ctypes.RTLD_GLOBAL)
+ek._LIBRARY = native.Library(lambda: ek.library_path(({flag!r},)), ek.ctypes.RTLD_GLOBAL)
 ek.load_kernel()
 import test_executorch_qkernel as t
-for grid, k in t.CASES:
-    t.check(*t.program(grid, k))
-for grid, k in t.PACKED_CASES:
-    t.check(*t.program(grid, k, packed=True))
-    t.check_same_bits(grid, k)
+if {float_forms!r}:
+    for grid, k in t.CASES:
+        t.check(*t.program(grid, k))
+    for grid, k in t.PACKED_CASES:
+        t.check(*t.program(grid, k, packed=True))
+        t.check_same_bits(grid, k)
+for packed, grid, k, n in t.A8_CASES:
+    t.check(*t.program(grid, k, packed=packed, activations="int8", n=n), activations="int8")
 print("portable ok")
 """
 
 
-def test_portable_path_matches_numpy(tmp_path):
-    """The plain C++ loops (a library of its own, in a process of its own), both forms."""
+@pytest.mark.parametrize("flag", ["-mno-avx512f", "-mno-avx512vnni"])
+def test_portable_path_matches_numpy(tmp_path, flag):
+    """The plain C++ loops (a library of its own, in a process of its own), both forms; without
+    VNNI, the int8 activations' int4 path on vpmaddubsw and the int8 codes' plain C++ (where the
+    build machine has VNNI, else the same library as the default one)."""
     from pathlib import Path
 
     env = {**__import__("os").environ, "EDGEADAPT_CACHE": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", PORTABLE.format(tests=str(Path(__file__).parent))],
-                          capture_output=True, text=True, env=env, timeout=600)
+    script = PORTABLE.format(tests=str(Path(__file__).parent), flag=flag,
+                             float_forms=flag == "-mno-avx512f")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=600)
     assert done.returncode == 0 and "portable ok" in done.stdout, done.stderr[-3000:]

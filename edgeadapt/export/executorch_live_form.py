@@ -34,6 +34,7 @@ from torch import nn
 from edgeadapt.errors import ConfigError
 from edgeadapt.format import nibbles
 from edgeadapt.format.quant import Grid
+from edgeadapt.models.quantized import ACT_BLOCK, quantize_activations
 
 LIVE_FORMS = ("linear", "weight-left", "own-kernel")
 #: the scales buffer beside a quantized live weight's codes (:class:`QKernelLinear`)
@@ -63,8 +64,10 @@ _OP_LIB: object = None
 
 def define_live_linear_op() -> None:
     """Register ``torch.ops.edgeadapt.live_linear(x, w) -> x @ w^T``, ``live_qlinear(x, codes,
-    scales)`` and ``live_q4linear(x, packed, scales)`` (the dequantized codes' linear) and their
-    ``.out`` variants with PyTorch (eager reference and shape function), once per process, so
+    scales)`` and ``live_q4linear(x, packed, scales)`` (the dequantized codes' linear), their
+    ``_a8`` forms (the same on ``A(x)``, the activations quantized:
+    :func:`edgeadapt.models.quantized.quantize_activations`) and their ``.out`` variants
+    with PyTorch (eager reference and shape function), once per process, so
     that torch.export can trace :class:`KernelLinear` / :class:`QKernelLinear` and ExecuTorch
     can emit the out variants its runtime kernels implement."""
     global _OP_LIB
@@ -90,10 +93,16 @@ def define_live_linear_op() -> None:
     def q_eager(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, dequantize_codes(codes, scales))
 
+    def a8_eager(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return q_eager(quantize_activations(x), codes, scales)
+
     define("live_linear", "Tensor w", lambda x, w: nn.functional.linear(x, w))
     define("live_qlinear", "Tensor codes, Tensor scales", q_eager)
     define("live_q4linear", "Tensor packed, Tensor scales",
            lambda x, packed, scales: q_eager(x, unpack_codes(packed), scales))
+    define("live_qlinear_a8", "Tensor codes, Tensor scales", a8_eager)
+    define("live_q4linear_a8", "Tensor packed, Tensor scales",
+           lambda x, packed, scales: a8_eager(x, unpack_codes(packed), scales))
     _OP_LIB = lib
 
 
@@ -120,6 +129,18 @@ def packs(grid: Grid) -> bool:
     return grid.bits == 4 and grid.group % nibbles.BLOCK == 0
 
 
+#: what a quantized live linear does with its input: quantize it (int8, per row in blocks of 32
+#: columns) or not (float, weight-only)
+ACTIVATIONS = ("int8", "float")
+
+
+def quantizes_activations(grid: Grid, in_features: int) -> bool:
+    """Whether a live weight on ``grid`` with ``in_features`` columns takes int8 activations
+    (:class:`QKernelLinear`): its groups and its columns whole blocks of 32 (the kernel's
+    integer products); else float activations."""
+    return grid.group % ACT_BLOCK == 0 and in_features % ACT_BLOCK == 0
+
+
 class KernelLinear(nn.Module):
     """``nn.Linear`` computed by ``torch.ops.edgeadapt.live_linear`` (``y = x W^T + b``, the
     GEMM in edgeadapt's own ExecuTorch kernel); the same ``weight`` and ``bias`` tensors."""
@@ -139,9 +160,15 @@ class KernelLinear(nn.Module):
 class QKernelLinear(nn.Module):
     """A quantized live linear (``--weights int8|int4``, own-kernel form):
     ``y = live_qlinear(x, q, s) + b``, ``W = q * s`` (:func:`dequantize_codes`) read in place
-    by edgeadapt's ExecuTorch kernel ``edgeadapt::live_qlinear.out``; float activations
-    (weight-only). ``weight``: int8 codes ``(out, in)`` (torch layout, as the fp32 own-kernel
-    form's weight), ``scales``: float32 ``(out, in // G)``; the exporter makes both buffers.
+    by edgeadapt's ExecuTorch kernel ``edgeadapt::live_qlinear.out``.
+
+    ``activations``: ``"int8"`` (:func:`quantizes_activations`): ``y = live_qlinear_a8(x, q, s)
+    + b``, the same on ``A(x)``, x quantized per row in blocks of 32 columns as edgeadapt's
+    ONNX Runtime kernel and MatMulNBits at accuracy level 4 quantize it
+    (:func:`edgeadapt.models.quantized.quantize_activations`; the kernel multiplies int8
+    activations by the codes); ``"float"``: weight-only. ``weight``: int8 codes ``(out, in)``
+    (torch layout, as the fp32 own-kernel form's weight), ``scales``: float32
+    ``(out, in // G)``; the exporter makes both buffers.
 
     ``packed`` (int4 codes, :func:`packs`): ``weight`` holds them two per byte,
     ``(out, in / 32, 16)`` uint8 (:func:`edgeadapt.format.nibbles.pack` of the codes cut into
@@ -150,11 +177,15 @@ class QKernelLinear(nn.Module):
     ``edgeadapt::live_q4linear.out``: half a byte per weight."""
 
     def __init__(self, linear: nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
-                 packed: bool = False) -> None:
+                 packed: bool = False, activations: str = "float") -> None:
         super().__init__()
         define_live_linear_op()
+        if activations not in ACTIVATIONS:
+            raise ConfigError(f"activations {activations!r}: choose one of "
+                              f"{', '.join(ACTIVATIONS)}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = packed
+        self.activations = activations
         self.register_buffer("weight", self.held(codes))
         self.register_buffer("scales", scales.to(torch.float32).contiguous())
         self.bias = linear.bias
@@ -177,8 +208,9 @@ class QKernelLinear(nn.Module):
         self.weight.copy_(self.held(codes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = torch.ops.edgeadapt.live_q4linear if self.packed else torch.ops.edgeadapt.live_qlinear
-        y = op(x, self.weight, self.scales)
+        name = ("live_q4linear" if self.packed else "live_qlinear") + (
+            "_a8" if self.activations == "int8" else "")
+        y = getattr(torch.ops.edgeadapt, name)(x, self.weight, self.scales)
         return y if self.bias is None else y + self.bias
 
 

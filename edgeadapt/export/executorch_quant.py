@@ -27,10 +27,14 @@ transformer blocks, and a causal LM's head), as on ONNX Runtime (:mod:`.onnx_qua
 - The *live* weights (``--targets``, quantized ones) become :class:`QKernelLinear`: int8 codes
   ``(out, in)`` and float32 scales ``(out, in // 32)`` on edgeadapt's grid
   (:mod:`edgeadapt.format.quant`, the same codes as the ONNX Runtime bundle's), both mutable
-  buffers of the program read in place by ``edgeadapt::live_qlinear.out``
-  (``runtime/kernels/live_linear.cpp``), float activations (weight-only); int4 codes packed
-  two per byte, ``(out, in / 32, 16)`` uint8 (:mod:`edgeadapt.format.nibbles`), read by
-  ``edgeadapt::live_q4linear.out`` (half a byte per weight, as XNNPACK's own 4-bit linears).
+  buffers of the program read in place by ``edgeadapt::live_qlinear_a8.out``
+  (``runtime/kernels/live_linear.cpp``): int8 activations (per row in blocks of 32 columns, as
+  edgeadapt's ONNX Runtime kernel and MatMulNBits at accuracy level 4 quantize them) times the
+  codes in integers, as XNNPACK's own quantized linears multiply theirs (columns or groups not
+  whole blocks of 32: ``live_qlinear.out``, float activations); int4 codes packed two per
+  byte, ``(out, in / 32, 16)`` uint8 (:mod:`edgeadapt.format.nibbles`), read by
+  ``edgeadapt::live_q4linear_a8.out`` (half a byte per weight, as XNNPACK's own 4-bit
+  linears). The weight's ``quant`` entry records ``"activations"`` (``int8`` | ``float``).
   Live weights that are not quantized (a classifier's head) stay fp32 (:class:`KernelLinear`).
 
 The ``--generate`` decoder (:mod:`.executorch_decoder`) is lowered from the same quantized
@@ -53,7 +57,12 @@ import torch
 from torch import nn
 
 from edgeadapt.errors import ConfigError, ExportError
-from edgeadapt.export.executorch_live_form import SCALES_SUFFIX, QKernelLinear, packs
+from edgeadapt.export.executorch_live_form import (
+    SCALES_SUFFIX,
+    QKernelLinear,
+    packs,
+    quantizes_activations,
+)
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.format.quant import Grid, grid
 from edgeadapt.models import LoadedModel
@@ -138,11 +147,13 @@ def quantized_live_model(lm: LoadedModel, live_weights: list[str], precision: st
         mname = w.removesuffix(".weight")
         linear = model.get_submodule(mname)
         codes, scales = g.quantize(linear.weight.detach().float().cpu().numpy())
+        activations = "int8" if quantizes_activations(g, linear.in_features) else "float"
         replace_module(model, mname, QKernelLinear(linear, torch.from_numpy(codes),
-                                                   torch.from_numpy(scales), packed))
+                                                   torch.from_numpy(scales), packed,
+                                                   activations))
         quant[w] = {"grid": g.name, "scales": scales_buffer(w),
                     "scales_shape": list(scales.shape), "codes_sha256": weight_sha256(codes),
-                    "packed": packed}
+                    "packed": packed, "activations": activations}
     missing = rest - {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     if missing:
         raise ConfigError(f"--weights {precision}: {sorted(missing)} are not nn.Linear modules")

@@ -59,7 +59,8 @@
 // - 0 (the default): x as it is, in float: the formulas above;
 // - 4: x quantized to int8 per row in blocks of 32 input columns, exactly as ONNX Runtime's
 //   MatMulNBits at accuracy level 4 quantizes its activations (MLAS's QuantizeARow_CompInt8,
-//   the AVX-512 form; the last block of a row short where 32 does not divide K):
+//   the AVX-512 form; the last block of a row short where 32 does not divide K; the quantizer
+//   and the integer tiles live in int8_tiles.h, shared with the ExecuTorch kernel):
 //
 //       m = max_{c in blk} |x[c]|,   a_blk = m / 127,   xq[c] = rint(x[c] * (127 / m))
 //
@@ -119,6 +120,7 @@
 #include <vector>
 
 #include "block_offsets.h"
+#include "int8_tiles.h"
 #include "ort_kernel.h"
 
 #if defined(__AVX512F__)
@@ -127,10 +129,18 @@
 
 namespace {
 
-constexpr int64_t BW = 32;  // columns per block (the layout's)
+using int8_tiles::AB;
+using int8_tiles::BW;  // columns per block (the layout's)
+using int8_tiles::IR;
+using int8_tiles::quantize_row;
+#if defined(__AVX512BW__)
+using int8_tiles::dot4;
+using int8_tiles::four_bytes;
+using int8_tiles::itile_rows;
+#endif
+
 constexpr int MR = 12;      // rows per tile
 constexpr int64_t MC = 96;  // rows per chunk: 96 * K floats of x (221 KB at K = 576)
-constexpr int64_t AB = 32;  // input columns per block of int8 activations (level 4)
 
 // the code forms' accuracy_level (MatMulNBits' values): float activations, or int8 per block
 enum Level : int64_t { FLOAT_ACTIVATIONS = 0, INT8_ACTIVATIONS = 4 };
@@ -299,51 +309,6 @@ void dequantize_block(const uint8_t* __restrict q, const float* __restrict s,
   }
 }
 
-// One row of x (K columns) at level 4: its int8 activations q (K rounded up to whole blocks,
-// zeros past K, as MLAS pads), per block of AB columns the scale a and the sum of q, and the
-// dequantized row xd[c] = q[c] * a_blk (the float paths' x)
-void quantize_row(const float* __restrict x, int64_t K, int8_t* __restrict q,
-                  float* __restrict a, int32_t* __restrict sum, float* __restrict xd) {
-  for (int64_t c0 = 0, blk = 0; c0 < K; c0 += AB, ++blk) {
-    const int64_t n = std::min(AB, K - c0);
-#if defined(__AVX512F__)
-    // MLAS's own steps: masked loads, max of |x|, x * (127 / m) rounded to nearest even
-    const uint32_t in_x = n == AB ? 0xffffffffu : (1u << n) - 1;  // the block's columns in x
-    const __mmask16 m0 = static_cast<__mmask16>(in_x), m1 = static_cast<__mmask16>(in_x >> 16);
-    const __m512 v0 = _mm512_maskz_loadu_ps(m0, x + c0);
-    const __m512 v1 = _mm512_maskz_loadu_ps(m1, x + c0 + 16);
-    const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    const float scale = m / 127.f;
-    const __m512 inv = _mm512_set1_ps(m != 0.f ? 127.f / m : 0.f);
-    const __m512 r0 = _mm512_roundscale_ps(_mm512_mul_ps(v0, inv),
-                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r1 = _mm512_roundscale_ps(_mm512_mul_ps(v1, inv),
-                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512i i0 = _mm512_cvtps_epi32(r0), i1 = _mm512_cvtps_epi32(r1);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c0), _mm512_cvtepi32_epi8(i0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c0 + 16), _mm512_cvtepi32_epi8(i1));
-    sum[blk] = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
-    const __m512 s = _mm512_set1_ps(scale);
-    _mm512_mask_storeu_ps(xd + c0, m0, _mm512_mul_ps(r0, s));
-    _mm512_mask_storeu_ps(xd + c0 + 16, m1, _mm512_mul_ps(r1, s));
-    a[blk] = scale;
-#else
-    float m = 0.f;
-    for (int64_t c = 0; c < n; ++c) m = std::max(m, std::fabs(x[c0 + c]));
-    const float scale = m / 127.f, inv = m != 0.f ? 127.f / m : 0.f;
-    int32_t total = 0;
-    for (int64_t c = 0; c < AB; ++c) {
-      const int32_t v = c < n ? static_cast<int32_t>(std::nearbyint(x[c0 + c] * inv)) : 0;
-      q[c0 + c] = static_cast<int8_t>(v);
-      total += v;
-      if (c < n) xd[c0 + c] = static_cast<float>(v) * scale;
-    }
-    sum[blk] = total;
-    a[blk] = scale;
-#endif
-  }
-}
-
 // what the int8 path adds to each code to take it as vpdpbusd's unsigned operand: int4's
 // nibbles are stored offset by 8; int8's sign bit is flipped (+128)
 template <Form F>
@@ -358,24 +323,6 @@ constexpr bool avx512_int8 = true;
 #else
 constexpr bool avx512_int8 = F == Form::Int4;
 #endif
-
-// the 4 int8 activations at x as one 32-bit lane (vpdpbusd's s8 operand, broadcast)
-inline int32_t four_bytes(const int8_t* x) {
-  int32_t v;
-  std::memcpy(&v, x, sizeof v);
-  return v;
-}
-
-// acc + the sums of 4 u8 x s8 products per 32-bit lane: vpdpbusd, or without VNNI vpmaddubsw
-// (pairs into int16: exact for u <= 15, int4's codes) and vpmaddwd by 1 (pairs into int32)
-inline __m512i dot4(__m512i acc, __m512i u, __m512i x) {
-#if defined(__AVX512VNNI__)
-  return _mm512_dpbusd_epi32(acc, u, x);
-#else
-  return _mm512_add_epi32(
-      acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, x), _mm512_set1_epi16(1)));
-#endif
-}
 
 #if !defined(__AVX512VBMI__)
 // without vpermb: dwords 4 t + L of v -> 4 L + t (vpermd), then in each 128-bit lane the 4 x 4
@@ -510,53 +457,6 @@ void igemv_block(const int8_t* __restrict xq, const float* __restrict xa,
 // float operations, so every row gets the bits a one-token call of it gets. With AVX-512 the
 // block's codes are gathered into vpdpbusd's order once (panel: K/4 (lo, hi) pairs, reused by
 // every row: the gather is 1/M of the work) and IR rows share each pair's loads.
-constexpr int IR = 4;  // rows per int8 tile: 2 IR int32 and 2 IR float accumulators
-
-#if defined(__AVX512BW__)
-template <Form F, int R>
-void itile(const int8_t* __restrict xq, int64_t nb, const float* __restrict xa,
-           const int32_t* __restrict xsum, const uint8_t* __restrict panel,
-           const float* __restrict s, float* __restrict y, int64_t ldy, int64_t K, int64_t G) {
-  const int64_t stride = nb * AB;
-  __m512 ya[R], yb[R];
-  for (int r = 0; r < R; ++r) ya[r] = yb[r] = _mm512_setzero_ps();
-  for (int64_t c0 = 0, blk = 0; c0 < K; c0 += AB, ++blk) {
-    __m512i a[R], b[R];
-    for (int r = 0; r < R; ++r) a[r] = b[r] = _mm512_setzero_si512();
-    for (int64_t c = c0; c < c0 + AB; c += 4) {
-      const uint8_t* pq = panel + (c / 4) * 128;
-      const __m512i lo = _mm512_loadu_si512(pq), hi = _mm512_loadu_si512(pq + 64);
-      for (int r = 0; r < R; ++r) {
-        const __m512i xr = _mm512_set1_epi32(four_bytes(xq + r * stride + c));
-        a[r] = dot4(a[r], lo, xr);
-        b[r] = dot4(b[r], hi, xr);
-      }
-    }
-    const float* sg = s + (c0 / G) * BW;
-    const __m512 slo = _mm512_loadu_ps(sg), shi = _mm512_loadu_ps(sg + 16);
-    for (int r = 0; r < R; ++r) {
-      const __m512i off = _mm512_set1_epi32(code_offset<F> * xsum[r * nb + blk]);
-      const __m512 xs = _mm512_set1_ps(xa[r * nb + blk]);
-      ya[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[r], off)),
-                              _mm512_mul_ps(xs, slo), ya[r]);
-      yb[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(b[r], off)),
-                              _mm512_mul_ps(xs, shi), yb[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    _mm512_storeu_ps(y + r * ldy, ya[r]);
-    _mm512_storeu_ps(y + r * ldy + 16, yb[r]);
-  }
-}
-
-template <Form F, int... Rs>
-void itile_rows(int rows, const int8_t* xq, int64_t nb, const float* xa, const int32_t* xsum,
-                const uint8_t* panel, const float* s, float* y, int64_t ldy, int64_t K,
-                int64_t G, std::integer_sequence<int, Rs...>) {
-  ((rows == Rs + 1 ? (itile<F, Rs + 1>(xq, nb, xa, xsum, panel, s, y, ldy, K, G), 0) : 0), ...);
-}
-#endif
-
 template <Form F>
 void igemm_block(const int8_t* xq, const float* xa, const int32_t* xsum, const uint8_t* q,
                  const float* s, float* y, int64_t ldy, int64_t m0, int64_t m1, int64_t K,
@@ -575,7 +475,7 @@ void igemm_block(const int8_t* xq, const float* xa, const int32_t* xsum, const u
     }
     for (int64_t m = m0; m < m1; m += IR) {
       const int rows = static_cast<int>(std::min<int64_t>(IR, m1 - m));
-      itile_rows<F>(rows, xq + m * nb * AB, nb, xa + m * nb, xsum + m * nb, panel.data(), s,
+      itile_rows<code_offset<F>>(rows, xq + m * nb * AB, nb, xa + m * nb, xsum + m * nb, panel.data(), s,
                     y + m * ldy, ldy, K, G, std::make_integer_sequence<int, IR>{});
     }
     return;

@@ -45,6 +45,11 @@
 // - more tokens: each slab is unpacked into the float slab live_qlinear dequantizes to (the
 //   same products), then the same tiles.
 //
+// edgeadapt::live_qlinear_a8.out, edgeadapt::live_q4linear_a8.out — the two code forms with
+// int8 activations (x quantized per row in blocks of 32 columns, as edgeadapt's ONNX Runtime
+// kernel quantizes them, and multiplied as integers by the codes): below, "int8 activations".
+// The exporter writes these where the columns and the groups are whole blocks of 32.
+//
 // Registered into ExecuTorch's kernel registry (libexecutorch.so of the executorch wheel)
 // when this library is loaded: edgeadapt/runtime/backends/executorch/kernel.py builds and
 // loads it.
@@ -57,6 +62,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "int8_tiles.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -321,6 +328,29 @@ bool resize_out(const Tensor& x, int64_t N, Tensor& out) {
          executorch::runtime::Error::Ok;
 }
 
+// the code forms' arguments: float x (..., K), int8 codes (N, K) one per byte and float
+// scales (N, K / G), or int4 codes packed two per byte (N, K / 32, 16) and scales whose groups
+// are whole blocks of 32; float out
+bool codes_args(const Tensor& x, const Tensor& codes, const Tensor& scales, const Tensor& out) {
+  using executorch::aten::ScalarType;
+  return x.dim() >= 1 && x.dim() <= 8 && codes.dim() == 2 && scales.dim() == 2 &&
+         x.scalar_type() == ScalarType::Float && codes.scalar_type() == ScalarType::Char &&
+         scales.scalar_type() == ScalarType::Float && out.scalar_type() == ScalarType::Float &&
+         x.size(x.dim() - 1) == codes.size(1) && scales.size(0) == codes.size(0) &&
+         scales.size(1) >= 1 && codes.size(1) % scales.size(1) == 0;
+}
+
+bool packed_args(const Tensor& x, const Tensor& packed, const Tensor& scales,
+                 const Tensor& out) {
+  using executorch::aten::ScalarType;
+  return x.dim() >= 1 && x.dim() <= 8 && packed.dim() == 3 && packed.size(2) == 16 &&
+         scales.dim() == 2 && x.scalar_type() == ScalarType::Float &&
+         packed.scalar_type() == ScalarType::Byte && scales.scalar_type() == ScalarType::Float &&
+         out.scalar_type() == ScalarType::Float && x.size(x.dim() - 1) == 32 * packed.size(1) &&
+         scales.size(0) == packed.size(0) && scales.size(1) >= 1 &&
+         packed.size(1) % scales.size(1) == 0;
+}
+
 Tensor& live_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& w,
                         Tensor& out) {
   ET_KERNEL_CHECK(ctx, x.dim() >= 1 && x.dim() <= 8 && w.dim() == 2 &&
@@ -340,15 +370,7 @@ Tensor& live_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor
 
 Tensor& live_qlinear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes,
                          const Tensor& scales, Tensor& out) {
-  using executorch::aten::ScalarType;
-  ET_KERNEL_CHECK(ctx, x.dim() >= 1 && x.dim() <= 8 && codes.dim() == 2 &&
-                  scales.dim() == 2 && x.scalar_type() == ScalarType::Float &&
-                  codes.scalar_type() == ScalarType::Char &&
-                  scales.scalar_type() == ScalarType::Float &&
-                  out.scalar_type() == ScalarType::Float &&
-                  x.size(x.dim() - 1) == codes.size(1) && scales.size(0) == codes.size(0) &&
-                  scales.size(1) >= 1 && codes.size(1) % scales.size(1) == 0,
-                  InvalidArgument, out);
+  ET_KERNEL_CHECK(ctx, codes_args(x, codes, scales, out), InvalidArgument, out);
   const int64_t K = codes.size(1), N = codes.size(0), M = K ? x.numel() / K : 0;
   const int64_t groups = scales.size(1), G = K / groups;
   ET_KERNEL_CHECK(ctx, resize_out(x, N, out), InvalidArgument, out);
@@ -376,16 +398,7 @@ Tensor& live_qlinear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tenso
 
 Tensor& live_q4linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& packed,
                           const Tensor& scales, Tensor& out) {
-  using executorch::aten::ScalarType;
-  ET_KERNEL_CHECK(ctx, x.dim() >= 1 && x.dim() <= 8 && packed.dim() == 3 &&
-                  packed.size(2) == 16 && scales.dim() == 2 &&
-                  x.scalar_type() == ScalarType::Float &&
-                  packed.scalar_type() == ScalarType::Byte &&
-                  scales.scalar_type() == ScalarType::Float &&
-                  out.scalar_type() == ScalarType::Float &&
-                  x.size(x.dim() - 1) == 32 * packed.size(1) &&
-                  scales.size(0) == packed.size(0) && scales.size(1) >= 1 &&
-                  packed.size(1) % scales.size(1) == 0, InvalidArgument, out);
+  ET_KERNEL_CHECK(ctx, packed_args(x, packed, scales, out), InvalidArgument, out);
   const int64_t N = packed.size(0), K = 32 * packed.size(1), M = K ? x.numel() / K : 0;
   const int64_t groups = scales.size(1), blocks = packed.size(1) / groups;  // per group
   ET_KERNEL_CHECK(ctx, resize_out(x, N, out), InvalidArgument, out);
@@ -416,8 +429,321 @@ Tensor& live_q4linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
   return out;
 }
 
+// ---- int8 activations: edgeadapt::live_qlinear_a8.out, edgeadapt::live_q4linear_a8.out ----
+//
+// x quantized per row in blocks of 32 input columns (int8_tiles.h: quantize_row, ONNX Runtime's
+// MatMulNBits at accuracy level 4, as edgeadapt's ONNX Runtime kernel quantizes the activations
+// of its live codes), codes held as above (int8 one per byte; int4 two per byte), K and G
+// multiples of 32:
+//
+//     y[m, n] = sum_blk (xa[m, blk] s[n, g(blk)]) * sum_{k in blk} xq[m, k] q[n, k]
+//
+// the inner sums exact in int32, taken on the unsigned codes u = q + O (O = 128 for int8, 8 for
+// int4's nibbles as stored) less O sum_{k} xq[m, k] (vpdpbusd's u8 x s8 operands).
+// - one token: per row, 64 columns a step: one load of the codes (int4: 32 bytes, the nibbles
+//   split and put in column order), one vpdpbusd with the activations (16 lanes of 4 columns,
+//   lanes 0..7 one block, 8..15 the next), the lanes' offset terms subtracted, converted to float
+//   and FMA'd with (xa s) per lane; one horizontal sum per row;
+// - more tokens: per strip of 32 rows of w, the codes are gathered into vpdpbusd's order once
+//   (a 16 x 16 transpose of 32-bit words: each lane 4 columns of one row) and the int8 tiles of
+//   int8_tiles.h (4 tokens x 32 outputs, 8 vpdpbusd per 4 input columns) run over the tokens.
+// AVX-512BW (int8 codes also VNNI: their u up to 255 overflow vpmaddubsw's int16); plain C++
+// on the same integers elsewhere (the float sums ordered otherwise: equal to rounding).
+
+using int8_tiles::AB;
+using int8_tiles::IR;
+using int8_tiles::quantize_row;
+
+constexpr int64_t STRIP = 32;   // rows of w per gathered panel (int8_tiles::BW)
+constexpr int64_t MCHUNK = 128; // tokens per parallel item of the tiles
+
+// the call's activations: every row of x quantized, per block its scale and sum
+struct Acts {
+  const int8_t* q;
+  const float* a;
+  const int32_t* sum;
+  int64_t nb;
+};
+
+Acts quantize_x(const float* X, int64_t M, int64_t K) {
+  const int64_t nb = K / AB;
+  thread_local std::vector<int8_t> qb;
+  thread_local std::vector<float> ab;
+  thread_local std::vector<int32_t> sb;
+  qb.resize(static_cast<size_t>(M * K));
+  ab.resize(static_cast<size_t>(M * nb));
+  sb.resize(ab.size());
+  int8_t* q = qb.data();  // the calling thread's buffers: the workers get these pointers
+  float* a = ab.data();
+  int32_t* sum = sb.data();
+  executorch::extension::parallel_for(0, M, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; ++m)
+      quantize_row(X + m * K, K, q + m * K, a + m * nb, sum + m * nb, nullptr);
+  });
+  return {q, a, sum, nb};
+}
+
+// the codes of one weight: int8 one per byte (Packed false: row n at q + n K) or int4 two per
+// byte (row n at q + n K / 2, block b's 16 bytes at 16 b: columns j low, j + 16 high, + 8)
+template <bool Packed>
+struct Codes {
+  const uint8_t* q;
+  const float* s;
+  int64_t N, K, groups, G;
+  static constexpr int32_t O = Packed ? 8 : 128;  // u = q + O
+  const uint8_t* row(int64_t n) const { return q + n * (Packed ? K / 2 : K); }
+  int32_t code(int64_t n, int64_t k) const {
+    const uint8_t* r = row(n);
+    if constexpr (Packed) {
+      const uint8_t b = r[(k / 32) * 16 + (k & 15)];
+      return ((k & 16) ? (b >> 4) : (b & 15)) - 8;
+    } else {
+      return static_cast<int8_t>(r[k]);
+    }
+  }
+};
+
+// plain C++: rows [lo, hi) of token m's y, block by block in order
+template <bool Packed>
+void a8_rows_portable(const Codes<Packed>& w, const Acts& x, int64_t m, float* y, int64_t lo,
+                      int64_t hi) {
+  const int8_t* xq = x.q + m * w.K;
+  const float* xa = x.a + m * x.nb;
+  for (int64_t n = lo; n < hi; ++n) {
+    const float* sn = w.s + n * w.groups;
+    float acc = 0.f;
+    for (int64_t blk = 0; blk < x.nb; ++blk) {
+      int32_t d = 0;
+      for (int64_t k = blk * AB; k < (blk + 1) * AB; ++k) d += w.code(n, k) * xq[k];
+      acc = std::fma(static_cast<float>(d), xa[blk] * sn[blk * AB / w.G], acc);
+    }
+    y[n] = acc;
+  }
+}
+
+#if defined(__AVX512BW__)
+template <bool Packed>
+#if defined(__AVX512VNNI__)
+constexpr bool a8_vector = true;
+#else
+constexpr bool a8_vector = Packed;  // int4's u <= 15 fit vpmaddubsw's pairs
+#endif
+
+// the unsigned codes u = q + O of row r's columns 64 p .. 64 p + 63 in column order (the tail
+// block where K / 32 is odd: columns past K zero)
+template <bool Packed>
+inline __m512i pair_codes(const uint8_t* r, int64_t p, bool tail) {
+  if constexpr (Packed) {
+    const uint8_t* b = r + 32 * p;
+    const __m256i v = tail ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)))
+                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+    const __m256i nib = _mm256_set1_epi8(15);
+    const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+    const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // lo_b lo_b1 hi_b hi_b1
+    return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));             // lo_b hi_b lo_b1 hi_b1
+  } else {
+    const __mmask64 mask = tail ? 0xffffffffull : ~0ull;
+    return _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, r + 64 * p),
+                            _mm512_set1_epi8(static_cast<char>(0x80)));
+  }
+}
+
+// One token, rows [lo, hi): the per-call vectors of the pairs of blocks (xv: the activations,
+// corr: O times each lane's 4 activations summed, xav: the blocks' scales per lane, gi: each
+// block's scale group)
+template <bool Packed>
+void a8_gemv_rows(const Codes<Packed>& w, const Acts& x, const __m512i* xv, const __m512i* corr,
+                  const __m512* xav, const int64_t* gi, float* y, int64_t lo, int64_t hi) {
+  const int64_t pairs = (x.nb + 1) / 2;
+  const bool odd = x.nb % 2 != 0;
+  for (int64_t n = lo; n < hi; ++n) {
+    const uint8_t* r = w.row(n);
+    const float* sn = w.s + n * w.groups;
+    __m512 t0 = _mm512_setzero_ps(), t1 = t0;
+    for (int64_t p = 0; p < pairs; ++p) {
+      const __m512i u = pair_codes<Packed>(r, p, odd && p == pairs - 1);
+      const __m512i acc = _mm512_sub_epi32(int8_tiles::dot4(_mm512_setzero_si512(), u, xv[p]),
+                                           corr[p]);
+      const __m512 sv = _mm512_mul_ps(
+          xav[p], _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sn[gi[2 * p]]),
+                                       _mm512_set1_ps(sn[gi[2 * p + 1]])));
+      if (p % 2 == 0)
+        t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sv, t0);
+      else
+        t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sv, t1);
+    }
+    y[n] = _mm512_reduce_add_ps(_mm512_add_ps(t0, t1));
+  }
+}
+
+// r[i] (16 rows of 16 32-bit words) -> r[t] the words t of the 16 rows
+inline void transpose16(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // b[4 g + i]: in 128-bit lane L, rows 4 g .. 4 g + 3 at word 4 L + i
+  for (int g = 0; g < 4; ++g) {
+    b[4 * g + 0] = _mm512_unpacklo_epi64(a[4 * g], a[4 * g + 2]);
+    b[4 * g + 1] = _mm512_unpackhi_epi64(a[4 * g], a[4 * g + 2]);
+    b[4 * g + 2] = _mm512_unpacklo_epi64(a[4 * g + 1], a[4 * g + 3]);
+    b[4 * g + 3] = _mm512_unpackhi_epi64(a[4 * g + 1], a[4 * g + 3]);
+  }
+  // word 4 L + i: lane L of b[i], b[4 + i], b[8 + i], b[12 + i]
+  for (int i = 0; i < 4; ++i) {
+    const __m512i c0 = _mm512_shuffle_i32x4(b[i], b[4 + i], 0x44);
+    const __m512i c1 = _mm512_shuffle_i32x4(b[i], b[4 + i], 0xEE);
+    const __m512i c2 = _mm512_shuffle_i32x4(b[8 + i], b[12 + i], 0x44);
+    const __m512i c3 = _mm512_shuffle_i32x4(b[8 + i], b[12 + i], 0xEE);
+    r[i] = _mm512_shuffle_i32x4(c0, c2, 0x88);
+    r[4 + i] = _mm512_shuffle_i32x4(c0, c2, 0xDD);
+    r[8 + i] = _mm512_shuffle_i32x4(c1, c3, 0x88);
+    r[12 + i] = _mm512_shuffle_i32x4(c1, c3, 0xDD);
+  }
+}
+
+// rows [n0, n0 + 32) of w (past N: code 0) gathered into vpdpbusd's order: per 4 input columns
+// c..c+3, 128 bytes at (c / 4) 128, rows n0..n0+15 then n0+16..n0+31, a lane each holding
+// u[n, c..c+3]; and their scales as (groups, 32)
+template <bool Packed>
+void gather_strip(const Codes<Packed>& w, int64_t n0, uint8_t* panel, float* sbuf) {
+  const int64_t bytes = Packed ? w.K / 2 : w.K;  // per row
+  const __m512i fill = _mm512_set1_epi8(static_cast<char>(Packed ? 0x88 : 0x00));
+  for (int64_t c = 0; c < bytes; c += 64) {
+    const int64_t valid = std::min<int64_t>(64, bytes - c);
+    const __mmask64 mask = valid == 64 ? ~0ull : (1ull << valid) - 1;
+    for (int h = 0; h < 2; ++h) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t n = n0 + 16 * h + i;
+        r[i] = n < w.N ? _mm512_mask_loadu_epi8(fill, mask, w.row(n) + c) : fill;
+      }
+      transpose16(r);
+      for (int t = 0; t < valid / 4; ++t) {
+        if constexpr (Packed) {
+          // word t: block c / 16 + t / 4, its bytes 4 (t % 4) .. + 3: columns 4 (t % 4) + 0..3
+          // (low nibbles) and 16 + 4 (t % 4) + 0..3 (high)
+          const int64_t e = 8 * (c / 16 + t / 4) + t % 4;  // the low nibbles' 4 columns / 4
+          const __m512i nib = _mm512_set1_epi8(15);
+          _mm512_storeu_si512(panel + e * 128 + 64 * h, _mm512_and_si512(r[t], nib));
+          _mm512_storeu_si512(panel + (e + 4) * 128 + 64 * h,
+                              _mm512_and_si512(_mm512_srli_epi16(r[t], 4), nib));
+        } else {
+          _mm512_storeu_si512(panel + (c / 4 + t) * 128 + 64 * h,
+                              _mm512_xor_si512(r[t], _mm512_set1_epi8(static_cast<char>(0x80))));
+        }
+      }
+    }
+  }
+  for (int64_t g = 0; g < w.groups; ++g)
+    for (int64_t j = 0; j < STRIP; ++j)
+      sbuf[g * STRIP + j] = n0 + j < w.N ? w.s[(n0 + j) * w.groups + g] : 0.f;
+}
+#endif
+
+// Y (M, N) = A(X) W^T for the codes w
+template <bool Packed>
+void a8_linear(const float* X, float* Y, int64_t M, const Codes<Packed>& w) {
+  const int64_t N = w.N, K = w.K;
+  if (M == 0 || N == 0) return;
+  const Acts x = quantize_x(X, M, K);
+#if defined(__AVX512BW__)
+  if constexpr (a8_vector<Packed>) {
+    if (M == 1) {
+      const int64_t pairs = (x.nb + 1) / 2;
+      thread_local std::vector<__m512i> xv, corr;
+      thread_local std::vector<__m512> xav;
+      thread_local std::vector<int64_t> gi;
+      xv.resize(pairs);
+      corr.resize(pairs);
+      xav.resize(pairs);
+      gi.resize(2 * pairs);
+      for (int64_t p = 0; p < pairs; ++p) {
+        const bool two = 2 * p + 1 < x.nb;
+        xv[p] = _mm512_maskz_loadu_epi8(two ? ~0ull : 0xffffffffull, x.q + 64 * p);
+        // each lane's 4 activations summed (ones times them), times O
+        corr[p] = _mm512_mullo_epi32(
+            _mm512_set1_epi32(Codes<Packed>::O),
+            int8_tiles::dot4(_mm512_setzero_si512(), _mm512_set1_epi8(1), xv[p]));
+        xav[p] = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(x.a[2 * p]),
+                                      _mm512_set1_ps(two ? x.a[2 * p + 1] : 0.f));
+        gi[2 * p] = 2 * p * AB / w.G;
+        gi[2 * p + 1] = two ? (2 * p + 1) * AB / w.G : gi[2 * p];
+      }
+      const __m512i* pv = xv.data();
+      const __m512i* pc = corr.data();
+      const __m512* pa = xav.data();
+      const int64_t* pg = gi.data();
+      executorch::extension::parallel_for(0, N, 32, [&](int64_t lo, int64_t hi) {
+        a8_gemv_rows<Packed>(w, x, pv, pc, pa, pg, Y, lo, hi);
+      });
+      return;
+    }
+    const int64_t strips = (N + STRIP - 1) / STRIP, chunks = (M + MCHUNK - 1) / MCHUNK;
+    executorch::extension::parallel_for(0, strips * chunks, 1, [&](int64_t lo, int64_t hi) {
+      thread_local std::vector<uint8_t> panel;
+      thread_local std::vector<float> sbuf, ytmp;
+      panel.resize(static_cast<size_t>(K / 4 * 128));
+      sbuf.resize(static_cast<size_t>(w.groups * STRIP));
+      ytmp.resize(static_cast<size_t>(IR * STRIP));
+      int64_t built = -1;
+      for (int64_t item = lo; item < hi; ++item) {
+        const int64_t strip = item / chunks, n0 = strip * STRIP;
+        const int64_t m0 = (item % chunks) * MCHUNK, m1 = std::min<int64_t>(M, m0 + MCHUNK);
+        if (strip != built) {
+          gather_strip<Packed>(w, n0, panel.data(), sbuf.data());
+          built = strip;
+        }
+        const bool full = n0 + STRIP <= N;
+        for (int64_t m = m0; m < m1; m += IR) {
+          const int rows = static_cast<int>(std::min<int64_t>(IR, m1 - m));
+          float* y = full ? Y + m * N + n0 : ytmp.data();
+          int8_tiles::itile_rows<Codes<Packed>::O>(
+              rows, x.q + m * K, x.nb, x.a + m * x.nb, x.sum + m * x.nb, panel.data(),
+              sbuf.data(), y, full ? N : STRIP, K, w.G, std::make_integer_sequence<int, IR>{});
+          if (!full)
+            for (int r = 0; r < rows; ++r)
+              for (int64_t j = 0; j < N - n0; ++j) Y[(m + r) * N + n0 + j] = ytmp[r * STRIP + j];
+        }
+      }
+    });
+    return;
+  }
+#endif
+  executorch::extension::parallel_for(0, N, 32, [&](int64_t lo, int64_t hi) {
+    for (int64_t m = 0; m < M; ++m) a8_rows_portable<Packed>(w, x, m, Y + m * N, lo, hi);
+  });
+}
+
+Tensor& live_qlinear_a8_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes,
+                            const Tensor& scales, Tensor& out) {
+  ET_KERNEL_CHECK(ctx, codes_args(x, codes, scales, out) && codes.size(1) % AB == 0 &&
+                  (codes.size(1) / scales.size(1)) % AB == 0, InvalidArgument, out);
+  const int64_t K = codes.size(1), N = codes.size(0), M = K ? x.numel() / K : 0;
+  ET_KERNEL_CHECK(ctx, resize_out(x, N, out), InvalidArgument, out);
+  const Codes<false> w{reinterpret_cast<const uint8_t*>(codes.const_data_ptr<int8_t>()),
+                       scales.const_data_ptr<float>(), N, K, scales.size(1),
+                       K / scales.size(1)};
+  a8_linear<false>(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), M, w);
+  return out;
+}
+
+Tensor& live_q4linear_a8_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& packed,
+                             const Tensor& scales, Tensor& out) {
+  ET_KERNEL_CHECK(ctx, packed_args(x, packed, scales, out), InvalidArgument, out);
+  const int64_t N = packed.size(0), K = 32 * packed.size(1), M = K ? x.numel() / K : 0;
+  ET_KERNEL_CHECK(ctx, resize_out(x, N, out), InvalidArgument, out);
+  const Codes<true> w{packed.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(), N, K,
+                      scales.size(1), K / scales.size(1)};
+  a8_linear<true>(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), M, w);
+  return out;
+}
+
 }  // namespace
 
 EXECUTORCH_LIBRARY(edgeadapt, "live_linear.out", live_linear_out);
 EXECUTORCH_LIBRARY(edgeadapt, "live_qlinear.out", live_qlinear_out);
 EXECUTORCH_LIBRARY(edgeadapt, "live_q4linear.out", live_q4linear_out);
+EXECUTORCH_LIBRARY(edgeadapt, "live_qlinear_a8.out", live_qlinear_a8_out);
+EXECUTORCH_LIBRARY(edgeadapt, "live_q4linear_a8.out", live_q4linear_a8_out);

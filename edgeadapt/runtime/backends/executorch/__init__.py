@@ -9,7 +9,8 @@ backend="executorch")``, CPU only.
   Python runtime.
 - ``kernel.py``: edgeadapt's own kernels ``edgeadapt::live_linear.out`` (and
   ``live_qlinear.out``, int8 codes + scales, ``live_q4linear.out``, int4 codes packed two per
-  byte + scales: quantized bundles), which programs exported in the ``own-kernel`` live form
+  byte + scales, and their ``_a8`` forms taking int8 activations: quantized bundles), which
+  programs exported in the ``own-kernel`` live form
   call.
 - ``variant.py``: unfused adapters through a variant program's branch buffers.
 - ``decoder.py``: the KV-cache decoder that generation steps (bundles exported with

@@ -1,7 +1,8 @@
 """Build and load edgeadapt's own ExecuTorch kernels, ``edgeadapt::live_linear.out``,
-``edgeadapt::live_qlinear.out`` and ``edgeadapt::live_q4linear.out``
-(``edgeadapt/runtime/kernels/live_linear.cpp``: ``out = x @ w^T`` reading a live weight, or its
-int8 codes, or its int4 codes packed two per byte, and scales, in place; why there), and the
+``edgeadapt::live_qlinear.out`` and ``edgeadapt::live_q4linear.out``, and their ``_a8`` forms
+(int8 activations) (``edgeadapt/runtime/kernels/live_linear.cpp``: ``out = x @ w^T`` reading a
+live weight, or its int8 codes, or its int4 codes packed two per byte, and scales, in place;
+why there), and the
 decoder's ``edgeadapt::cache_attention.out`` (``cache_attention.cpp``: causal attention reading
 the KV cache buffers in place; :mod:`edgeadapt.export.executorch_attention`).
 
@@ -26,6 +27,8 @@ from edgeadapt.runtime import native
 
 SOURCE = native.KERNELS / "live_linear.cpp"
 ATTENTION_SOURCE = native.KERNELS / "cache_attention.cpp"
+#: the header of edgeadapt's own that SOURCE includes (its text is part of the build's key)
+OWN_HEADERS = (native.KERNELS / "int8_tiles.h",)
 #: the operator the library registers (ExecuTorch name)
 OPERATOR = "edgeadapt::live_linear.out"
 NEEDED_FOR = "the own-kernel ExecuTorch live form"
@@ -64,7 +67,8 @@ def build_against_executorch(source: Path, name: str, cflags: tuple[str, ...] = 
         [*CFLAGS, *cflags, f"-I{root / 'include'}",
          f"-I{root / 'include/executorch/runtime/core/portable_type/c10'}"],
         [f"-L{lib}", "-lexecutorch", "-lexecutorch_threadpool", f"-Wl,-rpath,{lib}"],
-        key=[f"executorch {version}"], needed_for=needed_for, hint=hint)
+        key=[f"executorch {version}", *(h.read_text() for h in OWN_HEADERS)],
+        needed_for=needed_for, hint=hint)
 
 
 def library_path(cflags: tuple[str, ...] = ()) -> Path:

@@ -32,7 +32,8 @@ from edgeadapt.runtime import native
 
 SOURCE = native.KERNELS / "blocked_matmul.cpp"
 #: the headers of edgeadapt's own that SOURCE includes (their text is part of the build's key)
-OWN_HEADERS = (native.KERNELS / "block_offsets.h", native.KERNELS / "ort_kernel.h")
+OWN_HEADERS = (native.KERNELS / "block_offsets.h", native.KERNELS / "int8_tiles.h",
+               native.KERNELS / "ort_kernel.h")
 HEADER = "onnxruntime_cxx_api.h"
 NEEDED_FOR = "edgeadapt's ONNX Runtime kernel"
 
