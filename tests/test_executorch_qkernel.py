@@ -48,10 +48,11 @@ CASES = [(ROW45, 45), (INT8, 96), (INT4, 96), (INT4, 32)]
 PACKED_CASES = [(INT4, 96), (INT4, 32), (INT4_G64, 128)]
 N = 21  # 3 full slabs of 6 rows + 3 rows
 #: the int8-activation forms' (packed, grid, K, N): K and G multiples of 32 (an odd count of
-#: blocks: the one-token path's half pair; K = 160: the gather's short chunk), N a partial strip
-#: of 32 rows or full ones and a partial one
+#: blocks; K = 160: the transposes' short chunk; K = 576, SmolLM2's: more than 16 scale groups),
+#: N a partial strip of 32 rows or full ones and a partial one
 A8_CASES = [(False, INT8, 96, N), (False, INT8, 160, 70), (False, INT4, 32, N),
-            (True, INT4, 96, N), (True, INT4, 160, 70), (True, INT4_G64, 128, 64)]
+            (True, INT4, 96, N), (True, INT4, 160, 70), (True, INT4_G64, 128, 64),
+            (True, INT4, 576, 40), (False, INT8, 576, N)]
 #: (batch, seq): one token, 6-row slabs with partial / several 64-token panels
 SHAPES = [(1, 1), (3, 1), (1, 2), (1, 63), (1, 65), (2, 64), (4, 70)]
 

@@ -440,13 +440,13 @@ Tensor& live_q4linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
 //
 // the inner sums exact in int32, taken on the unsigned codes u = q + O (O = 128 for int8, 8 for
 // int4's nibbles as stored) less O sum_{k} xq[m, k] (vpdpbusd's u8 x s8 operands).
-// - one token: per row, 64 columns a step: one load of the codes (int4: 32 bytes, the nibbles
-//   split and put in column order), one vpdpbusd with the activations (16 lanes of 4 columns,
-//   lanes 0..7 one block, 8..15 the next), the lanes' offset terms subtracted, converted to float
-//   and FMA'd with (xa s) per lane; one horizontal sum per row;
+// - one token: per 16 rows, 64 bytes of each row at a time transposed as 32-bit words (a lane
+//   per row, each word 4 columns), one vpdpbusd per word with the activations' 4 bytes of its
+//   columns broadcast, per block the offset term subtracted and (xa s) applied per lane: no
+//   horizontal sums, 64 multiply-adds per instruction;
 // - more tokens: per strip of 32 rows of w, the codes are gathered into vpdpbusd's order once
-//   (a 16 x 16 transpose of 32-bit words: each lane 4 columns of one row) and the int8 tiles of
-//   int8_tiles.h (4 tokens x 32 outputs, 8 vpdpbusd per 4 input columns) run over the tokens.
+//   (the same transpose) and the int8 tiles of int8_tiles.h (4 tokens x 32 outputs, 8 vpdpbusd
+//   per 4 input columns) run over the tokens.
 // AVX-512BW (int8 codes also VNNI: their u up to 255 overflow vpmaddubsw's int16); plain C++
 // on the same integers elsewhere (the float sums ordered otherwise: equal to rounding).
 
@@ -476,10 +476,14 @@ Acts quantize_x(const float* X, int64_t M, int64_t K) {
   int8_t* q = qb.data();  // the calling thread's buffers: the workers get these pointers
   float* a = ab.data();
   int32_t* sum = sb.data();
-  executorch::extension::parallel_for(0, M, 16, [&](int64_t lo, int64_t hi) {
+  auto rows = [&](int64_t lo, int64_t hi) {
     for (int64_t m = lo; m < hi; ++m)
       quantize_row(X + m * K, K, q + m * K, a + m * nb, sum + m * nb, nullptr);
-  });
+  };
+  if (M < 32)
+    rows(0, M);  // a decode step: not worth waking the threads
+  else
+    executorch::extension::parallel_for(0, M, 16, rows);
   return {q, a, sum, nb};
 }
 
@@ -528,53 +532,6 @@ constexpr bool a8_vector = true;
 #else
 constexpr bool a8_vector = Packed;  // int4's u <= 15 fit vpmaddubsw's pairs
 #endif
-
-// the unsigned codes u = q + O of row r's columns 64 p .. 64 p + 63 in column order (the tail
-// block where K / 32 is odd: columns past K zero)
-template <bool Packed>
-inline __m512i pair_codes(const uint8_t* r, int64_t p, bool tail) {
-  if constexpr (Packed) {
-    const uint8_t* b = r + 32 * p;
-    const __m256i v = tail ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)))
-                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
-    const __m256i nib = _mm256_set1_epi8(15);
-    const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
-    const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // lo_b lo_b1 hi_b hi_b1
-    return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));             // lo_b hi_b lo_b1 hi_b1
-  } else {
-    const __mmask64 mask = tail ? 0xffffffffull : ~0ull;
-    return _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, r + 64 * p),
-                            _mm512_set1_epi8(static_cast<char>(0x80)));
-  }
-}
-
-// One token, rows [lo, hi): the per-call vectors of the pairs of blocks (xv: the activations,
-// corr: O times each lane's 4 activations summed, xav: the blocks' scales per lane, gi: each
-// block's scale group)
-template <bool Packed>
-void a8_gemv_rows(const Codes<Packed>& w, const Acts& x, const __m512i* xv, const __m512i* corr,
-                  const __m512* xav, const int64_t* gi, float* y, int64_t lo, int64_t hi) {
-  const int64_t pairs = (x.nb + 1) / 2;
-  const bool odd = x.nb % 2 != 0;
-  for (int64_t n = lo; n < hi; ++n) {
-    const uint8_t* r = w.row(n);
-    const float* sn = w.s + n * w.groups;
-    __m512 t0 = _mm512_setzero_ps(), t1 = t0;
-    for (int64_t p = 0; p < pairs; ++p) {
-      const __m512i u = pair_codes<Packed>(r, p, odd && p == pairs - 1);
-      const __m512i acc = _mm512_sub_epi32(int8_tiles::dot4(_mm512_setzero_si512(), u, xv[p]),
-                                           corr[p]);
-      const __m512 sv = _mm512_mul_ps(
-          xav[p], _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sn[gi[2 * p]]),
-                                       _mm512_set1_ps(sn[gi[2 * p + 1]])));
-      if (p % 2 == 0)
-        t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sv, t0);
-      else
-        t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sv, t1);
-    }
-    y[n] = _mm512_reduce_add_ps(_mm512_add_ps(t0, t1));
-  }
-}
 
 // r[i] (16 rows of 16 32-bit words) -> r[t] the words t of the 16 rows
 inline void transpose16(__m512i r[16]) {
@@ -640,6 +597,66 @@ void gather_strip(const Codes<Packed>& w, int64_t n0, uint8_t* panel, float* sbu
     for (int64_t j = 0; j < STRIP; ++j)
       sbuf[g * STRIP + j] = n0 + j < w.N ? w.s[(n0 + j) * w.groups + g] : 0.f;
 }
+
+// One token, rows [n0, n0 + 16) of w (past N: code 0, not stored): the rows' codes 64 bytes at a
+// time, transposed (transpose16) so that word t holds, one row per lane, the 4 codes of input
+// columns 4 t .. 4 t + 3 of the chunk (int4: its low nibbles those columns of a block, the high
+// ones 16 columns on); one vpdpbusd per word with the activations' 4 bytes of those columns
+// broadcast, and per block the offset term subtracted and (xa s) applied per lane
+template <bool Packed>
+void a8_gemv16(const Codes<Packed>& w, const Acts& x, float* y, int64_t n0) {
+  const int64_t bytes = Packed ? w.K / 2 : w.K;  // per row
+  const int64_t rows = std::min<int64_t>(16, w.N - n0);
+  const __mmask16 live = static_cast<__mmask16>(rows == 16 ? 0xffff : (1u << rows) - 1);
+  const __m512i fill = _mm512_set1_epi8(static_cast<char>(Packed ? 0x88 : 0x00));
+  const __m512i lanes = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int32_t>(w.groups)));  // the rows' scales, a row apart
+  const float* s0 = w.s + n0 * w.groups;
+  __m512 acc = _mm512_setzero_ps();
+  auto block = [&](int64_t b, __m512i dot) {  // block b's term into acc
+    const __m512 s = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, lanes,
+                                              s0 + b * AB / w.G, 4);
+    const __m512i d = _mm512_sub_epi32(dot, _mm512_set1_epi32(Codes<Packed>::O * x.sum[b]));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, _mm512_set1_ps(x.a[b])), acc);
+  };
+  for (int64_t c = 0; c < bytes; c += 64) {
+    const int64_t valid = std::min<int64_t>(64, bytes - c);
+    const __mmask64 mask = valid == 64 ? ~0ull : (1ull << valid) - 1;
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i)
+      r[i] = i < rows ? _mm512_mask_loadu_epi8(fill, mask, w.row(n0 + i) + c) : fill;
+    transpose16(r);
+    if constexpr (Packed) {
+      const __m512i nib = _mm512_set1_epi8(15);
+      for (int64_t bl = 0; bl < valid / 16; ++bl) {  // 16 bytes a block
+        const int64_t b = c / 16 + bl;
+        const int8_t* xb = x.q + b * AB;
+        __m512i d = _mm512_setzero_si512();
+        for (int t = 0; t < 4; ++t) {
+          const __m512i v = r[4 * bl + t];
+          d = int8_tiles::dot4(d, _mm512_and_si512(v, nib),
+                               _mm512_set1_epi32(int8_tiles::four_bytes(xb + 4 * t)));
+          d = int8_tiles::dot4(d, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib),
+                               _mm512_set1_epi32(int8_tiles::four_bytes(xb + 16 + 4 * t)));
+        }
+        block(b, d);
+      }
+    } else {
+      const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+      for (int64_t bl = 0; bl < valid / 32; ++bl) {  // 32 bytes a block
+        const int64_t b = c / 32 + bl;
+        const int8_t* xb = x.q + b * AB;
+        __m512i d = _mm512_setzero_si512();
+        for (int t = 0; t < 8; ++t)
+          d = int8_tiles::dot4(d, _mm512_xor_si512(r[8 * bl + t], sign),
+                               _mm512_set1_epi32(int8_tiles::four_bytes(xb + 4 * t)));
+        block(b, d);
+      }
+    }
+  }
+  _mm512_mask_storeu_ps(y + n0, live, acc);
+}
 #endif
 
 // Y (M, N) = A(X) W^T for the codes w
@@ -651,32 +668,8 @@ void a8_linear(const float* X, float* Y, int64_t M, const Codes<Packed>& w) {
 #if defined(__AVX512BW__)
   if constexpr (a8_vector<Packed>) {
     if (M == 1) {
-      const int64_t pairs = (x.nb + 1) / 2;
-      thread_local std::vector<__m512i> xv, corr;
-      thread_local std::vector<__m512> xav;
-      thread_local std::vector<int64_t> gi;
-      xv.resize(pairs);
-      corr.resize(pairs);
-      xav.resize(pairs);
-      gi.resize(2 * pairs);
-      for (int64_t p = 0; p < pairs; ++p) {
-        const bool two = 2 * p + 1 < x.nb;
-        xv[p] = _mm512_maskz_loadu_epi8(two ? ~0ull : 0xffffffffull, x.q + 64 * p);
-        // each lane's 4 activations summed (ones times them), times O
-        corr[p] = _mm512_mullo_epi32(
-            _mm512_set1_epi32(Codes<Packed>::O),
-            int8_tiles::dot4(_mm512_setzero_si512(), _mm512_set1_epi8(1), xv[p]));
-        xav[p] = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(x.a[2 * p]),
-                                      _mm512_set1_ps(two ? x.a[2 * p + 1] : 0.f));
-        gi[2 * p] = 2 * p * AB / w.G;
-        gi[2 * p + 1] = two ? (2 * p + 1) * AB / w.G : gi[2 * p];
-      }
-      const __m512i* pv = xv.data();
-      const __m512i* pc = corr.data();
-      const __m512* pa = xav.data();
-      const int64_t* pg = gi.data();
-      executorch::extension::parallel_for(0, N, 32, [&](int64_t lo, int64_t hi) {
-        a8_gemv_rows<Packed>(w, x, pv, pc, pa, pg, Y, lo, hi);
+      executorch::extension::parallel_for(0, (N + 15) / 16, 2, [&](int64_t lo, int64_t hi) {
+        for (int64_t b = lo; b < hi; ++b) a8_gemv16<Packed>(w, x, Y, 16 * b);
       });
       return;
     }
