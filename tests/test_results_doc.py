@@ -346,3 +346,22 @@ def test_section_8_smollm2(runs):
             "(-45.4%), int8 rounded 73.50 -> 40.40 (-45.0%).") in page
     assert "Hamlet int4 quantization-aware 4.0%" in page
     assert "re-measure: Hamlet int4 40.60 (trained: 40.60)" in page
+
+
+def test_section_8_int4_affine(runs):
+    """Each row's perplexity against fp32 SHiRA trained as long, bold within the 2% target;
+    runs not trained render as not run."""
+    quantized = importlib.import_module("experiments.results_doc.quantized")
+    for name, ppl in (("sm-hamlet-shira-snip-b8", 40.0), ("sm-hamlet-qat-a-b16", 44.0),
+                      ("sm-hamlet-qat-a-live-int8", 40.4), ("sm-hamlet-qat-a-60", 39.0)):
+        (runs / name).mkdir()
+        (runs / name / "metrics.json").write_text(json.dumps({"test": {"perplexity": ppl}}))
+    page = quantized.section_8_int4_affine()
+    assert ("| the same, `--budget-rank 16` (twice the entries) | 30 | 44.00 | +10.0% | "
+            "`sm-hamlet-qat-a-b16` |") in page
+    assert "| 30 | 40.40 | **+1.0%** | `sm-hamlet-qat-a-live-int8` |" in page
+    assert "| fp32 SHiRA (fp32 base; section 7) | 30 | 40.00 | - |" in page
+    # its fp32 reference at 60 steps not trained: no change shown
+    assert "| quantization-aware SHiRA, lr 2e-3 | 60 | 39.00 | - | `sm-hamlet-qat-a-60` |" in page
+    assert "| the same, `--lr 1e-2` | 30 | (not run) | | |" in page
+    assert "python -m experiments.qat_live_int8 train" in page

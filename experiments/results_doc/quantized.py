@@ -184,7 +184,9 @@ writes `runs/mp/quant.json`.
 
 {body}
 
-{section_8_smollm2()}"""
+{section_8_smollm2()}
+
+{section_8_int4_affine()}"""
 
 
 SM_PREFIX = ["--model", "smollm2"]
@@ -376,3 +378,67 @@ target is one example; section 1 measured several points of seed noise for singl
 runs.
 
 {body}"""
+
+
+# "SmolLM2 on int4-affine": (label, run, steps, the fp32 SHiRA run it is held to)
+QAT_A_ROWS = [
+    ("fp32 SHiRA (fp32 base; section 7)", "sm-hamlet-shira-snip-b8", 30, None),
+    ("quantization-aware SHiRA, lr 2e-3", "sm-hamlet-shira-snip-b8-int4-affineqat", 30,
+     "sm-hamlet-shira-snip-b8"),
+    ("the same, `--lr 5e-3`", "sm-hamlet-qat-a-lr5e-3", 30, "sm-hamlet-shira-snip-b8"),
+    ("the same, `--lr 1e-2`", "sm-hamlet-qat-a-lr1e-2", 30, "sm-hamlet-shira-snip-b8"),
+    ("the same, `--budget-rank 16` (twice the entries)", "sm-hamlet-qat-a-b16", 30,
+     "sm-hamlet-shira-snip-b8"),
+    ("the same, `--budget-rank 32`", "sm-hamlet-qat-a-b32", 30, "sm-hamlet-shira-snip-b8"),
+    ("the same, `--mask grad`", "sm-hamlet-qat-a-grad", 30, "sm-hamlet-shira-snip-b8"),
+    ("q/v (the adapted, live weights) on the int8 grid, the rest int4-affine",
+     "sm-hamlet-qat-a-live-int8", 30, "sm-hamlet-shira-snip-b8"),
+    ("fp32 SHiRA (fp32 base)", "sm-hamlet-shira-snip-b8-60", 60, None),
+    ("quantization-aware SHiRA, lr 2e-3", "sm-hamlet-qat-a-60", 60, "sm-hamlet-shira-snip-b8-60"),
+    ("LoRA r=8, unfused on the int4-affine base", "sm-hamlet-lora-r8-int4-affine-60", 60,
+     "sm-hamlet-shira-snip-b8-60"),
+]
+
+
+def qat_a_row(label: str, run: str, steps: int, ref: str | None) -> str:
+    """One row: perplexity, its change against ``ref``'s (bold within the 2% target)."""
+    value, base = data.acc(run, "perplexity"), None if ref is None else data.acc(ref, "perplexity")
+    if value is None:
+        return f"| {label} | {steps} | {NOT_RUN} | | |"
+    change = "-"
+    if base is not None:
+        rel = value / base - 1
+        change = f"{100 * rel:+.1f}%"
+        change = f"**{change}**" if rel <= PPL_LIMIT else change
+    return f"| {label} | {steps} | {num(value, 2)} | {change} | `{run}` |"
+
+
+def section_8_int4_affine() -> str:
+    """Quantization-aware SHiRA on int4-affine against its settings and training length."""
+    rows = "\n".join(qat_a_row(*r) for r in QAT_A_ROWS)
+    live = short_command("sm-hamlet-qat-a-live-int8")
+    return f"""### SmolLM2 on int4-affine: quantization-aware SHiRA's settings and training length
+
+Hamlet's quantization-aware SHiRA on int4-affine (the table above) against other settings of the
+same run, each the run's own evaluation (its `metrics.json`; Hamlet's held-out blocks as above;
+seed 0). The runs are `experiments/results_quality.py`'s (their names in the last column, each
+`edgeadapt train` with the row's change: `--lr`, `--budget-rank`, `--mask grad`, `--steps 60`,
+LoRA's `--method lora --rank 8 --quant int4-affine`); the int8-live row trains through
+`experiments/qat_live_int8.py`, which puts the weights SHiRA edits (q and v, an eighth of the
+blocks' weights) on the int8 grid and the rest on int4-affine, on the PyTorch reference (no
+bundle exports that mix yet): {live}. In the fourth column, the change against fp32 SHiRA
+trained as long (bold: within the issue's 2%). `make results` trains with one torch thread; runs
+trained with another count sum in another order and land a little apart (the lr 2e-3 row: 48.95
+in the table above, 49.02 retrained with one thread).
+
+| run (int4-affine base unless said) | steps | perplexity | against fp32 SHiRA, same steps | run |
+|---|---|---|---|---|
+{rows}
+
+Neither a larger learning rate, nor more entries, nor the gradient mask closes the gap at 30
+steps; twice the steps narrow it. An int4 step of SmolLM2's q/v weights is large against what
+SHiRA moves an entry by in these steps (at lr 2e-3 about a fifth to a quarter of the entries
+leave their base code; a larger learning rate moves more of them and trains worse). With the
+edited weights on the int8 grid, quantization-aware SHiRA is level with fp32 SHiRA: the grid of
+the weights SHiRA edits is what costs, not the int4 rest. LoRA, added in float beside the same
+codes, is not bound by the grid."""
