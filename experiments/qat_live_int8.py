@@ -3,13 +3,15 @@
 
     .venv/bin/python -m experiments.qat_live_int8 train --model smollm2 --task hamlet \\
         --max-len 128 --seed 0 --steps 30 --batch-size 8 --method shira --mask snip \\
-        --budget-rank 8 --quant int4-affine --out runs/mp/sm-hamlet-qat-live-int8
+        --budget-rank 8 --quant int4-affine --out runs/mp/sm-hamlet-qat-a-live-int8
 
 The arguments are ``edgeadapt``'s. The one change: every weight the PyTorch reference
 (``edgeadapt.models.quantized.quantize_reference_``) quantizes whose name holds one of
 ``--live`` (default ``.q_proj.,.v_proj.``, the default targets) goes on the int8 grid, the
 others on the grid ``--quant`` gives them. The run trains and evaluates on that reference, as
 ``edgeadapt train --quant`` does on a bundle's; its perplexity is in its ``metrics.json``.
+Its run directory records ``--quant`` alone, so ``edgeadapt.train.load_run`` rebuilds it on the
+unmixed reference: evaluate it from the run's own metrics, not by reloading it.
 """
 
 from __future__ import annotations

@@ -354,8 +354,7 @@ def test_section_8_int4_affine(runs):
     quantized = importlib.import_module("experiments.results_doc.quantized")
     for name, ppl in (("sm-hamlet-shira-snip-b8", 40.0), ("sm-hamlet-qat-a-b16", 44.0),
                       ("sm-hamlet-qat-a-live-int8", 40.4), ("sm-hamlet-qat-a-60", 39.0)):
-        (runs / name).mkdir()
-        (runs / name / "metrics.json").write_text(json.dumps({"test": {"perplexity": ppl}}))
+        write_run(runs, name, 0.0, test={"perplexity": ppl, "loss": 3.7}, metric="perplexity")
     page = quantized.section_8_int4_affine()
     assert ("| the same, `--budget-rank 16` (twice the entries) | 30 | 44.00 | +10.0% | "
             "`sm-hamlet-qat-a-b16` |") in page

@@ -41,8 +41,8 @@ constexpr int64_t BW = 32;  // output columns per panel
 // One row of x (K columns) at level 4: its int8 activations q (K rounded up to whole blocks,
 // zeros past K, as MLAS pads), per block of AB columns the scale a and the sum of q, and the
 // dequantized row xd[c] = q[c] * a_blk (the float paths' x; not written where xd is null)
-void quantize_row(const float* __restrict x, int64_t K, int8_t* __restrict q,
-                  float* __restrict a, int32_t* __restrict sum, float* __restrict xd) {
+inline void quantize_row(const float* __restrict x, int64_t K, int8_t* __restrict q,
+                         float* __restrict a, int32_t* __restrict sum, float* __restrict xd) {
   for (int64_t c0 = 0, blk = 0; c0 < K; c0 += AB, ++blk) {
     const int64_t n = std::min(AB, K - c0);
 #if defined(__AVX512F__)
@@ -153,6 +153,5 @@ void itile_rows(int rows, const int8_t* xq, int64_t nb, const float* xa, const i
   ((rows == Rs + 1 ? (itile<O, Rs + 1>(xq, nb, xa, xsum, panel, s, y, ldy, K, G), 0) : 0), ...);
 }
 #endif
-
 
 }  // namespace int8_tiles

@@ -560,23 +560,31 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
+// Rows [n0, n0 + 16) of w (past N: code 0), bytes [c, c + valid) of each (valid <= 64; past it:
+// code 0), transposed (transpose16): r[t] holds, one row per lane, the row's 32-bit word t of the
+// chunk (int8: columns c + 4 t .. + 3; int4: of block c / 16 + t / 4, the low nibbles its columns
+// 4 (t % 4) .. + 3 and the high ones 16 columns on)
+template <bool Packed>
+inline void transposed_words(const Codes<Packed>& w, int64_t n0, int64_t c, int64_t valid,
+                             __m512i r[16]) {
+  const __m512i fill = _mm512_set1_epi8(static_cast<char>(Packed ? 0x88 : 0x00));
+  const __mmask64 mask = valid == 64 ? ~0ull : (1ull << valid) - 1;
+  for (int i = 0; i < 16; ++i)
+    r[i] = n0 + i < w.N ? _mm512_mask_loadu_epi8(fill, mask, w.row(n0 + i) + c) : fill;
+  transpose16(r);
+}
+
 // rows [n0, n0 + 32) of w (past N: code 0) gathered into vpdpbusd's order: per 4 input columns
 // c..c+3, 128 bytes at (c / 4) 128, rows n0..n0+15 then n0+16..n0+31, a lane each holding
 // u[n, c..c+3]; and their scales as (groups, 32)
 template <bool Packed>
 void gather_strip(const Codes<Packed>& w, int64_t n0, uint8_t* panel, float* sbuf) {
   const int64_t bytes = Packed ? w.K / 2 : w.K;  // per row
-  const __m512i fill = _mm512_set1_epi8(static_cast<char>(Packed ? 0x88 : 0x00));
   for (int64_t c = 0; c < bytes; c += 64) {
     const int64_t valid = std::min<int64_t>(64, bytes - c);
-    const __mmask64 mask = valid == 64 ? ~0ull : (1ull << valid) - 1;
     for (int h = 0; h < 2; ++h) {
       __m512i r[16];
-      for (int i = 0; i < 16; ++i) {
-        const int64_t n = n0 + 16 * h + i;
-        r[i] = n < w.N ? _mm512_mask_loadu_epi8(fill, mask, w.row(n) + c) : fill;
-      }
-      transpose16(r);
+      transposed_words<Packed>(w, n0 + 16 * h, c, valid, r);
       for (int t = 0; t < valid / 4; ++t) {
         if constexpr (Packed) {
           // word t: block c / 16 + t / 4, its bytes 4 (t % 4) .. + 3: columns 4 (t % 4) + 0..3
@@ -599,16 +607,13 @@ void gather_strip(const Codes<Packed>& w, int64_t n0, uint8_t* panel, float* sbu
 }
 
 // One token, rows [n0, n0 + 16) of w (past N: code 0, not stored): the rows' codes 64 bytes at a
-// time, transposed (transpose16) so that word t holds, one row per lane, the 4 codes of input
-// columns 4 t .. 4 t + 3 of the chunk (int4: its low nibbles those columns of a block, the high
-// ones 16 columns on); one vpdpbusd per word with the activations' 4 bytes of those columns
+// time as transposed_words; one vpdpbusd per word with the activations' 4 bytes of its columns
 // broadcast, and per block the offset term subtracted and (xa s) applied per lane
 template <bool Packed>
 void a8_gemv16(const Codes<Packed>& w, const Acts& x, float* y, int64_t n0) {
   const int64_t bytes = Packed ? w.K / 2 : w.K;  // per row
   const int64_t rows = std::min<int64_t>(16, w.N - n0);
   const __mmask16 live = static_cast<__mmask16>(rows == 16 ? 0xffff : (1u << rows) - 1);
-  const __m512i fill = _mm512_set1_epi8(static_cast<char>(Packed ? 0x88 : 0x00));
   const __m512i lanes = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
       _mm512_set1_epi32(static_cast<int32_t>(w.groups)));  // the rows' scales, a row apart
@@ -622,11 +627,8 @@ void a8_gemv16(const Codes<Packed>& w, const Acts& x, float* y, int64_t n0) {
   };
   for (int64_t c = 0; c < bytes; c += 64) {
     const int64_t valid = std::min<int64_t>(64, bytes - c);
-    const __mmask64 mask = valid == 64 ? ~0ull : (1ull << valid) - 1;
     __m512i r[16];
-    for (int i = 0; i < 16; ++i)
-      r[i] = i < rows ? _mm512_mask_loadu_epi8(fill, mask, w.row(n0 + i) + c) : fill;
-    transpose16(r);
+    transposed_words<Packed>(w, n0, c, valid, r);
     if constexpr (Packed) {
       const __m512i nib = _mm512_set1_epi8(15);
       for (int64_t bl = 0; bl < valid / 16; ++bl) {  // 16 bytes a block
