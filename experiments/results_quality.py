@@ -167,18 +167,17 @@ for _i in range(3):
 for _i in range(3):
     for _p in ("int8", "int4"):
         RUNS[f"rt2k-shira-qv-snip-b8-lin-{_p}qat-s{_i}"] = _rt2k(_i, *SHIRA, *LIN, "--quant", _p)
-# and on SmolLM2 (section 8, seed 0, int4 only so far): section 7's SHiRA runs trained on the
-# quantized reference (the blocks' Linears and the LM head on the grid), beside the fp32
-# sm-*-shira-snip-b8 rounded; an int8 twin would be named -int8qat (results_quant evaluates it)
+# and on SmolLM2 (section 8, seed 0): section 7's SHiRA runs trained on the quantized reference
+# (the blocks' Linears and the LM head on the grid), beside the fp32 sm-*-shira-snip-b8 rounded
 for _task in ("hamlet", "rt"):
-    for _p in ("int4", "int4-affine"):
+    for _p in ("int8", "int4", "int4-affine", "int4-affine-live8"):
         RUNS[f"sm-{_task}-shira-snip-b8-{_p}qat"] = [*RUNS[f"sm-{_task}-shira-snip-b8"],
                                                      "--quant", _p]
 
 
 # ... and on int4-affine (section 8, "SmolLM2 on int4-affine"): its settings (lr, entries, mask),
-# twice the steps beside fp32 SHiRA and LoRA trained as long, and the live weights on int8 with
-# the rest on int4-affine (experiments/qat_live_int8.py: ENTRY)
+# twice the steps beside fp32 SHiRA and LoRA trained as long (the live weights on int8 with the
+# rest on int4-affine: sm-hamlet-shira-snip-b8-int4-affine-live8qat above)
 _SM_QAT_A = [*RUNS["sm-hamlet-shira-snip-b8"], "--quant", "int4-affine"]
 RUNS.update({
     "sm-hamlet-qat-a-lr5e-3": [*_SM_QAT_A, "--lr", "5e-3"],
@@ -190,16 +189,11 @@ RUNS.update({
     "sm-hamlet-shira-snip-b8-60": [*RUNS["sm-hamlet-shira-snip-b8"], "--steps", "60"],
     "sm-hamlet-lora-r8-int4-affine-60": [*RUNS["sm-hamlet-lora-r8"], "--quant", "int4-affine",
                                          "--steps", "60"],
-    "sm-hamlet-qat-a-live-int8": _SM_QAT_A,
 })
-#: runs trained through another entry point than `edgeadapt train` (its module, run with
-#: `python -m`, taking `train` and the run's arguments)
-ENTRY = {"sm-hamlet-qat-a-live-int8": "experiments.qat_live_int8"}
 
 
 def command(name: str) -> list[str]:
-    head = ["python", "-m", ENTRY[name], "train"] if name in ENTRY else ["edgeadapt", "train"]
-    return [*head, *RUNS[name], "--out", str(OUT / name)]
+    return ["edgeadapt", "train", *RUNS[name], "--out", str(OUT / name)]
 
 
 def train(name: str) -> None:
@@ -207,9 +201,6 @@ def train(name: str) -> None:
         return
     args = [*RUNS[name], "--out", str(OUT / name), "--threads", "1", "--no-progress"]
     code = "from edgeadapt.train.cli import train; train()"
-    if name in ENTRY:
-        code = (f"import sys; sys.argv[1:1] = ['train']; from {ENTRY[name]} import main; "
-                "main()")
     with open(OUT / f"{name}.log", "w") as log:
         subprocess.run([sys.executable, "-c", code, *args], stdout=log, stderr=subprocess.STDOUT,
                        check=False)

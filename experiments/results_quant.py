@@ -23,9 +23,8 @@ noise of the quantized forward itself.
 
 SmolLM2-135M (``--model smollm2``, seed 0): section 7's fp32 SHiRA and LoRA r=8 runs
 (``sm-{hamlet,rt}-{shira-snip-b8,lora-r8}``) and their quantization-aware twins
-(``sm-*-shira-snip-b8-int4qat``, ``-int4-affineqat``; an ``-int8qat`` one is evaluated when it
-exists), the same rows (int8, int4 and int4-affine) on a quantized base whose LM head is on
-the grid too (``quantized_weight_names``), plus the fp32 and quantized bases alone
+(``sm-*-shira-snip-b8-<p>qat``, each evaluated when it exists), the same rows (int8, int4,
+int4-affine and int4-affine-live8) on a quantized base whose LM head is on the grid too (``quantized_weight_names``), plus the fp32 and quantized bases alone
 (zero-shot); each evaluated as its run was (Hamlet: perplexity on the held-out blocks; Rotten
 Tomatoes: accuracy of the label-word logits on the run's 400 test examples), in one batching
 only.
@@ -46,6 +45,7 @@ import torch
 from edgeadapt.adapters.reference import carrying
 from edgeadapt.export.adapter import load_run_adapter
 from edgeadapt.format.container import atomic_write_bytes
+from edgeadapt.format.quant import live_grid
 from edgeadapt.format.quant_adapter import round_to_grid
 from edgeadapt.models import load_model
 from edgeadapt.models.quantized import quantize_reference_
@@ -59,8 +59,9 @@ RUNS = Path("runs/mp")
 OUT = RUNS / "quant.json"
 OUT_SM = RUNS / "quant-smollm2.json"
 PRECISIONS = ("int8", "int4")
-#: SmolLM2 came from a Q4_1 GGUF: its int4 rows also on the affine grid that holds it
-SM_PRECISIONS = (*PRECISIONS, "int4-affine")
+#: SmolLM2 came from a Q4_1 GGUF: its int4 rows also on the affine grid that holds it, and on
+#: that grid with the live weights (q/v) on int8
+SM_PRECISIONS = (*PRECISIONS, "int4-affine", "int4-affine-live8")
 SEEDS = (0, 1, 2)
 NOISE_BATCH = 63
 MAX_TEST, MAX_LEN = 1000, 64
@@ -171,7 +172,7 @@ def lora_on(run: str, precision: str, ev: Eval = MINILM) -> dict:
 
 def qat_exported(run: str, precision: str, ev: Eval = MINILM) -> dict:
     adapter, _ = load_run_adapter(RUNS / run)
-    assert adapter.meta.get("quant") == precision, adapter.meta
+    assert adapter.meta.get("quant") == live_grid(precision).name, adapter.meta
     lm = quantized_base(adapter.meta["model"], precision, list(adapter.targets))
     with carrying(lm, adapter):
         accs = accuracies(lm, ev)

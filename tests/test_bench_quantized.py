@@ -37,19 +37,21 @@ def et_report(tmp_path_factory):
 
 def test_every_case_is_timed_after_parity(report):
     kernel = report["parity"]["kernel_vs_own_dequantization"]
-    assert set(kernel) == {"int8", "int4", "int4-affine"}
+    assert set(kernel) == {"int8", "int4", "int4-affine", "int4-affine-live8"}
     assert all(0 <= e <= RTOL for e in kernel.values())
     stock = {k: v for k, v in report["parity"].items()
              if " vs stock " in k and not k.startswith("executorch ")}
     assert set(stock) == {f"{p} {c} vs stock {s}" for p in ("int8", "int4")
                           for c in ("base", "hybrid") for s in ("1x1", "2x5")} | {
-        f"int4-affine base vs stock {s}" for s in ("1x1", "2x5")}  # no hybrid: no offsets
+        f"{p} base vs stock {s}" for p in ("int4-affine", "int4-affine-live8")
+        for s in ("1x1", "2x5")}  # no hybrid: no offsets
     # 0 where the live weights' node computes as stock MatMulNBits does (int8 activations, the
     # same float operations: int4 base at 1x1 on this one-block model)
     assert all(0 <= v["max_rel_error"] < 1 for v in stock.values())
     cases = {(r["shape"], r["case"]) for r in report["forward"]}
     assert {("1x1", "int4 stock"), ("2x5", "fp32 shira-fused"), ("1x1", "int8 hybrid")} <= cases
-    assert {"int4 base / int4 stock", "int8 shira-fused / int8 base"} <= {
+    assert {"int4 base / int4 stock", "int8 shira-fused / int8 base",
+            "int4-affine-live8 base / int4-affine base"} <= {
         f"{r['num']} / {r['den']}" for r in report["ratios"]}
     assert "int4 base / int4 stock" in table(report)
 
@@ -59,6 +61,8 @@ def test_sizes_and_restore_memory_follow_the_precision(report):
     # int4 live codes two per byte where edgeadapt's kernel reads them (format/nibbles.py)
     assert sizes["fp32"]["live_bytes"] == 4 * sizes["int8"]["live_bytes"] \
         == 8 * sizes["int4"]["live_bytes"]
+    # int4-affine-live8: the live weights int8 codes, the rest int4 as int4-affine's
+    assert sizes["int4-affine-live8"]["live_bytes"] == sizes["int8"]["live_bytes"]
     assert sizes["int4"]["bundle_bytes"] < sizes["int8"]["bundle_bytes"] \
         < sizes["fp32"]["bundle_bytes"]
     # restore: an int64 position + the saved value (4 bytes fp32, a 1-byte code)

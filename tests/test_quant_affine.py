@@ -19,6 +19,7 @@ from edgeadapt.format import read_manifest
 from edgeadapt.format.quant import (
     INT4,
     INT4_AFFINE,
+    INT4_AFFINE_LIVE8,
     INT8,
     affine_split,
     codes_weight,
@@ -134,6 +135,65 @@ def test_affine_bundle_holds_a_q4_1_model_where_symmetric_int4_cannot(tmp_path):
     assert errors["int4-affine"] < 1e-5, errors
     assert errors["int4"] > 1e-3, errors
     assert read_manifest(tmp_path / "int4-affine").onnxruntime["precision"] == "int4-affine"
+
+
+def test_live8_holds_the_live_weights_on_int8_and_the_rest_on_affine_int4(tmp_path):
+    """``int4-affine-live8``: q and v (the live weights, which adapters edit) on the int8 grid,
+    the head on int8, every other quantized weight on the affine int4 grid. Reference: the
+    fp32 model with q, v and the head replaced by their int8 values (a Q4_1-snapped model, so
+    the affine rest is held exactly); the exported graph (float activations) equals it, and
+    the bundle records each live weight's grid."""
+    torch.set_num_threads(1)
+    lm = _snapped_tiny_smollm2()
+    live = [n for n in quantized_weight_names(lm.model, lm.kind)
+            if ".q_proj." in n or ".v_proj." in n]
+    grids = quantized_weight_grids(lm.model, lm.kind, "int4-affine-live8", live=live)
+    assert {n for n, g in grids.items() if g is INT8} == {*live, "lm_head.weight"}
+    assert all(g is INT4_AFFINE_LIVE8 for n, g in grids.items() if g is not INT8)
+    assert {n: g.name for n, g in quantized_weight_grids(lm.model, lm.kind, "int4-affine",
+                                                         live=live).items()
+            if g is not INT4_AFFINE} == {"lm_head.weight": "int8"}  # no live grid there
+    inputs = {"input_ids": example_inputs(lm, batch=2, seq=9, seed=3)["input_ids"]}
+    head = lm.model.get_output_embeddings()
+    saved = {n: lm.model.get_submodule(n.removesuffix(".weight")).weight for n in live}
+    with torch.no_grad():
+        tied = head.weight
+        head.weight = torch.nn.Parameter(torch.from_numpy(
+            INT8.dequantize(*INT8.quantize(tied.detach().numpy()))))
+        for n, w in saved.items():
+            lm.model.get_submodule(n.removesuffix(".weight")).weight = torch.nn.Parameter(
+                torch.from_numpy(INT8.dequantize(*INT8.quantize(w.detach().numpy()))))
+        want = lm.model(**inputs).logits.numpy()
+        head.weight = tied
+        for n, w in saved.items():
+            lm.model.get_submodule(n.removesuffix(".weight")).weight = w
+    out = tmp_path / "live8"
+    export_base(lm, out, backends="onnxruntime", targets="qv", precision="int4-affine-live8")
+    assert rel_error(_float_graph_logits(out, inputs), want) < 1e-5
+    manifest = read_manifest(out)
+    assert manifest.onnxruntime["precision"] == "int4-affine-live8"
+    assert sorted(manifest.weights) == sorted(live)
+    assert {w.onnxruntime["quant"]["grid"] for w in manifest.weights.values()} == {"int8"}
+    # the runtime's rewrite: q/v on the int8 node, every symmetric int4 MatMulNBits it can read
+    # (k, o, the MLP; not the int8 head) on the int4 one, though no live weight is int4
+    import onnx
+
+    from edgeadapt.graphs.quantized import (
+        _int4_constant,
+        kernel_quantized_matmuls,
+        quantized_inputs,
+    )
+
+    model = onnx.load(str(out / manifest.onnxruntime["file"]), load_external_data=False)
+    before = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert kernel_quantized_matmuls(model, set(quantized_inputs(model)), set(), out,
+                                    every_constant=True).replaced == len(live)
+    ops = {n.op_type for n in model.graph.node if n.domain == "edgeadapt"}
+    assert {"QBlockedMatMul", "Q4BlockedMatMul"} <= ops
+    inits = {i.name: i for i in model.graph.initializer}
+    left = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(left) < len(before) and all(
+        _int4_constant(n, inits, set(), out) is None for n in left)
 
 
 def test_executorch_is_refused_before_anything_is_written(tmp_path):

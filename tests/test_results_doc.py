@@ -340,7 +340,8 @@ def test_section_8_smollm2(runs):
     assert "int4, quantization-aware SHiRA: not measured." in page
     assert "int4 0.820 (-1.00 pts against its fp32 0.830)" in page
     assert "int4-affine 0.835 (+0.50 pts against its fp32 0.830)" in page
-    assert "| task | run | fp32 base | int8 base | int4 base | int4-affine base |" in page
+    assert ("| task | run | fp32 base | int8 base | int4 base | int4-affine base | "
+            "int4-affine-live8 base |") in page
     assert "int4-affine, quantization-aware SHiRA: not measured." in page
     assert ("Over the base each sits on (its zero-shot value): fp32 SHiRA 73.30 -> 40.00 "
             "(-45.4%), int8 rounded 73.50 -> 40.40 (-45.0%).") in page
@@ -353,14 +354,14 @@ def test_section_8_int4_affine(runs):
     runs not trained render as not run."""
     quantized = importlib.import_module("experiments.results_doc.quantized")
     for name, ppl in (("sm-hamlet-shira-snip-b8", 40.0), ("sm-hamlet-qat-a-b16", 44.0),
-                      ("sm-hamlet-qat-a-live-int8", 40.4), ("sm-hamlet-qat-a-60", 39.0)):
+                      ("sm-hamlet-shira-snip-b8-int4-affine-live8qat", 40.4),
+                      ("sm-hamlet-qat-a-60", 39.0)):
         write_run(runs, name, 0.0, test={"perplexity": ppl, "loss": 3.7}, metric="perplexity")
     page = quantized.section_8_int4_affine()
     assert ("| the same, `--budget-rank 16` (twice the entries) | 30 | 44.00 | +10.0% | "
             "`sm-hamlet-qat-a-b16` |") in page
-    assert "| 30 | 40.40 | **+1.0%** | `sm-hamlet-qat-a-live-int8` |" in page
+    assert "| 30 | 40.40 | **+1.0%** | `sm-hamlet-shira-snip-b8-int4-affine-live8qat` |" in page
     assert "| fp32 SHiRA (fp32 base; section 7) | 30 | 40.00 | - |" in page
     # its fp32 reference at 60 steps not trained: no change shown
     assert "| quantization-aware SHiRA, lr 2e-3 | 60 | 39.00 | - | `sm-hamlet-qat-a-60` |" in page
     assert "| the same, `--lr 1e-2` | 30 | (not run) | | |" in page
-    assert "python -m experiments.qat_live_int8 train" in page

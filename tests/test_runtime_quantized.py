@@ -19,13 +19,13 @@ from edgeadapt.export.bundle import export_base
 from edgeadapt.format import read_manifest
 from edgeadapt.format.fingerprint import weight_sha256
 from edgeadapt.format.layout import to_backend
-from edgeadapt.format.quant import codes_weight, grid
+from edgeadapt.format.quant import codes_weight, grid, live_grid
 from edgeadapt.format.types import Adapter, LoraDelta, ShiraDelta
 from edgeadapt.models import load_model
 from edgeadapt.numeric import rel_error
 from edgeadapt.runtime import load
 
-PRECISIONS = ("int8", "int4", "int4-affine")
+PRECISIONS = ("int8", "int4", "int4-affine", "int4-affine-live8")
 
 
 def _shira(lm, names: list[str], g, density: float, steps: float, rng) -> Adapter:
@@ -62,9 +62,10 @@ def bundle(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param) / "bundle"
     export_base(lm, out, backends="onnxruntime", targets="qv", precision=request.param)
     manifest = read_manifest(out)
-    adapters = _adapters(lm, sorted(manifest.weights), grid(request.param))
+    g = live_grid(request.param)  # the live weights' grid (int4-affine-live8: int8)
+    adapters = _adapters(lm, sorted(manifest.weights), g)
     register_adapters(out, manifest, adapters)
-    return lm, out, grid(request.param), adapters
+    return lm, out, g, adapters
 
 
 def _expected_codes(lm, g, adapters: dict[str, Adapter], active: list[str]) -> dict:

@@ -12,7 +12,7 @@ from torch import nn
 from edgeadapt.adapters import ShiraConfig, ShiraLinear, adapted_layers, attach, extract
 from edgeadapt.adapters.reference import carrying
 from edgeadapt.errors import UnknownNameError
-from edgeadapt.format.quant import codes_weight, grid
+from edgeadapt.format.quant import codes_weight, grid, live_grid
 from edgeadapt.format.quant_adapter import round_to_grid
 from edgeadapt.models import example_inputs, load_model
 from edgeadapt.models.quantized import QuantizedLinear, WeightQuant, quantize_reference_
@@ -33,12 +33,14 @@ def _base_weights(names: list[str]) -> dict[str, np.ndarray]:
     return {n: params[n].detach().numpy() for n in names}
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4", "int4-affine"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "int4-affine", "int4-affine-live8"])
 def test_qat_values_stay_on_the_grid_and_export_exactly(precision, tmp_path):
+    """int4-affine-live8: the adapted (live) weights train on the int8 grid, the rest stays on
+    int4-affine; the adapter records the grid its values lie on."""
     res, _ = _qat(precision, tmp_path / "run")
-    g = grid(precision)
+    g = live_grid(precision)
     adapter = extract(res.lm.model)
-    assert adapter.meta["quant"] == precision and res.metrics["quant"]["precision"] == precision
+    assert adapter.meta["quant"] == g.name and res.metrics["quant"]["precision"] == precision
     moved = 0
     for name, w in _base_weights(list(adapter.targets)).items():
         delta = adapter.targets[name]
@@ -53,12 +55,12 @@ def test_qat_values_stay_on_the_grid_and_export_exactly(precision, tmp_path):
         moved += int((np.rint(k) != 0).sum())
     assert moved > 0  # the steps moved values across codes
     again = extract(load_run(tmp_path / "run")[0].model)
-    assert again.meta["quant"] == precision
+    assert again.meta["quant"] == g.name
     for name, delta in adapter.targets.items():
         np.testing.assert_array_equal(again.targets[name].values, delta.values)
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4", "int4-affine"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "int4-affine", "int4-affine-live8"])
 def test_qat_forward_is_the_quantized_reference_with_fused_codes(precision, tmp_path):
     res, _ = _qat(precision, None)
     adapter = extract(res.lm.model)
@@ -112,7 +114,7 @@ def test_gradients_reach_the_values_straight_through():
     torch.testing.assert_close(layer.shira_values.grad, want)
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4", "int4-affine"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "int4-affine", "int4-affine-live8"])
 def test_post_training_rounding_is_requantize_of_the_fp32_delta(precision):
     lm = load_model("tiny-minilm")
     attach(lm.model, ShiraConfig(density=0.1))
@@ -122,8 +124,8 @@ def test_post_training_rounding_is_requantize_of_the_fp32_delta(precision):
             layer.shira_values.copy_(torch.randn(layer.shira_values.shape, generator=gen) * 0.2)
     fp32 = extract(lm.model)
     rounded, saturated = round_to_grid(fp32, _base_weights(list(fp32.targets)), precision)
-    g = grid(precision)
-    assert rounded.meta["quant"] == precision and "quant" not in fp32.meta
+    g = live_grid(precision)  # the targets' grid (int4-affine-live8: int8)
+    assert rounded.meta["quant"] == g.name and "quant" not in fp32.meta
     for name, w in _base_weights(list(fp32.targets)).items():
         d = fp32.targets[name]
         codes, scales = g.quantize(codes_weight(w, g))

@@ -16,10 +16,11 @@ size rows are prefixed ``executorch ``, ONNX Runtime's keep the names of the fir
 - ``p hybrid`` (ONNX Runtime, int8, int4; not int4-affine): the fp32 bundle with only the
   rest quantized, its live weights left fp32 (:func:`ensure_hybrid`): is a quantized rest
   alone enough?
-- ``p stock`` (int8, int4, int4-affine): what a user of the backend runs for that precision.
+- ``p stock`` (every quantized ``p``): what a user of the backend runs for that precision.
   ONNX Runtime: the fp32 bundle's graph with every weight constant, quantized whole by the
   backend's own tool (:func:`edgeadapt.export.onnx_quant.quantize_rest`: ``MatMulNBits`` blocks
-  of 32, accuracy level 4, each weight on its grid's bits; for int4-affine its asymmetric form,
+  of 32, accuracy level 4, each weight on its grid's bits (int4-affine-live8's q/v on int8);
+  for an affine grid its asymmetric form,
   a uint8 zero point per block, the tool's nearest to an offset: ``MatMulNBits`` with float
   zero points is exact but runs a dequantizing fallback, 21x slower in
   experiments/zero_point_probe.py) and packed by ONNX Runtime. ExecuTorch: the fp32
@@ -173,16 +174,18 @@ def constant_graph(fp32_bundle: Path, lm):
     return proto
 
 
-def stock_session(fp32_bundle: Path, lm, precision: str, threads: int):
+def stock_session(fp32_bundle: Path, lm, precision: str, threads: int,
+                  live: Sequence[str] = ()):
     """ONNX Runtime's own quantized model of the same weights (module docstring): the fp32
     bundle's graph, live weights made constants again (:func:`constant_graph`), quantized whole
-    by the backend's tool."""
+    by the backend's tool, each weight at its grid's bits (``live``: the bundle's live
+    weights, for a grid that puts them on another one: int4-affine-live8's q/v on int8)."""
     from edgeadapt.export.onnx_quant import quantize_by_grid
     from edgeadapt.models.targets import quantized_weight_grids
     from edgeadapt.runtime.backends.onnxruntime.session import open_session, session_options
 
     model = lm.model
-    grids = quantized_weight_grids(model, lm.kind, precision)
+    grids = quantized_weight_grids(model, lm.kind, precision, live=live)
     weights = {w: model.get_submodule(w.removesuffix(".weight")).weight.detach().float().numpy()
                for w in grids}
     proto = quantize_by_grid(constant_graph(fp32_bundle, lm), weights, grids, stock=True)
@@ -338,9 +341,9 @@ def onnxruntime_side(model: str | LoadedModel, lm: LoadedModel, work: Path, thre
         kernel[p] = err
     side.peers["hybrid"] = {p: partial(_run, _load(ensure_hybrid(work, lm, p), threads))
                             for p in quantized if not grid(p).affine}
-    side.peers["stock"] = {p: partial(_run_session, stock_session(bundles["fp32"], lm, p,
-                                                                  threads))
-                           for p in quantized}
+    side.peers["stock"] = {p: partial(_run_session, stock_session(
+        bundles["fp32"], lm, p, threads, sorted(side.base[p].store.live_weights())))
+        for p in quantized}
     return side
 
 
@@ -357,8 +360,8 @@ def _run_session(session, ids: np.ndarray) -> np.ndarray:
 def ratio_pairs(sides: Sequence[Side]) -> list[tuple[str, str]]:
     """The forward ratios (numerator, denominator case) of each shape: per backend fused /
     base, base / stock, hybrid / base, fp32 / each quantized precision (base and fused),
-    int4-affine base / int4 base; then ExecuTorch's base / ONNX Runtime's per precision both
-    ran."""
+    int4-affine base / int4 base, int4-affine-live8 base / int4-affine base; then
+    ExecuTorch's base / ONNX Runtime's per precision both ran."""
     pairs = []
     for side in sides:
         x, ps = side.prefix, list(side.base)
@@ -370,6 +373,8 @@ def ratio_pairs(sides: Sequence[Side]) -> list[tuple[str, str]]:
                       for c in ("base", "shira-fused")]
         if {"int4", "int4-affine"} <= set(ps):  # what the offsets cost
             pairs.append((f"{x}int4-affine base", f"{x}int4 base"))
+        if {"int4-affine", "int4-affine-live8"} <= set(ps):  # what int8 live weights cost
+            pairs.append((f"{x}int4-affine-live8 base", f"{x}int4-affine base"))
     by = {side.backend: side for side in sides}
     if set(by) == set(BACKENDS):
         pairs += [(f"{PREFIX['executorch']}{p} base", f"{PREFIX['onnxruntime']}{p} base")
@@ -584,9 +589,12 @@ def decode_section(lm, generate_bundles: dict[str, Path], genai_dir: Path | None
                   ("fp32 base", "int4 base", ours, ours)]
     if "int4" in generate_bundles and "int4-affine" in generate_bundles:  # the offsets' cost
         pairs += [("int4-affine base", "int4 base", ours, ours)]
-    if (GENAI, "int4 base") in cases and "int4-affine" in generate_bundles:
-        pairs += [("int4 base", "int4-affine base", GENAI, ours),
-                  ("int4 lora-adapter", "int4-affine shira-fused", GENAI, ours)]
+    if "int4-affine" in generate_bundles and "int4-affine-live8" in generate_bundles:
+        pairs += [("int4-affine-live8 base", "int4-affine base", ours, ours)]
+    for p in ("int4-affine", "int4-affine-live8"):
+        if (GENAI, "int4 base") in cases and p in generate_bundles:
+            pairs += [("int4 base", f"{p} base", GENAI, ours),
+                      ("int4 lora-adapter", f"{p} shira-fused", GENAI, ours)]
     section["ratios"] = [
         {"context": n, **Ratio.of(raw[n], names[nt, num], names[dt, den]).as_dict()}
         for n in contexts for num, den, nt, dt in pairs]

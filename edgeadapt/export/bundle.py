@@ -165,7 +165,8 @@ def export_base(model: str | Path | Any, out: str | Path,
     precision: ``fp32`` | ``int8`` | ``int4`` | ``int4-affine`` (``--weights``): the
         transformer blocks' weights (and a causal LM's head) quantized, the live ones held as
         codes + scales that switches edit in place (:mod:`edgeadapt.export.onnx_quant`,
-        docs/quantized.md); ``int4-affine`` adds a float offset per block (ONNX Runtime only).
+        docs/quantized.md); ``int4-affine`` adds a float offset per block (ONNX Runtime only),
+        ``int4-affine-live8`` puts the ``targets`` (the live weights) on int8 beside it.
     Adapters already registered in ``out`` are kept if they still fit the new base.
     """
     from edgeadapt.format.quant import PRECISIONS

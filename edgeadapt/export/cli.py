@@ -57,7 +57,8 @@ def export() -> None:
               type=click.Choice(PRECISIONS),
               help="int8 | int4 (blocks of 32, ONNX Runtime's MatMulNBits grid): the blocks' "
                    "weights quantized, the live ones as codes edited in place; int4-affine: "
-                   "int4 plus a float offset per block (Q4_1's grid; ONNX Runtime only) "
+                   "int4 plus a float offset per block (Q4_1's grid; ONNX Runtime only); "
+                   "int4-affine-live8: the same with the --targets weights on int8 "
                    "(docs/quantized.md)")
 def export_base_cmd(model: str, out: str, backends: str, targets: str, num_labels: int,
                     seed: int, no_check: bool, pte_live_form: str | None, generate: bool,

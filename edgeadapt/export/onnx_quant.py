@@ -268,7 +268,7 @@ class QuantPlan:
         """The plan for ``precision`` (None for fp32); ConfigError for an unknown one."""
         if precision == "fp32":
             return None
-        grids = quantized_weight_grids(lm.model, lm.kind, precision)
+        grids = quantized_weight_grids(lm.model, lm.kind, precision, live=live_weights)
         weights = {w: _module_weight(lm.model, w).detach().float().cpu().numpy().copy()
                    for w in grids}
         split = {w: affine_split(a, grids[w]) for w, a in weights.items() if grids[w].affine}

@@ -73,6 +73,8 @@ class Grid:
     affine: bool = False
     #: the grid a causal LM's head goes on, where not this one (:data:`INT4_AFFINE`)
     head: str | None = None
+    #: the grid the live weights go on, where not this one (:data:`INT4_AFFINE_LIVE8`)
+    live: str | None = None
 
     @property
     def qmin(self) -> int:
@@ -172,16 +174,29 @@ INT4 = Grid("int4", 4, 32)
 #: 29 distinct values per block of 32 (median), and int4 there cost 0.043 nats of Hamlet NLL
 #: where int8 costs none (llama.cpp's 4-bit mixes keep the output matrix at 6 bits or more)
 INT4_AFFINE = Grid("int4-affine", 4, 32, affine=True, head="int8")
-GRIDS = {g.name: g for g in (INT8, INT4, INT4_AFFINE)}
+#: int4-affine with the live weights (the ones a SHiRA adapter edits, e.g. q and v) on int8:
+#: an int4 step is coarse against what SHiRA moves an entry by in training (SmolLM2 Hamlet,
+#: quantization-aware SHiRA +13% perplexity over fp32 SHiRA on int4-affine, level with it on
+#: this mix; docs/results.md), and the live weights are a small part of the blocks (q and v:
+#: 12.5% of SmolLM2's), as llama.cpp's mixes keep chosen tensors at more bits
+INT4_AFFINE_LIVE8 = Grid("int4-affine-live8", 4, 32, affine=True, head="int8", live="int8")
+GRIDS = {g.name: g for g in (INT8, INT4, INT4_AFFINE, INT4_AFFINE_LIVE8)}
 #: the ``--weights`` choices: fp32 (no grid) and the grids
 PRECISIONS = ("fp32", *GRIDS)
 
 
 def grid(name: str) -> Grid:
-    """The grid named ``name`` ("int8" | "int4" | "int4-affine"); ConfigError otherwise."""
+    """The grid named ``name`` (a key of :data:`GRIDS`); ConfigError otherwise."""
     if name not in GRIDS:
         raise ConfigError(f"unknown weight precision {name!r}: choose one of {PRECISIONS}")
     return GRIDS[name]
+
+
+def live_grid(precision: str) -> Grid:
+    """The grid a ``precision`` bundle's live weights (its ``--targets``, which adapters edit)
+    go on: ``Grid.live`` where the precision names one, else the precision's own grid."""
+    g = grid(precision)
+    return grid(g.live) if g.live else g
 
 
 def affine_split(weight: np.ndarray, g: Grid) -> tuple[np.ndarray, np.ndarray]:

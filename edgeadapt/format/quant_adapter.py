@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from edgeadapt.errors import ConfigError, TargetMismatchError
-from edgeadapt.format.quant import Grid, codes_weight, grid
+from edgeadapt.format.quant import Grid, codes_weight, live_grid
 from edgeadapt.format.types import Adapter, ShiraDelta
 
 #: ``Adapter.meta`` key recording the grid an adapter's values lie on
@@ -45,12 +45,14 @@ def grid_delta(g: Grid, codes: np.ndarray, scales: np.ndarray, indices: np.ndarr
 
 def round_to_grid(adapter: Adapter, base_weights: Mapping[str, np.ndarray], precision: str
                   ) -> tuple[Adapter, dict[str, int]]:
-    """A SHiRA ``adapter`` trained on the fp32 base, rounded onto the ``precision`` grid of
-    that base (post-training rounding): every value replaced by its grid delta, ``meta``
-    records ``{"quant": precision}``. base_weights: target name -> fp32 ``(out, in)`` base
-    weight. Returns the new adapter (the input is not changed) and the saturated entries per
-    target. ConfigError for a non-SHiRA adapter, TargetMismatchError for a missing weight."""
-    g = grid(precision)
+    """A SHiRA ``adapter`` trained on the fp32 base, rounded onto the grid a ``precision``
+    bundle holds its targets on (:func:`~edgeadapt.format.quant.live_grid`; post-training
+    rounding): every value replaced by its grid delta, ``meta`` records ``{"quant": that
+    grid's name}``, as an adapter trained quantization-aware on it does. base_weights:
+    target name -> fp32 ``(out, in)`` base weight. Returns the new adapter (the input is not
+    changed) and the saturated entries per target. ConfigError for a non-SHiRA adapter,
+    TargetMismatchError for a missing weight."""
+    g = live_grid(precision)
     if adapter.method != "shira":
         raise ConfigError(f"only SHiRA values round onto a grid; this adapter is "
                           f"{adapter.method!r} (LoRA / SoRA run unfused on a quantized base)")
@@ -65,5 +67,5 @@ def round_to_grid(adapter: Adapter, base_weights: Mapping[str, np.ndarray], prec
         targets[name] = ShiraDelta(indices=np.asarray(delta.indices, np.int64), values=d)
         saturated[name] = int(sat.sum())
     rounded = dataclasses.replace(adapter, targets=targets,
-                                  meta={**adapter.meta, META_KEY: precision})
+                                  meta={**adapter.meta, META_KEY: g.name})
     return rounded, saturated

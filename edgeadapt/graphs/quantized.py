@@ -169,8 +169,8 @@ def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str]
     KernelRewrite`), its data read from ``base_dir`` where it is external and left as it is
     where that is None): a layer's q, k and v are one node, as
     :func:`edgeadapt.graphs.blocked.kernel_blocked_matmuls` makes them for float weights
-    (``every_constant`` as there: every such MatMulNBits of the graph becomes a node, where
-    the int4 form is read at all).
+    (``every_constant`` as there: every such MatMulNBits of the graph becomes a node, also
+    where no live weight is int4: int4-affine-live8's int8 q/v beside an int4 rest).
     Every node gets ``accuracy_level`` (``FLOAT_ACTIVATIONS`` or ``INT8_ACTIVATIONS``; None:
     :func:`stock_accuracy_level` of the graph, read before the rewrite absorbs any), and
     absorbs only the MatMulNBits of that level (the others keep their own semantics).
@@ -212,7 +212,7 @@ def kernel_quantized_matmuls(model: onnx.ModelProto, codes: set[str] | list[str]
     made: dict[str, np.ndarray] = {}
     absorbed: set[str] = set()
     q4_xs = {x for x, op, _ in groups.nodes if op == Q4KERNEL_OP}
-    if q4_xs:
+    if q4_xs or every_constant:
         for node in graph.node:
             if _accuracy_level(node) != accuracy_level or not node.input \
                     or not (every_constant or node.input[0] in q4_xs):

@@ -244,10 +244,11 @@ def quantize_reference_(lm: LoadedModel, precision: str, live: list[str],
     activations: False leaves every input float (weight-only everywhere).
 
     Each weight goes on its grid of :func:`quantized_weight_grids` (``precision``'s; a causal
-    LM's head on int8 for int4-affine). An nn.Linear becomes a :class:`QuantizedLinear`; an
-    adapted layer (``edgeadapt.adapters.AdaptedLinear``) gets the :class:`WeightQuant` as its
-    ``quant`` and runs its base through it (SHiRA then puts its values on the grid). A layer
-    that already has one is re-quantized from its fp32 weight. Returns the quantized weight names.
+    LM's head on int8 for int4-affine, the live weights on int8 for int4-affine-live8). An
+    nn.Linear becomes a :class:`QuantizedLinear`; an adapted layer
+    (``edgeadapt.adapters.AdaptedLinear``) gets the :class:`WeightQuant` as its ``quant`` and
+    runs its base through it (SHiRA then puts its values on the grid). A layer that already has
+    one is re-quantized from its fp32 weight. Returns the quantized weight names.
     """
     grid(precision)  # ConfigError for an unknown precision, before anything changes
     live_set = {_module_name(n) + ".weight" for n in live}
@@ -267,7 +268,7 @@ def quantize_reference_(lm: LoadedModel, precision: str, live: list[str],
                 isinstance(module, nn.Linear) or hasattr(module, "quant")):
             raise ConfigError(f"{name} is not the weight of a Linear layer")
         modules[name] = module
-    grids = quantized_weight_grids(lm.model, lm.kind, precision, names)
+    grids = quantized_weight_grids(lm.model, lm.kind, precision, names, live_set)
     for name, module in modules.items():
         quant = WeightQuant(module.weight, grids[name].name,
                             activations and name not in live_set)

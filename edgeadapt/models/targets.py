@@ -9,11 +9,12 @@ Presets (matched against the module's full dotted name):
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 from torch import nn
 
 from edgeadapt.errors import ConfigError
-from edgeadapt.format.quant import Grid, grid
+from edgeadapt.format.quant import Grid, grid, live_grid
 
 PRESETS = {
     "qv": r"\.(attention\.self\.(query|value)|self_attn\.(q_proj|v_proj))$",
@@ -78,11 +79,16 @@ def _lm_head_weight(lm_model: nn.Module, kind: str) -> str | None:
 
 
 def quantized_weight_grids(lm_model: nn.Module, kind: str, precision: str,
-                           names: list[str] | None = None) -> dict[str, Grid]:
+                           names: list[str] | None = None, live: Collection[str] = ()
+                           ) -> dict[str, Grid]:
     """The grid of each weight a ``precision`` bundle quantizes (``names``, default
     :func:`quantized_weight_names`): ``precision``'s, except a causal LM's head where the grid
-    names another for it (``Grid.head``: int4-affine's head is int8)."""
+    names another for it (``Grid.head``: int4-affine's head is int8) and the ``live`` weights
+    (the bundle's ``--targets``) where it names another for them (``Grid.live``:
+    int4-affine-live8's live weights are int8). A head that is live takes the live grid."""
     g = grid(precision)
     head = _lm_head_weight(lm_model, kind) if g.head else None
     names = quantized_weight_names(lm_model, kind) if names is None else names
-    return {n: grid(g.head) if n == head else g for n in names}
+    live_set = set(live) if g.live else set()
+    return {n: live_grid(precision) if n in live_set else grid(g.head) if n == head else g
+            for n in names}

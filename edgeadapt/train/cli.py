@@ -86,7 +86,7 @@ def adapter_options(method: str, given: dict[str, Any], seed: int) -> dict[str, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch CPU threads")
 @click.option("--quant", type=click.Choice(list(GRIDS)), default=None,
-              help="train on the quantized reference of an int8 / int4 / int4-affine bundle "
+              help="train on the quantized reference of a bundle of that --weights "
                    "(SHiRA: values on the base's grid, quantization-aware)")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def train(model: str, task: str, method: str, out: str, sora_stages: int,

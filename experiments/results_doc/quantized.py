@@ -198,8 +198,9 @@ SM_ROWS = [("zero-shot (the base alone)", "base", "base"),
            ("SHiRA, quantization-aware", "qat", "shira"),
            ("LoRA r=8 (quantized: unfused on the quantized base)", "lora", "lora")]
 PPL_LIMIT = 0.02  # issue 20: Hamlet perplexity within 2% of fp32 SHiRA
-#: the quantized columns of the SmolLM2 table (int4-affine: docs/quantized.md, its grid)
-SM_PRECISIONS = ("int8", "int4", "int4-affine")
+#: the quantized columns of the SmolLM2 table (int4-affine and int4-affine-live8:
+#: docs/quantized.md, their grids)
+SM_PRECISIONS = ("int8", "int4", "int4-affine", "int4-affine-live8")
 
 
 def sm_value(rows: dict, key: str, precision: str) -> float | None:
@@ -274,7 +275,9 @@ def sm_gain_text(rows: dict) -> str:
                           ("int4 rounded", "shira", "int4"),
                           ("int4 quantization-aware", "qat", "int4"),
                           ("int4-affine rounded", "shira", "int4-affine"),
-                          ("int4-affine quantization-aware", "qat", "int4-affine")):
+                          ("int4-affine quantization-aware", "qat", "int4-affine"),
+                          ("int4-affine-live8 rounded", "shira", "int4-affine-live8"),
+                          ("int4-affine-live8 quantization-aware", "qat", "int4-affine-live8")):
         base, got = sm_value(rows, "base", p), sm_value(rows, key, p)
         if base is not None and got is not None:
             out.append(f"{label} {sm_num(m, base)} -> {sm_num(m, got)} "
@@ -309,7 +312,11 @@ def sm_text(res: dict) -> str:
                   sm_verdict(rows, "int4-affine, quantization-aware SHiRA", "qat", "int4-affine",
                              1.0),
                   sm_verdict(rows, "int4-affine, SHiRA rounded after training", "shira",
-                             "int4-affine", 1.0)]
+                             "int4-affine", 1.0),
+                  sm_verdict(rows, "int4-affine-live8, quantization-aware SHiRA", "qat",
+                             "int4-affine-live8", 1.0),
+                  sm_verdict(rows, "int4-affine-live8, SHiRA rounded after training", "shira",
+                             "int4-affine-live8", 1.0)]
         if rows:
             parts += [sm_gain_text(rows), sm_lora_text(rows)]
     parts.append(sm_saturation(res))
@@ -366,9 +373,10 @@ the tied head quantized as its own copy, the embedding table fp32), q/v live and
 other Linears with the int8 activation quantization. The fp32 SHiRA and LoRA r=8 runs are section
 7's (commands there); quantization-aware SHiRA is the same command plus `--quant int4`: {qat[0]}
 and {qat[1]} ({dots(SM_PREFIX)}; the int4-affine runs: `--quant int4-affine`, their names
-`...-int4-affineqat`; no int8 quantization-aware run on SmolLM2 yet). The int4-affine base
-(docs/quantized.md) holds the blocks on an affine int4 grid, which holds SmolLM2's Q4_1-sourced
-weights, and its LM head on int8. Evaluated by
+`...-int4-affineqat`, `--quant int4-affine-live8` and `--quant int8` likewise). The int4-affine base (docs/quantized.md) holds the
+blocks on an affine int4 grid, which holds SmolLM2's Q4_1-sourced weights, and its LM head on
+int8; int4-affine-live8 is the same with the live weights (q and v, which SHiRA edits) on the
+int8 grid. Evaluated by
 `{EVAL} --model smollm2` (`--resume` keeps the entries of unchanged runs), which writes
 `runs/mp/quant-smollm2.json`; each row is evaluated as its run was, in one batching. In brackets:
 the change against the same kind's fp32 value (SHiRA rows: fp32 SHiRA; perplexity relative,
@@ -391,8 +399,8 @@ QAT_A_ROWS = [
      "sm-hamlet-shira-snip-b8"),
     ("the same, `--budget-rank 32`", "sm-hamlet-qat-a-b32", 30, "sm-hamlet-shira-snip-b8"),
     ("the same, `--mask grad`", "sm-hamlet-qat-a-grad", 30, "sm-hamlet-shira-snip-b8"),
-    ("q/v (the adapted, live weights) on the int8 grid, the rest int4-affine",
-     "sm-hamlet-qat-a-live-int8", 30, "sm-hamlet-shira-snip-b8"),
+    ("`--quant int4-affine-live8`: q/v (the adapted, live weights) on the int8 grid",
+     "sm-hamlet-shira-snip-b8-int4-affine-live8qat", 30, "sm-hamlet-shira-snip-b8"),
     ("fp32 SHiRA (fp32 base)", "sm-hamlet-shira-snip-b8-60", 60, None),
     ("quantization-aware SHiRA, lr 2e-3", "sm-hamlet-qat-a-60", 60, "sm-hamlet-shira-snip-b8-60"),
     ("LoRA r=8, unfused on the int4-affine base", "sm-hamlet-lora-r8-int4-affine-60", 60,
@@ -416,17 +424,15 @@ def qat_a_row(label: str, run: str, steps: int, ref: str | None) -> str:
 def section_8_int4_affine() -> str:
     """Quantization-aware SHiRA on int4-affine against its settings and training length."""
     rows = "\n".join(qat_a_row(*r) for r in QAT_A_ROWS)
-    live = short_command("sm-hamlet-qat-a-live-int8")
     return f"""### SmolLM2 on int4-affine: quantization-aware SHiRA's settings and training length
 
 Hamlet's quantization-aware SHiRA on int4-affine (the table above) against other settings of the
 same run, each the run's own evaluation (its `metrics.json`; Hamlet's held-out blocks as above;
 seed 0). The runs are `experiments/results_quality.py`'s (their names in the last column, each
 `edgeadapt train` with the row's change: `--lr`, `--budget-rank`, `--mask grad`, `--steps 60`,
-LoRA's `--method lora --rank 8 --quant int4-affine`); the int8-live row trains through
-`experiments/qat_live_int8.py`, which puts the weights SHiRA edits (q and v, an eighth of the
-blocks' weights) on the int8 grid and the rest on int4-affine, on the PyTorch reference (no
-bundle exports that mix yet): {live}. In the fourth column, the change against fp32 SHiRA
+LoRA's `--method lora --rank 8 --quant int4-affine`); the int4-affine-live8 row is the run of
+the table above, the weights SHiRA edits (q and v, an eighth of the blocks' weights) on the int8
+grid and the rest on int4-affine. In the fourth column, the change against fp32 SHiRA
 trained as long (bold: within the issue's 2%). `make results` trains with one torch thread; runs
 trained with another count sum in another order and land a little apart (the lr 2e-3 row: 48.95
 in the table above, 49.02 retrained with one thread).
