@@ -24,7 +24,8 @@ noise of the quantized forward itself.
 SmolLM2-135M (``--model smollm2``, seed 0): section 7's fp32 SHiRA and LoRA r=8 runs
 (``sm-{hamlet,rt}-{shira-snip-b8,lora-r8}``) and their quantization-aware twins
 (``sm-*-shira-snip-b8-<p>qat``, each evaluated when it exists), the same rows (int8, int4,
-int4-affine and int4-affine-live8) on a quantized base whose LM head is on the grid too (``quantized_weight_names``), plus the fp32 and quantized bases alone
+int4-affine and int4-affine-live8) on a quantized base whose LM head is on the grid too
+(``quantized_weight_names``), plus the fp32 and quantized bases alone
 (zero-shot); each evaluated as its run was (Hamlet: perplexity on the held-out blocks; Rotten
 Tomatoes: accuracy of the label-word logits on the run's 400 test examples), in one batching
 only.

@@ -162,6 +162,57 @@ def test_attributes_alias_the_planned_buffer(blob):
     assert np.array_equal(method.execute([x])[0], np.broadcast_to(shift, (N, N)))
 
 
+def test_outputs_are_held_for_their_run_until_taken_or_dropped(blob, monkeypatch):
+    """A run's outputs stay in the program's memory, the program held for the calling thread,
+    until it copies them into its arrays (one copy): another thread's run waits for that
+    (its result is its own, not the first run's); where the caller fails before taking them
+    (here allocating the arrays), the program is released all the same and runs on. A run
+    never taken is dropped by the thread's next run."""
+    from edgeadapt.runtime.backends.executorch import native_runner
+
+    rng = np.random.default_rng(3)
+    x1, x2 = (rng.standard_normal((N, N)).astype(np.float32) for _ in range(2))
+    method = programs.open_program(blob, "chain.pte", native=True).method("forward")
+    control = programs.open_program(blob, "chain.pte", native=False).method("forward")
+    want1, want2 = control.execute([x1])[0], control.execute([x2])[0]
+    lib = native_runner._lib()
+    arrays = [np.ascontiguousarray(x1)]
+
+    def start(x: np.ndarray) -> int:
+        """et_runner_execute alone (RunnerMethod.execute's first half): the outputs pending"""
+        dtypes, ndims = np.array([6], np.int32), np.array([2], np.int32)  # float32, 2-D
+        shape = np.array(x.shape, np.int64)
+        return lib.et_runner_execute(method.program._handle, method._index, 1,
+                                     dtypes.ctypes.data, ndims.ctypes.data, shape.ctypes.data,
+                                     (ctypes.c_void_p * 1)(x.ctypes.data))
+
+    assert start(arrays[0]) == 1  # pending: the program is held by this thread
+    other: list[np.ndarray] = []
+    worker = threading.Thread(target=lambda: other.append(method.execute([x2])[0]))
+    worker.start()
+    worker.join(0.3)
+    assert worker.is_alive() and not other  # waits for the pending outputs to be taken
+    out = np.empty((N, N), np.float32)
+    assert lib.et_runner_take_outputs(1, (ctypes.c_void_p * 1)(out.ctypes.data)) == 0
+    worker.join(30)
+    assert np.array_equal(out, want1) and np.array_equal(other[0], want2)
+    assert start(arrays[0]) == 1 and start(arrays[0]) == 1  # the first one dropped
+    lib.et_runner_release_outputs()
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("test")
+
+    monkeypatch.setattr(native_runner.np, "empty", no_memory)
+    with pytest.raises(MemoryError):
+        method.execute([x1])
+    monkeypatch.undo()
+    done: list[np.ndarray] = []
+    worker = threading.Thread(target=lambda: done.append(method.execute([x2])[0]))
+    worker.start()
+    worker.join(30)
+    assert done and np.array_equal(done[0], want2)  # released: another thread runs
+
+
 def test_refusals_are_bundle_errors(blob):
     program = programs.open_program(blob, "chain.pte", native=True)
     method = program.method("forward")

@@ -365,25 +365,23 @@ def section_8_smollm2() -> str:
             "missing).") if res is None else sm_table(res) + "\n\n" + sm_text(res)
     return f"""### SmolLM2-135M: Hamlet perplexity and generative sentiment
 
-Section 7's setting (SmolLM2-135M-Instruct, q/v, **seed 0 only**, 30 steps, constant lr
-2e-3; Hamlet perplexity on the held-out last 20% in 128-token blocks; Rotten Tomatoes as a
-generative classifier on 400 test examples) on the same quantized references, here every Linear
-of the 30 blocks **and the LM head** on the grid (`edgeadapt.models.targets.quantized_weight_names`:
-the tied head quantized as its own copy, the embedding table fp32), q/v live and weight-only, the
-other Linears with the int8 activation quantization. The fp32 SHiRA and LoRA r=8 runs are section
-7's (commands there); quantization-aware SHiRA is the same command plus `--quant int4`: {qat[0]}
-and {qat[1]} ({dots(SM_PREFIX)}; the int4-affine runs: `--quant int4-affine`, their names
-`...-int4-affineqat`, `--quant int4-affine-live8` and `--quant int8` likewise). The int4-affine base (docs/quantized.md) holds the
-blocks on an affine int4 grid, which holds SmolLM2's Q4_1-sourced weights, and its LM head on
-int8; int4-affine-live8 is the same with the live weights (q and v, which SHiRA edits) on the
-int8 grid. Evaluated by
-`{EVAL} --model smollm2` (`--resume` keeps the entries of unchanged runs), which writes
-`runs/mp/quant-smollm2.json`; each row is evaluated as its run was, in one batching. In brackets:
-the change against the same kind's fp32 value (SHiRA rows: fp32 SHiRA; perplexity relative,
-accuracy in points). One seed: at 400 test examples one example is 0.25 points and one binomial
-standard error near 0.8 is {num(100 * binomial_se(0.8, 400), 1)} points, so the 0.3-point
-target is one example; section 1 measured several points of seed noise for single constant-lr
-runs.
+Section 7's setting (SmolLM2-135M-Instruct, q/v, **seed 0 only**, 30 steps, constant lr 2e-3; Hamlet
+perplexity on the held-out last 20% in 128-token blocks; Rotten Tomatoes as a generative classifier
+on 400 test examples) on the same quantized references, here every Linear of the 30 blocks **and the
+LM head** on the grid (`edgeadapt.models.targets.quantized_weight_names`: the tied head quantized as
+its own copy, the embedding table fp32), q/v live and weight-only, the other Linears with the int8
+activation quantization. The fp32 SHiRA and LoRA r=8 runs are section 7's (commands there);
+quantization-aware SHiRA is the same command plus `--quant int4`: {qat[0]} and {qat[1]}
+({dots(SM_PREFIX)}; the int4-affine runs: `--quant int4-affine`, their names `...-int4-affineqat`,
+`--quant int4-affine-live8` and `--quant int8` likewise). The int4-affine base (docs/quantized.md)
+holds the blocks on an affine int4 grid, which holds SmolLM2's Q4_1-sourced weights, and its LM head
+on int8; int4-affine-live8 is the same with the live weights (q and v, which SHiRA edits) on the
+int8 grid. Evaluated by `{EVAL} --model smollm2` (`--resume` keeps the entries of unchanged runs),
+which writes `runs/mp/quant-smollm2.json`; each row is evaluated as its run was, in one batching. In
+brackets: the change against the same kind's fp32 value (SHiRA rows: fp32 SHiRA; perplexity
+relative, accuracy in points). One seed: at 400 test examples one example is 0.25 points and one
+binomial standard error near 0.8 is {num(100 * binomial_se(0.8, 400), 1)} points, so the 0.3-point
+target is one example; section 1 measured several points of seed noise for single constant-lr runs.
 
 {body}"""
 

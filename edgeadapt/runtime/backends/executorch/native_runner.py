@@ -83,6 +83,7 @@ def unavailable() -> str | None:
         "et_runner_execute": (ctypes.c_int, [p, ctypes.c_int, ctypes.c_int, p, p, p, p]),
         "et_runner_output": (ctypes.c_int, [ctypes.c_int, i32, i32, i64, i64]),
         "et_runner_take_outputs": (ctypes.c_int, [ctypes.c_int, p]),
+        "et_runner_release_outputs": (None, []),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
@@ -148,19 +149,27 @@ class RunnerMethod:
                                       data)
         if count < 0:
             raise _error(f"ExecuTorch method {self.name!r}")
-        outs = []
-        dtype, ndim, nbytes = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int64()
-        shape = (ctypes.c_int64 * MAX_DIM)()
-        for i in range(count):
-            if lib.et_runner_output(i, dtype, ndim, shape, nbytes) != 0:
+        # the outputs are pending in the program's memory, the program held for this thread
+        # until they are taken (copied once, into the arrays made here) or released
+        taken = False
+        try:
+            outs = []
+            dtype, ndim, nbytes = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int64()
+            shape = (ctypes.c_int64 * MAX_DIM)()
+            for i in range(count):
+                if lib.et_runner_output(i, dtype, ndim, shape, nbytes) != 0:
+                    raise _error(f"ExecuTorch method {self.name!r}")
+                if dtype.value not in DTYPES:
+                    raise BundleError(f"{self.name}: output {i} has ExecuTorch dtype "
+                                      f"{dtype.value}, which numpy does not hold")
+                outs.append(np.empty(tuple(shape[:ndim.value]), DTYPES[dtype.value]))
+            dst = (ctypes.c_void_p * max(count, 1))(*[o.ctypes.data for o in outs])
+            taken = True  # take_outputs releases the program, failing or not
+            if lib.et_runner_take_outputs(count, dst) != 0:
                 raise _error(f"ExecuTorch method {self.name!r}")
-            if dtype.value not in DTYPES:
-                raise BundleError(f"{self.name}: output {i} has ExecuTorch dtype {dtype.value}, "
-                                  "which numpy does not hold")
-            outs.append(np.empty(tuple(shape[:ndim.value]), DTYPES[dtype.value]))
-        dst = (ctypes.c_void_p * max(count, 1))(*[o.ctypes.data for o in outs])
-        if lib.et_runner_take_outputs(count, dst) != 0:
-            raise _error(f"ExecuTorch method {self.name!r}")
+        finally:
+            if not taken:
+                lib.et_runner_release_outputs()
         return outs
 
     def attribute(self, name: str) -> np.ndarray:
