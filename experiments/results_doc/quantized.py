@@ -432,8 +432,8 @@ LoRA's `--method lora --rank 8 --quant int4-affine`); the int4-affine-live8 row 
 the table above, the weights SHiRA edits (q and v, an eighth of the blocks' weights) on the int8
 grid and the rest on int4-affine. In the fourth column, the change against fp32 SHiRA
 trained as long (bold: within the issue's 2%). `make results` trains with one torch thread; runs
-trained with another count sum in another order and land a little apart (the lr 2e-3 row: 48.95
-in the table above, 49.02 retrained with one thread).
+trained with another count sum in another order and land apart (the lr 2e-3 row: 48.95 trained
+with two threads, 49.02 with one; sentiment's int4 quantization-aware run: 0.793 and 0.813).
 
 | run (int4-affine base unless said) | steps | perplexity | against fp32 SHiRA, same steps | run |
 |---|---|---|---|---|
