@@ -89,6 +89,5 @@ def quantized_weight_grids(lm_model: nn.Module, kind: str, precision: str,
     g = grid(precision)
     head = _lm_head_weight(lm_model, kind) if g.head else None
     names = quantized_weight_names(lm_model, kind) if names is None else names
-    live_set = set(live) if g.live else set()
-    return {n: live_grid(precision) if n in live_set else grid(g.head) if n == head else g
-            for n in names}
+    live_set, on_live = (set(live), live_grid(precision)) if g.live else (set(), g)
+    return {n: on_live if n in live_set else grid(g.head) if n == head else g for n in names}

@@ -270,14 +270,10 @@ def sm_gain_text(rows: dict) -> str:
     """What each SHiRA adapter gains over the base it sits on (the zero-shot row at its
     precision), beside the quantized base's own loss: separates the base from the adapter."""
     m, out = rows["metric"], []
-    for label, key, p in (("fp32 SHiRA", "shira", "fp32"), ("int8 rounded", "shira", "int8"),
-                          ("int8 quantization-aware", "qat", "int8"),
-                          ("int4 rounded", "shira", "int4"),
-                          ("int4 quantization-aware", "qat", "int4"),
-                          ("int4-affine rounded", "shira", "int4-affine"),
-                          ("int4-affine quantization-aware", "qat", "int4-affine"),
-                          ("int4-affine-live8 rounded", "shira", "int4-affine-live8"),
-                          ("int4-affine-live8 quantization-aware", "qat", "int4-affine-live8")):
+    kinds = [("fp32 SHiRA", "shira", "fp32")] + [
+        (f"{p} {kind}", key, p) for p in SM_PRECISIONS
+        for kind, key in (("rounded", "shira"), ("quantization-aware", "qat"))]
+    for label, key, p in kinds:
         base, got = sm_value(rows, "base", p), sm_value(rows, key, p)
         if base is not None and got is not None:
             out.append(f"{label} {sm_num(m, base)} -> {sm_num(m, got)} "
